@@ -1,0 +1,388 @@
+//! The running agent: starts every part, then reacts to what changes.
+//!
+//! Sources of change, all handled on one task so that map writes never
+//! interleave: SIGHUP or a changed policy file (a new policy: written to the
+//! idle slot, then activated), the cgroup watcher (workload cgroups appear or
+//! go), resolver rounds (provider addresses), and a 1 s tick that copies the
+//! kernel counters into metrics. SIGTERM/SIGINT stop cleanly.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::{AtomicBool, Ordering}},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use llm_egress_common::MAP_EVENTS;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    attribution::CgroupPaths,
+    audit::AuditSink,
+    cgroups::{self, Selectors},
+    cli::RunArgs,
+    events::{self, Context, NameTable, Names},
+    http::{self, Health},
+    loader::{self, AttachOutcome, Loader},
+    maps::{KernelMaps, WriteReport},
+    metrics::Metrics,
+    plan::{self, Plan},
+    policy::{AuditLog, OnExit, Policy, PolicyErrors},
+    resolver::{self, HostAddrs, Resolver},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid policy:\n{0}")]
+    Policy(#[from] PolicyErrors),
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
+    #[error("attach cgroup {0}: {1}")]
+    Cgroup(PathBuf, String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("the policy does not fit in the kernel maps: {0:?} entries failed")]
+    DoesNotFit(BTreeMap<&'static str, u64>),
+    #[error("resolver: {0}")]
+    Resolver(String),
+}
+
+/// The policy file's settings that only a restart can change.
+fn restart_only(p: &Policy) -> impl PartialEq + std::fmt::Debug {
+    (p.cgroup.clone(), p.pin_path.clone(), p.metrics_listen, p.failure_mode, p.audit_log.clone())
+}
+
+/// Reads the policy and applies the command-line overrides.
+pub fn load_policy(args: &RunArgs) -> Result<Policy, PolicyErrors> {
+    let mut policy = match &args.config {
+        Some(path) => Policy::from_path(path)?,
+        None => Policy::builtin_default(),
+    };
+    apply_overrides(&mut policy, args);
+    Ok(policy)
+}
+
+fn apply_overrides(policy: &mut Policy, args: &RunArgs) {
+    if let Some(c) = &args.cgroup {
+        policy.cgroup = Some(c.clone());
+    }
+    if let Some(p) = &args.pin_path {
+        policy.pin_path = p.clone();
+    }
+    if let Some(m) = args.metrics_listen {
+        policy.metrics_listen = Some(m);
+    }
+    if let Some(a) = &args.audit_log {
+        policy.audit_log = match a.as_str() {
+            "-" => AuditLog::Stdout,
+            "off" => AuditLog::Off,
+            path => AuditLog::File(PathBuf::from(path)),
+        };
+    }
+}
+
+/// The attach cgroup: absolute, existing, on cgroup2; and the cgroup2 mount.
+fn attach_point(policy: &Policy) -> Result<(PathBuf, PathBuf), RunError> {
+    let mount = cgroups::cgroup2_mount()
+        .ok_or_else(|| RunError::Cgroup(PathBuf::from("?"), "no cgroup2 file system is mounted".into()))?;
+    let path = policy.cgroup.clone().unwrap_or_else(|| mount.clone());
+    if !path.starts_with(&mount) {
+        return Err(RunError::Cgroup(path, format!("is not below the cgroup2 mount {}", mount.display())));
+    }
+    if !path.join("cgroup.procs").exists() {
+        return Err(RunError::Cgroup(path, "does not exist or is not a cgroup v2 directory".into()));
+    }
+    Ok((path, mount))
+}
+
+fn content_hash(path: &Path) -> Option<u64> {
+    let bytes = fs::read(path).ok()?;
+    Some(bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)))
+}
+
+/// What the agent currently enforces, and what it was built from.
+struct State {
+    policy: Policy,
+    generation: u64,
+    selectors: Selectors,
+    cgroups: BTreeMap<u64, usize>,
+    hosts: HostAddrs,
+    attach: PathBuf,
+    attach_id: u64,
+    root_rel: String,
+}
+
+impl State {
+    fn plan(&self) -> Plan {
+        let resolved: BTreeMap<usize, BTreeSet<IpAddr>> = resolver::by_provider(&self.policy, &self.hosts);
+        let plan = plan::build(&self.policy, self.generation, &self.cgroups, &resolved);
+        for (prefix, kept, dropped) in &plan.dest_conflicts {
+            warn!(?prefix, kept = %kept, dropped = %dropped, "destination claimed by two providers; the first in catalog order is used");
+        }
+        plan
+    }
+
+    /// Rescans the attach cgroup; true if the workload assignment changed.
+    fn rescan(&mut self, paths: &CgroupPaths, metrics: &Metrics) -> bool {
+        let dirs = cgroups::scan(&self.attach);
+        paths.replace(cgroups::paths(&self.root_rel, &dirs));
+        let assigned = self.selectors.assign(&dirs);
+        let changed = assigned != self.cgroups;
+        self.cgroups = assigned;
+        metrics.workload_cgroups.reset();
+        for (i, w) in self.policy.workloads.iter().enumerate() {
+            let n = self.cgroups.values().filter(|&&v| v == i).count();
+            metrics.workload_cgroups.with_label_values(&[&w.name]).set(n as i64);
+        }
+        changed
+    }
+
+    fn report_missing_workloads(&self) {
+        for (i, w) in self.policy.workloads.iter().enumerate() {
+            if !self.cgroups.values().any(|&v| v == i) {
+                warn!(workload = %w.name, selector = ?w.selector, "no cgroup matches this workload yet; it applies when one appears");
+            }
+        }
+    }
+}
+
+fn record_writes(report: &WriteReport, metrics: &Metrics) {
+    for (map, n) in &report.failed {
+        metrics.map_update_errors.with_label_values(&[map]).inc_by(*n);
+        error!(map = %map, failed = n, "map entries could not be written (map full?)");
+    }
+}
+
+fn record_occupancy(maps: &KernelMaps, metrics: &Metrics) {
+    for (map, n) in maps.occupancy() {
+        metrics.map_entries.with_label_values(&[map]).set(n as i64);
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    let policy = load_policy(&args)?;
+    let (attach, mount) = attach_point(&policy)?;
+    let attach_id = loader::cgroup_id(&attach)?;
+    let root_rel = format!("/{}", attach.strip_prefix(&mount).unwrap_or(Path::new("")).display());
+    let root_rel = if root_rel == "/" { String::new() } else { root_rel };
+
+    let metrics = Metrics::new()?;
+    metrics
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), &format!("{:016x}", loader::object_hash())])
+        .set(1);
+    let health = Arc::new(Health::default());
+    let http_task = match policy.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Io { what: format!("listening on {addr}"), source })?;
+            info!(addr = %addr, "serving /metrics, /healthz, /readyz");
+            Some(tokio::spawn(http::serve(listener, metrics.clone(), health.clone())))
+        }
+        None => None,
+    };
+    let audit = AuditSink::open(&policy.audit_log, metrics.clone())
+        .map_err(|source| RunError::Io { what: format!("opening the audit log {:?}", policy.audit_log), source })?;
+
+    let mut loader = Loader::open(&policy.pin_path)?;
+    let mut maps = KernelMaps::take(&mut loader.ebpf)?;
+    let ring: RingBuf<MapData> = loader
+        .ebpf
+        .take_map(MAP_EVENTS)
+        .ok_or(loader::LoadError::Missing(MAP_EVENTS))?
+        .try_into()
+        .map_err(|e: aya::maps::MapError| RunError::Io { what: "event ring buffer".into(), source: std::io::Error::other(e) })?;
+
+    // Pinned state of a previous agent of this build: continue its
+    // generation numbering, and keep its links if they guard the same cgroup.
+    let previous = maps.active()?;
+    let previous_generation = maps.active_config()?.map(|c| c.generation).unwrap_or(0);
+    let adopt = previous.slot != 0 && previous.attach_cgroup_id == attach_id && loader.has_pinned_links();
+
+    let names = Names::default();
+    let paths = CgroupPaths::default();
+    let mut state = State {
+        selectors: Selectors::new(&policy),
+        policy,
+        generation: previous_generation + 1,
+        cgroups: BTreeMap::new(),
+        hosts: HostAddrs::new(),
+        attach: attach.clone(),
+        attach_id,
+        root_rel,
+    };
+    state.rescan(&paths, &metrics);
+    state.report_missing_workloads();
+    names.push(NameTable::of(&state.policy, state.generation));
+
+    let report = maps.apply_policy(state.plan(), plan::failure_code(state.policy.failure_mode), attach_id)?;
+    record_writes(&report, &metrics);
+    if !report.is_ok() {
+        return Err(RunError::DoesNotFit(report.failed));
+    }
+    record_occupancy(&maps, &metrics);
+    metrics.policy_generation.set(state.generation as i64);
+
+    let outcome = loader.attach(&attach, state.policy.failure_mode, adopt)?;
+    health.attached.store(true, Ordering::SeqCst);
+    health.events_alive.store(true, Ordering::SeqCst);
+    match outcome {
+        AttachOutcome::Adopted => info!(generation = state.generation, previous_generation, "adopted the pinned programs of a previous agent; policy re-applied"),
+        AttachOutcome::Attached => info!(generation = state.generation, "programs attached"),
+    }
+
+    let ctx = Context { names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone() };
+    let events_alive = Arc::new(AtomicBool::new(true));
+    let events_task = tokio::spawn(events::read(ring, ctx, events_alive.clone()));
+
+    let mut resolver = Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;
+    let (resolved_tx, mut resolved_rx) = mpsc::channel::<(u64, HostAddrs, u64)>(4);
+    let spawn_round = |resolver: &Resolver, state: &State, tx: &mpsc::Sender<(u64, HostAddrs, u64)>| {
+        let (r, tx, hosts, previous, generation) =
+            (resolver.clone(), tx.clone(), resolver::hosts_of(&state.policy), state.hosts.clone(), state.generation);
+        tokio::spawn(async move {
+            let (addrs, failures) = r.resolve(hosts, &previous).await;
+            let _ = tx.send((generation, addrs, failures)).await;
+        });
+    };
+    spawn_round(&resolver, &state, &resolved_tx);
+    let mut refresh = tokio::time::interval(state.policy.resolver.refresh);
+    refresh.tick().await;
+
+    let mut cgroup_changes = cgroups::watch(attach.clone());
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| RunError::Io { what: "SIGHUP handler".into(), source })?;
+    let mut term = signal(SignalKind::terminate()).map_err(|source| RunError::Io { what: "SIGTERM handler".into(), source })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| RunError::Io { what: "SIGINT handler".into(), source })?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut file_hash = args.config.as_deref().and_then(content_hash);
+    info!(attach = %attach.display(), pin_path = %state.policy.pin_path.display(), "ready");
+
+    loop {
+        let reload_reason = tokio::select! {
+            _ = hup.recv() => Some("SIGHUP"),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            Some(()) = cgroup_changes.recv() => {
+                if state.rescan(&paths, &metrics) {
+                    let report = maps.apply_update(state.plan())?;
+                    record_writes(&report, &metrics);
+                    record_occupancy(&maps, &metrics);
+                }
+                None
+            }
+            Some((generation, hosts, failures)) = resolved_rx.recv() => {
+                metrics.resolver_failures.inc_by(failures);
+                if generation == state.generation && hosts != state.hosts {
+                    state.hosts = hosts;
+                    metrics.resolved_addresses.set(state.hosts.values().map(BTreeSet::len).sum::<usize>() as i64);
+                    let report = maps.apply_update(state.plan())?;
+                    record_writes(&report, &metrics);
+                    record_occupancy(&maps, &metrics);
+                }
+                None
+            }
+            _ = refresh.tick() => {
+                spawn_round(&resolver, &state, &resolved_tx);
+                None
+            }
+            _ = tick.tick() => {
+                if let Ok(c) = maps.counters() {
+                    metrics.sync_kernel(&c);
+                }
+                health.events_alive.store(events_alive.load(Ordering::SeqCst), Ordering::SeqCst);
+                let now = args.config.as_deref().and_then(content_hash);
+                if now.is_some() && now != file_hash {
+                    file_hash = now;
+                    Some("file changed")
+                } else {
+                    None
+                }
+            }
+        };
+        let Some(why) = reload_reason else { continue };
+        file_hash = args.config.as_deref().and_then(content_hash);
+        match load_policy(&args) {
+            Err(e) => {
+                metrics.policy_reloads.with_label_values(&["invalid"]).inc();
+                error!(trigger = why, error = %e, "new policy rejected; the previous policy stays in force");
+                if let Ok(mut g) = health.policy_error.lock() {
+                    *g = Some(e.to_string());
+                }
+            }
+            Ok(new) => {
+                if restart_only(&new) != restart_only(&state.policy) {
+                    warn!("cgroup, pin_path, metrics_listen, failure_mode and audit_log change only on restart; keeping the running values");
+                }
+                let mut next = new;
+                next.cgroup = state.policy.cgroup.clone();
+                next.pin_path = state.policy.pin_path.clone();
+                next.metrics_listen = state.policy.metrics_listen;
+                next.failure_mode = state.policy.failure_mode;
+                next.audit_log = state.policy.audit_log.clone();
+                let old_resolver = state.policy.resolver.clone();
+                let old = std::mem::replace(&mut state.policy, next);
+                state.generation += 1;
+                state.selectors = Selectors::new(&state.policy);
+                state.rescan(&paths, &metrics);
+                names.push(NameTable::of(&state.policy, state.generation));
+                let report = maps.apply_policy(state.plan(), plan::failure_code(state.policy.failure_mode), state.attach_id)?;
+                record_writes(&report, &metrics);
+                if report.is_ok() {
+                    metrics.policy_reloads.with_label_values(&["ok"]).inc();
+                    metrics.policy_generation.set(state.generation as i64);
+                    record_occupancy(&maps, &metrics);
+                    if let Ok(mut g) = health.policy_error.lock() {
+                        *g = None;
+                    }
+                    state.report_missing_workloads();
+                    info!(trigger = why, generation = state.generation, "policy applied");
+                    if state.policy.resolver != old_resolver {
+                        resolver = Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;
+                        refresh = tokio::time::interval(state.policy.resolver.refresh);
+                        refresh.tick().await;
+                    }
+                    spawn_round(&resolver, &state, &resolved_tx);
+                } else {
+                    metrics.policy_reloads.with_label_values(&["failed"]).inc();
+                    error!(trigger = why, "new policy does not fit in the kernel maps; the previous policy stays in force");
+                    state.policy = old;
+                    state.generation -= 1;
+                    state.selectors = Selectors::new(&state.policy);
+                    state.rescan(&paths, &metrics);
+                }
+            }
+        }
+    }
+
+    info!("stopping");
+    events_task.abort();
+    if let Some(t) = http_task {
+        t.abort();
+    }
+    drop(maps);
+    match state.policy.on_exit {
+        OnExit::Detach => {
+            loader.detach_and_unpin()?;
+            info!("programs detached and unpinned");
+        }
+        OnExit::Keep => loader.keep(),
+    }
+    Ok(())
+}

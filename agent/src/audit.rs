@@ -1,0 +1,129 @@
+//! The audit log: one JSON object per line per decision (docs/events.md).
+//!
+//! Lines go through a bounded channel to one writer task; if the writer
+//! falls behind, records are dropped and counted rather than stalling the
+//! event readers. Write errors are counted and logged once per burst.
+
+use std::{io::Write, path::PathBuf};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::{metrics::Metrics, policy::AuditLog};
+
+/// One decision as the audit log shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DecisionRecord {
+    /// Always "decision".
+    pub event: &'static str,
+    /// RFC 3339, UTC, nanoseconds.
+    pub time: String,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub workload: String,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup: String,
+    pub protocol: &'static str,
+    pub dst_addr: String,
+    pub dst_port: u16,
+    pub provider: Option<String>,
+    pub generation: u64,
+    pub hook: &'static str,
+}
+
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: Option<mpsc::Sender<String>>,
+}
+
+const QUEUE: usize = 65_536;
+
+impl AuditSink {
+    /// Opens the log (creating or appending to a file) and starts the writer.
+    pub fn open(target: &AuditLog, metrics: Metrics) -> std::io::Result<Self> {
+        let mut out: Box<dyn Write + Send> = match target {
+            AuditLog::Off => return Ok(Self { tx: None }),
+            AuditLog::Stdout => Box::new(std::io::stdout()),
+            AuditLog::File(path) => Box::new(open_append(path)?),
+        };
+        let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
+        std::thread::Builder::new().name("audit-log".into()).spawn(move || {
+            let mut failing = false;
+            while let Some(line) = rx.blocking_recv() {
+                let result = out.write_all(line.as_bytes()).and_then(|()| {
+                    if rx.is_empty() { out.flush() } else { Ok(()) }
+                });
+                match result {
+                    Ok(()) => failing = false,
+                    Err(e) => {
+                        metrics.audit_errors.inc();
+                        if !failing {
+                            warn!(error = %e, "writing the audit log failed");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+            let _ = out.flush();
+        })?;
+        Ok(Self { tx: Some(tx) })
+    }
+
+    pub fn record(&self, record: &DecisionRecord, metrics: &Metrics) {
+        let Some(tx) = &self.tx else { return };
+        match serde_json::to_string(record) {
+            Ok(mut line) => {
+                line.push('\n');
+                if tx.try_send(line).is_err() {
+                    metrics.audit_errors.inc();
+                }
+            }
+            Err(_) => metrics.audit_errors.inc(),
+        }
+    }
+}
+
+fn open_append(path: &PathBuf) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_serializes_every_documented_field() {
+        let r = DecisionRecord {
+            event: "decision",
+            time: "2026-01-01T00:00:00.000000000Z".into(),
+            verdict: "deny",
+            reason: "workload_llm_default",
+            workload: "bot".into(),
+            pid: 2,
+            tgid: 1,
+            comm: "curl".into(),
+            exe: "/usr/bin/curl".into(),
+            uid: 0,
+            gid: 0,
+            cgroup: "/x".into(),
+            protocol: "tcp",
+            dst_addr: "192.0.2.1".into(),
+            dst_port: 443,
+            provider: Some("openai".into()),
+            generation: 3,
+            hook: "connect4",
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        let doc = include_str!("../../docs/events.md");
+        for key in v.as_object().unwrap().keys() {
+            assert!(doc.contains(&format!("`{key}`")), "docs/events.md does not document `{key}`");
+        }
+        assert_eq!(v["provider"], "openai");
+    }
+}

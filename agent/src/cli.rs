@@ -1,0 +1,59 @@
+//! Command-line interface: `run`, `check`, `providers`.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "llm-egress", version, about = "eBPF host agent for LLM egress control")]
+pub struct Cli {
+    /// Log format of the agent's own messages (stderr).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load the programs and enforce a policy (the built-in default policy,
+    /// audit-only, when --config is not given).
+    Run(RunArgs),
+    /// Validate a policy file; exits non-zero and names line, column, key and
+    /// value of every error.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// List the providers of the built-in catalog (merged with a policy's
+    /// additions when --config is given).
+    Providers {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// Policy file (TOML, docs/policy.md). Reloaded on SIGHUP and when it changes.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Overrides the policy's `cgroup` (the cgroup v2 directory to attach to).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Overrides the policy's `pin_path` (bpffs directory for pinned state).
+    #[arg(long)]
+    pub pin_path: Option<PathBuf>,
+    /// Overrides the policy's `metrics_listen`.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Overrides the policy's `audit_log` (a path, or "-" for stdout).
+    #[arg(long)]
+    pub audit_log: Option<String>,
+}

@@ -1,0 +1,261 @@
+//! The ring-buffer reader: decodes kernel events, attributes them, names
+//! their workload and provider, and hands them to metrics and the audit log.
+//!
+//! Records are copied out of the ring buffer and checked for size and kind;
+//! a record that does not decode is counted, never guessed at. Events carry
+//! the policy generation that decided them, and names are looked up in that
+//! generation's table (the last few are kept), so a reload never relabels
+//! decisions taken under the previous policy.
+
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use llm_egress_common::{
+    ConnectEvent, EventHeader, NO_PROVIDER, NO_WORKLOAD, family, hook, kind, proto, reason, verdict,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::warn;
+
+use crate::{
+    attribution::{CgroupPaths, comm_str, exe_of},
+    audit::{AuditSink, DecisionRecord},
+    metrics::Metrics,
+    policy::{NO_WORKLOAD_NAME, Policy},
+};
+
+/// Names of one policy generation, indexed by id - 1.
+#[derive(Debug, Default)]
+pub struct NameTable {
+    pub generation: u64,
+    pub workloads: Vec<String>,
+    pub providers: Vec<String>,
+}
+
+impl NameTable {
+    pub fn of(policy: &Policy, generation: u64) -> Self {
+        Self {
+            generation,
+            workloads: policy.workloads.iter().map(|w| w.name.clone()).collect(),
+            providers: policy.providers.iter().map(|p| p.name.clone()).collect(),
+        }
+    }
+}
+
+/// The name tables of recent generations.
+#[derive(Clone, Default)]
+pub struct Names(Arc<RwLock<VecDeque<Arc<NameTable>>>>);
+
+const KEPT_GENERATIONS: usize = 8;
+
+impl Names {
+    pub fn push(&self, table: NameTable) {
+        if let Ok(mut g) = self.0.write() {
+            g.push_front(Arc::new(table));
+            g.truncate(KEPT_GENERATIONS);
+        }
+    }
+
+    /// The table of `generation`; an unknown one (decided before this agent
+    /// started) uses the newest table: ids follow policy order, so they
+    /// agree whenever the policy file did not change.
+    fn table(&self, generation: u64) -> Option<Arc<NameTable>> {
+        let g = self.0.read().ok()?;
+        g.iter().find(|t| t.generation == generation).or_else(|| g.front()).cloned()
+    }
+}
+
+pub fn verdict_name(v: u8) -> &'static str {
+    match v {
+        verdict::ALLOW => "allow",
+        verdict::DENY => "deny",
+        verdict::AUDIT => "audit",
+        _ => "unknown",
+    }
+}
+
+pub fn reason_name(r: u8) -> &'static str {
+    match r {
+        reason::WORKLOAD_CIDR => "workload_cidr",
+        reason::WORKLOAD_PROVIDER => "workload_provider",
+        reason::WORKLOAD_LLM_DEFAULT => "workload_llm_default",
+        reason::WORKLOAD_OTHER_DEFAULT => "workload_other_default",
+        reason::DEFAULT_LLM => "default_llm",
+        reason::DEFAULT_OTHER => "default_other",
+        reason::INTERNAL_ERROR => "internal_error",
+        _ => "unknown",
+    }
+}
+
+fn hook_name(h: u8) -> &'static str {
+    match h {
+        hook::CONNECT4 => "connect4",
+        hook::CONNECT6 => "connect6",
+        hook::SENDMSG4 => "sendmsg4",
+        hook::SENDMSG6 => "sendmsg6",
+        _ => "unknown",
+    }
+}
+
+/// Decodes one ring-buffer record. None: wrong size or unknown kind.
+pub fn decode(bytes: &[u8]) -> Option<ConnectEvent> {
+    if bytes.len() < size_of::<EventHeader>() {
+        return None;
+    }
+    // SAFETY: length checked; read_unaligned copies plain integers.
+    let header: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if header.kind != kind::CONNECT_DECISION || bytes.len() < size_of::<ConnectEvent>() {
+        return None;
+    }
+    // SAFETY: as above, for the whole event.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+pub fn dst_addr(ev: &ConnectEvent) -> IpAddr {
+    let a = ev.data.addr;
+    if ev.data.family == family::INET {
+        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(a))
+    }
+}
+
+/// Wall-clock time of a CLOCK_MONOTONIC timestamp.
+fn wall_time(mono_ns: u64) -> SystemTime {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let now = SystemTime::now();
+    now.checked_sub(Duration::from_nanos(now_mono.saturating_sub(mono_ns))).unwrap_or(now)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(t);
+    dt.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// Everything an event needs to become a record.
+#[derive(Clone)]
+pub struct Context {
+    pub names: Names,
+    pub cgroups: CgroupPaths,
+    pub metrics: Metrics,
+    pub audit: AuditSink,
+}
+
+pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
+    let h = &ev.header;
+    let d = &ev.data;
+    let table = ctx.names.table(d.generation);
+    let name = |list: fn(&NameTable) -> &Vec<String>, id: u32| {
+        table.as_ref().and_then(|t| list(t).get(id as usize - 1).cloned()).unwrap_or_else(|| format!("#{id}"))
+    };
+    let workload = if d.workload_id == NO_WORKLOAD { NO_WORKLOAD_NAME.to_string() } else { name(|t| &t.workloads, d.workload_id) };
+    let provider = (d.provider_id != NO_PROVIDER).then(|| name(|t| &t.providers, d.provider_id));
+    let exe = exe_of(h.tgid);
+    if exe.is_none() {
+        ctx.metrics.attribution_misses.inc();
+    }
+    DecisionRecord {
+        event: "decision",
+        time: rfc3339(wall_time(h.time_ns)),
+        verdict: verdict_name(d.verdict),
+        reason: reason_name(d.reason),
+        workload,
+        pid: h.pid,
+        tgid: h.tgid,
+        comm: comm_str(&h.comm),
+        exe: exe.unwrap_or_default(),
+        uid: h.uid,
+        gid: h.gid,
+        cgroup: ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default(),
+        protocol: if d.proto == proto::UDP { "udp" } else { "tcp" },
+        dst_addr: dst_addr(ev).to_string(),
+        dst_port: d.port,
+        provider,
+        generation: d.generation,
+        hook: hook_name(d.hook),
+    }
+}
+
+fn handle(bytes: &[u8], ctx: &Context) {
+    let Some(ev) = decode(bytes) else {
+        ctx.metrics.event_errors.inc();
+        return;
+    };
+    let record = to_record(&ev, ctx);
+    ctx.metrics
+        .connections
+        .with_label_values(&[&record.workload, record.provider.as_deref().unwrap_or("none"), record.verdict])
+        .inc();
+    ctx.audit.record(&record, &ctx.metrics);
+}
+
+/// Reads the ring buffer until the task is dropped.
+pub async fn read(ring: RingBuf<MapData>, ctx: Context, alive: Arc<std::sync::atomic::AtomicBool>) {
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns
+    // the ring buffer; the fd is not closed or replaced while registered.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the event ring buffer; no events will be reported");
+            alive.store(false, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(error = %e, "event ring buffer poll failed");
+                alive.store(false, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            handle(&item, &ctx);
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm_egress_common::ConnectDecision;
+
+    fn bytes_of(ev: &ConnectEvent) -> Vec<u8> {
+        // SAFETY: repr(C) plain-integer struct without implicit padding.
+        unsafe { std::slice::from_raw_parts((ev as *const ConnectEvent).cast::<u8>(), size_of::<ConnectEvent>()) }.to_vec()
+    }
+
+    #[test]
+    fn decode_round_trips_and_rejects_short_or_unknown_records() {
+        let mut ev = ConnectEvent::default();
+        ev.header.kind = kind::CONNECT_DECISION;
+        ev.data = ConnectDecision { port: 443, verdict: verdict::DENY, family: family::INET, addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], ..Default::default() };
+        let b = bytes_of(&ev);
+        assert_eq!(decode(&b), Some(ev));
+        assert_eq!(dst_addr(&ev).to_string(), "192.0.2.1");
+        assert_eq!(decode(&b[..50]), None);
+        let mut other = ev;
+        other.header.kind = 99;
+        assert_eq!(decode(&bytes_of(&other)), None);
+    }
+
+    #[test]
+    fn names_follow_the_generation_of_the_event() {
+        let names = Names::default();
+        names.push(NameTable { generation: 1, workloads: vec!["old".into()], providers: vec![] });
+        names.push(NameTable { generation: 2, workloads: vec!["new".into()], providers: vec![] });
+        assert_eq!(names.table(1).unwrap().workloads[0], "old");
+        assert_eq!(names.table(2).unwrap().workloads[0], "new");
+        assert_eq!(names.table(9).unwrap().workloads[0], "new");
+    }
+}

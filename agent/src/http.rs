@@ -1,0 +1,84 @@
+//! The agent's HTTP endpoint: `/metrics` (Prometheus text), `/healthz`
+//! (the process answers) and `/readyz` (policy applied, programs attached,
+//! event reader alive; otherwise 503 with the reason).
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+
+/// What `/readyz` reports.
+#[derive(Default)]
+pub struct Health {
+    pub attached: AtomicBool,
+    pub events_alive: AtomicBool,
+    /// The last reload error, cleared by a successful reload.
+    pub policy_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    fn readiness(&self) -> Result<(), String> {
+        if !self.attached.load(Ordering::SeqCst) {
+            return Err("programs not attached yet".into());
+        }
+        if !self.events_alive.load(Ordering::SeqCst) {
+            return Err("event reader stopped".into());
+        }
+        Ok(())
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn route(req: Request<hyper::body::Incoming>, metrics: Metrics, health: Arc<Health>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
+        "/healthz" => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+        "/readyz" => {
+            let policy_note = health.policy_error.lock().ok().and_then(|e| e.clone());
+            match health.readiness() {
+                Ok(()) => {
+                    let body = match policy_note {
+                        Some(e) => format!("ready (last reload rejected, previous policy in force: {e})\n"),
+                        None => "ready\n".into(),
+                    };
+                    respond(StatusCode::OK, "text/plain", body.into_bytes())
+                }
+                Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n").into_bytes()),
+            }
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+    })
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Metrics, health: Arc<Health>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (m, h) = (metrics.clone(), health.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| route(req, m.clone(), h.clone()));
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+                debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,299 @@
+//! Loading, attaching, pinning and adopting the eBPF programs.
+//!
+//! Pinned layout under `pin_path` (on bpffs):
+//!
+//! ```text
+//! <pin_path>/<object-hash>/maps/<MAP>      every map (pinned by name)
+//! <pin_path>/<object-hash>/links/<PROG>    cgroup links (failure_mode = "closed")
+//! ```
+//!
+//! The hash is that of the embedded object, so an agent adopts only state
+//! written by the same programs. A new agent finds `<hash>/links/*` attached to
+//! the same cgroup and keeps them: enforcement never stops across a restart.
+//! State of another build is replaced: the new programs are attached first,
+//! then the old directory is removed (which detaches the old links), so there
+//! is no moment without enforcement.
+//!
+//! This module loads and attaches; it never writes map contents (`maps` does).
+
+use std::{
+    ffi::CString,
+    fs,
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+};
+use llm_egress_common::{ALL_MAPS, ALL_PROGRAMS};
+use tracing::{info, warn};
+
+use crate::policy::FailureMode;
+
+/// The kernel object built by `cargo xtask build-ebpf`, embedded by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/llm-egress.bpf.o"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this llm-egress binary was built without its eBPF object; build it with `cargo xtask build` (or `cargo xtask run`)"
+    )]
+    NoObject,
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pin_path {0} is not on a bpf filesystem (mount one with `mount -t bpf bpf {0}`)")]
+    NotBpffs(PathBuf),
+    #[error("loading the eBPF object: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning link of {name} at {path}: {source}")]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("the eBPF object has no map or program named {0}")]
+    Missing(&'static str),
+}
+
+fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> LoadError + 'a {
+    move |source| LoadError::Io { path: path.to_path_buf(), what, source }
+}
+
+/// Stable 64-bit FNV-1a of the object: names the pin directory.
+pub fn object_hash() -> u64 {
+    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The loaded object, before or after its programs are attached.
+pub struct Loader {
+    pub ebpf: Ebpf,
+    pin_root: PathBuf,
+    dir: PathBuf,
+    links: Vec<Attached>,
+}
+
+enum Attached {
+    Pinned(PinnedLink),
+    /// Detached when dropped (failure_mode = "open").
+    Owned(#[allow(dead_code, reason = "held for its Drop")] FdLink),
+}
+
+/// How `attach` went, for the log and `/readyz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachOutcome {
+    /// Fresh programs attached.
+    Attached,
+    /// Pinned links of a previous agent kept as they were.
+    Adopted,
+}
+
+/// The cgroup id (inode) of a cgroup v2 directory.
+pub fn cgroup_id(path: &Path) -> Result<u64, LoadError> {
+    Ok(fs::metadata(path).map_err(io_err(path, "reading the attach cgroup"))?.ino())
+}
+
+impl Loader {
+    /// Loads the object with its maps pinned under `pin_root` (adopting maps
+    /// already pinned there by an agent of the same build). Mounts bpffs on
+    /// /sys/fs/bpf when `pin_root` is below it and nothing is mounted there.
+    pub fn open(pin_root: &Path) -> Result<Self, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        ensure_bpffs(pin_root)?;
+        let dir = pin_root.join(format!("{:016x}", object_hash()));
+        let maps_dir = dir.join("maps");
+        fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir, "creating the pin directory"))?;
+        fs::create_dir_all(dir.join("links")).map_err(io_err(&dir, "creating the pin directory"))?;
+        let ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(OBJECT)?;
+        for name in ALL_MAPS {
+            if ebpf.map(name).is_none() {
+                return Err(LoadError::Missing(name));
+            }
+        }
+        Ok(Self { ebpf, pin_root: pin_root.to_path_buf(), dir, links: Vec::new() })
+    }
+
+    /// Whether pinned links of this build exist (a previous agent's).
+    pub fn has_pinned_links(&self) -> bool {
+        ALL_PROGRAMS.iter().any(|p| self.dir.join("links").join(p).exists())
+    }
+
+    /// Attaches every program to `cgroup`, or adopts the pinned links when
+    /// `adopt` is true (the caller checked they belong to this cgroup).
+    /// With `FailureMode::Closed` the links are pinned; with `Open` they live
+    /// as long as this agent and any pinned ones are removed.
+    pub fn attach(&mut self, cgroup: &Path, failure: FailureMode, adopt: bool) -> Result<AttachOutcome, LoadError> {
+        let links_dir = self.dir.join("links");
+        if adopt && failure == FailureMode::Closed {
+            let mut adopted = Vec::new();
+            for name in ALL_PROGRAMS {
+                match PinnedLink::from_pin(links_dir.join(name)) {
+                    Ok(link) => adopted.push(Attached::Pinned(link)),
+                    Err(e) => {
+                        warn!(program = name, error = %e, "pinned link missing; attaching afresh");
+                        adopted.clear();
+                        break;
+                    }
+                }
+            }
+            if adopted.len() == ALL_PROGRAMS.len() {
+                self.links = adopted;
+                info!(dir = %self.dir.display(), "adopted pinned programs and maps");
+                self.remove_other_builds();
+                return Ok(AttachOutcome::Adopted);
+            }
+        }
+        let cgroup_file = fs::File::open(cgroup).map_err(io_err(cgroup, "opening the attach cgroup"))?;
+        let mut fresh = Vec::new();
+        for name in ALL_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoadError::Missing(name))?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            prog.load().map_err(|source| LoadError::Program { name, source })?;
+            let id = prog
+                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| LoadError::Program { name, source })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|source| LoadError::Program { name, source })?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| LoadError::Program {
+                    name,
+                    source: aya::programs::ProgramError::IOError(io::Error::other(e.to_string())),
+                })?;
+            fresh.push((name, link));
+        }
+        // The new links are attached; now replace whatever was pinned before
+        // (a previous attach point, or pins left when switching to "open").
+        for name in ALL_PROGRAMS {
+            let path = links_dir.join(name);
+            if path.exists() {
+                fs::remove_file(&path).map_err(io_err(&path, "removing an old pinned link"))?;
+            }
+        }
+        for (name, link) in fresh {
+            match failure {
+                FailureMode::Closed => {
+                    let path = links_dir.join(name);
+                    let pinned = link.pin(&path).map_err(|source| LoadError::Pin { name, path, source })?;
+                    self.links.push(Attached::Pinned(pinned));
+                }
+                FailureMode::Open => self.links.push(Attached::Owned(link)),
+            }
+        }
+        info!(cgroup = %cgroup.display(), pinned = (failure == FailureMode::Closed), "attached programs");
+        self.remove_other_builds();
+        Ok(AttachOutcome::Attached)
+    }
+
+    /// Removes pinned state of other builds under `pin_root` (their links
+    /// detach when their pins go).
+    fn remove_other_builds(&self) {
+        let Ok(entries) = fs::read_dir(&self.pin_root) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path != self.dir && path.is_dir() && is_hash_dir(&path) {
+                match fs::remove_dir_all(&path) {
+                    Ok(()) => info!(dir = %path.display(), "removed pinned state of another build"),
+                    Err(e) => warn!(dir = %path.display(), error = %e, "could not remove pinned state of another build"),
+                }
+            }
+        }
+    }
+
+    /// Clean stop: detach the programs and remove every pin of this build.
+    pub fn detach_and_unpin(mut self) -> Result<(), LoadError> {
+        for link in self.links.drain(..) {
+            if let Attached::Pinned(p) = link {
+                // Dropping the returned FdLink closes the last reference.
+                let _link = p.unpin().map_err(io_err(&self.dir, "unpinning a link"))?;
+            }
+        }
+        fs::remove_dir_all(&self.dir).map_err(io_err(&self.dir, "removing the pin directory"))?;
+        // The root is ours too if nothing else is left in it.
+        let _ = fs::remove_dir(&self.pin_root);
+        Ok(())
+    }
+
+    /// Clean stop that keeps enforcement (`on_exit = "keep"`).
+    pub fn keep(self) {
+        info!(dir = %self.dir.display(), "leaving programs attached and pinned");
+    }
+}
+
+fn is_hash_dir(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, LoadError> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| LoadError::Io { path: path.to_path_buf(), what: "path", source: io::Error::other(e) })?;
+    // SAFETY: statfs writes into the zeroed struct we pass; `c` is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(LoadError::Io { path: path.to_path_buf(), what: "statfs", source: io::Error::last_os_error() });
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_root` is on bpffs, mounting /sys/fs/bpf if that is where
+/// it should be and nothing is mounted there yet.
+fn ensure_bpffs(pin_root: &Path) -> Result<(), LoadError> {
+    let mut existing = pin_root;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    if is_bpffs(existing)? {
+        return Ok(());
+    }
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if !pin_root.starts_with(sys_bpf) {
+        return Err(LoadError::NotBpffs(pin_root.to_path_buf()));
+    }
+    // Two agents (or tests) starting at once must not both mount: the second
+    // mount would hide the first one's pins.
+    let lock_path = Path::new("/run/llm-egress-bpffs.lock");
+    let lock = fs::File::create(lock_path).map_err(io_err(lock_path, "creating the mount lock"))?;
+    // SAFETY: flock on a file descriptor we own; released when `lock` drops.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(LoadError::Io { path: lock_path.to_path_buf(), what: "locking", source: io::Error::last_os_error() });
+    }
+    if !is_bpffs(sys_bpf).unwrap_or(false) {
+        fs::create_dir_all(sys_bpf).map_err(io_err(sys_bpf, "creating the bpffs mount point"))?;
+        let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: constant, valid C strings; no data argument.
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            return Err(LoadError::Io { path: sys_bpf.to_path_buf(), what: "mounting bpffs", source: io::Error::last_os_error() });
+        }
+        info!("mounted bpffs on /sys/fs/bpf");
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! llm-egress: eBPF host agent for LLM egress control.
+//!
+//! Module map (one job each): `policy` (file → validated policy), `catalog`
+//! (built-in providers), `plan` (policy → kernel entries), `loader` (load,
+//! attach, pin, adopt), `maps` (the only map writer), `cgroups` (workload
+//! cgroups), `resolver` (provider host addresses), `events` (ring buffer),
+//! `attribution` (process and cgroup details), `audit` (JSON lines),
+//! `metrics` (Prometheus), `http` (endpoints), `agent` (the run loop),
+//! `cli` (arguments).
+
+mod agent;
+mod attribution;
+mod audit;
+mod catalog;
+mod cgroups;
+mod cli;
+mod events;
+mod http;
+mod loader;
+mod maps;
+mod metrics;
+mod plan;
+mod policy;
+mod resolver;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("LLM_EGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { file } => match policy::Policy::from_path(&file) {
+            Ok(p) => {
+                println!(
+                    "{}: ok ({} workloads, {} providers, mode {:?})",
+                    file.display(),
+                    p.workloads.len(),
+                    p.providers.len(),
+                    p.mode
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Providers { config } => {
+            let policy = match config {
+                Some(path) => match policy::Policy::from_path(&path) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => policy::Policy::builtin_default(),
+            };
+            for p in &policy.providers {
+                let ports = if p.ports.is_empty() {
+                    "any".to_string()
+                } else {
+                    p.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+                };
+                let cidrs: Vec<String> = p.cidrs.iter().map(ToString::to_string).collect();
+                println!("{:<16} ports={:<8} hosts={} cidrs={}", p.name, ports, p.hosts.join(","), cidrs.join(","));
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("llm-egress: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(agent::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("llm-egress: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The only writer of kernel maps.
+//!
+//! A new policy goes into the idle slot, then `ACTIVE` flips to it in one
+//! array update, then the old slot is emptied once in-flight decisions are
+//! done (programs run for microseconds; we wait `DRAIN`). Changes that do not
+//! change the policy (a workload cgroup appears, a provider host resolves to
+//! new addresses) are applied entry by entry to the active slot: each entry
+//! is independent, so every decision still sees one consistent policy.
+//!
+//! A policy that does not fit (a map is full) is not activated: the slot in
+//! force stays, and the error is returned and counted.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::{Key, LpmTrie}},
+};
+use llm_egress_common::{
+    ActionValue, ActiveSlot, DestValue, MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6,
+    MAP_PROVIDER_ACTIONS, MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS, MAP_WORKLOADS,
+    PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, WorkloadKey,
+    WorkloadValue, counter,
+};
+
+use crate::plan::{Plan, Prefix};
+
+/// Time given to decisions that read the old slot before it is emptied.
+const DRAIN: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("the eBPF object has no map {0}")]
+    Missing(&'static str),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { map, source }
+}
+
+/// Entries written and failed per map, for metrics.
+#[derive(Debug, Default, Clone)]
+pub struct WriteReport {
+    pub failed: BTreeMap<&'static str, u64>,
+}
+
+impl WriteReport {
+    fn fail(&mut self, map: &'static str) {
+        *self.failed.entry(map).or_default() += 1;
+    }
+    pub fn is_ok(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+pub struct KernelMaps {
+    active: Array<MapData, ActiveSlot>,
+    slots: Array<MapData, SlotConfig>,
+    workloads: HashMap<MapData, WorkloadKey, WorkloadValue>,
+    rules_v4: LpmTrie<MapData, PrefixKeyV4, ActionValue>,
+    rules_v6: LpmTrie<MapData, PrefixKeyV6, ActionValue>,
+    dests_v4: LpmTrie<MapData, PrefixKeyV4, DestValue>,
+    dests_v6: LpmTrie<MapData, PrefixKeyV6, DestValue>,
+    provider_act: HashMap<MapData, ProviderKey, ActionValue>,
+    counters: PerCpuArray<MapData, u64>,
+    /// What the active slot holds, as last written by this agent.
+    applied: Option<Plan>,
+}
+
+macro_rules! take {
+    ($ebpf:expr, $name:expr) => {
+        $ebpf.take_map($name).ok_or(MapsError::Missing($name))?.try_into().map_err(map_err($name))?
+    };
+}
+
+fn key4(slot: u32, scope: u32, addr: [u8; 4], len: u8) -> Key<PrefixKeyV4> {
+    Key::new(PREFIX_KEY_HEADER_BITS + u32::from(len), PrefixKeyV4 { slot, scope, addr })
+}
+
+fn key6(slot: u32, scope: u32, addr: [u8; 16], len: u8) -> Key<PrefixKeyV6> {
+    Key::new(PREFIX_KEY_HEADER_BITS + u32::from(len), PrefixKeyV6 { slot, scope, addr })
+}
+
+impl KernelMaps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(Self {
+            active: take!(ebpf, MAP_ACTIVE),
+            slots: take!(ebpf, MAP_SLOTS),
+            workloads: take!(ebpf, MAP_WORKLOADS),
+            rules_v4: take!(ebpf, MAP_RULES_V4),
+            rules_v6: take!(ebpf, MAP_RULES_V6),
+            dests_v4: take!(ebpf, MAP_DESTS_V4),
+            dests_v6: take!(ebpf, MAP_DESTS_V6),
+            provider_act: take!(ebpf, MAP_PROVIDER_ACTIONS),
+            counters: take!(ebpf, MAP_COUNTERS),
+            applied: None,
+        })
+    }
+
+    pub fn active(&self) -> Result<ActiveSlot, MapsError> {
+        self.active.get(&0, 0).map_err(map_err(MAP_ACTIVE))
+    }
+
+    /// The config of the slot in force, if any (left by a previous agent).
+    pub fn active_config(&self) -> Result<Option<SlotConfig>, MapsError> {
+        let active = self.active()?;
+        if active.slot == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.slots.get(&active.slot, 0).map_err(map_err(MAP_SLOTS))?))
+    }
+
+    /// Writes `plan` into the idle slot and makes it the active one.
+    /// On a write failure the idle slot is emptied again and nothing changes
+    /// for the programs.
+    pub fn apply_policy(&mut self, plan: Plan, failure_mode: u8, attach_cgroup_id: u64) -> Result<WriteReport, MapsError> {
+        let old = self.active()?.slot;
+        let target = if old == 1 { 2 } else { 1 };
+        self.clear_slot(target)?;
+        let mut report = WriteReport::default();
+        self.write_entries(target, &plan, &mut report);
+        if !report.is_ok() {
+            self.clear_slot(target)?;
+            return Ok(report);
+        }
+        self.slots.set(target, plan.config, 0).map_err(map_err(MAP_SLOTS))?;
+        let active = ActiveSlot { slot: target, failure_mode, _pad: [0; 3], attach_cgroup_id };
+        self.active.set(0, active, 0).map_err(map_err(MAP_ACTIVE))?;
+        self.applied = Some(plan);
+        if old != 0 {
+            std::thread::sleep(DRAIN);
+            self.clear_slot(old)?;
+        }
+        Ok(report)
+    }
+
+    /// Applies the difference between what the active slot holds and `plan`
+    /// (same policy generation: workload cgroups and provider addresses).
+    pub fn apply_update(&mut self, plan: Plan) -> Result<WriteReport, MapsError> {
+        let slot = self.active()?.slot;
+        let mut report = WriteReport::default();
+        let Some(old) = self.applied.take() else {
+            self.applied = Some(plan);
+            return Ok(report);
+        };
+        // Additions and changes first, removals after.
+        for (cg, v) in &plan.workloads {
+            if old.workloads.get(cg) != Some(v) {
+                let key = WorkloadKey { slot, _pad: 0, cgroup_id: *cg };
+                if self.workloads.insert(key, *v, 0).is_err() {
+                    report.fail(MAP_WORKLOADS);
+                }
+            }
+        }
+        for (prefix, v) in &plan.dests {
+            if old.dests.get(prefix) != Some(v) {
+                self.insert_dest(slot, prefix, v, &mut report);
+            }
+        }
+        for cg in old.workloads.keys().filter(|cg| !plan.workloads.contains_key(cg)) {
+            let _ = self.workloads.remove(&WorkloadKey { slot, _pad: 0, cgroup_id: *cg });
+        }
+        for prefix in old.dests.keys().filter(|p| !plan.dests.contains_key(p)) {
+            let _ = match *prefix {
+                Prefix::V4(a, l) => self.dests_v4.remove(&key4(slot, 0, a, l)),
+                Prefix::V6(a, l) => self.dests_v6.remove(&key6(slot, 0, a, l)),
+            };
+        }
+        self.applied = Some(plan);
+        Ok(report)
+    }
+
+    fn insert_dest(&mut self, slot: u32, prefix: &Prefix, v: &DestValue, report: &mut WriteReport) {
+        let ok = match *prefix {
+            Prefix::V4(a, l) => self.dests_v4.insert(&key4(slot, 0, a, l), *v, 0).is_ok(),
+            Prefix::V6(a, l) => self.dests_v6.insert(&key6(slot, 0, a, l), *v, 0).is_ok(),
+        };
+        if !ok {
+            report.fail(if matches!(prefix, Prefix::V4(..)) { MAP_DESTS_V4 } else { MAP_DESTS_V6 });
+        }
+    }
+
+    fn write_entries(&mut self, slot: u32, plan: &Plan, report: &mut WriteReport) {
+        for (cg, v) in &plan.workloads {
+            if self.workloads.insert(WorkloadKey { slot, _pad: 0, cgroup_id: *cg }, *v, 0).is_err() {
+                report.fail(MAP_WORKLOADS);
+            }
+        }
+        for ((wid, prefix), v) in &plan.rules {
+            let ok = match *prefix {
+                Prefix::V4(a, l) => self.rules_v4.insert(&key4(slot, *wid, a, l), *v, 0).is_ok(),
+                Prefix::V6(a, l) => self.rules_v6.insert(&key6(slot, *wid, a, l), *v, 0).is_ok(),
+            };
+            if !ok {
+                report.fail(if matches!(prefix, Prefix::V4(..)) { MAP_RULES_V4 } else { MAP_RULES_V6 });
+            }
+        }
+        for (prefix, v) in &plan.dests {
+            self.insert_dest(slot, prefix, v, report);
+        }
+        for ((wid, pid), v) in &plan.provider_actions {
+            let key = ProviderKey { slot, workload_id: *wid, provider_id: *pid };
+            if self.provider_act.insert(key, *v, 0).is_err() {
+                report.fail(MAP_PROVIDER_ACTIONS);
+            }
+        }
+    }
+
+    /// Removes every entry of `slot` from the per-slot maps.
+    fn clear_slot(&mut self, slot: u32) -> Result<(), MapsError> {
+        let keys: Vec<_> = self.workloads.keys().filter_map(Result::ok).filter(|k| k.slot == slot).collect();
+        for k in keys {
+            let _ = self.workloads.remove(&k);
+        }
+        let keys: Vec<_> = self.provider_act.keys().filter_map(Result::ok).filter(|k| k.slot == slot).collect();
+        for k in keys {
+            let _ = self.provider_act.remove(&k);
+        }
+        let keys: Vec<_> = self.rules_v4.keys().filter_map(Result::ok).filter(|k| k.data().slot == slot).collect();
+        for k in keys {
+            let _ = self.rules_v4.remove(&k);
+        }
+        let keys: Vec<_> = self.rules_v6.keys().filter_map(Result::ok).filter(|k| k.data().slot == slot).collect();
+        for k in keys {
+            let _ = self.rules_v6.remove(&k);
+        }
+        let keys: Vec<_> = self.dests_v4.keys().filter_map(Result::ok).filter(|k| k.data().slot == slot).collect();
+        for k in keys {
+            let _ = self.dests_v4.remove(&k);
+        }
+        let keys: Vec<_> = self.dests_v6.keys().filter_map(Result::ok).filter(|k| k.data().slot == slot).collect();
+        for k in keys {
+            let _ = self.dests_v6.remove(&k);
+        }
+        self.slots.set(slot, SlotConfig::default(), 0).map_err(map_err(MAP_SLOTS))?;
+        Ok(())
+    }
+
+    /// Kernel counters summed over CPUs, indexed by `counter::*`.
+    pub fn counters(&self) -> Result<[u64; counter::LEN as usize], MapsError> {
+        let mut out = [0u64; counter::LEN as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = self.counters.get(&(i as u32), 0).map_err(map_err(MAP_COUNTERS))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Entries of the active slot per map, for the occupancy gauge.
+    pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        let Some(p) = &self.applied else { return Vec::new() };
+        let v4 = |pref: &Prefix| matches!(pref, Prefix::V4(..));
+        vec![
+            (MAP_WORKLOADS, p.workloads.len()),
+            (MAP_RULES_V4, p.rules.keys().filter(|(_, pr)| v4(pr)).count()),
+            (MAP_RULES_V6, p.rules.keys().filter(|(_, pr)| !v4(pr)).count()),
+            (MAP_DESTS_V4, p.dests.keys().filter(|pr| v4(pr)).count()),
+            (MAP_DESTS_V6, p.dests.keys().filter(|pr| !v4(pr)).count()),
+            (MAP_PROVIDER_ACTIONS, p.provider_actions.len()),
+        ]
+    }
+}

@@ -1,0 +1,153 @@
+//! The Prometheus registry: every series the agent exports (docs/metrics.md).
+//!
+//! Label values come from the policy (workload and provider names) and from
+//! fixed vocabularies (verdicts, map names), so cardinality is bounded by the
+//! policy's size. Kernel counters are pinned and outlive the agent; they are
+//! copied into counters here by `sync_kernel`.
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use llm_egress_common::counter;
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections: IntCounterVec,
+    pub decisions: IntCounterVec,
+    pub events_lost: IntCounter,
+    pub internal_errors: IntCounter,
+    pub depth_truncated: IntCounter,
+    pub event_errors: IntCounter,
+    pub policy_generation: IntGauge,
+    pub policy_reloads: IntCounterVec,
+    pub map_update_errors: IntCounterVec,
+    pub map_entries: IntGaugeVec,
+    pub workload_cgroups: IntGaugeVec,
+    pub resolver_failures: IntCounter,
+    pub resolved_addresses: IntGauge,
+    pub audit_errors: IntCounter,
+    pub attribution_misses: IntCounter,
+    pub build_info: IntGaugeVec,
+    /// Last kernel counter values seen, to turn them into increments.
+    kernel_seen: std::sync::Arc<std::sync::Mutex<[u64; counter::LEN as usize]>>,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let m = Self {
+            connections: counter_vec(&r, "llm_egress_connections_total", "Connections and datagrams reported by the kernel: every deny and audit verdict, and every connection to a provider destination.", &["workload", "provider", "verdict"])?,
+            decisions: counter_vec(&r, "llm_egress_decisions_total", "Every verdict the kernel programs reached, including allowed non-provider traffic that produces no event.", &["verdict"])?,
+            events_lost: counter(&r, "llm_egress_events_lost_total", "Events the kernel could not queue because the ring buffer was full.")?,
+            internal_errors: counter(&r, "llm_egress_internal_errors_total", "Decisions taken by failure_mode because the programs could not read their policy.")?,
+            depth_truncated: counter(&r, "llm_egress_cgroup_depth_truncated_total", "Decisions for tasks nested deeper than the programs search for workloads.")?,
+            event_errors: counter(&r, "llm_egress_event_decode_errors_total", "Ring-buffer records that could not be decoded.")?,
+            policy_generation: gauge(&r, "llm_egress_policy_generation", "Generation of the policy in force (increments on every applied reload).")?,
+            policy_reloads: counter_vec(&r, "llm_egress_policy_reloads_total", "Policy reloads by result (ok, invalid, failed).", &["result"])?,
+            map_update_errors: counter_vec(&r, "llm_egress_map_update_errors_total", "Map entries that could not be written (for example a full map).", &["map"])?,
+            map_entries: gauge_vec(&r, "llm_egress_map_entries", "Entries of the policy in force, per map.", &["map"])?,
+            workload_cgroups: gauge_vec(&r, "llm_egress_workload_cgroups", "Cgroups each workload currently selects.", &["workload"])?,
+            resolver_failures: counter(&r, "llm_egress_resolver_failures_total", "Provider hostname lookups that failed.")?,
+            resolved_addresses: gauge(&r, "llm_egress_resolved_addresses", "Addresses learned by resolving provider hostnames.")?,
+            audit_errors: counter(&r, "llm_egress_audit_log_errors_total", "Audit records that could not be written or were dropped because the writer fell behind.")?,
+            attribution_misses: counter(&r, "llm_egress_attribution_misses_total", "Events whose process had exited before its executable could be read.")?,
+            build_info: gauge_vec(&r, "llm_egress_build_info", "Build of the running agent (value is always 1).", &["version", "object"])?,
+            registry: r,
+            kernel_seen: Default::default(),
+        };
+        for v in ["allow", "deny", "audit"] {
+            m.decisions.with_label_values(&[v]);
+        }
+        for v in ["ok", "invalid", "failed"] {
+            m.policy_reloads.with_label_values(&[v]);
+        }
+        Ok(m)
+    }
+
+    /// Adds what the kernel counted since the last call.
+    pub fn sync_kernel(&self, now: &[u64; counter::LEN as usize]) {
+        let Ok(mut seen) = self.kernel_seen.lock() else { return };
+        let delta = |i: u32| {
+            let (n, s) = (now[i as usize], seen[i as usize]);
+            // Counters only shrink when the pinned maps were re-created.
+            if n >= s { n - s } else { n }
+        };
+        self.events_lost.inc_by(delta(counter::EVENTS_LOST));
+        self.internal_errors.inc_by(delta(counter::INTERNAL_ERRORS));
+        self.depth_truncated.inc_by(delta(counter::DEPTH_TRUNCATED));
+        self.decisions.with_label_values(&["allow"]).inc_by(delta(counter::VERDICT_ALLOW));
+        self.decisions.with_label_values(&["deny"]).inc_by(delta(counter::VERDICT_DENY));
+        self.decisions.with_label_values(&["audit"]).inc_by(delta(counter::VERDICT_AUDIT));
+        *seen = *now;
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_counters_become_increments() {
+        let m = Metrics::new().unwrap();
+        let mut k = [0u64; counter::LEN as usize];
+        k[counter::VERDICT_DENY as usize] = 5;
+        k[counter::EVENTS_LOST as usize] = 2;
+        m.sync_kernel(&k);
+        k[counter::VERDICT_DENY as usize] = 7;
+        m.sync_kernel(&k);
+        assert_eq!(m.decisions.with_label_values(&["deny"]).get(), 7);
+        assert_eq!(m.events_lost.get(), 2);
+        // re-created maps start from zero again
+        k[counter::VERDICT_DENY as usize] = 1;
+        m.sync_kernel(&k);
+        assert_eq!(m.decisions.with_label_values(&["deny"]).get(), 8);
+    }
+
+    #[test]
+    fn every_metric_is_documented() {
+        let m = Metrics::new().unwrap();
+        m.connections.with_label_values(&["w", "p", "deny"]).inc();
+        m.map_update_errors.with_label_values(&["X"]).inc();
+        m.map_entries.with_label_values(&["X"]).set(1);
+        m.workload_cgroups.with_label_values(&["w"]).set(1);
+        m.build_info.with_label_values(&["v", "o"]).set(1);
+        let doc = include_str!("../../docs/metrics.md");
+        for family in m.registry.gather() {
+            assert!(doc.contains(&format!("`{}`", family.name())), "docs/metrics.md lacks `{}`", family.name());
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The policy: a TOML file turned into validated, kernel-ready values.
+//!
+//! `file` holds the serde mirror of the TOML (unknown keys are errors),
+//! `validate` turns it into a [`Policy`] or a list of [`PolicyError`]s that
+//! name file, line, column, key and value. Nothing here touches the kernel.
+
+mod error;
+mod file;
+mod validate;
+
+pub use error::{PolicyError, PolicyErrors};
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use ipnet::IpNet;
+
+/// `mode`: enforce the policy, or only report what it would deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+/// What a rule or default says about a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Allow, and report as a would-be deny.
+    Audit,
+}
+
+/// `failure_mode`: what happens when the programs cannot decide, and whether
+/// enforcement outlives the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Programs stay attached (pinned) when the agent dies; internal errors deny.
+    Closed,
+    /// Programs are detached when the agent dies; internal errors allow.
+    Open,
+}
+
+/// `on_exit`: what a clean stop (SIGTERM, SIGINT) does with the programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    Detach,
+    Keep,
+}
+
+/// `audit_log`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditLog {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Defaults {
+    pub llm: Action,
+    pub other: Action,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolverConfig {
+    /// Empty: the system resolver (/etc/resolv.conf).
+    pub servers: Vec<SocketAddr>,
+    /// How often catalog and policy hosts are resolved again.
+    pub refresh: Duration,
+}
+
+/// A provider of the merged catalog (built-in entries, then the policy's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Provider {
+    pub name: String,
+    /// Lower case, no trailing dot; `*.example.com` is a wildcard.
+    pub hosts: Vec<String>,
+    pub cidrs: Vec<IpNet>,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// A glob relative to the attach cgroup (`pods/*`), matched against
+    /// cgroup directory paths.
+    Cgroup(String),
+    /// A systemd unit name (`x.service`, `x.scope`): every cgroup directory
+    /// of that name under the attach cgroup.
+    SystemdUnit(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    /// Index into `Policy::providers`.
+    Provider(usize),
+    Cidr(IpNet),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    pub name: String,
+    pub selector: Selector,
+    pub allow: Vec<Target>,
+    pub deny: Vec<Target>,
+    /// Providers the workload names in neither list.
+    pub llm: Action,
+    /// Non-provider destinations its CIDR rules do not cover.
+    pub other: Action,
+}
+
+/// A validated policy. Provider ids are `index + 1`, workload ids too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub mode: Mode,
+    /// None: the cgroup2 mount root.
+    pub cgroup: Option<PathBuf>,
+    /// None: no HTTP endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    pub audit_log: AuditLog,
+    pub pin_path: PathBuf,
+    pub failure_mode: FailureMode,
+    pub on_exit: OnExit,
+    pub defaults: Defaults,
+    pub resolver: ResolverConfig,
+    pub providers: Vec<Provider>,
+    pub workloads: Vec<Workload>,
+}
+
+/// Workload name reserved for processes in no workload (metrics, events).
+pub const NO_WORKLOAD_NAME: &str = "none";

@@ -1,0 +1,79 @@
+//! Numeric codes of actions, verdicts, reasons and modes.
+//!
+//! These numbers are written into pinned maps and ring-buffer events, which
+//! outlive one agent binary: a number, once given a meaning, is never reused.
+
+/// What a policy says about a destination (stored in maps as `u8`).
+pub mod action {
+    /// Let the connection through.
+    pub const ALLOW: u8 = 1;
+    /// Refuse it: the caller gets EPERM.
+    pub const DENY: u8 = 2;
+    /// Let it through and report it as a would-be deny.
+    pub const AUDIT: u8 = 3;
+}
+
+/// What actually happened to a connection (in events).
+pub mod verdict {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+    /// Allowed, but the policy would have denied it (action `audit`, or
+    /// `mode = "audit"`).
+    pub const AUDIT: u8 = 3;
+}
+
+/// Why a verdict was reached (in events).
+pub mod reason {
+    /// A CIDR in the workload's `allow`/`deny` lists matched.
+    pub const WORKLOAD_CIDR: u8 = 1;
+    /// The destination is a provider the workload names in `allow`/`deny`.
+    pub const WORKLOAD_PROVIDER: u8 = 2;
+    /// A provider the workload does not name: the workload's `llm` action.
+    pub const WORKLOAD_LLM_DEFAULT: u8 = 3;
+    /// A non-provider destination: the workload's `other` action.
+    pub const WORKLOAD_OTHER_DEFAULT: u8 = 4;
+    /// A provider destination of a process in no workload: `defaults.llm`.
+    pub const DEFAULT_LLM: u8 = 5;
+    /// A non-provider destination of a process in no workload: `defaults.other`.
+    pub const DEFAULT_OTHER: u8 = 6;
+    /// No policy is loaded, or a map lookup failed: `failure_mode` decided.
+    pub const INTERNAL_ERROR: u8 = 7;
+}
+
+/// `mode` of a policy slot.
+pub mod mode {
+    /// Deny what the policy denies.
+    pub const ENFORCE: u8 = 1;
+    /// Deny nothing; report would-be denies as verdict `AUDIT`.
+    pub const AUDIT: u8 = 2;
+}
+
+/// What the programs do when they cannot reach a decision (no active policy,
+/// a failed lookup of their own configuration).
+pub mod failure_mode {
+    /// Deny: nothing passes that the policy has not judged.
+    pub const CLOSED: u8 = 1;
+    /// Allow: an internal error never breaks a workload.
+    pub const OPEN: u8 = 2;
+}
+
+/// Transport protocol of a judged socket (IANA numbers).
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Address family of the judged destination (after IPv4-mapped IPv6 has been
+/// unmapped).
+pub mod family {
+    pub const INET: u8 = 4;
+    pub const INET6: u8 = 6;
+}
+
+/// Which hook produced a decision.
+pub mod hook {
+    pub const CONNECT4: u8 = 1;
+    pub const CONNECT6: u8 = 2;
+    pub const SENDMSG4: u8 = 3;
+    pub const SENDMSG6: u8 = 4;
+}

@@ -1,0 +1,17 @@
+//! The kernel/user boundary of llm-egress.
+//!
+//! Everything the eBPF programs and the agent must agree on lives here and
+//! nowhere else: map and program names, map key/value layouts, the event
+//! envelope and the numeric codes inside it. Every shared struct is
+//! `#[repr(C)]`, has no `bool` and no implicit padding (explicit `_pad`
+//! fields), and carries a `const` size assertion, so a layout change breaks
+//! the build instead of silently corrupting a map.
+#![no_std]
+
+pub mod codes;
+pub mod event;
+pub mod maps;
+
+pub use codes::*;
+pub use event::*;
+pub use maps::*;

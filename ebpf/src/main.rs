@@ -1,0 +1,19 @@
+//! llm-egress kernel programs.
+//!
+//! Built only for `bpfel-unknown-none` (`cargo xtask build-ebpf`); the agent
+//! embeds the resulting object. One module per hook.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod sock_addr;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

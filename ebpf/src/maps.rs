@@ -1,0 +1,55 @@
+//! Map declarations. Each static's name is the map's name and must equal the
+//! constant of the same name in `llm_egress_common::maps` (the agent checks
+//! the loaded object against `ALL_MAPS`). All maps are pinned by name so that
+//! enforcement and counters survive the agent.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use llm_egress_common::{
+    ActionValue, ActiveSlot, DestValue, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig,
+    WorkloadKey, WorkloadValue, DESTS_MAX, EVENTS_BYTES, PROVIDER_ACTIONS_MAX, RULES_MAX,
+    SLOT_COUNT, WORKLOADS_MAX, counter,
+};
+
+#[map]
+pub static ACTIVE: Array<ActiveSlot> = Array::pinned(1, 0);
+
+#[map]
+pub static SLOTS: Array<SlotConfig> = Array::pinned(SLOT_COUNT, 0);
+
+#[map]
+pub static WORKLOADS: HashMap<WorkloadKey, WorkloadValue> = HashMap::pinned(WORKLOADS_MAX, 0);
+
+#[map]
+pub static RULES_V4: LpmTrie<PrefixKeyV4, ActionValue> = LpmTrie::pinned(RULES_MAX, 0);
+
+#[map]
+pub static RULES_V6: LpmTrie<PrefixKeyV6, ActionValue> = LpmTrie::pinned(RULES_MAX, 0);
+
+#[map]
+pub static DESTS_V4: LpmTrie<PrefixKeyV4, DestValue> = LpmTrie::pinned(DESTS_MAX, 0);
+
+#[map]
+pub static DESTS_V6: LpmTrie<PrefixKeyV6, DestValue> = LpmTrie::pinned(DESTS_MAX, 0);
+
+#[map]
+pub static PROVIDER_ACT: HashMap<ProviderKey, ActionValue> =
+    HashMap::pinned(PROVIDER_ACTIONS_MAX, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot of this CPU; programs run with preemption
+        // disabled for their whole run, so nothing else writes it meanwhile.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,339 @@
+//! cgroup_sock_addr hooks: the connect-time verdict.
+//!
+//! `connect4`/`connect6` judge every `connect()` (TCP, and UDP sockets that
+//! connect), `sendmsg4`/`sendmsg6` every unconnected UDP datagram with an
+//! explicit destination. An IPv4-mapped IPv6 destination is judged as IPv4.
+//!
+//! Context (include/uapi/linux/bpf.h, struct bpf_sock_addr): `user_ip4` and
+//! `user_ip6[]` are network order; `user_port` is network order in the low
+//! 16 bits. Returning 1 allows; 0 makes the syscall fail with EPERM.
+//!
+//! Decision, in order (docs/policy.md has the user's version):
+//! 1. the workload: the deepest ancestor cgroup of the task found in
+//!    `WORKLOADS` for the active slot (none: the policy's defaults);
+//! 2. the workload's CIDR rules (`RULES_*`, longest prefix);
+//! 3. provider destinations (`DESTS_*`, with ports): the workload's word on
+//!    that provider (`PROVIDER_ACT`) or its `llm` action;
+//! 4. otherwise the workload's `other` action.
+//!
+//! Internal errors (no active policy slot, a missing slot config) are decided
+//! by the `failure_mode` in `ACTIVE` and counted in `INTERNAL_ERRORS`.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        generated::bpf_get_current_ancestor_cgroup_id,
+    },
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use llm_egress_common::{
+    ConnectDecision, ConnectEvent, EventHeader, MAX_CGROUP_DEPTH, MAX_PORTS, NO_PROVIDER,
+    NO_WORKLOAD, PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SLOT_COUNT,
+    WorkloadKey, action, counter, failure_mode, family, hook, kind, mode, proto, reason, verdict,
+};
+
+use crate::maps::{
+    ACTIVE, DESTS_V4, DESTS_V6, EVENTS, PROVIDER_ACT, RULES_V4, RULES_V6, SLOTS, WORKLOADS, count,
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn verdict_connect4(ctx: SockAddrContext) -> i32 {
+    judge_v4(&ctx, hook::CONNECT4)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn verdict_sendmsg4(ctx: SockAddrContext) -> i32 {
+    judge_v4(&ctx, hook::SENDMSG4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn verdict_connect6(ctx: SockAddrContext) -> i32 {
+    judge_v6(&ctx, hook::CONNECT6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn verdict_sendmsg6(ctx: SockAddrContext) -> i32 {
+    judge_v6(&ctx, hook::SENDMSG6)
+}
+
+/// A destination as judged: IPv4 in the first four bytes of `addr`.
+struct Dest {
+    family: u8,
+    addr: [u8; 16],
+    port: u16,
+    proto: u8,
+}
+
+#[inline(always)]
+fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr for this program type;
+    // these are direct, aligned context loads the verifier checks.
+    let (ip4, port, protocol) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port, sa.protocol)
+    };
+    let mut addr = [0u8; 16];
+    let b = ip4.to_ne_bytes();
+    addr[0] = b[0];
+    addr[1] = b[1];
+    addr[2] = b[2];
+    addr[3] = b[3];
+    let dest = Dest { family: family::INET, addr, port: port_of(port), proto: proto_of(protocol) };
+    judge(&dest, hook)
+}
+
+#[inline(always)]
+fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
+    // SAFETY: as in `judge_v4`; user_ip6 is read one aligned u32 at a time.
+    let (w0, w1, w2, w3, port, protocol) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3], sa.user_port, sa.protocol)
+    };
+    let mut addr = [0u8; 16];
+    let words = [w0, w1, w2, w3];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    let mut dest = Dest { family: family::INET6, addr, port: port_of(port), proto: proto_of(protocol) };
+    // ::ffff:a.b.c.d is an IPv4 destination reached through a dual-stack socket.
+    if w0 == 0 && w1 == 0 && u32::from_be(w2) == 0x0000_ffff {
+        let b = w3.to_ne_bytes();
+        let mut v4 = [0u8; 16];
+        v4[0] = b[0];
+        v4[1] = b[1];
+        v4[2] = b[2];
+        v4[3] = b[3];
+        dest.family = family::INET;
+        dest.addr = v4;
+    }
+    judge(&dest, hook)
+}
+
+#[inline(always)]
+fn port_of(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+#[inline(always)]
+fn proto_of(protocol: u32) -> u8 {
+    if protocol == proto::UDP as u32 { proto::UDP } else { proto::TCP }
+}
+
+/// The outcome of the policy lookups, before `mode` is applied.
+struct Decision {
+    action: u8,
+    reason: u8,
+    workload_id: u32,
+    provider_id: u32,
+    generation: u64,
+    mode: u8,
+}
+
+#[inline(always)]
+fn judge(dest: &Dest, hook: u8) -> i32 {
+    let decision = match decide(dest) {
+        Ok(d) => d,
+        Err(fail) => {
+            count(counter::INTERNAL_ERRORS);
+            let action = if fail == failure_mode::CLOSED { action::DENY } else { action::ALLOW };
+            Decision {
+                action,
+                reason: reason::INTERNAL_ERROR,
+                workload_id: NO_WORKLOAD,
+                provider_id: NO_PROVIDER,
+                generation: 0,
+                mode: mode::ENFORCE,
+            }
+        }
+    };
+    let v = match decision.action {
+        action::ALLOW => verdict::ALLOW,
+        action::AUDIT => verdict::AUDIT,
+        _ if decision.mode == mode::AUDIT => verdict::AUDIT,
+        _ => verdict::DENY,
+    };
+    count(match v {
+        verdict::ALLOW => counter::VERDICT_ALLOW,
+        verdict::AUDIT => counter::VERDICT_AUDIT,
+        _ => counter::VERDICT_DENY,
+    });
+    if v != verdict::ALLOW || decision.provider_id != NO_PROVIDER {
+        report(dest, hook, v, &decision);
+    }
+    if v == verdict::DENY { DENY } else { ALLOW }
+}
+
+/// Err carries the failure mode to apply.
+#[inline(always)]
+fn decide(dest: &Dest) -> Result<Decision, u8> {
+    let active = ACTIVE.get(0).ok_or(failure_mode::OPEN)?;
+    let fail = active.failure_mode;
+    let slot = active.slot;
+    if slot == 0 || slot >= SLOT_COUNT {
+        return Err(fail);
+    }
+    let cfg = SLOTS.get(slot).ok_or(fail)?;
+
+    // 1. Workload: the deepest ancestor (level 0 is the cgroup2 root) that
+    // the active slot names.
+    let mut workload = None;
+    let mut level: u32 = 0;
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: helper call without pointer arguments.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        let key = WorkloadKey { slot, _pad: 0, cgroup_id: id };
+        // SAFETY: the value is copied out at once; entries are only replaced
+        // whole by the agent.
+        if let Some(w) = unsafe { WORKLOADS.get(&key) } {
+            workload = Some(*w);
+        }
+        level += 1;
+    }
+    if level > MAX_CGROUP_DEPTH {
+        // SAFETY: as above.
+        if unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) } != 0 {
+            count(counter::DEPTH_TRUNCATED);
+        }
+    }
+
+    let mut d = Decision {
+        action: cfg.default_other,
+        reason: reason::DEFAULT_OTHER,
+        workload_id: NO_WORKLOAD,
+        provider_id: NO_PROVIDER,
+        generation: cfg.generation,
+        mode: cfg.mode,
+    };
+    let (llm, other) = match workload {
+        Some(w) => (w.llm, w.other),
+        None => (cfg.default_llm, cfg.default_other),
+    };
+    if let Some(w) = workload {
+        d.workload_id = w.workload_id;
+        // 2. The workload's own CIDR rules.
+        if let Some(a) = rule_action(slot, w.workload_id, dest) {
+            d.action = a;
+            d.reason = reason::WORKLOAD_CIDR;
+            // Still report which provider it was, if it is one.
+            d.provider_id = provider_of(slot, dest);
+            return Ok(d);
+        }
+    }
+    // 3. Provider destinations.
+    let provider = provider_of(slot, dest);
+    if provider != NO_PROVIDER {
+        d.provider_id = provider;
+        if workload.is_some() {
+            let key = ProviderKey { slot, workload_id: d.workload_id, provider_id: provider };
+            // SAFETY: value copied out at once.
+            match unsafe { PROVIDER_ACT.get(&key) } {
+                Some(a) => {
+                    d.action = a.action;
+                    d.reason = reason::WORKLOAD_PROVIDER;
+                }
+                None => {
+                    d.action = llm;
+                    d.reason = reason::WORKLOAD_LLM_DEFAULT;
+                }
+            }
+        } else {
+            d.action = llm;
+            d.reason = reason::DEFAULT_LLM;
+        }
+        return Ok(d);
+    }
+    // 4. Everything else.
+    d.action = other;
+    d.reason = if workload.is_some() { reason::WORKLOAD_OTHER_DEFAULT } else { reason::DEFAULT_OTHER };
+    Ok(d)
+}
+
+#[inline(always)]
+fn rule_action(slot: u32, workload_id: u32, dest: &Dest) -> Option<u8> {
+    if dest.family == family::INET {
+        let data = PrefixKeyV4 { slot, scope: workload_id, addr: [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]] };
+        RULES_V4.get(Key::new(PREFIX_KEY_HEADER_BITS + 32, data)).map(|v| v.action)
+    } else {
+        let data = PrefixKeyV6 { slot, scope: workload_id, addr: dest.addr };
+        RULES_V6.get(Key::new(PREFIX_KEY_HEADER_BITS + 128, data)).map(|v| v.action)
+    }
+}
+
+#[inline(always)]
+fn provider_of(slot: u32, dest: &Dest) -> u32 {
+    let found = if dest.family == family::INET {
+        let data = PrefixKeyV4 { slot, scope: llm_egress_common::DEST_SCOPE, addr: [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]] };
+        DESTS_V4.get(Key::new(PREFIX_KEY_HEADER_BITS + 32, data))
+    } else {
+        let data = PrefixKeyV6 { slot, scope: llm_egress_common::DEST_SCOPE, addr: dest.addr };
+        DESTS_V6.get(Key::new(PREFIX_KEY_HEADER_BITS + 128, data))
+    };
+    let Some(d) = found else { return NO_PROVIDER };
+    if d.nports == 0 {
+        return d.provider_id;
+    }
+    let mut i = 0;
+    while i < MAX_PORTS {
+        if (i as u16) < d.nports && d.ports[i] == dest.port {
+            return d.provider_id;
+        }
+        i += 1;
+    }
+    NO_PROVIDER
+}
+
+#[inline(always)]
+fn report(dest: &Dest, hook: u8, v: u8, d: &Decision) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+        count(counter::EVENTS_LOST);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: helpers without pointer arguments.
+    let (cgroup_id, time_ns) = unsafe {
+        (aya_ebpf::helpers::generated::bpf_get_current_cgroup_id(), bpf_ktime_get_ns())
+    };
+    let event = ConnectEvent {
+        header: EventHeader {
+            kind: kind::CONNECT_DECISION,
+            _pad: 0,
+            time_ns,
+            pid: pid_tgid as u32,
+            tgid: (pid_tgid >> 32) as u32,
+            uid: uid_gid as u32,
+            gid: (uid_gid >> 32) as u32,
+            cgroup_id,
+            comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        },
+        data: ConnectDecision {
+            generation: d.generation,
+            workload_id: d.workload_id,
+            provider_id: d.provider_id,
+            addr: dest.addr,
+            port: dest.port,
+            verdict: v,
+            reason: d.reason,
+            proto: dest.proto,
+            family: dest.family,
+            hook,
+            _pad: 0,
+        },
+    };
+    entry.write(event);
+    entry.submit(0);
+}

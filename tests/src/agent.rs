@@ -1,0 +1,431 @@
+//! [`Agent`]: one `llm-egress run` process with a world of its own.
+//!
+//! Each agent gets a temp dir (policy file, audit log, stderr/stdout of each
+//! run), a pin directory `/sys/fs/bpf/llm-egress-test-<pid>-<n>` and a free
+//! loopback port for its HTTP endpoint. The policy's `cgroup` must be the
+//! test's [`crate::CgroupGuard`] path: the harness never lets an agent
+//! attach anywhere it did not make. Drop stops the agent (SIGTERM, SIGKILL
+//! after 5 s), then removes the pin directory ([`PinDir`]) and the temp dir.
+//!
+//! The binary is `$LLM_EGRESS_BIN`, else `llm-egress` next to the test
+//! executable's `deps/` directory (target/debug/llm-egress), see
+//! [`agent_bin`]. It is built by `cargo build -p llm-egress`, not by this
+//! package.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{TempDir, bpf, http, prom, tail, unique_suffix, wait_until};
+
+/// How long an agent may take to answer /readyz with 200.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long drop and [`Agent::stop`] wait after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The agent executable: `$LLM_EGRESS_BIN`, else `<target>/<profile>/llm-egress`
+/// derived from the running test executable (`<target>/<profile>/deps/x`).
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLM_EGRESS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("cannot find the test executable: {e}"));
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir.join("llm-egress")
+}
+
+/// A pin directory below bpffs, removed recursively on drop (unpinning
+/// everything in it; links pinned there detach when their last reference
+/// goes). Only ever a `llm-egress-test-*` directory directly below /sys/fs/bpf.
+#[derive(Debug)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    /// Picks `/sys/fs/bpf/llm-egress-test-<pid>-<n>` (mounting bpffs first if
+    /// needed) without creating it: the agent creates its pin directory.
+    pub fn new() -> PinDir {
+        bpf::ensure_bpffs();
+        let path = Path::new(bpf::BPFFS).join(format!("llm-egress-test-{}", unique_suffix()));
+        PinDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let ours = self.path.parent() == Some(Path::new(bpf::BPFFS))
+            && self
+                .path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("llm-egress-test-"));
+        if !ours {
+            eprintln!("warning: refusing to remove {}", self.path.display());
+            return;
+        }
+        match fs::remove_dir_all(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("warning: cannot remove pin dir {}: {e}", self.path.display()),
+        }
+    }
+}
+
+/// A running (or stopped, or killed) agent and everything it was given.
+///
+/// Field order matters for drop: `Drop for Agent` stops the process first,
+/// then `pin` is removed, then the temp dir.
+pub struct Agent {
+    bin: PathBuf,
+    child: Option<Child>,
+    /// Runs started so far (1 after `start`, 2 after one `restart_same`...).
+    runs: u32,
+    metrics_addr: SocketAddr,
+    config: PathBuf,
+    audit_log: PathBuf,
+    pin: PinDir,
+    dir: TempDir,
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_loopback_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
+    l.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("local_addr: {e}"))
+}
+
+impl Agent {
+    /// Starts [`agent_bin`] with `policy_toml` and waits until /readyz says 200.
+    pub fn start(policy_toml: &str) -> Agent {
+        Agent::start_with(agent_bin(), policy_toml)
+    }
+
+    /// Starts the agent executable `bin` with `policy_toml`.
+    pub fn start_with(bin: impl Into<PathBuf>, policy_toml: &str) -> Agent {
+        crate::require_root();
+        let bin = bin.into();
+        assert!(
+            bin.is_file(),
+            "agent binary {} not found: build it with `cargo build -p llm-egress` \
+             (or `cargo xtask build`), or point LLM_EGRESS_BIN at it",
+            bin.display()
+        );
+        let dir = TempDir::new("llm-egress-test-agent");
+        let config = dir.path().join("policy.toml");
+        fs::write(&config, policy_toml).unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        let mut agent = Agent {
+            bin,
+            child: None,
+            runs: 0,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_loopback_port())),
+            audit_log: dir.path().join("audit.jsonl"),
+            config,
+            pin: PinDir::new(),
+            dir,
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// The command line of every run (the CLI flags override the file's keys).
+    fn spawn(&mut self) {
+        self.runs += 1;
+        let stderr = self.open_log("stderr");
+        let stdout = self.open_log("stdout");
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--pin-path")
+            .arg(self.pin.path())
+            .arg("--metrics-listen")
+            .arg(self.metrics_addr.to_string())
+            .arg("--audit-log")
+            .arg(&self.audit_log)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
+        // nothing of the parent. An agent whose test process dies gets SIGTERM
+        // (and detaches) instead of enforcing on a cgroup nobody cleans up.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn log_path(&self, stream: &str, run: u32) -> PathBuf {
+        self.dir.path().join(format!("{stream}-{run}.log"))
+    }
+
+    fn open_log(&self, stream: &str) -> fs::File {
+        let path = self.log_path(stream, self.runs);
+        fs::File::create(&path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()))
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last: String;
+        loop {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "the agent exited ({status}) before /readyz answered 200\n{}",
+                    self.context()
+                );
+            }
+            match http::get(self.metrics_addr, "/readyz", Duration::from_millis(500)) {
+                Ok(r) if r.status == 200 => return,
+                Ok(r) => last = format!("HTTP {}: {}", r.status, r.body.trim()),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the agent was not ready within {READY_TIMEOUT:?} (GET http://{}/readyz: {last})\n{}",
+                    self.metrics_addr,
+                    self.context()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Whether the current agent process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_some() && self.try_wait().is_none()
+    }
+
+    /// The pid of the current agent process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_else(|| panic!("no agent process"))
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn pin_path(&self) -> &Path {
+        self.pin.path()
+    }
+
+    pub fn audit_log_path(&self) -> &Path {
+        &self.audit_log
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// `GET path` on the agent's endpoint.
+    pub fn http_get(&self, path: &str) -> std::io::Result<http::Response> {
+        http::get(self.metrics_addr, path, Duration::from_secs(5))
+    }
+
+    /// The body of GET /metrics; panics unless it answers 200.
+    pub fn metrics(&self) -> String {
+        match self.http_get("/metrics") {
+            Ok(r) if r.status == 200 => r.body,
+            Ok(r) => panic!("GET /metrics answered {}: {}\n{}", r.status, r.body, self.context()),
+            Err(e) => panic!("GET /metrics failed: {e}\n{}", self.context()),
+        }
+    }
+
+    /// The sum of the samples of `name` whose labels include `labels`, see
+    /// [`prom::value`]; `None` when there is no such sample.
+    pub fn metric_value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        prom::value(&self.metrics(), name, labels)
+    }
+
+    /// `llm_egress_policy_generation`, panicking when it is missing.
+    pub fn generation(&self) -> u64 {
+        let v = self
+            .metric_value("llm_egress_policy_generation", &[])
+            .unwrap_or_else(|| panic!("/metrics has no llm_egress_policy_generation\n{}", self.context()));
+        v as u64
+    }
+
+    /// The audit log's events so far (a last line still being written is
+    /// left out; any other line that is not JSON panics).
+    pub fn audit_events(&self) -> Vec<Value> {
+        let text = match fs::read_to_string(&self.audit_log) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => panic!("cannot read the audit log {}: {e}", self.audit_log.display()),
+        };
+        let complete = match text.rfind('\n') {
+            Some(i) => &text[..i],
+            None => "",
+        };
+        complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("audit log line is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// The first audit event matching `pred`, waiting up to `timeout`.
+    pub fn wait_for_audit(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
+        wait_until(timeout, Duration::from_millis(50), || self.audit_events().into_iter().find(|e| pred(e)))
+    }
+
+    /// Waits up to `timeout` until `metric_value(name, labels)` is at least
+    /// `min`; returns the last value read.
+    pub fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], min: f64, timeout: Duration) -> Option<f64> {
+        let mut last = None;
+        wait_until(timeout, Duration::from_millis(50), || {
+            last = self.metric_value(name, labels);
+            last.filter(|v| *v >= min)
+        });
+        last
+    }
+
+    fn try_signal(&self, sig: libc::c_int) -> std::io::Result<()> {
+        let Some(child) = self.child.as_ref() else {
+            return Err(std::io::Error::other("no agent process"));
+        };
+        // SAFETY: kill(2) on our own child's pid; the child is not reaped yet
+        // (`child` still holds it), so the pid cannot have been reused.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Err(e) = self.try_signal(sig) {
+            panic!("cannot send signal {sig} to the agent: {e}\n{}", self.context());
+        }
+    }
+
+    /// Sends SIGHUP (reload the policy).
+    pub fn sighup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    /// Replaces the policy file atomically (write a sibling, rename over it).
+    pub fn rewrite_policy(&self, policy_toml: &str) {
+        let tmp = self.dir.path().join(".policy.toml.new");
+        fs::write(&tmp, policy_toml).unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
+        fs::rename(&tmp, &self.config)
+            .unwrap_or_else(|e| panic!("cannot rename {} to {}: {e}", tmp.display(), self.config.display()));
+    }
+
+    /// SIGKILL, and reap the process.
+    pub fn kill9(&mut self) {
+        if !self.is_running() {
+            panic!("kill9: the agent is not running\n{}", self.context());
+        }
+        self.signal(libc::SIGKILL);
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit (at most [`STOP_TIMEOUT`], then SIGKILL
+    /// and panic); returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        if let Some(status) = self.try_wait() {
+            return status;
+        }
+        self.signal(libc::SIGTERM);
+        if let Some(status) = wait_until(STOP_TIMEOUT, Duration::from_millis(20), || self.try_wait()) {
+            return status;
+        }
+        self.signal(libc::SIGKILL);
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.wait();
+        }
+        panic!("the agent did not exit within {STOP_TIMEOUT:?} of SIGTERM\n{}", self.context());
+    }
+
+    /// Starts a new agent process with the same policy file, pin dir, port
+    /// and audit log (after [`Agent::kill9`] or [`Agent::stop`]), and waits
+    /// until it is ready.
+    pub fn restart_same(&mut self) {
+        if self.is_running() {
+            panic!("restart_same: the agent is still running; stop() or kill9() it first");
+        }
+        self.spawn();
+    }
+
+    /// Stderr of the current (last started) run.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.log_path("stderr", self.runs)).unwrap_or_default()
+    }
+
+    /// Stderr of every run so far, each under a header.
+    pub fn all_stderr(&self) -> String {
+        (1..=self.runs)
+            .map(|run| {
+                let text = fs::read_to_string(self.log_path("stderr", run)).unwrap_or_default();
+                format!("--- agent run {run} stderr ---\n{text}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// What a panic message should show: the agent's stderr (tail) and the
+    /// last audit events.
+    pub fn context(&self) -> String {
+        let stderr = self.all_stderr();
+        let audit = fs::read_to_string(&self.audit_log).unwrap_or_default();
+        let audit_tail: Vec<&str> = audit.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+        format!(
+            "{}\n--- last audit events ({}) ---\n{}",
+            tail(&stderr, 6000),
+            self.audit_log.display(),
+            audit_tail.join("\n")
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent context at test failure ---\n{}", self.context());
+        }
+        if self.is_running() {
+            let _ = self.try_signal(libc::SIGTERM);
+            if wait_until(STOP_TIMEOUT, Duration::from_millis(20), || self.try_wait()).is_none() {
+                eprintln!("warning: the agent ignored SIGTERM for {STOP_TIMEOUT:?}; SIGKILL");
+                let _ = self.try_signal(libc::SIGKILL);
+            }
+        }
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.wait();
+        }
+        // Then `pin` (PinDir) and `dir` (TempDir) drop, in that order.
+    }
+}

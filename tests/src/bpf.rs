@@ -1,0 +1,221 @@
+//! Looking at BPF state from the outside: bpffs, pinned objects, and the
+//! programs attached to a cgroup. Raw bpf(2) calls, so the harness does not
+//! depend on aya (and cannot share the agent's bugs).
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+};
+
+use crate::cgroup::mounts_of_type;
+
+/// Where bpffs is expected.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+// enum bpf_cmd
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+// enum bpf_attach_type: the cgroup_sock_addr hooks the agent uses.
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+/// The four hooks of the connect-time verdict.
+pub const SOCK_ADDR_HOOKS: [(u32, &str); 4] = [
+    (BPF_CGROUP_INET4_CONNECT, "connect4"),
+    (BPF_CGROUP_INET6_CONNECT, "connect6"),
+    (BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
+    (BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"),
+];
+
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+/// Mounts bpffs at /sys/fs/bpf unless something of type `bpf` is mounted
+/// there already. Serialised within the test process.
+pub fn ensure_bpffs() {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| mounts_of_type(&info, "bpf").iter().any(|m| m == Path::new(BPFFS)))
+        .unwrap_or(false);
+    if mounted {
+        return;
+    }
+    let _ = std::fs::create_dir_all(BPFFS);
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
+    assert!(
+        out.status.success(),
+        "`mount -t bpf bpf {BPFFS}` failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr for `cmd`,
+    // zero-initialised by the caller except for the fields it set; the size
+    // passed is its exact size, which the kernel zero-extends.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr as *mut T as *mut libc::c_void, size_of::<T>() as libc::c_uint)
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+fn owned_fd(rc: libc::c_long) -> OwnedFd {
+    // SAFETY: rc is a new file descriptor returned by bpf(2), owned by no one else.
+    unsafe { OwnedFd::from_raw_fd(rc as i32) }
+}
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes())
+        .unwrap_or_else(|_| panic!("path {} contains a NUL byte", path.display()))
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// What kind of BPF object a pin is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjKind {
+    Map,
+    Prog,
+    Link,
+    Unknown,
+}
+
+/// A pinned object found below a pin directory.
+#[derive(Clone, Debug)]
+pub struct Pinned {
+    pub path: PathBuf,
+    pub kind: ObjKind,
+}
+
+/// The kind of the BPF object behind `fd`, from /proc/self/fdinfo.
+fn fd_kind(fd: &OwnedFd) -> ObjKind {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap_or_default();
+    let has = |key: &str| info.lines().any(|l| l.starts_with(key));
+    if has("link_type:") {
+        ObjKind::Link
+    } else if has("map_type:") {
+        ObjKind::Map
+    } else if has("prog_type:") {
+        ObjKind::Prog
+    } else {
+        ObjKind::Unknown
+    }
+}
+
+/// Opens the pinned object at `path` (BPF_OBJ_GET).
+pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = c_path(path);
+    let mut attr = ObjAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+    sys_bpf(BPF_OBJ_GET, &mut attr).map(owned_fd)
+}
+
+/// Every pinned object below `dir` (recursively), with its kind; empty when
+/// `dir` does not exist.
+pub fn pinned_objects(dir: &Path) -> Vec<Pinned> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            out.extend(pinned_objects(&path));
+            continue;
+        }
+        let kind = obj_get(&path).map(|fd| fd_kind(&fd)).unwrap_or(ObjKind::Unknown);
+        out.push(Pinned { path, kind });
+    }
+    out
+}
+
+/// How many programs are attached to the cgroup directory `cgroup` for
+/// `attach_type`: directly (`effective == false`) or in effect there,
+/// inherited from ancestors included (`effective == true`).
+pub fn cgroup_prog_count(cgroup: &Path, attach_type: u32, effective: bool) -> std::io::Result<u32> {
+    let dir = File::open(cgroup)?;
+    let mut attr = QueryAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type,
+        query_flags: if effective { BPF_F_QUERY_EFFECTIVE } else { 0 },
+        ..Default::default()
+    };
+    // prog_cnt == 0 and prog_ids == NULL: the kernel only reports the count.
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    Ok(attr.prog_cnt)
+}
+
+/// `(hook name, count)` for each of the four sock_addr hooks of `cgroup`.
+pub fn sock_addr_prog_counts(cgroup: &Path, effective: bool) -> Vec<(&'static str, u32)> {
+    SOCK_ADDR_HOOKS
+        .iter()
+        .map(|(t, name)| {
+            let n = cgroup_prog_count(cgroup, *t, effective)
+                .unwrap_or_else(|e| panic!("BPF_PROG_QUERY {name} on {}: {e}", cgroup.display()));
+            (*name, n)
+        })
+        .collect()
+}
+
+/// Creates a small array map and pins it at `path` (for harness self-tests);
+/// the fd is closed on return, the pin keeps the map.
+pub fn pin_test_map(path: &Path) -> std::io::Result<()> {
+    let mut create = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    let fd = owned_fd(sys_bpf(BPF_MAP_CREATE, &mut create)?);
+    let c = c_path(path);
+    let mut pin = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
+    sys_bpf(BPF_OBJ_PIN, &mut pin)?;
+    Ok(())
+}
