@@ -174,8 +174,11 @@ impl Loader {
                 .try_into()
                 .map_err(|source| LoadError::Program { name, source })?;
             prog.load().map_err(|source| LoadError::Program { name, source })?;
+            // With bpf_link (kernel >= 5.7) the flags must be 0 ("Single"):
+            // cgroup links always coexist with other programs, like
+            // BPF_F_ALLOW_MULTI; a non-zero flag makes link_create fail.
             let id = prog
-                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|source| LoadError::Program { name, source })?;
             let link: FdLink = prog
                 .take_link(id)

@@ -91,8 +91,14 @@ fn main() -> ExitCode {
             match runtime.block_on(agent::run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("llm-egress: {e}");
+                    let mut message = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        message.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    tracing::error!("{message}");
+                    eprintln!("llm-egress: {message}");
                     ExitCode::FAILURE
                 }
             }

@@ -53,21 +53,35 @@ pub fn cargo(ws: &Workspace, obj: &Path) -> Command {
 pub fn build(ws: &Workspace, profile: Profile) -> Result<(PathBuf, PathBuf)> {
     setup::setup()?;
     let obj = ebpf::build_ebpf(&ws.root)?;
-    let bin = build_agent(ws, &obj, profile)?;
+    let bin = build_agent(ws, &obj, profile, true)?;
     Ok((obj, bin))
 }
 
-/// `cargo build -p llm-egress -p llm-egress-tests --bins [--release]`.
-pub fn build_agent(ws: &Workspace, obj: &Path, profile: Profile) -> Result<PathBuf> {
-    say(format_args!(
-        "build: building the agent and the test binaries ({}) with the eBPF object embedded",
-        profile.dir()
-    ));
+/// `cargo build -p llm-egress [-p llm-egress-tests] --bins [--release]`.
+pub fn build_agent(
+    ws: &Workspace,
+    obj: &Path,
+    profile: Profile,
+    with_tests: bool,
+) -> Result<PathBuf> {
     let mut c = cargo(ws, obj);
-    c.args(["build", "-p", AGENT_PACKAGE, "-p", TESTS_PACKAGE, "--bins"]);
+    c.args(["build", "-p", AGENT_PACKAGE]);
+    if with_tests {
+        c.args(["-p", TESTS_PACKAGE]);
+    }
+    c.arg("--bins");
     if profile == Profile::Release {
         c.arg("--release");
     }
+    say(format_args!(
+        "build: building the agent{} ({}) with the eBPF object embedded",
+        if with_tests {
+            " and the test binaries"
+        } else {
+            ""
+        },
+        profile.dir()
+    ));
     let took = cmd::run(&mut c).context("build: the userspace build failed")?;
     let bin = ws.bin(profile, AGENT_BIN);
     say(format_args!(

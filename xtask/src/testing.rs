@@ -148,11 +148,13 @@ pub fn test(ws: &Workspace, opts: &Options) -> Result<()> {
 }
 
 /// setup, build-ebpf and the debug agent build, each a step; the agent
-/// binary when all three worked.
+/// binary when all three worked. Only the agent: the integration test step
+/// builds the tests package itself, so that a broken test crate does not
+/// keep the unit tests from running.
 fn build_steps(ws: &Workspace, steps: &mut Vec<Step>) -> Option<PathBuf> {
     let start = Instant::now();
     if let Err(e) = setup::setup() {
-        say(format_args!("{e:#}"));
+        say(format_args!("error: {e:#}"));
         steps.push(failed("setup", &e, start));
         steps.push(skipped("build-ebpf", "setup failed"));
         steps.push(skipped("build agent", "setup failed"));
@@ -164,7 +166,7 @@ fn build_steps(ws: &Workspace, steps: &mut Vec<Step>) -> Option<PathBuf> {
     let obj = match ebpf::build_ebpf(&ws.root) {
         Ok(obj) => obj,
         Err(e) => {
-            say(format_args!("{e:#}"));
+            say(format_args!("error: {e:#}"));
             steps.push(failed("build-ebpf", &e, start));
             steps.push(skipped("build agent", "build-ebpf failed"));
             return None;
@@ -173,13 +175,13 @@ fn build_steps(ws: &Workspace, steps: &mut Vec<Step>) -> Option<PathBuf> {
     steps.push(ok("build-ebpf", start));
 
     let start = Instant::now();
-    match agent::build_agent(ws, &obj, Profile::Debug) {
+    match agent::build_agent(ws, &obj, Profile::Debug, false) {
         Ok(bin) => {
             steps.push(ok("build agent", start));
             Some(bin)
         }
         Err(e) => {
-            say(format_args!("{e:#}"));
+            say(format_args!("error: {e:#}"));
             steps.push(failed("build agent", &e, start));
             None
         }

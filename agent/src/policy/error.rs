@@ -98,7 +98,7 @@ impl fmt::Display for PolicyErrors {
 impl std::error::Error for PolicyErrors {}
 
 /// 1-based line and character column of byte `offset` in `text`.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
+pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;
@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn display_with_and_without_value() {
         let text = "mode = \"x\"\n[defaults]\nllm = \"nope\"\n";
-        let e = PolicyError::at("p.toml", text, 29..35, "defaults.llm", true, "bad");
+        let e = PolicyError::at("p.toml", text, 28..34, "defaults.llm", true, "bad");
         assert_eq!((e.line, e.column), (3, 7));
         assert_eq!(e.to_string(), "p.toml:3:7: defaults.llm = \"nope\": bad");
         let e = PolicyError::at("p.toml", text, 11..21, "defaults", false, "bad");

@@ -23,6 +23,7 @@ use toml::Spanned;
 use super::{
     Action, AuditLog, Defaults, FailureMode, Mode, NO_WORKLOAD_NAME, OnExit, Policy, PolicyError,
     PolicyErrors, Provider, ResolverConfig, Selector, Target, Workload,
+    error::line_column,
     file::{CatalogFile, PolicyFile, ProviderFile, WorkloadFile},
 };
 
@@ -42,8 +43,6 @@ const DEFAULT_REFRESH_SECONDS: u64 = 30;
 const MAX_REFRESH_SECONDS: i64 = 86_400;
 /// Port of a resolver server given without one.
 const DNS_PORT: u16 = 53;
-/// `origin` of errors in the built-in catalog.
-pub(crate) const BUILTIN_ORIGIN: &str = "<builtin>";
 const MAX_NAME_LEN: usize = 64;
 const MAX_HOST_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
@@ -99,8 +98,9 @@ impl Policy {
             tracing::error!(%errors, "the built-in provider catalog is invalid; using none");
             &[]
         });
-        let mut c = Checker::new(BUILTIN_ORIGIN, "");
+        let mut c = Checker::new(crate::catalog::ORIGIN, "");
         let mut policy = c.policy(&PolicyFile::default(), catalog);
+        debug_assert!(c.errors.is_empty(), "an empty policy file is valid");
         policy.mode = Mode::Audit;
         policy.failure_mode = FailureMode::Open;
         policy
@@ -265,7 +265,7 @@ impl<'a> Checker<'a> {
     }
 
     fn line_of(&self, span: Range<usize>) -> usize {
-        PolicyError::at(self.origin, self.text, span, "", false, "").line
+        line_column(self.text, span.start).0
     }
 
     fn policy(&mut self, f: &PolicyFile, catalog: &[Provider]) -> Policy {
@@ -816,5 +816,3 @@ fn toml_error_key(text: &str, offset: usize, message: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests;

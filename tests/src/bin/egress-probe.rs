@@ -16,7 +16,8 @@
 //!
 //! Commands run in order; each prints one JSON line:
 //! `{"cmd":"connect","addr":"192.0.2.1:8443","pid":123,"ok":true}` or
-//! `{..,"ok":false,"errno":1,"error":"EPERM","message":"..."}`.
+//! `{..,"ok":false,"errno":1,"error":"EPERM","message":"..."}`; every line
+//! also carries `"cgroup"`, the probe's cgroup as /proc/self/cgroup shows it.
 //! Exit status 0 whatever the results; 2 when the arguments are wrong or the
 //! cgroup or namespace cannot be entered (message on stderr).
 
@@ -188,8 +189,24 @@ fn result(base: Value, r: io::Result<()>) -> Value {
     v
 }
 
+/// This process's cgroup v2 path (the `0::` line of /proc/self/cgroup).
+fn own_cgroup() -> String {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn run(cmd: &Cmd, timeout: Duration) -> Value {
     let pid = std::process::id();
+    let mut v = run_one(cmd, timeout, pid);
+    v["cgroup"] = json!(own_cgroup());
+    v
+}
+
+fn run_one(cmd: &Cmd, timeout: Duration, pid: u32) -> Value {
     match cmd {
         Cmd::Connect(a) => result(json!({"cmd": "connect", "addr": a.to_string(), "pid": pid}), tcp_connect(a, timeout)),
         Cmd::Udp(a) => result(json!({"cmd": "udp", "addr": a.to_string(), "pid": pid}), udp_send(a, false)),
