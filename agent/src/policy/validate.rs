@@ -816,3 +816,604 @@ fn toml_error_key(text: &str, offset: usize, message: &str) -> String {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "test.toml";
+
+    fn parse(text: &str) -> Result<Policy, PolicyErrors> {
+        Policy::parse(text, ORIGIN)
+    }
+
+    fn ok(text: &str) -> Policy {
+        parse(text).unwrap_or_else(|e| panic!("policy should be valid:\n{e}\n---\n{text}"))
+    }
+
+    fn errors(text: &str) -> Vec<PolicyError> {
+        match parse(text) {
+            Ok(_) => panic!("policy should be invalid:\n{text}"),
+            Err(e) => e.0,
+        }
+    }
+
+    /// Asserts that `text` has exactly one error, at `key`, `line`:`column`,
+    /// whose message contains `message`; returns it.
+    #[track_caller]
+    fn one_error(text: &str, key: &str, line: usize, column: usize, message: &str) -> PolicyError {
+        let errors = errors(text);
+        let [e] = errors.as_slice() else {
+            panic!("expected one error, got {}:\n{}", errors.len(), PolicyErrors(errors.clone()));
+        };
+        assert_eq!(e.origin, ORIGIN);
+        assert_eq!((e.key.as_str(), e.line, e.column), (key, line, column), "{e}");
+        assert!(e.message.contains(message), "{e:?} lacks {message:?}");
+        e.clone()
+    }
+
+    fn builtin_index(name: &str) -> usize {
+        let catalog = crate::catalog::builtin().unwrap_or_else(|e| panic!("{e}"));
+        catalog.iter().position(|p| p.name == name).unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    const UNIT: &str = "systemd_unit = \"app.service\"\n";
+
+    // ---- valid policies ----
+
+    #[test]
+    fn empty_policy_has_the_documented_defaults() {
+        let p = ok("");
+        assert_eq!(p.mode, Mode::Enforce);
+        assert_eq!(p.cgroup, None);
+        assert_eq!(p.metrics_listen, Some("127.0.0.1:9469".parse().unwrap_or(DEFAULT_METRICS_LISTEN)));
+        assert_eq!(p.audit_log, AuditLog::Stdout);
+        assert_eq!(p.pin_path, PathBuf::from("/sys/fs/bpf/llm-egress"));
+        assert_eq!((p.failure_mode, p.on_exit), (FailureMode::Closed, OnExit::Detach));
+        assert_eq!(p.defaults, Defaults { llm: Action::Deny, other: Action::Allow });
+        assert_eq!(p.resolver, ResolverConfig { servers: vec![], refresh: Duration::from_secs(30) });
+        assert_eq!(p.providers.as_slice(), crate::catalog::builtin().unwrap_or(&[]));
+        assert!(p.workloads.is_empty());
+    }
+
+    #[test]
+    fn full_policy_parses_into_the_expected_values() {
+        let p = ok(r#"
+mode = "audit"
+cgroup = "/sys/fs/cgroup/workloads"
+metrics_listen = "[::1]:9000"
+audit_log = "/var/log/llm-egress.jsonl"
+pin_path = "/sys/fs/bpf/test"
+failure_mode = "open"
+on_exit = "keep"
+
+[defaults]
+llm = "audit"
+other = "deny"
+
+[resolver]
+servers = ["10.0.0.53", "10.0.0.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
+refresh_seconds = 120
+
+[[providers]]
+name = "internal-llm"
+hosts = ["LLM.Internal.Example.", "*.inference.internal.example"]
+cidrs = ["10.20.0.0/16", "192.0.2.7", "2001:db8:1::/48"]
+ports = [443, 8443, 443]
+
+[[workloads]]
+name = "support-bot"
+systemd_unit = "support-bot.service"
+allow = ["openai", "internal-llm", "10.1.0.0/16", "openai"]
+deny = ["anthropic", "2001:db8::1"]
+
+[[workloads]]
+name = "batch"
+cgroup = "batch.slice/*/"
+llm = "allow"
+"#);
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(p.cgroup, Some(PathBuf::from("/sys/fs/cgroup/workloads")));
+        assert_eq!(p.metrics_listen, "[::1]:9000".parse().ok());
+        assert_eq!(p.audit_log, AuditLog::File(PathBuf::from("/var/log/llm-egress.jsonl")));
+        assert_eq!(p.pin_path, PathBuf::from("/sys/fs/bpf/test"));
+        assert_eq!((p.failure_mode, p.on_exit), (FailureMode::Open, OnExit::Keep));
+        assert_eq!(p.defaults, Defaults { llm: Action::Audit, other: Action::Deny });
+        let servers: Vec<SocketAddr> = ["10.0.0.53:53", "10.0.0.54:5353", "[2001:db8::53]:53", "[2001:db8::54]:53"]
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        assert_eq!(p.resolver, ResolverConfig { servers, refresh: Duration::from_secs(120) });
+
+        let internal = p.providers.len() - 1;
+        let nets: Vec<IpNet> =
+            ["10.20.0.0/16", "192.0.2.7/32", "2001:db8:1::/48"].iter().filter_map(|s| s.parse().ok()).collect();
+        assert_eq!(
+            p.providers[internal],
+            Provider {
+                name: "internal-llm".into(),
+                hosts: vec!["llm.internal.example".into(), "*.inference.internal.example".into()],
+                cidrs: nets,
+                ports: vec![443, 8443],
+            }
+        );
+        assert_eq!(p.provider_id("internal-llm"), u32::try_from(internal + 1).ok());
+
+        let cidr = |s: &str| Target::Cidr(s.parse().unwrap_or_else(|e| panic!("{s}: {e}")));
+        assert_eq!(
+            p.workloads[0],
+            Workload {
+                name: "support-bot".into(),
+                selector: Selector::SystemdUnit("support-bot.service".into()),
+                allow: vec![
+                    Target::Provider(builtin_index("openai")),
+                    Target::Provider(internal),
+                    cidr("10.1.0.0/16"),
+                ],
+                deny: vec![Target::Provider(builtin_index("anthropic")), cidr("2001:db8::1/128")],
+                llm: Action::Deny,
+                other: Action::Deny,
+            }
+        );
+        assert_eq!(
+            p.workloads[1],
+            Workload {
+                name: "batch".into(),
+                selector: Selector::Cgroup("batch.slice/*".into()),
+                allow: vec![],
+                deny: vec![],
+                llm: Action::Allow,
+                other: Action::Deny,
+            }
+        );
+        assert_eq!((p.workload_id("support-bot"), p.workload_id("batch")), (Some(1), Some(2)));
+        assert_eq!((p.workload_id("none"), p.provider_id("nope")), (None, None));
+    }
+
+    #[test]
+    fn off_switches() {
+        let p = ok("metrics_listen = \"off\"\naudit_log = \"off\"\n");
+        assert_eq!((p.metrics_listen, p.audit_log), (None, AuditLog::Off));
+        assert_eq!(ok("audit_log = \"-\"\n").audit_log, AuditLog::Stdout);
+    }
+
+    #[test]
+    fn policy_provider_replaces_builtin_in_place() {
+        let p = ok("[[providers]]\nname = \"openai\"\nhosts = [\"openai-proxy.example\"]\n");
+        let catalog = crate::catalog::builtin().unwrap_or(&[]);
+        let i = builtin_index("openai");
+        assert_eq!(p.providers.len(), catalog.len());
+        assert_eq!(p.providers[i].hosts, ["openai-proxy.example"]);
+        assert!(p.providers[i].ports.is_empty(), "policy providers default to every port");
+        assert_eq!(p.provider_id("openai"), u32::try_from(i + 1).ok());
+        // The replaced entry's hosts are free again.
+        ok("[[providers]]\nname = \"openai\"\nhosts = [\"x.example\"]\n\n\
+            [[providers]]\nname = \"mine\"\nhosts = [\"api.openai.com\"]\n");
+    }
+
+    #[test]
+    fn disabled_provider_is_removed_and_ids_follow_the_merged_order() {
+        let p = ok("[[providers]]\nname = \"mine\"\nhosts = [\"llm.example\"]\n\n\
+                    [[providers]]\nname = \"anthropic\"\ndisabled = true\n");
+        let catalog = crate::catalog::builtin().unwrap_or(&[]);
+        assert_eq!(p.providers.len(), catalog.len());
+        assert_eq!(p.provider_id("anthropic"), None);
+        let expected: Vec<&str> = (catalog.iter().map(|c| c.name.as_str()))
+            .filter(|n| *n != "anthropic")
+            .chain(["mine"])
+            .collect();
+        let names: Vec<&str> = p.providers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, expected);
+        let first_after = builtin_index("anthropic") + 1;
+        let id = p.provider_id(&catalog[first_after].name);
+        assert_eq!(id, u32::try_from(first_after).ok(), "ids after a removed entry move up");
+        // A disabled provider that is not built in is simply absent.
+        let p = ok("[[providers]]\nname = \"later\"\ndisabled = true\n");
+        assert_eq!(p.providers.len(), catalog.len());
+    }
+
+    #[test]
+    fn builtin_default_reports_and_blocks_nothing() {
+        let p = Policy::builtin_default();
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(p.failure_mode, FailureMode::Open);
+        assert_eq!(p.defaults, Defaults { llm: Action::Deny, other: Action::Allow });
+        assert!(p.workloads.is_empty());
+        assert_eq!(p.providers.as_slice(), crate::catalog::builtin().unwrap_or(&[]));
+        assert!(p.providers.len() >= 26);
+        let file_defaults = ok("");
+        assert_eq!((p.metrics_listen, &p.audit_log), (file_defaults.metrics_listen, &file_defaults.audit_log));
+        assert_eq!((&p.pin_path, p.on_exit), (&file_defaults.pin_path, file_defaults.on_exit));
+    }
+
+    #[test]
+    fn docs_policy_example_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/policy.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+        let start = doc.find("```toml\n").map(|i| i + "```toml\n".len());
+        let block = start.and_then(|s| doc[s..].find("\n```").map(|end| &doc[s..=s + end]));
+        let block = block.unwrap_or_else(|| panic!("{path} has no ```toml block"));
+        let p = Policy::parse(block, "docs/policy.md").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!p.workloads.is_empty() && p.workloads.iter().any(|w| !w.allow.is_empty()));
+        assert!(p.providers.len() > crate::catalog::builtin().unwrap_or(&[]).len());
+    }
+
+    #[test]
+    fn from_path_reads_the_file_and_names_it() {
+        let path = std::env::temp_dir().join(format!("llm-egress-policy-{}.toml", std::process::id()));
+        let written = std::fs::write(&path, "mode = \"audit\"\n\n[defaults]\nllm = \"block\"\n");
+        written.unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        let result = Policy::from_path(&path);
+        let _ = std::fs::remove_file(&path);
+        let errors = result.err().map(|e| e.0).unwrap_or_default();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].origin, path.display().to_string());
+        assert_eq!((errors[0].line, errors[0].column), (4, 7));
+
+        let missing = Policy::from_path(Path::new("/nonexistent/llm-egress.toml"));
+        let errors = missing.err().map(|e| e.0).unwrap_or_default();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, 0);
+        assert!(errors[0].to_string().starts_with("/nonexistent/llm-egress.toml: cannot read"));
+    }
+
+    #[test]
+    fn every_error_is_reported_in_file_order() {
+        let text = "mode = \"enforcing\"\nfailure_mode = \"shut\"\non_exit = \"stay\"\n\n\
+                    [defaults]\nllm = \"drop\"\nother = \"pass\"\n\n\
+                    [[workloads]]\nname = \"w\"\nsystemd_unit = \"w.service\"\nllm = \"nope\"\nother = \"maybe\"\n";
+        let errors = errors(text);
+        let found: Vec<(&str, usize, usize)> =
+            errors.iter().map(|e| (e.key.as_str(), e.line, e.column)).collect();
+        assert_eq!(
+            found,
+            [
+                ("mode", 1, 8),
+                ("failure_mode", 2, 16),
+                ("on_exit", 3, 11),
+                ("defaults.llm", 6, 7),
+                ("defaults.other", 7, 9),
+                ("workloads[0].llm", 12, 7),
+                ("workloads[0].other", 13, 9),
+            ]
+        );
+        assert!(errors[0].message.contains("\"enforce\", \"audit\""));
+        assert!(errors[1].message.contains("\"closed\", \"open\""));
+        assert!(errors[2].message.contains("\"detach\", \"keep\""));
+        assert!(errors[3].message.contains("\"allow\", \"deny\", \"audit\""));
+        assert_eq!(
+            errors[0].to_string(),
+            "test.toml:1:8: mode = \"enforcing\": expected one of \"enforce\", \"audit\""
+        );
+    }
+
+    // ---- TOML syntax and shape ----
+
+    #[test]
+    fn toml_syntax_error() {
+        let e = one_error("mode = \"audit\"\ncgroup = \"/sys\n", "cgroup", 2, 15, "invalid basic string");
+        assert_eq!(e.value, None);
+    }
+
+    #[test]
+    fn unknown_top_level_key() {
+        one_error("mode = \"audit\"\nmood = \"happy\"\n", "mood", 2, 1, "unknown field `mood`");
+    }
+
+    #[test]
+    fn unknown_key_in_a_table_array() {
+        let text = format!("[[workloads]]\nname = \"a\"\n{UNIT}\n[[workloads]]\nname = \"b\"\nlimits = 1\n");
+        one_error(&text, "workloads[1].limits", 7, 1, "unknown field `limits`");
+    }
+
+    #[test]
+    fn wrong_type() {
+        one_error("[resolver]\nrefresh_seconds = \"30\"\n", "resolver.refresh_seconds", 2, 19, "invalid type");
+    }
+
+    #[test]
+    fn missing_required_key() {
+        one_error(&format!("[[providers]]\nhosts = [\"a.example\"]\n"), "providers[0].name", 1, 1, "missing field `name`");
+    }
+
+    // ---- top-level values ----
+
+    #[test]
+    fn invalid_mode() {
+        let e = one_error("mode = \"enforcing\"\n", "mode", 1, 8, "expected one of \"enforce\", \"audit\"");
+        assert_eq!(e.value.as_deref(), Some("\"enforcing\""));
+    }
+
+    #[test]
+    fn metrics_listen_not_a_socket_address() {
+        one_error("metrics_listen = \"localhost:9469\"\n", "metrics_listen", 1, 18, "not a socket address");
+    }
+
+    #[test]
+    fn relative_cgroup() {
+        one_error("cgroup = \"sys/fs/cgroup\"\n", "cgroup", 1, 10, "absolute path");
+    }
+
+    #[test]
+    fn relative_audit_log() {
+        one_error("audit_log = \"audit.jsonl\"\n", "audit_log", 1, 13, "an absolute path");
+    }
+
+    #[test]
+    fn relative_pin_path() {
+        one_error("pin_path = \"bpf/llm-egress\"\n", "pin_path", 1, 12, "absolute path");
+    }
+
+    #[test]
+    fn resolver_server_not_an_address() {
+        let text = "[resolver]\nservers = [\"10.0.0.53\", \"dns.example\"]\n";
+        one_error(text, "resolver.servers[1]", 2, 25, "not an IP address or IP:port");
+        one_error("[resolver]\nservers = [\"10.0.0.53:0\"]\n", "resolver.servers[0]", 2, 12, "port 0");
+    }
+
+    #[test]
+    fn refresh_seconds_out_of_range() {
+        one_error("[resolver]\nrefresh_seconds = 0\n", "resolver.refresh_seconds", 2, 19, "1 to 86400");
+        one_error("[resolver]\nrefresh_seconds = 86401\n", "resolver.refresh_seconds", 2, 19, "1 to 86400");
+        ok("[resolver]\nrefresh_seconds = 86400\n");
+    }
+
+    // ---- providers ----
+
+    fn provider(fields: &str) -> String {
+        format!("[[providers]]\n{fields}")
+    }
+
+    #[test]
+    fn invalid_provider_names() {
+        let cases = [
+            ("Internal", "only lower-case letters"),
+            ("", "1 to 64 characters"),
+            ("my llm", "only lower-case letters"),
+            ("none", "reserved"),
+            ("10.0.0.1", "looks like an IP address"),
+        ];
+        for (name, message) in cases {
+            let text = provider(&format!("name = \"{name}\"\nhosts = [\"a.example\"]\n"));
+            one_error(&text, "providers[0].name", 2, 8, message);
+        }
+        let long = "a".repeat(65);
+        let text = provider(&format!("name = \"{long}\"\nhosts = [\"a.example\"]\n"));
+        one_error(&text, "providers[0].name", 2, 8, "1 to 64 characters");
+    }
+
+    #[test]
+    fn invalid_hosts() {
+        let long_label = "a".repeat(64);
+        let long_host = format!("{}.example", "abcdefghi.".repeat(25));
+        let cases = [
+            ("bad_host.example", "'_' is not allowed"),
+            ("*.com", "at least two labels"),
+            ("api..example", "empty label"),
+            ("api.*.example", "only a leading"),
+            ("-api.example", "starts or ends with '-'"),
+            ("10.1.2.3", "put it in `cidrs`"),
+            ("", "empty host name"),
+            (long_label.as_str(), "longer than 63"),
+            (long_host.as_str(), "longer than 253"),
+        ];
+        for (host, message) in cases {
+            let text = provider(&format!("name = \"p\"\nhosts = [\"ok.example\", \"{host}\"]\n"));
+            one_error(&text, "providers[0].hosts[1]", 3, 24, message);
+        }
+    }
+
+    #[test]
+    fn hosts_are_normalized() {
+        let p = ok(&provider("name = \"p\"\nhosts = [\"API.Example.COM.\", \"*.Svc.Example\", \"api.example.com\"]\n"));
+        let last = p.providers.last().map(|p| p.hosts.clone()).unwrap_or_default();
+        assert_eq!(last, ["api.example.com", "*.svc.example"]);
+    }
+
+    #[test]
+    fn invalid_cidrs() {
+        let text = provider("name = \"p\"\ncidrs = [\"10.0.0.1/8\"]\n");
+        let e = one_error(&text, "providers[0].cidrs[0]", 3, 10, "host bits set; did you mean 10.0.0.0/8?");
+        assert_eq!(e.value.as_deref(), Some("\"10.0.0.1/8\""));
+        let text = provider("name = \"p\"\ncidrs = [\"2001:db8::1/32\"]\n");
+        one_error(&text, "providers[0].cidrs[0]", 3, 10, "did you mean 2001:db8::/32?");
+        let text = provider("name = \"p\"\ncidrs = [\"10.0.0.0/33\"]\n");
+        one_error(&text, "providers[0].cidrs[0]", 3, 10, "not an IP address or CIDR");
+    }
+
+    #[test]
+    fn bare_addresses_are_host_networks() {
+        let p = ok(&provider("name = \"p\"\ncidrs = [\"192.0.2.1\", \"2001:db8::1\"]\n"));
+        let cidrs = p.providers.last().map(|p| p.cidrs.clone()).unwrap_or_default();
+        let expected: Vec<IpNet> = ["192.0.2.1/32", "2001:db8::1/128"].iter().filter_map(|s| s.parse().ok()).collect();
+        assert_eq!(cidrs, expected);
+    }
+
+    #[test]
+    fn port_zero_and_out_of_range() {
+        let text = provider("name = \"p\"\nhosts = [\"a.example\"]\nports = [443, 0]\n");
+        one_error(&text, "providers[0].ports[1]", 4, 15, "port 0");
+        let text = provider("name = \"p\"\nhosts = [\"a.example\"]\nports = [65536]\n");
+        one_error(&text, "providers[0].ports[0]", 4, 10, "1 to 65535");
+    }
+
+    #[test]
+    fn too_many_ports() {
+        let text = provider("name = \"p\"\nhosts = [\"a.example\"]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n");
+        let e = one_error(&text, "providers[0].ports", 4, 9, "at most 8");
+        assert!(e.message.starts_with("9 ports"), "{e}");
+        ok(&provider("name = \"p\"\nhosts = [\"a.example\"]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 8]\n"));
+    }
+
+    #[test]
+    fn provider_without_destinations() {
+        let text = format!("mode = \"audit\"\n\n{}", provider("name = \"p\"\nports = [443]\n"));
+        one_error(&text, "providers[0]", 3, 1, "needs `hosts` or `cidrs`");
+    }
+
+    #[test]
+    fn duplicate_provider_names() {
+        let text = format!(
+            "{}\n{}",
+            provider("name = \"p\"\nhosts = [\"a.example\"]\n"),
+            provider("name = \"p\"\nhosts = [\"b.example\"]\n")
+        );
+        one_error(&text, "providers[1].name", 6, 8, "duplicate provider name (first defined on line 2)");
+    }
+
+    #[test]
+    fn host_of_another_provider() {
+        let text = provider("name = \"mine\"\nhosts = [\"API.openai.com\"]\n");
+        let e = one_error(&text, "providers[0].hosts[0]", 3, 10, "already a host of provider `openai`");
+        assert_eq!(e.value.as_deref(), Some("\"API.openai.com\""));
+        let text = format!(
+            "{}\n{}",
+            provider("name = \"a\"\ncidrs = [\"10.9.0.0/16\"]\n"),
+            provider("name = \"b\"\ncidrs = [\"10.9.0.0/16\"]\n")
+        );
+        one_error(&text, "providers[1].cidrs[0]", 7, 10, "already a CIDR of provider `a`");
+    }
+
+    // ---- workloads ----
+
+    fn workload(fields: &str) -> String {
+        format!("[[workloads]]\n{fields}")
+    }
+
+    #[test]
+    fn duplicate_workload_names() {
+        let text = format!(
+            "{}\n{}",
+            workload(&format!("name = \"w\"\n{UNIT}")),
+            workload("name = \"w\"\nsystemd_unit = \"other.service\"\n")
+        );
+        one_error(&text, "workloads[1].name", 6, 8, "duplicate workload name (first defined on line 2)");
+    }
+
+    #[test]
+    fn reserved_workload_name() {
+        one_error(&workload(&format!("name = \"none\"\n{UNIT}")), "workloads[0].name", 2, 8, "reserved");
+        one_error(&workload(&format!("name = \"None\"\n{UNIT}")), "workloads[0].name", 2, 8, "reserved");
+    }
+
+    #[test]
+    fn invalid_workload_names() {
+        let text = workload(&format!("name = \"support bot\"\n{UNIT}"));
+        one_error(&text, "workloads[0].name", 2, 8, "only letters, digits");
+        let text = workload(&format!("name = \"\"\n{UNIT}"));
+        one_error(&text, "workloads[0].name", 2, 8, "1 to 64 characters");
+        ok(&workload(&format!("name = \"Support_Bot-2.prod\"\n{UNIT}")));
+    }
+
+    #[test]
+    fn workload_without_selector() {
+        let text = format!("mode = \"audit\"\n{}", workload("name = \"w\"\nallow = [\"openai\"]\n"));
+        let e = one_error(&text, "workloads[0]", 2, 1, "needs a selector");
+        assert_eq!(e.value, None);
+    }
+
+    #[test]
+    fn workload_with_two_selectors() {
+        let text = workload("name = \"w\"\ncgroup = \"app\"\nsystemd_unit = \"app.service\"\n");
+        one_error(&text, "workloads[0].systemd_unit", 4, 16, "both given");
+    }
+
+    #[test]
+    fn invalid_cgroup_globs() {
+        let cases = [
+            ("/sys/fs/cgroup/app", "drop the leading '/'"),
+            ("pods/../host", "must not contain \"..\""),
+            ("pods/[ab", "not a valid glob"),
+            ("pods//x", "empty or \".\" path component"),
+        ];
+        for (glob, message) in cases {
+            let text = workload(&format!("name = \"w\"\ncgroup = \"{glob}\"\n"));
+            one_error(&text, "workloads[0].cgroup", 3, 10, message);
+        }
+    }
+
+    #[test]
+    fn invalid_systemd_units() {
+        for unit in ["app", ".service", "app.timer", "system.slice/app.service"] {
+            let text = workload(&format!("name = \"w\"\nsystemd_unit = \"{unit}\"\n"));
+            one_error(&text, "workloads[0].systemd_unit", 3, 16, "");
+        }
+        for unit in ["a.service", "session-3.scope", "user.slice", "sshd.socket", "getty@tty1.service"] {
+            ok(&workload(&format!("name = \"w\"\nsystemd_unit = \"{unit}\"\n")));
+        }
+    }
+
+    #[test]
+    fn unknown_allow_entry() {
+        let text = workload(&format!("name = \"w\"\n{UNIT}allow = [\"anthropic\", \"OpenAI\"]\n"));
+        let e = one_error(&text, "workloads[0].allow[1]", 4, 23, "neither a provider");
+        assert!(e.message.contains("did you mean \"openai\"?"), "{e}");
+        let text = workload(&format!("name = \"w\"\n{UNIT}deny = [\"10.0.0.1/8\"]\n"));
+        one_error(&text, "workloads[0].deny[0]", 4, 9, "host bits set; did you mean 10.0.0.0/8?");
+        let text = workload(&format!("name = \"w\"\n{UNIT}deny = [\"300.1.1.1\"]\n"));
+        one_error(&text, "workloads[0].deny[0]", 4, 9, "not an IP address or CIDR");
+    }
+
+    #[test]
+    fn disabled_provider_in_allow() {
+        let text = format!(
+            "{}\n{}",
+            provider("name = \"openai\"\ndisabled = true\n"),
+            workload(&format!("name = \"w\"\n{UNIT}allow = [\"openai\"]\n"))
+        );
+        one_error(&text, "workloads[0].allow[0]", 8, 10, "provider `openai` is disabled");
+    }
+
+    #[test]
+    fn invalid_provider_is_reported_once() {
+        let text = format!(
+            "{}\n{}",
+            provider("name = \"mine\"\nhosts = [\"bad_host\"]\n"),
+            workload(&format!("name = \"w\"\n{UNIT}allow = [\"mine\"]\n"))
+        );
+        one_error(&text, "providers[0].hosts[0]", 3, 10, "not allowed");
+    }
+
+    #[test]
+    fn same_entry_in_allow_and_deny() {
+        let text = workload(&format!(
+            "name = \"w\"\n{UNIT}allow = [\"openai\", \"10.0.0.1\"]\ndeny = [\"10.0.0.1/32\", \"openai\"]\n"
+        ));
+        let errors = errors(&text);
+        let found: Vec<(&str, usize, usize)> = errors.iter().map(|e| (e.key.as_str(), e.line, e.column)).collect();
+        assert_eq!(found, [("workloads[0].deny[0]", 5, 9), ("workloads[0].deny[1]", 5, 24)]);
+        assert!(errors.iter().all(|e| e.message.contains("in both `allow` and `deny`")));
+    }
+
+    #[test]
+    fn identical_selectors() {
+        let text = format!(
+            "{}\n{}",
+            workload("name = \"a\"\ncgroup = \"pods/*\"\n"),
+            workload("name = \"b\"\ncgroup = \"pods/*/\"\n")
+        );
+        one_error(&text, "workloads[1].cgroup", 7, 10, "workload `a` has the same selector");
+        let text = format!("{}\n{}", workload(&format!("name = \"a\"\n{UNIT}")), workload(&format!("name = \"b\"\n{UNIT}")));
+        one_error(&text, "workloads[1].systemd_unit", 7, 16, "workload `a` has the same selector");
+        // The same string as a cgroup glob and as a unit name are different selectors.
+        ok(&format!(
+            "{}\n{}",
+            workload("name = \"a\"\ncgroup = \"app.service\"\n"),
+            workload(&format!("name = \"b\"\n{UNIT}"))
+        ));
+    }
+
+    #[test]
+    fn workload_other_defaults_to_defaults_other() {
+        let p = ok(&format!("[defaults]\nllm = \"allow\"\nother = \"audit\"\n\n{}", workload(&format!("name = \"w\"\n{UNIT}"))));
+        assert_eq!((p.workloads[0].llm, p.workloads[0].other), (Action::Deny, Action::Audit));
+    }
+
+    #[test]
+    fn toml_error_keys_are_a_best_effort() {
+        assert_eq!(toml_error_key("[a]\nb = 1\n", 8, "invalid type"), "a.b");
+        assert_eq!(toml_error_key("[[w]]\n[[w]]\nx = 1\n", 12, "unknown field `x`, expected"), "w[1].x");
+        assert_eq!(toml_error_key("a = [\n 1]\n", 7, "invalid"), "");
+        assert_eq!(edit_distance("opneai", "openai"), 2);
+    }
+}

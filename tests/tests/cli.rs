@@ -1,0 +1,104 @@
+//! `llm-egress check FILE`: a valid policy passes, a bad one fails with the
+//! line, column, key and value of the error. Needs the built agent binary
+//! (see `llm_egress_tests::agent_bin`) and root (for the test cgroup the
+//! policy names).
+
+use std::process::{Command, Output};
+
+use llm_egress_tests::{CgroupGuard, TempDir, agent_bin, require_root, toml_str};
+
+fn check(policy: &str) -> (Output, String) {
+    let bin = agent_bin();
+    assert!(bin.is_file(), "agent binary {} not found: `cargo build -p llm-egress` or set LLM_EGRESS_BIN", bin.display());
+    let dir = TempDir::new("llm-egress-test-cli");
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, policy).expect("write the policy file");
+    let out = Command::new(&bin)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} check: {e}", bin.display()));
+    let text = format!(
+        "exit: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+/// Whether `s` contains `:LINE:COL` with COL a number.
+fn has_line_col(s: &str, line: u32) -> bool {
+    let needle = format!(":{line}:");
+    s.match_indices(&needle)
+        .any(|(i, m)| s[i + m.len()..].chars().next().is_some_and(|c| c.is_ascii_digit()))
+}
+
+#[test]
+fn check_accepts_a_valid_policy() {
+    require_root();
+    let cg = CgroupGuard::new("cli-valid");
+    let policy = format!(
+        r#"mode = "enforce"
+cgroup = {}
+failure_mode = "closed"
+
+[defaults]
+llm = "deny"
+other = "allow"
+
+[resolver]
+servers = ["127.0.0.1:9"]
+
+[[providers]]
+name = "test-llm"
+hosts = ["llm.internal.example", "*.inference.internal.example"]
+cidrs = ["10.20.0.0/16", "2001:db8::/64"]
+ports = [443, 8443]
+
+[[workloads]]
+name = "bot"
+cgroup = "pods/*"
+allow = ["test-llm", "192.0.2.0/24"]
+deny = ["198.51.100.0/24"]
+llm = "audit"
+other = "deny"
+
+[[workloads]]
+name = "svc"
+systemd_unit = "x.service"
+"#,
+        toml_str(&cg.path().display().to_string())
+    );
+    let (out, text) = check(&policy);
+    assert!(out.status.success(), "`llm-egress check` should accept this policy:\n{policy}\n{text}");
+}
+
+#[test]
+fn check_rejects_a_bad_value_naming_line_column_key_and_value() {
+    // Line 5, column 9 is the value.
+    let policy = "mode = \"enforce\"\n\n[defaults]\nllm = \"deny\"\nother = \"sometimes\"\n";
+    let (out, text) = check(policy);
+    assert!(!out.status.success(), "`llm-egress check` must fail on other = \"sometimes\":\n{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(has_line_col(&stderr, 5), "stderr should give the position as line:col (5:…):\n{text}");
+    assert!(stderr.contains("other"), "stderr should name the key `other` (defaults.other):\n{text}");
+    assert!(stderr.contains("sometimes"), "stderr should quote the bad value \"sometimes\":\n{text}");
+}
+
+#[test]
+fn check_rejects_an_unknown_key_naming_line_and_key() {
+    let policy = "mode = \"enforce\"\ncolour = \"blue\"\n";
+    let (out, text) = check(policy);
+    assert!(!out.status.success(), "`llm-egress check` must fail on the unknown key `colour`:\n{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(has_line_col(&stderr, 2), "stderr should give the position as line:col (2:…):\n{text}");
+    assert!(stderr.contains("colour"), "stderr should name the unknown key `colour`:\n{text}");
+}
+
+#[test]
+fn line_col_matcher() {
+    assert!(has_line_col("policy.toml:5:9: defaults.other", 5));
+    assert!(!has_line_col("policy.toml:5: defaults.other", 5));
+    assert!(!has_line_col("policy.toml:15:9", 5));
+}
