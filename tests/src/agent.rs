@@ -23,7 +23,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{TempDir, bpf, http, prom, tail, unique_suffix, wait_until};
+use crate::{TempDir, bpf, cgroup2_mount, http, prom, tail, unique_suffix, wait_until};
 
 /// How long an agent may take to answer /readyz with 200.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -36,7 +36,8 @@ pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LLM_EGRESS_BIN") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("cannot find the test executable: {e}"));
+    let exe =
+        std::env::current_exe().unwrap_or_else(|e| panic!("cannot find the test executable: {e}"));
     let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
@@ -87,7 +88,10 @@ impl Drop for PinDir {
         match fs::remove_dir_all(&self.path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => eprintln!("warning: cannot remove pin dir {}: {e}", self.path.display()),
+            Err(e) => eprintln!(
+                "warning: cannot remove pin dir {}: {e}",
+                self.path.display()
+            ),
         }
     }
 }
@@ -104,14 +108,73 @@ pub struct Agent {
     metrics_addr: SocketAddr,
     config: PathBuf,
     audit_log: PathBuf,
+    /// Whether [`Agent::context`] went into a message already (drop then
+    /// does not print it again).
+    context_shown: std::cell::Cell<bool>,
     pin: PinDir,
     dir: TempDir,
 }
 
+/// The top-level `cgroup = "/abs/path"` of a policy text (keys before the
+/// first table), if any. Only what the harness needs to refuse a policy
+/// that does not name a test cgroup; the agent parses the file for real.
+pub fn policy_attach_cgroup(policy_toml: &str) -> Option<PathBuf> {
+    for line in policy_toml.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            return None;
+        }
+        let Some(rest) = line.strip_prefix("cgroup") else {
+            continue;
+        };
+        let Some(value) = rest.trim_start().strip_prefix('=') else {
+            continue;
+        };
+        let value = value.trim();
+        let (quote, body) = match value.chars().next() {
+            Some(q @ ('"' | '\'')) => (q, &value[1..]),
+            _ => return None,
+        };
+        return body.split(quote).next().map(PathBuf::from);
+    }
+    None
+}
+
+/// Panics unless `policy_toml` attaches to a directory inside a test cgroup
+/// (`<cgroup2 mount>/llm-egress-test-*`): an agent started by a test must
+/// never attach to the cgroup2 root or to a cgroup of the machine.
+fn assert_attaches_to_a_test_cgroup(policy_toml: &str) {
+    let mount = cgroup2_mount();
+    let Some(cg) = policy_attach_cgroup(policy_toml) else {
+        panic!(
+            "the policy has no top-level `cgroup = \"...\"`: without it the agent would attach to \
+             the cgroup2 root. Use a CgroupGuard's path.\n{policy_toml}"
+        );
+    };
+    let inside_test_cgroup = cg
+        .strip_prefix(mount)
+        .ok()
+        .and_then(|rel| rel.components().next())
+        .and_then(|c| c.as_os_str().to_str())
+        .is_some_and(|first| first.starts_with("llm-egress-test-"));
+    assert!(
+        inside_test_cgroup
+            && !cg
+                .components()
+                .any(|c| c == std::path::Component::ParentDir),
+        "the policy's cgroup {} is not inside a test cgroup ({}/llm-egress-test-*)",
+        cg.display(),
+        mount.display()
+    );
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_loopback_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
-    l.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("local_addr: {e}"))
+    let l =
+        TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
+    l.local_addr()
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("local_addr: {e}"))
 }
 
 impl Agent {
@@ -130,9 +193,11 @@ impl Agent {
              (or `cargo xtask build`), or point LLM_EGRESS_BIN at it",
             bin.display()
         );
+        assert_attaches_to_a_test_cgroup(policy_toml);
         let dir = TempDir::new("llm-egress-test-agent");
         let config = dir.path().join("policy.toml");
-        fs::write(&config, policy_toml).unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        fs::write(&config, policy_toml)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
         let mut agent = Agent {
             bin,
             child: None,
@@ -140,6 +205,7 @@ impl Agent {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_loopback_port())),
             audit_log: dir.path().join("audit.jsonl"),
             config,
+            context_shown: std::cell::Cell::new(false),
             pin: PinDir::new(),
             dir,
         };
@@ -168,6 +234,8 @@ impl Agent {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        // Plain text logs in the stderr file (no ANSI colours).
+        cmd.env("NO_COLOR", "1");
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
         // nothing of the parent. An agent whose test process dies gets SIGTERM
         // (and detaches) instead of enforcing on a cgroup nobody cleans up.
@@ -177,9 +245,22 @@ impl Agent {
                 Ok(())
             });
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        let root_before = bpf::sock_addr_prog_counts(cgroup2_mount(), false);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
         self.wait_ready();
+        // A safety net, not a test: an agent that attached to the root would
+        // judge every process of the machine. Drop (on this panic) stops it.
+        let root_after = bpf::sock_addr_prog_counts(cgroup2_mount(), false);
+        if root_after != root_before {
+            panic!(
+                "the agent changed the programs attached to the cgroup2 root {} ({root_before:?} -> {root_after:?})\n{}",
+                cgroup2_mount().display(),
+                self.context()
+            );
+        }
     }
 
     fn log_path(&self, stream: &str, run: u32) -> PathBuf {
@@ -218,7 +299,9 @@ impl Agent {
     }
 
     fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Whether the current agent process still runs.
@@ -228,7 +311,10 @@ impl Agent {
 
     /// The pid of the current agent process.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or_else(|| panic!("no agent process"))
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .unwrap_or_else(|| panic!("no agent process"))
     }
 
     pub fn config_path(&self) -> &Path {
@@ -256,7 +342,12 @@ impl Agent {
     pub fn metrics(&self) -> String {
         match self.http_get("/metrics") {
             Ok(r) if r.status == 200 => r.body,
-            Ok(r) => panic!("GET /metrics answered {}: {}\n{}", r.status, r.body, self.context()),
+            Ok(r) => panic!(
+                "GET /metrics answered {}: {}\n{}",
+                r.status,
+                r.body,
+                self.context()
+            ),
             Err(e) => panic!("GET /metrics failed: {e}\n{}", self.context()),
         }
     }
@@ -271,7 +362,12 @@ impl Agent {
     pub fn generation(&self) -> u64 {
         let v = self
             .metric_value("llm_egress_policy_generation", &[])
-            .unwrap_or_else(|| panic!("/metrics has no llm_egress_policy_generation\n{}", self.context()));
+            .unwrap_or_else(|| {
+                panic!(
+                    "/metrics has no llm_egress_policy_generation\n{}",
+                    self.context()
+                )
+            });
         v as u64
     }
 
@@ -281,7 +377,10 @@ impl Agent {
         let text = match fs::read_to_string(&self.audit_log) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-            Err(e) => panic!("cannot read the audit log {}: {e}", self.audit_log.display()),
+            Err(e) => panic!(
+                "cannot read the audit log {}: {e}",
+                self.audit_log.display()
+            ),
         };
         let complete = match text.rfind('\n') {
             Some(i) => &text[..i],
@@ -298,13 +397,25 @@ impl Agent {
     }
 
     /// The first audit event matching `pred`, waiting up to `timeout`.
-    pub fn wait_for_audit(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
-        wait_until(timeout, Duration::from_millis(50), || self.audit_events().into_iter().find(|e| pred(e)))
+    pub fn wait_for_audit(
+        &self,
+        pred: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Option<Value> {
+        wait_until(timeout, Duration::from_millis(50), || {
+            self.audit_events().into_iter().find(|e| pred(e))
+        })
     }
 
     /// Waits up to `timeout` until `metric_value(name, labels)` is at least
     /// `min`; returns the last value read.
-    pub fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], min: f64, timeout: Duration) -> Option<f64> {
+    pub fn wait_for_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        min: f64,
+        timeout: Duration,
+    ) -> Option<f64> {
         let mut last = None;
         wait_until(timeout, Duration::from_millis(50), || {
             last = self.metric_value(name, labels);
@@ -320,12 +431,19 @@ impl Agent {
         // SAFETY: kill(2) on our own child's pid; the child is not reaped yet
         // (`child` still holds it), so the pid cannot have been reused.
         let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     fn signal(&self, sig: libc::c_int) {
         if let Err(e) = self.try_signal(sig) {
-            panic!("cannot send signal {sig} to the agent: {e}\n{}", self.context());
+            panic!(
+                "cannot send signal {sig} to the agent: {e}\n{}",
+                self.context()
+            );
         }
     }
 
@@ -336,10 +454,17 @@ impl Agent {
 
     /// Replaces the policy file atomically (write a sibling, rename over it).
     pub fn rewrite_policy(&self, policy_toml: &str) {
+        assert_attaches_to_a_test_cgroup(policy_toml);
         let tmp = self.dir.path().join(".policy.toml.new");
-        fs::write(&tmp, policy_toml).unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
-        fs::rename(&tmp, &self.config)
-            .unwrap_or_else(|e| panic!("cannot rename {} to {}: {e}", tmp.display(), self.config.display()));
+        fs::write(&tmp, policy_toml)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
+        fs::rename(&tmp, &self.config).unwrap_or_else(|e| {
+            panic!(
+                "cannot rename {} to {}: {e}",
+                tmp.display(),
+                self.config.display()
+            )
+        });
     }
 
     /// SIGKILL, and reap the process.
@@ -360,14 +485,19 @@ impl Agent {
             return status;
         }
         self.signal(libc::SIGTERM);
-        if let Some(status) = wait_until(STOP_TIMEOUT, Duration::from_millis(20), || self.try_wait()) {
+        if let Some(status) =
+            wait_until(STOP_TIMEOUT, Duration::from_millis(20), || self.try_wait())
+        {
             return status;
         }
         self.signal(libc::SIGKILL);
         if let Some(c) = self.child.as_mut() {
             let _ = c.wait();
         }
-        panic!("the agent did not exit within {STOP_TIMEOUT:?} of SIGTERM\n{}", self.context());
+        panic!(
+            "the agent did not exit within {STOP_TIMEOUT:?} of SIGTERM\n{}",
+            self.context()
+        );
     }
 
     /// Starts a new agent process with the same policy file, pin dir, port
@@ -399,9 +529,17 @@ impl Agent {
     /// What a panic message should show: the agent's stderr (tail) and the
     /// last audit events.
     pub fn context(&self) -> String {
+        self.context_shown.set(true);
         let stderr = self.all_stderr();
         let audit = fs::read_to_string(&self.audit_log).unwrap_or_default();
-        let audit_tail: Vec<&str> = audit.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+        let audit_tail: Vec<&str> = audit
+            .lines()
+            .rev()
+            .take(10)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         format!(
             "{}\n--- last audit events ({}) ---\n{}",
             tail(&stderr, 6000),
@@ -413,7 +551,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.context_shown.get() {
             eprintln!("--- agent context at test failure ---\n{}", self.context());
         }
         if self.is_running() {
@@ -427,5 +565,28 @@ impl Drop for Agent {
             let _ = c.wait();
         }
         // Then `pin` (PinDir) and `dir` (TempDir) drop, in that order.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_top_level_cgroup_only() {
+        let p = "mode = \"audit\"\ncgroup = \"/sys/fs/cgroup/x\"\n[[workloads]]\ncgroup = \"a\"\n";
+        assert_eq!(
+            policy_attach_cgroup(p),
+            Some(PathBuf::from("/sys/fs/cgroup/x"))
+        );
+        assert_eq!(
+            policy_attach_cgroup("cgroup = '/lit'\n"),
+            Some(PathBuf::from("/lit"))
+        );
+        assert_eq!(
+            policy_attach_cgroup("[[workloads]]\ncgroup = \"a\"\n"),
+            None
+        );
+        assert_eq!(policy_attach_cgroup("cgroups = 1\n"), None);
     }
 }

@@ -47,7 +47,11 @@ pub fn ensure_bpffs() {
     static LOCK: Mutex<()> = Mutex::new(());
     let _held = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| mounts_of_type(&info, "bpf").iter().any(|m| m == Path::new(BPFFS)))
+        .map(|info| {
+            mounts_of_type(&info, "bpf")
+                .iter()
+                .any(|m| m == Path::new(BPFFS))
+        })
         .unwrap_or(false);
     if mounted {
         return;
@@ -69,9 +73,18 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> 
     // zero-initialised by the caller except for the fields it set; the size
     // passed is its exact size, which the kernel zero-extends.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr as *mut T as *mut libc::c_void, size_of::<T>() as libc::c_uint)
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>() as libc::c_uint,
+        )
     };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 fn owned_fd(rc: libc::c_long) -> OwnedFd {
@@ -138,7 +151,8 @@ pub struct Pinned {
 
 /// The kind of the BPF object behind `fd`, from /proc/self/fdinfo.
 fn fd_kind(fd: &OwnedFd) -> ObjKind {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap_or_default();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .unwrap_or_default();
     let has = |key: &str| info.lines().any(|l| l.starts_with(key));
     if has("link_type:") {
         ObjKind::Link
@@ -154,7 +168,10 @@ fn fd_kind(fd: &OwnedFd) -> ObjKind {
 /// Opens the pinned object at `path` (BPF_OBJ_GET).
 pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     let c = c_path(path);
-    let mut attr = ObjAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+    let mut attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
     sys_bpf(BPF_OBJ_GET, &mut attr).map(owned_fd)
 }
 
@@ -162,14 +179,18 @@ pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
 /// `dir` does not exist.
 pub fn pinned_objects(dir: &Path) -> Vec<Pinned> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
             out.extend(pinned_objects(&path));
             continue;
         }
-        let kind = obj_get(&path).map(|fd| fd_kind(&fd)).unwrap_or(ObjKind::Unknown);
+        let kind = obj_get(&path)
+            .map(|fd| fd_kind(&fd))
+            .unwrap_or(ObjKind::Unknown);
         out.push(Pinned { path, kind });
     }
     out
@@ -215,7 +236,11 @@ pub fn pin_test_map(path: &Path) -> std::io::Result<()> {
     };
     let fd = owned_fd(sys_bpf(BPF_MAP_CREATE, &mut create)?);
     let c = c_path(path);
-    let mut pin = ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
+    let mut pin = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
     sys_bpf(BPF_OBJ_PIN, &mut pin)?;
     Ok(())
 }

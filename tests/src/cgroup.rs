@@ -53,8 +53,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let digit = |c: u8| u32::from(c - b'0');
             let v = digit(b[i + 1]) * 64 + digit(b[i + 2]) * 8 + digit(b[i + 3]);
             out.push(u8::try_from(v).unwrap_or(b'?'));
@@ -175,7 +177,10 @@ impl Drop for CgroupGuard {
         let mount = cgroup2_mount();
         if self.path == mount || !self.path.starts_with(mount) {
             // Unreachable by construction; never touch anything else.
-            eprintln!("warning: refusing to clean up cgroup {}", self.path.display());
+            eprintln!(
+                "warning: refusing to clean up cgroup {}",
+                self.path.display()
+            );
             return;
         }
         for dir in self.dirs_bottom_up() {
@@ -188,7 +193,10 @@ impl Drop for CgroupGuard {
             })
             .is_none()
             {
-                eprintln!("warning: cgroup {} still has processes after cgroup.kill", dir.display());
+                eprintln!(
+                    "warning: cgroup {} still has processes after cgroup.kill",
+                    dir.display()
+                );
             }
             // rmdir can fail with EBUSY for a moment after the last process
             // left; retry briefly.
@@ -229,7 +237,10 @@ mod tests {
                 PathBuf::from("/sys/fs/cgroup/with space")
             ]
         );
-        assert_eq!(mounts_of_type(MOUNTINFO, "bpf"), vec![PathBuf::from("/sys/fs/bpf")]);
+        assert_eq!(
+            mounts_of_type(MOUNTINFO, "bpf"),
+            vec![PathBuf::from("/sys/fs/bpf")]
+        );
         assert!(mounts_of_type(MOUNTINFO, "tmpfs").is_empty());
     }
 }

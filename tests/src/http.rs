@@ -51,7 +51,9 @@ pub fn parse_response(raw: &[u8]) -> io::Result<Response> {
         .ok_or_else(|| invalid(format!("bad status line {status_line:?}")))?;
     let (mut chunked, mut length) = (false, None);
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else { continue };
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
         let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
         if name == "transfer-encoding" && value.to_ascii_lowercase().contains("chunked") {
             chunked = true;
@@ -62,11 +64,16 @@ pub fn parse_response(raw: &[u8]) -> io::Result<Response> {
     let body = if chunked {
         dechunk(body)?
     } else if let Some(n) = length {
-        body.get(..n).ok_or_else(|| invalid("body shorter than Content-Length"))?.to_vec()
+        body.get(..n)
+            .ok_or_else(|| invalid("body shorter than Content-Length"))?
+            .to_vec()
     } else {
         body.to_vec()
     };
-    Ok(Response { status, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 fn dechunk(mut rest: &[u8]) -> io::Result<Vec<u8>> {
@@ -86,7 +93,9 @@ fn dechunk(mut rest: &[u8]) -> io::Result<Vec<u8>> {
         }
         let chunk = rest.get(..size).ok_or_else(|| invalid("truncated chunk"))?;
         out.extend_from_slice(chunk);
-        rest = rest.get(size + 2..).ok_or_else(|| invalid("truncated chunk end"))?;
+        rest = rest
+            .get(size + 2..)
+            .ok_or_else(|| invalid("truncated chunk end"))?;
     }
 }
 
@@ -97,7 +106,13 @@ mod tests {
     #[test]
     fn content_length_body() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA").unwrap();
-        assert_eq!(r, Response { status: 200, body: "ok".into() });
+        assert_eq!(
+            r,
+            Response {
+                status: 200,
+                body: "ok".into()
+            }
+        );
     }
 
     #[test]
@@ -106,13 +121,25 @@ mod tests {
             b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(r, Response { status: 503, body: "abcde".into() });
+        assert_eq!(
+            r,
+            Response {
+                status: 503,
+                body: "abcde".into()
+            }
+        );
     }
 
     #[test]
     fn body_until_close() {
         let r = parse_response(b"HTTP/1.1 404 Not Found\r\n\r\nnope").unwrap();
-        assert_eq!(r, Response { status: 404, body: "nope".into() });
+        assert_eq!(
+            r,
+            Response {
+                status: 404,
+                body: "nope".into()
+            }
+        );
     }
 
     #[test]

@@ -46,7 +46,11 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// `<pid>-<n>`: unique among the guards of every test process on the machine.
 pub fn unique_suffix() -> String {
-    format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Panics unless the tests run as root: everything here needs it.
@@ -99,10 +103,13 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("warning: cannot remove temp dir {}: {e}", self.path.display());
-            }
+        if let Err(e) = std::fs::remove_dir_all(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "warning: cannot remove temp dir {}: {e}",
+                self.path.display()
+            );
         }
     }
 }

@@ -52,7 +52,11 @@ pub struct ProbeResult {
 impl ProbeResult {
     /// `Ok(())`, or `Err(errno)`.
     pub fn as_result(&self) -> Result<(), i32> {
-        if self.ok { Ok(()) } else { Err(self.errno.unwrap_or(-1)) }
+        if self.ok {
+            Ok(())
+        } else {
+            Err(self.errno.unwrap_or(-1))
+        }
     }
 }
 
@@ -129,8 +133,9 @@ impl Probe {
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
-                let raw: Value = serde_json::from_str(l)
-                    .unwrap_or_else(|e| panic!("egress-probe printed a line that is not JSON ({e}): {l}"));
+                let raw: Value = serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!("egress-probe printed a line that is not JSON ({e}): {l}")
+                });
                 ProbeResult {
                     ok: raw["ok"].as_bool().unwrap_or(false),
                     errno: raw["errno"].as_i64().map(|e| e as i32),
@@ -146,7 +151,11 @@ impl Probe {
             results.len(),
             cmds.len()
         );
-        ProbeRun { pid, results, stderr }
+        ProbeRun {
+            pid,
+            results,
+            stderr,
+        }
     }
 
     fn one(&self, cgroup: &Path, netns: &NetnsGuard, cmd: ProbeCmd) -> Result<(), i32> {
@@ -169,7 +178,13 @@ impl Probe {
     }
 
     /// `n` times TCP connect + close to `addr`.
-    pub fn connect_loop(&self, cgroup: &Path, netns: &NetnsGuard, addr: &str, n: u64) -> LoopReport {
+    pub fn connect_loop(
+        &self,
+        cgroup: &Path,
+        netns: &NetnsGuard,
+        addr: &str,
+        n: u64,
+    ) -> LoopReport {
         let run = self.run(cgroup, netns, &[ProbeCmd::ConnectLoop(addr.into(), n)]);
         let raw = &run.results[0].raw;
         LoopReport {

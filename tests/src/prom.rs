@@ -10,7 +10,10 @@ pub struct Sample {
 
 impl Sample {
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -47,7 +50,11 @@ fn parse_line(line: &str) -> Option<Sample> {
         rest = after;
     }
     let value = parse_value(rest.split_whitespace().next()?)?;
-    Some(Sample { name, labels, value })
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
 }
 
 /// Parses `k="v",k2="v2"}` and returns the labels and what follows `}`.
@@ -107,7 +114,14 @@ odd{msg="say \"hi\"\n",x="a,b}c",} +Inf
         assert_eq!(s.len(), 5);
         assert_eq!(s[0].name, "llm_egress_connections_total");
         assert_eq!(s[0].label("verdict"), Some("deny"));
-        assert_eq!(s[3], Sample { name: "llm_egress_policy_generation".into(), labels: vec![], value: 4.0 });
+        assert_eq!(
+            s[3],
+            Sample {
+                name: "llm_egress_policy_generation".into(),
+                labels: vec![],
+                value: 4.0
+            }
+        );
         assert_eq!(s[4].label("msg"), Some("say \"hi\"\n"));
         assert_eq!(s[4].label("x"), Some("a,b}c"));
         assert_eq!(s[4].value, f64::INFINITY);
@@ -117,7 +131,10 @@ odd{msg="say \"hi\"\n",x="a,b}c",} +Inf
     fn value_sums_matching_samples() {
         let name = "llm_egress_connections_total";
         assert_eq!(value(TEXT, name, &[("verdict", "deny")]), Some(5.0));
-        assert_eq!(value(TEXT, name, &[("workload", "a"), ("verdict", "deny")]), Some(3.0));
+        assert_eq!(
+            value(TEXT, name, &[("workload", "a"), ("verdict", "deny")]),
+            Some(3.0)
+        );
         assert_eq!(value(TEXT, name, &[("workload", "a")]), Some(10.0));
         assert_eq!(value(TEXT, name, &[("workload", "zzz")]), None);
         assert_eq!(value(TEXT, "llm_egress_policy_generation", &[]), Some(4.0));

@@ -65,7 +65,12 @@ impl TcpServer {
         let addr = parse(addr);
         let listener = netns
             .in_netns(|| TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("TCP server cannot listen on {addr} in {}: {e}", netns.name()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "TCP server cannot listen on {addr} in {}: {e}",
+                    netns.name()
+                )
+            });
         listener
             .set_nonblocking(true)
             .unwrap_or_else(|e| panic!("set_nonblocking on {addr}: {e}"));
@@ -90,7 +95,14 @@ impl TcpServer {
                 }
             })
         };
-        TcpServer { inner: Counter { addr, count, stop, thread: Some(thread) } }
+        TcpServer {
+            inner: Counter {
+                addr,
+                count,
+                stop,
+                thread: Some(thread),
+            },
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -146,7 +158,9 @@ impl UdpServer {
                         Err(e)
                             if matches!(
                                 e.kind(),
-                                ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                                ErrorKind::WouldBlock
+                                    | ErrorKind::TimedOut
+                                    | ErrorKind::Interrupted
                             ) => {}
                         Err(e) => {
                             eprintln!("UDP server {addr}: recv: {e}");
@@ -156,7 +170,14 @@ impl UdpServer {
                 }
             })
         };
-        UdpServer { inner: Counter { addr, count, stop, thread: Some(thread) } }
+        UdpServer {
+            inner: Counter {
+                addr,
+                count,
+                stop,
+                thread: Some(thread),
+            },
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {

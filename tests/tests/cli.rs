@@ -9,7 +9,11 @@ use llm_egress_tests::{CgroupGuard, TempDir, agent_bin, require_root, toml_str};
 
 fn check(policy: &str) -> (Output, String) {
     let bin = agent_bin();
-    assert!(bin.is_file(), "agent binary {} not found: `cargo build -p llm-egress` or set LLM_EGRESS_BIN", bin.display());
+    assert!(
+        bin.is_file(),
+        "agent binary {} not found: `cargo build -p llm-egress` or set LLM_EGRESS_BIN",
+        bin.display()
+    );
     let dir = TempDir::new("llm-egress-test-cli");
     let file = dir.path().join("policy.toml");
     std::fs::write(&file, policy).expect("write the policy file");
@@ -30,8 +34,12 @@ fn check(policy: &str) -> (Output, String) {
 /// Whether `s` contains `:LINE:COL` with COL a number.
 fn has_line_col(s: &str, line: u32) -> bool {
     let needle = format!(":{line}:");
-    s.match_indices(&needle)
-        .any(|(i, m)| s[i + m.len()..].chars().next().is_some_and(|c| c.is_ascii_digit()))
+    s.match_indices(&needle).any(|(i, m)| {
+        s[i + m.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
 }
 
 #[test]
@@ -71,7 +79,10 @@ systemd_unit = "x.service"
         toml_str(&cg.path().display().to_string())
     );
     let (out, text) = check(&policy);
-    assert!(out.status.success(), "`llm-egress check` should accept this policy:\n{policy}\n{text}");
+    assert!(
+        out.status.success(),
+        "`llm-egress check` should accept this policy:\n{policy}\n{text}"
+    );
 }
 
 #[test]
@@ -79,21 +90,42 @@ fn check_rejects_a_bad_value_naming_line_column_key_and_value() {
     // Line 5, column 9 is the value.
     let policy = "mode = \"enforce\"\n\n[defaults]\nllm = \"deny\"\nother = \"sometimes\"\n";
     let (out, text) = check(policy);
-    assert!(!out.status.success(), "`llm-egress check` must fail on other = \"sometimes\":\n{text}");
+    assert!(
+        !out.status.success(),
+        "`llm-egress check` must fail on other = \"sometimes\":\n{text}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(has_line_col(&stderr, 5), "stderr should give the position as line:col (5:…):\n{text}");
-    assert!(stderr.contains("other"), "stderr should name the key `other` (defaults.other):\n{text}");
-    assert!(stderr.contains("sometimes"), "stderr should quote the bad value \"sometimes\":\n{text}");
+    assert!(
+        has_line_col(&stderr, 5),
+        "stderr should give the position as line:col (5:…):\n{text}"
+    );
+    assert!(
+        stderr.contains("other"),
+        "stderr should name the key `other` (defaults.other):\n{text}"
+    );
+    assert!(
+        stderr.contains("sometimes"),
+        "stderr should quote the bad value \"sometimes\":\n{text}"
+    );
 }
 
 #[test]
 fn check_rejects_an_unknown_key_naming_line_and_key() {
     let policy = "mode = \"enforce\"\ncolour = \"blue\"\n";
     let (out, text) = check(policy);
-    assert!(!out.status.success(), "`llm-egress check` must fail on the unknown key `colour`:\n{text}");
+    assert!(
+        !out.status.success(),
+        "`llm-egress check` must fail on the unknown key `colour`:\n{text}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(has_line_col(&stderr, 2), "stderr should give the position as line:col (2:…):\n{text}");
-    assert!(stderr.contains("colour"), "stderr should name the unknown key `colour`:\n{text}");
+    assert!(
+        has_line_col(&stderr, 2),
+        "stderr should give the position as line:col (2:…):\n{text}"
+    );
+    assert!(
+        stderr.contains("colour"),
+        "stderr should name the unknown key `colour`:\n{text}"
+    );
 }
 
 #[test]

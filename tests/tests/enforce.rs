@@ -50,21 +50,37 @@ fn policy(cg: &CgroupGuard, top: &str, body: &str) -> String {
 #[track_caller]
 fn expect_ok(agent: &Agent, r: Result<(), i32>, what: &str) {
     if r.is_err() {
-        panic!("{what}: expected the connection to be allowed, got {}\n{}", describe(&r), agent.context());
+        panic!(
+            "{what}: expected the connection to be allowed, got {}\n{}",
+            describe(&r),
+            agent.context()
+        );
     }
 }
 
 #[track_caller]
 fn expect_eperm(agent: &Agent, r: Result<(), i32>, what: &str) {
     if r != Err(libc::EPERM) {
-        panic!("{what}: expected EPERM from the agent's policy, got {}\n{}", describe(&r), agent.context());
+        panic!(
+            "{what}: expected EPERM from the agent's policy, got {}\n{}",
+            describe(&r),
+            agent.context()
+        );
     }
 }
 
 /// Polls `connect` from `cgroup` to `addr` until it fails with EPERM, for at
 /// most `timeout` from `since`; panics otherwise.
 #[track_caller]
-fn expect_eperm_within(agent: &Agent, cgroup: &Path, ns: &NetnsGuard, addr: &str, since: Instant, timeout: Duration, what: &str) {
+fn expect_eperm_within(
+    agent: &Agent,
+    cgroup: &Path,
+    ns: &NetnsGuard,
+    addr: &str,
+    since: Instant,
+    timeout: Duration,
+    what: &str,
+) {
     let p = probe();
     let mut last = Ok(());
     while since.elapsed() < timeout {
@@ -87,11 +103,21 @@ fn expect_server_count(server: &TcpServer, n: usize, what: &str) {
     server.wait_for_count(n, EVENT_WAIT);
     std::thread::sleep(SETTLE);
     let got = server.count();
-    assert_eq!(got, n, "{what}: the server at {} accepted {got} connections, expected {n}", server.addr());
+    assert_eq!(
+        got,
+        n,
+        "{what}: the server at {} accepted {got} connections, expected {n}",
+        server.addr()
+    );
 }
 
 fn events_text(agent: &Agent) -> String {
-    agent.audit_events().iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
+    agent
+        .audit_events()
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[track_caller]
@@ -155,12 +181,32 @@ other = "deny"
 "#,
     ));
     let p = probe();
-    expect_ok(&agent, p.connect(&a, &ns, "192.0.2.1:8443"), "workload a to 192.0.2.1:8443 (its allow CIDR)");
-    expect_eperm(&agent, p.connect(&a, &ns, "198.51.100.1:8443"), "workload a to 198.51.100.1:8443 (other = deny)");
-    expect_ok(&agent, p.connect(&b, &ns, "198.51.100.1:8443"), "workload b to 198.51.100.1:8443 (its allow CIDR)");
-    expect_eperm(&agent, p.connect(&b, &ns, "192.0.2.1:8443"), "workload b to 192.0.2.1:8443 (other = deny)");
+    expect_ok(
+        &agent,
+        p.connect(&a, &ns, "192.0.2.1:8443"),
+        "workload a to 192.0.2.1:8443 (its allow CIDR)",
+    );
+    expect_eperm(
+        &agent,
+        p.connect(&a, &ns, "198.51.100.1:8443"),
+        "workload a to 198.51.100.1:8443 (other = deny)",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&b, &ns, "198.51.100.1:8443"),
+        "workload b to 198.51.100.1:8443 (its allow CIDR)",
+    );
+    expect_eperm(
+        &agent,
+        p.connect(&b, &ns, "192.0.2.1:8443"),
+        "workload b to 192.0.2.1:8443 (other = deny)",
+    );
     expect_server_count(&s192, 1, "only workload a's connection may reach 192.0.2.1");
-    expect_server_count(&s198, 1, "only workload b's connection may reach 198.51.100.1");
+    expect_server_count(
+        &s198,
+        1,
+        "only workload b's connection may reach 198.51.100.1",
+    );
 }
 
 #[test]
@@ -189,10 +235,26 @@ other = "allow"
 "#,
     ));
     let p = probe();
-    expect_ok(&agent, p.connect(&allow6, &ns, "[2001:db8::1]:8443"), "allow6 to [2001:db8::1] (allow 2001:db8::/64)");
-    expect_eperm(&agent, p.connect(&allow6, &ns, "[fd00:20::1]:8443"), "allow6 to [fd00:20::1] (other = deny)");
-    expect_eperm(&agent, p.connect(&deny6, &ns, "[2001:db8::1]:8443"), "deny6 to [2001:db8::1] (deny 2001:db8::/64)");
-    expect_ok(&agent, p.connect(&deny6, &ns, "[fd00:20::1]:8443"), "deny6 to [fd00:20::1] (other = allow)");
+    expect_ok(
+        &agent,
+        p.connect(&allow6, &ns, "[2001:db8::1]:8443"),
+        "allow6 to [2001:db8::1] (allow 2001:db8::/64)",
+    );
+    expect_eperm(
+        &agent,
+        p.connect(&allow6, &ns, "[fd00:20::1]:8443"),
+        "allow6 to [fd00:20::1] (other = deny)",
+    );
+    expect_eperm(
+        &agent,
+        p.connect(&deny6, &ns, "[2001:db8::1]:8443"),
+        "deny6 to [2001:db8::1] (deny 2001:db8::/64)",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&deny6, &ns, "[fd00:20::1]:8443"),
+        "deny6 to [fd00:20::1] (other = allow)",
+    );
 }
 
 #[test]
@@ -226,17 +288,38 @@ other = "deny"
         p.connect(&denier, &ns, "[::ffff:198.51.100.1]:8443"),
         "an AF_INET6 connect to [::ffff:198.51.100.1] must hit the IPv4 rule deny 198.51.100.0/24",
     );
-    expect_eperm(&agent, p.connect(&denier, &ns, "198.51.100.1:8443"), "plain IPv4 198.51.100.1 (deny 198.51.100.0/24)");
-    expect_ok(&agent, p.connect(&denier, &ns, "[::ffff:192.0.2.1]:8443"), "[::ffff:192.0.2.1] is not in the denied CIDR");
+    expect_eperm(
+        &agent,
+        p.connect(&denier, &ns, "198.51.100.1:8443"),
+        "plain IPv4 198.51.100.1 (deny 198.51.100.0/24)",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&denier, &ns, "[::ffff:192.0.2.1]:8443"),
+        "[::ffff:192.0.2.1] is not in the denied CIDR",
+    );
     expect_ok(
         &agent,
         p.connect(&allower, &ns, "[::ffff:192.0.2.1]:8443"),
         "an AF_INET6 connect to [::ffff:192.0.2.1] must hit the IPv4 rule allow 192.0.2.0/24",
     );
-    expect_eperm(&agent, p.connect(&allower, &ns, "[::ffff:198.51.100.1]:8443"), "allower to [::ffff:198.51.100.1] (other = deny)");
-    expect_server_count(&s198, 0, "no connection to 198.51.100.1 may get through, mapped or not");
-    let e = wait_event(&agent, "for the mapped deny", |e| e["workload"] == "denier" && e["verdict"] == "deny");
-    assert_eq!(e["dst_addr"], "198.51.100.1", "a mapped destination is reported as IPv4: {e}");
+    expect_eperm(
+        &agent,
+        p.connect(&allower, &ns, "[::ffff:198.51.100.1]:8443"),
+        "allower to [::ffff:198.51.100.1] (other = deny)",
+    );
+    expect_server_count(
+        &s198,
+        0,
+        "no connection to 198.51.100.1 may get through, mapped or not",
+    );
+    let e = wait_event(&agent, "for the mapped deny", |e| {
+        e["workload"] == "denier" && e["verdict"] == "deny"
+    });
+    assert_eq!(
+        e["dst_addr"], "198.51.100.1",
+        "a mapped destination is reported as IPv4: {e}"
+    );
 }
 
 #[test]
@@ -278,12 +361,26 @@ fn udp_sendmsg_and_udp_connect_follow_the_policy() {
             expect_ok(&agent, r.as_result(), what[i]);
         }
     }
-    assert_eq!(u192.wait_for_count(2, EVENT_WAIT), 2, "both allowed datagrams must reach 192.0.2.1:9999");
+    assert_eq!(
+        u192.wait_for_count(2, EVENT_WAIT),
+        2,
+        "both allowed datagrams must reach 192.0.2.1:9999"
+    );
     std::thread::sleep(SETTLE);
-    assert_eq!(u192.count(), 2, "192.0.2.1:9999 received more than the 2 allowed datagrams");
-    assert_eq!(u198.count(), 0, "denied datagrams reached 198.51.100.1:9999");
+    assert_eq!(
+        u192.count(),
+        2,
+        "192.0.2.1:9999 received more than the 2 allowed datagrams"
+    );
+    assert_eq!(
+        u198.count(),
+        0,
+        "denied datagrams reached 198.51.100.1:9999"
+    );
     assert_eq!(u6.count(), 0, "denied datagrams reached [2001:db8::1]:9999");
-    let e = wait_event(&agent, "for a denied UDP datagram", |e| e["protocol"] == "udp" && e["verdict"] == "deny");
+    let e = wait_event(&agent, "for a denied UDP datagram", |e| {
+        e["protocol"] == "udp" && e["verdict"] == "deny"
+    });
     assert_eq!(e["workload"], "w", "{e}");
 }
 
@@ -323,9 +420,17 @@ cgroup = "batch"
         ),
     ));
     let p = probe();
-    expect_ok(&agent, p.connect(&bot, &ns, "10.20.0.1:8443"), "bot allows test-llm");
+    expect_ok(
+        &agent,
+        p.connect(&bot, &ns, "10.20.0.1:8443"),
+        "bot allows test-llm",
+    );
     let run = p.run(&batch, &ns, &[ProbeCmd::Connect("10.20.0.1:8443".into())]);
-    expect_eperm(&agent, run.results[0].as_result(), "batch does not name test-llm (llm defaults to deny)");
+    expect_eperm(
+        &agent,
+        run.results[0].as_result(),
+        "batch does not name test-llm (llm defaults to deny)",
+    );
     expect_server_count(&server, 1, "only bot's connection may reach the provider");
 
     let pid = u64::from(run.pid);
@@ -334,21 +439,44 @@ cgroup = "batch"
     });
     let text = e.to_string();
     assert_eq!(e["workload"], "batch", "workload: {text}");
-    assert_eq!(e["tgid"].as_u64(), Some(pid), "tgid is the probe's pid: {text}");
-    assert_eq!(e["pid"].as_u64(), Some(pid), "the probe is single-threaded, so pid == tgid: {text}");
+    assert_eq!(
+        e["tgid"].as_u64(),
+        Some(pid),
+        "tgid is the probe's pid: {text}"
+    );
+    assert_eq!(
+        e["pid"].as_u64(),
+        Some(pid),
+        "the probe is single-threaded, so pid == tgid: {text}"
+    );
     assert_eq!(e["comm"], "egress-probe", "comm: {text}");
     let exe = e["exe"].as_str().unwrap_or_default();
-    assert!(exe.ends_with("/egress-probe"), "exe should be the probe's path, got {exe:?}: {text}");
+    assert!(
+        exe.ends_with("/egress-probe"),
+        "exe should be the probe's path, got {exe:?}: {text}"
+    );
     let cgroup = e["cgroup"].as_str().unwrap_or_default();
     let expected = format!("{}/batch", cg.name());
-    assert!(cgroup.ends_with(&expected), "cgroup should end with {expected:?}, got {cgroup:?}: {text}");
+    assert!(
+        cgroup.ends_with(&expected),
+        "cgroup should end with {expected:?}, got {cgroup:?}: {text}"
+    );
     assert_eq!(e["protocol"], "tcp", "protocol: {text}");
     assert_eq!(e["dst_addr"], "10.20.0.1", "dst_addr: {text}");
     assert_eq!(e["dst_port"].as_u64(), Some(8443), "dst_port: {text}");
     assert_eq!(e["reason"], "workload_llm_default", "reason: {text}");
-    assert!(e["generation"].as_u64().is_some_and(|g| g >= 1), "generation: {text}");
-    assert!(e["time"].as_str().is_some_and(|t| !t.is_empty()), "time: {text}");
-    assert!(e["uid"].as_u64() == Some(0), "the probe runs as root: {text}");
+    assert!(
+        e["generation"].as_u64().is_some_and(|g| g >= 1),
+        "generation: {text}"
+    );
+    assert!(
+        e["time"].as_str().is_some_and(|t| !t.is_empty()),
+        "time: {text}"
+    );
+    assert!(
+        e["uid"].as_u64() == Some(0),
+        "the probe runs as root: {text}"
+    );
 }
 
 #[test]
@@ -372,9 +500,21 @@ other = "allow"
         ),
     ));
     let p = probe();
-    expect_eperm(&agent, p.connect(&batch, &ns, "10.20.0.1:8443"), "10.20.0.1:8443 is test-llm (ports = [8443])");
-    expect_ok(&agent, p.connect(&batch, &ns, "10.20.0.1:9000"), "10.20.0.1:9000 is not a provider port: other = allow");
-    expect_server_count(&other, 1, "the non-provider port should have been reached once");
+    expect_eperm(
+        &agent,
+        p.connect(&batch, &ns, "10.20.0.1:8443"),
+        "10.20.0.1:8443 is test-llm (ports = [8443])",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&batch, &ns, "10.20.0.1:9000"),
+        "10.20.0.1:9000 is not a provider port: other = allow",
+    );
+    expect_server_count(
+        &other,
+        1,
+        "the non-provider port should have been reached once",
+    );
 }
 
 #[test]
@@ -398,12 +538,28 @@ allow = ["test-llm"]
         ),
     ));
     let p = probe();
-    for (dir, label) in [(loose.as_path(), "a cgroup no workload selects"), (cg.path(), "the attach cgroup itself")] {
-        expect_eperm(&agent, p.connect(dir, &ns, "10.20.0.1:8443"), &format!("{label}: defaults.llm = deny"));
-        expect_ok(&agent, p.connect(dir, &ns, "192.0.2.1:8443"), &format!("{label}: defaults.other = allow"));
+    for (dir, label) in [
+        (loose.as_path(), "a cgroup no workload selects"),
+        (cg.path(), "the attach cgroup itself"),
+    ] {
+        expect_eperm(
+            &agent,
+            p.connect(dir, &ns, "10.20.0.1:8443"),
+            &format!("{label}: defaults.llm = deny"),
+        );
+        expect_ok(
+            &agent,
+            p.connect(dir, &ns, "192.0.2.1:8443"),
+            &format!("{label}: defaults.other = allow"),
+        );
     }
-    let e = wait_event(&agent, "for the default deny", |e| e["verdict"] == "deny" && e["provider"] == "test-llm");
-    assert_eq!(e["workload"], "none", "a process in no workload is reported as workload \"none\": {e}");
+    let e = wait_event(&agent, "for the default deny", |e| {
+        e["verdict"] == "deny" && e["provider"] == "test-llm"
+    });
+    assert_eq!(
+        e["workload"], "none",
+        "a process in no workload is reported as workload \"none\": {e}"
+    );
     assert_eq!(e["reason"], "default_llm", "{e}");
 }
 
@@ -416,10 +572,20 @@ fn audit_mode_allows_would_be_denies_and_logs_them_as_audit() {
     let s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let agent = Agent::start(&only_192_policy(&cg, r#"mode = "audit""#));
     let run = probe().run(&w, &ns, &[ProbeCmd::Connect("198.51.100.1:8443".into())]);
-    expect_ok(&agent, run.results[0].as_result(), "mode = audit must not block the would-be deny");
-    expect_server_count(&s198, 1, "in audit mode the connection must really go through");
+    expect_ok(
+        &agent,
+        run.results[0].as_result(),
+        "mode = audit must not block the would-be deny",
+    );
+    expect_server_count(
+        &s198,
+        1,
+        "in audit mode the connection must really go through",
+    );
     let pid = u64::from(run.pid);
-    let e = wait_event(&agent, "with verdict audit for the would-be deny", |e| e["tgid"].as_u64() == Some(pid));
+    let e = wait_event(&agent, "with verdict audit for the would-be deny", |e| {
+        e["tgid"].as_u64() == Some(pid)
+    });
     assert_eq!(e["verdict"], "audit", "{e}");
     assert_eq!(e["workload"], "w", "{e}");
     assert_eq!(e["dst_addr"], "198.51.100.1", "{e}");
@@ -449,10 +615,20 @@ cgroup = "strict"
         ),
     ));
     let p = probe();
-    expect_ok(&agent, p.connect(&trial, &ns, "10.20.0.1:8443"), "trial has llm = audit");
-    expect_eperm(&agent, p.connect(&strict, &ns, "10.20.0.1:8443"), "strict keeps llm = deny");
+    expect_ok(
+        &agent,
+        p.connect(&trial, &ns, "10.20.0.1:8443"),
+        "trial has llm = audit",
+    );
+    expect_eperm(
+        &agent,
+        p.connect(&strict, &ns, "10.20.0.1:8443"),
+        "strict keeps llm = deny",
+    );
     expect_server_count(&server, 1, "only trial's connection may reach the provider");
-    let e = wait_event(&agent, "with verdict audit from trial", |e| e["workload"] == "trial");
+    let e = wait_event(&agent, "with verdict audit from trial", |e| {
+        e["workload"] == "trial"
+    });
     assert_eq!(e["verdict"], "audit", "{e}");
     assert_eq!(e["provider"], "test-llm", "{e}");
 }
@@ -467,8 +643,20 @@ fn workload_cgroup_created_after_start_is_enforced_within_2s() {
     let agent = Agent::start(&only_192_policy(&cg, ""));
     let created = Instant::now();
     let w = cg.child("w");
-    expect_eperm_within(&agent, &w, &ns, "198.51.100.1:8443", created, NEW_CGROUP_WAIT, "cgroup w created after start");
-    expect_ok(&agent, probe().connect(&w, &ns, "192.0.2.1:8443"), "the new cgroup's allow rule");
+    expect_eperm_within(
+        &agent,
+        &w,
+        &ns,
+        "198.51.100.1:8443",
+        created,
+        NEW_CGROUP_WAIT,
+        "cgroup w created after start",
+    );
+    expect_ok(
+        &agent,
+        probe().connect(&w, &ns, "192.0.2.1:8443"),
+        "the new cgroup's allow rule",
+    );
 }
 
 #[test]
@@ -481,11 +669,27 @@ fn nested_cgroup_below_a_workload_inherits_its_policy() {
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let agent = Agent::start(&only_192_policy(&cg, ""));
     let p = probe();
-    expect_eperm(&agent, p.connect(&deep, &ns, "198.51.100.1:8443"), "w/worker/deep inherits w's other = deny");
-    expect_ok(&agent, p.connect(&deep, &ns, "192.0.2.1:8443"), "w/worker/deep inherits w's allow");
+    expect_eperm(
+        &agent,
+        p.connect(&deep, &ns, "198.51.100.1:8443"),
+        "w/worker/deep inherits w's other = deny",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&deep, &ns, "192.0.2.1:8443"),
+        "w/worker/deep inherits w's allow",
+    );
     let created = Instant::now();
     let late = cg.child("w/late-child");
-    expect_eperm_within(&agent, &late, &ns, "198.51.100.1:8443", created, NEW_CGROUP_WAIT, "w/late-child made after start");
+    expect_eperm_within(
+        &agent,
+        &late,
+        &ns,
+        "198.51.100.1:8443",
+        created,
+        NEW_CGROUP_WAIT,
+        "w/late-child made after start",
+    );
 }
 
 #[test]
@@ -514,14 +718,42 @@ other = "deny"
 "#,
     ));
     let p = probe();
-    expect_eperm(&agent, p.connect(&p1, &ns, "198.51.100.1:8443"), "pods/p1 matches pods/*");
-    expect_ok(&agent, p.connect(&p1, &ns, "192.0.2.1:8443"), "pods/p1's allow rule");
-    expect_eperm(&agent, p.connect(&p2_ctr, &ns, "198.51.100.1:8443"), "pods/p2/ctr is below pods/p2, which matches pods/*");
-    expect_ok(&agent, p.connect(&pods, &ns, "198.51.100.1:8443"), "pods itself does not match pods/* (defaults apply)");
-    expect_ok(&agent, p.connect(&elsewhere, &ns, "198.51.100.1:8443"), "elsewhere does not match pods/*");
+    expect_eperm(
+        &agent,
+        p.connect(&p1, &ns, "198.51.100.1:8443"),
+        "pods/p1 matches pods/*",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&p1, &ns, "192.0.2.1:8443"),
+        "pods/p1's allow rule",
+    );
+    expect_eperm(
+        &agent,
+        p.connect(&p2_ctr, &ns, "198.51.100.1:8443"),
+        "pods/p2/ctr is below pods/p2, which matches pods/*",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&pods, &ns, "198.51.100.1:8443"),
+        "pods itself does not match pods/* (defaults apply)",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&elsewhere, &ns, "198.51.100.1:8443"),
+        "elsewhere does not match pods/*",
+    );
     let created = Instant::now();
     let p3 = cg.child("pods/p3");
-    expect_eperm_within(&agent, &p3, &ns, "198.51.100.1:8443", created, NEW_CGROUP_WAIT, "pods/p3 made after start");
+    expect_eperm_within(
+        &agent,
+        &p3,
+        &ns,
+        "198.51.100.1:8443",
+        created,
+        NEW_CGROUP_WAIT,
+        "pods/p3 made after start",
+    );
 }
 
 #[test]
@@ -545,9 +777,21 @@ other = "deny"
 "#,
     ));
     let p = probe();
-    expect_eperm(&agent, p.connect(&x, &ns, "198.51.100.1:8443"), "x.service is the unit workload x names");
-    expect_ok(&agent, p.connect(&x, &ns, "192.0.2.1:8443"), "x.service's allow rule");
-    expect_ok(&agent, p.connect(&y, &ns, "198.51.100.1:8443"), "y.service is in no workload (defaults.other = allow)");
+    expect_eperm(
+        &agent,
+        p.connect(&x, &ns, "198.51.100.1:8443"),
+        "x.service is the unit workload x names",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&x, &ns, "192.0.2.1:8443"),
+        "x.service's allow rule",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&y, &ns, "198.51.100.1:8443"),
+        "y.service is in no workload (defaults.other = allow)",
+    );
     let e = wait_event(&agent, "for x.service's deny", |e| e["verdict"] == "deny");
     assert_eq!(e["workload"], "x", "{e}");
 }
@@ -577,15 +821,34 @@ fn sighup_reloads_the_policy_and_bumps_the_generation() {
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let agent = Agent::start(&both_allowed_policy(&cg));
     let p = probe();
-    expect_ok(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "before the reload 198.51.100.0/24 is allowed");
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "before the reload 198.51.100.0/24 is allowed",
+    );
     let g0 = agent.generation();
     agent.rewrite_policy(&only_192_policy(&cg, ""));
     agent.sighup();
-    let g1 = wait_until(RELOAD_WAIT, Duration::from_millis(50), || Some(agent.generation()).filter(|g| *g > g0))
-        .unwrap_or_else(|| panic!("llm_egress_policy_generation stayed {g0} after SIGHUP\n{}", agent.context()));
+    let g1 = wait_until(RELOAD_WAIT, Duration::from_millis(50), || {
+        Some(agent.generation()).filter(|g| *g > g0)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "llm_egress_policy_generation stayed {g0} after SIGHUP\n{}",
+            agent.context()
+        )
+    });
     assert!(g1 > g0);
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "after the reload 198.51.100.0/24 is denied");
-    expect_ok(&agent, p.connect(&w, &ns, "192.0.2.1:8443"), "after the reload 192.0.2.0/24 is still allowed");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "after the reload 198.51.100.0/24 is denied",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "192.0.2.1:8443"),
+        "after the reload 192.0.2.0/24 is still allowed",
+    );
 }
 
 #[test]
@@ -597,7 +860,11 @@ fn policy_file_change_is_applied_without_a_signal() {
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let agent = Agent::start(&both_allowed_policy(&cg));
     let p = probe();
-    expect_ok(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "before the change 198.51.100.0/24 is allowed");
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "before the change 198.51.100.0/24 is allowed",
+    );
     let g0 = agent.generation();
     agent.rewrite_policy(&only_192_policy(&cg, ""));
     wait_until(RELOAD_WAIT, Duration::from_millis(50), || Some(agent.generation()).filter(|g| *g > g0))
@@ -607,7 +874,11 @@ fn policy_file_change_is_applied_without_a_signal() {
                 agent.context()
             )
         });
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "after the file change 198.51.100.0/24 is denied");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "after the file change 198.51.100.0/24 is denied",
+    );
 }
 
 #[test]
@@ -620,22 +891,52 @@ fn invalid_policy_on_reload_keeps_the_old_policy_in_force() {
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let mut agent = Agent::start(&only_192_policy(&cg, ""));
     let p = probe();
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "the first policy denies 198.51.100.0/24");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "the first policy denies 198.51.100.0/24",
+    );
     let g0 = agent.generation();
     // Would allow everything, if it were valid.
     let bad = only_192_policy(&cg, "").replace(r#"other = "deny""#, r#"other = "sometimes""#);
     agent.rewrite_policy(&bad);
     agent.sighup();
-    wait_until(RELOAD_WAIT, Duration::from_millis(50), || agent.stderr().contains("sometimes").then_some(()))
-        .unwrap_or_else(|| {
-            panic!("the agent's stderr does not mention the bad value \"sometimes\" after the reload\n{}", agent.context())
-        });
-    assert!(agent.is_running(), "an invalid reload must not stop the agent\n{}", agent.context());
-    assert_eq!(agent.generation(), g0, "an invalid policy must not become a new generation");
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "the old policy still denies 198.51.100.0/24");
-    expect_ok(&agent, p.connect(&w, &ns, "192.0.2.1:8443"), "the old policy still allows 192.0.2.0/24");
+    wait_until(RELOAD_WAIT, Duration::from_millis(50), || {
+        agent.stderr().contains("sometimes").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the agent's stderr does not mention the bad value \"sometimes\" after the reload\n{}",
+            agent.context()
+        )
+    });
+    assert!(
+        agent.is_running(),
+        "an invalid reload must not stop the agent\n{}",
+        agent.context()
+    );
+    assert_eq!(
+        agent.generation(),
+        g0,
+        "an invalid policy must not become a new generation"
+    );
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "the old policy still denies 198.51.100.0/24",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "192.0.2.1:8443"),
+        "the old policy still allows 192.0.2.0/24",
+    );
     let ready = agent.http_get("/readyz").map(|r| r.status).unwrap_or(0);
-    assert_eq!(ready, 200, "the agent stays ready with the old policy in force\n{}", agent.context());
+    assert_eq!(
+        ready,
+        200,
+        "the agent stays ready with the old policy in force\n{}",
+        agent.context()
+    );
 }
 
 #[test]
@@ -648,10 +949,22 @@ fn sigkilled_agent_leaves_the_last_policy_in_force() {
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let mut agent = Agent::start(&only_192_policy(&cg, ""));
     let p = probe();
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "while the agent runs");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "while the agent runs",
+    );
     agent.kill9();
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "after SIGKILL (failure_mode closed by default: pinned programs stay)");
-    expect_ok(&agent, p.connect(&w, &ns, "192.0.2.1:8443"), "after SIGKILL the allowed CIDR still works");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "after SIGKILL (failure_mode closed by default: pinned programs stay)",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "192.0.2.1:8443"),
+        "after SIGKILL the allowed CIDR still works",
+    );
 }
 
 #[test]
@@ -664,13 +977,22 @@ fn restarted_agent_adopts_the_pinned_programs() {
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let mut agent = Agent::start(&only_192_policy(&cg, ""));
     let p = probe();
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "before the restart");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "before the restart",
+    );
     let g0 = agent.generation();
     let attached_before = bpf::sock_addr_prog_counts(cg.path(), false);
     agent.kill9();
     agent.restart_same();
     let g1 = agent.generation();
-    assert_eq!(g1, g0 + 1, "the restarted agent's generation continues from the old one\n{}", agent.context());
+    assert_eq!(
+        g1,
+        g0 + 1,
+        "the restarted agent's generation continues from the old one\n{}",
+        agent.context()
+    );
     assert!(
         agent.stderr().to_lowercase().contains("adopt"),
         "the restarted agent should log that it adopted the pinned programs\n{}",
@@ -678,12 +1000,21 @@ fn restarted_agent_adopts_the_pinned_programs() {
     );
     let attached_after = bpf::sock_addr_prog_counts(cg.path(), false);
     assert_eq!(
-        attached_after, attached_before,
+        attached_after,
+        attached_before,
         "adopting must not attach a second set of programs to the cgroup\n{}",
         agent.context()
     );
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "after the restart");
-    expect_ok(&agent, p.connect(&w, &ns, "192.0.2.1:8443"), "after the restart the allowed CIDR works");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "after the restart",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "192.0.2.1:8443"),
+        "after the restart the allowed CIDR works",
+    );
 }
 
 #[test]
@@ -695,18 +1026,45 @@ fn clean_stop_detaches_the_programs() {
     let s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let mut agent = Agent::start(&only_192_policy(&cg, ""));
     let p = probe();
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "while the agent runs");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "while the agent runs",
+    );
     let attached = bpf::sock_addr_prog_counts(cg.path(), false);
-    assert!(attached.iter().all(|(_, n)| *n >= 1), "the agent should attach all four sock_addr hooks: {attached:?}");
+    assert!(
+        attached.iter().all(|(_, n)| *n >= 1),
+        "the agent should attach all four sock_addr hooks: {attached:?}"
+    );
     let status = agent.stop();
-    assert!(status.success(), "SIGTERM should end the agent cleanly, it exited {status}\n{}", agent.context());
-    expect_ok(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "after a clean stop nothing is enforced");
-    expect_server_count(&s198, 1, "the connection after the stop must reach the server");
+    assert!(
+        status.success(),
+        "SIGTERM should end the agent cleanly, it exited {status}\n{}",
+        agent.context()
+    );
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "after a clean stop nothing is enforced",
+    );
+    expect_server_count(
+        &s198,
+        1,
+        "the connection after the stop must reach the server",
+    );
     let attached = bpf::sock_addr_prog_counts(cg.path(), false);
-    assert!(attached.iter().all(|(_, n)| *n == 0), "programs still attached after a clean stop: {attached:?}");
-    let links: Vec<_> =
-        bpf::pinned_objects(agent.pin_path()).into_iter().filter(|o| o.kind == ObjKind::Link).collect();
-    assert!(links.is_empty(), "links still pinned after a clean stop: {links:?}");
+    assert!(
+        attached.iter().all(|(_, n)| *n == 0),
+        "programs still attached after a clean stop: {attached:?}"
+    );
+    let links: Vec<_> = bpf::pinned_objects(agent.pin_path())
+        .into_iter()
+        .filter(|o| o.kind == ObjKind::Link)
+        .collect();
+    assert!(
+        links.is_empty(),
+        "links still pinned after a clean stop: {links:?}"
+    );
 }
 
 #[test]
@@ -718,7 +1076,11 @@ fn failure_mode_open_detaches_when_the_agent_is_killed() {
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
     let mut agent = Agent::start(&only_192_policy(&cg, r#"failure_mode = "open""#));
     let p = probe();
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "while the agent runs");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "while the agent runs",
+    );
     agent.kill9();
     let r = wait_until(Duration::from_secs(2), Duration::from_millis(50), || {
         let r = p.connect(&w, &ns, "198.51.100.1:8443");
@@ -744,7 +1106,9 @@ fn connections_total_counts_each_deny_exactly_once() {
     let metric = "llm_egress_connections_total";
     let before = agent.metric_value(metric, &labels).unwrap_or(0.0);
     assert_eq!(before, 0.0, "no deny was counted yet");
-    let cmds: Vec<ProbeCmd> = (0..5).map(|_| ProbeCmd::Connect("198.51.100.1:8443".into())).collect();
+    let cmds: Vec<ProbeCmd> = (0..5)
+        .map(|_| ProbeCmd::Connect("198.51.100.1:8443".into()))
+        .collect();
     let run = probe().run(&w, &ns, &cmds);
     for r in &run.results {
         expect_eperm(&agent, r.as_result(), "each of the 5 connects is denied");

@@ -17,7 +17,10 @@ fn probe() -> Probe {
 }
 
 fn netns_listed(name: &str) -> bool {
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .any(|l| l.split_whitespace().next() == Some(name))
@@ -32,16 +35,30 @@ fn probe_connects_over_ipv4_ipv6_and_ipv4_mapped_ipv6() {
     let v6 = TcpServer::start(&ns, "[2001:db8::1]:8443");
     let p = probe();
     let dir = cg.child("client");
-    for addr in ["192.0.2.1:8443", "[2001:db8::1]:8443", "[::ffff:192.0.2.1]:8443"] {
+    for addr in [
+        "192.0.2.1:8443",
+        "[2001:db8::1]:8443",
+        "[::ffff:192.0.2.1]:8443",
+    ] {
         let r = p.connect(&dir, &ns, addr);
-        assert_eq!(r, Ok(()), "probe connect to {addr} in {} failed: {}", ns.name(), describe(&r));
+        assert_eq!(
+            r,
+            Ok(()),
+            "probe connect to {addr} in {} failed: {}",
+            ns.name(),
+            describe(&r)
+        );
     }
     assert_eq!(
         v4.wait_for_count(2, WAIT),
         2,
         "the IPv4 server should have accepted 192.0.2.1 and its IPv4-mapped form [::ffff:192.0.2.1]"
     );
-    assert_eq!(v6.wait_for_count(1, WAIT), 1, "the IPv6 server should have accepted one connection");
+    assert_eq!(
+        v6.wait_for_count(1, WAIT),
+        1,
+        "the IPv6 server should have accepted one connection"
+    );
 }
 
 #[test]
@@ -50,9 +67,19 @@ fn probe_reports_errno_of_a_refused_connect() {
     let cg = CgroupGuard::new("harness-refused");
     let ns = NetnsGuard::new();
     let r = probe().connect(cg.path(), &ns, "203.0.113.1:1");
-    assert_eq!(r, Err(libc::ECONNREFUSED), "nothing listens on 203.0.113.1:1, got {}", describe(&r));
+    assert_eq!(
+        r,
+        Err(libc::ECONNREFUSED),
+        "nothing listens on 203.0.113.1:1, got {}",
+        describe(&r)
+    );
     let r = probe().udp_connect(cg.path(), &ns, "[fd00:20::1]:9");
-    assert_eq!(r, Ok(()), "a UDP send to a closed port still succeeds locally, got {}", describe(&r));
+    assert_eq!(
+        r,
+        Ok(()),
+        "a UDP send to a closed port still succeeds locally, got {}",
+        describe(&r)
+    );
 }
 
 #[test]
@@ -70,7 +97,11 @@ fn probe_joins_the_given_cgroup_and_reports_its_pid() {
         cgroup.ends_with(&expected),
         "the probe should run in cgroup ...{expected}, /proc/self/cgroup said {cgroup:?}"
     );
-    assert_eq!(line["pid"].as_u64(), Some(u64::from(run.pid)), "the probe's reported pid is its process id");
+    assert_eq!(
+        line["pid"].as_u64(),
+        Some(u64::from(run.pid)),
+        "the probe's reported pid is its process id"
+    );
 }
 
 #[test]
@@ -95,8 +126,16 @@ fn udp_datagrams_arrive_sent_and_connected() {
     for r in &run.results {
         assert!(r.ok, "UDP send failed: {}", r.raw);
     }
-    assert_eq!(v4.wait_for_count(3, WAIT), 3, "the IPv4 UDP server should have received 3 datagrams");
-    assert_eq!(v6.wait_for_count(2, WAIT), 2, "the IPv6 UDP server should have received 2 datagrams");
+    assert_eq!(
+        v4.wait_for_count(3, WAIT),
+        3,
+        "the IPv4 UDP server should have received 3 datagrams"
+    );
+    assert_eq!(
+        v6.wait_for_count(2, WAIT),
+        2,
+        "the IPv6 UDP server should have received 2 datagrams"
+    );
 }
 
 #[test]
@@ -106,12 +145,26 @@ fn connect_loop_reports_count_elapsed_and_failures() {
     let ns = NetnsGuard::new();
     let srv = TcpServer::start(&ns, "10.20.0.1:8443");
     let report = probe().connect_loop(cg.path(), &ns, "10.20.0.1:8443", 20);
-    assert_eq!((report.n, report.failures), (20, 0), "20 connects to a listening server: {report:?}");
-    assert!(report.elapsed_ns > 0, "elapsed time must be measured: {report:?}");
-    assert_eq!(srv.wait_for_count(20, WAIT), 20, "the server should have accepted all 20");
+    assert_eq!(
+        (report.n, report.failures),
+        (20, 0),
+        "20 connects to a listening server: {report:?}"
+    );
+    assert!(
+        report.elapsed_ns > 0,
+        "elapsed time must be measured: {report:?}"
+    );
+    assert_eq!(
+        srv.wait_for_count(20, WAIT),
+        20,
+        "the server should have accepted all 20"
+    );
 
     let report = probe().connect_loop(cg.path(), &ns, "10.20.0.1:1", 5);
-    assert_eq!(report.failures, 5, "connects to a closed port all fail: {report:?}");
+    assert_eq!(
+        report.failures, 5,
+        "connects to a closed port all fail: {report:?}"
+    );
     assert_eq!(report.errno, Some(libc::ECONNREFUSED), "{report:?}");
 }
 
@@ -127,9 +180,14 @@ fn netns_has_only_the_test_interfaces() {
             .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
             .collect()
     });
-    assert!(ifaces.contains(&"lo".to_string()) && ifaces.contains(&"d0".to_string()), "{ifaces:?}");
     assert!(
-        ifaces.iter().all(|i| ["lo", "d0", "d0p"].contains(&i.as_str())),
+        ifaces.contains(&"lo".to_string()) && ifaces.contains(&"d0".to_string()),
+        "{ifaces:?}"
+    );
+    assert!(
+        ifaces
+            .iter()
+            .all(|i| ["lo", "d0", "d0p"].contains(&i.as_str())),
         "the namespace should hold nothing but lo and d0 (and its veth peer): {ifaces:?}"
     );
     let addrs = ns.ip(&["addr", "show", "dev", "d0"]);
@@ -137,7 +195,10 @@ fn netns_has_only_the_test_interfaces() {
         assert!(addrs.contains(a), "d0 should carry {a}:\n{addrs}");
     }
     assert!(
-        addrs.lines().filter(|l| l.contains("scope global")).all(|l| !l.contains("tentative")),
+        addrs
+            .lines()
+            .filter(|l| l.contains("scope global"))
+            .all(|l| !l.contains("tentative")),
         "the test IPv6 addresses must be usable at once (nodad):\n{addrs}"
     );
 }
@@ -148,8 +209,12 @@ fn guards_leave_no_cgroup_netns_or_pin_dir_behind() {
     let cg = CgroupGuard::new("harness-cleanup");
     let ns = NetnsGuard::new();
     let pin = PinDir::new();
-    let (cg_path, ns_name, ns_path, pin_path) =
-        (cg.path().to_path_buf(), ns.name().to_string(), ns.path(), pin.path().to_path_buf());
+    let (cg_path, ns_name, ns_path, pin_path) = (
+        cg.path().to_path_buf(),
+        ns.name().to_string(),
+        ns.path(),
+        pin.path().to_path_buf(),
+    );
     let leaf = cg.child("x/y/z");
     cg.child("x/w");
     assert!(leaf.is_dir());
@@ -160,16 +225,34 @@ fn guards_leave_no_cgroup_netns_or_pin_dir_behind() {
     let pinned = bpf::pinned_objects(&pin_path);
     assert_eq!(pinned.len(), 1, "{pinned:?}");
     assert_eq!(pinned[0].kind, ObjKind::Map, "{pinned:?}");
-    assert!(netns_listed(&ns_name), "netns {ns_name} should exist while its guard lives");
+    assert!(
+        netns_listed(&ns_name),
+        "netns {ns_name} should exist while its guard lives"
+    );
 
     drop(pin);
     drop(ns);
     drop(cg);
 
-    assert!(!cg_path.exists(), "the cgroup {} is still there after drop", cg_path.display());
-    assert!(!ns_path.exists(), "the netns file {} is still there after drop", ns_path.display());
-    assert!(!netns_listed(&ns_name), "`ip netns list` still shows {ns_name}");
-    assert!(!pin_path.exists(), "the pin dir {} is still there after drop", pin_path.display());
+    assert!(
+        !cg_path.exists(),
+        "the cgroup {} is still there after drop",
+        cg_path.display()
+    );
+    assert!(
+        !ns_path.exists(),
+        "the netns file {} is still there after drop",
+        ns_path.display()
+    );
+    assert!(
+        !netns_listed(&ns_name),
+        "`ip netns list` still shows {ns_name}"
+    );
+    assert!(
+        !pin_path.exists(),
+        "the pin dir {} is still there after drop",
+        pin_path.display()
+    );
 }
 
 #[test]
@@ -177,14 +260,25 @@ fn cgroup_guard_kills_what_runs_inside_on_drop() {
     require_root();
     let cg = CgroupGuard::new("harness-kill");
     let dir = cg.child("busy/deeper");
-    let mut sleeper = Command::new("sleep").arg("300").spawn().expect("spawn sleep");
-    std::fs::write(dir.join("cgroup.procs"), sleeper.id().to_string()).expect("move sleep into the cgroup");
+    let mut sleeper = Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .expect("spawn sleep");
+    std::fs::write(dir.join("cgroup.procs"), sleeper.id().to_string())
+        .expect("move sleep into the cgroup");
     assert_eq!(cg.procs("busy/deeper"), vec![sleeper.id()]);
     let path = cg.path().to_path_buf();
     drop(cg);
     let status = sleeper.wait().expect("wait for sleep");
-    assert!(!status.success(), "the sleeper should have been killed by cgroup.kill, it exited {status}");
-    assert!(!path.exists(), "the cgroup {} is still there after drop", path.display());
+    assert!(
+        !status.success(),
+        "the sleeper should have been killed by cgroup.kill, it exited {status}"
+    );
+    assert!(
+        !path.exists(),
+        "the cgroup {} is still there after drop",
+        path.display()
+    );
 }
 
 #[test]
@@ -203,7 +297,10 @@ fn a_fresh_cgroup_has_no_sock_addr_programs() {
     require_root();
     let cg = CgroupGuard::new("harness-query");
     let counts = bpf::sock_addr_prog_counts(cg.path(), false);
-    assert!(counts.iter().all(|(_, n)| *n == 0), "nothing should be attached to a new cgroup: {counts:?}");
+    assert!(
+        counts.iter().all(|(_, n)| *n == 0),
+        "nothing should be attached to a new cgroup: {counts:?}"
+    );
 }
 
 #[test]
@@ -214,5 +311,9 @@ fn agent_binary_is_looked_up_next_to_the_test_deps() {
     let bin = agent_bin();
     assert_eq!(bin.file_name().and_then(|n| n.to_str()), Some("llm-egress"));
     let probe = Path::new(env!("CARGO_BIN_EXE_egress-probe"));
-    assert_eq!(bin.parent(), probe.parent(), "the agent is expected beside egress-probe in target/<profile>/");
+    assert_eq!(
+        bin.parent(),
+        probe.parent(),
+        "the agent is expected beside egress-probe in target/<profile>/"
+    );
 }

@@ -44,6 +44,10 @@ pub fn builtin() -> Result<&'static [Provider], &'static PolicyErrors> {
 }
 
 /// The display name of built-in provider `name` ("OpenAI" for `openai`).
+#[allow(
+    dead_code,
+    reason = "for listings (`llm-egress providers`); tested here"
+)]
 pub fn display_name(name: &str) -> Option<&'static str> {
     let c = catalog().ok()?;
     let index = c.providers.iter().position(|p| p.name == name)?;
@@ -75,7 +79,11 @@ mod tests {
             let ports = if p.ports.is_empty() {
                 "any".to_owned()
             } else {
-                p.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+                p.ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             out.push_str(&format!(
                 "| `{}` | {display} | {} | {ports} |\n",
@@ -92,7 +100,10 @@ mod tests {
         assert!(entries.len() >= 26, "{} providers", entries.len());
         let providers = builtin().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(providers.len(), entries.len());
-        assert!(providers.iter().all(|p| p.ports == [443]), "every catalog entry is HTTPS");
+        assert!(
+            providers.iter().all(|p| p.ports == [443]),
+            "every catalog entry is HTTPS"
+        );
     }
 
     #[test]
@@ -138,7 +149,10 @@ mod tests {
         for (name, host) in required {
             let p = providers.iter().find(|p| p.name == name);
             let p = p.unwrap_or_else(|| panic!("catalog has no provider {name:?}"));
-            assert!(p.hosts.iter().any(|h| h == host), "{name} lacks host {host}");
+            assert!(
+                p.hosts.iter().any(|h| h == host),
+                "{name} lacks host {host}"
+            );
         }
     }
 
@@ -160,7 +174,11 @@ mod tests {
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["provider[1].display", "provider[1].hosts[0]"]);
         assert_eq!((errors[1].origin.as_str(), errors[1].line), (ORIGIN, 10));
-        assert!(errors[1].message.contains("already a host of provider `a`"), "{}", errors[1]);
+        assert!(
+            errors[1].message.contains("already a host of provider `a`"),
+            "{}",
+            errors[1]
+        );
     }
 
     #[test]

@@ -41,7 +41,14 @@ impl PolicyError {
     ) -> Self {
         let (line, column) = line_column(text, span.start);
         let value = quote_value.then(|| source_value(text, span));
-        Self { origin: origin.to_owned(), line, column, key: key.into(), value, message: message.into() }
+        Self {
+            origin: origin.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            value,
+            message: message.into(),
+        }
     }
 
     /// An error about the whole file, with no position (it cannot be read).

@@ -1,14 +1,41 @@
-//! The serde mirror of the policy TOML, and of the catalog's providers.toml.
+//! What a policy file (and the catalog's providers.toml) may contain: the
+//! serde mirror of the TOML, and the syntax of each single value.
 //!
-//! These structs only give the text a shape: unknown keys and wrong types
-//! are rejected here (`deny_unknown_fields`), everything else is checked by
-//! `validate`. Values that need checking are [`Spanned`] so an error can name
-//! the line and column of the value; enum-like strings stay strings so the
-//! error can list the accepted words. A key left out is `None` or empty;
-//! `validate` applies the defaults (its `DEFAULT_*` constants).
+//! The structs give the text its shape: unknown keys and wrong types are
+//! rejected here (`deny_unknown_fields`), with the position toml reports.
+//! Values that need checking are [`Spanned`] so an error can name their line
+//! and column; enum-like strings stay strings so the error can list the
+//! accepted words. A key left out is `None` or empty; `validate` applies the
+//! defaults (its `DEFAULT_*` constants). The value checks at the end (host
+//! names, CIDRs, names, globs, units, addresses) each take one value and
+//! return it normalized or say why it is wrong; `validate` calls them and
+//! checks what depends on more than one value.
 
-use serde::Deserialize;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use globset::GlobBuilder;
+use ipnet::IpNet;
+use serde::{Deserialize, de::DeserializeOwned};
 use toml::Spanned;
+
+use super::{AuditLog, NO_WORKLOAD_NAME, PolicyError};
+
+/// Port of a resolver server given without one.
+const DNS_PORT: u16 = 53;
+const MAX_NAME_LEN: usize = 64;
+const MAX_HOST_LEN: usize = 253;
+const MAX_LABEL_LEN: usize = 63;
+const UNIT_SUFFIXES: &[&str] = &[".service", ".scope", ".slice", ".socket"];
+
+/// Parses `text` into its mirror; a syntax or shape error (unknown key,
+/// wrong type) becomes a [`PolicyError`] at its position.
+pub(super) fn from_str<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, PolicyError> {
+    toml::from_str(text).map_err(|e| toml_error(origin, text, &e))
+}
 
 /// The whole policy file.
 #[derive(Debug, Default, Deserialize)]
@@ -97,4 +124,297 @@ pub(super) struct CatalogEntryFile {
     #[serde(default)]
     pub cidrs: Vec<Spanned<String>>,
     pub ports: Spanned<Vec<Spanned<i64>>>,
+}
+
+// ---- The syntax of single values: Ok(normalized value) or Err(why). ----
+
+pub(super) fn absolute(s: &str) -> Result<PathBuf, String> {
+    if Path::new(s).is_absolute() {
+        Ok(PathBuf::from(s))
+    } else {
+        Err("must be an absolute path".to_owned())
+    }
+}
+
+pub(super) fn metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        "not a socket address (like 127.0.0.1:9469 or [::1]:9469) or \"off\"".to_owned()
+    })
+}
+
+pub(super) fn audit_log(s: &str) -> Result<AuditLog, String> {
+    match s {
+        "-" => Ok(AuditLog::Stdout),
+        "off" => Ok(AuditLog::Off),
+        _ if Path::new(s).is_absolute() => Ok(AuditLog::File(PathBuf::from(s))),
+        _ => Err("expected \"-\" (stdout), \"off\" or an absolute path".to_owned()),
+    }
+}
+
+/// A resolver server: `ip:port`, or `ip` for port 53.
+pub(super) fn server(s: &str) -> Result<SocketAddr, String> {
+    let addr = match s.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            let bare = s
+                .strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .unwrap_or(s);
+            let ip: IpAddr = bare.parse().map_err(|_| {
+                "not an IP address or IP:port (like 10.0.0.53, 10.0.0.53:5353 or [2001:db8::53]:53)"
+                    .to_owned()
+            })?;
+            SocketAddr::new(ip, DNS_PORT)
+        }
+    };
+    if addr.port() == 0 {
+        return Err("port 0 is not a port".to_owned());
+    }
+    Ok(addr)
+}
+
+/// A provider name: 1 to 64 of `[a-z0-9-_.]`, not an address.
+pub(super) fn provider_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_NAME_LEN {
+        return Err(format!("must be 1 to {MAX_NAME_LEN} characters"));
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
+    if !s.chars().all(allowed) {
+        return Err("only lower-case letters, digits, '-', '_' and '.' are allowed".to_owned());
+    }
+    if s == NO_WORKLOAD_NAME {
+        return Err(format!(
+            "\"{NO_WORKLOAD_NAME}\" is reserved (the provider label of other destinations)"
+        ));
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Err(
+            "looks like an IP address; `allow` and `deny` could not tell them apart".to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// A workload name: 1 to 64 of `[A-Za-z0-9_.-]`, not "none".
+pub(super) fn workload_name(s: &str) -> Result<(), String> {
+    if s.eq_ignore_ascii_case(NO_WORKLOAD_NAME) {
+        return Err(format!(
+            "\"{NO_WORKLOAD_NAME}\" is reserved for processes in no workload"
+        ));
+    }
+    if s.is_empty() || s.len() > MAX_NAME_LEN {
+        return Err(format!("must be 1 to {MAX_NAME_LEN} characters"));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        return Err("only letters, digits, '_', '.' and '-' are allowed".to_owned());
+    }
+    Ok(())
+}
+
+/// A host name, lower-cased and without its trailing dot; `*.` in front
+/// makes it a wildcard for every name below.
+pub(super) fn host(s: &str) -> Result<String, String> {
+    let lower = s.to_ascii_lowercase();
+    let h = lower.strip_suffix('.').unwrap_or(&lower);
+    if h.is_empty() {
+        return Err("empty host name".to_owned());
+    }
+    if h.parse::<IpAddr>().is_ok() {
+        return Err("an IP address, not a host name: put it in `cidrs`".to_owned());
+    }
+    if h.len() > MAX_HOST_LEN {
+        return Err(format!("longer than {MAX_HOST_LEN} characters"));
+    }
+    let (wildcard, rest) = match h.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, h),
+    };
+    for label in rest.split('.') {
+        if label.is_empty() {
+            return Err("empty label (a leading dot or two dots in a row)".to_owned());
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Err(if c == '*' {
+                "a wildcard is only a leading \"*.\"".to_owned()
+            } else {
+                format!(
+                    "{c:?} is not allowed: only letters, digits, '-' and '.' (IDNs in xn-- form)"
+                )
+            });
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(format!(
+                "label \"{label}\" is longer than {MAX_LABEL_LEN} characters"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label \"{label}\" starts or ends with '-'"));
+        }
+    }
+    if wildcard && rest.split('.').count() < 2 {
+        return Err("a wildcard needs at least two labels after \"*.\"".to_owned());
+    }
+    Ok(h.to_owned())
+}
+
+/// A network: `10.0.0.0/8`, `2001:db8::/32`, or a bare address (/32, /128).
+pub(super) fn cidr(s: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| "not an IP address or CIDR (like 10.0.0.0/8 or 2001:db8::/32)".to_owned())?;
+    if net.trunc() != net {
+        return Err(format!("host bits set; did you mean {}?", net.trunc()));
+    }
+    Ok(net)
+}
+
+pub(super) fn port(n: i64) -> Result<u16, String> {
+    match u16::try_from(n) {
+        Ok(0) => Err("port 0 is not a port (leave `ports` out for every port)".to_owned()),
+        Ok(p) => Ok(p),
+        Err(_) => Err("not a port (1 to 65535)".to_owned()),
+    }
+}
+
+/// A workload's cgroup glob, relative to the attach cgroup, without a
+/// trailing slash.
+pub(super) fn cgroup_glob(s: &str) -> Result<String, String> {
+    if s.starts_with('/') {
+        return Err(
+            "must be relative to the attach cgroup (`cgroup`): drop the leading '/'".to_owned(),
+        );
+    }
+    let s = s.trim_end_matches('/');
+    if s.is_empty() {
+        return Err("empty cgroup glob".to_owned());
+    }
+    if s.split('/').any(|part| part == "..") {
+        return Err("must not contain \"..\"".to_owned());
+    }
+    if s.split('/').any(|part| part.is_empty() || part == ".") {
+        return Err("empty or \".\" path component".to_owned());
+    }
+    GlobBuilder::new(s)
+        .literal_separator(true)
+        .build()
+        .map_err(|e| format!("not a valid glob: {}", e.kind()))?;
+    Ok(s.to_owned())
+}
+
+pub(super) fn systemd_unit(s: &str) -> Result<String, String> {
+    if s.contains('/') || s.chars().any(char::is_whitespace) {
+        return Err("a unit name (like app.service), not a path".to_owned());
+    }
+    if !UNIT_SUFFIXES
+        .iter()
+        .any(|suffix| s.len() > suffix.len() && s.ends_with(suffix))
+    {
+        return Err(format!("must end in {}", UNIT_SUFFIXES.join(", ")));
+    }
+    Ok(s.to_owned())
+}
+
+/// A TOML syntax or shape error (unknown key, wrong type) as a policy
+/// error. The key is a best effort from the message and the nearest table
+/// header above the position.
+fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> PolicyError {
+    let span = e.span().unwrap_or(0..0);
+    let message = e.message().trim().replace('\n', "; ");
+    let key = toml_error_key(text, span.start, e.message());
+    PolicyError::at(origin, text, span, key, false, message)
+}
+
+pub(super) fn toml_error_key(text: &str, offset: usize, message: &str) -> String {
+    let offset = (0..=offset.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let mut table = String::new();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for line in text[..line_end].lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = name.trim();
+            let n = counts.entry(name).or_default();
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            table = name.trim().to_owned();
+        }
+    }
+    let quoted = |prefix: &str| {
+        message
+            .strip_prefix(prefix)
+            .and_then(|m| m.split('`').next())
+            .map(str::to_owned)
+    };
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let on_line = text[line_start..offset]
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_owned());
+    let field = quoted("unknown field `")
+        .or_else(|| quoted("missing field `"))
+        .or(on_line);
+    match field {
+        Some(f) if table.is_empty() => f,
+        Some(f) if !f.starts_with('[') => format!("{table}.{f}"),
+        _ => table,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_error_keys_are_a_best_effort() {
+        assert_eq!(toml_error_key("[a]\nb = 1\n", 8, "invalid type"), "a.b");
+        let text = "[[w]]\n[[w]]\nx = 1\n";
+        assert_eq!(
+            toml_error_key(text, 12, "unknown field `x`, expected"),
+            "w[1].x"
+        );
+        assert_eq!(
+            toml_error_key("[[w]]\ny = 2\n", 0, "missing field `name`"),
+            "w[0].name"
+        );
+        assert_eq!(toml_error_key("a = [\n 1]\n", 7, "invalid"), "");
+    }
+
+    #[test]
+    fn resolver_servers() {
+        let parsed = |s: &str| server(s).map(|a| a.to_string());
+        assert_eq!(parsed("10.0.0.53"), Ok("10.0.0.53:53".to_owned()));
+        assert_eq!(parsed("10.0.0.53:5353"), Ok("10.0.0.53:5353".to_owned()));
+        assert_eq!(parsed("2001:db8::53"), Ok("[2001:db8::53]:53".to_owned()));
+        assert_eq!(parsed("[2001:db8::53]"), Ok("[2001:db8::53]:53".to_owned()));
+        assert_eq!(
+            parsed("[2001:db8::53]:5353"),
+            Ok("[2001:db8::53]:5353".to_owned())
+        );
+        assert!(parsed("dns.example:53").is_err());
+    }
+
+    #[test]
+    fn cgroup_globs_are_normalized() {
+        assert_eq!(cgroup_glob("pods/*/"), Ok("pods/*".to_owned()));
+        assert_eq!(
+            cgroup_glob("users/**/jupyter-*"),
+            Ok("users/**/jupyter-*".to_owned())
+        );
+        assert!(cgroup_glob("/").is_err());
+        assert!(cgroup_glob("").is_err());
+    }
 }

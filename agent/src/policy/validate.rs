@@ -4,8 +4,11 @@
 //! one run reports every problem of a file; a policy with any error is
 //! rejected as a whole. Each error names the line and column of the value it
 //! is about (from `toml::Spanned`), its dotted key and the value as written.
-//! The built-in catalog (`crate::catalog`) is parsed with the same checks,
-//! and merged here with the policy's `[[providers]]`.
+//! `file` knows what a single value may look like; this module knows what
+//! the values mean together: defaults, the merge of the built-in catalog
+//! (`crate::catalog`, parsed with the same checks) with the policy's
+//! `[[providers]]`, unique names and selectors, and `allow`/`deny` entries
+//! that name providers of the merged list.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,16 +18,19 @@ use std::{
     time::Duration,
 };
 
-use globset::GlobBuilder;
 use ipnet::IpNet;
 use llm_egress_common::MAX_PORTS;
 use toml::Spanned;
 
 use super::{
-    Action, AuditLog, Defaults, FailureMode, Mode, NO_WORKLOAD_NAME, OnExit, Policy, PolicyError,
-    PolicyErrors, Provider, ResolverConfig, Selector, Target, Workload,
+    Action, AuditLog, Defaults, FailureMode, Mode, OnExit, Policy, PolicyError, PolicyErrors,
+    Provider, ResolverConfig, Selector, Target, Workload,
     error::line_column,
-    file::{CatalogFile, PolicyFile, ProviderFile, WorkloadFile},
+    file::{
+        self, CatalogFile, PolicyFile, ProviderFile, WorkloadFile, absolute, audit_log,
+        cgroup_glob, cidr, host, metrics_listen, port, provider_name, server, systemd_unit,
+        workload_name,
+    },
 };
 
 // The defaults of the keys a policy leaves out (docs/policy.md lists them).
@@ -41,34 +47,33 @@ const DEFAULT_LLM: Action = Action::Deny;
 const DEFAULT_OTHER: Action = Action::Allow;
 const DEFAULT_REFRESH_SECONDS: u64 = 30;
 const MAX_REFRESH_SECONDS: i64 = 86_400;
-/// Port of a resolver server given without one.
-const DNS_PORT: u16 = 53;
-const MAX_NAME_LEN: usize = 64;
-const MAX_HOST_LEN: usize = 253;
-const MAX_LABEL_LEN: usize = 63;
 
 const MODES: &[(&str, Mode)] = &[("enforce", Mode::Enforce), ("audit", Mode::Audit)];
-const ACTIONS: &[(&str, Action)] =
-    &[("allow", Action::Allow), ("deny", Action::Deny), ("audit", Action::Audit)];
+const ACTIONS: &[(&str, Action)] = &[
+    ("allow", Action::Allow),
+    ("deny", Action::Deny),
+    ("audit", Action::Audit),
+];
 const FAILURE_MODES: &[(&str, FailureMode)] =
     &[("closed", FailureMode::Closed), ("open", FailureMode::Open)];
 const ON_EXITS: &[(&str, OnExit)] = &[("detach", OnExit::Detach), ("keep", OnExit::Keep)];
-const UNIT_SUFFIXES: &[&str] = &[".service", ".scope", ".slice", ".socket"];
 
 impl Policy {
     /// Reads and validates the policy file at `path`.
     pub fn from_path(path: &Path) -> Result<Policy, PolicyErrors> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
-            PolicyErrors(vec![PolicyError::whole_file(&origin, format!("cannot read the policy: {e}"))])
+            PolicyErrors(vec![PolicyError::whole_file(
+                &origin,
+                format!("cannot read the policy: {e}"),
+            )])
         })?;
         Self::parse(&text, &origin)
     }
 
     /// Validates policy `text`; `origin` names it in errors (a path).
     pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyErrors> {
-        let file: PolicyFile =
-            toml::from_str(text).map_err(|e| PolicyErrors(vec![toml_error(origin, text, &e)]))?;
+        let file: PolicyFile = file::from_str(text, origin).map_err(|e| PolicyErrors(vec![e]))?;
         let mut c = Checker::new(origin, text);
         let catalog = match crate::catalog::builtin() {
             Ok(catalog) => catalog,
@@ -107,12 +112,14 @@ impl Policy {
     }
 
     /// Id of provider `name` in the kernel maps: its index + 1.
+    #[allow(dead_code, reason = "the id rule for callers that look up by name")]
     pub fn provider_id(&self, name: &str) -> Option<u32> {
         let index = self.providers.iter().position(|p| p.name == name)?;
         u32::try_from(index + 1).ok()
     }
 
     /// Id of workload `name` in the kernel maps: its index + 1.
+    #[allow(dead_code, reason = "the id rule for callers that look up by name")]
     pub fn workload_id(&self, name: &str) -> Option<u32> {
         let index = self.workloads.iter().position(|w| w.name == name)?;
         u32::try_from(index + 1).ok()
@@ -127,8 +134,7 @@ impl Provider {
         text: &str,
         origin: &str,
     ) -> Result<Vec<(Provider, String)>, PolicyErrors> {
-        let file: CatalogFile =
-            toml::from_str(text).map_err(|e| PolicyErrors(vec![toml_error(origin, text, &e)]))?;
+        let file: CatalogFile = file::from_str(text, origin).map_err(|e| PolicyErrors(vec![e]))?;
         let mut c = Checker::new(origin, text);
         let mut out = Vec::new();
         let mut names = HashMap::new();
@@ -136,7 +142,9 @@ impl Provider {
         for (i, entry) in file.provider.iter().enumerate() {
             let key = format!("provider[{i}]");
             let e = entry.get_ref();
-            let mut ok = c.check(&e.name, &format!("{key}.name"), |n| provider_name(n)).is_some();
+            let mut ok = c
+                .check(&e.name, &format!("{key}.name"), |n| provider_name(n))
+                .is_some();
             ok &= c.unique(&mut names, &e.name, &format!("{key}.name"), "provider");
             if e.display.get_ref().trim().is_empty() {
                 c.error(&e.display, &format!("{key}.display"), "must not be empty");
@@ -186,16 +194,21 @@ struct Claims {
 
 impl<'a> Checker<'a> {
     fn new(origin: &'a str, text: &'a str) -> Self {
-        Self { origin, text, errors: Vec::new() }
+        Self {
+            origin,
+            text,
+            errors: Vec::new(),
+        }
     }
 
-    /// `value` on error, or the errors sorted by position.
+    /// `Ok(value)` when nothing was wrong, else every error, by position.
     fn finish<T>(mut self, value: T) -> Result<T, PolicyErrors> {
         if self.errors.is_empty() {
             return Ok(value);
         }
         let origin = self.origin;
-        self.errors.sort_by_key(|e| (e.origin == origin, e.line, e.column));
+        self.errors
+            .sort_by_key(|e| (e.origin == origin, e.line, e.column));
         Err(PolicyErrors(self.errors))
     }
 
@@ -270,22 +283,46 @@ impl<'a> Checker<'a> {
 
     fn policy(&mut self, f: &PolicyFile, catalog: &[Provider]) -> Policy {
         let mode = self.choice(f.mode.as_ref(), "mode", MODES, DEFAULT_MODE);
-        let cgroup = f.cgroup.as_ref().and_then(|v| self.check(v, "cgroup", |s| absolute(s)));
+        let cgroup = f
+            .cgroup
+            .as_ref()
+            .and_then(|v| self.check(v, "cgroup", |s| absolute(s)));
         let metrics_listen = match &f.metrics_listen {
             None => Some(DEFAULT_METRICS_LISTEN),
-            Some(v) => self.check(v, "metrics_listen", |s| metrics_listen(s)).flatten(),
+            Some(v) => self
+                .check(v, "metrics_listen", |s| metrics_listen(s))
+                .flatten(),
         };
         let audit_log = match &f.audit_log {
             None => AuditLog::Stdout,
-            Some(v) => self.check(v, "audit_log", |s| audit_log(s)).unwrap_or(AuditLog::Off),
+            Some(v) => self
+                .check(v, "audit_log", |s| audit_log(s))
+                .unwrap_or(AuditLog::Off),
         };
-        let pin_path = f.pin_path.as_ref().and_then(|v| self.check(v, "pin_path", |s| absolute(s)));
-        let failure_mode =
-            self.choice(f.failure_mode.as_ref(), "failure_mode", FAILURE_MODES, DEFAULT_FAILURE_MODE);
+        let pin_path = f
+            .pin_path
+            .as_ref()
+            .and_then(|v| self.check(v, "pin_path", |s| absolute(s)));
+        let failure_mode = self.choice(
+            f.failure_mode.as_ref(),
+            "failure_mode",
+            FAILURE_MODES,
+            DEFAULT_FAILURE_MODE,
+        );
         let on_exit = self.choice(f.on_exit.as_ref(), "on_exit", ON_EXITS, DEFAULT_ON_EXIT);
         let defaults = Defaults {
-            llm: self.choice(f.defaults.llm.as_ref(), "defaults.llm", ACTIONS, DEFAULT_LLM),
-            other: self.choice(f.defaults.other.as_ref(), "defaults.other", ACTIONS, DEFAULT_OTHER),
+            llm: self.choice(
+                f.defaults.llm.as_ref(),
+                "defaults.llm",
+                ACTIONS,
+                DEFAULT_LLM,
+            ),
+            other: self.choice(
+                f.defaults.other.as_ref(),
+                "defaults.other",
+                ACTIONS,
+                DEFAULT_OTHER,
+            ),
         };
         let resolver = self.resolver(f);
         let merged = self.providers(&f.providers, catalog);
@@ -337,7 +374,9 @@ impl<'a> Checker<'a> {
             let key = format!("providers[{i}]");
             let p = entry.get_ref();
             let name = p.name.get_ref();
-            let mut ok = self.check(&p.name, &format!("{key}.name"), |n| provider_name(n)).is_some();
+            let mut ok = self
+                .check(&p.name, &format!("{key}.name"), |n| provider_name(n))
+                .is_some();
             let first = self.unique(&mut seen, &p.name, &format!("{key}.name"), "provider");
             let disabled = p.disabled.as_ref().is_some_and(|d| *d.get_ref());
             if !disabled && p.hosts.is_empty() && p.cidrs.is_empty() {
@@ -371,16 +410,32 @@ impl<'a> Checker<'a> {
             }
         }
         let mut claims = Claims::default();
-        for b in catalog.iter().filter(|b| !replaced.contains(b.name.as_str())) {
-            claims.hosts.extend(b.hosts.iter().map(|h| (h.clone(), b.name.clone())));
-            claims.cidrs.extend(b.cidrs.iter().map(|c| (*c, b.name.clone())));
+        for b in catalog
+            .iter()
+            .filter(|b| !replaced.contains(b.name.as_str()))
+        {
+            claims
+                .hosts
+                .extend(b.hosts.iter().map(|h| (h.clone(), b.name.clone())));
+            claims
+                .cidrs
+                .extend(b.cidrs.iter().map(|c| (*c, b.name.clone())));
         }
         for i in enabled {
             let p = entries[i].get_ref();
-            self.claim(&mut claims, p.name.get_ref(), &format!("providers[{i}]"), &p.hosts, &p.cidrs);
+            self.claim(
+                &mut claims,
+                p.name.get_ref(),
+                &format!("providers[{i}]"),
+                &p.hosts,
+                &p.cidrs,
+            );
         }
         let providers = slots.into_iter().flatten().chain(added).collect();
-        Merged { providers, unusable }
+        Merged {
+            providers,
+            unusable,
+        }
     }
 
     /// A provider's hosts, CIDRs and ports; None when any is invalid.
@@ -393,7 +448,12 @@ impl<'a> Checker<'a> {
         ports: Option<&Spanned<Vec<Spanned<i64>>>>,
     ) -> Option<Provider> {
         let errors = self.errors.len();
-        let mut p = Provider { name: name.to_owned(), hosts: vec![], cidrs: vec![], ports: vec![] };
+        let mut p = Provider {
+            name: name.to_owned(),
+            hosts: vec![],
+            cidrs: vec![],
+            ports: vec![],
+        };
         for (j, h) in hosts.iter().enumerate() {
             if let Some(h) = self.check(h, &format!("{key}.hosts[{j}]"), |s| host(s)) {
                 push_new(&mut p.hosts, h);
@@ -432,7 +492,9 @@ impl<'a> Checker<'a> {
         cidrs: &[Spanned<String>],
     ) {
         for (j, h) in hosts.iter().enumerate() {
-            let Ok(normal) = host(h.get_ref()) else { continue };
+            let Ok(normal) = host(h.get_ref()) else {
+                continue;
+            };
             match claims.hosts.get(&normal) {
                 Some(other) if other != owner => {
                     self.error(h, &format!("{key}.hosts[{j}]"), taken("host", other));
@@ -472,12 +534,14 @@ impl<'a> Checker<'a> {
             self.unique(&mut names, &w.name, &format!("{key}.name"), "workload");
             let selector = match (&w.cgroup, &w.systemd_unit) {
                 (None, None) => {
-                    let message = "needs a selector: `cgroup` (a glob of cgroup paths) or `systemd_unit`";
+                    let message =
+                        "needs a selector: `cgroup` (a glob of cgroup paths) or `systemd_unit`";
                     self.error_at(entry.span(), &key, message);
                     None
                 }
                 (Some(_), Some(unit)) => {
-                    let message = "`cgroup` and `systemd_unit` both given; a workload has one selector";
+                    let message =
+                        "`cgroup` and `systemd_unit` both given; a workload has one selector";
                     self.error(unit, &format!("{key}.systemd_unit"), message);
                     None
                 }
@@ -495,7 +559,11 @@ impl<'a> Checker<'a> {
                     return None;
                 }
                 selectors.insert((kind, s.clone()), name.clone());
-                Some(if kind == "cgroup" { Selector::Cgroup(s) } else { Selector::SystemdUnit(s) })
+                Some(if kind == "cgroup" {
+                    Selector::Cgroup(s)
+                } else {
+                    Selector::SystemdUnit(s)
+                })
             });
             let allow = self.targets(&w.allow, &format!("{key}.allow"), merged);
             let deny = self.targets(&w.deny, &format!("{key}.deny"), merged);
@@ -506,17 +574,34 @@ impl<'a> Checker<'a> {
                 }
             }
             let llm = self.choice(w.llm.as_ref(), &format!("{key}.llm"), ACTIONS, DEFAULT_LLM);
-            let other = self.choice(w.other.as_ref(), &format!("{key}.other"), ACTIONS, default_other);
+            let other = self.choice(
+                w.other.as_ref(),
+                &format!("{key}.other"),
+                ACTIONS,
+                default_other,
+            );
             if let Some(selector) = selector {
                 let (allow, deny) = (dedup(allow), dedup(deny));
-                out.push(Workload { name: name.clone(), selector, allow, deny, llm, other });
+                out.push(Workload {
+                    name: name.clone(),
+                    selector,
+                    allow,
+                    deny,
+                    llm,
+                    other,
+                });
             }
         }
         out
     }
 
     /// `allow`/`deny` entries, one per entry (None: invalid).
-    fn targets(&mut self, list: &[Spanned<String>], key: &str, merged: &Merged) -> Vec<Option<Target>> {
+    fn targets(
+        &mut self,
+        list: &[Spanned<String>],
+        key: &str,
+        merged: &Merged,
+    ) -> Vec<Option<Target>> {
         let mut out = Vec::with_capacity(list.len());
         for (j, entry) in list.iter().enumerate() {
             let target = match target(entry.get_ref(), merged) {
@@ -570,6 +655,13 @@ fn target(entry: &str, merged: &Merged) -> Result<Option<Target>, String> {
     if address_like {
         return cidr(entry).map(|net| Some(Target::Cidr(net)));
     }
+    if entry.contains('.') && host(entry).is_ok() {
+        return Err(
+            "a host name; `allow` and `deny` take providers, addresses and CIDRs: \
+                    add a `[[providers]]` entry with this host and name it here"
+                .to_owned(),
+        );
+    }
     let mut message =
         "neither a provider (built-in or in this policy) nor an IP address or CIDR".to_owned();
     if let Some(near) = nearest_name(entry, &merged.providers) {
@@ -604,219 +696,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-fn absolute(s: &str) -> Result<PathBuf, String> {
-    if Path::new(s).is_absolute() {
-        Ok(PathBuf::from(s))
-    } else {
-        Err("must be an absolute path".to_owned())
-    }
-}
-
-fn metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
-    if s == "off" {
-        return Ok(None);
-    }
-    s.parse().map(Some).map_err(|_| {
-        "not a socket address (like 127.0.0.1:9469 or [::1]:9469) or \"off\"".to_owned()
-    })
-}
-
-fn audit_log(s: &str) -> Result<AuditLog, String> {
-    match s {
-        "-" => Ok(AuditLog::Stdout),
-        "off" => Ok(AuditLog::Off),
-        _ if Path::new(s).is_absolute() => Ok(AuditLog::File(PathBuf::from(s))),
-        _ => Err("expected \"-\" (stdout), \"off\" or an absolute path".to_owned()),
-    }
-}
-
-/// A resolver server: `ip:port`, or `ip` for port 53.
-fn server(s: &str) -> Result<SocketAddr, String> {
-    let addr = match s.parse::<SocketAddr>() {
-        Ok(addr) => addr,
-        Err(_) => {
-            let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
-            let ip: IpAddr = bare.parse().map_err(|_| {
-                "not an IP address or IP:port (like 10.0.0.53, 10.0.0.53:5353 or [2001:db8::53]:53)"
-                    .to_owned()
-            })?;
-            SocketAddr::new(ip, DNS_PORT)
-        }
-    };
-    if addr.port() == 0 {
-        return Err("port 0 is not a port".to_owned());
-    }
-    Ok(addr)
-}
-
-/// A provider name: 1 to 64 of `[a-z0-9-_.]`, not an address.
-fn provider_name(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > MAX_NAME_LEN {
-        return Err(format!("must be 1 to {MAX_NAME_LEN} characters"));
-    }
-    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
-    if !s.chars().all(allowed) {
-        return Err("only lower-case letters, digits, '-', '_' and '.' are allowed".to_owned());
-    }
-    if s == NO_WORKLOAD_NAME {
-        return Err(format!("\"{NO_WORKLOAD_NAME}\" is reserved"));
-    }
-    if s.parse::<IpAddr>().is_ok() {
-        return Err("looks like an IP address; `allow` and `deny` could not tell them apart".to_owned());
-    }
-    Ok(())
-}
-
-/// A workload name: 1 to 64 of `[A-Za-z0-9_.-]`, not "none".
-fn workload_name(s: &str) -> Result<(), String> {
-    if s.eq_ignore_ascii_case(NO_WORKLOAD_NAME) {
-        return Err(format!("\"{NO_WORKLOAD_NAME}\" is reserved for processes in no workload"));
-    }
-    if s.is_empty() || s.len() > MAX_NAME_LEN {
-        return Err(format!("must be 1 to {MAX_NAME_LEN} characters"));
-    }
-    if !s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
-        return Err("only letters, digits, '_', '.' and '-' are allowed".to_owned());
-    }
-    Ok(())
-}
-
-/// A host name, lower-cased and without its trailing dot; `*.` in front
-/// makes it a wildcard for every name below.
-fn host(s: &str) -> Result<String, String> {
-    let lower = s.to_ascii_lowercase();
-    let h = lower.strip_suffix('.').unwrap_or(&lower);
-    if h.is_empty() {
-        return Err("empty host name".to_owned());
-    }
-    if h.parse::<IpAddr>().is_ok() {
-        return Err("an IP address, not a host name: put it in `cidrs`".to_owned());
-    }
-    if h.len() > MAX_HOST_LEN {
-        return Err(format!("longer than {MAX_HOST_LEN} characters"));
-    }
-    let (wildcard, rest) = match h.strip_prefix("*.") {
-        Some(rest) => (true, rest),
-        None => (false, h),
-    };
-    for label in rest.split('.') {
-        if label.is_empty() {
-            return Err("empty label (a leading dot or two dots in a row)".to_owned());
-        }
-        if let Some(c) = label.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
-            return Err(if c == '*' {
-                "a wildcard is only a leading \"*.\"".to_owned()
-            } else {
-                format!("{c:?} is not allowed: only letters, digits, '-' and '.' (IDNs in xn-- form)")
-            });
-        }
-        if label.len() > MAX_LABEL_LEN {
-            return Err(format!("label \"{label}\" is longer than {MAX_LABEL_LEN} characters"));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!("label \"{label}\" starts or ends with '-'"));
-        }
-    }
-    if wildcard && rest.split('.').count() < 2 {
-        return Err("a wildcard needs at least two labels after \"*.\"".to_owned());
-    }
-    Ok(h.to_owned())
-}
-
-/// A network: `10.0.0.0/8`, `2001:db8::/32`, or a bare address (/32, /128).
-fn cidr(s: &str) -> Result<IpNet, String> {
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
-    }
-    let net: IpNet = s.parse().map_err(|_| {
-        "not an IP address or CIDR (like 10.0.0.0/8 or 2001:db8::/32)".to_owned()
-    })?;
-    if net.trunc() != net {
-        return Err(format!("host bits set; did you mean {}?", net.trunc()));
-    }
-    Ok(net)
-}
-
-fn port(n: i64) -> Result<u16, String> {
-    match u16::try_from(n) {
-        Ok(0) => Err("port 0 is not a port (leave `ports` out for every port)".to_owned()),
-        Ok(p) => Ok(p),
-        Err(_) => Err("not a port (1 to 65535)".to_owned()),
-    }
-}
-
-/// A workload's cgroup glob, relative to the attach cgroup, without a
-/// trailing slash.
-fn cgroup_glob(s: &str) -> Result<String, String> {
-    if s.starts_with('/') {
-        return Err("must be relative to the attach cgroup (`cgroup`): drop the leading '/'".to_owned());
-    }
-    let s = s.trim_end_matches('/');
-    if s.is_empty() {
-        return Err("empty cgroup glob".to_owned());
-    }
-    if s.split('/').any(|part| part == "..") {
-        return Err("must not contain \"..\"".to_owned());
-    }
-    if s.split('/').any(|part| part.is_empty() || part == ".") {
-        return Err("empty or \".\" path component".to_owned());
-    }
-    GlobBuilder::new(s)
-        .literal_separator(true)
-        .build()
-        .map_err(|e| format!("not a valid glob: {}", e.kind()))?;
-    Ok(s.to_owned())
-}
-
-fn systemd_unit(s: &str) -> Result<String, String> {
-    if s.contains('/') || s.chars().any(char::is_whitespace) {
-        return Err("a unit name (like app.service), not a path".to_owned());
-    }
-    if !UNIT_SUFFIXES.iter().any(|suffix| s.len() > suffix.len() && s.ends_with(suffix)) {
-        return Err(format!("must end in {}", UNIT_SUFFIXES.join(", ")));
-    }
-    Ok(s.to_owned())
-}
-
-/// A TOML syntax or shape error (unknown key, wrong type) as a policy
-/// error. The key is a best effort from the message and the nearest table
-/// header above the position.
-fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> PolicyError {
-    let span = e.span().unwrap_or(0..0);
-    let message = e.message().trim().replace('\n', "; ");
-    let key = toml_error_key(text, span.start, e.message());
-    PolicyError::at(origin, text, span, key, false, message)
-}
-
-fn toml_error_key(text: &str, offset: usize, message: &str) -> String {
-    let offset = (0..=offset.min(text.len())).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
-    let mut table = String::new();
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for line in text[..line_end].lines().map(str::trim) {
-        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
-            let name = name.trim();
-            let n = counts.entry(name).or_default();
-            table = format!("{name}[{n}]");
-            *n += 1;
-        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            table = name.trim().to_owned();
-        }
-    }
-    let quoted = |prefix: &str| {
-        message.strip_prefix(prefix).and_then(|m| m.split('`').next()).map(str::to_owned)
-    };
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let on_line = text[line_start..offset].split_once('=').map(|(k, _)| k.trim().to_owned());
-    let field = quoted("unknown field `").or_else(|| quoted("missing field `")).or(on_line);
-    match field {
-        Some(f) if table.is_empty() => f,
-        Some(f) if !f.starts_with('[') => format!("{table}.{f}"),
-        _ => table,
-    }
-}
-
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -844,17 +723,28 @@ mod tests {
     fn one_error(text: &str, key: &str, line: usize, column: usize, message: &str) -> PolicyError {
         let errors = errors(text);
         let [e] = errors.as_slice() else {
-            panic!("expected one error, got {}:\n{}", errors.len(), PolicyErrors(errors.clone()));
+            panic!(
+                "expected one error, got {}:\n{}",
+                errors.len(),
+                PolicyErrors(errors.clone())
+            );
         };
         assert_eq!(e.origin, ORIGIN);
-        assert_eq!((e.key.as_str(), e.line, e.column), (key, line, column), "{e}");
+        assert_eq!(
+            (e.key.as_str(), e.line, e.column),
+            (key, line, column),
+            "{e}"
+        );
         assert!(e.message.contains(message), "{e:?} lacks {message:?}");
         e.clone()
     }
 
     fn builtin_index(name: &str) -> usize {
         let catalog = crate::catalog::builtin().unwrap_or_else(|e| panic!("{e}"));
-        catalog.iter().position(|p| p.name == name).unwrap_or_else(|| panic!("no {name}"))
+        catalog
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
     }
 
     const UNIT: &str = "systemd_unit = \"app.service\"\n";
@@ -866,13 +756,34 @@ mod tests {
         let p = ok("");
         assert_eq!(p.mode, Mode::Enforce);
         assert_eq!(p.cgroup, None);
-        assert_eq!(p.metrics_listen, Some("127.0.0.1:9469".parse().unwrap_or(DEFAULT_METRICS_LISTEN)));
+        assert_eq!(
+            p.metrics_listen,
+            Some("127.0.0.1:9469".parse().unwrap_or(DEFAULT_METRICS_LISTEN))
+        );
         assert_eq!(p.audit_log, AuditLog::Stdout);
         assert_eq!(p.pin_path, PathBuf::from("/sys/fs/bpf/llm-egress"));
-        assert_eq!((p.failure_mode, p.on_exit), (FailureMode::Closed, OnExit::Detach));
-        assert_eq!(p.defaults, Defaults { llm: Action::Deny, other: Action::Allow });
-        assert_eq!(p.resolver, ResolverConfig { servers: vec![], refresh: Duration::from_secs(30) });
-        assert_eq!(p.providers.as_slice(), crate::catalog::builtin().unwrap_or(&[]));
+        assert_eq!(
+            (p.failure_mode, p.on_exit),
+            (FailureMode::Closed, OnExit::Detach)
+        );
+        assert_eq!(
+            p.defaults,
+            Defaults {
+                llm: Action::Deny,
+                other: Action::Allow
+            }
+        );
+        assert_eq!(
+            p.resolver,
+            ResolverConfig {
+                servers: vec![],
+                refresh: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(
+            p.providers.as_slice(),
+            crate::catalog::builtin().unwrap_or(&[])
+        );
         assert!(p.workloads.is_empty());
     }
 
@@ -915,29 +826,60 @@ llm = "allow"
         assert_eq!(p.mode, Mode::Audit);
         assert_eq!(p.cgroup, Some(PathBuf::from("/sys/fs/cgroup/workloads")));
         assert_eq!(p.metrics_listen, "[::1]:9000".parse().ok());
-        assert_eq!(p.audit_log, AuditLog::File(PathBuf::from("/var/log/llm-egress.jsonl")));
+        assert_eq!(
+            p.audit_log,
+            AuditLog::File(PathBuf::from("/var/log/llm-egress.jsonl"))
+        );
         assert_eq!(p.pin_path, PathBuf::from("/sys/fs/bpf/test"));
-        assert_eq!((p.failure_mode, p.on_exit), (FailureMode::Open, OnExit::Keep));
-        assert_eq!(p.defaults, Defaults { llm: Action::Audit, other: Action::Deny });
-        let servers: Vec<SocketAddr> = ["10.0.0.53:53", "10.0.0.54:5353", "[2001:db8::53]:53", "[2001:db8::54]:53"]
+        assert_eq!(
+            (p.failure_mode, p.on_exit),
+            (FailureMode::Open, OnExit::Keep)
+        );
+        assert_eq!(
+            p.defaults,
+            Defaults {
+                llm: Action::Audit,
+                other: Action::Deny
+            }
+        );
+        let servers: Vec<SocketAddr> = [
+            "10.0.0.53:53",
+            "10.0.0.54:5353",
+            "[2001:db8::53]:53",
+            "[2001:db8::54]:53",
+        ]
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+        assert_eq!(
+            p.resolver,
+            ResolverConfig {
+                servers,
+                refresh: Duration::from_secs(120)
+            }
+        );
+
+        let internal = p.providers.len() - 1;
+        let nets: Vec<IpNet> = ["10.20.0.0/16", "192.0.2.7/32", "2001:db8:1::/48"]
             .iter()
             .filter_map(|s| s.parse().ok())
             .collect();
-        assert_eq!(p.resolver, ResolverConfig { servers, refresh: Duration::from_secs(120) });
-
-        let internal = p.providers.len() - 1;
-        let nets: Vec<IpNet> =
-            ["10.20.0.0/16", "192.0.2.7/32", "2001:db8:1::/48"].iter().filter_map(|s| s.parse().ok()).collect();
         assert_eq!(
             p.providers[internal],
             Provider {
                 name: "internal-llm".into(),
-                hosts: vec!["llm.internal.example".into(), "*.inference.internal.example".into()],
+                hosts: vec![
+                    "llm.internal.example".into(),
+                    "*.inference.internal.example".into()
+                ],
                 cidrs: nets,
                 ports: vec![443, 8443],
             }
         );
-        assert_eq!(p.provider_id("internal-llm"), u32::try_from(internal + 1).ok());
+        assert_eq!(
+            p.provider_id("internal-llm"),
+            u32::try_from(internal + 1).ok()
+        );
 
         let cidr = |s: &str| Target::Cidr(s.parse().unwrap_or_else(|e| panic!("{s}: {e}")));
         assert_eq!(
@@ -950,7 +892,10 @@ llm = "allow"
                     Target::Provider(internal),
                     cidr("10.1.0.0/16"),
                 ],
-                deny: vec![Target::Provider(builtin_index("anthropic")), cidr("2001:db8::1/128")],
+                deny: vec![
+                    Target::Provider(builtin_index("anthropic")),
+                    cidr("2001:db8::1/128")
+                ],
                 llm: Action::Deny,
                 other: Action::Deny,
             }
@@ -966,7 +911,10 @@ llm = "allow"
                 other: Action::Deny,
             }
         );
-        assert_eq!((p.workload_id("support-bot"), p.workload_id("batch")), (Some(1), Some(2)));
+        assert_eq!(
+            (p.workload_id("support-bot"), p.workload_id("batch")),
+            (Some(1), Some(2))
+        );
         assert_eq!((p.workload_id("none"), p.provider_id("nope")), (None, None));
     }
 
@@ -984,17 +932,24 @@ llm = "allow"
         let i = builtin_index("openai");
         assert_eq!(p.providers.len(), catalog.len());
         assert_eq!(p.providers[i].hosts, ["openai-proxy.example"]);
-        assert!(p.providers[i].ports.is_empty(), "policy providers default to every port");
+        assert!(
+            p.providers[i].ports.is_empty(),
+            "policy providers default to every port"
+        );
         assert_eq!(p.provider_id("openai"), u32::try_from(i + 1).ok());
         // The replaced entry's hosts are free again.
-        ok("[[providers]]\nname = \"openai\"\nhosts = [\"x.example\"]\n\n\
-            [[providers]]\nname = \"mine\"\nhosts = [\"api.openai.com\"]\n");
+        ok(
+            "[[providers]]\nname = \"openai\"\nhosts = [\"x.example\"]\n\n\
+            [[providers]]\nname = \"mine\"\nhosts = [\"api.openai.com\"]\n",
+        );
     }
 
     #[test]
     fn disabled_provider_is_removed_and_ids_follow_the_merged_order() {
-        let p = ok("[[providers]]\nname = \"mine\"\nhosts = [\"llm.example\"]\n\n\
-                    [[providers]]\nname = \"anthropic\"\ndisabled = true\n");
+        let p = ok(
+            "[[providers]]\nname = \"mine\"\nhosts = [\"llm.example\"]\n\n\
+                    [[providers]]\nname = \"anthropic\"\ndisabled = true\n",
+        );
         let catalog = crate::catalog::builtin().unwrap_or(&[]);
         assert_eq!(p.providers.len(), catalog.len());
         assert_eq!(p.provider_id("anthropic"), None);
@@ -1006,7 +961,11 @@ llm = "allow"
         assert_eq!(names, expected);
         let first_after = builtin_index("anthropic") + 1;
         let id = p.provider_id(&catalog[first_after].name);
-        assert_eq!(id, u32::try_from(first_after).ok(), "ids after a removed entry move up");
+        assert_eq!(
+            id,
+            u32::try_from(first_after).ok(),
+            "ids after a removed entry move up"
+        );
         // A disabled provider that is not built in is simply absent.
         let p = ok("[[providers]]\nname = \"later\"\ndisabled = true\n");
         assert_eq!(p.providers.len(), catalog.len());
@@ -1017,30 +976,67 @@ llm = "allow"
         let p = Policy::builtin_default();
         assert_eq!(p.mode, Mode::Audit);
         assert_eq!(p.failure_mode, FailureMode::Open);
-        assert_eq!(p.defaults, Defaults { llm: Action::Deny, other: Action::Allow });
+        assert_eq!(
+            p.defaults,
+            Defaults {
+                llm: Action::Deny,
+                other: Action::Allow
+            }
+        );
         assert!(p.workloads.is_empty());
-        assert_eq!(p.providers.as_slice(), crate::catalog::builtin().unwrap_or(&[]));
+        assert_eq!(
+            p.providers.as_slice(),
+            crate::catalog::builtin().unwrap_or(&[])
+        );
         assert!(p.providers.len() >= 26);
         let file_defaults = ok("");
-        assert_eq!((p.metrics_listen, &p.audit_log), (file_defaults.metrics_listen, &file_defaults.audit_log));
-        assert_eq!((&p.pin_path, p.on_exit), (&file_defaults.pin_path, file_defaults.on_exit));
+        assert_eq!(
+            (p.metrics_listen, &p.audit_log),
+            (file_defaults.metrics_listen, &file_defaults.audit_log)
+        );
+        assert_eq!(
+            (&p.pin_path, p.on_exit),
+            (&file_defaults.pin_path, file_defaults.on_exit)
+        );
     }
 
     #[test]
     fn docs_policy_example_parses() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/policy.md");
-        let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+        let doc =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
         let start = doc.find("```toml\n").map(|i| i + "```toml\n".len());
-        let block = start.and_then(|s| doc[s..].find("\n```").map(|end| &doc[s..=s + end]));
-        let block = block.unwrap_or_else(|| panic!("{path} has no ```toml block"));
-        let p = Policy::parse(block, "docs/policy.md").unwrap_or_else(|e| panic!("{e}"));
-        assert!(!p.workloads.is_empty() && p.workloads.iter().any(|w| !w.allow.is_empty()));
-        assert!(p.providers.len() > crate::catalog::builtin().unwrap_or(&[]).len());
+        let end = start.and_then(|s| doc[s..].find("\n```").map(|end| s + end + 1));
+        let (Some(start), Some(end)) = (start, end) else {
+            panic!("{path} has no ```toml block");
+        };
+        // Blank lines in front keep error positions those of docs/policy.md.
+        let text = format!(
+            "{}{}",
+            "\n".repeat(doc[..start].lines().count()),
+            &doc[start..end]
+        );
+        let p = Policy::parse(&text, "docs/policy.md").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.mode, Mode::Enforce);
+        let names: Vec<&str> = p.workloads.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["support-bot", "batch", "notebooks"]);
+        assert_eq!(p.provider_id("openrouter"), None);
+        let bedrock = p
+            .providers
+            .iter()
+            .find(|p| p.name == "bedrock")
+            .map(|p| p.hosts.len());
+        assert_eq!(bedrock, Some(2));
+        assert_eq!(
+            p.providers.last().map(|p| p.name.as_str()),
+            Some("internal-llm")
+        );
     }
 
     #[test]
     fn from_path_reads_the_file_and_names_it() {
-        let path = std::env::temp_dir().join(format!("llm-egress-policy-{}.toml", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("llm-egress-policy-{}.toml", std::process::id()));
         let written = std::fs::write(&path, "mode = \"audit\"\n\n[defaults]\nllm = \"block\"\n");
         written.unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
         let result = Policy::from_path(&path);
@@ -1054,7 +1050,11 @@ llm = "allow"
         let errors = missing.err().map(|e| e.0).unwrap_or_default();
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].line, 0);
-        assert!(errors[0].to_string().starts_with("/nonexistent/llm-egress.toml: cannot read"));
+        assert!(
+            errors[0]
+                .to_string()
+                .starts_with("/nonexistent/llm-egress.toml: cannot read")
+        );
     }
 
     #[test]
@@ -1063,8 +1063,10 @@ llm = "allow"
                     [defaults]\nllm = \"drop\"\nother = \"pass\"\n\n\
                     [[workloads]]\nname = \"w\"\nsystemd_unit = \"w.service\"\nllm = \"nope\"\nother = \"maybe\"\n";
         let errors = errors(text);
-        let found: Vec<(&str, usize, usize)> =
-            errors.iter().map(|e| (e.key.as_str(), e.line, e.column)).collect();
+        let found: Vec<(&str, usize, usize)> = errors
+            .iter()
+            .map(|e| (e.key.as_str(), e.line, e.column))
+            .collect();
         assert_eq!(
             found,
             [
@@ -1091,70 +1093,150 @@ llm = "allow"
 
     #[test]
     fn toml_syntax_error() {
-        let e = one_error("mode = \"audit\"\ncgroup = \"/sys\n", "cgroup", 2, 15, "invalid basic string");
+        let e = one_error(
+            "mode = \"audit\"\ncgroup = \"/sys\n",
+            "cgroup",
+            2,
+            15,
+            "invalid basic string",
+        );
         assert_eq!(e.value, None);
     }
 
     #[test]
     fn unknown_top_level_key() {
-        one_error("mode = \"audit\"\nmood = \"happy\"\n", "mood", 2, 1, "unknown field `mood`");
+        one_error(
+            "mode = \"audit\"\nmood = \"happy\"\n",
+            "mood",
+            2,
+            1,
+            "unknown field `mood`",
+        );
     }
 
     #[test]
     fn unknown_key_in_a_table_array() {
-        let text = format!("[[workloads]]\nname = \"a\"\n{UNIT}\n[[workloads]]\nname = \"b\"\nlimits = 1\n");
+        let text = format!(
+            "[[workloads]]\nname = \"a\"\n{UNIT}\n[[workloads]]\nname = \"b\"\nlimits = 1\n"
+        );
         one_error(&text, "workloads[1].limits", 7, 1, "unknown field `limits`");
     }
 
     #[test]
     fn wrong_type() {
-        one_error("[resolver]\nrefresh_seconds = \"30\"\n", "resolver.refresh_seconds", 2, 19, "invalid type");
+        one_error(
+            "[resolver]\nrefresh_seconds = \"30\"\n",
+            "resolver.refresh_seconds",
+            2,
+            19,
+            "invalid type",
+        );
     }
 
     #[test]
     fn missing_required_key() {
-        one_error(&format!("[[providers]]\nhosts = [\"a.example\"]\n"), "providers[0].name", 1, 1, "missing field `name`");
+        one_error(
+            "[[providers]]\nhosts = [\"a.example\"]\n",
+            "providers[0].name",
+            1,
+            1,
+            "missing field `name`",
+        );
     }
 
     // ---- top-level values ----
 
     #[test]
     fn invalid_mode() {
-        let e = one_error("mode = \"enforcing\"\n", "mode", 1, 8, "expected one of \"enforce\", \"audit\"");
+        let e = one_error(
+            "mode = \"enforcing\"\n",
+            "mode",
+            1,
+            8,
+            "expected one of \"enforce\", \"audit\"",
+        );
         assert_eq!(e.value.as_deref(), Some("\"enforcing\""));
     }
 
     #[test]
     fn metrics_listen_not_a_socket_address() {
-        one_error("metrics_listen = \"localhost:9469\"\n", "metrics_listen", 1, 18, "not a socket address");
+        one_error(
+            "metrics_listen = \"localhost:9469\"\n",
+            "metrics_listen",
+            1,
+            18,
+            "not a socket address",
+        );
     }
 
     #[test]
     fn relative_cgroup() {
-        one_error("cgroup = \"sys/fs/cgroup\"\n", "cgroup", 1, 10, "absolute path");
+        one_error(
+            "cgroup = \"sys/fs/cgroup\"\n",
+            "cgroup",
+            1,
+            10,
+            "absolute path",
+        );
     }
 
     #[test]
     fn relative_audit_log() {
-        one_error("audit_log = \"audit.jsonl\"\n", "audit_log", 1, 13, "an absolute path");
+        one_error(
+            "audit_log = \"audit.jsonl\"\n",
+            "audit_log",
+            1,
+            13,
+            "an absolute path",
+        );
     }
 
     #[test]
     fn relative_pin_path() {
-        one_error("pin_path = \"bpf/llm-egress\"\n", "pin_path", 1, 12, "absolute path");
+        one_error(
+            "pin_path = \"bpf/llm-egress\"\n",
+            "pin_path",
+            1,
+            12,
+            "absolute path",
+        );
     }
 
     #[test]
     fn resolver_server_not_an_address() {
         let text = "[resolver]\nservers = [\"10.0.0.53\", \"dns.example\"]\n";
-        one_error(text, "resolver.servers[1]", 2, 25, "not an IP address or IP:port");
-        one_error("[resolver]\nservers = [\"10.0.0.53:0\"]\n", "resolver.servers[0]", 2, 12, "port 0");
+        one_error(
+            text,
+            "resolver.servers[1]",
+            2,
+            25,
+            "not an IP address or IP:port",
+        );
+        one_error(
+            "[resolver]\nservers = [\"10.0.0.53:0\"]\n",
+            "resolver.servers[0]",
+            2,
+            12,
+            "port 0",
+        );
     }
 
     #[test]
     fn refresh_seconds_out_of_range() {
-        one_error("[resolver]\nrefresh_seconds = 0\n", "resolver.refresh_seconds", 2, 19, "1 to 86400");
-        one_error("[resolver]\nrefresh_seconds = 86401\n", "resolver.refresh_seconds", 2, 19, "1 to 86400");
+        one_error(
+            "[resolver]\nrefresh_seconds = 0\n",
+            "resolver.refresh_seconds",
+            2,
+            19,
+            "1 to 86400",
+        );
+        one_error(
+            "[resolver]\nrefresh_seconds = 86401\n",
+            "resolver.refresh_seconds",
+            2,
+            19,
+            "1 to 86400",
+        );
         ok("[resolver]\nrefresh_seconds = 86400\n");
     }
 
@@ -1198,34 +1280,69 @@ llm = "allow"
             (long_host.as_str(), "longer than 253"),
         ];
         for (host, message) in cases {
-            let text = provider(&format!("name = \"p\"\nhosts = [\"ok.example\", \"{host}\"]\n"));
+            let text = provider(&format!(
+                "name = \"p\"\nhosts = [\"ok.example\", \"{host}\"]\n"
+            ));
             one_error(&text, "providers[0].hosts[1]", 3, 24, message);
         }
     }
 
     #[test]
     fn hosts_are_normalized() {
-        let p = ok(&provider("name = \"p\"\nhosts = [\"API.Example.COM.\", \"*.Svc.Example\", \"api.example.com\"]\n"));
-        let last = p.providers.last().map(|p| p.hosts.clone()).unwrap_or_default();
+        let p = ok(&provider(
+            "name = \"p\"\nhosts = [\"API.Example.COM.\", \"*.Svc.Example\", \"api.example.com\"]\n",
+        ));
+        let last = p
+            .providers
+            .last()
+            .map(|p| p.hosts.clone())
+            .unwrap_or_default();
         assert_eq!(last, ["api.example.com", "*.svc.example"]);
     }
 
     #[test]
     fn invalid_cidrs() {
         let text = provider("name = \"p\"\ncidrs = [\"10.0.0.1/8\"]\n");
-        let e = one_error(&text, "providers[0].cidrs[0]", 3, 10, "host bits set; did you mean 10.0.0.0/8?");
+        let e = one_error(
+            &text,
+            "providers[0].cidrs[0]",
+            3,
+            10,
+            "host bits set; did you mean 10.0.0.0/8?",
+        );
         assert_eq!(e.value.as_deref(), Some("\"10.0.0.1/8\""));
         let text = provider("name = \"p\"\ncidrs = [\"2001:db8::1/32\"]\n");
-        one_error(&text, "providers[0].cidrs[0]", 3, 10, "did you mean 2001:db8::/32?");
+        one_error(
+            &text,
+            "providers[0].cidrs[0]",
+            3,
+            10,
+            "did you mean 2001:db8::/32?",
+        );
         let text = provider("name = \"p\"\ncidrs = [\"10.0.0.0/33\"]\n");
-        one_error(&text, "providers[0].cidrs[0]", 3, 10, "not an IP address or CIDR");
+        one_error(
+            &text,
+            "providers[0].cidrs[0]",
+            3,
+            10,
+            "not an IP address or CIDR",
+        );
     }
 
     #[test]
     fn bare_addresses_are_host_networks() {
-        let p = ok(&provider("name = \"p\"\ncidrs = [\"192.0.2.1\", \"2001:db8::1\"]\n"));
-        let cidrs = p.providers.last().map(|p| p.cidrs.clone()).unwrap_or_default();
-        let expected: Vec<IpNet> = ["192.0.2.1/32", "2001:db8::1/128"].iter().filter_map(|s| s.parse().ok()).collect();
+        let p = ok(&provider(
+            "name = \"p\"\ncidrs = [\"192.0.2.1\", \"2001:db8::1\"]\n",
+        ));
+        let cidrs = p
+            .providers
+            .last()
+            .map(|p| p.cidrs.clone())
+            .unwrap_or_default();
+        let expected: Vec<IpNet> = ["192.0.2.1/32", "2001:db8::1/128"]
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
         assert_eq!(cidrs, expected);
     }
 
@@ -1239,15 +1356,22 @@ llm = "allow"
 
     #[test]
     fn too_many_ports() {
-        let text = provider("name = \"p\"\nhosts = [\"a.example\"]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n");
+        let text = provider(
+            "name = \"p\"\nhosts = [\"a.example\"]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
+        );
         let e = one_error(&text, "providers[0].ports", 4, 9, "at most 8");
         assert!(e.message.starts_with("9 ports"), "{e}");
-        ok(&provider("name = \"p\"\nhosts = [\"a.example\"]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 8]\n"));
+        ok(&provider(
+            "name = \"p\"\nhosts = [\"a.example\"]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 8]\n",
+        ));
     }
 
     #[test]
     fn provider_without_destinations() {
-        let text = format!("mode = \"audit\"\n\n{}", provider("name = \"p\"\nports = [443]\n"));
+        let text = format!(
+            "mode = \"audit\"\n\n{}",
+            provider("name = \"p\"\nports = [443]\n")
+        );
         one_error(&text, "providers[0]", 3, 1, "needs `hosts` or `cidrs`");
     }
 
@@ -1258,20 +1382,38 @@ llm = "allow"
             provider("name = \"p\"\nhosts = [\"a.example\"]\n"),
             provider("name = \"p\"\nhosts = [\"b.example\"]\n")
         );
-        one_error(&text, "providers[1].name", 6, 8, "duplicate provider name (first defined on line 2)");
+        one_error(
+            &text,
+            "providers[1].name",
+            6,
+            8,
+            "duplicate provider name (first defined on line 2)",
+        );
     }
 
     #[test]
     fn host_of_another_provider() {
         let text = provider("name = \"mine\"\nhosts = [\"API.openai.com\"]\n");
-        let e = one_error(&text, "providers[0].hosts[0]", 3, 10, "already a host of provider `openai`");
+        let e = one_error(
+            &text,
+            "providers[0].hosts[0]",
+            3,
+            10,
+            "already a host of provider `openai`",
+        );
         assert_eq!(e.value.as_deref(), Some("\"API.openai.com\""));
         let text = format!(
             "{}\n{}",
             provider("name = \"a\"\ncidrs = [\"10.9.0.0/16\"]\n"),
             provider("name = \"b\"\ncidrs = [\"10.9.0.0/16\"]\n")
         );
-        one_error(&text, "providers[1].cidrs[0]", 7, 10, "already a CIDR of provider `a`");
+        one_error(
+            &text,
+            "providers[1].cidrs[0]",
+            7,
+            10,
+            "already a CIDR of provider `a`",
+        );
     }
 
     // ---- workloads ----
@@ -1287,13 +1429,31 @@ llm = "allow"
             workload(&format!("name = \"w\"\n{UNIT}")),
             workload("name = \"w\"\nsystemd_unit = \"other.service\"\n")
         );
-        one_error(&text, "workloads[1].name", 6, 8, "duplicate workload name (first defined on line 2)");
+        one_error(
+            &text,
+            "workloads[1].name",
+            6,
+            8,
+            "duplicate workload name (first defined on line 2)",
+        );
     }
 
     #[test]
     fn reserved_workload_name() {
-        one_error(&workload(&format!("name = \"none\"\n{UNIT}")), "workloads[0].name", 2, 8, "reserved");
-        one_error(&workload(&format!("name = \"None\"\n{UNIT}")), "workloads[0].name", 2, 8, "reserved");
+        one_error(
+            &workload(&format!("name = \"none\"\n{UNIT}")),
+            "workloads[0].name",
+            2,
+            8,
+            "reserved",
+        );
+        one_error(
+            &workload(&format!("name = \"None\"\n{UNIT}")),
+            "workloads[0].name",
+            2,
+            8,
+            "reserved",
+        );
     }
 
     #[test]
@@ -1307,7 +1467,10 @@ llm = "allow"
 
     #[test]
     fn workload_without_selector() {
-        let text = format!("mode = \"audit\"\n{}", workload("name = \"w\"\nallow = [\"openai\"]\n"));
+        let text = format!(
+            "mode = \"audit\"\n{}",
+            workload("name = \"w\"\nallow = [\"openai\"]\n")
+        );
         let e = one_error(&text, "workloads[0]", 2, 1, "needs a selector");
         assert_eq!(e.value, None);
     }
@@ -1338,20 +1501,46 @@ llm = "allow"
             let text = workload(&format!("name = \"w\"\nsystemd_unit = \"{unit}\"\n"));
             one_error(&text, "workloads[0].systemd_unit", 3, 16, "");
         }
-        for unit in ["a.service", "session-3.scope", "user.slice", "sshd.socket", "getty@tty1.service"] {
-            ok(&workload(&format!("name = \"w\"\nsystemd_unit = \"{unit}\"\n")));
+        for unit in [
+            "a.service",
+            "session-3.scope",
+            "user.slice",
+            "sshd.socket",
+            "getty@tty1.service",
+        ] {
+            ok(&workload(&format!(
+                "name = \"w\"\nsystemd_unit = \"{unit}\"\n"
+            )));
         }
     }
 
     #[test]
     fn unknown_allow_entry() {
-        let text = workload(&format!("name = \"w\"\n{UNIT}allow = [\"anthropic\", \"OpenAI\"]\n"));
+        let text = workload(&format!(
+            "name = \"w\"\n{UNIT}allow = [\"anthropic\", \"OpenAI\"]\n"
+        ));
         let e = one_error(&text, "workloads[0].allow[1]", 4, 23, "neither a provider");
         assert!(e.message.contains("did you mean \"openai\"?"), "{e}");
         let text = workload(&format!("name = \"w\"\n{UNIT}deny = [\"10.0.0.1/8\"]\n"));
-        one_error(&text, "workloads[0].deny[0]", 4, 9, "host bits set; did you mean 10.0.0.0/8?");
+        one_error(
+            &text,
+            "workloads[0].deny[0]",
+            4,
+            9,
+            "host bits set; did you mean 10.0.0.0/8?",
+        );
+        let text = workload(&format!(
+            "name = \"w\"\n{UNIT}allow = [\"api.openai.com\"]\n"
+        ));
+        one_error(&text, "workloads[0].allow[0]", 4, 10, "a host name");
         let text = workload(&format!("name = \"w\"\n{UNIT}deny = [\"300.1.1.1\"]\n"));
-        one_error(&text, "workloads[0].deny[0]", 4, 9, "not an IP address or CIDR");
+        one_error(
+            &text,
+            "workloads[0].deny[0]",
+            4,
+            9,
+            "not an IP address or CIDR",
+        );
     }
 
     #[test]
@@ -1361,7 +1550,13 @@ llm = "allow"
             provider("name = \"openai\"\ndisabled = true\n"),
             workload(&format!("name = \"w\"\n{UNIT}allow = [\"openai\"]\n"))
         );
-        one_error(&text, "workloads[0].allow[0]", 8, 10, "provider `openai` is disabled");
+        one_error(
+            &text,
+            "workloads[0].allow[0]",
+            8,
+            10,
+            "provider `openai` is disabled",
+        );
     }
 
     #[test]
@@ -1380,9 +1575,22 @@ llm = "allow"
             "name = \"w\"\n{UNIT}allow = [\"openai\", \"10.0.0.1\"]\ndeny = [\"10.0.0.1/32\", \"openai\"]\n"
         ));
         let errors = errors(&text);
-        let found: Vec<(&str, usize, usize)> = errors.iter().map(|e| (e.key.as_str(), e.line, e.column)).collect();
-        assert_eq!(found, [("workloads[0].deny[0]", 5, 9), ("workloads[0].deny[1]", 5, 24)]);
-        assert!(errors.iter().all(|e| e.message.contains("in both `allow` and `deny`")));
+        let found: Vec<(&str, usize, usize)> = errors
+            .iter()
+            .map(|e| (e.key.as_str(), e.line, e.column))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("workloads[0].deny[0]", 5, 9),
+                ("workloads[0].deny[1]", 5, 24)
+            ]
+        );
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.message.contains("in both `allow` and `deny`"))
+        );
     }
 
     #[test]
@@ -1392,9 +1600,25 @@ llm = "allow"
             workload("name = \"a\"\ncgroup = \"pods/*\"\n"),
             workload("name = \"b\"\ncgroup = \"pods/*/\"\n")
         );
-        one_error(&text, "workloads[1].cgroup", 7, 10, "workload `a` has the same selector");
-        let text = format!("{}\n{}", workload(&format!("name = \"a\"\n{UNIT}")), workload(&format!("name = \"b\"\n{UNIT}")));
-        one_error(&text, "workloads[1].systemd_unit", 7, 16, "workload `a` has the same selector");
+        one_error(
+            &text,
+            "workloads[1].cgroup",
+            7,
+            10,
+            "workload `a` has the same selector",
+        );
+        let text = format!(
+            "{}\n{}",
+            workload(&format!("name = \"a\"\n{UNIT}")),
+            workload(&format!("name = \"b\"\n{UNIT}"))
+        );
+        one_error(
+            &text,
+            "workloads[1].systemd_unit",
+            7,
+            16,
+            "workload `a` has the same selector",
+        );
         // The same string as a cgroup glob and as a unit name are different selectors.
         ok(&format!(
             "{}\n{}",
@@ -1405,15 +1629,22 @@ llm = "allow"
 
     #[test]
     fn workload_other_defaults_to_defaults_other() {
-        let p = ok(&format!("[defaults]\nllm = \"allow\"\nother = \"audit\"\n\n{}", workload(&format!("name = \"w\"\n{UNIT}"))));
-        assert_eq!((p.workloads[0].llm, p.workloads[0].other), (Action::Deny, Action::Audit));
+        let p = ok(&format!(
+            "[defaults]\nllm = \"allow\"\nother = \"audit\"\n\n{}",
+            workload(&format!("name = \"w\"\n{UNIT}"))
+        ));
+        assert_eq!(
+            (p.workloads[0].llm, p.workloads[0].other),
+            (Action::Deny, Action::Audit)
+        );
     }
 
     #[test]
-    fn toml_error_keys_are_a_best_effort() {
-        assert_eq!(toml_error_key("[a]\nb = 1\n", 8, "invalid type"), "a.b");
-        assert_eq!(toml_error_key("[[w]]\n[[w]]\nx = 1\n", 12, "unknown field `x`, expected"), "w[1].x");
-        assert_eq!(toml_error_key("a = [\n 1]\n", 7, "invalid"), "");
+    fn near_names_are_suggested() {
         assert_eq!(edit_distance("opneai", "openai"), 2);
+        assert_eq!(edit_distance("", "ab"), 2);
+        let p = ok("");
+        assert_eq!(nearest_name("Anthropic", &p.providers), Some("anthropic"));
+        assert_eq!(nearest_name("completely-else", &p.providers), None);
     }
 }

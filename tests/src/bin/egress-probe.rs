@@ -79,7 +79,9 @@ fn parse_args() -> Args {
             }
             "--timeout-ms" => {
                 let ms = it.next().and_then(|v| v.parse().ok());
-                timeout = Duration::from_millis(ms.unwrap_or_else(|| fail("--timeout-ms needs a number")));
+                timeout = Duration::from_millis(
+                    ms.unwrap_or_else(|| fail("--timeout-ms needs a number")),
+                );
             }
             "connect" => cmds.push(Cmd::Connect(parse_addr(it.next()))),
             "udp" => cmds.push(Cmd::Udp(parse_addr(it.next()))),
@@ -104,7 +106,12 @@ fn parse_args() -> Args {
     if cmds.is_empty() {
         fail(format!("no command\n{USAGE}"));
     }
-    Args { cgroup, netns, timeout, cmds }
+    Args {
+        cgroup,
+        netns,
+        timeout,
+        cmds,
+    }
 }
 
 /// Moves this process into the cgroup, then this (only) thread into the netns.
@@ -118,7 +125,11 @@ fn setup(args: &Args) {
     // is single-threaded, so the whole process is in the namespace after it.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
-        fail(format!("setns {}: {}", args.netns.display(), io::Error::last_os_error()));
+        fail(format!(
+            "setns {}: {}",
+            args.netns.display(),
+            io::Error::last_os_error()
+        ));
     }
 }
 
@@ -161,6 +172,25 @@ fn tcp_connect(addr: &SocketAddr, timeout: Duration) -> io::Result<()> {
     // std picks the socket family from the address: SocketAddr::V6 (also
     // ::ffff:a.b.c.d) gets AF_INET6.
     TcpStream::connect_timeout(addr, timeout).map(drop)
+}
+
+/// A blocking connect(), then close() with SO_LINGER 0 (a reset), so a
+/// long loop does not run out of ephemeral ports to TIME_WAIT.
+fn connect_and_reset(addr: &SocketAddr) -> io::Result<()> {
+    let stream = TcpStream::connect(addr)?;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    drop(stream);
+    Ok(())
 }
 
 fn udp_send(addr: &SocketAddr, connected: bool) -> io::Result<()> {
@@ -208,16 +238,23 @@ fn run(cmd: &Cmd, timeout: Duration) -> Value {
 
 fn run_one(cmd: &Cmd, timeout: Duration, pid: u32) -> Value {
     match cmd {
-        Cmd::Connect(a) => result(json!({"cmd": "connect", "addr": a.to_string(), "pid": pid}), tcp_connect(a, timeout)),
-        Cmd::Udp(a) => result(json!({"cmd": "udp", "addr": a.to_string(), "pid": pid}), udp_send(a, false)),
-        Cmd::UdpConnect(a) => {
-            result(json!({"cmd": "udp-connect", "addr": a.to_string(), "pid": pid}), udp_send(a, true))
-        }
+        Cmd::Connect(a) => result(
+            json!({"cmd": "connect", "addr": a.to_string(), "pid": pid}),
+            tcp_connect(a, timeout),
+        ),
+        Cmd::Udp(a) => result(
+            json!({"cmd": "udp", "addr": a.to_string(), "pid": pid}),
+            udp_send(a, false),
+        ),
+        Cmd::UdpConnect(a) => result(
+            json!({"cmd": "udp-connect", "addr": a.to_string(), "pid": pid}),
+            udp_send(a, true),
+        ),
         Cmd::ConnectLoop(a, n) => {
             let (mut failures, mut first_err) = (0u64, None);
             let start = Instant::now();
             for _ in 0..*n {
-                if let Err(e) = tcp_connect(a, timeout) {
+                if let Err(e) = connect_and_reset(a) {
                     failures += 1;
                     first_err.get_or_insert(e);
                 }

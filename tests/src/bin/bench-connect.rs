@@ -1,0 +1,155 @@
+//! `cargo xtask bench`: the cost of the connect-time verdict.
+//!
+//! A `connect()` + `close()` loop to a listener inside a test namespace, run
+//! by the same probe binary from two sibling cgroups at the same time of the
+//! same run: one under the agent's attach cgroup (a workload of a policy with
+//! 1,000 CIDR rules, so every connect runs the programs: workload walk, rule
+//! and provider lookups), one outside it (no program runs: the same as no
+//! agent). Rounds alternate between the two so that drift of the machine hits
+//! both alike; the report is the ratio of the medians.
+//!
+//! Usage: bench-connect [ROUNDS] [CONNECTS_PER_ROUND]   (default 9 × 20000)
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use std::os::fd::AsRawFd;
+
+use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, Probe, require_root, toml_str};
+
+/// A listener that accepts as fast as it can (blocking accept, deep
+/// backlog), so the loop measures connect() and not a full accept queue.
+fn fast_listener(netns: &NetnsGuard, addr: &str) -> std::net::SocketAddr {
+    let addr: std::net::SocketAddr = addr.parse().expect("listener address");
+    let listener = netns
+        .in_netns(|| std::net::TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bench listener on {addr}: {e}"));
+    // SAFETY: listen(2) on a socket we own; raises the backlog of std's 128.
+    unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    addr
+}
+
+fn probe_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.join("egress-probe")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "egress-probe not found next to bench-connect: build the tests package's binaries"
+            )
+        })
+}
+
+/// A policy whose workload has 1,000 entries: 999 denied /24s it never
+/// reaches, and the allowed network of the listener.
+fn policy(attach: &std::path::Path) -> String {
+    let mut deny = String::new();
+    for i in 0..999u32 {
+        let _ = write!(deny, "\"10.{}.{}.0/24\", ", 100 + i / 256, i % 256);
+    }
+    format!(
+        r#"mode = "enforce"
+cgroup = {}
+[resolver]
+servers = ["127.0.0.1:1"]
+[[workloads]]
+name = "bench"
+cgroup = "system.slice/bench.service"
+allow = ["192.0.2.0/24"]
+deny = [{deny}]
+other = "deny"
+"#,
+        toml_str(&attach.display().to_string())
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    require_root();
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(9);
+    let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+
+    let enforced = CgroupGuard::new("bench-on");
+    let workload = enforced.child("system.slice/bench.service");
+    let baseline = CgroupGuard::new("bench-off");
+    let netns = NetnsGuard::new();
+    let server = fast_listener(&netns, "192.0.2.1:9000").to_string();
+    let agent = Agent::start(&policy(enforced.path()));
+    let probe = Probe::new(probe_bin());
+
+    // Warm-up, and proof that the enforced loop really runs the programs: a
+    // denied destination fails from the workload and not from the baseline.
+    let denied = probe.connect(&workload, &netns, "198.51.100.1:9000");
+    assert_eq!(
+        denied,
+        Err(libc::EPERM),
+        "the workload's `other = deny` must refuse 198.51.100.1"
+    );
+    let _ = probe.connect_loop(&workload, &netns, &server, 2_000);
+    let _ = probe.connect_loop(baseline.path(), &netns, &server, 2_000);
+
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Alternate the order too, so neither side always goes first.
+        let order: [bool; 2] = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for with_agent in order {
+            let cg = if with_agent {
+                workload.as_path()
+            } else {
+                baseline.path()
+            };
+            let r = probe.connect_loop(cg, &netns, &server, n);
+            assert_eq!(
+                r.failures, 0,
+                "connect loop failed (errno {:?}); with_agent={with_agent}",
+                r.errno
+            );
+            let ns_per = r.elapsed_ns as f64 / r.n as f64;
+            if with_agent {
+                on.push(ns_per)
+            } else {
+                off.push(ns_per)
+            }
+        }
+        eprintln!(
+            "round {round}: baseline {:.0} ns/connect, enforced {:.0} ns/connect",
+            off[round], on[round]
+        );
+    }
+    let (m_on, m_off) = (median(on.clone()), median(off.clone()));
+    let ratio = m_on / m_off;
+    let decisions = agent
+        .metric_value("llm_egress_decisions_total", &[("verdict", "allow")])
+        .unwrap_or(0.0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "connect_close_loop",
+            "policy_entries": 1000,
+            "rounds": rounds,
+            "connects_per_round": n,
+            "baseline_ns_per_connect_median": m_off.round(),
+            "enforced_ns_per_connect_median": m_on.round(),
+            "ratio": (ratio * 1000.0).round() / 1000.0,
+            "baseline_rounds": off.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            "enforced_rounds": on.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            "kernel_allow_decisions": decisions,
+        })
+    );
+    println!("ratio enforced/baseline = {ratio:.3} (target <= 1.03)");
+    drop(agent);
+}
