@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use llm_egress_common::MAP_EVENTS;
+use llm_egress_common::{MAP_EVENTS, MAP_EXECS};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -248,7 +248,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         AttachOutcome::Attached => info!(generation = state.generation, "programs attached"),
     }
 
-    let ctx = Context { names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone() };
+    let execs = match loader.attach_exec_tracking() {
+        Ok(()) => loader.ebpf.take_map(MAP_EXECS).and_then(|m| m.try_into().ok()).map(Arc::new),
+        Err(e) => {
+            warn!(error = %e, "exec tracking unavailable: processes that exit before their event is read get an empty exe");
+            None
+        }
+    };
+    let ctx = Context { execs, names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone() };
     let events_alive = Arc::new(AtomicBool::new(true));
     let events_task = tokio::spawn(events::read(ring, ctx, events_alive.clone()));
 

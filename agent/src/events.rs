@@ -14,9 +14,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use llm_egress_common::{
-    ConnectEvent, EventHeader, NO_PROVIDER, NO_WORKLOAD, family, hook, kind, proto, reason, verdict,
+    ConnectEvent, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD, family, hook, kind, proto, reason, verdict,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -139,9 +139,30 @@ fn rfc3339(t: SystemTime) -> String {
     dt.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
+/// `EXECS`: tgid → what it last executed (filled by the exec tracepoint).
+pub type Execs = Arc<BpfHashMap<MapData, u32, ExecInfo>>;
+
+/// The executable of the process that made `ev`: /proc while it lives, else
+/// the path its last exec gave (if that exec came before the event, so a
+/// reused pid is never credited with its predecessor's connections).
+fn exe_for(ev: &ConnectEvent, execs: Option<&Execs>) -> Option<String> {
+    if let Some(exe) = exe_of(ev.header.tgid) {
+        return Some(exe);
+    }
+    let info = execs?.get(&ev.header.tgid, 0).ok()?;
+    if info.exec_time_ns > ev.header.time_ns {
+        return None;
+    }
+    let len = (info.len as usize).min(info.path.len());
+    let path = &info.path[..len];
+    let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+    Some(String::from_utf8_lossy(&path[..end]).into_owned())
+}
+
 /// Everything an event needs to become a record.
 #[derive(Clone)]
 pub struct Context {
+    pub execs: Option<Execs>,
     pub names: Names,
     pub cgroups: CgroupPaths,
     pub metrics: Metrics,
@@ -157,7 +178,7 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     };
     let workload = if d.workload_id == NO_WORKLOAD { NO_WORKLOAD_NAME.to_string() } else { name(|t| &t.workloads, d.workload_id) };
     let provider = (d.provider_id != NO_PROVIDER).then(|| name(|t| &t.providers, d.provider_id));
-    let exe = exe_of(h.tgid);
+    let exe = exe_for(ev, ctx.execs.as_ref());
     if exe.is_none() {
         ctx.metrics.attribution_misses.inc();
     }

@@ -27,11 +27,12 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSockAddr, TracePoint,
         links::{FdLink, PinnedLink},
+        trace_point::TracePointLink,
     },
 };
-use llm_egress_common::{ALL_MAPS, ALL_PROGRAMS};
+use llm_egress_common::{ALL_MAPS, ALL_PROGRAMS, PROG_EXEC};
 use tracing::{info, warn};
 
 use crate::policy::FailureMode;
@@ -90,6 +91,8 @@ pub struct Loader {
     pin_root: PathBuf,
     dir: PathBuf,
     links: Vec<Attached>,
+    /// Detached when the agent exits, whatever `failure_mode` says.
+    exec_link: Option<TracePointLink>,
 }
 
 enum Attached {
@@ -131,7 +134,7 @@ impl Loader {
                 return Err(LoadError::Missing(name));
             }
         }
-        Ok(Self { ebpf, pin_root: pin_root.to_path_buf(), dir, links: Vec::new() })
+        Ok(Self { ebpf, pin_root: pin_root.to_path_buf(), dir, links: Vec::new(), exec_link: None })
     }
 
     /// Whether pinned links of this build exist (a previous agent's).
@@ -213,6 +216,25 @@ impl Loader {
         Ok(AttachOutcome::Attached)
     }
 
+    /// Attaches the exec tracepoint that feeds `EXECS`. Its link is never
+    /// pinned: it only improves attribution, and a new agent attaches its own.
+    /// Mounts tracefs on /sys/kernel/tracing when nothing is mounted there.
+    pub fn attach_exec_tracking(&mut self) -> Result<(), LoadError> {
+        ensure_tracefs()?;
+        let name = PROG_EXEC;
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        prog.load().map_err(|source| LoadError::Program { name, source })?;
+        let id = prog.attach("sched", "sched_process_exec").map_err(|source| LoadError::Program { name, source })?;
+        let link = prog.take_link(id).map_err(|source| LoadError::Program { name, source })?;
+        self.exec_link = Some(link);
+        Ok(())
+    }
+
     /// Removes pinned state of other builds under `pin_root` (their links
     /// detach when their pins go).
     fn remove_other_builds(&self) {
@@ -254,7 +276,42 @@ fn is_hash_dir(path: &Path) -> bool {
         .is_some_and(|n| n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-fn is_bpffs(path: &Path) -> Result<bool, LoadError> {
+const TRACEFS_MAGIC: i64 = 0x7472_6163;
+
+/// Mounts tracefs on /sys/kernel/tracing if it is not there (tracepoint
+/// attachment reads event ids from it).
+fn ensure_tracefs() -> Result<(), LoadError> {
+    let path = Path::new("/sys/kernel/tracing");
+    if fs_magic(path)? == TRACEFS_MAGIC || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    let _lock = mount_lock()?;
+    if fs_magic(path)? == TRACEFS_MAGIC {
+        return Ok(());
+    }
+    let (src, target, fstype) = (c"nodev", c"/sys/kernel/tracing", c"tracefs");
+    // SAFETY: constant, valid C strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(LoadError::Io { path: path.to_path_buf(), what: "mounting tracefs", source: io::Error::last_os_error() });
+    }
+    info!("mounted tracefs on /sys/kernel/tracing");
+    Ok(())
+}
+
+/// Serialises mounts of bpffs and tracefs by agents (or tests) starting at
+/// once: a second mount would hide what was pinned on the first.
+fn mount_lock() -> Result<fs::File, LoadError> {
+    let lock_path = Path::new("/run/llm-egress-mount.lock");
+    let lock = fs::File::create(lock_path).map_err(io_err(lock_path, "creating the mount lock"))?;
+    // SAFETY: flock on a file descriptor we own; released when it is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(LoadError::Io { path: lock_path.to_path_buf(), what: "locking", source: io::Error::last_os_error() });
+    }
+    Ok(lock)
+}
+
+fn fs_magic(path: &Path) -> Result<i64, LoadError> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| LoadError::Io { path: path.to_path_buf(), what: "path", source: io::Error::other(e) })?;
     // SAFETY: statfs writes into the zeroed struct we pass; `c` is a valid C string.
@@ -263,7 +320,11 @@ fn is_bpffs(path: &Path) -> Result<bool, LoadError> {
     if rc != 0 {
         return Err(LoadError::Io { path: path.to_path_buf(), what: "statfs", source: io::Error::last_os_error() });
     }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    Ok(st.f_type as i64)
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, LoadError> {
+    Ok(fs_magic(path)? == BPF_FS_MAGIC)
 }
 
 /// Makes sure `pin_root` is on bpffs, mounting /sys/fs/bpf if that is where
@@ -280,14 +341,7 @@ fn ensure_bpffs(pin_root: &Path) -> Result<(), LoadError> {
     if !pin_root.starts_with(sys_bpf) {
         return Err(LoadError::NotBpffs(pin_root.to_path_buf()));
     }
-    // Two agents (or tests) starting at once must not both mount: the second
-    // mount would hide the first one's pins.
-    let lock_path = Path::new("/run/llm-egress-bpffs.lock");
-    let lock = fs::File::create(lock_path).map_err(io_err(lock_path, "creating the mount lock"))?;
-    // SAFETY: flock on a file descriptor we own; released when `lock` drops.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(LoadError::Io { path: lock_path.to_path_buf(), what: "locking", source: io::Error::last_os_error() });
-    }
+    let _lock = mount_lock()?;
     if !is_bpffs(sys_bpf).unwrap_or(false) {
         fs::create_dir_all(sys_bpf).map_err(io_err(sys_bpf, "creating the bpffs mount point"))?;
         let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");

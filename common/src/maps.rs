@@ -27,9 +27,17 @@ pub const MAP_EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>` of `counter::*` values.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 
+/// `LruHashMap<u32 tgid, ExecInfo>`: the last exec of processes under the
+/// attach cgroup, so that a process that exits right after connecting is
+/// still attributed to its executable.
+pub const MAP_EXECS: &str = "EXECS";
+/// `PerCpuArray<ExecInfo>`, one entry: scratch space of the exec program
+/// (an `ExecInfo` is too large for the BPF stack of a tracepoint).
+pub const MAP_EXEC_SCRATCH: &str = "EXEC_SCRATCH";
+
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -40,6 +48,8 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_PROVIDER_ACTIONS,
     MAP_EVENTS,
     MAP_COUNTERS,
+    MAP_EXECS,
+    MAP_EXEC_SCRATCH,
 ];
 
 /// Program names: `<job>_<hook>`.
@@ -47,7 +57,10 @@ pub const PROG_CONNECT4: &str = "verdict_connect4";
 pub const PROG_CONNECT6: &str = "verdict_connect6";
 pub const PROG_SENDMSG4: &str = "verdict_sendmsg4";
 pub const PROG_SENDMSG6: &str = "verdict_sendmsg6";
+/// The cgroup_sock_addr programs, attached (and pinned) to the attach cgroup.
 pub const ALL_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+/// Tracepoint sched/sched_process_exec: fills `EXECS`.
+pub const PROG_EXEC: &str = "attribute_exec";
 
 /// Capacities. Changing one changes the pinned maps' shape: the loader then
 /// replaces the pinned state instead of adopting it.
@@ -56,6 +69,9 @@ pub const RULES_MAX: u32 = 65_536;
 pub const DESTS_MAX: u32 = 65_536;
 pub const PROVIDER_ACTIONS_MAX: u32 = 65_536;
 pub const EVENTS_BYTES: u32 = 1 << 20;
+pub const EXECS_MAX: u32 = 16_384;
+/// Bytes of an exec'd path kept (longer paths are cut).
+pub const EXEC_PATH_LEN: usize = 256;
 /// Index 0 is unused ("no policy"), slots are 1 and 2.
 pub const SLOT_COUNT: u32 = 3;
 /// Cgroup levels below the cgroup2 root searched for a workload.
@@ -183,8 +199,21 @@ pub struct ProviderKey {
     pub provider_id: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecInfo {
+    /// `bpf_ktime_get_ns()` of the exec.
+    pub exec_time_ns: u64,
+    /// Bytes of `path` used, including the NUL.
+    pub len: u32,
+    pub _pad: u32,
+    /// The path given to execve (bprm->filename), NUL terminated.
+    pub path: [u8; EXEC_PATH_LEN],
+}
+
 const _: () = {
     use core::mem::{align_of, size_of};
+    assert!(size_of::<ExecInfo>() == 272);
     assert!(size_of::<ActiveSlot>() == 16);
     assert!(size_of::<SlotConfig>() == 16 && align_of::<SlotConfig>() == 8);
     assert!(size_of::<WorkloadKey>() == 16);
@@ -210,4 +239,5 @@ mod pod {
     unsafe impl aya::Pod for ActionValue {}
     unsafe impl aya::Pod for DestValue {}
     unsafe impl aya::Pod for ProviderKey {}
+    unsafe impl aya::Pod for ExecInfo {}
 }

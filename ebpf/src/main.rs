@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod exec;
 mod maps;
 mod sock_addr;
 

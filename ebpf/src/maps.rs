@@ -5,10 +5,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use llm_egress_common::{
-    ActionValue, ActiveSlot, DestValue, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig,
+    EXECS_MAX, ExecInfo, ActionValue, ActiveSlot, DestValue, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig,
     WorkloadKey, WorkloadValue, DESTS_MAX, EVENTS_BYTES, PROVIDER_ACTIONS_MAX, RULES_MAX,
     SLOT_COUNT, WORKLOADS_MAX, counter,
 };
@@ -43,6 +43,12 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
+
+#[map]
+pub static EXECS: LruHashMap<u32, ExecInfo> = LruHashMap::pinned(EXECS_MAX, 0);
+
+#[map]
+pub static EXEC_SCRATCH: PerCpuArray<ExecInfo> = PerCpuArray::with_max_entries(1, 0);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

@@ -42,10 +42,15 @@ const BPF_F_QUERY_EFFECTIVE: u32 = 1;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
 /// Mounts bpffs at /sys/fs/bpf unless something of type `bpf` is mounted
-/// there already. Serialised within the test process.
+/// there already. Serialised within the test process, and with agents and
+/// other test processes through the agent's mount lock file.
 pub fn ensure_bpffs() {
     static LOCK: Mutex<()> = Mutex::new(());
     let _held = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let lock_file = std::fs::File::create("/run/llm-egress-mount.lock")
+        .unwrap_or_else(|e| panic!("cannot create /run/llm-egress-mount.lock: {e}"));
+    // SAFETY: flock on a file we own; released when `lock_file` is closed.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock_file), libc::LOCK_EX) };
     let mounted = std::fs::read_to_string("/proc/self/mountinfo")
         .map(|info| {
             mounts_of_type(&info, "bpf")
