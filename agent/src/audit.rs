@@ -29,6 +29,9 @@ pub struct DecisionRecord {
     pub uid: u32,
     pub gid: u32,
     pub cgroup: String,
+    /// What the cgroup path says: systemd unit, container, pod.
+    #[serde(flatten)]
+    pub cgroup_info: crate::cgroup_info::CgroupInfo,
     pub protocol: &'static str,
     pub dst_addr: String,
     pub dst_port: u16,
@@ -111,7 +114,8 @@ mod tests {
             exe: "/usr/bin/curl".into(),
             uid: 0,
             gid: 0,
-            cgroup: "/x".into(),
+            cgroup: "/system.slice/bot.service".into(),
+            cgroup_info: crate::cgroup_info::describe("/system.slice/bot.service"),
             protocol: "tcp",
             dst_addr: "192.0.2.1".into(),
             dst_port: 443,

@@ -179,6 +179,7 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     let workload = if d.workload_id == NO_WORKLOAD { NO_WORKLOAD_NAME.to_string() } else { name(|t| &t.workloads, d.workload_id) };
     let provider = (d.provider_id != NO_PROVIDER).then(|| name(|t| &t.providers, d.provider_id));
     let exe = exe_for(ev, ctx.execs.as_ref());
+    let cgroup = ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default();
     if exe.is_none() {
         ctx.metrics.attribution_misses.inc();
     }
@@ -194,7 +195,8 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
         exe: exe.unwrap_or_default(),
         uid: h.uid,
         gid: h.gid,
-        cgroup: ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default(),
+        cgroup_info: crate::cgroup_info::describe(&cgroup),
+        cgroup,
         protocol: if d.proto == proto::UDP { "udp" } else { "tcp" },
         dst_addr: dst_addr(ev).to_string(),
         dst_port: d.port,

@@ -289,13 +289,17 @@ fn ensure_tracefs() -> Result<(), LoadError> {
     if fs_magic(path)? == TRACEFS_MAGIC {
         return Ok(());
     }
-    let (src, target, fstype) = (c"nodev", c"/sys/kernel/tracing", c"tracefs");
-    // SAFETY: constant, valid C strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    mount(c"nodev", c"/sys/kernel/tracing", c"tracefs", path)
+}
+
+/// mount(2) of a pseudo file system with no options.
+fn mount(source: &std::ffi::CStr, target: &std::ffi::CStr, fstype: &std::ffi::CStr, path: &Path) -> Result<(), LoadError> {
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(LoadError::Io { path: path.to_path_buf(), what: "mounting tracefs", source: io::Error::last_os_error() });
+        return Err(LoadError::Io { path: path.to_path_buf(), what: "mounting", source: io::Error::last_os_error() });
     }
-    info!("mounted tracefs on /sys/kernel/tracing");
+    info!(fstype = ?fstype, path = %path.display(), "mounted");
     Ok(())
 }
 
@@ -344,13 +348,7 @@ fn ensure_bpffs(pin_root: &Path) -> Result<(), LoadError> {
     let _lock = mount_lock()?;
     if !is_bpffs(sys_bpf).unwrap_or(false) {
         fs::create_dir_all(sys_bpf).map_err(io_err(sys_bpf, "creating the bpffs mount point"))?;
-        let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-        // SAFETY: constant, valid C strings; no data argument.
-        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-        if rc != 0 {
-            return Err(LoadError::Io { path: sys_bpf.to_path_buf(), what: "mounting bpffs", source: io::Error::last_os_error() });
-        }
-        info!("mounted bpffs on /sys/fs/bpf");
+        mount(c"bpf", c"/sys/fs/bpf", c"bpf", sys_bpf)?;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod agent;
 mod attribution;
 mod audit;
 mod catalog;
+mod cgroup_info;
 mod cgroups;
 mod cli;
 mod events;

@@ -214,30 +214,21 @@ impl KernelMaps {
 
     /// Removes every entry of `slot` from the per-slot maps.
     fn clear_slot(&mut self, slot: u32) -> Result<(), MapsError> {
-        let keys: Vec<_> = self.workloads.keys().filter_map(Result::ok).filter(|k| k.slot == slot).collect();
-        for k in keys {
-            let _ = self.workloads.remove(&k);
+        // Keys are collected first: deleting while iterating restarts the walk.
+        macro_rules! clear {
+            ($map:expr, $slot_of:expr) => {{
+                let keys: Vec<_> = $map.keys().filter_map(Result::ok).filter(|k| $slot_of(k) == slot).collect();
+                for k in keys {
+                    let _ = $map.remove(&k);
+                }
+            }};
         }
-        let keys: Vec<_> = self.provider_act.keys().filter_map(Result::ok).filter(|k| k.slot == slot).collect();
-        for k in keys {
-            let _ = self.provider_act.remove(&k);
-        }
-        let keys: Vec<_> = self.rules_v4.keys().filter_map(Result::ok).filter(|k| k.data().slot == slot).collect();
-        for k in keys {
-            let _ = self.rules_v4.remove(&k);
-        }
-        let keys: Vec<_> = self.rules_v6.keys().filter_map(Result::ok).filter(|k| k.data().slot == slot).collect();
-        for k in keys {
-            let _ = self.rules_v6.remove(&k);
-        }
-        let keys: Vec<_> = self.dests_v4.keys().filter_map(Result::ok).filter(|k| k.data().slot == slot).collect();
-        for k in keys {
-            let _ = self.dests_v4.remove(&k);
-        }
-        let keys: Vec<_> = self.dests_v6.keys().filter_map(Result::ok).filter(|k| k.data().slot == slot).collect();
-        for k in keys {
-            let _ = self.dests_v6.remove(&k);
-        }
+        clear!(self.workloads, |k: &WorkloadKey| k.slot);
+        clear!(self.provider_act, |k: &ProviderKey| k.slot);
+        clear!(self.rules_v4, |k: &Key<PrefixKeyV4>| k.data().slot);
+        clear!(self.rules_v6, |k: &Key<PrefixKeyV6>| k.data().slot);
+        clear!(self.dests_v4, |k: &Key<PrefixKeyV4>| k.data().slot);
+        clear!(self.dests_v6, |k: &Key<PrefixKeyV6>| k.data().slot);
         self.slots.set(slot, SlotConfig::default(), 0).map_err(map_err(MAP_SLOTS))?;
         Ok(())
     }

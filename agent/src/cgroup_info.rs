@@ -1,0 +1,154 @@
+//! What a cgroup path says about the workload it holds: the systemd unit,
+//! the container (docker, containerd, cri-o, podman) and the Kubernetes pod
+//! uid and QoS class (kubelet's path shapes for the systemd and cgroupfs
+//! drivers). Pure string work on the path the kernel and /proc report; pod
+//! names and namespaces are not in the path (docs/events.md says where they
+//! would come from).
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CgroupInfo {
+    /// The deepest `*.service` or `*.scope` component.
+    pub unit: Option<String>,
+    /// `docker`, `containerd`, `cri-o` or `podman`.
+    pub container_runtime: Option<&'static str>,
+    /// 64 hex digits.
+    pub container_id: Option<String>,
+    /// The pod's uid with dashes (kubelet's systemd driver writes underscores).
+    pub pod_uid: Option<String>,
+    /// `guaranteed`, `burstable` or `besteffort`.
+    pub qos_class: Option<&'static str>,
+}
+
+fn is_container_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `prefix-<id>.scope` → id, for the given prefixes.
+fn scoped_id<'a>(component: &'a str, prefixes: &[&str]) -> Option<&'a str> {
+    let stem = component.strip_suffix(".scope")?;
+    prefixes.iter().find_map(|p| stem.strip_prefix(p)).filter(|id| is_container_id(id))
+}
+
+/// `pod<uid>` or `kubepods-<qos>-pod<uid>.slice` / `kubepods-pod<uid>.slice`.
+fn pod_uid(component: &str) -> Option<String> {
+    let rest = component.strip_suffix(".slice").unwrap_or(component);
+    let idx = rest.rfind("pod")?;
+    let uid = &rest[idx + 3..];
+    let ok = uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_');
+    (ok && (idx == 0 || rest[..idx].ends_with('-'))).then(|| uid.replace('_', "-"))
+}
+
+pub fn describe(path: &str) -> CgroupInfo {
+    let mut info = CgroupInfo::default();
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    // Anywhere in the path: nested setups (kind, a test cgroup) put the
+    // kubelet's tree below other cgroups.
+    let mut in_kubepods = false;
+    for (i, part) in parts.iter().enumerate() {
+        if *part == "kubepods" || *part == "kubepods.slice" {
+            in_kubepods = true;
+            continue;
+        }
+        if part.ends_with(".service") || part.ends_with(".scope") {
+            info.unit = Some((*part).to_string());
+        }
+        if let Some(id) = scoped_id(part, &["docker-"]) {
+            info.container_runtime = Some("docker");
+            info.container_id = Some(id.to_string());
+        } else if let Some(id) = scoped_id(part, &["cri-containerd-"]) {
+            info.container_runtime = Some("containerd");
+            info.container_id = Some(id.to_string());
+        } else if let Some(id) = scoped_id(part, &["crio-"]) {
+            info.container_runtime = Some("cri-o");
+            info.container_id = Some(id.to_string());
+        } else if let Some(id) = scoped_id(part, &["libpod-"]) {
+            info.container_runtime = Some("podman");
+            info.container_id = Some(id.to_string());
+        } else if is_container_id(part) && i > 0 {
+            // cgroupfs drivers: /docker/<id>, /kubepods/<qos>/pod<uid>/<id>;
+            // the kubelet's path does not name the runtime.
+            info.container_runtime = (parts[i - 1] == "docker").then_some("docker");
+            info.container_id = Some((*part).to_string());
+        }
+        if in_kubepods {
+            if let Some(uid) = pod_uid(part) {
+                info.pod_uid = Some(uid);
+            }
+            if part.contains("burstable") {
+                info.qos_class = Some("burstable");
+            } else if part.contains("besteffort") {
+                info.qos_class = Some("besteffort");
+            }
+        }
+    }
+    if info.pod_uid.is_some() && info.qos_class.is_none() {
+        info.qos_class = Some("guaranteed");
+    }
+    info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "4f3c2b1a0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b";
+    const UID: &str = "0b6c1a2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d";
+
+    #[test]
+    fn systemd_units() {
+        let i = describe("/system.slice/support-bot.service");
+        assert_eq!(i.unit.as_deref(), Some("support-bot.service"));
+        assert_eq!(i.container_id, None);
+        let i = describe("/user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope");
+        assert_eq!(i.unit.as_deref(), Some("run-r1.scope"));
+    }
+
+    #[test]
+    fn docker_with_both_drivers() {
+        let i = describe(&format!("/system.slice/docker-{ID}.scope"));
+        assert_eq!((i.container_runtime, i.container_id.as_deref()), (Some("docker"), Some(ID)));
+        let i = describe(&format!("/docker/{ID}"));
+        assert_eq!((i.container_runtime, i.container_id.as_deref()), (Some("docker"), Some(ID)));
+    }
+
+    #[test]
+    fn kubernetes_systemd_driver_containerd_and_crio() {
+        let u = UID.replace('-', "_");
+        let p = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope");
+        let i = describe(&p);
+        assert_eq!(i.pod_uid.as_deref(), Some(UID));
+        assert_eq!(i.qos_class, Some("burstable"));
+        assert_eq!((i.container_runtime, i.container_id.as_deref()), (Some("containerd"), Some(ID)));
+        let p = format!("/kubepods.slice/kubepods-pod{u}.slice/crio-{ID}.scope");
+        let i = describe(&p);
+        assert_eq!((i.qos_class, i.container_runtime), (Some("guaranteed"), Some("cri-o")));
+        let p = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice");
+        assert_eq!(describe(&p).qos_class, Some("besteffort"));
+    }
+
+    #[test]
+    fn kubernetes_cgroupfs_driver() {
+        let i = describe(&format!("/kubepods/besteffort/pod{UID}/{ID}"));
+        assert_eq!(i.pod_uid.as_deref(), Some(UID));
+        assert_eq!(i.qos_class, Some("besteffort"));
+        assert_eq!(i.container_id.as_deref(), Some(ID));
+        assert_eq!(i.container_runtime, None, "the cgroupfs driver does not name the runtime");
+        assert_eq!(describe(&format!("/kubepods/pod{UID}/{ID}")).qos_class, Some("guaranteed"));
+        // below another cgroup (a kind node, a test cgroup)
+        let i = describe(&format!("/kubelet.slice/kubepods/burstable/pod{UID}/{ID}"));
+        assert_eq!((i.pod_uid.as_deref(), i.qos_class), (Some(UID), Some("burstable")));
+    }
+
+    #[test]
+    fn podman_and_plain_paths() {
+        let i = describe(&format!("/machine.slice/libpod-{ID}.scope"));
+        assert_eq!((i.container_runtime, i.container_id.as_deref()), (Some("podman"), Some(ID)));
+        assert_eq!(describe("/llm-egress-test-x/bot"), CgroupInfo::default());
+        assert_eq!(describe("/"), CgroupInfo::default());
+        // Not quite a pod or container: never guessed.
+        assert_eq!(describe("/kubepods.slice/notapod.slice").pod_uid, None);
+        assert_eq!(describe("/system.slice/docker-abc.scope").container_id, None);
+    }
+}
