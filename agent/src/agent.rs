@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use llm_egress_common::{MAP_EVENTS, MAP_EXECS};
+use llm_egress_common::{MAP_CONNS, MAP_EVENTS, MAP_EXECS};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -25,6 +25,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    accounting::Accounting,
     attribution::CgroupPaths,
     audit::AuditSink,
     cgroups::{self, Selectors},
@@ -126,12 +127,15 @@ struct State {
     attach: PathBuf,
     attach_id: u64,
     root_rel: String,
+    /// Seed of the name hashes in `NAMES` (kept in the pinned `NAME_CFG`).
+    name_seed: u64,
 }
 
 impl State {
     fn plan(&self) -> Plan {
         let resolved: BTreeMap<usize, BTreeSet<IpAddr>> = resolver::by_provider(&self.policy, &self.hosts);
-        let plan = plan::build(&self.policy, self.generation, &self.cgroups, &resolved);
+        let mut plan = plan::build(&self.policy, self.generation, &self.cgroups, &resolved);
+        plan.names = plan::names(&self.policy, self.name_seed);
         for (prefix, kept, dropped) in &plan.dest_conflicts {
             warn!(?prefix, kept = %kept, dropped = %dropped, "destination claimed by two providers; the first in catalog order is used");
         }
@@ -227,6 +231,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         attach: attach.clone(),
         attach_id,
         root_rel,
+        name_seed: maps.name_seed()?,
     };
     state.rescan(&paths, &metrics);
     state.report_missing_workloads();
@@ -257,7 +262,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     let ctx = Context { execs, names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone() };
     let events_alive = Arc::new(AtomicBool::new(true));
-    let events_task = tokio::spawn(events::read(ring, ctx, events_alive.clone()));
+    let conns = loader.ebpf.take_map(MAP_CONNS).and_then(|m| m.try_into().ok());
+    let accounting = Accounting::new(metrics.clone(), state.policy.telemetry.clone());
+    let (telemetry_tx, telemetry_rx) = tokio::sync::watch::channel(state.policy.telemetry.clone());
+    let events_task = tokio::spawn(events::read(ring, ctx, accounting, conns, telemetry_rx, events_alive.clone()));
 
     let mut resolver = Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;
     let (resolved_tx, mut resolved_rx) = mpsc::channel::<(u64, HostAddrs, u64)>(4);
@@ -359,6 +367,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                         *g = None;
                     }
                     state.report_missing_workloads();
+                    let _ = telemetry_tx.send(state.policy.telemetry.clone());
                     info!(trigger = why, generation = state.generation, "policy applied");
                     if state.policy.resolver != old_resolver {
                         resolver = Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;

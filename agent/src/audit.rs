@@ -12,16 +12,9 @@ use tracing::warn;
 
 use crate::{metrics::Metrics, policy::AuditLog};
 
-/// One decision as the audit log shows it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct DecisionRecord {
-    /// Always "decision".
-    pub event: &'static str,
-    /// RFC 3339, UTC, nanoseconds.
-    pub time: String,
-    pub verdict: &'static str,
-    pub reason: &'static str,
-    pub workload: String,
+/// Who made a connection (docs/events.md, shared by every record kind).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Attribution {
     pub pid: u32,
     pub tgid: u32,
     pub comm: String,
@@ -32,12 +25,52 @@ pub struct DecisionRecord {
     /// What the cgroup path says: systemd unit, container, pod.
     #[serde(flatten)]
     pub cgroup_info: crate::cgroup_info::CgroupInfo,
+}
+
+/// One decision as the audit log shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DecisionRecord {
+    /// Always "decision".
+    pub event: &'static str,
+    /// RFC 3339, UTC, nanoseconds.
+    pub time: String,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub workload: String,
+    #[serde(flatten)]
+    pub who: Attribution,
     pub protocol: &'static str,
     pub dst_addr: String,
     pub dst_port: u16,
     pub provider: Option<String>,
     pub generation: u64,
     pub hook: &'static str,
+}
+
+/// A tracked provider connection at its close.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ConnectionRecord {
+    /// Always "connection".
+    pub event: &'static str,
+    /// Close time, RFC 3339.
+    pub time: String,
+    pub workload: String,
+    pub provider: String,
+    /// The `process` label its metrics were counted under.
+    pub process: String,
+    #[serde(flatten)]
+    pub who: Attribution,
+    pub dst_addr: String,
+    pub dst_port: u16,
+    /// False when the handshake never completed.
+    pub established: bool,
+    /// connect() to handshake done.
+    pub connect_seconds: f64,
+    /// Handshake done to close.
+    pub duration_seconds: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub generation: u64,
 }
 
 #[derive(Clone)]
@@ -78,7 +111,7 @@ impl AuditSink {
         Ok(Self { tx: Some(tx) })
     }
 
-    pub fn record(&self, record: &DecisionRecord, metrics: &Metrics) {
+    pub fn record(&self, record: &impl Serialize, metrics: &Metrics) {
         let Some(tx) = &self.tx else { return };
         match serde_json::to_string(record) {
             Ok(mut line) => {
@@ -108,14 +141,16 @@ mod tests {
             verdict: "deny",
             reason: "workload_llm_default",
             workload: "bot".into(),
-            pid: 2,
-            tgid: 1,
-            comm: "curl".into(),
-            exe: "/usr/bin/curl".into(),
-            uid: 0,
-            gid: 0,
-            cgroup: "/system.slice/bot.service".into(),
-            cgroup_info: crate::cgroup_info::describe("/system.slice/bot.service"),
+            who: Attribution {
+                pid: 2,
+                tgid: 1,
+                comm: "curl".into(),
+                exe: "/usr/bin/curl".into(),
+                uid: 0,
+                gid: 0,
+                cgroup: "/system.slice/bot.service".into(),
+                cgroup_info: crate::cgroup_info::describe("/system.slice/bot.service"),
+            },
             protocol: "tcp",
             dst_addr: "192.0.2.1".into(),
             dst_port: 443,
@@ -123,8 +158,27 @@ mod tests {
             generation: 3,
             hook: "connect4",
         };
-        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        let c = ConnectionRecord {
+            event: "connection",
+            time: r.time.clone(),
+            workload: "bot".into(),
+            provider: "openai".into(),
+            process: "curl".into(),
+            who: r.who.clone(),
+            dst_addr: "192.0.2.1".into(),
+            dst_port: 443,
+            established: true,
+            connect_seconds: 0.01,
+            duration_seconds: 1.5,
+            bytes_sent: 1,
+            bytes_received: 2,
+            generation: 3,
+        };
         let doc = include_str!("../../docs/events.md");
+        for key in serde_json::to_value(&c).unwrap().as_object().unwrap().keys() {
+            assert!(doc.contains(&format!("`{key}`")), "docs/events.md does not document `{key}`");
+        }
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         for key in v.as_object().unwrap().keys() {
             assert!(doc.contains(&format!("`{key}`")), "docs/events.md does not document `{key}`");
         }

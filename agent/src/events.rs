@@ -16,14 +16,15 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use llm_egress_common::{
-    ConnectEvent, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD, family, hook, kind, proto, reason, verdict,
+    ConnEvent, ConnectEvent, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD, family, hook, kind, proto, reason, verdict,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::{
     attribution::{CgroupPaths, comm_str, exe_of},
-    audit::{AuditSink, DecisionRecord},
+    accounting::Accounting,
+    audit::{Attribution, AuditSink, DecisionRecord},
     metrics::Metrics,
     policy::{NO_WORKLOAD_NAME, Policy},
 };
@@ -101,18 +102,36 @@ fn hook_name(h: u8) -> &'static str {
     }
 }
 
-/// Decodes one ring-buffer record. None: wrong size or unknown kind.
-pub fn decode(bytes: &[u8]) -> Option<ConnectEvent> {
-    if bytes.len() < size_of::<EventHeader>() {
-        return None;
+/// A decoded ring-buffer record.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    Decision(ConnectEvent),
+    Conn(ConnEvent),
+}
+
+/// Reads a `T` from the start of `bytes`, if long enough.
+fn read_as<T: Copy>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: length checked; T is a repr(C) plain-integer event type.
+    (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// Decodes one ring-buffer record. None: too short or an unknown kind.
+pub fn decode(bytes: &[u8]) -> Option<Decoded> {
+    let header: EventHeader = read_as(bytes)?;
+    match header.kind {
+        kind::CONNECT_DECISION => read_as(bytes).map(Decoded::Decision),
+        kind::CONN_SUMMARY | kind::CONN_UPDATE => read_as(bytes).map(Decoded::Conn),
+        _ => None,
     }
-    // SAFETY: length checked; read_unaligned copies plain integers.
-    let header: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    if header.kind != kind::CONNECT_DECISION || bytes.len() < size_of::<ConnectEvent>() {
-        return None;
+}
+
+/// An event's destination as text: IPv4 in the first four bytes.
+pub fn addr_string(fam: u8, a: &[u8; 16]) -> String {
+    if fam == family::INET {
+        Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()
+    } else {
+        Ipv6Addr::from(*a).to_string()
     }
-    // SAFETY: as above, for the whole event.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
 pub fn dst_addr(ev: &ConnectEvent) -> IpAddr {
@@ -145,12 +164,12 @@ pub type Execs = Arc<BpfHashMap<MapData, u32, ExecInfo>>;
 /// The executable of the process that made `ev`: /proc while it lives, else
 /// the path its last exec gave (if that exec came before the event, so a
 /// reused pid is never credited with its predecessor's connections).
-fn exe_for(ev: &ConnectEvent, execs: Option<&Execs>) -> Option<String> {
-    if let Some(exe) = exe_of(ev.header.tgid) {
+fn exe_for(h: &EventHeader, execs: Option<&Execs>) -> Option<String> {
+    if let Some(exe) = exe_of(h.tgid) {
         return Some(exe);
     }
-    let info = execs?.get(&ev.header.tgid, 0).ok()?;
-    if info.exec_time_ns > ev.header.time_ns {
+    let info = execs?.get(&h.tgid, 0).ok()?;
+    if info.exec_time_ns > h.time_ns {
         return None;
     }
     let len = (info.len as usize).min(info.path.len());
@@ -169,26 +188,14 @@ pub struct Context {
     pub audit: AuditSink,
 }
 
-pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
-    let h = &ev.header;
-    let d = &ev.data;
-    let table = ctx.names.table(d.generation);
-    let name = |list: fn(&NameTable) -> &Vec<String>, id: u32| {
-        table.as_ref().and_then(|t| list(t).get(id as usize - 1).cloned()).unwrap_or_else(|| format!("#{id}"))
-    };
-    let workload = if d.workload_id == NO_WORKLOAD { NO_WORKLOAD_NAME.to_string() } else { name(|t| &t.workloads, d.workload_id) };
-    let provider = (d.provider_id != NO_PROVIDER).then(|| name(|t| &t.providers, d.provider_id));
-    let exe = exe_for(ev, ctx.execs.as_ref());
-    let cgroup = ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default();
+/// Process and cgroup of the task an event header describes.
+fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
+    let exe = exe_for(h, ctx.execs.as_ref());
     if exe.is_none() {
         ctx.metrics.attribution_misses.inc();
     }
-    DecisionRecord {
-        event: "decision",
-        time: rfc3339(wall_time(h.time_ns)),
-        verdict: verdict_name(d.verdict),
-        reason: reason_name(d.reason),
-        workload,
+    let cgroup = ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default();
+    Attribution {
         pid: h.pid,
         tgid: h.tgid,
         comm: comm_str(&h.comm),
@@ -197,6 +204,30 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
         gid: h.gid,
         cgroup_info: crate::cgroup_info::describe(&cgroup),
         cgroup,
+    }
+}
+
+/// Workload and provider names of ids decided under `generation`.
+fn names_of(ctx: &Context, generation: u64, workload_id: u32, provider_id: u32) -> (String, Option<String>) {
+    let table = ctx.names.table(generation);
+    let name = |list: fn(&NameTable) -> &Vec<String>, id: u32| {
+        table.as_ref().and_then(|t| list(t).get(id as usize - 1).cloned()).unwrap_or_else(|| format!("#{id}"))
+    };
+    let workload = if workload_id == NO_WORKLOAD { NO_WORKLOAD_NAME.to_string() } else { name(|t| &t.workloads, workload_id) };
+    let provider = (provider_id != NO_PROVIDER).then(|| name(|t| &t.providers, provider_id));
+    (workload, provider)
+}
+
+pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
+    let (h, d) = (&ev.header, &ev.data);
+    let (workload, provider) = names_of(ctx, d.generation, d.workload_id, d.provider_id);
+    DecisionRecord {
+        event: "decision",
+        time: rfc3339(wall_time(h.time_ns)),
+        verdict: verdict_name(d.verdict),
+        reason: reason_name(d.reason),
+        workload,
+        who: attribute(h, ctx),
         protocol: if d.proto == proto::UDP { "udp" } else { "tcp" },
         dst_addr: dst_addr(ev).to_string(),
         dst_port: d.port,
@@ -206,21 +237,46 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     }
 }
 
-fn handle(bytes: &[u8], ctx: &Context) {
-    let Some(ev) = decode(bytes) else {
-        ctx.metrics.event_errors.inc();
-        return;
-    };
-    let record = to_record(&ev, ctx);
-    ctx.metrics
-        .connections
-        .with_label_values(&[&record.workload, record.provider.as_deref().unwrap_or("none"), record.verdict])
-        .inc();
-    ctx.audit.record(&record, &ctx.metrics);
+fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
+    match decode(bytes) {
+        None => ctx.metrics.event_errors.inc(),
+        Some(Decoded::Decision(ev)) => {
+            let record = to_record(&ev, ctx);
+            let provider = record.provider.as_deref().unwrap_or("none");
+            ctx.metrics.connections.with_label_values(&[&record.workload, provider, record.verdict]).inc();
+            let d = &ev.data;
+            let connect = d.hook == hook::CONNECT4 || d.hook == hook::CONNECT6;
+            if record.verdict != "deny" && d.provider_id != NO_PROVIDER && d.proto == proto::TCP && connect {
+                accounting.opened(d.cookie, &record.workload, provider, &record.who);
+            }
+            ctx.audit.record(&record, &ctx.metrics);
+        }
+        Some(Decoded::Conn(ev)) => {
+            let d = &ev.data;
+            let (workload, provider) = names_of(ctx, d.generation, d.workload_id, d.provider_id);
+            let time = rfc3339(wall_time(if d.closed_ns != 0 { d.closed_ns } else { d.reported_ns }));
+            let names = (workload, provider.unwrap_or_else(|| "none".into()));
+            if let Some(record) = accounting.stats(&ev, names, attribute(&ev.header, ctx), time) {
+                ctx.audit.record(&record, &ctx.metrics);
+            }
+        }
+    }
 }
 
+/// How often process series expire and lost summaries are reconciled.
+const HOUSEKEEPING: Duration = Duration::from_secs(10);
+
 /// Reads the ring buffer until the task is dropped.
-pub async fn read(ring: RingBuf<MapData>, ctx: Context, alive: Arc<std::sync::atomic::AtomicBool>) {
+/// `conns` is the kernel's `CONNS` map, read to find connections whose
+/// summary was lost; `telemetry` receives new telemetry settings on reload.
+pub async fn read(
+    ring: RingBuf<MapData>,
+    ctx: Context,
+    mut accounting: Accounting,
+    conns: Option<BpfHashMap<MapData, u64, ConnEvent>>,
+    mut telemetry: tokio::sync::watch::Receiver<crate::policy::TelemetryConfig>,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+) {
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns
     // the ring buffer; the fd is not closed or replaced while registered.
     let mut fd = match unsafe { AsyncFd::register(ring) } {
@@ -231,8 +287,25 @@ pub async fn read(ring: RingBuf<MapData>, ctx: Context, alive: Arc<std::sync::at
             return;
         }
     };
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     loop {
-        let mut guard = match fd.readable_mut().await {
+        let ready = tokio::select! {
+            r = fd.readable_mut() => r,
+            _ = housekeeping.tick() => {
+                accounting.expire();
+                if let Some(conns) = &conns {
+                    let live: std::collections::HashSet<u64> = conns.keys().filter_map(Result::ok).collect();
+                    let missing = accounting.reconcile(&live);
+                    ctx.metrics.summaries_missing.inc_by(missing as u64);
+                }
+                continue;
+            }
+            Ok(()) = telemetry.changed() => {
+                accounting.set_config(telemetry.borrow_and_update().clone());
+                continue;
+            }
+        };
+        let mut guard = match ready {
             Ok(g) => g,
             Err(e) => {
                 warn!(error = %e, "event ring buffer poll failed");
@@ -242,7 +315,7 @@ pub async fn read(ring: RingBuf<MapData>, ctx: Context, alive: Arc<std::sync::at
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            handle(&item, &ctx);
+            handle(&item, &ctx, &mut accounting);
         }
         guard.clear_ready();
     }
@@ -264,9 +337,16 @@ mod tests {
         ev.header.kind = kind::CONNECT_DECISION;
         ev.data = ConnectDecision { port: 443, verdict: verdict::DENY, family: family::INET, addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], ..Default::default() };
         let b = bytes_of(&ev);
-        assert_eq!(decode(&b), Some(ev));
+        assert_eq!(decode(&b), Some(Decoded::Decision(ev)));
         assert_eq!(dst_addr(&ev).to_string(), "192.0.2.1");
         assert_eq!(decode(&b[..50]), None);
+        let mut conn = ConnEvent::default();
+        conn.header.kind = kind::CONN_SUMMARY;
+        conn.data.bytes_sent = 5;
+        // SAFETY: as above.
+        let cb = unsafe { std::slice::from_raw_parts((&conn as *const ConnEvent).cast::<u8>(), size_of::<ConnEvent>()) };
+        assert_eq!(decode(cb), Some(Decoded::Conn(conn)));
+        assert_eq!(decode(&cb[..100]), None, "a short summary is not decoded");
         let mut other = ev;
         other.header.kind = 99;
         assert_eq!(decode(&bytes_of(&other)), None);

@@ -27,7 +27,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, TracePoint,
+        CgroupAttachMode, Program, ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
         trace_point::TracePointLink,
     },
@@ -170,27 +170,8 @@ impl Loader {
         let cgroup_file = fs::File::open(cgroup).map_err(io_err(cgroup, "opening the attach cgroup"))?;
         let mut fresh = Vec::new();
         for name in ALL_PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoadError::Missing(name))?
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            prog.load().map_err(|source| LoadError::Program { name, source })?;
-            // With bpf_link (kernel >= 5.7) the flags must be 0 ("Single"):
-            // cgroup links always coexist with other programs, like
-            // BPF_F_ALLOW_MULTI; a non-zero flag makes link_create fail.
-            let id = prog
-                .attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|source| LoadError::Program { name, source })?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|source| LoadError::Program { name, source })?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| LoadError::Program {
-                    name,
-                    source: aya::programs::ProgramError::IOError(io::Error::other(e.to_string())),
-                })?;
+            let program = self.ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
+            let link = attach_to_cgroup(program, &cgroup_file).map_err(|source| LoadError::Program { name, source })?;
             fresh.push((name, link));
         }
         // The new links are attached; now replace whatever was pinned before
@@ -267,6 +248,33 @@ impl Loader {
     /// Clean stop that keeps enforcement (`on_exit = "keep"`).
     pub fn keep(self) {
         info!(dir = %self.dir.display(), "leaving programs attached and pinned");
+    }
+}
+
+/// Loads `program` and attaches it to the cgroup with a bpf_link.
+///
+/// With bpf_link (kernel >= 5.7) the flags must be 0 ("Single"): cgroup
+/// links always coexist with other programs, like BPF_F_ALLOW_MULTI; a
+/// non-zero flag makes link_create fail.
+fn attach_to_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink, ProgramError> {
+    let link_err = |e: aya::programs::links::LinkError| ProgramError::IOError(io::Error::other(e.to_string()));
+    match program {
+        Program::CgroupSockAddr(p) => {
+            p.load()?;
+            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into().map_err(link_err)
+        }
+        Program::SockOps(p) => {
+            p.load()?;
+            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into().map_err(link_err)
+        }
+        Program::CgroupSkb(p) => {
+            p.load()?;
+            let id = p.attach(cgroup, p.expected_attach_type().unwrap_or(aya::programs::CgroupSkbAttachType::Egress), CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into().map_err(link_err)
+        }
+        other => Err(ProgramError::IOError(io::Error::other(format!("unexpected program type {:?}", other.prog_type())))),
     }
 }
 

@@ -8,6 +8,7 @@
 //! `metrics` (Prometheus), `http` (endpoints), `agent` (the run loop),
 //! `cli` (arguments).
 
+mod accounting;
 mod agent;
 mod attribution;
 mod audit;

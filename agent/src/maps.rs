@@ -18,7 +18,8 @@ use aya::{
 };
 use llm_egress_common::{
     ActionValue, ActiveSlot, DestValue, MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6,
-    MAP_PROVIDER_ACTIONS, MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS, MAP_WORKLOADS,
+    MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS, MAP_WORKLOADS,
+    LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, NameConfig, NameKey,
     PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, WorkloadKey,
     WorkloadValue, counter,
 };
@@ -69,6 +70,8 @@ pub struct KernelMaps {
     dests_v6: LpmTrie<MapData, PrefixKeyV6, DestValue>,
     provider_act: HashMap<MapData, ProviderKey, ActionValue>,
     counters: PerCpuArray<MapData, u64>,
+    names: HashMap<MapData, NameKey, DestValue>,
+    name_cfg: Array<MapData, NameConfig>,
     /// What the active slot holds, as last written by this agent.
     applied: Option<Plan>,
 }
@@ -99,8 +102,22 @@ impl KernelMaps {
             dests_v6: take!(ebpf, MAP_DESTS_V6),
             provider_act: take!(ebpf, MAP_PROVIDER_ACTIONS),
             counters: take!(ebpf, MAP_COUNTERS),
+            names: take!(ebpf, MAP_NAMES),
+            name_cfg: take!(ebpf, MAP_NAME_CFG),
             applied: None,
         })
+    }
+
+    /// The seed of the name hash (`NAME_CFG`), written once: a random one
+    /// if the pinned maps have none yet, else the one they have (an adopted
+    /// map set keeps its learned entries, which carry hashes under it).
+    pub fn name_seed(&mut self) -> Result<u64, MapsError> {
+        let mut cfg = self.name_cfg.get(&0, 0).map_err(map_err(MAP_NAME_CFG))?;
+        if cfg.seed == 0 {
+            cfg = NameConfig { seed: random_seed(), ttl_min_s: LEARN_TTL_MIN_S, ttl_max_s: LEARN_TTL_MAX_S };
+            self.name_cfg.set(0, cfg, 0).map_err(map_err(MAP_NAME_CFG))?;
+        }
+        Ok(cfg.seed)
     }
 
     pub fn active(&self) -> Result<ActiveSlot, MapsError> {
@@ -163,6 +180,14 @@ impl KernelMaps {
                 self.insert_dest(slot, prefix, v, &mut report);
             }
         }
+        for (hash, v) in &plan.names {
+            if old.names.get(hash) != Some(v) && self.names.insert(NameKey { slot, _pad: 0, hash: *hash }, *v, 0).is_err() {
+                report.fail(MAP_NAMES);
+            }
+        }
+        for hash in old.names.keys().filter(|h| !plan.names.contains_key(h)) {
+            let _ = self.names.remove(&NameKey { slot, _pad: 0, hash: *hash });
+        }
         for cg in old.workloads.keys().filter(|cg| !plan.workloads.contains_key(cg)) {
             let _ = self.workloads.remove(&WorkloadKey { slot, _pad: 0, cgroup_id: *cg });
         }
@@ -210,6 +235,11 @@ impl KernelMaps {
                 report.fail(MAP_PROVIDER_ACTIONS);
             }
         }
+        for (hash, v) in &plan.names {
+            if self.names.insert(NameKey { slot, _pad: 0, hash: *hash }, *v, 0).is_err() {
+                report.fail(MAP_NAMES);
+            }
+        }
     }
 
     /// Removes every entry of `slot` from the per-slot maps.
@@ -225,6 +255,7 @@ impl KernelMaps {
         }
         clear!(self.workloads, |k: &WorkloadKey| k.slot);
         clear!(self.provider_act, |k: &ProviderKey| k.slot);
+        clear!(self.names, |k: &NameKey| k.slot);
         clear!(self.rules_v4, |k: &Key<PrefixKeyV4>| k.data().slot);
         clear!(self.rules_v6, |k: &Key<PrefixKeyV6>| k.data().slot);
         clear!(self.dests_v4, |k: &Key<PrefixKeyV4>| k.data().slot);
@@ -254,6 +285,22 @@ impl KernelMaps {
             (MAP_DESTS_V4, p.dests.keys().filter(|pr| v4(pr)).count()),
             (MAP_DESTS_V6, p.dests.keys().filter(|pr| !v4(pr)).count()),
             (MAP_PROVIDER_ACTIONS, p.provider_actions.len()),
+            (MAP_NAMES, p.names.len()),
         ]
     }
+}
+
+/// 64 random bits from the kernel (getrandom), never 0.
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let seed = if n == 8 {
+        u64::from_ne_bytes(b)
+    } else {
+        // No entropy source: time and pid still differ between hosts.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        llm_egress_common::names::mix(t ^ u64::from(std::process::id()))
+    };
+    seed.max(1)
 }

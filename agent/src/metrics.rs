@@ -6,7 +6,8 @@
 //! copied into counters here by `sync_kernel`.
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use llm_egress_common::counter;
@@ -30,6 +31,13 @@ pub struct Metrics {
     pub audit_errors: IntCounter,
     pub attribution_misses: IntCounter,
     pub build_info: IntGaugeVec,
+    pub bytes: IntCounterVec,
+    pub active_connections: IntGaugeVec,
+    pub connection_duration: HistogramVec,
+    pub connect_failures: IntCounterVec,
+    pub process_connections: IntCounterVec,
+    pub process_bytes: IntCounterVec,
+    pub summaries_missing: IntCounter,
     /// Last kernel counter values seen, to turn them into increments.
     kernel_seen: std::sync::Arc<std::sync::Mutex<[u64; counter::LEN as usize]>>,
 }
@@ -78,6 +86,21 @@ impl Metrics {
             audit_errors: counter(&r, "llm_egress_audit_log_errors_total", "Audit records that could not be written or were dropped because the writer fell behind.")?,
             attribution_misses: counter(&r, "llm_egress_attribution_misses_total", "Events whose process had exited before its executable could be read.")?,
             build_info: gauge_vec(&r, "llm_egress_build_info", "Build of the running agent (value is always 1).", &["version", "object"])?,
+            bytes: counter_vec(&r, "llm_egress_bytes_total", "TCP payload bytes of provider connections (TLS framing included, IP/TCP headers not).", &["workload", "provider", "direction"])?,
+            active_connections: gauge_vec(&r, "llm_egress_active_connections", "Provider connections open now.", &["workload", "provider"])?,
+            connection_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new("llm_egress_connection_duration_seconds", "Time from handshake to close of provider connections.")
+                        .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0]),
+                    &["workload", "provider"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
+            connect_failures: counter_vec(&r, "llm_egress_connect_failures_total", "Allowed provider connections whose handshake never completed.", &["workload", "provider"])?,
+            process_connections: counter_vec(&r, "llm_egress_process_connections_total", "Provider connections per executable name (bounded per workload; the rest under process=\"other\").", &["workload", "process"])?,
+            process_bytes: counter_vec(&r, "llm_egress_process_bytes_total", "Provider connection bytes per executable name (bounded like llm_egress_process_connections_total).", &["workload", "process", "direction"])?,
+            summaries_missing: counter(&r, "llm_egress_connection_summaries_missing_total", "Tracked connections that ended without a summary event (lost to a full ring buffer).")?,
             registry: r,
             kernel_seen: Default::default(),
         };
@@ -145,6 +168,12 @@ mod tests {
         m.map_entries.with_label_values(&["X"]).set(1);
         m.workload_cgroups.with_label_values(&["w"]).set(1);
         m.build_info.with_label_values(&["v", "o"]).set(1);
+        m.bytes.with_label_values(&["w", "p", "sent"]).inc();
+        m.active_connections.with_label_values(&["w", "p"]).inc();
+        m.connection_duration.with_label_values(&["w", "p"]).observe(1.0);
+        m.connect_failures.with_label_values(&["w", "p"]).inc();
+        m.process_connections.with_label_values(&["w", "x"]).inc();
+        m.process_bytes.with_label_values(&["w", "x", "sent"]).inc();
         let doc = include_str!("../../docs/metrics.md");
         for family in m.registry.gather() {
             assert!(doc.contains(&format!("`{}`", family.name())), "docs/metrics.md lacks `{}`", family.name());

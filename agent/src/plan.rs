@@ -55,6 +55,9 @@ pub struct Plan {
     pub provider_actions: BTreeMap<(u32, u32), ActionValue>,
     /// Destinations claimed by more than one provider: (prefix, kept, dropped).
     pub dest_conflicts: Vec<(Prefix, String, String)>,
+    /// `NAMES` entries: host key (`names::host_key`) → the provider's
+    /// destination value (id and ports). Filled by [`names`].
+    pub names: BTreeMap<u64, DestValue>,
 }
 
 pub fn action_code(a: Action) -> u8 {
@@ -148,6 +151,30 @@ pub fn build(
     plan
 }
 
+/// The `NAMES` entries of a policy: every provider host (exact names and
+/// `*.` wildcards) keyed by its hash under `seed`. A host whose key another
+/// provider already has (a hash collision: validation rules out the same
+/// host twice) keeps the first provider.
+pub fn names(policy: &Policy, seed: u64) -> BTreeMap<u64, DestValue> {
+    let mut out = BTreeMap::new();
+    for (index, provider) in policy.providers.iter().enumerate() {
+        let value = dest_value(index, &provider.ports);
+        for host in &provider.hosts {
+            if let Some(key) = llm_egress_common::names::host_key(seed, host) {
+                out.entry(key).or_insert(value);
+            }
+        }
+    }
+    out
+}
+
+fn dest_value(index: usize, provider_ports: &[u16]) -> DestValue {
+    let mut ports = [0u16; MAX_PORTS];
+    let n = provider_ports.len().min(MAX_PORTS);
+    ports[..n].copy_from_slice(&provider_ports[..n]);
+    DestValue { provider_id: index as u32 + 1, ports, nports: n as u16, _pad: 0 }
+}
+
 pub fn failure_code(f: FailureMode) -> u8 {
     match f {
         FailureMode::Closed => failure_mode::CLOSED,
@@ -160,7 +187,7 @@ mod tests {
     use std::{path::PathBuf, time::Duration};
 
     use super::*;
-    use crate::policy::{AuditLog, Defaults, OnExit, Provider, ResolverConfig, Selector, Workload};
+    use crate::policy::{AuditLog, Defaults, OnExit, Provider, ResolverConfig, Selector, TelemetryConfig, Workload};
 
     fn policy() -> Policy {
         Policy {
@@ -173,6 +200,7 @@ mod tests {
             on_exit: OnExit::Detach,
             defaults: Defaults { llm: Action::Deny, other: Action::Allow },
             resolver: ResolverConfig { servers: vec![], refresh: Duration::from_secs(30) },
+            telemetry: TelemetryConfig { process_series_per_workload: 20, process_series_ttl: Duration::from_secs(600) },
             providers: vec![
                 Provider { name: "a".into(), hosts: vec![], cidrs: vec!["10.20.0.0/16".parse().unwrap()], ports: vec![443] },
                 Provider { name: "b".into(), hosts: vec!["b.example".into()], cidrs: vec!["10.20.0.0/16".parse().unwrap()], ports: vec![] },
@@ -224,6 +252,21 @@ mod tests {
         assert_eq!(plan.dests[&Prefix::V4([198, 51, 100, 7], 32)].provider_id, 2);
         let v6: std::net::Ipv6Addr = "2001:db8::9".parse().unwrap();
         assert_eq!(plan.dests[&Prefix::V6(v6.octets(), 128)].nports, 0);
+    }
+
+    #[test]
+    fn names_are_keyed_by_host_hash_with_the_provider_ports() {
+        let mut p = policy();
+        p.providers[0].hosts = vec!["API.A.example.".into(), "*.wild.example".into()];
+        let names = names(&p, 42);
+        let key = llm_egress_common::names::name_hash(42, "api.a.example").unwrap();
+        assert_eq!(names[&key].provider_id, 1);
+        assert_eq!((names[&key].nports, names[&key].ports[0]), (1, 443));
+        let wild = llm_egress_common::names::host_key(42, "*.wild.example").unwrap();
+        assert_eq!(names[&wild].provider_id, 1);
+        let b = llm_egress_common::names::name_hash(42, "b.example").unwrap();
+        assert_eq!((names[&b].provider_id, names[&b].nports), (2, 0));
+        assert_eq!(names.len(), 3);
     }
 
     #[test]

@@ -6,7 +6,19 @@
 pub mod kind {
     /// `Event<ConnectDecision>` from the cgroup_sock_addr hooks.
     pub const CONNECT_DECISION: u32 = 1;
+    /// `Event<ConnStats>` from sock_ops when a tracked connection closes.
+    pub const CONN_SUMMARY: u32 = 2;
+    /// `Event<ConnStats>` from sock_ops, at most every `CONN_UPDATE_NS`
+    /// while a tracked connection lives (streaming responses).
+    pub const CONN_UPDATE: u32 = 3;
+    /// `Event<DnsPacket>` from the DNS program: an answer for a provider
+    /// name (or one whose question it could not read) that the kernel could
+    /// not parse to the end; the agent parses it (not race-free).
+    pub const DNS_UNPARSED: u32 = 16;
 }
+
+/// Minimum time between two `CONN_UPDATE` events of one connection.
+pub const CONN_UPDATE_NS: u64 = 5_000_000_000;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,6 +51,9 @@ pub struct Event<T> {
 pub struct ConnectDecision {
     /// Generation of the policy slot that decided.
     pub generation: u64,
+    /// Socket cookie: ties the decision to the connection's later
+    /// `ConnStats` events.
+    pub cookie: u64,
     /// `NO_WORKLOAD` or the workload's 1-based id in that generation.
     pub workload_id: u32,
     /// `NO_PROVIDER` or the provider's 1-based id in that generation.
@@ -62,9 +77,87 @@ pub struct ConnectDecision {
 
 pub type ConnectEvent = Event<ConnectDecision>;
 
+/// A tracked (provider, TCP) connection: what `CONNS` holds per socket
+/// cookie and what summary and update events carry. The envelope's header
+/// describes the task that called `connect()`, not the task running when
+/// the event is sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    pub cookie: u64,
+    pub generation: u64,
+    /// `connect()` time (CLOCK_MONOTONIC ns).
+    pub connect_ns: u64,
+    /// Handshake completed; 0 if it never did.
+    pub established_ns: u64,
+    /// Socket reached TCP_CLOSE; 0 in updates.
+    pub closed_ns: u64,
+    /// Last update event sent.
+    pub reported_ns: u64,
+    /// `bytes_acked`: payload bytes sent and acknowledged.
+    pub bytes_sent: u64,
+    /// `bytes_received`: payload bytes received.
+    pub bytes_received: u64,
+    pub workload_id: u32,
+    pub provider_id: u32,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+pub type ConnEvent = Event<ConnStats>;
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C) integers and integer arrays with explicit padding.
+unsafe impl aya::Pod for ConnEvent {}
+
 const _: () = {
     use core::mem::{align_of, size_of};
     assert!(size_of::<EventHeader>() == 56 && align_of::<EventHeader>() == 8);
-    assert!(size_of::<ConnectDecision>() == 40);
-    assert!(size_of::<ConnectEvent>() == 96 && align_of::<ConnectEvent>() == 8);
+    assert!(size_of::<ConnectDecision>() == 48);
+    assert!(size_of::<ConnectEvent>() == 104 && align_of::<ConnectEvent>() == 8);
+    assert!(size_of::<ConnStats>() == 96);
+    assert!(size_of::<ConnEvent>() == 152 && align_of::<ConnEvent>() == 8);
+};
+
+/// Bytes of a DNS message carried by a `DNS_UNPARSED` event.
+pub const DNS_EVENT_BYTES: usize = 1024;
+
+/// A DNS message the kernel could not parse, for the agent to parse.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsPacket {
+    /// Bytes of `data` holding the message (the start of it if longer).
+    pub len: u32,
+    /// Length of the whole DNS message (UDP payload).
+    pub msg_len: u32,
+    /// Why the kernel gave up (`dns_unparsed::*`).
+    pub why: u32,
+    pub _pad: u32,
+    pub data: [u8; DNS_EVENT_BYTES],
+}
+
+pub type DnsEvent = Event<DnsPacket>;
+
+/// `DnsPacket::why` values.
+pub mod dns_unparsed {
+    /// A name the kernel could not read (too many labels or hops, a pointer
+    /// forward, a label type it does not know).
+    pub const NAME: u32 = 1;
+    /// The message is longer than the bytes the kernel copies, or records
+    /// run past its end.
+    pub const TRUNCATED: u32 = 2;
+    /// More answer records than the kernel reads.
+    pub const TOO_MANY_ANSWERS: u32 = 3;
+    /// More than one question.
+    pub const QUESTIONS: u32 = 4;
+    /// More CNAMEs in the chain than the kernel follows.
+    pub const CHAIN: u32 = 5;
+}
+
+const _: () = {
+    use core::mem::{align_of, size_of};
+    assert!(size_of::<DnsPacket>() == 16 + DNS_EVENT_BYTES);
+    assert!(size_of::<DnsEvent>() == 56 + 16 + DNS_EVENT_BYTES && align_of::<DnsEvent>() == 8);
 };

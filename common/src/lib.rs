@@ -11,6 +11,7 @@
 pub mod codes;
 pub mod event;
 pub mod maps;
+pub mod names;
 
 pub use codes::*;
 pub use event::*;

@@ -35,9 +35,30 @@ pub const MAP_EXECS: &str = "EXECS";
 /// (an `ExecInfo` is too large for the BPF stack of a tracepoint).
 pub const MAP_EXEC_SCRATCH: &str = "EXEC_SCRATCH";
 
+/// `LruHashMap<u64 socket cookie, ConnEvent>`: tracked provider connections.
+pub const MAP_CONNS: &str = "CONNS";
+/// `PerCpuArray<ConnEvent>`, one entry: scratch of the connect hooks.
+pub const MAP_CONN_SCRATCH: &str = "CONN_SCRATCH";
+
+/// `HashMap<NameKey, DestValue>`: provider host names by hash
+/// (`names::host_key`), per slot; wildcard hosts as `names::wildcard` keys.
+pub const MAP_NAMES: &str = "NAMES";
+/// `Array<NameConfig>`, one entry: the name-hash seed and the TTL bounds of
+/// learned addresses. Not per slot: learned entries outlive reloads.
+pub const MAP_NAME_CFG: &str = "NAME_CFG";
+/// `LruHashMap<[u8; 4], Learned>`: addresses learned from DNS answers, with
+/// the name hashes they were learned for. Not per slot: a reload maps the
+/// same names to the new policy's providers through `NAMES`.
+pub const MAP_LEARNED_V4: &str = "LEARNED_V4";
+/// `LruHashMap<[u8; 16], Learned>`: as `LEARNED_V4`, for IPv6.
+pub const MAP_LEARNED_V6: &str = "LEARNED_V6";
+/// `PerCpuArray`, one entry: scratch space of the DNS program (the copied
+/// answer and the label hashes of a name).
+pub const MAP_DNS_SCRATCH: &str = "DNS_SCRATCH";
+
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -50,6 +71,13 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_COUNTERS,
     MAP_EXECS,
     MAP_EXEC_SCRATCH,
+    MAP_CONNS,
+    MAP_CONN_SCRATCH,
+    MAP_NAMES,
+    MAP_NAME_CFG,
+    MAP_LEARNED_V4,
+    MAP_LEARNED_V6,
+    MAP_DNS_SCRATCH,
 ];
 
 /// Program names: `<job>_<hook>`.
@@ -57,10 +85,15 @@ pub const PROG_CONNECT4: &str = "verdict_connect4";
 pub const PROG_CONNECT6: &str = "verdict_connect6";
 pub const PROG_SENDMSG4: &str = "verdict_sendmsg4";
 pub const PROG_SENDMSG6: &str = "verdict_sendmsg6";
-/// The cgroup_sock_addr programs, attached (and pinned) to the attach cgroup.
-pub const ALL_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+/// sock_ops: connection establishment, state changes and RTT samples of
+/// tracked connections (bytes and durations).
+pub const PROG_SOCK_OPS: &str = "account_sock_ops";
+/// The programs attached (and pinned) to the attach cgroup.
+pub const ALL_PROGRAMS: [&str; 6] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_OPS, PROG_DNS_INGRESS];
 /// Tracepoint sched/sched_process_exec: fills `EXECS`.
 pub const PROG_EXEC: &str = "attribute_exec";
+/// cgroup_skb/ingress: learns provider addresses from DNS answers.
+pub const PROG_DNS_INGRESS: &str = "names_dns_ingress";
 
 /// Capacities. Changing one changes the pinned maps' shape: the loader then
 /// replaces the pinned state instead of adopting it.
@@ -70,6 +103,7 @@ pub const DESTS_MAX: u32 = 65_536;
 pub const PROVIDER_ACTIONS_MAX: u32 = 65_536;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 pub const EXECS_MAX: u32 = 16_384;
+pub const CONNS_MAX: u32 = 65_536;
 /// Bytes of an exec'd path kept (longer paths are cut).
 pub const EXEC_PATH_LEN: usize = 256;
 /// Index 0 is unused ("no policy"), slots are 1 and 2.
@@ -86,6 +120,24 @@ pub const NO_WORKLOAD: u32 = 0;
 pub const NO_PROVIDER: u32 = 0;
 /// Bits of a prefix key before the address: slot and scope.
 pub const PREFIX_KEY_HEADER_BITS: u32 = 64;
+pub const NAMES_MAX: u32 = 65_536;
+pub const LEARNED_MAX: u32 = 65_536;
+/// Names one learned address remembers (a CDN address serves several).
+pub const LEARNED_NAMES: usize = 4;
+/// Bytes of a DNS message the kernel copies and parses; a longer answer is
+/// parsed as far as these bytes go (what lies beyond: `DNS_UNPARSED`).
+pub const DNS_BUF: usize = 1024;
+/// Labels of a name the kernel follows (longer names: unparsed).
+pub const DNS_MAX_LABELS: usize = 16;
+/// Answer records the kernel reads per message.
+pub const DNS_MAX_ANSWERS: usize = 16;
+/// Compression pointers followed per name (a loop ends there).
+pub const DNS_MAX_HOPS: usize = 8;
+/// Default bounds of a learned address's lifetime (seconds): the record's
+/// TTL, clamped. The minimum covers clients that connect right after a
+/// TTL-0 answer.
+pub const LEARN_TTL_MIN_S: u32 = 60;
+pub const LEARN_TTL_MAX_S: u32 = 3600;
 
 /// Indexes into `COUNTERS`. Never reuse a number.
 pub mod counter {
@@ -98,6 +150,20 @@ pub mod counter {
     pub const INTERNAL_ERRORS: u32 = 4;
     /// Decisions for tasks deeper than `MAX_CGROUP_DEPTH` levels.
     pub const DEPTH_TRUNCATED: u32 = 5;
+    /// UDP datagrams from port 53 seen by the DNS program.
+    pub const DNS_RESPONSES: u32 = 6;
+    /// Responses for a provider name that the kernel parsed to the end.
+    pub const DNS_PARSED: u32 = 7;
+    /// Responses for a provider name (or whose question the kernel could not
+    /// read) that the kernel could not parse: sent to the agent.
+    pub const DNS_UNPARSED: u32 = 8;
+    /// Addresses learned (written to `LEARNED_*`) by the kernel.
+    pub const DNS_LEARNED: u32 = 9;
+    /// `LEARNED_*` updates that failed.
+    pub const DNS_LEARN_FAILED: u32 = 10;
+    /// Address records in a provider answer whose owner is not in the
+    /// question's CNAME chain: ignored.
+    pub const DNS_OFF_CHAIN: u32 = 11;
     pub const LEN: u32 = 16;
 }
 
@@ -200,6 +266,40 @@ pub struct ProviderKey {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NameKey {
+    pub slot: u32,
+    pub _pad: u32,
+    /// `names::host_key` of a provider host.
+    pub hash: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NameConfig {
+    /// Seed of `names::name_hash`; 0 until the first agent writes one.
+    pub seed: u64,
+    /// Bounds of a learned address's lifetime, seconds.
+    pub ttl_min_s: u32,
+    pub ttl_max_s: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedName {
+    /// The `NAMES` key the address was learned for (0: unused).
+    pub hash: u64,
+    /// `bpf_ktime_get_ns()` after which the entry is ignored.
+    pub expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    pub names: [LearnedName; LEARNED_NAMES],
+}
+
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecInfo {
     /// `bpf_ktime_get_ns()` of the exec.
@@ -223,6 +323,10 @@ const _: () = {
     assert!(size_of::<ActionValue>() == 4);
     assert!(size_of::<DestValue>() == 24);
     assert!(size_of::<ProviderKey>() == 12);
+    assert!(size_of::<NameKey>() == 16 && align_of::<NameKey>() == 8);
+    assert!(size_of::<NameConfig>() == 16);
+    assert!(size_of::<LearnedName>() == 16);
+    assert!(size_of::<Learned>() == 64);
 };
 
 #[cfg(feature = "user")]
@@ -240,4 +344,8 @@ mod pod {
     unsafe impl aya::Pod for DestValue {}
     unsafe impl aya::Pod for ProviderKey {}
     unsafe impl aya::Pod for ExecInfo {}
+    unsafe impl aya::Pod for NameKey {}
+    unsafe impl aya::Pod for NameConfig {}
+    unsafe impl aya::Pod for LearnedName {}
+    unsafe impl aya::Pod for Learned {}
 }

@@ -5,9 +5,11 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod exec;
 mod maps;
 mod sock_addr;
+mod sock_ops;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -8,7 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use llm_egress_common::{
-    EXECS_MAX, ExecInfo, ActionValue, ActiveSlot, DestValue, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig,
+    LEARNED_MAX, Learned, NAMES_MAX, NameConfig, NameKey,
+    CONNS_MAX, ConnEvent, EXECS_MAX, ExecInfo, ActionValue, ActiveSlot, DestValue, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig,
     WorkloadKey, WorkloadValue, DESTS_MAX, EVENTS_BYTES, PROVIDER_ACTIONS_MAX, RULES_MAX,
     SLOT_COUNT, WORKLOADS_MAX, counter,
 };
@@ -49,6 +50,27 @@ pub static EXECS: LruHashMap<u32, ExecInfo> = LruHashMap::pinned(EXECS_MAX, 0);
 
 #[map]
 pub static EXEC_SCRATCH: PerCpuArray<ExecInfo> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static CONNS: LruHashMap<u64, ConnEvent> = LruHashMap::pinned(CONNS_MAX, 0);
+
+#[map]
+pub static CONN_SCRATCH: PerCpuArray<ConnEvent> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static NAMES: HashMap<NameKey, DestValue> = HashMap::pinned(NAMES_MAX, 0);
+
+#[map]
+pub static NAME_CFG: Array<NameConfig> = Array::pinned(1, 0);
+
+#[map]
+pub static LEARNED_V4: LruHashMap<[u8; 4], Learned> = LruHashMap::pinned(LEARNED_MAX, 0);
+
+#[map]
+pub static LEARNED_V6: LruHashMap<[u8; 16], Learned> = LruHashMap::pinned(LEARNED_MAX, 0);
+
+#[map]
+pub static DNS_SCRATCH: PerCpuArray<crate::dns::DnsScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

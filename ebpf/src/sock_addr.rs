@@ -20,22 +20,23 @@
 //! by the `failure_mode` in `ACTIVE` and counted in `INTERNAL_ERRORS`.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        generated::bpf_get_current_ancestor_cgroup_id,
+        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use llm_egress_common::{
-    ConnectDecision, ConnectEvent, EventHeader, MAX_CGROUP_DEPTH, MAX_PORTS, NO_PROVIDER,
+    ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_CGROUP_DEPTH, MAX_PORTS, NO_PROVIDER,
     NO_WORKLOAD, PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SLOT_COUNT,
     WorkloadKey, action, counter, failure_mode, family, hook, kind, mode, proto, reason, verdict,
 };
 
 use crate::maps::{
-    ACTIVE, DESTS_V4, DESTS_V6, EVENTS, PROVIDER_ACT, RULES_V4, RULES_V6, SLOTS, WORKLOADS, count,
+    ACTIVE, CONN_SCRATCH, CONNS, DESTS_V4, DESTS_V6, EVENTS, PROVIDER_ACT, RULES_V4, RULES_V6, SLOTS, WORKLOADS, count,
 };
 
 const ALLOW: i32 = 1;
@@ -44,6 +45,54 @@ const DENY: i32 = 0;
 #[cgroup_sock_addr(connect4)]
 pub fn verdict_connect4(ctx: SockAddrContext) -> i32 {
     judge_v4(&ctx, hook::CONNECT4)
+}
+
+/// Starts tracking an allowed TCP connection to a provider: `CONNS` keeps
+/// who connected where, sock_ops adds bytes and times and reports it.
+/// A full map evicts the oldest entry (LRU); failures only lose accounting.
+#[inline(always)]
+fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision) {
+    if dest.proto != proto::TCP {
+        return;
+    }
+    let Some(entry) = CONN_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: helper on this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: per-CPU scratch of this CPU, overwritten whole before use.
+    unsafe {
+        fill_header(&mut (*entry).header, kind::CONN_SUMMARY);
+        (*entry).data = ConnStats {
+            cookie,
+            generation: d.generation,
+            connect_ns: (*entry).header.time_ns,
+            workload_id: d.workload_id,
+            provider_id: d.provider_id,
+            addr: dest.addr,
+            port: dest.port,
+            family: dest.family,
+            ..ConnStats::default()
+        };
+        let _ = CONNS.insert(&cookie, &*entry, 0);
+    }
+}
+
+/// The envelope header of an event about the current task.
+#[inline(always)]
+fn fill_header(h: &mut EventHeader, event_kind: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    h.kind = event_kind;
+    h._pad = 0;
+    // SAFETY: helpers without pointer arguments.
+    unsafe {
+        h.time_ns = bpf_ktime_get_ns();
+        h.cgroup_id = aya_ebpf::helpers::generated::bpf_get_current_cgroup_id();
+    }
+    h.pid = pid_tgid as u32;
+    h.tgid = (pid_tgid >> 32) as u32;
+    h.uid = uid_gid as u32;
+    h.gid = (uid_gid >> 32) as u32;
+    h.comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
 }
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -84,7 +133,7 @@ fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[2] = b[2];
     addr[3] = b[3];
     let dest = Dest { family: family::INET, addr, port: port_of(port), proto: proto_of(protocol) };
-    judge(&dest, hook)
+    judge(ctx, &dest, hook)
 }
 
 #[inline(always)]
@@ -117,7 +166,7 @@ fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
         dest.family = family::INET;
         dest.addr = v4;
     }
-    judge(&dest, hook)
+    judge(ctx, &dest, hook)
 }
 
 #[inline(always)]
@@ -141,7 +190,7 @@ struct Decision {
 }
 
 #[inline(always)]
-fn judge(dest: &Dest, hook: u8) -> i32 {
+fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
     let decision = match decide(dest) {
         Ok(d) => d,
         Err(fail) => {
@@ -169,7 +218,10 @@ fn judge(dest: &Dest, hook: u8) -> i32 {
         _ => counter::VERDICT_DENY,
     });
     if v != verdict::ALLOW || decision.provider_id != NO_PROVIDER {
-        report(dest, hook, v, &decision);
+        report(ctx, dest, hook, v, &decision);
+    }
+    if v != verdict::DENY && decision.provider_id != NO_PROVIDER && (hook == hook::CONNECT4 || hook == hook::CONNECT6) {
+        track(ctx, dest, &decision);
     }
     if v == verdict::DENY { DENY } else { ALLOW }
 }
@@ -282,7 +334,11 @@ fn provider_of(slot: u32, dest: &Dest) -> u32 {
         let data = PrefixKeyV6 { slot, scope: llm_egress_common::DEST_SCOPE, addr: dest.addr };
         DESTS_V6.get(Key::new(PREFIX_KEY_HEADER_BITS + 128, data))
     };
-    let Some(d) = found else { return NO_PROVIDER };
+    // Not a catalog or resolved destination: an address learned from a DNS
+    // answer for a provider name (ebpf/src/dns.rs).
+    let Some(d) = found else {
+        return crate::dns::learned_provider(slot, dest.family == family::INET, &dest.addr, dest.port);
+    };
     if d.nports == 0 {
         return d.provider_id;
     }
@@ -297,31 +353,20 @@ fn provider_of(slot: u32, dest: &Dest) -> u32 {
 }
 
 #[inline(always)]
-fn report(dest: &Dest, hook: u8, v: u8, d: &Decision) {
+fn report(ctx: &SockAddrContext, dest: &Dest, hook: u8, v: u8, d: &Decision) {
+    // SAFETY: helper on this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         count(counter::EVENTS_LOST);
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
-    // SAFETY: helpers without pointer arguments.
-    let (cgroup_id, time_ns) = unsafe {
-        (aya_ebpf::helpers::generated::bpf_get_current_cgroup_id(), bpf_ktime_get_ns())
-    };
+    let mut header = EventHeader::default();
+    fill_header(&mut header, kind::CONNECT_DECISION);
     let event = ConnectEvent {
-        header: EventHeader {
-            kind: kind::CONNECT_DECISION,
-            _pad: 0,
-            time_ns,
-            pid: pid_tgid as u32,
-            tgid: (pid_tgid >> 32) as u32,
-            uid: uid_gid as u32,
-            gid: (uid_gid >> 32) as u32,
-            cgroup_id,
-            comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-        },
+        header,
         data: ConnectDecision {
             generation: d.generation,
+            cookie,
             workload_id: d.workload_id,
             provider_id: d.provider_id,
             addr: dest.addr,

@@ -111,6 +111,8 @@ pub struct Agent {
     /// Whether [`Agent::context`] went into a message already (drop then
     /// does not print it again).
     context_shown: std::cell::Cell<bool>,
+    /// Programs attached to the cgroup2 root before the current run started.
+    root_before: Vec<(&'static str, u32)>,
     pin: PinDir,
     dir: TempDir,
 }
@@ -185,8 +187,24 @@ impl Agent {
 
     /// Starts the agent executable `bin` with `policy_toml`.
     pub fn start_with(bin: impl Into<PathBuf>, policy_toml: &str) -> Agent {
+        let mut agent = Agent::prepare(bin.into(), policy_toml);
+        agent.spawn();
+        agent
+    }
+
+    /// Starts [`agent_bin`] with `policy_toml` without waiting for it to be
+    /// ready: for agents expected to refuse to start (see
+    /// [`Agent::wait_exit`]).
+    pub fn launch(policy_toml: &str) -> Agent {
+        let mut agent = Agent::prepare(agent_bin(), policy_toml);
+        agent.spawn_process();
+        agent
+    }
+
+    /// The world of an agent (temp dir, policy file, pin dir, port), with
+    /// no process yet.
+    fn prepare(bin: PathBuf, policy_toml: &str) -> Agent {
         crate::require_root();
-        let bin = bin.into();
         assert!(
             bin.is_file(),
             "agent binary {} not found: build it with `cargo build -p llm-egress` \
@@ -198,7 +216,7 @@ impl Agent {
         let config = dir.path().join("policy.toml");
         fs::write(&config, policy_toml)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
-        let mut agent = Agent {
+        Agent {
             bin,
             child: None,
             runs: 0,
@@ -206,15 +224,23 @@ impl Agent {
             audit_log: dir.path().join("audit.jsonl"),
             config,
             context_shown: std::cell::Cell::new(false),
+            root_before: Vec::new(),
             pin: PinDir::new(),
             dir,
-        };
-        agent.spawn();
-        agent
+        }
     }
 
-    /// The command line of every run (the CLI flags override the file's keys).
+    /// Starts a run and waits until it is ready; panics if it changed what
+    /// is attached to the cgroup2 root.
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+        self.check_root_untouched();
+    }
+
+    /// Starts a run, without waiting. The command line of every run (the
+    /// CLI flags override the file's keys).
+    fn spawn_process(&mut self) {
         self.runs += 1;
         let stderr = self.open_log("stderr");
         let stdout = self.open_log("stdout");
@@ -245,22 +271,41 @@ impl Agent {
                 Ok(())
             });
         }
-        let root_before = bpf::sock_addr_prog_counts(cgroup2_mount(), false);
+        self.root_before = bpf::sock_addr_prog_counts(cgroup2_mount(), false);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
-        self.wait_ready();
-        // A safety net, not a test: an agent that attached to the root would
-        // judge every process of the machine. Drop (on this panic) stops it.
+    }
+
+    /// A safety net, not a test: an agent that attached to the root would
+    /// judge every process of the machine. Drop (on this panic) stops it.
+    fn check_root_untouched(&self) {
         let root_after = bpf::sock_addr_prog_counts(cgroup2_mount(), false);
-        if root_after != root_before {
+        if root_after != self.root_before {
             panic!(
-                "the agent changed the programs attached to the cgroup2 root {} ({root_before:?} -> {root_after:?})\n{}",
+                "the agent changed the programs attached to the cgroup2 root {} ({:?} -> {root_after:?})\n{}",
                 cgroup2_mount().display(),
+                self.root_before,
                 self.context()
             );
         }
+    }
+
+    /// Waits up to `timeout` for the current run to exit on its own and
+    /// returns its status; panics (and stops it) when it is still running
+    /// then. For agents that must refuse to start.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = wait_until(timeout, Duration::from_millis(20), || self.try_wait());
+        self.check_root_untouched();
+        status.unwrap_or_else(|| {
+            let ready = self.http_get("/readyz").map(|r| r.status).ok();
+            panic!(
+                "the agent was expected to exit by itself, it still runs after {timeout:?} \
+                 (/readyz: {ready:?})\n{}",
+                self.context()
+            )
+        })
     }
 
     fn log_path(&self, stream: &str, run: u32) -> PathBuf {

@@ -9,12 +9,18 @@
 //! - [`NetnsGuard`]: a network namespace with `lo` and an interface `d0`
 //!   carrying the test addresses ([`TEST_ADDRS`]); [`NetnsGuard::in_netns`]
 //!   runs code on a thread inside it.
-//! - [`TcpServer`], [`UdpServer`]: counting servers inside a namespace.
+//! - [`TcpServer`], [`HttpServer`], [`UdpServer`]: counting servers inside
+//!   a namespace.
+//! - [`DnsServer`]: dnsmasq on a loopback port, answering fixed names.
 //! - [`Probe`]: runs the `egress-probe` binary, which moves itself into a
-//!   cgroup and a namespace and then connects or sends.
+//!   cgroup and a namespace and then connects or sends;
+//!   [`probe::confine`] runs any other program (curl) the same way.
 //! - [`Agent`]: the `llm-egress` binary with its own policy file, pin
 //!   directory, metrics port and audit log; [`PinDir`] removes the pin
 //!   directory even when the agent was killed and never restarted.
+//!
+//! [`scenario`] holds what the agent tests share: policy text for a test
+//! cgroup and checks that panic with the agent's stderr and audit log.
 //!
 //! Safety rules the guards keep: nothing is attached to or removed from the
 //! cgroup2 root; traffic only goes to loopback (the agent's metrics) or to
@@ -24,17 +30,20 @@
 pub mod agent;
 pub mod bpf;
 pub mod cgroup;
+pub mod dns;
 pub mod http;
 pub mod netns;
 pub mod probe;
 pub mod prom;
+pub mod scenario;
 pub mod servers;
 
 pub use agent::{Agent, PinDir, agent_bin};
 pub use cgroup::{CgroupGuard, cgroup2_mount};
+pub use dns::DnsServer;
 pub use netns::{NetnsGuard, TEST_ADDRS};
 pub use probe::{LoopReport, Probe, ProbeCmd, ProbeResult, ProbeRun};
-pub use servers::{TcpServer, UdpServer};
+pub use servers::{HttpServer, TcpServer, UdpServer};
 
 use std::{
     path::{Path, PathBuf},

@@ -1,11 +1,21 @@
 //! [`Probe`]: runs the `egress-probe` binary in a cgroup and a namespace.
 //!
 //! Integration tests find the binary with
-//! `Probe::new(env!("CARGO_BIN_EXE_egress-probe"))`. Each call starts one
-//! probe process (its pid is the tgid the agent reports), which may run
+//! `Probe::new(env!("CARGO_BIN_EXE_egress-probe"))`, or [`Probe::beside_test_exe`]
+//! from library code (where that variable does not exist). Each call starts
+//! one probe process (its pid is the tgid the agent reports), which may run
 //! several commands in order; see src/bin/egress-probe.rs for the protocol.
+//!
+//! [`confine`] prepares any other program (curl, ...) to run the same way:
+//! in a test cgroup and a test network namespace.
 
 use std::{
+    ffi::CString,
+    fs::File,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, process::CommandExt},
+    },
     path::{Path, PathBuf},
     process::Command,
 };
@@ -89,6 +99,25 @@ impl Probe {
     /// `bin`: the egress-probe executable (`env!("CARGO_BIN_EXE_egress-probe")`).
     pub fn new(bin: impl Into<PathBuf>) -> Probe {
         Probe { bin: bin.into() }
+    }
+
+    /// The `egress-probe` that cargo built beside the running test
+    /// executable (`<target>/<profile>/egress-probe`, the test being
+    /// `<target>/<profile>/deps/x`); panics when it is not there.
+    pub fn beside_test_exe() -> Probe {
+        let exe = std::env::current_exe()
+            .unwrap_or_else(|e| panic!("cannot find the test executable: {e}"));
+        let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
+        let bin = dir.join("egress-probe");
+        assert!(
+            bin.is_file(),
+            "{} not found: `cargo test -p llm-egress-tests` builds it (or `cargo build -p llm-egress-tests --bins`)",
+            bin.display()
+        );
+        Probe { bin }
     }
 
     pub fn bin(&self) -> &Path {
@@ -193,6 +222,43 @@ impl Probe {
             elapsed_ns: raw["elapsed_ns"].as_u64().unwrap_or(0),
             errno: run.results[0].errno,
         }
+    }
+}
+
+/// Makes `cmd` run in cgroup `cgroup` and network namespace `netns`, like
+/// the probe: between fork and exec the child writes itself into
+/// `<cgroup>/cgroup.procs` (every socket it makes is then judged as one of
+/// that cgroup) and enters the namespace with setns(2). Nothing else of the
+/// child changes (no new mount namespace, unlike `ip netns exec`).
+pub fn confine(cmd: &mut Command, cgroup: &Path, netns: &NetnsGuard) {
+    let procs = cgroup.join("cgroup.procs");
+    let procs_c = CString::new(procs.as_os_str().as_bytes())
+        .unwrap_or_else(|_| panic!("{} contains a NUL byte", procs.display()));
+    let ns: OwnedFd = File::open(netns.path())
+        .unwrap_or_else(|e| panic!("cannot open netns {}: {e}", netns.path().display()))
+        .into();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe calls (open, write, close, setns) on data
+    // prepared before the fork; `ns` stays open in the parent's Command
+    // until spawn returns (O_CLOEXEC: the exec'd program does not inherit it).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0": the writing process itself.
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let write_err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(write_err);
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -1,14 +1,15 @@
 //! Counting servers inside a test namespace.
 //!
-//! [`TcpServer`] accepts and closes connections, [`UdpServer`] receives
-//! datagrams; both count what arrived, so a test can tell an allowed
+//! [`TcpServer`] accepts and closes connections, [`HttpServer`] answers
+//! every request with `200 OK` and a fixed body, [`UdpServer`] receives
+//! datagrams; each counts what arrived, so a test can tell an allowed
 //! connection that really reached its destination from one that did not.
 //! An IPv6 address gets an AF_INET6 socket; an IPv4 address also accepts
 //! clients that connect to its IPv4-mapped IPv6 form. Both stop on drop.
 
 use std::{
-    io::ErrorKind,
-    net::{SocketAddr, TcpListener, UdpSocket},
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -53,6 +54,50 @@ impl Counter {
     }
 }
 
+/// Listens on `addr` inside `netns` and calls `handle` on every accepted
+/// connection (on the server's thread), after counting it.
+fn serve_tcp(netns: &NetnsGuard, addr: &str, handle: fn(TcpStream)) -> Counter {
+    let addr = parse(addr);
+    let listener = netns
+        .in_netns(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| {
+            panic!(
+                "TCP server cannot listen on {addr} in {}: {e}",
+                netns.name()
+            )
+        });
+    listener
+        .set_nonblocking(true)
+        .unwrap_or_else(|e| panic!("set_nonblocking on {addr}: {e}"));
+    let count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (count, stop) = (count.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _peer)) => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        handle(conn);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        eprintln!("TCP server {addr}: accept: {e}");
+                        std::thread::sleep(POLL);
+                    }
+                }
+            }
+        })
+    };
+    Counter {
+        addr,
+        count,
+        stop,
+        thread: Some(thread),
+    }
+}
+
 /// A TCP server that accepts connections, counts and closes them.
 #[derive(Debug)]
 pub struct TcpServer {
@@ -62,46 +107,8 @@ pub struct TcpServer {
 impl TcpServer {
     /// Listens on `addr` ("192.0.2.1:8443", "[2001:db8::1]:8443") inside `netns`.
     pub fn start(netns: &NetnsGuard, addr: &str) -> TcpServer {
-        let addr = parse(addr);
-        let listener = netns
-            .in_netns(|| TcpListener::bind(addr))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "TCP server cannot listen on {addr} in {}: {e}",
-                    netns.name()
-                )
-            });
-        listener
-            .set_nonblocking(true)
-            .unwrap_or_else(|e| panic!("set_nonblocking on {addr}: {e}"));
-        let count = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (count, stop) = (count.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((conn, _peer)) => {
-                            count.fetch_add(1, Ordering::SeqCst);
-                            drop(conn);
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
-                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            eprintln!("TCP server {addr}: accept: {e}");
-                            std::thread::sleep(POLL);
-                        }
-                    }
-                }
-            })
-        };
         TcpServer {
-            inner: Counter {
-                addr,
-                count,
-                stop,
-                thread: Some(thread),
-            },
+            inner: serve_tcp(netns, addr, drop),
         }
     }
 
@@ -123,6 +130,68 @@ impl TcpServer {
 }
 
 impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.inner.stop();
+    }
+}
+
+/// The body every [`HttpServer`] answers with.
+pub const HTTP_BODY: &str = "hello from the llm-egress test server\n";
+
+/// A plain HTTP/1.1 server: reads a request head and answers `200 OK` with
+/// [`HTTP_BODY`], then closes; counts connections.
+#[derive(Debug)]
+pub struct HttpServer {
+    inner: Counter,
+}
+
+/// Answers one request (its head: up to the blank line) and closes.
+fn answer_http(mut conn: TcpStream) {
+    let timeout = Some(Duration::from_secs(2));
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(timeout);
+    let _ = conn.set_write_timeout(timeout);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{HTTP_BODY}",
+        HTTP_BODY.len()
+    );
+    let _ = conn.write_all(response.as_bytes());
+    let _ = conn.flush();
+}
+
+impl HttpServer {
+    /// Listens on `addr` ("192.0.2.1:8080") inside `netns`.
+    pub fn start(netns: &NetnsGuard, addr: &str) -> HttpServer {
+        HttpServer {
+            inner: serve_tcp(netns, addr, answer_http),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn count(&self) -> usize {
+        self.inner.count()
+    }
+
+    /// Waits until at least `n` connections were accepted or `timeout`
+    /// passed; returns the count then.
+    pub fn wait_for_count(&self, n: usize, timeout: Duration) -> usize {
+        self.inner.wait_for_count(n, timeout)
+    }
+}
+
+impl Drop for HttpServer {
     fn drop(&mut self) {
         self.inner.stop();
     }

@@ -53,6 +53,8 @@ pub(super) struct PolicyFile {
     #[serde(default)]
     pub resolver: ResolverFile,
     #[serde(default)]
+    pub telemetry: TelemetryFile,
+    #[serde(default)]
     pub providers: Vec<Spanned<ProviderFile>>,
     #[serde(default)]
     pub workloads: Vec<Spanned<WorkloadFile>>,
@@ -73,6 +75,14 @@ pub(super) struct ResolverFile {
     #[serde(default)]
     pub servers: Vec<Spanned<String>>,
     pub refresh_seconds: Option<Spanned<i64>>,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TelemetryFile {
+    pub process_series_per_workload: Option<Spanned<i64>>,
+    pub process_series_ttl_seconds: Option<Spanned<i64>>,
 }
 
 /// One `[[providers]]` entry of a policy.

@@ -69,6 +69,17 @@ pub struct ResolverConfig {
     pub refresh: Duration,
 }
 
+/// `[telemetry]`: bounds on per-process series.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryConfig {
+    /// Distinct `process` label values per workload; more processes are
+    /// counted under `process="other"`.
+    pub process_series_per_workload: usize,
+    /// A process series not updated for this long is removed (its slot
+    /// freed).
+    pub process_series_ttl: Duration,
+}
+
 /// A provider of the merged catalog (built-in entries, then the policy's).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Provider {
@@ -123,6 +134,7 @@ pub struct Policy {
     pub on_exit: OnExit,
     pub defaults: Defaults,
     pub resolver: ResolverConfig,
+    pub telemetry: TelemetryConfig,
     pub providers: Vec<Provider>,
     pub workloads: Vec<Workload>,
 }

@@ -24,7 +24,7 @@ use toml::Spanned;
 
 use super::{
     Action, AuditLog, Defaults, FailureMode, Mode, OnExit, Policy, PolicyError, PolicyErrors,
-    Provider, ResolverConfig, Selector, Target, Workload,
+    Provider, ResolverConfig, Selector, Target, TelemetryConfig, Workload,
     error::line_column,
     file::{
         self, CatalogFile, PolicyFile, ProviderFile, WorkloadFile, absolute, audit_log,
@@ -46,6 +46,10 @@ const DEFAULT_LLM: Action = Action::Deny;
 /// `defaults.other`; a workload's `other` defaults to `defaults.other`.
 const DEFAULT_OTHER: Action = Action::Allow;
 const DEFAULT_REFRESH_SECONDS: u64 = 30;
+const DEFAULT_PROCESS_SERIES: u64 = 20;
+const MAX_PROCESS_SERIES: i64 = 1_000;
+const DEFAULT_PROCESS_TTL_SECONDS: u64 = 600;
+const MIN_PROCESS_TTL_SECONDS: i64 = 10;
 const MAX_REFRESH_SECONDS: i64 = 86_400;
 
 const MODES: &[(&str, Mode)] = &[("enforce", Mode::Enforce), ("audit", Mode::Audit)];
@@ -325,6 +329,7 @@ impl<'a> Checker<'a> {
             ),
         };
         let resolver = self.resolver(f);
+        let telemetry = self.telemetry(f);
         let merged = self.providers(&f.providers, catalog);
         let workloads = self.workloads(&f.workloads, &merged, defaults.other);
         Policy {
@@ -337,8 +342,32 @@ impl<'a> Checker<'a> {
             on_exit,
             defaults,
             resolver,
+            telemetry,
             providers: merged.providers,
             workloads,
+        }
+    }
+
+    /// An integer key that must lie in `range`.
+    fn bounded(&mut self, v: &Option<toml::Spanned<i64>>, key: &str, range: std::ops::RangeInclusive<i64>, unit: &str) -> Option<u64> {
+        v.as_ref().and_then(|v| {
+            self.check(v, key, |&n| {
+                if range.contains(&n) {
+                    Ok(n.unsigned_abs())
+                } else {
+                    Err(format!("must be {} to {}{unit}", range.start(), range.end()))
+                }
+            })
+        })
+    }
+
+    fn telemetry(&mut self, f: &PolicyFile) -> TelemetryConfig {
+        let t = &f.telemetry;
+        let n = self.bounded(&t.process_series_per_workload, "telemetry.process_series_per_workload", 1..=MAX_PROCESS_SERIES, "");
+        let ttl = self.bounded(&t.process_series_ttl_seconds, "telemetry.process_series_ttl_seconds", MIN_PROCESS_TTL_SECONDS..=MAX_REFRESH_SECONDS, " (seconds)");
+        TelemetryConfig {
+            process_series_per_workload: n.unwrap_or(DEFAULT_PROCESS_SERIES) as usize,
+            process_series_ttl: Duration::from_secs(ttl.unwrap_or(DEFAULT_PROCESS_TTL_SECONDS)),
         }
     }
 
@@ -347,15 +376,7 @@ impl<'a> Checker<'a> {
         let servers = (r.servers.iter().enumerate())
             .filter_map(|(i, s)| self.check(s, &format!("resolver.servers[{i}]"), |s| server(s)))
             .collect();
-        let refresh_seconds = r.refresh_seconds.as_ref().and_then(|v| {
-            self.check(v, "resolver.refresh_seconds", |&n| {
-                if (1..=MAX_REFRESH_SECONDS).contains(&n) {
-                    Ok(n.unsigned_abs())
-                } else {
-                    Err(format!("must be 1 to {MAX_REFRESH_SECONDS} (seconds)"))
-                }
-            })
-        });
+        let refresh_seconds = self.bounded(&r.refresh_seconds, "resolver.refresh_seconds", 1..=MAX_REFRESH_SECONDS, " (seconds)");
         let refresh = Duration::from_secs(refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS));
         ResolverConfig { servers, refresh }
     }
@@ -1219,6 +1240,17 @@ llm = "allow"
             12,
             "port 0",
         );
+    }
+
+    #[test]
+    fn telemetry_bounds() {
+        let p = ok("[telemetry]\nprocess_series_per_workload = 5\nprocess_series_ttl_seconds = 60\n");
+        assert_eq!(p.telemetry.process_series_per_workload, 5);
+        assert_eq!(p.telemetry.process_series_ttl, Duration::from_secs(60));
+        let p = ok("");
+        assert_eq!((p.telemetry.process_series_per_workload, p.telemetry.process_series_ttl), (20, Duration::from_secs(600)));
+        one_error("[telemetry]\nprocess_series_per_workload = 0\n", "telemetry.process_series_per_workload", 2, 31, "must be 1 to 1000");
+        one_error("[telemetry]\nprocess_series_ttl_seconds = 5\n", "telemetry.process_series_ttl_seconds", 2, 30, "must be 10 to 86400");
     }
 
     #[test]

@@ -1,0 +1,493 @@
+//! cgroup_skb/ingress: learns provider addresses from DNS answers before the
+//! application can read them.
+//!
+//! Hook: `BPF_CGROUP_INET_INGRESS` runs in `sk_filter()` when a packet is
+//! queued to a socket of a task under the attach cgroup, i.e. before
+//! `recvmsg()` can return it. The context is the `__sk_buff`; offset 0 of
+//! `bpf_skb_load_bytes` is the IP header. Returning 1 keeps the packet.
+//!
+//! For a UDP datagram from port 53 (IPv4 or IPv6 without extension headers,
+//! not fragmented) the program copies up to `DNS_BUF` bytes of the DNS
+//! message into per-CPU scratch and reads it with masked indexes:
+//!
+//! 1. header: a response (QR) with opcode 0, rcode 0 and one question;
+//! 2. the question name: its label hashes; the exact name and each of its
+//!    suffixes (as a wildcard) are looked up in `NAMES` of the active slot.
+//!    No match: the answer is not about a provider and is left alone;
+//! 3. up to `DNS_MAX_ANSWERS` answer records: a CNAME whose owner is in the
+//!    chain (the question name, then each CNAME target) adds its target to
+//!    the chain; an A/AAAA record whose owner is in the chain is learned:
+//!    `LEARNED_*[address]` gets the matched `NAMES` key with an expiry of
+//!    now + TTL clamped to `NAME_CFG`'s bounds. Other records are skipped.
+//!
+//! Compression pointers must point backwards (so they cannot loop) and at
+//! most `DNS_MAX_HOPS` are followed per name. Anything the program cannot
+//! read (see `dns_unparsed`) is counted in `DNS_UNPARSED` and the message is
+//! sent to the agent as a `DNS_UNPARSED` event: the agent parses it and
+//! writes the addresses, which is *not* race-free (docs/names.md).
+//!
+//! Errors never drop the packet: the program always returns 1 (DNS keeps
+//! working when the agent cannot learn from it; failing closed would break
+//! name resolution for every workload).
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_ktime_get_ns, generated::bpf_skb_load_bytes},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use llm_egress_common::{
+    DNS_BUF, DNS_EVENT_BYTES, DNS_MAX_ANSWERS, DNS_MAX_HOPS, DNS_MAX_LABELS, DnsEvent, EventHeader,
+    LEARNED_NAMES, Learned, NameKey, SLOT_COUNT, counter, dns_unparsed, kind,
+    names::{LABEL_INIT, fold, label_step, wildcard},
+};
+
+use crate::maps::{ACTIVE, DNS_SCRATCH, EVENTS, LEARNED_V4, LEARNED_V6, NAME_CFG, NAMES, count};
+
+const KEEP: i32 = 1;
+const MASK: usize = DNS_BUF - 1;
+const _: () = assert!(DNS_BUF.is_power_of_two() && DNS_EVENT_BYTES == DNS_BUF);
+const LMASK: usize = DNS_MAX_LABELS - 1;
+const _: () = assert!(DNS_MAX_LABELS.is_power_of_two());
+/// CNAME chain members remembered (question name included).
+const MAX_CHAIN: usize = 4;
+
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86dd;
+const IPPROTO_UDP: u8 = 17;
+const DNS_PORT: u16 = 53;
+const TYPE_A: u16 = 1;
+const TYPE_CNAME: u16 = 5;
+const TYPE_AAAA: u16 = 28;
+const CLASS_IN: u16 = 1;
+
+/// Per-CPU scratch: the copied message and the label hashes of the last
+/// name read.
+#[repr(C)]
+pub struct DnsScratch {
+    pub buf: [u8; DNS_BUF],
+    pub labels: [u64; DNS_MAX_LABELS],
+}
+
+#[cgroup_skb(ingress)]
+pub fn names_dns_ingress(ctx: SkBuffContext) -> i32 {
+    let _ = try_dns(&ctx);
+    KEEP
+}
+
+/// Why parsing stopped early.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// Not something to parse (not DNS, no policy, not a provider name).
+    Ignore,
+    /// A provider answer (or unreadable question) the kernel cannot parse.
+    Unparsed(u32),
+}
+
+#[inline(always)]
+fn try_dns(ctx: &SkBuffContext) -> Result<(), Stop> {
+    // 1. IP and UDP headers.
+    let hlen = match ctx.skb.protocol() {
+        p if p == (ETH_P_IP as u16).to_be() as u32 => {
+            let vihl: u8 = ctx.load(0).map_err(|_| Stop::Ignore)?;
+            let proto: u8 = ctx.load(9).map_err(|_| Stop::Ignore)?;
+            let frag: u16 = ctx.load(6).map_err(|_| Stop::Ignore)?;
+            // MF set or a fragment offset: not a whole datagram.
+            if proto != IPPROTO_UDP || u16::from_be(frag) & 0x3fff != 0 {
+                return Err(Stop::Ignore);
+            }
+            ((vihl & 0x0f) as usize) * 4
+        }
+        p if p == (ETH_P_IPV6 as u16).to_be() as u32 => {
+            let next: u8 = ctx.load(6).map_err(|_| Stop::Ignore)?;
+            if next != IPPROTO_UDP {
+                return Err(Stop::Ignore);
+            }
+            40
+        }
+        _ => return Err(Stop::Ignore),
+    };
+    if hlen < 20 {
+        return Err(Stop::Ignore);
+    }
+    let sport: u16 = ctx.load(hlen).map_err(|_| Stop::Ignore)?;
+    if u16::from_be(sport) != DNS_PORT {
+        return Err(Stop::Ignore);
+    }
+    count(counter::DNS_RESPONSES);
+    let off = hlen + 8;
+    let total = ctx.len() as usize;
+    if total < off + 12 {
+        return Err(Stop::Ignore);
+    }
+    let msg_len = total - off;
+    let r = parse(ctx, off, msg_len);
+    if let Err(Stop::Unparsed(why)) = r {
+        count(counter::DNS_UNPARSED);
+        send_unparsed(ctx, off, msg_len, why);
+    }
+    r
+}
+
+/// Copies the message and parses it; see the module comment.
+#[inline(always)]
+fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
+    let active = ACTIVE.get(0).ok_or(Stop::Ignore)?;
+    let slot = active.slot;
+    if slot == 0 || slot >= SLOT_COUNT {
+        return Err(Stop::Ignore);
+    }
+    let cfg = NAME_CFG.get(0).ok_or(Stop::Ignore)?;
+    let seed = cfg.seed;
+    if seed == 0 {
+        return Err(Stop::Ignore);
+    }
+    let (ttl_min, ttl_max) = (cfg.ttl_min_s, cfg.ttl_max_s);
+    let s = DNS_SCRATCH.get_ptr_mut(0).ok_or(Stop::Ignore)?;
+    // SAFETY: per-CPU scratch of this CPU; programs are not preempted.
+    let s = unsafe { &mut *s };
+    let len = if msg_len > DNS_BUF { DNS_BUF } else { msg_len };
+    if len < 12 {
+        return Err(Stop::Ignore);
+    }
+    // SAFETY: `s.buf` has DNS_BUF bytes and 12 <= len <= DNS_BUF.
+    let rc = unsafe {
+        bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, s.buf.as_mut_ptr() as *mut _, len as u32)
+    };
+    if rc != 0 {
+        return Err(Stop::Ignore);
+    }
+
+    // 2. Header.
+    let flags = u16_at(s, 2);
+    // QR = 1, opcode 0 (query), rcode 0 (no error).
+    if flags & 0x8000 == 0 || flags & 0x7800 != 0 || flags & 0x000f != 0 {
+        return Err(Stop::Ignore);
+    }
+    let qdcount = u16_at(s, 4);
+    let ancount = u16_at(s, 6) as usize;
+    if qdcount != 1 {
+        return Err(Stop::Unparsed(dns_unparsed::QUESTIONS));
+    }
+
+    // 3. The question: is it a provider name?
+    let (n, mut pos) = read_name(s, len, 12)?;
+    if pos + 4 > len {
+        return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
+    }
+    let qclass = u16_at(s, pos + 2);
+    if qclass != CLASS_IN {
+        return Err(Stop::Ignore);
+    }
+    pos += 4;
+    let mut matched = 0u64;
+    let mut acc = seed;
+    let mut i = 0;
+    while i < DNS_MAX_LABELS {
+        if i < n {
+            let k = n - 1 - i;
+            acc = fold(acc, s.labels[k & LMASK]);
+            let key = if k == 0 { acc } else { wildcard(acc) };
+            // SAFETY: value copied out at once (presence only).
+            if unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: key }) }.is_some() {
+                // Later (longer) suffixes are more specific; the exact name last.
+                matched = key;
+            }
+        }
+        i += 1;
+    }
+    if matched == 0 {
+        return Err(Stop::Ignore);
+    }
+    let qhash = acc;
+
+    // 4. Answers.
+    let mut chain = [qhash, 0u64, 0u64, 0u64];
+    let mut chain_len = 1usize;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut a = 0;
+    while a < DNS_MAX_ANSWERS {
+        if a >= ancount {
+            break;
+        }
+        let (n, p) = read_name(s, len, pos)?;
+        let owner = hash_labels(s, n, seed);
+        if p + 10 > len {
+            return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
+        }
+        let rtype = u16_at(s, p);
+        let rclass = u16_at(s, p + 2);
+        let ttl = u32_at(s, p + 4);
+        let rdlen = u16_at(s, p + 8) as usize;
+        let rdata = p + 10;
+        if rdata + rdlen > len {
+            return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
+        }
+        pos = rdata + rdlen;
+        a += 1;
+        if rclass != CLASS_IN {
+            continue;
+        }
+        let in_chain = owner == chain[0]
+            || (chain_len > 1 && owner == chain[1])
+            || (chain_len > 2 && owner == chain[2])
+            || (chain_len > 3 && owner == chain[3]);
+        if rtype == TYPE_CNAME {
+            if !in_chain {
+                continue;
+            }
+            let (tn, _) = read_name(s, len, rdata)?;
+            let target = hash_labels(s, tn, seed);
+            if chain_len >= MAX_CHAIN {
+                return Err(Stop::Unparsed(dns_unparsed::CHAIN));
+            }
+            chain[chain_len & (MAX_CHAIN - 1)] = target;
+            chain_len += 1;
+            continue;
+        }
+        if rtype != TYPE_A && rtype != TYPE_AAAA {
+            continue;
+        }
+        if !in_chain {
+            count(counter::DNS_OFF_CHAIN);
+            continue;
+        }
+        let ttl_s = if ttl < ttl_min { ttl_min } else if ttl > ttl_max { ttl_max } else { ttl };
+        let expires = now + ttl_s as u64 * 1_000_000_000;
+        if rtype == TYPE_A && rdlen == 4 {
+            let addr = [byte(s, rdata), byte(s, rdata + 1), byte(s, rdata + 2), byte(s, rdata + 3)];
+            learn_v4(&addr, matched, expires, now);
+        } else if rtype == TYPE_AAAA && rdlen == 16 {
+            let mut addr = [0u8; 16];
+            let mut j = 0;
+            while j < 16 {
+                addr[j] = byte(s, rdata + j);
+                j += 1;
+            }
+            learn_v6(&addr, matched, expires, now);
+        }
+    }
+    if ancount > DNS_MAX_ANSWERS {
+        return Err(Stop::Unparsed(dns_unparsed::TOO_MANY_ANSWERS));
+    }
+    if msg_len > DNS_BUF {
+        // Answers the kernel did not see may follow (an EDNS message longer
+        // than the copy): the agent reads the rest.
+        return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
+    }
+    count(counter::DNS_PARSED);
+    Ok(())
+}
+
+#[inline(always)]
+fn byte(s: &DnsScratch, i: usize) -> u8 {
+    s.buf[i & MASK]
+}
+
+#[inline(always)]
+fn u16_at(s: &DnsScratch, i: usize) -> u16 {
+    (byte(s, i) as u16) << 8 | byte(s, i + 1) as u16
+}
+
+#[inline(always)]
+fn u32_at(s: &DnsScratch, i: usize) -> u32 {
+    (u16_at(s, i) as u32) << 16 | u16_at(s, i + 2) as u32
+}
+
+/// Reads the name at `start` into `s.labels`: (label count, offset after
+/// the name where it starts). Labels are hashed with `label_step`.
+#[inline(never)]
+fn read_name(s: &mut DnsScratch, len: usize, start: usize) -> Result<(usize, usize), Stop> {
+    let bad = Stop::Unparsed(dns_unparsed::NAME);
+    let mut pos = start;
+    let mut end = 0usize;
+    let mut hops = 0usize;
+    let mut n = 0usize;
+    let mut steps = 0;
+    while steps < DNS_MAX_LABELS + DNS_MAX_HOPS + 1 {
+        steps += 1;
+        if pos >= len {
+            return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
+        }
+        let l = byte(s, pos) as usize;
+        if l == 0 {
+            if end == 0 {
+                end = pos + 1;
+            }
+            return Ok((n, end));
+        }
+        if l & 0xc0 == 0xc0 {
+            if pos + 1 >= len {
+                return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
+            }
+            let target = (l & 0x3f) << 8 | byte(s, pos + 1) as usize;
+            // Backwards only: a pointer can never loop.
+            if target >= pos || hops >= DNS_MAX_HOPS {
+                return Err(bad);
+            }
+            if end == 0 {
+                end = pos + 2;
+            }
+            hops += 1;
+            pos = target;
+            continue;
+        }
+        if l & 0xc0 != 0 || n >= DNS_MAX_LABELS || pos + 1 + l > len {
+            return Err(bad);
+        }
+        let mut h = LABEL_INIT;
+        let mut j = 0;
+        while j < 63 {
+            if j >= l {
+                break;
+            }
+            h = label_step(h, byte(s, pos + 1 + j));
+            j += 1;
+        }
+        s.labels[n & LMASK] = h;
+        n += 1;
+        pos += 1 + l;
+    }
+    Err(bad)
+}
+
+/// The full-name hash of the `n` labels in `s.labels`.
+#[inline(always)]
+fn hash_labels(s: &DnsScratch, n: usize, seed: u64) -> u64 {
+    let mut acc = seed;
+    let mut i = 0;
+    while i < DNS_MAX_LABELS {
+        if i < n {
+            acc = fold(acc, s.labels[(n - 1 - i) & LMASK]);
+        }
+        i += 1;
+    }
+    acc
+}
+
+/// Merges `hash` into a learned entry: the same name is refreshed, else an
+/// empty or expired place is taken, else the one expiring first.
+#[inline(always)]
+fn merge(old: Option<&Learned>, hash: u64, expires: u64, now: u64) -> Learned {
+    let mut v = match old {
+        Some(o) => *o,
+        None => Learned::default(),
+    };
+    let mut pick = LEARNED_NAMES;
+    let mut i = 0;
+    while i < LEARNED_NAMES {
+        if v.names[i].hash == hash {
+            pick = i;
+        }
+        i += 1;
+    }
+    if pick == LEARNED_NAMES {
+        let mut oldest = u64::MAX;
+        let mut i = 0;
+        while i < LEARNED_NAMES {
+            let e = &v.names[i];
+            let when = if e.hash == 0 || e.expires_ns <= now { 0 } else { e.expires_ns };
+            if when < oldest {
+                oldest = when;
+                pick = i;
+            }
+            i += 1;
+        }
+    }
+    if pick < LEARNED_NAMES {
+        let e = &mut v.names[pick];
+        e.hash = hash;
+        if expires > e.expires_ns || e.expires_ns <= now {
+            e.expires_ns = expires;
+        }
+    }
+    v
+}
+
+#[inline(always)]
+fn learn_v4(addr: &[u8; 4], hash: u64, expires: u64, now: u64) {
+    // SAFETY: value copied out at once by `merge`.
+    let v = merge(unsafe { LEARNED_V4.get(addr) }, hash, expires, now);
+    match LEARNED_V4.insert(addr, &v, 0) {
+        Ok(()) => count(counter::DNS_LEARNED),
+        Err(_) => count(counter::DNS_LEARN_FAILED),
+    }
+}
+
+#[inline(always)]
+fn learn_v6(addr: &[u8; 16], hash: u64, expires: u64, now: u64) {
+    // SAFETY: as in `learn_v4`.
+    let v = merge(unsafe { LEARNED_V6.get(addr) }, hash, expires, now);
+    match LEARNED_V6.insert(addr, &v, 0) {
+        Ok(()) => count(counter::DNS_LEARNED),
+        Err(_) => count(counter::DNS_LEARN_FAILED),
+    }
+}
+
+/// Queues the message for the agent (its first `DNS_EVENT_BYTES` bytes).
+#[inline(always)]
+fn send_unparsed(ctx: &SkBuffContext, off: usize, msg_len: usize, why: u32) {
+    let Some(mut entry) = EVENTS.reserve::<DnsEvent>(0) else {
+        count(counter::EVENTS_LOST);
+        return;
+    };
+    let len = if msg_len > DNS_EVENT_BYTES { DNS_EVENT_BYTES } else { msg_len };
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` is the reserved record of size_of::<DnsEvent>(); the copy
+    // writes at most DNS_EVENT_BYTES bytes into `data`.
+    unsafe {
+        (*p).header = EventHeader { kind: kind::DNS_UNPARSED, time_ns: bpf_ktime_get_ns(), ..EventHeader::default() };
+        (*p).data.len = len as u32;
+        (*p).data.msg_len = msg_len as u32;
+        (*p).data.why = why;
+        (*p).data._pad = 0;
+        if len == 0
+            || bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, (*p).data.data.as_mut_ptr() as *mut _, len as u32) != 0
+        {
+            (*p).data.len = 0;
+        }
+    }
+    entry.submit(0);
+}
+
+/// The provider of `addr` through a learned name: the first unexpired name
+/// of its `LEARNED_*` entry that `NAMES` of `slot` maps to a provider on
+/// `port`. `NO_PROVIDER` (0) if none.
+#[inline(always)]
+pub fn learned_provider(slot: u32, v4: bool, addr: &[u8; 16], port: u16) -> u32 {
+    let learned = if v4 {
+        let a = [addr[0], addr[1], addr[2], addr[3]];
+        // SAFETY: value copied out at once.
+        unsafe { LEARNED_V4.get(&a) }.copied()
+    } else {
+        // SAFETY: as above.
+        unsafe { LEARNED_V6.get(addr) }.copied()
+    };
+    let Some(learned) = learned else { return 0 };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut i = 0;
+    while i < LEARNED_NAMES {
+        let e = learned.names[i];
+        i += 1;
+        if e.hash == 0 || e.expires_ns <= now {
+            continue;
+        }
+        // SAFETY: value copied out at once.
+        let Some(d) = (unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: e.hash }) }).copied() else {
+            continue;
+        };
+        if d.nports == 0 {
+            return d.provider_id;
+        }
+        let mut j = 0;
+        while j < llm_egress_common::MAX_PORTS {
+            if (j as u16) < d.nports && d.ports[j] == port {
+                return d.provider_id;
+            }
+            j += 1;
+        }
+    }
+    0
+}

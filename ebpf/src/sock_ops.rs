@@ -1,0 +1,100 @@
+//! sock_ops: bytes and times of tracked connections (those `sock_addr`
+//! allowed to a provider, recorded in `CONNS` by socket cookie).
+//!
+//! Callbacks used (include/uapi/linux/bpf.h, enum bpf_sock_ops_op):
+//! - `TCP_CONNECT_CB` (3): before the SYN; enables STATE_CB and RTT_CB for
+//!   tracked sockets, so failed handshakes are reported too;
+//! - `ACTIVE_ESTABLISHED_CB` (4): handshake done;
+//! - `RTT_CB` (12): each RTT sample; at most every `CONN_UPDATE_NS` an update
+//!   event with the byte counts so far (streamed responses are seen while
+//!   they last);
+//! - `STATE_CB` (10), `arg(1)` = new state: on TCP_CLOSE (7) the summary
+//!   event, then the entry is removed.
+//! Byte counts are the socket's `bytes_acked` (payload sent and
+//! acknowledged) and `bytes_received` (payload received): TCP payload, so
+//! TLS framing is included, IP/TCP headers are not.
+//! The program never affects the connection: it always returns 1.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use llm_egress_common::{CONN_UPDATE_NS, ConnEvent, counter, kind};
+
+use crate::maps::{CONNS, EVENTS, count};
+
+const TCP_CONNECT_CB: u32 = 3;
+const ACTIVE_ESTABLISHED_CB: u32 = 4;
+const STATE_CB: u32 = 10;
+const RTT_CB: u32 = 12;
+const STATE_CB_FLAG: i32 = 1 << 2;
+const RTT_CB_FLAG: i32 = 1 << 3;
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn account_sock_ops(ctx: SockOpsContext) -> u32 {
+    account(&ctx);
+    1
+}
+
+#[inline(always)]
+fn account(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op != TCP_CONNECT_CB && op != ACTIVE_ESTABLISHED_CB && op != STATE_CB && op != RTT_CB {
+        return;
+    }
+    // SAFETY: helper on this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(entry) = CONNS.get_ptr_mut(&cookie) else { return };
+    // SAFETY: helpers without pointer arguments; `entry` points into the map
+    // value, valid for this program run; `ctx.ops` is the kernel's context.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        match op {
+            TCP_CONNECT_CB => {
+                let _ = ctx.set_cb_flags(STATE_CB_FLAG | RTT_CB_FLAG);
+            }
+            ACTIVE_ESTABLISHED_CB => {
+                (*entry).data.established_ns = now;
+                (*entry).data.reported_ns = now;
+            }
+            RTT_CB => {
+                if now.wrapping_sub((*entry).data.reported_ns) >= CONN_UPDATE_NS {
+                    (*entry).data.reported_ns = now;
+                    read_bytes(ctx, entry);
+                    send(entry, kind::CONN_UPDATE);
+                }
+            }
+            _ => {
+                if ctx.arg(1) == TCP_CLOSE {
+                    (*entry).data.closed_ns = now;
+                    read_bytes(ctx, entry);
+                    send(entry, kind::CONN_SUMMARY);
+                    let _ = CONNS.remove(&cookie);
+                }
+            }
+        }
+    }
+}
+
+/// SAFETY: `entry` must point to a live `CONNS` value.
+#[inline(always)]
+unsafe fn read_bytes(ctx: &SockOpsContext, entry: *mut ConnEvent) {
+    unsafe {
+        (*entry).data.bytes_sent = (*ctx.ops).bytes_acked;
+        (*entry).data.bytes_received = (*ctx.ops).bytes_received;
+    }
+}
+
+/// SAFETY: `entry` must point to a live `CONNS` value.
+#[inline(always)]
+unsafe fn send(entry: *mut ConnEvent, event_kind: u32) {
+    unsafe {
+        (*entry).header.kind = event_kind;
+        if EVENTS.output::<ConnEvent>(&*entry, 0).is_err() {
+            count(counter::EVENTS_LOST);
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Connection accounting, end to end: real clients (curl) in a workload
+//! talk to a server inside the test namespace; the agent's byte counters,
+//! connection counts, per-process series and connection records must equal
+//! what the server saw.
+
+use std::{
+    io::{Read, Write},
+    net::TcpListener,
+    os::unix::process::CommandExt,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, require_root, toml_str, wait_until};
+
+/// An HTTP/1.0 server that reads one request (headers + `Content-Length`
+/// body), answers with a body of `body_len` bytes and closes; it counts the
+/// bytes it read and wrote.
+struct CountingHttp {
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+    served: Arc<AtomicU64>,
+}
+
+fn start_server(netns: &NetnsGuard, addr: &str, body_len: usize) -> CountingHttp {
+    let listener = netns.in_netns(|| TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let (read, written, served) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (r, w, s) = (read.clone(), written.clone(), served.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read until the headers and the declared body are in.
+            loop {
+                let Ok(n) = conn.read(&mut chunk) else { break };
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(end) = find(&buf, b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            r.fetch_add(buf.len() as u64, Ordering::SeqCst);
+            let body = vec![b'x'; body_len];
+            let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {body_len}\r\n\r\n");
+            let mut out = head.into_bytes();
+            out.extend_from_slice(&body);
+            if conn.write_all(&out).is_ok() {
+                w.fetch_add(out.len() as u64, Ordering::SeqCst);
+            }
+            drop(conn);
+            s.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    CountingHttp { read, written, served }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Runs curl inside `cgroup` and `netns`, posting `data` to `url`.
+fn curl(cgroup: &std::path::Path, netns: &NetnsGuard, url: &str, data_len: usize) -> std::process::Output {
+    let procs = cgroup.join("cgroup.procs");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns.name(), "curl", "-sS", "-o", "/dev/null", "--max-time", "5", "-H", "Expect:"]);
+    cmd.args(["--data-binary", &"y".repeat(data_len), url]);
+    // SAFETY: only async-signal-safe work between fork and exec: an open,
+    // a write and a close of the cgroup file.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    cmd.output().unwrap_or_else(|e| panic!("cannot run curl: {e}"))
+}
+
+#[test]
+fn bytes_and_connections_of_provider_traffic_match_the_server() {
+    require_root();
+    let cg = CgroupGuard::new("acct");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let server = start_server(&netns, "10.20.0.1:8080", 30_000);
+    let policy = format!(
+        r#"cgroup = {}
+[resolver]
+servers = ["127.0.0.1:9"]
+[[providers]]
+name = "test-llm"
+cidrs = ["10.20.0.0/16"]
+ports = [8080]
+[[workloads]]
+name = "bot"
+cgroup = "bot"
+allow = ["test-llm"]
+"#,
+        toml_str(&cg.path().display().to_string())
+    );
+    let agent = Agent::start(&policy);
+    const N: u64 = 5;
+    for i in 0..N {
+        let out = curl(&bot, &netns, "http://10.20.0.1:8080/v1/chat/completions", 1_000 + i as usize);
+        assert!(out.status.success(), "curl {i} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), agent.context());
+    }
+    assert_eq!(server.served.load(Ordering::SeqCst), N);
+    let labels = |dir: &'static str| [("workload", "bot"), ("provider", "test-llm"), ("direction", dir)];
+    let sent = server.read.load(Ordering::SeqCst) as f64;
+    let received = server.written.load(Ordering::SeqCst) as f64;
+    let got = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        let s = agent.metric_value("llm_egress_bytes_total", &labels("sent"))?;
+        let r = agent.metric_value("llm_egress_bytes_total", &labels("received"))?;
+        (s == sent && r == received).then_some((s, r))
+    });
+    assert!(
+        got.is_some(),
+        "bytes_total must equal what the server read ({sent}) and wrote ({received}); metrics:\n{}\n{}",
+        agent.metrics().lines().filter(|l| l.contains("bytes_total")).collect::<Vec<_>>().join("\n"),
+        agent.context()
+    );
+    let opened = agent.metric_value("llm_egress_connections_total", &[("workload", "bot"), ("provider", "test-llm"), ("verdict", "allow")]);
+    assert_eq!(opened, Some(N as f64), "one allowed connection per curl");
+    assert_eq!(agent.metric_value("llm_egress_active_connections", &[("workload", "bot")]), Some(0.0), "all closed");
+    assert_eq!(
+        agent.metric_value("llm_egress_process_connections_total", &[("workload", "bot"), ("process", "curl")]),
+        Some(N as f64),
+        "per-process series are labelled by executable name"
+    );
+    assert_eq!(
+        agent.metric_value("llm_egress_connection_duration_seconds_count", &[("workload", "bot"), ("provider", "test-llm")]),
+        Some(N as f64)
+    );
+    let records: Vec<_> = agent.audit_events().into_iter().filter(|e| e["event"] == "connection").collect();
+    assert_eq!(records.len() as u64, N, "one connection record per connection");
+    let total_received: u64 = records.iter().map(|r| r["bytes_received"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(total_received as f64, received);
+    for r in &records {
+        assert_eq!(r["established"], true, "{r}");
+        assert_eq!(r["comm"], "curl", "{r}");
+        assert!(r["exe"].as_str().is_some_and(|e| e.ends_with("curl")), "{r}");
+    }
+}
