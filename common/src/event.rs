@@ -103,7 +103,10 @@ pub struct ConnStats {
     pub addr: [u8; 16],
     pub port: u16,
     pub family: u8,
-    pub _pad: [u8; 5],
+    /// `bytes_acked` at the handshake: the SYN's sequence number, which the
+    /// kernel counts and which is not payload.
+    pub base_sent: u8,
+    pub _pad: [u8; 4],
 }
 
 pub type ConnEvent = Event<ConnStats>;

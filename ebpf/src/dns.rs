@@ -30,9 +30,14 @@
 //! working when the agent cannot learn from it; failing closed would break
 //! name resolution for every workload).
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_ktime_get_ns, generated::bpf_skb_load_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_loop, bpf_skb_load_bytes},
+    },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -61,12 +66,21 @@ const TYPE_CNAME: u16 = 5;
 const TYPE_AAAA: u16 = 28;
 const CLASS_IN: u16 = 1;
 
-/// Per-CPU scratch: the copied message and the label hashes of the last
-/// name read.
+/// Per-CPU scratch: the copied message, the label hashes of the last name
+/// read, and the state of the bpf_loop walks. The walk state lives here and
+/// not on the stack on purpose: the verifier does not track map values, so
+/// counters kept here are unknown scalars to it and the loop callbacks
+/// converge after one or two passes (counters on the stack made it walk
+/// every value they could take, past the 1M instruction limit). Every index
+/// into `buf` and `labels` is masked, so no value read here can make an
+/// access unsafe; the bounds that matter for correctness are checked
+/// against `len` as ordinary conditions.
 #[repr(C)]
 pub struct DnsScratch {
     pub buf: [u8; DNS_BUF],
     pub labels: [u64; DNS_MAX_LABELS],
+    name: NameCtx,
+    ans: AnswerCtx,
 }
 
 #[cgroup_skb(ingress)]
@@ -171,7 +185,7 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     }
 
     // 3. The question: is it a provider name?
-    let (n, mut pos) = read_name(s, len, 12)?;
+    let (n, mut pos) = read_name(len, 12).map_err(Stop::Unparsed)?;
     if pos + 4 > len {
         return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
     }
@@ -201,72 +215,30 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     }
     let qhash = acc;
 
-    // 4. Answers.
-    let mut chain = [qhash, 0u64, 0u64, 0u64];
-    let mut chain_len = 1usize;
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let mut a = 0;
-    while a < DNS_MAX_ANSWERS {
-        if a >= ancount {
-            break;
-        }
-        let (n, p) = read_name(s, len, pos)?;
-        let owner = hash_labels(s, n, seed);
-        if p + 10 > len {
-            return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
-        }
-        let rtype = u16_at(s, p);
-        let rclass = u16_at(s, p + 2);
-        let ttl = u32_at(s, p + 4);
-        let rdlen = u16_at(s, p + 8) as usize;
-        let rdata = p + 10;
-        if rdata + rdlen > len {
-            return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
-        }
-        pos = rdata + rdlen;
-        a += 1;
-        if rclass != CLASS_IN {
-            continue;
-        }
-        let in_chain = owner == chain[0]
-            || (chain_len > 1 && owner == chain[1])
-            || (chain_len > 2 && owner == chain[2])
-            || (chain_len > 3 && owner == chain[3]);
-        if rtype == TYPE_CNAME {
-            if !in_chain {
-                continue;
-            }
-            let (tn, _) = read_name(s, len, rdata)?;
-            let target = hash_labels(s, tn, seed);
-            if chain_len >= MAX_CHAIN {
-                return Err(Stop::Unparsed(dns_unparsed::CHAIN));
-            }
-            chain[chain_len & (MAX_CHAIN - 1)] = target;
-            chain_len += 1;
-            continue;
-        }
-        if rtype != TYPE_A && rtype != TYPE_AAAA {
-            continue;
-        }
-        if !in_chain {
-            count(counter::DNS_OFF_CHAIN);
-            continue;
-        }
-        let ttl_s = if ttl < ttl_min { ttl_min } else if ttl > ttl_max { ttl_max } else { ttl };
-        let expires = now + ttl_s as u64 * 1_000_000_000;
-        if rtype == TYPE_A && rdlen == 4 {
-            let addr = [byte(s, rdata), byte(s, rdata + 1), byte(s, rdata + 2), byte(s, rdata + 3)];
-            learn_v4(&addr, matched, expires, now);
-        } else if rtype == TYPE_AAAA && rdlen == 16 {
-            let mut addr = [0u8; 16];
-            let mut j = 0;
-            while j < 16 {
-                addr[j] = byte(s, rdata + j);
-                j += 1;
-            }
-            learn_v6(&addr, matched, expires, now);
-        }
+    // 4. Answers, one record per bpf_loop step (the verifier checks the
+    // step once instead of once per record).
+    s.ans = AnswerCtx {
+        pos: pos as u64,
+        len: len as u64,
+        ancount: ancount as u64,
+        seed,
+        matched,
+        chain: [qhash, 0, 0, 0],
+        chain_len: 1,
+        // SAFETY: helper without arguments.
+        now: unsafe { bpf_ktime_get_ns() },
+        ttl_min: ttl_min as u64,
+        ttl_max: ttl_max as u64,
+        err: 0,
+    };
+    // SAFETY: `answer_step` is a bpf_loop callback; it finds its state in
+    // the scratch.
+    unsafe {
+        bpf_loop(DNS_MAX_ANSWERS as u32, answer_step as *mut c_void, core::ptr::null_mut(), 0);
+    }
+    let s = scratch().ok_or(Stop::Ignore)?;
+    if s.ans.err != 0 {
+        return Err(Stop::Unparsed(s.ans.err as u32));
     }
     if ancount > DNS_MAX_ANSWERS {
         return Err(Stop::Unparsed(dns_unparsed::TOO_MANY_ANSWERS));
@@ -295,61 +267,214 @@ fn u32_at(s: &DnsScratch, i: usize) -> u32 {
     (u16_at(s, i) as u32) << 16 | u16_at(s, i + 2) as u32
 }
 
-/// Reads the name at `start` into `s.labels`: (label count, offset after
-/// the name where it starts). Labels are hashed with `label_step`.
+/// State of one answer-section walk (`answer_step`).
+#[repr(C)]
+struct AnswerCtx {
+    pos: u64,
+    len: u64,
+    ancount: u64,
+    seed: u64,
+    /// The `NAMES` key the question matched: what addresses are learned for.
+    matched: u64,
+    /// Full-name hashes of the question name and the CNAME targets so far.
+    chain: [u64; MAX_CHAIN],
+    chain_len: u64,
+    now: u64,
+    ttl_min: u64,
+    ttl_max: u64,
+    /// `dns_unparsed::*`, 0 while all is well.
+    err: u64,
+}
+
+/// bpf_loop callback: reads answer record `index`. Returns 1 to stop.
 #[inline(never)]
-fn read_name(s: &mut DnsScratch, len: usize, start: usize) -> Result<(usize, usize), Stop> {
-    let bad = Stop::Unparsed(dns_unparsed::NAME);
-    let mut pos = start;
-    let mut end = 0usize;
-    let mut hops = 0usize;
-    let mut n = 0usize;
-    let mut steps = 0;
-    while steps < DNS_MAX_LABELS + DNS_MAX_HOPS + 1 {
-        steps += 1;
-        if pos >= len {
-            return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
-        }
-        let l = byte(s, pos) as usize;
-        if l == 0 {
-            if end == 0 {
-                end = pos + 1;
+extern "C" fn answer_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else { return 1 };
+    if index >= s.ans.ancount {
+        return 1;
+    }
+    let (len, pos) = (s.ans.len as usize, s.ans.pos as usize);
+    let (n, p) = match read_name(len, pos) {
+        Ok(v) => v,
+        Err(why) => {
+            if let Some(s) = scratch() {
+                s.ans.err = why as u64;
             }
-            return Ok((n, end));
+            return 1;
         }
-        if l & 0xc0 == 0xc0 {
-            if pos + 1 >= len {
-                return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
-            }
-            let target = (l & 0x3f) << 8 | byte(s, pos + 1) as usize;
-            // Backwards only: a pointer can never loop.
-            if target >= pos || hops >= DNS_MAX_HOPS {
-                return Err(bad);
-            }
-            if end == 0 {
-                end = pos + 2;
-            }
-            hops += 1;
-            pos = target;
-            continue;
+    };
+    let Some(s) = scratch() else { return 1 };
+    let c = &mut s.ans;
+    let owner = hash_labels(&s.labels, n, c.seed);
+    if p + 10 > len {
+        c.err = dns_unparsed::TRUNCATED as u64;
+        return 1;
+    }
+    let rtype = u16_at(s, p);
+    let rclass = u16_at(s, p + 2);
+    let ttl = u32_at(s, p + 4) as u64;
+    let rdlen = u16_at(s, p + 8) as usize;
+    let rdata = p + 10;
+    if rdata + rdlen > len {
+        c.err = dns_unparsed::TRUNCATED as u64;
+        return 1;
+    }
+    c.pos = (rdata + rdlen) as u64;
+    if rclass != CLASS_IN {
+        return 0;
+    }
+    let cl = c.chain_len;
+    let in_chain = owner == c.chain[0]
+        || (cl > 1 && owner == c.chain[1])
+        || (cl > 2 && owner == c.chain[2])
+        || (cl > 3 && owner == c.chain[3]);
+    if rtype == TYPE_CNAME {
+        if !in_chain {
+            return 0;
         }
-        if l & 0xc0 != 0 || n >= DNS_MAX_LABELS || pos + 1 + l > len {
-            return Err(bad);
+        let tn = match read_name(len, rdata) {
+            Ok((tn, _)) => tn,
+            Err(why) => {
+                c.err = why as u64;
+                return 1;
+            }
+        };
+        let target = hash_labels(s, tn, c.seed);
+        if cl >= MAX_CHAIN as u64 {
+            c.err = dns_unparsed::CHAIN as u64;
+            return 1;
         }
-        let mut h = LABEL_INIT;
+        c.chain[(cl as usize) & (MAX_CHAIN - 1)] = target;
+        c.chain_len = cl + 1;
+        return 0;
+    }
+    if rtype != TYPE_A && rtype != TYPE_AAAA {
+        return 0;
+    }
+    if !in_chain {
+        count(counter::DNS_OFF_CHAIN);
+        return 0;
+    }
+    let ttl_s = if ttl < c.ttl_min { c.ttl_min } else if ttl > c.ttl_max { c.ttl_max } else { ttl };
+    let expires = c.now + ttl_s * 1_000_000_000;
+    if rtype == TYPE_A && rdlen == 4 {
+        let addr = [byte(s, rdata), byte(s, rdata + 1), byte(s, rdata + 2), byte(s, rdata + 3)];
+        learn_v4(&addr, c.matched, expires, c.now);
+    } else if rtype == TYPE_AAAA && rdlen == 16 {
+        let mut addr = [0u8; 16];
         let mut j = 0;
-        while j < 63 {
-            if j >= l {
-                break;
-            }
-            h = label_step(h, byte(s, pos + 1 + j));
+        while j < 16 {
+            addr[j] = byte(s, rdata + j);
             j += 1;
         }
-        s.labels[n & LMASK] = h;
-        n += 1;
-        pos += 1 + l;
+        learn_v6(&addr, c.matched, expires, c.now);
     }
-    Err(bad)
+    0
+}
+
+/// State of one name walk (`name_step`).
+#[repr(C)]
+struct NameCtx {
+    pos: u64,
+    len: u64,
+    /// Offset after the name where it starts (0: not known yet).
+    end: u64,
+    hops: u64,
+    /// Labels read (their hashes are in the scratch's `labels`).
+    n: u64,
+    /// Bytes of the current label still to hash, and its hash so far.
+    remaining: u64,
+    h: u64,
+    /// 1 once the root label was reached.
+    done: u64,
+    /// `dns_unparsed::*`, 0 while all is well.
+    err: u64,
+}
+
+/// Reads the name at `start` into the scratch's `labels`: (label count,
+/// offset after the name where it starts). One byte or pointer per
+/// bpf_loop step (a step with an inner loop over a label made the verifier
+/// walk 63 iterations per call site).
+#[inline(always)]
+fn read_name(len: usize, start: usize) -> Result<(usize, usize), u32> {
+    let mut c = NameCtx { pos: start as u64, len: len as u64, end: 0, hops: 0, n: 0, remaining: 0, h: 0, done: 0, err: 0 };
+    // SAFETY: `name_step` is a bpf_loop callback taking `*mut NameCtx`, and
+    // `c` outlives the call.
+    unsafe {
+        bpf_loop(NAME_STEPS, name_step as *mut c_void, &mut c as *mut NameCtx as *mut c_void, 0);
+    }
+    if c.err != 0 {
+        return Err(c.err as u32);
+    }
+    if c.done == 0 {
+        return Err(dns_unparsed::NAME);
+    }
+    Ok((c.n as usize, c.end as usize))
+}
+
+/// Steps of a name walk: 255 bytes of wire name, the pointers, the root.
+const NAME_STEPS: u32 = (255 + DNS_MAX_HOPS + 2) as u32;
+
+/// bpf_loop callback: one byte of a label, one length byte or one pointer.
+#[inline(never)]
+extern "C" fn name_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the `NameCtx` given by `read_name`.
+    let c = unsafe { &mut *(ctx as *mut NameCtx) };
+    let Some(s) = DNS_SCRATCH.get_ptr_mut(0) else {
+        c.err = dns_unparsed::NAME as u64;
+        return 1;
+    };
+    // SAFETY: per-CPU scratch of this CPU.
+    let s = unsafe { &mut *s };
+    let (pos, len) = (c.pos as usize, c.len as usize);
+    if pos >= len {
+        c.err = dns_unparsed::TRUNCATED as u64;
+        return 1;
+    }
+    if c.remaining > 0 {
+        c.h = label_step(c.h, byte(s, pos));
+        c.pos = (pos + 1) as u64;
+        c.remaining -= 1;
+        if c.remaining == 0 {
+            s.labels[(c.n as usize) & LMASK] = c.h;
+            c.n += 1;
+        }
+        return 0;
+    }
+    let l = byte(s, pos) as usize;
+    if l == 0 {
+        if c.end == 0 {
+            c.end = (pos + 1) as u64;
+        }
+        c.done = 1;
+        return 1;
+    }
+    if l & 0xc0 == 0xc0 {
+        if pos + 1 >= len {
+            c.err = dns_unparsed::TRUNCATED as u64;
+            return 1;
+        }
+        let target = (l & 0x3f) << 8 | byte(s, pos + 1) as usize;
+        // Backwards only: a pointer can never loop.
+        if target >= pos || c.hops >= DNS_MAX_HOPS as u64 {
+            c.err = dns_unparsed::NAME as u64;
+            return 1;
+        }
+        if c.end == 0 {
+            c.end = (pos + 2) as u64;
+        }
+        c.hops += 1;
+        c.pos = target as u64;
+        return 0;
+    }
+    if l & 0xc0 != 0 || c.n >= DNS_MAX_LABELS as u64 || pos + 1 + l > len {
+        c.err = dns_unparsed::NAME as u64;
+        return 1;
+    }
+    c.h = LABEL_INIT;
+    c.remaining = l as u64;
+    c.pos = (pos + 1) as u64;
+    0
 }
 
 /// The full-name hash of the `n` labels in `s.labels`.

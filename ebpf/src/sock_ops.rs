@@ -12,7 +12,9 @@
 //!   event, then the entry is removed.
 //! Byte counts are the socket's `bytes_acked` (payload sent and
 //! acknowledged) and `bytes_received` (payload received): TCP payload, so
-//! TLS framing is included, IP/TCP headers are not.
+//! TLS framing is included, IP/TCP headers are not. The kernel counts the
+//! SYN and FIN sequence numbers too: the SYN is subtracted (its count is
+//! taken at the handshake), a FIN adds 1 in its direction (documented).
 //! The program never affects the connection: it always returns 1.
 
 use aya_ebpf::{
@@ -59,6 +61,7 @@ fn account(ctx: &SockOpsContext) {
             ACTIVE_ESTABLISHED_CB => {
                 (*entry).data.established_ns = now;
                 (*entry).data.reported_ns = now;
+                (*entry).data.base_sent = (*ctx.ops).bytes_acked.min(1) as u8;
             }
             RTT_CB => {
                 if now.wrapping_sub((*entry).data.reported_ns) >= CONN_UPDATE_NS {
@@ -83,7 +86,8 @@ fn account(ctx: &SockOpsContext) {
 #[inline(always)]
 unsafe fn read_bytes(ctx: &SockOpsContext, entry: *mut ConnEvent) {
     unsafe {
-        (*entry).data.bytes_sent = (*ctx.ops).bytes_acked;
+        let base = u64::from((*entry).data.base_sent);
+        (*entry).data.bytes_sent = (*ctx.ops).bytes_acked.saturating_sub(base);
         (*entry).data.bytes_received = (*ctx.ops).bytes_received;
     }
 }
