@@ -321,6 +321,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 if let Ok(c) = maps.counters() {
                     metrics.sync_kernel(&c);
                 }
+                metrics.sync_verdicts(&maps.verdict_counts(), |k| {
+                    let (w, p) = events::names_of(&names, k.generation, k.workload_id, k.provider_id);
+                    [w, p.unwrap_or_else(|| "none".into()), events::verdict_name(k.verdict).to_string()]
+                });
                 health.events_alive.store(events_alive.load(Ordering::SeqCst), Ordering::SeqCst);
                 let now = args.config.as_deref().and_then(content_hash);
                 if now.is_some() && now != file_hash {

@@ -208,8 +208,8 @@ fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
 }
 
 /// Workload and provider names of ids decided under `generation`.
-fn names_of(ctx: &Context, generation: u64, workload_id: u32, provider_id: u32) -> (String, Option<String>) {
-    let table = ctx.names.table(generation);
+pub fn names_of(names: &Names, generation: u64, workload_id: u32, provider_id: u32) -> (String, Option<String>) {
+    let table = names.table(generation);
     let name = |list: fn(&NameTable) -> &Vec<String>, id: u32| {
         table.as_ref().and_then(|t| list(t).get(id as usize - 1).cloned()).unwrap_or_else(|| format!("#{id}"))
     };
@@ -220,7 +220,7 @@ fn names_of(ctx: &Context, generation: u64, workload_id: u32, provider_id: u32) 
 
 pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     let (h, d) = (&ev.header, &ev.data);
-    let (workload, provider) = names_of(ctx, d.generation, d.workload_id, d.provider_id);
+    let (workload, provider) = names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
     DecisionRecord {
         event: "decision",
         time: rfc3339(wall_time(h.time_ns)),
@@ -243,7 +243,6 @@ fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
         Some(Decoded::Decision(ev)) => {
             let record = to_record(&ev, ctx);
             let provider = record.provider.as_deref().unwrap_or("none");
-            ctx.metrics.connections.with_label_values(&[&record.workload, provider, record.verdict]).inc();
             let d = &ev.data;
             let connect = d.hook == hook::CONNECT4 || d.hook == hook::CONNECT6;
             if record.verdict != "deny" && d.provider_id != NO_PROVIDER && d.proto == proto::TCP && connect {
@@ -253,7 +252,7 @@ fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
         }
         Some(Decoded::Conn(ev)) => {
             let d = &ev.data;
-            let (workload, provider) = names_of(ctx, d.generation, d.workload_id, d.provider_id);
+            let (workload, provider) = names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
             let time = rfc3339(wall_time(if d.closed_ns != 0 { d.closed_ns } else { d.reported_ns }));
             let names = (workload, provider.unwrap_or_else(|| "none".into()));
             if let Some(record) = accounting.stats(&ev, names, attribute(&ev.header, ctx), time) {

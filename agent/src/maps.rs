@@ -14,14 +14,14 @@ use std::{collections::BTreeMap, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::{Key, LpmTrie}},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::{Key, LpmTrie}},
 };
 use llm_egress_common::{
     ActionValue, ActiveSlot, DestValue, MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6,
     MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS, MAP_WORKLOADS,
     LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, NameConfig, NameKey,
     PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, WorkloadKey,
-    WorkloadValue, counter,
+    MAP_VERDICTS, VerdictKey, WorkloadValue, counter,
 };
 
 use crate::plan::{Plan, Prefix};
@@ -70,6 +70,7 @@ pub struct KernelMaps {
     dests_v6: LpmTrie<MapData, PrefixKeyV6, DestValue>,
     provider_act: HashMap<MapData, ProviderKey, ActionValue>,
     counters: PerCpuArray<MapData, u64>,
+    verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
     names: HashMap<MapData, NameKey, DestValue>,
     name_cfg: Array<MapData, NameConfig>,
     /// What the active slot holds, as last written by this agent.
@@ -102,6 +103,7 @@ impl KernelMaps {
             dests_v6: take!(ebpf, MAP_DESTS_V6),
             provider_act: take!(ebpf, MAP_PROVIDER_ACTIONS),
             counters: take!(ebpf, MAP_COUNTERS),
+            verdicts: take!(ebpf, MAP_VERDICTS),
             names: take!(ebpf, MAP_NAMES),
             name_cfg: take!(ebpf, MAP_NAME_CFG),
             applied: None,
@@ -272,6 +274,15 @@ impl KernelMaps {
             *slot = values.iter().sum();
         }
         Ok(out)
+    }
+
+    /// Every decision counter, summed over CPUs.
+    pub fn verdict_counts(&self) -> Vec<(VerdictKey, u64)> {
+        self.verdicts
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| (k, per_cpu.iter().sum()))
+            .collect()
     }
 
     /// Entries of the active slot per map, for the occupancy gauge.

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub process_connections: IntCounterVec,
     pub process_bytes: IntCounterVec,
     pub summaries_missing: IntCounter,
+    /// Last `VERDICTS` values seen, to turn them into increments.
+    verdicts_seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<llm_egress_common::VerdictKey, u64>>>,
     /// Last kernel counter values seen, to turn them into increments.
     kernel_seen: std::sync::Arc<std::sync::Mutex<[u64; counter::LEN as usize]>>,
 }
@@ -70,7 +72,7 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
         let m = Self {
-            connections: counter_vec(&r, "llm_egress_connections_total", "Connections and datagrams reported by the kernel: every deny and audit verdict, and every connection to a provider destination.", &["workload", "provider", "verdict"])?,
+            connections: counter_vec(&r, "llm_egress_connections_total", "Every connect() and unconnected UDP sendmsg() the kernel judged, by workload, provider (none: not a provider) and verdict; counted in the kernel, exact even when events are lost.", &["workload", "provider", "verdict"])?,
             decisions: counter_vec(&r, "llm_egress_decisions_total", "Every verdict the kernel programs reached, including allowed non-provider traffic that produces no event.", &["verdict"])?,
             events_lost: counter(&r, "llm_egress_events_lost_total", "Events the kernel could not queue because the ring buffer was full.")?,
             internal_errors: counter(&r, "llm_egress_internal_errors_total", "Decisions taken by failure_mode because the programs could not read their policy.")?,
@@ -102,6 +104,7 @@ impl Metrics {
             process_bytes: counter_vec(&r, "llm_egress_process_bytes_total", "Provider connection bytes per executable name (bounded like llm_egress_process_connections_total).", &["workload", "process", "direction"])?,
             summaries_missing: counter(&r, "llm_egress_connection_summaries_missing_total", "Tracked connections that ended without a summary event (lost to a full ring buffer).")?,
             registry: r,
+            verdicts_seen: Default::default(),
             kernel_seen: Default::default(),
         };
         for v in ["allow", "deny", "audit"] {
@@ -128,6 +131,20 @@ impl Metrics {
         self.decisions.with_label_values(&["deny"]).inc_by(delta(counter::VERDICT_DENY));
         self.decisions.with_label_values(&["audit"]).inc_by(delta(counter::VERDICT_AUDIT));
         *seen = *now;
+    }
+
+    /// Adds what the kernel's per-decision counters grew by since the last
+    /// call; `labels` names (workload, provider, verdict) of a key.
+    pub fn sync_verdicts(&self, counts: &[(llm_egress_common::VerdictKey, u64)], labels: impl Fn(&llm_egress_common::VerdictKey) -> [String; 3]) {
+        let Ok(mut seen) = self.verdicts_seen.lock() else { return };
+        for (key, now) in counts {
+            let before = seen.insert(*key, *now).unwrap_or(0);
+            let delta = if *now >= before { now - before } else { *now };
+            if delta > 0 {
+                let [w, p, v] = labels(key);
+                self.connections.with_label_values(&[&w, &p, &v]).inc_by(delta);
+            }
+        }
     }
 
     /// The Prometheus text exposition.

@@ -58,7 +58,12 @@ pub const MAP_DNS_SCRATCH: &str = "DNS_SCRATCH";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 19] = [
+/// `PerCpuHashMap<VerdictKey, u64>`: every decision, counted by
+/// generation, workload, provider and verdict (exact, whatever happens to
+/// events).
+pub const MAP_VERDICTS: &str = "VERDICTS";
+
+pub const ALL_MAPS: [&str; 20] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -78,6 +83,7 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_LEARNED_V4,
     MAP_LEARNED_V6,
     MAP_DNS_SCRATCH,
+    MAP_VERDICTS,
 ];
 
 /// Program names: `<job>_<hook>`.
@@ -104,6 +110,7 @@ pub const PROVIDER_ACTIONS_MAX: u32 = 65_536;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 pub const EXECS_MAX: u32 = 16_384;
 pub const CONNS_MAX: u32 = 65_536;
+pub const VERDICTS_MAX: u32 = 65_536;
 /// Bytes of an exec'd path kept (longer paths are cut).
 pub const EXEC_PATH_LEN: usize = 256;
 /// Index 0 is unused ("no policy"), slots are 1 and 2.
@@ -164,7 +171,21 @@ pub mod counter {
     /// Address records in a provider answer whose owner is not in the
     /// question's CNAME chain: ignored.
     pub const DNS_OFF_CHAIN: u32 = 11;
+    /// Decisions not counted in `VERDICTS` because it was full.
+    pub const VERDICTS_FULL: u32 = 12;
     pub const LEN: u32 = 16;
+}
+
+/// Key of `VERDICTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerdictKey {
+    pub generation: u64,
+    pub workload_id: u32,
+    pub provider_id: u32,
+    /// `verdict::*`
+    pub verdict: u8,
+    pub _pad: [u8; 7],
 }
 
 #[repr(C)]
@@ -315,6 +336,7 @@ const _: () = {
     use core::mem::{align_of, size_of};
     assert!(size_of::<ExecInfo>() == 272);
     assert!(size_of::<ActiveSlot>() == 16);
+    assert!(size_of::<VerdictKey>() == 24);
     assert!(size_of::<SlotConfig>() == 16 && align_of::<SlotConfig>() == 8);
     assert!(size_of::<WorkloadKey>() == 16);
     assert!(size_of::<WorkloadValue>() == 8);
@@ -344,6 +366,7 @@ mod pod {
     unsafe impl aya::Pod for DestValue {}
     unsafe impl aya::Pod for ProviderKey {}
     unsafe impl aya::Pod for ExecInfo {}
+    unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for NameKey {}
     unsafe impl aya::Pod for NameConfig {}
     unsafe impl aya::Pod for LearnedName {}

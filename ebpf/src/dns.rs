@@ -164,9 +164,12 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     if len < 12 {
         return Err(Stop::Ignore);
     }
-    // SAFETY: `s.buf` has DNS_BUF bytes and 12 <= len <= DNS_BUF.
+    // Equal to `len` (12..=DNS_BUF), written so that the verifier sees
+    // 1..=DNS_BUF whatever the compiler did with the checks above.
+    let copy = ((len - 1) & MASK) + 1;
+    // SAFETY: `s.buf` has DNS_BUF bytes and 1 <= copy <= DNS_BUF.
     let rc = unsafe {
-        bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, s.buf.as_mut_ptr() as *mut _, len as u32)
+        bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, s.buf.as_mut_ptr() as *mut _, copy as u32)
     };
     if rc != 0 {
         return Err(Stop::Ignore);
@@ -185,7 +188,7 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     }
 
     // 3. The question: is it a provider name?
-    let (n, mut pos) = read_name(len, 12).map_err(Stop::Unparsed)?;
+    let (n, mut pos) = read_name(s, len, 12).map_err(Stop::Unparsed)?;
     if pos + 4 > len {
         return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
     }
@@ -269,6 +272,7 @@ fn u32_at(s: &DnsScratch, i: usize) -> u32 {
 
 /// State of one answer-section walk (`answer_step`).
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct AnswerCtx {
     pos: u64,
     len: u64,
@@ -286,6 +290,15 @@ struct AnswerCtx {
     err: u64,
 }
 
+/// The per-CPU scratch of this CPU.
+#[inline(always)]
+fn scratch() -> Option<&'static mut DnsScratch> {
+    let p = DNS_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch of this CPU; programs are not preempted, and
+    // callers never hold two references across a call that takes another.
+    Some(unsafe { &mut *p })
+}
+
 /// bpf_loop callback: reads answer record `index`. Returns 1 to stop.
 #[inline(never)]
 extern "C" fn answer_step(index: u64, _ctx: *mut c_void) -> i64 {
@@ -293,22 +306,23 @@ extern "C" fn answer_step(index: u64, _ctx: *mut c_void) -> i64 {
     if index >= s.ans.ancount {
         return 1;
     }
-    let (len, pos) = (s.ans.len as usize, s.ans.pos as usize);
-    let (n, p) = match read_name(len, pos) {
-        Ok(v) => v,
+    match answer(s) {
+        Ok(()) => 0,
         Err(why) => {
-            if let Some(s) = scratch() {
-                s.ans.err = why as u64;
-            }
-            return 1;
+            s.ans.err = why as u64;
+            1
         }
-    };
-    let Some(s) = scratch() else { return 1 };
-    let c = &mut s.ans;
-    let owner = hash_labels(&s.labels, n, c.seed);
+    }
+}
+
+/// Reads the answer record at `s.ans.pos` (see the module comment).
+#[inline(always)]
+fn answer(s: &mut DnsScratch) -> Result<(), u32> {
+    let len = s.ans.len as usize;
+    let (n, p) = read_name(s, len, s.ans.pos as usize)?;
+    let owner = hash_labels(&s.labels, n, s.ans.seed);
     if p + 10 > len {
-        c.err = dns_unparsed::TRUNCATED as u64;
-        return 1;
+        return Err(dns_unparsed::TRUNCATED);
     }
     let rtype = u16_at(s, p);
     let rclass = u16_at(s, p + 2);
@@ -316,50 +330,44 @@ extern "C" fn answer_step(index: u64, _ctx: *mut c_void) -> i64 {
     let rdlen = u16_at(s, p + 8) as usize;
     let rdata = p + 10;
     if rdata + rdlen > len {
-        c.err = dns_unparsed::TRUNCATED as u64;
-        return 1;
+        return Err(dns_unparsed::TRUNCATED);
     }
-    c.pos = (rdata + rdlen) as u64;
+    s.ans.pos = (rdata + rdlen) as u64;
     if rclass != CLASS_IN {
-        return 0;
+        return Ok(());
     }
-    let cl = c.chain_len;
-    let in_chain = owner == c.chain[0]
-        || (cl > 1 && owner == c.chain[1])
-        || (cl > 2 && owner == c.chain[2])
-        || (cl > 3 && owner == c.chain[3]);
+    let cl = s.ans.chain_len;
+    let chain = s.ans.chain;
+    let in_chain = owner == chain[0]
+        || (cl > 1 && owner == chain[1])
+        || (cl > 2 && owner == chain[2])
+        || (cl > 3 && owner == chain[3]);
     if rtype == TYPE_CNAME {
         if !in_chain {
-            return 0;
+            return Ok(());
         }
-        let tn = match read_name(len, rdata) {
-            Ok((tn, _)) => tn,
-            Err(why) => {
-                c.err = why as u64;
-                return 1;
-            }
-        };
-        let target = hash_labels(s, tn, c.seed);
+        let (tn, _) = read_name(s, len, rdata)?;
+        let target = hash_labels(&s.labels, tn, s.ans.seed);
         if cl >= MAX_CHAIN as u64 {
-            c.err = dns_unparsed::CHAIN as u64;
-            return 1;
+            return Err(dns_unparsed::CHAIN);
         }
-        c.chain[(cl as usize) & (MAX_CHAIN - 1)] = target;
-        c.chain_len = cl + 1;
-        return 0;
+        s.ans.chain[(cl as usize) & (MAX_CHAIN - 1)] = target;
+        s.ans.chain_len = cl + 1;
+        return Ok(());
     }
     if rtype != TYPE_A && rtype != TYPE_AAAA {
-        return 0;
+        return Ok(());
     }
     if !in_chain {
         count(counter::DNS_OFF_CHAIN);
-        return 0;
+        return Ok(());
     }
-    let ttl_s = if ttl < c.ttl_min { c.ttl_min } else if ttl > c.ttl_max { c.ttl_max } else { ttl };
-    let expires = c.now + ttl_s * 1_000_000_000;
+    let (lo, hi, now, matched) = (s.ans.ttl_min, s.ans.ttl_max, s.ans.now, s.ans.matched);
+    let ttl_s = if ttl < lo { lo } else if ttl > hi { hi } else { ttl };
+    let expires = now + ttl_s * 1_000_000_000;
     if rtype == TYPE_A && rdlen == 4 {
         let addr = [byte(s, rdata), byte(s, rdata + 1), byte(s, rdata + 2), byte(s, rdata + 3)];
-        learn_v4(&addr, c.matched, expires, c.now);
+        learn_v4(&addr, matched, expires, now);
     } else if rtype == TYPE_AAAA && rdlen == 16 {
         let mut addr = [0u8; 16];
         let mut j = 0;
@@ -367,13 +375,14 @@ extern "C" fn answer_step(index: u64, _ctx: *mut c_void) -> i64 {
             addr[j] = byte(s, rdata + j);
             j += 1;
         }
-        learn_v6(&addr, c.matched, expires, c.now);
+        learn_v6(&addr, matched, expires, now);
     }
-    0
+    Ok(())
 }
 
 /// State of one name walk (`name_step`).
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct NameCtx {
     pos: u64,
     len: u64,
@@ -391,18 +400,19 @@ struct NameCtx {
     err: u64,
 }
 
-/// Reads the name at `start` into the scratch's `labels`: (label count,
-/// offset after the name where it starts). One byte or pointer per
-/// bpf_loop step (a step with an inner loop over a label made the verifier
-/// walk 63 iterations per call site).
+/// Reads the name at `start` into `s.labels`: (label count, offset after
+/// the name where it starts). One byte or pointer per bpf_loop step (a
+/// step with an inner loop over a label made the verifier walk 63
+/// iterations per call site).
 #[inline(always)]
-fn read_name(len: usize, start: usize) -> Result<(usize, usize), u32> {
-    let mut c = NameCtx { pos: start as u64, len: len as u64, end: 0, hops: 0, n: 0, remaining: 0, h: 0, done: 0, err: 0 };
-    // SAFETY: `name_step` is a bpf_loop callback taking `*mut NameCtx`, and
-    // `c` outlives the call.
+fn read_name(s: &mut DnsScratch, len: usize, start: usize) -> Result<(usize, usize), u32> {
+    s.name = NameCtx { pos: start as u64, len: len as u64, end: 0, hops: 0, n: 0, remaining: 0, h: 0, done: 0, err: 0 };
+    // SAFETY: `name_step` is a bpf_loop callback; it finds its state in the
+    // scratch.
     unsafe {
-        bpf_loop(NAME_STEPS, name_step as *mut c_void, &mut c as *mut NameCtx as *mut c_void, 0);
+        bpf_loop(NAME_STEPS, name_step as *mut c_void, core::ptr::null_mut(), 0);
     }
+    let c = &s.name;
     if c.err != 0 {
         return Err(c.err as u32);
     }
@@ -417,15 +427,16 @@ const NAME_STEPS: u32 = (255 + DNS_MAX_HOPS + 2) as u32;
 
 /// bpf_loop callback: one byte of a label, one length byte or one pointer.
 #[inline(never)]
-extern "C" fn name_step(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes the `NameCtx` given by `read_name`.
-    let c = unsafe { &mut *(ctx as *mut NameCtx) };
-    let Some(s) = DNS_SCRATCH.get_ptr_mut(0) else {
-        c.err = dns_unparsed::NAME as u64;
-        return 1;
-    };
-    // SAFETY: per-CPU scratch of this CPU.
-    let s = unsafe { &mut *s };
+extern "C" fn name_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else { return 1 };
+    let mut c = s.name;
+    let r = name_byte(s, &mut c);
+    s.name = c;
+    r
+}
+
+#[inline(always)]
+fn name_byte(s: &mut DnsScratch, c: &mut NameCtx) -> i64 {
     let (pos, len) = (c.pos as usize, c.len as usize);
     if pos >= len {
         c.err = dns_unparsed::TRUNCATED as u64;
@@ -479,12 +490,12 @@ extern "C" fn name_step(_index: u64, ctx: *mut c_void) -> i64 {
 
 /// The full-name hash of the `n` labels in `s.labels`.
 #[inline(always)]
-fn hash_labels(s: &DnsScratch, n: usize, seed: u64) -> u64 {
+fn hash_labels(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64) -> u64 {
     let mut acc = seed;
     let mut i = 0;
     while i < DNS_MAX_LABELS {
         if i < n {
-            acc = fold(acc, s.labels[(n - 1 - i) & LMASK]);
+            acc = fold(acc, labels[(n - 1 - i) & LMASK]);
         }
         i += 1;
     }
@@ -567,8 +578,9 @@ fn send_unparsed(ctx: &SkBuffContext, off: usize, msg_len: usize, why: u32) {
         (*p).data.msg_len = msg_len as u32;
         (*p).data.why = why;
         (*p).data._pad = 0;
+        let copy = ((len.wrapping_sub(1)) & MASK) + 1;
         if len == 0
-            || bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, (*p).data.data.as_mut_ptr() as *mut _, len as u32) != 0
+            || bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, (*p).data.data.as_mut_ptr() as *mut _, copy as u32) != 0
         {
             (*p).data.len = 0;
         }

@@ -1,6 +1,11 @@
-//! Tracepoint sched/sched_process_exec: remembers what each process under
-//! the attach cgroup executed, so that a connection of a process that exits
-//! at once (a denied `curl`) is still attributed to its executable.
+//! Tracepoint sched/sched_process_exec: remembers what each process
+//! executed, so that a connection of a process that exits at once (a denied
+//! `curl`) is still attributed to its executable.
+//!
+//! Every exec on the host is recorded, not only those under the attach
+//! cgroup: a process may exec first and be moved into its cgroup afterwards
+//! (cgexec-style launchers), and `EXECS` is an LRU map, so the cost is one
+//! bounded string copy per exec and a fixed amount of memory.
 //!
 //! Format (/sys/kernel/tracing/events/sched/sched_process_exec/format):
 //! offset 8: `__data_loc char[] filename` (low 16 bits: offset of the string
@@ -13,14 +18,11 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
-        generated::bpf_get_current_ancestor_cgroup_id,
     },
     macros::tracepoint,
     programs::TracePointContext,
 };
-use llm_egress_common::MAX_CGROUP_DEPTH;
-
-use crate::maps::{ACTIVE, EXEC_SCRATCH, EXECS};
+use crate::maps::{EXEC_SCRATCH, EXECS};
 
 const FILENAME_LOC_OFFSET: usize = 8;
 
@@ -31,10 +33,6 @@ pub fn attribute_exec(ctx: TracePointContext) -> u32 {
 }
 
 fn try_attribute_exec(ctx: &TracePointContext) -> Result<(), i64> {
-    let target = ACTIVE.get(0).ok_or(1)?.attach_cgroup_id;
-    if target == 0 || !under(target) {
-        return Ok(());
-    }
     // SAFETY: the record starts with the fixed fields listed above.
     let loc: u32 = unsafe { ctx.read_at(FILENAME_LOC_OFFSET) }.map_err(i64::from)?;
     let offset = (loc & 0xffff) as usize;
@@ -50,22 +48,4 @@ fn try_attribute_exec(ctx: &TracePointContext) -> Result<(), i64> {
         EXECS.insert(&tgid, &*info, 0).map_err(i64::from)?;
     }
     Ok(())
-}
-
-/// Whether the current task is in `target` or below it.
-#[inline(always)]
-fn under(target: u64) -> bool {
-    let mut level: u32 = 0;
-    while level <= MAX_CGROUP_DEPTH {
-        // SAFETY: helper call without pointer arguments.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if id == 0 {
-            return false;
-        }
-        if id == target {
-            return true;
-        }
-        level += 1;
-    }
-    false
 }

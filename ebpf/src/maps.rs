@@ -5,10 +5,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use llm_egress_common::{
-    LEARNED_MAX, Learned, NAMES_MAX, NameConfig, NameKey,
+    LEARNED_MAX, Learned, NAMES_MAX, NameConfig, NameKey, VERDICTS_MAX, VerdictKey,
     CONNS_MAX, ConnEvent, EXECS_MAX, ExecInfo, ActionValue, ActiveSlot, DestValue, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig,
     WorkloadKey, WorkloadValue, DESTS_MAX, EVENTS_BYTES, PROVIDER_ACTIONS_MAX, RULES_MAX,
     SLOT_COUNT, WORKLOADS_MAX, counter,
@@ -71,6 +71,28 @@ pub static LEARNED_V6: LruHashMap<[u8; 16], Learned> = LruHashMap::pinned(LEARNE
 
 #[map]
 pub static DNS_SCRATCH: PerCpuArray<crate::dns::DnsScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(VERDICTS_MAX, 0);
+
+/// Counts one decision in `VERDICTS`.
+#[inline(always)]
+pub fn count_verdict(key: &VerdictKey) {
+    if let Some(p) = VERDICTS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU value; no concurrent writer.
+        unsafe { *p += 1 };
+        return;
+    }
+    // BPF_NOEXIST: another CPU may have created the key meanwhile; then
+    // this CPU's (zeroed) slot exists and the lookup below finds it.
+    if VERDICTS.insert(key, &1, 1).is_err() {
+        match VERDICTS.get_ptr_mut(key) {
+            // SAFETY: as above.
+            Some(p) => unsafe { *p += 1 },
+            None => count(counter::VERDICTS_FULL),
+        }
+    }
+}
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

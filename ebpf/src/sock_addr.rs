@@ -30,13 +30,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use llm_egress_common::{
-    ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_CGROUP_DEPTH, MAX_PORTS, NO_PROVIDER,
+    VerdictKey, ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_CGROUP_DEPTH, MAX_PORTS, NO_PROVIDER,
     NO_WORKLOAD, PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SLOT_COUNT,
     WorkloadKey, action, counter, failure_mode, family, hook, kind, mode, proto, reason, verdict,
 };
 
 use crate::maps::{
-    ACTIVE, CONN_SCRATCH, CONNS, DESTS_V4, DESTS_V6, EVENTS, PROVIDER_ACT, RULES_V4, RULES_V6, SLOTS, WORKLOADS, count,
+    count_verdict, ACTIVE, CONN_SCRATCH, CONNS, DESTS_V4, DESTS_V6, EVENTS, PROVIDER_ACT, RULES_V4, RULES_V6, SLOTS, WORKLOADS, count,
 };
 
 const ALLOW: i32 = 1;
@@ -216,6 +216,13 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
         verdict::ALLOW => counter::VERDICT_ALLOW,
         verdict::AUDIT => counter::VERDICT_AUDIT,
         _ => counter::VERDICT_DENY,
+    });
+    count_verdict(&VerdictKey {
+        generation: decision.generation,
+        workload_id: decision.workload_id,
+        provider_id: decision.provider_id,
+        verdict: v,
+        _pad: [0; 7],
     });
     if v != verdict::ALLOW || decision.provider_id != NO_PROVIDER {
         report(ctx, dest, hook, v, &decision);

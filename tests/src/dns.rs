@@ -87,7 +87,7 @@ impl DnsServer {
             match server.wait_ready(records[0]) {
                 Ok(()) => return server,
                 // Dropping `server` stops it and removes its dir.
-                Err(why) => failures.push(format!("{why}\n{}", server.log())),
+                Err(why) => failures.push(format!("{why}\n{}", server.log_tail())),
             }
         }
         panic!(
@@ -101,9 +101,14 @@ impl DnsServer {
         self.addr
     }
 
-    /// What dnsmasq logged so far (the queries it answered included).
+    /// What dnsmasq logged so far, one line per query and per answer.
     pub fn log(&self) -> String {
-        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 4000).to_string()
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of [`DnsServer::log`], for panic messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log(), 3000).to_string()
     }
 
     fn wait_ready(&mut self, (name, want): (&str, Ipv4Addr)) -> Result<(), String> {

@@ -132,8 +132,9 @@ allow = ["test-llm"]
         agent.metrics().lines().filter(|l| l.contains("bytes_total")).collect::<Vec<_>>().join("\n"),
         agent.context()
     );
-    let opened = agent.metric_value("llm_egress_connections_total", &[("workload", "bot"), ("provider", "test-llm"), ("verdict", "allow")]);
-    assert_eq!(opened, Some(N as f64), "one allowed connection per curl");
+    let allowed = [("workload", "bot"), ("provider", "test-llm"), ("verdict", "allow")];
+    let opened = agent.wait_for_metric("llm_egress_connections_total", &allowed, N as f64, Duration::from_secs(5));
+    assert_eq!(opened, Some(N as f64), "one allowed connection per curl (kernel counters are synced every second)");
     assert_eq!(agent.metric_value("llm_egress_active_connections", &[("workload", "bot")]), Some(0.0), "all closed");
     assert_eq!(
         agent.metric_value("llm_egress_process_connections_total", &[("workload", "bot"), ("process", "curl")]),

@@ -129,6 +129,51 @@ fn check_rejects_an_unknown_key_naming_line_and_key() {
 }
 
 #[test]
+fn check_rejects_an_unknown_key_in_a_workload() {
+    // A misspelt key in a table must not be ignored: `alow` would silently
+    // allow nothing.
+    let policy = "[[workloads]]\nname = \"w\"\ncgroup = \"w\"\nalow = [\"openai\"]\n";
+    let (out, text) = check(policy);
+    assert!(
+        !out.status.success(),
+        "`llm-egress check` must fail on the unknown key `alow` of a workload:\n{text}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        has_line_col(&stderr, 4) && stderr.contains("alow"),
+        "stderr should name the unknown key `alow` at line 4 (4:…):\n{text}"
+    );
+}
+
+/// The first ```toml block of `markdown`.
+fn first_toml_block(markdown: &str) -> Option<String> {
+    let start = markdown.find("```toml\n")? + "```toml\n".len();
+    let len = markdown[start..].find("\n```")?;
+    Some(markdown[start..start + len + 1].to_string())
+}
+
+#[test]
+fn check_accepts_the_readme_example_policy() {
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let text = std::fs::read_to_string(readme)
+        .unwrap_or_else(|e| panic!("cannot read {readme}: {e}"));
+    let policy = first_toml_block(&text)
+        .unwrap_or_else(|| panic!("{readme} has no ```toml block (the example policy)"));
+    let (out, report) = check(&policy);
+    assert!(
+        out.status.success(),
+        "the README's example policy must pass `llm-egress check`:\n{policy}\n{report}"
+    );
+}
+
+#[test]
+fn toml_block_extraction() {
+    let md = "intro\n```sh\nls\n```\n```toml\na = 1\nb = 2\n```\n```toml\nc = 3\n```\n";
+    assert_eq!(first_toml_block(md).as_deref(), Some("a = 1\nb = 2\n"));
+    assert_eq!(first_toml_block("no code"), None);
+}
+
+#[test]
 fn line_col_matcher() {
     assert!(has_line_col("policy.toml:5:9: defaults.other", 5));
     assert!(!has_line_col("policy.toml:5: defaults.other", 5));

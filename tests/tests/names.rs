@@ -386,15 +386,37 @@ fn addr_of_name(name: &str) -> Option<Ipv4Addr> {
     Some(nth(second.parse().ok()?, i.parse().ok()?))
 }
 
+/// The kernel's counters (summed over CPUs) from the agent's pinned maps.
+fn kernel_counters(agent: &Agent) -> Vec<u64> {
+    let Some(dir) = std::fs::read_dir(agent.pin_path()).ok().and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.join("maps/COUNTERS").exists())) else {
+        return Vec::new();
+    };
+    let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(dir.join("maps/COUNTERS")).output();
+    let Ok(out) = out else { return Vec::new() };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["values"].as_array().map(|vs| vs.iter().map(|x| x["value"].as_u64().unwrap_or(0)).sum()).unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[track_caller]
 fn check(agent: &Agent, trials: &[Trial], want: Result<(), i32>, what: &str) {
     let wrong: Vec<&Trial> = trials.iter().filter(|t| t.result != want).collect();
     if !wrong.is_empty() {
+        if let Ok(secs) = std::env::var("NAMES_DEBUG_PAUSE") {
+            eprintln!("pausing {secs}s: pin path {}", agent.pin_path().display());
+            std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(30)));
+        }
         panic!(
-            "{what}: {} of {} trials got the wrong verdict (want {want:?}); first: {:?}\n{}",
+            "{what}: {} of {} trials got the wrong verdict (want {want:?}); first: {:?}\nkernel counters: {:?}\n{}",
             wrong.len(),
             trials.len(),
             &wrong[..wrong.len().min(5)],
+            kernel_counters(agent),
             agent.context()
         );
     }

@@ -95,7 +95,9 @@ pub fn test(ws: &Workspace, opts: &Options) -> Result<()> {
     if let Some(bin) = &built {
         let obj = ebpf::object_path(&ws.root);
         let mut c = agent::cargo(ws, &obj);
-        c.arg("test");
+        // --no-fail-fast: every test binary runs, so one failure does not
+        // hide the results of the others.
+        c.args(["test", "--no-fail-fast"]);
         for p in UNIT_PACKAGES {
             c.args(["-p", p]);
         }
@@ -110,6 +112,7 @@ pub fn test(ws: &Workspace, opts: &Options) -> Result<()> {
             let mut c = agent::cargo(ws, &obj);
             c.args([
                 "test",
+                "--no-fail-fast",
                 "-p",
                 agent::TESTS_PACKAGE,
                 "--",
