@@ -245,6 +245,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     record_occupancy(&maps, &metrics);
     metrics.policy_generation.set(state.generation as i64);
 
+    // Exec tracking first: a process that execs once we are ready must be
+    // attributable even if it exits at once.
+    let execs = match loader.attach_exec_tracking() {
+        Ok(()) => loader.ebpf.take_map(MAP_EXECS).and_then(|m| m.try_into().ok()).map(Arc::new),
+        Err(e) => {
+            warn!(error = %e, "exec tracking unavailable: processes that exit before their event is read get an empty exe");
+            None
+        }
+    };
     let outcome = loader.attach(&attach, state.policy.failure_mode, adopt)?;
     health.attached.store(true, Ordering::SeqCst);
     health.events_alive.store(true, Ordering::SeqCst);
@@ -253,13 +262,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         AttachOutcome::Attached => info!(generation = state.generation, "programs attached"),
     }
 
-    let execs = match loader.attach_exec_tracking() {
-        Ok(()) => loader.ebpf.take_map(MAP_EXECS).and_then(|m| m.try_into().ok()).map(Arc::new),
-        Err(e) => {
-            warn!(error = %e, "exec tracking unavailable: processes that exit before their event is read get an empty exe");
-            None
-        }
-    };
     let ctx = Context { execs, names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone() };
     let events_alive = Arc::new(AtomicBool::new(true));
     let conns = loader.ebpf.take_map(MAP_CONNS).and_then(|m| m.try_into().ok());

@@ -203,7 +203,7 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     while i < DNS_MAX_LABELS {
         if i < n {
             let k = n - 1 - i;
-            acc = fold(acc, s.labels[k & LMASK]);
+            acc = fold(acc, label_at(&s.labels, k));
             let key = if k == 0 { acc } else { wildcard(acc) };
             // SAFETY: value copied out at once (presence only).
             if unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: key }) }.is_some() {
@@ -220,28 +220,31 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
 
     // 4. Answers, one record per bpf_loop step (the verifier checks the
     // step once instead of once per record).
-    s.ans = AnswerCtx {
-        pos: pos as u64,
-        len: len as u64,
-        ancount: ancount as u64,
-        seed,
-        matched,
-        chain: [qhash, 0, 0, 0],
-        chain_len: 1,
-        // SAFETY: helper without arguments.
-        now: unsafe { bpf_ktime_get_ns() },
-        ttl_min: ttl_min as u64,
-        ttl_max: ttl_max as u64,
-        err: 0,
-    };
+    // Volatile: see `read_name`.
+    // SAFETY: valid, aligned fields of the scratch; helper without arguments.
+    unsafe {
+        let c = &mut s.ans;
+        core::ptr::write_volatile(&mut c.pos, pos as u64);
+        core::ptr::write_volatile(&mut c.len, len as u64);
+        core::ptr::write_volatile(&mut c.ancount, ancount as u64);
+        core::ptr::write_volatile(&mut c.seed, seed);
+        core::ptr::write_volatile(&mut c.matched, matched);
+        core::ptr::write_volatile(&mut c.chain[0], qhash);
+        core::ptr::write_volatile(&mut c.chain_len, 1);
+        core::ptr::write_volatile(&mut c.now, bpf_ktime_get_ns());
+        core::ptr::write_volatile(&mut c.ttl_min, ttl_min as u64);
+        core::ptr::write_volatile(&mut c.ttl_max, ttl_max as u64);
+        core::ptr::write_volatile(&mut c.err, 0);
+    }
     // SAFETY: `answer_step` is a bpf_loop callback; it finds its state in
     // the scratch.
     unsafe {
         bpf_loop(DNS_MAX_ANSWERS as u32, answer_step as *mut c_void, core::ptr::null_mut(), 0);
     }
-    let s = scratch().ok_or(Stop::Ignore)?;
-    if s.ans.err != 0 {
-        return Err(Stop::Unparsed(s.ans.err as u32));
+    // SAFETY: as above.
+    let err = unsafe { core::ptr::read_volatile(&s.ans.err) };
+    if err != 0 {
+        return Err(Stop::Unparsed(err as u32));
     }
     if ancount > DNS_MAX_ANSWERS {
         return Err(Stop::Unparsed(dns_unparsed::TOO_MANY_ANSWERS));
@@ -258,6 +261,11 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
 #[inline(always)]
 fn byte(s: &DnsScratch, i: usize) -> u8 {
     s.buf[i & MASK]
+}
+
+#[inline(always)]
+fn bytes_at(buf: &[u8; DNS_BUF], i: usize) -> u8 {
+    buf[i & MASK]
 }
 
 #[inline(always)]
@@ -406,20 +414,41 @@ struct NameCtx {
 /// iterations per call site).
 #[inline(always)]
 fn read_name(s: &mut DnsScratch, len: usize, start: usize) -> Result<(usize, usize), u32> {
-    s.name = NameCtx { pos: start as u64, len: len as u64, end: 0, hops: 0, n: 0, remaining: 0, h: 0, done: 0, err: 0 };
+    // Volatile: the callback changes the scratch behind this `&mut`, which
+    // the compiler cannot see (bpf_loop gets no pointer to it).
+    // SAFETY: valid, aligned fields of the scratch.
+    unsafe {
+        let c = &mut s.name;
+        core::ptr::write_volatile(&mut c.pos, start as u64);
+        core::ptr::write_volatile(&mut c.len, len as u64);
+        core::ptr::write_volatile(&mut c.end, 0);
+        core::ptr::write_volatile(&mut c.hops, 0);
+        core::ptr::write_volatile(&mut c.n, 0);
+        core::ptr::write_volatile(&mut c.remaining, 0);
+        core::ptr::write_volatile(&mut c.done, 0);
+        core::ptr::write_volatile(&mut c.err, 0);
+    };
     // SAFETY: `name_step` is a bpf_loop callback; it finds its state in the
     // scratch.
     unsafe {
         bpf_loop(NAME_STEPS, name_step as *mut c_void, core::ptr::null_mut(), 0);
     }
-    let c = &s.name;
-    if c.err != 0 {
-        return Err(c.err as u32);
+    // SAFETY: as above.
+    let (err, done, n, end) = unsafe {
+        (
+            core::ptr::read_volatile(&s.name.err),
+            core::ptr::read_volatile(&s.name.done),
+            core::ptr::read_volatile(&s.name.n),
+            core::ptr::read_volatile(&s.name.end),
+        )
+    };
+    if err != 0 {
+        return Err(err as u32);
     }
-    if c.done == 0 {
+    if done == 0 {
         return Err(dns_unparsed::NAME);
     }
-    Ok((c.n as usize, c.end as usize))
+    Ok((n as usize, end as usize))
 }
 
 /// Steps of a name walk: 255 bytes of wire name, the pointers, the root.
@@ -429,30 +458,28 @@ const NAME_STEPS: u32 = (255 + DNS_MAX_HOPS + 2) as u32;
 #[inline(never)]
 extern "C" fn name_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = scratch() else { return 1 };
-    let mut c = s.name;
-    let r = name_byte(s, &mut c);
-    s.name = c;
-    r
+    let DnsScratch { buf, labels, name: c, .. } = s;
+    name_byte(buf, labels, c)
 }
 
 #[inline(always)]
-fn name_byte(s: &mut DnsScratch, c: &mut NameCtx) -> i64 {
+fn name_byte(buf: &[u8; DNS_BUF], labels: &mut [u64; DNS_MAX_LABELS], c: &mut NameCtx) -> i64 {
     let (pos, len) = (c.pos as usize, c.len as usize);
     if pos >= len {
         c.err = dns_unparsed::TRUNCATED as u64;
         return 1;
     }
     if c.remaining > 0 {
-        c.h = label_step(c.h, byte(s, pos));
+        c.h = label_step(c.h, bytes_at(buf, pos));
         c.pos = (pos + 1) as u64;
         c.remaining -= 1;
         if c.remaining == 0 {
-            s.labels[(c.n as usize) & LMASK] = c.h;
+            labels[(c.n as usize) & LMASK] = c.h;
             c.n += 1;
         }
         return 0;
     }
-    let l = byte(s, pos) as usize;
+    let l = bytes_at(buf, pos) as usize;
     if l == 0 {
         if c.end == 0 {
             c.end = (pos + 1) as u64;
@@ -465,7 +492,7 @@ fn name_byte(s: &mut DnsScratch, c: &mut NameCtx) -> i64 {
             c.err = dns_unparsed::TRUNCATED as u64;
             return 1;
         }
-        let target = (l & 0x3f) << 8 | byte(s, pos + 1) as usize;
+        let target = (l & 0x3f) << 8 | bytes_at(buf, pos + 1) as usize;
         // Backwards only: a pointer can never loop.
         if target >= pos || c.hops >= DNS_MAX_HOPS as u64 {
             c.err = dns_unparsed::NAME as u64;
@@ -488,6 +515,14 @@ fn name_byte(s: &mut DnsScratch, c: &mut NameCtx) -> i64 {
     0
 }
 
+/// Label hash `i` as the last name walk left it (volatile: written by the
+/// bpf_loop callback behind the compiler's back).
+#[inline(always)]
+fn label_at(labels: &[u64; DNS_MAX_LABELS], i: usize) -> u64 {
+    // SAFETY: masked index into the array.
+    unsafe { core::ptr::read_volatile(&labels[i & LMASK]) }
+}
+
 /// The full-name hash of the `n` labels in `s.labels`.
 #[inline(always)]
 fn hash_labels(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64) -> u64 {
@@ -495,7 +530,7 @@ fn hash_labels(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64) -> u64 {
     let mut i = 0;
     while i < DNS_MAX_LABELS {
         if i < n {
-            acc = fold(acc, labels[(n - 1 - i) & LMASK]);
+            acc = fold(acc, label_at(labels, n - 1 - i));
         }
         i += 1;
     }
