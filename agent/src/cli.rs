@@ -1,4 +1,4 @@
-//! Command-line interface: `run`, `check`, `providers`.
+//! Command-line interface: `run`, `check`, `providers`, `status`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -37,6 +37,9 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Live view of a running agent (workloads × providers, health), read
+    /// from its /metrics; --once or --json print one frame for scripts.
+    Status(crate::status::StatusArgs),
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]

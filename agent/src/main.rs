@@ -24,6 +24,7 @@ mod metrics;
 mod plan;
 mod policy;
 mod resolver;
+mod status;
 
 use std::process::ExitCode;
 
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Status(args) => status::main(args),
         Command::Run(args) => {
             let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
                 Ok(r) => r,

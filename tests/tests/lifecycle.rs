@@ -541,9 +541,6 @@ fn reload_that_does_not_fit_the_maps_keeps_the_old_policy() {
 }
 
 #[test]
-#[ignore = "agent bug: policy validation is quadratic in the length of one allow/deny list \
-            (policy/validate.rs dedup → push_new, Vec::contains per entry): 70,000 entries \
-            in one workload take ~35 s to validate in a debug build"]
 fn one_workload_with_70000_deny_entries_is_refused_within_10s() {
     require_root();
     let cg = CgroupGuard::new("toobig-one");

@@ -101,7 +101,7 @@ pub enum Selector {
     SystemdUnit(String),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     /// Index into `Policy::providers`.
     Provider(usize),

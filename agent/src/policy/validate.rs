@@ -588,8 +588,9 @@ impl<'a> Checker<'a> {
             });
             let allow = self.targets(&w.allow, &format!("{key}.allow"), merged);
             let deny = self.targets(&w.deny, &format!("{key}.deny"), merged);
+            let allowed: HashSet<&Target> = allow.iter().flatten().collect();
             for (j, target) in deny.iter().enumerate() {
-                if target.is_some() && allow.contains(target) {
+                if target.as_ref().is_some_and(|t| allowed.contains(t)) {
                     let message = "in both `allow` and `deny`";
                     self.error(&w.deny[j], &format!("{key}.deny[{j}]"), message);
                 }
@@ -644,12 +645,11 @@ fn push_new<T: PartialEq>(list: &mut Vec<T>, item: T) {
     }
 }
 
+/// The valid targets, first occurrence kept (linear: lists may hold
+/// tens of thousands of CIDRs).
 fn dedup(targets: Vec<Option<Target>>) -> Vec<Target> {
-    let mut out = Vec::new();
-    for t in targets.into_iter().flatten() {
-        push_new(&mut out, t);
-    }
-    out
+    let mut seen = HashSet::new();
+    targets.into_iter().flatten().filter(|t| seen.insert(t.clone())).collect()
 }
 
 fn taken(what: &str, owner: &str) -> String {
