@@ -163,6 +163,8 @@ impl Accounting {
             duration_seconds: duration as f64 / 1e9,
             bytes_sent: d.bytes_sent,
             bytes_received: d.bytes_received,
+            segments_received: d.data_segs_in,
+            segments_sent: d.data_segs_out,
             generation: d.generation,
         })
     }

@@ -70,6 +70,9 @@ pub struct ConnectionRecord {
     pub duration_seconds: f64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Payload-carrying TCP segments received and sent.
+    pub segments_received: u32,
+    pub segments_sent: u32,
     pub generation: u64,
 }
 
@@ -172,6 +175,8 @@ mod tests {
             duration_seconds: 1.5,
             bytes_sent: 1,
             bytes_received: 2,
+            segments_received: 1,
+            segments_sent: 1,
             generation: 3,
         };
         let doc = include_str!("../../docs/events.md");

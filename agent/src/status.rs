@@ -343,27 +343,27 @@ impl Snapshot {
     pub fn from_samples(samples: &[Sample]) -> Snapshot {
         let mut s = Snapshot::default();
         let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
-        let mut row = |w: &str, p: &str| -> &mut Row {
+        fn entry<'a>(rows: &'a mut BTreeMap<(String, String), Row>, w: &str, p: &str) -> &'a mut Row {
             rows.entry((w.to_string(), p.to_string())).or_insert_with(|| Row { workload: w.to_string(), provider: p.to_string(), ..Row::default() })
-        };
+        }
         let present = |family: &str| samples.iter().any(|x| x.name == family);
         let a = &mut s.agent;
         for x in samples {
             let n = count(x.value);
             let (w, p) = (x.label("workload").unwrap_or("none"), x.label("provider").unwrap_or("none"));
             match x.name.as_str() {
-                "llm_egress_connections_total" => row(w, p).connections.add(x.label("verdict").unwrap_or(""), n),
+                "llm_egress_connections_total" => entry(&mut rows, w, p).connections.add(x.label("verdict").unwrap_or(""), n),
                 "llm_egress_bytes_total" => {
-                    let r = row(w, p);
+                    let r = entry(&mut rows, w, p);
                     match x.label("direction") {
                         Some("sent") => *r.bytes_sent.get_or_insert(0) += n,
                         Some("received") => *r.bytes_received.get_or_insert(0) += n,
                         _ => {}
                     }
                 }
-                "llm_egress_active_connections" => *row(w, p).active_connections.get_or_insert(0) += n,
-                "llm_egress_tokens_total" => *row(w, p).tokens.get_or_insert(0) += n,
-                "llm_egress_rate_limited_total" => *row(w, p).rate_limited.get_or_insert(0) += n,
+                "llm_egress_active_connections" => *entry(&mut rows, w, p).active_connections.get_or_insert(0) += n,
+                "llm_egress_tokens_total" => *entry(&mut rows, w, p).tokens.get_or_insert(0) += n,
+                "llm_egress_rate_limited_total" => *entry(&mut rows, w, p).rate_limited.get_or_insert(0) += n,
                 "llm_egress_decisions_total" => a.decisions.add(x.label("verdict").unwrap_or(""), n),
                 "llm_egress_policy_generation" => a.policy_generation = Some(n),
                 "llm_egress_events_lost_total" => a.events_lost = Some(n),

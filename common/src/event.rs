@@ -107,6 +107,12 @@ pub struct ConnStats {
     /// kernel counts and which is not payload.
     pub base_sent: u8,
     pub _pad: [u8; 4],
+    /// Segments that carried payload, received (`data_segs_in`): a streamed
+    /// response arrives as many small segments, a buffered one as few full
+    /// ones (the token estimator uses the ratio).
+    pub data_segs_in: u32,
+    /// Segments that carried payload, sent (`data_segs_out`).
+    pub data_segs_out: u32,
 }
 
 pub type ConnEvent = Event<ConnStats>;
@@ -120,8 +126,8 @@ const _: () = {
     assert!(size_of::<EventHeader>() == 56 && align_of::<EventHeader>() == 8);
     assert!(size_of::<ConnectDecision>() == 48);
     assert!(size_of::<ConnectEvent>() == 104 && align_of::<ConnectEvent>() == 8);
-    assert!(size_of::<ConnStats>() == 96);
-    assert!(size_of::<ConnEvent>() == 152 && align_of::<ConnEvent>() == 8);
+    assert!(size_of::<ConnStats>() == 104);
+    assert!(size_of::<ConnEvent>() == 160 && align_of::<ConnEvent>() == 8);
 };
 
 /// Bytes of a DNS message carried by a `DNS_UNPARSED` event.

@@ -89,6 +89,8 @@ unsafe fn read_bytes(ctx: &SockOpsContext, entry: *mut ConnEvent) {
         let base = u64::from((*entry).data.base_sent);
         (*entry).data.bytes_sent = (*ctx.ops).bytes_acked.saturating_sub(base);
         (*entry).data.bytes_received = (*ctx.ops).bytes_received;
+        (*entry).data.data_segs_in = (*ctx.ops).data_segs_in;
+        (*entry).data.data_segs_out = (*ctx.ops).data_segs_out;
     }
 }
 

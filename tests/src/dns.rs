@@ -40,7 +40,11 @@ pub struct DnsServer {
 /// has /usr/sbin; a test runner's may not).
 fn dnsmasq_bin() -> PathBuf {
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("dnsmasq")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("dnsmasq"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     on_path
         .into_iter()
@@ -101,6 +105,11 @@ impl DnsServer {
         self.addr
     }
 
+    /// The dnsmasq process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// What dnsmasq logged so far, one line per query and per answer.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
@@ -115,7 +124,11 @@ impl DnsServer {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last: String;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 return Err(format!("dnsmasq exited ({status})"));
             }
             match query_a(self.addr, name, Duration::from_millis(200)) {

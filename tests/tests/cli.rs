@@ -155,8 +155,8 @@ fn first_toml_block(markdown: &str) -> Option<String> {
 #[test]
 fn check_accepts_the_readme_example_policy() {
     let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
-    let text = std::fs::read_to_string(readme)
-        .unwrap_or_else(|e| panic!("cannot read {readme}: {e}"));
+    let text =
+        std::fs::read_to_string(readme).unwrap_or_else(|e| panic!("cannot read {readme}: {e}"));
     let policy = first_toml_block(&text)
         .unwrap_or_else(|| panic!("{readme} has no ```toml block (the example policy)"));
     let (out, report) = check(&policy);

@@ -1,13 +1,17 @@
 //! Self-tests of the harness: guards, servers and the probe, without the
 //! agent. They need root (cgroups, network namespaces, bpffs).
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{net::Ipv4Addr, os::unix::fs::MetadataExt, path::Path, process::Command, time::Duration};
 
 use llm_egress_tests::{
-    CgroupGuard, NetnsGuard, PinDir, Probe, ProbeCmd, TcpServer, UdpServer, agent_bin,
+    CgroupGuard, DnsServer, HttpServer, NetnsGuard, PinDir, Probe, ProbeCmd, TcpServer, UdpServer,
+    agent_bin,
     bpf::{self, ObjKind},
-    probe::describe,
+    dns::query_a,
+    http,
+    probe::{confine, describe},
     require_root,
+    servers::HTTP_BODY,
 };
 
 const WAIT: Duration = Duration::from_secs(2);
@@ -316,4 +320,74 @@ fn agent_binary_is_looked_up_next_to_the_test_deps() {
         probe.parent(),
         "the agent is expected beside egress-probe in target/<profile>/"
     );
+}
+
+#[test]
+fn dns_server_answers_its_names_only_and_stops_on_drop() {
+    require_root();
+    let dns = DnsServer::start(&[("llm.test.example", Ipv4Addr::new(10, 20, 0, 1))]);
+    let answer = query_a(dns.addr(), "llm.test.example", WAIT);
+    assert_eq!(
+        answer,
+        Ok(vec![Ipv4Addr::new(10, 20, 0, 1)]),
+        "dnsmasq on {} should answer its record:\n{}",
+        dns.addr(),
+        dns.log_tail()
+    );
+    let answer = query_a(dns.addr(), "api.openai.com", WAIT);
+    assert_eq!(
+        answer,
+        Ok(vec![]),
+        "any other name gets NXDOMAIN, never an answer from upstream:\n{}",
+        dns.log_tail()
+    );
+    let pid = dns.pid();
+    drop(dns);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "dnsmasq (pid {pid}) still runs after its guard was dropped"
+    );
+}
+
+#[test]
+fn confine_runs_a_program_in_the_cgroup_and_the_netns() {
+    require_root();
+    let cg = CgroupGuard::new("harness-confine");
+    let dir = cg.child("c");
+    let ns = NetnsGuard::new();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "cat /proc/self/cgroup; readlink /proc/self/ns/net"]);
+    confine(&mut cmd, &dir, &ns);
+    let out = cmd.output().expect("run sh in the cgroup and netns");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sh failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected_cgroup = format!("0::/{}/c", cg.name());
+    assert!(
+        stdout.lines().any(|l| l.ends_with(&expected_cgroup)),
+        "the program should run in cgroup ...{expected_cgroup}:\n{stdout}"
+    );
+    let ns_ino = std::fs::metadata(ns.path())
+        .expect("stat the netns file")
+        .ino();
+    assert!(
+        stdout.contains(&format!("net:[{ns_ino}]")),
+        "the program should run in netns {} (net:[{ns_ino}]):\n{stdout}",
+        ns.name()
+    );
+}
+
+#[test]
+fn http_server_answers_200_with_its_body() {
+    require_root();
+    let ns = NetnsGuard::new();
+    let server = HttpServer::start(&ns, "192.0.2.1:8080");
+    let r = ns
+        .in_netns(|| http::get(server.addr(), "/", WAIT))
+        .expect("GET / from the HTTP test server");
+    assert_eq!((r.status, r.body.as_str()), (200, HTTP_BODY));
+    assert_eq!(server.wait_for_count(1, WAIT), 1);
 }

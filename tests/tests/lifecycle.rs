@@ -1,6 +1,7 @@
 //! The agent's lifecycle, end to end: reloads (SIGHUP, a changed file, an
 //! invalid or oversized policy), SIGKILL and restart with adoption of the
-//! pinned programs, a clean stop, `failure_mode`, and refusing to start.
+//! pinned programs and of the events queued meanwhile, a clean stop,
+//! `failure_mode`, and refusing to start.
 //! The verdicts themselves are in enforce.rs.
 //!
 //! Needs root, bpffs, and a built agent (`cargo build -p llm-egress`, or
@@ -16,8 +17,8 @@ use llm_egress_tests::{
     probe::describe,
     require_root,
     scenario::{
-        RELOAD_WAIT, SETTLE, both_allowed_policy, expect_eperm, expect_metric_at_least,
-        expect_ok, expect_server_count, only_192_policy, policy, probe, wait_event,
+        RELOAD_WAIT, SETTLE, both_allowed_policy, expect_eperm, expect_metric_at_least, expect_ok,
+        expect_server_count, only_192_policy, policy, probe, wait_event,
     },
     wait_until,
 };
@@ -307,7 +308,7 @@ fn failure_mode_open_detaches_when_the_agent_is_killed() {
 }
 
 /// Denied connects made while the agent is dead: more than the 1 MiB event
-/// ring buffer holds (one 96-byte event each, ~10,000 fit).
+/// ring buffer holds (one event of ~100 bytes each: ~10,000 fit).
 const OVERFLOW_CONNECTS: u64 = 15_000;
 
 #[test]
@@ -388,7 +389,9 @@ fn ring_buffer_overflow_is_counted() {
         run.pid,
         agent.context()
     );
-    eprintln!("{OVERFLOW_CONNECTS} denies while the agent was dead: {logged} logged after the restart, {lost_now} lost");
+    eprintln!(
+        "{OVERFLOW_CONNECTS} denies while the agent was dead: {logged} logged after the restart, {lost_now} lost"
+    );
     let e = wait_event(&agent, "for a queued deny of the loop", |e| {
         e["tgid"].as_u64() == Some(u64::from(run.pid))
     });

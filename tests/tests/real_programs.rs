@@ -161,7 +161,14 @@ fn curl(cgroup: &Path, netns: &NetnsGuard, url: &str) -> (Output, u32) {
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    for var in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
         cmd.env_remove(var);
     }
     confine(&mut cmd, cgroup, netns);
