@@ -12,11 +12,12 @@
 //!
 //! 1. header: a response (QR) with opcode 0, rcode 0 and one question;
 //! 2. the question name: its label hashes; the exact name and each of its
-//!    suffixes (as a wildcard) are looked up in `NAMES` of the active slot.
-//!    No match: the answer is not about a provider and is left alone;
-//! 3. up to `DNS_MAX_ANSWERS` answer records: a CNAME whose owner is in the
-//!    chain (the question name, then each CNAME target) adds its target to
-//!    the chain; an A/AAAA record whose owner is in the chain is learned:
+//!    suffixes (as a wildcard) are looked up in `NAMES` of the active slot;
+//! 3. up to `DNS_MAX_ANSWERS` answer records, one per `bpf_loop` step: a
+//!    CNAME whose owner is in the chain (the question name, then each CNAME
+//!    target) adds its target to the chain, and if no name matched yet the
+//!    target is looked up like the question; an A/AAAA record whose owner
+//!    is in the chain, once some name of the chain matched, is learned:
 //!    `LEARNED_*[address]` gets the matched `NAMES` key with an expiry of
 //!    now + TTL clamped to `NAME_CFG`'s bounds. Other records are skipped.
 //!
@@ -197,26 +198,7 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
         return Err(Stop::Ignore);
     }
     pos += 4;
-    let mut matched = 0u64;
-    let mut acc = seed;
-    let mut i = 0;
-    while i < DNS_MAX_LABELS {
-        if i < n {
-            let k = n - 1 - i;
-            acc = fold(acc, label_at(&s.labels, k));
-            let key = if k == 0 { acc } else { wildcard(acc) };
-            // SAFETY: value copied out at once (presence only).
-            if unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: key }) }.is_some() {
-                // Later (longer) suffixes are more specific; the exact name last.
-                matched = key;
-            }
-        }
-        i += 1;
-    }
-    if matched == 0 {
-        return Err(Stop::Ignore);
-    }
-    let qhash = acc;
+    let (qhash, matched) = lookup_name(&s.labels, n, seed, slot);
 
     // 4. Answers, one record per bpf_loop step (the verifier checks the
     // step once instead of once per record).
@@ -229,6 +211,7 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
         core::ptr::write_volatile(&mut c.ancount, ancount as u64);
         core::ptr::write_volatile(&mut c.seed, seed);
         core::ptr::write_volatile(&mut c.matched, matched);
+        core::ptr::write_volatile(&mut c.slot, slot as u64);
         core::ptr::write_volatile(&mut c.chain[0], qhash);
         core::ptr::write_volatile(&mut c.chain_len, 1);
         core::ptr::write_volatile(&mut c.now, bpf_ktime_get_ns());
@@ -245,6 +228,10 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     let err = unsafe { core::ptr::read_volatile(&s.ans.err) };
     if err != 0 {
         return Err(Stop::Unparsed(err as u32));
+    }
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(&s.ans.matched) } == 0 {
+        return Err(Stop::Ignore);
     }
     if ancount > DNS_MAX_ANSWERS {
         return Err(Stop::Unparsed(dns_unparsed::TOO_MANY_ANSWERS));
@@ -286,8 +273,10 @@ struct AnswerCtx {
     len: u64,
     ancount: u64,
     seed: u64,
-    /// The `NAMES` key the question matched: what addresses are learned for.
+    /// The `NAMES` key the question (or, failing that, the first CNAME
+    /// target that has one) matched: what addresses are learned for; 0: none.
     matched: u64,
+    slot: u64,
     /// Full-name hashes of the question name and the CNAME targets so far.
     chain: [u64; MAX_CHAIN],
     chain_len: u64,
@@ -355,7 +344,10 @@ fn answer(s: &mut DnsScratch) -> Result<(), u32> {
             return Ok(());
         }
         let (tn, _) = read_name(s, len, rdata)?;
-        let target = hash_labels(&s.labels, tn, s.ans.seed);
+        let (target, m) = lookup_name(&s.labels, tn, s.ans.seed, s.ans.slot as u32);
+        if s.ans.matched == 0 {
+            s.ans.matched = m;
+        }
         if cl >= MAX_CHAIN as u64 {
             return Err(dns_unparsed::CHAIN);
         }
@@ -364,6 +356,10 @@ fn answer(s: &mut DnsScratch) -> Result<(), u32> {
         return Ok(());
     }
     if rtype != TYPE_A && rtype != TYPE_AAAA {
+        return Ok(());
+    }
+    if s.ans.matched == 0 {
+        // No provider name in the chain (yet): nothing to learn.
         return Ok(());
     }
     if !in_chain {
@@ -513,6 +509,30 @@ fn name_byte(buf: &[u8; DNS_BUF], labels: &mut [u64; DNS_MAX_LABELS], c: &mut Na
     c.remaining = l as u64;
     c.pos = (pos + 1) as u64;
     0
+}
+
+/// (full-name hash, matched `NAMES` key or 0) of the `n` labels the last
+/// name walk left: the exact name, else the longest suffix with a wildcard
+/// entry in `slot`.
+#[inline(always)]
+fn lookup_name(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64, slot: u32) -> (u64, u64) {
+    let mut matched = 0u64;
+    let mut acc = seed;
+    let mut i = 0;
+    while i < DNS_MAX_LABELS {
+        if i < n {
+            let k = n - 1 - i;
+            acc = fold(acc, label_at(labels, k));
+            let key = if k == 0 { acc } else { wildcard(acc) };
+            // SAFETY: presence only.
+            if unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: key }) }.is_some() {
+                // Later (longer) suffixes are more specific; the exact name last.
+                matched = key;
+            }
+        }
+        i += 1;
+    }
+    (acc, matched)
 }
 
 /// Label hash `i` as the last name walk left it (volatile: written by the

@@ -466,3 +466,41 @@ fn an_address_is_learned_before_the_answer_can_be_read_10000_trials() {
     check(&agent, &t_allowed, Ok(()), "workload allowing the provider, resolve then connect at once");
     check(&agent, &t_denied, Err(libc::EPERM), "workload denying the provider, resolve then connect at once");
 }
+
+/// `N<i>-<o>.Alias.Example` (mixed case) CNAME `API.race.test` (the exact
+/// provider host in other case) A <fresh address>: the chain is followed
+/// and case does not matter. Names no provider has are not learned.
+#[test]
+fn cname_chains_and_mixed_case_names_are_learned_and_other_names_are_not() {
+    require_root();
+    let cg = CgroupGuard::new("names-cname");
+    let (allowed, denied) = (cg.child("allowed"), cg.child("denied"));
+    let ns = netns();
+    let _dns = DnsServer::start(
+        &ns,
+        300,
+        Box::new(|name: &str| {
+            let Some(a) = addr_of_name(name) else { return vec![] };
+            if name.to_ascii_lowercase().ends_with(".other.example") {
+                return vec![Rr::A(name.to_string(), a)];
+            }
+            vec![Rr::Cname(name.to_string(), "API.Race.TEST".into()), Rr::A("api.RACE.test".into(), a)]
+        }),
+    );
+    let _l = AnyListener::start(&ns);
+    let agent = Agent::start(&policy(&cg, &["api.race.test"]));
+
+    let n = 300;
+    let t = run_client(&allowed, &ns, &trial_names(77, n, "Alias.Example"));
+    check(&agent, &t, Ok(()), "CNAME chain to the exact provider host, allowing workload");
+    let t = run_client(&denied, &ns, &trial_names(78, n, "ALIAS.example"));
+    check(&agent, &t, Err(libc::EPERM), "CNAME chain to the exact provider host, denying workload");
+    // Fresh addresses (second octet 77/78 again, but other indexes) for a
+    // name that is no provider's: judged as other traffic.
+    let names: Vec<String> = (n..2 * n).map(|i| format!("n{i}-77.other.example")).collect();
+    let t = run_client(&allowed, &ns, &names);
+    check(&agent, &t, Err(libc::EPERM), "a non-provider name, workload whose other traffic is denied");
+    let names: Vec<String> = (n..2 * n).map(|i| format!("n{i}-78.other.example")).collect();
+    let t = run_client(&denied, &ns, &names);
+    check(&agent, &t, Ok(()), "a non-provider name, workload whose other traffic is allowed");
+}

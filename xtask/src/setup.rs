@@ -78,6 +78,36 @@ pub const PACKAGES: &[Package] = &[
         why: "ps/pgrep/sysctl for the integration tests",
         build_only: false,
     },
+    Package {
+        name: "systemd",
+        why: "systemd-analyze, which verifies deploy/systemd/llm-egress.service; installing it starts nothing and does not change PID 1 (its postinst only calls systemctl when systemd already runs; /sbin/init comes from systemd-sysv, not installed)",
+        build_only: false,
+    },
+    Package {
+        name: "python3-venv",
+        why: "a Python venv under the target dir for kubernetes-validate (the Kubernetes manifest tests); nothing goes into the system Python",
+        build_only: false,
+    },
+];
+
+/// Python packages the tests run, pinned with all their dependencies, in a
+/// venv at `<target dir>/pyenv` (made with Debian's /usr/bin/python3): the
+/// tool and its reason first, then what it pulls in.
+pub const PYTHON_TOOL: (&str, &str) = (
+    "kubernetes-validate",
+    "validates deploy/kubernetes/*.yaml against the Kubernetes API schemas",
+);
+pub const PYTHON_PINS: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "attrs==26.1.0",
+    "importlib_resources==7.1.0",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "packaging==26.4",
+    "PyYAML==6.0.4",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "typing_extensions==4.16.0",
 ];
 
 /// The package whose prebuilt `core` must come from the same rustc release
@@ -94,6 +124,7 @@ pub fn setup() -> Result<()> {
     install_packages()?;
     check_rustc_matches_bpf_core()?;
     install_bpf_linker()?;
+    install_python_tools()?;
     say(format_args!("setup: done ({})", secs(start.elapsed())));
     Ok(())
 }
@@ -353,6 +384,72 @@ fn install_bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// The tests' Python venv: `<target dir>/pyenv`.
+pub fn pyenv_dir() -> PathBuf {
+    crate::Workspace::locate().target_dir.join("pyenv")
+}
+
+/// Whether `pin` (`name==version`) is installed in the venv: its
+/// `name-version.dist-info` directory exists (compared the way pip
+/// normalises names), which costs no Python start.
+fn pin_installed(site_packages: &[PathBuf], pin: &str) -> bool {
+    let norm = |s: &str| s.to_ascii_lowercase().replace(['-', '.'], "_");
+    let Some((name, version)) = pin.split_once("==") else {
+        return false;
+    };
+    let want = format!("{}-{version}.dist-info", norm(name));
+    site_packages.iter().any(|dir| {
+        std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().to_ascii_lowercase();
+            n.strip_suffix(".dist-info").is_some_and(|stem| {
+                let (n, v) = stem.rsplit_once('-').unwrap_or((stem, ""));
+                format!("{}-{v}.dist-info", norm(n)) == want
+            })
+        })
+    })
+}
+
+fn install_python_tools() -> Result<()> {
+    let venv = pyenv_dir();
+    let site_packages: Vec<PathBuf> = std::fs::read_dir(venv.join("lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+        .map(|e| e.path().join("site-packages"))
+        .collect();
+    let missing: Vec<&str> = PYTHON_PINS
+        .iter()
+        .copied()
+        .filter(|p| !pin_installed(&site_packages, p))
+        .collect();
+    let (tool, why) = PYTHON_TOOL;
+    if missing.is_empty() {
+        say(format_args!("setup: {} present ({})", PYTHON_PINS[0], venv.display()));
+        return Ok(());
+    }
+    say(format_args!(
+        "setup: will install {} into {}: {why}; missing: {}",
+        PYTHON_PINS[0],
+        venv.display(),
+        missing.join(" ")
+    ));
+    if !venv.join("bin/pip").is_file() {
+        cmd::run_keep_stderr(
+            Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv),
+            "setup: creating the Python venv failed (Debian package python3-venv)",
+        )?;
+    }
+    let took = cmd::run_keep_stderr(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PYTHON_PINS),
+        &format!("setup: installing {tool} from PyPI failed"),
+    )?;
+    say(format_args!("setup: installed {} ({})", PYTHON_PINS[0], secs(took)));
+    Ok(())
+}
+
 /// Undoes what setup installed for the build, to prove the fresh-machine
 /// path. Test tools (bpftool, dnsmasq, ...) stay: other things may use them.
 pub fn clean_setup(yes: bool) -> Result<()> {
@@ -508,6 +605,27 @@ mod tests {
     fn a_package_name_is_not_blamed_for_a_longer_name() {
         let stderr = "E: Unable to locate package rustc-web-extra";
         assert!(blame_packages(stderr, &["rustc-web"]).is_empty());
+    }
+
+    #[test]
+    fn python_pins_are_found_by_their_dist_info_directory() {
+        let dir = std::env::temp_dir().join(format!("xtask-pins-{}", std::process::id()));
+        for d in [
+            "kubernetes_validate-1.37.0.dist-info",
+            "PyYAML-6.0.4.dist-info",
+            "rpds_py-2026.9.1.dist-info",
+        ] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let sp = [dir.clone()];
+        assert!(pin_installed(&sp, "kubernetes-validate==1.37.0"));
+        assert!(pin_installed(&sp, "PyYAML==6.0.4"));
+        assert!(pin_installed(&sp, "rpds-py==2026.9.1"));
+        assert!(!pin_installed(&sp, "kubernetes-validate==1.36.0"));
+        assert!(!pin_installed(&sp, "jsonschema==4.26.0"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(PYTHON_PINS[0].starts_with(PYTHON_TOOL.0));
+        assert!(PYTHON_PINS.iter().all(|p| p.contains("==")));
     }
 
     #[test]

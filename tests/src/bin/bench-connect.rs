@@ -57,15 +57,73 @@ fn policy(attach: &std::path::Path) -> String {
 cgroup = {}
 [resolver]
 servers = ["127.0.0.1:1"]
+[[providers]]
+name = "bench-llm"
+cidrs = ["10.20.0.0/16"]
 [[workloads]]
 name = "bench"
 cgroup = "system.slice/bench.service"
-allow = ["192.0.2.0/24"]
+allow = ["192.0.2.0/24", "bench-llm"]
 deny = [{deny}]
 other = "deny"
 "#,
         toml_str(&attach.display().to_string())
     )
+}
+
+/// (CPU seconds used so far, resident set in KiB) of process `pid`.
+fn cpu_and_rss(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after ") ".
+    let cpu = (ticks(11) + ticks(12)) / hz;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (cpu, rss)
+}
+
+/// Agent cost under provider connections: every connection is tracked
+/// (decision event, sock_ops summary, metrics, an audit line). Rounds of
+/// `n` connections at full speed; per round the agent's CPU and RSS.
+fn provider_load(agent: &Agent, probe: &Probe, workload: &std::path::Path, netns: &NetnsGuard, target: &str, rounds: usize, n: u64) -> serde_json::Value {
+    let mut out = Vec::new();
+    for round in 0..rounds {
+        let (cpu0, _) = cpu_and_rss(agent.pid());
+        let started = std::time::Instant::now();
+        let r = probe.connect_loop(workload, netns, target, n);
+        assert_eq!(r.failures, 0, "provider connect loop failed (errno {:?})", r.errno);
+        let loop_s = r.elapsed_ns as f64 / 1e9;
+        // Let the agent drain what the loop queued before reading its CPU.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let wall = started.elapsed().as_secs_f64();
+        let (cpu1, rss) = cpu_and_rss(agent.pid());
+        let cpu = cpu1 - cpu0;
+        let rate = n as f64 / loop_s;
+        eprintln!(
+            "provider round {round}: {rate:.0} connections/s, agent CPU {cpu:.2} s ({:.0}% of one core over the loop), {:.2} ms CPU per 1,000 connections, RSS {rss} KiB",
+            100.0 * cpu / loop_s,
+            1e6 * cpu / n as f64
+        );
+        out.push(serde_json::json!({
+            "connections_per_s": rate.round(),
+            "agent_cpu_s": (cpu * 1000.0).round() / 1000.0,
+            "agent_cpu_percent_of_core_during_loop": (100.0 * cpu / loop_s).round(),
+            "agent_cpu_ms_per_1000_connections": (1e7 * cpu / n as f64).round() / 10.0,
+            "agent_rss_kib": rss,
+            "wall_s": (wall * 100.0).round() / 100.0,
+        }));
+    }
+    let lost = agent.metric_value("llm_egress_events_lost_total", &[]).unwrap_or(0.0);
+    serde_json::json!({"bench": "provider_connection_load", "connections_per_round": n, "rounds": out, "events_lost_total": lost})
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -84,6 +142,7 @@ fn main() {
     let baseline = CgroupGuard::new("bench-off");
     let netns = NetnsGuard::new();
     let server = fast_listener(&netns, "192.0.2.1:9000").to_string();
+    let provider = fast_listener(&netns, "10.20.0.1:9443").to_string();
     let agent = Agent::start(&policy(enforced.path()));
     let probe = Probe::new(probe_bin());
 
@@ -151,5 +210,9 @@ fn main() {
         })
     );
     println!("ratio enforced/baseline = {ratio:.3} (target <= 1.03)");
+    let (_, rss_before) = cpu_and_rss(agent.pid());
+    let load = provider_load(&agent, &probe, &workload, &netns, &provider, 5, n);
+    println!("{load}");
+    println!("agent RSS before the provider load: {rss_before} KiB");
     drop(agent);
 }
