@@ -29,7 +29,7 @@ use crate::{
     attribution::CgroupPaths,
     audit::AuditSink,
     cgroups::{self, Selectors},
-    cli::RunArgs,
+    cli::{Listen, RunArgs},
     events::{self, Context, NameTable, Names},
     http::{self, Health},
     loader::{self, AttachOutcome, Loader},
@@ -86,8 +86,10 @@ fn apply_overrides(policy: &mut Policy, args: &RunArgs) {
     if let Some(p) = &args.pin_path {
         policy.pin_path = p.clone();
     }
-    if let Some(m) = args.metrics_listen {
-        policy.metrics_listen = Some(m);
+    match args.metrics_listen {
+        Some(Listen::At(m)) => policy.metrics_listen = Some(m),
+        Some(Listen::Off) => policy.metrics_listen = None,
+        None => {}
     }
     if let Some(a) = &args.audit_log {
         policy.audit_log = match a.as_str() {
@@ -240,6 +242,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let report = maps.apply_policy(state.plan(), plan::failure_code(state.policy.failure_mode), attach_id)?;
     record_writes(&report, &metrics);
     if !report.is_ok() {
+        if previous.slot == 0 {
+            // Nothing was enforced before us: leave no pinned maps behind.
+            drop(maps);
+            drop(ring);
+            if let Err(e) = loader.detach_and_unpin() {
+                warn!(error = %e, "could not remove the pin directory");
+            }
+        }
         return Err(RunError::DoesNotFit(report.failed));
     }
     record_occupancy(&maps, &metrics);

@@ -97,12 +97,16 @@ fn main() -> ExitCode {
                 Err(e) => {
                     let mut message = e.to_string();
                     let mut source = std::error::Error::source(&e);
+                    // Error types here often show their source in their own
+                    // text already: add a source only when it says more.
                     while let Some(s) = source {
-                        message.push_str(&format!(": {s}"));
+                        let text = s.to_string();
+                        if !message.contains(&text) {
+                            message.push_str(&format!(": {text}"));
+                        }
                         source = s.source();
                     }
                     tracing::error!("{message}");
-                    eprintln!("llm-egress: {message}");
                     ExitCode::FAILURE
                 }
             }
