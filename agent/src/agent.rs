@@ -272,7 +272,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         AttachOutcome::Attached => info!(generation = state.generation, "programs attached"),
     }
 
-    let ctx = Context { execs, names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone() };
+    let ctx = Context { execs, exe_cache: Default::default(), names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone() };
     let events_alive = Arc::new(AtomicBool::new(true));
     let conns = loader.ebpf.take_map(MAP_CONNS).and_then(|m| m.try_into().ok());
     let accounting = Accounting::new(metrics.clone(), state.policy.telemetry.clone());

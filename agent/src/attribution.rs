@@ -40,6 +40,43 @@ pub fn exe_of(tgid: u32) -> Option<String> {
     fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
 }
 
+/// `exe_of` with a short memory: a burst of events from one process reads
+/// /proc once. Entries live `EXE_CACHE_TTL` (shorter than any realistic pid
+/// reuse) and the cache is bounded.
+pub struct ExeCache {
+    entries: std::collections::HashMap<u32, (Option<String>, std::time::Instant)>,
+}
+
+const EXE_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+const EXE_CACHE_MAX: usize = 4096;
+
+impl Default for ExeCache {
+    fn default() -> Self {
+        Self { entries: std::collections::HashMap::new() }
+    }
+}
+
+impl ExeCache {
+    pub fn get(&mut self, tgid: u32) -> Option<String> {
+        let now = std::time::Instant::now();
+        if let Some((exe, at)) = self.entries.get(&tgid)
+            && now.duration_since(*at) < EXE_CACHE_TTL
+            && exe.is_some()
+        {
+            return exe.clone();
+        }
+        if self.entries.len() >= EXE_CACHE_MAX {
+            self.entries.retain(|_, (_, at)| now.duration_since(*at) < EXE_CACHE_TTL);
+            if self.entries.len() >= EXE_CACHE_MAX {
+                self.entries.clear();
+            }
+        }
+        let exe = exe_of(tgid);
+        self.entries.insert(tgid, (exe.clone(), now));
+        exe
+    }
+}
+
 /// `comm` bytes up to the first NUL.
 pub fn comm_str(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());

@@ -89,7 +89,9 @@ impl AuditSink {
         let mut out: Box<dyn Write + Send> = match target {
             AuditLog::Off => return Ok(Self { tx: None }),
             AuditLog::Stdout => Box::new(std::io::stdout()),
-            AuditLog::File(path) => Box::new(open_append(path)?),
+            // Buffered: flushed whenever the queue runs empty, so a burst
+            // costs one write per buffer, not one per line.
+            AuditLog::File(path) => Box::new(std::io::BufWriter::with_capacity(1 << 16, open_append(path)?)),
         };
         let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
         std::thread::Builder::new().name("audit-log".into()).spawn(move || {

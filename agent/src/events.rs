@@ -22,7 +22,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::{
-    attribution::{CgroupPaths, comm_str, exe_of},
+    attribution::{CgroupPaths, ExeCache, comm_str},
     accounting::Accounting,
     audit::{Attribution, AuditSink, DecisionRecord},
     metrics::Metrics,
@@ -164,11 +164,12 @@ pub type Execs = Arc<BpfHashMap<MapData, u32, ExecInfo>>;
 /// The executable of the process that made `ev`: /proc while it lives, else
 /// the path its last exec gave (if that exec came before the event, so a
 /// reused pid is never credited with its predecessor's connections).
-fn exe_for(h: &EventHeader, execs: Option<&Execs>) -> Option<String> {
-    if let Some(exe) = exe_of(h.tgid) {
-        return Some(exe);
+fn exe_for(h: &EventHeader, ctx: &Context) -> Option<String> {
+    let live = ctx.exe_cache.lock().ok().and_then(|mut c| c.get(h.tgid));
+    if live.is_some() {
+        return live;
     }
-    let info = execs?.get(&h.tgid, 0).ok()?;
+    let info = ctx.execs.as_ref()?.get(&h.tgid, 0).ok()?;
     if info.exec_time_ns > h.time_ns {
         return None;
     }
@@ -182,6 +183,7 @@ fn exe_for(h: &EventHeader, execs: Option<&Execs>) -> Option<String> {
 #[derive(Clone)]
 pub struct Context {
     pub execs: Option<Execs>,
+    pub exe_cache: Arc<std::sync::Mutex<ExeCache>>,
     pub names: Names,
     pub cgroups: CgroupPaths,
     pub metrics: Metrics,
@@ -190,7 +192,7 @@ pub struct Context {
 
 /// Process and cgroup of the task an event header describes.
 fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
-    let exe = exe_for(h, ctx.execs.as_ref());
+    let exe = exe_for(h, ctx);
     if exe.is_none() {
         ctx.metrics.attribution_misses.inc();
     }
