@@ -31,6 +31,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cgroup;
 pub mod dns;
+pub mod fake_provider;
 pub mod http;
 pub mod netns;
 pub mod probe;

@@ -8,7 +8,12 @@
 //! agent). Rounds alternate between the two so that drift of the machine hits
 //! both alike; the report is the ratio of the medians.
 //!
-//! Usage: bench-connect [ROUNDS] [CONNECTS_PER_ROUND]   (default 9 × 20000)
+//! Then the agent's own cost under provider connections (every one tracked,
+//! reported and logged): CPU and RSS per round of CONNECTS_PER_ROUND
+//! connections at full speed; many rounds make a soak test of its memory.
+//!
+//! Usage: bench-connect [ROUNDS] [CONNECTS_PER_ROUND] [PROVIDER_ROUNDS]
+//! (default 9 × 20000, then 5 provider rounds)
 
 use std::{fmt::Write as _, path::PathBuf};
 
@@ -136,6 +141,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(9);
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let provider_rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
 
     let enforced = CgroupGuard::new("bench-on");
     let workload = enforced.child("system.slice/bench.service");
@@ -211,7 +217,7 @@ fn main() {
     );
     println!("ratio enforced/baseline = {ratio:.3} (target <= 1.03)");
     let (_, rss_before) = cpu_and_rss(agent.pid());
-    let load = provider_load(&agent, &probe, &workload, &netns, &provider, 5, n);
+    let load = provider_load(&agent, &probe, &workload, &netns, &provider, provider_rounds, n);
     println!("{load}");
     println!("agent RSS before the provider load: {rss_before} KiB");
     drop(agent);

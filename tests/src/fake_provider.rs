@@ -1,0 +1,811 @@
+//! Fake model providers: TLS servers inside a test namespace that speak the
+//! OpenAI and Anthropic wire formats and know the true token counts of what
+//! they served.
+//!
+//! [`start`] binds `addr` in a [`NetnsGuard`] and serves HTTP/1.1 over real
+//! TLS (rustls; a test CA and a leaf for the provider's API host, made with
+//! rcgen, the chain sent as real providers send theirs). Clients reach it
+//! with `curl --cacert <ca_file> --resolve <host>:443:<ip>`:
+//!
+//! - OpenAI (`api.openai.com`): `POST /v1/chat/completions` (a pretty-printed
+//!   `chat.completion` with `usage`; with `"stream": true` an SSE stream of
+//!   `chat.completion.chunk`s, one per token, each flushed on its own, a
+//!   usage chunk when `stream_options.include_usage`, then `data: [DONE]`)
+//!   and `POST /v1/embeddings` (floats, or `encoding_format: "base64"`).
+//! - Anthropic (`api.anthropic.com`): `POST /v1/messages` (a `message` with
+//!   `usage.input_tokens/output_tokens`; streamed: `message_start`,
+//!   `content_block_start`, `ping`, one `content_block_delta` per token,
+//!   `content_block_stop`, `message_delta` with usage, `message_stop`).
+//!
+//! The completion is deterministic pseudo-English ([`prose`]) of exactly
+//! `max_tokens` (or `max_completion_tokens`) tokens. Counts come from
+//! tiktoken: o200k_base or cl100k_base as OpenAI uses them for the model
+//! (chat prompts with OpenAI's per-message framing: 3 tokens a message plus
+//! 3 to prime the reply); Anthropic's tokenizer is not public, so its counts
+//! are cl100k_base ones with a framing of the same shape, a stand-in.
+//! Responses are paced like generation: one token every `token_interval`
+//! (streamed: each event after its token's interval; buffered: the whole
+//! body after all of them). Embeddings answer at once.
+//!
+//! Response headers are shaped like the real ones (rate-limit headers,
+//! request ids, Cloudflare cookies), so fixed byte overheads are realistic.
+//! Every request is recorded ([`Served`]) with its `X-Client-Request-Id`,
+//! so a test can tie a client's connection to the true usage.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rustls::{ServerConfig, ServerConnection, StreamOwned, pki_types::PrivateKeyDer};
+use serde_json::{Value, json};
+use tiktoken_rs::CoreBPE;
+
+use crate::{NetnsGuard, TempDir};
+
+/// Which provider a server plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    OpenAi,
+    Anthropic,
+}
+
+impl Flavor {
+    /// The API host name its certificate is for.
+    pub fn host(self) -> &'static str {
+        match self {
+            Flavor::OpenAi => "api.openai.com",
+            Flavor::Anthropic => "api.anthropic.com",
+        }
+    }
+}
+
+/// What a request asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Embeddings,
+    Messages,
+}
+
+/// True token counts, as the response's `usage` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+/// One request the server answered.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The request's `X-Client-Request-Id` header.
+    pub request_id: Option<String>,
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub streamed: bool,
+    pub usage: Usage,
+    pub peer: SocketAddr,
+}
+
+/// Server settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Time per generated token (0: answer at once).
+    pub token_interval: Duration,
+}
+
+impl Default for Options {
+    /// 1 ms a token: faster than real providers (10–50 ms), slow enough that
+    /// streamed tokens leave as separate segments, as they do for real.
+    fn default() -> Self {
+        Options { token_interval: Duration::from_millis(1) }
+    }
+}
+
+/// A running fake provider; stops accepting on drop.
+pub struct FakeProvider {
+    flavor: Flavor,
+    addr: SocketAddr,
+    ca_file: PathBuf,
+    served: Arc<Mutex<Vec<Served>>>,
+    stop: Arc<AtomicBool>,
+    listener: TcpListener,
+    _dir: TempDir,
+}
+
+/// [`start_with`] default [`Options`].
+pub fn start(netns: &NetnsGuard, addr: &str, flavor: Flavor) -> FakeProvider {
+    start_with(netns, addr, flavor, Options::default())
+}
+
+/// Starts a `flavor` server on `addr` ("192.0.2.1:443") inside `netns`.
+pub fn start_with(netns: &NetnsGuard, addr: &str, flavor: Flavor, opts: Options) -> FakeProvider {
+    let dir = TempDir::new("llm-egress-fake-provider");
+    let (config, ca_pem) = tls_config(flavor.host());
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap_or_else(|e| panic!("cannot write {}: {e}", ca_file.display()));
+    let listener = netns.in_netns(|| TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let local = listener.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}"));
+    let accept = listener.try_clone().unwrap_or_else(|e| panic!("dup listener: {e}"));
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, st) = (served.clone(), stop.clone());
+    std::thread::spawn(move || {
+        for conn in accept.incoming() {
+            if st.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(conn) = conn else { continue };
+            let (config, s) = (config.clone(), s.clone());
+            std::thread::spawn(move || {
+                if let Err(e) = serve(conn, config, flavor, opts, &s) {
+                    eprintln!("fake provider ({}): {e}", flavor.host());
+                }
+            });
+        }
+    });
+    FakeProvider { flavor, addr: local, ca_file, served, stop, listener, _dir: dir }
+}
+
+impl FakeProvider {
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    pub fn host(&self) -> &'static str {
+        self.flavor.host()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The test CA's certificate (PEM), for `curl --cacert`.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// `curl --resolve` argument: the API host at this server's address.
+    pub fn resolve_arg(&self) -> String {
+        format!("{}:{}:{}", self.host(), self.addr.port(), self.addr.ip())
+    }
+
+    /// `https://<host><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.host())
+    }
+
+    /// The requests answered so far.
+    pub fn served(&self) -> Vec<Served> {
+        self.served.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a listening socket we own wakes the
+        // accept loop (which holds a dup of it) with an error.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// A server config for `host` and the CA certificate (PEM) that signed it.
+fn tls_config(host: &str) -> (Arc<ServerConfig>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "llm-egress test CA");
+    ca_params.distinguished_name.push(DnType::OrganizationName, "llm-egress tests");
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
+    let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
+    let mut params = CertificateParams::new(vec![host.to_string()]).unwrap_or_else(|e| panic!("leaf params: {e}"));
+    params.distinguished_name.push(DnType::CommonName, host);
+    let leaf = params.signed_by(&key, &ca).unwrap_or_else(|e| panic!("leaf cert: {e}"));
+    let chain = vec![leaf.der().clone(), ca.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .and_then(|b| Ok(b.with_no_client_auth().with_single_cert(chain, key)?))
+        .unwrap_or_else(|e| panic!("TLS config: {e}"));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (Arc::new(config), ca.pem())
+}
+
+type Tls = StreamOwned<ServerConnection, TcpStream>;
+
+/// One connection: requests until the client closes (keep-alive).
+fn serve(conn: TcpStream, config: Arc<ServerConfig>, flavor: Flavor, opts: Options, served: &Mutex<Vec<Served>>) -> Result<(), String> {
+    conn.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+    let peer = conn.peer_addr().map_err(|e| format!("peer: {e}"))?;
+    let tls = ServerConnection::new(config).map_err(|e| format!("tls: {e}"))?;
+    let mut s = StreamOwned::new(tls, conn);
+    let mut pending = Vec::new();
+    while let Some(req) = read_request(&mut s, &mut pending)? {
+        let record = respond(&mut s, flavor, opts, &req).map_err(|e| format!("respond: {e}"))?;
+        if let Some(mut r) = record {
+            r.peer = peer;
+            r.request_id = req.header("x-client-request-id").map(str::to_string);
+            if let Ok(mut v) = served.lock() {
+                v.push(r);
+            }
+        }
+    }
+    let _ = s.sock.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// The next request, `None` when the client closed the connection.
+fn read_request(s: &mut Tls, pending: &mut Vec<u8>) -> Result<Option<Request>, String> {
+    let mut chunk = [0u8; 16_384];
+    let head_end = loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) if pending.is_empty() => return Ok(None),
+            Ok(0) => return Err("connection closed inside a request".into()),
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    };
+    let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let (method, path) = (first.next().unwrap_or("").to_string(), first.next().unwrap_or("").to_string());
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    pending.drain(..head_end + 4);
+    let expect = headers.iter().any(|(k, v)| k == "expect" && v.eq_ignore_ascii_case("100-continue"));
+    if expect && pending.len() < len {
+        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    }
+    while pending.len() < len {
+        match s.read(&mut chunk) {
+            Ok(0) => return Err("connection closed inside a body".into()),
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("read body: {e}")),
+        }
+    }
+    let body = pending.drain(..len).collect();
+    Ok(Some(Request { method, path, headers, body }))
+}
+
+/// Answers one request; the record of what it served (none for errors).
+fn respond(s: &mut Tls, flavor: Flavor, opts: Options, req: &Request) -> std::io::Result<Option<Served>> {
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let endpoint = match (flavor, req.method.as_str(), req.path.as_str()) {
+        (Flavor::OpenAi, "POST", "/v1/chat/completions") => Endpoint::ChatCompletions,
+        (Flavor::OpenAi, "POST", "/v1/embeddings") => Endpoint::Embeddings,
+        (Flavor::Anthropic, "POST", "/v1/messages") => Endpoint::Messages,
+        _ => {
+            let msg = json!({"error": {"message": format!("Unknown request URL: {} {}", req.method, req.path), "type": "invalid_request_error"}});
+            write_response(s, flavor, 404, "application/json", &msg.to_string())?;
+            return Ok(None);
+        }
+    };
+    if body.is_null() {
+        let msg = json!({"error": {"message": "We could not parse the JSON body of your request.", "type": "invalid_request_error"}});
+        write_response(s, flavor, 400, "application/json", &msg.to_string())?;
+        return Ok(None);
+    }
+    let model = body["model"].as_str().unwrap_or("gpt-4o-mini").to_string();
+    let streamed = body["stream"].as_bool().unwrap_or(false);
+    let mut rng = Rng::new(fnv(&req.body));
+    let usage = match endpoint {
+        Endpoint::Embeddings => embeddings(s, &body, &model, &mut rng)?,
+        Endpoint::ChatCompletions | Endpoint::Messages => {
+            let bpe = bpe_for(&model);
+            let prompt = match endpoint {
+                Endpoint::Messages => anthropic_prompt_tokens(&body),
+                _ => openai_prompt_tokens(&body, bpe),
+            };
+            let n = body["max_completion_tokens"].as_u64().or(body["max_tokens"].as_u64()).unwrap_or(16) as usize;
+            let pieces = completion(rng.next(), n, bpe);
+            let usage = Usage { prompt, completion: pieces.len() as u64 };
+            let generation = Generation { pieces: &pieces, usage, model: &model, interval: opts.token_interval };
+            match (endpoint, streamed) {
+                (Endpoint::Messages, false) => anthropic_message(s, &generation, &mut rng)?,
+                (Endpoint::Messages, true) => anthropic_stream(s, &generation, &mut rng)?,
+                (_, false) => openai_completion(s, &generation, &mut rng)?,
+                (_, true) => {
+                    let usage_chunk = body["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+                    openai_stream(s, &generation, usage_chunk, &mut rng)?
+                }
+            }
+            usage
+        }
+    };
+    let peer = SocketAddr::from(([0, 0, 0, 0], 0));
+    Ok(Some(Served { request_id: None, endpoint, model, streamed, usage, peer }))
+}
+
+struct Generation<'a> {
+    pieces: &'a [String],
+    usage: Usage,
+    model: &'a str,
+    interval: Duration,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Headers shaped like the provider's (Cloudflare in front of both).
+fn headers(flavor: Flavor, status: u16, content_type: &str, length: Option<usize>, rng: &mut Rng) -> String {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        _ => "Not Found",
+    };
+    let framing = match length {
+        Some(n) => format!("Content-Length: {n}"),
+        None => "Transfer-Encoding: chunked".to_string(),
+    };
+    let t = now_secs();
+    let common_tail = format!(
+        "strict-transport-security: max-age=31536000; includeSubDomains; preload\r\ncf-cache-status: DYNAMIC\r\n\
+         X-Content-Type-Options: nosniff\r\nServer: cloudflare\r\nCF-RAY: {}-FRA\r\nalt-svc: h3=\":443\"; ma=86400\r\n\r\n",
+        rng.hex(16)
+    );
+    match flavor {
+        Flavor::OpenAi => format!(
+            "HTTP/1.1 {status} {reason}\r\nDate: Wed, 25 Nov 2026 18:06:26 GMT\r\nContent-Type: {content_type}\r\n{framing}\r\n\
+             Connection: keep-alive\r\naccess-control-expose-headers: X-Request-ID\r\nopenai-organization: user-{}\r\n\
+             openai-processing-ms: {}\r\nopenai-project: proj_{}\r\nopenai-version: 2020-10-01\r\nx-envoy-upstream-service-time: {}\r\n\
+             x-ratelimit-limit-requests: 10000\r\nx-ratelimit-limit-tokens: 30000000\r\nx-ratelimit-remaining-requests: 9999\r\n\
+             x-ratelimit-remaining-tokens: 29999{}\r\nx-ratelimit-reset-requests: 6ms\r\nx-ratelimit-reset-tokens: 0s\r\n\
+             x-request-id: req_{}\r\nset-cookie: __cf_bm={}-{t}-1.0.1.1-{}; path=/; expires=Wed, 25-Nov-26 18:36:26 GMT; \
+             domain=.api.openai.com; HttpOnly; Secure; SameSite=None\r\nset-cookie: _cfuvid={}-{t}000-0.0.1.1-604800000; path=/; \
+             domain=.api.openai.com; HttpOnly; Secure; SameSite=None\r\n{common_tail}",
+            rng.alnum(24),
+            100 + rng.below(900),
+            rng.alnum(24),
+            100 + rng.below(900),
+            100 + rng.below(900),
+            rng.hex(32),
+            rng.alnum(43),
+            rng.alnum(86),
+            rng.alnum(43),
+        ),
+        Flavor::Anthropic => {
+            let mut h = format!(
+                "HTTP/1.1 {status} {reason}\r\nDate: Wed, 25 Nov 2026 18:06:26 GMT\r\nContent-Type: {content_type}\r\n{framing}\r\nConnection: keep-alive\r\n"
+            );
+            for (what, limit) in [("input-tokens", 400_000), ("output-tokens", 80_000), ("requests", 4_000), ("tokens", 480_000)] {
+                h.push_str(&format!(
+                    "anthropic-ratelimit-{what}-limit: {limit}\r\nanthropic-ratelimit-{what}-remaining: {}\r\n\
+                     anthropic-ratelimit-{what}-reset: 2026-11-25T18:06:27Z\r\n",
+                    limit - 1
+                ));
+            }
+            if length.is_none() {
+                h.push_str("Cache-Control: no-cache\r\n");
+            }
+            h.push_str(&format!(
+                "request-id: req_011C{}\r\nanthropic-organization-id: {}-{}-{}-{}-{}\r\nvia: 1.1 google\r\nX-Robots-Tag: none\r\n{common_tail}",
+                rng.alnum(20),
+                rng.hex(8),
+                rng.hex(4),
+                rng.hex(4),
+                rng.hex(4),
+                rng.hex(12)
+            ));
+            h
+        }
+    }
+}
+
+fn write_response(s: &mut Tls, flavor: Flavor, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+    let mut rng = Rng::new(fnv(body.as_bytes()));
+    let mut out = headers(flavor, status, content_type, Some(body.len()), &mut rng);
+    out.push_str(body);
+    s.write_all(out.as_bytes())?;
+    s.flush()
+}
+
+/// One HTTP/1.1 chunk, written (and so encrypted and sent) on its own.
+fn write_chunk(s: &mut Tls, data: &str) -> std::io::Result<()> {
+    s.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())?;
+    s.flush()
+}
+
+fn start_stream(s: &mut Tls, flavor: Flavor, rng: &mut Rng) -> std::io::Result<()> {
+    s.write_all(headers(flavor, 200, "text/event-stream; charset=utf-8", None, rng).as_bytes())?;
+    s.flush()
+}
+
+fn end_stream(s: &mut Tls) -> std::io::Result<()> {
+    s.write_all(b"0\r\n\r\n")?;
+    s.flush()
+}
+
+/// The snapshot name OpenAI reports for a model alias.
+fn snapshot(model: &str) -> String {
+    match model {
+        "gpt-4o-mini" => "gpt-4o-mini-2024-07-18".into(),
+        "gpt-4o" => "gpt-4o-2024-08-06".into(),
+        "gpt-4.1" => "gpt-4.1-2025-04-14".into(),
+        "gpt-4.1-mini" => "gpt-4.1-mini-2025-04-14".into(),
+        "gpt-3.5-turbo" => "gpt-3.5-turbo-0125".into(),
+        m => m.into(),
+    }
+}
+
+fn openai_usage(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt,
+        "completion_tokens": u.completion,
+        "total_tokens": u.prompt + u.completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+    })
+}
+
+fn openai_completion(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
+    std::thread::sleep(g.interval * g.pieces.len() as u32);
+    let body = json!({
+        "id": format!("chatcmpl-{}", rng.alnum(29)),
+        "object": "chat.completion",
+        "created": now_secs(),
+        "model": snapshot(g.model),
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": g.pieces.concat(), "refusal": null, "annotations": []},
+            "logprobs": null,
+            "finish_reason": "stop"
+        }],
+        "usage": openai_usage(g.usage),
+        "service_tier": "default",
+        "system_fingerprint": format!("fp_{}", rng.hex(10))
+    });
+    // The real API pretty-prints non-streamed bodies (two-space indent).
+    let text = serde_json::to_string_pretty(&body).unwrap_or_default();
+    write_response(s, Flavor::OpenAi, 200, "application/json", &text)
+}
+
+fn openai_stream(s: &mut Tls, g: &Generation, usage_chunk: bool, rng: &mut Rng) -> std::io::Result<()> {
+    let (id, created, model, fp) = (format!("chatcmpl-{}", rng.alnum(29)), now_secs(), snapshot(g.model), format!("fp_{}", rng.hex(10)));
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "service_tier": "default", "system_fingerprint": fp,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
+        });
+        if usage_chunk {
+            c["usage"] = Value::Null;
+        }
+        format!("data: {c}\n\n")
+    };
+    start_stream(s, Flavor::OpenAi, rng)?;
+    write_chunk(s, &chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null))?;
+    for piece in g.pieces {
+        std::thread::sleep(g.interval);
+        write_chunk(s, &chunk(json!({"content": piece}), Value::Null))?;
+    }
+    write_chunk(s, &chunk(json!({}), json!("stop")))?;
+    if usage_chunk {
+        let c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "service_tier": "default", "system_fingerprint": fp, "choices": [], "usage": openai_usage(g.usage)
+        });
+        write_chunk(s, &format!("data: {c}\n\n"))?;
+    }
+    write_chunk(s, "data: [DONE]\n\n")?;
+    end_stream(s)
+}
+
+fn anthropic_usage(u: Usage, output: u64) -> Value {
+    json!({"input_tokens": u.prompt, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": output, "service_tier": "standard"})
+}
+
+fn anthropic_message(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
+    std::thread::sleep(g.interval * g.pieces.len() as u32);
+    let body = json!({
+        "id": format!("msg_01{}", rng.alnum(22)),
+        "type": "message",
+        "role": "assistant",
+        "model": g.model,
+        "content": [{"type": "text", "text": g.pieces.concat()}],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": anthropic_usage(g.usage, g.usage.completion)
+    });
+    write_response(s, Flavor::Anthropic, 200, "application/json", &body.to_string())
+}
+
+fn anthropic_stream(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
+    let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    start_stream(s, Flavor::Anthropic, rng)?;
+    let message = json!({
+        "id": format!("msg_01{}", rng.alnum(22)), "type": "message", "role": "assistant", "model": g.model,
+        "content": [], "stop_reason": null, "stop_sequence": null, "usage": anthropic_usage(g.usage, 1)
+    });
+    write_chunk(s, &event("message_start", json!({"type": "message_start", "message": message})))?;
+    write_chunk(s, &event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})))?;
+    write_chunk(s, &event("ping", json!({"type": "ping"})))?;
+    for piece in g.pieces {
+        std::thread::sleep(g.interval);
+        let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}});
+        write_chunk(s, &event("content_block_delta", delta))?;
+    }
+    write_chunk(s, &event("content_block_stop", json!({"type": "content_block_stop", "index": 0})))?;
+    let delta = json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": g.usage.completion}});
+    write_chunk(s, &event("message_delta", delta))?;
+    write_chunk(s, &event("message_stop", json!({"type": "message_stop"})))?;
+    end_stream(s)
+}
+
+fn embeddings(s: &mut Tls, body: &Value, model: &str, rng: &mut Rng) -> std::io::Result<Usage> {
+    let inputs: Vec<String> = match &body["input"] {
+        Value::String(t) => vec![t.clone()],
+        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        _ => Vec::new(),
+    };
+    let bpe = tiktoken_rs::cl100k_base_singleton();
+    let prompt: u64 = inputs.iter().map(|t| bpe.encode_ordinary(t).len() as u64).sum();
+    let dims = body["dimensions"].as_u64().unwrap_or(if model.contains("large") { 3072 } else { 1536 }) as usize;
+    let base64 = body["encoding_format"].as_str() == Some("base64");
+    let data: Vec<Value> = (0..inputs.len())
+        .map(|i| {
+            let v: Vec<f32> = (0..dims).map(|_| (rng.unit() as f32 - 0.5) * 0.12).collect();
+            let embedding = if base64 {
+                json!(base64_encode(&v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>()))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let out = json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}});
+    let text = serde_json::to_string_pretty(&out).unwrap_or_default();
+    write_response(s, Flavor::OpenAi, 200, "application/json", &text)?;
+    Ok(Usage { prompt, completion: 0 })
+}
+
+/// The tokenizer OpenAI uses for `model` (o200k_base for the 4o/4.1/o-series
+/// family, else cl100k_base).
+pub fn bpe_for(model: &str) -> &'static CoreBPE {
+    match tiktoken_rs::tokenizer::get_tokenizer(model) {
+        Some(tiktoken_rs::tokenizer::Tokenizer::Cl100kBase) => tiktoken_rs::cl100k_base_singleton(),
+        Some(_) => tiktoken_rs::o200k_base_singleton(),
+        None if model.starts_with("claude") => tiktoken_rs::cl100k_base_singleton(),
+        None => tiktoken_rs::o200k_base_singleton(),
+    }
+}
+
+/// A text value: a string, or content parts (`[{"type":"text","text":..}]`).
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""),
+        _ => String::new(),
+    }
+}
+
+/// OpenAI's count for chat prompts: 3 per message plus its role and
+/// content (and name plus 1), plus 3 that prime the reply.
+fn openai_prompt_tokens(body: &Value, bpe: &CoreBPE) -> u64 {
+    let n = |t: &str| bpe.encode_ordinary(t).len() as u64;
+    let messages = body["messages"].as_array().cloned().unwrap_or_default();
+    3 + messages
+        .iter()
+        .map(|m| {
+            let name = m["name"].as_str().map_or(0, |v| n(v) + 1);
+            3 + n(m["role"].as_str().unwrap_or("")) + n(&text_of(&m["content"])) + name
+        })
+        .sum::<u64>()
+}
+
+/// Stand-in for Anthropic's (private) count: cl100k_base tokens of the
+/// system prompt and each message, 3 framing tokens a message, 4 for the
+/// conversation.
+fn anthropic_prompt_tokens(body: &Value) -> u64 {
+    let bpe = tiktoken_rs::cl100k_base_singleton();
+    let n = |t: &str| bpe.encode_ordinary(t).len() as u64;
+    let system = match &body["system"] {
+        Value::Null => 0,
+        v => 3 + n(&text_of(v)),
+    };
+    let messages = body["messages"].as_array().cloned().unwrap_or_default();
+    4 + system + messages.iter().map(|m| 3 + n(&text_of(&m["content"]))).sum::<u64>()
+}
+
+/// `n` tokens of [`prose`] as `bpe` splits them: the deltas of a stream.
+fn completion(seed: u64, n: usize, bpe: &CoreBPE) -> Vec<String> {
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    let mut rng = Rng::new(seed);
+    while tokens.len() < n {
+        text.push_str(&words(&mut rng, 8 * n + 32));
+        tokens = bpe.encode_ordinary(&text);
+    }
+    tokens[..n].iter().map(|t| bpe.decode(&[*t]).unwrap_or_default()).collect()
+}
+
+/// Deterministic pseudo-English text of exactly `tokens` cl100k_base
+/// tokens (sentences, commas, paragraphs), for prompts.
+pub fn prose(seed: u64, tokens: usize) -> String {
+    completion(seed, tokens, tiktoken_rs::cl100k_base_singleton()).concat()
+}
+
+/// Number of cl100k_base tokens of `text`.
+pub fn cl100k_tokens(text: &str) -> usize {
+    tiktoken_rs::cl100k_base_singleton().encode_ordinary(text).len()
+}
+
+const WORDS: &[&str] = &[
+    "the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he",
+    "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you", "were", "their", "one",
+    "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would", "who", "so", "no", "time",
+    "people", "system", "data", "model", "request", "service", "network", "report", "customer", "order", "account",
+    "policy", "question", "answer", "summary", "document", "results", "support", "team", "process", "because", "should",
+    "between", "important", "following", "example", "information", "available", "different", "however", "several",
+    "through", "during", "without", "within", "specific", "general", "current", "previous", "response", "problem",
+    "solution", "approach", "analysis", "quickly", "carefully", "usually", "production", "deployment", "configuration",
+    "security", "performance", "latency", "throughput", "workload", "cluster", "database", "migration", "release",
+    "schedule", "meeting", "review", "feedback", "invoice", "shipment", "warehouse", "delivery", "contract", "budget",
+    "forecast", "quarter", "revenue", "growth", "market", "product", "feature", "version", "update", "error", "warning",
+    "message", "user", "client", "server", "connection", "session", "token", "limit", "cost", "estimate", "explain",
+    "describe", "compare", "translate", "write", "check", "improve", "reduce", "increase", "make", "take", "give", "find",
+    "know", "think", "see", "come", "look", "use", "work", "call", "try", "need", "feel", "become", "leave", "put",
+    "mean", "keep", "let", "begin", "seem", "help", "show", "hear", "play", "run", "move", "like", "live", "believe",
+    "new", "good", "first", "last", "long", "great", "little", "own", "other", "old", "right", "big", "high", "small",
+    "large", "next", "early", "young", "few", "public", "bad", "same", "able", "three", "twelve", "2024", "15%",
+];
+
+/// About `n` characters of sentences.
+fn words(rng: &mut Rng, n: usize) -> String {
+    let mut out = String::new();
+    while out.len() < n {
+        let len = 6 + rng.below(14) as usize;
+        for i in 0..len {
+            let w = WORDS[rng.below(WORDS.len() as u64) as usize];
+            if i == 0 {
+                if !out.is_empty() && !out.ends_with('\n') {
+                    out.push(' ');
+                }
+                let mut c = w.chars();
+                out.extend(c.next().map(|f| f.to_ascii_uppercase()));
+                out.push_str(c.as_str());
+            } else {
+                out.push(' ');
+                out.push_str(w);
+                if i + 1 < len && rng.below(10) == 0 {
+                    out.push(',');
+                }
+            }
+        }
+        out.push(if rng.below(12) == 0 { '?' } else { '.' });
+        if rng.below(5) == 0 {
+            out.push_str("\n\n");
+        }
+    }
+    out.trim_end().to_string()
+}
+
+/// splitmix64: deterministic, no dependencies.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn from_alphabet(&mut self, alphabet: &[u8], n: usize) -> String {
+        (0..n).map(|_| alphabet[self.below(alphabet.len() as u64) as usize] as char).collect()
+    }
+
+    pub fn alnum(&mut self, n: usize) -> String {
+        self.from_alphabet(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", n)
+    }
+
+    pub fn hex(&mut self, n: usize) -> String {
+        self.from_alphabet(b"0123456789abcdef", n)
+    }
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prose_has_exactly_the_tokens_asked_for() {
+        for n in [1, 20, 2000] {
+            let t = prose(n as u64, n);
+            assert_eq!(cl100k_tokens(&t), n, "{t:?}");
+        }
+        assert_eq!(prose(7, 50), prose(7, 50), "deterministic");
+    }
+
+    #[test]
+    fn completion_pieces_are_single_tokens() {
+        let bpe = bpe_for("gpt-4o-mini");
+        let pieces = completion(3, 40, bpe);
+        assert_eq!(pieces.len(), 40);
+        assert_eq!(bpe.encode_ordinary(&pieces.concat()).len(), 40);
+    }
+
+    #[test]
+    fn chat_prompt_count_follows_openai_framing() {
+        let bpe = bpe_for("gpt-4o");
+        let body = json!({"messages": [{"role": "user", "content": "Hello there"}]});
+        // (3 + "user" + "Hello" " there") + 3 to prime the reply, as
+        // OpenAI's cookbook counts.
+        assert_eq!(openai_prompt_tokens(&body, bpe), 3 + 1 + 2 + 3);
+    }
+
+    #[test]
+    fn base64_matches_known_values() {
+        assert_eq!(base64_encode(b"Man"), "TWFu");
+        assert_eq!(base64_encode(b"Ma"), "TWE=");
+        assert_eq!(base64_encode(b"M"), "TQ==");
+    }
+}

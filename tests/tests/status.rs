@@ -1,0 +1,188 @@
+//! `llm-egress status`: what it shows is what the running agent counted.
+//!
+//! A real agent judges real connects of `egress-probe` processes in two
+//! workloads; `llm-egress status --once --json` and `--once` (the table)
+//! then read the agent's /metrics and must show the same numbers per
+//! workload, provider and verdict. Needs root and a built agent, like the
+//! other integration tests.
+
+use std::{
+    process::{Command, Output},
+    time::Duration,
+};
+
+use llm_egress_tests::{
+    Agent, CgroupGuard, NetnsGuard, Probe, TcpServer, agent::free_loopback_port, agent_bin,
+    probe::describe, require_root, toml_str,
+};
+use serde_json::Value;
+
+const METRIC_WAIT: Duration = Duration::from_secs(5);
+
+fn probe() -> Probe {
+    Probe::new(env!("CARGO_BIN_EXE_egress-probe"))
+}
+
+fn status(args: &[&str]) -> (Output, String) {
+    let bin = agent_bin();
+    let out = Command::new(&bin)
+        .arg("status")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} status: {e}", bin.display()));
+    let text = format!(
+        "`llm-egress status {}` exited {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+/// The JSON row of `workload` × `provider`.
+fn row<'a>(doc: &'a Value, workload: &str, provider: &str, text: &str) -> &'a Value {
+    doc["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status JSON has no `rows` array:\n{text}"))
+        .iter()
+        .find(|r| r["workload"] == workload && r["provider"] == provider)
+        .unwrap_or_else(|| panic!("status JSON has no row {workload} × {provider}:\n{text}"))
+}
+
+#[test]
+fn status_shows_the_agents_counts_per_workload_provider_and_verdict() {
+    require_root();
+    let cg = CgroupGuard::new("status");
+    let (bot, batch) = (cg.child("bot"), cg.child("batch"));
+    let ns = NetnsGuard::new();
+    let _llm = TcpServer::start(&ns, "10.20.0.1:443");
+    let agent = Agent::start(&format!(
+        r#"mode = "enforce"
+cgroup = {}
+
+[resolver]
+servers = ["127.0.0.1:9"]
+
+[[providers]]
+name = "test-llm"
+cidrs = ["10.20.0.0/16"]
+ports = [443]
+
+[[workloads]]
+name = "bot"
+cgroup = "bot"
+allow = ["test-llm"]
+
+[[workloads]]
+name = "batch"
+cgroup = "batch"
+deny = ["test-llm"]
+"#,
+        toml_str(&cg.path().display().to_string())
+    ));
+    let p = probe();
+    for i in 0..3 {
+        let r = p.connect(&bot, &ns, "10.20.0.1:443");
+        assert!(
+            r.is_ok(),
+            "bot → test-llm #{i}: expected allowed, got {}\n{}",
+            describe(&r),
+            agent.context()
+        );
+    }
+    for i in 0..2 {
+        let r = p.connect(&batch, &ns, "10.20.0.1:443");
+        assert_eq!(
+            r,
+            Err(libc::EPERM),
+            "batch → test-llm #{i}: expected EPERM, got {}\n{}",
+            describe(&r),
+            agent.context()
+        );
+    }
+    let counted = |w: &str, v: &str, n: f64| {
+        let got = agent.wait_for_metric(
+            "llm_egress_connections_total",
+            &[("workload", w), ("provider", "test-llm"), ("verdict", v)],
+            n,
+            METRIC_WAIT,
+        );
+        assert_eq!(
+            got,
+            Some(n),
+            "the agent's own /metrics should count {n} {v} for {w} × test-llm\n{}",
+            agent.context()
+        );
+    };
+    counted("bot", "allow", 3.0);
+    counted("batch", "deny", 2.0);
+
+    let url = format!("http://{}", agent.metrics_addr());
+    let (out, text) = status(&["--once", "--json", "--metrics", &url]);
+    assert!(out.status.success(), "{text}");
+    let doc: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json did not print JSON ({e}):\n{text}"));
+    assert_eq!(doc["endpoint"], url.as_str(), "{text}");
+    assert_eq!(doc["ready"], true, "{text}");
+    let bot_row = row(&doc, "bot", "test-llm", &text);
+    assert_eq!(bot_row["connections"]["allow"], 3, "{text}");
+    assert_eq!(bot_row["connections"]["deny"], 0, "{text}");
+    assert_eq!(bot_row["connections"]["audit"], 0, "{text}");
+    let batch_row = row(&doc, "batch", "test-llm", &text);
+    assert_eq!(batch_row["connections"]["deny"], 2, "{text}");
+    assert_eq!(batch_row["connections"]["allow"], 0, "{text}");
+    // Tokens and rate limits are not exported yet: null, shown as "-".
+    assert!(bot_row["tokens"].is_null(), "{text}");
+    assert!(bot_row["rate_limited"].is_null(), "{text}");
+    let a = &doc["agent"];
+    assert_eq!(a["policy_generation"], agent.generation(), "{text}");
+    assert!(a["decisions"]["deny"].as_u64() >= Some(2), "{text}");
+    assert!(a["decisions"]["allow"].as_u64() >= Some(3), "{text}");
+    assert_eq!(a["events_lost"], 0, "{text}");
+    assert_eq!(a["workload_cgroups"]["bot"], 1, "{text}");
+    assert_eq!(a["version"], env!("CARGO_PKG_VERSION"), "{text}");
+
+    // The table: one line per pair, with the same numbers.
+    let (out, text) = status(&["--once", "--metrics", &url]);
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().next().is_some_and(|l| l.contains(&url) && l.contains("ready")),
+        "{text}"
+    );
+    let cells = |w: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq([w, "test-llm"]))
+            .unwrap_or_else(|| panic!("no table line for {w} × test-llm:\n{text}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(cells("bot")[2..5], ["3", "0", "0"], "ALLOW DENY AUDIT of bot:\n{text}");
+    assert_eq!(cells("batch")[2..5], ["0", "2", "0"], "ALLOW DENY AUDIT of batch:\n{text}");
+    assert_eq!(cells("bot")[9], "-", "TOKENS of bot:\n{text}");
+    assert!(
+        stdout.contains("policy generation") && stdout.contains("events lost 0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn status_names_the_endpoint_when_no_agent_answers() {
+    let url = format!("http://127.0.0.1:{}", free_loopback_port());
+    for args in [
+        vec!["--once", "--metrics", url.as_str()],
+        vec!["--json", "--metrics", url.as_str()],
+    ] {
+        let (out, text) = status(&args);
+        assert!(!out.status.success(), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&url) && stderr.contains("refused"),
+            "the error should name {url} and why:\n{text}"
+        );
+        assert!(out.stdout.is_empty(), "nothing on stdout:\n{text}");
+    }
+}
