@@ -173,7 +173,32 @@ pub mod counter {
     pub const DNS_OFF_CHAIN: u32 = 11;
     /// Decisions not counted in `VERDICTS` because it was full.
     pub const VERDICTS_FULL: u32 = 12;
-    pub const LEN: u32 = 16;
+    /// SNI verdicts (ebpf/src/sni.rs): a ClientHello naming a provider host
+    /// on one of its ports, judged allow / deny / audit.
+    pub const SNI_ALLOW: u32 = 13;
+    pub const SNI_DENY: u32 = 14;
+    pub const SNI_AUDIT: u32 = 15;
+    /// A ClientHello whose server name is no provider's (on this port): the
+    /// address verdict stands.
+    pub const SNI_OTHER_NAME: u32 = 16;
+    /// A ClientHello without a server_name extension: address verdict.
+    pub const SNI_NO_SNI: u32 = 17;
+    /// A ClientHello with an encrypted_client_hello extension (its
+    /// server_name is the public outer name): address verdict.
+    pub const SNI_ECH: u32 = 18;
+    /// A ClientHello that goes on past the first segment and whose
+    /// server_name is not in it: address verdict.
+    pub const SNI_SPLIT: u32 = 19;
+    /// First payload of a provider connection (tracked in `CONNS`) that is
+    /// not a TLS ClientHello: address verdict.
+    pub const SNI_NOT_TLS: u32 = 20;
+    /// A ClientHello the kernel could not read (bad lengths, more than
+    /// `SNI_MAX_EXTENSIONS` extensions, a name of more than
+    /// `DNS_MAX_LABELS` labels or with empty labels): address verdict.
+    pub const SNI_MALFORMED: u32 = 21;
+    /// Packets of a socket whose ClientHello was denied, dropped.
+    pub const SNI_DROPPED: u32 = 22;
+    pub const LEN: u32 = 32;
 }
 
 /// Key of `VERDICTS`.

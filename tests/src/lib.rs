@@ -36,6 +36,7 @@ pub mod http;
 pub mod netns;
 pub mod probe;
 pub mod prom;
+pub mod prometheus;
 pub mod scenario;
 pub mod servers;
 

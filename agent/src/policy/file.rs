@@ -12,7 +12,7 @@
 //! checks what depends on more than one value.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -55,6 +55,8 @@ pub(super) struct PolicyFile {
     #[serde(default)]
     pub telemetry: TelemetryFile,
     #[serde(default)]
+    pub kubernetes: KubernetesFile,
+    #[serde(default)]
     pub providers: Vec<Spanned<ProviderFile>>,
     #[serde(default)]
     pub workloads: Vec<Spanned<WorkloadFile>>,
@@ -85,6 +87,26 @@ pub(super) struct TelemetryFile {
     pub process_series_ttl_seconds: Option<Spanned<i64>>,
 }
 
+/// `[kubernetes]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KubernetesFile {
+    pub enabled: Option<Spanned<String>>,
+    pub api_server: Option<Spanned<String>>,
+    pub node_name: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub refresh_seconds: Option<Spanned<i64>>,
+}
+
+/// A workload's `k8s = { namespace = "…", labels = { key = "value" } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PodSelectorFile {
+    pub namespace: Option<Spanned<String>>,
+    pub labels: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+}
+
 /// One `[[providers]]` entry of a policy.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +128,7 @@ pub(super) struct WorkloadFile {
     pub name: Spanned<String>,
     pub cgroup: Option<Spanned<String>>,
     pub systemd_unit: Option<Spanned<String>>,
+    pub k8s: Option<Spanned<PodSelectorFile>>,
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]

@@ -6,11 +6,12 @@
 
 mod error;
 mod file;
+mod kubernetes;
 mod validate;
 
 pub use error::{PolicyError, PolicyErrors};
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 
@@ -91,6 +92,38 @@ pub struct Provider {
     pub ports: Vec<u16>,
 }
 
+/// `[kubernetes].enabled`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeEnabled {
+    /// On when the agent runs in a pod (`KUBERNETES_SERVICE_HOST` is set).
+    Auto,
+    On,
+    Off,
+}
+
+/// `[kubernetes]`: where the agent lists the pods of its node (src/kube.rs).
+/// Unset values come from the pod's environment when the agent starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KubernetesConfig {
+    pub enabled: KubeEnabled,
+    /// `https://host[:port]`; None: `KUBERNETES_SERVICE_HOST`/`_PORT`.
+    pub api_server: Option<String>,
+    /// None: `NODE_NAME` (the DaemonSet sets it from `spec.nodeName`).
+    pub node_name: Option<String>,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    /// How often the pod list is fetched again.
+    pub refresh: Duration,
+}
+
+/// A workload selector over pod metadata: the pod's namespace and labels
+/// (all must match); an absent namespace matches every namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PodSelector {
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selector {
     /// A glob relative to the attach cgroup (`pods/*`), matched against
@@ -99,6 +132,9 @@ pub enum Selector {
     /// A systemd unit name (`x.service`, `x.scope`): every cgroup directory
     /// of that name under the attach cgroup.
     SystemdUnit(String),
+    /// Pods by namespace and labels: the pod-level cgroup directory
+    /// (`…pod<uid>.slice`, `…/pod<uid>`) of each matching pod.
+    Kubernetes(PodSelector),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -135,6 +171,7 @@ pub struct Policy {
     pub defaults: Defaults,
     pub resolver: ResolverConfig,
     pub telemetry: TelemetryConfig,
+    pub kubernetes: KubernetesConfig,
     pub providers: Vec<Provider>,
     pub workloads: Vec<Workload>,
 }

@@ -1,0 +1,875 @@
+//! deploy/: the systemd unit, the Kubernetes manifests, the Grafana
+//! dashboard and the image, checked against the tools that consume them and
+//! against a real agent.
+//!
+//! - The unit passes `systemd-analyze verify`; the agent runs under exactly
+//!   the unit's capabilities and file system restrictions (emulated with
+//!   `unshare --mount` and `setpriv`, nothing is installed), and each of
+//!   those capabilities is still needed.
+//! - The manifests pass `kubernetes-validate --strict` (from the venv that
+//!   `cargo xtask setup` makes) and agree with each other, with the unit's
+//!   capabilities, and with `llm-egress check`.
+//! - Every query of the dashboard returns series from a real Prometheus that
+//!   scraped a real agent after real traffic; `promtool check metrics`
+//!   accepts the agent's exposition.
+//!
+//! Needs root for the agent (cgroups, BPF); the static checks do not.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::Write,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use llm_egress_tests::{
+    Agent, CgroupGuard, NetnsGuard, PinDir, Probe, TempDir, agent::free_loopback_port,
+    agent_bin, http, probe::describe, require_root, servers::HttpServer, tail, toml_str,
+    wait_until,
+};
+use serde_json::Value;
+
+const UNIT: &str = "deploy/systemd/llm-egress.service";
+/// Kubernetes versions the manifests are validated against.
+const KUBERNETES_VERSIONS: &[&str] = &["1.31.0", "1.33.0"];
+const EVENT_WAIT: Duration = Duration::from_secs(5);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn read(rel: &str) -> String {
+    let path = repo().join(rel);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+fn probe() -> Probe {
+    Probe::new(env!("CARGO_BIN_EXE_egress-probe"))
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        tail(&String::from_utf8_lossy(&out.stdout), 6000),
+        tail(&String::from_utf8_lossy(&out.stderr), 6000)
+    )
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()))
+}
+
+/// The tests' Python venv (`cargo xtask setup` makes it): `$LLM_EGRESS_PYENV`,
+/// else `<target dir>/pyenv`, found from this test executable
+/// (`<target>/<profile>/deps/deploy-*`).
+fn pyenv() -> PathBuf {
+    let dir = std::env::var_os("LLM_EGRESS_PYENV").map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("the test executable");
+        exe.ancestors().nth(3).expect("<target>/<profile>/deps/exe").join("pyenv")
+    });
+    assert!(
+        dir.join("bin/kubernetes-validate").is_file(),
+        "{} has no kubernetes-validate: run `cargo xtask setup` (it makes this venv), or set LLM_EGRESS_PYENV",
+        dir.display()
+    );
+    dir
+}
+
+// ---------------------------------------------------------------- systemd
+
+/// The values of `key=` in the unit's [Service] section, in order.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    let mut in_service = false;
+    let mut out = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if in_service && let Some(v) = line.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+            out.push(v.trim().to_string());
+        }
+    }
+    out
+}
+
+/// `CapabilityBoundingSet=` as lower-case names without `CAP_`: `bpf`, ...
+fn unit_capabilities(unit: &str) -> Vec<String> {
+    let sets = unit_values(unit, "CapabilityBoundingSet");
+    assert_eq!(sets.len(), 1, "{UNIT} should set CapabilityBoundingSet= once: {sets:?}");
+    sets[0]
+        .split_whitespace()
+        .map(|c| {
+            c.strip_prefix("CAP_")
+                .unwrap_or_else(|| panic!("{UNIT}: capability {c:?} without CAP_"))
+                .to_ascii_lowercase()
+        })
+        .collect()
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    let unit = read(UNIT);
+    let exec = unit_values(&unit, "ExecStart");
+    assert_eq!(exec.len(), 1, "one ExecStart= in {UNIT}");
+    assert!(
+        exec[0].starts_with("/usr/local/bin/llm-egress run --config /etc/llm-egress/policy.toml"),
+        "{UNIT}: ExecStart= should run the installed binary with the installed policy: {}",
+        exec[0]
+    );
+    assert_eq!(unit_values(&unit, "ExecReload"), ["/bin/kill -HUP $MAINPID"]);
+    assert_eq!(unit_values(&unit, "Restart"), ["on-failure"]);
+    assert_eq!(unit_values(&unit, "NoNewPrivileges"), ["yes"]);
+    assert_eq!(unit_values(&unit, "ProtectSystem"), ["strict"]);
+    let bin = agent_bin();
+    assert!(bin.is_file(), "agent binary {} not found", bin.display());
+    let dir = TempDir::new("llm-egress-test-unit");
+    // verify checks that ExecStart's binary exists: point it at the build.
+    let verify = |text: &str| -> Output {
+        let file = dir.path().join("llm-egress.service");
+        fs::write(&file, text.replace("/usr/local/bin/llm-egress", &bin.display().to_string()))
+            .expect("write the unit copy");
+        run(Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&file))
+    };
+    let out = verify(&unit);
+    let complaints: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+        .filter(|l| l.contains("llm-egress"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        out.status.success() && complaints.is_empty(),
+        "systemd-analyze verify complains about {UNIT}:\n{}",
+        show(&out)
+    );
+    // The check is not blind: an unknown key is reported (with exit 0).
+    let out = verify(&unit.replace("[Service]\n", "[Service]\nProtectKernal=yes\n"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ProtectKernal"),
+        "systemd-analyze verify should report an unknown key:\n{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn systemd_default_policy_passes_check() {
+    let out = run(Command::new(agent_bin()).arg("check").arg(repo().join("deploy/systemd/policy.toml")));
+    assert!(out.status.success(), "deploy/systemd/policy.toml must pass `llm-egress check`:\n{}", show(&out));
+}
+
+/// A script that runs the agent the way the unit does: a private mount
+/// namespace where every mount is read-only except bpffs and the directory
+/// of `--audit-log` (ProtectSystem=strict, ProtectKernelTunables=,
+/// ProtectControlGroups=, ReadWritePaths=/sys/fs/bpf, LogsDirectory=), then
+/// `setpriv` with the bounding set `caps` and no_new_privs.
+fn sandbox_script(dir: &Path, caps: &[String], no_new_privs: bool) -> PathBuf {
+    let bounding = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let nnp = if no_new_privs { "--no-new-privs" } else { "" };
+    let inner = format!(
+        r#"#!/bin/sh
+# Runs inside `unshare --mount --propagation private`.
+agent="$1"; shift
+rw=""; prev=""
+for a in "$@"; do [ "$prev" = --audit-log ] && rw="$(dirname "$a")"; prev="$a"; done
+[ -n "$rw" ] && mount --bind "$rw" "$rw"
+while read -r _ _ _ _ mp _; do
+  case "$mp" in /sys/fs/bpf|/sys/fs/bpf/*|"$rw") continue ;; esac
+  mount -o bind,remount,ro "$mp" 2>/dev/null || echo "sandbox: $mp stays writable" >&2
+done < /proc/self/mountinfo
+exec setpriv --bounding-set {bounding} {nnp} -- "$agent" "$@"
+"#
+    );
+    let inner_path = dir.join(format!("sandbox-inner-{}.sh", caps.join("-")));
+    let outer_path = dir.join(format!("sandbox-{}.sh", caps.join("-")));
+    let outer = format!(
+        "#!/bin/sh\nexec unshare --mount --propagation private -- /bin/sh {} {} \"$@\"\n",
+        inner_path.display(),
+        agent_bin().display()
+    );
+    for (path, text) in [(&inner_path, inner), (&outer_path, outer)] {
+        fs::write(path, text).expect("write the sandbox script");
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod the sandbox script");
+    }
+    outer_path
+}
+
+fn unit_policy(cg: &CgroupGuard) -> String {
+    format!(
+        r#"mode = "enforce"
+cgroup = {}
+failure_mode = "closed"
+
+[resolver]
+servers = ["127.0.0.1:9"]
+
+[[providers]]
+name = "test-llm"
+cidrs = ["10.20.0.0/16"]
+ports = [443]
+
+[[workloads]]
+name = "w"
+cgroup = "w"
+deny = ["test-llm"]
+"#,
+        toml_str(&cg.path().display().to_string())
+    )
+}
+
+/// A bash of user 65534 in cgroup `w` and the namespace, started now (before
+/// the agent, so that no exec event of it exists): when `go` appears it
+/// connects to 10.20.0.1:443 and stays alive 3 s longer.
+fn start_other_user_client(w: &Path, ns: &NetnsGuard, go: &Path) -> Child {
+    let script = format!(
+        "echo $$ > {procs}; exec ip netns exec {ns} setpriv --reuid=65534 --regid=65534 --clear-groups \
+         /bin/bash -c 'while [ ! -e {go} ]; do sleep 0.05; done; {{ : 3<>/dev/tcp/10.20.0.1/443; }} 2>/dev/null; sleep 3'",
+        procs = w.join("cgroup.procs").display(),
+        ns = ns.name(),
+        go = go.display()
+    );
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", &script]).stdin(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; the client dies with the test.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("start the client of user 65534")
+}
+
+/// The executable the audit log names for user 65534's connect.
+fn exe_of_other_user(agent: &Agent) -> String {
+    let ev = agent
+        .wait_for_audit(|e| e["uid"] == 65534 && e["dst_addr"] == "10.20.0.1", EVENT_WAIT)
+        .unwrap_or_else(|| panic!("no audit event of user 65534's connect\n{}", agent.context()));
+    ev["exe"].as_str().unwrap_or_default().to_string()
+}
+
+/// Starts `wrapper` as `llm-egress run` would be started by the harness and
+/// returns how it ended, or `None` if it became ready (then it is stopped).
+fn start_expecting_failure(wrapper: &Path, policy: &str, dir: &Path) -> Option<(i32, String)> {
+    let pin = PinDir::new();
+    let config = dir.join("policy-fail.toml");
+    fs::write(&config, policy).expect("write the policy");
+    let addr = format!("127.0.0.1:{}", free_loopback_port());
+    let stderr_path = dir.join("stderr-fail.log");
+    let mut cmd = Command::new(wrapper);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--pin-path")
+        .arg(pin.path())
+        .arg("--metrics-listen")
+        .arg(&addr)
+        .arg("--audit-log")
+        .arg(dir.join("audit-fail.jsonl"))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr_path).expect("stderr file"));
+    // SAFETY: prctl is async-signal-safe; the agent stops with the test.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start the agent");
+    let addr = addr.parse().expect("socket address");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some((status.code().unwrap_or(-1), fs::read_to_string(&stderr_path).unwrap_or_default()));
+        }
+        if http::get(addr, "/readyz", Duration::from_millis(300)).is_ok_and(|r| r.status == 200) {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the agent neither became ready nor exited within 20 s:\n{}", fs::read_to_string(&stderr_path).unwrap_or_default());
+}
+
+#[test]
+fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
+    require_root();
+    let unit = read(UNIT);
+    let caps = unit_capabilities(&unit);
+    let nnp = unit_values(&unit, "NoNewPrivileges") == ["yes"];
+    let read_write = unit_values(&unit, "ReadWritePaths");
+    assert_eq!(read_write, ["/sys/fs/bpf"], "the sandbox below emulates ReadWritePaths=/sys/fs/bpf only");
+    let dir = TempDir::new("llm-egress-test-caps");
+    let cg = CgroupGuard::new("unit-caps");
+    let w = cg.child("w");
+    let ns = NetnsGuard::new();
+    let policy = unit_policy(&cg);
+
+    // With the unit's privileges: ready, enforcing, and the exe of another
+    // user's process that started before the agent is known.
+    {
+        let go = dir.path().join("go-all");
+        let mut client = start_other_user_client(&w, &ns, &go);
+        let agent = Agent::start_with(sandbox_script(dir.path(), &caps, nnp), &policy);
+        let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+        let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap_or_default().to_string();
+        let r = probe().connect(&w, &ns, "10.20.0.1:443");
+        assert_eq!(r, Err(libc::EPERM), "w → test-llm under the unit's privileges: got {}\n{}", describe(&r), agent.context());
+        fs::write(&go, "").expect("touch go");
+        let exe = exe_of_other_user(&agent);
+        assert!(
+            exe.ends_with("bash"),
+            "with CAP_SYS_PTRACE the agent reads /proc/PID/exe of user 65534's bash, got {exe:?} ({eff})\n{}",
+            agent.context()
+        );
+        let _ = client.wait();
+    }
+
+    // Without each capability: what breaks. A capability whose removal breaks
+    // nothing should leave the unit.
+    for cap in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != cap).cloned().collect();
+        let wrapper = sandbox_script(dir.path(), &fewer, nnp);
+        match cap.as_str() {
+            "bpf" | "net_admin" | "perfmon" => {
+                let Some((code, stderr)) = start_expecting_failure(&wrapper, &policy, dir.path()) else {
+                    panic!("the agent started without CAP_{}: remove it from {UNIT} and docs/install.md", cap.to_uppercase());
+                };
+                assert!(
+                    code != 0 && (stderr.contains("Operation not permitted") || stderr.contains("Permission denied")),
+                    "without CAP_{} the agent should refuse to start with EPERM/EACCES (exit {code}):\n{stderr}",
+                    cap.to_uppercase()
+                );
+            }
+            "sys_ptrace" => {
+                let go = dir.path().join("go-noptrace");
+                let mut client = start_other_user_client(&w, &ns, &go);
+                let agent = Agent::start_with(wrapper, &policy);
+                fs::write(&go, "").expect("touch go");
+                let exe = exe_of_other_user(&agent);
+                assert_eq!(
+                    exe, "",
+                    "without CAP_SYS_PTRACE the exe of an older process of another user should be unknown; if it is known, drop the capability\n{}",
+                    agent.context()
+                );
+                let _ = client.wait();
+            }
+            other => panic!("{UNIT} grants CAP_{}, which this test does not know why", other.to_uppercase()),
+        }
+    }
+}
+
+#[test]
+fn systemd_unit_mounts_bpffs_when_the_host_has_none() {
+    require_root();
+    let unit = read(UNIT);
+    let pre = unit_values(&unit, "ExecStartPre");
+    let bpffs = pre
+        .iter()
+        .find(|c| c.contains("-t bpf"))
+        .unwrap_or_else(|| panic!("{UNIT}: no ExecStartPre= mounts bpffs: {pre:?}"));
+    let command = bpffs.trim_start_matches(['+', '-', '@', ':', '!']);
+    // In a private mount namespace only: unmount bpffs there, run the
+    // unit's command, and see bpffs mounted again.
+    let script = format!(
+        "umount /sys/fs/bpf && {command} && stat -f -c %T /sys/fs/bpf && stat -c %a /sys/fs/bpf"
+    );
+    let out = run(Command::new("unshare").args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script]));
+    assert!(out.status.success(), "the unit's ExecStartPre= should mount bpffs:\n{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["bpf_fs", "700"], "{}", show(&out));
+}
+
+// ---------------------------------------------------------------- Kubernetes
+
+fn manifests() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&repo().join("deploy/kubernetes"), &mut out);
+    assert!(out.len() >= 6, "deploy/kubernetes should hold the manifests: {out:?}");
+    out
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_kubernetes_schemas() {
+    let venv = pyenv();
+    let files = manifests();
+    for version in KUBERNETES_VERSIONS {
+        let out = run(Command::new(venv.join("bin/kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", version])
+            .args(&files));
+        let text = show(&out);
+        assert!(out.status.success(), "kubernetes-validate {version}:\n{text}");
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let passed = all.lines().filter(|l| l.starts_with("INFO") && l.contains(" passed ")).count();
+        // Only the PodMonitor has no schema in kubernetes-validate (a CRD of
+        // the Prometheus Operator); kubernetes_manifests_agree checks it.
+        let unexpected: Vec<&str> = all
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !(l.starts_with("INFO") && l.contains(" passed ")))
+            .filter(|l| !(l.starts_with("WARN") && l.contains("kind PodMonitor with api version monitoring.coreos.com/v1")))
+            .collect();
+        assert!(unexpected.is_empty(), "kubernetes-validate {version} said more than `passed`:\n{text}");
+        assert_eq!(passed, files.len() - 1, "every manifest but the PodMonitor passes ({version}):\n{text}");
+    }
+}
+
+/// Reads every manifest with PyYAML and checks that they fit together;
+/// prints what the Rust side checks further as one JSON object.
+const AGREE_PY: &str = r#"
+import json, sys, tomllib, yaml
+docs = []
+for f in sys.argv[1:]:
+    docs += [(f, d) for d in yaml.safe_load_all(open(f)) if d]
+by_kind = {}
+for f, d in docs:
+    by_kind.setdefault(d["kind"], []).append(d)
+def one(kind):
+    assert len(by_kind.get(kind, [])) == 1, f"expected one {kind}, got {len(by_kind.get(kind, []))}"
+    return by_kind[kind][0]
+problems = []
+def check(ok, what):
+    if not ok: problems.append(what)
+ns = one("Namespace")["metadata"]["name"]
+for f, d in docs:
+    if d["kind"] != "Namespace":
+        check(d["metadata"].get("namespace") == ns, f"{f}: {d['kind']} not in namespace {ns}")
+check(one("Namespace")["metadata"]["labels"].get("pod-security.kubernetes.io/enforce") == "privileged", "namespace must admit privileged pods (hostPID, hostPath)")
+ds, svc, cm, sa, pm = one("DaemonSet"), one("Service"), one("ConfigMap"), one("ServiceAccount"), one("PodMonitor")
+tmpl = ds["spec"]["template"]
+labels = tmpl["metadata"]["labels"]
+sub = lambda sel: all(labels.get(k) == v for k, v in sel.items())
+check(sub(ds["spec"]["selector"]["matchLabels"]), "DaemonSet selector does not match its pod labels")
+check(sub(svc["spec"]["selector"]), "Service selector does not match the pods")
+check(sub(pm["spec"]["selector"]["matchLabels"]), "PodMonitor selector does not match the pods")
+check(ns in pm["spec"]["namespaceSelector"]["matchNames"], "PodMonitor does not look in the namespace")
+spec = tmpl["spec"]
+check(spec.get("hostPID") is True, "hostPID: the agent reads /proc/<host pid>/exe")
+check(spec.get("serviceAccountName") == sa["metadata"]["name"], "DaemonSet does not use the ServiceAccount")
+[c] = spec["containers"]
+ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+check(svc["spec"]["ports"][0]["targetPort"] in ports, "Service targetPort is no container port")
+check(all(e["port"] in ports for e in pm["spec"]["podMetricsEndpoints"]), "PodMonitor port is no container port")
+check(c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["livenessProbe"]["httpGet"]["port"] in ports, "liveness probe on /healthz")
+check(c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["readinessProbe"]["httpGet"]["port"] in ports, "readiness probe on /readyz")
+for obj in (tmpl["metadata"], svc["metadata"]):
+    a = obj.get("annotations", {})
+    check(a.get("prometheus.io/scrape") == "true" and int(a.get("prometheus.io/port", 0)) in ports.values(), "prometheus.io annotations")
+sc = c["securityContext"]
+check(sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False, "not privileged, no privilege escalation")
+check(sc["capabilities"]["drop"] == ["ALL"], "drop ALL capabilities first")
+mounts = {m["name"]: m for m in c["volumeMounts"]}
+vols = {v["name"]: v for v in spec["volumes"]}
+policy_vol = [n for n, v in vols.items() if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
+check(len(policy_vol) == 1 and "subPath" not in mounts[policy_vol[0]], "the ConfigMap is mounted as a directory (subPath mounts never see updates)")
+config = c["args"][c["args"].index("--config") + 1]
+check(config == mounts[policy_vol[0]]["mountPath"].rstrip("/") + "/policy.toml" and "policy.toml" in cm["data"], "--config names the ConfigMap's policy.toml")
+host = {m["mountPath"]: vols[n]["hostPath"]["path"] for n, m in mounts.items() if "hostPath" in vols[n]}
+check(host.get("/sys/fs/cgroup") == "/sys/fs/cgroup" and host.get("/sys/fs/bpf") == "/sys/fs/bpf", "cgroup2 and bpffs at their host paths")
+policy = tomllib.loads(cm["data"]["policy.toml"])
+check(int(policy["metrics_listen"].rsplit(":", 1)[1]) in ports.values(), "metrics_listen is the container port")
+check(policy.get("cgroup", "/sys/fs/cgroup").startswith("/sys/fs/cgroup/"), "the policy's cgroup is below the mounted cgroup tree")
+for kind in ("requests", "limits"):
+    check({"cpu", "memory"} <= set(c["resources"].get(kind, {})), f"resources.{kind} cpu and memory")
+print(json.dumps({"problems": problems, "capabilities": sc["capabilities"]["add"], "policy": cm["data"]["policy.toml"],
+                  "command": c["command"], "image": c["image"]}))
+"#;
+
+fn manifest_facts() -> Value {
+    let venv = pyenv();
+    let out = run(Command::new(venv.join("bin/python3")).arg("-c").arg(AGREE_PY).args(manifests()));
+    assert!(out.status.success(), "reading the manifests failed:\n{}", show(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", show(&out)))
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_each_other_and_with_the_unit() {
+    let facts = manifest_facts();
+    assert_eq!(facts["problems"], Value::Array(vec![]), "the manifests do not fit together");
+    let daemonset: BTreeSet<String> = facts["capabilities"]
+        .as_array()
+        .expect("capabilities")
+        .iter()
+        .map(|c| c.as_str().unwrap_or_default().to_ascii_lowercase())
+        .collect();
+    let unit: BTreeSet<String> = unit_capabilities(&read(UNIT)).into_iter().collect();
+    assert_eq!(daemonset, unit, "the DaemonSet adds other capabilities than the systemd unit allows");
+    let dockerfile = read("Dockerfile");
+    let command = facts["command"][0].as_str().unwrap_or_default();
+    assert!(
+        dockerfile.contains(&format!("COPY --from=build /src/target/release/llm-egress {command}")),
+        "the image should put the agent where the DaemonSet runs it ({command})"
+    );
+}
+
+#[test]
+fn kubernetes_configmap_policy_passes_check() {
+    let facts = manifest_facts();
+    let dir = TempDir::new("llm-egress-test-cm");
+    let file = dir.path().join("policy.toml");
+    fs::write(&file, facts["policy"].as_str().expect("policy text")).expect("write policy");
+    let out = run(Command::new(agent_bin()).arg("check").arg(&file));
+    assert!(out.status.success(), "the ConfigMap's policy.toml must pass `llm-egress check`:\n{}", show(&out));
+}
+
+// ---------------------------------------------------------------- image
+
+#[test]
+fn dockerfile_builds_the_pinned_toolchain_and_ignores_build_output() {
+    let dockerfile = read("Dockerfile");
+    let setup = read("xtask/src/setup.rs");
+    let linker = setup
+        .lines()
+        .find_map(|l| l.strip_prefix("pub const BPF_LINKER_VERSION: &str = \""))
+        .and_then(|r| r.strip_suffix("\";"))
+        .expect("BPF_LINKER_VERSION in xtask/src/setup.rs");
+    assert!(dockerfile.contains(&format!("ARG BPF_LINKER_VERSION={linker}")), "Dockerfile: bpf-linker {linker}, as setup installs");
+    let manifest = read("Cargo.toml");
+    let rust = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = \""))
+        .and_then(|r| r.strip_suffix('"'))
+        .expect("rust-version in Cargo.toml");
+    assert!(dockerfile.contains(&format!("ARG RUST_VERSION={rust}")), "Dockerfile: rustup toolchain {rust}, the workspace's rust-version");
+    for needle in ["FROM debian:bookworm AS build", "FROM debian:bookworm-slim", "cargo xtask build-ebpf", "--release", "--locked"] {
+        assert!(dockerfile.contains(needle), "Dockerfile lacks {needle:?}");
+    }
+    let ignore = read(".dockerignore");
+    let rules: Vec<&str> = ignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    for must in ["target", ".git"] {
+        assert!(rules.iter().any(|r| r.trim_matches('/') == must), ".dockerignore should leave out {must}");
+    }
+    for needed in ["Cargo.lock", "agent", "common", "ebpf", "xtask", "deploy", ".cargo"] {
+        assert!(
+            !rules.iter().any(|r| r.trim_matches('/') == needed || *r == "*"),
+            ".dockerignore must not leave out {needed}: the build needs it"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- dashboard
+
+/// Percent-encodes a query parameter.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A panel query as Prometheus gets it: Grafana's interval variables
+/// become 1m, dashboard variables (`$workload`, `${provider}`) `.*`.
+pub fn substitute(expr: &str) -> String {
+    let expr = expr
+        .replace("$__rate_interval", "1m")
+        .replace("${__rate_interval}", "1m")
+        .replace("$__interval", "1m")
+        .replace("$__range", "5m");
+    let mut out = String::new();
+    let mut rest = expr.as_str();
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let (name_len, skip) = if let Some(braced) = after.strip_prefix('{') {
+            let end = braced.find('}').unwrap_or(braced.len());
+            (end, end + 2)
+        } else {
+            let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+            (end, end)
+        };
+        if name_len == 0 {
+            out.push('$');
+            rest = after;
+        } else {
+            out.push_str(".*");
+            rest = &after[skip.min(after.len())..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// (panel title, exprs) of every panel with queries, rows' children included.
+fn dashboard_panels(dash: &Value) -> Vec<(String, Vec<String>)> {
+    fn walk(panels: &Value, out: &mut Vec<(String, Vec<String>)>) {
+        for p in panels.as_array().into_iter().flatten() {
+            walk(&p["panels"], out);
+            let exprs: Vec<String> = p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["expr"].as_str().map(str::to_string))
+                .collect();
+            if !exprs.is_empty() {
+                out.push((p["title"].as_str().unwrap_or("?").to_string(), exprs));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dash["panels"], &mut out);
+    out
+}
+
+/// Metric names (`llm_egress_*`) an expression uses; histogram series map
+/// to their family.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("llm_egress_") {
+        let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        rest = &rest[i + name.len()..];
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name).to_string();
+        out.insert(family);
+    }
+    out
+}
+
+#[test]
+fn dashboard_uses_only_documented_metrics() {
+    let dash: Value = serde_json::from_str(&read("deploy/grafana/llm-egress.json")).expect("dashboard JSON");
+    let docs = read("docs/metrics.md");
+    let panels = dashboard_panels(&dash);
+    assert!(panels.len() >= 10, "the dashboard should have its panels: {}", panels.len());
+    for (title, exprs) in &panels {
+        for expr in exprs {
+            for name in metric_names(expr) {
+                assert!(docs.contains(&format!("`{name}`")), "panel {title:?} uses {name}, which docs/metrics.md does not document: {expr}");
+            }
+        }
+    }
+    assert_eq!(substitute(r#"rate(x{w=~"$workload",p=~"${provider}"}[$__rate_interval])"#), r#"rate(x{w=~".*",p=~".*"}[1m])"#);
+}
+
+/// A Prometheus server on a free loopback port with its own storage, killed
+/// on drop.
+struct Prometheus {
+    child: Child,
+    addr: std::net::SocketAddr,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(scrape: std::net::SocketAddr) -> Prometheus {
+        let dir = TempDir::new("llm-egress-test-prometheus");
+        let config = dir.path().join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: llm-egress\n    static_configs:\n      - targets: ['{scrape}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_loopback_port()).parse().expect("addr");
+        let log = fs::File::create(dir.path().join("prometheus.log")).expect("log file");
+        let mut cmd = Command::new("prometheus");
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; Prometheus stops with the test.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start prometheus (Debian package prometheus; cargo xtask setup)");
+        let p = Prometheus { child, addr, _dir: dir };
+        let ready = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+            http::get(p.addr, "/-/ready", Duration::from_secs(2)).ok().filter(|r| r.status == 200)
+        });
+        assert!(ready.is_some(), "prometheus did not become ready:\n{}", p.log());
+        p
+    }
+
+    fn log(&self) -> String {
+        tail(&fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default(), 3000).to_string()
+    }
+
+    /// `/api/v1/query`: the result array, or the error Prometheus gave.
+    fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
+        let path = format!("/api/v1/query?query={}", urlencode(expr));
+        let r = http::get(self.addr, &path, Duration::from_secs(10)).map_err(|e| format!("GET failed: {e}"))?;
+        let v: Value = serde_json::from_str(&r.body).map_err(|e| format!("HTTP {}: not JSON ({e}): {}", r.status, r.body))?;
+        if v["status"] != "success" {
+            return Err(format!("HTTP {}: {} {}", r.status, v["errorType"], v["error"]));
+        }
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if wait_until(Duration::from_secs(5), Duration::from_millis(50), || self.child.try_wait().ok().flatten()).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// curl inside `cgroup` and the namespace, fetching `url`.
+fn curl(cgroup: &Path, ns: &NetnsGuard, url: &str) -> Output {
+    let procs = cgroup.join("cgroup.procs");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name(), "curl", "-sS", "-o", "/dev/null", "--max-time", "5", url]);
+    // SAFETY: only an open, a write and a close between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || fs::write(&procs, b"0"));
+    }
+    run(&mut cmd)
+}
+
+/// An agent after traffic of every kind the dashboard shows: allowed provider
+/// connections with payload (curl), denied ones, audited ones, and a failed
+/// handshake.
+fn agent_with_traffic(cg: &CgroupGuard, ns: &NetnsGuard) -> Agent {
+    let (bot, batch, notebook) = (cg.child("bot"), cg.child("batch"), cg.child("notebook"));
+    let agent = Agent::start(&format!(
+        r#"mode = "enforce"
+cgroup = {}
+
+[resolver]
+servers = ["127.0.0.1:9"]
+
+[[providers]]
+name = "test-llm"
+cidrs = ["10.20.0.0/16"]
+
+[[workloads]]
+name = "bot"
+cgroup = "bot"
+allow = ["test-llm"]
+
+[[workloads]]
+name = "batch"
+cgroup = "batch"
+deny = ["test-llm"]
+
+[[workloads]]
+name = "notebook"
+cgroup = "notebook"
+llm = "audit"
+"#,
+        toml_str(&cg.path().display().to_string())
+    ));
+    for i in 0..3 {
+        let out = curl(&bot, ns, "http://10.20.0.1:8080/v1/models");
+        assert!(out.status.success(), "curl #{i} from bot: {}\n{}", show(&out), agent.context());
+    }
+    let p = probe();
+    let r = p.connect(&batch, ns, "10.20.0.1:8080");
+    assert_eq!(r, Err(libc::EPERM), "batch → test-llm: {}\n{}", describe(&r), agent.context());
+    let r = p.connect(&notebook, ns, "10.20.0.1:8080");
+    assert!(r.is_ok(), "notebook → test-llm is audited, not denied: {}\n{}", describe(&r), agent.context());
+    // Nothing listens on port 9: an allowed connection whose handshake fails.
+    let r = p.connect(&bot, ns, "10.20.0.1:9");
+    assert_eq!(r, Err(libc::ECONNREFUSED), "bot → 10.20.0.1:9: {}\n{}", describe(&r), agent.context());
+    agent
+}
+
+#[test]
+fn dashboard_queries_return_data_from_a_real_prometheus() {
+    require_root();
+    let dash: Value = serde_json::from_str(&read("deploy/grafana/llm-egress.json")).expect("dashboard JSON");
+    let cg = CgroupGuard::new("dashboard");
+    let ns = NetnsGuard::new();
+    let _server = HttpServer::start(&ns, "10.20.0.1:8080");
+    let agent = agent_with_traffic(&cg, &ns);
+    for (labels, n) in [
+        (vec![("workload", "bot"), ("verdict", "allow")], 3.0),
+        (vec![("workload", "batch"), ("verdict", "deny")], 1.0),
+        (vec![("workload", "notebook"), ("verdict", "audit")], 1.0),
+    ] {
+        let got = agent.wait_for_metric("llm_egress_connections_total", &labels, n, EVENT_WAIT);
+        assert!(got >= Some(n), "llm_egress_connections_total{labels:?} should reach {n}, is {got:?}\n{}", agent.context());
+    }
+    let prom = Prometheus::start(agent.metrics_addr());
+    // Two scrapes at least, so that rate() and increase() have two samples.
+    let scraped = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        let r = prom.query("count_over_time(llm_egress_build_info[1m])").ok()?;
+        let n: f64 = r.first()?["value"][1].as_str()?.parse().ok()?;
+        (n >= 3.0).then_some(n)
+    });
+    assert!(scraped.is_some(), "prometheus did not scrape the agent 3 times in 30 s:\n{}", prom.log());
+
+    let mut failures = Vec::new();
+    let panels = dashboard_panels(&dash);
+    for (title, exprs) in &panels {
+        let mut series = 0;
+        for expr in exprs {
+            let q = substitute(expr);
+            match prom.query(&q) {
+                Ok(result) => series += result.len(),
+                Err(e) => failures.push(format!("panel {title:?}: query error: {e}\n    {q}")),
+            }
+        }
+        if series == 0 {
+            failures.push(format!("panel {title:?} shows nothing after traffic:\n    {}", exprs.iter().map(|e| substitute(e)).collect::<Vec<_>>().join("\n    ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} panels fail against Prometheus scraping the agent:\n{}\n--- agent /metrics ---\n{}",
+        failures.len(),
+        panels.len(),
+        failures.join("\n"),
+        agent.metrics()
+    );
+}
+
+#[test]
+fn agent_metrics_pass_promtool_check() {
+    require_root();
+    let cg = CgroupGuard::new("promtool");
+    let ns = NetnsGuard::new();
+    let _server = HttpServer::start(&ns, "10.20.0.1:8080");
+    let agent = agent_with_traffic(&cg, &ns);
+    agent.wait_for_metric("llm_egress_connections_total", &[("workload", "bot")], 3.0, EVENT_WAIT);
+    let metrics = agent.metrics();
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start promtool (Debian package prometheus)");
+    child.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics finds problems in the agent's /metrics:\n{}\n--- /metrics ---\n{metrics}",
+        show(&out)
+    );
+}
