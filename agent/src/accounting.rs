@@ -1,7 +1,8 @@
 //! Connection accounting: the kernel's connection events (`CONN_UPDATE`,
 //! `CONN_SUMMARY`, tied by socket cookie to the connect decision) become
 //! byte counters, active-connection gauges, duration histograms, per-process
-//! series and `connection` records of the audit log.
+//! series, token estimates (`crate::tokens`, at close) and `connection`
+//! records of the audit log.
 //!
 //! Per-process series are bounded: each workload gets at most
 //! `telemetry.process_series_per_workload` process labels, first come first
@@ -22,6 +23,7 @@ use crate::{
     audit::{Attribution, ConnectionRecord},
     metrics::Metrics,
     policy::TelemetryConfig,
+    tokens,
 };
 
 /// The label of processes beyond the per-workload limit.
@@ -149,6 +151,19 @@ impl Accounting {
         } else {
             self.metrics.connect_failures.with_label_values(&[w, p]).inc();
         }
+        let traffic = tokens::Traffic {
+            bytes_sent: d.bytes_sent,
+            bytes_received: d.bytes_received,
+            segments_in: d.data_segs_in,
+            segments_out: d.data_segs_out,
+            duration: Duration::from_nanos(duration),
+        };
+        let client = tokens::Client::of(&process_name(&who));
+        let estimate = if established { tokens::estimate(tokens::Family::of(p), client, &traffic) } else { None };
+        if let Some(e) = estimate {
+            self.metrics.tokens.with_label_values(&[w, p, "prompt", tokens::SOURCE]).inc_by(e.prompt);
+            self.metrics.tokens.with_label_values(&[w, p, "completion", tokens::SOURCE]).inc_by(e.completion);
+        }
         Some(ConnectionRecord {
             event: "connection",
             time,
@@ -166,6 +181,9 @@ impl Accounting {
             segments_received: d.data_segs_in,
             segments_sent: d.data_segs_out,
             generation: d.generation,
+            tokens_prompt_estimated: estimate.map(|e| e.prompt),
+            tokens_completion_estimated: estimate.map(|e| e.completion),
+            streamed: estimate.map(|e| e.streamed()),
         })
     }
 
@@ -259,6 +277,27 @@ mod tests {
         a.opened(2, "w", "p", &who("/bin/a"));
         assert_eq!(a.reconcile(&HashSet::from([2])), 1);
         assert_eq!(m.active_connections.with_label_values(&["w", "p"]).get(), 1);
+    }
+
+    #[test]
+    fn summaries_carry_token_estimates_counted_as_estimated() {
+        let m = Metrics::new().unwrap();
+        let mut a = Accounting::new(m.clone(), config(20));
+        a.opened(3, "bot", "anthropic", &who("/usr/bin/curl"));
+        let mut ev = stats(3, kind::CONN_SUMMARY, 1_600, 4_000);
+        ev.data.data_segs_in = 3;
+        let rec = a.stats(&ev, ("x".into(), "y".into()), who(""), String::new()).unwrap();
+        let (p, c) = (rec.tokens_prompt_estimated.unwrap(), rec.tokens_completion_estimated.unwrap());
+        assert!(p > 0 && c > 0, "{rec:?}");
+        assert_eq!(rec.streamed, Some(false));
+        let get = |kind| m.tokens.with_label_values(&["bot", "anthropic", kind, "estimated"]).get();
+        assert_eq!((get("prompt"), get("completion")), (p, c));
+        // No handshake, no request: no estimate, nothing counted.
+        let mut ev = stats(4, kind::CONN_SUMMARY, 0, 0);
+        ev.data.established_ns = 0;
+        let rec = a.stats(&ev, ("bot".into(), "anthropic".into()), who(""), String::new()).unwrap();
+        assert_eq!((rec.tokens_prompt_estimated, rec.streamed), (None, None));
+        assert_eq!(get("prompt"), p);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Sources of change, all handled on one task so that map writes never
 //! interleave: SIGHUP or a changed policy file (a new policy: written to the
 //! idle slot, then activated), the cgroup watcher (workload cgroups appear or
-//! go), resolver rounds (provider addresses), and a 1 s tick that copies the
+//! go), the node's pod list (`kube`: pods appear, labels change), resolver rounds (provider addresses), and a 1 s tick that copies the
 //! kernel counters into metrics. SIGTERM/SIGINT stop cleanly.
 
 use std::{
@@ -32,6 +32,7 @@ use crate::{
     cli::{Listen, RunArgs},
     events::{self, Context, NameTable, Names},
     http::{self, Health},
+    kube,
     loader::{self, AttachOutcome, Loader},
     maps::{KernelMaps, WriteReport},
     metrics::Metrics,
@@ -66,8 +67,37 @@ pub enum RunError {
 
 /// The policy file's settings that only a restart can change.
 fn restart_only(p: &Policy) -> impl PartialEq + std::fmt::Debug {
-    (p.cgroup.clone(), p.pin_path.clone(), p.metrics_listen, p.failure_mode, p.audit_log.clone())
+    (p.cgroup.clone(), p.pin_path.clone(), p.metrics_listen, p.failure_mode, p.audit_log.clone(), p.kubernetes.clone())
 }
+
+/// DNS answers waiting for the agent's parser; more are dropped (counted).
+const DNS_FALLBACK_QUEUE: usize = 1024;
+
+/// Parses an answer the kernel gave up on and writes the addresses it
+/// teaches for the active policy's names (docs/names.md: not race-free).
+fn learn_unparsed(maps: &mut KernelMaps, seed: u64, msg: &[u8], metrics: &Metrics) {
+    let Some(names) = maps.active_names() else { return };
+    match crate::dns::learnable(msg, seed, names) {
+        Ok(found) => {
+            metrics.dns_fallback.with_label_values(&["parsed"]).inc();
+            for l in found {
+                match maps.learn(l.addr, l.key, l.ttl) {
+                    Ok(()) => metrics.dns_fallback.with_label_values(&["learned"]).inc(),
+                    Err(e) => {
+                        let map = if l.addr.is_ipv4() { llm_egress_common::MAP_LEARNED_V4 } else { llm_egress_common::MAP_LEARNED_V6 };
+                        metrics.map_update_errors.with_label_values(&[map]).inc();
+                        warn!(addr = %l.addr, error = %e, "could not write an address learned by the DNS fallback");
+                    }
+                }
+            }
+        }
+        Err(crate::dns::Skip::NotAnAnswer) => metrics.dns_fallback.with_label_values(&["parsed"]).inc(),
+        Err(crate::dns::Skip::Unparsed) => metrics.dns_fallback.with_label_values(&["unparsed"]).inc(),
+    }
+}
+
+/// Ticks (seconds) between two counts of the learned destinations.
+const LEARNED_COUNT_TICKS: u64 = 10;
 
 /// Reads the policy and applies the command-line overrides.
 pub fn load_policy(args: &RunArgs) -> Result<Policy, PolicyErrors> {
@@ -129,6 +159,11 @@ struct State {
     attach: PathBuf,
     attach_id: u64,
     root_rel: String,
+    /// The node's pods, for `k8s` selectors.
+    pods: kube::Pods,
+    /// Pod uids of cgroups that the pod list lacked at the last scan (a
+    /// refresh was asked for each once).
+    unknown_pods: BTreeSet<String>,
     /// Seed of the name hashes in `NAMES` (kept in the pinned `NAME_CFG`).
     name_seed: u64,
 }
@@ -148,7 +183,15 @@ impl State {
     fn rescan(&mut self, paths: &CgroupPaths, metrics: &Metrics) -> bool {
         let dirs = cgroups::scan(&self.attach);
         paths.replace(cgroups::paths(&self.root_rel, &dirs));
-        let assigned = self.selectors.assign(&dirs);
+        let pods = self.pods.snapshot();
+        let assigned = self.selectors.assign(&dirs, &pods);
+        if self.pods.enabled() {
+            let unknown: BTreeSet<String> = cgroups::unknown_pods(&dirs, &pods).into_iter().collect();
+            if !unknown.is_subset(&self.unknown_pods) {
+                self.pods.request_refresh();
+            }
+            self.unknown_pods = unknown;
+        }
         let changed = assigned != self.cgroups;
         self.cgroups = assigned;
         metrics.workload_cgroups.reset();
@@ -222,6 +265,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let previous_generation = maps.active_config()?.map(|c| c.generation).unwrap_or(0);
     let adopt = previous.slot != 0 && previous.attach_cgroup_id == attach_id && loader.has_pinned_links();
 
+    // The node's pods before the first plan, so that `k8s` workloads apply
+    // from the start (a failing API server delays this at most 5 s).
+    let (pods, mut pod_changes) = kube::start(&policy.kubernetes, metrics.clone()).await;
+
     let names = Names::default();
     let paths = CgroupPaths::default();
     let mut state = State {
@@ -233,8 +280,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         attach: attach.clone(),
         attach_id,
         root_rel,
+        pods,
+        unknown_pods: BTreeSet::new(),
         name_seed: maps.name_seed()?,
     };
+    if state.selectors.selects_pods() && !state.pods.enabled() {
+        warn!("workloads select pods by namespace and labels (`k8s`), but the agent has no pod list: not in a cluster (KUBERNETES_SERVICE_HOST unset) or [kubernetes] is not usable; they select nothing");
+    }
     state.rescan(&paths, &metrics);
     state.report_missing_workloads();
     names.push(NameTable::of(&state.policy, state.generation));
@@ -272,7 +324,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         AttachOutcome::Attached => info!(generation = state.generation, "programs attached"),
     }
 
-    let ctx = Context { execs, exe_cache: Default::default(), names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone() };
+    // DNS answers the kernel could not parse, from the event reader.
+    let (dns_tx, mut dns_rx) = mpsc::channel::<Vec<u8>>(DNS_FALLBACK_QUEUE);
+    let ctx = Context { execs, exe_cache: Default::default(), names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone(), pods: state.pods.clone(), dns_fallback: Some(dns_tx) };
     let events_alive = Arc::new(AtomicBool::new(true));
     let conns = loader.ebpf.take_map(MAP_CONNS).and_then(|m| m.try_into().ok());
     let accounting = Accounting::new(metrics.clone(), state.policy.telemetry.clone());
@@ -298,6 +352,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut term = signal(SignalKind::terminate()).map_err(|source| RunError::Io { what: "SIGTERM handler".into(), source })?;
     let mut int = signal(SignalKind::interrupt()).map_err(|source| RunError::Io { what: "SIGINT handler".into(), source })?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // `LEARNED_*` are counted every `LEARNED_COUNT_TICKS` ticks (a walk of
+    // up to 2 × 65,536 entries).
+    let mut ticks: u64 = 0;
     let mut file_hash = args.config.as_deref().and_then(content_hash);
     info!(attach = %attach.display(), pin_path = %state.policy.pin_path.display(), "ready");
 
@@ -306,6 +363,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             _ = hup.recv() => Some("SIGHUP"),
             _ = term.recv() => break,
             _ = int.recv() => break,
+            Some(()) = pod_changes.recv() => {
+                if state.rescan(&paths, &metrics) {
+                    let report = maps.apply_update(state.plan())?;
+                    record_writes(&report, &metrics);
+                    record_occupancy(&maps, &metrics);
+                }
+                None
+            }
+            Some(msg) = dns_rx.recv() => {
+                learn_unparsed(&mut maps, state.name_seed, &msg, &metrics);
+                None
+            }
             Some(()) = cgroup_changes.recv() => {
                 if state.rescan(&paths, &metrics) {
                     let report = maps.apply_update(state.plan())?;
@@ -333,6 +402,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 if let Ok(c) = maps.counters() {
                     metrics.sync_kernel(&c);
                 }
+                if ticks % LEARNED_COUNT_TICKS == 0 {
+                    let (v4, v6) = maps.learned_counts();
+                    metrics.learned_destinations.with_label_values(&["v4"]).set(v4 as i64);
+                    metrics.learned_destinations.with_label_values(&["v6"]).set(v6 as i64);
+                }
+                ticks += 1;
                 metrics.sync_verdicts(&maps.verdict_counts(), |k| {
                     let (w, p) = events::names_of(&names, k.generation, k.workload_id, k.provider_id);
                     [w, p.unwrap_or_else(|| "none".into()), events::verdict_name(k.verdict).to_string()]
@@ -359,7 +434,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
             Ok(new) => {
                 if restart_only(&new) != restart_only(&state.policy) {
-                    warn!("cgroup, pin_path, metrics_listen, failure_mode and audit_log change only on restart; keeping the running values");
+                    warn!("cgroup, pin_path, metrics_listen, failure_mode, audit_log and [kubernetes] change only on restart; keeping the running values");
                 }
                 let mut next = new;
                 next.cgroup = state.policy.cgroup.clone();
@@ -367,6 +442,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 next.metrics_listen = state.policy.metrics_listen;
                 next.failure_mode = state.policy.failure_mode;
                 next.audit_log = state.policy.audit_log.clone();
+                next.kubernetes = state.policy.kubernetes.clone();
                 let old_resolver = state.policy.resolver.clone();
                 let old = std::mem::replace(&mut state.policy, next);
                 state.generation += 1;

@@ -25,6 +25,10 @@ pub struct Attribution {
     /// What the cgroup path says: systemd unit, container, pod.
     #[serde(flatten)]
     pub cgroup_info: crate::cgroup_info::CgroupInfo,
+    /// The pod of `pod_uid`, from the node's pod list (`crate::kube`);
+    /// null when the agent has no list or the list lacks the uid.
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
 }
 
 /// One decision as the audit log shows it.
@@ -45,6 +49,9 @@ pub struct DecisionRecord {
     pub provider: Option<String>,
     pub generation: u64,
     pub hook: &'static str,
+    /// The TLS server name judged (`hook: "sni"` records only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// A tracked provider connection at its close.
@@ -74,6 +81,12 @@ pub struct ConnectionRecord {
     pub segments_received: u32,
     pub segments_sent: u32,
     pub generation: u64,
+    /// Token estimates from the encrypted traffic (docs/tokens.md); null
+    /// when the connection carried no request.
+    pub tokens_prompt_estimated: Option<u64>,
+    pub tokens_completion_estimated: Option<u64>,
+    /// The response came as a stream of small segments (SSE).
+    pub streamed: Option<bool>,
 }
 
 #[derive(Clone)]
@@ -155,6 +168,8 @@ mod tests {
                 gid: 0,
                 cgroup: "/system.slice/bot.service".into(),
                 cgroup_info: crate::cgroup_info::describe("/system.slice/bot.service"),
+                pod_name: Some("bot-1".into()),
+                pod_namespace: Some("support".into()),
             },
             protocol: "tcp",
             dst_addr: "192.0.2.1".into(),
@@ -162,6 +177,7 @@ mod tests {
             provider: Some("openai".into()),
             generation: 3,
             hook: "connect4",
+            server_name: Some("api.openai.com".into()),
         };
         let c = ConnectionRecord {
             event: "connection",
@@ -180,6 +196,9 @@ mod tests {
             segments_received: 1,
             segments_sent: 1,
             generation: 3,
+            tokens_prompt_estimated: Some(20),
+            tokens_completion_estimated: Some(30),
+            streamed: Some(false),
         };
         let doc = include_str!("../../docs/events.md");
         for key in serde_json::to_value(&c).unwrap().as_object().unwrap().keys() {

@@ -2,8 +2,8 @@
 //! the container (docker, containerd, cri-o, podman) and the Kubernetes pod
 //! uid and QoS class (kubelet's path shapes for the systemd and cgroupfs
 //! drivers). Pure string work on the path the kernel and /proc report; pod
-//! names and namespaces are not in the path (docs/events.md says where they
-//! would come from).
+//! names and namespaces are not in the path: `crate::kube` learns them from
+//! the API server, by the uid found here (docs/events.md).
 
 use serde::Serialize;
 
@@ -32,12 +32,26 @@ fn scoped_id<'a>(component: &'a str, prefixes: &[&str]) -> Option<&'a str> {
 }
 
 /// `pod<uid>` or `kubepods-<qos>-pod<uid>.slice` / `kubepods-pod<uid>.slice`.
+/// A uid is a UUID (dashes, or underscores with the systemd driver), or 32
+/// hex digits: the kubelet's uid of a static pod (the hash its mirror pod
+/// carries in the `kubernetes.io/config.mirror` annotation).
 fn pod_uid(component: &str) -> Option<String> {
     let rest = component.strip_suffix(".slice").unwrap_or(component);
     let idx = rest.rfind("pod")?;
     let uid = &rest[idx + 3..];
-    let ok = uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_');
-    (ok && (idx == 0 || rest[..idx].ends_with('-'))).then(|| uid.replace('_', "-"))
+    let uuid = uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_');
+    let hash = uid.len() == 32 && uid.bytes().all(|b| b.is_ascii_hexdigit());
+    ((uuid || hash) && (idx == 0 || rest[..idx].ends_with('-'))).then(|| uid.replace('_', "-"))
+}
+
+/// The pod uid of `path` when `path` is a pod-level directory (its last
+/// component is the pod's, below `kubepods`/`kubepods.slice`): the
+/// directory a `k8s` workload selector selects. Container directories below
+/// it return None.
+pub fn pod_dir_uid(path: &str) -> Option<String> {
+    let mut parts = path.split('/').filter(|p| !p.is_empty());
+    let last = parts.next_back()?;
+    parts.any(|p| p == "kubepods" || p == "kubepods.slice").then(|| pod_uid(last)).flatten()
 }
 
 pub fn describe(path: &str) -> CgroupInfo {
@@ -139,6 +153,26 @@ mod tests {
         // below another cgroup (a kind node, a test cgroup)
         let i = describe(&format!("/kubelet.slice/kubepods/burstable/pod{UID}/{ID}"));
         assert_eq!((i.pod_uid.as_deref(), i.qos_class), (Some(UID), Some("burstable")));
+    }
+
+    #[test]
+    fn pod_level_directories() {
+        let u = UID.replace('-', "_");
+        let systemd = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice");
+        assert_eq!(pod_dir_uid(&systemd).as_deref(), Some(UID));
+        assert_eq!(pod_dir_uid(&format!("{systemd}/cri-containerd-{ID}.scope")), None, "a container, not the pod");
+        assert_eq!(pod_dir_uid(&format!("/kubepods/besteffort/pod{UID}")).as_deref(), Some(UID));
+        assert_eq!(pod_dir_uid(&format!("kubepods/pod{UID}")).as_deref(), Some(UID));
+        assert_eq!(pod_dir_uid(&format!("/kubepods/pod{UID}/{ID}")), None);
+        assert_eq!(pod_dir_uid(&format!("other/pod{UID}")), None, "only below kubepods");
+        assert_eq!(pod_dir_uid(&format!("pod{UID}")), None);
+        assert_eq!(pod_dir_uid("kubepods.slice/kubepods-burstable.slice"), None);
+        // Static pods: the kubelet's uid is a 32-hex-digit hash.
+        let hash = "5fc3b7ec1ba3ab0e5e4ae1b4ad0d1f47";
+        let p = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice");
+        assert_eq!(pod_dir_uid(&p).as_deref(), Some(hash));
+        assert_eq!(describe(&format!("/{p}/cri-containerd-{ID}.scope")).pod_uid.as_deref(), Some(hash));
+        assert_eq!(pod_dir_uid("kubepods/pod5fc3b7ec1ba3ab0e5e4ae1b4ad0d1f4"), None, "31 digits");
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! descendants. New directories are seen through inotify (mkdir on cgroupfs
 //! raises IN_CREATE) with a periodic rescan as a safety net. A workload whose
 //! cgroup does not exist yet is logged and applied when it appears.
+//!
+//! A `k8s` selector selects pod-level directories (`…pod<uid>.slice`,
+//! `…/pod<uid>`) whose uid the pod list (`crate::kube`) maps to a pod of
+//! that namespace and labels; the pod's containers below inherit it through
+//! the kernel's ancestor walk.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +24,11 @@ use globset::{GlobBuilder, GlobMatcher};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::policy::{Policy, Selector};
+use crate::{
+    cgroup_info,
+    kube::{self, PodMap},
+    policy::{PodSelector, Policy, Selector},
+};
 
 /// Directories deeper than this below the attach cgroup are not scanned.
 const MAX_SCAN_DEPTH: usize = 32;
@@ -65,6 +74,7 @@ pub struct Selectors {
 enum Matcher {
     Glob(GlobMatcher),
     Unit(String),
+    Pods(PodSelector),
 }
 
 /// `*` stays within one path component; `**` crosses them.
@@ -85,27 +95,45 @@ impl Selectors {
                     None => Matcher::Unit(String::new()),
                 },
                 Selector::SystemdUnit(u) => Matcher::Unit(u.clone()),
+                Selector::Kubernetes(p) => Matcher::Pods(p.clone()),
             })
             .collect();
         Self { matchers }
     }
 
+    /// Whether some workload selects pods by namespace and labels.
+    pub fn selects_pods(&self) -> bool {
+        self.matchers.iter().any(|m| matches!(m, Matcher::Pods(_)))
+    }
+
     /// Which workload (index) selects `rel`: the first in policy order.
-    pub fn workload_of(&self, rel: &str) -> Option<usize> {
+    /// `pods` is the node's pod list, for `k8s` selectors.
+    pub fn workload_of(&self, rel: &str, pods: &PodMap) -> Option<usize> {
         if rel.is_empty() {
             return None;
         }
         let name = rel.rsplit('/').next().unwrap_or(rel);
+        let mut pod = None;
         self.matchers.iter().position(|m| match m {
             Matcher::Glob(g) => g.is_match(rel),
             Matcher::Unit(u) => !u.is_empty() && name == u,
+            Matcher::Pods(sel) => {
+                let meta = pod.get_or_insert_with(|| cgroup_info::pod_dir_uid(rel).and_then(|uid| pods.get(&uid)));
+                meta.as_ref().is_some_and(|m| kube::matches(sel, m))
+            }
         })
     }
 
     /// cgroup id → workload index for every selected directory.
-    pub fn assign(&self, dirs: &[CgroupDir]) -> BTreeMap<u64, usize> {
-        dirs.iter().filter_map(|d| Some((d.id, self.workload_of(&d.rel)?))).collect()
+    pub fn assign(&self, dirs: &[CgroupDir], pods: &PodMap) -> BTreeMap<u64, usize> {
+        dirs.iter().filter_map(|d| Some((d.id, self.workload_of(&d.rel, pods)?))).collect()
     }
+}
+
+/// The uids of pod-level directories that `pods` does not know (a pod the
+/// list has not caught up with yet).
+pub fn unknown_pods(dirs: &[CgroupDir], pods: &PodMap) -> Vec<String> {
+    dirs.iter().filter_map(|d| cgroup_info::pod_dir_uid(&d.rel)).filter(|uid| !pods.contains_key(uid)).collect()
 }
 
 /// cgroup id → path relative to the cgroup2 mount (as /proc/PID/cgroup
@@ -208,9 +236,78 @@ mod tests {
             .map(|s| match s {
                 Selector::Cgroup(g) => Matcher::Glob(compile(&g).unwrap()),
                 Selector::SystemdUnit(u) => Matcher::Unit(u),
+                Selector::Kubernetes(p) => Matcher::Pods(p),
             })
             .collect();
         Selectors { matchers }
+    }
+
+    const UID_A: &str = "0b6c1a2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d";
+    const UID_B: &str = "7e1d2c3b-4a5f-4e6d-8c7b-6a5f4e3d2c1b";
+    const ID: &str = "4f3c2b1a0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b";
+
+    fn pods() -> PodMap {
+        let meta = |name: &str, ns: &str, labels: &[(&str, &str)]| {
+            std::sync::Arc::new(kube::PodMeta {
+                name: name.into(),
+                namespace: ns.into(),
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            })
+        };
+        PodMap::from([
+            (UID_A.to_string(), meta("bot-1", "support", &[("app", "bot")])),
+            (UID_B.to_string(), meta("web-1", "shop", &[("app", "bot"), ("tier", "web")])),
+        ])
+    }
+
+    fn pod_selector(ns: Option<&str>, labels: &[(&str, &str)]) -> Selector {
+        Selector::Kubernetes(PodSelector {
+            namespace: ns.map(Into::into),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+    }
+
+    #[test]
+    fn k8s_selectors_pick_pod_directories_of_both_drivers() {
+        let s = selectors(vec![
+            pod_selector(Some("support"), &[("app", "bot")]),
+            pod_selector(None, &[("tier", "web")]),
+        ]);
+        let p = pods();
+        let a = UID_A.replace('-', "_");
+        let systemd = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{a}.slice");
+        assert_eq!(s.workload_of(&systemd, &p), Some(0));
+        assert_eq!(s.workload_of(&format!("{systemd}/cri-containerd-{ID}.scope"), &p), None, "containers inherit in the kernel, they are not listed");
+        let cgroupfs = format!("kubepods/besteffort/pod{UID_B}");
+        assert_eq!(s.workload_of(&cgroupfs, &p), Some(1));
+        assert_eq!(s.workload_of(&format!("kubepods/pod{UID_A}"), &p), Some(0), "guaranteed pods sit right below kubepods");
+        let unknown = "kubepods/pod11111111-2222-4333-8444-555555555555";
+        assert_eq!(s.workload_of(unknown, &p), None);
+        assert_eq!(s.workload_of(&systemd, &PodMap::new()), None, "no list, no selection");
+        // Under the attach cgroup, wherever the kubelet's tree starts.
+        assert_eq!(s.workload_of(&format!("node-a/{cgroupfs}"), &p), Some(1));
+    }
+
+    #[test]
+    fn k8s_selectors_take_their_turn_in_policy_order() {
+        let a = format!("kubepods/pod{UID_A}");
+        let s = selectors(vec![Selector::Cgroup("kubepods/*".into()), pod_selector(Some("support"), &[])]);
+        assert_eq!(s.workload_of(&a, &pods()), Some(0), "the first workload in the file wins");
+        let s = selectors(vec![pod_selector(Some("support"), &[]), Selector::Cgroup("kubepods/*".into())]);
+        assert_eq!(s.workload_of(&a, &pods()), Some(0));
+        assert_eq!(s.workload_of(&format!("kubepods/pod{UID_B}"), &pods()), Some(1));
+        assert!(s.selects_pods());
+    }
+
+    #[test]
+    fn unknown_pod_directories_are_found() {
+        let dirs = vec![
+            CgroupDir { rel: "kubepods".into(), id: 1 },
+            CgroupDir { rel: format!("kubepods/pod{UID_A}"), id: 2 },
+            CgroupDir { rel: format!("kubepods/pod{UID_A}/{ID}"), id: 3 },
+            CgroupDir { rel: "kubepods/pod11111111-2222-4333-8444-555555555555".into(), id: 4 },
+        ];
+        assert_eq!(unknown_pods(&dirs, &pods()), ["11111111-2222-4333-8444-555555555555"]);
     }
 
     #[test]
@@ -221,14 +318,14 @@ mod tests {
             Selector::SystemdUnit("batch.service".into()),
             Selector::Cgroup("bots/*".into()),
         ]);
-        assert_eq!(s.workload_of("bots/support"), Some(0));
-        assert_eq!(s.workload_of("bots/other"), Some(3));
-        assert_eq!(s.workload_of("pods/a"), Some(1));
-        assert_eq!(s.workload_of("pods/a/b"), None, "`*` must not cross `/`");
-        assert_eq!(s.workload_of("system.slice/batch.service"), Some(2));
-        assert_eq!(s.workload_of("batch.service"), Some(2));
-        assert_eq!(s.workload_of("bots"), None);
-        assert_eq!(s.workload_of(""), None);
+        assert_eq!(s.workload_of("bots/support", &PodMap::new()), Some(0));
+        assert_eq!(s.workload_of("bots/other", &PodMap::new()), Some(3));
+        assert_eq!(s.workload_of("pods/a", &PodMap::new()), Some(1));
+        assert_eq!(s.workload_of("pods/a/b", &PodMap::new()), None, "`*` must not cross `/`");
+        assert_eq!(s.workload_of("system.slice/batch.service", &PodMap::new()), Some(2));
+        assert_eq!(s.workload_of("batch.service", &PodMap::new()), Some(2));
+        assert_eq!(s.workload_of("bots", &PodMap::new()), None);
+        assert_eq!(s.workload_of("", &PodMap::new()), None);
     }
 
     #[test]

@@ -98,6 +98,7 @@ fn hook_name(h: u8) -> &'static str {
         hook::CONNECT6 => "connect6",
         hook::SENDMSG4 => "sendmsg4",
         hook::SENDMSG6 => "sendmsg6",
+        hook::SNI => "sni",
         _ => "unknown",
     }
 }
@@ -107,6 +108,10 @@ fn hook_name(h: u8) -> &'static str {
 pub enum Decoded {
     Decision(ConnectEvent),
     Conn(ConnEvent),
+    /// The DNS message of a `DNS_UNPARSED` event (what the kernel copied).
+    Dns(Vec<u8>),
+    /// A ClientHello judged by its server name.
+    Sni(Box<llm_egress_common::SniEvent>),
 }
 
 /// Reads a `T` from the start of `bytes`, if long enough.
@@ -121,6 +126,12 @@ pub fn decode(bytes: &[u8]) -> Option<Decoded> {
     match header.kind {
         kind::CONNECT_DECISION => read_as(bytes).map(Decoded::Decision),
         kind::CONN_SUMMARY | kind::CONN_UPDATE => read_as(bytes).map(Decoded::Conn),
+        kind::SNI_DECISION => read_as(bytes).map(|e| Decoded::Sni(Box::new(e))),
+        kind::DNS_UNPARSED => {
+            let ev: llm_egress_common::DnsEvent = read_as(bytes)?;
+            let len = (ev.data.len as usize).min(ev.data.data.len());
+            Some(Decoded::Dns(ev.data.data[..len].to_vec()))
+        }
         _ => None,
     }
 }
@@ -188,6 +199,11 @@ pub struct Context {
     pub cgroups: CgroupPaths,
     pub metrics: Metrics,
     pub audit: AuditSink,
+    /// To the agent loop, which parses DNS answers the kernel could not
+    /// (crate::dns) and writes what they teach (it owns the maps).
+    pub dns_fallback: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    /// The node's pods, for `pod_name` and `pod_namespace`.
+    pub pods: crate::kube::Pods,
 }
 
 /// Process and cgroup of the task an event header describes.
@@ -197,6 +213,8 @@ fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
         ctx.metrics.attribution_misses.inc();
     }
     let cgroup = ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default();
+    let cgroup_info = crate::cgroup_info::describe(&cgroup);
+    let pod = cgroup_info.pod_uid.as_deref().and_then(|uid| ctx.pods.get(uid));
     Attribution {
         pid: h.pid,
         tgid: h.tgid,
@@ -204,8 +222,10 @@ fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
         exe: exe.unwrap_or_default(),
         uid: h.uid,
         gid: h.gid,
-        cgroup_info: crate::cgroup_info::describe(&cgroup),
+        cgroup_info,
         cgroup,
+        pod_name: pod.as_ref().map(|p| p.name.clone()),
+        pod_namespace: pod.map(|p| p.namespace.clone()),
     }
 }
 
@@ -236,6 +256,29 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
         provider,
         generation: d.generation,
         hook: hook_name(d.hook),
+        server_name: None,
+    }
+}
+
+/// An SNI verdict as a decision record (`hook: "sni"`, `server_name`).
+pub fn sni_record(ev: &llm_egress_common::SniEvent, ctx: &Context) -> DecisionRecord {
+    let (h, d) = (&ev.header, &ev.data);
+    let (workload, provider) = names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
+    let len = usize::from(d.name_len).min(d.name.len());
+    DecisionRecord {
+        event: "decision",
+        time: rfc3339(wall_time(h.time_ns)),
+        verdict: verdict_name(d.verdict),
+        reason: reason_name(d.reason),
+        workload,
+        who: attribute(h, ctx),
+        protocol: "tcp",
+        dst_addr: addr_string(d.family, &d.addr),
+        dst_port: d.port,
+        provider,
+        generation: d.generation,
+        hook: "sni",
+        server_name: Some(String::from_utf8_lossy(&d.name[..len]).into_owned()),
     }
 }
 
@@ -251,6 +294,16 @@ fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
                 accounting.opened(d.cookie, &record.workload, provider, &record.who);
             }
             ctx.audit.record(&record, &ctx.metrics);
+        }
+        Some(Decoded::Sni(ev)) => {
+            let record = sni_record(&ev, ctx);
+            ctx.audit.record(&record, &ctx.metrics);
+        }
+        Some(Decoded::Dns(msg)) => {
+            let sent = ctx.dns_fallback.as_ref().is_some_and(|tx| tx.try_send(msg).is_ok());
+            if !sent {
+                ctx.metrics.dns_fallback.with_label_values(&["dropped"]).inc();
+            }
         }
         Some(Decoded::Conn(ev)) => {
             let d = &ev.data;
@@ -351,6 +404,19 @@ mod tests {
         let mut other = ev;
         other.header.kind = 99;
         assert_eq!(decode(&bytes_of(&other)), None);
+    }
+
+    #[test]
+    fn an_unparsed_dns_event_carries_its_message() {
+        let mut ev = llm_egress_common::DnsEvent {
+            header: EventHeader { kind: kind::DNS_UNPARSED, ..EventHeader::default() },
+            data: llm_egress_common::DnsPacket { len: 3, msg_len: 3, why: 1, _pad: 0, data: [0; llm_egress_common::DNS_EVENT_BYTES] },
+        };
+        ev.data.data[..3].copy_from_slice(&[1, 2, 3]);
+        // SAFETY: repr(C) plain-integer struct without implicit padding.
+        let b = unsafe { std::slice::from_raw_parts((&ev as *const llm_egress_common::DnsEvent).cast::<u8>(), size_of::<llm_egress_common::DnsEvent>()) };
+        assert_eq!(decode(b), Some(Decoded::Dns(vec![1, 2, 3])));
+        assert_eq!(decode(&b[..200]), None, "a short DNS event is not decoded");
     }
 
     #[test]

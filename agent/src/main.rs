@@ -4,9 +4,10 @@
 //! (built-in providers), `plan` (policy → kernel entries), `loader` (load,
 //! attach, pin, adopt), `maps` (the only map writer), `cgroups` (workload
 //! cgroups), `resolver` (provider host addresses), `events` (ring buffer),
-//! `attribution` (process and cgroup details), `audit` (JSON lines),
+//! `attribution` (process and cgroup details), `kube` (pod names, namespaces
+//! and labels from the Kubernetes API), `audit` (JSON lines),
 //! `metrics` (Prometheus), `http` (endpoints), `agent` (the run loop),
-//! `cli` (arguments).
+//! `cli` (arguments), `tokens` (token estimates from encrypted traffic).
 
 mod accounting;
 mod agent;
@@ -16,8 +17,10 @@ mod catalog;
 mod cgroup_info;
 mod cgroups;
 mod cli;
+mod dns;
 mod events;
 mod http;
+mod kube;
 mod loader;
 mod maps;
 mod metrics;
@@ -25,6 +28,7 @@ mod plan;
 mod policy;
 mod resolver;
 mod status;
+mod tokens;
 
 use std::process::ExitCode;
 

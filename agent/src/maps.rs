@@ -22,6 +22,7 @@ use llm_egress_common::{
     LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, NameConfig, NameKey,
     PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, WorkloadKey,
     MAP_VERDICTS, VerdictKey, WorkloadValue, counter,
+    LEARNED_NAMES, Learned, MAP_LEARNED_V4, MAP_LEARNED_V6,
 };
 
 use crate::plan::{Plan, Prefix};
@@ -73,6 +74,8 @@ pub struct KernelMaps {
     verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
     names: HashMap<MapData, NameKey, DestValue>,
     name_cfg: Array<MapData, NameConfig>,
+    learned_v4: HashMap<MapData, [u8; 4], Learned>,
+    learned_v6: HashMap<MapData, [u8; 16], Learned>,
     /// What the active slot holds, as last written by this agent.
     applied: Option<Plan>,
 }
@@ -106,6 +109,8 @@ impl KernelMaps {
             verdicts: take!(ebpf, MAP_VERDICTS),
             names: take!(ebpf, MAP_NAMES),
             name_cfg: take!(ebpf, MAP_NAME_CFG),
+            learned_v4: take!(ebpf, MAP_LEARNED_V4),
+            learned_v6: take!(ebpf, MAP_LEARNED_V6),
             applied: None,
         })
     }
@@ -285,6 +290,59 @@ impl KernelMaps {
             .collect()
     }
 
+    /// The `NAMES` entries of the active slot (host key → destination), as
+    /// last written by this agent: what the DNS fallback matches names
+    /// against.
+    pub fn active_names(&self) -> Option<&BTreeMap<u64, DestValue>> {
+        self.applied.as_ref().map(|p| &p.names)
+    }
+
+    /// Writes an address learned by the agent's DNS parser (the fallback
+    /// for answers the kernel could not parse) into `LEARNED_*`, merged
+    /// like the kernel does (ebpf/src/dns.rs `merge`): the same name is
+    /// refreshed, else a free or expired place, else the one expiring
+    /// first. `ttl_s` is clamped to `NAME_CFG`'s bounds. Not atomic with
+    /// the kernel's own updates of the same address (the kernel may write
+    /// between our read and write; one of the two names is then lost until
+    /// the next answer).
+    pub fn learn(&mut self, addr: std::net::IpAddr, key: u64, ttl_s: u32) -> Result<(), MapsError> {
+        let cfg = self.name_cfg.get(&0, 0).map_err(map_err(MAP_NAME_CFG))?;
+        let (lo, hi) = if cfg.ttl_min_s <= cfg.ttl_max_s && cfg.ttl_max_s > 0 {
+            (cfg.ttl_min_s, cfg.ttl_max_s)
+        } else {
+            (LEARN_TTL_MIN_S, LEARN_TTL_MAX_S)
+        };
+        let now = monotonic_ns();
+        let expires = now + u64::from(ttl_s.clamp(lo, hi)) * 1_000_000_000;
+        let addr = match addr {
+            std::net::IpAddr::V6(a) => a.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(a)),
+            a => a,
+        };
+        match addr {
+            std::net::IpAddr::V4(a) => {
+                let k = a.octets();
+                let merged = merge_learned(self.learned_v4.get(&k, 0).ok(), key, expires, now);
+                self.learned_v4.insert(k, merged, 0).map_err(map_err(MAP_LEARNED_V4))
+            }
+            std::net::IpAddr::V6(a) => {
+                let k = a.octets();
+                let merged = merge_learned(self.learned_v6.get(&k, 0).ok(), key, expires, now);
+                self.learned_v6.insert(k, merged, 0).map_err(map_err(MAP_LEARNED_V6))
+            }
+        }
+    }
+
+    /// Addresses in `LEARNED_V4` and `LEARNED_V6` with at least one
+    /// unexpired name (one map walk each: call it every few seconds, not
+    /// per event).
+    pub fn learned_counts(&self) -> (usize, usize) {
+        let now = monotonic_ns();
+        let live = |l: &Learned| l.names.iter().any(|n| n.hash != 0 && n.expires_ns > now);
+        let v4 = self.learned_v4.iter().filter_map(Result::ok).filter(|(_, l)| live(l)).count();
+        let v6 = self.learned_v6.iter().filter_map(Result::ok).filter(|(_, l)| live(l)).count();
+        (v4, v6)
+    }
+
     /// Entries of the active slot per map, for the occupancy gauge.
     pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
         let Some(p) = &self.applied else { return Vec::new() };
@@ -301,6 +359,33 @@ impl KernelMaps {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The kernel's merge of a learned name (ebpf/src/dns.rs `merge`).
+fn merge_learned(old: Option<Learned>, hash: u64, expires: u64, now: u64) -> Learned {
+    let mut v = old.unwrap_or_default();
+    let pick = v.names.iter().position(|n| n.hash == hash).or_else(|| {
+        (0..LEARNED_NAMES).min_by_key(|&i| {
+            let e = &v.names[i];
+            if e.hash == 0 || e.expires_ns <= now { 0 } else { e.expires_ns }
+        })
+    });
+    if let Some(i) = pick {
+        let e = &mut v.names[i];
+        e.hash = hash;
+        if expires > e.expires_ns || e.expires_ns <= now {
+            e.expires_ns = expires;
+        }
+    }
+    v
+}
+
 /// 64 random bits from the kernel (getrandom), never 0.
 fn random_seed() -> u64 {
     let mut b = [0u8; 8];
@@ -314,4 +399,26 @@ fn random_seed() -> u64 {
         llm_egress_common::names::mix(t ^ u64::from(std::process::id()))
     };
     seed.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learned_names_merge_like_the_kernel() {
+        let v = merge_learned(None, 7, 100, 10);
+        assert_eq!((v.names[0].hash, v.names[0].expires_ns), (7, 100));
+        // the same name is refreshed, never shortened
+        let v = merge_learned(Some(v), 7, 50, 10);
+        assert_eq!((v.names[0].hash, v.names[0].expires_ns), (7, 100));
+        let mut v = v;
+        for h in 8..=10 {
+            v = merge_learned(Some(v), h, 200 + h, 10);
+        }
+        assert!(v.names.iter().all(|n| n.hash != 0));
+        // full: the one expiring first (7, at 100) gives way
+        let v = merge_learned(Some(v), 11, 300, 10);
+        assert_eq!(v.names[0].hash, 11);
+    }
 }

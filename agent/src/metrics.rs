@@ -12,6 +12,20 @@ use prometheus::{
 
 use llm_egress_common::counter;
 
+/// `llm_egress_sni_total` results and the kernel counters behind them.
+const SNI_RESULTS: [(u32, &str); 10] = [
+    (counter::SNI_ALLOW, "allow"),
+    (counter::SNI_DENY, "deny"),
+    (counter::SNI_AUDIT, "audit"),
+    (counter::SNI_OTHER_NAME, "other_name"),
+    (counter::SNI_NO_SNI, "no_sni"),
+    (counter::SNI_ECH, "ech"),
+    (counter::SNI_SPLIT, "split"),
+    (counter::SNI_NOT_TLS, "not_tls"),
+    (counter::SNI_MALFORMED, "malformed"),
+    (counter::SNI_DROPPED, "dropped_packets"),
+];
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
@@ -38,6 +52,17 @@ pub struct Metrics {
     pub process_connections: IntCounterVec,
     pub process_bytes: IntCounterVec,
     pub summaries_missing: IntCounter,
+    pub kubernetes_errors: IntCounter,
+    pub kubernetes_pods: IntGauge,
+    pub tokens: IntCounterVec,
+    pub dns_responses: IntCounter,
+    pub dns_answers: IntCounterVec,
+    pub dns_learned: IntCounter,
+    pub dns_learn_failures: IntCounter,
+    pub dns_off_chain: IntCounter,
+    pub dns_fallback: IntCounterVec,
+    pub learned_destinations: IntGaugeVec,
+    pub sni: IntCounterVec,
     /// Last `VERDICTS` values seen, to turn them into increments.
     verdicts_seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<llm_egress_common::VerdictKey, u64>>>,
     /// Last kernel counter values seen, to turn them into increments.
@@ -103,6 +128,17 @@ impl Metrics {
             process_connections: counter_vec(&r, "llm_egress_process_connections_total", "Provider connections per executable name (bounded per workload; the rest under process=\"other\").", &["workload", "process"])?,
             process_bytes: counter_vec(&r, "llm_egress_process_bytes_total", "Provider connection bytes per executable name (bounded like llm_egress_process_connections_total).", &["workload", "process", "direction"])?,
             summaries_missing: counter(&r, "llm_egress_connection_summaries_missing_total", "Tracked connections that ended without a summary event (lost to a full ring buffer).")?,
+            tokens: counter_vec(&r, "llm_egress_tokens_total", "Tokens of provider connections by kind (prompt, completion) and source (estimated: from encrypted traffic, at close; see docs/tokens.md).", &["workload", "provider", "kind", "source"])?,
+            dns_responses: counter(&r, "llm_egress_dns_responses_total", "UDP datagrams from port 53 that reached a socket below the attach cgroup (seen by the kernel's DNS program).")?,
+            dns_answers: counter_vec(&r, "llm_egress_dns_answers_total", "DNS answers for provider names, by whether the kernel parsed them (parsed) or sent them to the agent (unparsed).", &["result"])?,
+            dns_learned: counter(&r, "llm_egress_dns_learned_total", "Addresses the kernel learned from DNS answers (LEARNED_* updates).")?,
+            dns_learn_failures: counter(&r, "llm_egress_dns_learn_failures_total", "LEARNED_* updates that failed in the kernel.")?,
+            dns_off_chain: counter(&r, "llm_egress_dns_off_chain_records_total", "Address records of provider answers whose owner is not in the question's CNAME chain (ignored).")?,
+            dns_fallback: counter_vec(&r, "llm_egress_dns_fallback_answers_total", "Answers the kernel could not parse, as the agent's parser handled them: parsed, unparsed, learned (addresses written), dropped (queue full).", &["result"])?,
+            learned_destinations: gauge_vec(&r, "llm_egress_learned_destinations", "Addresses in LEARNED_* with at least one unexpired name, by family (counted every 10 s).", &["family"])?,
+            sni: counter_vec(&r, "llm_egress_sni_total", "First payloads of TCP connections seen by the SNI program, by result.", &["result"])?,
+            kubernetes_errors: counter(&r, "llm_egress_kubernetes_errors_total", "Pod lists that failed (API server unreachable, 401/403, bad JSON) or a [kubernetes] setup the environment cannot complete; the last good list is kept.")?,
+            kubernetes_pods: gauge(&r, "llm_egress_kubernetes_pods", "Pods of this node in the last good list from the Kubernetes API.")?,
             registry: r,
             verdicts_seen: Default::default(),
             kernel_seen: Default::default(),
@@ -112,6 +148,18 @@ impl Metrics {
         }
         for v in ["ok", "invalid", "failed"] {
             m.policy_reloads.with_label_values(&[v]);
+        }
+        for v in ["parsed", "unparsed"] {
+            m.dns_answers.with_label_values(&[v]);
+        }
+        for v in ["parsed", "unparsed", "learned", "dropped"] {
+            m.dns_fallback.with_label_values(&[v]);
+        }
+        for v in ["v4", "v6"] {
+            m.learned_destinations.with_label_values(&[v]);
+        }
+        for (_, v) in SNI_RESULTS {
+            m.sni.with_label_values(&[v]);
         }
         Ok(m)
     }
@@ -130,6 +178,15 @@ impl Metrics {
         self.decisions.with_label_values(&["allow"]).inc_by(delta(counter::VERDICT_ALLOW));
         self.decisions.with_label_values(&["deny"]).inc_by(delta(counter::VERDICT_DENY));
         self.decisions.with_label_values(&["audit"]).inc_by(delta(counter::VERDICT_AUDIT));
+        self.dns_responses.inc_by(delta(counter::DNS_RESPONSES));
+        self.dns_answers.with_label_values(&["parsed"]).inc_by(delta(counter::DNS_PARSED));
+        self.dns_answers.with_label_values(&["unparsed"]).inc_by(delta(counter::DNS_UNPARSED));
+        self.dns_learned.inc_by(delta(counter::DNS_LEARNED));
+        self.dns_learn_failures.inc_by(delta(counter::DNS_LEARN_FAILED));
+        self.dns_off_chain.inc_by(delta(counter::DNS_OFF_CHAIN));
+        for (index, result) in SNI_RESULTS {
+            self.sni.with_label_values(&[result]).inc_by(delta(index));
+        }
         *seen = *now;
     }
 
@@ -178,6 +235,30 @@ mod tests {
     }
 
     #[test]
+    fn dns_and_sni_counters_are_exported() {
+        let m = Metrics::new().unwrap();
+        let mut k = [0u64; counter::LEN as usize];
+        k[counter::DNS_RESPONSES as usize] = 10;
+        k[counter::DNS_PARSED as usize] = 6;
+        k[counter::DNS_UNPARSED as usize] = 1;
+        k[counter::DNS_LEARNED as usize] = 9;
+        k[counter::DNS_OFF_CHAIN as usize] = 2;
+        k[counter::SNI_DENY as usize] = 3;
+        k[counter::SNI_SPLIT as usize] = 1;
+        m.sync_kernel(&k);
+        assert_eq!(m.dns_responses.get(), 10);
+        assert_eq!(m.dns_answers.with_label_values(&["parsed"]).get(), 6);
+        assert_eq!(m.dns_answers.with_label_values(&["unparsed"]).get(), 1);
+        assert_eq!(m.dns_learned.get(), 9);
+        assert_eq!(m.dns_off_chain.get(), 2);
+        assert_eq!(m.sni.with_label_values(&["deny"]).get(), 3);
+        assert_eq!(m.sni.with_label_values(&["split"]).get(), 1);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("llm_egress_dns_answers_total{result=\"parsed\"} 6"), "{text}");
+        assert!(text.contains("llm_egress_sni_total{result=\"deny\"} 3"), "{text}");
+    }
+
+    #[test]
     fn every_metric_is_documented() {
         let m = Metrics::new().unwrap();
         m.connections.with_label_values(&["w", "p", "deny"]).inc();
@@ -191,6 +272,7 @@ mod tests {
         m.connect_failures.with_label_values(&["w", "p"]).inc();
         m.process_connections.with_label_values(&["w", "x"]).inc();
         m.process_bytes.with_label_values(&["w", "x", "sent"]).inc();
+        m.tokens.with_label_values(&["w", "p", "prompt", "estimated"]).inc();
         let doc = include_str!("../../docs/metrics.md");
         for family in m.registry.gather() {
             assert!(doc.contains(&format!("`{}`", family.name())), "docs/metrics.md lacks `{}`", family.name());

@@ -201,6 +201,7 @@ mod tests {
             defaults: Defaults { llm: Action::Deny, other: Action::Allow },
             resolver: ResolverConfig { servers: vec![], refresh: Duration::from_secs(30) },
             telemetry: TelemetryConfig { process_series_per_workload: 20, process_series_ttl: Duration::from_secs(600) },
+            kubernetes: Default::default(),
             providers: vec![
                 Provider { name: "a".into(), hosts: vec![], cidrs: vec!["10.20.0.0/16".parse().unwrap()], ports: vec![443] },
                 Provider { name: "b".into(), hosts: vec!["b.example".into()], cidrs: vec!["10.20.0.0/16".parse().unwrap()], ports: vec![] },

@@ -9,11 +9,12 @@
 //! JSON document for scripts (`--json`). It must not reach into the agent's
 //! state any other way.
 //!
-//! Columns whose metrics the agent does not export (tokens and rate limits
-//! today; bytes and active connections on agents that predate connection
-//! accounting) show `-`, and the JSON has `null` there; they fill in by
-//! themselves once the agent exports `llm_egress_tokens_total`,
-//! `llm_egress_rate_limited_total`, ... with `workload` and `provider` labels.
+//! Columns whose metrics the agent does not export (rate limits today;
+//! bytes, active connections and token estimates on older agents) show `-`,
+//! and the JSON has `null` there; they fill in by themselves once the agent
+//! exports `llm_egress_rate_limited_total`, ... with `workload` and
+//! `provider` labels. Token counts of different `source`s are never added
+//! together: the column holds `source="estimated"` only.
 
 use std::{
     collections::BTreeMap,
@@ -275,7 +276,9 @@ pub struct Row {
     pub bytes_sent: Option<u64>,
     pub bytes_received: Option<u64>,
     pub active_connections: Option<u64>,
-    pub tokens: Option<u64>,
+    /// `llm_egress_tokens_total{source="estimated"}`, prompt + completion;
+    /// other sources (exact counts) are never added to it.
+    pub tokens_estimated: Option<u64>,
     pub rate_limited: Option<u64>,
 }
 
@@ -316,7 +319,7 @@ pub struct Snapshot {
 const OPTIONAL: [(&str, &str); 4] = [
     ("llm_egress_bytes_total", "bytes"),
     ("llm_egress_active_connections", "active connections"),
-    ("llm_egress_tokens_total", "tokens"),
+    ("llm_egress_tokens_total", "estimated tokens"),
     ("llm_egress_rate_limited_total", "rate limits"),
 ];
 
@@ -362,7 +365,9 @@ impl Snapshot {
                     }
                 }
                 "llm_egress_active_connections" => *entry(&mut rows, w, p).active_connections.get_or_insert(0) += n,
-                "llm_egress_tokens_total" => *entry(&mut rows, w, p).tokens.get_or_insert(0) += n,
+                "llm_egress_tokens_total" if x.label("source") == Some("estimated") => {
+                    *entry(&mut rows, w, p).tokens_estimated.get_or_insert(0) += n
+                }
                 "llm_egress_rate_limited_total" => *entry(&mut rows, w, p).rate_limited.get_or_insert(0) += n,
                 "llm_egress_decisions_total" => a.decisions.add(x.label("verdict").unwrap_or(""), n),
                 "llm_egress_policy_generation" => a.policy_generation = Some(n),
@@ -389,6 +394,11 @@ impl Snapshot {
         s.rows = rows
             .into_values()
             .map(|mut r| {
+                // Bytes, active connections, tokens and limits are kept for
+                // provider connections only: "-" for the rest.
+                if r.provider == "none" {
+                    return r;
+                }
                 if bytes {
                     r.bytes_sent.get_or_insert(0);
                     r.bytes_received.get_or_insert(0);
@@ -397,7 +407,7 @@ impl Snapshot {
                     r.active_connections.get_or_insert(0);
                 }
                 if tokens {
-                    r.tokens.get_or_insert(0);
+                    r.tokens_estimated.get_or_insert(0);
                 }
                 if limited {
                     r.rate_limited.get_or_insert(0);
@@ -461,7 +471,7 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
         opt(a.audit_log_errors)
     );
     out.push('\n');
-    let header = ["WORKLOAD", "PROVIDER", "ALLOW", "DENY", "AUDIT", "CONN/S", "SENT", "RECEIVED", "ACTIVE", "TOKENS", "RATE-LIMITED"];
+    let header = ["WORKLOAD", "PROVIDER", "ALLOW", "DENY", "AUDIT", "CONN/S", "SENT", "RECEIVED", "ACTIVE", "TOKENS(EST)", "RATE-LIMITED"];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in &s.rows {
         let rate = previous.and_then(|(p, dt)| {
@@ -478,7 +488,7 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
             human(r.bytes_sent),
             human(r.bytes_received),
             opt(r.active_connections),
-            opt(r.tokens),
+            opt(r.tokens_estimated),
             opt(r.rate_limited),
         ]);
     }
@@ -669,7 +679,7 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
         assert_eq!(s.agent.policy_reloads.get("invalid"), Some(&1));
         assert_eq!(s.agent.workload_cgroups.get("bot"), Some(&2));
         assert_eq!(s.agent.version.as_deref(), Some("0.1.0"));
-        assert_eq!(row("bot", "openai").tokens, None);
+        assert_eq!(row("bot", "openai").tokens_estimated, None);
         assert_eq!(s.not_exported.len(), 4);
     }
 
@@ -678,14 +688,16 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
         let text = format!(
             "{TEXT}llm_egress_bytes_total{{workload=\"bot\",provider=\"openai\",direction=\"sent\"}} 2048\n\
              llm_egress_bytes_total{{workload=\"bot\",provider=\"openai\",direction=\"received\"}} 10\n\
-             llm_egress_tokens_total{{workload=\"bot\",provider=\"openai\",model=\"m\",kind=\"input\"}} 7\n\
-             llm_egress_tokens_total{{workload=\"bot\",provider=\"openai\",model=\"m\",kind=\"output\"}} 5\n"
+             llm_egress_tokens_total{{workload=\"bot\",provider=\"openai\",kind=\"prompt\",source=\"estimated\"}} 7\n\
+             llm_egress_tokens_total{{workload=\"bot\",provider=\"openai\",kind=\"completion\",source=\"estimated\"}} 5\n\
+             llm_egress_tokens_total{{workload=\"bot\",provider=\"openai\",kind=\"completion\",source=\"exact\"}} 100\n"
         );
         let s = Snapshot::from_samples(&parse_samples(&text).unwrap());
         let bot = s.rows.iter().find(|r| r.workload == "bot").unwrap();
-        assert_eq!((bot.bytes_sent, bot.bytes_received, bot.tokens), (Some(2048), Some(10), Some(12)));
+        // exact counts are never added to the estimate
+        assert_eq!((bot.bytes_sent, bot.bytes_received, bot.tokens_estimated), (Some(2048), Some(10), Some(12)));
         let batch = s.rows.iter().find(|r| r.workload == "batch" && r.provider == "openai").unwrap();
-        assert_eq!((batch.bytes_sent, batch.tokens, batch.rate_limited), (Some(0), Some(0), None));
+        assert_eq!((batch.bytes_sent, batch.tokens_estimated, batch.rate_limited), (Some(0), Some(0), None));
         assert_eq!(s.not_exported, vec!["llm_egress_active_connections", "llm_egress_rate_limited_total"]);
     }
 
@@ -701,12 +713,12 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
         assert!(lines[2].contains("decisions allow 10 deny 3 audit 5") && lines[2].contains("events lost 0"), "{text}");
         let header = lines.iter().position(|l| l.starts_with("WORKLOAD")).unwrap();
         let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-        assert_eq!(cols(lines[header]), ["WORKLOAD", "PROVIDER", "ALLOW", "DENY", "AUDIT", "CONN/S", "SENT", "RECEIVED", "ACTIVE", "TOKENS", "RATE-LIMITED"]);
+        assert_eq!(cols(lines[header]), ["WORKLOAD", "PROVIDER", "ALLOW", "DENY", "AUDIT", "CONN/S", "SENT", "RECEIVED", "ACTIVE", "TOKENS(EST)", "RATE-LIMITED"]);
         assert_eq!(cols(lines[header + 1]), ["none", "openai", "0", "0", "5", "-", "-", "-", "-", "-", "-"]);
         assert_eq!(cols(lines[header + 2]), ["bot", "openai", "3", "0", "0", "-", "-", "-", "-", "-", "-"]);
         // columns line up: every row is as wide as the header or narrower
         assert!(text.contains("cgroups per workload: bot 2"), "{text}");
-        assert!(text.contains("tokens (llm_egress_tokens_total)"), "{text}");
+        assert!(text.contains("estimated tokens (llm_egress_tokens_total)"), "{text}");
 
         let mut later = s.clone();
         later.rows.iter_mut().find(|r| r.workload == "bot").unwrap().connections.allow += 4;
@@ -725,6 +737,6 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
         assert_eq!(v["agent"]["policy_generation"], 4);
         let bot = v["rows"].as_array().unwrap().iter().find(|r| r["workload"] == "bot").unwrap();
         assert_eq!(bot["connections"]["allow"], 3);
-        assert!(bot["tokens"].is_null() && bot["bytes_sent"].is_null());
+        assert!(bot["tokens_estimated"].is_null() && bot["bytes_sent"].is_null());
     }
 }

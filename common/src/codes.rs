@@ -76,4 +76,6 @@ pub mod hook {
     pub const CONNECT6: u8 = 2;
     pub const SENDMSG4: u8 = 3;
     pub const SENDMSG6: u8 = 4;
+    /// The SNI program (cgroup_skb egress): a ClientHello's server name.
+    pub const SNI: u8 = 5;
 }

@@ -15,6 +15,9 @@ pub mod kind {
     /// name (or one whose question it could not read) that the kernel could
     /// not parse to the end; the agent parses it (not race-free).
     pub const DNS_UNPARSED: u32 = 16;
+    /// `Event<SniDecision>` from the SNI program: a ClientHello whose
+    /// server name is a provider host, judged.
+    pub const SNI_DECISION: u32 = 17;
 }
 
 /// Minimum time between two `CONN_UPDATE` events of one connection.
@@ -169,4 +172,45 @@ const _: () = {
     use core::mem::{align_of, size_of};
     assert!(size_of::<DnsPacket>() == 16 + DNS_EVENT_BYTES);
     assert!(size_of::<DnsEvent>() == 56 + 16 + DNS_EVENT_BYTES && align_of::<DnsEvent>() == 8);
+};
+
+/// Bytes of a server name carried by an SNI event (names are at most 253).
+pub const SNI_NAME_BYTES: usize = 256;
+
+/// A TLS ClientHello judged by its server name (cgroup_skb egress).
+/// The envelope's header: `time_ns`, the socket's cgroup and uid; pid,
+/// tgid and comm of the task that connected when the connect hook tracked
+/// the connection (a provider address), else 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SniDecision {
+    pub generation: u64,
+    /// Socket cookie (the connect decision's cookie).
+    pub cookie: u64,
+    pub workload_id: u32,
+    /// The provider the server name belongs to.
+    pub provider_id: u32,
+    /// Destination, network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Destination port, host order.
+    pub port: u16,
+    /// `verdict::*`
+    pub verdict: u8,
+    /// `reason::*`
+    pub reason: u8,
+    /// `family::*`
+    pub family: u8,
+    pub _pad: u8,
+    /// Bytes of `name` used.
+    pub name_len: u16,
+    /// The server name as sent (not NUL terminated).
+    pub name: [u8; SNI_NAME_BYTES],
+}
+
+pub type SniEvent = Event<SniDecision>;
+
+const _: () = {
+    use core::mem::{align_of, size_of};
+    assert!(size_of::<SniDecision>() == 48 + SNI_NAME_BYTES);
+    assert!(size_of::<SniEvent>() == 56 + 48 + SNI_NAME_BYTES && align_of::<SniEvent>() == 8);
 };

@@ -63,7 +63,14 @@ pub const MAP_DNS_SCRATCH: &str = "DNS_SCRATCH";
 /// events).
 pub const MAP_VERDICTS: &str = "VERDICTS";
 
-pub const ALL_MAPS: [&str; 20] = [
+/// `LruHashMap<u64 socket cookie, u32 sni_state::*>`: TCP sockets whose
+/// first payload the SNI program has seen, and whether it denied them.
+pub const MAP_SNI_STATE: &str = "SNI_STATE";
+/// `PerCpuArray`, one entry: scratch space of the SNI program (the copied
+/// ClientHello and the label hashes of its server name).
+pub const MAP_SNI_SCRATCH: &str = "SNI_SCRATCH";
+
+pub const ALL_MAPS: [&str; 22] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -84,6 +91,8 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_LEARNED_V6,
     MAP_DNS_SCRATCH,
     MAP_VERDICTS,
+    MAP_SNI_STATE,
+    MAP_SNI_SCRATCH,
 ];
 
 /// Program names: `<job>_<hook>`.
@@ -95,11 +104,14 @@ pub const PROG_SENDMSG6: &str = "verdict_sendmsg6";
 /// tracked connections (bytes and durations).
 pub const PROG_SOCK_OPS: &str = "account_sock_ops";
 /// The programs attached (and pinned) to the attach cgroup.
-pub const ALL_PROGRAMS: [&str; 6] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_OPS, PROG_DNS_INGRESS];
+pub const ALL_PROGRAMS: [&str; 7] =
+    [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_OPS, PROG_DNS_INGRESS, PROG_SNI_EGRESS];
 /// Tracepoint sched/sched_process_exec: fills `EXECS`.
 pub const PROG_EXEC: &str = "attribute_exec";
 /// cgroup_skb/ingress: learns provider addresses from DNS answers.
 pub const PROG_DNS_INGRESS: &str = "names_dns_ingress";
+/// cgroup_skb/egress: judges the server name of TLS ClientHellos.
+pub const PROG_SNI_EGRESS: &str = "names_sni_egress";
 
 /// Capacities. Changing one changes the pinned maps' shape: the loader then
 /// replaces the pinned state instead of adopting it.
@@ -145,6 +157,21 @@ pub const DNS_MAX_HOPS: usize = 8;
 /// TTL-0 answer.
 pub const LEARN_TTL_MIN_S: u32 = 60;
 pub const LEARN_TTL_MAX_S: u32 = 3600;
+/// Sockets the SNI program remembers (LRU).
+pub const SNI_STATE_MAX: u32 = 65_536;
+/// Bytes of a first TCP payload the SNI program copies and parses (a
+/// ClientHello with post-quantum key shares is ~1,800 bytes).
+pub const SNI_BUF: usize = 2048;
+/// ClientHello extensions the SNI program walks.
+pub const SNI_MAX_EXTENSIONS: usize = 32;
+
+/// `SNI_STATE` values.
+pub mod sni_state {
+    /// First payload seen: the socket is not judged again.
+    pub const SEEN: u32 = 1;
+    /// The ClientHello was denied: every later packet is dropped.
+    pub const DENIED: u32 = 2;
+}
 
 /// Indexes into `COUNTERS`. Never reuse a number.
 pub mod counter {

@@ -515,7 +515,7 @@ fn name_byte(buf: &[u8; DNS_BUF], labels: &mut [u64; DNS_MAX_LABELS], c: &mut Na
 /// name walk left: the exact name, else the longest suffix with a wildcard
 /// entry in `slot`.
 #[inline(always)]
-fn lookup_name(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64, slot: u32) -> (u64, u64) {
+pub(crate) fn lookup_name(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64, slot: u32) -> (u64, u64) {
     let mut matched = 0u64;
     let mut acc = seed;
     let mut i = 0;

@@ -8,6 +8,8 @@
 mod dns;
 mod exec;
 mod maps;
+mod policy;
+mod sni;
 mod sock_addr;
 mod sock_ops;
 

@@ -73,6 +73,12 @@ pub static LEARNED_V6: LruHashMap<[u8; 16], Learned> = LruHashMap::pinned(LEARNE
 pub static DNS_SCRATCH: PerCpuArray<crate::dns::DnsScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
+pub static SNI_STATE: LruHashMap<u64, u32> = LruHashMap::pinned(llm_egress_common::SNI_STATE_MAX, 0);
+
+#[map]
+pub static SNI_SCRATCH: PerCpuArray<crate::sni::SniScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(VERDICTS_MAX, 0);
 
 /// Counts one decision in `VERDICTS`.

@@ -30,14 +30,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use llm_egress_common::{
-    VerdictKey, ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_CGROUP_DEPTH, MAX_PORTS, NO_PROVIDER,
-    NO_WORKLOAD, PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SLOT_COUNT,
-    WorkloadKey, action, counter, failure_mode, family, hook, kind, mode, proto, reason, verdict,
+    VerdictKey, ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER,
+    NO_WORKLOAD, PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6,
+    action, counter, failure_mode, family, hook, kind, mode, proto, reason, verdict,
 };
 
-use crate::maps::{
-    count_verdict, ACTIVE, CONN_SCRATCH, CONNS, DESTS_V4, DESTS_V6, EVENTS, PROVIDER_ACT, RULES_V4, RULES_V6, SLOTS, WORKLOADS, count,
-};
+use crate::maps::{count_verdict, CONN_SCRATCH, CONNS, DESTS_V4, DESTS_V6, EVENTS, RULES_V4, RULES_V6, count};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -236,38 +234,12 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
 /// Err carries the failure mode to apply.
 #[inline(always)]
 fn decide(dest: &Dest) -> Result<Decision, u8> {
-    let active = ACTIVE.get(0).ok_or(failure_mode::OPEN)?;
-    let fail = active.failure_mode;
-    let slot = active.slot;
-    if slot == 0 || slot >= SLOT_COUNT {
-        return Err(fail);
-    }
-    let cfg = SLOTS.get(slot).ok_or(fail)?;
+    let (slot, cfg) = crate::policy::active()?;
 
     // 1. Workload: the deepest ancestor (level 0 is the cgroup2 root) that
     // the active slot names.
-    let mut workload = None;
-    let mut level: u32 = 0;
-    while level <= MAX_CGROUP_DEPTH {
-        // SAFETY: helper call without pointer arguments.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if id == 0 {
-            break;
-        }
-        let key = WorkloadKey { slot, _pad: 0, cgroup_id: id };
-        // SAFETY: the value is copied out at once; entries are only replaced
-        // whole by the agent.
-        if let Some(w) = unsafe { WORKLOADS.get(&key) } {
-            workload = Some(*w);
-        }
-        level += 1;
-    }
-    if level > MAX_CGROUP_DEPTH {
-        // SAFETY: as above.
-        if unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) } != 0 {
-            count(counter::DEPTH_TRUNCATED);
-        }
-    }
+    // SAFETY: helper call without pointer arguments.
+    let workload = crate::policy::workload_of(slot, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
 
     let mut d = Decision {
         action: cfg.default_other,
@@ -277,9 +249,9 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
         generation: cfg.generation,
         mode: cfg.mode,
     };
-    let (llm, other) = match workload {
-        Some(w) => (w.llm, w.other),
-        None => (cfg.default_llm, cfg.default_other),
+    let other = match workload {
+        Some(w) => w.other,
+        None => cfg.default_other,
     };
     if let Some(w) = workload {
         d.workload_id = w.workload_id;
@@ -296,23 +268,7 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
     let provider = provider_of(slot, dest);
     if provider != NO_PROVIDER {
         d.provider_id = provider;
-        if workload.is_some() {
-            let key = ProviderKey { slot, workload_id: d.workload_id, provider_id: provider };
-            // SAFETY: value copied out at once.
-            match unsafe { PROVIDER_ACT.get(&key) } {
-                Some(a) => {
-                    d.action = a.action;
-                    d.reason = reason::WORKLOAD_PROVIDER;
-                }
-                None => {
-                    d.action = llm;
-                    d.reason = reason::WORKLOAD_LLM_DEFAULT;
-                }
-            }
-        } else {
-            d.action = llm;
-            d.reason = reason::DEFAULT_LLM;
-        }
+        (d.action, d.reason) = crate::policy::provider_action(slot, &cfg, workload, provider);
         return Ok(d);
     }
     // 4. Everything else.

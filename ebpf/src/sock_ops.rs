@@ -15,7 +15,14 @@
 //! TLS framing is included, IP/TCP headers are not. The kernel counts the
 //! SYN and FIN sequence numbers too: the SYN is subtracted (its count is
 //! taken at the handshake), a FIN adds 1 in its direction (documented).
-//! The program never affects the connection: it always returns 1.
+//! - `RTO_CB` (8), enabled for every socket at `TCP_CONNECT_CB`: a socket
+//!   whose ClientHello the SNI program denied (`SNI_STATE` = `DENIED`) gets
+//!   `TCP_USER_TIMEOUT` = 1 ms, so TCP aborts it at its next timer (one
+//!   jiffy later) and the application sees ETIMEDOUT within a few ms of the
+//!   first retransmission timeout, instead of retrying for minutes
+//!   (docs/names.md, "Failing fast").
+//! Apart from that, the program never affects the connection: it always
+//! returns 1.
 
 use aya_ebpf::{
     EbpfContext,
@@ -25,11 +32,15 @@ use aya_ebpf::{
 };
 use llm_egress_common::{CONN_UPDATE_NS, ConnEvent, counter, kind};
 
-use crate::maps::{CONNS, EVENTS, count};
+use crate::maps::{CONNS, EVENTS, SNI_STATE, count};
 
 const TCP_CONNECT_CB: u32 = 3;
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
+const RTO_CB: u32 = 8;
 const STATE_CB: u32 = 10;
+const RTO_CB_FLAG: i32 = 1 << 0;
+const SOL_TCP: i32 = 6;
+const TCP_USER_TIMEOUT: i32 = 18;
 const RTT_CB: u32 = 12;
 const STATE_CB_FLAG: i32 = 1 << 2;
 const RTT_CB_FLAG: i32 = 1 << 3;
@@ -44,19 +55,28 @@ pub fn account_sock_ops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn account(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != TCP_CONNECT_CB && op != ACTIVE_ESTABLISHED_CB && op != STATE_CB && op != RTT_CB {
+    if op != TCP_CONNECT_CB && op != ACTIVE_ESTABLISHED_CB && op != STATE_CB && op != RTT_CB && op != RTO_CB {
         return;
     }
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(entry) = CONNS.get_ptr_mut(&cookie) else { return };
+    if op == RTO_CB {
+        abort_if_denied(ctx, cookie);
+        return;
+    }
+    let Some(entry) = CONNS.get_ptr_mut(&cookie) else {
+        if op == TCP_CONNECT_CB {
+            let _ = ctx.set_cb_flags(RTO_CB_FLAG);
+        }
+        return;
+    };
     // SAFETY: helpers without pointer arguments; `entry` points into the map
     // value, valid for this program run; `ctx.ops` is the kernel's context.
     unsafe {
         let now = bpf_ktime_get_ns();
         match op {
             TCP_CONNECT_CB => {
-                let _ = ctx.set_cb_flags(STATE_CB_FLAG | RTT_CB_FLAG);
+                let _ = ctx.set_cb_flags(STATE_CB_FLAG | RTT_CB_FLAG | RTO_CB_FLAG);
             }
             ACTIVE_ESTABLISHED_CB => {
                 (*entry).data.established_ns = now;
@@ -79,6 +99,28 @@ fn account(ctx: &SockOpsContext) {
                 }
             }
         }
+    }
+}
+
+/// At a retransmission timeout of a socket the SNI program denied: a user
+/// timeout of 1 ms, which the timer handler finds expired at its next run.
+#[inline(always)]
+fn abort_if_denied(ctx: &SockOpsContext, cookie: u64) {
+    // SAFETY: value copied out at once.
+    if unsafe { SNI_STATE.get(&cookie) }.copied() != Some(llm_egress_common::sni_state::DENIED) {
+        return;
+    }
+    let mut ms: i32 = 1;
+    // SAFETY: helper on this program's own (locked, full) socket; `ms` is a
+    // valid 4-byte option value.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_TCP,
+            TCP_USER_TIMEOUT,
+            (&mut ms as *mut i32).cast(),
+            4,
+        );
     }
 }
 

@@ -206,11 +206,23 @@ fn tls_config(host: &str) -> (Arc<ServerConfig>, String) {
     ca_params.distinguished_name.push(DnType::CommonName, "llm-egress test CA");
     ca_params.distinguished_name.push(DnType::OrganizationName, "llm-egress tests");
     let ca = CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
+    let mid_key = KeyPair::generate().unwrap_or_else(|e| panic!("intermediate key: {e}"));
+    let mut mid_params = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("intermediate params: {e}"));
+    mid_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    mid_params.distinguished_name.push(DnType::CommonName, "llm-egress test intermediate");
+    mid_params.distinguished_name.push(DnType::OrganizationName, "llm-egress tests");
+    let mid = CertifiedIssuer::signed_by(mid_params, mid_key, &ca).unwrap_or_else(|e| panic!("intermediate cert: {e}"));
     let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
-    let mut params = CertificateParams::new(vec![host.to_string()]).unwrap_or_else(|e| panic!("leaf params: {e}"));
+    let mut params = CertificateParams::new(vec![host.to_string(), format!("*.{host}")]).unwrap_or_else(|e| panic!("leaf params: {e}"));
     params.distinguished_name.push(DnType::CommonName, host);
-    let leaf = params.signed_by(&key, &ca).unwrap_or_else(|e| panic!("leaf cert: {e}"));
-    let chain = vec![leaf.der().clone(), ca.der().clone()];
+    // Public leaves carry signed certificate timestamps (~250 bytes); an
+    // opaque extension of a private OID stands in for them.
+    let mut filler = vec![0x04, 0x81, 240];
+    filler.extend((0..240u32).map(|i| (i * 37 % 251) as u8));
+    params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 55555, 1], filler));
+    let leaf = params.signed_by(&key, &mid).unwrap_or_else(|e| panic!("leaf cert: {e}"));
+    // As public servers do: leaf and intermediate, not the root.
+    let chain = vec![leaf.der().clone(), mid.der().clone()];
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -688,7 +700,10 @@ fn words(rng: &mut Rng, n: usize) -> String {
     while out.len() < n {
         let len = 6 + rng.below(14) as usize;
         for i in 0..len {
-            let w = WORDS[rng.below(WORDS.len() as u64) as usize];
+            // Zipf-like: word k (the list is roughly by frequency) with
+            // weight about 1/(k+1), as in English text.
+            let k = ((WORDS.len() as f64 + 1.0).powf(rng.unit()) - 1.0) as usize;
+            let w = WORDS[k.min(WORDS.len() - 1)];
             if i == 0 {
                 if !out.is_empty() && !out.ends_with('\n') {
                     out.push(' ');

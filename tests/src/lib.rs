@@ -12,6 +12,8 @@
 //! - [`TcpServer`], [`HttpServer`], [`UdpServer`]: counting servers inside
 //!   a namespace.
 //! - [`DnsServer`]: dnsmasq on a loopback port, answering fixed names.
+//! - [`fake_kube::FakeKube`]: a Kubernetes API server on 127.0.0.1 (HTTPS,
+//!   bearer token) that lists the pods of a node.
 //! - [`Probe`]: runs the `egress-probe` binary, which moves itself into a
 //!   cgroup and a namespace and then connects or sends;
 //!   [`probe::confine`] runs any other program (curl) the same way.
@@ -31,6 +33,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cgroup;
 pub mod dns;
+pub mod fake_kube;
 pub mod fake_provider;
 pub mod http;
 pub mod netns;

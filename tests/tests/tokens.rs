@@ -11,6 +11,11 @@
 //! by request. The relative error of each case (median and p90) must stay
 //! within the bounds written in docs/tokens.md.
 //!
+//! `LLM_EGRESS_TOKENS_PYTHON=<python with the openai and anthropic
+//! packages>` sends the same corpus with the official Python SDKs instead of
+//! curl (other headers, another TLS stack) and checks the `sdk/` bounds of
+//! docs/tokens.md; without it, curl sends and the `curl/` bounds are checked.
+//!
 //! `LLM_EGRESS_TOKENS_FIT=1` also prints least-squares fits of the byte
 //! counts against the true token counts, per provider family and response
 //! shape: the numbers `agent/src/tokens.rs` takes its constants from (fit on
@@ -210,6 +215,67 @@ fn run_curl(job: &Job, server: &FakeProvider, cgroup: &Path, netns: &NetnsGuard,
     pid
 }
 
+/// Sends one request with the official SDK (argv: flavor, server IP,
+/// host, CA file, request id, body file); exits non-zero on failure.
+const SDK_CLIENT: &str = r#"
+import json, ssl, sys
+try:
+    import httpx
+except ImportError:  # newer SDKs ship it as httpx2
+    import httpx2 as httpx
+flavor, ip, host, ca, rid, body_file = sys.argv[1:]
+body = json.load(open(body_file))
+
+class Transport(httpx.HTTPTransport):
+    # Connect to the test address, but speak TLS and HTTP to the API host.
+    def handle_request(self, request):
+        request.extensions["sni_hostname"] = host
+        request.headers["Host"] = host
+        return super().handle_request(request)
+
+http = httpx.Client(transport=Transport(verify=ssl.create_default_context(cafile=ca)))
+headers = {"X-Client-Request-Id": rid}
+if flavor == "openai":
+    import openai
+    client = openai.OpenAI(api_key="sk-proj-" + "x" * 156, base_url=f"https://{ip}/v1", http_client=http, default_headers=headers, max_retries=0)
+    if "input" in body:
+        client.embeddings.create(**body)
+    elif body.get("stream"):
+        for _ in client.chat.completions.create(**body):
+            pass
+    else:
+        client.chat.completions.create(**body)
+else:
+    import anthropic
+    client = anthropic.Anthropic(api_key="sk-ant-api03-" + "x" * 95 + "AA", base_url=f"https://{ip}", http_client=http, default_headers=headers, max_retries=0)
+    if body.get("stream"):
+        for _ in client.messages.create(**body):
+            pass
+    else:
+        client.messages.create(**body)
+client.close()
+"#;
+
+/// Runs `job` with the Python SDK in `cgroup` and `netns`; returns its pid.
+fn run_sdk(python: &str, job: &Job, server: &FakeProvider, cgroup: &Path, netns: &NetnsGuard, dir: &Path) -> u32 {
+    let file = dir.join(format!("{}.json", job.id));
+    std::fs::write(&file, &job.body).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+    let script = dir.join("sdk_client.py");
+    if !script.exists() {
+        std::fs::write(&script, SDK_CLIENT).unwrap_or_else(|e| panic!("write {}: {e}", script.display()));
+    }
+    let flavor = if server.flavor() == Flavor::OpenAi { "openai" } else { "anthropic" };
+    let mut cmd = Command::new(python);
+    cmd.arg(&script).args([flavor, &server.addr().ip().to_string(), server.host()]).arg(server.ca_file()).arg(&job.id).arg(&file);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    confine(&mut cmd, cgroup, netns);
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{python}: {e}"));
+    assert!(out.status.success(), "SDK request {} failed: {}", job.id, String::from_utf8_lossy(&out.stderr));
+    pid
+}
+
 /// One request's truth and the agent's estimate of its connection.
 #[derive(Clone, Debug)]
 struct Sample {
@@ -295,13 +361,18 @@ allow = ["openai", "anthropic"]
     )
 }
 
+/// The clients the corpus is sent with: the prefix of the bounds' names.
+const CLIENTS: [&str; 2] = ["curl", "sdk"];
+
 #[test]
 fn docs_tokens_md_has_a_bound_for_every_case() {
     let bounds = doc_bounds();
-    for c in CASES {
-        assert!(bounds.contains_key(c.name), "docs/tokens.md: no bound for `{}`", c.name);
+    for client in CLIENTS {
+        for c in CASES {
+            assert!(bounds.contains_key(&format!("{client}/{}", c.name)), "docs/tokens.md: no bound for `{client}/{}`", c.name);
+        }
     }
-    assert_eq!(bounds.len(), CASES.len(), "docs/tokens.md bounds cases this test does not run");
+    assert_eq!(bounds.len(), CLIENTS.len() * CASES.len(), "docs/tokens.md bounds cases this test does not run");
 }
 
 #[test]
@@ -317,6 +388,7 @@ fn token_estimates_stay_within_the_documented_error() {
 
     let seed = std::env::var("LLM_EGRESS_TOKENS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let jobs = corpus(seed);
+    let python = std::env::var("LLM_EGRESS_TOKENS_PYTHON").ok();
     let queue = Arc::new(Mutex::new(jobs.clone()));
     let pids: Arc<Mutex<HashMap<u32, String>>> = Arc::default();
     std::thread::scope(|s| {
@@ -324,7 +396,10 @@ fn token_estimates_stay_within_the_documented_error() {
             s.spawn(|| {
                 while let Some(job) = queue.lock().ok().and_then(|mut q| q.pop()) {
                     let server = if CASES[job.case].flavor == Flavor::OpenAi { &openai } else { &anthropic };
-                    let pid = run_curl(&job, server, &bot, &netns, dir.path());
+                    let pid = match &python {
+                        Some(py) => run_sdk(py, &job, server, &bot, &netns, dir.path()),
+                        None => run_curl(&job, server, &bot, &netns, dir.path()),
+                    };
                     if let Ok(mut p) = pids.lock() {
                         p.insert(pid, job.id.clone());
                     }
@@ -355,12 +430,14 @@ fn token_estimates_stay_within_the_documented_error() {
     if std::env::var_os("LLM_EGRESS_TOKENS_FIT").is_some() {
         print_fits(&samples);
     }
-    let measured = report(&samples);
+    let client = if python.is_some() { "sdk" } else { "curl" };
+    let measured = report(&samples, client);
     check_metrics(&agent, &samples);
     let bounds = doc_bounds();
     let mut failures = Vec::new();
     for (c, case) in CASES.iter().enumerate() {
-        let (m, b) = (measured[c], bounds[case.name]);
+        let name = format!("{client}/{}", case.name);
+        let (m, b) = (measured[c], bounds[&name]);
         for (what, got, bound) in [
             ("prompt median", m.prompt_median, b.prompt_median),
             ("prompt p90", m.prompt_p90, b.prompt_p90),
@@ -368,19 +445,19 @@ fn token_estimates_stay_within_the_documented_error() {
             ("completion p90", m.completion_p90, b.completion_p90),
         ] {
             if !(got <= bound) {
-                failures.push(format!("{}: {what} error {:.1}% > {:.1}% (docs/tokens.md)", case.name, got * 100.0, bound * 100.0));
+                failures.push(format!("{name}: {what} error {:.1}% > {:.1}% (docs/tokens.md)", got * 100.0, bound * 100.0));
             }
         }
         let wrong_shape = samples.iter().filter(|s| s.case == c && s.record["streamed"].as_bool() != Some(case.streamed)).count();
         if wrong_shape > 0 {
-            failures.push(format!("{}: {wrong_shape} connections classified as streamed = {}", case.name, !case.streamed));
+            failures.push(format!("{name}: {wrong_shape} connections classified as streamed = {}", !case.streamed));
         }
     }
     assert!(failures.is_empty(), "token estimates are worse than docs/tokens.md says:\n{}", failures.join("\n"));
 }
 
 /// Prints the error table (the one docs/tokens.md shows) and returns it.
-fn report(samples: &[Sample]) -> Vec<Errors> {
+fn report(samples: &[Sample], client: &str) -> Vec<Errors> {
     let mut out = Vec::new();
     println!("\n| case | requests | prompt tokens (true, median) | prompt error median | prompt error p90 | completion tokens (true, median) | completion error median | completion error p90 |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -392,7 +469,7 @@ fn report(samples: &[Sample]) -> Vec<Errors> {
         let tc: Vec<f64> = of.iter().map(|s| s.served.usage.completion as f64).collect();
         let e = Errors { prompt_median: quantile(&pe, 0.5), prompt_p90: quantile(&pe, 0.9), completion_median: quantile(&ce, 0.5), completion_p90: quantile(&ce, 0.9) };
         println!(
-            "| `{}` | {} | {} | {:.1}% | {:.1}% | {} | {:.1}% | {:.1}% |",
+            "| `{client}/{}` | {} | {} | {:.1}% | {:.1}% | {} | {:.1}% | {:.1}% |",
             case.name,
             of.len(),
             quantile(&tp, 0.5),

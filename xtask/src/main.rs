@@ -7,6 +7,7 @@
 
 mod agent;
 mod cmd;
+mod demo;
 mod ebpf;
 mod setup;
 mod testing;
@@ -72,6 +73,8 @@ enum Task {
         )]
         args: Vec<String>,
     },
+    /// Build, then show the agent allowing and blocking sample connections in a throw-away cgroup and network namespace (as root; removes everything it made).
+    Demo,
     /// Remove what setup installed for the build (toolchain packages, bpf-linker), to prove the fresh-machine path.
     CleanSetup {
         /// Really remove them (without it, only says what would go).
@@ -144,6 +147,7 @@ fn run(task: Task) -> Result<()> {
             testing::test(&ws, &testing::Options { unit_only, filter })
         }
         Task::Bench { args } => agent::bench(&ws, &args),
+        Task::Demo => demo::demo(&ws),
         Task::CleanSetup { yes } => setup::clean_setup(yes),
     }
 }

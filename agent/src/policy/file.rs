@@ -104,7 +104,19 @@ pub(super) struct KubernetesFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct PodSelectorFile {
     pub namespace: Option<Spanned<String>>,
-    pub labels: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    /// Keys are plain strings: toml cannot give the position of a key
+    /// written in a `[workloads.k8s.labels]` header; a key's error is
+    /// reported at its value.
+    pub labels: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+}
+
+impl PodSelectorFile {
+    /// Where the selector is reported: its first key with a position, else
+    /// `fallback` (the workload's table).
+    pub fn span(&self, fallback: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let spans = [self.namespace.as_ref().map(Spanned::span), self.labels.as_ref().map(Spanned::span)];
+        spans.into_iter().flatten().min_by_key(|s| s.start).unwrap_or(fallback)
+    }
 }
 
 /// One `[[providers]]` entry of a policy.
@@ -128,7 +140,9 @@ pub(super) struct WorkloadFile {
     pub name: Spanned<String>,
     pub cgroup: Option<Spanned<String>>,
     pub systemd_unit: Option<Spanned<String>>,
-    pub k8s: Option<Spanned<PodSelectorFile>>,
+    /// Not `Spanned`: toml cannot give the span of a table made by a
+    /// `[workloads.k8s.labels]` header; errors use the spans inside.
+    pub k8s: Option<PodSelectorFile>,
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
@@ -397,9 +411,11 @@ pub(super) fn toml_error_key(text: &str, offset: usize, message: &str) -> String
     let on_line = text[line_start..offset]
         .split_once('=')
         .map(|(k, _)| k.trim().to_owned());
-    let field = quoted("unknown field `")
-        .or_else(|| quoted("missing field `"))
-        .or(on_line);
+    let field = match (quoted("unknown field `").or_else(|| quoted("missing field `")), on_line) {
+        // A key inside an inline table: `k8s = { name = "x" }`.
+        (Some(f), Some(outer)) if f != outer => Some(format!("{outer}.{f}")),
+        (f, outer) => f.or(outer),
+    };
     match field {
         Some(f) if table.is_empty() => f,
         Some(f) if !f.starts_with('[') => format!("{table}.{f}"),

@@ -11,7 +11,7 @@
 //! that name providers of the merged list.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::Range,
     path::{Path, PathBuf},
@@ -23,14 +23,16 @@ use llm_egress_common::MAX_PORTS;
 use toml::Spanned;
 
 use super::{
-    Action, AuditLog, Defaults, FailureMode, Mode, OnExit, Policy, PolicyError, PolicyErrors,
-    Provider, ResolverConfig, Selector, Target, TelemetryConfig, Workload,
+    Action, AuditLog, Defaults, FailureMode, KubeEnabled, KubernetesConfig, Mode, OnExit,
+    PodSelector, Policy, PolicyError, PolicyErrors, Provider, ResolverConfig, Selector, Target,
+    TelemetryConfig, Workload,
     error::line_column,
     file::{
-        self, CatalogFile, PolicyFile, ProviderFile, WorkloadFile, absolute, audit_log,
-        cgroup_glob, cidr, host, metrics_listen, port, provider_name, server, systemd_unit,
-        workload_name,
+        self, CatalogFile, PodSelectorFile, PolicyFile, ProviderFile, WorkloadFile, absolute,
+        audit_log, cgroup_glob, cidr, host, metrics_listen, port, provider_name, server,
+        systemd_unit, workload_name,
     },
+    kubernetes,
 };
 
 // The defaults of the keys a policy leaves out (docs/policy.md lists them).
@@ -330,8 +332,9 @@ impl<'a> Checker<'a> {
         };
         let resolver = self.resolver(f);
         let telemetry = self.telemetry(f);
+        let kubernetes = self.kubernetes(f);
         let merged = self.providers(&f.providers, catalog);
-        let workloads = self.workloads(&f.workloads, &merged, defaults.other);
+        let workloads = self.workloads(&f.workloads, &merged, defaults.other, kubernetes.enabled);
         Policy {
             mode,
             cgroup,
@@ -343,6 +346,7 @@ impl<'a> Checker<'a> {
             defaults,
             resolver,
             telemetry,
+            kubernetes,
             providers: merged.providers,
             workloads,
         }
@@ -369,6 +373,54 @@ impl<'a> Checker<'a> {
             process_series_per_workload: n.unwrap_or(DEFAULT_PROCESS_SERIES) as usize,
             process_series_ttl: Duration::from_secs(ttl.unwrap_or(DEFAULT_PROCESS_TTL_SECONDS)),
         }
+    }
+
+    /// `[kubernetes]` (docs/policy.md; defaults in `kubernetes`).
+    fn kubernetes(&mut self, f: &PolicyFile) -> KubernetesConfig {
+        let k = &f.kubernetes;
+        let d = KubernetesConfig::default();
+        let path = |c: &mut Self, v: &Option<Spanned<String>>, key: &str, default: PathBuf| {
+            v.as_ref().and_then(|v| c.check(v, key, |s| absolute(s))).unwrap_or(default)
+        };
+        let refresh = self.bounded(&k.refresh_seconds, "kubernetes.refresh_seconds", 1..=kubernetes::MAX_REFRESH_SECONDS, " (seconds)");
+        KubernetesConfig {
+            enabled: self.choice(k.enabled.as_ref(), "kubernetes.enabled", kubernetes::ENABLED, d.enabled),
+            api_server: k.api_server.as_ref().and_then(|v| self.check(v, "kubernetes.api_server", |s| kubernetes::api_server(s))),
+            node_name: k.node_name.as_ref().and_then(|v| self.check(v, "kubernetes.node_name", |s| kubernetes::node_name(s))),
+            token_file: path(self, &k.token_file, "kubernetes.token_file", d.token_file),
+            ca_file: path(self, &k.ca_file, "kubernetes.ca_file", d.ca_file),
+            refresh: refresh.map_or(d.refresh, Duration::from_secs),
+        }
+    }
+
+    /// A workload's `k8s` selector; None when any part is invalid.
+    fn pod_selector(&mut self, s: &PodSelectorFile, span: Range<usize>, key: &str, enabled: KubeEnabled) -> Option<PodSelector> {
+        let errors = self.errors.len();
+        let namespace = (s.namespace.as_ref())
+            .and_then(|v| self.check(v, &format!("{key}.namespace"), |n| kubernetes::namespace(n)));
+        let mut labels = BTreeMap::new();
+        for (k, v) in s.labels.iter().flat_map(|l| l.get_ref()) {
+            let lkey = format!("{key}.labels.{k}");
+            let name = match kubernetes::label_key(k) {
+                Ok(name) => Some(name),
+                Err(message) => {
+                    self.error_at(v.span(), &lkey, format!("{k:?}: {message}"));
+                    None
+                }
+            };
+            let value = self.check(v, &lkey, |v| kubernetes::label_value(v));
+            if let (Some(name), Some(value)) = (name, value) {
+                labels.insert(name, value);
+            }
+        }
+        if s.namespace.is_none() && s.labels.as_ref().is_none_or(|l| l.get_ref().is_empty()) {
+            self.error_at(span.clone(), key, "needs `namespace` or `labels` (or both): which pods");
+        }
+        if enabled == KubeEnabled::Off {
+            let message = "pods cannot be selected with [kubernetes] enabled = \"off\": the agent would not know them";
+            self.error_at(span, key, message);
+        }
+        (self.errors.len() == errors).then_some(PodSelector { namespace, labels })
     }
 
     fn resolver(&mut self, f: &PolicyFile) -> ResolverConfig {
@@ -543,6 +595,7 @@ impl<'a> Checker<'a> {
         entries: &[Spanned<WorkloadFile>],
         merged: &Merged,
         default_other: Action,
+        kube: KubeEnabled,
     ) -> Vec<Workload> {
         let mut out = Vec::new();
         let mut names = HashMap::new();
@@ -553,38 +606,46 @@ impl<'a> Checker<'a> {
             let name = w.name.get_ref();
             self.check(&w.name, &format!("{key}.name"), |n| workload_name(n));
             self.unique(&mut names, &w.name, &format!("{key}.name"), "workload");
-            let selector = match (&w.cgroup, &w.systemd_unit) {
-                (None, None) => {
-                    let message =
-                        "needs a selector: `cgroup` (a glob of cgroup paths) or `systemd_unit`";
+            // (span of the value, key, text that makes two selectors the same, selector)
+            let selector = match (&w.cgroup, &w.systemd_unit, &w.k8s) {
+                (None, None, None) => {
+                    let message = "needs a selector: `cgroup` (a glob of cgroup paths), \
+                                   `systemd_unit`, or `k8s` (pod namespace and labels)";
                     self.error_at(entry.span(), &key, message);
                     None
                 }
-                (Some(_), Some(unit)) => {
+                (Some(_), Some(unit), _) => {
                     let message =
                         "`cgroup` and `systemd_unit` both given; a workload has one selector";
                     self.error(unit, &format!("{key}.systemd_unit"), message);
                     None
                 }
-                (Some(glob), None) => self
+                (Some(_), None, Some(k8s)) | (None, Some(_), Some(k8s)) => {
+                    let other = if w.cgroup.is_some() { "cgroup" } else { "systemd_unit" };
+                    let message = format!("`{other}` and `k8s` both given; a workload has one selector");
+                    self.error_at(k8s.span(entry.span()), &format!("{key}.k8s"), message);
+                    None
+                }
+                (Some(glob), None, None) => self
                     .check(glob, &format!("{key}.cgroup"), |s| cgroup_glob(s))
-                    .map(|g| (glob, ("cgroup", g))),
-                (None, Some(unit)) => self
+                    .map(|g| (glob.span(), "cgroup", g.clone(), Selector::Cgroup(g))),
+                (None, Some(unit), None) => self
                     .check(unit, &format!("{key}.systemd_unit"), |s| systemd_unit(s))
-                    .map(|u| (unit, ("systemd_unit", u))),
+                    .map(|u| (unit.span(), "systemd_unit", u.clone(), Selector::SystemdUnit(u))),
+                (None, None, Some(k8s)) => self
+                    .pod_selector(k8s, k8s.span(entry.span()), &format!("{key}.k8s"), kube)
+                    .map(|p| (k8s.span(entry.span()), "k8s", format!("{:?} {:?}", p.namespace, p.labels), Selector::Kubernetes(p))),
             };
-            let selector = selector.and_then(|(value, (kind, s))| {
-                if let Some(other) = selectors.get(&(kind, s.clone())) {
+            let selector = selector.and_then(|(span, kind, same, selector)| {
+                if let Some(other) = selectors.get(&(kind, same.clone())) {
                     let message = format!("workload `{other}` has the same selector");
-                    self.error(value, &format!("{key}.{kind}"), message);
+                    let quote = kind != "k8s";
+                    let e = PolicyError::at(self.origin, self.text, span, format!("{key}.{kind}"), quote, message);
+                    self.errors.push(e);
                     return None;
                 }
-                selectors.insert((kind, s.clone()), name.clone());
-                Some(if kind == "cgroup" {
-                    Selector::Cgroup(s)
-                } else {
-                    Selector::SystemdUnit(s)
-                })
+                selectors.insert((kind, same), name.clone());
+                Some(selector)
             });
             let allow = self.targets(&w.allow, &format!("{key}.allow"), merged);
             let deny = self.targets(&w.deny, &format!("{key}.deny"), merged);

@@ -1,0 +1,342 @@
+//! Token estimates from encrypted traffic: prompt and completion tokens of
+//! one provider connection from what the kernel sees of it (payload bytes
+//! and payload segments each way, duration), never from its content.
+//!
+//! The method (docs/tokens.md): a connection is one TLS handshake and one
+//! HTTP request/response. Its bytes are a fixed part (handshake, headers,
+//! JSON envelope) plus a part that grows with the tokens; both are straight
+//! lines whose constants were fitted on a corpus of real-format requests
+//! against fake providers that report the true usage
+//! (tests/tests/tokens.rs). First the response's shape is read from the
+//! segments and the timing:
+//!
+//! - **streamed** (SSE): many small segments, one event per token; the
+//!   completion is the received bytes over the bytes of one event;
+//! - **buffered**: few full segments; the completion is the received bytes
+//!   over the bytes of one token of JSON text;
+//! - **not generated** (embeddings and the like): buffered, but arrived
+//!   faster than any model generates text; no completion tokens.
+//!
+//! The prompt is the sent bytes over the bytes of one prompt token, after
+//! the fixed part of that shape (a streamed request says so in its body).
+//!
+//! Pure: no I/O, no state. Every count made here is `source="estimated"`.
+
+use std::time::Duration;
+
+/// The `source` label and meaning of every count made here.
+pub const SOURCE: &str = "estimated";
+
+/// Wire format family, from the provider's name: `anthropic` speaks the
+/// Messages API; every other provider is taken as OpenAI-compatible (most
+/// catalog providers offer that API; Gemini, Bedrock and Cohere's own
+/// formats are not calibrated and get these constants too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    OpenAi,
+    Anthropic,
+}
+
+impl Family {
+    pub fn of(provider: &str) -> Family {
+        match provider {
+            "anthropic" => Family::Anthropic,
+            _ => Family::OpenAi,
+        }
+    }
+
+    fn calibration(self) -> &'static Calibration {
+        match self {
+            Family::OpenAi => &OPENAI,
+            Family::Anthropic => &ANTHROPIC,
+        }
+    }
+}
+
+/// Who sent the request, from the executable name of the process that
+/// connected: the official SDKs (Python, Node) send ~340–380 bytes more
+/// headers per request than curl (`x-stainless-*`, user agent), ~85 prompt
+/// tokens' worth, which a short prompt cannot absorb.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// curl and other clients that send few headers.
+    Plain,
+    /// `python*`, `node`, `bun`, `deno`: taken as the official SDKs.
+    Sdk,
+}
+
+impl Client {
+    pub fn of(process: &str) -> Client {
+        let p = process.to_ascii_lowercase();
+        if p.starts_with("python") || matches!(p.as_str(), "node" | "nodejs" | "bun" | "deno") {
+            Client::Sdk
+        } else {
+            Client::Plain
+        }
+    }
+}
+
+/// What the kernel reports of one connection (`ConnStats` at close).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Payload bytes sent and acknowledged (+1 for a FIN).
+    pub bytes_sent: u64,
+    /// Payload bytes received (+1 for a FIN).
+    pub bytes_received: u64,
+    /// Payload-carrying segments received and sent.
+    pub segments_in: u32,
+    pub segments_out: u32,
+    /// Handshake done to close.
+    pub duration: Duration,
+}
+
+/// How the response came.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// One JSON body.
+    Buffered,
+    /// Server-sent events, one per token.
+    Streamed,
+    /// A body that came faster than text is generated (embeddings):
+    /// prompt tokens only.
+    NotGenerated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Estimate {
+    pub prompt: u64,
+    pub completion: u64,
+    pub shape: Shape,
+}
+
+impl Estimate {
+    pub fn streamed(&self) -> bool {
+        self.shape == Shape::Streamed
+    }
+}
+
+/// A line `bytes = fixed + per_token * tokens`.
+#[derive(Clone, Copy, Debug)]
+struct Line {
+    fixed: f64,
+    per_token: f64,
+}
+
+impl Line {
+    /// Tokens for `bytes`: never negative, rounded.
+    fn tokens(&self, bytes: u64) -> u64 {
+        ((bytes as f64 - self.fixed) / self.per_token).max(0.0).round() as u64
+    }
+}
+
+/// The constants of one family. Each `fixed` absorbs the framing tokens
+/// the provider counts (OpenAI: 3 per message, 3 for the reply), so it is
+/// the fixed bytes less those tokens' worth.
+#[derive(Clone, Copy, Debug)]
+struct Calibration {
+    /// Sent bytes against prompt tokens, for each shape's requests, from
+    /// a [`Client::Plain`] client.
+    prompt_buffered: Line,
+    prompt_streamed: Line,
+    prompt_not_generated: Line,
+    /// Received bytes against completion tokens.
+    completion_buffered: Line,
+    completion_streamed: Line,
+    /// What a [`Client::Sdk`] request sends more than a plain one.
+    sdk_extra_sent: f64,
+}
+
+// Where the numbers come from: least-squares fits printed by
+// `LLM_EGRESS_TOKENS_FIT=1 LLM_EGRESS_TOKENS_SEED=1000 cargo test -p
+// llm-egress-tests --test tokens -- --nocapture` (120 requests by curl
+// 7.88/OpenSSL 3.0 over TLS 1.3 and HTTP/1.1 against the fake providers of
+// tests/src/fake_provider.rs), rounded. The checked run uses another seed.
+// `sdk_extra_sent`: the same fit of the same corpus sent by the official
+// Python SDKs (`LLM_EGRESS_TOKENS_PYTHON`, openai 3.57, anthropic 2.14),
+// less curl's intercepts (each shape within ±6 B of the mean).
+// What they contain: sent = ClientHello (~520 B) + Finished + request
+// headers (~350 B with a real-length API key) + JSON envelope + text;
+// received = server handshake flight (certificate chain ~1.3 kB) + session
+// tickets + response headers (~1.1 kB, shaped like the provider's) + JSON
+// envelope + text (buffered) or one SSE event per token (streamed).
+
+/// OpenAI-compatible chat completions and embeddings.
+const OPENAI: Calibration = Calibration {
+    // English prose: ~4.2 bytes of JSON string per token (cl100k_base and
+    // o200k_base alike on this text).
+    prompt_buffered: Line { fixed: 1095.0, per_token: 4.196 },
+    // `"stream":true,"stream_options":{"include_usage":true}` adds ~55 B.
+    prompt_streamed: Line { fixed: 1150.0, per_token: 4.198 },
+    prompt_not_generated: Line { fixed: 1077.0, per_token: 4.178 },
+    // A pretty-printed `chat.completion` with `usage`: ~0.7 kB of envelope.
+    completion_buffered: Line { fixed: 3720.0, per_token: 4.208 },
+    // One `chat.completion.chunk` event (~300 B of JSON, HTTP chunk
+    // framing, 22 B of TLS record header and tag) per token.
+    completion_streamed: Line { fixed: 3900.0, per_token: 328.6 },
+    sdk_extra_sent: 340.0,
+};
+
+/// Anthropic Messages API.
+const ANTHROPIC: Calibration = Calibration {
+    prompt_buffered: Line { fixed: 1063.0, per_token: 4.215 },
+    // `"stream":true` adds 14 B.
+    prompt_streamed: Line { fixed: 1099.0, per_token: 4.172 },
+    // Anthropic has no embeddings endpoint: a body that came too fast to be
+    // generated is still taken as a buffered request's.
+    prompt_not_generated: Line { fixed: 1063.0, per_token: 4.215 },
+    completion_buffered: Line { fixed: 3082.0, per_token: 4.213 },
+    // One `content_block_delta` event (~120 B + framing) per token.
+    completion_streamed: Line { fixed: 3768.0, per_token: 147.19 },
+    sdk_extra_sent: 382.0,
+};
+
+/// A streamed response arrives as at least this many payload segments…
+/// (a buffered one, as 3–4 on loopback and ~1 per 1.4 kB on the internet;
+/// the shortest streamed answer of the corpus, ~15 tokens, as 20).
+pub const STREAM_MIN_SEGMENTS: u32 = 8;
+
+/// …of at most this many bytes on average (corpus: streamed 150–390 B,
+/// buffered at least 950 B; full internet segments are ~1.4 kB).
+pub const STREAM_MAX_BYTES_PER_SEGMENT: u64 = 700;
+
+/// Faster than any model generates text (fast hosted models reach ~2,000
+/// tokens/s; the fake providers generate 1,000/s): a buffered body that
+/// would be this many tokens per second of connection was not generated
+/// (an embedding vector: 8–30 kB in milliseconds).
+pub const MAX_GENERATION_TOKENS_PER_SECOND: f64 = 5_000.0;
+
+/// Below this many sent bytes no request was made (a handshake alone is
+/// ~600 B; the shortest request of the corpus sends ~1.1 kB).
+pub const MIN_REQUEST_BYTES: u64 = 800;
+
+/// The response shape of `t`.
+pub fn shape(family: Family, t: &Traffic) -> Shape {
+    let segments = u64::from(t.segments_in.max(1));
+    if t.segments_in >= STREAM_MIN_SEGMENTS && t.bytes_received / segments <= STREAM_MAX_BYTES_PER_SEGMENT {
+        return Shape::Streamed;
+    }
+    let body = family.calibration().completion_buffered.tokens(t.bytes_received) as f64;
+    let seconds = t.duration.as_secs_f64().max(1e-3);
+    if body / seconds > MAX_GENERATION_TOKENS_PER_SECOND {
+        Shape::NotGenerated
+    } else {
+        Shape::Buffered
+    }
+}
+
+/// Prompt and completion tokens of one connection from `client` to a
+/// provider of `family`; `None` when it carried no request (a handshake
+/// that never completed, or no payload).
+pub fn estimate(family: Family, client: Client, t: &Traffic) -> Option<Estimate> {
+    if t.bytes_sent < MIN_REQUEST_BYTES || t.bytes_received == 0 {
+        return None;
+    }
+    let c = family.calibration();
+    let shape = shape(family, t);
+    let (mut prompt, completion) = match shape {
+        Shape::Buffered => (c.prompt_buffered, Some(c.completion_buffered)),
+        Shape::Streamed => (c.prompt_streamed, Some(c.completion_streamed)),
+        Shape::NotGenerated => (c.prompt_not_generated, None),
+    };
+    if client == Client::Sdk {
+        prompt.fixed += c.sdk_extra_sent;
+    }
+    Some(Estimate {
+        prompt: prompt.tokens(t.bytes_sent),
+        completion: completion.map_or(0, |l| l.tokens(t.bytes_received)),
+        shape,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn traffic(sent: u64, received: u64, segments_in: u32, millis: u64) -> Traffic {
+        Traffic { bytes_sent: sent, bytes_received: received, segments_in, segments_out: 4, duration: Duration::from_millis(millis) }
+    }
+
+    /// Bytes of `tokens` on `line`, as the fits say.
+    fn bytes(line: Line, tokens: u64) -> u64 {
+        (line.fixed + line.per_token * tokens as f64).round() as u64
+    }
+
+    #[test]
+    fn family_follows_the_provider_name() {
+        assert_eq!(Family::of("anthropic"), Family::Anthropic);
+        assert_eq!(Family::of("openai"), Family::OpenAi);
+        assert_eq!(Family::of("groq"), Family::OpenAi);
+        assert_eq!(Family::of("internal-llm"), Family::OpenAi);
+    }
+
+    #[test]
+    fn client_follows_the_executable_name() {
+        assert_eq!(Client::of("python3.11"), Client::Sdk);
+        assert_eq!(Client::of("node"), Client::Sdk);
+        assert_eq!(Client::of("curl"), Client::Plain);
+        assert_eq!(Client::of("support-bot"), Client::Plain);
+    }
+
+    #[test]
+    fn sdk_requests_carry_more_fixed_bytes() {
+        let sent = bytes(OPENAI.prompt_buffered, 30) + OPENAI.sdk_extra_sent as u64;
+        let t = traffic(sent, bytes(OPENAI.completion_buffered, 20), 3, 100);
+        assert_eq!(estimate(Family::OpenAi, Client::Sdk, &t).map(|e| e.prompt), Some(30));
+        assert_eq!(estimate(Family::OpenAi, Client::Plain, &t).map(|e| e.prompt), Some(30 + 81));
+    }
+
+    #[test]
+    fn buffered_response_is_inverted_from_the_fitted_lines() {
+        let sent = bytes(OPENAI.prompt_buffered, 500);
+        let received = bytes(OPENAI.completion_buffered, 300);
+        let e = estimate(Family::OpenAi, Client::Plain, &traffic(sent, received, 3, 400)).unwrap();
+        assert_eq!(e, Estimate { prompt: 500, completion: 300, shape: Shape::Buffered });
+        assert!(!e.streamed());
+    }
+
+    #[test]
+    fn many_small_segments_are_a_stream() {
+        let received = bytes(ANTHROPIC.completion_streamed, 200);
+        let t = traffic(bytes(ANTHROPIC.prompt_streamed, 40), received, 210, 900);
+        let e = estimate(Family::Anthropic, Client::Plain, &t).unwrap();
+        assert_eq!((e.prompt, e.completion, e.shape), (40, 200, Shape::Streamed));
+        // The same bytes in few full segments are one buffered body.
+        let t = Traffic { segments_in: 20, duration: Duration::from_secs(10), ..t };
+        assert_eq!(shape(Family::Anthropic, &t), Shape::Buffered);
+        // A handful of small segments is a short buffered answer, not a stream.
+        let t = traffic(1200, 3500, 4, 30);
+        assert_eq!(shape(Family::OpenAi, &t), Shape::Buffered);
+    }
+
+    #[test]
+    fn a_body_faster_than_generation_has_no_completion() {
+        // A 30 kB embedding vector within 20 ms.
+        let t = traffic(bytes(OPENAI.prompt_not_generated, 300), 30_000, 4, 20);
+        let e = estimate(Family::OpenAi, Client::Plain, &t).unwrap();
+        assert_eq!((e.prompt, e.completion, e.shape), (300, 0, Shape::NotGenerated));
+        // The same bytes over 30 s were generated.
+        let t = Traffic { duration: Duration::from_secs(30), ..t };
+        assert_eq!(shape(Family::OpenAi, &t), Shape::Buffered);
+    }
+
+    #[test]
+    fn no_request_no_estimate() {
+        assert_eq!(estimate(Family::OpenAi, Client::Plain, &traffic(0, 0, 0, 0)), None);
+        // A handshake alone.
+        assert_eq!(estimate(Family::OpenAi, Client::Plain, &traffic(600, 2_500, 2, 10)), None);
+        // A request without any answer.
+        assert_eq!(estimate(Family::OpenAi, Client::Plain, &traffic(2_000, 0, 0, 10)), None);
+    }
+
+    #[test]
+    fn counts_never_go_negative_and_grow_with_bytes() {
+        let small = estimate(Family::OpenAi, Client::Plain, &traffic(MIN_REQUEST_BYTES, 1, 1, 5)).unwrap();
+        assert_eq!((small.prompt, small.completion), (0, 0));
+        let mut last = (0, 0);
+        for k in 1..50u64 {
+            let e = estimate(Family::OpenAi, Client::Plain, &traffic(1_000 + 100 * k, 3_000 + 100 * k, 3, 10_000)).unwrap();
+            assert!(e.prompt >= last.0 && e.completion >= last.1, "{e:?} after {last:?}");
+            last = (e.prompt, e.completion);
+        }
+    }
+}

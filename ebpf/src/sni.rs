@@ -1,0 +1,544 @@
+//! cgroup_skb/egress: judges TLS ClientHellos by their server name.
+//!
+//! Hook: `BPF_CGROUP_INET_EGRESS` runs in `ip_finish_output()` (and the
+//! IPv6 equivalent) for every packet a socket below the attach cgroup
+//! sends, before GSO segmentation: a ClientHello written in one `send()`
+//! is normally one skb here however large. Offset 0 of
+//! `bpf_skb_load_bytes` is the IP header. Return values: 1 pass; 2 drop
+//! with congestion notification (`NET_XMIT_CN`): TCP takes the segment as
+//! sent and arms its retransmission timer, which is what lets sock_ops
+//! abort the socket at the first RTO (see "Failing fast" in docs/names.md).
+//! Returning 0 instead would make TCP treat it as a local send failure and
+//! fall back to zero-window probes, with no RTO callback.
+//!
+//! Per TCP socket (`bpf_get_socket_cookie`), `SNI_STATE` remembers that the
+//! first payload was seen (`SEEN`: later packets pass without a look) or
+//! denied (`DENIED`: every later packet is dropped). On the first payload:
+//!
+//! 1. TLS record header (type 22, version 3.x), handshake type 1
+//!    (ClientHello); else, on a provider connection (`CONNS` has the
+//!    cookie), count `SNI_NOT_TLS`; the address verdict stands.
+//! 2. Skip version, random, session id, cipher suites, compression methods;
+//!    walk up to `SNI_MAX_EXTENSIONS` extensions (one per `bpf_loop` step)
+//!    for server_name (0) and encrypted_client_hello (0xfe0d).
+//! 3. ECH, no server_name, a ClientHello whose extensions go on past the
+//!    bytes of this first segment (or past `SNI_BUF`) before a server_name
+//!    was found, or bad lengths: counted; the address verdict stands.
+//! 4. The server name is hashed like DNS names (common/src/names.rs, one
+//!    byte per `bpf_loop` step) and looked up in `NAMES` of the active slot
+//!    (exact name, else the most specific wildcard). A provider's name on
+//!    one of its ports is judged (ebpf/src/policy.rs, the connect hook's
+//!    rule for providers; the workload's CIDR rules are not consulted: the
+//!    name is more precise than the address): the socket's cgroup gives the
+//!    workload (`bpf_skb_ancestor_cgroup_id`), then `PROVIDER_ACT` or the
+//!    workload's `llm` action, `defaults.llm` for no workload. An SNI event
+//!    reports every such verdict. Other names: counted, address verdict.
+//!
+//! Internal errors (no policy, no seed, a failed map update) pass the
+//! packet: the connect hook has already applied the address verdict and
+//! `failure_mode`; this hook only ever narrows it.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_get_socket_cookie, bpf_get_socket_uid, bpf_loop, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes},
+    },
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use llm_egress_common::{
+    DNS_MAX_LABELS, EventHeader, MAX_PORTS, NameKey, SNI_BUF, SNI_MAX_EXTENSIONS, SNI_NAME_BYTES, SniDecision, SniEvent,
+    action, counter, family, kind, mode, names::LABEL_INIT, names::label_step, sni_state, verdict,
+};
+
+use crate::maps::{CONNS, EVENTS, NAME_CFG, NAMES, SNI_SCRATCH, SNI_STATE, count};
+
+const PASS: i32 = 1;
+/// Drop, and tell TCP "congestion" (NET_XMIT_CN): see the module comment.
+const DROP_CN: i32 = 2;
+const MASK: usize = SNI_BUF - 1;
+const _: () = assert!(SNI_BUF.is_power_of_two());
+const LMASK: usize = DNS_MAX_LABELS - 1;
+
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TLS_HANDSHAKE: u8 = 22;
+const CLIENT_HELLO: u8 = 1;
+const EXT_SERVER_NAME: u16 = 0;
+const EXT_ECH: u16 = 0xfe0d;
+/// Longest DNS name in text form.
+const MAX_NAME: usize = 253;
+
+/// Per-CPU scratch: the copied first payload, the label hashes of the
+/// server name, and the state of the bpf_loop walks (kept here, not on the
+/// stack, for the reasons given in dns.rs).
+#[repr(C)]
+pub struct SniScratch {
+    pub buf: [u8; SNI_BUF],
+    pub labels: [u64; DNS_MAX_LABELS],
+    ext: ExtCtx,
+    name: NameCtx,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ExtCtx {
+    pos: u64,
+    /// Bytes of the ClientHello in `buf` (this segment, at most SNI_BUF).
+    avail: u64,
+    /// End of the extension list, by the ClientHello's own lengths.
+    end: u64,
+    /// Offset of the server_name extension's data (0: none seen).
+    sni: u64,
+    sni_len: u64,
+    ech: u64,
+    /// The walk reached the end of `avail` before `end`.
+    split: u64,
+    err: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NameCtx {
+    pos: u64,
+    end: u64,
+    /// Labels finished (hashes in `labels`).
+    n: u64,
+    /// Bytes in the current label, and its hash so far.
+    len: u64,
+    h: u64,
+    done: u64,
+    err: u64,
+}
+
+#[cgroup_skb(egress)]
+pub fn names_sni_egress(ctx: SkBuffContext) -> i32 {
+    try_sni(&ctx)
+}
+
+/// What the first payload was.
+enum Hello {
+    /// A provider's name on one of its ports: (name offset, length,
+    /// provider id).
+    Provider(usize, usize, u32),
+    /// Counted under this counter; the address verdict stands.
+    Counted(u32),
+    /// Nothing to count.
+    Ignore,
+}
+
+#[inline(always)]
+fn try_sni(ctx: &SkBuffContext) -> i32 {
+    // 1. IP and TCP headers.
+    let mut addr = [0u8; 16];
+    let (hlen, fam) = match ctx.skb.protocol() {
+        p if p == (ETH_P_IP as u16).to_be() as u32 => {
+            let Ok(vihl) = ctx.load::<u8>(0) else { return PASS };
+            let Ok(proto) = ctx.load::<u8>(9) else { return PASS };
+            if proto != IPPROTO_TCP {
+                return PASS;
+            }
+            let Ok(d) = ctx.load::<[u8; 4]>(16) else { return PASS };
+            addr[0] = d[0];
+            addr[1] = d[1];
+            addr[2] = d[2];
+            addr[3] = d[3];
+            (((vihl & 0x0f) as usize) * 4, family::INET)
+        }
+        p if p == (ETH_P_IPV6 as u16).to_be() as u32 => {
+            let Ok(next) = ctx.load::<u8>(6) else { return PASS };
+            if next != IPPROTO_TCP {
+                return PASS;
+            }
+            let Ok(d) = ctx.load::<[u8; 16]>(24) else { return PASS };
+            addr = d;
+            (40, family::INET6)
+        }
+        _ => return PASS,
+    };
+    if hlen < 20 {
+        return PASS;
+    }
+    // SAFETY: helper on this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: value copied out at once.
+    match unsafe { SNI_STATE.get(&cookie) }.copied() {
+        Some(sni_state::DENIED) => {
+            count(counter::SNI_DROPPED);
+            return DROP_CN;
+        }
+        Some(_) => return PASS,
+        None => {}
+    }
+    let Ok(dport) = ctx.load::<u16>(hlen + 2) else { return PASS };
+    let port = u16::from_be(dport);
+    let Ok(doff) = ctx.load::<u8>(hlen + 12) else { return PASS };
+    let off = hlen + ((doff >> 4) as usize) * 4;
+    let total = ctx.len() as usize;
+    if total <= off {
+        // SYN, pure ACKs: not the first payload yet.
+        return PASS;
+    }
+    let _ = SNI_STATE.insert(&cookie, &sni_state::SEEN, 0);
+    let payload = total - off;
+
+    let hello = parse(ctx, off, payload, port);
+    let (name_off, name_len, provider) = match hello {
+        Hello::Provider(o, l, p) => (o, l, p),
+        Hello::Counted(c) => {
+            count(c);
+            return PASS;
+        }
+        Hello::Ignore => return PASS,
+    };
+
+    // 5. The verdict.
+    let Ok((slot, cfg)) = crate::policy::active() else { return PASS };
+    // SAFETY: helper on this program's own context.
+    let workload = crate::policy::workload_of(slot, |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.as_ptr() as *mut _, level) });
+    let (act, why) = crate::policy::provider_action(slot, &cfg, workload, provider);
+    let v = match act {
+        action::ALLOW => verdict::ALLOW,
+        action::AUDIT => verdict::AUDIT,
+        _ if cfg.mode == mode::AUDIT => verdict::AUDIT,
+        _ => verdict::DENY,
+    };
+    count(match v {
+        verdict::ALLOW => counter::SNI_ALLOW,
+        verdict::AUDIT => counter::SNI_AUDIT,
+        _ => counter::SNI_DENY,
+    });
+    let d = Judged {
+        generation: cfg.generation,
+        workload_id: workload.map(|w| w.workload_id).unwrap_or(0),
+        provider_id: provider,
+        addr,
+        port,
+        verdict: v,
+        reason: why,
+        family: fam,
+    };
+    report(ctx, cookie, &d, off + name_off, name_len);
+    if v == verdict::DENY {
+        let _ = SNI_STATE.insert(&cookie, &sni_state::DENIED, 0);
+        count(counter::SNI_DROPPED);
+        return DROP_CN;
+    }
+    PASS
+}
+
+/// Copies the first payload and reads the ClientHello (steps 1 to 4 of
+/// the module comment).
+#[inline(always)]
+fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
+    let Some(s) = scratch() else { return Hello::Ignore };
+    let avail = if payload > SNI_BUF { SNI_BUF } else { payload };
+    // 1..=SNI_BUF, written so that the verifier sees the bound.
+    let copy = ((avail - 1) & MASK) + 1;
+    // SAFETY: `s.buf` has SNI_BUF bytes and 1 <= copy <= SNI_BUF.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, s.buf.as_mut_ptr() as *mut _, copy as u32) };
+    if rc != 0 {
+        return Hello::Ignore;
+    }
+    if avail < 6 || byte(s, 0) != TLS_HANDSHAKE || byte(s, 1) != 3 || byte(s, 5) != CLIENT_HELLO {
+        // SAFETY: presence only.
+        return if unsafe { CONNS.get(&cookie_of(ctx)) }.is_some() { Hello::Counted(counter::SNI_NOT_TLS) } else { Hello::Ignore };
+    }
+    // The ClientHello: record header (5), handshake header (4), version
+    // (2), random (32), then the variable parts.
+    let hello_end = 9 + ((byte(s, 6) as usize) << 16 | u16_at(s, 7) as usize);
+    let mut pos = 43;
+    if pos + 1 > avail {
+        return Hello::Counted(counter::SNI_SPLIT);
+    }
+    pos += 1 + byte(s, pos) as usize;
+    if pos + 2 > avail {
+        return Hello::Counted(counter::SNI_SPLIT);
+    }
+    pos += 2 + u16_at(s, pos) as usize;
+    if pos + 1 > avail {
+        return Hello::Counted(counter::SNI_SPLIT);
+    }
+    pos += 1 + byte(s, pos) as usize;
+    if pos + 2 > hello_end {
+        // A ClientHello without extensions.
+        return Hello::Counted(counter::SNI_NO_SNI);
+    }
+    if pos + 2 > avail {
+        return Hello::Counted(counter::SNI_SPLIT);
+    }
+    let end = pos + 2 + u16_at(s, pos) as usize;
+    if end > hello_end {
+        return Hello::Counted(counter::SNI_MALFORMED);
+    }
+    pos += 2;
+
+    // 2. Extensions.
+    // Volatile: the bpf_loop callback changes the scratch behind this
+    // reference (see read_name in dns.rs).
+    // SAFETY: valid, aligned fields of the scratch.
+    unsafe {
+        let c = &mut s.ext;
+        core::ptr::write_volatile(&mut c.pos, pos as u64);
+        core::ptr::write_volatile(&mut c.avail, avail as u64);
+        core::ptr::write_volatile(&mut c.end, end as u64);
+        core::ptr::write_volatile(&mut c.sni, 0);
+        core::ptr::write_volatile(&mut c.sni_len, 0);
+        core::ptr::write_volatile(&mut c.ech, 0);
+        core::ptr::write_volatile(&mut c.split, 0);
+        core::ptr::write_volatile(&mut c.err, 0);
+    }
+    // SAFETY: `ext_step` is a bpf_loop callback; it finds its state in the
+    // scratch.
+    unsafe { bpf_loop(SNI_MAX_EXTENSIONS as u32, ext_step as *mut c_void, core::ptr::null_mut(), 0) };
+    // SAFETY: as above.
+    let (epos, sni, sni_len, ech, split, err) = unsafe {
+        (
+            core::ptr::read_volatile(&s.ext.pos) as usize,
+            core::ptr::read_volatile(&s.ext.sni) as usize,
+            core::ptr::read_volatile(&s.ext.sni_len) as usize,
+            core::ptr::read_volatile(&s.ext.ech),
+            core::ptr::read_volatile(&s.ext.split),
+            core::ptr::read_volatile(&s.ext.err),
+        )
+    };
+    if ech != 0 {
+        return Hello::Counted(counter::SNI_ECH);
+    }
+    if sni == 0 {
+        return Hello::Counted(if err != 0 {
+            counter::SNI_MALFORMED
+        } else if split != 0 {
+            counter::SNI_SPLIT
+        } else if epos < end {
+            // More extensions than the walk reads.
+            counter::SNI_MALFORMED
+        } else {
+            counter::SNI_NO_SNI
+        });
+    }
+
+    // 3. server_name: list length (2), name type (1) = host_name (0),
+    // name length (2), name.
+    if sni_len < 5 || byte(s, sni + 2) != 0 {
+        return Hello::Counted(counter::SNI_MALFORMED);
+    }
+    let name_len = u16_at(s, sni + 3) as usize;
+    let name = sni + 5;
+    if name_len == 0 || name_len > MAX_NAME || name + name_len > sni + sni_len {
+        return Hello::Counted(counter::SNI_MALFORMED);
+    }
+    if name + name_len > avail {
+        return Hello::Counted(counter::SNI_SPLIT);
+    }
+
+    // 4. The name's hash and provider.
+    // SAFETY: as above.
+    unsafe {
+        let c = &mut s.name;
+        core::ptr::write_volatile(&mut c.pos, name as u64);
+        core::ptr::write_volatile(&mut c.end, (name + name_len) as u64);
+        core::ptr::write_volatile(&mut c.n, 0);
+        core::ptr::write_volatile(&mut c.len, 0);
+        core::ptr::write_volatile(&mut c.h, LABEL_INIT);
+        core::ptr::write_volatile(&mut c.done, 0);
+        core::ptr::write_volatile(&mut c.err, 0);
+    }
+    // SAFETY: as above.
+    unsafe { bpf_loop((MAX_NAME + 1) as u32, name_step as *mut c_void, core::ptr::null_mut(), 0) };
+    // SAFETY: as above.
+    let (n, done, nerr) = unsafe {
+        (
+            core::ptr::read_volatile(&s.name.n) as usize,
+            core::ptr::read_volatile(&s.name.done),
+            core::ptr::read_volatile(&s.name.err),
+        )
+    };
+    if nerr != 0 || done == 0 || n == 0 {
+        return Hello::Counted(counter::SNI_MALFORMED);
+    }
+    let Some(ncfg) = NAME_CFG.get(0) else { return Hello::Ignore };
+    let seed = ncfg.seed;
+    let Ok((slot, _)) = crate::policy::active() else { return Hello::Ignore };
+    if seed == 0 {
+        return Hello::Ignore;
+    }
+    let (_, matched) = crate::dns::lookup_name(&s.labels, n, seed, slot);
+    if matched == 0 {
+        return Hello::Counted(counter::SNI_OTHER_NAME);
+    }
+    // SAFETY: value copied out at once.
+    let Some(d) = (unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: matched }) }).copied() else {
+        return Hello::Counted(counter::SNI_OTHER_NAME);
+    };
+    let mut on_port = d.nports == 0;
+    let mut i = 0;
+    while i < MAX_PORTS {
+        if (i as u16) < d.nports && d.ports[i] == port {
+            on_port = true;
+        }
+        i += 1;
+    }
+    if !on_port {
+        return Hello::Counted(counter::SNI_OTHER_NAME);
+    }
+    Hello::Provider(name, name_len, d.provider_id)
+}
+
+#[inline(always)]
+fn cookie_of(ctx: &SkBuffContext) -> u64 {
+    // SAFETY: helper on this program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The per-CPU scratch of this CPU.
+#[inline(always)]
+fn scratch() -> Option<&'static mut SniScratch> {
+    let p = SNI_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch of this CPU; programs are not preempted, and
+    // callers never hold two references across a call that takes another.
+    Some(unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn byte(s: &SniScratch, i: usize) -> u8 {
+    s.buf[i & MASK]
+}
+
+#[inline(always)]
+fn u16_at(s: &SniScratch, i: usize) -> u16 {
+    (byte(s, i) as u16) << 8 | byte(s, i + 1) as u16
+}
+
+/// bpf_loop callback: one extension. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn ext_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else { return 1 };
+    let (pos, avail, end) = (s.ext.pos as usize, s.ext.avail as usize, s.ext.end as usize);
+    if pos >= end {
+        return 1;
+    }
+    if pos + 4 > avail {
+        s.ext.split = 1;
+        return 1;
+    }
+    let t = u16_at(s, pos);
+    let len = u16_at(s, pos + 2) as usize;
+    let next = pos + 4 + len;
+    if next > end {
+        s.ext.err = 1;
+        return 1;
+    }
+    if t == EXT_SERVER_NAME && s.ext.sni == 0 {
+        s.ext.sni = (pos + 4) as u64;
+        s.ext.sni_len = len as u64;
+    } else if t == EXT_ECH {
+        s.ext.ech = 1;
+    }
+    s.ext.pos = next as u64;
+    0
+}
+
+/// bpf_loop callback: one byte of the server name. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn name_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else { return 1 };
+    let SniScratch { buf, labels, name: c, .. } = s;
+    let pos = c.pos as usize;
+    if pos >= c.end as usize {
+        // One trailing dot is allowed (the last label is then empty).
+        if c.len > 0 && !push_label(labels, c) {
+            return 1;
+        }
+        c.done = 1;
+        return 1;
+    }
+    let b = buf[pos & MASK];
+    if b == b'.' {
+        if c.len == 0 {
+            c.err = 1;
+            return 1;
+        }
+        if !push_label(labels, c) {
+            return 1;
+        }
+    } else {
+        c.h = label_step(c.h, b);
+        c.len += 1;
+    }
+    c.pos = (pos + 1) as u64;
+    0
+}
+
+/// Ends the current label; false (and `err`) past `DNS_MAX_LABELS`.
+#[inline(always)]
+fn push_label(labels: &mut [u64; DNS_MAX_LABELS], c: &mut NameCtx) -> bool {
+    if c.n >= DNS_MAX_LABELS as u64 {
+        c.err = 1;
+        return false;
+    }
+    labels[(c.n as usize) & LMASK] = c.h;
+    c.n += 1;
+    c.h = LABEL_INIT;
+    c.len = 0;
+    true
+}
+
+/// A verdict, before it goes into an event (kept small: the event itself
+/// is written in place in the ring buffer, never on the 512-byte stack).
+struct Judged {
+    generation: u64,
+    workload_id: u32,
+    provider_id: u32,
+    addr: [u8; 16],
+    port: u16,
+    verdict: u8,
+    reason: u8,
+    family: u8,
+}
+
+/// Sends the SNI event: `d` plus the name copied from the packet.
+#[inline(always)]
+fn report(ctx: &SkBuffContext, cookie: u64, d: &Judged, name_at: usize, name_len: usize) {
+    let Some(mut entry) = EVENTS.reserve::<SniEvent>(0) else {
+        count(counter::EVENTS_LOST);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` is the reserved record of size_of::<SniEvent>(); the name
+    // copy writes 1..=SNI_NAME_BYTES bytes into `name`.
+    unsafe {
+        let mut h = EventHeader { kind: kind::SNI_DECISION, time_ns: bpf_ktime_get_ns(), ..EventHeader::default() };
+        h.cgroup_id = bpf_skb_cgroup_id(ctx.as_ptr() as *mut _);
+        h.uid = bpf_get_socket_uid(ctx.as_ptr() as *mut _);
+        // The task that connected, if the connect hook tracked the socket.
+        if let Some(c) = CONNS.get(&cookie) {
+            h.pid = c.header.pid;
+            h.tgid = c.header.tgid;
+            h.gid = c.header.gid;
+            h.comm = c.header.comm;
+        }
+        (*p).header = h;
+        let e: &mut SniDecision = &mut (*p).data;
+        e.generation = d.generation;
+        e.cookie = cookie;
+        e.workload_id = d.workload_id;
+        e.provider_id = d.provider_id;
+        e.addr = d.addr;
+        e.port = d.port;
+        e.verdict = d.verdict;
+        e.reason = d.reason;
+        e.family = d.family;
+        e._pad = 0;
+        e.name_len = 0;
+        let copy = ((name_len.wrapping_sub(1)) & (SNI_NAME_BYTES - 1)) + 1;
+        if bpf_skb_load_bytes(ctx.as_ptr() as *const _, name_at as u32, (*p).data.name.as_mut_ptr() as *mut _, copy as u32) == 0 {
+            (*p).data.name_len = copy as u16;
+        }
+    }
+    entry.submit(0);
+}
