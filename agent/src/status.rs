@@ -311,7 +311,8 @@ pub struct Snapshot {
     pub agent: Health,
     /// Sorted by total connections, most first, then by name.
     pub rows: Vec<Row>,
-    /// Columns shown as `-` because the agent exports no such metric.
+    /// Metric families behind columns shown as `-`: the agent does not
+    /// export them, or has no series of them yet.
     pub not_exported: Vec<&'static str>,
 }
 
@@ -510,7 +511,7 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
     }
     if !s.not_exported.is_empty() {
         let cols: Vec<String> = OPTIONAL.iter().filter(|(f, _)| s.not_exported.contains(f)).map(|(f, c)| format!("{c} ({f})")).collect();
-        let _ = writeln!(out, "not exported by this agent (shown as -): {}", cols.join(", "));
+        let _ = writeln!(out, "no series of these metrics yet (shown as -): {}", cols.join(", "));
     }
     out
 }

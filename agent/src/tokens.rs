@@ -154,9 +154,9 @@ struct Calibration {
 // `sdk_extra_sent`: the same fit of the same corpus sent by the official
 // Python SDKs (`LLM_EGRESS_TOKENS_PYTHON`, openai 3.57, anthropic 2.14),
 // less curl's intercepts (each shape within ±6 B of the mean).
-// What they contain: sent = ClientHello (~520 B) + Finished + request
-// headers (~350 B with a real-length API key) + JSON envelope + text;
-// received = server handshake flight (certificate chain ~1.3 kB) + session
+// What they contain: sent = ClientHello (~0.5 kB) + Finished + request
+// headers (~0.4 kB with a real-length API key) + JSON envelope + text;
+// received = server handshake flight (certificate chain 1.1 kB) + session
 // tickets + response headers (~1.1 kB, shaped like the provider's) + JSON
 // envelope + text (buffered) or one SSE event per token (streamed).
 

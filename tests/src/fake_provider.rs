@@ -3,9 +3,10 @@
 //! they served.
 //!
 //! [`start`] binds `addr` in a [`NetnsGuard`] and serves HTTP/1.1 over real
-//! TLS (rustls; a test CA and a leaf for the provider's API host, made with
-//! rcgen, the chain sent as real providers send theirs). Clients reach it
-//! with `curl --cacert <ca_file> --resolve <host>:443:<ip>`:
+//! TLS (rustls; made with rcgen: a test root CA, an intermediate, and a
+//! leaf for the provider's API host; leaf and intermediate are sent, as
+//! public servers send theirs). Clients reach it with
+//! `curl --cacert <ca_file> --resolve <host>:443:<ip>`:
 //!
 //! - OpenAI (`api.openai.com`): `POST /v1/chat/completions` (a pretty-printed
 //!   `chat.completion` with `usage`; with `"stream": true` an SSE stream of
@@ -199,6 +200,19 @@ impl Drop for FakeProvider {
 
 /// A server config for `host` and the CA certificate (PEM) that signed it.
 fn tls_config(host: &str) -> (Arc<ServerConfig>, String) {
+    let (chain, (key, ca_pem)) = chain_for(host);
+    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .unwrap_or_else(|e| panic!("TLS config: {e}"));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (Arc::new(config), ca_pem)
+}
+
+type Chain = Vec<rustls::pki_types::CertificateDer<'static>>;
+
+/// Leaf and intermediate for `host`, the leaf's key, the root CA (PEM).
+fn chain_for(host: &str) -> (Chain, (PrivateKeyDer<'static>, String)) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
@@ -224,12 +238,7 @@ fn tls_config(host: &str) -> (Arc<ServerConfig>, String) {
     // As public servers do: leaf and intermediate, not the root.
     let chain = vec![leaf.der().clone(), mid.der().clone()];
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .and_then(|b| Ok(b.with_no_client_auth().with_single_cert(chain, key)?))
-        .unwrap_or_else(|e| panic!("TLS config: {e}"));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    (Arc::new(config), ca.pem())
+    (chain, (key, ca.pem()))
 }
 
 type Tls = StreamOwned<ServerConnection, TcpStream>;
@@ -341,7 +350,7 @@ fn respond(s: &mut Tls, flavor: Flavor, opts: Options, req: &Request) -> std::io
                 _ => openai_prompt_tokens(&body, bpe),
             };
             let n = body["max_completion_tokens"].as_u64().or(body["max_tokens"].as_u64()).unwrap_or(16) as usize;
-            let pieces = completion(rng.next(), n, bpe);
+            let pieces = completion(rng.next_u64(), n, bpe);
             let usage = Usage { prompt, completion: pieces.len() as u64 };
             let generation = Generation { pieces: &pieces, usage, model: &model, interval: opts.token_interval };
             match (endpoint, streamed) {
@@ -736,7 +745,7 @@ impl Rng {
         Rng(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -746,24 +755,24 @@ impl Rng {
 
     /// Uniform in `0..n` (`n` > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn from_alphabet(&mut self, alphabet: &[u8], n: usize) -> String {
+    fn pick_from(&mut self, alphabet: &[u8], n: usize) -> String {
         (0..n).map(|_| alphabet[self.below(alphabet.len() as u64) as usize] as char).collect()
     }
 
     pub fn alnum(&mut self, n: usize) -> String {
-        self.from_alphabet(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", n)
+        self.pick_from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", n)
     }
 
     pub fn hex(&mut self, n: usize) -> String {
-        self.from_alphabet(b"0123456789abcdef", n)
+        self.pick_from(b"0123456789abcdef", n)
     }
 }
 
@@ -815,6 +824,15 @@ mod tests {
         // (3 + "user" + "Hello" " there") + 3 to prime the reply, as
         // OpenAI's cookbook counts.
         assert_eq!(openai_prompt_tokens(&body, bpe), 3 + 1 + 2 + 3);
+    }
+
+    #[test]
+    fn chain_is_leaf_and_intermediate() {
+        let (chain, _) = chain_for("api.openai.com");
+        let sizes: Vec<usize> = chain.iter().map(|c| c.len()).collect();
+        eprintln!("certificate chain DER sizes: {sizes:?}");
+        assert_eq!(sizes.len(), 2);
+        assert!(sizes.iter().sum::<usize>() > 900, "{sizes:?}");
     }
 
     #[test]
