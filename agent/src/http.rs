@@ -1,6 +1,6 @@
 //! The agent's HTTP endpoint: `/metrics` (Prometheus text), `/healthz`
 //! (the process answers) and `/readyz` (policy applied, programs attached,
-//! event reader alive; otherwise 503 with the reason).
+//! event reader alive, last reload accepted; otherwise 503 with the reason).
 
 use std::{
     convert::Infallible,
@@ -53,16 +53,18 @@ async fn route(req: Request<hyper::body::Incoming>, metrics: Metrics, health: Ar
         "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
         "/healthz" => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
-            let policy_note = health.policy_error.lock().ok().and_then(|e| e.clone());
-            match health.readiness() {
-                Ok(()) => {
-                    let body = match policy_note {
-                        Some(e) => format!("ready (last reload rejected, previous policy in force: {e})\n"),
-                        None => "ready\n".into(),
-                    };
-                    respond(StatusCode::OK, "text/plain", body.into_bytes())
-                }
-                Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n").into_bytes()),
+            // A rejected reload makes the agent not ready (the previous
+            // policy stays enforced): orchestrators show the error, and
+            // liveness (/healthz) stays green so nothing restarts it.
+            let policy_error = health.policy_error.lock().ok().and_then(|e| e.clone());
+            match (health.readiness(), policy_error) {
+                (Err(why), _) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n").into_bytes()),
+                (Ok(()), Some(e)) => respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: the last policy reload was rejected; the previous policy stays in force:\n{e}\n").into_bytes(),
+                ),
+                (Ok(()), None) => respond(StatusCode::OK, "text/plain", b"ready\n".to_vec()),
             }
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
