@@ -356,6 +356,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // up to 2 × 65,536 entries).
     let mut ticks: u64 = 0;
     let mut file_hash = args.config.as_deref().and_then(content_hash);
+    // Everything that needs privileges is done: keep only what reading
+    // /proc/PID/exe of other users' processes needs.
+    match crate::privileges::drop_all_but(&[crate::privileges::CAP_SYS_PTRACE]) {
+        Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept CAP_SYS_PTRACE only)"),
+        Err(e) => warn!(error = %e, "could not drop capabilities; running with the ones the agent was started with"),
+    }
     info!(attach = %attach.display(), pin_path = %state.policy.pin_path.display(), "ready");
 
     loop {

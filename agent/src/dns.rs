@@ -165,6 +165,71 @@ pub(crate) mod wire {
         name(&mut t, target);
         t
     }
+
+    /// Bad answers: (what, message). Each is built from a good response
+    /// to `api.prov.test` (CNAME chain, A 10.0.0.1, AAAA ::1) and
+    /// truncated, looped, lengthened or emptied.
+    pub fn malformed_corpus() -> Vec<(String, Vec<u8>)> {
+        let good = response(
+            "alias.example",
+            &[("alias.example", 5, cname("api.prov.test")), ("api.prov.test", 1, vec![10, 0, 0, 1]), ("api.prov.test", 28, std::net::Ipv6Addr::LOCALHOST.octets().to_vec())],
+            60,
+        );
+        let mut out: Vec<(String, Vec<u8>)> = vec![("zero-length".into(), vec![]), ("one byte".into(), vec![0x81])];
+        for n in 0..good.len() {
+            out.push((format!("truncated to {n} bytes"), good[..n].to_vec()));
+        }
+        // The first answer's owner (a pointer to 12 right after the
+        // question) turned into pointers that loop.
+        let owner = 12 + 15 + 4;
+        assert_eq!(good[owner], 0xc0, "the corpus's good message changed");
+        let mut m = good.clone();
+        m[owner + 1] = owner as u8;
+        out.push(("owner pointer to itself".into(), m));
+        let mut m = good.clone();
+        m[owner + 1] = 0xff;
+        out.push(("forward pointer".into(), m));
+        // The question name: a pointer to itself, and two pointers to
+        // each other (12 -> 14 -> 12).
+        let mut m = good[..12].to_vec();
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        out.push(("question pointer to itself".into(), m));
+        let mut m = good[..12].to_vec();
+        m.extend_from_slice(&[0xc0, 14, 0xc0, 12, 0, 1, 0, 1]);
+        out.push(("two-pointer cycle".into(), m));
+        // Counts the message does not have.
+        let mut m = good.clone();
+        m[6] = 0xff;
+        m[7] = 0xff;
+        out.push(("ancount 65535".into(), m));
+        let mut m = good.clone();
+        m[4] = 0xff;
+        out.push(("qdcount 65280".into(), m));
+        let mut m = good.clone();
+        m[5] = 0;
+        out.push(("qdcount 0".into(), m));
+        // An rdlength past the end; an A record of 3 and of 5 bytes.
+        let mut m = good.clone();
+        let at = m.len() - 16 - 2;
+        m[at] = 0xff;
+        out.push(("AAAA rdlength past the end".into(), m));
+        out.push(("A of 3 bytes".into(), response("api.prov.test", &[("api.prov.test", 1, vec![10, 0, 0])], 1)));
+        out.push(("A of 5 bytes".into(), response("api.prov.test", &[("api.prov.test", 1, vec![10, 0, 0, 1, 2])], 1)));
+        out.push(("AAAA of 4 bytes".into(), response("api.prov.test", &[("api.prov.test", 28, vec![10, 0, 0, 1])], 1)));
+        // Oversized: a name past 255 bytes, a label with the reserved
+        // 0x40 bits, 64 KiB of answers, 100 KiB of garbage.
+        let long = vec!["a".repeat(60); 5].join(".") + ".prov.test";
+        out.push(("name over 255 bytes".into(), response(&long, &[(&long, 1, vec![10, 0, 0, 2])], 1)));
+        let mut m = good.clone();
+        m[12] = 0x45;
+        out.push(("label type 0x40".into(), m));
+        let many: Vec<(&str, u16, Vec<u8>)> = (0..4000).map(|i| ("api.prov.test", 1, vec![10, 9, (i >> 8) as u8, i as u8])).collect();
+        let mut m = response("api.prov.test", &many, 1);
+        m.truncate(65_535);
+        out.push(("4000 answers cut at 64 KiB".into(), m));
+        out.push(("100 KiB of 0xc0".into(), vec![0xc0; 100 * 1024]));
+        out
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +281,33 @@ mod tests {
         // the wildcard does not match the name itself
         let msg = response("prov.test", &[("prov.test", 1, vec![1, 2, 3, 4])], 1);
         assert!(learnable(&msg, seed, &n).unwrap().is_empty());
+    }
+
+    /// Truncated, looping, oversized and empty answers: never a panic,
+    /// a clean `Skip` or a subset of the good answer's addresses (never an
+    /// address the message does not carry for the provider's name).
+    #[test]
+    fn malformed_corpus_is_skipped_cleanly() {
+        let seed = 3;
+        let n = names(seed, &["api.prov.test"]);
+        let good: Vec<IpAddr> = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+        let corpus = malformed_corpus();
+        assert!(corpus.len() > 100);
+        let mut skipped = 0;
+        for (what, msg) in &corpus {
+            match std::panic::catch_unwind(|| learnable(msg, seed, &n)) {
+                Err(_) => panic!("{what}: the parser panicked"),
+                Ok(Err(_)) => skipped += 1,
+                Ok(Ok(v)) => {
+                    for l in v {
+                        let ok = good.contains(&l.addr) || matches!(l.addr, IpAddr::V4(a) if a.octets()[..2] == [10, 9]) && what.starts_with("4000");
+                        assert!(ok, "{what}: learned {l:?}, which the message does not carry for the provider");
+                    }
+                }
+            }
+        }
+        // Every truncation and every loop is an error, not an answer.
+        assert!(skipped >= corpus.iter().filter(|(w, _)| w.starts_with("truncated") || w.contains("pointer") || w.contains("cycle")).count(), "only {skipped} skipped");
     }
 
     #[test]

@@ -26,7 +26,12 @@ mod maps;
 mod metrics;
 mod plan;
 mod policy;
+mod privileges;
 mod resolver;
+// The kernel's ClientHello rules in userspace, for the fuzz target and the
+// tests (fuzz/); the agent does not parse traffic with it.
+#[cfg_attr(not(test), allow(dead_code))]
+mod sni;
 mod status;
 mod tokens;
 
