@@ -622,3 +622,54 @@ fn position_of(text: &str, needle: &str) -> (usize, usize) {
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     (line, text[line_start..at].chars().count() + 1)
 }
+
+/// Capability masks (CapEff, CapPrm) of every thread of `pid`.
+fn thread_caps(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(u64::MAX)
+        };
+        out.push((entry.file_name().to_string_lossy().into_owned(), field("CapEff:"), field("CapPrm:")));
+    }
+    out
+}
+
+#[test]
+fn running_agent_keeps_only_cap_sys_ptrace_in_every_thread_and_still_reloads() {
+    require_root();
+    const CAP_SYS_PTRACE: u64 = 1 << 19;
+    let cg = CgroupGuard::new("caps");
+    let w = cg.child("w");
+    let ns = NetnsGuard::new();
+    let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
+    let mut agent = Agent::start(&both_allowed_policy(&cg));
+    let dropped = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        let caps = thread_caps(agent.pid());
+        (!caps.is_empty() && caps.iter().all(|(_, eff, prm)| *eff == CAP_SYS_PTRACE && *prm == CAP_SYS_PTRACE)).then_some(caps)
+    });
+    assert!(
+        dropped.is_some(),
+        "every thread must keep only CAP_SYS_PTRACE once attached: {:x?}\n{}",
+        thread_caps(agent.pid()),
+        agent.context()
+    );
+    // Without its capabilities it still writes policy maps and stops cleanly.
+    let p = probe();
+    expect_ok(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "allowed before the reload");
+    let before = agent.generation();
+    agent.rewrite_policy(&only_192_policy(&cg, ""));
+    agent.sighup();
+    let reloaded = wait_until(RELOAD_WAIT, Duration::from_millis(100), || (agent.generation() > before).then_some(()));
+    assert!(reloaded.is_some(), "reload after dropping capabilities\n{}", agent.context());
+    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "the reloaded policy denies 198.51.100.1");
+    let status = agent.stop();
+    assert!(status.success(), "clean stop without capabilities: {status}\n{}", agent.context());
+    let left = bpf::pinned_objects(agent.pin_path());
+    assert!(left.iter().all(|o| o.kind != ObjKind::Link), "no links left pinned after the stop: {left:?}");
+}
