@@ -358,9 +358,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut file_hash = args.config.as_deref().and_then(content_hash);
     // Everything that needs privileges is done: keep only what reading
     // /proc/PID/exe of other users' processes needs.
-    match crate::privileges::drop_all_but(&[crate::privileges::CAP_SYS_PTRACE]) {
-        Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept CAP_SYS_PTRACE only)"),
-        Err(e) => warn!(error = %e, "could not drop capabilities; running with the ones the agent was started with"),
+    if crate::privileges::kernel_allows_unprivileged_map_fds() {
+        match crate::privileges::drop_all_but(&[crate::privileges::CAP_SYS_PTRACE]) {
+            Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept CAP_SYS_PTRACE only)"),
+            Err(e) => warn!(error = %e, "could not drop capabilities; running with the ones the agent was started with"),
+        }
+    } else {
+        info!("kernel older than 6.5: map updates need CAP_BPF, so capabilities are kept");
     }
     info!(attach = %attach.display(), pin_path = %state.policy.pin_path.display(), "ready");
 

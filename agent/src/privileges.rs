@@ -135,6 +135,24 @@ pub fn drop_all_but(keep: &[u32]) -> io::Result<Vec<u32>> {
     Ok(kept)
 }
 
+/// Whether this kernel lets map fds be used without capabilities (Linux
+/// 6.5 moved bpf()'s capability checks into map creation and program load).
+pub fn kernel_allows_unprivileged_map_fds() -> bool {
+    // SAFETY: a zeroed utsname is valid; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return false;
+    }
+    let release: String = uts.release.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect();
+    release_at_least(&release, 6, 5)
+}
+
+fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (ma, mi) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (ma, mi) >= (major, minor)
+}
+
 /// The effective capability mask of thread `tid` (0: the calling thread).
 pub fn effective_mask(tid: i32) -> io::Result<u64> {
     let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: tid };
@@ -150,6 +168,15 @@ pub fn effective_mask(tid: i32) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(release_at_least("6.18.44-fc-v595", 6, 5));
+        assert!(release_at_least("6.5.0", 6, 5));
+        assert!(!release_at_least("6.1.0-13-amd64", 6, 5));
+        assert!(!release_at_least("5.15.0", 6, 5));
+        assert!(!release_at_least("garbage", 6, 5));
+    }
 
     #[test]
     fn every_thread_keeps_only_what_was_kept() {
