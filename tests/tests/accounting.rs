@@ -6,7 +6,6 @@
 use std::{
     io::{Read, Write},
     net::TcpListener,
-    os::unix::process::CommandExt,
     process::Command,
     sync::{
         Arc,
@@ -15,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, require_root, toml_str, wait_until};
+use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, probe::confine, require_root, toml_str, wait_until};
 
 /// An HTTP/1.0 server that reads one request (headers + `Content-Length`
 /// body), answers with a body of `body_len` bytes and closes; it counts the
@@ -72,17 +71,12 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Runs curl inside `cgroup` and `netns`, posting `data` to `url`.
+/// Runs curl inside `cgroup` and `netns`, posting `data_len` bytes to `url`.
 fn curl(cgroup: &std::path::Path, netns: &NetnsGuard, url: &str, data_len: usize) -> std::process::Output {
-    let procs = cgroup.join("cgroup.procs");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns.name(), "curl", "-sS", "-o", "/dev/null", "--max-time", "5", "-H", "Expect:"]);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-o", "/dev/null", "--max-time", "5", "-H", "Expect:"]);
     cmd.args(["--data-binary", &"y".repeat(data_len), url]);
-    // SAFETY: only async-signal-safe work between fork and exec: an open,
-    // a write and a close of the cgroup file.
-    unsafe {
-        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
-    }
+    confine(&mut cmd, cgroup, netns);
     cmd.output().unwrap_or_else(|e| panic!("cannot run curl: {e}"))
 }
 
