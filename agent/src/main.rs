@@ -20,6 +20,8 @@ mod cli;
 mod dns;
 mod events;
 mod http;
+#[cfg(test)]
+mod kernel_agrees;
 mod kube;
 mod loader;
 mod maps;

@@ -332,6 +332,28 @@ impl KernelMaps {
         }
     }
 
+    /// Every (address, name key) in `LEARNED_*`, then both maps emptied:
+    /// for the test that runs the kernel's DNS program (kernel_agrees.rs).
+    #[cfg(test)]
+    pub(crate) fn drain_learned(&mut self) -> std::collections::BTreeSet<(std::net::IpAddr, u64)> {
+        let mut out = std::collections::BTreeSet::new();
+        let k4: Vec<[u8; 4]> = self.learned_v4.keys().flatten().collect();
+        for k in k4 {
+            if let Ok(l) = self.learned_v4.get(&k, 0) {
+                out.extend(l.names.iter().filter(|n| n.hash != 0).map(|n| (std::net::IpAddr::from(k), n.hash)));
+            }
+            let _ = self.learned_v4.remove(&k);
+        }
+        let k6: Vec<[u8; 16]> = self.learned_v6.keys().flatten().collect();
+        for k in k6 {
+            if let Ok(l) = self.learned_v6.get(&k, 0) {
+                out.extend(l.names.iter().filter(|n| n.hash != 0).map(|n| (std::net::IpAddr::from(k), n.hash)));
+            }
+            let _ = self.learned_v6.remove(&k);
+        }
+        out
+    }
+
     /// Addresses in `LEARNED_V4` and `LEARNED_V6` with at least one
     /// unexpired name (one map walk each: call it every few seconds, not
     /// per event).
