@@ -4,7 +4,10 @@
 //! attached anywhere) learns a subset of what `dns::learnable` learns,
 //! never an address the userspace parser would not, and when it learns
 //! less it has given the answer up (`DNS_UNPARSED`, so the agent parses
-//! it and learns the rest).
+//! it and learns the rest). One difference is allowed and counted: a
+//! message hickory-proto rejects as a whole (truncated, a bad length late
+//! in it) keeps, in the kernel, the complete provider records read before
+//! the bad part.
 //!
 //! Needs root (BPF): skipped with a message otherwise. Loads the embedded
 //! object with its maps pinned in a fresh directory under /sys/fs/bpf,
@@ -12,14 +15,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
 };
 
 use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
-use llm_egress_common::{DNS_MAX_ANSWERS, PROG_DNS_INGRESS, counter};
+use llm_egress_common::{DNS_MAX_ANSWERS, DestValue, PROG_DNS_INGRESS, PROG_SNI_EGRESS, SNI_BUF, counter};
 
 use crate::{
-    dns::{learnable, wire::*},
+    dns::{learnable, match_name, wire::*},
+    sni,
     loader::Loader,
     maps::KernelMaps,
     plan,
@@ -87,29 +91,25 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
     c
 }
 
-#[test]
-fn the_kernel_learns_what_the_userspace_parser_learns() {
+/// Runs `f` with the object loaded (maps pinned in a fresh directory, no
+/// program attached anywhere), `prog` loaded, and a policy of provider
+/// `prov` (`api.prov.test`, `*.wild.test`, port 443; defaults llm = deny)
+/// written; removes the pins afterwards. Skips without root.
+fn with_kernel(tag: &str, prog: &str, f: impl FnOnce(&mut Loader, &mut KernelMaps, u64, &BTreeMap<u64, DestValue>)) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root to load BPF programs (cargo xtask test runs it as root)");
         return;
     }
-    let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/llm-egress-unit-{}", std::process::id()));
+    let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/llm-egress-unit-{}-{tag}", std::process::id()));
     let mut loader = Loader::open(&pin_root).expect("load the eBPF object");
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut loader)));
-    loader.detach_and_unpin().expect("remove the pin directory");
-    if let Err(p) = result {
-        std::panic::resume_unwind(p);
-    }
-}
-
-fn run(loader: &mut Loader) {
-    let prog: &mut CgroupSkb = loader.ebpf.program_mut(PROG_DNS_INGRESS).expect("the DNS program").try_into().expect("a cgroup_skb program");
-    prog.load().expect("load names_dns_ingress");
-    let mut maps = KernelMaps::take(&mut loader.ebpf).expect("the maps");
-    let seed = maps.name_seed().expect("the name seed");
-    let policy = Policy::parse(
-        r#"
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let p: &mut CgroupSkb = loader.ebpf.program_mut(prog).expect("the program").try_into().expect("a cgroup_skb program");
+        p.load().unwrap_or_else(|e| panic!("load {prog}: {e}"));
+        let mut maps = KernelMaps::take(&mut loader.ebpf).expect("the maps");
+        let seed = maps.name_seed().expect("the name seed");
+        let policy = Policy::parse(
+            r#"
 [resolver]
 servers = ["127.0.0.1:9"]
 
@@ -118,18 +118,32 @@ name = "prov"
 hosts = ["api.prov.test", "*.wild.test"]
 ports = [443]
 "#,
-        "kernel_agrees",
-    )
-    .unwrap_or_else(|e| panic!("{e:?}"));
-    let mut p = plan::build(&policy, 1, &BTreeMap::new(), &BTreeMap::new());
-    p.names = plan::names(&policy, seed);
-    let report = maps.apply_policy(p, 0, 0).expect("write the policy");
-    assert!(report.is_ok(), "policy write failed");
-    let names = maps.active_names().expect("names").clone();
+            "kernel_agrees",
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let mut p = plan::build(&policy, 1, &BTreeMap::new(), &BTreeMap::new());
+        p.names = plan::names(&policy, seed);
+        let report = maps.apply_policy(p, 0, 0).expect("write the policy");
+        assert!(report.is_ok(), "policy write failed");
+        let names = maps.active_names().expect("names").clone();
+        f(&mut loader, &mut maps, seed, &names)
+    }));
+    loader.detach_and_unpin().expect("remove the pin directory");
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn the_kernel_learns_what_the_userspace_parser_learns() {
+    with_kernel("dns", PROG_DNS_INGRESS, run);
+}
+
+fn run(loader: &mut Loader, maps: &mut KernelMaps, seed: u64, names: &BTreeMap<u64, DestValue>) {
     let prog: &mut CgroupSkb = loader.ebpf.program_mut(PROG_DNS_INGRESS).unwrap().try_into().unwrap();
 
     let mut disagree = Vec::new();
-    let (mut both, mut fallback) = (0, 0);
+    let (mut both, mut fallback, mut kept_from_rejected) = (0, 0, 0);
     for (what, msg) in corpus() {
         let before = maps.counters().expect("counters");
         let pkt = packet(&msg);
@@ -138,19 +152,127 @@ ports = [443]
         let kernel = maps.drain_learned();
         let after = maps.counters().expect("counters");
         let gave_up = after[counter::DNS_UNPARSED as usize] > before[counter::DNS_UNPARSED as usize];
-        let user: BTreeSet<(IpAddr, u64)> = learnable(&msg, seed, &names).map(|v| v.into_iter().map(|l| (l.addr, l.key)).collect()).unwrap_or_default();
-        if !kernel.is_subset(&user) || (kernel != user && !gave_up) {
-            disagree.push(format!("{what}: kernel {kernel:?} (gave up: {gave_up}), userspace {user:?}"));
+        let parsed = learnable(&msg, seed, names);
+        let rejected = parsed.is_err();
+        let user: BTreeSet<(IpAddr, u64)> = parsed.map(|v| v.into_iter().map(|l| (l.addr, l.key)).collect()).unwrap_or_default();
+        let agrees = if !gave_up {
+            // The kernel read the whole answer: the same addresses, for
+            // the same names.
+            kernel == user
+        } else if rejected {
+            // A message hickory-proto rejects as a whole (truncated, bad
+            // lengths): the kernel keeps the complete records it read
+            // before it gave up. Each is a provider-name record of the
+            // message, the key a provider's.
+            kernel.iter().all(|(a, k)| {
+                let o = match a {
+                    IpAddr::V4(a) => a.octets().to_vec(),
+                    IpAddr::V6(a) => a.octets().to_vec(),
+                };
+                names.contains_key(k) && msg.windows(o.len()).any(|w| w == o.as_slice())
+            })
+        } else {
+            // Given up: the agent learns the rest (`learn_unparsed`).
+            kernel.is_subset(&user)
+        };
+        if !agrees {
+            disagree.push(format!("{what}: kernel {kernel:?} (gave up: {gave_up}), userspace {user:?} (rejected: {rejected})"));
         }
         if gave_up {
             fallback += 1;
+            if rejected && !kernel.is_empty() {
+                kept_from_rejected += 1;
+            }
         } else if !user.is_empty() {
             both += 1;
         }
     }
-    eprintln!("{both} answers learned alike by both, {fallback} given up by the kernel");
+    eprintln!("{both} answers learned alike by both; {fallback} given up by the kernel, of which {kept_from_rejected} rejected by userspace after the kernel learned their first complete records");
     assert!(both >= 5, "the kernel learned from only {both} answers");
     assert!(disagree.is_empty(), "the kernel and the userspace parser disagree:\n{}", disagree.join("\n"));
-    // The kernel wrote nothing of its own for the wildcard apex or others.
-    let _ = Ipv4Addr::UNSPECIFIED;
+}
+
+/// Ethernet + IPv4 + TCP (to port 443, ACK|PSH) around `payload`.
+fn tcp_packet(payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 20 + payload.len()) as u16;
+    p.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+    p.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 77]);
+    p.extend_from_slice(&[0x9c, 0x40, 0x01, 0xbb, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The same first payloads through `names_sni_egress` (BPF_PROG_TEST_RUN)
+/// and `sni::parse`: the same outcome, read from the kernel's counters (a
+/// provider's name is denied: no workload, `defaults.llm = deny`).
+#[test]
+fn the_kernel_reads_client_hellos_like_the_userspace_reader() {
+    with_kernel("sni", PROG_SNI_EGRESS, run_sni);
+}
+
+fn run_sni(loader: &mut Loader, maps: &mut KernelMaps, seed: u64, names: &BTreeMap<u64, DestValue>) {
+    // The program's scratch is per CPU, and bytes past a payload are
+    // whatever it held: stay on one CPU and zero it before each case, so
+    // that they read as 0, as they do in `sni::parse`.
+    // SAFETY: a cpu_set_t of our own; pid 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "sched_setaffinity");
+    }
+    let prog: &mut CgroupSkb = loader.ebpf.program_mut(PROG_SNI_EGRESS).unwrap().try_into().unwrap();
+    let zero = tcp_packet(&[0u8; SNI_BUF]);
+    let sni_counters = [
+        ("allow", counter::SNI_ALLOW),
+        ("deny", counter::SNI_DENY),
+        ("audit", counter::SNI_AUDIT),
+        ("other_name", counter::SNI_OTHER_NAME),
+        ("no_sni", counter::SNI_NO_SNI),
+        ("ech", counter::SNI_ECH),
+        ("split", counter::SNI_SPLIT),
+        ("not_tls", counter::SNI_NOT_TLS),
+        ("malformed", counter::SNI_MALFORMED),
+    ];
+    let mut disagree = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (what, payload) in sni::wire::corpus() {
+        // The kernel reads SNI_BUF bytes; a test packet is at most a page.
+        let payload = &payload[..payload.len().min(SNI_BUF + 256)];
+        if payload.is_empty() {
+            continue; // no payload: not a first payload, nothing to read
+        }
+        let r = prog.test_run(TestRunOptions { data_in: Some(&zero), ..TestRunOptions::new() }).expect("test_run");
+        assert_eq!(r.return_value, 1, "zeroing run");
+        let before = maps.counters().expect("counters");
+        let pkt = tcp_packet(payload);
+        let r = prog.test_run(TestRunOptions { data_in: Some(&pkt), ..TestRunOptions::new() }).unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
+        let after = maps.counters().expect("counters");
+        let kernel: Vec<&str> = sni_counters.iter().filter(|(_, c)| after[*c as usize] > before[*c as usize]).map(|(n, _)| *n).collect();
+        let user = match sni::parse(payload) {
+            sni::Hello::Name { labels, .. } => match match_name(seed, &labels, names).and_then(|k| names.get(&k)) {
+                Some(d) if d.nports == 0 || d.ports[..d.nports as usize].contains(&443) => "deny",
+                _ => "other_name",
+            },
+            // Not TLS on a connection the connect hook did not track:
+            // nothing counted.
+            sni::Hello::NotTls => "",
+            sni::Hello::NoSni => "no_sni",
+            sni::Hello::Ech => "ech",
+            sni::Hello::Split => "split",
+            sni::Hello::Malformed => "malformed",
+        };
+        let want: Vec<&str> = if user.is_empty() { vec![] } else { vec![user] };
+        let want_ret = if user == "deny" { 2 } else { 1 };
+        if kernel != want || r.return_value != want_ret {
+            disagree.push(format!("{what}: kernel {kernel:?} (returned {}), userspace {user:?}", r.return_value));
+        }
+        seen.insert(user);
+    }
+    eprintln!("outcomes covered: {seen:?}");
+    for o in ["deny", "other_name", "no_sni", "ech", "split", "malformed", ""] {
+        assert!(seen.contains(o), "the corpus never gave {o:?}");
+    }
+    assert!(disagree.is_empty(), "the kernel and sni::parse disagree:\n{}", disagree.join("\n"));
 }

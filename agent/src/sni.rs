@@ -194,6 +194,36 @@ pub(crate) mod wire {
         rec
     }
 
+    /// Truncated, oversized, zero-length and lying ClientHellos, and the
+    /// good ones they come from: (what, first payload).
+    pub fn corpus() -> Vec<(String, Vec<u8>)> {
+        let good = client_hello(&[(10, vec![0, 2, 0, 29]), (0, server_name(b"api.prov.test"))]);
+        let mut corpus: Vec<(String, Vec<u8>)> = vec![
+            ("provider name".into(), good.clone()),
+            ("provider name, other case, trailing dot".into(), client_hello(&[(0, server_name(b"API.Prov.Test."))])),
+            ("wildcard".into(), client_hello(&[(0, server_name(b"x.y.wild.test"))])),
+            ("other name".into(), client_hello(&[(0, server_name(b"other.test"))])),
+            ("no server name".into(), client_hello(&[(10, vec![0, 2, 0, 29])])),
+            ("ECH".into(), client_hello(&[(0, server_name(b"api.prov.test")), (0xfe0d, vec![1, 2, 3])])),
+            ("HTTP".into(), b"GET / HTTP/1.1\r\nHost: api.prov.test\r\n\r\n".to_vec()),
+            ("one byte".into(), vec![22]),
+            ("record header only".into(), vec![22, 3, 1, 0, 0]),
+            ("100 KiB of 0xff".into(), vec![0xff; 100 * 1024]),
+            ("100 KiB of zeros after a header".into(), [vec![22, 3, 1, 0xff, 0xff, 1, 0xff, 0xff, 0xff], vec![0; 100 * 1024]].concat()),
+        ];
+        for n in 0..good.len() {
+            corpus.push((format!("truncated to {n}"), good[..n].to_vec()));
+        }
+        for i in 5..good.len() {
+            for v in [0x00, 0xff] {
+                let mut m = good.clone();
+                m[i] = v;
+                corpus.push((format!("byte {i} = {v:#x}"), m));
+            }
+        }
+        corpus
+    }
+
     /// The data of a server_name extension for `name`.
     pub fn server_name(name: &[u8]) -> Vec<u8> {
         let mut d = ((name.len() + 3) as u16).to_be_bytes().to_vec();
@@ -265,23 +295,8 @@ mod tests {
     /// panic; a name only when the bytes carry it whole.
     #[test]
     fn malformed_corpus_never_panics() {
-        let good = client_hello(&[(10, vec![0, 2, 0, 29]), (0, server_name(b"api.prov.test"))]);
-        let mut corpus: Vec<(String, Vec<u8>)> = vec![
-            ("zero-length".into(), vec![]),
-            ("record header only".into(), vec![22, 3, 1, 0, 0]),
-            ("100 KiB of 0xff".into(), vec![0xff; 100 * 1024]),
-            ("100 KiB of zeros after a header".into(), [vec![22, 3, 1, 0xff, 0xff, 1, 0xff, 0xff, 0xff], vec![0; 100 * 1024]].concat()),
-        ];
-        for n in 0..good.len() {
-            corpus.push((format!("truncated to {n}"), good[..n].to_vec()));
-        }
-        for i in 5..good.len() {
-            for v in [0x00, 0xff] {
-                let mut m = good.clone();
-                m[i] = v;
-                corpus.push((format!("byte {i} = {v:#x}"), m));
-            }
-        }
+        let corpus = corpus();
+        assert!(corpus.iter().any(|(w, m)| w == "truncated to 0" && m.is_empty()));
         for (what, m) in &corpus {
             let got = std::panic::catch_unwind(|| parse(m)).unwrap_or_else(|_| panic!("{what}: the parser panicked"));
             if let Hello::Name { name, labels } = &got {

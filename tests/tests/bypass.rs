@@ -749,6 +749,18 @@ fn bypass_dns_over_tcp_is_not_learned_documented_limit() {
     w.check_learned(P4, "the same name over UDP afterwards");
 }
 
+/// Only answers from source port 53 are read: a resolver on another port
+/// teaches nothing (README "Honest limits"). This asserts the limit.
+#[test]
+fn bypass_resolver_on_another_port_is_not_learned_documented_limit() {
+    require_root();
+    let mut w = World::new("bp-port");
+    let _dns = DnsServer::start(&w.ns, "192.0.2.1:5353", answers);
+    assert_eq!(w.d.resolve("192.0.2.1:5353", "api.bypass.test", false, false), vec![IpAddr::V4(PROV4)]);
+    std::thread::sleep(Duration::from_millis(200));
+    w.check_unlearned(P4);
+}
+
 // ------------------------------------------------- (i) SNI on one address
 
 const SNI_ADDR: &str = "10.79.0.1";
