@@ -11,7 +11,9 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LLM_EGRESS_EBPF_OBJ");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let default = manifest.join("../target/bpfel-unknown-none/release/llm-egress-ebpf");
-    let source = env::var_os("LLM_EGRESS_EBPF_OBJ").map(PathBuf::from).unwrap_or(default);
+    let source = env::var_os("LLM_EGRESS_EBPF_OBJ")
+        .map(PathBuf::from)
+        .unwrap_or(default);
     println!("cargo:rerun-if-changed={}", source.display());
     let out = PathBuf::from(env::var("OUT_DIR")?).join("llm-egress.bpf.o");
     if source.is_file() {

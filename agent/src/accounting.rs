@@ -87,12 +87,22 @@ pub struct Accounting {
 /// The process label of an attribution: the executable's file name, else
 /// the command name.
 pub fn process_name(who: &Attribution) -> String {
-    who.exe.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or(&who.comm).to_string()
+    who.exe
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(&who.comm)
+        .to_string()
 }
 
 impl Accounting {
     pub fn new(metrics: Metrics, config: TelemetryConfig) -> Self {
-        Self { metrics, config, active: HashMap::new(), processes: ProcessSeries::default() }
+        Self {
+            metrics,
+            config,
+            active: HashMap::new(),
+            processes: ProcessSeries::default(),
+        }
     }
 
     pub fn set_config(&mut self, config: TelemetryConfig) {
@@ -101,39 +111,92 @@ impl Accounting {
 
     /// An allowed TCP connect to a provider: the connection is active.
     pub fn opened(&mut self, cookie: u64, workload: &str, provider: &str, who: &Attribution) {
-        let process = self.processes.label(workload, &process_name(who), self.config.process_series_per_workload, Instant::now());
-        self.metrics.active_connections.with_label_values(&[workload, provider]).inc();
-        self.metrics.process_connections.with_label_values(&[workload, &process]).inc();
-        let t = Tracked { workload: workload.into(), provider: provider.into(), process, sent: 0, received: 0 };
+        let process = self.processes.label(
+            workload,
+            &process_name(who),
+            self.config.process_series_per_workload,
+            Instant::now(),
+        );
+        self.metrics
+            .active_connections
+            .with_label_values(&[workload, provider])
+            .inc();
+        self.metrics
+            .process_connections
+            .with_label_values(&[workload, &process])
+            .inc();
+        let t = Tracked {
+            workload: workload.into(),
+            provider: provider.into(),
+            process,
+            sent: 0,
+            received: 0,
+        };
         if let Some(old) = self.active.insert(cookie, t) {
             // A cookie is unique for the kernel's lifetime; seeing it twice
             // means a summary was lost in between.
-            self.metrics.active_connections.with_label_values(&[&old.workload, &old.provider]).dec();
+            self.metrics
+                .active_connections
+                .with_label_values(&[&old.workload, &old.provider])
+                .dec();
         }
     }
 
     /// A `CONN_UPDATE` or `CONN_SUMMARY` event. `names` gives (workload,
     /// provider) of the connection when the agent did not see it open.
     /// Returns the audit record of a summary.
-    pub fn stats(&mut self, ev: &ConnEvent, names: (String, String), who: Attribution, time: String) -> Option<ConnectionRecord> {
+    pub fn stats(
+        &mut self,
+        ev: &ConnEvent,
+        names: (String, String),
+        who: Attribution,
+        time: String,
+    ) -> Option<ConnectionRecord> {
         let d = &ev.data;
         let summary = ev.header.kind == kind::CONN_SUMMARY;
         let tracked = match self.active.get(&d.cookie) {
             Some(t) => t.clone(),
             None => {
-                let process = self.processes.label(&names.0, &process_name(&who), self.config.process_series_per_workload, Instant::now());
-                Tracked { workload: names.0, provider: names.1, process, sent: 0, received: 0 }
+                let process = self.processes.label(
+                    &names.0,
+                    &process_name(&who),
+                    self.config.process_series_per_workload,
+                    Instant::now(),
+                );
+                Tracked {
+                    workload: names.0,
+                    provider: names.1,
+                    process,
+                    sent: 0,
+                    received: 0,
+                }
             }
         };
         // Counters are the socket's totals: count what is new since the
         // last event of this connection.
         let sent = d.bytes_sent.saturating_sub(tracked.sent);
         let received = d.bytes_received.saturating_sub(tracked.received);
-        let (w, p, proc_) = (tracked.workload.as_str(), tracked.provider.as_str(), tracked.process.as_str());
-        self.metrics.bytes.with_label_values(&[w, p, "sent"]).inc_by(sent);
-        self.metrics.bytes.with_label_values(&[w, p, "received"]).inc_by(received);
-        self.metrics.process_bytes.with_label_values(&[w, proc_, "sent"]).inc_by(sent);
-        self.metrics.process_bytes.with_label_values(&[w, proc_, "received"]).inc_by(received);
+        let (w, p, proc_) = (
+            tracked.workload.as_str(),
+            tracked.provider.as_str(),
+            tracked.process.as_str(),
+        );
+        self.metrics
+            .bytes
+            .with_label_values(&[w, p, "sent"])
+            .inc_by(sent);
+        self.metrics
+            .bytes
+            .with_label_values(&[w, p, "received"])
+            .inc_by(received);
+        self.metrics
+            .process_bytes
+            .with_label_values(&[w, proc_, "sent"])
+            .inc_by(sent);
+        self.metrics
+            .process_bytes
+            .with_label_values(&[w, proc_, "received"])
+            .inc_by(received);
         if !summary {
             if let Some(t) = self.active.get_mut(&d.cookie) {
                 t.sent = d.bytes_sent;
@@ -142,14 +205,27 @@ impl Accounting {
             return None;
         }
         if self.active.remove(&d.cookie).is_some() {
-            self.metrics.active_connections.with_label_values(&[w, p]).dec();
+            self.metrics
+                .active_connections
+                .with_label_values(&[w, p])
+                .dec();
         }
         let established = d.established_ns != 0;
-        let duration = if established { d.closed_ns.saturating_sub(d.established_ns) } else { 0 };
-        if established {
-            self.metrics.connection_duration.with_label_values(&[w, p]).observe(duration as f64 / 1e9);
+        let duration = if established {
+            d.closed_ns.saturating_sub(d.established_ns)
         } else {
-            self.metrics.connect_failures.with_label_values(&[w, p]).inc();
+            0
+        };
+        if established {
+            self.metrics
+                .connection_duration
+                .with_label_values(&[w, p])
+                .observe(duration as f64 / 1e9);
+        } else {
+            self.metrics
+                .connect_failures
+                .with_label_values(&[w, p])
+                .inc();
         }
         let traffic = tokens::Traffic {
             bytes_sent: d.bytes_sent,
@@ -159,10 +235,20 @@ impl Accounting {
             duration: Duration::from_nanos(duration),
         };
         let client = tokens::Client::of(&process_name(&who));
-        let estimate = if established { tokens::estimate(tokens::Family::of(p), client, &traffic) } else { None };
+        let estimate = if established {
+            tokens::estimate(tokens::Family::of(p), client, &traffic)
+        } else {
+            None
+        };
         if let Some(e) = estimate {
-            self.metrics.tokens.with_label_values(&[w, p, "prompt", tokens::SOURCE]).inc_by(e.prompt);
-            self.metrics.tokens.with_label_values(&[w, p, "completion", tokens::SOURCE]).inc_by(e.completion);
+            self.metrics
+                .tokens
+                .with_label_values(&[w, p, "prompt", tokens::SOURCE])
+                .inc_by(e.prompt);
+            self.metrics
+                .tokens
+                .with_label_values(&[w, p, "completion", tokens::SOURCE])
+                .inc_by(e.completion);
         }
         Some(ConnectionRecord {
             event: "connection",
@@ -174,7 +260,11 @@ impl Accounting {
             dst_addr: crate::events::addr_string(d.family, &d.addr),
             dst_port: d.port,
             established,
-            connect_seconds: if established { d.established_ns.saturating_sub(d.connect_ns) as f64 / 1e9 } else { 0.0 },
+            connect_seconds: if established {
+                d.established_ns.saturating_sub(d.connect_ns) as f64 / 1e9
+            } else {
+                0.0
+            },
             duration_seconds: duration as f64 / 1e9,
             bytes_sent: d.bytes_sent,
             bytes_received: d.bytes_received,
@@ -189,21 +279,38 @@ impl Accounting {
 
     /// Drops process series idle for the configured time.
     pub fn expire(&mut self) {
-        for (workload, process) in self.processes.expire(self.config.process_series_ttl, Instant::now()) {
+        for (workload, process) in self
+            .processes
+            .expire(self.config.process_series_ttl, Instant::now())
+        {
             let m = &self.metrics;
-            let _ = m.process_connections.remove_label_values(&[&workload, &process]);
-            let _ = m.process_bytes.remove_label_values(&[&workload, &process, "sent"]);
-            let _ = m.process_bytes.remove_label_values(&[&workload, &process, "received"]);
+            let _ = m
+                .process_connections
+                .remove_label_values(&[&workload, &process]);
+            let _ = m
+                .process_bytes
+                .remove_label_values(&[&workload, &process, "sent"]);
+            let _ = m
+                .process_bytes
+                .remove_label_values(&[&workload, &process, "received"]);
         }
     }
 
     /// Forgets active connections the kernel no longer tracks (their
     /// summary was lost); returns how many.
     pub fn reconcile(&mut self, live: &HashSet<u64>) -> usize {
-        let gone: Vec<u64> = self.active.keys().filter(|c| !live.contains(c)).copied().collect();
+        let gone: Vec<u64> = self
+            .active
+            .keys()
+            .filter(|c| !live.contains(c))
+            .copied()
+            .collect();
         for cookie in &gone {
             if let Some(t) = self.active.remove(cookie) {
-                self.metrics.active_connections.with_label_values(&[&t.workload, &t.provider]).dec();
+                self.metrics
+                    .active_connections
+                    .with_label_values(&[&t.workload, &t.provider])
+                    .dec();
             }
         }
         gone.len()
@@ -221,17 +328,31 @@ mod tests {
     use llm_egress_common::ConnStats;
 
     fn who(exe: &str) -> Attribution {
-        Attribution { exe: exe.into(), comm: "comm".into(), ..Attribution::default() }
+        Attribution {
+            exe: exe.into(),
+            comm: "comm".into(),
+            ..Attribution::default()
+        }
     }
 
     fn config(limit: usize) -> TelemetryConfig {
-        TelemetryConfig { process_series_per_workload: limit, process_series_ttl: Duration::from_secs(600) }
+        TelemetryConfig {
+            process_series_per_workload: limit,
+            process_series_ttl: Duration::from_secs(600),
+        }
     }
 
     fn stats(cookie: u64, kind: u32, sent: u64, received: u64) -> ConnEvent {
         let mut ev = ConnEvent::default();
         ev.header.kind = kind;
-        ev.data = ConnStats { cookie, bytes_sent: sent, bytes_received: received, established_ns: 10, closed_ns: 2_000_000_010, ..Default::default() };
+        ev.data = ConnStats {
+            cookie,
+            bytes_sent: sent,
+            bytes_received: received,
+            established_ns: 10,
+            closed_ns: 2_000_000_010,
+            ..Default::default()
+        };
         ev
     }
 
@@ -240,14 +361,56 @@ mod tests {
         let m = Metrics::new().unwrap();
         let mut a = Accounting::new(m.clone(), config(20));
         a.opened(7, "bot", "openai", &who("/usr/bin/python3"));
-        assert_eq!(m.active_connections.with_label_values(&["bot", "openai"]).get(), 1);
-        a.stats(&stats(7, kind::CONN_UPDATE, 100, 1_000), ("x".into(), "y".into()), who(""), String::new());
-        let rec = a.stats(&stats(7, kind::CONN_SUMMARY, 150, 5_000), ("x".into(), "y".into()), who(""), String::new()).unwrap();
-        assert_eq!(m.bytes.with_label_values(&["bot", "openai", "sent"]).get(), 150);
-        assert_eq!(m.bytes.with_label_values(&["bot", "openai", "received"]).get(), 5_000);
-        assert_eq!(m.process_bytes.with_label_values(&["bot", "python3", "received"]).get(), 5_000);
-        assert_eq!(m.active_connections.with_label_values(&["bot", "openai"]).get(), 0);
-        assert_eq!((rec.workload.as_str(), rec.process.as_str(), rec.duration_seconds), ("bot", "python3", 2.0));
+        assert_eq!(
+            m.active_connections
+                .with_label_values(&["bot", "openai"])
+                .get(),
+            1
+        );
+        a.stats(
+            &stats(7, kind::CONN_UPDATE, 100, 1_000),
+            ("x".into(), "y".into()),
+            who(""),
+            String::new(),
+        );
+        let rec = a
+            .stats(
+                &stats(7, kind::CONN_SUMMARY, 150, 5_000),
+                ("x".into(), "y".into()),
+                who(""),
+                String::new(),
+            )
+            .unwrap();
+        assert_eq!(
+            m.bytes.with_label_values(&["bot", "openai", "sent"]).get(),
+            150
+        );
+        assert_eq!(
+            m.bytes
+                .with_label_values(&["bot", "openai", "received"])
+                .get(),
+            5_000
+        );
+        assert_eq!(
+            m.process_bytes
+                .with_label_values(&["bot", "python3", "received"])
+                .get(),
+            5_000
+        );
+        assert_eq!(
+            m.active_connections
+                .with_label_values(&["bot", "openai"])
+                .get(),
+            0
+        );
+        assert_eq!(
+            (
+                rec.workload.as_str(),
+                rec.process.as_str(),
+                rec.duration_seconds
+            ),
+            ("bot", "python3", 2.0)
+        );
         assert_eq!(a.active_count(), 0, "closed connections leave no state");
     }
 
@@ -260,13 +423,26 @@ mod tests {
         }
         a.opened(5, "v", "p", &who("/bin/c"));
         let series = |w: &str, p: &str| m.process_connections.with_label_values(&[w, p]).get();
-        assert_eq!((series("w", "a"), series("w", "b"), series("w", "other")), (1, 1, 2));
+        assert_eq!(
+            (series("w", "a"), series("w", "b"), series("w", "other")),
+            (1, 1, 2)
+        );
         assert_eq!(series("v", "c"), 1, "the limit is per workload");
-        a.set_config(TelemetryConfig { process_series_per_workload: 2, process_series_ttl: Duration::ZERO });
+        a.set_config(TelemetryConfig {
+            process_series_per_workload: 2,
+            process_series_ttl: Duration::ZERO,
+        });
         a.expire();
         let families = m.registry.gather();
-        let left = families.iter().find(|f| f.name() == "llm_egress_process_connections_total").map(|f| f.get_metric().len());
-        assert_eq!(left, Some(1), "only the never-expiring `other` series is left");
+        let left = families
+            .iter()
+            .find(|f| f.name() == "llm_egress_process_connections_total")
+            .map(|f| f.get_metric().len());
+        assert_eq!(
+            left,
+            Some(1),
+            "only the never-expiring `other` series is left"
+        );
     }
 
     #[test]
@@ -286,16 +462,32 @@ mod tests {
         a.opened(3, "bot", "anthropic", &who("/usr/bin/curl"));
         let mut ev = stats(3, kind::CONN_SUMMARY, 1_600, 4_000);
         ev.data.data_segs_in = 3;
-        let rec = a.stats(&ev, ("x".into(), "y".into()), who(""), String::new()).unwrap();
-        let (p, c) = (rec.tokens_prompt_estimated.unwrap(), rec.tokens_completion_estimated.unwrap());
+        let rec = a
+            .stats(&ev, ("x".into(), "y".into()), who(""), String::new())
+            .unwrap();
+        let (p, c) = (
+            rec.tokens_prompt_estimated.unwrap(),
+            rec.tokens_completion_estimated.unwrap(),
+        );
         assert!(p > 0 && c > 0, "{rec:?}");
         assert_eq!(rec.streamed, Some(false));
-        let get = |kind| m.tokens.with_label_values(&["bot", "anthropic", kind, "estimated"]).get();
+        let get = |kind| {
+            m.tokens
+                .with_label_values(&["bot", "anthropic", kind, "estimated"])
+                .get()
+        };
         assert_eq!((get("prompt"), get("completion")), (p, c));
         // No handshake, no request: no estimate, nothing counted.
         let mut ev = stats(4, kind::CONN_SUMMARY, 0, 0);
         ev.data.established_ns = 0;
-        let rec = a.stats(&ev, ("bot".into(), "anthropic".into()), who(""), String::new()).unwrap();
+        let rec = a
+            .stats(
+                &ev,
+                ("bot".into(), "anthropic".into()),
+                who(""),
+                String::new(),
+            )
+            .unwrap();
         assert_eq!((rec.tokens_prompt_estimated, rec.streamed), (None, None));
         assert_eq!(get("prompt"), p);
     }
@@ -306,7 +498,9 @@ mod tests {
         let mut a = Accounting::new(m.clone(), config(20));
         let mut ev = stats(9, kind::CONN_SUMMARY, 0, 0);
         ev.data.established_ns = 0;
-        let rec = a.stats(&ev, ("w".into(), "p".into()), who("/bin/x"), String::new()).unwrap();
+        let rec = a
+            .stats(&ev, ("w".into(), "p".into()), who("/bin/x"), String::new())
+            .unwrap();
         assert!(!rec.established);
         assert_eq!(m.connect_failures.with_label_values(&["w", "p"]).get(), 1);
     }

@@ -11,7 +11,10 @@ use std::{
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, atomic::{AtomicBool, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -67,7 +70,14 @@ pub enum RunError {
 
 /// The policy file's settings that only a restart can change.
 fn restart_only(p: &Policy) -> impl PartialEq + std::fmt::Debug {
-    (p.cgroup.clone(), p.pin_path.clone(), p.metrics_listen, p.failure_mode, p.audit_log.clone(), p.kubernetes.clone())
+    (
+        p.cgroup.clone(),
+        p.pin_path.clone(),
+        p.metrics_listen,
+        p.failure_mode,
+        p.audit_log.clone(),
+        p.kubernetes.clone(),
+    )
 }
 
 /// DNS answers waiting for the agent's parser; more are dropped (counted).
@@ -76,7 +86,9 @@ const DNS_FALLBACK_QUEUE: usize = 1024;
 /// Parses an answer the kernel gave up on and writes the addresses it
 /// teaches for the active policy's names (docs/names.md: not race-free).
 fn learn_unparsed(maps: &mut KernelMaps, seed: u64, msg: &[u8], metrics: &Metrics) {
-    let Some(names) = maps.active_names() else { return };
+    let Some(names) = maps.active_names() else {
+        return;
+    };
     match crate::dns::learnable(msg, seed, names) {
         Ok(found) => {
             metrics.dns_fallback.with_label_values(&["parsed"]).inc();
@@ -84,15 +96,23 @@ fn learn_unparsed(maps: &mut KernelMaps, seed: u64, msg: &[u8], metrics: &Metric
                 match maps.learn(l.addr, l.key, l.ttl) {
                     Ok(()) => metrics.dns_fallback.with_label_values(&["learned"]).inc(),
                     Err(e) => {
-                        let map = if l.addr.is_ipv4() { llm_egress_common::MAP_LEARNED_V4 } else { llm_egress_common::MAP_LEARNED_V6 };
+                        let map = if l.addr.is_ipv4() {
+                            llm_egress_common::MAP_LEARNED_V4
+                        } else {
+                            llm_egress_common::MAP_LEARNED_V6
+                        };
                         metrics.map_update_errors.with_label_values(&[map]).inc();
                         warn!(addr = %l.addr, error = %e, "could not write an address learned by the DNS fallback");
                     }
                 }
             }
         }
-        Err(crate::dns::Skip::NotAnAnswer) => metrics.dns_fallback.with_label_values(&["parsed"]).inc(),
-        Err(crate::dns::Skip::Unparsed) => metrics.dns_fallback.with_label_values(&["unparsed"]).inc(),
+        Err(crate::dns::Skip::NotAnAnswer) => {
+            metrics.dns_fallback.with_label_values(&["parsed"]).inc()
+        }
+        Err(crate::dns::Skip::Unparsed) => {
+            metrics.dns_fallback.with_label_values(&["unparsed"]).inc()
+        }
     }
 }
 
@@ -132,21 +152,33 @@ fn apply_overrides(policy: &mut Policy, args: &RunArgs) {
 
 /// The attach cgroup: absolute, existing, on cgroup2; and the cgroup2 mount.
 fn attach_point(policy: &Policy) -> Result<(PathBuf, PathBuf), RunError> {
-    let mount = cgroups::cgroup2_mount()
-        .ok_or_else(|| RunError::Cgroup(PathBuf::from("?"), "no cgroup2 file system is mounted".into()))?;
+    let mount = cgroups::cgroup2_mount().ok_or_else(|| {
+        RunError::Cgroup(
+            PathBuf::from("?"),
+            "no cgroup2 file system is mounted".into(),
+        )
+    })?;
     let path = policy.cgroup.clone().unwrap_or_else(|| mount.clone());
     if !path.starts_with(&mount) {
-        return Err(RunError::Cgroup(path, format!("is not below the cgroup2 mount {}", mount.display())));
+        return Err(RunError::Cgroup(
+            path,
+            format!("is not below the cgroup2 mount {}", mount.display()),
+        ));
     }
     if !path.join("cgroup.procs").exists() {
-        return Err(RunError::Cgroup(path, "does not exist or is not a cgroup v2 directory".into()));
+        return Err(RunError::Cgroup(
+            path,
+            "does not exist or is not a cgroup v2 directory".into(),
+        ));
     }
     Ok((path, mount))
 }
 
 fn content_hash(path: &Path) -> Option<u64> {
     let bytes = fs::read(path).ok()?;
-    Some(bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)))
+    Some(bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    }))
 }
 
 /// What the agent currently enforces, and what it was built from.
@@ -170,7 +202,8 @@ struct State {
 
 impl State {
     fn plan(&self) -> Plan {
-        let resolved: BTreeMap<usize, BTreeSet<IpAddr>> = resolver::by_provider(&self.policy, &self.hosts);
+        let resolved: BTreeMap<usize, BTreeSet<IpAddr>> =
+            resolver::by_provider(&self.policy, &self.hosts);
         let mut plan = plan::build(&self.policy, self.generation, &self.cgroups, &resolved);
         plan.names = plan::names(&self.policy, self.name_seed);
         for (prefix, kept, dropped) in &plan.dest_conflicts {
@@ -186,7 +219,8 @@ impl State {
         let pods = self.pods.snapshot();
         let assigned = self.selectors.assign(&dirs, &pods);
         if self.pods.enabled() {
-            let unknown: BTreeSet<String> = cgroups::unknown_pods(&dirs, &pods).into_iter().collect();
+            let unknown: BTreeSet<String> =
+                cgroups::unknown_pods(&dirs, &pods).into_iter().collect();
             if !unknown.is_subset(&self.unknown_pods) {
                 self.pods.request_refresh();
             }
@@ -197,7 +231,10 @@ impl State {
         metrics.workload_cgroups.reset();
         for (i, w) in self.policy.workloads.iter().enumerate() {
             let n = self.cgroups.values().filter(|&&v| v == i).count();
-            metrics.workload_cgroups.with_label_values(&[&w.name]).set(n as i64);
+            metrics
+                .workload_cgroups
+                .with_label_values(&[&w.name])
+                .set(n as i64);
         }
         changed
     }
@@ -213,7 +250,10 @@ impl State {
 
 fn record_writes(report: &WriteReport, metrics: &Metrics) {
     for (map, n) in &report.failed {
-        metrics.map_update_errors.with_label_values(&[map]).inc_by(*n);
+        metrics
+            .map_update_errors
+            .with_label_values(&[map])
+            .inc_by(*n);
         error!(map = %map, failed = n, "map entries could not be written (map full?)");
     }
 }
@@ -228,27 +268,50 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let policy = load_policy(&args)?;
     let (attach, mount) = attach_point(&policy)?;
     let attach_id = loader::cgroup_id(&attach)?;
-    let root_rel = format!("/{}", attach.strip_prefix(&mount).unwrap_or(Path::new("")).display());
-    let root_rel = if root_rel == "/" { String::new() } else { root_rel };
+    let root_rel = format!(
+        "/{}",
+        attach
+            .strip_prefix(&mount)
+            .unwrap_or(Path::new(""))
+            .display()
+    );
+    let root_rel = if root_rel == "/" {
+        String::new()
+    } else {
+        root_rel
+    };
 
     let metrics = Metrics::new()?;
     metrics
         .build_info
-        .with_label_values(&[env!("CARGO_PKG_VERSION"), &format!("{:016x}", loader::object_hash())])
+        .with_label_values(&[
+            env!("CARGO_PKG_VERSION"),
+            &format!("{:016x}", loader::object_hash()),
+        ])
         .set(1);
     let health = Arc::new(Health::default());
     let http_task = match policy.metrics_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|source| RunError::Io { what: format!("listening on {addr}"), source })?;
+                .map_err(|source| RunError::Io {
+                    what: format!("listening on {addr}"),
+                    source,
+                })?;
             info!(addr = %addr, "serving /metrics, /healthz, /readyz");
-            Some(tokio::spawn(http::serve(listener, metrics.clone(), health.clone())))
+            Some(tokio::spawn(http::serve(
+                listener,
+                metrics.clone(),
+                health.clone(),
+            )))
         }
         None => None,
     };
-    let audit = AuditSink::open(&policy.audit_log, metrics.clone())
-        .map_err(|source| RunError::Io { what: format!("opening the audit log {:?}", policy.audit_log), source })?;
+    let audit =
+        AuditSink::open(&policy.audit_log, metrics.clone()).map_err(|source| RunError::Io {
+            what: format!("opening the audit log {:?}", policy.audit_log),
+            source,
+        })?;
 
     let mut loader = Loader::open(&policy.pin_path)?;
     let mut maps = KernelMaps::take(&mut loader.ebpf)?;
@@ -257,13 +320,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .take_map(MAP_EVENTS)
         .ok_or(loader::LoadError::Missing(MAP_EVENTS))?
         .try_into()
-        .map_err(|e: aya::maps::MapError| RunError::Io { what: "event ring buffer".into(), source: std::io::Error::other(e) })?;
+        .map_err(|e: aya::maps::MapError| RunError::Io {
+            what: "event ring buffer".into(),
+            source: std::io::Error::other(e),
+        })?;
 
     // Pinned state of a previous agent of this build: continue its
     // generation numbering, and keep its links if they guard the same cgroup.
     let previous = maps.active()?;
     let previous_generation = maps.active_config()?.map(|c| c.generation).unwrap_or(0);
-    let adopt = previous.slot != 0 && previous.attach_cgroup_id == attach_id && loader.has_pinned_links();
+    let adopt =
+        previous.slot != 0 && previous.attach_cgroup_id == attach_id && loader.has_pinned_links();
 
     // The node's pods before the first plan, so that `k8s` workloads apply
     // from the start (a failing API server delays this at most 5 s).
@@ -285,13 +352,19 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         name_seed: maps.name_seed()?,
     };
     if state.selectors.selects_pods() && !state.pods.enabled() {
-        warn!("workloads select pods by namespace and labels (`k8s`), but the agent has no pod list: not in a cluster (KUBERNETES_SERVICE_HOST unset) or [kubernetes] is not usable; they select nothing");
+        warn!(
+            "workloads select pods by namespace and labels (`k8s`), but the agent has no pod list: not in a cluster (KUBERNETES_SERVICE_HOST unset) or [kubernetes] is not usable; they select nothing"
+        );
     }
     state.rescan(&paths, &metrics);
     state.report_missing_workloads();
     names.push(NameTable::of(&state.policy, state.generation));
 
-    let report = maps.apply_policy(state.plan(), plan::failure_code(state.policy.failure_mode), attach_id)?;
+    let report = maps.apply_policy(
+        state.plan(),
+        plan::failure_code(state.policy.failure_mode),
+        attach_id,
+    )?;
     record_writes(&report, &metrics);
     if !report.is_ok() {
         if previous.slot == 0 {
@@ -310,7 +383,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Exec tracking first: a process that execs once we are ready must be
     // attributable even if it exits at once.
     let execs = match loader.attach_exec_tracking() {
-        Ok(()) => loader.ebpf.take_map(MAP_EXECS).and_then(|m| m.try_into().ok()).map(Arc::new),
+        Ok(()) => loader
+            .ebpf
+            .take_map(MAP_EXECS)
+            .and_then(|m| m.try_into().ok())
+            .map(Arc::new),
         Err(e) => {
             warn!(error = %e, "exec tracking unavailable: processes that exit before their event is read get an empty exe");
             None
@@ -320,37 +397,76 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     health.attached.store(true, Ordering::SeqCst);
     health.events_alive.store(true, Ordering::SeqCst);
     match outcome {
-        AttachOutcome::Adopted => info!(generation = state.generation, previous_generation, "adopted the pinned programs of a previous agent; policy re-applied"),
+        AttachOutcome::Adopted => info!(
+            generation = state.generation,
+            previous_generation,
+            "adopted the pinned programs of a previous agent; policy re-applied"
+        ),
         AttachOutcome::Attached => info!(generation = state.generation, "programs attached"),
     }
 
     // DNS answers the kernel could not parse, from the event reader.
     let (dns_tx, mut dns_rx) = mpsc::channel::<Vec<u8>>(DNS_FALLBACK_QUEUE);
-    let ctx = Context { execs, exe_cache: Default::default(), names: names.clone(), cgroups: paths.clone(), metrics: metrics.clone(), audit: audit.clone(), pods: state.pods.clone(), dns_fallback: Some(dns_tx) };
+    let ctx = Context {
+        execs,
+        exe_cache: Default::default(),
+        names: names.clone(),
+        cgroups: paths.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+        pods: state.pods.clone(),
+        dns_fallback: Some(dns_tx),
+    };
     let events_alive = Arc::new(AtomicBool::new(true));
-    let conns = loader.ebpf.take_map(MAP_CONNS).and_then(|m| m.try_into().ok());
+    let conns = loader
+        .ebpf
+        .take_map(MAP_CONNS)
+        .and_then(|m| m.try_into().ok());
     let accounting = Accounting::new(metrics.clone(), state.policy.telemetry.clone());
     let (telemetry_tx, telemetry_rx) = tokio::sync::watch::channel(state.policy.telemetry.clone());
-    let events_task = tokio::spawn(events::read(ring, ctx, accounting, conns, telemetry_rx, events_alive.clone()));
+    let events_task = tokio::spawn(events::read(
+        ring,
+        ctx,
+        accounting,
+        conns,
+        telemetry_rx,
+        events_alive.clone(),
+    ));
 
-    let mut resolver = Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;
+    let mut resolver =
+        Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;
     let (resolved_tx, mut resolved_rx) = mpsc::channel::<(u64, HostAddrs, u64)>(4);
-    let spawn_round = |resolver: &Resolver, state: &State, tx: &mpsc::Sender<(u64, HostAddrs, u64)>| {
-        let (r, tx, hosts, previous, generation) =
-            (resolver.clone(), tx.clone(), resolver::hosts_of(&state.policy), state.hosts.clone(), state.generation);
-        tokio::spawn(async move {
-            let (addrs, failures) = r.resolve(hosts, &previous).await;
-            let _ = tx.send((generation, addrs, failures)).await;
-        });
-    };
+    let spawn_round =
+        |resolver: &Resolver, state: &State, tx: &mpsc::Sender<(u64, HostAddrs, u64)>| {
+            let (r, tx, hosts, previous, generation) = (
+                resolver.clone(),
+                tx.clone(),
+                resolver::hosts_of(&state.policy),
+                state.hosts.clone(),
+                state.generation,
+            );
+            tokio::spawn(async move {
+                let (addrs, failures) = r.resolve(hosts, &previous).await;
+                let _ = tx.send((generation, addrs, failures)).await;
+            });
+        };
     spawn_round(&resolver, &state, &resolved_tx);
     let mut refresh = tokio::time::interval(state.policy.resolver.refresh);
     refresh.tick().await;
 
     let mut cgroup_changes = cgroups::watch(attach.clone());
-    let mut hup = signal(SignalKind::hangup()).map_err(|source| RunError::Io { what: "SIGHUP handler".into(), source })?;
-    let mut term = signal(SignalKind::terminate()).map_err(|source| RunError::Io { what: "SIGTERM handler".into(), source })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|source| RunError::Io { what: "SIGINT handler".into(), source })?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| RunError::Io {
+        what: "SIGHUP handler".into(),
+        source,
+    })?;
+    let mut term = signal(SignalKind::terminate()).map_err(|source| RunError::Io {
+        what: "SIGTERM handler".into(),
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| RunError::Io {
+        what: "SIGINT handler".into(),
+        source,
+    })?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // `LEARNED_*` are counted every `LEARNED_COUNT_TICKS` ticks (a walk of
     // up to 2 × 65,536 entries).
@@ -361,7 +477,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if crate::privileges::kernel_allows_unprivileged_map_fds() {
         match crate::privileges::drop_all_but(&[crate::privileges::CAP_SYS_PTRACE]) {
             Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept CAP_SYS_PTRACE only)"),
-            Err(e) => warn!(error = %e, "could not drop capabilities; running with the ones the agent was started with"),
+            Err(e) => {
+                warn!(error = %e, "could not drop capabilities; running with the ones the agent was started with")
+            }
         }
     } else {
         info!("kernel older than 6.5: map updates need CAP_BPF, so capabilities are kept");
@@ -412,7 +530,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 if let Ok(c) = maps.counters() {
                     metrics.sync_kernel(&c);
                 }
-                if ticks % LEARNED_COUNT_TICKS == 0 {
+                if ticks.is_multiple_of(LEARNED_COUNT_TICKS) {
                     let (v4, v6) = maps.learned_counts();
                     metrics.learned_destinations.with_label_values(&["v4"]).set(v4 as i64);
                     metrics.learned_destinations.with_label_values(&["v6"]).set(v6 as i64);
@@ -444,7 +562,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
             Ok(new) => {
                 if restart_only(&new) != restart_only(&state.policy) {
-                    warn!("cgroup, pin_path, metrics_listen, failure_mode, audit_log and [kubernetes] change only on restart; keeping the running values");
+                    warn!(
+                        "cgroup, pin_path, metrics_listen, failure_mode, audit_log and [kubernetes] change only on restart; keeping the running values"
+                    );
                 }
                 let mut next = new;
                 next.cgroup = state.policy.cgroup.clone();
@@ -459,7 +579,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 state.selectors = Selectors::new(&state.policy);
                 state.rescan(&paths, &metrics);
                 names.push(NameTable::of(&state.policy, state.generation));
-                let report = maps.apply_policy(state.plan(), plan::failure_code(state.policy.failure_mode), state.attach_id)?;
+                let report = maps.apply_policy(
+                    state.plan(),
+                    plan::failure_code(state.policy.failure_mode),
+                    state.attach_id,
+                )?;
                 record_writes(&report, &metrics);
                 if report.is_ok() {
                     metrics.policy_reloads.with_label_values(&["ok"]).inc();
@@ -470,16 +594,24 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     }
                     state.report_missing_workloads();
                     let _ = telemetry_tx.send(state.policy.telemetry.clone());
-                    info!(trigger = why, generation = state.generation, "policy applied");
+                    info!(
+                        trigger = why,
+                        generation = state.generation,
+                        "policy applied"
+                    );
                     if state.policy.resolver != old_resolver {
-                        resolver = Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;
+                        resolver = Resolver::new(&state.policy.resolver)
+                            .map_err(|e| RunError::Resolver(e.to_string()))?;
                         refresh = tokio::time::interval(state.policy.resolver.refresh);
                         refresh.tick().await;
                     }
                     spawn_round(&resolver, &state, &resolved_tx);
                 } else {
                     metrics.policy_reloads.with_label_values(&["failed"]).inc();
-                    error!(trigger = why, "new policy does not fit in the kernel maps; the previous policy stays in force");
+                    error!(
+                        trigger = why,
+                        "new policy does not fit in the kernel maps; the previous policy stays in force"
+                    );
                     state.policy = old;
                     state.generation -= 1;
                     state.selectors = Selectors::new(&state.policy);

@@ -31,30 +31,28 @@ impl CgroupPaths {
             return Some(p);
         }
         let text = fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
-        text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        text.lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
     }
 }
 
 /// The executable of a live process, or None when it has exited.
 pub fn exe_of(tgid: u32) -> Option<String> {
-    fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
+    fs::read_link(format!("/proc/{tgid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
 }
 
 /// `exe_of` with a short memory: a burst of events from one process reads
 /// /proc once. Entries live `EXE_CACHE_TTL` (shorter than any realistic pid
 /// reuse) and the cache is bounded.
+#[derive(Default)]
 pub struct ExeCache {
     entries: std::collections::HashMap<u32, (Option<String>, std::time::Instant)>,
 }
 
 const EXE_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 const EXE_CACHE_MAX: usize = 4096;
-
-impl Default for ExeCache {
-    fn default() -> Self {
-        Self { entries: std::collections::HashMap::new() }
-    }
-}
 
 impl ExeCache {
     pub fn get(&mut self, tgid: u32) -> Option<String> {
@@ -66,7 +64,8 @@ impl ExeCache {
             return exe.clone();
         }
         if self.entries.len() >= EXE_CACHE_MAX {
-            self.entries.retain(|_, (_, at)| now.duration_since(*at) < EXE_CACHE_TTL);
+            self.entries
+                .retain(|_, (_, at)| now.duration_since(*at) < EXE_CACHE_TTL);
             if self.entries.len() >= EXE_CACHE_MAX {
                 self.entries.clear();
             }

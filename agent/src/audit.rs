@@ -104,28 +104,33 @@ impl AuditSink {
             AuditLog::Stdout => Box::new(std::io::stdout()),
             // Buffered: flushed whenever the queue runs empty, so a burst
             // costs one write per buffer, not one per line.
-            AuditLog::File(path) => Box::new(std::io::BufWriter::with_capacity(1 << 16, open_append(path)?)),
+            AuditLog::File(path) => Box::new(std::io::BufWriter::with_capacity(
+                1 << 16,
+                open_append(path)?,
+            )),
         };
         let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
-        std::thread::Builder::new().name("audit-log".into()).spawn(move || {
-            let mut failing = false;
-            while let Some(line) = rx.blocking_recv() {
-                let result = out.write_all(line.as_bytes()).and_then(|()| {
-                    if rx.is_empty() { out.flush() } else { Ok(()) }
-                });
-                match result {
-                    Ok(()) => failing = false,
-                    Err(e) => {
-                        metrics.audit_errors.inc();
-                        if !failing {
-                            warn!(error = %e, "writing the audit log failed");
+        std::thread::Builder::new()
+            .name("audit-log".into())
+            .spawn(move || {
+                let mut failing = false;
+                while let Some(line) = rx.blocking_recv() {
+                    let result = out
+                        .write_all(line.as_bytes())
+                        .and_then(|()| if rx.is_empty() { out.flush() } else { Ok(()) });
+                    match result {
+                        Ok(()) => failing = false,
+                        Err(e) => {
+                            metrics.audit_errors.inc();
+                            if !failing {
+                                warn!(error = %e, "writing the audit log failed");
+                            }
+                            failing = true;
                         }
-                        failing = true;
                     }
                 }
-            }
-            let _ = out.flush();
-        })?;
+                let _ = out.flush();
+            })?;
         Ok(Self { tx: Some(tx) })
     }
 
@@ -144,7 +149,10 @@ impl AuditSink {
 }
 
 fn open_append(path: &PathBuf) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 #[cfg(test)]
@@ -201,12 +209,23 @@ mod tests {
             streamed: Some(false),
         };
         let doc = include_str!("../../docs/events.md");
-        for key in serde_json::to_value(&c).unwrap().as_object().unwrap().keys() {
-            assert!(doc.contains(&format!("`{key}`")), "docs/events.md does not document `{key}`");
+        for key in serde_json::to_value(&c)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+        {
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "docs/events.md does not document `{key}`"
+            );
         }
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         for key in v.as_object().unwrap().keys() {
-            assert!(doc.contains(&format!("`{key}`")), "docs/events.md does not document `{key}`");
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "docs/events.md does not document `{key}`"
+            );
         }
         assert_eq!(v["provider"], "openai");
     }

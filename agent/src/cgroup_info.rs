@@ -28,7 +28,10 @@ fn is_container_id(s: &str) -> bool {
 /// `prefix-<id>.scope` → id, for the given prefixes.
 fn scoped_id<'a>(component: &'a str, prefixes: &[&str]) -> Option<&'a str> {
     let stem = component.strip_suffix(".scope")?;
-    prefixes.iter().find_map(|p| stem.strip_prefix(p)).filter(|id| is_container_id(id))
+    prefixes
+        .iter()
+        .find_map(|p| stem.strip_prefix(p))
+        .filter(|id| is_container_id(id))
 }
 
 /// `pod<uid>` or `kubepods-<qos>-pod<uid>.slice` / `kubepods-pod<uid>.slice`.
@@ -39,7 +42,10 @@ fn pod_uid(component: &str) -> Option<String> {
     let rest = component.strip_suffix(".slice").unwrap_or(component);
     let idx = rest.rfind("pod")?;
     let uid = &rest[idx + 3..];
-    let uuid = uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_');
+    let uuid = uid.len() == 36
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_');
     let hash = uid.len() == 32 && uid.bytes().all(|b| b.is_ascii_hexdigit());
     ((uuid || hash) && (idx == 0 || rest[..idx].ends_with('-'))).then(|| uid.replace('_', "-"))
 }
@@ -51,7 +57,10 @@ fn pod_uid(component: &str) -> Option<String> {
 pub fn pod_dir_uid(path: &str) -> Option<String> {
     let mut parts = path.split('/').filter(|p| !p.is_empty());
     let last = parts.next_back()?;
-    parts.any(|p| p == "kubepods" || p == "kubepods.slice").then(|| pod_uid(last)).flatten()
+    parts
+        .any(|p| p == "kubepods" || p == "kubepods.slice")
+        .then(|| pod_uid(last))
+        .flatten()
 }
 
 pub fn describe(path: &str) -> CgroupInfo {
@@ -122,23 +131,38 @@ mod tests {
     #[test]
     fn docker_with_both_drivers() {
         let i = describe(&format!("/system.slice/docker-{ID}.scope"));
-        assert_eq!((i.container_runtime, i.container_id.as_deref()), (Some("docker"), Some(ID)));
+        assert_eq!(
+            (i.container_runtime, i.container_id.as_deref()),
+            (Some("docker"), Some(ID))
+        );
         let i = describe(&format!("/docker/{ID}"));
-        assert_eq!((i.container_runtime, i.container_id.as_deref()), (Some("docker"), Some(ID)));
+        assert_eq!(
+            (i.container_runtime, i.container_id.as_deref()),
+            (Some("docker"), Some(ID))
+        );
     }
 
     #[test]
     fn kubernetes_systemd_driver_containerd_and_crio() {
         let u = UID.replace('-', "_");
-        let p = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope");
+        let p = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope"
+        );
         let i = describe(&p);
         assert_eq!(i.pod_uid.as_deref(), Some(UID));
         assert_eq!(i.qos_class, Some("burstable"));
-        assert_eq!((i.container_runtime, i.container_id.as_deref()), (Some("containerd"), Some(ID)));
+        assert_eq!(
+            (i.container_runtime, i.container_id.as_deref()),
+            (Some("containerd"), Some(ID))
+        );
         let p = format!("/kubepods.slice/kubepods-pod{u}.slice/crio-{ID}.scope");
         let i = describe(&p);
-        assert_eq!((i.qos_class, i.container_runtime), (Some("guaranteed"), Some("cri-o")));
-        let p = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice");
+        assert_eq!(
+            (i.qos_class, i.container_runtime),
+            (Some("guaranteed"), Some("cri-o"))
+        );
+        let p =
+            format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice");
         assert_eq!(describe(&p).qos_class, Some("besteffort"));
     }
 
@@ -148,41 +172,81 @@ mod tests {
         assert_eq!(i.pod_uid.as_deref(), Some(UID));
         assert_eq!(i.qos_class, Some("besteffort"));
         assert_eq!(i.container_id.as_deref(), Some(ID));
-        assert_eq!(i.container_runtime, None, "the cgroupfs driver does not name the runtime");
-        assert_eq!(describe(&format!("/kubepods/pod{UID}/{ID}")).qos_class, Some("guaranteed"));
+        assert_eq!(
+            i.container_runtime, None,
+            "the cgroupfs driver does not name the runtime"
+        );
+        assert_eq!(
+            describe(&format!("/kubepods/pod{UID}/{ID}")).qos_class,
+            Some("guaranteed")
+        );
         // below another cgroup (a kind node, a test cgroup)
         let i = describe(&format!("/kubelet.slice/kubepods/burstable/pod{UID}/{ID}"));
-        assert_eq!((i.pod_uid.as_deref(), i.qos_class), (Some(UID), Some("burstable")));
+        assert_eq!(
+            (i.pod_uid.as_deref(), i.qos_class),
+            (Some(UID), Some("burstable"))
+        );
     }
 
     #[test]
     fn pod_level_directories() {
         let u = UID.replace('-', "_");
-        let systemd = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice");
+        let systemd =
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice");
         assert_eq!(pod_dir_uid(&systemd).as_deref(), Some(UID));
-        assert_eq!(pod_dir_uid(&format!("{systemd}/cri-containerd-{ID}.scope")), None, "a container, not the pod");
-        assert_eq!(pod_dir_uid(&format!("/kubepods/besteffort/pod{UID}")).as_deref(), Some(UID));
-        assert_eq!(pod_dir_uid(&format!("kubepods/pod{UID}")).as_deref(), Some(UID));
+        assert_eq!(
+            pod_dir_uid(&format!("{systemd}/cri-containerd-{ID}.scope")),
+            None,
+            "a container, not the pod"
+        );
+        assert_eq!(
+            pod_dir_uid(&format!("/kubepods/besteffort/pod{UID}")).as_deref(),
+            Some(UID)
+        );
+        assert_eq!(
+            pod_dir_uid(&format!("kubepods/pod{UID}")).as_deref(),
+            Some(UID)
+        );
         assert_eq!(pod_dir_uid(&format!("/kubepods/pod{UID}/{ID}")), None);
-        assert_eq!(pod_dir_uid(&format!("other/pod{UID}")), None, "only below kubepods");
+        assert_eq!(
+            pod_dir_uid(&format!("other/pod{UID}")),
+            None,
+            "only below kubepods"
+        );
         assert_eq!(pod_dir_uid(&format!("pod{UID}")), None);
         assert_eq!(pod_dir_uid("kubepods.slice/kubepods-burstable.slice"), None);
         // Static pods: the kubelet's uid is a 32-hex-digit hash.
         let hash = "5fc3b7ec1ba3ab0e5e4ae1b4ad0d1f47";
-        let p = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice");
+        let p =
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice");
         assert_eq!(pod_dir_uid(&p).as_deref(), Some(hash));
-        assert_eq!(describe(&format!("/{p}/cri-containerd-{ID}.scope")).pod_uid.as_deref(), Some(hash));
-        assert_eq!(pod_dir_uid("kubepods/pod5fc3b7ec1ba3ab0e5e4ae1b4ad0d1f4"), None, "31 digits");
+        assert_eq!(
+            describe(&format!("/{p}/cri-containerd-{ID}.scope"))
+                .pod_uid
+                .as_deref(),
+            Some(hash)
+        );
+        assert_eq!(
+            pod_dir_uid("kubepods/pod5fc3b7ec1ba3ab0e5e4ae1b4ad0d1f4"),
+            None,
+            "31 digits"
+        );
     }
 
     #[test]
     fn podman_and_plain_paths() {
         let i = describe(&format!("/machine.slice/libpod-{ID}.scope"));
-        assert_eq!((i.container_runtime, i.container_id.as_deref()), (Some("podman"), Some(ID)));
+        assert_eq!(
+            (i.container_runtime, i.container_id.as_deref()),
+            (Some("podman"), Some(ID))
+        );
         assert_eq!(describe("/llm-egress-test-x/bot"), CgroupInfo::default());
         assert_eq!(describe("/"), CgroupInfo::default());
         // Not quite a pod or container: never guessed.
         assert_eq!(describe("/kubepods.slice/notapod.slice").pod_uid, None);
-        assert_eq!(describe("/system.slice/docker-abc.scope").container_id, None);
+        assert_eq!(
+            describe("/system.slice/docker-abc.scope").container_id,
+            None
+        );
     }
 }

@@ -49,16 +49,27 @@ pub fn scan(root: &Path) -> Vec<CgroupDir> {
     let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
     while let Some((dir, rel, depth)) = stack.pop() {
         // A directory may vanish between listing and reading: skip it.
-        let Ok(meta) = fs::metadata(&dir) else { continue };
-        out.push(CgroupDir { rel: rel.clone(), id: meta.ino() });
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
+        out.push(CgroupDir {
+            rel: rel.clone(),
+            id: meta.ino(),
+        });
         if depth >= MAX_SCAN_DEPTH {
             continue;
         }
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let child_rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+                let child_rel = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
                 stack.push((entry.path(), child_rel, depth + 1));
             }
         }
@@ -79,7 +90,11 @@ enum Matcher {
 
 /// `*` stays within one path component; `**` crosses them.
 fn compile(glob: &str) -> Option<GlobMatcher> {
-    GlobBuilder::new(glob.trim_end_matches('/')).literal_separator(true).build().ok().map(|g| g.compile_matcher())
+    GlobBuilder::new(glob.trim_end_matches('/'))
+        .literal_separator(true)
+        .build()
+        .ok()
+        .map(|g| g.compile_matcher())
 }
 
 impl Selectors {
@@ -118,7 +133,9 @@ impl Selectors {
             Matcher::Glob(g) => g.is_match(rel),
             Matcher::Unit(u) => !u.is_empty() && name == u,
             Matcher::Pods(sel) => {
-                let meta = pod.get_or_insert_with(|| cgroup_info::pod_dir_uid(rel).and_then(|uid| pods.get(&uid)));
+                let meta = pod.get_or_insert_with(|| {
+                    cgroup_info::pod_dir_uid(rel).and_then(|uid| pods.get(&uid))
+                });
                 meta.as_ref().is_some_and(|m| kube::matches(sel, m))
             }
         })
@@ -126,14 +143,19 @@ impl Selectors {
 
     /// cgroup id → workload index for every selected directory.
     pub fn assign(&self, dirs: &[CgroupDir], pods: &PodMap) -> BTreeMap<u64, usize> {
-        dirs.iter().filter_map(|d| Some((d.id, self.workload_of(&d.rel, pods)?))).collect()
+        dirs.iter()
+            .filter_map(|d| Some((d.id, self.workload_of(&d.rel, pods)?)))
+            .collect()
     }
 }
 
 /// The uids of pod-level directories that `pods` does not know (a pod the
 /// list has not caught up with yet).
 pub fn unknown_pods(dirs: &[CgroupDir], pods: &PodMap) -> Vec<String> {
-    dirs.iter().filter_map(|d| cgroup_info::pod_dir_uid(&d.rel)).filter(|uid| !pods.contains_key(uid)).collect()
+    dirs.iter()
+        .filter_map(|d| cgroup_info::pod_dir_uid(&d.rel))
+        .filter(|uid| !pods.contains_key(uid))
+        .collect()
 }
 
 /// cgroup id → path relative to the cgroup2 mount (as /proc/PID/cgroup
@@ -200,7 +222,12 @@ fn watch_loop(root: &Path, tx: &mpsc::Sender<()>) {
             watched.retain(|d: &PathBuf| d.exists());
         }
         let changed = match inotify.as_mut() {
-            Some(ino) => wait_readable(ino, RESCAN) && ino.read_events(&mut buf).is_ok_and(|mut e| e.next().is_some()),
+            Some(ino) => {
+                wait_readable(ino, RESCAN)
+                    && ino
+                        .read_events(&mut buf)
+                        .is_ok_and(|mut e| e.next().is_some())
+            }
             None => {
                 std::thread::sleep(RESCAN);
                 true
@@ -214,13 +241,26 @@ fn watch_loop(root: &Path, tx: &mpsc::Sender<()>) {
 }
 
 fn scan_dirs(root: &Path) -> Vec<PathBuf> {
-    scan(root).into_iter().map(|d| if d.rel.is_empty() { root.to_path_buf() } else { root.join(&d.rel) }).collect()
+    scan(root)
+        .into_iter()
+        .map(|d| {
+            if d.rel.is_empty() {
+                root.to_path_buf()
+            } else {
+                root.join(&d.rel)
+            }
+        })
+        .collect()
 }
 
 /// Waits up to `timeout` for inotify events.
 fn wait_readable(ino: &inotify::Inotify, timeout: Duration) -> bool {
     use std::os::fd::{AsFd, AsRawFd};
-    let mut pfd = libc::pollfd { fd: ino.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: ino.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd for the duration of the call.
     let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
     rc > 0
@@ -251,19 +291,31 @@ mod tests {
             std::sync::Arc::new(kube::PodMeta {
                 name: name.into(),
                 namespace: ns.into(),
-                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             })
         };
         PodMap::from([
-            (UID_A.to_string(), meta("bot-1", "support", &[("app", "bot")])),
-            (UID_B.to_string(), meta("web-1", "shop", &[("app", "bot"), ("tier", "web")])),
+            (
+                UID_A.to_string(),
+                meta("bot-1", "support", &[("app", "bot")]),
+            ),
+            (
+                UID_B.to_string(),
+                meta("web-1", "shop", &[("app", "bot"), ("tier", "web")]),
+            ),
         ])
     }
 
     fn pod_selector(ns: Option<&str>, labels: &[(&str, &str)]) -> Selector {
         Selector::Kubernetes(PodSelector {
             namespace: ns.map(Into::into),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
     }
 
@@ -275,15 +327,28 @@ mod tests {
         ]);
         let p = pods();
         let a = UID_A.replace('-', "_");
-        let systemd = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{a}.slice");
+        let systemd =
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{a}.slice");
         assert_eq!(s.workload_of(&systemd, &p), Some(0));
-        assert_eq!(s.workload_of(&format!("{systemd}/cri-containerd-{ID}.scope"), &p), None, "containers inherit in the kernel, they are not listed");
+        assert_eq!(
+            s.workload_of(&format!("{systemd}/cri-containerd-{ID}.scope"), &p),
+            None,
+            "containers inherit in the kernel, they are not listed"
+        );
         let cgroupfs = format!("kubepods/besteffort/pod{UID_B}");
         assert_eq!(s.workload_of(&cgroupfs, &p), Some(1));
-        assert_eq!(s.workload_of(&format!("kubepods/pod{UID_A}"), &p), Some(0), "guaranteed pods sit right below kubepods");
+        assert_eq!(
+            s.workload_of(&format!("kubepods/pod{UID_A}"), &p),
+            Some(0),
+            "guaranteed pods sit right below kubepods"
+        );
         let unknown = "kubepods/pod11111111-2222-4333-8444-555555555555";
         assert_eq!(s.workload_of(unknown, &p), None);
-        assert_eq!(s.workload_of(&systemd, &PodMap::new()), None, "no list, no selection");
+        assert_eq!(
+            s.workload_of(&systemd, &PodMap::new()),
+            None,
+            "no list, no selection"
+        );
         // Under the attach cgroup, wherever the kubelet's tree starts.
         assert_eq!(s.workload_of(&format!("node-a/{cgroupfs}"), &p), Some(1));
     }
@@ -291,23 +356,51 @@ mod tests {
     #[test]
     fn k8s_selectors_take_their_turn_in_policy_order() {
         let a = format!("kubepods/pod{UID_A}");
-        let s = selectors(vec![Selector::Cgroup("kubepods/*".into()), pod_selector(Some("support"), &[])]);
-        assert_eq!(s.workload_of(&a, &pods()), Some(0), "the first workload in the file wins");
-        let s = selectors(vec![pod_selector(Some("support"), &[]), Selector::Cgroup("kubepods/*".into())]);
+        let s = selectors(vec![
+            Selector::Cgroup("kubepods/*".into()),
+            pod_selector(Some("support"), &[]),
+        ]);
+        assert_eq!(
+            s.workload_of(&a, &pods()),
+            Some(0),
+            "the first workload in the file wins"
+        );
+        let s = selectors(vec![
+            pod_selector(Some("support"), &[]),
+            Selector::Cgroup("kubepods/*".into()),
+        ]);
         assert_eq!(s.workload_of(&a, &pods()), Some(0));
-        assert_eq!(s.workload_of(&format!("kubepods/pod{UID_B}"), &pods()), Some(1));
+        assert_eq!(
+            s.workload_of(&format!("kubepods/pod{UID_B}"), &pods()),
+            Some(1)
+        );
         assert!(s.selects_pods());
     }
 
     #[test]
     fn unknown_pod_directories_are_found() {
         let dirs = vec![
-            CgroupDir { rel: "kubepods".into(), id: 1 },
-            CgroupDir { rel: format!("kubepods/pod{UID_A}"), id: 2 },
-            CgroupDir { rel: format!("kubepods/pod{UID_A}/{ID}"), id: 3 },
-            CgroupDir { rel: "kubepods/pod11111111-2222-4333-8444-555555555555".into(), id: 4 },
+            CgroupDir {
+                rel: "kubepods".into(),
+                id: 1,
+            },
+            CgroupDir {
+                rel: format!("kubepods/pod{UID_A}"),
+                id: 2,
+            },
+            CgroupDir {
+                rel: format!("kubepods/pod{UID_A}/{ID}"),
+                id: 3,
+            },
+            CgroupDir {
+                rel: "kubepods/pod11111111-2222-4333-8444-555555555555".into(),
+                id: 4,
+            },
         ];
-        assert_eq!(unknown_pods(&dirs, &pods()), ["11111111-2222-4333-8444-555555555555"]);
+        assert_eq!(
+            unknown_pods(&dirs, &pods()),
+            ["11111111-2222-4333-8444-555555555555"]
+        );
     }
 
     #[test]
@@ -321,8 +414,15 @@ mod tests {
         assert_eq!(s.workload_of("bots/support", &PodMap::new()), Some(0));
         assert_eq!(s.workload_of("bots/other", &PodMap::new()), Some(3));
         assert_eq!(s.workload_of("pods/a", &PodMap::new()), Some(1));
-        assert_eq!(s.workload_of("pods/a/b", &PodMap::new()), None, "`*` must not cross `/`");
-        assert_eq!(s.workload_of("system.slice/batch.service", &PodMap::new()), Some(2));
+        assert_eq!(
+            s.workload_of("pods/a/b", &PodMap::new()),
+            None,
+            "`*` must not cross `/`"
+        );
+        assert_eq!(
+            s.workload_of("system.slice/batch.service", &PodMap::new()),
+            Some(2)
+        );
         assert_eq!(s.workload_of("batch.service", &PodMap::new()), Some(2));
         assert_eq!(s.workload_of("bots", &PodMap::new()), None);
         assert_eq!(s.workload_of("", &PodMap::new()), None);
@@ -341,7 +441,16 @@ mod tests {
 
     #[test]
     fn paths_are_relative_to_the_mount() {
-        let dirs = vec![CgroupDir { rel: String::new(), id: 1 }, CgroupDir { rel: "x/y".into(), id: 2 }];
+        let dirs = vec![
+            CgroupDir {
+                rel: String::new(),
+                id: 1,
+            },
+            CgroupDir {
+                rel: "x/y".into(),
+                id: 2,
+            },
+        ];
         let p = paths("/test", &dirs);
         assert_eq!(p[&1], "/test");
         assert_eq!(p[&2], "/test/x/y");

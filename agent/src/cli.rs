@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "llm-egress", version, about = "eBPF host agent for LLM egress control")]
+#[command(
+    name = "llm-egress",
+    version,
+    about = "eBPF host agent for LLM egress control"
+)]
 pub struct Cli {
     /// Log format of the agent's own messages (stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -53,7 +57,9 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     if s == "off" {
         return Ok(Listen::Off);
     }
-    s.parse().map(Listen::At).map_err(|e| format!("{e}: expected IP:port or \"off\""))
+    s.parse()
+        .map(Listen::At)
+        .map_err(|e| format!("{e}: expected IP:port or \"off\""))
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]

@@ -60,7 +60,10 @@ fn labels(name: &Name) -> Vec<Vec<u8>> {
 
 /// Full-name hash of `labels` (as `names::name_hash`).
 fn full_hash(seed: u64, labels: &[Vec<u8>]) -> u64 {
-    labels.iter().rev().fold(seed, |acc, l| fold(acc, label_hash(l)))
+    labels
+        .iter()
+        .rev()
+        .fold(seed, |acc, l| fold(acc, label_hash(l)))
 }
 
 /// The `NAMES` key a name matches: the exact name, else the most specific
@@ -82,9 +85,16 @@ pub fn match_name(seed: u64, labels: &[Vec<u8>], names: &BTreeMap<u64, DestValue
 }
 
 /// The addresses a DNS response teaches for the names in `names`.
-pub fn learnable(msg: &[u8], seed: u64, names: &BTreeMap<u64, DestValue>) -> Result<Vec<Learn>, Skip> {
+pub fn learnable(
+    msg: &[u8],
+    seed: u64,
+    names: &BTreeMap<u64, DestValue>,
+) -> Result<Vec<Learn>, Skip> {
     let m = Message::from_vec(msg).map_err(|_| Skip::Unparsed)?;
-    if m.message_type() != MessageType::Response || m.op_code() != OpCode::Query || m.response_code() != ResponseCode::NoError {
+    if m.message_type() != MessageType::Response
+        || m.op_code() != OpCode::Query
+        || m.response_code() != ResponseCode::NoError
+    {
         return Err(Skip::NotAnAnswer);
     }
     let mut out = Vec::new();
@@ -109,12 +119,20 @@ pub fn learnable(msg: &[u8], seed: u64, names: &BTreeMap<u64, DestValue>) -> Res
                 }
                 RData::A(a) => {
                     if let Some(key) = matched {
-                        out.push(Learn { addr: IpAddr::V4(a.0), key, ttl: rr.ttl() });
+                        out.push(Learn {
+                            addr: IpAddr::V4(a.0),
+                            key,
+                            ttl: rr.ttl(),
+                        });
                     }
                 }
                 RData::AAAA(a) => {
                     if let Some(key) = matched {
-                        out.push(Learn { addr: IpAddr::V6(a.0), key, ttl: rr.ttl() });
+                        out.push(Learn {
+                            addr: IpAddr::V6(a.0),
+                            key,
+                            ttl: rr.ttl(),
+                        });
                     }
                 }
                 _ => {}
@@ -172,10 +190,21 @@ pub(crate) mod wire {
     pub fn malformed_corpus() -> Vec<(String, Vec<u8>)> {
         let good = response(
             "alias.example",
-            &[("alias.example", 5, cname("api.prov.test")), ("api.prov.test", 1, vec![10, 0, 0, 1]), ("api.prov.test", 28, std::net::Ipv6Addr::LOCALHOST.octets().to_vec())],
+            &[
+                ("alias.example", 5, cname("api.prov.test")),
+                ("api.prov.test", 1, vec![10, 0, 0, 1]),
+                (
+                    "api.prov.test",
+                    28,
+                    std::net::Ipv6Addr::LOCALHOST.octets().to_vec(),
+                ),
+            ],
             60,
         );
-        let mut out: Vec<(String, Vec<u8>)> = vec![("zero-length".into(), vec![]), ("one byte".into(), vec![0x81])];
+        let mut out: Vec<(String, Vec<u8>)> = vec![
+            ("zero-length".into(), vec![]),
+            ("one byte".into(), vec![0x81]),
+        ];
         for n in 0..good.len() {
             out.push((format!("truncated to {n} bytes"), good[..n].to_vec()));
         }
@@ -213,17 +242,39 @@ pub(crate) mod wire {
         let at = m.len() - 16 - 2;
         m[at] = 0xff;
         out.push(("AAAA rdlength past the end".into(), m));
-        out.push(("A of 3 bytes".into(), response("api.prov.test", &[("api.prov.test", 1, vec![10, 0, 0])], 1)));
-        out.push(("A of 5 bytes".into(), response("api.prov.test", &[("api.prov.test", 1, vec![10, 0, 0, 1, 2])], 1)));
-        out.push(("AAAA of 4 bytes".into(), response("api.prov.test", &[("api.prov.test", 28, vec![10, 0, 0, 1])], 1)));
+        out.push((
+            "A of 3 bytes".into(),
+            response("api.prov.test", &[("api.prov.test", 1, vec![10, 0, 0])], 1),
+        ));
+        out.push((
+            "A of 5 bytes".into(),
+            response(
+                "api.prov.test",
+                &[("api.prov.test", 1, vec![10, 0, 0, 1, 2])],
+                1,
+            ),
+        ));
+        out.push((
+            "AAAA of 4 bytes".into(),
+            response(
+                "api.prov.test",
+                &[("api.prov.test", 28, vec![10, 0, 0, 1])],
+                1,
+            ),
+        ));
         // Oversized: a name past 255 bytes, a label with the reserved
         // 0x40 bits, 64 KiB of answers, 100 KiB of garbage.
         let long = vec!["a".repeat(60); 5].join(".") + ".prov.test";
-        out.push(("name over 255 bytes".into(), response(&long, &[(&long, 1, vec![10, 0, 0, 2])], 1)));
+        out.push((
+            "name over 255 bytes".into(),
+            response(&long, &[(&long, 1, vec![10, 0, 0, 2])], 1),
+        ));
         let mut m = good.clone();
         m[12] = 0x45;
         out.push(("label type 0x40".into(), m));
-        let many: Vec<(&str, u16, Vec<u8>)> = (0..4000).map(|i| ("api.prov.test", 1, vec![10, 9, (i >> 8) as u8, i as u8])).collect();
+        let many: Vec<(&str, u16, Vec<u8>)> = (0..4000)
+            .map(|i| ("api.prov.test", 1, vec![10, 9, (i >> 8) as u8, i as u8]))
+            .collect();
         let mut m = response("api.prov.test", &many, 1);
         m.truncate(65_535);
         out.push(("4000 answers cut at 64 KiB".into(), m));
@@ -241,7 +292,18 @@ mod tests {
     use super::{wire::*, *};
 
     fn names(seed: u64, hosts: &[&str]) -> BTreeMap<u64, DestValue> {
-        hosts.iter().map(|h| (host_key(seed, h).unwrap(), DestValue { provider_id: 1, ..DestValue::default() })).collect()
+        hosts
+            .iter()
+            .map(|h| {
+                (
+                    host_key(seed, h).unwrap(),
+                    DestValue {
+                        provider_id: 1,
+                        ..DestValue::default()
+                    },
+                )
+            })
+            .collect()
     }
 
     #[test]
@@ -264,8 +326,16 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Learn { addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), key, ttl: 42 },
-                Learn { addr: IpAddr::V6(Ipv6Addr::LOCALHOST), key, ttl: 42 },
+                Learn {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                    key,
+                    ttl: 42
+                },
+                Learn {
+                    addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+                    key,
+                    ttl: 42
+                },
             ]
         );
     }
@@ -274,10 +344,24 @@ mod tests {
     fn wildcards_match_names_below_and_exact_names_win() {
         let seed = 9;
         let n = names(seed, &["*.prov.test", "exact.prov.test"]);
-        let msg = response("a.b.prov.test", &[("a.b.prov.test", 1, vec![1, 2, 3, 4])], 1);
-        assert_eq!(learnable(&msg, seed, &n).unwrap()[0].key, host_key(seed, "*.prov.test").unwrap());
-        let msg = response("EXACT.prov.test", &[("exact.prov.test", 1, vec![1, 2, 3, 4])], 1);
-        assert_eq!(learnable(&msg, seed, &n).unwrap()[0].key, host_key(seed, "exact.prov.test").unwrap());
+        let msg = response(
+            "a.b.prov.test",
+            &[("a.b.prov.test", 1, vec![1, 2, 3, 4])],
+            1,
+        );
+        assert_eq!(
+            learnable(&msg, seed, &n).unwrap()[0].key,
+            host_key(seed, "*.prov.test").unwrap()
+        );
+        let msg = response(
+            "EXACT.prov.test",
+            &[("exact.prov.test", 1, vec![1, 2, 3, 4])],
+            1,
+        );
+        assert_eq!(
+            learnable(&msg, seed, &n).unwrap()[0].key,
+            host_key(seed, "exact.prov.test").unwrap()
+        );
         // the wildcard does not match the name itself
         let msg = response("prov.test", &[("prov.test", 1, vec![1, 2, 3, 4])], 1);
         assert!(learnable(&msg, seed, &n).unwrap().is_empty());
@@ -290,7 +374,10 @@ mod tests {
     fn malformed_corpus_is_skipped_cleanly() {
         let seed = 3;
         let n = names(seed, &["api.prov.test"]);
-        let good: Vec<IpAddr> = vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+        let good: Vec<IpAddr> = vec![
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
         let corpus = malformed_corpus();
         assert!(corpus.len() > 100);
         let mut skipped = 0;
@@ -300,14 +387,28 @@ mod tests {
                 Ok(Err(_)) => skipped += 1,
                 Ok(Ok(v)) => {
                     for l in v {
-                        let ok = good.contains(&l.addr) || matches!(l.addr, IpAddr::V4(a) if a.octets()[..2] == [10, 9]) && what.starts_with("4000");
-                        assert!(ok, "{what}: learned {l:?}, which the message does not carry for the provider");
+                        let ok = good.contains(&l.addr)
+                            || matches!(l.addr, IpAddr::V4(a) if a.octets()[..2] == [10, 9])
+                                && what.starts_with("4000");
+                        assert!(
+                            ok,
+                            "{what}: learned {l:?}, which the message does not carry for the provider"
+                        );
                     }
                 }
             }
         }
         // Every truncation and every loop is an error, not an answer.
-        assert!(skipped >= corpus.iter().filter(|(w, _)| w.starts_with("truncated") || w.contains("pointer") || w.contains("cycle")).count(), "only {skipped} skipped");
+        assert!(
+            skipped
+                >= corpus
+                    .iter()
+                    .filter(|(w, _)| w.starts_with("truncated")
+                        || w.contains("pointer")
+                        || w.contains("cycle"))
+                    .count(),
+            "only {skipped} skipped"
+        );
     }
 
     #[test]
@@ -316,16 +417,31 @@ mod tests {
         let n = names(seed, &["api.prov.test"]);
         let msg = response("other.test", &[("other.test", 1, vec![1, 2, 3, 4])], 1);
         assert!(learnable(&msg, seed, &n).unwrap().is_empty());
-        let mut err = response("api.prov.test", &[("api.prov.test", 1, vec![1, 2, 3, 4])], 1);
+        let mut err = response(
+            "api.prov.test",
+            &[("api.prov.test", 1, vec![1, 2, 3, 4])],
+            1,
+        );
         err[3] = 0x83; // NXDOMAIN
         assert_eq!(learnable(&err, seed, &n), Err(Skip::NotAnAnswer));
-        let ok = response("api.prov.test", &[("api.prov.test", 1, vec![1, 2, 3, 4])], 1);
-        assert_eq!(learnable(&ok[..ok.len() - 2], seed, &n), Err(Skip::Unparsed));
+        let ok = response(
+            "api.prov.test",
+            &[("api.prov.test", 1, vec![1, 2, 3, 4])],
+            1,
+        );
+        assert_eq!(
+            learnable(&ok[..ok.len() - 2], seed, &n),
+            Err(Skip::Unparsed)
+        );
         // a pointer loop
         let mut looped = ok.clone();
         let at = looped.len() - 16;
         looped[at] = 0xc0;
         looped[at + 1] = at as u8;
-        assert!(learnable(&looped, seed, &n).map(|v| v.is_empty()).unwrap_or(true));
+        assert!(
+            learnable(&looped, seed, &n)
+                .map(|v| v.is_empty())
+                .unwrap_or(true)
+        );
     }
 }

@@ -16,14 +16,15 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use llm_egress_common::{
-    ConnEvent, ConnectEvent, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD, family, hook, kind, proto, reason, verdict,
+    ConnEvent, ConnectEvent, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD, family, hook, kind,
+    proto, reason, verdict,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::{
-    attribution::{CgroupPaths, ExeCache, comm_str},
     accounting::Accounting,
+    attribution::{CgroupPaths, ExeCache, comm_str},
     audit::{Attribution, AuditSink, DecisionRecord},
     metrics::Metrics,
     policy::{NO_WORKLOAD_NAME, Policy},
@@ -66,7 +67,10 @@ impl Names {
     /// agree whenever the policy file did not change.
     fn table(&self, generation: u64) -> Option<Arc<NameTable>> {
         let g = self.0.read().ok()?;
-        g.iter().find(|t| t.generation == generation).or_else(|| g.front()).cloned()
+        g.iter()
+            .find(|t| t.generation == generation)
+            .or_else(|| g.front())
+            .cloned()
     }
 }
 
@@ -117,7 +121,8 @@ pub enum Decoded {
 /// Reads a `T` from the start of `bytes`, if long enough.
 fn read_as<T: Copy>(bytes: &[u8]) -> Option<T> {
     // SAFETY: length checked; T is a repr(C) plain-integer event type.
-    (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+    (bytes.len() >= size_of::<T>())
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
 /// Decodes one ring-buffer record. None: too short or an unknown kind.
@@ -156,17 +161,22 @@ pub fn dst_addr(ev: &ConnectEvent) -> IpAddr {
 
 /// Wall-clock time of a CLOCK_MONOTONIC timestamp.
 fn wall_time(mono_ns: u64) -> SystemTime {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     let now = SystemTime::now();
-    now.checked_sub(Duration::from_nanos(now_mono.saturating_sub(mono_ns))).unwrap_or(now)
+    now.checked_sub(Duration::from_nanos(now_mono.saturating_sub(mono_ns)))
+        .unwrap_or(now)
 }
 
 fn rfc3339(t: SystemTime) -> String {
     let dt = time::OffsetDateTime::from(t);
-    dt.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    dt.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// `EXECS`: tgid → what it last executed (filled by the exec tracepoint).
@@ -214,7 +224,10 @@ fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
     }
     let cgroup = ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default();
     let cgroup_info = crate::cgroup_info::describe(&cgroup);
-    let pod = cgroup_info.pod_uid.as_deref().and_then(|uid| ctx.pods.get(uid));
+    let pod = cgroup_info
+        .pod_uid
+        .as_deref()
+        .and_then(|uid| ctx.pods.get(uid));
     Attribution {
         pid: h.pid,
         tgid: h.tgid,
@@ -230,12 +243,24 @@ fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
 }
 
 /// Workload and provider names of ids decided under `generation`.
-pub fn names_of(names: &Names, generation: u64, workload_id: u32, provider_id: u32) -> (String, Option<String>) {
+pub fn names_of(
+    names: &Names,
+    generation: u64,
+    workload_id: u32,
+    provider_id: u32,
+) -> (String, Option<String>) {
     let table = names.table(generation);
     let name = |list: fn(&NameTable) -> &Vec<String>, id: u32| {
-        table.as_ref().and_then(|t| list(t).get(id as usize - 1).cloned()).unwrap_or_else(|| format!("#{id}"))
+        table
+            .as_ref()
+            .and_then(|t| list(t).get(id as usize - 1).cloned())
+            .unwrap_or_else(|| format!("#{id}"))
     };
-    let workload = if workload_id == NO_WORKLOAD { NO_WORKLOAD_NAME.to_string() } else { name(|t| &t.workloads, workload_id) };
+    let workload = if workload_id == NO_WORKLOAD {
+        NO_WORKLOAD_NAME.to_string()
+    } else {
+        name(|t| &t.workloads, workload_id)
+    };
     let provider = (provider_id != NO_PROVIDER).then(|| name(|t| &t.providers, provider_id));
     (workload, provider)
 }
@@ -290,7 +315,11 @@ fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
             let provider = record.provider.as_deref().unwrap_or("none");
             let d = &ev.data;
             let connect = d.hook == hook::CONNECT4 || d.hook == hook::CONNECT6;
-            if record.verdict != "deny" && d.provider_id != NO_PROVIDER && d.proto == proto::TCP && connect {
+            if record.verdict != "deny"
+                && d.provider_id != NO_PROVIDER
+                && d.proto == proto::TCP
+                && connect
+            {
                 accounting.opened(d.cookie, &record.workload, provider, &record.who);
             }
             ctx.audit.record(&record, &ctx.metrics);
@@ -300,15 +329,26 @@ fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
             ctx.audit.record(&record, &ctx.metrics);
         }
         Some(Decoded::Dns(msg)) => {
-            let sent = ctx.dns_fallback.as_ref().is_some_and(|tx| tx.try_send(msg).is_ok());
+            let sent = ctx
+                .dns_fallback
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(msg).is_ok());
             if !sent {
-                ctx.metrics.dns_fallback.with_label_values(&["dropped"]).inc();
+                ctx.metrics
+                    .dns_fallback
+                    .with_label_values(&["dropped"])
+                    .inc();
             }
         }
         Some(Decoded::Conn(ev)) => {
             let d = &ev.data;
-            let (workload, provider) = names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
-            let time = rfc3339(wall_time(if d.closed_ns != 0 { d.closed_ns } else { d.reported_ns }));
+            let (workload, provider) =
+                names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
+            let time = rfc3339(wall_time(if d.closed_ns != 0 {
+                d.closed_ns
+            } else {
+                d.reported_ns
+            }));
             let names = (workload, provider.unwrap_or_else(|| "none".into()));
             if let Some(record) = accounting.stats(&ev, names, attribute(&ev.header, ctx), time) {
                 ctx.audit.record(&record, &ctx.metrics);
@@ -382,14 +422,26 @@ mod tests {
 
     fn bytes_of(ev: &ConnectEvent) -> Vec<u8> {
         // SAFETY: repr(C) plain-integer struct without implicit padding.
-        unsafe { std::slice::from_raw_parts((ev as *const ConnectEvent).cast::<u8>(), size_of::<ConnectEvent>()) }.to_vec()
+        unsafe {
+            std::slice::from_raw_parts(
+                (ev as *const ConnectEvent).cast::<u8>(),
+                size_of::<ConnectEvent>(),
+            )
+        }
+        .to_vec()
     }
 
     #[test]
     fn decode_round_trips_and_rejects_short_or_unknown_records() {
         let mut ev = ConnectEvent::default();
         ev.header.kind = kind::CONNECT_DECISION;
-        ev.data = ConnectDecision { port: 443, verdict: verdict::DENY, family: family::INET, addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], ..Default::default() };
+        ev.data = ConnectDecision {
+            port: 443,
+            verdict: verdict::DENY,
+            family: family::INET,
+            addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..Default::default()
+        };
         let b = bytes_of(&ev);
         assert_eq!(decode(&b), Some(Decoded::Decision(ev)));
         assert_eq!(dst_addr(&ev).to_string(), "192.0.2.1");
@@ -398,7 +450,12 @@ mod tests {
         conn.header.kind = kind::CONN_SUMMARY;
         conn.data.bytes_sent = 5;
         // SAFETY: as above.
-        let cb = unsafe { std::slice::from_raw_parts((&conn as *const ConnEvent).cast::<u8>(), size_of::<ConnEvent>()) };
+        let cb = unsafe {
+            std::slice::from_raw_parts(
+                (&conn as *const ConnEvent).cast::<u8>(),
+                size_of::<ConnEvent>(),
+            )
+        };
         assert_eq!(decode(cb), Some(Decoded::Conn(conn)));
         assert_eq!(decode(&cb[..100]), None, "a short summary is not decoded");
         let mut other = ev;
@@ -409,12 +466,26 @@ mod tests {
     #[test]
     fn an_unparsed_dns_event_carries_its_message() {
         let mut ev = llm_egress_common::DnsEvent {
-            header: EventHeader { kind: kind::DNS_UNPARSED, ..EventHeader::default() },
-            data: llm_egress_common::DnsPacket { len: 3, msg_len: 3, why: 1, _pad: 0, data: [0; llm_egress_common::DNS_EVENT_BYTES] },
+            header: EventHeader {
+                kind: kind::DNS_UNPARSED,
+                ..EventHeader::default()
+            },
+            data: llm_egress_common::DnsPacket {
+                len: 3,
+                msg_len: 3,
+                why: 1,
+                _pad: 0,
+                data: [0; llm_egress_common::DNS_EVENT_BYTES],
+            },
         };
         ev.data.data[..3].copy_from_slice(&[1, 2, 3]);
         // SAFETY: repr(C) plain-integer struct without implicit padding.
-        let b = unsafe { std::slice::from_raw_parts((&ev as *const llm_egress_common::DnsEvent).cast::<u8>(), size_of::<llm_egress_common::DnsEvent>()) };
+        let b = unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const llm_egress_common::DnsEvent).cast::<u8>(),
+                size_of::<llm_egress_common::DnsEvent>(),
+            )
+        };
         assert_eq!(decode(b), Some(Decoded::Dns(vec![1, 2, 3])));
         assert_eq!(decode(&b[..200]), None, "a short DNS event is not decoded");
     }
@@ -422,8 +493,16 @@ mod tests {
     #[test]
     fn names_follow_the_generation_of_the_event() {
         let names = Names::default();
-        names.push(NameTable { generation: 1, workloads: vec!["old".into()], providers: vec![] });
-        names.push(NameTable { generation: 2, workloads: vec!["new".into()], providers: vec![] });
+        names.push(NameTable {
+            generation: 1,
+            workloads: vec!["old".into()],
+            providers: vec![],
+        });
+        names.push(NameTable {
+            generation: 2,
+            workloads: vec!["new".into()],
+            providers: vec![],
+        });
         assert_eq!(names.table(1).unwrap().workloads[0], "old");
         assert_eq!(names.table(2).unwrap().workloads[0], "new");
         assert_eq!(names.table(9).unwrap().workloads[0], "new");

@@ -48,9 +48,17 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Fu
     r
 }
 
-async fn route(req: Request<hyper::body::Incoming>, metrics: Metrics, health: Arc<Health>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(
+    req: Request<hyper::body::Incoming>,
+    metrics: Metrics,
+    health: Arc<Health>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
-        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
         "/healthz" => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
             // A rejected reload makes the agent not ready (the previous
@@ -74,11 +82,16 @@ async fn route(req: Request<hyper::body::Incoming>, metrics: Metrics, health: Ar
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Metrics, health: Arc<Health>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (m, h) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| route(req, m.clone(), h.clone()));
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 debug!(error = %e, "http connection ended with an error");
             }
         });

@@ -19,15 +19,17 @@ use std::{
 };
 
 use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
-use llm_egress_common::{DNS_MAX_ANSWERS, DestValue, PROG_DNS_INGRESS, PROG_SNI_EGRESS, SNI_BUF, counter};
+use llm_egress_common::{
+    DNS_MAX_ANSWERS, DestValue, PROG_DNS_INGRESS, PROG_SNI_EGRESS, SNI_BUF, counter,
+};
 
 use crate::{
     dns::{learnable, match_name, wire::*},
-    sni,
     loader::Loader,
     maps::KernelMaps,
     plan,
     policy::Policy,
+    sni,
 };
 
 /// Ethernet + IPv4 + UDP (source port 53) around `dns`.
@@ -35,7 +37,20 @@ fn packet(dns: &[u8]) -> Vec<u8> {
     let mut p = vec![0u8; 12];
     p.extend_from_slice(&[0x08, 0x00]);
     let total = (20 + 8 + dns.len()) as u16;
-    p.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ]);
     p.extend_from_slice(&[192, 0, 2, 53, 192, 0, 2, 1]);
     let ulen = (8 + dns.len()) as u16;
     p.extend_from_slice(&[0, 53, 0x9c, 0x40, (ulen >> 8) as u8, ulen as u8, 0, 0]);
@@ -47,20 +62,51 @@ fn packet(dns: &[u8]) -> Vec<u8> {
 fn corpus() -> Vec<(String, Vec<u8>)> {
     let a = |x: u8| vec![10, 0, 0, x];
     let mut c: Vec<(String, Vec<u8>)> = vec![
-        ("A".into(), response("api.prov.test", &[("api.prov.test", 1, a(1))], 60)),
-        ("mixed case, trailing dot".into(), response("API.Prov.TEST.", &[("api.prov.test", 1, a(2))], 60)),
+        (
+            "A".into(),
+            response("api.prov.test", &[("api.prov.test", 1, a(1))], 60),
+        ),
+        (
+            "mixed case, trailing dot".into(),
+            response("API.Prov.TEST.", &[("api.prov.test", 1, a(2))], 60),
+        ),
         (
             "CNAME chain, A and AAAA".into(),
             response(
                 "alias.example",
-                &[("alias.example", 5, cname("c1.example")), ("c1.example", 5, cname("API.prov.test")), ("api.prov.test", 1, a(3)), ("api.prov.test", 28, Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 3).octets().to_vec())],
+                &[
+                    ("alias.example", 5, cname("c1.example")),
+                    ("c1.example", 5, cname("API.prov.test")),
+                    ("api.prov.test", 1, a(3)),
+                    (
+                        "api.prov.test",
+                        28,
+                        Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 3).octets().to_vec(),
+                    ),
+                ],
                 60,
             ),
         ),
-        ("wildcard".into(), response("x.y.wild.test", &[("x.y.wild.test", 1, a(4))], 60)),
-        ("wildcard apex".into(), response("wild.test", &[("wild.test", 1, a(5))], 60)),
-        ("other name".into(), response("other.test", &[("other.test", 1, a(6))], 60)),
-        ("off-chain record".into(), response("api.prov.test", &[("api.prov.test", 1, a(7)), ("elsewhere.test", 1, a(8))], 60)),
+        (
+            "wildcard".into(),
+            response("x.y.wild.test", &[("x.y.wild.test", 1, a(4))], 60),
+        ),
+        (
+            "wildcard apex".into(),
+            response("wild.test", &[("wild.test", 1, a(5))], 60),
+        ),
+        (
+            "other name".into(),
+            response("other.test", &[("other.test", 1, a(6))], 60),
+        ),
+        (
+            "off-chain record".into(),
+            response(
+                "api.prov.test",
+                &[("api.prov.test", 1, a(7)), ("elsewhere.test", 1, a(8))],
+                60,
+            ),
+        ),
         (
             "CNAME chain of 6 hops".into(),
             response(
@@ -81,13 +127,22 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
             response(&n, &[(&n, 1, a(10))], 60)
         }),
     ];
-    let many: Vec<(&str, u16, Vec<u8>)> = (0..DNS_MAX_ANSWERS as u8 + 2).map(|i| ("api.prov.test", 1, vec![10, 1, 0, i])).collect();
-    c.push(("more answers than the kernel reads".into(), response("api.prov.test", &many, 60)));
+    let many: Vec<(&str, u16, Vec<u8>)> = (0..DNS_MAX_ANSWERS as u8 + 2)
+        .map(|i| ("api.prov.test", 1, vec![10, 1, 0, i]))
+        .collect();
+    c.push((
+        "more answers than the kernel reads".into(),
+        response("api.prov.test", &many, 60),
+    ));
     let mut nx = response("api.prov.test", &[("api.prov.test", 1, a(11))], 60);
     nx[3] = 0x83;
     c.push(("NXDOMAIN".into(), nx));
     // The malformed corpus, as far as a test packet takes it.
-    c.extend(malformed_corpus().into_iter().filter(|(_, m)| m.len() <= 1400));
+    c.extend(
+        malformed_corpus()
+            .into_iter()
+            .filter(|(_, m)| m.len() <= 1400),
+    );
     c
 }
 
@@ -95,16 +150,28 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
 /// program attached anywhere), `prog` loaded, and a policy of provider
 /// `prov` (`api.prov.test`, `*.wild.test`, port 443; defaults llm = deny)
 /// written; removes the pins afterwards. Skips without root.
-fn with_kernel(tag: &str, prog: &str, f: impl FnOnce(&mut Loader, &mut KernelMaps, u64, &BTreeMap<u64, DestValue>)) {
+fn with_kernel(
+    tag: &str,
+    prog: &str,
+    f: impl FnOnce(&mut Loader, &mut KernelMaps, u64, &BTreeMap<u64, DestValue>),
+) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root to load BPF programs (cargo xtask test runs it as root)");
         return;
     }
-    let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/llm-egress-unit-{}-{tag}", std::process::id()));
+    let pin_root = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/llm-egress-unit-{}-{tag}",
+        std::process::id()
+    ));
     let mut loader = Loader::open(&pin_root).expect("load the eBPF object");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let p: &mut CgroupSkb = loader.ebpf.program_mut(prog).expect("the program").try_into().expect("a cgroup_skb program");
+        let p: &mut CgroupSkb = loader
+            .ebpf
+            .program_mut(prog)
+            .expect("the program")
+            .try_into()
+            .expect("a cgroup_skb program");
         p.load().unwrap_or_else(|e| panic!("load {prog}: {e}"));
         let mut maps = KernelMaps::take(&mut loader.ebpf).expect("the maps");
         let seed = maps.name_seed().expect("the name seed");
@@ -140,21 +207,37 @@ fn the_kernel_learns_what_the_userspace_parser_learns() {
 }
 
 fn run(loader: &mut Loader, maps: &mut KernelMaps, seed: u64, names: &BTreeMap<u64, DestValue>) {
-    let prog: &mut CgroupSkb = loader.ebpf.program_mut(PROG_DNS_INGRESS).unwrap().try_into().unwrap();
+    let prog: &mut CgroupSkb = loader
+        .ebpf
+        .program_mut(PROG_DNS_INGRESS)
+        .unwrap()
+        .try_into()
+        .unwrap();
 
     let mut disagree = Vec::new();
     let (mut both, mut fallback, mut kept_from_rejected) = (0, 0, 0);
     for (what, msg) in corpus() {
         let before = maps.counters().expect("counters");
         let pkt = packet(&msg);
-        let r = prog.test_run(TestRunOptions { data_in: Some(&pkt), ..TestRunOptions::new() }).unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
-        assert_eq!(r.return_value, 1, "{what}: the DNS program must always keep the packet");
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
+        assert_eq!(
+            r.return_value, 1,
+            "{what}: the DNS program must always keep the packet"
+        );
         let kernel = maps.drain_learned();
         let after = maps.counters().expect("counters");
-        let gave_up = after[counter::DNS_UNPARSED as usize] > before[counter::DNS_UNPARSED as usize];
+        let gave_up =
+            after[counter::DNS_UNPARSED as usize] > before[counter::DNS_UNPARSED as usize];
         let parsed = learnable(&msg, seed, names);
         let rejected = parsed.is_err();
-        let user: BTreeSet<(IpAddr, u64)> = parsed.map(|v| v.into_iter().map(|l| (l.addr, l.key)).collect()).unwrap_or_default();
+        let user: BTreeSet<(IpAddr, u64)> = parsed
+            .map(|v| v.into_iter().map(|l| (l.addr, l.key)).collect())
+            .unwrap_or_default();
         let agrees = if !gave_up {
             // The kernel read the whole answer: the same addresses, for
             // the same names.
@@ -187,9 +270,15 @@ fn run(loader: &mut Loader, maps: &mut KernelMaps, seed: u64, names: &BTreeMap<u
             both += 1;
         }
     }
-    eprintln!("{both} answers learned alike by both; {fallback} given up by the kernel, of which {kept_from_rejected} rejected by userspace after the kernel learned their first complete records");
+    eprintln!(
+        "{both} answers learned alike by both; {fallback} given up by the kernel, of which {kept_from_rejected} rejected by userspace after the kernel learned their first complete records"
+    );
     assert!(both >= 5, "the kernel learned from only {both} answers");
-    assert!(disagree.is_empty(), "the kernel and the userspace parser disagree:\n{}", disagree.join("\n"));
+    assert!(
+        disagree.is_empty(),
+        "the kernel and the userspace parser disagree:\n{}",
+        disagree.join("\n")
+    );
 }
 
 /// Ethernet + IPv4 + TCP (to port 443, ACK|PSH) around `payload`.
@@ -197,9 +286,24 @@ fn tcp_packet(payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0u8; 12];
     p.extend_from_slice(&[0x08, 0x00]);
     let total = (20 + 20 + payload.len()) as u16;
-    p.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+    p.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        6,
+        0,
+        0,
+    ]);
     p.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 77]);
-    p.extend_from_slice(&[0x9c, 0x40, 0x01, 0xbb, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(&[
+        0x9c, 0x40, 0x01, 0xbb, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
     p.extend_from_slice(payload);
     p
 }
@@ -212,7 +316,12 @@ fn the_kernel_reads_client_hellos_like_the_userspace_reader() {
     with_kernel("sni", PROG_SNI_EGRESS, run_sni);
 }
 
-fn run_sni(loader: &mut Loader, maps: &mut KernelMaps, seed: u64, names: &BTreeMap<u64, DestValue>) {
+fn run_sni(
+    loader: &mut Loader,
+    maps: &mut KernelMaps,
+    seed: u64,
+    names: &BTreeMap<u64, DestValue>,
+) {
     // The program's scratch is per CPU, and bytes past a payload are
     // whatever it held: stay on one CPU and zero it before each case, so
     // that they read as 0, as they do in `sni::parse`.
@@ -220,9 +329,18 @@ fn run_sni(loader: &mut Loader, maps: &mut KernelMaps, seed: u64, names: &BTreeM
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "sched_setaffinity");
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
     }
-    let prog: &mut CgroupSkb = loader.ebpf.program_mut(PROG_SNI_EGRESS).unwrap().try_into().unwrap();
+    let prog: &mut CgroupSkb = loader
+        .ebpf
+        .program_mut(PROG_SNI_EGRESS)
+        .unwrap()
+        .try_into()
+        .unwrap();
     let zero = tcp_packet(&[0u8; SNI_BUF]);
     let sni_counters = [
         ("allow", counter::SNI_ALLOW),
@@ -243,15 +361,31 @@ fn run_sni(loader: &mut Loader, maps: &mut KernelMaps, seed: u64, names: &BTreeM
         if payload.is_empty() {
             continue; // no payload: not a first payload, nothing to read
         }
-        let r = prog.test_run(TestRunOptions { data_in: Some(&zero), ..TestRunOptions::new() }).expect("test_run");
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&zero),
+                ..TestRunOptions::new()
+            })
+            .expect("test_run");
         assert_eq!(r.return_value, 1, "zeroing run");
         let before = maps.counters().expect("counters");
         let pkt = tcp_packet(payload);
-        let r = prog.test_run(TestRunOptions { data_in: Some(&pkt), ..TestRunOptions::new() }).unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
         let after = maps.counters().expect("counters");
-        let kernel: Vec<&str> = sni_counters.iter().filter(|(_, c)| after[*c as usize] > before[*c as usize]).map(|(n, _)| *n).collect();
+        let kernel: Vec<&str> = sni_counters
+            .iter()
+            .filter(|(_, c)| after[*c as usize] > before[*c as usize])
+            .map(|(n, _)| *n)
+            .collect();
         let user = match sni::parse(payload) {
-            sni::Hello::Name { labels, .. } => match match_name(seed, &labels, names).and_then(|k| names.get(&k)) {
+            sni::Hello::Name { labels, .. } => match match_name(seed, &labels, names)
+                .and_then(|k| names.get(&k))
+            {
                 Some(d) if d.nports == 0 || d.ports[..d.nports as usize].contains(&443) => "deny",
                 _ => "other_name",
             },
@@ -266,13 +400,28 @@ fn run_sni(loader: &mut Loader, maps: &mut KernelMaps, seed: u64, names: &BTreeM
         let want: Vec<&str> = if user.is_empty() { vec![] } else { vec![user] };
         let want_ret = if user == "deny" { 2 } else { 1 };
         if kernel != want || r.return_value != want_ret {
-            disagree.push(format!("{what}: kernel {kernel:?} (returned {}), userspace {user:?}", r.return_value));
+            disagree.push(format!(
+                "{what}: kernel {kernel:?} (returned {}), userspace {user:?}",
+                r.return_value
+            ));
         }
         seen.insert(user);
     }
     eprintln!("outcomes covered: {seen:?}");
-    for o in ["deny", "other_name", "no_sni", "ech", "split", "malformed", ""] {
+    for o in [
+        "deny",
+        "other_name",
+        "no_sni",
+        "ech",
+        "split",
+        "malformed",
+        "",
+    ] {
         assert!(seen.contains(o), "the corpus never gave {o:?}");
     }
-    assert!(disagree.is_empty(), "the kernel and sni::parse disagree:\n{}", disagree.join("\n"));
+    assert!(
+        disagree.is_empty(),
+        "the kernel and sni::parse disagree:\n{}",
+        disagree.join("\n")
+    );
 }

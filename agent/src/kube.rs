@@ -47,7 +47,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// very busy node stays well below this.
 const MAX_BODY: u64 = 64 << 20;
 /// Metadata only, falling back to the full objects.
-const ACCEPT: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json";
+const ACCEPT: &str =
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json";
 /// The annotation of a static pod's mirror: the uid the kubelet (and so the
 /// cgroup path) uses for the pod.
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
@@ -102,7 +103,9 @@ impl Pods {
     }
 
     fn replace(&self, map: PodMap) -> bool {
-        let Ok(mut g) = self.map.write() else { return false };
+        let Ok(mut g) = self.map.write() else {
+            return false;
+        };
         if **g == map {
             return false;
         }
@@ -124,7 +127,11 @@ pub enum KubeError {
     #[error("GET {url}: {message}")]
     Transport { url: String, message: String },
     #[error("GET {url}: HTTP {status}: {message}")]
-    Status { url: String, status: u16, message: String },
+    Status {
+        url: String,
+        status: u16,
+        message: String,
+    },
     #[error("GET {url}: not a pod list: {source}")]
     Json {
         url: String,
@@ -147,7 +154,10 @@ pub struct Endpoint {
 /// The endpoint of `cfg`, with what it leaves out taken from the pod's
 /// environment (`env`: `KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`,
 /// `NODE_NAME`). `Ok(None)`: no pod source (off, or auto outside a cluster).
-pub fn endpoint(cfg: &KubernetesConfig, env: impl Fn(&str) -> Option<String>) -> Result<Option<Endpoint>, KubeError> {
+pub fn endpoint(
+    cfg: &KubernetesConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Endpoint>, KubeError> {
     let host = env("KUBERNETES_SERVICE_HOST").filter(|h| !h.is_empty());
     match cfg.enabled {
         KubeEnabled::Off => return Ok(None),
@@ -157,8 +167,14 @@ pub fn endpoint(cfg: &KubernetesConfig, env: impl Fn(&str) -> Option<String>) ->
     let api = match (&cfg.api_server, host) {
         (Some(api), _) => api.clone(),
         (None, Some(host)) => {
-            let port = env("KUBERNETES_SERVICE_PORT").filter(|p| !p.is_empty()).unwrap_or_else(|| "443".into());
-            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            let port = env("KUBERNETES_SERVICE_PORT")
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "443".into());
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
             format!("https://{host}:{port}")
         }
         (None, None) => {
@@ -186,7 +202,9 @@ pub fn endpoint(cfg: &KubernetesConfig, env: impl Fn(&str) -> Option<String>) ->
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -224,8 +242,16 @@ pub fn parse_pod_list(json: &[u8]) -> Result<PodMap, serde_json::Error> {
     let mut map = PodMap::new();
     for item in list.items.unwrap_or_default() {
         let m = item.metadata;
-        let meta = Arc::new(PodMeta { name: m.name, namespace: m.namespace, labels: m.labels.unwrap_or_default() });
-        if let Some(kubelet_uid) = m.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION)) {
+        let meta = Arc::new(PodMeta {
+            name: m.name,
+            namespace: m.namespace,
+            labels: m.labels.unwrap_or_default(),
+        });
+        if let Some(kubelet_uid) = m
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MIRROR_ANNOTATION))
+        {
             map.insert(kubelet_uid.to_ascii_lowercase(), meta.clone());
         }
         map.insert(m.uid.to_ascii_lowercase(), meta);
@@ -248,46 +274,71 @@ fn status_message(body: &str) -> String {
 /// One list: token and CA are read again each time (the kubelet rotates
 /// projected tokens).
 fn fetch(ep: &Endpoint) -> Result<PodMap, KubeError> {
-    let token = std::fs::read_to_string(&ep.token_file).map_err(|e| KubeError::Token(ep.token_file.clone(), e.to_string()))?;
+    let token = std::fs::read_to_string(&ep.token_file)
+        .map_err(|e| KubeError::Token(ep.token_file.clone(), e.to_string()))?;
     let token = token.trim();
     if token.is_empty() {
         return Err(KubeError::Token(ep.token_file.clone(), "empty".into()));
     }
-    let pem = std::fs::read(&ep.ca_file).map_err(|e| KubeError::Ca(ep.ca_file.clone(), e.to_string()))?;
+    let pem =
+        std::fs::read(&ep.ca_file).map_err(|e| KubeError::Ca(ep.ca_file.clone(), e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| KubeError::Ca(ep.ca_file.clone(), e.to_string()))?;
-        roots.add(cert).map_err(|e| KubeError::Ca(ep.ca_file.clone(), e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| KubeError::Ca(ep.ca_file.clone(), e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err(KubeError::Ca(ep.ca_file.clone(), "no certificate in it".into()));
+        return Err(KubeError::Ca(
+            ep.ca_file.clone(),
+            "no certificate in it".into(),
+        ));
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let agent = ureq::AgentBuilder::new()
         .tls_config(Arc::new(tls))
         .timeout_connect(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
         .build();
     let url = ep.url.clone();
-    let response = agent.get(&url).set("Authorization", &format!("Bearer {token}")).set("Accept", ACCEPT).call();
+    let response = agent
+        .get(&url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .set("Accept", ACCEPT)
+        .call();
     let response = match response {
         Ok(r) => r,
         Err(ureq::Error::Status(status, r)) => {
             let message = status_message(&r.into_string().unwrap_or_default());
-            return Err(KubeError::Status { url, status, message });
+            return Err(KubeError::Status {
+                url,
+                status,
+                message,
+            });
         }
-        Err(e) => return Err(KubeError::Transport { url, message: e.to_string() }),
+        Err(e) => {
+            return Err(KubeError::Transport {
+                url,
+                message: e.to_string(),
+            });
+        }
     };
     let mut body = Vec::new();
     response
         .into_reader()
         .take(MAX_BODY)
         .read_to_end(&mut body)
-        .map_err(|e| KubeError::Transport { url: url.clone(), message: e.to_string() })?;
+        .map_err(|e| KubeError::Transport {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
     parse_pod_list(&body).map_err(|source| KubeError::Json { url, source })
 }
 
@@ -300,7 +351,9 @@ pub async fn start(cfg: &KubernetesConfig, metrics: Metrics) -> (Pods, mpsc::Rec
     let ep = match endpoint(cfg, |k| std::env::var(k).ok()) {
         Ok(Some(ep)) => ep,
         Ok(None) => {
-            debug!("no Kubernetes pod source (not in a cluster, or [kubernetes] enabled = \"off\")");
+            debug!(
+                "no Kubernetes pod source (not in a cluster, or [kubernetes] enabled = \"off\")"
+            );
             return (Pods::default(), changed_rx);
         }
         Err(e) => {
@@ -310,7 +363,10 @@ pub async fn start(cfg: &KubernetesConfig, metrics: Metrics) -> (Pods, mpsc::Rec
         }
     };
     let (refresh_tx, refresh_rx) = std_mpsc::sync_channel(1);
-    let pods = Pods { map: Arc::default(), refresh: Some(refresh_tx) };
+    let pods = Pods {
+        map: Arc::default(),
+        refresh: Some(refresh_tx),
+    };
     let (first_tx, first_rx) = oneshot::channel();
     let source = pods.clone();
     info!(url = %ep.url, node = %ep.node, refresh = ?ep.refresh, "listing this node's pods from the Kubernetes API");
@@ -345,7 +401,8 @@ fn run(
                     info!(failures, "the Kubernetes API answers again");
                 }
                 failures = 0;
-                let distinct: std::collections::HashSet<*const PodMeta> = map.values().map(Arc::as_ptr).collect();
+                let distinct: std::collections::HashSet<*const PodMeta> =
+                    map.values().map(Arc::as_ptr).collect();
                 metrics.kubernetes_pods.set(distinct.len() as i64);
                 let n = map.len();
                 if pods.replace(map) {
@@ -447,15 +504,35 @@ mod tests {
     #[test]
     fn a_realistic_pod_list_parses_into_uids() {
         let map = parse_pod_list(POD_LIST.as_bytes()).unwrap();
-        assert_eq!(map.len(), 5, "four pods, the static one also under its kubelet uid: {map:?}");
+        assert_eq!(
+            map.len(),
+            5,
+            "four pods, the static one also under its kubelet uid: {map:?}"
+        );
         let bot = &map["0b6c1a2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d"];
-        assert_eq!((bot.name.as_str(), bot.namespace.as_str()), ("support-bot-7c9f8d6b5-x2k4q", "support"));
+        assert_eq!(
+            (bot.name.as_str(), bot.namespace.as_str()),
+            ("support-bot-7c9f8d6b5-x2k4q", "support")
+        );
         assert_eq!(bot.labels.get("app").map(String::as_str), Some("bot"));
         assert_eq!(bot.labels.len(), 3);
-        assert_eq!(map["a1b2c3d4-0000-4000-8000-00000000000f"].name, "coredns-5d78c9869d-8qj2m", "uids are lower-cased");
-        assert_eq!(map["5fc3b7ec1ba3ab0e5e4ae1b4ad0d1f47"].name, "etcd-node-1", "static pod by the kubelet's uid");
-        assert_eq!(map["9f0e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e6f"].name, "etcd-node-1");
-        assert!(map["11111111-2222-4333-8444-555555555555"].labels.is_empty());
+        assert_eq!(
+            map["a1b2c3d4-0000-4000-8000-00000000000f"].name, "coredns-5d78c9869d-8qj2m",
+            "uids are lower-cased"
+        );
+        assert_eq!(
+            map["5fc3b7ec1ba3ab0e5e4ae1b4ad0d1f47"].name, "etcd-node-1",
+            "static pod by the kubelet's uid"
+        );
+        assert_eq!(
+            map["9f0e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e6f"].name,
+            "etcd-node-1"
+        );
+        assert!(
+            map["11111111-2222-4333-8444-555555555555"]
+                .labels
+                .is_empty()
+        );
     }
 
     #[test]
@@ -464,14 +541,25 @@ mod tests {
             "items":[{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":{"name":"a","namespace":"ns","uid":"u-1","labels":{"x":"y"}}}]}"#;
         let map = parse_pod_list(partial.as_bytes()).unwrap();
         assert_eq!(map["u-1"].labels["x"], "y");
-        assert!(parse_pod_list(br#"{"kind":"PodList","items":[]}"#).unwrap().is_empty());
-        assert!(parse_pod_list(br#"{"kind":"PodList","metadata":{},"items":null}"#).unwrap().is_empty());
+        assert!(
+            parse_pod_list(br#"{"kind":"PodList","items":[]}"#)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            parse_pod_list(br#"{"kind":"PodList","metadata":{},"items":null}"#)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn bad_lists_are_errors() {
         assert!(parse_pod_list(b"<html>proxy error</html>").is_err());
-        assert!(parse_pod_list(br#"{"items":[{"metadata":{"namespace":"x"}}]}"#).is_err(), "no name or uid");
+        assert!(
+            parse_pod_list(br#"{"items":[{"metadata":{"namespace":"x"}}]}"#).is_err(),
+            "no name or uid"
+        );
         assert!(parse_pod_list(br#"{"items":{}}"#).is_err());
     }
 
@@ -486,12 +574,21 @@ mod tests {
         PodMeta {
             name: "p".into(),
             namespace: ns.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
     fn sel(ns: Option<&str>, labels: &[(&str, &str)]) -> PodSelector {
-        PodSelector { namespace: ns.map(Into::into), labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+        PodSelector {
+            namespace: ns.map(Into::into),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
     }
 
     #[test]
@@ -499,29 +596,73 @@ mod tests {
         let bot = pod("support", &[("app", "bot"), ("tier", "web")]);
         assert!(matches(&sel(Some("support"), &[]), &bot));
         assert!(matches(&sel(Some("support"), &[("app", "bot")]), &bot));
-        assert!(matches(&sel(None, &[("app", "bot"), ("tier", "web")]), &bot));
-        assert!(!matches(&sel(Some("default"), &[("app", "bot")]), &bot), "namespace differs");
-        assert!(!matches(&sel(Some("support"), &[("app", "bot"), ("x", "y")]), &bot), "all labels must match");
-        assert!(!matches(&sel(None, &[("app", "Bot")]), &bot), "values are case-sensitive");
-        assert!(!matches(&sel(None, &[("app", "")]), &pod("support", &[])), "an absent label is not an empty one");
+        assert!(matches(
+            &sel(None, &[("app", "bot"), ("tier", "web")]),
+            &bot
+        ));
+        assert!(
+            !matches(&sel(Some("default"), &[("app", "bot")]), &bot),
+            "namespace differs"
+        );
+        assert!(
+            !matches(&sel(Some("support"), &[("app", "bot"), ("x", "y")]), &bot),
+            "all labels must match"
+        );
+        assert!(
+            !matches(&sel(None, &[("app", "Bot")]), &bot),
+            "values are case-sensitive"
+        );
+        assert!(
+            !matches(&sel(None, &[("app", "")]), &pod("support", &[])),
+            "an absent label is not an empty one"
+        );
     }
 
     fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| vars.get(k).cloned()
     }
 
     #[test]
     fn endpoint_from_the_pod_environment() {
         let cfg = KubernetesConfig::default();
-        assert_eq!(endpoint(&cfg, env(&[])).unwrap(), None, "auto outside a cluster");
-        let in_pod = env(&[("KUBERNETES_SERVICE_HOST", "10.96.0.1"), ("KUBERNETES_SERVICE_PORT", "443"), ("NODE_NAME", "node-1")]);
+        assert_eq!(
+            endpoint(&cfg, env(&[])).unwrap(),
+            None,
+            "auto outside a cluster"
+        );
+        let in_pod = env(&[
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+            ("NODE_NAME", "node-1"),
+        ]);
         let ep = endpoint(&cfg, &in_pod).unwrap().unwrap();
-        assert_eq!(ep.url, "https://10.96.0.1:443/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&resourceVersion=0");
-        assert_eq!(ep.token_file, PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token"));
-        let v6 = endpoint(&cfg, env(&[("KUBERNETES_SERVICE_HOST", "fd00::1"), ("NODE_NAME", "n")])).unwrap().unwrap();
-        assert!(v6.url.starts_with("https://[fd00::1]:443/api/v1/pods?"), "{}", v6.url);
-        let off = KubernetesConfig { enabled: KubeEnabled::Off, ..cfg.clone() };
+        assert_eq!(
+            ep.url,
+            "https://10.96.0.1:443/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&resourceVersion=0"
+        );
+        assert_eq!(
+            ep.token_file,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+        let v6 = endpoint(
+            &cfg,
+            env(&[("KUBERNETES_SERVICE_HOST", "fd00::1"), ("NODE_NAME", "n")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(
+            v6.url.starts_with("https://[fd00::1]:443/api/v1/pods?"),
+            "{}",
+            v6.url
+        );
+        let off = KubernetesConfig {
+            enabled: KubeEnabled::Off,
+            ..cfg.clone()
+        };
         assert_eq!(endpoint(&off, &in_pod).unwrap(), None);
         let on = KubernetesConfig {
             enabled: KubeEnabled::On,
@@ -530,10 +671,16 @@ mod tests {
             ..cfg.clone()
         };
         let ep = endpoint(&on, env(&[])).unwrap().unwrap();
-        assert_eq!(ep.url, "https://127.0.0.1:6443/api/v1/pods?fieldSelector=spec.nodeName%3Dkind-worker&resourceVersion=0");
+        assert_eq!(
+            ep.url,
+            "https://127.0.0.1:6443/api/v1/pods?fieldSelector=spec.nodeName%3Dkind-worker&resourceVersion=0"
+        );
         let no_node = endpoint(&cfg, env(&[("KUBERNETES_SERVICE_HOST", "10.96.0.1")])).unwrap_err();
         assert!(no_node.to_string().contains("NODE_NAME"), "{no_node}");
-        let on_nowhere = KubernetesConfig { enabled: KubeEnabled::On, ..cfg };
+        let on_nowhere = KubernetesConfig {
+            enabled: KubeEnabled::On,
+            ..cfg
+        };
         assert!(endpoint(&on_nowhere, env(&[("NODE_NAME", "n")])).is_err());
     }
 
@@ -551,7 +698,10 @@ mod tests {
         std::fs::write(&ep.token_file, "t0k\n").unwrap();
         assert!(matches!(fetch(&ep), Err(KubeError::Ca(..))), "missing CA");
         std::fs::write(&ep.ca_file, "not a pem").unwrap();
-        assert!(matches!(fetch(&ep), Err(KubeError::Ca(..))), "no certificate in the CA file");
+        assert!(
+            matches!(fetch(&ep), Err(KubeError::Ca(..))),
+            "no certificate in the CA file"
+        );
     }
 
     #[test]
@@ -561,7 +711,12 @@ mod tests {
         let map = parse_pod_list(POD_LIST.as_bytes()).unwrap();
         assert!(pods.replace(map.clone()));
         assert!(!pods.replace(map), "same list: no change");
-        assert_eq!(pods.get("0b6c1a2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d").map(|p| p.namespace.clone()).as_deref(), Some("support"));
+        assert_eq!(
+            pods.get("0b6c1a2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d")
+                .map(|p| p.namespace.clone())
+                .as_deref(),
+            Some("support")
+        );
         pods.request_refresh();
     }
 }

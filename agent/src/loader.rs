@@ -18,8 +18,7 @@
 
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -77,12 +76,18 @@ pub enum LoadError {
 }
 
 fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> LoadError + 'a {
-    move |source| LoadError::Io { path: path.to_path_buf(), what, source }
+    move |source| LoadError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
 }
 
 /// Stable 64-bit FNV-1a of the object: names the pin directory.
 pub fn object_hash() -> u64 {
-    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The loaded object, before or after its programs are attached.
@@ -112,7 +117,9 @@ pub enum AttachOutcome {
 
 /// The cgroup id (inode) of a cgroup v2 directory.
 pub fn cgroup_id(path: &Path) -> Result<u64, LoadError> {
-    Ok(fs::metadata(path).map_err(io_err(path, "reading the attach cgroup"))?.ino())
+    Ok(fs::metadata(path)
+        .map_err(io_err(path, "reading the attach cgroup"))?
+        .ino())
 }
 
 impl Loader {
@@ -127,26 +134,42 @@ impl Loader {
         let dir = pin_root.join(format!("{:016x}", object_hash()));
         let maps_dir = dir.join("maps");
         fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir, "creating the pin directory"))?;
-        fs::create_dir_all(dir.join("links")).map_err(io_err(&dir, "creating the pin directory"))?;
-        let ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(OBJECT)?;
+        fs::create_dir_all(dir.join("links"))
+            .map_err(io_err(&dir, "creating the pin directory"))?;
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)?;
         for name in ALL_MAPS {
             if ebpf.map(name).is_none() {
                 return Err(LoadError::Missing(name));
             }
         }
-        Ok(Self { ebpf, pin_root: pin_root.to_path_buf(), dir, links: Vec::new(), exec_link: None })
+        Ok(Self {
+            ebpf,
+            pin_root: pin_root.to_path_buf(),
+            dir,
+            links: Vec::new(),
+            exec_link: None,
+        })
     }
 
     /// Whether pinned links of this build exist (a previous agent's).
     pub fn has_pinned_links(&self) -> bool {
-        ALL_PROGRAMS.iter().any(|p| self.dir.join("links").join(p).exists())
+        ALL_PROGRAMS
+            .iter()
+            .any(|p| self.dir.join("links").join(p).exists())
     }
 
     /// Attaches every program to `cgroup`, or adopts the pinned links when
     /// `adopt` is true (the caller checked they belong to this cgroup).
     /// With `FailureMode::Closed` the links are pinned; with `Open` they live
     /// as long as this agent and any pinned ones are removed.
-    pub fn attach(&mut self, cgroup: &Path, failure: FailureMode, adopt: bool) -> Result<AttachOutcome, LoadError> {
+    pub fn attach(
+        &mut self,
+        cgroup: &Path,
+        failure: FailureMode,
+        adopt: bool,
+    ) -> Result<AttachOutcome, LoadError> {
         let links_dir = self.dir.join("links");
         if adopt && failure == FailureMode::Closed {
             let mut adopted = Vec::new();
@@ -167,11 +190,16 @@ impl Loader {
                 return Ok(AttachOutcome::Adopted);
             }
         }
-        let cgroup_file = fs::File::open(cgroup).map_err(io_err(cgroup, "opening the attach cgroup"))?;
+        let cgroup_file =
+            fs::File::open(cgroup).map_err(io_err(cgroup, "opening the attach cgroup"))?;
         let mut fresh = Vec::new();
         for name in ALL_PROGRAMS {
-            let program = self.ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
-            let link = attach_to_cgroup(program, &cgroup_file).map_err(|source| LoadError::Program { name, source })?;
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoadError::Missing(name))?;
+            let link = attach_to_cgroup(program, &cgroup_file)
+                .map_err(|source| LoadError::Program { name, source })?;
             fresh.push((name, link));
         }
         // The new links are attached; now replace whatever was pinned before
@@ -186,7 +214,9 @@ impl Loader {
             match failure {
                 FailureMode::Closed => {
                     let path = links_dir.join(name);
-                    let pinned = link.pin(&path).map_err(|source| LoadError::Pin { name, path, source })?;
+                    let pinned =
+                        link.pin(&path)
+                            .map_err(|source| LoadError::Pin { name, path, source })?;
                     self.links.push(Attached::Pinned(pinned));
                 }
                 FailureMode::Open => self.links.push(Attached::Owned(link)),
@@ -209,9 +239,14 @@ impl Loader {
             .ok_or(LoadError::Missing(name))?
             .try_into()
             .map_err(|source| LoadError::Program { name, source })?;
-        prog.load().map_err(|source| LoadError::Program { name, source })?;
-        let id = prog.attach("sched", "sched_process_exec").map_err(|source| LoadError::Program { name, source })?;
-        let link = prog.take_link(id).map_err(|source| LoadError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| LoadError::Program { name, source })?;
+        let id = prog
+            .attach("sched", "sched_process_exec")
+            .map_err(|source| LoadError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| LoadError::Program { name, source })?;
         self.exec_link = Some(link);
         Ok(())
     }
@@ -219,13 +254,17 @@ impl Loader {
     /// Removes pinned state of other builds under `pin_root` (their links
     /// detach when their pins go).
     fn remove_other_builds(&self) {
-        let Ok(entries) = fs::read_dir(&self.pin_root) else { return };
+        let Ok(entries) = fs::read_dir(&self.pin_root) else {
+            return;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path != self.dir && path.is_dir() && is_hash_dir(&path) {
                 match fs::remove_dir_all(&path) {
                     Ok(()) => info!(dir = %path.display(), "removed pinned state of another build"),
-                    Err(e) => warn!(dir = %path.display(), error = %e, "could not remove pinned state of another build"),
+                    Err(e) => {
+                        warn!(dir = %path.display(), error = %e, "could not remove pinned state of another build")
+                    }
                 }
             }
         }
@@ -257,7 +296,8 @@ impl Loader {
 /// links always coexist with other programs, like BPF_F_ALLOW_MULTI; a
 /// non-zero flag makes link_create fail.
 fn attach_to_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink, ProgramError> {
-    let link_err = |e: aya::programs::links::LinkError| ProgramError::IOError(io::Error::other(e.to_string()));
+    let link_err =
+        |e: aya::programs::links::LinkError| ProgramError::IOError(io::Error::other(e.to_string()));
     match program {
         Program::CgroupSockAddr(p) => {
             p.load()?;
@@ -271,10 +311,18 @@ fn attach_to_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink, 
         }
         Program::CgroupSkb(p) => {
             p.load()?;
-            let id = p.attach(cgroup, p.expected_attach_type().unwrap_or(aya::programs::CgroupSkbAttachType::Egress), CgroupAttachMode::Single)?;
+            let id = p.attach(
+                cgroup,
+                p.expected_attach_type()
+                    .unwrap_or(aya::programs::CgroupSkbAttachType::Egress),
+                CgroupAttachMode::Single,
+            )?;
             p.take_link(id)?.try_into().map_err(link_err)
         }
-        other => Err(ProgramError::IOError(io::Error::other(format!("unexpected program type {:?}", other.prog_type())))),
+        other => Err(ProgramError::IOError(io::Error::other(format!(
+            "unexpected program type {:?}",
+            other.prog_type()
+        )))),
     }
 }
 
@@ -301,11 +349,28 @@ fn ensure_tracefs() -> Result<(), LoadError> {
 }
 
 /// mount(2) of a pseudo file system with no options.
-fn mount(source: &std::ffi::CStr, target: &std::ffi::CStr, fstype: &std::ffi::CStr, path: &Path) -> Result<(), LoadError> {
+fn mount(
+    source: &std::ffi::CStr,
+    target: &std::ffi::CStr,
+    fstype: &std::ffi::CStr,
+    path: &Path,
+) -> Result<(), LoadError> {
     // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
-        return Err(LoadError::Io { path: path.to_path_buf(), what: "mounting", source: io::Error::last_os_error() });
+        return Err(LoadError::Io {
+            path: path.to_path_buf(),
+            what: "mounting",
+            source: io::Error::last_os_error(),
+        });
     }
     info!(fstype = ?fstype, path = %path.display(), "mounted");
     Ok(())
@@ -318,19 +383,30 @@ fn mount_lock() -> Result<fs::File, LoadError> {
     let lock = fs::File::create(lock_path).map_err(io_err(lock_path, "creating the mount lock"))?;
     // SAFETY: flock on a file descriptor we own; released when it is closed.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(LoadError::Io { path: lock_path.to_path_buf(), what: "locking", source: io::Error::last_os_error() });
+        return Err(LoadError::Io {
+            path: lock_path.to_path_buf(),
+            what: "locking",
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(lock)
 }
 
 fn fs_magic(path: &Path) -> Result<i64, LoadError> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| LoadError::Io { path: path.to_path_buf(), what: "path", source: io::Error::other(e) })?;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| LoadError::Io {
+        path: path.to_path_buf(),
+        what: "path",
+        source: io::Error::other(e),
+    })?;
     // SAFETY: statfs writes into the zeroed struct we pass; `c` is a valid C string.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     if rc != 0 {
-        return Err(LoadError::Io { path: path.to_path_buf(), what: "statfs", source: io::Error::last_os_error() });
+        return Err(LoadError::Io {
+            path: path.to_path_buf(),
+            what: "statfs",
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(st.f_type as i64)
 }

@@ -44,8 +44,11 @@ use cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("LLM_EGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("LLM_EGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -87,16 +90,30 @@ fn main() -> ExitCode {
                 let ports = if p.ports.is_empty() {
                     "any".to_string()
                 } else {
-                    p.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+                    p.ports
+                        .iter()
+                        .map(u16::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
                 };
                 let cidrs: Vec<String> = p.cidrs.iter().map(ToString::to_string).collect();
-                println!("{:<16} ports={:<8} hosts={} cidrs={}", p.name, ports, p.hosts.join(","), cidrs.join(","));
+                println!(
+                    "{:<16} ports={:<8} hosts={} cidrs={}",
+                    p.name,
+                    ports,
+                    p.hosts.join(","),
+                    cidrs.join(",")
+                );
             }
             ExitCode::SUCCESS
         }
         Command::Status(args) => status::main(args),
         Command::Run(args) => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("llm-egress: cannot start the runtime: {e}");

@@ -14,15 +14,17 @@ use std::{collections::BTreeMap, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use llm_egress_common::{
-    ActionValue, ActiveSlot, DestValue, MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6,
-    MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS, MAP_WORKLOADS,
-    LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, NameConfig, NameKey,
-    PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, WorkloadKey,
-    MAP_VERDICTS, VerdictKey, WorkloadValue, counter,
-    LEARNED_NAMES, Learned, MAP_LEARNED_V4, MAP_LEARNED_V6,
+    ActionValue, ActiveSlot, DestValue, LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, LEARNED_NAMES, Learned,
+    MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6, MAP_LEARNED_V4, MAP_LEARNED_V6,
+    MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS,
+    MAP_VERDICTS, MAP_WORKLOADS, NameConfig, NameKey, PREFIX_KEY_HEADER_BITS, PrefixKeyV4,
+    PrefixKeyV6, ProviderKey, SlotConfig, VerdictKey, WorkloadKey, WorkloadValue, counter,
 };
 
 use crate::plan::{Plan, Prefix};
@@ -82,16 +84,26 @@ pub struct KernelMaps {
 
 macro_rules! take {
     ($ebpf:expr, $name:expr) => {
-        $ebpf.take_map($name).ok_or(MapsError::Missing($name))?.try_into().map_err(map_err($name))?
+        $ebpf
+            .take_map($name)
+            .ok_or(MapsError::Missing($name))?
+            .try_into()
+            .map_err(map_err($name))?
     };
 }
 
 fn key4(slot: u32, scope: u32, addr: [u8; 4], len: u8) -> Key<PrefixKeyV4> {
-    Key::new(PREFIX_KEY_HEADER_BITS + u32::from(len), PrefixKeyV4 { slot, scope, addr })
+    Key::new(
+        PREFIX_KEY_HEADER_BITS + u32::from(len),
+        PrefixKeyV4 { slot, scope, addr },
+    )
 }
 
 fn key6(slot: u32, scope: u32, addr: [u8; 16], len: u8) -> Key<PrefixKeyV6> {
-    Key::new(PREFIX_KEY_HEADER_BITS + u32::from(len), PrefixKeyV6 { slot, scope, addr })
+    Key::new(
+        PREFIX_KEY_HEADER_BITS + u32::from(len),
+        PrefixKeyV6 { slot, scope, addr },
+    )
 }
 
 impl KernelMaps {
@@ -121,8 +133,14 @@ impl KernelMaps {
     pub fn name_seed(&mut self) -> Result<u64, MapsError> {
         let mut cfg = self.name_cfg.get(&0, 0).map_err(map_err(MAP_NAME_CFG))?;
         if cfg.seed == 0 {
-            cfg = NameConfig { seed: random_seed(), ttl_min_s: LEARN_TTL_MIN_S, ttl_max_s: LEARN_TTL_MAX_S };
-            self.name_cfg.set(0, cfg, 0).map_err(map_err(MAP_NAME_CFG))?;
+            cfg = NameConfig {
+                seed: random_seed(),
+                ttl_min_s: LEARN_TTL_MIN_S,
+                ttl_max_s: LEARN_TTL_MAX_S,
+            };
+            self.name_cfg
+                .set(0, cfg, 0)
+                .map_err(map_err(MAP_NAME_CFG))?;
         }
         Ok(cfg.seed)
     }
@@ -137,13 +155,22 @@ impl KernelMaps {
         if active.slot == 0 {
             return Ok(None);
         }
-        Ok(Some(self.slots.get(&active.slot, 0).map_err(map_err(MAP_SLOTS))?))
+        Ok(Some(
+            self.slots
+                .get(&active.slot, 0)
+                .map_err(map_err(MAP_SLOTS))?,
+        ))
     }
 
     /// Writes `plan` into the idle slot and makes it the active one.
     /// On a write failure the idle slot is emptied again and nothing changes
     /// for the programs.
-    pub fn apply_policy(&mut self, plan: Plan, failure_mode: u8, attach_cgroup_id: u64) -> Result<WriteReport, MapsError> {
+    pub fn apply_policy(
+        &mut self,
+        plan: Plan,
+        failure_mode: u8,
+        attach_cgroup_id: u64,
+    ) -> Result<WriteReport, MapsError> {
         let old = self.active()?.slot;
         let target = if old == 1 { 2 } else { 1 };
         self.clear_slot(target)?;
@@ -153,8 +180,15 @@ impl KernelMaps {
             self.clear_slot(target)?;
             return Ok(report);
         }
-        self.slots.set(target, plan.config, 0).map_err(map_err(MAP_SLOTS))?;
-        let active = ActiveSlot { slot: target, failure_mode, _pad: [0; 3], attach_cgroup_id };
+        self.slots
+            .set(target, plan.config, 0)
+            .map_err(map_err(MAP_SLOTS))?;
+        let active = ActiveSlot {
+            slot: target,
+            failure_mode,
+            _pad: [0; 3],
+            attach_cgroup_id,
+        };
         self.active.set(0, active, 0).map_err(map_err(MAP_ACTIVE))?;
         self.applied = Some(plan);
         if old != 0 {
@@ -176,7 +210,11 @@ impl KernelMaps {
         // Additions and changes first, removals after.
         for (cg, v) in &plan.workloads {
             if old.workloads.get(cg) != Some(v) {
-                let key = WorkloadKey { slot, _pad: 0, cgroup_id: *cg };
+                let key = WorkloadKey {
+                    slot,
+                    _pad: 0,
+                    cgroup_id: *cg,
+                };
                 if self.workloads.insert(key, *v, 0).is_err() {
                     report.fail(MAP_WORKLOADS);
                 }
@@ -188,15 +226,40 @@ impl KernelMaps {
             }
         }
         for (hash, v) in &plan.names {
-            if old.names.get(hash) != Some(v) && self.names.insert(NameKey { slot, _pad: 0, hash: *hash }, *v, 0).is_err() {
+            if old.names.get(hash) != Some(v)
+                && self
+                    .names
+                    .insert(
+                        NameKey {
+                            slot,
+                            _pad: 0,
+                            hash: *hash,
+                        },
+                        *v,
+                        0,
+                    )
+                    .is_err()
+            {
                 report.fail(MAP_NAMES);
             }
         }
         for hash in old.names.keys().filter(|h| !plan.names.contains_key(h)) {
-            let _ = self.names.remove(&NameKey { slot, _pad: 0, hash: *hash });
+            let _ = self.names.remove(&NameKey {
+                slot,
+                _pad: 0,
+                hash: *hash,
+            });
         }
-        for cg in old.workloads.keys().filter(|cg| !plan.workloads.contains_key(cg)) {
-            let _ = self.workloads.remove(&WorkloadKey { slot, _pad: 0, cgroup_id: *cg });
+        for cg in old
+            .workloads
+            .keys()
+            .filter(|cg| !plan.workloads.contains_key(cg))
+        {
+            let _ = self.workloads.remove(&WorkloadKey {
+                slot,
+                _pad: 0,
+                cgroup_id: *cg,
+            });
         }
         for prefix in old.dests.keys().filter(|p| !plan.dests.contains_key(p)) {
             let _ = match *prefix {
@@ -214,13 +277,29 @@ impl KernelMaps {
             Prefix::V6(a, l) => self.dests_v6.insert(&key6(slot, 0, a, l), *v, 0).is_ok(),
         };
         if !ok {
-            report.fail(if matches!(prefix, Prefix::V4(..)) { MAP_DESTS_V4 } else { MAP_DESTS_V6 });
+            report.fail(if matches!(prefix, Prefix::V4(..)) {
+                MAP_DESTS_V4
+            } else {
+                MAP_DESTS_V6
+            });
         }
     }
 
     fn write_entries(&mut self, slot: u32, plan: &Plan, report: &mut WriteReport) {
         for (cg, v) in &plan.workloads {
-            if self.workloads.insert(WorkloadKey { slot, _pad: 0, cgroup_id: *cg }, *v, 0).is_err() {
+            if self
+                .workloads
+                .insert(
+                    WorkloadKey {
+                        slot,
+                        _pad: 0,
+                        cgroup_id: *cg,
+                    },
+                    *v,
+                    0,
+                )
+                .is_err()
+            {
                 report.fail(MAP_WORKLOADS);
             }
         }
@@ -230,20 +309,40 @@ impl KernelMaps {
                 Prefix::V6(a, l) => self.rules_v6.insert(&key6(slot, *wid, a, l), *v, 0).is_ok(),
             };
             if !ok {
-                report.fail(if matches!(prefix, Prefix::V4(..)) { MAP_RULES_V4 } else { MAP_RULES_V6 });
+                report.fail(if matches!(prefix, Prefix::V4(..)) {
+                    MAP_RULES_V4
+                } else {
+                    MAP_RULES_V6
+                });
             }
         }
         for (prefix, v) in &plan.dests {
             self.insert_dest(slot, prefix, v, report);
         }
         for ((wid, pid), v) in &plan.provider_actions {
-            let key = ProviderKey { slot, workload_id: *wid, provider_id: *pid };
+            let key = ProviderKey {
+                slot,
+                workload_id: *wid,
+                provider_id: *pid,
+            };
             if self.provider_act.insert(key, *v, 0).is_err() {
                 report.fail(MAP_PROVIDER_ACTIONS);
             }
         }
         for (hash, v) in &plan.names {
-            if self.names.insert(NameKey { slot, _pad: 0, hash: *hash }, *v, 0).is_err() {
+            if self
+                .names
+                .insert(
+                    NameKey {
+                        slot,
+                        _pad: 0,
+                        hash: *hash,
+                    },
+                    *v,
+                    0,
+                )
+                .is_err()
+            {
                 report.fail(MAP_NAMES);
             }
         }
@@ -254,7 +353,11 @@ impl KernelMaps {
         // Keys are collected first: deleting while iterating restarts the walk.
         macro_rules! clear {
             ($map:expr, $slot_of:expr) => {{
-                let keys: Vec<_> = $map.keys().filter_map(Result::ok).filter(|k| $slot_of(k) == slot).collect();
+                let keys: Vec<_> = $map
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| $slot_of(k) == slot)
+                    .collect();
                 for k in keys {
                     let _ = $map.remove(&k);
                 }
@@ -267,7 +370,9 @@ impl KernelMaps {
         clear!(self.rules_v6, |k: &Key<PrefixKeyV6>| k.data().slot);
         clear!(self.dests_v4, |k: &Key<PrefixKeyV4>| k.data().slot);
         clear!(self.dests_v6, |k: &Key<PrefixKeyV6>| k.data().slot);
-        self.slots.set(slot, SlotConfig::default(), 0).map_err(map_err(MAP_SLOTS))?;
+        self.slots
+            .set(slot, SlotConfig::default(), 0)
+            .map_err(map_err(MAP_SLOTS))?;
         Ok(())
     }
 
@@ -275,7 +380,10 @@ impl KernelMaps {
     pub fn counters(&self) -> Result<[u64; counter::LEN as usize], MapsError> {
         let mut out = [0u64; counter::LEN as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let values = self.counters.get(&(i as u32), 0).map_err(map_err(MAP_COUNTERS))?;
+            let values = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(map_err(MAP_COUNTERS))?;
             *slot = values.iter().sum();
         }
         Ok(out)
@@ -315,19 +423,26 @@ impl KernelMaps {
         let now = monotonic_ns();
         let expires = now + u64::from(ttl_s.clamp(lo, hi)) * 1_000_000_000;
         let addr = match addr {
-            std::net::IpAddr::V6(a) => a.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(a)),
+            std::net::IpAddr::V6(a) => a
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(std::net::IpAddr::V6(a)),
             a => a,
         };
         match addr {
             std::net::IpAddr::V4(a) => {
                 let k = a.octets();
                 let merged = merge_learned(self.learned_v4.get(&k, 0).ok(), key, expires, now);
-                self.learned_v4.insert(k, merged, 0).map_err(map_err(MAP_LEARNED_V4))
+                self.learned_v4
+                    .insert(k, merged, 0)
+                    .map_err(map_err(MAP_LEARNED_V4))
             }
             std::net::IpAddr::V6(a) => {
                 let k = a.octets();
                 let merged = merge_learned(self.learned_v6.get(&k, 0).ok(), key, expires, now);
-                self.learned_v6.insert(k, merged, 0).map_err(map_err(MAP_LEARNED_V6))
+                self.learned_v6
+                    .insert(k, merged, 0)
+                    .map_err(map_err(MAP_LEARNED_V6))
             }
         }
     }
@@ -340,14 +455,24 @@ impl KernelMaps {
         let k4: Vec<[u8; 4]> = self.learned_v4.keys().flatten().collect();
         for k in k4 {
             if let Ok(l) = self.learned_v4.get(&k, 0) {
-                out.extend(l.names.iter().filter(|n| n.hash != 0).map(|n| (std::net::IpAddr::from(k), n.hash)));
+                out.extend(
+                    l.names
+                        .iter()
+                        .filter(|n| n.hash != 0)
+                        .map(|n| (std::net::IpAddr::from(k), n.hash)),
+                );
             }
             let _ = self.learned_v4.remove(&k);
         }
         let k6: Vec<[u8; 16]> = self.learned_v6.keys().flatten().collect();
         for k in k6 {
             if let Ok(l) = self.learned_v6.get(&k, 0) {
-                out.extend(l.names.iter().filter(|n| n.hash != 0).map(|n| (std::net::IpAddr::from(k), n.hash)));
+                out.extend(
+                    l.names
+                        .iter()
+                        .filter(|n| n.hash != 0)
+                        .map(|n| (std::net::IpAddr::from(k), n.hash)),
+                );
             }
             let _ = self.learned_v6.remove(&k);
         }
@@ -360,19 +485,37 @@ impl KernelMaps {
     pub fn learned_counts(&self) -> (usize, usize) {
         let now = monotonic_ns();
         let live = |l: &Learned| l.names.iter().any(|n| n.hash != 0 && n.expires_ns > now);
-        let v4 = self.learned_v4.iter().filter_map(Result::ok).filter(|(_, l)| live(l)).count();
-        let v6 = self.learned_v6.iter().filter_map(Result::ok).filter(|(_, l)| live(l)).count();
+        let v4 = self
+            .learned_v4
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, l)| live(l))
+            .count();
+        let v6 = self
+            .learned_v6
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, l)| live(l))
+            .count();
         (v4, v6)
     }
 
     /// Entries of the active slot per map, for the occupancy gauge.
     pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
-        let Some(p) = &self.applied else { return Vec::new() };
+        let Some(p) = &self.applied else {
+            return Vec::new();
+        };
         let v4 = |pref: &Prefix| matches!(pref, Prefix::V4(..));
         vec![
             (MAP_WORKLOADS, p.workloads.len()),
-            (MAP_RULES_V4, p.rules.keys().filter(|(_, pr)| v4(pr)).count()),
-            (MAP_RULES_V6, p.rules.keys().filter(|(_, pr)| !v4(pr)).count()),
+            (
+                MAP_RULES_V4,
+                p.rules.keys().filter(|(_, pr)| v4(pr)).count(),
+            ),
+            (
+                MAP_RULES_V6,
+                p.rules.keys().filter(|(_, pr)| !v4(pr)).count(),
+            ),
             (MAP_DESTS_V4, p.dests.keys().filter(|pr| v4(pr)).count()),
             (MAP_DESTS_V6, p.dests.keys().filter(|pr| !v4(pr)).count()),
             (MAP_PROVIDER_ACTIONS, p.provider_actions.len()),
@@ -383,7 +526,10 @@ impl KernelMaps {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -395,7 +541,11 @@ fn merge_learned(old: Option<Learned>, hash: u64, expires: u64, now: u64) -> Lea
     let pick = v.names.iter().position(|n| n.hash == hash).or_else(|| {
         (0..LEARNED_NAMES).min_by_key(|&i| {
             let e = &v.names[i];
-            if e.hash == 0 || e.expires_ns <= now { 0 } else { e.expires_ns }
+            if e.hash == 0 || e.expires_ns <= now {
+                0
+            } else {
+                e.expires_ns
+            }
         })
     });
     if let Some(i) = pick {
@@ -417,7 +567,10 @@ fn random_seed() -> u64 {
         u64::from_ne_bytes(b)
     } else {
         // No entropy source: time and pid still differ between hosts.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
         llm_egress_common::names::mix(t ^ u64::from(std::process::id()))
     };
     seed.max(1)

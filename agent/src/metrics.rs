@@ -64,12 +64,19 @@ pub struct Metrics {
     pub learned_destinations: IntGaugeVec,
     pub sni: IntCounterVec,
     /// Last `VERDICTS` values seen, to turn them into increments.
-    verdicts_seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<llm_egress_common::VerdictKey, u64>>>,
+    verdicts_seen: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<llm_egress_common::VerdictKey, u64>>,
+    >,
     /// Last kernel counter values seen, to turn them into increments.
     kernel_seen: std::sync::Arc<std::sync::Mutex<[u64; counter::LEN as usize]>>,
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
@@ -81,7 +88,12 @@ fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounte
     Ok(c)
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
@@ -97,48 +109,202 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
         let m = Self {
-            connections: counter_vec(&r, "llm_egress_connections_total", "Every connect() and unconnected UDP sendmsg() the kernel judged, by workload, provider (none: not a provider) and verdict; counted in the kernel, exact even when events are lost.", &["workload", "provider", "verdict"])?,
-            decisions: counter_vec(&r, "llm_egress_decisions_total", "Every verdict the kernel programs reached, including allowed non-provider traffic that produces no event.", &["verdict"])?,
-            events_lost: counter(&r, "llm_egress_events_lost_total", "Events the kernel could not queue because the ring buffer was full.")?,
-            internal_errors: counter(&r, "llm_egress_internal_errors_total", "Decisions taken by failure_mode because the programs could not read their policy.")?,
-            depth_truncated: counter(&r, "llm_egress_cgroup_depth_truncated_total", "Decisions for tasks nested deeper than the programs search for workloads.")?,
-            event_errors: counter(&r, "llm_egress_event_decode_errors_total", "Ring-buffer records that could not be decoded.")?,
-            policy_generation: gauge(&r, "llm_egress_policy_generation", "Generation of the policy in force (increments on every applied reload).")?,
-            policy_reloads: counter_vec(&r, "llm_egress_policy_reloads_total", "Policy reloads by result (ok, invalid, failed).", &["result"])?,
-            map_update_errors: counter_vec(&r, "llm_egress_map_update_errors_total", "Map entries that could not be written (for example a full map).", &["map"])?,
-            map_entries: gauge_vec(&r, "llm_egress_map_entries", "Entries of the policy in force, per map.", &["map"])?,
-            workload_cgroups: gauge_vec(&r, "llm_egress_workload_cgroups", "Cgroups each workload currently selects.", &["workload"])?,
-            resolver_failures: counter(&r, "llm_egress_resolver_failures_total", "Provider hostname lookups that failed.")?,
-            resolved_addresses: gauge(&r, "llm_egress_resolved_addresses", "Addresses learned by resolving provider hostnames.")?,
-            audit_errors: counter(&r, "llm_egress_audit_log_errors_total", "Audit records that could not be written or were dropped because the writer fell behind.")?,
-            attribution_misses: counter(&r, "llm_egress_attribution_misses_total", "Events whose process had exited before its executable could be read.")?,
-            build_info: gauge_vec(&r, "llm_egress_build_info", "Build of the running agent (value is always 1).", &["version", "object"])?,
-            bytes: counter_vec(&r, "llm_egress_bytes_total", "TCP payload bytes of provider connections (TLS framing included, IP/TCP headers not).", &["workload", "provider", "direction"])?,
-            active_connections: gauge_vec(&r, "llm_egress_active_connections", "Provider connections open now.", &["workload", "provider"])?,
+            connections: counter_vec(
+                &r,
+                "llm_egress_connections_total",
+                "Every connect() and unconnected UDP sendmsg() the kernel judged, by workload, provider (none: not a provider) and verdict; counted in the kernel, exact even when events are lost.",
+                &["workload", "provider", "verdict"],
+            )?,
+            decisions: counter_vec(
+                &r,
+                "llm_egress_decisions_total",
+                "Every verdict the kernel programs reached, including allowed non-provider traffic that produces no event.",
+                &["verdict"],
+            )?,
+            events_lost: counter(
+                &r,
+                "llm_egress_events_lost_total",
+                "Events the kernel could not queue because the ring buffer was full.",
+            )?,
+            internal_errors: counter(
+                &r,
+                "llm_egress_internal_errors_total",
+                "Decisions taken by failure_mode because the programs could not read their policy.",
+            )?,
+            depth_truncated: counter(
+                &r,
+                "llm_egress_cgroup_depth_truncated_total",
+                "Decisions for tasks nested deeper than the programs search for workloads.",
+            )?,
+            event_errors: counter(
+                &r,
+                "llm_egress_event_decode_errors_total",
+                "Ring-buffer records that could not be decoded.",
+            )?,
+            policy_generation: gauge(
+                &r,
+                "llm_egress_policy_generation",
+                "Generation of the policy in force (increments on every applied reload).",
+            )?,
+            policy_reloads: counter_vec(
+                &r,
+                "llm_egress_policy_reloads_total",
+                "Policy reloads by result (ok, invalid, failed).",
+                &["result"],
+            )?,
+            map_update_errors: counter_vec(
+                &r,
+                "llm_egress_map_update_errors_total",
+                "Map entries that could not be written (for example a full map).",
+                &["map"],
+            )?,
+            map_entries: gauge_vec(
+                &r,
+                "llm_egress_map_entries",
+                "Entries of the policy in force, per map.",
+                &["map"],
+            )?,
+            workload_cgroups: gauge_vec(
+                &r,
+                "llm_egress_workload_cgroups",
+                "Cgroups each workload currently selects.",
+                &["workload"],
+            )?,
+            resolver_failures: counter(
+                &r,
+                "llm_egress_resolver_failures_total",
+                "Provider hostname lookups that failed.",
+            )?,
+            resolved_addresses: gauge(
+                &r,
+                "llm_egress_resolved_addresses",
+                "Addresses learned by resolving provider hostnames.",
+            )?,
+            audit_errors: counter(
+                &r,
+                "llm_egress_audit_log_errors_total",
+                "Audit records that could not be written or were dropped because the writer fell behind.",
+            )?,
+            attribution_misses: counter(
+                &r,
+                "llm_egress_attribution_misses_total",
+                "Events whose process had exited before its executable could be read.",
+            )?,
+            build_info: gauge_vec(
+                &r,
+                "llm_egress_build_info",
+                "Build of the running agent (value is always 1).",
+                &["version", "object"],
+            )?,
+            bytes: counter_vec(
+                &r,
+                "llm_egress_bytes_total",
+                "TCP payload bytes of provider connections (TLS framing included, IP/TCP headers not).",
+                &["workload", "provider", "direction"],
+            )?,
+            active_connections: gauge_vec(
+                &r,
+                "llm_egress_active_connections",
+                "Provider connections open now.",
+                &["workload", "provider"],
+            )?,
             connection_duration: {
                 let h = HistogramVec::new(
-                    HistogramOpts::new("llm_egress_connection_duration_seconds", "Time from handshake to close of provider connections.")
-                        .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0]),
+                    HistogramOpts::new(
+                        "llm_egress_connection_duration_seconds",
+                        "Time from handshake to close of provider connections.",
+                    )
+                    .buckets(vec![
+                        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
+                    ]),
                     &["workload", "provider"],
                 )?;
                 r.register(Box::new(h.clone()))?;
                 h
             },
-            connect_failures: counter_vec(&r, "llm_egress_connect_failures_total", "Allowed provider connections whose handshake never completed.", &["workload", "provider"])?,
-            process_connections: counter_vec(&r, "llm_egress_process_connections_total", "Provider connections per executable name (bounded per workload; the rest under process=\"other\").", &["workload", "process"])?,
-            process_bytes: counter_vec(&r, "llm_egress_process_bytes_total", "Provider connection bytes per executable name (bounded like llm_egress_process_connections_total).", &["workload", "process", "direction"])?,
-            summaries_missing: counter(&r, "llm_egress_connection_summaries_missing_total", "Tracked connections that ended without a summary event (lost to a full ring buffer).")?,
-            tokens: counter_vec(&r, "llm_egress_tokens_total", "Tokens of provider connections by kind (prompt, completion) and source (estimated: from encrypted traffic, at close; see docs/tokens.md).", &["workload", "provider", "kind", "source"])?,
-            dns_responses: counter(&r, "llm_egress_dns_responses_total", "UDP datagrams from port 53 that reached a socket below the attach cgroup (seen by the kernel's DNS program).")?,
-            dns_answers: counter_vec(&r, "llm_egress_dns_answers_total", "DNS answers for provider names, by whether the kernel parsed them (parsed) or sent them to the agent (unparsed).", &["result"])?,
-            dns_learned: counter(&r, "llm_egress_dns_learned_total", "Addresses the kernel learned from DNS answers (LEARNED_* updates).")?,
-            dns_learn_failures: counter(&r, "llm_egress_dns_learn_failures_total", "LEARNED_* updates that failed in the kernel.")?,
-            dns_off_chain: counter(&r, "llm_egress_dns_off_chain_records_total", "Address records of provider answers whose owner is not in the question's CNAME chain (ignored).")?,
-            dns_fallback: counter_vec(&r, "llm_egress_dns_fallback_answers_total", "Answers the kernel could not parse, as the agent's parser handled them: parsed, unparsed, learned (addresses written), dropped (queue full).", &["result"])?,
-            learned_destinations: gauge_vec(&r, "llm_egress_learned_destinations", "Addresses in LEARNED_* with at least one unexpired name, by family (counted every 10 s).", &["family"])?,
-            sni: counter_vec(&r, "llm_egress_sni_total", "First payloads of TCP connections seen by the SNI program, by result.", &["result"])?,
-            kubernetes_errors: counter(&r, "llm_egress_kubernetes_errors_total", "Pod lists that failed (API server unreachable, 401/403, bad JSON) or a [kubernetes] setup the environment cannot complete; the last good list is kept.")?,
-            kubernetes_pods: gauge(&r, "llm_egress_kubernetes_pods", "Pods of this node in the last good list from the Kubernetes API.")?,
+            connect_failures: counter_vec(
+                &r,
+                "llm_egress_connect_failures_total",
+                "Allowed provider connections whose handshake never completed.",
+                &["workload", "provider"],
+            )?,
+            process_connections: counter_vec(
+                &r,
+                "llm_egress_process_connections_total",
+                "Provider connections per executable name (bounded per workload; the rest under process=\"other\").",
+                &["workload", "process"],
+            )?,
+            process_bytes: counter_vec(
+                &r,
+                "llm_egress_process_bytes_total",
+                "Provider connection bytes per executable name (bounded like llm_egress_process_connections_total).",
+                &["workload", "process", "direction"],
+            )?,
+            summaries_missing: counter(
+                &r,
+                "llm_egress_connection_summaries_missing_total",
+                "Tracked connections that ended without a summary event (lost to a full ring buffer).",
+            )?,
+            tokens: counter_vec(
+                &r,
+                "llm_egress_tokens_total",
+                "Tokens of provider connections by kind (prompt, completion) and source (estimated: from encrypted traffic, at close; see docs/tokens.md).",
+                &["workload", "provider", "kind", "source"],
+            )?,
+            dns_responses: counter(
+                &r,
+                "llm_egress_dns_responses_total",
+                "UDP datagrams from port 53 that reached a socket below the attach cgroup (seen by the kernel's DNS program).",
+            )?,
+            dns_answers: counter_vec(
+                &r,
+                "llm_egress_dns_answers_total",
+                "DNS answers for provider names, by whether the kernel parsed them (parsed) or sent them to the agent (unparsed).",
+                &["result"],
+            )?,
+            dns_learned: counter(
+                &r,
+                "llm_egress_dns_learned_total",
+                "Addresses the kernel learned from DNS answers (LEARNED_* updates).",
+            )?,
+            dns_learn_failures: counter(
+                &r,
+                "llm_egress_dns_learn_failures_total",
+                "LEARNED_* updates that failed in the kernel.",
+            )?,
+            dns_off_chain: counter(
+                &r,
+                "llm_egress_dns_off_chain_records_total",
+                "Address records of provider answers whose owner is not in the question's CNAME chain (ignored).",
+            )?,
+            dns_fallback: counter_vec(
+                &r,
+                "llm_egress_dns_fallback_answers_total",
+                "Answers the kernel could not parse, as the agent's parser handled them: parsed, unparsed, learned (addresses written), dropped (queue full).",
+                &["result"],
+            )?,
+            learned_destinations: gauge_vec(
+                &r,
+                "llm_egress_learned_destinations",
+                "Addresses in LEARNED_* with at least one unexpired name, by family (counted every 10 s).",
+                &["family"],
+            )?,
+            sni: counter_vec(
+                &r,
+                "llm_egress_sni_total",
+                "First payloads of TCP connections seen by the SNI program, by result.",
+                &["result"],
+            )?,
+            kubernetes_errors: counter(
+                &r,
+                "llm_egress_kubernetes_errors_total",
+                "Pod lists that failed (API server unreachable, 401/403, bad JSON) or a [kubernetes] setup the environment cannot complete; the last good list is kept.",
+            )?,
+            kubernetes_pods: gauge(
+                &r,
+                "llm_egress_kubernetes_pods",
+                "Pods of this node in the last good list from the Kubernetes API.",
+            )?,
             registry: r,
             verdicts_seen: Default::default(),
             kernel_seen: Default::default(),
@@ -166,7 +332,9 @@ impl Metrics {
 
     /// Adds what the kernel counted since the last call.
     pub fn sync_kernel(&self, now: &[u64; counter::LEN as usize]) {
-        let Ok(mut seen) = self.kernel_seen.lock() else { return };
+        let Ok(mut seen) = self.kernel_seen.lock() else {
+            return;
+        };
         let delta = |i: u32| {
             let (n, s) = (now[i as usize], seen[i as usize]);
             // Counters only shrink when the pinned maps were re-created.
@@ -175,14 +343,25 @@ impl Metrics {
         self.events_lost.inc_by(delta(counter::EVENTS_LOST));
         self.internal_errors.inc_by(delta(counter::INTERNAL_ERRORS));
         self.depth_truncated.inc_by(delta(counter::DEPTH_TRUNCATED));
-        self.decisions.with_label_values(&["allow"]).inc_by(delta(counter::VERDICT_ALLOW));
-        self.decisions.with_label_values(&["deny"]).inc_by(delta(counter::VERDICT_DENY));
-        self.decisions.with_label_values(&["audit"]).inc_by(delta(counter::VERDICT_AUDIT));
+        self.decisions
+            .with_label_values(&["allow"])
+            .inc_by(delta(counter::VERDICT_ALLOW));
+        self.decisions
+            .with_label_values(&["deny"])
+            .inc_by(delta(counter::VERDICT_DENY));
+        self.decisions
+            .with_label_values(&["audit"])
+            .inc_by(delta(counter::VERDICT_AUDIT));
         self.dns_responses.inc_by(delta(counter::DNS_RESPONSES));
-        self.dns_answers.with_label_values(&["parsed"]).inc_by(delta(counter::DNS_PARSED));
-        self.dns_answers.with_label_values(&["unparsed"]).inc_by(delta(counter::DNS_UNPARSED));
+        self.dns_answers
+            .with_label_values(&["parsed"])
+            .inc_by(delta(counter::DNS_PARSED));
+        self.dns_answers
+            .with_label_values(&["unparsed"])
+            .inc_by(delta(counter::DNS_UNPARSED));
         self.dns_learned.inc_by(delta(counter::DNS_LEARNED));
-        self.dns_learn_failures.inc_by(delta(counter::DNS_LEARN_FAILED));
+        self.dns_learn_failures
+            .inc_by(delta(counter::DNS_LEARN_FAILED));
         self.dns_off_chain.inc_by(delta(counter::DNS_OFF_CHAIN));
         for (index, result) in SNI_RESULTS {
             self.sni.with_label_values(&[result]).inc_by(delta(index));
@@ -192,14 +371,22 @@ impl Metrics {
 
     /// Adds what the kernel's per-decision counters grew by since the last
     /// call; `labels` names (workload, provider, verdict) of a key.
-    pub fn sync_verdicts(&self, counts: &[(llm_egress_common::VerdictKey, u64)], labels: impl Fn(&llm_egress_common::VerdictKey) -> [String; 3]) {
-        let Ok(mut seen) = self.verdicts_seen.lock() else { return };
+    pub fn sync_verdicts(
+        &self,
+        counts: &[(llm_egress_common::VerdictKey, u64)],
+        labels: impl Fn(&llm_egress_common::VerdictKey) -> [String; 3],
+    ) {
+        let Ok(mut seen) = self.verdicts_seen.lock() else {
+            return;
+        };
         for (key, now) in counts {
             let before = seen.insert(*key, *now).unwrap_or(0);
             let delta = if *now >= before { now - before } else { *now };
             if delta > 0 {
                 let [w, p, v] = labels(key);
-                self.connections.with_label_values(&[&w, &p, &v]).inc_by(delta);
+                self.connections
+                    .with_label_values(&[&w, &p, &v])
+                    .inc_by(delta);
             }
         }
     }
@@ -254,8 +441,14 @@ mod tests {
         assert_eq!(m.sni.with_label_values(&["deny"]).get(), 3);
         assert_eq!(m.sni.with_label_values(&["split"]).get(), 1);
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("llm_egress_dns_answers_total{result=\"parsed\"} 6"), "{text}");
-        assert!(text.contains("llm_egress_sni_total{result=\"deny\"} 3"), "{text}");
+        assert!(
+            text.contains("llm_egress_dns_answers_total{result=\"parsed\"} 6"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llm_egress_sni_total{result=\"deny\"} 3"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -268,14 +461,22 @@ mod tests {
         m.build_info.with_label_values(&["v", "o"]).set(1);
         m.bytes.with_label_values(&["w", "p", "sent"]).inc();
         m.active_connections.with_label_values(&["w", "p"]).inc();
-        m.connection_duration.with_label_values(&["w", "p"]).observe(1.0);
+        m.connection_duration
+            .with_label_values(&["w", "p"])
+            .observe(1.0);
         m.connect_failures.with_label_values(&["w", "p"]).inc();
         m.process_connections.with_label_values(&["w", "x"]).inc();
         m.process_bytes.with_label_values(&["w", "x", "sent"]).inc();
-        m.tokens.with_label_values(&["w", "p", "prompt", "estimated"]).inc();
+        m.tokens
+            .with_label_values(&["w", "p", "prompt", "estimated"])
+            .inc();
         let doc = include_str!("../../docs/metrics.md");
         for family in m.registry.gather() {
-            assert!(doc.contains(&format!("`{}`", family.name())), "docs/metrics.md lacks `{}`", family.name());
+            assert!(
+                doc.contains(&format!("`{}`", family.name())),
+                "docs/metrics.md lacks `{}`",
+                family.name()
+            );
         }
     }
 }

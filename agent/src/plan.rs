@@ -69,7 +69,10 @@ pub fn action_code(a: Action) -> u8 {
 }
 
 fn action_value(a: Action) -> ActionValue {
-    ActionValue { action: action_code(a), _pad: [0; 3] }
+    ActionValue {
+        action: action_code(a),
+        _pad: [0; 3],
+    }
 }
 
 /// Builds the slot contents.
@@ -97,7 +100,9 @@ pub fn build(
         ..Plan::default()
     };
     for (&cgroup_id, &index) in cgroups {
-        let Some(w) = policy.workloads.get(index) else { continue };
+        let Some(w) = policy.workloads.get(index) else {
+            continue;
+        };
         plan.workloads.insert(
             cgroup_id,
             WorkloadValue {
@@ -116,10 +121,12 @@ pub fn build(
             for target in targets {
                 match target {
                     Target::Cidr(net) => {
-                        plan.rules.insert((wid, Prefix::from_net(net)), action_value(act));
+                        plan.rules
+                            .insert((wid, Prefix::from_net(net)), action_value(act));
                     }
                     Target::Provider(p) => {
-                        plan.provider_actions.insert((wid, *p as u32 + 1), action_value(act));
+                        plan.provider_actions
+                            .insert((wid, *p as u32 + 1), action_value(act));
                     }
                 }
             }
@@ -129,9 +136,18 @@ pub fn build(
         let mut ports = [0u16; MAX_PORTS];
         let n = provider.ports.len().min(MAX_PORTS);
         ports[..n].copy_from_slice(&provider.ports[..n]);
-        let value = DestValue { provider_id: index as u32 + 1, ports, nports: n as u16, _pad: 0 };
+        let value = DestValue {
+            provider_id: index as u32 + 1,
+            ports,
+            nports: n as u16,
+            _pad: 0,
+        };
         let static_prefixes = provider.cidrs.iter().map(Prefix::from_net);
-        let learned = resolved.get(&index).into_iter().flatten().map(|a| Prefix::host(*a));
+        let learned = resolved
+            .get(&index)
+            .into_iter()
+            .flatten()
+            .map(|a| Prefix::host(*a));
         for prefix in static_prefixes.chain(learned) {
             match plan.dests.get(&prefix) {
                 Some(existing) if existing.provider_id != value.provider_id => {
@@ -172,7 +188,12 @@ fn dest_value(index: usize, provider_ports: &[u16]) -> DestValue {
     let mut ports = [0u16; MAX_PORTS];
     let n = provider_ports.len().min(MAX_PORTS);
     ports[..n].copy_from_slice(&provider_ports[..n]);
-    DestValue { provider_id: index as u32 + 1, ports, nports: n as u16, _pad: 0 }
+    DestValue {
+        provider_id: index as u32 + 1,
+        ports,
+        nports: n as u16,
+        _pad: 0,
+    }
 }
 
 pub fn failure_code(f: FailureMode) -> u8 {
@@ -187,7 +208,9 @@ mod tests {
     use std::{path::PathBuf, time::Duration};
 
     use super::*;
-    use crate::policy::{AuditLog, Defaults, OnExit, Provider, ResolverConfig, Selector, TelemetryConfig, Workload};
+    use crate::policy::{
+        AuditLog, Defaults, OnExit, Provider, ResolverConfig, Selector, TelemetryConfig, Workload,
+    };
 
     fn policy() -> Policy {
         Policy {
@@ -198,18 +221,40 @@ mod tests {
             pin_path: PathBuf::from("/sys/fs/bpf/x"),
             failure_mode: FailureMode::Closed,
             on_exit: OnExit::Detach,
-            defaults: Defaults { llm: Action::Deny, other: Action::Allow },
-            resolver: ResolverConfig { servers: vec![], refresh: Duration::from_secs(30) },
-            telemetry: TelemetryConfig { process_series_per_workload: 20, process_series_ttl: Duration::from_secs(600) },
+            defaults: Defaults {
+                llm: Action::Deny,
+                other: Action::Allow,
+            },
+            resolver: ResolverConfig {
+                servers: vec![],
+                refresh: Duration::from_secs(30),
+            },
+            telemetry: TelemetryConfig {
+                process_series_per_workload: 20,
+                process_series_ttl: Duration::from_secs(600),
+            },
             kubernetes: Default::default(),
             providers: vec![
-                Provider { name: "a".into(), hosts: vec![], cidrs: vec!["10.20.0.0/16".parse().unwrap()], ports: vec![443] },
-                Provider { name: "b".into(), hosts: vec!["b.example".into()], cidrs: vec!["10.20.0.0/16".parse().unwrap()], ports: vec![] },
+                Provider {
+                    name: "a".into(),
+                    hosts: vec![],
+                    cidrs: vec!["10.20.0.0/16".parse().unwrap()],
+                    ports: vec![443],
+                },
+                Provider {
+                    name: "b".into(),
+                    hosts: vec!["b.example".into()],
+                    cidrs: vec!["10.20.0.0/16".parse().unwrap()],
+                    ports: vec![],
+                },
             ],
             workloads: vec![Workload {
                 name: "w".into(),
                 selector: Selector::Cgroup("w".into()),
-                allow: vec![Target::Provider(1), Target::Cidr("192.0.2.0/24".parse().unwrap())],
+                allow: vec![
+                    Target::Provider(1),
+                    Target::Cidr("192.0.2.0/24".parse().unwrap()),
+                ],
                 deny: vec![Target::Cidr("192.0.2.0/24".parse().unwrap())],
                 llm: Action::Deny,
                 other: Action::Audit,
@@ -227,7 +272,10 @@ mod tests {
         assert_eq!(plan.workloads[&77].other, action::AUDIT);
         assert_eq!(plan.provider_actions[&(1, 2)].action, action::ALLOW);
         // deny of the same prefix wins over allow
-        assert_eq!(plan.rules[&(1, Prefix::V4([192, 0, 2, 0], 24))].action, action::DENY);
+        assert_eq!(
+            plan.rules[&(1, Prefix::V4([192, 0, 2, 0], 24))].action,
+            action::DENY
+        );
     }
 
     #[test]
@@ -246,11 +294,18 @@ mod tests {
         let p = policy();
         let resolved = BTreeMap::from([(
             1usize,
-            BTreeSet::from(["203.0.113.9".parse().unwrap(), "::ffff:198.51.100.7".parse().unwrap(), "2001:db8::9".parse().unwrap()]),
+            BTreeSet::from([
+                "203.0.113.9".parse().unwrap(),
+                "::ffff:198.51.100.7".parse().unwrap(),
+                "2001:db8::9".parse().unwrap(),
+            ]),
         )]);
         let plan = build(&p, 1, &BTreeMap::new(), &resolved);
         assert_eq!(plan.dests[&Prefix::V4([203, 0, 113, 9], 32)].provider_id, 2);
-        assert_eq!(plan.dests[&Prefix::V4([198, 51, 100, 7], 32)].provider_id, 2);
+        assert_eq!(
+            plan.dests[&Prefix::V4([198, 51, 100, 7], 32)].provider_id,
+            2
+        );
         let v6: std::net::Ipv6Addr = "2001:db8::9".parse().unwrap();
         assert_eq!(plan.dests[&Prefix::V6(v6.octets(), 128)].nports, 0);
     }

@@ -48,15 +48,35 @@ static DONE: AtomicI64 = AtomicI64::new(0);
 static FAILED: AtomicI64 = AtomicI64::new(0);
 
 fn capset_current_thread() -> i64 {
-    let (low, high) = (TARGET_LOW.load(Ordering::SeqCst), TARGET_HIGH.load(Ordering::SeqCst));
-    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let (low, high) = (
+        TARGET_LOW.load(Ordering::SeqCst),
+        TARGET_HIGH.load(Ordering::SeqCst),
+    );
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
     let data = [
-        CapData { effective: low, permitted: low, inheritable: 0 },
-        CapData { effective: high, permitted: high, inheritable: 0 },
+        CapData {
+            effective: low,
+            permitted: low,
+            inheritable: 0,
+        },
+        CapData {
+            effective: high,
+            permitted: high,
+            inheritable: 0,
+        },
     ];
     // SAFETY: capset(2) with a v3 header and two data structs; a plain
     // syscall, async-signal-safe.
-    unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) }
+    unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    }
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -81,7 +101,11 @@ pub fn drop_all_but(keep: &[u32]) -> io::Result<Vec<u32>> {
     let have = effective_mask(0)?;
     for &cap in keep {
         if cap < 64 && have & (1 << cap) != 0 {
-            if cap < 32 { low |= 1 << cap } else { high |= 1 << (cap - 32) }
+            if cap < 32 {
+                low |= 1 << cap
+            } else {
+                high |= 1 << (cap - 32)
+            }
             kept.push(cap);
         }
     }
@@ -104,7 +128,10 @@ pub fn drop_all_but(keep: &[u32]) -> io::Result<Vec<u32>> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut signalled = std::collections::HashSet::new();
     loop {
-        let pending: Vec<i32> = thread_ids()?.into_iter().filter(|t| *t != me && !signalled.contains(t)).collect();
+        let pending: Vec<i32> = thread_ids()?
+            .into_iter()
+            .filter(|t| *t != me && !signalled.contains(t))
+            .collect();
         if pending.is_empty() {
             break;
         }
@@ -121,7 +148,9 @@ pub fn drop_all_but(keep: &[u32]) -> io::Result<Vec<u32>> {
         }
         while DONE.load(Ordering::SeqCst) < before + pending.len() as i64 {
             if Instant::now() > deadline {
-                return Err(io::Error::other("threads did not drop their capabilities within 5 s"));
+                return Err(io::Error::other(
+                    "threads did not drop their capabilities within 5 s",
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -143,22 +172,39 @@ pub fn kernel_allows_unprivileged_map_fds() -> bool {
     if unsafe { libc::uname(&mut uts) } != 0 {
         return false;
     }
-    let release: String = uts.release.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect();
+    let release: String = uts
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
     release_at_least(&release, 6, 5)
 }
 
 fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
     let (ma, mi) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     (ma, mi) >= (major, minor)
 }
 
 /// The effective capability mask of thread `tid` (0: the calling thread).
 pub fn effective_mask(tid: i32) -> io::Result<u64> {
-    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: tid };
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: tid,
+    };
     let mut data = [CapData::default(); 2];
     // SAFETY: capget with a v3 header and room for two data structs.
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -197,13 +243,20 @@ mod tests {
             let other = helper.join().unwrap_or(u64::MAX);
             let mine = effective_mask(0).unwrap_or(u64::MAX);
             let expected = before & (1 << CAP_SYS_PTRACE);
-            let code = if ok && mine == expected && other == expected { 0 } else { 1 };
+            let code = if ok && mine == expected && other == expected {
+                0
+            } else {
+                1
+            };
             // SAFETY: leaving the forked child without running destructors.
             unsafe { libc::_exit(code) };
         }
         let mut status = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "a thread kept more than CAP_SYS_PTRACE");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "a thread kept more than CAP_SYS_PTRACE"
+        );
     }
 }

@@ -39,14 +39,21 @@ impl Resolver {
             let servers: Vec<NameServerConfig> = config
                 .servers
                 .iter()
-                .flat_map(|s| [NameServerConfig::new(*s, Protocol::Udp), NameServerConfig::new(*s, Protocol::Tcp)])
+                .flat_map(|s| {
+                    [
+                        NameServerConfig::new(*s, Protocol::Udp),
+                        NameServerConfig::new(*s, Protocol::Tcp),
+                    ]
+                })
                 .collect();
             TokioResolver::builder_with_config(
                 HickoryConfig::from_parts(None, vec![], servers),
                 TokioConnectionProvider::default(),
             )
         };
-        Ok(Self { inner: builder.build() })
+        Ok(Self {
+            inner: builder.build(),
+        })
     }
 
     /// Resolves `hosts` concurrently. Hosts whose lookup fails keep their
@@ -86,7 +93,13 @@ impl Resolver {
 
 /// The exact (non-wildcard) hosts of a policy's providers.
 pub fn hosts_of(policy: &Policy) -> BTreeSet<String> {
-    policy.providers.iter().flat_map(|p| p.hosts.iter()).filter(|h| !h.starts_with("*.")).cloned().collect()
+    policy
+        .providers
+        .iter()
+        .flat_map(|p| p.hosts.iter())
+        .filter(|h| !h.starts_with("*."))
+        .cloned()
+        .collect()
 }
 
 /// Addresses per provider index, from the host table.

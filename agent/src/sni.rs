@@ -146,7 +146,10 @@ pub fn parse(payload: &[u8]) -> Hello {
     }
     let name = &b[at..at + name_len];
     match labels(name) {
-        Some(labels) => Hello::Name { name: name.to_vec(), labels },
+        Some(labels) => Hello::Name {
+            name: name.to_vec(),
+            labels,
+        },
         None => Hello::Malformed,
     }
 }
@@ -200,16 +203,41 @@ pub(crate) mod wire {
         let good = client_hello(&[(10, vec![0, 2, 0, 29]), (0, server_name(b"api.prov.test"))]);
         let mut corpus: Vec<(String, Vec<u8>)> = vec![
             ("provider name".into(), good.clone()),
-            ("provider name, other case, trailing dot".into(), client_hello(&[(0, server_name(b"API.Prov.Test."))])),
-            ("wildcard".into(), client_hello(&[(0, server_name(b"x.y.wild.test"))])),
-            ("other name".into(), client_hello(&[(0, server_name(b"other.test"))])),
-            ("no server name".into(), client_hello(&[(10, vec![0, 2, 0, 29])])),
-            ("ECH".into(), client_hello(&[(0, server_name(b"api.prov.test")), (0xfe0d, vec![1, 2, 3])])),
-            ("HTTP".into(), b"GET / HTTP/1.1\r\nHost: api.prov.test\r\n\r\n".to_vec()),
+            (
+                "provider name, other case, trailing dot".into(),
+                client_hello(&[(0, server_name(b"API.Prov.Test."))]),
+            ),
+            (
+                "wildcard".into(),
+                client_hello(&[(0, server_name(b"x.y.wild.test"))]),
+            ),
+            (
+                "other name".into(),
+                client_hello(&[(0, server_name(b"other.test"))]),
+            ),
+            (
+                "no server name".into(),
+                client_hello(&[(10, vec![0, 2, 0, 29])]),
+            ),
+            (
+                "ECH".into(),
+                client_hello(&[(0, server_name(b"api.prov.test")), (0xfe0d, vec![1, 2, 3])]),
+            ),
+            (
+                "HTTP".into(),
+                b"GET / HTTP/1.1\r\nHost: api.prov.test\r\n\r\n".to_vec(),
+            ),
             ("one byte".into(), vec![22]),
             ("record header only".into(), vec![22, 3, 1, 0, 0]),
             ("100 KiB of 0xff".into(), vec![0xff; 100 * 1024]),
-            ("100 KiB of zeros after a header".into(), [vec![22, 3, 1, 0xff, 0xff, 1, 0xff, 0xff, 0xff], vec![0; 100 * 1024]].concat()),
+            (
+                "100 KiB of zeros after a header".into(),
+                [
+                    vec![22, 3, 1, 0xff, 0xff, 1, 0xff, 0xff, 0xff],
+                    vec![0; 100 * 1024],
+                ]
+                .concat(),
+            ),
         ];
         for n in 0..good.len() {
             corpus.push((format!("truncated to {n}"), good[..n].to_vec()));
@@ -247,17 +275,34 @@ mod tests {
 
     #[test]
     fn reads_the_server_name_after_other_extensions() {
-        let h = client_hello(&[(10, vec![0, 2, 0, 29]), (0, server_name(b"API.OpenAI.com."))]);
+        let h = client_hello(&[
+            (10, vec![0, 2, 0, 29]),
+            (0, server_name(b"API.OpenAI.com.")),
+        ]);
         let got = parse(&h);
         assert_eq!(name_of(&got), Some(&b"API.OpenAI.com."[..]));
-        let Hello::Name { labels, .. } = got else { unreachable!() };
-        assert_eq!(labels, vec![b"api".to_vec(), b"openai".to_vec(), b"com".to_vec()]);
+        let Hello::Name { labels, .. } = got else {
+            unreachable!()
+        };
+        assert_eq!(
+            labels,
+            vec![b"api".to_vec(), b"openai".to_vec(), b"com".to_vec()]
+        );
     }
 
     #[test]
     fn ech_no_sni_not_tls_and_split() {
-        assert_eq!(parse(&client_hello(&[(0, server_name(b"a.test")), (0xfe0d, vec![1, 2])])), Hello::Ech);
-        assert_eq!(parse(&client_hello(&[(10, vec![0, 2, 0, 29])])), Hello::NoSni);
+        assert_eq!(
+            parse(&client_hello(&[
+                (0, server_name(b"a.test")),
+                (0xfe0d, vec![1, 2])
+            ])),
+            Hello::Ech
+        );
+        assert_eq!(
+            parse(&client_hello(&[(10, vec![0, 2, 0, 29])])),
+            Hello::NoSni
+        );
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
         assert_eq!(parse(b""), Hello::NotTls);
         let h = client_hello(&[(10, vec![0; 64]), (0, server_name(b"api.example.test"))]);
@@ -270,10 +315,17 @@ mod tests {
     #[test]
     fn bad_names_and_lengths_are_malformed() {
         for bad in [&b"a..b"[..], b".a", b".", b"a.b..", &[b'a'; 254]] {
-            assert_eq!(parse(&client_hello(&[(0, server_name(bad))])), Hello::Malformed, "{bad:?}");
+            assert_eq!(
+                parse(&client_hello(&[(0, server_name(bad))])),
+                Hello::Malformed,
+                "{bad:?}"
+            );
         }
         let many = vec!["a"; 17].join(".").into_bytes();
-        assert_eq!(parse(&client_hello(&[(0, server_name(&many))])), Hello::Malformed);
+        assert_eq!(
+            parse(&client_hello(&[(0, server_name(&many))])),
+            Hello::Malformed
+        );
         let sixteen = vec!["a"; 16].join(".").into_bytes();
         assert!(name_of(&parse(&client_hello(&[(0, server_name(&sixteen))]))).is_some());
         // host_name type other than 0.
@@ -286,7 +338,9 @@ mod tests {
         h[n - 13] = 0xff; // the extension's length, high byte
         assert_eq!(parse(&h), Hello::Malformed);
         // More extensions than the walk reads before the server name.
-        let mut exts: Vec<(u16, Vec<u8>)> = (0..SNI_MAX_EXTENSIONS as u16).map(|i| (100 + i, vec![])).collect();
+        let mut exts: Vec<(u16, Vec<u8>)> = (0..SNI_MAX_EXTENSIONS as u16)
+            .map(|i| (100 + i, vec![]))
+            .collect();
         exts.push((0, server_name(b"a.test")));
         assert_eq!(parse(&client_hello(&exts)), Hello::Malformed);
     }
@@ -296,14 +350,25 @@ mod tests {
     #[test]
     fn malformed_corpus_never_panics() {
         let corpus = corpus();
-        assert!(corpus.iter().any(|(w, m)| w == "truncated to 0" && m.is_empty()));
+        assert!(
+            corpus
+                .iter()
+                .any(|(w, m)| w == "truncated to 0" && m.is_empty())
+        );
         for (what, m) in &corpus {
-            let got = std::panic::catch_unwind(|| parse(m)).unwrap_or_else(|_| panic!("{what}: the parser panicked"));
+            let got = std::panic::catch_unwind(|| parse(m))
+                .unwrap_or_else(|_| panic!("{what}: the parser panicked"));
             if let Hello::Name { name, labels } = &got {
-                assert!(!labels.is_empty() && labels.len() <= DNS_MAX_LABELS && name.len() <= MAX_NAME, "{what}: {got:?}");
+                assert!(
+                    !labels.is_empty() && labels.len() <= DNS_MAX_LABELS && name.len() <= MAX_NAME,
+                    "{what}: {got:?}"
+                );
             }
             if what.starts_with("truncated") {
-                assert!(!matches!(got, Hello::Name { .. }), "{what}: a name from a truncated hello: {got:?}");
+                assert!(
+                    !matches!(got, Hello::Name { .. }),
+                    "{what}: a name from a truncated hello: {got:?}"
+                );
             }
         }
     }

@@ -59,7 +59,10 @@ pub fn main(args: StatusArgs) -> ExitCode {
             Ok(p) => match p.metrics_listen {
                 Some(addr) => format!("http://{addr}"),
                 None => {
-                    eprintln!("llm-egress status: {} sets metrics_listen = \"off\"; give --metrics URL", path.display());
+                    eprintln!(
+                        "llm-egress status: {} sets metrics_listen = \"off\"; give --metrics URL",
+                        path.display()
+                    );
                     return ExitCode::FAILURE;
                 }
             },
@@ -70,7 +73,10 @@ pub fn main(args: StatusArgs) -> ExitCode {
         },
         (None, None) => crate::policy::Policy::builtin_default()
             .metrics_listen
-            .map_or_else(|| "http://127.0.0.1:9469".to_string(), |a| format!("http://{a}")),
+            .map_or_else(
+                || "http://127.0.0.1:9469".to_string(),
+                |a| format!("http://{a}"),
+            ),
     };
     let endpoint = match Endpoint::parse(&url) {
         Ok(e) => e,
@@ -82,7 +88,11 @@ pub fn main(args: StatusArgs) -> ExitCode {
     if args.json || args.once {
         return match Snapshot::fetch(&endpoint) {
             Ok(s) => {
-                let out = if args.json { serde_json::to_string_pretty(&s).unwrap_or_default() } else { render(&s, None) };
+                let out = if args.json {
+                    serde_json::to_string_pretty(&s).unwrap_or_default()
+                } else {
+                    render(&s, None)
+                };
                 println!("{out}");
                 ExitCode::SUCCESS
             }
@@ -92,7 +102,10 @@ pub fn main(args: StatusArgs) -> ExitCode {
             }
         };
     }
-    live(&endpoint, Duration::from_secs_f64(args.interval.clamp(0.2, 3600.0)));
+    live(
+        &endpoint,
+        Duration::from_secs_f64(args.interval.clamp(0.2, 3600.0)),
+    );
     ExitCode::SUCCESS
 }
 
@@ -119,18 +132,27 @@ impl Endpoint {
             s
         };
         let host = rest.split('/').next().unwrap_or_default();
-        let has_port = host.rsplit_once(':').is_some_and(|(h, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')));
+        let has_port = host.rsplit_once(':').is_some_and(|(h, p)| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']'))
+        });
         if host.is_empty() || !has_port {
             return Err("expected http://HOST:PORT (the port is required)".into());
         }
-        Ok(Endpoint { url: format!("http://{host}"), host: host.to_string() })
+        Ok(Endpoint {
+            url: format!("http://{host}"),
+            host: host.to_string(),
+        })
     }
 
     fn addr(&self) -> io::Result<SocketAddr> {
-        self.host
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{} has no address", self.host)))
+        self.host.to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} has no address", self.host),
+            )
+        })
     }
 
     /// `GET path`: the status code and the body.
@@ -138,7 +160,11 @@ impl Endpoint {
         let mut s = TcpStream::connect_timeout(&self.addr()?, IO_TIMEOUT)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: llm-egress-status\r\nConnection: close\r\n\r\n", self.host)?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: llm-egress-status\r\nConnection: close\r\n\r\n",
+            self.host
+        )?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw)?;
         parse_response(&raw)
@@ -151,17 +177,41 @@ fn bad(msg: &str) -> io::Error {
 
 /// A complete HTTP/1.1 response: Content-Length, chunked, or until close.
 fn parse_response(raw: &[u8]) -> io::Result<(u16, String)> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
     let head = String::from_utf8_lossy(&raw[..end]);
     let mut body = &raw[end + 4..];
     let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).ok_or_else(|| bad("bad status line"))?;
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
     let mut out = Vec::new();
-    let header = |name: &str| head.split("\r\n").find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_ascii_lowercase()));
+    let header = |name: &str| {
+        head.split("\r\n").find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_ascii_lowercase())
+        })
+    };
     if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
-            let eol = body.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("truncated chunk"))?;
-            let size = usize::from_str_radix(String::from_utf8_lossy(&body[..eol]).split(';').next().unwrap_or("").trim(), 16).map_err(|_| bad("bad chunk size"))?;
+            let eol = body
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| bad("truncated chunk"))?;
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&body[..eol])
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim(),
+                16,
+            )
+            .map_err(|_| bad("bad chunk size"))?;
             body = &body[eol + 2..];
             if size == 0 {
                 break;
@@ -170,7 +220,10 @@ fn parse_response(raw: &[u8]) -> io::Result<(u16, String)> {
             body = body.get(size + 2..).ok_or_else(|| bad("truncated chunk"))?;
         }
     } else if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        out.extend_from_slice(body.get(..n).ok_or_else(|| bad("body shorter than Content-Length"))?);
+        out.extend_from_slice(
+            body.get(..n)
+                .ok_or_else(|| bad("body shorter than Content-Length"))?,
+        );
     } else {
         out.extend_from_slice(body);
     }
@@ -189,7 +242,10 @@ pub struct Sample {
 
 impl Sample {
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -242,7 +298,11 @@ fn parse_sample(line: &str) -> Option<Sample> {
         "NaN" => f64::NAN,
         v => v.parse().ok()?,
     };
-    Some(Sample { name: name.to_string(), labels, value })
+    Some(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
 }
 
 // ---------------------------------------------------------------- snapshot
@@ -325,7 +385,11 @@ const OPTIONAL: [(&str, &str); 4] = [
 ];
 
 fn count(v: f64) -> u64 {
-    if v.is_finite() && v > 0.0 { v.round() as u64 } else { 0 }
+    if v.is_finite() && v > 0.0 {
+        v.round() as u64
+    } else {
+        0
+    }
 }
 
 impl Snapshot {
@@ -333,30 +397,53 @@ impl Snapshot {
     pub fn fetch(endpoint: &Endpoint) -> io::Result<Snapshot> {
         let (status, body) = endpoint.get("/metrics")?;
         if status != 200 {
-            return Err(io::Error::other(format!("GET /metrics answered HTTP {status}: {}", body.trim())));
+            return Err(io::Error::other(format!(
+                "GET /metrics answered HTTP {status}: {}",
+                body.trim()
+            )));
         }
-        let samples = parse_samples(&body).map_err(|(n, line)| bad(&format!("/metrics line {n} is not a sample: {line}")))?;
+        let samples = parse_samples(&body)
+            .map_err(|(n, line)| bad(&format!("/metrics line {n} is not a sample: {line}")))?;
         let (ready, readiness) = match endpoint.get("/readyz") {
             Ok((code, body)) => (code == 200, body.trim().to_string()),
             Err(e) => (false, format!("GET /readyz failed: {e}")),
         };
-        Ok(Snapshot { endpoint: endpoint.url.clone(), ready, readiness, ..Snapshot::from_samples(&samples) })
+        Ok(Snapshot {
+            endpoint: endpoint.url.clone(),
+            ready,
+            readiness,
+            ..Snapshot::from_samples(&samples)
+        })
     }
 
     /// The view of one scrape.
     pub fn from_samples(samples: &[Sample]) -> Snapshot {
         let mut s = Snapshot::default();
         let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
-        fn entry<'a>(rows: &'a mut BTreeMap<(String, String), Row>, w: &str, p: &str) -> &'a mut Row {
-            rows.entry((w.to_string(), p.to_string())).or_insert_with(|| Row { workload: w.to_string(), provider: p.to_string(), ..Row::default() })
+        fn entry<'a>(
+            rows: &'a mut BTreeMap<(String, String), Row>,
+            w: &str,
+            p: &str,
+        ) -> &'a mut Row {
+            rows.entry((w.to_string(), p.to_string()))
+                .or_insert_with(|| Row {
+                    workload: w.to_string(),
+                    provider: p.to_string(),
+                    ..Row::default()
+                })
         }
         let present = |family: &str| samples.iter().any(|x| x.name == family);
         let a = &mut s.agent;
         for x in samples {
             let n = count(x.value);
-            let (w, p) = (x.label("workload").unwrap_or("none"), x.label("provider").unwrap_or("none"));
+            let (w, p) = (
+                x.label("workload").unwrap_or("none"),
+                x.label("provider").unwrap_or("none"),
+            );
             match x.name.as_str() {
-                "llm_egress_connections_total" => entry(&mut rows, w, p).connections.add(x.label("verdict").unwrap_or(""), n),
+                "llm_egress_connections_total" => entry(&mut rows, w, p)
+                    .connections
+                    .add(x.label("verdict").unwrap_or(""), n),
                 "llm_egress_bytes_total" => {
                     let r = entry(&mut rows, w, p);
                     match x.label("direction") {
@@ -365,12 +452,18 @@ impl Snapshot {
                         _ => {}
                     }
                 }
-                "llm_egress_active_connections" => *entry(&mut rows, w, p).active_connections.get_or_insert(0) += n,
+                "llm_egress_active_connections" => {
+                    *entry(&mut rows, w, p).active_connections.get_or_insert(0) += n
+                }
                 "llm_egress_tokens_total" if x.label("source") == Some("estimated") => {
                     *entry(&mut rows, w, p).tokens_estimated.get_or_insert(0) += n
                 }
-                "llm_egress_rate_limited_total" => *entry(&mut rows, w, p).rate_limited.get_or_insert(0) += n,
-                "llm_egress_decisions_total" => a.decisions.add(x.label("verdict").unwrap_or(""), n),
+                "llm_egress_rate_limited_total" => {
+                    *entry(&mut rows, w, p).rate_limited.get_or_insert(0) += n
+                }
+                "llm_egress_decisions_total" => {
+                    a.decisions.add(x.label("verdict").unwrap_or(""), n)
+                }
                 "llm_egress_policy_generation" => a.policy_generation = Some(n),
                 "llm_egress_events_lost_total" => a.events_lost = Some(n),
                 "llm_egress_event_decode_errors_total" => a.event_decode_errors = Some(n),
@@ -380,8 +473,14 @@ impl Snapshot {
                 "llm_egress_attribution_misses_total" => a.attribution_misses = Some(n),
                 "llm_egress_resolver_failures_total" => a.resolver_failures = Some(n),
                 "llm_egress_resolved_addresses" => a.resolved_addresses = Some(n),
-                "llm_egress_policy_reloads_total" => *a.policy_reloads.entry(x.label("result").unwrap_or("?").to_string()).or_default() += n,
-                "llm_egress_workload_cgroups" => *a.workload_cgroups.entry(w.to_string()).or_default() += n,
+                "llm_egress_policy_reloads_total" => {
+                    *a.policy_reloads
+                        .entry(x.label("result").unwrap_or("?").to_string())
+                        .or_default() += n
+                }
+                "llm_egress_workload_cgroups" => {
+                    *a.workload_cgroups.entry(w.to_string()).or_default() += n
+                }
                 "llm_egress_build_info" => {
                     a.version = x.label("version").map(str::to_string);
                     a.object = x.label("object").map(str::to_string);
@@ -390,8 +489,12 @@ impl Snapshot {
             }
         }
         // A family the agent exports shows 0 in rows it has no sample for.
-        let (bytes, active, tokens, limited) =
-            (present("llm_egress_bytes_total"), present("llm_egress_active_connections"), present("llm_egress_tokens_total"), present("llm_egress_rate_limited_total"));
+        let (bytes, active, tokens, limited) = (
+            present("llm_egress_bytes_total"),
+            present("llm_egress_active_connections"),
+            present("llm_egress_tokens_total"),
+            present("llm_egress_rate_limited_total"),
+        );
         s.rows = rows
             .into_values()
             .map(|mut r| {
@@ -416,8 +519,17 @@ impl Snapshot {
                 r
             })
             .collect();
-        s.rows.sort_by(|x, y| y.connections.total.cmp(&x.connections.total).then_with(|| (&x.workload, &x.provider).cmp(&(&y.workload, &y.provider))));
-        s.not_exported = OPTIONAL.iter().filter(|(f, _)| !present(f)).map(|(f, _)| *f).collect();
+        s.rows.sort_by(|x, y| {
+            y.connections
+                .total
+                .cmp(&x.connections.total)
+                .then_with(|| (&x.workload, &x.provider).cmp(&(&y.workload, &y.provider)))
+        });
+        s.not_exported = OPTIONAL
+            .iter()
+            .filter(|(f, _)| !present(f))
+            .map(|(f, _)| *f)
+            .collect();
         s
     }
 }
@@ -449,7 +561,11 @@ fn human(v: Option<u64>) -> String {
 pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
     let a = &s.agent;
     let mut out = String::new();
-    let ready = if s.ready { "ready".to_string() } else { format!("NOT READY ({})", s.readiness) };
+    let ready = if s.ready {
+        "ready".to_string()
+    } else {
+        format!("NOT READY ({})", s.readiness)
+    };
     let _ = writeln!(
         out,
         "llm-egress status  {}  {ready}  version {}  object {}",
@@ -457,8 +573,16 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
         a.version.as_deref().unwrap_or("-"),
         a.object.as_deref().unwrap_or("-")
     );
-    let reloads: Vec<String> = ["ok", "invalid", "failed"].iter().map(|r| format!("{r} {}", a.policy_reloads.get(*r).copied().unwrap_or(0))).collect();
-    let _ = writeln!(out, "policy generation {}  reloads {}", opt(a.policy_generation), reloads.join(" "));
+    let reloads: Vec<String> = ["ok", "invalid", "failed"]
+        .iter()
+        .map(|r| format!("{r} {}", a.policy_reloads.get(*r).copied().unwrap_or(0)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "policy generation {}  reloads {}",
+        opt(a.policy_generation),
+        reloads.join(" ")
+    );
     let _ = writeln!(
         out,
         "decisions allow {} deny {} audit {}  events lost {}  decode errors {}  internal errors {}  map update errors {}  audit log errors {}",
@@ -472,12 +596,33 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
         opt(a.audit_log_errors)
     );
     out.push('\n');
-    let header = ["WORKLOAD", "PROVIDER", "ALLOW", "DENY", "AUDIT", "CONN/S", "SENT", "RECEIVED", "ACTIVE", "TOKENS(EST)", "RATE-LIMITED"];
+    let header = [
+        "WORKLOAD",
+        "PROVIDER",
+        "ALLOW",
+        "DENY",
+        "AUDIT",
+        "CONN/S",
+        "SENT",
+        "RECEIVED",
+        "ACTIVE",
+        "TOKENS(EST)",
+        "RATE-LIMITED",
+    ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in &s.rows {
         let rate = previous.and_then(|(p, dt)| {
-            let before = p.rows.iter().find(|x| x.workload == r.workload && x.provider == r.provider).map_or(0, |x| x.connections.total);
-            (dt.as_secs_f64() > 0.0).then(|| format!("{:.1}", r.connections.total.saturating_sub(before) as f64 / dt.as_secs_f64()))
+            let before = p
+                .rows
+                .iter()
+                .find(|x| x.workload == r.workload && x.provider == r.provider)
+                .map_or(0, |x| x.connections.total);
+            (dt.as_secs_f64() > 0.0).then(|| {
+                format!(
+                    "{:.1}",
+                    r.connections.total.saturating_sub(before) as f64 / dt.as_secs_f64()
+                )
+            })
         });
         table.push(vec![
             r.workload.clone(),
@@ -493,12 +638,26 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
             opt(r.rate_limited),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len()).map(|c| table.iter().map(|row| row[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            table
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     for row in &table {
         let cells: Vec<String> = row
             .iter()
             .enumerate()
-            .map(|(c, v)| if c < 2 { format!("{v:<w$}", w = widths[c]) } else { format!("{v:>w$}", w = widths[c]) })
+            .map(|(c, v)| {
+                if c < 2 {
+                    format!("{v:<w$}", w = widths[c])
+                } else {
+                    format!("{v:>w$}", w = widths[c])
+                }
+            })
             .collect();
         let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
@@ -506,12 +665,24 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
         let _ = writeln!(out, "(no connections reported yet)");
     }
     if !a.workload_cgroups.is_empty() {
-        let list: Vec<String> = a.workload_cgroups.iter().map(|(w, n)| format!("{w} {n}")).collect();
+        let list: Vec<String> = a
+            .workload_cgroups
+            .iter()
+            .map(|(w, n)| format!("{w} {n}"))
+            .collect();
         let _ = writeln!(out, "\ncgroups per workload: {}", list.join(", "));
     }
     if !s.not_exported.is_empty() {
-        let cols: Vec<String> = OPTIONAL.iter().filter(|(f, _)| s.not_exported.contains(f)).map(|(f, c)| format!("{c} ({f})")).collect();
-        let _ = writeln!(out, "no series of these metrics yet (shown as -): {}", cols.join(", "));
+        let cols: Vec<String> = OPTIONAL
+            .iter()
+            .filter(|(f, _)| s.not_exported.contains(f))
+            .map(|(f, c)| format!("{c} ({f})"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "no series of these metrics yet (shown as -): {}",
+            cols.join(", ")
+        );
     }
     out
 }
@@ -561,13 +732,19 @@ impl RawStdin {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            let mut pfd = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd; a timeout bounds the wait.
             let n = unsafe { libc::poll(&mut pfd, 1, 100) };
             if n > 0 {
                 let mut b = [0u8; 1];
                 // SAFETY: reads at most one byte into a buffer we own.
-                if unsafe { libc::read(0, b.as_mut_ptr().cast(), 1) } == 1 && matches!(b[0], b'q' | b'Q') {
+                if unsafe { libc::read(0, b.as_mut_ptr().cast(), 1) } == 1
+                    && matches!(b[0], b'q' | b'Q')
+                {
                     return true;
                 }
             }
@@ -603,9 +780,17 @@ fn live(endpoint: &Endpoint, interval: Duration) {
                 previous = Some((s, now));
                 text
             }
-            Err(e) => format!("llm-egress status  {}\ncannot read the agent: {e}\n(retrying every {:.0} s)\n", endpoint.url, interval.as_secs_f64()),
+            Err(e) => format!(
+                "llm-egress status  {}\ncannot read the agent: {e}\n(retrying every {:.0} s)\n",
+                endpoint.url,
+                interval.as_secs_f64()
+            ),
         };
-        let _ = write!(stdout, "\x1b[H\x1b[2J{frame}\nrefreshing every {:.1} s; q or Ctrl-C quits\n", interval.as_secs_f64());
+        let _ = write!(
+            stdout,
+            "\x1b[H\x1b[2J{frame}\nrefreshing every {:.1} s; q or Ctrl-C quits\n",
+            interval.as_secs_f64()
+        );
         let _ = stdout.flush();
         if stdin.wait_for_quit(interval) {
             break;
@@ -637,21 +822,43 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
 
     #[test]
     fn parses_labels_escapes_timestamps_and_special_values() {
-        let s = parse_samples("a{x=\"say \\\"hi\\\"\\n\",y=\"a,b}c\",} +Inf\nb 2 123\n# c 3\n\nd{} NaN\n").unwrap();
+        let s = parse_samples(
+            "a{x=\"say \\\"hi\\\"\\n\",y=\"a,b}c\",} +Inf\nb 2 123\n# c 3\n\nd{} NaN\n",
+        )
+        .unwrap();
         assert_eq!(s.len(), 3);
         assert_eq!(s[0].label("x"), Some("say \"hi\"\n"));
         assert_eq!(s[0].label("y"), Some("a,b}c"));
         assert_eq!(s[0].value, f64::INFINITY);
-        assert_eq!(s[1], Sample { name: "b".into(), labels: vec![], value: 2.0 });
+        assert_eq!(
+            s[1],
+            Sample {
+                name: "b".into(),
+                labels: vec![],
+                value: 2.0
+            }
+        );
         assert!(s[2].value.is_nan());
-        assert_eq!(parse_samples("ok 1\nbroken{x=\"1\" 2\n"), Err((2, "broken{x=\"1\" 2".to_string())));
+        assert_eq!(
+            parse_samples("ok 1\nbroken{x=\"1\" 2\n"),
+            Err((2, "broken{x=\"1\" 2".to_string()))
+        );
     }
 
     #[test]
     fn endpoints() {
-        assert_eq!(Endpoint::parse("http://127.0.0.1:9469").unwrap().url, "http://127.0.0.1:9469");
-        assert_eq!(Endpoint::parse("127.0.0.1:9469/metrics").unwrap().url, "http://127.0.0.1:9469");
-        assert_eq!(Endpoint::parse("http://[::1]:9469/").unwrap().url, "http://[::1]:9469");
+        assert_eq!(
+            Endpoint::parse("http://127.0.0.1:9469").unwrap().url,
+            "http://127.0.0.1:9469"
+        );
+        assert_eq!(
+            Endpoint::parse("127.0.0.1:9469/metrics").unwrap().url,
+            "http://127.0.0.1:9469"
+        );
+        assert_eq!(
+            Endpoint::parse("http://[::1]:9469/").unwrap().url,
+            "http://[::1]:9469"
+        );
         assert!(Endpoint::parse("https://x:1").is_err());
         assert!(Endpoint::parse("http://127.0.0.1").is_err());
         assert!(Endpoint::parse("http://[::1]").is_err());
@@ -660,21 +867,52 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
 
     #[test]
     fn http_responses() {
-        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokX").unwrap(), (200, "ok".into()));
-        assert_eq!(parse_response(b"HTTP/1.1 503 No\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n").unwrap(), (503, "abc".into()));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokX").unwrap(),
+            (200, "ok".into())
+        );
+        assert_eq!(
+            parse_response(
+                b"HTTP/1.1 503 No\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            )
+            .unwrap(),
+            (503, "abc".into())
+        );
         assert!(parse_response(b"garbage").is_err());
     }
 
     #[test]
     fn snapshot_counts_rows_and_health() {
         let s = Snapshot::from_samples(&parse_samples(TEXT).unwrap());
-        let row = |w: &str, p: &str| s.rows.iter().find(|r| r.workload == w && r.provider == p).cloned().unwrap();
-        assert_eq!(row("bot", "openai").connections, Verdicts { allow: 3, deny: 0, audit: 0, total: 3 });
+        let row = |w: &str, p: &str| {
+            s.rows
+                .iter()
+                .find(|r| r.workload == w && r.provider == p)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(
+            row("bot", "openai").connections,
+            Verdicts {
+                allow: 3,
+                deny: 0,
+                audit: 0,
+                total: 3
+            }
+        );
         assert_eq!(row("batch", "openai").connections.deny, 2);
         assert_eq!(row("none", "openai").connections.audit, 5);
         // most connections first
         assert_eq!(s.rows[0].workload, "none");
-        assert_eq!(s.agent.decisions, Verdicts { allow: 10, deny: 3, audit: 5, total: 18 });
+        assert_eq!(
+            s.agent.decisions,
+            Verdicts {
+                allow: 10,
+                deny: 3,
+                audit: 5,
+                total: 18
+            }
+        );
         assert_eq!(s.agent.policy_generation, Some(4));
         assert_eq!(s.agent.events_lost, Some(0));
         assert_eq!(s.agent.policy_reloads.get("invalid"), Some(&1));
@@ -696,10 +934,26 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
         let s = Snapshot::from_samples(&parse_samples(&text).unwrap());
         let bot = s.rows.iter().find(|r| r.workload == "bot").unwrap();
         // exact counts are never added to the estimate
-        assert_eq!((bot.bytes_sent, bot.bytes_received, bot.tokens_estimated), (Some(2048), Some(10), Some(12)));
-        let batch = s.rows.iter().find(|r| r.workload == "batch" && r.provider == "openai").unwrap();
-        assert_eq!((batch.bytes_sent, batch.tokens_estimated, batch.rate_limited), (Some(0), Some(0), None));
-        assert_eq!(s.not_exported, vec!["llm_egress_active_connections", "llm_egress_rate_limited_total"]);
+        assert_eq!(
+            (bot.bytes_sent, bot.bytes_received, bot.tokens_estimated),
+            (Some(2048), Some(10), Some(12))
+        );
+        let batch = s
+            .rows
+            .iter()
+            .find(|r| r.workload == "batch" && r.provider == "openai")
+            .unwrap();
+        assert_eq!(
+            (batch.bytes_sent, batch.tokens_estimated, batch.rate_limited),
+            (Some(0), Some(0), None)
+        );
+        assert_eq!(
+            s.not_exported,
+            vec![
+                "llm_egress_active_connections",
+                "llm_egress_rate_limited_total"
+            ]
+        );
     }
 
     #[test]
@@ -709,21 +963,72 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
         s.ready = true;
         let text = render(&s, None);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].starts_with("llm-egress status  http://127.0.0.1:9469  ready  version 0.1.0"), "{text}");
-        assert!(lines[1].contains("policy generation 4") && lines[1].contains("invalid 1"), "{text}");
-        assert!(lines[2].contains("decisions allow 10 deny 3 audit 5") && lines[2].contains("events lost 0"), "{text}");
-        let header = lines.iter().position(|l| l.starts_with("WORKLOAD")).unwrap();
+        assert!(
+            lines[0].starts_with("llm-egress status  http://127.0.0.1:9469  ready  version 0.1.0"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("policy generation 4") && lines[1].contains("invalid 1"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("decisions allow 10 deny 3 audit 5")
+                && lines[2].contains("events lost 0"),
+            "{text}"
+        );
+        let header = lines
+            .iter()
+            .position(|l| l.starts_with("WORKLOAD"))
+            .unwrap();
         let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-        assert_eq!(cols(lines[header]), ["WORKLOAD", "PROVIDER", "ALLOW", "DENY", "AUDIT", "CONN/S", "SENT", "RECEIVED", "ACTIVE", "TOKENS(EST)", "RATE-LIMITED"]);
-        assert_eq!(cols(lines[header + 1]), ["none", "openai", "0", "0", "5", "-", "-", "-", "-", "-", "-"]);
-        assert_eq!(cols(lines[header + 2]), ["bot", "openai", "3", "0", "0", "-", "-", "-", "-", "-", "-"]);
+        assert_eq!(
+            cols(lines[header]),
+            [
+                "WORKLOAD",
+                "PROVIDER",
+                "ALLOW",
+                "DENY",
+                "AUDIT",
+                "CONN/S",
+                "SENT",
+                "RECEIVED",
+                "ACTIVE",
+                "TOKENS(EST)",
+                "RATE-LIMITED"
+            ]
+        );
+        assert_eq!(
+            cols(lines[header + 1]),
+            [
+                "none", "openai", "0", "0", "5", "-", "-", "-", "-", "-", "-"
+            ]
+        );
+        assert_eq!(
+            cols(lines[header + 2]),
+            ["bot", "openai", "3", "0", "0", "-", "-", "-", "-", "-", "-"]
+        );
         // columns line up: every row is as wide as the header or narrower
         assert!(text.contains("cgroups per workload: bot 2"), "{text}");
-        assert!(text.contains("estimated tokens (llm_egress_tokens_total)"), "{text}");
+        assert!(
+            text.contains("estimated tokens (llm_egress_tokens_total)"),
+            "{text}"
+        );
 
         let mut later = s.clone();
-        later.rows.iter_mut().find(|r| r.workload == "bot").unwrap().connections.allow += 4;
-        later.rows.iter_mut().find(|r| r.workload == "bot").unwrap().connections.total += 4;
+        later
+            .rows
+            .iter_mut()
+            .find(|r| r.workload == "bot")
+            .unwrap()
+            .connections
+            .allow += 4;
+        later
+            .rows
+            .iter_mut()
+            .find(|r| r.workload == "bot")
+            .unwrap()
+            .connections
+            .total += 4;
         let text = render(&later, Some((&s, Duration::from_secs(2))));
         let bot = text.lines().find(|l| l.starts_with("bot ")).unwrap();
         assert_eq!(cols(bot)[5], "2.0", "{text}");
@@ -731,12 +1036,27 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
 
     #[test]
     fn not_ready_says_why_and_json_has_nulls() {
-        let s = Snapshot { endpoint: "http://x:1".into(), readiness: "not ready: programs not attached yet".into(), ..Snapshot::from_samples(&parse_samples(TEXT).unwrap()) };
-        assert!(render(&s, None).lines().next().unwrap().contains("NOT READY (not ready: programs not attached yet)"));
+        let s = Snapshot {
+            endpoint: "http://x:1".into(),
+            readiness: "not ready: programs not attached yet".into(),
+            ..Snapshot::from_samples(&parse_samples(TEXT).unwrap())
+        };
+        assert!(
+            render(&s, None)
+                .lines()
+                .next()
+                .unwrap()
+                .contains("NOT READY (not ready: programs not attached yet)")
+        );
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["ready"], false);
         assert_eq!(v["agent"]["policy_generation"], 4);
-        let bot = v["rows"].as_array().unwrap().iter().find(|r| r["workload"] == "bot").unwrap();
+        let bot = v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["workload"] == "bot")
+            .unwrap();
         assert_eq!(bot["connections"]["allow"], 3);
         assert!(bot["tokens_estimated"].is_null() && bot["bytes_sent"].is_null());
     }

@@ -125,7 +125,9 @@ struct Line {
 impl Line {
     /// Tokens for `bytes`: never negative, rounded.
     fn tokens(&self, bytes: u64) -> u64 {
-        ((bytes as f64 - self.fixed) / self.per_token).max(0.0).round() as u64
+        ((bytes as f64 - self.fixed) / self.per_token)
+            .max(0.0)
+            .round() as u64
     }
 }
 
@@ -164,29 +166,59 @@ struct Calibration {
 const OPENAI: Calibration = Calibration {
     // English prose: ~4.2 bytes of JSON string per token (cl100k_base and
     // o200k_base alike on this text).
-    prompt_buffered: Line { fixed: 1095.0, per_token: 4.196 },
+    prompt_buffered: Line {
+        fixed: 1095.0,
+        per_token: 4.196,
+    },
     // `"stream":true,"stream_options":{"include_usage":true}` adds ~55 B.
-    prompt_streamed: Line { fixed: 1150.0, per_token: 4.198 },
-    prompt_not_generated: Line { fixed: 1077.0, per_token: 4.178 },
+    prompt_streamed: Line {
+        fixed: 1150.0,
+        per_token: 4.198,
+    },
+    prompt_not_generated: Line {
+        fixed: 1077.0,
+        per_token: 4.178,
+    },
     // A pretty-printed `chat.completion` with `usage`: ~0.7 kB of envelope.
-    completion_buffered: Line { fixed: 3720.0, per_token: 4.208 },
+    completion_buffered: Line {
+        fixed: 3720.0,
+        per_token: 4.208,
+    },
     // One `chat.completion.chunk` event (~300 B of JSON, HTTP chunk
     // framing, 22 B of TLS record header and tag) per token.
-    completion_streamed: Line { fixed: 3900.0, per_token: 328.6 },
+    completion_streamed: Line {
+        fixed: 3900.0,
+        per_token: 328.6,
+    },
     sdk_extra_sent: 340.0,
 };
 
 /// Anthropic Messages API.
 const ANTHROPIC: Calibration = Calibration {
-    prompt_buffered: Line { fixed: 1063.0, per_token: 4.215 },
+    prompt_buffered: Line {
+        fixed: 1063.0,
+        per_token: 4.215,
+    },
     // `"stream":true` adds 14 B.
-    prompt_streamed: Line { fixed: 1099.0, per_token: 4.172 },
+    prompt_streamed: Line {
+        fixed: 1099.0,
+        per_token: 4.172,
+    },
     // Anthropic has no embeddings endpoint: a body that came too fast to be
     // generated is still taken as a buffered request's.
-    prompt_not_generated: Line { fixed: 1063.0, per_token: 4.215 },
-    completion_buffered: Line { fixed: 3082.0, per_token: 4.213 },
+    prompt_not_generated: Line {
+        fixed: 1063.0,
+        per_token: 4.215,
+    },
+    completion_buffered: Line {
+        fixed: 3082.0,
+        per_token: 4.213,
+    },
     // One `content_block_delta` event (~120 B + framing) per token.
-    completion_streamed: Line { fixed: 3768.0, per_token: 147.19 },
+    completion_streamed: Line {
+        fixed: 3768.0,
+        per_token: 147.19,
+    },
     sdk_extra_sent: 382.0,
 };
 
@@ -212,10 +244,15 @@ pub const MIN_REQUEST_BYTES: u64 = 800;
 /// The response shape of `t`.
 pub fn shape(family: Family, t: &Traffic) -> Shape {
     let segments = u64::from(t.segments_in.max(1));
-    if t.segments_in >= STREAM_MIN_SEGMENTS && t.bytes_received / segments <= STREAM_MAX_BYTES_PER_SEGMENT {
+    if t.segments_in >= STREAM_MIN_SEGMENTS
+        && t.bytes_received / segments <= STREAM_MAX_BYTES_PER_SEGMENT
+    {
         return Shape::Streamed;
     }
-    let body = family.calibration().completion_buffered.tokens(t.bytes_received) as f64;
+    let body = family
+        .calibration()
+        .completion_buffered
+        .tokens(t.bytes_received) as f64;
     let seconds = t.duration.as_secs_f64().max(1e-3);
     if body / seconds > MAX_GENERATION_TOKENS_PER_SECOND {
         Shape::NotGenerated
@@ -253,7 +290,13 @@ mod tests {
     use super::*;
 
     fn traffic(sent: u64, received: u64, segments_in: u32, millis: u64) -> Traffic {
-        Traffic { bytes_sent: sent, bytes_received: received, segments_in, segments_out: 4, duration: Duration::from_millis(millis) }
+        Traffic {
+            bytes_sent: sent,
+            bytes_received: received,
+            segments_in,
+            segments_out: 4,
+            duration: Duration::from_millis(millis),
+        }
     }
 
     /// Bytes of `tokens` on `line`, as the fits say.
@@ -281,16 +324,34 @@ mod tests {
     fn sdk_requests_carry_more_fixed_bytes() {
         let sent = bytes(OPENAI.prompt_buffered, 30) + OPENAI.sdk_extra_sent as u64;
         let t = traffic(sent, bytes(OPENAI.completion_buffered, 20), 3, 100);
-        assert_eq!(estimate(Family::OpenAi, Client::Sdk, &t).map(|e| e.prompt), Some(30));
-        assert_eq!(estimate(Family::OpenAi, Client::Plain, &t).map(|e| e.prompt), Some(30 + 81));
+        assert_eq!(
+            estimate(Family::OpenAi, Client::Sdk, &t).map(|e| e.prompt),
+            Some(30)
+        );
+        assert_eq!(
+            estimate(Family::OpenAi, Client::Plain, &t).map(|e| e.prompt),
+            Some(30 + 81)
+        );
     }
 
     #[test]
     fn buffered_response_is_inverted_from_the_fitted_lines() {
         let sent = bytes(OPENAI.prompt_buffered, 500);
         let received = bytes(OPENAI.completion_buffered, 300);
-        let e = estimate(Family::OpenAi, Client::Plain, &traffic(sent, received, 3, 400)).unwrap();
-        assert_eq!(e, Estimate { prompt: 500, completion: 300, shape: Shape::Buffered });
+        let e = estimate(
+            Family::OpenAi,
+            Client::Plain,
+            &traffic(sent, received, 3, 400),
+        )
+        .unwrap();
+        assert_eq!(
+            e,
+            Estimate {
+                prompt: 500,
+                completion: 300,
+                shape: Shape::Buffered
+            }
+        );
         assert!(!e.streamed());
     }
 
@@ -299,9 +360,16 @@ mod tests {
         let received = bytes(ANTHROPIC.completion_streamed, 200);
         let t = traffic(bytes(ANTHROPIC.prompt_streamed, 40), received, 210, 900);
         let e = estimate(Family::Anthropic, Client::Plain, &t).unwrap();
-        assert_eq!((e.prompt, e.completion, e.shape), (40, 200, Shape::Streamed));
+        assert_eq!(
+            (e.prompt, e.completion, e.shape),
+            (40, 200, Shape::Streamed)
+        );
         // The same bytes in few full segments are one buffered body.
-        let t = Traffic { segments_in: 20, duration: Duration::from_secs(10), ..t };
+        let t = Traffic {
+            segments_in: 20,
+            duration: Duration::from_secs(10),
+            ..t
+        };
         assert_eq!(shape(Family::Anthropic, &t), Shape::Buffered);
         // A handful of small segments is a short buffered answer, not a stream.
         let t = traffic(1200, 3500, 4, 30);
@@ -313,29 +381,57 @@ mod tests {
         // A 30 kB embedding vector within 20 ms.
         let t = traffic(bytes(OPENAI.prompt_not_generated, 300), 30_000, 4, 20);
         let e = estimate(Family::OpenAi, Client::Plain, &t).unwrap();
-        assert_eq!((e.prompt, e.completion, e.shape), (300, 0, Shape::NotGenerated));
+        assert_eq!(
+            (e.prompt, e.completion, e.shape),
+            (300, 0, Shape::NotGenerated)
+        );
         // The same bytes over 30 s were generated.
-        let t = Traffic { duration: Duration::from_secs(30), ..t };
+        let t = Traffic {
+            duration: Duration::from_secs(30),
+            ..t
+        };
         assert_eq!(shape(Family::OpenAi, &t), Shape::Buffered);
     }
 
     #[test]
     fn no_request_no_estimate() {
-        assert_eq!(estimate(Family::OpenAi, Client::Plain, &traffic(0, 0, 0, 0)), None);
+        assert_eq!(
+            estimate(Family::OpenAi, Client::Plain, &traffic(0, 0, 0, 0)),
+            None
+        );
         // A handshake alone.
-        assert_eq!(estimate(Family::OpenAi, Client::Plain, &traffic(600, 2_500, 2, 10)), None);
+        assert_eq!(
+            estimate(Family::OpenAi, Client::Plain, &traffic(600, 2_500, 2, 10)),
+            None
+        );
         // A request without any answer.
-        assert_eq!(estimate(Family::OpenAi, Client::Plain, &traffic(2_000, 0, 0, 10)), None);
+        assert_eq!(
+            estimate(Family::OpenAi, Client::Plain, &traffic(2_000, 0, 0, 10)),
+            None
+        );
     }
 
     #[test]
     fn counts_never_go_negative_and_grow_with_bytes() {
-        let small = estimate(Family::OpenAi, Client::Plain, &traffic(MIN_REQUEST_BYTES, 1, 1, 5)).unwrap();
+        let small = estimate(
+            Family::OpenAi,
+            Client::Plain,
+            &traffic(MIN_REQUEST_BYTES, 1, 1, 5),
+        )
+        .unwrap();
         assert_eq!((small.prompt, small.completion), (0, 0));
         let mut last = (0, 0);
         for k in 1..50u64 {
-            let e = estimate(Family::OpenAi, Client::Plain, &traffic(1_000 + 100 * k, 3_000 + 100 * k, 3, 10_000)).unwrap();
-            assert!(e.prompt >= last.0 && e.completion >= last.1, "{e:?} after {last:?}");
+            let e = estimate(
+                Family::OpenAi,
+                Client::Plain,
+                &traffic(1_000 + 100 * k, 3_000 + 100 * k, 3, 10_000),
+            )
+            .unwrap();
+            assert!(
+                e.prompt >= last.0 && e.completion >= last.1,
+                "{e:?} after {last:?}"
+            );
             last = (e.prompt, e.completion);
         }
     }

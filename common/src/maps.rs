@@ -104,8 +104,15 @@ pub const PROG_SENDMSG6: &str = "verdict_sendmsg6";
 /// tracked connections (bytes and durations).
 pub const PROG_SOCK_OPS: &str = "account_sock_ops";
 /// The programs attached (and pinned) to the attach cgroup.
-pub const ALL_PROGRAMS: [&str; 7] =
-    [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_OPS, PROG_DNS_INGRESS, PROG_SNI_EGRESS];
+pub const ALL_PROGRAMS: [&str; 7] = [
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_SOCK_OPS,
+    PROG_DNS_INGRESS,
+    PROG_SNI_EGRESS,
+];
 /// Tracepoint sched/sched_process_exec: fills `EXECS`.
 pub const PROG_EXEC: &str = "attribute_exec";
 /// cgroup_skb/ingress: learns provider addresses from DNS answers.

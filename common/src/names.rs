@@ -31,7 +31,11 @@ const WILDCARD_TWEAK: u64 = 0x2a2e_7769_6c64_6361;
 /// ASCII lower case; other bytes unchanged.
 #[inline(always)]
 pub fn lower(b: u8) -> u8 {
-    if b.wrapping_sub(b'A') < 26 { b | 0x20 } else { b }
+    if b.wrapping_sub(b'A') < 26 {
+        b | 0x20
+    } else {
+        b
+    }
 }
 
 /// One byte of a label into its hash (case folded).
@@ -119,7 +123,10 @@ mod tests {
         let suffix = name_hash(seed, "openai.azure.com").unwrap();
         let full = fold(suffix, label_hash(b"myres"));
         assert_eq!(full, name_hash(seed, "myres.openai.azure.com").unwrap());
-        assert_eq!(host_key(seed, "*.openai.azure.com").unwrap(), wildcard(suffix));
+        assert_eq!(
+            host_key(seed, "*.openai.azure.com").unwrap(),
+            wildcard(suffix)
+        );
         assert_ne!(wildcard(suffix), suffix);
     }
 }

@@ -170,7 +170,12 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     let copy = ((len - 1) & MASK) + 1;
     // SAFETY: `s.buf` has DNS_BUF bytes and 1 <= copy <= DNS_BUF.
     let rc = unsafe {
-        bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, s.buf.as_mut_ptr() as *mut _, copy as u32)
+        bpf_skb_load_bytes(
+            ctx.as_ptr() as *const _,
+            off as u32,
+            s.buf.as_mut_ptr() as *mut _,
+            copy as u32,
+        )
     };
     if rc != 0 {
         return Err(Stop::Ignore);
@@ -222,7 +227,12 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     // SAFETY: `answer_step` is a bpf_loop callback; it finds its state in
     // the scratch.
     unsafe {
-        bpf_loop(DNS_MAX_ANSWERS as u32, answer_step as *mut c_void, core::ptr::null_mut(), 0);
+        bpf_loop(
+            DNS_MAX_ANSWERS as u32,
+            answer_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
     }
     // SAFETY: as above.
     let err = unsafe { core::ptr::read_volatile(&s.ans.err) };
@@ -367,10 +377,21 @@ fn answer(s: &mut DnsScratch) -> Result<(), u32> {
         return Ok(());
     }
     let (lo, hi, now, matched) = (s.ans.ttl_min, s.ans.ttl_max, s.ans.now, s.ans.matched);
-    let ttl_s = if ttl < lo { lo } else if ttl > hi { hi } else { ttl };
+    let ttl_s = if ttl < lo {
+        lo
+    } else if ttl > hi {
+        hi
+    } else {
+        ttl
+    };
     let expires = now + ttl_s * 1_000_000_000;
     if rtype == TYPE_A && rdlen == 4 {
-        let addr = [byte(s, rdata), byte(s, rdata + 1), byte(s, rdata + 2), byte(s, rdata + 3)];
+        let addr = [
+            byte(s, rdata),
+            byte(s, rdata + 1),
+            byte(s, rdata + 2),
+            byte(s, rdata + 3),
+        ];
         learn_v4(&addr, matched, expires, now);
     } else if rtype == TYPE_AAAA && rdlen == 16 {
         let mut addr = [0u8; 16];
@@ -427,7 +448,12 @@ fn read_name(s: &mut DnsScratch, len: usize, start: usize) -> Result<(usize, usi
     // SAFETY: `name_step` is a bpf_loop callback; it finds its state in the
     // scratch.
     unsafe {
-        bpf_loop(NAME_STEPS, name_step as *mut c_void, core::ptr::null_mut(), 0);
+        bpf_loop(
+            NAME_STEPS,
+            name_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
     }
     // SAFETY: as above.
     let (err, done, n, end) = unsafe {
@@ -454,7 +480,12 @@ const NAME_STEPS: u32 = (255 + DNS_MAX_HOPS + 2) as u32;
 #[inline(never)]
 extern "C" fn name_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = scratch() else { return 1 };
-    let DnsScratch { buf, labels, name: c, .. } = s;
+    let DnsScratch {
+        buf,
+        labels,
+        name: c,
+        ..
+    } = s;
     name_byte(buf, labels, c)
 }
 
@@ -515,7 +546,12 @@ fn name_byte(buf: &[u8; DNS_BUF], labels: &mut [u64; DNS_MAX_LABELS], c: &mut Na
 /// name walk left: the exact name, else the longest suffix with a wildcard
 /// entry in `slot`.
 #[inline(always)]
-pub(crate) fn lookup_name(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64, slot: u32) -> (u64, u64) {
+pub(crate) fn lookup_name(
+    labels: &[u64; DNS_MAX_LABELS],
+    n: usize,
+    seed: u64,
+    slot: u32,
+) -> (u64, u64) {
     let mut matched = 0u64;
     let mut acc = seed;
     let mut i = 0;
@@ -525,7 +561,15 @@ pub(crate) fn lookup_name(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64, s
             acc = fold(acc, label_at(labels, k));
             let key = if k == 0 { acc } else { wildcard(acc) };
             // SAFETY: presence only.
-            if unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: key }) }.is_some() {
+            if unsafe {
+                NAMES.get(&NameKey {
+                    slot,
+                    _pad: 0,
+                    hash: key,
+                })
+            }
+            .is_some()
+            {
                 // Later (longer) suffixes are more specific; the exact name last.
                 matched = key;
             }
@@ -578,7 +622,11 @@ fn merge(old: Option<&Learned>, hash: u64, expires: u64, now: u64) -> Learned {
         let mut i = 0;
         while i < LEARNED_NAMES {
             let e = &v.names[i];
-            let when = if e.hash == 0 || e.expires_ns <= now { 0 } else { e.expires_ns };
+            let when = if e.hash == 0 || e.expires_ns <= now {
+                0
+            } else {
+                e.expires_ns
+            };
             if when < oldest {
                 oldest = when;
                 pick = i;
@@ -623,19 +671,32 @@ fn send_unparsed(ctx: &SkBuffContext, off: usize, msg_len: usize, why: u32) {
         count(counter::EVENTS_LOST);
         return;
     };
-    let len = if msg_len > DNS_EVENT_BYTES { DNS_EVENT_BYTES } else { msg_len };
+    let len = if msg_len > DNS_EVENT_BYTES {
+        DNS_EVENT_BYTES
+    } else {
+        msg_len
+    };
     let p = entry.as_mut_ptr();
     // SAFETY: `p` is the reserved record of size_of::<DnsEvent>(); the copy
     // writes at most DNS_EVENT_BYTES bytes into `data`.
     unsafe {
-        (*p).header = EventHeader { kind: kind::DNS_UNPARSED, time_ns: bpf_ktime_get_ns(), ..EventHeader::default() };
+        (*p).header = EventHeader {
+            kind: kind::DNS_UNPARSED,
+            time_ns: bpf_ktime_get_ns(),
+            ..EventHeader::default()
+        };
         (*p).data.len = len as u32;
         (*p).data.msg_len = msg_len as u32;
         (*p).data.why = why;
         (*p).data._pad = 0;
         let copy = ((len.wrapping_sub(1)) & MASK) + 1;
         if len == 0
-            || bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, (*p).data.data.as_mut_ptr() as *mut _, copy as u32) != 0
+            || bpf_skb_load_bytes(
+                ctx.as_ptr() as *const _,
+                off as u32,
+                (*p).data.data.as_mut_ptr() as *mut _,
+                copy as u32,
+            ) != 0
         {
             (*p).data.len = 0;
         }
@@ -667,7 +728,14 @@ pub fn learned_provider(slot: u32, v4: bool, addr: &[u8; 16], port: u16) -> u32 
             continue;
         }
         // SAFETY: value copied out at once.
-        let Some(d) = (unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: e.hash }) }).copied() else {
+        let Some(d) = (unsafe {
+            NAMES.get(&NameKey {
+                slot,
+                _pad: 0,
+                hash: e.hash,
+            })
+        })
+        .copied() else {
             continue;
         };
         if d.nports == 0 {

@@ -14,15 +14,13 @@
 //! Errors only lose attribution, never a verdict: the program always
 //! returns 0.
 
+use crate::maps::{EXEC_SCRATCH, EXECS};
 use aya_ebpf::{
     EbpfContext,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use crate::maps::{EXEC_SCRATCH, EXECS};
 
 const FILENAME_LOC_OFFSET: usize = 8;
 

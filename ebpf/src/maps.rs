@@ -8,10 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use llm_egress_common::{
-    LEARNED_MAX, Learned, NAMES_MAX, NameConfig, NameKey, VERDICTS_MAX, VerdictKey,
-    CONNS_MAX, ConnEvent, EXECS_MAX, ExecInfo, ActionValue, ActiveSlot, DestValue, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig,
-    WorkloadKey, WorkloadValue, DESTS_MAX, EVENTS_BYTES, PROVIDER_ACTIONS_MAX, RULES_MAX,
-    SLOT_COUNT, WORKLOADS_MAX, counter,
+    ActionValue, ActiveSlot, CONNS_MAX, ConnEvent, DESTS_MAX, DestValue, EVENTS_BYTES, EXECS_MAX,
+    ExecInfo, LEARNED_MAX, Learned, NAMES_MAX, NameConfig, NameKey, PROVIDER_ACTIONS_MAX,
+    PrefixKeyV4, PrefixKeyV6, ProviderKey, RULES_MAX, SLOT_COUNT, SlotConfig, VERDICTS_MAX,
+    VerdictKey, WORKLOADS_MAX, WorkloadKey, WorkloadValue, counter,
 };
 
 #[map]
@@ -73,7 +73,8 @@ pub static LEARNED_V6: LruHashMap<[u8; 16], Learned> = LruHashMap::pinned(LEARNE
 pub static DNS_SCRATCH: PerCpuArray<crate::dns::DnsScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
-pub static SNI_STATE: LruHashMap<u64, u32> = LruHashMap::pinned(llm_egress_common::SNI_STATE_MAX, 0);
+pub static SNI_STATE: LruHashMap<u64, u32> =
+    LruHashMap::pinned(llm_egress_common::SNI_STATE_MAX, 0);
 
 #[map]
 pub static SNI_SCRATCH: PerCpuArray<crate::sni::SniScratch> = PerCpuArray::with_max_entries(1, 0);

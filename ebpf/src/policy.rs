@@ -6,7 +6,8 @@
 //! workload get `defaults.llm`.
 
 use llm_egress_common::{
-    MAX_CGROUP_DEPTH, ProviderKey, SLOT_COUNT, SlotConfig, WorkloadKey, WorkloadValue, counter, failure_mode, reason,
+    MAX_CGROUP_DEPTH, ProviderKey, SLOT_COUNT, SlotConfig, WorkloadKey, WorkloadValue, counter,
+    failure_mode, reason,
 };
 
 use crate::maps::{ACTIVE, PROVIDER_ACT, SLOTS, WORKLOADS, count};
@@ -38,7 +39,11 @@ pub fn workload_of(slot: u32, ancestor: impl Fn(i32) -> u64) -> Option<WorkloadV
         if id == 0 {
             break;
         }
-        let key = WorkloadKey { slot, _pad: 0, cgroup_id: id };
+        let key = WorkloadKey {
+            slot,
+            _pad: 0,
+            cgroup_id: id,
+        };
         // SAFETY: the value is copied out at once; entries are only replaced
         // whole by the agent.
         if let Some(w) = unsafe { WORKLOADS.get(&key) } {
@@ -55,10 +60,19 @@ pub fn workload_of(slot: u32, ancestor: impl Fn(i32) -> u64) -> Option<WorkloadV
 /// (action, reason) for provider `provider` of a process in `workload`
 /// (None: in no workload).
 #[inline(always)]
-pub fn provider_action(slot: u32, cfg: &SlotConfig, workload: Option<WorkloadValue>, provider: u32) -> (u8, u8) {
+pub fn provider_action(
+    slot: u32,
+    cfg: &SlotConfig,
+    workload: Option<WorkloadValue>,
+    provider: u32,
+) -> (u8, u8) {
     match workload {
         Some(w) => {
-            let key = ProviderKey { slot, workload_id: w.workload_id, provider_id: provider };
+            let key = ProviderKey {
+                slot,
+                workload_id: w.workload_id,
+                provider_id: provider,
+            };
             // SAFETY: value copied out at once.
             match unsafe { PROVIDER_ACT.get(&key) } {
                 Some(a) => (a.action, reason::WORKLOAD_PROVIDER),

@@ -44,14 +44,18 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_get_socket_cookie, bpf_get_socket_uid, bpf_loop, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes},
+        generated::{
+            bpf_get_socket_cookie, bpf_get_socket_uid, bpf_loop, bpf_skb_ancestor_cgroup_id,
+            bpf_skb_cgroup_id, bpf_skb_load_bytes,
+        },
     },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use llm_egress_common::{
-    DNS_MAX_LABELS, EventHeader, MAX_PORTS, NameKey, SNI_BUF, SNI_MAX_EXTENSIONS, SNI_NAME_BYTES, SniDecision, SniEvent,
-    action, counter, family, kind, mode, names::LABEL_INIT, names::label_step, sni_state, verdict,
+    DNS_MAX_LABELS, EventHeader, MAX_PORTS, NameKey, SNI_BUF, SNI_MAX_EXTENSIONS, SNI_NAME_BYTES,
+    SniDecision, SniEvent, action, counter, family, kind, mode, names::LABEL_INIT,
+    names::label_step, sni_state, verdict,
 };
 
 use crate::maps::{CONNS, EVENTS, NAME_CFG, NAMES, SNI_SCRATCH, SNI_STATE, count};
@@ -137,12 +141,18 @@ fn try_sni(ctx: &SkBuffContext) -> i32 {
     let mut addr = [0u8; 16];
     let (hlen, fam) = match ctx.skb.protocol() {
         p if p == (ETH_P_IP as u16).to_be() as u32 => {
-            let Ok(vihl) = ctx.load::<u8>(0) else { return PASS };
-            let Ok(proto) = ctx.load::<u8>(9) else { return PASS };
+            let Ok(vihl) = ctx.load::<u8>(0) else {
+                return PASS;
+            };
+            let Ok(proto) = ctx.load::<u8>(9) else {
+                return PASS;
+            };
             if proto != IPPROTO_TCP {
                 return PASS;
             }
-            let Ok(d) = ctx.load::<[u8; 4]>(16) else { return PASS };
+            let Ok(d) = ctx.load::<[u8; 4]>(16) else {
+                return PASS;
+            };
             addr[0] = d[0];
             addr[1] = d[1];
             addr[2] = d[2];
@@ -150,11 +160,15 @@ fn try_sni(ctx: &SkBuffContext) -> i32 {
             (((vihl & 0x0f) as usize) * 4, family::INET)
         }
         p if p == (ETH_P_IPV6 as u16).to_be() as u32 => {
-            let Ok(next) = ctx.load::<u8>(6) else { return PASS };
+            let Ok(next) = ctx.load::<u8>(6) else {
+                return PASS;
+            };
             if next != IPPROTO_TCP {
                 return PASS;
             }
-            let Ok(d) = ctx.load::<[u8; 16]>(24) else { return PASS };
+            let Ok(d) = ctx.load::<[u8; 16]>(24) else {
+                return PASS;
+            };
             addr = d;
             (40, family::INET6)
         }
@@ -174,9 +188,13 @@ fn try_sni(ctx: &SkBuffContext) -> i32 {
         Some(_) => return PASS,
         None => {}
     }
-    let Ok(dport) = ctx.load::<u16>(hlen + 2) else { return PASS };
+    let Ok(dport) = ctx.load::<u16>(hlen + 2) else {
+        return PASS;
+    };
     let port = u16::from_be(dport);
-    let Ok(doff) = ctx.load::<u8>(hlen + 12) else { return PASS };
+    let Ok(doff) = ctx.load::<u8>(hlen + 12) else {
+        return PASS;
+    };
     let off = hlen + ((doff >> 4) as usize) * 4;
     let total = ctx.len() as usize;
     if total <= off {
@@ -197,9 +215,13 @@ fn try_sni(ctx: &SkBuffContext) -> i32 {
     };
 
     // 5. The verdict.
-    let Ok((slot, cfg)) = crate::policy::active() else { return PASS };
+    let Ok((slot, cfg)) = crate::policy::active() else {
+        return PASS;
+    };
     // SAFETY: helper on this program's own context.
-    let workload = crate::policy::workload_of(slot, |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.as_ptr() as *mut _, level) });
+    let workload = crate::policy::workload_of(slot, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(ctx.as_ptr() as *mut _, level)
+    });
     let (act, why) = crate::policy::provider_action(slot, &cfg, workload, provider);
     let v = match act {
         action::ALLOW => verdict::ALLOW,
@@ -235,18 +257,31 @@ fn try_sni(ctx: &SkBuffContext) -> i32 {
 /// the module comment).
 #[inline(always)]
 fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
-    let Some(s) = scratch() else { return Hello::Ignore };
+    let Some(s) = scratch() else {
+        return Hello::Ignore;
+    };
     let avail = if payload > SNI_BUF { SNI_BUF } else { payload };
     // 1..=SNI_BUF, written so that the verifier sees the bound.
     let copy = ((avail - 1) & MASK) + 1;
     // SAFETY: `s.buf` has SNI_BUF bytes and 1 <= copy <= SNI_BUF.
-    let rc = unsafe { bpf_skb_load_bytes(ctx.as_ptr() as *const _, off as u32, s.buf.as_mut_ptr() as *mut _, copy as u32) };
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr() as *const _,
+            off as u32,
+            s.buf.as_mut_ptr() as *mut _,
+            copy as u32,
+        )
+    };
     if rc != 0 {
         return Hello::Ignore;
     }
     if avail < 6 || byte(s, 0) != TLS_HANDSHAKE || byte(s, 1) != 3 || byte(s, 5) != CLIENT_HELLO {
         // SAFETY: presence only.
-        return if unsafe { CONNS.get(&cookie_of(ctx)) }.is_some() { Hello::Counted(counter::SNI_NOT_TLS) } else { Hello::Ignore };
+        return if unsafe { CONNS.get(&cookie_of(ctx)) }.is_some() {
+            Hello::Counted(counter::SNI_NOT_TLS)
+        } else {
+            Hello::Ignore
+        };
     }
     // The ClientHello: record header (5), handshake header (4), version
     // (2), random (32), then the variable parts.
@@ -294,7 +329,14 @@ fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
     }
     // SAFETY: `ext_step` is a bpf_loop callback; it finds its state in the
     // scratch.
-    unsafe { bpf_loop(SNI_MAX_EXTENSIONS as u32, ext_step as *mut c_void, core::ptr::null_mut(), 0) };
+    unsafe {
+        bpf_loop(
+            SNI_MAX_EXTENSIONS as u32,
+            ext_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
     // SAFETY: as above.
     let (epos, sni, sni_len, ech, split, err) = unsafe {
         (
@@ -349,7 +391,14 @@ fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
         core::ptr::write_volatile(&mut c.err, 0);
     }
     // SAFETY: as above.
-    unsafe { bpf_loop((MAX_NAME + 1) as u32, name_step as *mut c_void, core::ptr::null_mut(), 0) };
+    unsafe {
+        bpf_loop(
+            (MAX_NAME + 1) as u32,
+            name_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
     // SAFETY: as above.
     let (n, done, nerr) = unsafe {
         (
@@ -361,9 +410,13 @@ fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
     if nerr != 0 || done == 0 || n == 0 {
         return Hello::Counted(counter::SNI_MALFORMED);
     }
-    let Some(ncfg) = NAME_CFG.get(0) else { return Hello::Ignore };
+    let Some(ncfg) = NAME_CFG.get(0) else {
+        return Hello::Ignore;
+    };
     let seed = ncfg.seed;
-    let Ok((slot, _)) = crate::policy::active() else { return Hello::Ignore };
+    let Ok((slot, _)) = crate::policy::active() else {
+        return Hello::Ignore;
+    };
     if seed == 0 {
         return Hello::Ignore;
     }
@@ -372,7 +425,14 @@ fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
         return Hello::Counted(counter::SNI_OTHER_NAME);
     }
     // SAFETY: value copied out at once.
-    let Some(d) = (unsafe { NAMES.get(&NameKey { slot, _pad: 0, hash: matched }) }).copied() else {
+    let Some(d) = (unsafe {
+        NAMES.get(&NameKey {
+            slot,
+            _pad: 0,
+            hash: matched,
+        })
+    })
+    .copied() else {
         return Hello::Counted(counter::SNI_OTHER_NAME);
     };
     let mut on_port = d.nports == 0;
@@ -447,7 +507,12 @@ extern "C" fn ext_step(_index: u64, _ctx: *mut c_void) -> i64 {
 #[inline(never)]
 extern "C" fn name_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = scratch() else { return 1 };
-    let SniScratch { buf, labels, name: c, .. } = s;
+    let SniScratch {
+        buf,
+        labels,
+        name: c,
+        ..
+    } = s;
     let pos = c.pos as usize;
     if pos >= c.end as usize {
         // One trailing dot is allowed (the last label is then empty).
@@ -512,7 +577,11 @@ fn report(ctx: &SkBuffContext, cookie: u64, d: &Judged, name_at: usize, name_len
     // SAFETY: `p` is the reserved record of size_of::<SniEvent>(); the name
     // copy writes 1..=SNI_NAME_BYTES bytes into `name`.
     unsafe {
-        let mut h = EventHeader { kind: kind::SNI_DECISION, time_ns: bpf_ktime_get_ns(), ..EventHeader::default() };
+        let mut h = EventHeader {
+            kind: kind::SNI_DECISION,
+            time_ns: bpf_ktime_get_ns(),
+            ..EventHeader::default()
+        };
         h.cgroup_id = bpf_skb_cgroup_id(ctx.as_ptr() as *mut _);
         h.uid = bpf_get_socket_uid(ctx.as_ptr() as *mut _);
         // The task that connected, if the connect hook tracked the socket.
@@ -536,7 +605,13 @@ fn report(ctx: &SkBuffContext, cookie: u64, d: &Judged, name_at: usize, name_len
         e._pad = 0;
         e.name_len = 0;
         let copy = ((name_len.wrapping_sub(1)) & (SNI_NAME_BYTES - 1)) + 1;
-        if bpf_skb_load_bytes(ctx.as_ptr() as *const _, name_at as u32, (*p).data.name.as_mut_ptr() as *mut _, copy as u32) == 0 {
+        if bpf_skb_load_bytes(
+            ctx.as_ptr() as *const _,
+            name_at as u32,
+            (*p).data.name.as_mut_ptr() as *mut _,
+            copy as u32,
+        ) == 0
+        {
             (*p).data.name_len = copy as u16;
         }
     }

@@ -30,12 +30,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use llm_egress_common::{
-    VerdictKey, ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER,
-    NO_WORKLOAD, PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6,
-    action, counter, failure_mode, family, hook, kind, mode, proto, reason, verdict,
+    ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_WORKLOAD,
+    PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, VerdictKey, action, counter, failure_mode,
+    family, hook, kind, mode, proto, reason, verdict,
 };
 
-use crate::maps::{count_verdict, CONN_SCRATCH, CONNS, DESTS_V4, DESTS_V6, EVENTS, RULES_V4, RULES_V6, count};
+use crate::maps::{
+    CONN_SCRATCH, CONNS, DESTS_V4, DESTS_V6, EVENTS, RULES_V4, RULES_V6, count, count_verdict,
+};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -53,7 +55,9 @@ fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision) {
     if dest.proto != proto::TCP {
         return;
     }
-    let Some(entry) = CONN_SCRATCH.get_ptr_mut(0) else { return };
+    let Some(entry) = CONN_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: per-CPU scratch of this CPU, overwritten whole before use.
@@ -130,7 +134,12 @@ fn judge_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[1] = b[1];
     addr[2] = b[2];
     addr[3] = b[3];
-    let dest = Dest { family: family::INET, addr, port: port_of(port), proto: proto_of(protocol) };
+    let dest = Dest {
+        family: family::INET,
+        addr,
+        port: port_of(port),
+        proto: proto_of(protocol),
+    };
     judge(ctx, &dest, hook)
 }
 
@@ -139,7 +148,14 @@ fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: as in `judge_v4`; user_ip6 is read one aligned u32 at a time.
     let (w0, w1, w2, w3, port, protocol) = unsafe {
         let sa = &*ctx.sock_addr;
-        (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3], sa.user_port, sa.protocol)
+        (
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+            sa.user_port,
+            sa.protocol,
+        )
     };
     let mut addr = [0u8; 16];
     let words = [w0, w1, w2, w3];
@@ -152,7 +168,12 @@ fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
         addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    let mut dest = Dest { family: family::INET6, addr, port: port_of(port), proto: proto_of(protocol) };
+    let mut dest = Dest {
+        family: family::INET6,
+        addr,
+        port: port_of(port),
+        proto: proto_of(protocol),
+    };
     // ::ffff:a.b.c.d is an IPv4 destination reached through a dual-stack socket.
     if w0 == 0 && w1 == 0 && u32::from_be(w2) == 0x0000_ffff {
         let b = w3.to_ne_bytes();
@@ -174,7 +195,11 @@ fn port_of(user_port: u32) -> u16 {
 
 #[inline(always)]
 fn proto_of(protocol: u32) -> u8 {
-    if protocol == proto::UDP as u32 { proto::UDP } else { proto::TCP }
+    if protocol == proto::UDP as u32 {
+        proto::UDP
+    } else {
+        proto::TCP
+    }
 }
 
 /// The outcome of the policy lookups, before `mode` is applied.
@@ -193,7 +218,11 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
         Ok(d) => d,
         Err(fail) => {
             count(counter::INTERNAL_ERRORS);
-            let action = if fail == failure_mode::CLOSED { action::DENY } else { action::ALLOW };
+            let action = if fail == failure_mode::CLOSED {
+                action::DENY
+            } else {
+                action::ALLOW
+            };
             Decision {
                 action,
                 reason: reason::INTERNAL_ERROR,
@@ -225,7 +254,10 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
     if v != verdict::ALLOW || decision.provider_id != NO_PROVIDER {
         report(ctx, dest, hook, v, &decision);
     }
-    if v != verdict::DENY && decision.provider_id != NO_PROVIDER && (hook == hook::CONNECT4 || hook == hook::CONNECT6) {
+    if v != verdict::DENY
+        && decision.provider_id != NO_PROVIDER
+        && (hook == hook::CONNECT4 || hook == hook::CONNECT6)
+    {
         track(ctx, dest, &decision);
     }
     if v == verdict::DENY { DENY } else { ALLOW }
@@ -239,7 +271,9 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
     // 1. Workload: the deepest ancestor (level 0 is the cgroup2 root) that
     // the active slot names.
     // SAFETY: helper call without pointer arguments.
-    let workload = crate::policy::workload_of(slot, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
+    let workload = crate::policy::workload_of(slot, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    });
 
     let mut d = Decision {
         action: cfg.default_other,
@@ -273,34 +307,63 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
     }
     // 4. Everything else.
     d.action = other;
-    d.reason = if workload.is_some() { reason::WORKLOAD_OTHER_DEFAULT } else { reason::DEFAULT_OTHER };
+    d.reason = if workload.is_some() {
+        reason::WORKLOAD_OTHER_DEFAULT
+    } else {
+        reason::DEFAULT_OTHER
+    };
     Ok(d)
 }
 
 #[inline(always)]
 fn rule_action(slot: u32, workload_id: u32, dest: &Dest) -> Option<u8> {
     if dest.family == family::INET {
-        let data = PrefixKeyV4 { slot, scope: workload_id, addr: [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]] };
-        RULES_V4.get(Key::new(PREFIX_KEY_HEADER_BITS + 32, data)).map(|v| v.action)
+        let data = PrefixKeyV4 {
+            slot,
+            scope: workload_id,
+            addr: [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]],
+        };
+        RULES_V4
+            .get(Key::new(PREFIX_KEY_HEADER_BITS + 32, data))
+            .map(|v| v.action)
     } else {
-        let data = PrefixKeyV6 { slot, scope: workload_id, addr: dest.addr };
-        RULES_V6.get(Key::new(PREFIX_KEY_HEADER_BITS + 128, data)).map(|v| v.action)
+        let data = PrefixKeyV6 {
+            slot,
+            scope: workload_id,
+            addr: dest.addr,
+        };
+        RULES_V6
+            .get(Key::new(PREFIX_KEY_HEADER_BITS + 128, data))
+            .map(|v| v.action)
     }
 }
 
 #[inline(always)]
 fn provider_of(slot: u32, dest: &Dest) -> u32 {
     let found = if dest.family == family::INET {
-        let data = PrefixKeyV4 { slot, scope: llm_egress_common::DEST_SCOPE, addr: [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]] };
+        let data = PrefixKeyV4 {
+            slot,
+            scope: llm_egress_common::DEST_SCOPE,
+            addr: [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]],
+        };
         DESTS_V4.get(Key::new(PREFIX_KEY_HEADER_BITS + 32, data))
     } else {
-        let data = PrefixKeyV6 { slot, scope: llm_egress_common::DEST_SCOPE, addr: dest.addr };
+        let data = PrefixKeyV6 {
+            slot,
+            scope: llm_egress_common::DEST_SCOPE,
+            addr: dest.addr,
+        };
         DESTS_V6.get(Key::new(PREFIX_KEY_HEADER_BITS + 128, data))
     };
     // Not a catalog or resolved destination: an address learned from a DNS
     // answer for a provider name (ebpf/src/dns.rs).
     let Some(d) = found else {
-        return crate::dns::learned_provider(slot, dest.family == family::INET, &dest.addr, dest.port);
+        return crate::dns::learned_provider(
+            slot,
+            dest.family == family::INET,
+            &dest.addr,
+            dest.port,
+        );
     };
     if d.nports == 0 {
         return d.provider_id;

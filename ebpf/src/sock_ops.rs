@@ -59,7 +59,13 @@ pub fn account_sock_ops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn account(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != TCP_CONNECT_CB && op != ACTIVE_ESTABLISHED_CB && op != STATE_CB && op != RTT_CB && op != RTO_CB && op != HDR_OPT_LEN_CB {
+    if op != TCP_CONNECT_CB
+        && op != ACTIVE_ESTABLISHED_CB
+        && op != STATE_CB
+        && op != RTT_CB
+        && op != RTO_CB
+        && op != HDR_OPT_LEN_CB
+    {
         return;
     }
     // SAFETY: helper on this program's own context.
@@ -80,7 +86,9 @@ fn account(ctx: &SockOpsContext) {
         let now = bpf_ktime_get_ns();
         match op {
             TCP_CONNECT_CB => {
-                let _ = ctx.set_cb_flags(STATE_CB_FLAG | RTT_CB_FLAG | RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG);
+                let _ = ctx.set_cb_flags(
+                    STATE_CB_FLAG | RTT_CB_FLAG | RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG,
+                );
             }
             ACTIVE_ESTABLISHED_CB => {
                 (*entry).data.established_ns = now;

@@ -40,7 +40,10 @@ impl FakePod {
             name: name.into(),
             namespace: namespace.into(),
             uid: uid.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 }
@@ -70,13 +73,24 @@ impl FakeKube {
     pub fn start(node: &str, pods: Vec<FakePod>) -> FakeKube {
         let dir = TempDir::new("llm-egress-test-kube");
         let (config, ca_pem) = tls_config();
-        std::fs::write(dir.path().join("ca.crt"), ca_pem).unwrap_or_else(|e| panic!("writing ca.crt: {e}"));
+        std::fs::write(dir.path().join("ca.crt"), ca_pem)
+            .unwrap_or_else(|e| panic!("writing ca.crt: {e}"));
         let token = format!("test-token-{}", crate::unique_suffix());
-        std::fs::write(dir.path().join("token"), format!("{token}\n")).unwrap_or_else(|e| panic!("writing token: {e}"));
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind 127.0.0.1:0: {e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}"));
-        let state = Arc::new(Mutex::new(State { pods, token, ..State::default() }));
-        let accept = listener.try_clone().unwrap_or_else(|e| panic!("listener clone: {e}"));
+        std::fs::write(dir.path().join("token"), format!("{token}\n"))
+            .unwrap_or_else(|e| panic!("writing token: {e}"));
+        let listener =
+            TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind 127.0.0.1:0: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let state = Arc::new(Mutex::new(State {
+            pods,
+            token,
+            ..State::default()
+        }));
+        let accept = listener
+            .try_clone()
+            .unwrap_or_else(|e| panic!("listener clone: {e}"));
         let (st, node_name) = (state.clone(), node.to_string());
         std::thread::spawn(move || {
             for conn in accept.incoming() {
@@ -89,7 +103,13 @@ impl FakeKube {
                 });
             }
         });
-        FakeKube { addr, node: node.into(), state, listener, dir }
+        FakeKube {
+            addr,
+            node: node.into(),
+            state,
+            listener,
+            dir,
+        }
     }
 
     /// `https://127.0.0.1:<port>`
@@ -147,7 +167,8 @@ impl FakeKube {
     }
 
     pub fn write_token_file(&self, token: &str) {
-        std::fs::write(self.token_file(), token).unwrap_or_else(|e| panic!("writing the token: {e}"));
+        std::fs::write(self.token_file(), token)
+            .unwrap_or_else(|e| panic!("writing the token: {e}"));
     }
 
     /// Pod lists answered with 200 so far.
@@ -162,7 +183,9 @@ impl FakeKube {
 
     /// Waits until `served()` reaches `n`; returns the last count.
     pub fn wait_served(&self, n: usize, timeout: Duration) -> usize {
-        wait_until(timeout, Duration::from_millis(20), || (self.served() >= n).then_some(()));
+        wait_until(timeout, Duration::from_millis(20), || {
+            (self.served() >= n).then_some(())
+        });
         self.served()
     }
 }
@@ -179,22 +202,34 @@ impl Drop for FakeKube {
 fn tls_config() -> (Arc<ServerConfig>, String) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
+    let mut ca_params =
+        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "kubernetes");
-    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kubernetes");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
     let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
     // Like a real API server's: the service IP (here 127.0.0.1) and names.
-    let sans = vec!["127.0.0.1".to_string(), "kubernetes.default.svc".to_string()];
+    let sans = vec![
+        "127.0.0.1".to_string(),
+        "kubernetes.default.svc".to_string(),
+    ];
     let mut params = CertificateParams::new(sans).unwrap_or_else(|e| panic!("leaf params: {e}"));
-    params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
-    let leaf = params.signed_by(&key, &ca).unwrap_or_else(|e| panic!("leaf cert: {e}"));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    let leaf = params
+        .signed_by(&key, &ca)
+        .unwrap_or_else(|e| panic!("leaf cert: {e}"));
     let chain = vec![leaf.der().clone()];
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
-        .unwrap_or_else(|e| panic!("TLS config: {e}"));
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+            .unwrap_or_else(|e| panic!("TLS config: {e}"));
     (Arc::new(config), ca.pem())
 }
 
@@ -205,7 +240,11 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) {
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -235,7 +274,11 @@ fn pod_list(pods: &[FakePod], node: &str) -> Value {
     let items: Vec<Value> = pods
         .iter()
         .map(|p| {
-            let labels: serde_json::Map<String, Value> = p.labels.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
+            let labels: serde_json::Map<String, Value> = p
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(v.clone())))
+                .collect();
             json!({
                 "metadata": {
                     "name": p.name, "namespace": p.namespace, "uid": p.uid,
@@ -255,7 +298,13 @@ fn pod_list(pods: &[FakePod], node: &str) -> Value {
 }
 
 /// The answer to `GET target` with `authorization`.
-fn answer(state: &Mutex<State>, node: &str, method: &str, target: &str, authorization: Option<&str>) -> (u16, Value) {
+fn answer(
+    state: &Mutex<State>,
+    node: &str,
+    method: &str,
+    target: &str,
+    authorization: Option<&str>,
+) -> (u16, Value) {
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let field_selector = query
@@ -272,9 +321,17 @@ fn answer(state: &Mutex<State>, node: &str, method: &str, target: &str, authoriz
             "pods is forbidden: User \"system:serviceaccount:llm-egress:llm-egress\" cannot list resource \"pods\" in API group \"\" at the cluster scope",
         )
     } else if method != "GET" || path != "/api/v1/pods" {
-        status(404, "NotFound", "the server could not find the requested resource")
+        status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
     } else if field_selector.as_deref() != Some(&format!("spec.nodeName={node}")) {
-        status(400, "BadRequest", &format!("this fake lists the pods of node {node} only, not {field_selector:?}"))
+        status(
+            400,
+            "BadRequest",
+            &format!("this fake lists the pods of node {node} only, not {field_selector:?}"),
+        )
     } else {
         (200, pod_list(&s.pods, node))
     };
@@ -286,16 +343,28 @@ fn answer(state: &Mutex<State>, node: &str, method: &str, target: &str, authoriz
     (code, body)
 }
 
-fn serve(conn: TcpStream, config: Arc<ServerConfig>, node: &str, state: &Mutex<State>) -> Result<(), String> {
-    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| format!("timeout: {e}"))?;
+fn serve(
+    conn: TcpStream,
+    config: Arc<ServerConfig>,
+    node: &str,
+    state: &Mutex<State>,
+) -> Result<(), String> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| format!("timeout: {e}"))?;
     let tls = ServerConnection::new(config).map_err(|e| format!("tls: {e}"))?;
     let mut reader = BufReader::new(StreamOwned::new(tls, conn));
     let mut request_line = String::new();
-    reader.read_line(&mut request_line).map_err(|e| format!("reading the request: {e}"))?;
+    reader
+        .read_line(&mut request_line)
+        .map_err(|e| format!("reading the request: {e}"))?;
     let mut authorization = None;
     loop {
         let mut line = String::new();
-        if reader.read_line(&mut line).map_err(|e| format!("reading headers: {e}"))? == 0 {
+        if reader
+            .read_line(&mut line)
+            .map_err(|e| format!("reading headers: {e}"))?
+            == 0
+        {
             break;
         }
         let line = line.trim_end();
@@ -309,7 +378,10 @@ fn serve(conn: TcpStream, config: Arc<ServerConfig>, node: &str, state: &Mutex<S
         }
     }
     let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     let (code, body) = answer(state, node, method, target, authorization.as_deref());
     let body = body.to_string();
     let reason = match code {
@@ -324,7 +396,10 @@ fn serve(conn: TcpStream, config: Arc<ServerConfig>, node: &str, state: &Mutex<S
         "HTTP/1.1 {code} {reason}\r\nAudit-Id: 6b0c8f2e-0000-4000-8000-000000000001\r\nCache-Control: no-cache, private\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).and_then(|()| s.flush()).map_err(|e| format!("writing: {e}"))?;
+    s.write_all(head.as_bytes())
+        .and_then(|()| s.write_all(body.as_bytes()))
+        .and_then(|()| s.flush())
+        .map_err(|e| format!("writing: {e}"))?;
     s.conn.send_close_notify();
     let _ = s.flush();
     let _ = s.sock.shutdown(Shutdown::Both);
@@ -337,13 +412,20 @@ mod tests {
 
     #[test]
     fn query_values_are_decoded() {
-        assert_eq!(percent_decode("spec.nodeName%3Dnode-1"), "spec.nodeName=node-1");
+        assert_eq!(
+            percent_decode("spec.nodeName%3Dnode-1"),
+            "spec.nodeName=node-1"
+        );
         assert_eq!(percent_decode("a+b%2"), "a b%2");
     }
 
     #[test]
     fn answers_like_an_api_server() {
-        let state = Mutex::new(State { token: "t".into(), pods: vec![FakePod::new("p", "ns", "u", &[("app", "x")])], ..State::default() });
+        let state = Mutex::new(State {
+            token: "t".into(),
+            pods: vec![FakePod::new("p", "ns", "u", &[("app", "x")])],
+            ..State::default()
+        });
         let target = "/api/v1/pods?fieldSelector=spec.nodeName%3Dn1&resourceVersion=0";
         let (code, body) = answer(&state, "n1", "GET", target, Some("Bearer t"));
         assert_eq!(code, 200);
@@ -351,7 +433,10 @@ mod tests {
         assert_eq!(answer(&state, "n1", "GET", target, Some("Bearer x")).0, 401);
         assert_eq!(answer(&state, "n1", "GET", target, None).0, 401);
         assert_eq!(answer(&state, "n2", "GET", target, Some("Bearer t")).0, 400);
-        assert_eq!(answer(&state, "n1", "GET", "/api/v1/nodes", Some("Bearer t")).0, 404);
+        assert_eq!(
+            answer(&state, "n1", "GET", "/api/v1/nodes", Some("Bearer t")).0,
+            404
+        );
         state.lock().unwrap().forbidden = true;
         let (code, body) = answer(&state, "n1", "GET", target, Some("Bearer t"));
         assert_eq!((code, body["reason"].as_str()), (403, Some("Forbidden")));

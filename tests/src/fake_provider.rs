@@ -106,7 +106,9 @@ impl Default for Options {
     /// 1 ms a token: faster than real providers (10–50 ms), slow enough that
     /// streamed tokens leave as separate segments, as they do for real.
     fn default() -> Self {
-        Options { token_interval: Duration::from_millis(1) }
+        Options {
+            token_interval: Duration::from_millis(1),
+        }
     }
 }
 
@@ -131,10 +133,17 @@ pub fn start_with(netns: &NetnsGuard, addr: &str, flavor: Flavor, opts: Options)
     let dir = TempDir::new("llm-egress-fake-provider");
     let (config, ca_pem) = tls_config(flavor.host());
     let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca_pem).unwrap_or_else(|e| panic!("cannot write {}: {e}", ca_file.display()));
-    let listener = netns.in_netns(|| TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    let local = listener.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}"));
-    let accept = listener.try_clone().unwrap_or_else(|e| panic!("dup listener: {e}"));
+    std::fs::write(&ca_file, ca_pem)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", ca_file.display()));
+    let listener = netns
+        .in_netns(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let local = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local_addr: {e}"));
+    let accept = listener
+        .try_clone()
+        .unwrap_or_else(|e| panic!("dup listener: {e}"));
     let served = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let (s, st) = (served.clone(), stop.clone());
@@ -152,7 +161,15 @@ pub fn start_with(netns: &NetnsGuard, addr: &str, flavor: Flavor, opts: Options)
             });
         }
     });
-    FakeProvider { flavor, addr: local, ca_file, served, stop, listener, _dir: dir }
+    FakeProvider {
+        flavor,
+        addr: local,
+        ca_file,
+        served,
+        stop,
+        listener,
+        _dir: dir,
+    }
 }
 
 impl FakeProvider {
@@ -201,10 +218,11 @@ impl Drop for FakeProvider {
 /// A server config for `host` and the CA certificate (PEM) that signed it.
 fn tls_config(host: &str) -> (Arc<ServerConfig>, String) {
     let (chain, (key, ca_pem)) = chain_for(host);
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
-        .unwrap_or_else(|e| panic!("TLS config: {e}"));
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+            .unwrap_or_else(|e| panic!("TLS config: {e}"));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     (Arc::new(config), ca_pem)
 }
@@ -215,26 +233,46 @@ type Chain = Vec<rustls::pki_types::CertificateDer<'static>>;
 fn chain_for(host: &str) -> (Chain, (PrivateKeyDer<'static>, String)) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
+    let mut ca_params =
+        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "llm-egress test CA");
-    ca_params.distinguished_name.push(DnType::OrganizationName, "llm-egress tests");
-    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "llm-egress test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::OrganizationName, "llm-egress tests");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
     let mid_key = KeyPair::generate().unwrap_or_else(|e| panic!("intermediate key: {e}"));
-    let mut mid_params = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("intermediate params: {e}"));
+    let mut mid_params = CertificateParams::new(Vec::<String>::new())
+        .unwrap_or_else(|e| panic!("intermediate params: {e}"));
     mid_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    mid_params.distinguished_name.push(DnType::CommonName, "llm-egress test intermediate");
-    mid_params.distinguished_name.push(DnType::OrganizationName, "llm-egress tests");
-    let mid = CertifiedIssuer::signed_by(mid_params, mid_key, &ca).unwrap_or_else(|e| panic!("intermediate cert: {e}"));
+    mid_params
+        .distinguished_name
+        .push(DnType::CommonName, "llm-egress test intermediate");
+    mid_params
+        .distinguished_name
+        .push(DnType::OrganizationName, "llm-egress tests");
+    let mid = CertifiedIssuer::signed_by(mid_params, mid_key, &ca)
+        .unwrap_or_else(|e| panic!("intermediate cert: {e}"));
     let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
-    let mut params = CertificateParams::new(vec![host.to_string(), format!("*.{host}")]).unwrap_or_else(|e| panic!("leaf params: {e}"));
+    let mut params = CertificateParams::new(vec![host.to_string(), format!("*.{host}")])
+        .unwrap_or_else(|e| panic!("leaf params: {e}"));
     params.distinguished_name.push(DnType::CommonName, host);
     // Public leaves carry signed certificate timestamps (~250 bytes); an
     // opaque extension of a private OID stands in for them.
     let mut filler = vec![0x04, 0x81, 240];
     filler.extend((0..240u32).map(|i| (i * 37 % 251) as u8));
-    params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 55555, 1], filler));
-    let leaf = params.signed_by(&key, &mid).unwrap_or_else(|e| panic!("leaf cert: {e}"));
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 4, 1, 55555, 1],
+            filler,
+        ));
+    let leaf = params
+        .signed_by(&key, &mid)
+        .unwrap_or_else(|e| panic!("leaf cert: {e}"));
     // As public servers do: leaf and intermediate, not the root.
     let chain = vec![leaf.der().clone(), mid.der().clone()];
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
@@ -244,8 +282,15 @@ fn chain_for(host: &str) -> (Chain, (PrivateKeyDer<'static>, String)) {
 type Tls = StreamOwned<ServerConnection, TcpStream>;
 
 /// One connection: requests until the client closes (keep-alive).
-fn serve(conn: TcpStream, config: Arc<ServerConfig>, flavor: Flavor, opts: Options, served: &Mutex<Vec<Served>>) -> Result<(), String> {
-    conn.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+fn serve(
+    conn: TcpStream,
+    config: Arc<ServerConfig>,
+    flavor: Flavor,
+    opts: Options,
+    served: &Mutex<Vec<Served>>,
+) -> Result<(), String> {
+    conn.set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
     let peer = conn.peer_addr().map_err(|e| format!("peer: {e}"))?;
     let tls = ServerConnection::new(config).map_err(|e| format!("tls: {e}"))?;
     let mut s = StreamOwned::new(tls, conn);
@@ -273,7 +318,10 @@ struct Request {
 
 impl Request {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -294,7 +342,10 @@ fn read_request(s: &mut Tls, pending: &mut Vec<u8>) -> Result<Option<Request>, S
     let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
     let mut first = lines.next().unwrap_or("").split_whitespace();
-    let (method, path) = (first.next().unwrap_or("").to_string(), first.next().unwrap_or("").to_string());
+    let (method, path) = (
+        first.next().unwrap_or("").to_string(),
+        first.next().unwrap_or("").to_string(),
+    );
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -305,9 +356,12 @@ fn read_request(s: &mut Tls, pending: &mut Vec<u8>) -> Result<Option<Request>, S
         .and_then(|(_, v)| v.parse::<usize>().ok())
         .unwrap_or(0);
     pending.drain(..head_end + 4);
-    let expect = headers.iter().any(|(k, v)| k == "expect" && v.eq_ignore_ascii_case("100-continue"));
+    let expect = headers
+        .iter()
+        .any(|(k, v)| k == "expect" && v.eq_ignore_ascii_case("100-continue"));
     if expect && pending.len() < len {
-        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .map_err(|e| format!("write: {e}"))?;
     }
     while pending.len() < len {
         match s.read(&mut chunk) {
@@ -317,11 +371,21 @@ fn read_request(s: &mut Tls, pending: &mut Vec<u8>) -> Result<Option<Request>, S
         }
     }
     let body = pending.drain(..len).collect();
-    Ok(Some(Request { method, path, headers, body }))
+    Ok(Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    }))
 }
 
 /// Answers one request; the record of what it served (none for errors).
-fn respond(s: &mut Tls, flavor: Flavor, opts: Options, req: &Request) -> std::io::Result<Option<Served>> {
+fn respond(
+    s: &mut Tls,
+    flavor: Flavor,
+    opts: Options,
+    req: &Request,
+) -> std::io::Result<Option<Served>> {
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     let endpoint = match (flavor, req.method.as_str(), req.path.as_str()) {
         (Flavor::OpenAi, "POST", "/v1/chat/completions") => Endpoint::ChatCompletions,
@@ -349,16 +413,29 @@ fn respond(s: &mut Tls, flavor: Flavor, opts: Options, req: &Request) -> std::io
                 Endpoint::Messages => anthropic_prompt_tokens(&body),
                 _ => openai_prompt_tokens(&body, bpe),
             };
-            let n = body["max_completion_tokens"].as_u64().or(body["max_tokens"].as_u64()).unwrap_or(16) as usize;
+            let n = body["max_completion_tokens"]
+                .as_u64()
+                .or(body["max_tokens"].as_u64())
+                .unwrap_or(16) as usize;
             let pieces = completion(rng.next_u64(), n, bpe);
-            let usage = Usage { prompt, completion: pieces.len() as u64 };
-            let generation = Generation { pieces: &pieces, usage, model: &model, interval: opts.token_interval };
+            let usage = Usage {
+                prompt,
+                completion: pieces.len() as u64,
+            };
+            let generation = Generation {
+                pieces: &pieces,
+                usage,
+                model: &model,
+                interval: opts.token_interval,
+            };
             match (endpoint, streamed) {
                 (Endpoint::Messages, false) => anthropic_message(s, &generation, &mut rng)?,
                 (Endpoint::Messages, true) => anthropic_stream(s, &generation, &mut rng)?,
                 (_, false) => openai_completion(s, &generation, &mut rng)?,
                 (_, true) => {
-                    let usage_chunk = body["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+                    let usage_chunk = body["stream_options"]["include_usage"]
+                        .as_bool()
+                        .unwrap_or(false);
                     openai_stream(s, &generation, usage_chunk, &mut rng)?
                 }
             }
@@ -366,7 +443,14 @@ fn respond(s: &mut Tls, flavor: Flavor, opts: Options, req: &Request) -> std::io
         }
     };
     let peer = SocketAddr::from(([0, 0, 0, 0], 0));
-    Ok(Some(Served { request_id: None, endpoint, model, streamed, usage, peer }))
+    Ok(Some(Served {
+        request_id: None,
+        endpoint,
+        model,
+        streamed,
+        usage,
+        peer,
+    }))
 }
 
 struct Generation<'a> {
@@ -377,11 +461,20 @@ struct Generation<'a> {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Headers shaped like the provider's (Cloudflare in front of both).
-fn headers(flavor: Flavor, status: u16, content_type: &str, length: Option<usize>, rng: &mut Rng) -> String {
+fn headers(
+    flavor: Flavor,
+    status: u16,
+    content_type: &str,
+    length: Option<usize>,
+    rng: &mut Rng,
+) -> String {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -421,7 +514,12 @@ fn headers(flavor: Flavor, status: u16, content_type: &str, length: Option<usize
             let mut h = format!(
                 "HTTP/1.1 {status} {reason}\r\nDate: Wed, 25 Nov 2026 18:06:26 GMT\r\nContent-Type: {content_type}\r\n{framing}\r\nConnection: keep-alive\r\n"
             );
-            for (what, limit) in [("input-tokens", 400_000), ("output-tokens", 80_000), ("requests", 4_000), ("tokens", 480_000)] {
+            for (what, limit) in [
+                ("input-tokens", 400_000),
+                ("output-tokens", 80_000),
+                ("requests", 4_000),
+                ("tokens", 480_000),
+            ] {
                 h.push_str(&format!(
                     "anthropic-ratelimit-{what}-limit: {limit}\r\nanthropic-ratelimit-{what}-remaining: {}\r\n\
                      anthropic-ratelimit-{what}-reset: 2026-11-25T18:06:27Z\r\n",
@@ -445,7 +543,13 @@ fn headers(flavor: Flavor, status: u16, content_type: &str, length: Option<usize
     }
 }
 
-fn write_response(s: &mut Tls, flavor: Flavor, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+fn write_response(
+    s: &mut Tls,
+    flavor: Flavor,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let mut rng = Rng::new(fnv(body.as_bytes()));
     let mut out = headers(flavor, status, content_type, Some(body.len()), &mut rng);
     out.push_str(body);
@@ -513,8 +617,18 @@ fn openai_completion(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Res
     write_response(s, Flavor::OpenAi, 200, "application/json", &text)
 }
 
-fn openai_stream(s: &mut Tls, g: &Generation, usage_chunk: bool, rng: &mut Rng) -> std::io::Result<()> {
-    let (id, created, model, fp) = (format!("chatcmpl-{}", rng.alnum(29)), now_secs(), snapshot(g.model), format!("fp_{}", rng.hex(10)));
+fn openai_stream(
+    s: &mut Tls,
+    g: &Generation,
+    usage_chunk: bool,
+    rng: &mut Rng,
+) -> std::io::Result<()> {
+    let (id, created, model, fp) = (
+        format!("chatcmpl-{}", rng.alnum(29)),
+        now_secs(),
+        snapshot(g.model),
+        format!("fp_{}", rng.hex(10)),
+    );
     let chunk = |delta: Value, finish: Value| {
         let mut c = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -527,7 +641,13 @@ fn openai_stream(s: &mut Tls, g: &Generation, usage_chunk: bool, rng: &mut Rng) 
         format!("data: {c}\n\n")
     };
     start_stream(s, Flavor::OpenAi, rng)?;
-    write_chunk(s, &chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null))?;
+    write_chunk(
+        s,
+        &chunk(
+            json!({"role": "assistant", "content": "", "refusal": null}),
+            Value::Null,
+        ),
+    )?;
     for piece in g.pieces {
         std::thread::sleep(g.interval);
         write_chunk(s, &chunk(json!({"content": piece}), Value::Null))?;
@@ -560,7 +680,13 @@ fn anthropic_message(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Res
         "stop_sequence": null,
         "usage": anthropic_usage(g.usage, g.usage.completion)
     });
-    write_response(s, Flavor::Anthropic, 200, "application/json", &body.to_string())
+    write_response(
+        s,
+        Flavor::Anthropic,
+        200,
+        "application/json",
+        &body.to_string(),
+    )
 }
 
 fn anthropic_stream(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
@@ -570,15 +696,33 @@ fn anthropic_stream(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Resu
         "id": format!("msg_01{}", rng.alnum(22)), "type": "message", "role": "assistant", "model": g.model,
         "content": [], "stop_reason": null, "stop_sequence": null, "usage": anthropic_usage(g.usage, 1)
     });
-    write_chunk(s, &event("message_start", json!({"type": "message_start", "message": message})))?;
-    write_chunk(s, &event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})))?;
+    write_chunk(
+        s,
+        &event(
+            "message_start",
+            json!({"type": "message_start", "message": message}),
+        ),
+    )?;
+    write_chunk(
+        s,
+        &event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+    )?;
     write_chunk(s, &event("ping", json!({"type": "ping"})))?;
     for piece in g.pieces {
         std::thread::sleep(g.interval);
         let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}});
         write_chunk(s, &event("content_block_delta", delta))?;
     }
-    write_chunk(s, &event("content_block_stop", json!({"type": "content_block_stop", "index": 0})))?;
+    write_chunk(
+        s,
+        &event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+    )?;
     let delta = json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": g.usage.completion}});
     write_chunk(s, &event("message_delta", delta))?;
     write_chunk(s, &event("message_stop", json!({"type": "message_stop"})))?;
@@ -588,18 +732,30 @@ fn anthropic_stream(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Resu
 fn embeddings(s: &mut Tls, body: &Value, model: &str, rng: &mut Rng) -> std::io::Result<Usage> {
     let inputs: Vec<String> = match &body["input"] {
         Value::String(t) => vec![t.clone()],
-        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
         _ => Vec::new(),
     };
     let bpe = tiktoken_rs::cl100k_base_singleton();
-    let prompt: u64 = inputs.iter().map(|t| bpe.encode_ordinary(t).len() as u64).sum();
-    let dims = body["dimensions"].as_u64().unwrap_or(if model.contains("large") { 3072 } else { 1536 }) as usize;
+    let prompt: u64 = inputs
+        .iter()
+        .map(|t| bpe.encode_ordinary(t).len() as u64)
+        .sum();
+    let dims = body["dimensions"]
+        .as_u64()
+        .unwrap_or(if model.contains("large") { 3072 } else { 1536 }) as usize;
     let base64 = body["encoding_format"].as_str() == Some("base64");
     let data: Vec<Value> = (0..inputs.len())
         .map(|i| {
-            let v: Vec<f32> = (0..dims).map(|_| (rng.unit() as f32 - 0.5) * 0.12).collect();
+            let v: Vec<f32> = (0..dims)
+                .map(|_| (rng.unit() as f32 - 0.5) * 0.12)
+                .collect();
             let embedding = if base64 {
-                json!(base64_encode(&v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>()))
+                json!(base64_encode(
+                    &v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>()
+                ))
             } else {
                 json!(v)
             };
@@ -609,7 +765,10 @@ fn embeddings(s: &mut Tls, body: &Value, model: &str, rng: &mut Rng) -> std::io:
     let out = json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}});
     let text = serde_json::to_string_pretty(&out).unwrap_or_default();
     write_response(s, Flavor::OpenAi, 200, "application/json", &text)?;
-    Ok(Usage { prompt, completion: 0 })
+    Ok(Usage {
+        prompt,
+        completion: 0,
+    })
 }
 
 /// The tokenizer OpenAI uses for `model` (o200k_base for the 4o/4.1/o-series
@@ -627,7 +786,11 @@ pub fn bpe_for(model: &str) -> &'static CoreBPE {
 fn text_of(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
         _ => String::new(),
     }
 }
@@ -657,7 +820,11 @@ fn anthropic_prompt_tokens(body: &Value) -> u64 {
         v => 3 + n(&text_of(v)),
     };
     let messages = body["messages"].as_array().cloned().unwrap_or_default();
-    4 + system + messages.iter().map(|m| 3 + n(&text_of(&m["content"]))).sum::<u64>()
+    4 + system
+        + messages
+            .iter()
+            .map(|m| 3 + n(&text_of(&m["content"])))
+            .sum::<u64>()
 }
 
 /// `n` tokens of [`prose`] as `bpe` splits them: the deltas of a stream.
@@ -669,7 +836,10 @@ fn completion(seed: u64, n: usize, bpe: &CoreBPE) -> Vec<String> {
         text.push_str(&words(&mut rng, 8 * n + 32));
         tokens = bpe.encode_ordinary(&text);
     }
-    tokens[..n].iter().map(|t| bpe.decode(&[*t]).unwrap_or_default()).collect()
+    tokens[..n]
+        .iter()
+        .map(|t| bpe.decode(&[*t]).unwrap_or_default())
+        .collect()
 }
 
 /// Deterministic pseudo-English text of exactly `tokens` cl100k_base
@@ -680,27 +850,220 @@ pub fn prose(seed: u64, tokens: usize) -> String {
 
 /// Number of cl100k_base tokens of `text`.
 pub fn cl100k_tokens(text: &str) -> usize {
-    tiktoken_rs::cl100k_base_singleton().encode_ordinary(text).len()
+    tiktoken_rs::cl100k_base_singleton()
+        .encode_ordinary(text)
+        .len()
 }
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he",
-    "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you", "were", "their", "one",
-    "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would", "who", "so", "no", "time",
-    "people", "system", "data", "model", "request", "service", "network", "report", "customer", "order", "account",
-    "policy", "question", "answer", "summary", "document", "results", "support", "team", "process", "because", "should",
-    "between", "important", "following", "example", "information", "available", "different", "however", "several",
-    "through", "during", "without", "within", "specific", "general", "current", "previous", "response", "problem",
-    "solution", "approach", "analysis", "quickly", "carefully", "usually", "production", "deployment", "configuration",
-    "security", "performance", "latency", "throughput", "workload", "cluster", "database", "migration", "release",
-    "schedule", "meeting", "review", "feedback", "invoice", "shipment", "warehouse", "delivery", "contract", "budget",
-    "forecast", "quarter", "revenue", "growth", "market", "product", "feature", "version", "update", "error", "warning",
-    "message", "user", "client", "server", "connection", "session", "token", "limit", "cost", "estimate", "explain",
-    "describe", "compare", "translate", "write", "check", "improve", "reduce", "increase", "make", "take", "give", "find",
-    "know", "think", "see", "come", "look", "use", "work", "call", "try", "need", "feel", "become", "leave", "put",
-    "mean", "keep", "let", "begin", "seem", "help", "show", "hear", "play", "run", "move", "like", "live", "believe",
-    "new", "good", "first", "last", "long", "great", "little", "own", "other", "old", "right", "big", "high", "small",
-    "large", "next", "early", "young", "few", "public", "bad", "same", "able", "three", "twelve", "2024", "15%",
+    "the",
+    "of",
+    "and",
+    "to",
+    "a",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "had",
+    "they",
+    "you",
+    "were",
+    "their",
+    "one",
+    "all",
+    "we",
+    "can",
+    "her",
+    "has",
+    "there",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "time",
+    "people",
+    "system",
+    "data",
+    "model",
+    "request",
+    "service",
+    "network",
+    "report",
+    "customer",
+    "order",
+    "account",
+    "policy",
+    "question",
+    "answer",
+    "summary",
+    "document",
+    "results",
+    "support",
+    "team",
+    "process",
+    "because",
+    "should",
+    "between",
+    "important",
+    "following",
+    "example",
+    "information",
+    "available",
+    "different",
+    "however",
+    "several",
+    "through",
+    "during",
+    "without",
+    "within",
+    "specific",
+    "general",
+    "current",
+    "previous",
+    "response",
+    "problem",
+    "solution",
+    "approach",
+    "analysis",
+    "quickly",
+    "carefully",
+    "usually",
+    "production",
+    "deployment",
+    "configuration",
+    "security",
+    "performance",
+    "latency",
+    "throughput",
+    "workload",
+    "cluster",
+    "database",
+    "migration",
+    "release",
+    "schedule",
+    "meeting",
+    "review",
+    "feedback",
+    "invoice",
+    "shipment",
+    "warehouse",
+    "delivery",
+    "contract",
+    "budget",
+    "forecast",
+    "quarter",
+    "revenue",
+    "growth",
+    "market",
+    "product",
+    "feature",
+    "version",
+    "update",
+    "error",
+    "warning",
+    "message",
+    "user",
+    "client",
+    "server",
+    "connection",
+    "session",
+    "token",
+    "limit",
+    "cost",
+    "estimate",
+    "explain",
+    "describe",
+    "compare",
+    "translate",
+    "write",
+    "check",
+    "improve",
+    "reduce",
+    "increase",
+    "make",
+    "take",
+    "give",
+    "find",
+    "know",
+    "think",
+    "see",
+    "come",
+    "look",
+    "use",
+    "work",
+    "call",
+    "try",
+    "need",
+    "feel",
+    "become",
+    "leave",
+    "put",
+    "mean",
+    "keep",
+    "let",
+    "begin",
+    "seem",
+    "help",
+    "show",
+    "hear",
+    "play",
+    "run",
+    "move",
+    "like",
+    "live",
+    "believe",
+    "new",
+    "good",
+    "first",
+    "last",
+    "long",
+    "great",
+    "little",
+    "own",
+    "other",
+    "old",
+    "right",
+    "big",
+    "high",
+    "small",
+    "large",
+    "next",
+    "early",
+    "young",
+    "few",
+    "public",
+    "bad",
+    "same",
+    "able",
+    "three",
+    "twelve",
+    "2024",
+    "15%",
 ];
 
 /// About `n` characters of sentences.
@@ -764,11 +1127,16 @@ impl Rng {
     }
 
     fn pick_from(&mut self, alphabet: &[u8], n: usize) -> String {
-        (0..n).map(|_| alphabet[self.below(alphabet.len() as u64) as usize] as char).collect()
+        (0..n)
+            .map(|_| alphabet[self.below(alphabet.len() as u64) as usize] as char)
+            .collect()
     }
 
     pub fn alnum(&mut self, n: usize) -> String {
-        self.pick_from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", n)
+        self.pick_from(
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+            n,
+        )
     }
 
     pub fn hex(&mut self, n: usize) -> String {
@@ -777,14 +1145,18 @@ impl Rng {
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for c in bytes.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);

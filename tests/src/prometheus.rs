@@ -40,11 +40,21 @@ impl Prometheus {
             .stderr(log.map(Stdio::from).unwrap_or_else(Stdio::null))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start prometheus (Debian package `prometheus`, installed by `cargo xtask setup`): {e}"));
-        let p = Prometheus { child, addr, _dir: dir };
+        let p = Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        };
         let ready = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
-            http::get(p.addr, "/-/ready", Duration::from_secs(1)).ok().filter(|r| r.status == 200)
+            http::get(p.addr, "/-/ready", Duration::from_secs(1))
+                .ok()
+                .filter(|r| r.status == 200)
         });
-        assert!(ready.is_some(), "prometheus did not become ready on {addr}: {}", p.log());
+        assert!(
+            ready.is_some(),
+            "prometheus did not become ready on {addr}: {}",
+            p.log()
+        );
         p
     }
 
@@ -65,7 +75,12 @@ impl Prometheus {
     }
 
     /// The value of a single-series query, polled until `pred` holds.
-    pub fn wait_value(&self, promql: &str, timeout: Duration, pred: impl Fn(f64) -> bool) -> Option<f64> {
+    pub fn wait_value(
+        &self,
+        promql: &str,
+        timeout: Duration,
+        pred: impl Fn(f64) -> bool,
+    ) -> Option<f64> {
         wait_until(timeout, Duration::from_millis(500), || {
             let r = self.query(promql).ok()?;
             let v: f64 = r.first()?["value"][1].as_str()?.parse().ok()?;
@@ -77,7 +92,9 @@ impl Prometheus {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

@@ -14,7 +14,9 @@ use std::{
     time::Duration,
 };
 
-use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, probe::confine, require_root, toml_str, wait_until};
+use llm_egress_tests::{
+    Agent, CgroupGuard, NetnsGuard, probe::confine, require_root, toml_str, wait_until,
+};
 
 /// An HTTP/1.0 server that reads one request (headers + `Content-Length`
 /// body), answers with a body of `body_len` bytes and closes; it counts the
@@ -26,8 +28,14 @@ struct CountingHttp {
 }
 
 fn start_server(netns: &NetnsGuard, addr: &str, body_len: usize) -> CountingHttp {
-    let listener = netns.in_netns(|| TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    let (read, written, served) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let listener = netns
+        .in_netns(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let (read, written, served) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let (r, w, s) = (read.clone(), written.clone(), served.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
@@ -35,8 +43,7 @@ fn start_server(netns: &NetnsGuard, addr: &str, body_len: usize) -> CountingHttp
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             // Read until the headers and the declared body are in.
-            loop {
-                let Ok(n) = conn.read(&mut chunk) else { break };
+            while let Ok(n) = conn.read(&mut chunk) {
                 if n == 0 {
                     break;
                 }
@@ -45,7 +52,10 @@ fn start_server(netns: &NetnsGuard, addr: &str, body_len: usize) -> CountingHttp
                     let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
                     let len = head
                         .lines()
-                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                        .find_map(|l| {
+                            l.strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
                         .unwrap_or(0);
                     if buf.len() >= end + 4 + len {
                         break;
@@ -64,7 +74,11 @@ fn start_server(netns: &NetnsGuard, addr: &str, body_len: usize) -> CountingHttp
             s.fetch_add(1, Ordering::SeqCst);
         }
     });
-    CountingHttp { read, written, served }
+    CountingHttp {
+        read,
+        written,
+        served,
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -72,12 +86,18 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Runs curl inside `cgroup` and `netns`, posting `data_len` bytes to `url`.
-fn curl(cgroup: &std::path::Path, netns: &NetnsGuard, url: &str, data_len: usize) -> std::process::Output {
+fn curl(
+    cgroup: &std::path::Path,
+    netns: &NetnsGuard,
+    url: &str,
+    data_len: usize,
+) -> std::process::Output {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "-o", "/dev/null", "--max-time", "5", "-H", "Expect:"]);
     cmd.args(["--data-binary", &"y".repeat(data_len), url]);
     confine(&mut cmd, cgroup, netns);
-    cmd.output().unwrap_or_else(|e| panic!("cannot run curl: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e}"))
 }
 
 #[test]
@@ -105,11 +125,27 @@ allow = ["test-llm"]
     let agent = Agent::start(&policy);
     const N: u64 = 5;
     for i in 0..N {
-        let out = curl(&bot, &netns, "http://10.20.0.1:8080/v1/chat/completions", 1_000 + i as usize);
-        assert!(out.status.success(), "curl {i} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), agent.context());
+        let out = curl(
+            &bot,
+            &netns,
+            "http://10.20.0.1:8080/v1/chat/completions",
+            1_000 + i as usize,
+        );
+        assert!(
+            out.status.success(),
+            "curl {i} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.context()
+        );
     }
     assert_eq!(server.served.load(Ordering::SeqCst), N);
-    let labels = |dir: &'static str| [("workload", "bot"), ("provider", "test-llm"), ("direction", dir)];
+    let labels = |dir: &'static str| {
+        [
+            ("workload", "bot"),
+            ("provider", "test-llm"),
+            ("direction", dir),
+        ]
+    };
     let sent = server.read.load(Ordering::SeqCst) as f64;
     let received = server.written.load(Ordering::SeqCst) as f64;
     // TCP counts a FIN as one byte of sequence space: each direction may be
@@ -123,37 +159,84 @@ allow = ["test-llm"]
     assert!(
         got.is_some(),
         "bytes_total must equal what the server read ({sent}) and wrote ({received}), plus at most one FIN per connection; metrics:\n{}\n{}",
-        agent.metrics().lines().filter(|l| l.contains("bytes_total")).collect::<Vec<_>>().join("\n"),
+        agent
+            .metrics()
+            .lines()
+            .filter(|l| l.contains("bytes_total"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         agent.context()
     );
-    let allowed = [("workload", "bot"), ("provider", "test-llm"), ("verdict", "allow")];
-    let opened = agent.wait_for_metric("llm_egress_connections_total", &allowed, N as f64, Duration::from_secs(5));
-    assert_eq!(opened, Some(N as f64), "one allowed connection per curl (kernel counters are synced every second)");
-    assert_eq!(agent.metric_value("llm_egress_active_connections", &[("workload", "bot")]), Some(0.0), "all closed");
+    let allowed = [
+        ("workload", "bot"),
+        ("provider", "test-llm"),
+        ("verdict", "allow"),
+    ];
+    let opened = agent.wait_for_metric(
+        "llm_egress_connections_total",
+        &allowed,
+        N as f64,
+        Duration::from_secs(5),
+    );
     assert_eq!(
-        agent.metric_value("llm_egress_process_connections_total", &[("workload", "bot"), ("process", "curl")]),
+        opened,
+        Some(N as f64),
+        "one allowed connection per curl (kernel counters are synced every second)"
+    );
+    assert_eq!(
+        agent.metric_value("llm_egress_active_connections", &[("workload", "bot")]),
+        Some(0.0),
+        "all closed"
+    );
+    assert_eq!(
+        agent.metric_value(
+            "llm_egress_process_connections_total",
+            &[("workload", "bot"), ("process", "curl")]
+        ),
         Some(N as f64),
         "per-process series are labelled by executable name"
     );
     assert_eq!(
-        agent.metric_value("llm_egress_connection_duration_seconds_count", &[("workload", "bot"), ("provider", "test-llm")]),
+        agent.metric_value(
+            "llm_egress_connection_duration_seconds_count",
+            &[("workload", "bot"), ("provider", "test-llm")]
+        ),
         Some(N as f64)
     );
-    let records: Vec<_> = agent.audit_events().into_iter().filter(|e| e["event"] == "connection").collect();
-    assert_eq!(records.len() as u64, N, "one connection record per connection");
-    let total_received: u64 = records.iter().map(|r| r["bytes_received"].as_u64().unwrap_or(0)).sum();
-    assert!(within(total_received as f64, received), "records' bytes_received {total_received} vs server {received}");
+    let records: Vec<_> = agent
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["event"] == "connection")
+        .collect();
+    assert_eq!(
+        records.len() as u64,
+        N,
+        "one connection record per connection"
+    );
+    let total_received: u64 = records
+        .iter()
+        .map(|r| r["bytes_received"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        within(total_received as f64, received),
+        "records' bytes_received {total_received} vs server {received}"
+    );
     for r in &records {
         assert_eq!(r["established"], true, "{r}");
         assert_eq!(r["comm"], "curl", "{r}");
-        assert!(r["exe"].as_str().is_some_and(|e| e.ends_with("curl")), "{r}");
+        assert!(
+            r["exe"].as_str().is_some_and(|e| e.ends_with("curl")),
+            "{r}"
+        );
     }
 }
 
 /// A listener that accepts and drops connections as fast as it can.
 fn start_sink(netns: &NetnsGuard, addr: &str) {
     use std::os::fd::AsRawFd;
-    let listener = netns.in_netns(|| TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let listener = netns
+        .in_netns(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     // SAFETY: listen(2) on our socket, to deepen the accept queue.
     unsafe { libc::listen(listener.as_raw_fd(), 4096) };
     std::thread::spawn(move || {
@@ -188,26 +271,52 @@ allow = ["test-llm"]
     const N: u64 = 20_000;
     let probe = llm_egress_tests::Probe::new(env!("CARGO_BIN_EXE_egress-probe"));
     let report = probe.connect_loop(&bot, &netns, "10.20.0.1:8081", N);
-    assert_eq!(report.failures, 0, "every connect must succeed (errno {:?})", report.errno);
-    let allow = [("workload", "bot"), ("provider", "test-llm"), ("verdict", "allow")];
+    assert_eq!(
+        report.failures, 0,
+        "every connect must succeed (errno {:?})",
+        report.errno
+    );
+    let allow = [
+        ("workload", "bot"),
+        ("provider", "test-llm"),
+        ("verdict", "allow"),
+    ];
     // Settle: the kernel counters are synced every second; the reader drains.
     let settled = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
-        let counted = agent.metric_value("llm_egress_connections_total", &allow).unwrap_or(0.0);
-        let lost = agent.metric_value("llm_egress_events_lost_total", &[]).unwrap_or(0.0);
-        let decided = agent.metric_value("llm_egress_decisions_total", &[("verdict", "allow")]).unwrap_or(0.0);
+        let counted = agent
+            .metric_value("llm_egress_connections_total", &allow)
+            .unwrap_or(0.0);
+        let lost = agent
+            .metric_value("llm_egress_events_lost_total", &[])
+            .unwrap_or(0.0);
+        let decided = agent
+            .metric_value("llm_egress_decisions_total", &[("verdict", "allow")])
+            .unwrap_or(0.0);
         (decided >= N as f64 && counted + lost >= N as f64).then_some((counted, lost))
     });
     let (counted, lost) = settled.unwrap_or_else(|| {
         panic!(
             "after {N} connections, connections_total + events_lost must reach {N}:\n{}\n{}",
-            agent.metrics().lines().filter(|l| l.contains("connections_total") || l.contains("lost") || l.contains("decisions")).collect::<Vec<_>>().join("\n"),
+            agent
+                .metrics()
+                .lines()
+                .filter(|l| l.contains("connections_total")
+                    || l.contains("lost")
+                    || l.contains("decisions"))
+                .collect::<Vec<_>>()
+                .join("\n"),
             agent.context()
         )
     });
     assert!(counted <= N as f64, "never more than happened: {counted}");
     eprintln!("{N} connections: {counted} counted, {lost} events lost (counted)");
     let bytes_ok = wait_until(Duration::from_secs(5), Duration::from_millis(200), || {
-        (agent.metric_value("llm_egress_active_connections", &[("workload", "bot")])? == 0.0).then_some(())
+        (agent.metric_value("llm_egress_active_connections", &[("workload", "bot")])? == 0.0)
+            .then_some(())
     });
-    assert!(bytes_ok.is_some() || lost > 0.0, "with no loss every connection must be closed again:\n{}", agent.metrics());
+    assert!(
+        bytes_ok.is_some() || lost > 0.0,
+        "with no loss every connection must be closed again:\n{}",
+        agent.metrics()
+    );
 }

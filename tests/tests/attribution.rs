@@ -38,23 +38,51 @@ other = "deny"
     let probe = Probe::new(env!("CARGO_BIN_EXE_egress-probe"));
 
     let r = probe.connect(&container, &netns, "192.0.2.1:7");
-    assert_eq!(r, Err(libc::EPERM), "the pod's workload denies other egress (container below the pod cgroup)");
+    assert_eq!(
+        r,
+        Err(libc::EPERM),
+        "the pod's workload denies other egress (container below the pod cgroup)"
+    );
     let event = agent
-        .wait_for_audit(|e| e["workload"] == "burstable-pods", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no audit event for the pod's denied connect\n{}", agent.context()));
+        .wait_for_audit(
+            |e| e["workload"] == "burstable-pods",
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "no audit event for the pod's denied connect\n{}",
+                agent.context()
+            )
+        });
     assert_eq!(event["pod_uid"], UID, "pod uid with dashes: {event}");
     assert_eq!(event["qos_class"], "burstable", "{event}");
     assert_eq!(event["container_runtime"], "containerd", "{event}");
     assert_eq!(event["container_id"], ID, "{event}");
-    assert_eq!(event["unit"], format!("cri-containerd-{ID}.scope"), "{event}");
+    assert_eq!(
+        event["unit"],
+        format!("cri-containerd-{ID}.scope"),
+        "{event}"
+    );
 
     let r = probe.connect(&docker, &netns, "192.0.2.1:7");
-    assert_eq!(r, Err(libc::EPERM), "the container's unit selects its workload");
+    assert_eq!(
+        r,
+        Err(libc::EPERM),
+        "the container's unit selects its workload"
+    );
     let event = agent
         .wait_for_audit(|e| e["workload"] == "one-container", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no audit event for the docker container\n{}", agent.context()));
+        .unwrap_or_else(|| {
+            panic!(
+                "no audit event for the docker container\n{}",
+                agent.context()
+            )
+        });
     assert_eq!(event["container_runtime"], "docker", "{event}");
     assert_eq!(event["container_id"], ID, "{event}");
-    assert!(event["pod_uid"].is_null() && event["qos_class"].is_null(), "not a pod: {event}");
+    assert!(
+        event["pod_uid"].is_null() && event["qos_class"].is_null(),
+        "not a pod: {event}"
+    );
     drop(agent);
 }

@@ -175,13 +175,18 @@ struct DnsServer {
 }
 
 impl DnsServer {
-    fn start(ns: &NetnsGuard, addr: &str, answer: impl Fn(&str, u16) -> Vec<Rr> + Send + Sync + 'static) -> DnsServer {
+    fn start(
+        ns: &NetnsGuard,
+        addr: &str,
+        answer: impl Fn(&str, u16) -> Vec<Rr> + Send + Sync + 'static,
+    ) -> DnsServer {
         let addr: SocketAddr = addr.parse().unwrap();
         let answer: Arc<Answerer> = Arc::new(answer);
         let (udp, tcp) = ns.in_netns(|| (UdpSocket::bind(addr), TcpListener::bind(addr)));
         let udp = udp.unwrap_or_else(|e| panic!("DNS server cannot bind UDP {addr}: {e}"));
         let tcp = tcp.unwrap_or_else(|e| panic!("DNS server cannot bind TCP {addr}: {e}"));
-        udp.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         tcp.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (s1, a1) = (stop.clone(), answer.clone());
@@ -190,7 +195,9 @@ impl DnsServer {
             while !s1.load(Ordering::SeqCst) {
                 if let Ok((n, peer)) = udp.recv_from(&mut buf) {
                     let q = &buf[..n];
-                    let Some((name, qtype, _)) = parse_query(q) else { continue };
+                    let Some((name, qtype, _)) = parse_query(q) else {
+                        continue;
+                    };
                     let _ = udp.send_to(&response(q, &a1(&name, qtype)), peer);
                 }
             }
@@ -210,18 +217,25 @@ impl DnsServer {
                         if c.read_exact(&mut q).is_err() {
                             continue;
                         }
-                        let Some((name, qtype, _)) = parse_query(&q) else { continue };
+                        let Some((name, qtype, _)) = parse_query(&q) else {
+                            continue;
+                        };
                         let r = response(&q, &a2(&name, qtype));
                         let mut out = (r.len() as u16).to_be_bytes().to_vec();
                         out.extend_from_slice(&r);
                         let _ = c.write_all(&out);
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
                     Err(_) => {}
                 }
             }
         });
-        DnsServer { stop, threads: vec![t1, t2] }
+        DnsServer {
+            stop,
+            threads: vec![t1, t2],
+        }
     }
 }
 
@@ -299,18 +313,27 @@ impl EchoServer {
                                             return;
                                         }
                                     }
-                                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                        ) => {}
                                     Err(_) => return,
                                 }
                             }
                         });
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
                     Err(_) => {}
                 }
             }
         });
-        EchoServer { stop, thread: Some(thread) }
+        EchoServer {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -336,8 +359,17 @@ impl Client {
     fn start(cgroup: &Path, ns: &NetnsGuard) -> Client {
         let exe = std::env::current_exe().unwrap();
         let mut child = Command::new(exe)
-            .args(["bypass_client_process", "--exact", "--nocapture", "--test-threads=1", "-q"])
-            .env(CLIENT_ENV, format!("{}\n{}", cgroup.display(), ns.path().display()))
+            .args([
+                "bypass_client_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(
+                CLIENT_ENV,
+                format!("{}\n{}", cgroup.display(), ns.path().display()),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -345,7 +377,11 @@ impl Client {
             .expect("cannot start the client process");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        Client { child, stdin, stdout }
+        Client {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     /// One command, one answer line (lines not starting with `R ` are the
@@ -367,11 +403,17 @@ impl Client {
     /// Resolves `name` (`AAAA` when `v6`) at `server` over UDP, or TCP
     /// when `tcp`; the addresses of the answer.
     fn resolve(&mut self, server: &str, name: &str, v6: bool, tcp: bool) -> Vec<IpAddr> {
-        let r = self.cmd(&format!("q {server} {} {name} {}", if v6 { "AAAA" } else { "A" }, if tcp { "tcp" } else { "udp" }));
+        let r = self.cmd(&format!(
+            "q {server} {} {name} {}",
+            if v6 { "AAAA" } else { "A" },
+            if tcp { "tcp" } else { "udp" }
+        ));
         if r == "-" {
             return vec![];
         }
-        r.split(',').map(|a| a.parse().unwrap_or_else(|_| panic!("resolve {name}: {r}"))).collect()
+        r.split(',')
+            .map(|a| a.parse().unwrap_or_else(|_| panic!("resolve {name}: {r}")))
+            .collect()
     }
 
     /// TCP connect to `addr` (then close).
@@ -398,7 +440,11 @@ impl Drop for Client {
 }
 
 fn parse_result(r: &str) -> Result<(), i32> {
-    if r == "ok" { Ok(()) } else { Err(r.parse().unwrap_or(-1)) }
+    if r == "ok" {
+        Ok(())
+    } else {
+        Err(r.parse().unwrap_or(-1))
+    }
 }
 
 fn errno(e: &std::io::Error) -> String {
@@ -408,12 +454,17 @@ fn errno(e: &std::io::Error) -> String {
 /// The client: only does something when run by `Client::start`.
 #[test]
 fn bypass_client_process() {
-    let Ok(spec) = std::env::var(CLIENT_ENV) else { return };
+    let Ok(spec) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
     let mut lines = spec.lines();
     let cgroup = lines.next().unwrap();
     let ns = lines.next().unwrap();
-    std::fs::write(Path::new(cgroup).join("cgroup.procs"), std::process::id().to_string())
-        .unwrap_or_else(|e| panic!("cannot join {cgroup}: {e}"));
+    std::fs::write(
+        Path::new(cgroup).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .unwrap_or_else(|e| panic!("cannot join {cgroup}: {e}"));
     enter_netns(Path::new(ns)).unwrap_or_else(|e| panic!("cannot enter {ns}: {e}"));
     let mut held: Option<TcpStream> = None;
     let mut id: u16 = 1;
@@ -456,24 +507,32 @@ fn bypass_client_process() {
                 match answer {
                     Ok(r) => match addresses(&r) {
                         Some(a) if a.is_empty() => "-".to_string(),
-                        Some(a) => a.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(","),
+                        Some(a) => a
+                            .iter()
+                            .map(IpAddr::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
                         None => "bad-answer".to_string(),
                     },
                     Err(e) => format!("dns-error-{}", errno(&e)),
                 }
             }
-            ["c", addr] => match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3)) {
-                Ok(_) => "ok".into(),
-                Err(e) => errno(&e),
-            },
-            ["hold", addr] => match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3)) {
-                Ok(s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                    held = Some(s);
-                    "ok".into()
+            ["c", addr] => {
+                match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3)) {
+                    Ok(_) => "ok".into(),
+                    Err(e) => errno(&e),
                 }
-                Err(e) => errno(&e),
-            },
+            }
+            ["hold", addr] => {
+                match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3)) {
+                    Ok(s) => {
+                        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                        held = Some(s);
+                        "ok".into()
+                    }
+                    Err(e) => errno(&e),
+                }
+            }
             ["echo"] => match held.as_mut() {
                 None => "-1".into(),
                 Some(s) => {
@@ -560,7 +619,15 @@ impl World {
         let agent = Agent::start(&policy(&cg, true));
         let a = Client::start(&allowed, &ns);
         let d = Client::start(&denied, &ns);
-        World { a, d, agent, _echo: echo, _dns: dns, ns, cg }
+        World {
+            a,
+            d,
+            agent,
+            _echo: echo,
+            _dns: dns,
+            ns,
+            cg,
+        }
     }
 
     fn path(&self, w: &str) -> std::path::PathBuf {
@@ -571,15 +638,35 @@ impl World {
     /// provider's: `denied` reaches them, `allowed` does not (other = deny).
     #[track_caller]
     fn check_unlearned(&mut self, addr: &str) {
-        expect_ok(&self.agent, self.d.connect(addr), &format!("{addr} before any answer: not a provider address yet (denied, other = allow)"));
-        expect_eperm(&self.agent, self.a.connect(addr), &format!("{addr} before any answer: not a provider address yet (allowed, other = deny)"));
+        expect_ok(
+            &self.agent,
+            self.d.connect(addr),
+            &format!(
+                "{addr} before any answer: not a provider address yet (denied, other = allow)"
+            ),
+        );
+        expect_eperm(
+            &self.agent,
+            self.a.connect(addr),
+            &format!(
+                "{addr} before any answer: not a provider address yet (allowed, other = deny)"
+            ),
+        );
     }
 
     /// After learning: the provider's address is `bp`'s for both.
     #[track_caller]
     fn check_learned(&mut self, addr: &str, what: &str) {
-        expect_eperm(&self.agent, self.d.connect(addr), &format!("{what}: denied workload to {addr}"));
-        expect_ok(&self.agent, self.a.connect(addr), &format!("{what}: allowed workload to {addr}"));
+        expect_eperm(
+            &self.agent,
+            self.d.connect(addr),
+            &format!("{what}: denied workload to {addr}"),
+        );
+        expect_ok(
+            &self.agent,
+            self.a.connect(addr),
+            &format!("{what}: allowed workload to {addr}"),
+        );
     }
 }
 
@@ -634,8 +721,16 @@ other = "allow"
 "#,
     ));
     let p = probe();
-    expect_eperm(&agent, p.connect(&denied, &ns, "[fd00:20::1]:443"), "denied to a v6 CIDR provider");
-    expect_ok(&agent, p.connect(&allowed, &ns, "[fd00:20::1]:443"), "allowed to a v6 CIDR provider");
+    expect_eperm(
+        &agent,
+        p.connect(&denied, &ns, "[fd00:20::1]:443"),
+        "denied to a v6 CIDR provider",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&allowed, &ns, "[fd00:20::1]:443"),
+        "allowed to a v6 CIDR provider",
+    );
 }
 
 /// (b) `[::ffff:10.77.0.5]` on an AF_INET6 socket is the learned IPv4
@@ -646,7 +741,10 @@ fn bypass_ipv4_mapped_ipv6_of_a_learned_address() {
     let mut w = World::new("bp-mapped");
     w.a.resolve(DNS1, "api.bypass.test", false, false);
     w.check_learned(P4, "A answer");
-    w.check_learned("[::ffff:10.77.0.5]:443", "IPv4-mapped IPv6 of the learned address");
+    w.check_learned(
+        "[::ffff:10.77.0.5]:443",
+        "IPv4-mapped IPv6 of the learned address",
+    );
 }
 
 /// (c) UDP to 443 (a QUIC-style datagram), unconnected `sendto()` and
@@ -660,10 +758,26 @@ fn bypass_udp_443_quic_datagram() {
     let p = probe();
     let (a, d) = (w.path("allowed"), w.path("denied"));
     for addr in [P4, P6, "[::ffff:10.77.0.5]:443"] {
-        expect_eperm(&w.agent, p.udp(&d, &w.ns, addr), &format!("denied: sendto {addr} (UDP 443)"));
-        expect_eperm(&w.agent, p.udp_connect(&d, &w.ns, addr), &format!("denied: connect+send {addr} (UDP 443)"));
-        expect_ok(&w.agent, p.udp(&a, &w.ns, addr), &format!("allowed: sendto {addr} (UDP 443)"));
-        expect_ok(&w.agent, p.udp_connect(&a, &w.ns, addr), &format!("allowed: connect+send {addr} (UDP 443)"));
+        expect_eperm(
+            &w.agent,
+            p.udp(&d, &w.ns, addr),
+            &format!("denied: sendto {addr} (UDP 443)"),
+        );
+        expect_eperm(
+            &w.agent,
+            p.udp_connect(&d, &w.ns, addr),
+            &format!("denied: connect+send {addr} (UDP 443)"),
+        );
+        expect_ok(
+            &w.agent,
+            p.udp(&a, &w.ns, addr),
+            &format!("allowed: sendto {addr} (UDP 443)"),
+        );
+        expect_ok(
+            &w.agent,
+            p.udp_connect(&a, &w.ns, addr),
+            &format!("allowed: connect+send {addr} (UDP 443)"),
+        );
     }
 }
 
@@ -677,11 +791,23 @@ fn bypass_literal_address_resolved_by_another_process() {
     w.check_unlearned(P4);
     // The allowed workload's process resolves; the denied one never does.
     w.a.resolve(DNS1, "api.bypass.test", false, false);
-    expect_eperm(&w.agent, w.d.connect(P4), "the denied workload connects to the literal address another workload resolved");
+    expect_eperm(
+        &w.agent,
+        w.d.connect(P4),
+        "the denied workload connects to the literal address another workload resolved",
+    );
     // And a process in no workload (the defaults: llm = deny) too.
     let nobody = w.cg.child("nobody");
-    expect_eperm(&w.agent, probe().connect(&nobody, &w.ns, P4), "a process in no workload to the learned literal (defaults.llm = deny)");
-    expect_ok(&w.agent, w.a.connect(P4), "the allowed workload to the learned literal");
+    expect_eperm(
+        &w.agent,
+        probe().connect(&nobody, &w.ns, P4),
+        "a process in no workload to the learned literal (defaults.llm = deny)",
+    );
+    expect_ok(
+        &w.agent,
+        w.a.connect(P4),
+        "the allowed workload to the learned literal",
+    );
 }
 
 /// (e) `alias.example` CNAME `hop.example` CNAME `API.Bypass.Test` A.
@@ -690,7 +816,10 @@ fn bypass_cname_chain_to_the_provider_name() {
     require_root();
     let mut w = World::new("bp-cname");
     w.check_unlearned(P4);
-    assert_eq!(w.d.resolve(DNS1, "alias.example", false, false), vec![IpAddr::V4(PROV4)]);
+    assert_eq!(
+        w.d.resolve(DNS1, "alias.example", false, false),
+        vec![IpAddr::V4(PROV4)]
+    );
     w.check_learned(P4, "two-hop CNAME chain");
 }
 
@@ -700,7 +829,10 @@ fn bypass_upper_case_and_trailing_dot_name() {
     require_root();
     let mut w = World::new("bp-case");
     w.check_unlearned(P4);
-    assert_eq!(w.d.resolve(DNS1, "API.BYPASS.TEST.", false, false), vec![IpAddr::V4(PROV4)]);
+    assert_eq!(
+        w.d.resolve(DNS1, "API.BYPASS.TEST.", false, false),
+        vec![IpAddr::V4(PROV4)]
+    );
     w.check_learned(P4, "upper-case, trailing-dot question");
 }
 
@@ -712,7 +844,10 @@ fn bypass_wildcard_provider_name() {
     let mut w = World::new("bp-wild");
     w.check_unlearned(P4);
     w.check_unlearned("10.77.0.9:443");
-    assert_eq!(w.d.resolve(DNS1, "eu.Region.WILD.test", false, false), vec![IpAddr::V4(PROV4)]);
+    assert_eq!(
+        w.d.resolve(DNS1, "eu.Region.WILD.test", false, false),
+        vec![IpAddr::V4(PROV4)]
+    );
     w.check_learned(P4, "name below *.wild.test");
     w.d.resolve(DNS1, "wild.test", false, false);
     w.check_unlearned("10.77.0.9:443");
@@ -726,10 +861,17 @@ fn bypass_second_resolver_in_the_namespace() {
     require_root();
     let mut w = World::new("bp-resolver2");
     let _dns2 = DnsServer::start(&w.ns, DNS2, |name: &str, _| {
-        if name.eq_ignore_ascii_case("api.bypass.test") { vec![Rr::A(name.to_string(), Ipv4Addr::new(10, 77, 0, 7))] } else { vec![] }
+        if name.eq_ignore_ascii_case("api.bypass.test") {
+            vec![Rr::A(name.to_string(), Ipv4Addr::new(10, 77, 0, 7))]
+        } else {
+            vec![]
+        }
     });
     w.check_unlearned("10.77.0.7:443");
-    assert_eq!(w.d.resolve(DNS2, "api.bypass.test", false, false), vec![IpAddr::V4(Ipv4Addr::new(10, 77, 0, 7))]);
+    assert_eq!(
+        w.d.resolve(DNS2, "api.bypass.test", false, false),
+        vec![IpAddr::V4(Ipv4Addr::new(10, 77, 0, 7))]
+    );
     w.check_learned("10.77.0.7:443", "answer from a second resolver");
 }
 
@@ -740,7 +882,10 @@ fn bypass_second_resolver_in_the_namespace() {
 fn bypass_dns_over_tcp_is_not_learned_documented_limit() {
     require_root();
     let mut w = World::new("bp-tcpdns");
-    assert_eq!(w.d.resolve(DNS1, "api.bypass.test", false, true), vec![IpAddr::V4(PROV4)]);
+    assert_eq!(
+        w.d.resolve(DNS1, "api.bypass.test", false, true),
+        vec![IpAddr::V4(PROV4)]
+    );
     std::thread::sleep(Duration::from_millis(200));
     // Not learned: the denied workload passes (other = allow), the allowed
     // one is stopped (other = deny). The same name over UDP closes it.
@@ -756,7 +901,10 @@ fn bypass_resolver_on_another_port_is_not_learned_documented_limit() {
     require_root();
     let mut w = World::new("bp-port");
     let _dns = DnsServer::start(&w.ns, "192.0.2.1:5353", answers);
-    assert_eq!(w.d.resolve("192.0.2.1:5353", "api.bypass.test", false, false), vec![IpAddr::V4(PROV4)]);
+    assert_eq!(
+        w.d.resolve("192.0.2.1:5353", "api.bypass.test", false, false),
+        vec![IpAddr::V4(PROV4)]
+    );
     std::thread::sleep(Duration::from_millis(200));
     w.check_unlearned(P4);
 }
@@ -776,14 +924,30 @@ impl TlsServer {
         let dir = TempDir::new("bypass-tls");
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=bypass.test"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=bypass.test",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
             .arg(&cert)
             .output()
             .expect("cannot run openssl");
-        assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut cmd = Command::new("openssl");
         cmd.args(["s_server", "-quiet", "-www", "-accept", "443"])
             .arg("-cert")
@@ -801,9 +965,13 @@ impl TlsServer {
         let child = cmd.spawn().expect("cannot start openssl s_server");
         let server = TlsServer { child, _dir: dir };
         let up = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-            ns.in_netns(|| TcpStream::connect((SNI_ADDR, 443)).ok()).map(drop)
+            ns.in_netns(|| TcpStream::connect((SNI_ADDR, 443)).ok())
+                .map(drop)
         });
-        assert!(up.is_some(), "openssl s_server did not listen on {SNI_ADDR}:443");
+        assert!(
+            up.is_some(),
+            "openssl s_server did not listen on {SNI_ADDR}:443"
+        );
         server
     }
 }
@@ -818,10 +986,19 @@ impl Drop for TlsServer {
 /// curl -k https://<name>/ pinned to SNI_ADDR: (exit code, http code, took).
 fn curl(cgroup: &Path, ns: &NetnsGuard, name: &str) -> (i32, String, Duration, String) {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-k", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg("--resolve")
-        .arg(format!("{name}:443:{SNI_ADDR}"))
-        .arg(format!("https://{name}/"));
+    cmd.args([
+        "-sS",
+        "-k",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .arg("--resolve")
+    .arg(format!("{name}:443:{SNI_ADDR}"))
+    .arg(format!("https://{name}/"));
     confine(&mut cmd, cgroup, ns);
     let started = Instant::now();
     let out = cmd.output().expect("cannot run curl");
@@ -846,7 +1023,11 @@ fn bypass_denied_name_on_an_allowed_names_address() {
     let ns = NetnsGuard::new();
     ns.ip(&["addr", "add", &format!("{SNI_ADDR}/32"), "dev", "lo"]);
     let _dns = DnsServer::start(&ns, DNS1, |name: &str, _| {
-        if name.eq_ignore_ascii_case("good.shared.test") { vec![Rr::A(name.to_string(), SNI_ADDR.parse().unwrap())] } else { vec![] }
+        if name.eq_ignore_ascii_case("good.shared.test") {
+            vec![Rr::A(name.to_string(), SNI_ADDR.parse().unwrap())]
+        } else {
+            vec![]
+        }
     });
     let _tls = TlsServer::start(&ns);
     let agent = Agent::start(&format!(
@@ -877,20 +1058,41 @@ other = "deny"
     ));
     let mut c = Client::start(&w, &ns);
     // other = deny: the address is unreachable until it is learned.
-    expect_eperm(&agent, c.connect(&format!("{SNI_ADDR}:443")), "the shared address before it is learned");
-    assert_eq!(c.resolve(DNS1, "good.shared.test", false, false), vec![IpAddr::V4(SNI_ADDR.parse().unwrap())]);
+    expect_eperm(
+        &agent,
+        c.connect(&format!("{SNI_ADDR}:443")),
+        "the shared address before it is learned",
+    );
+    assert_eq!(
+        c.resolve(DNS1, "good.shared.test", false, false),
+        vec![IpAddr::V4(SNI_ADDR.parse().unwrap())]
+    );
     drop(c);
     let (code, http, took, err) = curl(&w, &ns, "bad.shared.test");
-    assert!(code != 0, "the denied name's handshake on the allowed name's address must fail, it gave http {http:?}\n{}", agent.context());
-    eprintln!("denied handshake: curl exit {code} after {took:?}: {}", err.trim());
+    assert!(
+        code != 0,
+        "the denied name's handshake on the allowed name's address must fail, it gave http {http:?}\n{}",
+        agent.context()
+    );
+    eprintln!(
+        "denied handshake: curl exit {code} after {took:?}: {}",
+        err.trim()
+    );
     // s_server serves one connection at a time and still waits for the
     // ClientHello the aborted client never delivered: a fresh server.
     drop(_tls);
     let _tls = TlsServer::start(&ns);
     let (code, http, took, err) = curl(&w, &ns, "good.shared.test");
-    assert!(code == 0 && http == "200", "the allowed name must complete: curl exit {code} http {http:?} after {took:?}: {err}\n{}", agent.context());
+    assert!(
+        code == 0 && http == "200",
+        "the allowed name must complete: curl exit {code} http {http:?} after {took:?}: {err}\n{}",
+        agent.context()
+    );
     let deny = agent
-        .wait_for_audit(|e| e["hook"] == "sni" && e["verdict"] == "deny", Duration::from_secs(5))
+        .wait_for_audit(
+            |e| e["hook"] == "sni" && e["verdict"] == "deny",
+            Duration::from_secs(5),
+        )
         .unwrap_or_else(|| panic!("no SNI deny in the audit log\n{}", agent.context()));
     assert_eq!(deny["server_name"], "bad.shared.test");
 }
@@ -903,8 +1105,16 @@ fn bypass_connection_opened_before_the_policy_changed_documented_limit() {
     require_root();
     let mut w = World::new("bp-reload");
     w.a.resolve(DNS1, "api.bypass.test", false, false);
-    expect_ok(&w.agent, w.a.hold(P4), "allowed workload opens a connection to the provider");
-    expect_ok(&w.agent, w.a.echo(), "the held connection works before the reload");
+    expect_ok(
+        &w.agent,
+        w.a.hold(P4),
+        "allowed workload opens a connection to the provider",
+    );
+    expect_ok(
+        &w.agent,
+        w.a.echo(),
+        "the held connection works before the reload",
+    );
     w.agent.rewrite_policy(&policy(&w.cg, false));
     w.agent.sighup();
     // The address may have to be learned again after the reload.
@@ -918,7 +1128,15 @@ fn bypass_connection_opened_before_the_policy_changed_documented_limit() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    expect_eperm(&w.agent, last, "the next connect after the reload that denies the provider");
+    expect_eperm(
+        &w.agent,
+        last,
+        "the next connect after the reload that denies the provider",
+    );
     // The limit: the connection opened before the reload still carries data.
-    expect_ok(&w.agent, w.a.echo(), "the connection opened before the reload (not cut: documented limit)");
+    expect_ok(
+        &w.agent,
+        w.a.echo(),
+        "the connection opened before the reload (not cut: documented limit)",
+    );
 }

@@ -26,9 +26,9 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, PinDir, Probe, TempDir, agent::free_loopback_port,
-    agent_bin, http, probe::describe, prometheus::Prometheus, require_root, servers::HttpServer,
-    tail, toml_str, wait_until,
+    Agent, CgroupGuard, NetnsGuard, PinDir, Probe, TempDir, agent::free_loopback_port, agent_bin,
+    http, probe::describe, prometheus::Prometheus, require_root, servers::HttpServer, tail,
+    toml_str, wait_until,
 };
 use serde_json::Value;
 
@@ -71,10 +71,15 @@ fn run(cmd: &mut Command) -> Output {
 /// else `<target dir>/pyenv`, found from this test executable
 /// (`<target>/<profile>/deps/deploy-*`).
 fn pyenv() -> PathBuf {
-    let dir = std::env::var_os("LLM_EGRESS_PYENV").map(PathBuf::from).unwrap_or_else(|| {
-        let exe = std::env::current_exe().expect("the test executable");
-        exe.ancestors().nth(3).expect("<target>/<profile>/deps/exe").join("pyenv")
-    });
+    let dir = std::env::var_os("LLM_EGRESS_PYENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("the test executable");
+            exe.ancestors()
+                .nth(3)
+                .expect("<target>/<profile>/deps/exe")
+                .join("pyenv")
+        });
     assert!(
         dir.join("bin/kubernetes-validate").is_file(),
         "{} has no kubernetes-validate: run `cargo xtask setup` (it makes this venv), or set LLM_EGRESS_PYENV",
@@ -92,7 +97,9 @@ fn unit_values(unit: &str, key: &str) -> Vec<String> {
     for line in unit.lines().map(str::trim) {
         if line.starts_with('[') {
             in_service = line == "[Service]";
-        } else if in_service && let Some(v) = line.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+        } else if in_service
+            && let Some(v) = line.strip_prefix(key).and_then(|r| r.strip_prefix('='))
+        {
             out.push(v.trim().to_string());
         }
     }
@@ -102,7 +109,11 @@ fn unit_values(unit: &str, key: &str) -> Vec<String> {
 /// `CapabilityBoundingSet=` as lower-case names without `CAP_`: `bpf`, ...
 fn unit_capabilities(unit: &str) -> Vec<String> {
     let sets = unit_values(unit, "CapabilityBoundingSet");
-    assert_eq!(sets.len(), 1, "{UNIT} should set CapabilityBoundingSet= once: {sets:?}");
+    assert_eq!(
+        sets.len(),
+        1,
+        "{UNIT} should set CapabilityBoundingSet= once: {sets:?}"
+    );
     sets[0]
         .split_whitespace()
         .map(|c| {
@@ -123,7 +134,10 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         "{UNIT}: ExecStart= should run the installed binary with the installed policy: {}",
         exec[0]
     );
-    assert_eq!(unit_values(&unit, "ExecReload"), ["/bin/kill -HUP $MAINPID"]);
+    assert_eq!(
+        unit_values(&unit, "ExecReload"),
+        ["/bin/kill -HUP $MAINPID"]
+    );
     assert_eq!(unit_values(&unit, "Restart"), ["on-failure"]);
     assert_eq!(unit_values(&unit, "NoNewPrivileges"), ["yes"]);
     assert_eq!(unit_values(&unit, "ProtectSystem"), ["strict"]);
@@ -133,9 +147,14 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     // verify checks that ExecStart's binary exists: point it at the build.
     let verify = |text: &str| -> Output {
         let file = dir.path().join("llm-egress.service");
-        fs::write(&file, text.replace("/usr/local/bin/llm-egress", &bin.display().to_string()))
-            .expect("write the unit copy");
-        run(Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&file))
+        fs::write(
+            &file,
+            text.replace("/usr/local/bin/llm-egress", &bin.display().to_string()),
+        )
+        .expect("write the unit copy");
+        run(Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&file))
     };
     let out = verify(&unit);
     let complaints: Vec<String> = String::from_utf8_lossy(&out.stderr)
@@ -160,8 +179,14 @@ fn systemd_unit_passes_systemd_analyze_verify() {
 
 #[test]
 fn systemd_default_policy_passes_check() {
-    let out = run(Command::new(agent_bin()).arg("check").arg(repo().join("deploy/systemd/policy.toml")));
-    assert!(out.status.success(), "deploy/systemd/policy.toml must pass `llm-egress check`:\n{}", show(&out));
+    let out = run(Command::new(agent_bin())
+        .arg("check")
+        .arg(repo().join("deploy/systemd/policy.toml")));
+    assert!(
+        out.status.success(),
+        "deploy/systemd/policy.toml must pass `llm-egress check`:\n{}",
+        show(&out)
+    );
 }
 
 /// A script that runs the agent the way the unit does: a private mount
@@ -198,7 +223,8 @@ exec setpriv --bounding-set {bounding} {nnp} -- "$agent" "$@"
     );
     for (path, text) in [(&inner_path, inner), (&outer_path, outer)] {
         fs::write(path, text).expect("write the sandbox script");
-        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod the sandbox script");
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .expect("chmod the sandbox script");
     }
     outer_path
 }
@@ -252,8 +278,16 @@ fn start_other_user_client(w: &Path, ns: &NetnsGuard, go: &Path) -> Child {
 /// The executable the audit log names for user 65534's connect.
 fn exe_of_other_user(agent: &Agent) -> String {
     let ev = agent
-        .wait_for_audit(|e| e["uid"] == 65534 && e["dst_addr"] == "10.20.0.1", EVENT_WAIT)
-        .unwrap_or_else(|| panic!("no audit event of user 65534's connect\n{}", agent.context()));
+        .wait_for_audit(
+            |e| e["uid"] == 65534 && e["dst_addr"] == "10.20.0.1",
+            EVENT_WAIT,
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "no audit event of user 65534's connect\n{}",
+                agent.context()
+            )
+        });
     ev["exe"].as_str().unwrap_or_default().to_string()
 }
 
@@ -289,7 +323,10 @@ fn start_expecting_failure(wrapper: &Path, policy: &str, dir: &Path) -> Option<(
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some((status.code().unwrap_or(-1), fs::read_to_string(&stderr_path).unwrap_or_default()));
+            return Some((
+                status.code().unwrap_or(-1),
+                fs::read_to_string(&stderr_path).unwrap_or_default(),
+            ));
         }
         if http::get(addr, "/readyz", Duration::from_millis(300)).is_ok_and(|r| r.status == 200) {
             // SAFETY: kill(2) on our own unreaped child.
@@ -301,7 +338,10 @@ fn start_expecting_failure(wrapper: &Path, policy: &str, dir: &Path) -> Option<(
     }
     let _ = child.kill();
     let _ = child.wait();
-    panic!("the agent neither became ready nor exited within 20 s:\n{}", fs::read_to_string(&stderr_path).unwrap_or_default());
+    panic!(
+        "the agent neither became ready nor exited within 20 s:\n{}",
+        fs::read_to_string(&stderr_path).unwrap_or_default()
+    );
 }
 
 #[test]
@@ -311,7 +351,11 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
     let caps = unit_capabilities(&unit);
     let nnp = unit_values(&unit, "NoNewPrivileges") == ["yes"];
     let read_write = unit_values(&unit, "ReadWritePaths");
-    assert_eq!(read_write, ["/sys/fs/bpf"], "the sandbox below emulates ReadWritePaths=/sys/fs/bpf only");
+    assert_eq!(
+        read_write,
+        ["/sys/fs/bpf"],
+        "the sandbox below emulates ReadWritePaths=/sys/fs/bpf only"
+    );
     let dir = TempDir::new("llm-egress-test-caps");
     let cg = CgroupGuard::new("unit-caps");
     let w = cg.child("w");
@@ -324,10 +368,21 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
         let go = dir.path().join("go-all");
         let mut client = start_other_user_client(&w, &ns, &go);
         let agent = Agent::start_with(sandbox_script(dir.path(), &caps, nnp), &policy);
-        let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
-        let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap_or_default().to_string();
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+        let eff = status
+            .lines()
+            .find(|l| l.starts_with("CapEff:"))
+            .unwrap_or_default()
+            .to_string();
         let r = probe().connect(&w, &ns, "10.20.0.1:443");
-        assert_eq!(r, Err(libc::EPERM), "w → test-llm under the unit's privileges: got {}\n{}", describe(&r), agent.context());
+        assert_eq!(
+            r,
+            Err(libc::EPERM),
+            "w → test-llm under the unit's privileges: got {}\n{}",
+            describe(&r),
+            agent.context()
+        );
         fs::write(&go, "").expect("touch go");
         let exe = exe_of_other_user(&agent);
         assert!(
@@ -345,11 +400,17 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
         let wrapper = sandbox_script(dir.path(), &fewer, nnp);
         match cap.as_str() {
             "bpf" | "net_admin" | "perfmon" => {
-                let Some((code, stderr)) = start_expecting_failure(&wrapper, &policy, dir.path()) else {
-                    panic!("the agent started without CAP_{}: remove it from {UNIT} and docs/install.md", cap.to_uppercase());
+                let Some((code, stderr)) = start_expecting_failure(&wrapper, &policy, dir.path())
+                else {
+                    panic!(
+                        "the agent started without CAP_{}: remove it from {UNIT} and docs/install.md",
+                        cap.to_uppercase()
+                    );
                 };
                 assert!(
-                    code != 0 && (stderr.contains("Operation not permitted") || stderr.contains("Permission denied")),
+                    code != 0
+                        && (stderr.contains("Operation not permitted")
+                            || stderr.contains("Permission denied")),
                     "without CAP_{} the agent should refuse to start with EPERM/EACCES (exit {code}):\n{stderr}",
                     cap.to_uppercase()
                 );
@@ -361,13 +422,17 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
                 fs::write(&go, "").expect("touch go");
                 let exe = exe_of_other_user(&agent);
                 assert_eq!(
-                    exe, "",
+                    exe,
+                    "",
                     "without CAP_SYS_PTRACE the exe of an older process of another user should be unknown; if it is known, drop the capability\n{}",
                     agent.context()
                 );
                 let _ = client.wait();
             }
-            other => panic!("{UNIT} grants CAP_{}, which this test does not know why", other.to_uppercase()),
+            other => panic!(
+                "{UNIT} grants CAP_{}, which this test does not know why",
+                other.to_uppercase()
+            ),
         }
     }
 }
@@ -387,11 +452,28 @@ fn systemd_unit_mounts_bpffs_when_the_host_has_none() {
     let script = format!(
         "umount /sys/fs/bpf && {command} && stat -f -c %T /sys/fs/bpf && stat -c %a /sys/fs/bpf"
     );
-    let out = run(Command::new("unshare").args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script]));
-    assert!(out.status.success(), "the unit's ExecStartPre= should mount bpffs:\n{}", show(&out));
+    let out = run(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]));
+    assert!(
+        out.status.success(),
+        "the unit's ExecStartPre= should mount bpffs:\n{}",
+        show(&out)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     // bpffs always adds the sticky bit to its root: 1700.
-    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["bpf_fs", "1700"], "{}", show(&out));
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["bpf_fs", "1700"],
+        "{}",
+        show(&out)
+    );
 }
 
 // ---------------------------------------------------------------- Kubernetes
@@ -414,7 +496,10 @@ fn manifests() -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     walk(&repo().join("deploy/kubernetes"), &mut out);
-    assert!(out.len() >= 6, "deploy/kubernetes should hold the manifests: {out:?}");
+    assert!(
+        out.len() >= 6,
+        "deploy/kubernetes should hold the manifests: {out:?}"
+    );
     out
 }
 
@@ -427,22 +512,45 @@ fn kubernetes_manifests_validate_against_the_kubernetes_schemas() {
             .args(["--strict", "--kubernetes-version", version])
             .args(&files));
         let text = show(&out);
-        assert!(out.status.success(), "kubernetes-validate {version}:\n{text}");
-        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let passed = all.lines().filter(|l| l.starts_with("INFO") && l.contains(" passed ")).count();
+        assert!(
+            out.status.success(),
+            "kubernetes-validate {version}:\n{text}"
+        );
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let passed = all
+            .lines()
+            .filter(|l| l.starts_with("INFO") && l.contains(" passed "))
+            .count();
         // Only the PodMonitor has no schema in kubernetes-validate (a CRD of
         // the Prometheus Operator); kubernetes_manifests_agree checks it.
         let unexpected: Vec<&str> = all
             .lines()
             .filter(|l| !l.trim().is_empty())
             .filter(|l| !(l.starts_with("INFO") && l.contains(" passed ")))
-            .filter(|l| !(l.starts_with("WARN") && l.contains("kind PodMonitor with api version monitoring.coreos.com/v1")))
+            .filter(|l| {
+                !(l.starts_with("WARN")
+                    && l.contains("kind PodMonitor with api version monitoring.coreos.com/v1"))
+            })
             .collect();
-        assert!(unexpected.is_empty(), "kubernetes-validate {version} said more than `passed`:\n{text}");
+        assert!(
+            unexpected.is_empty(),
+            "kubernetes-validate {version} said more than `passed`:\n{text}"
+        );
         // A file may hold several documents (05-rbac.yaml: a ClusterRole
         // and its binding); each passes on its own line.
-        let documents: usize = files.iter().map(|f| yaml_documents(&fs::read_to_string(f).unwrap_or_default())).sum();
-        assert_eq!(passed, documents - 1, "every manifest but the PodMonitor passes ({version}):\n{text}");
+        let documents: usize = files
+            .iter()
+            .map(|f| yaml_documents(&fs::read_to_string(f).unwrap_or_default()))
+            .sum();
+        assert_eq!(
+            passed,
+            documents - 1,
+            "every manifest but the PodMonitor passes ({version}):\n{text}"
+        );
     }
 }
 
@@ -533,15 +641,27 @@ print(json.dumps({"problems": problems, "capabilities": sc["capabilities"]["add"
 
 fn manifest_facts() -> Value {
     let venv = pyenv();
-    let out = run(Command::new(venv.join("bin/python3")).arg("-c").arg(AGREE_PY).args(manifests()));
-    assert!(out.status.success(), "reading the manifests failed:\n{}", show(&out));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", show(&out)))
+    let out = run(Command::new(venv.join("bin/python3"))
+        .arg("-c")
+        .arg(AGREE_PY)
+        .args(manifests()));
+    assert!(
+        out.status.success(),
+        "reading the manifests failed:\n{}",
+        show(&out)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", show(&out)))
 }
 
 #[test]
 fn kubernetes_manifests_agree_with_each_other_and_with_the_unit() {
     let facts = manifest_facts();
-    assert_eq!(facts["problems"], Value::Array(vec![]), "the manifests do not fit together");
+    assert_eq!(
+        facts["problems"],
+        Value::Array(vec![]),
+        "the manifests do not fit together"
+    );
     let daemonset: BTreeSet<String> = facts["capabilities"]
         .as_array()
         .expect("capabilities")
@@ -549,11 +669,16 @@ fn kubernetes_manifests_agree_with_each_other_and_with_the_unit() {
         .map(|c| c.as_str().unwrap_or_default().to_ascii_lowercase())
         .collect();
     let unit: BTreeSet<String> = unit_capabilities(&read(UNIT)).into_iter().collect();
-    assert_eq!(daemonset, unit, "the DaemonSet adds other capabilities than the systemd unit allows");
+    assert_eq!(
+        daemonset, unit,
+        "the DaemonSet adds other capabilities than the systemd unit allows"
+    );
     let dockerfile = read("Dockerfile");
     let command = facts["command"][0].as_str().unwrap_or_default();
     assert!(
-        dockerfile.contains(&format!("COPY --from=build /src/target/release/llm-egress {command}")),
+        dockerfile.contains(&format!(
+            "COPY --from=build /src/target/release/llm-egress {command}"
+        )),
         "the image should put the agent where the DaemonSet runs it ({command})"
     );
 }
@@ -565,7 +690,11 @@ fn kubernetes_configmap_policy_passes_check() {
     let file = dir.path().join("policy.toml");
     fs::write(&file, facts["policy"].as_str().expect("policy text")).expect("write policy");
     let out = run(Command::new(agent_bin()).arg("check").arg(&file));
-    assert!(out.status.success(), "the ConfigMap's policy.toml must pass `llm-egress check`:\n{}", show(&out));
+    assert!(
+        out.status.success(),
+        "the ConfigMap's policy.toml must pass `llm-egress check`:\n{}",
+        show(&out)
+    );
 }
 
 // ---------------------------------------------------------------- image
@@ -579,25 +708,54 @@ fn dockerfile_builds_the_pinned_toolchain_and_ignores_build_output() {
         .find_map(|l| l.strip_prefix("pub const BPF_LINKER_VERSION: &str = \""))
         .and_then(|r| r.strip_suffix("\";"))
         .expect("BPF_LINKER_VERSION in xtask/src/setup.rs");
-    assert!(dockerfile.contains(&format!("ARG BPF_LINKER_VERSION={linker}")), "Dockerfile: bpf-linker {linker}, as setup installs");
+    assert!(
+        dockerfile.contains(&format!("ARG BPF_LINKER_VERSION={linker}")),
+        "Dockerfile: bpf-linker {linker}, as setup installs"
+    );
     let manifest = read("Cargo.toml");
     let rust = manifest
         .lines()
         .find_map(|l| l.strip_prefix("rust-version = \""))
         .and_then(|r| r.strip_suffix('"'))
         .expect("rust-version in Cargo.toml");
-    assert!(dockerfile.contains(&format!("ARG RUST_VERSION={rust}")), "Dockerfile: rustup toolchain {rust}, the workspace's rust-version");
-    for needle in ["FROM debian:bookworm AS build", "FROM debian:bookworm-slim", "cargo xtask build-ebpf", "--release", "--locked"] {
+    assert!(
+        dockerfile.contains(&format!("ARG RUST_VERSION={rust}")),
+        "Dockerfile: rustup toolchain {rust}, the workspace's rust-version"
+    );
+    for needle in [
+        "FROM debian:bookworm AS build",
+        "FROM debian:bookworm-slim",
+        "cargo xtask build-ebpf",
+        "--release",
+        "--locked",
+    ] {
         assert!(dockerfile.contains(needle), "Dockerfile lacks {needle:?}");
     }
     let ignore = read(".dockerignore");
-    let rules: Vec<&str> = ignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let rules: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
     for must in ["target", ".git"] {
-        assert!(rules.iter().any(|r| r.trim_matches('/') == must), ".dockerignore should leave out {must}");
-    }
-    for needed in ["Cargo.lock", "agent", "common", "ebpf", "xtask", "deploy", ".cargo"] {
         assert!(
-            !rules.iter().any(|r| r.trim_matches('/') == needed || *r == "*"),
+            rules.iter().any(|r| r.trim_matches('/') == must),
+            ".dockerignore should leave out {must}"
+        );
+    }
+    for needed in [
+        "Cargo.lock",
+        "agent",
+        "common",
+        "ebpf",
+        "xtask",
+        "deploy",
+        ".cargo",
+    ] {
+        assert!(
+            !rules
+                .iter()
+                .any(|r| r.trim_matches('/') == needed || *r == "*"),
             ".dockerignore must not leave out {needed}: the build needs it"
         );
     }
@@ -622,7 +780,9 @@ pub fn substitute(expr: &str) -> String {
             let end = braced.find('}').unwrap_or(braced.len());
             (end, end + 2)
         } else {
-            let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
             (end, end)
         };
         if name_len == 0 {
@@ -664,9 +824,16 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut rest = expr;
     while let Some(i) = rest.find("llm_egress_") {
-        let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
         rest = &rest[i + name.len()..];
-        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name).to_string();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_string();
         out.insert(family);
     }
     out
@@ -674,18 +841,29 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 
 #[test]
 fn dashboard_uses_only_documented_metrics() {
-    let dash: Value = serde_json::from_str(&read("deploy/grafana/llm-egress.json")).expect("dashboard JSON");
+    let dash: Value =
+        serde_json::from_str(&read("deploy/grafana/llm-egress.json")).expect("dashboard JSON");
     let docs = read("docs/metrics.md");
     let panels = dashboard_panels(&dash);
-    assert!(panels.len() >= 10, "the dashboard should have its panels: {}", panels.len());
+    assert!(
+        panels.len() >= 10,
+        "the dashboard should have its panels: {}",
+        panels.len()
+    );
     for (title, exprs) in &panels {
         for expr in exprs {
             for name in metric_names(expr) {
-                assert!(docs.contains(&format!("`{name}`")), "panel {title:?} uses {name}, which docs/metrics.md does not document: {expr}");
+                assert!(
+                    docs.contains(&format!("`{name}`")),
+                    "panel {title:?} uses {name}, which docs/metrics.md does not document: {expr}"
+                );
             }
         }
     }
-    assert_eq!(substitute(r#"rate(x{w=~"$workload",p=~"${provider}"}[$__rate_interval])"#), r#"rate(x{w=~".*",p=~".*"}[1m])"#);
+    assert_eq!(
+        substitute(r#"rate(x{w=~"$workload",p=~"${provider}"}[$__rate_interval])"#),
+        r#"rate(x{w=~".*",p=~".*"}[1m])"#
+    );
 }
 
 /// curl inside `cgroup` and the namespace, fetching `url` with a request
@@ -694,7 +872,20 @@ fn curl(cgroup: &Path, ns: &NetnsGuard, url: &str) -> Output {
     let procs = cgroup.join("cgroup.procs");
     let pad = format!("X-Prompt: {}", "p".repeat(1500));
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns.name(), "curl", "-sS", "-o", "/dev/null", "--max-time", "5", "-H", &pad, url]);
+    cmd.args([
+        "netns",
+        "exec",
+        ns.name(),
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "5",
+        "-H",
+        &pad,
+        url,
+    ]);
     // SAFETY: only an open, a write and a close between fork and exec.
     unsafe {
         cmd.pre_exec(move || fs::write(&procs, b"0"));
@@ -737,23 +928,46 @@ llm = "audit"
     ));
     for i in 0..3 {
         let out = curl(&bot, ns, "http://10.20.0.1:8080/v1/models");
-        assert!(out.status.success(), "curl #{i} from bot: {}\n{}", show(&out), agent.context());
+        assert!(
+            out.status.success(),
+            "curl #{i} from bot: {}\n{}",
+            show(&out),
+            agent.context()
+        );
     }
     let p = probe();
     let r = p.connect(&batch, ns, "10.20.0.1:8080");
-    assert_eq!(r, Err(libc::EPERM), "batch → test-llm: {}\n{}", describe(&r), agent.context());
+    assert_eq!(
+        r,
+        Err(libc::EPERM),
+        "batch → test-llm: {}\n{}",
+        describe(&r),
+        agent.context()
+    );
     let r = p.connect(&notebook, ns, "10.20.0.1:8080");
-    assert!(r.is_ok(), "notebook → test-llm is audited, not denied: {}\n{}", describe(&r), agent.context());
+    assert!(
+        r.is_ok(),
+        "notebook → test-llm is audited, not denied: {}\n{}",
+        describe(&r),
+        agent.context()
+    );
     // Nothing listens on port 9: an allowed connection whose handshake fails.
     let r = p.connect(&bot, ns, "10.20.0.1:9");
-    assert_eq!(r, Err(libc::ECONNREFUSED), "bot → 10.20.0.1:9: {}\n{}", describe(&r), agent.context());
+    assert_eq!(
+        r,
+        Err(libc::ECONNREFUSED),
+        "bot → 10.20.0.1:9: {}\n{}",
+        describe(&r),
+        agent.context()
+    );
     agent
 }
 
 #[test]
 fn dashboard_queries_return_data_from_a_real_prometheus() {
     require_root();
-    let dash: Value = serde_json::from_str(&read("deploy/grafana/llm-egress.json")).expect("dashboard JSON");
+    let dash: Value =
+        serde_json::from_str(&read("deploy/grafana/llm-egress.json")).expect("dashboard JSON");
     let cg = CgroupGuard::new("dashboard");
     let ns = NetnsGuard::new();
     let _server = HttpServer::start(&ns, "10.20.0.1:8080");
@@ -764,16 +978,26 @@ fn dashboard_queries_return_data_from_a_real_prometheus() {
         (vec![("workload", "notebook"), ("verdict", "audit")], 1.0),
     ] {
         let got = agent.wait_for_metric("llm_egress_connections_total", &labels, n, EVENT_WAIT);
-        assert!(got >= Some(n), "llm_egress_connections_total{labels:?} should reach {n}, is {got:?}\n{}", agent.context());
+        assert!(
+            got >= Some(n),
+            "llm_egress_connections_total{labels:?} should reach {n}, is {got:?}\n{}",
+            agent.context()
+        );
     }
     let prom = Prometheus::start(agent.metrics_addr());
     // Two scrapes at least, so that rate() and increase() have two samples.
     let scraped = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
-        let r = prom.query("count_over_time(llm_egress_build_info[1m])").ok()?;
+        let r = prom
+            .query("count_over_time(llm_egress_build_info[1m])")
+            .ok()?;
         let n: f64 = r.first()?["value"][1].as_str()?.parse().ok()?;
         (n >= 3.0).then_some(n)
     });
-    assert!(scraped.is_some(), "prometheus did not scrape the agent 3 times in 30 s:\n{}", prom.log());
+    assert!(
+        scraped.is_some(),
+        "prometheus did not scrape the agent 3 times in 30 s:\n{}",
+        prom.log()
+    );
 
     let mut failures = Vec::new();
     let panels = dashboard_panels(&dash);
@@ -787,7 +1011,14 @@ fn dashboard_queries_return_data_from_a_real_prometheus() {
             }
         }
         if series == 0 {
-            failures.push(format!("panel {title:?} shows nothing after traffic:\n    {}", exprs.iter().map(|e| substitute(e)).collect::<Vec<_>>().join("\n    ")));
+            failures.push(format!(
+                "panel {title:?} shows nothing after traffic:\n    {}",
+                exprs
+                    .iter()
+                    .map(|e| substitute(e))
+                    .collect::<Vec<_>>()
+                    .join("\n    ")
+            ));
         }
     }
     assert!(
@@ -808,7 +1039,12 @@ fn dashboard_queries_return_data_from_a_real_prometheus() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start promtool (Debian package prometheus)");
-    child.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write to promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.as_bytes())
+        .expect("write to promtool");
     let out = child.wait_with_output().expect("promtool");
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),

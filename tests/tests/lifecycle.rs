@@ -144,13 +144,18 @@ fn invalid_policy_on_reload_keeps_the_old_policy_in_force() {
     );
     let ready = agent.http_get("/readyz").ok();
     assert!(
-        ready.as_ref().is_some_and(|r| r.status == 503 && r.body.contains("rejected") && r.body.contains("sometimes")),
+        ready.as_ref().is_some_and(|r| r.status == 503
+            && r.body.contains("rejected")
+            && r.body.contains("sometimes")),
         "readiness reports the rejected reload (503, naming the error) while the old policy stays: {:?}\n{}",
         ready.map(|r| (r.status, r.body)),
         agent.context()
     );
     let live = agent.http_get("/healthz").map(|r| r.status).unwrap_or(0);
-    assert_eq!(live, 200, "liveness stays green: nothing should restart the agent");
+    assert_eq!(
+        live, 200,
+        "liveness stays green: nothing should restart the agent"
+    );
 }
 
 #[test]
@@ -626,7 +631,11 @@ fn position_of(text: &str, needle: &str) -> (usize, usize) {
 /// Capability masks (CapEff, CapPrm) of every thread of `pid`.
 fn thread_caps(pid: u32) -> Vec<(String, u64, u64)> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
         let field = |name: &str| {
             status
@@ -635,7 +644,11 @@ fn thread_caps(pid: u32) -> Vec<(String, u64, u64)> {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
                 .unwrap_or(u64::MAX)
         };
-        out.push((entry.file_name().to_string_lossy().into_owned(), field("CapEff:"), field("CapPrm:")));
+        out.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            field("CapEff:"),
+            field("CapPrm:"),
+        ));
     }
     out
 }
@@ -651,7 +664,11 @@ fn running_agent_keeps_only_cap_sys_ptrace_in_every_thread_and_still_reloads() {
     let mut agent = Agent::start(&both_allowed_policy(&cg));
     let dropped = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
         let caps = thread_caps(agent.pid());
-        (!caps.is_empty() && caps.iter().all(|(_, eff, prm)| *eff == CAP_SYS_PTRACE && *prm == CAP_SYS_PTRACE)).then_some(caps)
+        (!caps.is_empty()
+            && caps
+                .iter()
+                .all(|(_, eff, prm)| *eff == CAP_SYS_PTRACE && *prm == CAP_SYS_PTRACE))
+        .then_some(caps)
     });
     assert!(
         dropped.is_some(),
@@ -661,15 +678,36 @@ fn running_agent_keeps_only_cap_sys_ptrace_in_every_thread_and_still_reloads() {
     );
     // Without its capabilities it still writes policy maps and stops cleanly.
     let p = probe();
-    expect_ok(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "allowed before the reload");
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "allowed before the reload",
+    );
     let before = agent.generation();
     agent.rewrite_policy(&only_192_policy(&cg, ""));
     agent.sighup();
-    let reloaded = wait_until(RELOAD_WAIT, Duration::from_millis(100), || (agent.generation() > before).then_some(()));
-    assert!(reloaded.is_some(), "reload after dropping capabilities\n{}", agent.context());
-    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "the reloaded policy denies 198.51.100.1");
+    let reloaded = wait_until(RELOAD_WAIT, Duration::from_millis(100), || {
+        (agent.generation() > before).then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "reload after dropping capabilities\n{}",
+        agent.context()
+    );
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "the reloaded policy denies 198.51.100.1",
+    );
     let status = agent.stop();
-    assert!(status.success(), "clean stop without capabilities: {status}\n{}", agent.context());
+    assert!(
+        status.success(),
+        "clean stop without capabilities: {status}\n{}",
+        agent.context()
+    );
     let left = bpf::pinned_objects(agent.pin_path());
-    assert!(left.iter().all(|o| o.kind != ObjKind::Link), "no links left pinned after the stop: {left:?}");
+    assert!(
+        left.iter().all(|o| o.kind != ObjKind::Link),
+        "no links left pinned after the stop: {left:?}"
+    );
 }

@@ -26,7 +26,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, netns::enter_netns, require_root, toml_str};
+use llm_egress_tests::{
+    Agent, CgroupGuard, NetnsGuard, netns::enter_netns, require_root, toml_str,
+};
 
 const DEAD_DNS: &str = "127.0.0.1:9";
 const DNS_ADDR: &str = "192.0.2.1:53";
@@ -166,7 +168,8 @@ impl DnsServer {
         let sock = ns
             .in_netns(|| UdpSocket::bind(addr))
             .unwrap_or_else(|e| panic!("DNS server cannot bind {addr} in {}: {e}", ns.name()));
-        sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -175,16 +178,25 @@ impl DnsServer {
                 match sock.recv_from(&mut buf) {
                     Ok((n, peer)) => {
                         let q = &buf[..n];
-                        let Some((_, name, _)) = parse_query(q) else { continue };
+                        let Some((_, name, _)) = parse_query(q) else {
+                            continue;
+                        };
                         let r = response(q, &answer(&name), ttl);
                         let _ = sock.send_to(&r, peer);
                     }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                        ) => {}
                     Err(e) => panic!("DNS server: {e}"),
                 }
             }
         });
-        DnsServer { stop, thread: Some(thread) }
+        DnsServer {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -218,12 +230,17 @@ impl AnyListener {
             while !s2.load(Ordering::SeqCst) {
                 match l.accept() {
                     Ok((c, _)) => drop(c),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
                     Err(_) => {}
                 }
             }
         });
-        AnyListener { stop, thread: Some(thread) }
+        AnyListener {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -253,8 +270,17 @@ struct Trial {
 fn run_client(cgroup: &Path, ns: &NetnsGuard, names: &[String]) -> Vec<Trial> {
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
-        .args(["names_client_process", "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(CLIENT_ENV, format!("{}\n{}", cgroup.display(), ns.path().display()))
+        .args([
+            "names_client_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            "-q",
+        ])
+        .env(
+            CLIENT_ENV,
+            format!("{}\n{}", cgroup.display(), ns.path().display()),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -271,7 +297,9 @@ fn run_client(cgroup: &Path, ns: &NetnsGuard, names: &[String]) -> Vec<Trial> {
     let mut trials = Vec::new();
     for line in out.lines() {
         let line = line.unwrap();
-        let Some(rest) = line.strip_prefix("TRIAL ") else { continue };
+        let Some(rest) = line.strip_prefix("TRIAL ") else {
+            continue;
+        };
         let mut f = rest.split(' ');
         let name = f.next().unwrap_or_default().to_string();
         let addr = f.next().and_then(|a| a.parse().ok());
@@ -284,19 +312,30 @@ fn run_client(cgroup: &Path, ns: &NetnsGuard, names: &[String]) -> Vec<Trial> {
     }
     let status = child.wait().unwrap();
     assert!(status.success(), "the client process failed: {status}");
-    assert_eq!(trials.len(), names.len(), "the client reported {} trials for {} names", trials.len(), names.len());
+    assert_eq!(
+        trials.len(),
+        names.len(),
+        "the client reported {} trials for {} names",
+        trials.len(),
+        names.len()
+    );
     trials
 }
 
 /// The client: only does something when run by `run_client`.
 #[test]
 fn names_client_process() {
-    let Ok(spec) = std::env::var(CLIENT_ENV) else { return };
+    let Ok(spec) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
     let mut lines = spec.lines();
     let cgroup = lines.next().unwrap();
     let ns = lines.next().unwrap();
-    std::fs::write(Path::new(cgroup).join("cgroup.procs"), std::process::id().to_string())
-        .unwrap_or_else(|e| panic!("cannot join {cgroup}: {e}"));
+    std::fs::write(
+        Path::new(cgroup).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .unwrap_or_else(|e| panic!("cannot join {cgroup}: {e}"));
     enter_netns(Path::new(ns)).unwrap_or_else(|e| panic!("cannot enter {ns}: {e}"));
     let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
     udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -306,16 +345,22 @@ fn names_client_process() {
     let mut buf = [0u8; 2048];
     for (i, name) in std::io::stdin().lines().map_while(Result::ok).enumerate() {
         let id = i as u16;
-        udp.send_to(&query(id, &name), dns).unwrap_or_else(|e| panic!("DNS query for {name}: {e}"));
+        udp.send_to(&query(id, &name), dns)
+            .unwrap_or_else(|e| panic!("DNS query for {name}: {e}"));
         let addr = loop {
-            let n = udp.recv(&mut buf).unwrap_or_else(|e| panic!("DNS answer for {name}: {e}"));
+            let n = udp
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("DNS answer for {name}: {e}"));
             if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
                 break last_a(&buf[..n]);
             }
         };
         let result = match addr {
             None => Err(-1),
-            Some(a) => match TcpStream::connect_timeout(&SocketAddr::V4(SocketAddrV4::new(a, 443)), Duration::from_secs(3)) {
+            Some(a) => match TcpStream::connect_timeout(
+                &SocketAddr::V4(SocketAddrV4::new(a, 443)),
+                Duration::from_secs(3),
+            ) {
                 Ok(_) => Ok(()),
                 Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
             },
@@ -388,16 +433,28 @@ fn addr_of_name(name: &str) -> Option<Ipv4Addr> {
 
 /// The kernel's counters (summed over CPUs) from the agent's pinned maps.
 fn kernel_counters(agent: &Agent) -> Vec<u64> {
-    let Some(dir) = std::fs::read_dir(agent.pin_path()).ok().and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.join("maps/COUNTERS").exists())) else {
+    let Some(dir) = std::fs::read_dir(agent.pin_path()).ok().and_then(|d| {
+        d.flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("maps/COUNTERS").exists())
+    }) else {
         return Vec::new();
     };
-    let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(dir.join("maps/COUNTERS")).output();
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(dir.join("maps/COUNTERS"))
+        .output();
     let Ok(out) = out else { return Vec::new() };
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v.as_array()
         .map(|a| {
             a.iter()
-                .map(|e| e["values"].as_array().map(|vs| vs.iter().map(|x| x["value"].as_u64().unwrap_or(0)).sum()).unwrap_or(0))
+                .map(|e| {
+                    e["values"]
+                        .as_array()
+                        .map(|vs| vs.iter().map(|x| x["value"].as_u64().unwrap_or(0)).sum())
+                        .unwrap_or(0)
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -429,7 +486,9 @@ fn check(agent: &Agent, trials: &[Trial], want: Result<(), i32>, what: &str) {
 /// the exact host `api.race.test`, the question asks the upper-case,
 /// trailing-dot variants too, through a CNAME from a per-trial alias.
 fn race_answer(name: &str) -> Vec<Rr> {
-    let Some(a) = addr_of_name(name) else { return vec![] };
+    let Some(a) = addr_of_name(name) else {
+        return vec![];
+    };
     let first = name.split('.').next().unwrap_or_default();
     if name.to_ascii_lowercase().ends_with(".race.test") {
         // n<i>-<o>.race.test: asked directly (a wildcard host).
@@ -437,7 +496,10 @@ fn race_answer(name: &str) -> Vec<Rr> {
     } else {
         // n<i>-<o>.alias.example CNAME api.race.test A <a>
         let _ = first;
-        vec![Rr::Cname(name.to_string(), "API.race.test".into()), Rr::A("api.race.test".into(), a)]
+        vec![
+            Rr::Cname(name.to_string(), "API.race.test".into()),
+            Rr::A("api.race.test".into(), a),
+        ]
     }
 }
 
@@ -461,10 +523,24 @@ fn an_address_is_learned_before_the_answer_can_be_read_10000_trials() {
     let t_denied = run_client(&denied, &ns, &trial_names(78, n, "race.test"));
     eprintln!("{} trials in {:?}", 2 * n, started.elapsed());
     for t in t_allowed.iter().chain(&t_denied) {
-        assert_eq!(t.addr, addr_of_name(&t.name), "the client read another address than the server sent: {t:?}");
+        assert_eq!(
+            t.addr,
+            addr_of_name(&t.name),
+            "the client read another address than the server sent: {t:?}"
+        );
     }
-    check(&agent, &t_allowed, Ok(()), "workload allowing the provider, resolve then connect at once");
-    check(&agent, &t_denied, Err(libc::EPERM), "workload denying the provider, resolve then connect at once");
+    check(
+        &agent,
+        &t_allowed,
+        Ok(()),
+        "workload allowing the provider, resolve then connect at once",
+    );
+    check(
+        &agent,
+        &t_denied,
+        Err(libc::EPERM),
+        "workload denying the provider, resolve then connect at once",
+    );
 }
 
 /// `N<i>-<o>.Alias.Example` (mixed case) CNAME `API.race.test` (the exact
@@ -480,11 +556,16 @@ fn cname_chains_and_mixed_case_names_are_learned_and_other_names_are_not() {
         &ns,
         300,
         Box::new(|name: &str| {
-            let Some(a) = addr_of_name(name) else { return vec![] };
+            let Some(a) = addr_of_name(name) else {
+                return vec![];
+            };
             if name.to_ascii_lowercase().ends_with(".other.example") {
                 return vec![Rr::A(name.to_string(), a)];
             }
-            vec![Rr::Cname(name.to_string(), "API.Race.TEST".into()), Rr::A("api.RACE.test".into(), a)]
+            vec![
+                Rr::Cname(name.to_string(), "API.Race.TEST".into()),
+                Rr::A("api.RACE.test".into(), a),
+            ]
         }),
     );
     let _l = AnyListener::start(&ns);
@@ -492,15 +573,39 @@ fn cname_chains_and_mixed_case_names_are_learned_and_other_names_are_not() {
 
     let n = 300;
     let t = run_client(&allowed, &ns, &trial_names(77, n, "Alias.Example"));
-    check(&agent, &t, Ok(()), "CNAME chain to the exact provider host, allowing workload");
+    check(
+        &agent,
+        &t,
+        Ok(()),
+        "CNAME chain to the exact provider host, allowing workload",
+    );
     let t = run_client(&denied, &ns, &trial_names(78, n, "ALIAS.example"));
-    check(&agent, &t, Err(libc::EPERM), "CNAME chain to the exact provider host, denying workload");
+    check(
+        &agent,
+        &t,
+        Err(libc::EPERM),
+        "CNAME chain to the exact provider host, denying workload",
+    );
     // Fresh addresses (second octet 77/78 again, but other indexes) for a
     // name that is no provider's: judged as other traffic.
-    let names: Vec<String> = (n..2 * n).map(|i| format!("n{i}-77.other.example")).collect();
+    let names: Vec<String> = (n..2 * n)
+        .map(|i| format!("n{i}-77.other.example"))
+        .collect();
     let t = run_client(&allowed, &ns, &names);
-    check(&agent, &t, Err(libc::EPERM), "a non-provider name, workload whose other traffic is denied");
-    let names: Vec<String> = (n..2 * n).map(|i| format!("n{i}-78.other.example")).collect();
+    check(
+        &agent,
+        &t,
+        Err(libc::EPERM),
+        "a non-provider name, workload whose other traffic is denied",
+    );
+    let names: Vec<String> = (n..2 * n)
+        .map(|i| format!("n{i}-78.other.example"))
+        .collect();
     let t = run_client(&denied, &ns, &names);
-    check(&agent, &t, Ok(()), "a non-provider name, workload whose other traffic is allowed");
+    check(
+        &agent,
+        &t,
+        Ok(()),
+        "a non-provider name, workload whose other traffic is allowed",
+    );
 }

@@ -5,7 +5,9 @@
 use std::{process::Command, time::Duration};
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, TcpServer, prometheus::Prometheus, require_root,
+    Agent, CgroupGuard, NetnsGuard, TcpServer,
+    prometheus::Prometheus,
+    require_root,
     scenario::{policy, probe},
 };
 
@@ -35,10 +37,19 @@ cgroup = "b"
     let agent = Agent::start(&text);
     let p = probe();
     for _ in 0..3 {
-        assert!(p.connect(&a, &netns, "10.20.0.1:8443").is_ok(), "alpha may reach test-llm\n{}", agent.context());
+        assert!(
+            p.connect(&a, &netns, "10.20.0.1:8443").is_ok(),
+            "alpha may reach test-llm\n{}",
+            agent.context()
+        );
     }
     for _ in 0..2 {
-        assert_eq!(p.connect(&b, &netns, "10.20.0.1:8443"), Err(libc::EPERM), "beta may not\n{}", agent.context());
+        assert_eq!(
+            p.connect(&b, &netns, "10.20.0.1:8443"),
+            Err(libc::EPERM),
+            "beta may not\n{}",
+            agent.context()
+        );
     }
 
     // promtool lints the exposition format of what the agent serves.
@@ -52,9 +63,13 @@ cgroup = "b"
         .unwrap_or_else(|e| panic!("cannot run promtool: {e}"));
     if let Some(mut stdin) = lint.stdin.take() {
         use std::io::Write;
-        stdin.write_all(exposition.as_bytes()).unwrap_or_else(|e| panic!("promtool stdin: {e}"));
+        stdin
+            .write_all(exposition.as_bytes())
+            .unwrap_or_else(|e| panic!("promtool stdin: {e}"));
     }
-    let out = lint.wait_with_output().unwrap_or_else(|e| panic!("promtool: {e}"));
+    let out = lint
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("promtool: {e}"));
     assert!(
         out.status.success(),
         "promtool check metrics failed:\n{}{}",
@@ -69,7 +84,12 @@ cgroup = "b"
         wait,
         |v| v == 3.0,
     );
-    assert_eq!(allowed, Some(3.0), "alpha's 3 allowed connections via PromQL\n{}", prom.log());
+    assert_eq!(
+        allowed,
+        Some(3.0),
+        "alpha's 3 allowed connections via PromQL\n{}",
+        prom.log()
+    );
     let denied = prom.wait_value(
         r#"sum by (workload) (llm_egress_connections_total{verdict="deny",provider="test-llm"})"#,
         wait,
@@ -82,7 +102,15 @@ cgroup = "b"
         |v| v == 3.0,
     );
     assert_eq!(per_process, Some(3.0), "per-process series via PromQL");
-    let by_workload = prom.query(r#"sum by (workload) (llm_egress_connections_total{provider="test-llm"})"#).unwrap_or_else(|e| panic!("{e}"));
-    let workloads: Vec<String> = by_workload.iter().filter_map(|r| r["metric"]["workload"].as_str().map(str::to_string)).collect();
-    assert!(workloads.contains(&"alpha".to_string()) && workloads.contains(&"beta".to_string()), "{by_workload:?}");
+    let by_workload = prom
+        .query(r#"sum by (workload) (llm_egress_connections_total{provider="test-llm"})"#)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let workloads: Vec<String> = by_workload
+        .iter()
+        .filter_map(|r| r["metric"]["workload"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        workloads.contains(&"alpha".to_string()) && workloads.contains(&"beta".to_string()),
+        "{by_workload:?}"
+    );
 }

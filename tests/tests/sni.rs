@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, TempDir, netns::enter_netns, probe::confine, require_root, toml_str, wait_until};
+use llm_egress_tests::{
+    Agent, CgroupGuard, NetnsGuard, TempDir, netns::enter_netns, probe::confine, require_root,
+    toml_str, wait_until,
+};
 
 const ADDR: &str = "10.79.0.1";
 
@@ -62,14 +65,30 @@ impl TlsServer {
         let dir = TempDir::new("sni-tls");
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=sni.test"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=sni.test",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
             .arg(&cert)
             .output()
             .expect("cannot run openssl (Debian package openssl)");
-        assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut cmd = Command::new("openssl");
         cmd.args(["s_server", "-quiet", "-www", "-accept", "443"])
             .arg("-cert")
@@ -88,9 +107,14 @@ impl TlsServer {
         let child = cmd.spawn().expect("cannot start openssl s_server");
         let server = TlsServer { child, _dir: dir };
         let up = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-            ns.in_netns(|| std::net::TcpStream::connect((ADDR, 443)).ok()).map(drop)
+            ns.in_netns(|| std::net::TcpStream::connect((ADDR, 443)).ok())
+                .map(drop)
         });
-        assert!(up.is_some(), "openssl s_server did not listen on {ADDR}:443 in {}", ns.name());
+        assert!(
+            up.is_some(),
+            "openssl s_server did not listen on {ADDR}:443 in {}",
+            ns.name()
+        );
         server
     }
 }
@@ -114,7 +138,16 @@ struct Curl {
 /// address URL when `name` is one), run in `cgroup` and `ns`.
 fn curl(cgroup: &Path, ns: &NetnsGuard, name: &str) -> Curl {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-k", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"]);
+    cmd.args([
+        "-sS",
+        "-k",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ]);
     if name != ADDR {
         cmd.arg("--resolve").arg(format!("{name}:443:{ADDR}"));
     }
@@ -152,8 +185,18 @@ fn two_names_on_one_address_the_allowed_handshake_completes_the_denied_one_fails
     );
 
     let bad = curl(&w, &ns, "bad.sni.test");
-    eprintln!("denied handshake: curl exit {} after {:?}: {}", bad.code, bad.took, bad.stderr.trim());
-    assert!(bad.code != 0, "the denied name's handshake must fail, it gave http {:?}\n{}", bad.http, agent.context());
+    eprintln!(
+        "denied handshake: curl exit {} after {:?}: {}",
+        bad.code,
+        bad.took,
+        bad.stderr.trim()
+    );
+    assert!(
+        bad.code != 0,
+        "the denied name's handshake must fail, it gave http {:?}\n{}",
+        bad.http,
+        agent.context()
+    );
     assert!(
         bad.took < Duration::from_secs(1),
         "the denied handshake must fail within a second, it took {:?} (curl exit {}: {})\n{}",
@@ -170,10 +213,18 @@ fn two_names_on_one_address_the_allowed_handshake_completes_the_denied_one_fails
     drop(server);
     let _server = TlsServer::start(&ns);
     let again = curl(&w, &ns, "Good.SNI.test");
-    assert!(again.code == 0, "the allowed name (other case) after a deny: curl exit {}: {}", again.code, again.stderr);
+    assert!(
+        again.code == 0,
+        "the allowed name (other case) after a deny: curl exit {}: {}",
+        again.code,
+        again.stderr
+    );
 
     let deny = agent
-        .wait_for_audit(|e| e["hook"] == "sni" && e["verdict"] == "deny", Duration::from_secs(5))
+        .wait_for_audit(
+            |e| e["hook"] == "sni" && e["verdict"] == "deny",
+            Duration::from_secs(5),
+        )
         .unwrap_or_else(|| panic!("no SNI deny in the audit log\n{}", agent.context()));
     assert_eq!(deny["server_name"], "bad.sni.test");
     assert_eq!(deny["provider"], "bad");
@@ -181,11 +232,24 @@ fn two_names_on_one_address_the_allowed_handshake_completes_the_denied_one_fails
     assert_eq!(deny["dst_addr"], ADDR);
     assert_eq!(deny["dst_port"], 443);
     let allow = agent
-        .wait_for_audit(|e| e["hook"] == "sni" && e["verdict"] == "allow", Duration::from_secs(5))
+        .wait_for_audit(
+            |e| e["hook"] == "sni" && e["verdict"] == "allow",
+            Duration::from_secs(5),
+        )
         .unwrap_or_else(|| panic!("no SNI allow in the audit log\n{}", agent.context()));
     assert_eq!(allow["provider"], "good");
-    let denies = agent.wait_for_metric("llm_egress_sni_total", &[("result", "deny")], 1.0, Duration::from_secs(5)).unwrap_or(0.0);
-    assert!(denies >= 1.0, "llm_egress_sni_total{{result=\"deny\"}} = {denies}");
+    let denies = agent
+        .wait_for_metric(
+            "llm_egress_sni_total",
+            &[("result", "deny")],
+            1.0,
+            Duration::from_secs(5),
+        )
+        .unwrap_or(0.0);
+    assert!(
+        denies >= 1.0,
+        "llm_egress_sni_total{{result=\"deny\"}} = {denies}"
+    );
 }
 
 #[test]
@@ -200,7 +264,20 @@ fn a_client_hello_without_a_server_name_keeps_the_address_verdict() {
 
     // An address URL: curl sends no server_name.
     let r = curl(&w, &ns, ADDR);
-    assert!(r.code == 0, "a ClientHello without SNI to an allowed address: curl exit {}: {}\n{}", r.code, r.stderr, agent.context());
-    let n = agent.wait_for_metric("llm_egress_sni_total", &[("result", "no_sni")], 1.0, Duration::from_secs(5)).unwrap_or(0.0);
+    assert!(
+        r.code == 0,
+        "a ClientHello without SNI to an allowed address: curl exit {}: {}\n{}",
+        r.code,
+        r.stderr,
+        agent.context()
+    );
+    let n = agent
+        .wait_for_metric(
+            "llm_egress_sni_total",
+            &[("result", "no_sni")],
+            1.0,
+            Duration::from_secs(5),
+        )
+        .unwrap_or(0.0);
     assert!(n >= 1.0, "llm_egress_sni_total{{result=\"no_sni\"}} = {n}");
 }

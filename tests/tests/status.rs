@@ -133,8 +133,17 @@ deny = ["test-llm"]
     assert_eq!(batch_row["connections"]["deny"], 2, "{text}");
     assert_eq!(batch_row["connections"]["allow"], 0, "{text}");
     // Columns of metrics the agent may not export (yet): null, or a count.
-    for col in ["bytes_sent", "bytes_received", "active_connections", "tokens_estimated", "rate_limited"] {
-        assert!(bot_row[col].is_null() || bot_row[col].is_u64(), "{col}: {text}");
+    for col in [
+        "bytes_sent",
+        "bytes_received",
+        "active_connections",
+        "tokens_estimated",
+        "rate_limited",
+    ] {
+        assert!(
+            bot_row[col].is_null() || bot_row[col].is_u64(),
+            "{col}: {text}"
+        );
     }
     let a = &doc["agent"];
     assert_eq!(a["policy_generation"], agent.generation(), "{text}");
@@ -149,7 +158,10 @@ deny = ["test-llm"]
     assert!(out.status.success(), "{text}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.lines().next().is_some_and(|l| l.contains(&url) && l.contains("ready")),
+        stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains(&url) && l.contains("ready")),
         "{text}"
     );
     let cells = |w: &str| -> Vec<String> {
@@ -161,11 +173,20 @@ deny = ["test-llm"]
             .map(str::to_string)
             .collect()
     };
-    assert_eq!(cells("bot")[2..5], ["3", "0", "0"], "ALLOW DENY AUDIT of bot:\n{text}");
-    assert_eq!(cells("batch")[2..5], ["0", "2", "0"], "ALLOW DENY AUDIT of batch:\n{text}");
+    assert_eq!(
+        cells("bot")[2..5],
+        ["3", "0", "0"],
+        "ALLOW DENY AUDIT of bot:\n{text}"
+    );
+    assert_eq!(
+        cells("batch")[2..5],
+        ["0", "2", "0"],
+        "ALLOW DENY AUDIT of batch:\n{text}"
+    );
     let tokens = &cells("bot")[9];
     assert!(
-        tokens == "-" && bot_row["tokens_estimated"].is_null() || tokens.parse::<u64>().ok() == bot_row["tokens_estimated"].as_u64(),
+        tokens == "-" && bot_row["tokens_estimated"].is_null()
+            || tokens.parse::<u64>().ok() == bot_row["tokens_estimated"].as_u64(),
         "TOKENS of bot: `-` when not exported, else the JSON's count:\n{text}"
     );
     assert!(

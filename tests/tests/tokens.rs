@@ -60,21 +60,105 @@ struct Case {
     completion: usize,
 }
 
-const fn case(name: &'static str, flavor: Flavor, endpoint: Endpoint, streamed: bool, prompt: usize, completion: usize) -> Case {
-    Case { name, flavor, endpoint, streamed, prompt, completion }
+const fn case(
+    name: &'static str,
+    flavor: Flavor,
+    endpoint: Endpoint,
+    streamed: bool,
+    prompt: usize,
+    completion: usize,
+) -> Case {
+    Case {
+        name,
+        flavor,
+        endpoint,
+        streamed,
+        prompt,
+        completion,
+    }
 }
 
 const CASES: &[Case] = &[
-    case("openai-chat-short", Flavor::OpenAi, Endpoint::ChatCompletions, false, 20, 20),
-    case("openai-chat-long", Flavor::OpenAi, Endpoint::ChatCompletions, false, 2000, 2000),
-    case("openai-chat-stream-short", Flavor::OpenAi, Endpoint::ChatCompletions, true, 20, 20),
-    case("openai-chat-stream-long", Flavor::OpenAi, Endpoint::ChatCompletions, true, 2000, 2000),
-    case("openai-embeddings-short", Flavor::OpenAi, Endpoint::Embeddings, false, 20, 0),
-    case("openai-embeddings-long", Flavor::OpenAi, Endpoint::Embeddings, false, 2000, 0),
-    case("anthropic-short", Flavor::Anthropic, Endpoint::Messages, false, 20, 20),
-    case("anthropic-long", Flavor::Anthropic, Endpoint::Messages, false, 2000, 2000),
-    case("anthropic-stream-short", Flavor::Anthropic, Endpoint::Messages, true, 20, 20),
-    case("anthropic-stream-long", Flavor::Anthropic, Endpoint::Messages, true, 2000, 2000),
+    case(
+        "openai-chat-short",
+        Flavor::OpenAi,
+        Endpoint::ChatCompletions,
+        false,
+        20,
+        20,
+    ),
+    case(
+        "openai-chat-long",
+        Flavor::OpenAi,
+        Endpoint::ChatCompletions,
+        false,
+        2000,
+        2000,
+    ),
+    case(
+        "openai-chat-stream-short",
+        Flavor::OpenAi,
+        Endpoint::ChatCompletions,
+        true,
+        20,
+        20,
+    ),
+    case(
+        "openai-chat-stream-long",
+        Flavor::OpenAi,
+        Endpoint::ChatCompletions,
+        true,
+        2000,
+        2000,
+    ),
+    case(
+        "openai-embeddings-short",
+        Flavor::OpenAi,
+        Endpoint::Embeddings,
+        false,
+        20,
+        0,
+    ),
+    case(
+        "openai-embeddings-long",
+        Flavor::OpenAi,
+        Endpoint::Embeddings,
+        false,
+        2000,
+        0,
+    ),
+    case(
+        "anthropic-short",
+        Flavor::Anthropic,
+        Endpoint::Messages,
+        false,
+        20,
+        20,
+    ),
+    case(
+        "anthropic-long",
+        Flavor::Anthropic,
+        Endpoint::Messages,
+        false,
+        2000,
+        2000,
+    ),
+    case(
+        "anthropic-stream-short",
+        Flavor::Anthropic,
+        Endpoint::Messages,
+        true,
+        20,
+        20,
+    ),
+    case(
+        "anthropic-stream-long",
+        Flavor::Anthropic,
+        Endpoint::Messages,
+        true,
+        2000,
+        2000,
+    ),
 ];
 
 /// One request of the corpus.
@@ -114,7 +198,10 @@ fn body(case: &Case, rng: &mut Rng) -> Value {
         vec![
             ("user", fake_provider::prose(seed, first)),
             ("assistant", fake_provider::prose(seed ^ 1, first)),
-            ("user", fake_provider::prose(seed ^ 2, prompt_len - 2 * first)),
+            (
+                "user",
+                fake_provider::prose(seed ^ 2, prompt_len - 2 * first),
+            ),
         ]
     } else {
         vec![("user", fake_provider::prose(seed, prompt_len))]
@@ -122,10 +209,21 @@ fn body(case: &Case, rng: &mut Rng) -> Value {
     match case.endpoint {
         Endpoint::ChatCompletions => {
             let model = pick(rng, &["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-3.5-turbo"]);
-            let mut messages: Vec<Value> = system.map(|s| json!({"role": "system", "content": s})).into_iter().collect();
-            messages.extend(turns.into_iter().map(|(role, content)| json!({"role": role, "content": content})));
+            let mut messages: Vec<Value> = system
+                .map(|s| json!({"role": "system", "content": s}))
+                .into_iter()
+                .collect();
+            messages.extend(
+                turns
+                    .into_iter()
+                    .map(|(role, content)| json!({"role": role, "content": content})),
+            );
             let mut b = json!({"model": model, "messages": messages});
-            let key = if rng.below(2) == 0 { "max_tokens" } else { "max_completion_tokens" };
+            let key = if rng.below(2) == 0 {
+                "max_tokens"
+            } else {
+                "max_completion_tokens"
+            };
             b[key] = json!(completion_len);
             if rng.below(2) == 0 {
                 b["temperature"] = json!(0.2);
@@ -148,12 +246,23 @@ fn body(case: &Case, rng: &mut Rng) -> Value {
             b
         }
         Endpoint::Messages => {
-            let model = pick(rng, &["claude-sonnet-4-20250514", "claude-3-5-haiku-20241022", "claude-opus-4-1-20250805"]);
+            let model = pick(
+                rng,
+                &[
+                    "claude-sonnet-4-20250514",
+                    "claude-3-5-haiku-20241022",
+                    "claude-opus-4-1-20250805",
+                ],
+            );
             let blocks = rng.below(3) == 0;
             let messages: Vec<Value> = turns
                 .into_iter()
                 .map(|(role, text)| {
-                    let content = if blocks { json!([{"type": "text", "text": text}]) } else { json!(text) };
+                    let content = if blocks {
+                        json!([{"type": "text", "text": text}])
+                    } else {
+                        json!(text)
+                    };
                     json!({"role": role, "content": content})
                 })
                 .collect();
@@ -179,7 +288,12 @@ fn corpus(seed: u64) -> Vec<Job> {
                 Endpoint::Embeddings => "/v1/embeddings",
                 Endpoint::Messages => "/v1/messages",
             };
-            jobs.push(Job { case: c, id: format!("tok-{c:02}-{i:04}"), path, body: body(case, &mut rng).to_string() });
+            jobs.push(Job {
+                case: c,
+                id: format!("tok-{c:02}-{i:04}"),
+                path,
+                body: body(case, &mut rng).to_string(),
+            });
         }
     }
     // Interleave the cases so that long and short requests run side by side.
@@ -191,27 +305,70 @@ fn corpus(seed: u64) -> Vec<Job> {
 }
 
 /// Runs `job` with curl in `cgroup` and `netns`; returns curl's pid.
-fn run_curl(job: &Job, server: &FakeProvider, cgroup: &Path, netns: &NetnsGuard, dir: &Path) -> u32 {
+fn run_curl(
+    job: &Job,
+    server: &FakeProvider,
+    cgroup: &Path,
+    netns: &NetnsGuard,
+    dir: &Path,
+) -> u32 {
     let file = dir.join(format!("{}.json", job.id));
     std::fs::write(&file, &job.body).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "120"]);
-    cmd.arg("--cacert").arg(server.ca_file()).arg("--resolve").arg(server.resolve_arg());
-    cmd.args(["-H", "Content-Type: application/json", "-H", &format!("X-Client-Request-Id: {}", job.id)]);
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "120",
+    ]);
+    cmd.arg("--cacert")
+        .arg(server.ca_file())
+        .arg("--resolve")
+        .arg(server.resolve_arg());
+    cmd.args([
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        &format!("X-Client-Request-Id: {}", job.id),
+    ]);
     // Credentials as long as real ones (not real ones).
     let mut rng = Rng::new(job.id.len() as u64);
     match server.flavor() {
-        Flavor::OpenAi => cmd.args(["-H", &format!("Authorization: Bearer sk-proj-{}", rng.alnum(156))]),
-        Flavor::Anthropic => cmd.args(["-H", &format!("x-api-key: sk-ant-api03-{}AA", rng.alnum(93)), "-H", "anthropic-version: 2023-06-01"]),
+        Flavor::OpenAi => cmd.args([
+            "-H",
+            &format!("Authorization: Bearer sk-proj-{}", rng.alnum(156)),
+        ]),
+        Flavor::Anthropic => cmd.args([
+            "-H",
+            &format!("x-api-key: sk-ant-api03-{}AA", rng.alnum(93)),
+            "-H",
+            "anthropic-version: 2023-06-01",
+        ]),
     };
-    cmd.arg("--data-binary").arg(format!("@{}", file.display())).arg(server.url(job.path));
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.arg("--data-binary")
+        .arg(format!("@{}", file.display()))
+        .arg(server.url(job.path));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     confine(&mut cmd, cgroup, netns);
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run curl: {e}"));
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
     let pid = child.id();
-    let out = child.wait_with_output().unwrap_or_else(|e| panic!("curl: {e}"));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("curl: {e}"));
     let code = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && code == "200", "curl {} failed ({code}): {}", job.id, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && code == "200",
+        "curl {} failed ({code}): {}",
+        job.id,
+        String::from_utf8_lossy(&out.stderr)
+    );
     pid
 }
 
@@ -257,22 +414,49 @@ client.close()
 "#;
 
 /// Runs `job` with the Python SDK in `cgroup` and `netns`; returns its pid.
-fn run_sdk(python: &str, job: &Job, server: &FakeProvider, cgroup: &Path, netns: &NetnsGuard, dir: &Path) -> u32 {
+fn run_sdk(
+    python: &str,
+    job: &Job,
+    server: &FakeProvider,
+    cgroup: &Path,
+    netns: &NetnsGuard,
+    dir: &Path,
+) -> u32 {
     let file = dir.join(format!("{}.json", job.id));
     std::fs::write(&file, &job.body).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
     let script = dir.join("sdk_client.py");
     if !script.exists() {
-        std::fs::write(&script, SDK_CLIENT).unwrap_or_else(|e| panic!("write {}: {e}", script.display()));
+        std::fs::write(&script, SDK_CLIENT)
+            .unwrap_or_else(|e| panic!("write {}: {e}", script.display()));
     }
-    let flavor = if server.flavor() == Flavor::OpenAi { "openai" } else { "anthropic" };
+    let flavor = if server.flavor() == Flavor::OpenAi {
+        "openai"
+    } else {
+        "anthropic"
+    };
     let mut cmd = Command::new(python);
-    cmd.arg(&script).args([flavor, &server.addr().ip().to_string(), server.host()]).arg(server.ca_file()).arg(&job.id).arg(&file);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.arg(&script)
+        .args([flavor, &server.addr().ip().to_string(), server.host()])
+        .arg(server.ca_file())
+        .arg(&job.id)
+        .arg(&file);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     confine(&mut cmd, cgroup, netns);
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     let pid = child.id();
-    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{python}: {e}"));
-    assert!(out.status.success(), "SDK request {} failed: {}", job.id, String::from_utf8_lossy(&out.stderr));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{python}: {e}"));
+    assert!(
+        out.status.success(),
+        "SDK request {} failed: {}",
+        job.id,
+        String::from_utf8_lossy(&out.stderr)
+    );
     pid
 }
 
@@ -323,15 +507,29 @@ struct Errors {
 /// The bounds table of docs/tokens.md: lines `| \`case\` | a% | b% | c% | d% |`
 /// under the heading "Bounds".
 fn doc_bounds() -> HashMap<String, Errors> {
-    let section = DOC.split("\n## ").find(|s| s.starts_with("Bounds")).unwrap_or_else(|| panic!("docs/tokens.md has no `## Bounds` section"));
+    let section = DOC
+        .split("\n## ")
+        .find(|s| s.starts_with("Bounds"))
+        .unwrap_or_else(|| panic!("docs/tokens.md has no `## Bounds` section"));
     let mut out = HashMap::new();
     for line in section.lines().filter(|l| l.starts_with("| `")) {
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
-        let pct = |s: &str| s.trim_end_matches('%').trim().parse::<f64>().unwrap_or_else(|e| panic!("bad bound {s:?} in {line:?}: {e}")) / 100.0;
+        let pct = |s: &str| {
+            s.trim_end_matches('%')
+                .trim()
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("bad bound {s:?} in {line:?}: {e}"))
+                / 100.0
+        };
         assert_eq!(cells.len(), 5, "a bounds line has 5 cells: {line}");
         out.insert(
             cells[0].trim_matches('`').to_string(),
-            Errors { prompt_median: pct(cells[1]), prompt_p90: pct(cells[2]), completion_median: pct(cells[3]), completion_p90: pct(cells[4]) },
+            Errors {
+                prompt_median: pct(cells[1]),
+                prompt_p90: pct(cells[2]),
+                completion_median: pct(cells[3]),
+                completion_p90: pct(cells[4]),
+            },
         );
     }
     out
@@ -369,10 +567,18 @@ fn docs_tokens_md_has_a_bound_for_every_case() {
     let bounds = doc_bounds();
     for client in CLIENTS {
         for c in CASES {
-            assert!(bounds.contains_key(&format!("{client}/{}", c.name)), "docs/tokens.md: no bound for `{client}/{}`", c.name);
+            assert!(
+                bounds.contains_key(&format!("{client}/{}", c.name)),
+                "docs/tokens.md: no bound for `{client}/{}`",
+                c.name
+            );
         }
     }
-    assert_eq!(bounds.len(), CLIENTS.len() * CASES.len(), "docs/tokens.md bounds cases this test does not run");
+    assert_eq!(
+        bounds.len(),
+        CLIENTS.len() * CASES.len(),
+        "docs/tokens.md bounds cases this test does not run"
+    );
 }
 
 #[test]
@@ -386,7 +592,10 @@ fn token_estimates_stay_within_the_documented_error() {
     let agent = Agent::start(&policy(&cg));
     let dir = TempDir::new("llm-egress-tokens");
 
-    let seed = std::env::var("LLM_EGRESS_TOKENS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let seed = std::env::var("LLM_EGRESS_TOKENS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let jobs = corpus(seed);
     let python = std::env::var("LLM_EGRESS_TOKENS_PYTHON").ok();
     let queue = Arc::new(Mutex::new(jobs.clone()));
@@ -395,7 +604,11 @@ fn token_estimates_stay_within_the_documented_error() {
         for _ in 0..PARALLEL {
             s.spawn(|| {
                 while let Some(job) = queue.lock().ok().and_then(|mut q| q.pop()) {
-                    let server = if CASES[job.case].flavor == Flavor::OpenAi { &openai } else { &anthropic };
+                    let server = if CASES[job.case].flavor == Flavor::OpenAi {
+                        &openai
+                    } else {
+                        &anthropic
+                    };
                     let pid = match &python {
                         Some(py) => run_sdk(py, &job, server, &bot, &netns, dir.path()),
                         None => run_curl(&job, server, &bot, &netns, dir.path()),
@@ -409,10 +622,20 @@ fn token_estimates_stay_within_the_documented_error() {
     });
     let pids = pids.lock().map(|p| p.clone()).unwrap_or_default();
     let records = wait_until(Duration::from_secs(15), Duration::from_millis(200), || {
-        let r: Vec<Value> = agent.audit_events().into_iter().filter(|e| e["event"] == "connection").collect();
+        let r: Vec<Value> = agent
+            .audit_events()
+            .into_iter()
+            .filter(|e| e["event"] == "connection")
+            .collect();
         (r.len() >= jobs.len()).then_some(r)
     })
-    .unwrap_or_else(|| panic!("one connection record per request ({}) expected\n{}", jobs.len(), agent.context()));
+    .unwrap_or_else(|| {
+        panic!(
+            "one connection record per request ({}) expected\n{}",
+            jobs.len(),
+            agent.context()
+        )
+    });
     let mut served: HashMap<String, Served> = HashMap::new();
     for s in openai.served().into_iter().chain(anthropic.served()) {
         served.insert(s.request_id.clone().unwrap_or_default(), s);
@@ -421,9 +644,17 @@ fn token_estimates_stay_within_the_documented_error() {
     let mut samples = Vec::new();
     for r in records {
         let pid = r["tgid"].as_u64().unwrap_or(0) as u32;
-        let id = pids.get(&pid).unwrap_or_else(|| panic!("a connection record of no curl of this test: {r}"));
-        let truth = served.get(id).unwrap_or_else(|| panic!("the server did not record {id}"));
-        samples.push(Sample { case: case_of[id.as_str()], served: truth.clone(), record: r });
+        let id = pids
+            .get(&pid)
+            .unwrap_or_else(|| panic!("a connection record of no curl of this test: {r}"));
+        let truth = served
+            .get(id)
+            .unwrap_or_else(|| panic!("the server did not record {id}"));
+        samples.push(Sample {
+            case: case_of[id.as_str()],
+            served: truth.clone(),
+            record: r,
+        });
     }
     assert_eq!(samples.len(), jobs.len());
 
@@ -441,34 +672,68 @@ fn token_estimates_stay_within_the_documented_error() {
         for (what, got, bound) in [
             ("prompt median", m.prompt_median, b.prompt_median),
             ("prompt p90", m.prompt_p90, b.prompt_p90),
-            ("completion median", m.completion_median, b.completion_median),
+            (
+                "completion median",
+                m.completion_median,
+                b.completion_median,
+            ),
             ("completion p90", m.completion_p90, b.completion_p90),
         ] {
             // NaN (no estimate) fails too.
             if got.is_nan() || got > bound {
-                failures.push(format!("{name}: {what} error {:.1}% > {:.1}% (docs/tokens.md)", got * 100.0, bound * 100.0));
+                failures.push(format!(
+                    "{name}: {what} error {:.1}% > {:.1}% (docs/tokens.md)",
+                    got * 100.0,
+                    bound * 100.0
+                ));
             }
         }
-        let wrong_shape = samples.iter().filter(|s| s.case == c && s.record["streamed"].as_bool() != Some(case.streamed)).count();
+        let wrong_shape = samples
+            .iter()
+            .filter(|s| s.case == c && s.record["streamed"].as_bool() != Some(case.streamed))
+            .count();
         if wrong_shape > 0 {
-            failures.push(format!("{name}: {wrong_shape} connections classified as streamed = {}", !case.streamed));
+            failures.push(format!(
+                "{name}: {wrong_shape} connections classified as streamed = {}",
+                !case.streamed
+            ));
         }
     }
-    assert!(failures.is_empty(), "token estimates are worse than docs/tokens.md says:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "token estimates are worse than docs/tokens.md says:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// Prints the error table (the one docs/tokens.md shows) and returns it.
 fn report(samples: &[Sample], client: &str) -> Vec<Errors> {
     let mut out = Vec::new();
-    println!("\n| case | requests | prompt tokens (true, median) | prompt error median | prompt error p90 | completion tokens (true, median) | completion error median | completion error p90 |");
+    println!(
+        "\n| case | requests | prompt tokens (true, median) | prompt error median | prompt error p90 | completion tokens (true, median) | completion error median | completion error p90 |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for (c, case) in CASES.iter().enumerate() {
         let of: Vec<&Sample> = samples.iter().filter(|s| s.case == c).collect();
-        let pe: Vec<f64> = of.iter().map(|s| rel_error(s.est_prompt(), s.served.usage.prompt)).collect();
-        let ce: Vec<f64> = of.iter().map(|s| rel_error(s.est_completion(), s.served.usage.completion)).collect();
+        let pe: Vec<f64> = of
+            .iter()
+            .map(|s| rel_error(s.est_prompt(), s.served.usage.prompt))
+            .collect();
+        let ce: Vec<f64> = of
+            .iter()
+            .map(|s| rel_error(s.est_completion(), s.served.usage.completion))
+            .collect();
         let tp: Vec<f64> = of.iter().map(|s| s.served.usage.prompt as f64).collect();
-        let tc: Vec<f64> = of.iter().map(|s| s.served.usage.completion as f64).collect();
-        let e = Errors { prompt_median: quantile(&pe, 0.5), prompt_p90: quantile(&pe, 0.9), completion_median: quantile(&ce, 0.5), completion_p90: quantile(&ce, 0.9) };
+        let tc: Vec<f64> = of
+            .iter()
+            .map(|s| s.served.usage.completion as f64)
+            .collect();
+        let e = Errors {
+            prompt_median: quantile(&pe, 0.5),
+            prompt_p90: quantile(&pe, 0.9),
+            completion_median: quantile(&ce, 0.5),
+            completion_p90: quantile(&ce, 0.9),
+        };
         println!(
             "| `{client}/{}` | {} | {} | {:.1}% | {:.1}% | {} | {:.1}% | {:.1}% |",
             case.name,
@@ -509,10 +774,22 @@ fn report(samples: &[Sample], client: &str) -> Vec<Errors> {
 fn check_metrics(agent: &Agent, samples: &[Sample]) {
     for (provider, flavor) in [("openai", Flavor::OpenAi), ("anthropic", Flavor::Anthropic)] {
         let of = || samples.iter().filter(|s| CASES[s.case].flavor == flavor);
-        for (kind, total) in [("prompt", of().map(Sample::est_prompt).sum::<f64>()), ("completion", of().map(Sample::est_completion).sum::<f64>())] {
-            let labels = [("workload", "bot"), ("provider", provider), ("kind", kind), ("source", "estimated")];
+        for (kind, total) in [
+            ("prompt", of().map(Sample::est_prompt).sum::<f64>()),
+            ("completion", of().map(Sample::est_completion).sum::<f64>()),
+        ] {
+            let labels = [
+                ("workload", "bot"),
+                ("provider", provider),
+                ("kind", kind),
+                ("source", "estimated"),
+            ];
             let got = agent.metric_value("llm_egress_tokens_total", &labels);
-            assert_eq!(got, Some(total), "llm_egress_tokens_total{{provider={provider},kind={kind}}} must add up the connection records");
+            assert_eq!(
+                got,
+                Some(total),
+                "llm_egress_tokens_total{{provider={provider},kind={kind}}} must add up the connection records"
+            );
         }
     }
 }
@@ -520,7 +797,9 @@ fn check_metrics(agent: &Agent, samples: &[Sample]) {
 /// Least-squares line `bytes = a + b * tokens`.
 fn fit(points: &[(f64, f64)]) -> (f64, f64) {
     let n = points.len() as f64;
-    let (sx, sy) = points.iter().fold((0.0, 0.0), |(x, y), p| (x + p.0, y + p.1));
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(x, y), p| (x + p.0, y + p.1));
     let (mx, my) = (sx / n, sy / n);
     let (mut sxy, mut sxx) = (0.0, 0.0);
     for (x, y) in points {
@@ -535,23 +814,43 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
 fn print_fits(samples: &[Sample]) {
     type Group = (&'static str, fn(&Case) -> bool);
     let groups: [Group; 5] = [
-        ("openai chat buffered", |c| c.endpoint == Endpoint::ChatCompletions && !c.streamed),
-        ("openai chat streamed", |c| c.endpoint == Endpoint::ChatCompletions && c.streamed),
+        ("openai chat buffered", |c| {
+            c.endpoint == Endpoint::ChatCompletions && !c.streamed
+        }),
+        ("openai chat streamed", |c| {
+            c.endpoint == Endpoint::ChatCompletions && c.streamed
+        }),
         ("openai embeddings", |c| c.endpoint == Endpoint::Embeddings),
-        ("anthropic buffered", |c| c.endpoint == Endpoint::Messages && !c.streamed),
-        ("anthropic streamed", |c| c.endpoint == Endpoint::Messages && c.streamed),
+        ("anthropic buffered", |c| {
+            c.endpoint == Endpoint::Messages && !c.streamed
+        }),
+        ("anthropic streamed", |c| {
+            c.endpoint == Endpoint::Messages && c.streamed
+        }),
     ];
     println!("\nfits: bytes = a + b * tokens");
     for (name, pred) in groups {
         let of: Vec<&Sample> = samples.iter().filter(|s| pred(&CASES[s.case])).collect();
-        let sent: Vec<(f64, f64)> = of.iter().map(|s| (s.served.usage.prompt as f64, s.n("bytes_sent"))).collect();
-        let recv: Vec<(f64, f64)> = of.iter().map(|s| (s.served.usage.completion as f64, s.n("bytes_received"))).collect();
+        let sent: Vec<(f64, f64)> = of
+            .iter()
+            .map(|s| (s.served.usage.prompt as f64, s.n("bytes_sent")))
+            .collect();
+        let recv: Vec<(f64, f64)> = of
+            .iter()
+            .map(|s| (s.served.usage.completion as f64, s.n("bytes_received")))
+            .collect();
         let (sa, sb) = fit(&sent);
         let (ra, rb) = fit(&recv);
-        let avg_seg: Vec<f64> = of.iter().map(|s| s.n("bytes_received") / s.n("segments_received").max(1.0)).collect();
+        let avg_seg: Vec<f64> = of
+            .iter()
+            .map(|s| s.n("bytes_received") / s.n("segments_received").max(1.0))
+            .collect();
         let segs: Vec<f64> = of.iter().map(|s| s.n("segments_received")).collect();
         let segs_out: Vec<f64> = of.iter().map(|s| s.n("segments_sent")).collect();
-        let rate: Vec<f64> = of.iter().map(|s| s.n("bytes_received") / s.n("duration_seconds").max(1e-6)).collect();
+        let rate: Vec<f64> = of
+            .iter()
+            .map(|s| s.n("bytes_received") / s.n("duration_seconds").max(1e-6))
+            .collect();
         println!(
             "{name:<22} sent: a {sa:8.1} b {sb:6.3} | received: a {ra:8.1} b {rb:7.3} | received bytes/segment min {:.0} max {:.0} | segments in min {} max {} | segments out min {} max {} | received bytes/s min {:.0} max {:.0}",
             quantile(&avg_seg, 0.0),

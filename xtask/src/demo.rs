@@ -103,7 +103,9 @@ const SAMPLES: &[(&str, &str, &str)] = &[
 
 pub fn demo(ws: &Workspace) -> Result<()> {
     if !cmd::is_root() {
-        bail!("demo: the agent loads BPF programs and the demo makes a cgroup and a network namespace, which needs root: run `sudo cargo xtask demo`");
+        bail!(
+            "demo: the agent loads BPF programs and the demo makes a cgroup and a network namespace, which needs root: run `sudo cargo xtask demo`"
+        );
     }
     let (_, bin) = agent::build(ws, Profile::Debug)?;
     let probe = ws.bin(Profile::Debug, "egress-probe");
@@ -118,7 +120,10 @@ pub fn demo(ws: &Workspace) -> Result<()> {
         drop(world);
         r
     });
-    say(format_args!("demo: everything removed ({} in all)", secs(start.elapsed())));
+    say(format_args!(
+        "demo: everything removed ({} in all)",
+        secs(start.elapsed())
+    ));
     result
 }
 
@@ -134,7 +139,8 @@ struct World {
 }
 
 fn cgroup2_mount() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     info.lines()
         .find_map(|l| {
             let (left, right) = l.split_once(" - ")?;
@@ -145,9 +151,16 @@ fn cgroup2_mount() -> Result<PathBuf> {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -165,9 +178,13 @@ impl World {
             listener: None,
             agent: None,
         };
-        assert!(w.cgroup != mount && w.cgroup.starts_with(&mount), "the demo cgroup is below the cgroup2 root");
+        assert!(
+            w.cgroup != mount && w.cgroup.starts_with(&mount),
+            "the demo cgroup is below the cgroup2 root"
+        );
         fs::create_dir(&w.dir).with_context(|| format!("creating {}", w.dir.display()))?;
-        fs::create_dir(&w.cgroup).with_context(|| format!("creating cgroup {}", w.cgroup.display()))?;
+        fs::create_dir(&w.cgroup)
+            .with_context(|| format!("creating cgroup {}", w.cgroup.display()))?;
         for child in ["chatbot", "batch"] {
             fs::create_dir(w.cgroup.join(child)).context("creating a workload cgroup")?;
         }
@@ -176,7 +193,9 @@ impl World {
         // This kernel may have no dummy interfaces: a veth pair, both ends
         // inside the namespace.
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "link", "add", "d0", "type", "veth", "peer", "name", "d0p"])?;
+        ip(&[
+            "-n", &ns, "link", "add", "d0", "type", "veth", "peer", "name", "d0p",
+        ])?;
         for args in [["link", "set", "d0", "up"], ["link", "set", "d0p", "up"]] {
             ip(&[&["-n", ns.as_str()][..], &args[..]].concat())?;
         }
@@ -221,14 +240,27 @@ impl World {
         say(format_args!("demo: starting the agent: {}", cmd::show(&c)));
         self.agent = Some(c.spawn().context("starting the agent")?);
         self.wait_ready(metrics)?;
-        println!("\n--- policy ({}) ---\n{}", config.display(), policy(&self.cgroup));
+        println!(
+            "\n--- policy ({}) ---\n{}",
+            config.display(),
+            policy(&self.cgroup)
+        );
 
-        println!("--- sample connections (egress-probe in the workload cgroup and the namespace) ---");
+        println!(
+            "--- sample connections (egress-probe in the workload cgroup and the namespace) ---"
+        );
         for (workload, what, dest) in SAMPLES {
             check_interrupt()?;
             let cgroup = self.cgroup.join(workload);
             let out = Command::new(probe)
-                .args(["--cgroup", &cgroup.display().to_string(), "--netns", &self.netns, "connect", dest])
+                .args([
+                    "--cgroup",
+                    &cgroup.display().to_string(),
+                    "--netns",
+                    &self.netns,
+                    "connect",
+                    dest,
+                ])
                 .output()
                 .context("running egress-probe")?;
             let line: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -237,7 +269,12 @@ impl World {
             } else if line["error"] == "EPERM" {
                 "BLOCKED   connect() = EPERM (Operation not permitted)".to_string()
             } else {
-                format!("failed    {}", line["message"].as_str().unwrap_or(&String::from_utf8_lossy(&out.stderr)))
+                format!(
+                    "failed    {}",
+                    line["message"]
+                        .as_str()
+                        .unwrap_or(&String::from_utf8_lossy(&out.stderr))
+                )
             };
             println!("  {workload:<8} → {what:<34} {dest:<14} {verdict}");
         }
@@ -245,13 +282,28 @@ impl World {
         let cgroup = self.cgroup.join("chatbot");
         let procs = cgroup.join("cgroup.procs");
         let mut curl = Command::new("ip");
-        curl.args(["netns", "exec", &self.netns, "curl", "-sS", "--max-time", "3", "http://10.20.0.1:443/v1/models"]);
+        curl.args([
+            "netns",
+            "exec",
+            &self.netns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "http://10.20.0.1:443/v1/models",
+        ]);
         // SAFETY: only an open, a write and a close between fork and exec.
         unsafe { curl.pre_exec(move || fs::write(&procs, b"0")) };
-        let out = curl.output().context("running curl (Debian package curl)")?;
+        let out = curl
+            .output()
+            .context("running curl (Debian package curl)")?;
         println!(
             "  chatbot  → curl http://10.20.0.1:443/v1/models: {}",
-            if out.status.success() { format!("answered {:?}", String::from_utf8_lossy(&out.stdout).trim()) } else { String::from_utf8_lossy(&out.stderr).trim().to_string() }
+            if out.status.success() {
+                format!("answered {:?}", String::from_utf8_lossy(&out.stdout).trim())
+            } else {
+                String::from_utf8_lossy(&out.stderr).trim().to_string()
+            }
         );
 
         // The kernel counters reach /metrics within a second; events sooner.
@@ -276,17 +328,31 @@ impl World {
         }
         check_interrupt()?;
         println!("\n--- metrics (http://{metrics}/metrics, excerpt) ---");
-        let body = http_get(metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        let body = http_get(metrics, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
         for line in body.lines().filter(|l| {
-            ["llm_egress_connections_total", "llm_egress_decisions_total", "llm_egress_bytes_total", "llm_egress_policy_generation"]
-                .iter()
-                .any(|m| l.starts_with(m))
+            [
+                "llm_egress_connections_total",
+                "llm_egress_decisions_total",
+                "llm_egress_bytes_total",
+                "llm_egress_policy_generation",
+            ]
+            .iter()
+            .any(|m| l.starts_with(m))
         }) {
             println!("  {line}");
         }
         check_interrupt()?;
         println!("\n--- llm-egress status --once ---");
-        let status = Command::new(bin).args(["status", "--once", "--metrics", &format!("http://{metrics}")]).output()?;
+        let status = Command::new(bin)
+            .args([
+                "status",
+                "--once",
+                "--metrics",
+                &format!("http://{metrics}"),
+            ])
+            .output()?;
         print!("{}", String::from_utf8_lossy(&status.stdout));
         println!();
         Ok(())
@@ -296,15 +362,28 @@ impl World {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             check_interrupt()?;
-            if let Some(status) = self.agent.as_mut().and_then(|a| a.try_wait().ok().flatten()) {
-                bail!("demo: the agent exited ({status}):\n{}", fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default());
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|a| a.try_wait().ok().flatten())
+            {
+                bail!(
+                    "demo: the agent exited ({status}):\n{}",
+                    fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+                );
             }
             if matches!(http_get(metrics, "/readyz"), Ok((200, _))) {
-                say(format_args!("demo: agent ready, attached to {} only", self.cgroup.display()));
+                say(format_args!(
+                    "demo: agent ready, attached to {} only",
+                    self.cgroup.display()
+                ));
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("demo: the agent was not ready within 20 s:\n{}", fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default());
+                bail!(
+                    "demo: the agent was not ready within 20 s:\n{}",
+                    fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -333,7 +412,11 @@ impl Drop for World {
         if let Err(e) = ip(&["netns", "del", &self.netns]) {
             say(format_args!("demo: warning: {e:#}"));
         }
-        for dir in [self.cgroup.join("chatbot"), self.cgroup.join("batch"), self.cgroup.clone()] {
+        for dir in [
+            self.cgroup.join("chatbot"),
+            self.cgroup.join("batch"),
+            self.cgroup.clone(),
+        ] {
             let _ = fs::write(dir.join("cgroup.kill"), "1");
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
@@ -341,7 +424,10 @@ impl Drop for World {
                     Ok(()) => break,
                     Err(e) if e.kind() == ErrorKind::NotFound => break,
                     Err(e) if Instant::now() > deadline => {
-                        say(format_args!("demo: warning: cannot remove {}: {e}", dir.display()));
+                        say(format_args!(
+                            "demo: warning: cannot remove {}: {e}",
+                            dir.display()
+                        ));
                         break;
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -350,11 +436,20 @@ impl Drop for World {
         }
         // Only ever our own directory below /sys/fs/bpf (empty after a clean
         // agent stop; this covers a killed agent).
-        if self.pin.file_name().is_some_and(|n| n.to_string_lossy() == format!("llm-egress-demo-{}", self.id)) {
+        if self
+            .pin
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy() == format!("llm-egress-demo-{}", self.id))
+        {
             let _ = fs::remove_dir_all(&self.pin);
         }
         let _ = fs::remove_dir_all(&self.dir);
-        say(format_args!("demo: removed network namespace {}, cgroup {}, {}", self.netns, self.cgroup.display(), self.dir.display()));
+        say(format_args!(
+            "demo: removed network namespace {}, cgroup {}, {}",
+            self.netns,
+            self.cgroup.display(),
+            self.dir.display()
+        ));
     }
 }
 
@@ -404,7 +499,11 @@ fn listen(netns: &str, addrs: &[&str]) -> Result<(Arc<AtomicBool>, JoinHandle<()
                     let mut buf = [0u8; 2048];
                     let _ = conn.read(&mut buf);
                     let body = "hello from demo-llm\n";
-                    let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
                 }
             }
             if idle {
@@ -423,12 +522,19 @@ fn listen(netns: &str, addrs: &[&str]) -> Result<(Arc<AtomicBool>, JoinHandle<()
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     Ok((status, body.to_string()))
 }
 

@@ -399,13 +399,17 @@ fn pin_installed(site_packages: &[PathBuf], pin: &str) -> bool {
     };
     let want = format!("{}-{version}.dist-info", norm(name));
     site_packages.iter().any(|dir| {
-        std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
-            let n = e.file_name().to_string_lossy().to_ascii_lowercase();
-            n.strip_suffix(".dist-info").is_some_and(|stem| {
-                let (n, v) = stem.rsplit_once('-').unwrap_or((stem, ""));
-                format!("{}-{v}.dist-info", norm(n)) == want
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().to_ascii_lowercase();
+                n.strip_suffix(".dist-info").is_some_and(|stem| {
+                    let (n, v) = stem.rsplit_once('-').unwrap_or((stem, ""));
+                    format!("{}-{v}.dist-info", norm(n)) == want
+                })
             })
-        })
     })
 }
 
@@ -425,7 +429,11 @@ fn install_python_tools() -> Result<()> {
         .collect();
     let (tool, why) = PYTHON_TOOL;
     if missing.is_empty() {
-        say(format_args!("setup: {} present ({})", PYTHON_PINS[0], venv.display()));
+        say(format_args!(
+            "setup: {} present ({})",
+            PYTHON_PINS[0],
+            venv.display()
+        ));
         return Ok(());
     }
     say(format_args!(
@@ -436,7 +444,9 @@ fn install_python_tools() -> Result<()> {
     ));
     if !venv.join("bin/pip").is_file() {
         cmd::run_keep_stderr(
-            Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv),
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
             "setup: creating the Python venv failed (Debian package python3-venv)",
         )?;
     }
@@ -446,7 +456,11 @@ fn install_python_tools() -> Result<()> {
             .args(PYTHON_PINS),
         &format!("setup: installing {tool} from PyPI failed"),
     )?;
-    say(format_args!("setup: installed {} ({})", PYTHON_PINS[0], secs(took)));
+    say(format_args!(
+        "setup: installed {} ({})",
+        PYTHON_PINS[0],
+        secs(took)
+    ));
     Ok(())
 }
 

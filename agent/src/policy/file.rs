@@ -114,8 +114,15 @@ impl PodSelectorFile {
     /// Where the selector is reported: its first key with a position, else
     /// `fallback` (the workload's table).
     pub fn span(&self, fallback: std::ops::Range<usize>) -> std::ops::Range<usize> {
-        let spans = [self.namespace.as_ref().map(Spanned::span), self.labels.as_ref().map(Spanned::span)];
-        spans.into_iter().flatten().min_by_key(|s| s.start).unwrap_or(fallback)
+        let spans = [
+            self.namespace.as_ref().map(Spanned::span),
+            self.labels.as_ref().map(Spanned::span),
+        ];
+        spans
+            .into_iter()
+            .flatten()
+            .min_by_key(|s| s.start)
+            .unwrap_or(fallback)
     }
 }
 
@@ -411,7 +418,10 @@ pub(super) fn toml_error_key(text: &str, offset: usize, message: &str) -> String
     let on_line = text[line_start..offset]
         .split_once('=')
         .map(|(k, _)| k.trim().to_owned());
-    let field = match (quoted("unknown field `").or_else(|| quoted("missing field `")), on_line) {
+    let field = match (
+        quoted("unknown field `").or_else(|| quoted("missing field `")),
+        on_line,
+    ) {
         // A key inside an inline table: `k8s = { name = "x" }`.
         (Some(f), Some(outer)) if f != outer => Some(format!("{outer}.{f}")),
         (f, outer) => f.or(outer),

@@ -15,8 +15,11 @@ pub(super) const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serv
 pub(super) const DEFAULT_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 pub(super) const DEFAULT_REFRESH_SECONDS: u64 = 30;
 pub(super) const MAX_REFRESH_SECONDS: i64 = 3_600;
-pub(super) const ENABLED: &[(&str, KubeEnabled)] =
-    &[("auto", KubeEnabled::Auto), ("on", KubeEnabled::On), ("off", KubeEnabled::Off)];
+pub(super) const ENABLED: &[(&str, KubeEnabled)] = &[
+    ("auto", KubeEnabled::Auto),
+    ("on", KubeEnabled::On),
+    ("off", KubeEnabled::Off),
+];
 
 const MAX_SUBDOMAIN_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
@@ -44,14 +47,20 @@ pub(super) fn api_server(s: &str) -> Result<String, String> {
         return Err(format!("must be {shape}"));
     };
     let rest = rest.trim_end_matches('/');
-    if rest.chars().any(|c| c.is_whitespace() || "?#@\\".contains(c)) {
+    if rest
+        .chars()
+        .any(|c| c.is_whitespace() || "?#@\\".contains(c))
+    {
         return Err(format!("must be {shape}, without user, query or fragment"));
     }
     let authority = rest.split('/').next().unwrap_or_default();
     let (host, port) = match authority.strip_prefix('[') {
         Some(v6) => {
-            let (ip, after) = v6.split_once(']').ok_or_else(|| format!("must be {shape}"))?;
-            ip.parse::<std::net::Ipv6Addr>().map_err(|_| format!("{ip:?} is not an IPv6 address"))?;
+            let (ip, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("must be {shape}"))?;
+            ip.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("{ip:?} is not an IPv6 address"))?;
             (ip, after.strip_prefix(':'))
         }
         None => match authority.split_once(':') {
@@ -86,7 +95,10 @@ fn dns_label(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_LABEL_LEN {
         return Err(format!("must be 1 to {MAX_LABEL_LEN} characters"));
     }
-    if !s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
         return Err("only lower-case letters, digits and '-' are allowed".to_owned());
     }
     if s.starts_with('-') || s.ends_with('-') {
@@ -111,7 +123,10 @@ fn label_part(s: &str) -> Result<(), String> {
     if s.len() > MAX_LABEL_LEN {
         return Err(format!("longer than {MAX_LABEL_LEN} characters"));
     }
-    if !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         return Err("only letters, digits, '-', '_' and '.' are allowed".to_owned());
     }
     let edge = |c: Option<char>| c.is_none_or(|c| c.is_ascii_alphanumeric());
@@ -128,7 +143,8 @@ pub(super) fn label_key(s: &str) -> Result<String, String> {
         None => (None, s),
     };
     if let Some(prefix) = prefix {
-        subdomain(prefix).map_err(|e| format!("label key prefix {prefix:?} is not a DNS subdomain: {e}"))?;
+        subdomain(prefix)
+            .map_err(|e| format!("label key prefix {prefix:?} is not a DNS subdomain: {e}"))?;
     }
     if name.is_empty() {
         return Err("empty label name".to_owned());
@@ -147,19 +163,25 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::policy::{Policy, PodSelector, Selector};
+    use crate::policy::{PodSelector, Policy, Selector};
 
     fn errors(text: &str) -> Vec<(String, usize, usize, String)> {
         match Policy::parse(text, "t.toml") {
             Ok(_) => panic!("should be invalid:\n{text}"),
-            Err(e) => e.0.into_iter().map(|e| (e.key, e.line, e.column, e.message)).collect(),
+            Err(e) => {
+                e.0.into_iter()
+                    .map(|e| (e.key, e.line, e.column, e.message))
+                    .collect()
+            }
         }
     }
 
     #[track_caller]
     fn one_error(text: &str, key: &str, line: usize, column: usize, message: &str) {
         let errors = errors(text);
-        let [(k, l, c, m)] = errors.as_slice() else { panic!("expected one error, got {errors:?}\n{text}") };
+        let [(k, l, c, m)] = errors.as_slice() else {
+            panic!("expected one error, got {errors:?}\n{text}")
+        };
         assert_eq!((k.as_str(), *l, *c), (key, line, column), "{m}");
         assert!(m.contains(message), "{m:?} lacks {message:?}");
     }
@@ -173,8 +195,14 @@ mod tests {
         let k = ok("").kubernetes;
         assert_eq!(k, KubernetesConfig::default());
         assert_eq!(k.enabled, KubeEnabled::Auto);
-        assert_eq!(k.token_file, PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token"));
-        assert_eq!(k.ca_file, PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"));
+        assert_eq!(
+            k.token_file,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+        assert_eq!(
+            k.ca_file,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+        );
         assert_eq!(k.refresh, Duration::from_secs(30));
     }
 
@@ -193,28 +221,97 @@ refresh_seconds = 5
         assert_eq!(k.enabled, KubeEnabled::On);
         assert_eq!(k.api_server.as_deref(), Some("https://10.96.0.1:443"));
         assert_eq!(k.node_name.as_deref(), Some("node-1.example"));
-        assert_eq!((k.token_file, k.ca_file), (PathBuf::from("/run/token"), PathBuf::from("/run/ca.crt")));
+        assert_eq!(
+            (k.token_file, k.ca_file),
+            (PathBuf::from("/run/token"), PathBuf::from("/run/ca.crt"))
+        );
         assert_eq!(k.refresh, Duration::from_secs(5));
     }
 
     #[test]
     fn table_errors_name_key_line_and_column() {
-        one_error("[kubernetes]\nenabled = \"yes\"\n", "kubernetes.enabled", 2, 11, "expected one of \"auto\", \"on\", \"off\"");
-        one_error("[kubernetes]\napi_server = \"http://10.0.0.1\"\n", "kubernetes.api_server", 2, 14, "https://");
-        one_error("[kubernetes]\napi_server = \"https://:443\"\n", "kubernetes.api_server", 2, 14, "no host");
-        one_error("[kubernetes]\napi_server = \"https://h:0\"\n", "kubernetes.api_server", 2, 14, "not a port");
-        one_error("[kubernetes]\nnode_name = \"Node_1\"\n", "kubernetes.node_name", 2, 13, "not a Kubernetes node name");
-        one_error("[kubernetes]\ntoken_file = \"token\"\n", "kubernetes.token_file", 2, 14, "absolute");
-        one_error("[kubernetes]\nca_file = \"ca.crt\"\n", "kubernetes.ca_file", 2, 11, "absolute");
-        one_error("[kubernetes]\nrefresh_seconds = 0\n", "kubernetes.refresh_seconds", 2, 19, "1 to 3600");
-        one_error("[kubernetes]\nrefresh_seconds = 3601\n", "kubernetes.refresh_seconds", 2, 19, "1 to 3600");
-        one_error("[kubernetes]\nwatch = true\n", "kubernetes.watch", 2, 1, "unknown field");
+        one_error(
+            "[kubernetes]\nenabled = \"yes\"\n",
+            "kubernetes.enabled",
+            2,
+            11,
+            "expected one of \"auto\", \"on\", \"off\"",
+        );
+        one_error(
+            "[kubernetes]\napi_server = \"http://10.0.0.1\"\n",
+            "kubernetes.api_server",
+            2,
+            14,
+            "https://",
+        );
+        one_error(
+            "[kubernetes]\napi_server = \"https://:443\"\n",
+            "kubernetes.api_server",
+            2,
+            14,
+            "no host",
+        );
+        one_error(
+            "[kubernetes]\napi_server = \"https://h:0\"\n",
+            "kubernetes.api_server",
+            2,
+            14,
+            "not a port",
+        );
+        one_error(
+            "[kubernetes]\nnode_name = \"Node_1\"\n",
+            "kubernetes.node_name",
+            2,
+            13,
+            "not a Kubernetes node name",
+        );
+        one_error(
+            "[kubernetes]\ntoken_file = \"token\"\n",
+            "kubernetes.token_file",
+            2,
+            14,
+            "absolute",
+        );
+        one_error(
+            "[kubernetes]\nca_file = \"ca.crt\"\n",
+            "kubernetes.ca_file",
+            2,
+            11,
+            "absolute",
+        );
+        one_error(
+            "[kubernetes]\nrefresh_seconds = 0\n",
+            "kubernetes.refresh_seconds",
+            2,
+            19,
+            "1 to 3600",
+        );
+        one_error(
+            "[kubernetes]\nrefresh_seconds = 3601\n",
+            "kubernetes.refresh_seconds",
+            2,
+            19,
+            "1 to 3600",
+        );
+        one_error(
+            "[kubernetes]\nwatch = true\n",
+            "kubernetes.watch",
+            2,
+            1,
+            "unknown field",
+        );
     }
 
     #[test]
     fn api_server_shapes() {
-        assert_eq!(api_server("https://[fd00::1]:6443"), Ok("https://[fd00::1]:6443".into()));
-        assert_eq!(api_server("https://api.example/prefix/"), Ok("https://api.example/prefix".into()));
+        assert_eq!(
+            api_server("https://[fd00::1]:6443"),
+            Ok("https://[fd00::1]:6443".into())
+        );
+        assert_eq!(
+            api_server("https://api.example/prefix/"),
+            Ok("https://api.example/prefix".into())
+        );
         assert!(api_server("https://[fd00::1:6443").is_err());
         assert!(api_server("https://user@h").is_err());
         assert!(api_server("10.0.0.1:443").is_err());
@@ -226,7 +323,10 @@ refresh_seconds = 5
         assert!(label_key("app.kubernetes.io/name").is_ok());
         assert!(label_key("A_b.c-D").is_ok());
         assert!(label_key("-app").is_err());
-        assert!(label_key("Example.com/app").is_err(), "prefixes are lower case");
+        assert!(
+            label_key("Example.com/app").is_err(),
+            "prefixes are lower case"
+        );
         assert!(label_key("example.com/").is_err());
         assert!(label_key(&"a".repeat(64)).is_err());
         assert!(label_value("").is_ok(), "an empty value is a value");
@@ -239,27 +339,94 @@ refresh_seconds = 5
 
     #[test]
     fn k8s_selectors_parse() {
-        let p = ok(&format!("{W}k8s = {{ namespace = \"support\", labels = {{ app = \"bot\", \"app.kubernetes.io/part-of\" = \"x\" }} }}\n"));
-        let labels = BTreeMap::from([("app".to_owned(), "bot".to_owned()), ("app.kubernetes.io/part-of".to_owned(), "x".to_owned())]);
-        assert_eq!(p.workloads[0].selector, Selector::Kubernetes(PodSelector { namespace: Some("support".into()), labels }));
+        let p = ok(&format!(
+            "{W}k8s = {{ namespace = \"support\", labels = {{ app = \"bot\", \"app.kubernetes.io/part-of\" = \"x\" }} }}\n"
+        ));
+        let labels = BTreeMap::from([
+            ("app".to_owned(), "bot".to_owned()),
+            ("app.kubernetes.io/part-of".to_owned(), "x".to_owned()),
+        ]);
+        assert_eq!(
+            p.workloads[0].selector,
+            Selector::Kubernetes(PodSelector {
+                namespace: Some("support".into()),
+                labels
+            })
+        );
         let p = ok(&format!("{W}k8s = {{ namespace = \"support\" }}\n"));
-        assert_eq!(p.workloads[0].selector, Selector::Kubernetes(PodSelector { namespace: Some("support".into()), labels: BTreeMap::new() }));
+        assert_eq!(
+            p.workloads[0].selector,
+            Selector::Kubernetes(PodSelector {
+                namespace: Some("support".into()),
+                labels: BTreeMap::new()
+            })
+        );
         let p = ok(&format!("{W}[workloads.k8s.labels]\napp = \"bot\"\n"));
-        let Selector::Kubernetes(s) = &p.workloads[0].selector else { panic!("{:?}", p.workloads[0].selector) };
+        let Selector::Kubernetes(s) = &p.workloads[0].selector else {
+            panic!("{:?}", p.workloads[0].selector)
+        };
         assert_eq!((s.namespace.as_deref(), s.labels.len()), (None, 1));
     }
 
     #[test]
     fn k8s_selector_errors() {
         // `k8s = {}` has no position of its own: the workload's table is named.
-        one_error(&format!("{W}k8s = {{}}\n"), "workloads[0].k8s", 1, 1, "needs `namespace` or `labels`");
-        one_error(&format!("{W}k8s = {{ labels = {{}} }}\n"), "workloads[0].k8s", 3, 18, "needs `namespace` or `labels`");
-        one_error(&format!("{W}k8s = {{ namespace = \"Support\" }}\n"), "workloads[0].k8s.namespace", 3, 21, "not a Kubernetes namespace");
-        one_error(&format!("{W}k8s = {{ labels = {{ \"-app\" = \"bot\" }} }}\n"), "workloads[0].k8s.labels.-app", 3, 29, "\"-app\": not a label key");
-        one_error(&format!("{W}k8s = {{ labels = {{ app = \"b ot\" }} }}\n"), "workloads[0].k8s.labels.app", 3, 26, "not a label value");
-        one_error(&format!("{W}k8s = {{ name = \"x\" }}\n"), "workloads[0].k8s.name", 3, 9, "unknown field");
-        one_error(&format!("{W}cgroup = \"pods/*\"\nk8s = {{ namespace = \"a\" }}\n"), "workloads[0].k8s", 4, 21, "both given");
-        one_error(&format!("{W}systemd_unit = \"a.service\"\nk8s = {{ namespace = \"a\" }}\n"), "workloads[0].k8s", 4, 21, "both given");
+        one_error(
+            &format!("{W}k8s = {{}}\n"),
+            "workloads[0].k8s",
+            1,
+            1,
+            "needs `namespace` or `labels`",
+        );
+        one_error(
+            &format!("{W}k8s = {{ labels = {{}} }}\n"),
+            "workloads[0].k8s",
+            3,
+            18,
+            "needs `namespace` or `labels`",
+        );
+        one_error(
+            &format!("{W}k8s = {{ namespace = \"Support\" }}\n"),
+            "workloads[0].k8s.namespace",
+            3,
+            21,
+            "not a Kubernetes namespace",
+        );
+        one_error(
+            &format!("{W}k8s = {{ labels = {{ \"-app\" = \"bot\" }} }}\n"),
+            "workloads[0].k8s.labels.-app",
+            3,
+            29,
+            "\"-app\": not a label key",
+        );
+        one_error(
+            &format!("{W}k8s = {{ labels = {{ app = \"b ot\" }} }}\n"),
+            "workloads[0].k8s.labels.app",
+            3,
+            26,
+            "not a label value",
+        );
+        one_error(
+            &format!("{W}k8s = {{ name = \"x\" }}\n"),
+            "workloads[0].k8s.name",
+            3,
+            9,
+            "unknown field",
+        );
+        one_error(
+            &format!("{W}cgroup = \"pods/*\"\nk8s = {{ namespace = \"a\" }}\n"),
+            "workloads[0].k8s",
+            4,
+            21,
+            "both given",
+        );
+        one_error(
+            &format!("{W}systemd_unit = \"a.service\"\nk8s = {{ namespace = \"a\" }}\n"),
+            "workloads[0].k8s",
+            4,
+            21,
+            "both given",
+        );
         one_error(
             &format!("[kubernetes]\nenabled = \"off\"\n{W}k8s = {{ namespace = \"a\" }}\n"),
             "workloads[0].k8s",
@@ -275,8 +442,16 @@ refresh_seconds = 5
             "{W}k8s = {{ namespace = \"a\", labels = {{ x = \"1\", y = \"2\" }} }}\n\
              [[workloads]]\nname = \"b\"\nk8s = {{ labels = {{ y = \"2\", x = \"1\" }}, namespace = \"a\" }}\n"
         );
-        one_error(&text, "workloads[1].k8s", 6, 18, "workload `bot` has the same selector");
+        one_error(
+            &text,
+            "workloads[1].k8s",
+            6,
+            18,
+            "workload `bot` has the same selector",
+        );
         // A different namespace, or labels of a different value: different selectors.
-        ok(&format!("{W}k8s = {{ namespace = \"a\" }}\n[[workloads]]\nname = \"b\"\nk8s = {{ namespace = \"b\" }}\n"));
+        ok(&format!(
+            "{W}k8s = {{ namespace = \"a\" }}\n[[workloads]]\nname = \"b\"\nk8s = {{ namespace = \"b\" }}\n"
+        ));
     }
 }

@@ -353,13 +353,23 @@ impl<'a> Checker<'a> {
     }
 
     /// An integer key that must lie in `range`.
-    fn bounded(&mut self, v: &Option<toml::Spanned<i64>>, key: &str, range: std::ops::RangeInclusive<i64>, unit: &str) -> Option<u64> {
+    fn bounded(
+        &mut self,
+        v: &Option<toml::Spanned<i64>>,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+        unit: &str,
+    ) -> Option<u64> {
         v.as_ref().and_then(|v| {
             self.check(v, key, |&n| {
                 if range.contains(&n) {
                     Ok(n.unsigned_abs())
                 } else {
-                    Err(format!("must be {} to {}{unit}", range.start(), range.end()))
+                    Err(format!(
+                        "must be {} to {}{unit}",
+                        range.start(),
+                        range.end()
+                    ))
                 }
             })
         })
@@ -367,8 +377,18 @@ impl<'a> Checker<'a> {
 
     fn telemetry(&mut self, f: &PolicyFile) -> TelemetryConfig {
         let t = &f.telemetry;
-        let n = self.bounded(&t.process_series_per_workload, "telemetry.process_series_per_workload", 1..=MAX_PROCESS_SERIES, "");
-        let ttl = self.bounded(&t.process_series_ttl_seconds, "telemetry.process_series_ttl_seconds", MIN_PROCESS_TTL_SECONDS..=MAX_REFRESH_SECONDS, " (seconds)");
+        let n = self.bounded(
+            &t.process_series_per_workload,
+            "telemetry.process_series_per_workload",
+            1..=MAX_PROCESS_SERIES,
+            "",
+        );
+        let ttl = self.bounded(
+            &t.process_series_ttl_seconds,
+            "telemetry.process_series_ttl_seconds",
+            MIN_PROCESS_TTL_SECONDS..=MAX_REFRESH_SECONDS,
+            " (seconds)",
+        );
         TelemetryConfig {
             process_series_per_workload: n.unwrap_or(DEFAULT_PROCESS_SERIES) as usize,
             process_series_ttl: Duration::from_secs(ttl.unwrap_or(DEFAULT_PROCESS_TTL_SECONDS)),
@@ -380,13 +400,30 @@ impl<'a> Checker<'a> {
         let k = &f.kubernetes;
         let d = KubernetesConfig::default();
         let path = |c: &mut Self, v: &Option<Spanned<String>>, key: &str, default: PathBuf| {
-            v.as_ref().and_then(|v| c.check(v, key, |s| absolute(s))).unwrap_or(default)
+            v.as_ref()
+                .and_then(|v| c.check(v, key, |s| absolute(s)))
+                .unwrap_or(default)
         };
-        let refresh = self.bounded(&k.refresh_seconds, "kubernetes.refresh_seconds", 1..=kubernetes::MAX_REFRESH_SECONDS, " (seconds)");
+        let refresh = self.bounded(
+            &k.refresh_seconds,
+            "kubernetes.refresh_seconds",
+            1..=kubernetes::MAX_REFRESH_SECONDS,
+            " (seconds)",
+        );
         KubernetesConfig {
-            enabled: self.choice(k.enabled.as_ref(), "kubernetes.enabled", kubernetes::ENABLED, d.enabled),
-            api_server: k.api_server.as_ref().and_then(|v| self.check(v, "kubernetes.api_server", |s| kubernetes::api_server(s))),
-            node_name: k.node_name.as_ref().and_then(|v| self.check(v, "kubernetes.node_name", |s| kubernetes::node_name(s))),
+            enabled: self.choice(
+                k.enabled.as_ref(),
+                "kubernetes.enabled",
+                kubernetes::ENABLED,
+                d.enabled,
+            ),
+            api_server: k.api_server.as_ref().and_then(|v| {
+                self.check(v, "kubernetes.api_server", |s| kubernetes::api_server(s))
+            }),
+            node_name: k
+                .node_name
+                .as_ref()
+                .and_then(|v| self.check(v, "kubernetes.node_name", |s| kubernetes::node_name(s))),
             token_file: path(self, &k.token_file, "kubernetes.token_file", d.token_file),
             ca_file: path(self, &k.ca_file, "kubernetes.ca_file", d.ca_file),
             refresh: refresh.map_or(d.refresh, Duration::from_secs),
@@ -394,7 +431,13 @@ impl<'a> Checker<'a> {
     }
 
     /// A workload's `k8s` selector; None when any part is invalid.
-    fn pod_selector(&mut self, s: &PodSelectorFile, span: Range<usize>, key: &str, enabled: KubeEnabled) -> Option<PodSelector> {
+    fn pod_selector(
+        &mut self,
+        s: &PodSelectorFile,
+        span: Range<usize>,
+        key: &str,
+        enabled: KubeEnabled,
+    ) -> Option<PodSelector> {
         let errors = self.errors.len();
         let namespace = (s.namespace.as_ref())
             .and_then(|v| self.check(v, &format!("{key}.namespace"), |n| kubernetes::namespace(n)));
@@ -414,7 +457,11 @@ impl<'a> Checker<'a> {
             }
         }
         if s.namespace.is_none() && s.labels.as_ref().is_none_or(|l| l.get_ref().is_empty()) {
-            self.error_at(span.clone(), key, "needs `namespace` or `labels` (or both): which pods");
+            self.error_at(
+                span.clone(),
+                key,
+                "needs `namespace` or `labels` (or both): which pods",
+            );
         }
         if enabled == KubeEnabled::Off {
             let message = "pods cannot be selected with [kubernetes] enabled = \"off\": the agent would not know them";
@@ -428,7 +475,12 @@ impl<'a> Checker<'a> {
         let servers = (r.servers.iter().enumerate())
             .filter_map(|(i, s)| self.check(s, &format!("resolver.servers[{i}]"), |s| server(s)))
             .collect();
-        let refresh_seconds = self.bounded(&r.refresh_seconds, "resolver.refresh_seconds", 1..=MAX_REFRESH_SECONDS, " (seconds)");
+        let refresh_seconds = self.bounded(
+            &r.refresh_seconds,
+            "resolver.refresh_seconds",
+            1..=MAX_REFRESH_SECONDS,
+            " (seconds)",
+        );
         let refresh = Duration::from_secs(refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS));
         ResolverConfig { servers, refresh }
     }
@@ -621,8 +673,13 @@ impl<'a> Checker<'a> {
                     None
                 }
                 (Some(_), None, Some(k8s)) | (None, Some(_), Some(k8s)) => {
-                    let other = if w.cgroup.is_some() { "cgroup" } else { "systemd_unit" };
-                    let message = format!("`{other}` and `k8s` both given; a workload has one selector");
+                    let other = if w.cgroup.is_some() {
+                        "cgroup"
+                    } else {
+                        "systemd_unit"
+                    };
+                    let message =
+                        format!("`{other}` and `k8s` both given; a workload has one selector");
                     self.error_at(k8s.span(entry.span()), &format!("{key}.k8s"), message);
                     None
                 }
@@ -631,16 +688,37 @@ impl<'a> Checker<'a> {
                     .map(|g| (glob.span(), "cgroup", g.clone(), Selector::Cgroup(g))),
                 (None, Some(unit), None) => self
                     .check(unit, &format!("{key}.systemd_unit"), |s| systemd_unit(s))
-                    .map(|u| (unit.span(), "systemd_unit", u.clone(), Selector::SystemdUnit(u))),
+                    .map(|u| {
+                        (
+                            unit.span(),
+                            "systemd_unit",
+                            u.clone(),
+                            Selector::SystemdUnit(u),
+                        )
+                    }),
                 (None, None, Some(k8s)) => self
                     .pod_selector(k8s, k8s.span(entry.span()), &format!("{key}.k8s"), kube)
-                    .map(|p| (k8s.span(entry.span()), "k8s", format!("{:?} {:?}", p.namespace, p.labels), Selector::Kubernetes(p))),
+                    .map(|p| {
+                        (
+                            k8s.span(entry.span()),
+                            "k8s",
+                            format!("{:?} {:?}", p.namespace, p.labels),
+                            Selector::Kubernetes(p),
+                        )
+                    }),
             };
             let selector = selector.and_then(|(span, kind, same, selector)| {
                 if let Some(other) = selectors.get(&(kind, same.clone())) {
                     let message = format!("workload `{other}` has the same selector");
                     let quote = kind != "k8s";
-                    let e = PolicyError::at(self.origin, self.text, span, format!("{key}.{kind}"), quote, message);
+                    let e = PolicyError::at(
+                        self.origin,
+                        self.text,
+                        span,
+                        format!("{key}.{kind}"),
+                        quote,
+                        message,
+                    );
                     self.errors.push(e);
                     return None;
                 }
@@ -710,7 +788,11 @@ fn push_new<T: PartialEq>(list: &mut Vec<T>, item: T) {
 /// tens of thousands of CIDRs).
 fn dedup(targets: Vec<Option<Target>>) -> Vec<Target> {
     let mut seen = HashSet::new();
-    targets.into_iter().flatten().filter(|t| seen.insert(t.clone())).collect()
+    targets
+        .into_iter()
+        .flatten()
+        .filter(|t| seen.insert(t.clone()))
+        .collect()
 }
 
 fn taken(what: &str, owner: &str) -> String {
@@ -1305,13 +1387,32 @@ llm = "allow"
 
     #[test]
     fn telemetry_bounds() {
-        let p = ok("[telemetry]\nprocess_series_per_workload = 5\nprocess_series_ttl_seconds = 60\n");
+        let p =
+            ok("[telemetry]\nprocess_series_per_workload = 5\nprocess_series_ttl_seconds = 60\n");
         assert_eq!(p.telemetry.process_series_per_workload, 5);
         assert_eq!(p.telemetry.process_series_ttl, Duration::from_secs(60));
         let p = ok("");
-        assert_eq!((p.telemetry.process_series_per_workload, p.telemetry.process_series_ttl), (20, Duration::from_secs(600)));
-        one_error("[telemetry]\nprocess_series_per_workload = 0\n", "telemetry.process_series_per_workload", 2, 31, "must be 1 to 1000");
-        one_error("[telemetry]\nprocess_series_ttl_seconds = 5\n", "telemetry.process_series_ttl_seconds", 2, 30, "must be 10 to 86400");
+        assert_eq!(
+            (
+                p.telemetry.process_series_per_workload,
+                p.telemetry.process_series_ttl
+            ),
+            (20, Duration::from_secs(600))
+        );
+        one_error(
+            "[telemetry]\nprocess_series_per_workload = 0\n",
+            "telemetry.process_series_per_workload",
+            2,
+            31,
+            "must be 1 to 1000",
+        );
+        one_error(
+            "[telemetry]\nprocess_series_ttl_seconds = 5\n",
+            "telemetry.process_series_ttl_seconds",
+            2,
+            30,
+            "must be 10 to 86400",
+        );
     }
 
     #[test]

@@ -84,7 +84,12 @@ fn cpu_and_rss(pid: u32) -> (f64, u64) {
     let fields: Vec<&str> = after.split_whitespace().collect();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of stat; 12 and 13 after ") ".
     let cpu = (ticks(11) + ticks(12)) / hz;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -99,13 +104,25 @@ fn cpu_and_rss(pid: u32) -> (f64, u64) {
 /// Agent cost under provider connections: every connection is tracked
 /// (decision event, sock_ops summary, metrics, an audit line). Rounds of
 /// `n` connections at full speed; per round the agent's CPU and RSS.
-fn provider_load(agent: &Agent, probe: &Probe, workload: &std::path::Path, netns: &NetnsGuard, target: &str, rounds: usize, n: u64) -> serde_json::Value {
+fn provider_load(
+    agent: &Agent,
+    probe: &Probe,
+    workload: &std::path::Path,
+    netns: &NetnsGuard,
+    target: &str,
+    rounds: usize,
+    n: u64,
+) -> serde_json::Value {
     let mut out = Vec::new();
     for round in 0..rounds {
         let (cpu0, _) = cpu_and_rss(agent.pid());
         let started = std::time::Instant::now();
         let r = probe.connect_loop(workload, netns, target, n);
-        assert_eq!(r.failures, 0, "provider connect loop failed (errno {:?})", r.errno);
+        assert_eq!(
+            r.failures, 0,
+            "provider connect loop failed (errno {:?})",
+            r.errno
+        );
         let loop_s = r.elapsed_ns as f64 / 1e9;
         // Let the agent drain what the loop queued before reading its CPU.
         std::thread::sleep(std::time::Duration::from_secs(2));
@@ -127,7 +144,9 @@ fn provider_load(agent: &Agent, probe: &Probe, workload: &std::path::Path, netns
             "wall_s": (wall * 100.0).round() / 100.0,
         }));
     }
-    let lost = agent.metric_value("llm_egress_events_lost_total", &[]).unwrap_or(0.0);
+    let lost = agent
+        .metric_value("llm_egress_events_lost_total", &[])
+        .unwrap_or(0.0);
     serde_json::json!({"bench": "provider_connection_load", "connections_per_round": n, "rounds": out, "events_lost_total": lost})
 }
 
@@ -217,7 +236,15 @@ fn main() {
     );
     println!("ratio enforced/baseline = {ratio:.3} (target <= 1.03)");
     let (_, rss_before) = cpu_and_rss(agent.pid());
-    let load = provider_load(&agent, &probe, &workload, &netns, &provider, provider_rounds, n);
+    let load = provider_load(
+        &agent,
+        &probe,
+        &workload,
+        &netns,
+        &provider,
+        provider_rounds,
+        n,
+    );
     println!("{load}");
     println!("agent RSS before the provider load: {rss_before} KiB");
     drop(agent);

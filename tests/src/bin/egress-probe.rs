@@ -178,7 +178,10 @@ fn tcp_connect(addr: &SocketAddr, timeout: Duration) -> io::Result<()> {
 /// long loop does not run out of ephemeral ports to TIME_WAIT.
 fn connect_and_reset(addr: &SocketAddr) -> io::Result<()> {
     let stream = TcpStream::connect(addr)?;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt on a socket we own, with a correctly sized value.
     unsafe {
         libc::setsockopt(
