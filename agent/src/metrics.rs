@@ -60,6 +60,7 @@ pub struct Metrics {
     pub dns_learned: IntCounter,
     pub dns_learn_failures: IntCounter,
     pub dns_off_chain: IntCounter,
+    pub dns_tcp: IntCounterVec,
     pub dns_fallback: IntCounterVec,
     pub learned_destinations: IntGaugeVec,
     pub sni: IntCounterVec,
@@ -277,6 +278,12 @@ impl Metrics {
                 "llm_egress_dns_off_chain_records_total",
                 "Address records of provider answers whose owner is not in the question's CNAME chain (ignored).",
             )?,
+            dns_tcp: counter_vec(
+                &r,
+                "llm_egress_dns_tcp_answers_total",
+                "DNS answers over TCP seen by the kernel: `whole` (in one segment, parsed like UDP answers) or `split` (longer than their first segment: not learned).",
+                &["segments"],
+            )?,
             dns_fallback: counter_vec(
                 &r,
                 "llm_egress_dns_fallback_answers_total",
@@ -363,6 +370,14 @@ impl Metrics {
         self.dns_learn_failures
             .inc_by(delta(counter::DNS_LEARN_FAILED));
         self.dns_off_chain.inc_by(delta(counter::DNS_OFF_CHAIN));
+        let (tcp, split) = (
+            delta(counter::DNS_TCP_RESPONSES),
+            delta(counter::DNS_TCP_SPLIT),
+        );
+        self.dns_tcp
+            .with_label_values(&["whole"])
+            .inc_by(tcp.saturating_sub(split));
+        self.dns_tcp.with_label_values(&["split"]).inc_by(split);
         for (index, result) in SNI_RESULTS {
             self.sni.with_label_values(&[result]).inc_by(delta(index));
         }

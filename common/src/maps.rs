@@ -232,6 +232,10 @@ pub mod counter {
     pub const SNI_MALFORMED: u32 = 21;
     /// Packets of a socket whose ClientHello was denied, dropped.
     pub const SNI_DROPPED: u32 = 22;
+    /// DNS answers over TCP (also counted in `DNS_RESPONSES`).
+    pub const DNS_TCP_RESPONSES: u32 = 23;
+    /// TCP answers longer than their first segment: not learned.
+    pub const DNS_TCP_SPLIT: u32 = 24;
     pub const LEN: u32 = 32;
 }
 

@@ -7,8 +7,11 @@
 //! `bpf_skb_load_bytes` is the IP header. Returning 1 keeps the packet.
 //!
 //! For a UDP datagram from port 53 (IPv4 or IPv6 without extension headers,
-//! not fragmented) the program copies up to `DNS_BUF` bytes of the DNS
-//! message into per-CPU scratch and reads it with masked indexes:
+//! not fragmented), and for a TCP segment from port 53 whose payload holds a
+//! whole length-prefixed answer (RFC 1035 4.2.2; an answer that continues in
+//! later segments is counted in `DNS_TCP_SPLIT` and not learned), the
+//! program copies up to `DNS_BUF` bytes of the DNS message into per-CPU
+//! scratch and reads it with masked indexes:
 //!
 //! 1. header: a response (QR) with opcode 0, rcode 0 and one question;
 //! 2. the question name: its label hashes; the exact name and each of its
@@ -61,6 +64,7 @@ const MAX_CHAIN: usize = 4;
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_TCP: u8 = 6;
 const DNS_PORT: u16 = 53;
 const TYPE_A: u16 = 1;
 const TYPE_CNAME: u16 = 5;
@@ -101,24 +105,24 @@ enum Stop {
 
 #[inline(always)]
 fn try_dns(ctx: &SkBuffContext) -> Result<(), Stop> {
-    // 1. IP and UDP headers.
-    let hlen = match ctx.skb.protocol() {
+    // 1. IP, then UDP or TCP headers.
+    let (hlen, proto) = match ctx.skb.protocol() {
         p if p == (ETH_P_IP as u16).to_be() as u32 => {
             let vihl: u8 = ctx.load(0).map_err(|_| Stop::Ignore)?;
             let proto: u8 = ctx.load(9).map_err(|_| Stop::Ignore)?;
             let frag: u16 = ctx.load(6).map_err(|_| Stop::Ignore)?;
             // MF set or a fragment offset: not a whole datagram.
-            if proto != IPPROTO_UDP || u16::from_be(frag) & 0x3fff != 0 {
+            if (proto != IPPROTO_UDP && proto != IPPROTO_TCP) || u16::from_be(frag) & 0x3fff != 0 {
                 return Err(Stop::Ignore);
             }
-            ((vihl & 0x0f) as usize) * 4
+            (((vihl & 0x0f) as usize) * 4, proto)
         }
         p if p == (ETH_P_IPV6 as u16).to_be() as u32 => {
             let next: u8 = ctx.load(6).map_err(|_| Stop::Ignore)?;
-            if next != IPPROTO_UDP {
+            if next != IPPROTO_UDP && next != IPPROTO_TCP {
                 return Err(Stop::Ignore);
             }
-            40
+            (40, next)
         }
         _ => return Err(Stop::Ignore),
     };
@@ -129,13 +133,35 @@ fn try_dns(ctx: &SkBuffContext) -> Result<(), Stop> {
     if u16::from_be(sport) != DNS_PORT {
         return Err(Stop::Ignore);
     }
-    count(counter::DNS_RESPONSES);
-    let off = hlen + 8;
     let total = ctx.len() as usize;
-    if total < off + 12 {
+    let (off, msg_len) = if proto == IPPROTO_UDP {
+        (hlen + 8, total.saturating_sub(hlen + 8))
+    } else {
+        // DNS over TCP (RFC 1035 4.2.2): a 2-byte length, then the message.
+        // Segments without payload (handshake, ACKs) are not answers.
+        let doff: u8 = ctx.load(hlen + 12).map_err(|_| Stop::Ignore)?;
+        let payload = hlen + ((doff >> 4) as usize) * 4;
+        if total <= payload {
+            return Err(Stop::Ignore);
+        }
+        let len: u16 = ctx.load(payload).map_err(|_| Stop::Ignore)?;
+        let len = u16::from_be(len) as usize;
+        count(counter::DNS_RESPONSES);
+        count(counter::DNS_TCP_RESPONSES);
+        if payload + 2 + len > total {
+            // The answer continues in later segments: not reassembled here
+            // (counted; docs/names.md).
+            count(counter::DNS_TCP_SPLIT);
+            return Err(Stop::Ignore);
+        }
+        (payload + 2, len)
+    };
+    if proto == IPPROTO_UDP {
+        count(counter::DNS_RESPONSES);
+    }
+    if msg_len < 12 {
         return Err(Stop::Ignore);
     }
-    let msg_len = total - off;
     let r = parse(ctx, off, msg_len);
     if let Err(Stop::Unparsed(why)) = r {
         count(counter::DNS_UNPARSED);

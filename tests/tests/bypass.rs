@@ -875,23 +875,29 @@ fn bypass_second_resolver_in_the_namespace() {
     w.check_learned("10.77.0.7:443", "answer from a second resolver");
 }
 
-/// DNS over TCP is not read (docs/names.md, README "Honest limits"): an
-/// answer that arrives over TCP teaches nothing, and its address is
-/// judged by the CIDR and `other` rules. This asserts the limit.
+/// DNS over TCP: an answer that arrives over TCP (in one segment, as small
+/// answers do) is learned like a UDP one, before the client can read it.
 #[test]
-fn bypass_dns_over_tcp_is_not_learned_documented_limit() {
+fn bypass_dns_over_tcp() {
     require_root();
     let mut w = World::new("bp-tcpdns");
+    w.check_unlearned(P4);
     assert_eq!(
         w.d.resolve(DNS1, "api.bypass.test", false, true),
         vec![IpAddr::V4(PROV4)]
     );
-    std::thread::sleep(Duration::from_millis(200));
-    // Not learned: the denied workload passes (other = allow), the allowed
-    // one is stopped (other = deny). The same name over UDP closes it.
-    w.check_unlearned(P4);
-    w.d.resolve(DNS1, "api.bypass.test", false, false);
-    w.check_learned(P4, "the same name over UDP afterwards");
+    w.check_learned(P4, "an answer over TCP");
+    let tcp = w.agent.wait_for_metric(
+        "llm_egress_dns_tcp_answers_total",
+        &[("segments", "whole")],
+        1.0,
+        Duration::from_secs(5),
+    );
+    assert!(
+        tcp.is_some(),
+        "the TCP answer is counted\n{}",
+        w.agent.context()
+    );
 }
 
 /// Only answers from source port 53 are read: a resolver on another port
