@@ -356,6 +356,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             "workloads select pods by namespace and labels (`k8s`), but the agent has no pod list: not in a cluster (KUBERNETES_SERVICE_HOST unset) or [kubernetes] is not usable; they select nothing"
         );
     }
+    maps.set_learned_ttl(state.policy.resolver.learned_ttl)?;
     state.rescan(&paths, &metrics);
     state.report_missing_workloads();
     names.push(NameTable::of(&state.policy, state.generation));
@@ -599,6 +600,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                         generation = state.generation,
                         "policy applied"
                     );
+                    if let Err(e) = maps.set_learned_ttl(state.policy.resolver.learned_ttl) {
+                        warn!(error = %e, "could not update the TTL bounds of learned addresses");
+                    }
                     if state.policy.resolver != old_resolver {
                         resolver = Resolver::new(&state.policy.resolver)
                             .map_err(|e| RunError::Resolver(e.to_string()))?;

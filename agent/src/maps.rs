@@ -145,6 +145,15 @@ impl KernelMaps {
         Ok(cfg.seed)
     }
 
+    /// Sets the TTL bounds (seconds) of learned addresses in `NAME_CFG`,
+    /// keeping its seed; the kernel and `learn` read them per answer.
+    pub fn set_learned_ttl(&mut self, (min, max): (u32, u32)) -> Result<(), MapsError> {
+        let mut cfg = self.name_cfg.get(&0, 0).map_err(map_err(MAP_NAME_CFG))?;
+        cfg.ttl_min_s = min;
+        cfg.ttl_max_s = max;
+        self.name_cfg.set(0, cfg, 0).map_err(map_err(MAP_NAME_CFG))
+    }
+
     pub fn active(&self) -> Result<ActiveSlot, MapsError> {
         self.active.get(&0, 0).map_err(map_err(MAP_ACTIVE))
     }

@@ -228,6 +228,7 @@ mod tests {
             resolver: ResolverConfig {
                 servers: vec![],
                 refresh: Duration::from_secs(30),
+                learned_ttl: (60, 3600),
             },
             telemetry: TelemetryConfig {
                 process_series_per_workload: 20,

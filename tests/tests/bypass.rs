@@ -1146,3 +1146,35 @@ fn bypass_connection_opened_before_the_policy_changed_documented_limit() {
         "the connection opened before the reload (not cut: documented limit)",
     );
 }
+
+/// The TTL bounds of learned addresses are the policy's: with
+/// `max_ttl_seconds = 1` an address learned from an answer (whatever its
+/// TTL) stops being the provider's after a second, and the next answer
+/// learns it again.
+#[test]
+fn learned_addresses_expire_at_the_policys_max_ttl() {
+    require_root();
+    let mut w = World::new("bp-ttl");
+    let short = policy(&w.cg, true).replace(
+        "[resolver]\n",
+        "[resolver]\nmin_ttl_seconds = 1\nmax_ttl_seconds = 1\n",
+    );
+    let before = w.agent.generation();
+    w.agent.rewrite_policy(&short);
+    w.agent.sighup();
+    let reloaded =
+        llm_egress_tests::wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            (w.agent.generation() > before).then_some(())
+        });
+    assert!(
+        reloaded.is_some(),
+        "reload with the TTL bounds\n{}",
+        w.agent.context()
+    );
+    w.d.resolve(DNS1, "api.bypass.test", false, false);
+    w.check_learned(P4, "right after the answer");
+    std::thread::sleep(Duration::from_millis(2_500));
+    w.check_unlearned(P4);
+    w.d.resolve(DNS1, "api.bypass.test", false, false);
+    w.check_learned(P4, "after the next answer");
+}

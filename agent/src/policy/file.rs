@@ -77,6 +77,8 @@ pub(super) struct ResolverFile {
     #[serde(default)]
     pub servers: Vec<Spanned<String>>,
     pub refresh_seconds: Option<Spanned<i64>>,
+    pub min_ttl_seconds: Option<Spanned<i64>>,
+    pub max_ttl_seconds: Option<Spanned<i64>>,
 }
 
 /// `[telemetry]`

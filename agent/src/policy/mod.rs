@@ -68,6 +68,9 @@ pub struct ResolverConfig {
     pub servers: Vec<SocketAddr>,
     /// How often catalog and policy hosts are resolved again.
     pub refresh: Duration,
+    /// Bounds on how long an address learned from a DNS answer stays a
+    /// provider's: the record's TTL, clamped to [min, max] seconds.
+    pub learned_ttl: (u32, u32),
 }
 
 /// `[telemetry]`: bounds on per-process series.

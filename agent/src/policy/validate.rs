@@ -19,7 +19,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use llm_egress_common::MAX_PORTS;
+use llm_egress_common::{LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, MAX_PORTS};
 use toml::Spanned;
 
 use super::{
@@ -482,7 +482,37 @@ impl<'a> Checker<'a> {
             " (seconds)",
         );
         let refresh = Duration::from_secs(refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS));
-        ResolverConfig { servers, refresh }
+        let min = self.bounded(
+            &r.min_ttl_seconds,
+            "resolver.min_ttl_seconds",
+            1..=MAX_REFRESH_SECONDS,
+            " (seconds)",
+        );
+        let max = self.bounded(
+            &r.max_ttl_seconds,
+            "resolver.max_ttl_seconds",
+            1..=MAX_REFRESH_SECONDS,
+            " (seconds)",
+        );
+        let (min, max) = (
+            min.map_or(LEARN_TTL_MIN_S, |v| v as u32),
+            max.map_or(LEARN_TTL_MAX_S, |v| v as u32),
+        );
+        if min > max {
+            let at = r.max_ttl_seconds.as_ref().or(r.min_ttl_seconds.as_ref());
+            if let Some(v) = at {
+                self.error(
+                    v,
+                    "resolver.max_ttl_seconds",
+                    format!("must not be below resolver.min_ttl_seconds ({min})"),
+                );
+            }
+        }
+        ResolverConfig {
+            servers,
+            refresh,
+            learned_ttl: (min, max.max(min)),
+        }
     }
 
     /// The catalog merged with the policy's `[[providers]]`: an entry named
@@ -941,7 +971,8 @@ mod tests {
             p.resolver,
             ResolverConfig {
                 servers: vec![],
-                refresh: Duration::from_secs(30)
+                refresh: Duration::from_secs(30),
+                learned_ttl: (60, 3600),
             }
         );
         assert_eq!(
@@ -1019,7 +1050,8 @@ llm = "allow"
             p.resolver,
             ResolverConfig {
                 servers,
-                refresh: Duration::from_secs(120)
+                refresh: Duration::from_secs(120),
+                learned_ttl: (60, 3600),
             }
         );
 
@@ -1412,6 +1444,26 @@ llm = "allow"
             2,
             30,
             "must be 10 to 86400",
+        );
+    }
+
+    #[test]
+    fn learned_ttl_bounds() {
+        let p = ok("[resolver]\nmin_ttl_seconds = 5\nmax_ttl_seconds = 600\n");
+        assert_eq!(p.resolver.learned_ttl, (5, 600));
+        one_error(
+            "[resolver]\nmin_ttl_seconds = 900\nmax_ttl_seconds = 600\n",
+            "resolver.max_ttl_seconds",
+            3,
+            19,
+            "must not be below resolver.min_ttl_seconds (900)",
+        );
+        one_error(
+            "[resolver]\nmin_ttl_seconds = 0\n",
+            "resolver.min_ttl_seconds",
+            2,
+            19,
+            "must be 1 to 86400",
         );
     }
 
