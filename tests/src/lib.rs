@@ -48,7 +48,7 @@ pub use cgroup::{CgroupGuard, cgroup2_mount};
 pub use dns::DnsServer;
 pub use netns::{NetnsGuard, TEST_ADDRS};
 pub use probe::{LoopReport, Probe, ProbeCmd, ProbeResult, ProbeRun};
-pub use servers::{HttpServer, TcpServer, UdpServer};
+pub use servers::{HttpServer, TcpServer, TlsServer, UdpServer};
 
 use std::{
     path::{Path, PathBuf},

@@ -18,7 +18,9 @@ use std::{
     time::Duration,
 };
 
-use crate::{NetnsGuard, wait_until};
+use std::process::{Child, Command, Stdio};
+
+use crate::{NetnsGuard, TempDir, netns::enter_netns, wait_until};
 
 const POLL: Duration = Duration::from_millis(5);
 
@@ -268,5 +270,79 @@ impl UdpServer {
 impl Drop for UdpServer {
     fn drop(&mut self) {
         self.inner.stop();
+    }
+}
+
+/// `openssl s_server -www` on port 443 of the namespace, with a fresh
+/// self-signed certificate.
+pub struct TlsServer {
+    child: Child,
+    _dir: TempDir,
+}
+
+impl TlsServer {
+    /// Listens on `addr`:443 inside `ns`.
+    pub fn start(ns: &NetnsGuard, addr: &str) -> TlsServer {
+        let dir = TempDir::new("llm-egress-test-tls");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=llm-egress.test",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("cannot run openssl (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_server", "-quiet", "-www", "-accept", "443"])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let ns_path = ns.path();
+        // SAFETY: setns in the forked child before exec, on a path prepared
+        // before the fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || enter_netns(&ns_path));
+        }
+        let child = cmd.spawn().expect("cannot start openssl s_server");
+        let server = TlsServer { child, _dir: dir };
+        let up = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            ns.in_netns(|| TcpStream::connect((addr, 443)).ok())
+                .map(drop)
+        });
+        assert!(
+            up.is_some(),
+            "openssl s_server did not listen on {addr}:443 in {}",
+            ns.name()
+        );
+        server
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

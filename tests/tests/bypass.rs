@@ -40,12 +40,12 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, TempDir,
+    Agent, CgroupGuard, NetnsGuard, TlsServer,
     netns::enter_netns,
     probe::confine,
     require_root,
     scenario::{expect_eperm, expect_ok, probe},
-    toml_str, wait_until,
+    toml_str,
 };
 
 const DEAD_DNS: &str = "127.0.0.1:9";
@@ -919,76 +919,6 @@ fn bypass_resolver_on_another_port_is_not_learned_documented_limit() {
 
 const SNI_ADDR: &str = "10.79.0.1";
 
-/// `openssl s_server -www` on SNI_ADDR:443 with a self-signed certificate.
-struct TlsServer {
-    child: Child,
-    _dir: TempDir,
-}
-
-impl TlsServer {
-    fn start(ns: &NetnsGuard) -> TlsServer {
-        let dir = TempDir::new("bypass-tls");
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let out = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=bypass.test",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("cannot run openssl");
-        assert!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut cmd = Command::new("openssl");
-        cmd.args(["s_server", "-quiet", "-www", "-accept", "443"])
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let ns_path = ns.path();
-        // SAFETY: setns in the forked child before exec.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || enter_netns(&ns_path));
-        }
-        let child = cmd.spawn().expect("cannot start openssl s_server");
-        let server = TlsServer { child, _dir: dir };
-        let up = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-            ns.in_netns(|| TcpStream::connect((SNI_ADDR, 443)).ok())
-                .map(drop)
-        });
-        assert!(
-            up.is_some(),
-            "openssl s_server did not listen on {SNI_ADDR}:443"
-        );
-        server
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// curl -k https://<name>/ pinned to SNI_ADDR: (exit code, http code, took).
 fn curl(cgroup: &Path, ns: &NetnsGuard, name: &str) -> (i32, String, Duration, String) {
     let mut cmd = Command::new("curl");
@@ -1035,7 +965,7 @@ fn bypass_denied_name_on_an_allowed_names_address() {
             vec![]
         }
     });
-    let _tls = TlsServer::start(&ns);
+    let _tls = TlsServer::start(&ns, SNI_ADDR);
     let agent = Agent::start(&format!(
         r#"cgroup = {}
 
@@ -1087,7 +1017,7 @@ other = "deny"
     // s_server serves one connection at a time and still waits for the
     // ClientHello the aborted client never delivered: a fresh server.
     drop(_tls);
-    let _tls = TlsServer::start(&ns);
+    let _tls = TlsServer::start(&ns, SNI_ADDR);
     let (code, http, took, err) = curl(&w, &ns, "good.shared.test");
     assert!(
         code == 0 && http == "200",

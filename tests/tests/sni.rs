@@ -14,13 +14,12 @@
 
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, TempDir, netns::enter_netns, probe::confine, require_root,
-    toml_str, wait_until,
+    Agent, CgroupGuard, NetnsGuard, TlsServer, probe::confine, require_root, toml_str,
 };
 
 const ADDR: &str = "10.79.0.1";
@@ -51,79 +50,6 @@ other = "allow"
 "#,
         toml_str(&cg.path().display().to_string())
     )
-}
-
-/// `openssl s_server -www` on port 443 of the namespace, with a fresh
-/// self-signed certificate.
-struct TlsServer {
-    child: Child,
-    _dir: TempDir,
-}
-
-impl TlsServer {
-    fn start(ns: &NetnsGuard) -> TlsServer {
-        let dir = TempDir::new("sni-tls");
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let out = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=sni.test",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("cannot run openssl (Debian package openssl)");
-        assert!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut cmd = Command::new("openssl");
-        cmd.args(["s_server", "-quiet", "-www", "-accept", "443"])
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let ns_path = ns.path();
-        // SAFETY: setns in the forked child before exec, on a path prepared
-        // before the fork.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || enter_netns(&ns_path));
-        }
-        let child = cmd.spawn().expect("cannot start openssl s_server");
-        let server = TlsServer { child, _dir: dir };
-        let up = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-            ns.in_netns(|| std::net::TcpStream::connect((ADDR, 443)).ok())
-                .map(drop)
-        });
-        assert!(
-            up.is_some(),
-            "openssl s_server did not listen on {ADDR}:443 in {}",
-            ns.name()
-        );
-        server
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What one curl run gave: exit code, stderr, and how long it took.
@@ -170,7 +96,7 @@ fn two_names_on_one_address_the_allowed_handshake_completes_the_denied_one_fails
     let w = cg.child("w");
     let ns = NetnsGuard::new();
     ns.ip(&["addr", "add", &format!("{ADDR}/32"), "dev", "lo"]);
-    let server = TlsServer::start(&ns);
+    let server = TlsServer::start(&ns, ADDR);
     let agent = Agent::start(&policy(&cg));
 
     let good = curl(&w, &ns, "good.sni.test");
@@ -211,7 +137,7 @@ fn two_names_on_one_address_the_allowed_handshake_completes_the_denied_one_fails
     // waits for the ClientHello the client never delivered (the client's
     // socket was aborted without a RST): a fresh server.
     drop(server);
-    let _server = TlsServer::start(&ns);
+    let _server = TlsServer::start(&ns, ADDR);
     let again = curl(&w, &ns, "Good.SNI.test");
     assert!(
         again.code == 0,
@@ -259,7 +185,7 @@ fn a_client_hello_without_a_server_name_keeps_the_address_verdict() {
     let w = cg.child("w");
     let ns = NetnsGuard::new();
     ns.ip(&["addr", "add", &format!("{ADDR}/32"), "dev", "lo"]);
-    let _server = TlsServer::start(&ns);
+    let _server = TlsServer::start(&ns, ADDR);
     let agent = Agent::start(&policy(&cg));
 
     // An address URL: curl sends no server_name.
