@@ -42,6 +42,7 @@ const RTO_CB: u32 = 8;
 const STATE_CB: u32 = 10;
 const RTO_CB_FLAG: i32 = 1 << 0;
 const HDR_OPT_LEN_CB: u32 = 14;
+const HTTPS_PORT: u32 = 443;
 const WRITE_HDR_OPT_CB_FLAG: i32 = 1 << 6;
 const SOL_TCP: i32 = 6;
 const TCP_USER_TIMEOUT: i32 = 18;
@@ -75,8 +76,21 @@ fn account(ctx: &SockOpsContext) {
         return;
     }
     let Some(entry) = CONNS.get_ptr_mut(&cookie) else {
+        // Not a tracked provider connection. The per-segment callback (the
+        // fast abort of an SNI deny) costs on every segment, so it is kept
+        // for port 443, where TLS to a provider name on a shared address is
+        // expected; other ports get the (rare) RTO callback only: an SNI
+        // deny there still drops every packet, the client fails slower.
         if op == TCP_CONNECT_CB {
-            let _ = ctx.set_cb_flags(RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG);
+            let rp = ctx.remote_port();
+            let https =
+                u32::from_be(rp) == HTTPS_PORT || u32::from(u16::from_be(rp as u16)) == HTTPS_PORT;
+            let flags = if https {
+                RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
+            } else {
+                RTO_CB_FLAG
+            };
+            let _ = ctx.set_cb_flags(flags);
         }
         return;
     };
