@@ -235,21 +235,8 @@ impl KernelMaps {
             }
         }
         for (hash, v) in &plan.names {
-            if old.names.get(hash) != Some(v)
-                && self
-                    .names
-                    .insert(
-                        NameKey {
-                            slot,
-                            _pad: 0,
-                            hash: *hash,
-                        },
-                        *v,
-                        0,
-                    )
-                    .is_err()
-            {
-                report.fail(MAP_NAMES);
+            if old.names.get(hash) != Some(v) {
+                self.insert_name(slot, *hash, v, &mut report);
             }
         }
         for hash in old.names.keys().filter(|h| !plan.names.contains_key(h)) {
@@ -291,6 +278,17 @@ impl KernelMaps {
             } else {
                 MAP_DESTS_V6
             });
+        }
+    }
+
+    fn insert_name(&mut self, slot: u32, hash: u64, v: &DestValue, report: &mut WriteReport) {
+        let key = NameKey {
+            slot,
+            _pad: 0,
+            hash,
+        };
+        if self.names.insert(key, *v, 0).is_err() {
+            report.fail(MAP_NAMES);
         }
     }
 
@@ -339,21 +337,7 @@ impl KernelMaps {
             }
         }
         for (hash, v) in &plan.names {
-            if self
-                .names
-                .insert(
-                    NameKey {
-                        slot,
-                        _pad: 0,
-                        hash: *hash,
-                    },
-                    *v,
-                    0,
-                )
-                .is_err()
-            {
-                report.fail(MAP_NAMES);
-            }
+            self.insert_name(slot, *hash, v, report);
         }
     }
 
