@@ -92,6 +92,8 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::DEFAULT_LLM => "default_llm",
         reason::DEFAULT_OTHER => "default_other",
         reason::INTERNAL_ERROR => "internal_error",
+        reason::RATE_LIMITED => "rate_limited",
+        reason::TOKEN_BUDGET => "token_budget",
         _ => "unknown",
     }
 }

@@ -38,6 +38,11 @@ pub mod reason {
     pub const DEFAULT_OTHER: u8 = 6;
     /// No policy is loaded, or a map lookup failed: `failure_mode` decided.
     pub const INTERNAL_ERROR: u8 = 7;
+    /// The workload's connection rate to this provider is used up
+    /// (`[workloads.limits]`, docs/limits.md).
+    pub const RATE_LIMITED: u8 = 8;
+    /// The workload's token budget for this provider is spent.
+    pub const TOKEN_BUDGET: u8 = 9;
 }
 
 /// `mode` of a policy slot.

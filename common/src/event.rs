@@ -116,6 +116,9 @@ pub struct ConnStats {
     pub data_segs_in: u32,
     /// Segments that carried payload, sent (`data_segs_out`).
     pub data_segs_out: u32,
+    /// Bucket id of the connection's bandwidth limit (`BANDWIDTH`), 0 for
+    /// none: the skb programs police the connection's packets with it.
+    pub bandwidth_bucket: u64,
 }
 
 pub type ConnEvent = Event<ConnStats>;
@@ -129,8 +132,8 @@ const _: () = {
     assert!(size_of::<EventHeader>() == 56 && align_of::<EventHeader>() == 8);
     assert!(size_of::<ConnectDecision>() == 48);
     assert!(size_of::<ConnectEvent>() == 104 && align_of::<ConnectEvent>() == 8);
-    assert!(size_of::<ConnStats>() == 104);
-    assert!(size_of::<ConnEvent>() == 160 && align_of::<ConnEvent>() == 8);
+    assert!(size_of::<ConnStats>() == 112);
+    assert!(size_of::<ConnEvent>() == 168 && align_of::<ConnEvent>() == 8);
 };
 
 /// Bytes of a DNS message carried by a `DNS_UNPARSED` event.

@@ -10,9 +10,11 @@
 
 pub mod codes;
 pub mod event;
+pub mod limits;
 pub mod maps;
 pub mod names;
 
 pub use codes::*;
 pub use event::*;
+pub use limits::*;
 pub use maps::*;

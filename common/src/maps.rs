@@ -70,7 +70,7 @@ pub const MAP_SNI_STATE: &str = "SNI_STATE";
 /// ClientHello and the label hashes of its server name).
 pub const MAP_SNI_SCRATCH: &str = "SNI_SCRATCH";
 
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 27] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -93,6 +93,11 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_VERDICTS,
     MAP_SNI_STATE,
     MAP_SNI_SCRATCH,
+    crate::limits::MAP_LIMITS,
+    crate::limits::MAP_BUCKETS,
+    crate::limits::MAP_BANDWIDTH,
+    crate::limits::MAP_BUDGET_SPENT,
+    crate::limits::MAP_LIMIT_HITS,
 ];
 
 /// Program names: `<job>_<hook>`.
@@ -236,6 +241,10 @@ pub mod counter {
     pub const DNS_TCP_RESPONSES: u32 = 23;
     /// TCP answers longer than their first segment: not learned.
     pub const DNS_TCP_SPLIT: u32 = 24;
+    /// Limited traffic let through because `BUCKETS` was full.
+    pub const LIMIT_BUCKETS_FULL: u32 = 25;
+    /// Limit hits not counted in `LIMIT_HITS` because it was full.
+    pub const LIMIT_HITS_FULL: u32 = 26;
     pub const LEN: u32 = 32;
 }
 

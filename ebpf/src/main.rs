@@ -7,6 +7,7 @@
 
 mod dns;
 mod exec;
+mod limits;
 mod maps;
 mod policy;
 mod sni;

@@ -3,8 +3,12 @@
 //! the loaded object against `ALL_MAPS`). All maps are pinned by name so that
 //! enforcement and counters survive the agent.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    macros::map,
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_map_lookup_elem, bpf_map_update_elem},
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use llm_egress_common::{
@@ -12,6 +16,10 @@ use llm_egress_common::{
     ExecInfo, LEARNED_MAX, Learned, NAMES_MAX, NameConfig, NameKey, PROVIDER_ACTIONS_MAX,
     PrefixKeyV4, PrefixKeyV6, ProviderKey, RULES_MAX, SLOT_COUNT, SlotConfig, VERDICTS_MAX,
     VerdictKey, WORKLOADS_MAX, WorkloadKey, WorkloadValue, counter,
+};
+use llm_egress_common::{
+    BANDWIDTH_MAX, BUCKETS_MAX, BandwidthLimit, Bucket, BucketKey, LIMIT_HITS_MAX, LIMITS_MAX,
+    LimitHitKey, LimitValue, ProviderKey as LimitKey,
 };
 
 #[map]
@@ -82,21 +90,44 @@ pub static SNI_SCRATCH: PerCpuArray<crate::sni::SniScratch> = PerCpuArray::with_
 #[map]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(VERDICTS_MAX, 0);
 
+#[map]
+pub static LIMITS: HashMap<LimitKey, LimitValue> = HashMap::pinned(LIMITS_MAX, 0);
+
+#[map]
+pub static BANDWIDTH: HashMap<u64, BandwidthLimit> = HashMap::pinned(BANDWIDTH_MAX, 0);
+
+#[map]
+pub static BUDGET_SPENT: HashMap<u64, u32> = HashMap::pinned(BANDWIDTH_MAX, 0);
+
+#[map]
+pub static LIMIT_HITS: PerCpuHashMap<LimitHitKey, u64> = PerCpuHashMap::pinned(LIMIT_HITS_MAX, 0);
+
+#[btf_map]
+pub static BUCKETS: PinnedBtfHash<BucketKey, Bucket, { BUCKETS_MAX as usize }> =
+    PinnedBtfHash::new();
+
 /// Counts one decision in `VERDICTS`.
 #[inline(always)]
 pub fn count_verdict(key: &VerdictKey) {
-    if let Some(p) = VERDICTS.get_ptr_mut(key) {
+    add_one(&VERDICTS, key, counter::VERDICTS_FULL);
+}
+
+/// Adds one to `key` of a per-CPU counting map; a full map is counted in
+/// counter `full`.
+#[inline(always)]
+pub fn add_one<K>(map: &PerCpuHashMap<K, u64>, key: &K, full: u32) {
+    if let Some(p) = map.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of a per-CPU value; no concurrent writer.
         unsafe { *p += 1 };
         return;
     }
     // BPF_NOEXIST: another CPU may have created the key meanwhile; then
     // this CPU's (zeroed) slot exists and the lookup below finds it.
-    if VERDICTS.insert(key, &1, 1).is_err() {
-        match VERDICTS.get_ptr_mut(key) {
+    if map.insert(key, &1, 1).is_err() {
+        match map.get_ptr_mut(key) {
             // SAFETY: as above.
             Some(p) => unsafe { *p += 1 },
-            None => count(counter::VERDICTS_FULL),
+            None => count(full),
         }
     }
 }
@@ -110,3 +141,58 @@ pub fn count(index: u32) {
         unsafe { *p += 1 };
     }
 }
+
+/// A BTF hash map definition with `pinning = LIBBPF_PIN_BY_NAME`: aya-ebpf's
+/// own BTF maps have no pinning field, and a map whose values hold a
+/// `bpf_spin_lock` must be a BTF map (the kernel finds the lock in the
+/// value's BTF). Field names and order are what the loader reads.
+#[repr(C)]
+pub struct PinnedBtfHash<K, V, const MAX_ENTRIES: usize> {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_HASH as usize],
+    key: *const K,
+    value: *const V,
+    max_entries: *const [i32; MAX_ENTRIES],
+    map_flags: *const [i32; 0],
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: placeholder pointers the loader patches; never dereferenced.
+unsafe impl<K, V, const M: usize> Sync for PinnedBtfHash<K, V, M> {}
+
+impl<K, V, const M: usize> PinnedBtfHash<K, V, M> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+
+    #[inline(always)]
+    pub fn get_ptr_mut(&self, key: &K) -> *mut V {
+        // SAFETY: helper with this map and a key of its key type.
+        unsafe { bpf_map_lookup_elem(self.as_ptr(), core::ptr::from_ref(key).cast()) }.cast()
+    }
+
+    #[inline(always)]
+    pub fn insert_new(&self, key: &K, value: &V) {
+        // SAFETY: as above; BPF_NOEXIST never replaces a live entry.
+        unsafe {
+            bpf_map_update_elem(
+                self.as_ptr(),
+                core::ptr::from_ref(key).cast(),
+                core::ptr::from_ref(value).cast(),
+                BPF_NOEXIST as u64,
+            )
+        };
+    }
+}
+

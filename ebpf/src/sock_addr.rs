@@ -15,6 +15,9 @@
 //! 3. provider destinations (`DESTS_*`, with ports): the workload's word on
 //!    that provider (`PROVIDER_ACT`) or its `llm` action;
 //! 4. otherwise the workload's `other` action.
+//! 5. an allowed provider connection of a workload then meets the pair's
+//!    limits (`LIMITS`, ebpf/src/limits.rs): a spent token budget refuses
+//!    it, and a connect() takes one from the connection-rate bucket.
 //!
 //! Internal errors (no active policy slot, a missing slot config) are decided
 //! by the `failure_mode` in `ACTIVE` and counted in `INTERNAL_ERRORS`.
@@ -32,7 +35,7 @@ use aya_ebpf::{
 use llm_egress_common::{
     ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_WORKLOAD,
     PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, VerdictKey, action, counter, failure_mode,
-    family, hook, kind, mode, proto, reason, verdict,
+    family, hook, kind, limit_flag, limit_kind, mode, proto, reason, verdict,
 };
 
 use crate::maps::{
@@ -51,7 +54,7 @@ pub fn verdict_connect4(ctx: SockAddrContext) -> i32 {
 /// who connected where, sock_ops adds bytes and times and reports it.
 /// A full map evicts the oldest entry (LRU); failures only lose accounting.
 #[inline(always)]
-fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision) {
+fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision, bandwidth_bucket: u64) {
     if dest.proto != proto::TCP {
         return;
     }
@@ -72,6 +75,7 @@ fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision) {
             addr: dest.addr,
             port: dest.port,
             family: dest.family,
+            bandwidth_bucket,
             ..ConnStats::default()
         };
         let _ = CONNS.insert(&cookie, &*entry, 0);
@@ -206,6 +210,7 @@ fn proto_of(protocol: u32) -> u8 {
 struct Decision {
     action: u8,
     reason: u8,
+    slot: u32,
     workload_id: u32,
     provider_id: u32,
     generation: u64,
@@ -214,7 +219,7 @@ struct Decision {
 
 #[inline(always)]
 fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
-    let decision = match decide(dest) {
+    let mut decision = match decide(dest) {
         Ok(d) => d,
         Err(fail) => {
             count(counter::INTERNAL_ERRORS);
@@ -226,6 +231,7 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
             Decision {
                 action,
                 reason: reason::INTERNAL_ERROR,
+                slot: 0,
                 workload_id: NO_WORKLOAD,
                 provider_id: NO_PROVIDER,
                 generation: 0,
@@ -233,12 +239,46 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
             }
         }
     };
+    let connect = hook == hook::CONNECT4 || hook == hook::CONNECT6;
+    // Limits of an allowed provider connection of a workload
+    // (ebpf/src/limits.rs): a spent token budget or connection rate turns
+    // it into a deny, which `mode = "audit"` reports instead.
+    let mut limit = None;
+    if decision.action != action::DENY
+        && decision.provider_id != NO_PROVIDER
+        && decision.workload_id != NO_WORKLOAD
+    {
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        limit = crate::limits::connect_limit(
+            decision.slot,
+            decision.workload_id,
+            decision.provider_id,
+            connect,
+            now,
+        );
+        if let Some(l) = &limit
+            && l.hit != 0
+        {
+            decision.action = action::DENY;
+            decision.reason = if l.hit == limit_kind::CONNECTIONS {
+                reason::RATE_LIMITED
+            } else {
+                reason::TOKEN_BUDGET
+            };
+        }
+    }
     let v = match decision.action {
         action::ALLOW => verdict::ALLOW,
         action::AUDIT => verdict::AUDIT,
         _ if decision.mode == mode::AUDIT => verdict::AUDIT,
         _ => verdict::DENY,
     };
+    if let Some(l) = &limit
+        && l.hit != 0
+    {
+        crate::limits::count_hit(l.limits.bucket, l.hit, v);
+    }
     count(match v {
         verdict::ALLOW => counter::VERDICT_ALLOW,
         verdict::AUDIT => counter::VERDICT_AUDIT,
@@ -254,11 +294,12 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
     if v != verdict::ALLOW || decision.provider_id != NO_PROVIDER {
         report(ctx, dest, hook, v, &decision);
     }
-    if v != verdict::DENY
-        && decision.provider_id != NO_PROVIDER
-        && (hook == hook::CONNECT4 || hook == hook::CONNECT6)
-    {
-        track(ctx, dest, &decision);
+    if v != verdict::DENY && decision.provider_id != NO_PROVIDER && connect {
+        let bandwidth_bucket = match &limit {
+            Some(l) if l.limits.flags & limit_flag::BANDWIDTH != 0 => l.limits.bucket,
+            _ => 0,
+        };
+        track(ctx, dest, &decision, bandwidth_bucket);
     }
     if v == verdict::DENY { DENY } else { ALLOW }
 }
@@ -278,6 +319,7 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
     let mut d = Decision {
         action: cfg.default_other,
         reason: reason::DEFAULT_OTHER,
+        slot,
         workload_id: NO_WORKLOAD,
         provider_id: NO_PROVIDER,
         generation: cfg.generation,
