@@ -10,6 +10,7 @@ mod kubernetes;
 mod validate;
 
 pub use error::{PolicyError, PolicyErrors};
+pub use llm_egress_common::{MAX_BYTES_BURST, MAX_BYTES_PER_SECOND, MAX_CONNECTION_BURST, MAX_CONNECTIONS_PER_SECOND};
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -157,6 +158,68 @@ pub struct Workload {
     pub llm: Action,
     /// Non-provider destinations its CIDR rules do not cover.
     pub other: Action,
+    /// `[workloads.limits]`: limits of each provider the workload reaches.
+    pub limits: Limits,
+    /// `[workloads.limits.providers.NAME]`: per-provider overrides, by
+    /// provider index; a field set here replaces the workload-wide one.
+    pub provider_limits: BTreeMap<usize, Limits>,
+}
+
+/// Limits of one workload × provider pair (docs/limits.md). None: no such
+/// limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Limits {
+    /// `connections_per_second` and `burst`.
+    pub connections: Option<ConnectionRate>,
+    /// `bytes_per_second` and `bytes_burst`, applied to each direction.
+    pub bandwidth: Option<Bandwidth>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConnectionRate {
+    /// > 0, at most `MAX_CONNECTIONS_PER_SECOND`; fractions allowed.
+    pub per_second: f64,
+    /// Connections that may be made at once; default `ceil(per_second)`.
+    pub burst: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bandwidth {
+    pub bytes_per_second: u64,
+    /// Default: `max(bytes_per_second / 10, MIN_BYTES_BURST)`.
+    pub burst_bytes: u64,
+}
+
+/// The smallest `bytes_burst`: a single (GSO) packet may carry 64 KiB, and
+/// a bucket smaller than a packet would never let it through.
+pub const MIN_BYTES_BURST: u64 = 128 * 1024;
+
+impl Limits {
+    /// This limits with every field `over` sets replaced.
+    pub fn overridden_by(&self, over: &Limits) -> Limits {
+        Limits {
+            connections: over.connections.or(self.connections),
+            bandwidth: over.bandwidth.or(self.bandwidth),
+            tokens_per_minute: over.tokens_per_minute.or(self.tokens_per_minute),
+            tokens_per_day: over.tokens_per_day.or(self.tokens_per_day),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+}
+
+impl Workload {
+    /// The limits of this workload for provider `index`.
+    pub fn limits_for(&self, provider: usize) -> Limits {
+        match self.provider_limits.get(&provider) {
+            Some(over) => self.limits.overridden_by(over),
+            None => self.limits,
+        }
+    }
 }
 
 /// A validated policy. Provider ids are `index + 1`, workload ids too.
@@ -171,6 +234,9 @@ pub struct Policy {
     pub pin_path: PathBuf,
     pub failure_mode: FailureMode,
     pub on_exit: OnExit,
+    /// `state_dir`: where state that must survive a restart is kept (token
+    /// budgets). Default /var/lib/llm-egress.
+    pub state_dir: PathBuf,
     pub defaults: Defaults,
     pub resolver: ResolverConfig,
     pub telemetry: TelemetryConfig,

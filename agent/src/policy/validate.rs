@@ -25,7 +25,7 @@ use toml::Spanned;
 use super::{
     Action, AuditLog, Defaults, FailureMode, KubeEnabled, KubernetesConfig, Mode, OnExit,
     PodSelector, Policy, PolicyError, PolicyErrors, Provider, ResolverConfig, Selector, Target,
-    TelemetryConfig, Workload,
+    Limits, TelemetryConfig, Workload,
     error::line_column,
     file::{
         self, CatalogFile, PodSelectorFile, PolicyFile, ProviderFile, WorkloadFile, absolute,
@@ -40,6 +40,7 @@ const DEFAULT_MODE: Mode = Mode::Enforce;
 const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9469));
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/llm-egress";
+const DEFAULT_STATE_DIR: &str = "/var/lib/llm-egress";
 const DEFAULT_FAILURE_MODE: FailureMode = FailureMode::Closed;
 const DEFAULT_ON_EXIT: OnExit = OnExit::Detach;
 /// `defaults.llm`, and a workload's `llm` (which does not inherit
@@ -343,6 +344,7 @@ impl<'a> Checker<'a> {
             pin_path: pin_path.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_PATH)),
             failure_mode,
             on_exit,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             defaults,
             resolver,
             telemetry,
@@ -780,6 +782,8 @@ impl<'a> Checker<'a> {
                     deny,
                     llm,
                     other,
+                    limits: Limits::default(),
+                    provider_limits: BTreeMap::new(),
                 });
             }
         }
