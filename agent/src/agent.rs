@@ -36,6 +36,7 @@ use crate::{
     events::{self, Context, NameTable, Names},
     http::{self, Health},
     kube,
+    limiter::Limiter,
     loader::{self, AttachOutcome, Loader},
     maps::{KernelMaps, WriteReport},
     metrics::Metrics,
@@ -135,6 +136,9 @@ fn apply_overrides(policy: &mut Policy, args: &RunArgs) {
     }
     if let Some(p) = &args.pin_path {
         policy.pin_path = p.clone();
+    }
+    if let Some(d) = &args.state_dir {
+        policy.state_dir = d.clone();
     }
     match args.metrics_listen {
         Some(Listen::At(m)) => policy.metrics_listen = Some(m),
@@ -380,6 +384,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     record_occupancy(&maps, &metrics);
     metrics.policy_generation.set(state.generation as i64);
+    let mut limiter = Limiter::start(
+        &maps.applied_limits(),
+        state.policy.state_dir.clone(),
+        &mut maps,
+        &metrics,
+        &audit,
+    );
 
     // Exec tracking first: a process that execs once we are ready must be
     // attributable even if it exits at once.
@@ -541,6 +552,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     let (w, p) = events::names_of(&names, k.generation, k.workload_id, k.provider_id);
                     [w, p.unwrap_or_else(|| "none".into()), events::verdict_name(k.verdict).to_string()]
                 });
+                limiter.tick(&mut maps, &metrics, &audit);
                 health.events_alive.store(events_alive.load(Ordering::SeqCst), Ordering::SeqCst);
                 let now = args.config.as_deref().and_then(content_hash);
                 if now.is_some() && now != file_hash {
@@ -594,6 +606,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                         *g = None;
                     }
                     state.report_missing_workloads();
+                    limiter.set_policy(
+                        &maps.applied_limits(),
+                        state.policy.state_dir.clone(),
+                        &mut maps,
+                        &metrics,
+                    );
                     let _ = telemetry_tx.send(state.policy.telemetry.clone());
                     info!(
                         trigger = why,
@@ -626,6 +644,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
 
     info!("stopping");
+    limiter.save();
     events_task.abort();
     if let Some(t) = http_task {
         t.abort();

@@ -228,5 +228,21 @@ mod tests {
             );
         }
         assert_eq!(v["provider"], "openai");
+        let b = crate::budget::BudgetRecord {
+            event: "budget",
+            time: "t".into(),
+            workload: "w".into(),
+            provider: "p".into(),
+            state: "spent",
+            limit: Some("tokens_per_minute"),
+            remaining_minute: Some(-1),
+            remaining_day: None,
+        };
+        for key in serde_json::to_value(&b).unwrap().as_object().unwrap().keys() {
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "docs/events.md does not document `{key}`"
+            );
+        }
     }
 }

@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// Overrides the policy's `pin_path` (bpffs directory for pinned state).
     #[arg(long)]
     pub pin_path: Option<PathBuf>,
+    /// Overrides the policy's `state_dir` (where token budgets are kept
+    /// across restarts).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Overrides the policy's `metrics_listen` (an address, or "off").
     #[arg(long, value_parser = parse_listen)]
     pub metrics_listen: Option<Listen>,

@@ -175,7 +175,7 @@ fn wall_time(mono_ns: u64) -> SystemTime {
         .unwrap_or(now)
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     let dt = time::OffsetDateTime::from(t);
     dt.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

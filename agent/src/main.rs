@@ -13,6 +13,7 @@ mod accounting;
 mod agent;
 mod attribution;
 mod audit;
+mod budget;
 mod catalog;
 mod cgroup_info;
 mod cgroups;
@@ -23,6 +24,8 @@ mod http;
 #[cfg(test)]
 mod kernel_agrees;
 mod kube;
+mod limiter;
+mod limits;
 mod loader;
 mod maps;
 mod metrics;

@@ -26,8 +26,15 @@ use llm_egress_common::{
     MAP_VERDICTS, MAP_WORKLOADS, NameConfig, NameKey, PREFIX_KEY_HEADER_BITS, PrefixKeyV4,
     PrefixKeyV6, ProviderKey, SlotConfig, VerdictKey, WorkloadKey, WorkloadValue, counter,
 };
+use llm_egress_common::{
+    BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH,
+    MAP_BUCKETS, MAP_BUDGET_SPENT, MAP_LIMIT_CFG, MAP_LIMIT_HITS, MAP_LIMITS,
+};
 
-use crate::plan::{Plan, Prefix};
+use crate::{
+    limits::LimitPlan,
+    plan::{Plan, Prefix},
+};
 
 /// Time given to decisions that read the old slot before it is emptied.
 const DRAIN: Duration = Duration::from_millis(50);
@@ -78,6 +85,12 @@ pub struct KernelMaps {
     name_cfg: Array<MapData, NameConfig>,
     learned_v4: HashMap<MapData, [u8; 4], Learned>,
     learned_v6: HashMap<MapData, [u8; 16], Learned>,
+    limits: HashMap<MapData, ProviderKey, LimitValue>,
+    bandwidth: HashMap<MapData, u64, BandwidthLimit>,
+    budget_spent: HashMap<MapData, u64, u32>,
+    limit_hits: PerCpuHashMap<MapData, LimitHitKey, u64>,
+    limit_cfg: Array<MapData, LimitConfig>,
+    buckets: HashMap<MapData, BucketKey, Bucket>,
     /// What the active slot holds, as last written by this agent.
     applied: Option<Plan>,
 }
@@ -123,6 +136,12 @@ impl KernelMaps {
             name_cfg: take!(ebpf, MAP_NAME_CFG),
             learned_v4: take!(ebpf, MAP_LEARNED_V4),
             learned_v6: take!(ebpf, MAP_LEARNED_V6),
+            limits: take!(ebpf, MAP_LIMITS),
+            bandwidth: take!(ebpf, MAP_BANDWIDTH),
+            budget_spent: take!(ebpf, MAP_BUDGET_SPENT),
+            limit_hits: take!(ebpf, MAP_LIMIT_HITS),
+            limit_cfg: take!(ebpf, MAP_LIMIT_CFG),
+            buckets: take!(ebpf, MAP_BUCKETS),
             applied: None,
         })
     }
@@ -199,6 +218,7 @@ impl KernelMaps {
             attach_cgroup_id,
         };
         self.active.set(0, active, 0).map_err(map_err(MAP_ACTIVE))?;
+        self.write_bandwidth(&plan.limits, &mut report);
         self.applied = Some(plan);
         if old != 0 {
             std::thread::sleep(DRAIN);
@@ -339,6 +359,83 @@ impl KernelMaps {
         for (hash, v) in &plan.names {
             self.insert_name(slot, *hash, v, report);
         }
+        for ((wid, pid), v) in &plan.limits.slot {
+            let key = ProviderKey {
+                slot,
+                workload_id: *wid,
+                provider_id: *pid,
+            };
+            if self.limits.insert(key, *v, 0).is_err() {
+                report.fail(MAP_LIMITS);
+            }
+        }
+    }
+
+    /// After a policy is in force: its bandwidth limits (by bucket id, not
+    /// per slot), and no state left for pairs it no longer limits.
+    fn write_bandwidth(&mut self, limits: &LimitPlan, report: &mut WriteReport) {
+        for (bucket, v) in &limits.bandwidth {
+            if self.bandwidth.insert(bucket, v, 0).is_err() {
+                report.fail(MAP_BANDWIDTH);
+            }
+        }
+        let stale: Vec<u64> = self
+            .bandwidth
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|b| !limits.bandwidth.contains_key(b))
+            .collect();
+        for b in stale {
+            let _ = self.bandwidth.remove(&b);
+        }
+        let cfg = LimitConfig {
+            bandwidth_limits: limits.bandwidth.len() as u32,
+            _pad: 0,
+        };
+        if self.limit_cfg.set(0, cfg, 0).is_err() {
+            report.fail(MAP_LIMIT_CFG);
+        }
+        let gone: Vec<BucketKey> = self
+            .buckets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !limits.pairs.contains_key(&k.bucket))
+            .collect();
+        for k in gone {
+            let _ = self.buckets.remove(&k);
+        }
+    }
+
+    /// Marks the token budget of pair `bucket` spent (`Some(limit_kind)`:
+    /// the kernel refuses its new connections) or available again.
+    pub fn set_budget_spent(&mut self, bucket: u64, kind: Option<u32>) -> Result<(), MapsError> {
+        match kind {
+            Some(k) => self
+                .budget_spent
+                .insert(bucket, k, 0)
+                .map_err(map_err(MAP_BUDGET_SPENT)),
+            None => match self.budget_spent.remove(&bucket) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(MAP_BUDGET_SPENT)(e)),
+            },
+        }
+    }
+
+    /// Pairs marked spent in the kernel (left by a previous agent, too).
+    pub fn budget_spent(&self) -> BTreeMap<u64, u32> {
+        self.budget_spent
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    /// Every limit hit counter, summed over CPUs.
+    pub fn limit_hits(&self) -> Vec<(LimitHitKey, u64)> {
+        self.limit_hits
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| (k, per_cpu.iter().sum()))
+            .collect()
     }
 
     /// Removes every entry of `slot` from the per-slot maps.
@@ -358,6 +455,7 @@ impl KernelMaps {
         }
         clear!(self.workloads, |k: &WorkloadKey| k.slot);
         clear!(self.provider_act, |k: &ProviderKey| k.slot);
+        clear!(self.limits, |k: &ProviderKey| k.slot);
         clear!(self.names, |k: &NameKey| k.slot);
         clear!(self.rules_v4, |k: &Key<PrefixKeyV4>| k.data().slot);
         clear!(self.rules_v6, |k: &Key<PrefixKeyV6>| k.data().slot);
@@ -493,6 +591,14 @@ impl KernelMaps {
         (v4, v6)
     }
 
+    /// The limits of the policy in force, as last written by this agent.
+    pub fn applied_limits(&self) -> LimitPlan {
+        self.applied
+            .as_ref()
+            .map(|p| p.limits.clone())
+            .unwrap_or_default()
+    }
+
     /// Entries of the active slot per map, for the occupancy gauge.
     pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
         let Some(p) = &self.applied else {
@@ -513,6 +619,8 @@ impl KernelMaps {
             (MAP_DESTS_V6, p.dests.keys().filter(|pr| !v4(pr)).count()),
             (MAP_PROVIDER_ACTIONS, p.provider_actions.len()),
             (MAP_NAMES, p.names.len()),
+            (MAP_LIMITS, p.limits.slot.len()),
+            (MAP_BANDWIDTH, p.limits.bandwidth.len()),
         ]
     }
 }

@@ -64,6 +64,13 @@ pub struct Metrics {
     pub dns_fallback: IntCounterVec,
     pub learned_destinations: IntGaugeVec,
     pub sni: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub budget_remaining: IntGaugeVec,
+    pub limit_buckets_full: IntCounter,
+    /// Last `LIMIT_HITS` values seen, to turn them into increments.
+    limit_hits_seen: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<llm_egress_common::LimitHitKey, u64>>,
+    >,
     /// Last `VERDICTS` values seen, to turn them into increments.
     verdicts_seen: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<llm_egress_common::VerdictKey, u64>>,
@@ -312,6 +319,24 @@ impl Metrics {
                 "llm_egress_kubernetes_pods",
                 "Pods of this node in the last good list from the Kubernetes API.",
             )?,
+            rate_limited: counter_vec(
+                &r,
+                "llm_egress_rate_limited_total",
+                "Traffic refused by a limit of [workloads.limits] (docs/limits.md): connections for limit=connections|tokens_per_minute|tokens_per_day, packets dropped for limit=bandwidth_out|bandwidth_in; verdict=audit counts what audit mode let through.",
+                &["workload", "provider", "limit", "verdict"],
+            )?,
+            budget_remaining: gauge_vec(
+                &r,
+                "llm_egress_budget_remaining",
+                "Tokens left in a workload's rolling token budget for a provider (window=minute|day); below 0 after an overspend, and new connections are refused until it is above 0 again.",
+                &["workload", "provider", "window"],
+            )?,
+            limit_buckets_full: counter(
+                &r,
+                "llm_egress_limit_buckets_full_total",
+                "Limited traffic let through because the kernel's bucket map (BUCKETS) was full.",
+            )?,
+            limit_hits_seen: Default::default(),
             registry: r,
             verdicts_seen: Default::default(),
             kernel_seen: Default::default(),
@@ -381,6 +406,13 @@ impl Metrics {
         for (index, result) in SNI_RESULTS {
             self.sni.with_label_values(&[result]).inc_by(delta(index));
         }
+        self.limit_buckets_full
+            .inc_by(delta(counter::LIMIT_BUCKETS_FULL));
+        // A hit that found LIMIT_HITS full was still enforced; count it
+        // where a full map is counted.
+        self.map_update_errors
+            .with_label_values(&[llm_egress_common::MAP_LIMIT_HITS])
+            .inc_by(delta(counter::LIMIT_HITS_FULL));
         *seen = *now;
     }
 
@@ -403,6 +435,30 @@ impl Metrics {
                     .with_label_values(&[&w, &p, &v])
                     .inc_by(delta);
             }
+        }
+    }
+
+    /// Adds what `LIMIT_HITS` counted since the last call; `labels` names
+    /// a key (workload, provider) or None for a pair the agent cannot name.
+    pub fn sync_limit_hits(
+        &self,
+        counts: &[(llm_egress_common::LimitHitKey, u64)],
+        labels: impl Fn(u64) -> Option<(String, String)>,
+    ) {
+        let Ok(mut seen) = self.limit_hits_seen.lock() else {
+            return;
+        };
+        for (key, now) in counts {
+            let before = seen.insert(*key, *now).unwrap_or(0);
+            let delta = if *now >= before { now - before } else { *now };
+            if delta == 0 {
+                continue;
+            }
+            let (w, p) = labels(key.bucket).unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+            let v = crate::events::verdict_name(key.verdict as u8);
+            self.rate_limited
+                .with_label_values(&[&w, &p, crate::limits::kind_name(key.kind), v])
+                .inc_by(delta);
         }
     }
 
@@ -485,6 +541,12 @@ mod tests {
         m.tokens
             .with_label_values(&["w", "p", "prompt", "estimated"])
             .inc();
+        m.rate_limited
+            .with_label_values(&["w", "p", "connections", "deny"])
+            .inc();
+        m.budget_remaining
+            .with_label_values(&["w", "p", "minute"])
+            .set(1);
         let doc = include_str!("../../docs/metrics.md");
         for family in m.registry.gather() {
             assert!(

@@ -58,6 +58,8 @@ pub struct Plan {
     /// `NAMES` entries: host key (`names::host_key`) → the provider's
     /// destination value (id and ports). Filled by [`names`].
     pub names: BTreeMap<u64, DestValue>,
+    /// `[workloads.limits]` (`LIMITS` of the slot, `BANDWIDTH`).
+    pub limits: crate::limits::LimitPlan,
 }
 
 pub fn action_code(a: Action) -> u8 {
@@ -99,6 +101,7 @@ pub fn build(
         },
         ..Plan::default()
     };
+    plan.limits = crate::limits::plan(policy, plan.config.mode);
     for (&cgroup_id, &index) in cgroups {
         let Some(w) = policy.workloads.get(index) else {
             continue;
@@ -221,6 +224,7 @@ mod tests {
             pin_path: PathBuf::from("/sys/fs/bpf/x"),
             failure_mode: FailureMode::Closed,
             on_exit: OnExit::Detach,
+            state_dir: PathBuf::from("/var/lib/x"),
             defaults: Defaults {
                 llm: Action::Deny,
                 other: Action::Allow,
@@ -259,6 +263,8 @@ mod tests {
                 deny: vec![Target::Cidr("192.0.2.0/24".parse().unwrap())],
                 llm: Action::Deny,
                 other: Action::Audit,
+                limits: Default::default(),
+                provider_limits: Default::default(),
             }],
         }
     }

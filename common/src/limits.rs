@@ -23,6 +23,9 @@ pub const MAP_BANDWIDTH: &str = "BANDWIDTH";
 /// `HashMap<u64 bucket id, u32 limit_kind>`: pairs whose token budget is
 /// spent (written by the agent); new connections are refused.
 pub const MAP_BUDGET_SPENT: &str = "BUDGET_SPENT";
+/// `Array<LimitConfig>`, one entry: what the skb programs need to know
+/// before looking anything up.
+pub const MAP_LIMIT_CFG: &str = "LIMIT_CFG";
 /// `PerCpuHashMap<LimitHitKey, u64>`: connections refused (or, in audit
 /// mode, that would have been) and packets dropped, by limit.
 pub const MAP_LIMIT_HITS: &str = "LIMIT_HITS";
@@ -97,6 +100,14 @@ pub struct BandwidthLimit {
     /// dropped.
     pub mode: u8,
     pub _pad: [u8; 7],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitConfig {
+    /// Entries in `BANDWIDTH`; 0: the skb programs skip policing.
+    pub bandwidth_limits: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -184,6 +195,7 @@ const _: () = {
     assert!(size_of::<LimitValue>() == 40 && align_of::<LimitValue>() == 8);
     assert!(size_of::<BandwidthLimit>() == 56);
     assert!(size_of::<BucketKey>() == 16);
+    assert!(size_of::<LimitConfig>() == 8);
     assert!(size_of::<Bucket>() == 24);
     assert!(size_of::<LimitHitKey>() == 16);
     // The largest capacity fits with room for one refill on top.
@@ -199,6 +211,7 @@ mod pod {
     unsafe impl aya::Pod for LimitValue {}
     unsafe impl aya::Pod for BandwidthLimit {}
     unsafe impl aya::Pod for BucketKey {}
+    unsafe impl aya::Pod for LimitConfig {}
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for LimitHitKey {}
 }

@@ -70,7 +70,7 @@ pub const MAP_SNI_STATE: &str = "SNI_STATE";
 /// ClientHello and the label hashes of its server name).
 pub const MAP_SNI_SCRATCH: &str = "SNI_SCRATCH";
 
-pub const ALL_MAPS: [&str; 27] = [
+pub const ALL_MAPS: [&str; 28] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -98,6 +98,7 @@ pub const ALL_MAPS: [&str; 27] = [
     crate::limits::MAP_BANDWIDTH,
     crate::limits::MAP_BUDGET_SPENT,
     crate::limits::MAP_LIMIT_HITS,
+    crate::limits::MAP_LIMIT_CFG,
 ];
 
 /// Program names: `<job>_<hook>`.

@@ -4,7 +4,9 @@
 //! Hook: `BPF_CGROUP_INET_INGRESS` runs in `sk_filter()` when a packet is
 //! queued to a socket of a task under the attach cgroup, i.e. before
 //! `recvmsg()` can return it. The context is the `__sk_buff`; offset 0 of
-//! `bpf_skb_load_bytes` is the IP header. Returning 1 keeps the packet.
+//! `bpf_skb_load_bytes` is the IP header. DNS learning always keeps the
+//! packet; the same program then polices bandwidth limits (limits.rs), the
+//! only reason a received packet is ever dropped.
 //!
 //! For a UDP datagram from port 53 (IPv4 or IPv6 without extension headers,
 //! not fragmented), and for a TCP segment from port 53 whose payload holds a
@@ -53,7 +55,6 @@ use llm_egress_common::{
 
 use crate::maps::{ACTIVE, DNS_SCRATCH, EVENTS, LEARNED_V4, LEARNED_V6, NAME_CFG, NAMES, count};
 
-const KEEP: i32 = 1;
 const MASK: usize = DNS_BUF - 1;
 const _: () = assert!(DNS_BUF.is_power_of_two() && DNS_EVENT_BYTES == DNS_BUF);
 const LMASK: usize = DNS_MAX_LABELS - 1;
@@ -91,7 +92,7 @@ pub struct DnsScratch {
 #[cgroup_skb(ingress)]
 pub fn names_dns_ingress(ctx: SkBuffContext) -> i32 {
     let _ = try_dns(&ctx);
-    KEEP
+    crate::limits::police(&ctx, false)
 }
 
 /// Why parsing stopped early.

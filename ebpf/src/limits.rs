@@ -9,19 +9,29 @@
 //! The arithmetic is `Rate::take` of common/src/limits.rs, shared with the
 //! agent's tests. A bucket created on first use starts full.
 
-use aya_ebpf::helpers::generated::{bpf_spin_lock, bpf_spin_unlock};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_get_socket_cookie, bpf_spin_lock, bpf_spin_unlock},
+    },
+    programs::SkBuffContext,
+};
 use llm_egress_common::{
-    Bucket, BucketKey, CONN_UNIT, LimitHitKey, LimitValue, ProviderKey, Rate, counter,
-    limit_flag, limit_kind,
+    BYTE_UNIT, Bucket, BucketKey, CONN_UNIT, LimitHitKey, LimitValue, ProviderKey, Rate, counter,
+    limit_flag, limit_kind, mode, verdict,
 };
 
-use crate::maps::{BUCKETS, BUDGET_SPENT, LIMIT_HITS, LIMITS, add_one, count};
+use crate::maps::{
+    BANDWIDTH, BUCKETS, BUDGET_SPENT, CONNS, LIMIT_CFG, LIMIT_HITS, LIMITS, add_one, count,
+};
 
 /// Takes `cost` from bucket (`bucket`, `kind`) of rate `rate` at `now`:
-/// whether it had that much. `None` when the bucket cannot be created
-/// (`BUCKETS` full: counted, the caller lets the traffic through).
+/// the level left and whether it had that much. `None` when the bucket
+/// cannot be created (`BUCKETS` full: counted, the caller lets the traffic
+/// through).
 #[inline(always)]
-pub fn take(bucket: u64, kind: u32, rate: &Rate, now: u64, cost: u64) -> Option<bool> {
+pub fn take(bucket: u64, kind: u32, rate: &Rate, now: u64, cost: u64) -> Option<(u64, bool)> {
     let key = BucketKey {
         bucket,
         kind,
@@ -55,7 +65,7 @@ pub fn take(bucket: u64, kind: u32, rate: &Rate, now: u64, cost: u64) -> Option<
             (*b).last_ns = now;
         }
         bpf_spin_unlock(lock);
-        Some(ok)
+        Some((level, ok))
     }
 }
 
@@ -101,7 +111,7 @@ pub fn connect_limit(
             now,
             CONN_UNIT,
         );
-        if taken == Some(false) {
+        if let Some((_, false)) = taken {
             hit = limit_kind::CONNECTIONS;
         }
     }
@@ -117,4 +127,69 @@ pub fn count_hit(bucket: u64, kind: u32, verdict: u8) {
         verdict: u32::from(verdict),
     };
     add_one(&LIMIT_HITS, &key, counter::LIMIT_HITS_FULL);
+}
+
+/// The skb programs' verdict on a packet of a connection that may have a
+/// bandwidth limit (`egress`: sent, else received): `PASS`, or over the
+/// limit in enforce mode: sent packets are dropped with congestion
+/// notification (TCP lowers its window and sends the data again, as the
+/// kernel's hbm sample does), received ones dropped (the sender's TCP
+/// backs off and retransmits). Cheap for everything else: one array read
+/// when no policy has a bandwidth limit, one hash lookup per packet when
+/// one has.
+#[inline(always)]
+pub fn police(ctx: &SkBuffContext, egress: bool) -> i32 {
+    const PASS: i32 = 1;
+    const DROP: i32 = 0;
+    const DROP_CN: i32 = 2;
+    const PASS_CN: i32 = 3;
+    match LIMIT_CFG.get(0) {
+        Some(cfg) if cfg.bandwidth_limits != 0 => {}
+        _ => return PASS,
+    }
+    // SAFETY: helper on this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: values copied out at once.
+    let Some(bucket) = (unsafe { CONNS.get(&cookie) }).map(|c| c.data.bandwidth_bucket) else {
+        return PASS;
+    };
+    if bucket == 0 {
+        return PASS;
+    }
+    // SAFETY: as above.
+    let Some(limit) = (unsafe { BANDWIDTH.get(&bucket) }).copied() else {
+        return PASS;
+    };
+    let (rate, kind) = if egress {
+        (limit.egress, limit_kind::BANDWIDTH_OUT)
+    } else {
+        (limit.ingress, limit_kind::BANDWIDTH_IN)
+    };
+    if rate.per_ns == 0 {
+        return PASS;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cost = u64::from(ctx.len()) * BYTE_UNIT;
+    match take(bucket, kind, &rate, now, cost) {
+        Some((_, false)) => {
+            let audit = limit.mode == mode::AUDIT;
+            count_hit(
+                bucket,
+                kind,
+                if audit { verdict::AUDIT } else { verdict::DENY },
+            );
+            match (audit, egress) {
+                (true, _) => PASS,
+                (false, true) => DROP_CN,
+                (false, false) => DROP,
+            }
+        }
+        // Below a quarter of the burst left: ask TCP to slow down before
+        // packets have to be dropped.
+        Some((level, true)) if egress && limit.mode != mode::AUDIT && level < rate.capacity / 4 => {
+            PASS_CN
+        }
+        _ => PASS,
+    }
 }

@@ -19,7 +19,7 @@ use llm_egress_common::{
 };
 use llm_egress_common::{
     BANDWIDTH_MAX, BUCKETS_MAX, BandwidthLimit, Bucket, BucketKey, LIMIT_HITS_MAX, LIMITS_MAX,
-    LimitHitKey, LimitValue, ProviderKey as LimitKey,
+    LimitConfig, LimitHitKey, LimitValue, ProviderKey as LimitKey,
 };
 
 #[map]
@@ -101,6 +101,9 @@ pub static BUDGET_SPENT: HashMap<u64, u32> = HashMap::pinned(BANDWIDTH_MAX, 0);
 
 #[map]
 pub static LIMIT_HITS: PerCpuHashMap<LimitHitKey, u64> = PerCpuHashMap::pinned(LIMIT_HITS_MAX, 0);
+
+#[map]
+pub static LIMIT_CFG: Array<LimitConfig> = Array::pinned(1, 0);
 
 #[btf_map]
 pub static BUCKETS: PinnedBtfHash<BucketKey, Bucket, { BUCKETS_MAX as usize }> =

@@ -121,7 +121,10 @@ struct NameCtx {
 
 #[cgroup_skb(egress)]
 pub fn names_sni_egress(ctx: SkBuffContext) -> i32 {
-    try_sni(&ctx)
+    match try_sni(&ctx) {
+        PASS => crate::limits::police(&ctx, true),
+        v => v,
+    }
 }
 
 /// What the first payload was.

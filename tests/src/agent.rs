@@ -250,6 +250,8 @@ impl Agent {
             .arg(&self.config)
             .arg("--pin-path")
             .arg(self.pin.path())
+            .arg("--state-dir")
+            .arg(self.state_dir())
             .arg("--metrics-listen")
             .arg(self.metrics_addr.to_string())
             .arg("--audit-log")
@@ -366,6 +368,12 @@ impl Agent {
         &self.config
     }
 
+    /// Where this agent keeps its token budgets (`--state-dir`): the same
+    /// for every run, like the pin directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     pub fn pin_path(&self) -> &Path {
         self.pin.path()
     }
@@ -461,12 +469,56 @@ impl Agent {
         min: f64,
         timeout: Duration,
     ) -> Option<f64> {
+        self.wait_for_metric_where(name, labels, |v| v >= min, timeout)
+    }
+
+    /// Waits up to `timeout` until `metric_value(name, labels)` satisfies
+    /// `pred`; panics with the last value read (and the agent's context)
+    /// when it never does.
+    #[track_caller]
+    pub fn expect_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        pred: impl Fn(f64) -> bool,
+        timeout: Duration,
+    ) -> f64 {
+        let mut last = None;
+        let found = wait_until(timeout, Duration::from_millis(50), || {
+            last = self.metric_value(name, labels);
+            last.filter(|v| pred(*v))
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "{name}{labels:?} never reached the expected value within {timeout:?} (last: {last:?})\n{}",
+                self.context()
+            )
+        })
+    }
+
+    fn wait_for_metric_where(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        pred: impl Fn(f64) -> bool,
+        timeout: Duration,
+    ) -> Option<f64> {
         let mut last = None;
         wait_until(timeout, Duration::from_millis(50), || {
             last = self.metric_value(name, labels);
-            last.filter(|v| *v >= min)
+            last.filter(|v| pred(*v))
         });
         last
+    }
+
+    /// Waits until the agent reports a policy generation above `previous`
+    /// (a reload was applied); panics after 10 s.
+    #[track_caller]
+    pub fn wait_for_generation_after(&self, previous: u64) -> u64 {
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            Some(self.generation()).filter(|g| *g > previous)
+        })
+        .unwrap_or_else(|| panic!("no reload after generation {previous}\n{}", self.context()))
     }
 
     fn try_signal(&self, sig: libc::c_int) -> std::io::Result<()> {

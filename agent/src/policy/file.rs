@@ -48,6 +48,7 @@ pub(super) struct PolicyFile {
     pub pin_path: Option<Spanned<String>>,
     pub failure_mode: Option<Spanned<String>>,
     pub on_exit: Option<Spanned<String>>,
+    pub state_dir: Option<Spanned<String>>,
     #[serde(default)]
     pub defaults: DefaultsFile,
     #[serde(default)]
@@ -158,6 +159,100 @@ pub(super) struct WorkloadFile {
     pub deny: Vec<Spanned<String>>,
     pub llm: Option<Spanned<String>>,
     pub other: Option<Spanned<String>>,
+    /// Not `Spanned`, like `k8s`: `[workloads.limits]` is a header.
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+/// A workload's `[workloads.limits]`: the limit keys, and per-provider
+/// overrides of them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LimitsFile {
+    /// Integer or float: serde's `f64` takes TOML integers too.
+    pub connections_per_second: Option<Spanned<f64>>,
+    pub burst: Option<Spanned<i64>>,
+    pub bytes_per_second: Option<Spanned<i64>>,
+    pub bytes_burst: Option<Spanned<i64>>,
+    pub tokens_per_minute: Option<Spanned<i64>>,
+    pub tokens_per_day: Option<Spanned<i64>>,
+    /// `[workloads.limits.providers.NAME]`, by provider name. Keys are plain
+    /// strings: toml cannot give the position of a key written in a header;
+    /// a name's error is reported at the nearest value (`LimitKeysFile::span`).
+    #[serde(default)]
+    pub providers: BTreeMap<String, LimitKeysFile>,
+}
+
+/// `[workloads.limits.providers.NAME]`: the keys of [`LimitsFile`] without
+/// `providers` (an override has no overrides).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LimitKeysFile {
+    pub connections_per_second: Option<Spanned<f64>>,
+    pub burst: Option<Spanned<i64>>,
+    pub bytes_per_second: Option<Spanned<i64>>,
+    pub bytes_burst: Option<Spanned<i64>>,
+    pub tokens_per_minute: Option<Spanned<i64>>,
+    pub tokens_per_day: Option<Spanned<i64>>,
+}
+
+impl LimitsFile {
+    /// The limit keys of the workload-wide level.
+    pub fn keys(&self) -> LimitKeysRef<'_> {
+        LimitKeysRef {
+            connections_per_second: self.connections_per_second.as_ref(),
+            burst: self.burst.as_ref(),
+            bytes_per_second: self.bytes_per_second.as_ref(),
+            bytes_burst: self.bytes_burst.as_ref(),
+            tokens_per_minute: self.tokens_per_minute.as_ref(),
+            tokens_per_day: self.tokens_per_day.as_ref(),
+        }
+    }
+}
+
+impl LimitKeysFile {
+    pub fn keys(&self) -> LimitKeysRef<'_> {
+        LimitKeysRef {
+            connections_per_second: self.connections_per_second.as_ref(),
+            burst: self.burst.as_ref(),
+            bytes_per_second: self.bytes_per_second.as_ref(),
+            bytes_burst: self.bytes_burst.as_ref(),
+            tokens_per_minute: self.tokens_per_minute.as_ref(),
+            tokens_per_day: self.tokens_per_day.as_ref(),
+        }
+    }
+}
+
+/// The limit keys of one level (workload-wide or one provider's override),
+/// as written.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct LimitKeysRef<'a> {
+    pub connections_per_second: Option<&'a Spanned<f64>>,
+    pub burst: Option<&'a Spanned<i64>>,
+    pub bytes_per_second: Option<&'a Spanned<i64>>,
+    pub bytes_burst: Option<&'a Spanned<i64>>,
+    pub tokens_per_minute: Option<&'a Spanned<i64>>,
+    pub tokens_per_day: Option<&'a Spanned<i64>>,
+}
+
+impl LimitKeysRef<'_> {
+    /// Where the level is reported when no single value is at fault: its
+    /// first key with a position, else `fallback`.
+    pub fn span(&self, fallback: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let spans = [
+            self.connections_per_second.map(Spanned::span),
+            self.burst.map(Spanned::span),
+            self.bytes_per_second.map(Spanned::span),
+            self.bytes_burst.map(Spanned::span),
+            self.tokens_per_minute.map(Spanned::span),
+            self.tokens_per_day.map(Spanned::span),
+        ];
+        spans
+            .into_iter()
+            .flatten()
+            .min_by_key(|s| s.start)
+            .unwrap_or(fallback)
+    }
 }
 
 /// The built-in catalog file (`catalog/providers.toml`).
@@ -407,7 +502,19 @@ pub(super) fn toml_error_key(text: &str, offset: usize, message: &str) -> String
             table = format!("{name}[{n}]");
             *n += 1;
         } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            table = name.trim().to_owned();
+            // A table below the last entry of an array of tables:
+            // `[workloads.limits]` is `workloads[n].limits`.
+            let name = name.trim();
+            let entry = (counts.iter())
+                .filter(|(array, _)| {
+                    name.strip_prefix(**array)
+                        .is_some_and(|rest| rest.starts_with('.'))
+                })
+                .max_by_key(|(array, _)| array.len());
+            table = match entry {
+                Some((array, n)) => format!("{array}[{}]{}", n - 1, &name[array.len()..]),
+                None => name.to_owned(),
+            };
         }
     }
     let quoted = |prefix: &str| {
@@ -452,6 +559,11 @@ mod tests {
             "w[0].name"
         );
         assert_eq!(toml_error_key("a = [\n 1]\n", 7, "invalid"), "");
+        let text = "[[w]]\n[[w]]\n[w.limits]\nx = 1\n";
+        assert_eq!(
+            toml_error_key(text, 23, "unknown field `x`, expected"),
+            "w[1].limits.x"
+        );
     }
 
     #[test]

@@ -179,7 +179,8 @@ pub struct Limits {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ConnectionRate {
-    /// > 0, at most `MAX_CONNECTIONS_PER_SECOND`; fractions allowed.
+    /// 0.001 (the kernel counts thousandths) to `MAX_CONNECTIONS_PER_SECOND`;
+    /// fractions allowed.
     pub per_second: f64,
     /// Connections that may be made at once; default `ceil(per_second)`.
     pub burst: u64,
@@ -188,7 +189,7 @@ pub struct ConnectionRate {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bandwidth {
     pub bytes_per_second: u64,
-    /// Default: `max(bytes_per_second / 10, MIN_BYTES_BURST)`.
+    /// Default: `bytes_per_second / 10`, clamped to `MIN_BYTES_BURST..=MAX_BYTES_BURST`.
     pub burst_bytes: u64,
 }
 

@@ -1,0 +1,169 @@
+//! The agent's side of `[workloads.limits]` while it runs: charges the
+//! tokens it counts to the token budgets (`budget`), tells the kernel which
+//! pairs are spent (`BUDGET_SPENT`), writes `budget` audit records, keeps
+//! `llm_egress_budget_remaining` and `llm_egress_rate_limited_total`
+//! current, and saves the budgets under `state_dir`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    time::{Instant, SystemTime},
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    audit::AuditSink,
+    budget::{Budgets, Change},
+    limits::{LimitPlan, Pair},
+    maps::KernelMaps,
+    metrics::Metrics,
+    tokens,
+};
+
+/// Seconds between two saves of the state file.
+const SAVE_EVERY_TICKS: u64 = 10;
+
+pub struct Limiter {
+    budgets: Budgets,
+    state_dir: PathBuf,
+    /// `llm_egress_tokens_total` of each pair (prompt + completion) already
+    /// charged.
+    charged: HashMap<u64, u64>,
+    /// Every pair ever limited by this agent: names for `LIMIT_HITS` keys of
+    /// pairs a reload removed.
+    names: BTreeMap<u64, Pair>,
+    ticks: u64,
+}
+
+impl Limiter {
+    /// Budgets of `limits`, restored from `state_dir`, and the kernel's
+    /// `BUDGET_SPENT` made to agree (before the programs are attached, so a
+    /// budget spent before a restart is refused from the first moment).
+    pub fn start(
+        limits: &LimitPlan,
+        state_dir: PathBuf,
+        maps: &mut KernelMaps,
+        metrics: &Metrics,
+        audit: &AuditSink,
+    ) -> Self {
+        let mut l = Self {
+            budgets: Budgets::default(),
+            state_dir,
+            charged: HashMap::new(),
+            names: BTreeMap::new(),
+            ticks: 0,
+        };
+        l.budgets.set_policy(&limits.pairs);
+        match l.budgets.restore(&l.state_dir) {
+            Ok(true) => info!(dir = %l.state_dir.display(), "token budgets restored"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "token budget state unreadable; every budget starts full"),
+        }
+        let stale = l.budgets.adopt_kernel_state(&maps.budget_spent());
+        l.write(&stale, maps, metrics);
+        l.remember(limits);
+        l.settle(maps, metrics, audit);
+        l
+    }
+
+    /// A new policy: budgets follow it; pairs no longer limited are
+    /// released in the kernel.
+    pub fn set_policy(
+        &mut self,
+        limits: &LimitPlan,
+        state_dir: PathBuf,
+        maps: &mut KernelMaps,
+        metrics: &Metrics,
+    ) {
+        self.state_dir = state_dir;
+        let released = self.budgets.set_policy(&limits.pairs);
+        self.write(&released, maps, metrics);
+        self.remember(limits);
+    }
+
+    fn remember(&mut self, limits: &LimitPlan) {
+        for (bucket, (pair, _)) in &limits.pairs {
+            self.names.insert(*bucket, pair.clone());
+        }
+    }
+
+    /// Once a second.
+    pub fn tick(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
+        let buckets: Vec<(u64, Pair)> = self
+            .budgets
+            .pairs()
+            .map(|(b, p)| (b, p.clone()))
+            .collect();
+        for (bucket, pair) in buckets {
+            let total: u64 = ["prompt", "completion"]
+                .iter()
+                .map(|kind| {
+                    metrics
+                        .tokens
+                        .with_label_values(&[pair.workload.as_str(), pair.provider.as_str(), kind, tokens::SOURCE])
+                        .get()
+                })
+                .sum();
+            let before = self.charged.insert(bucket, total).unwrap_or(0);
+            self.budgets.charge(bucket, total.saturating_sub(before));
+        }
+        self.settle(maps, metrics, audit);
+        metrics.sync_limit_hits(&maps.limit_hits(), |bucket| {
+            self.names
+                .get(&bucket)
+                .map(|p| (p.workload.clone(), p.provider.clone()))
+        });
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(SAVE_EVERY_TICKS) {
+            self.save();
+        }
+    }
+
+    /// Refills the budgets, tells the kernel and the audit log which pairs
+    /// changed, and updates the gauge.
+    fn settle(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
+        let changes = self.budgets.tick(Instant::now());
+        let time = crate::events::rfc3339(SystemTime::now());
+        for c in &changes {
+            audit.record(&self.budgets.record(c, time.clone()), metrics);
+            info!(
+                workload = %c.pair.workload,
+                provider = %c.pair.provider,
+                spent = ?c.spent.map(crate::limits::kind_name),
+                "token budget"
+            );
+        }
+        self.write(&changes, maps, metrics);
+        metrics.budget_remaining.reset();
+        for (pair, window, left) in self.budgets.remaining() {
+            metrics
+                .budget_remaining
+                .with_label_values(&[&pair.workload, &pair.provider, window])
+                .set(left.floor() as i64);
+        }
+    }
+
+    fn write(&self, changes: &[Change], maps: &mut KernelMaps, metrics: &Metrics) {
+        for c in changes {
+            if let Err(e) = maps.set_budget_spent(c.bucket, c.spent) {
+                warn!(error = %e, workload = %c.pair.workload, provider = %c.pair.provider, "could not update BUDGET_SPENT");
+                metrics
+                    .map_update_errors
+                    .with_label_values(&[llm_egress_common::MAP_BUDGET_SPENT])
+                    .inc();
+            }
+        }
+    }
+
+    /// Saves the budgets (also at a clean stop); nothing when no policy
+    /// has set a budget.
+    pub fn save(&self) {
+        if self.budgets.is_empty() {
+            return;
+        }
+        if let Err(e) = self.budgets.save(&self.state_dir) {
+            warn!(error = %e, dir = %self.state_dir.display(), "could not save the token budget state");
+        }
+    }
+}

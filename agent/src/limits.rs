@@ -1,0 +1,164 @@
+//! The policy's limits as the kernel holds them (docs/limits.md): the
+//! `LIMITS` entries of a slot, the `BANDWIDTH` entries, and the stable
+//! bucket id that names a workload × provider pair in `BUCKETS`,
+//! `BUDGET_SPENT` and `LIMIT_HITS`. Pure: `maps` writes what this builds.
+
+use std::collections::BTreeMap;
+
+use llm_egress_common::{
+    BYTE_UNIT, BandwidthLimit, CONN_UNIT, LimitValue, Rate, limit_flag, limit_kind,
+};
+
+use crate::policy::{Limits, Policy};
+
+/// The id of the pair (workload, provider): FNV-1a of both names, never 0.
+/// Names, not ids, so that the state of a pair outlives reloads that
+/// reorder the policy.
+pub fn bucket_id(workload: &str, provider: &str) -> u64 {
+    let bytes = workload.bytes().chain([0]).chain(provider.bytes());
+    let h = bytes.fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    h.max(1)
+}
+
+/// A limited pair, as the agent names it in metrics and events.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Pair {
+    pub workload: String,
+    pub provider: String,
+}
+
+/// Everything the kernel needs for one policy's limits.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LimitPlan {
+    /// (workload id, provider id) → `LIMITS` value (per slot).
+    pub slot: BTreeMap<(u32, u32), LimitValue>,
+    /// bucket id → `BANDWIDTH` value.
+    pub bandwidth: BTreeMap<u64, BandwidthLimit>,
+    /// bucket id → the pair and its limits (token budgets are the agent's).
+    pub pairs: BTreeMap<u64, (Pair, Limits)>,
+}
+
+pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
+    let mut out = LimitPlan::default();
+    for (wi, w) in policy.workloads.iter().enumerate() {
+        if w.limits.is_empty() && w.provider_limits.is_empty() {
+            continue;
+        }
+        for (pi, p) in policy.providers.iter().enumerate() {
+            let limits = w.limits_for(pi);
+            if limits.is_empty() {
+                continue;
+            }
+            let bucket = bucket_id(&w.name, &p.name);
+            let mut flags = 0;
+            if limits.tokens_per_minute.is_some() || limits.tokens_per_day.is_some() {
+                flags |= limit_flag::BUDGET;
+            }
+            if let Some(bw) = limits.bandwidth {
+                flags |= limit_flag::BANDWIDTH;
+                let rate = Rate::new(bw.bytes_per_second, bw.burst_bytes * BYTE_UNIT)
+                    .unwrap_or_default();
+                out.bandwidth.insert(
+                    bucket,
+                    BandwidthLimit {
+                        egress: rate,
+                        ingress: rate,
+                        mode,
+                        _pad: [0; 7],
+                    },
+                );
+            }
+            let connections = limits
+                .connections
+                .and_then(|c| {
+                    // Thousandths of a connection per second = units per ns.
+                    let per_ns = (c.per_second * 1000.0).round().max(1.0) as u64;
+                    Rate::new(per_ns, c.burst * CONN_UNIT)
+                })
+                .unwrap_or_default();
+            out.slot.insert(
+                (wi as u32 + 1, pi as u32 + 1),
+                LimitValue {
+                    bucket,
+                    connections,
+                    flags,
+                    _pad: 0,
+                },
+            );
+            out.pairs.insert(
+                bucket,
+                (
+                    Pair {
+                        workload: w.name.clone(),
+                        provider: p.name.clone(),
+                    },
+                    limits,
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// The `limit` label of `llm_egress_rate_limited_total`.
+pub fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        limit_kind::CONNECTIONS => "connections",
+        limit_kind::BANDWIDTH_OUT => "bandwidth_out",
+        limit_kind::BANDWIDTH_IN => "bandwidth_in",
+        limit_kind::TOKENS_PER_MINUTE => "tokens_per_minute",
+        limit_kind::TOKENS_PER_DAY => "tokens_per_day",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Bandwidth, ConnectionRate};
+
+    #[test]
+    fn bucket_ids_depend_on_both_names_only() {
+        assert_eq!(bucket_id("a", "openai"), bucket_id("a", "openai"));
+        assert_ne!(bucket_id("a", "openai"), bucket_id("a", "anthropic"));
+        assert_ne!(bucket_id("ab", "c"), bucket_id("a", "bc"));
+        assert_ne!(bucket_id("", ""), 0);
+    }
+
+    #[test]
+    fn connection_rates_become_units_per_ns() {
+        let mut policy =
+            Policy::parse("[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\n", "test").unwrap();
+        policy.workloads[0].limits = Limits {
+            connections: Some(ConnectionRate {
+                per_second: 20.0,
+                burst: 40,
+            }),
+            bandwidth: Some(Bandwidth {
+                bytes_per_second: 1_000_000,
+                burst_bytes: 200_000,
+            }),
+            tokens_per_minute: Some(1000),
+            tokens_per_day: None,
+        };
+        let plan = plan(&policy, llm_egress_common::mode::ENFORCE);
+        let openai = policy
+            .providers
+            .iter()
+            .position(|p| p.name == "openai")
+            .unwrap();
+        let v = plan.slot[&(1, openai as u32 + 1)];
+        assert_eq!(v.bucket, bucket_id("bot", "openai"));
+        assert_eq!(v.connections.per_ns, 20_000);
+        assert_eq!(v.connections.capacity, 40 * CONN_UNIT);
+        // 20 connections a second: 40 take two seconds to come back.
+        assert_eq!(v.connections.fill_ns, 2_000_000_001);
+        assert_eq!(v.flags, limit_flag::BUDGET | limit_flag::BANDWIDTH);
+        let bw = plan.bandwidth[&v.bucket];
+        assert_eq!(bw.egress.per_ns, 1_000_000);
+        assert_eq!(bw.ingress.capacity, 200_000 * BYTE_UNIT);
+        assert_eq!(plan.slot.len(), policy.providers.len());
+    }
+}
