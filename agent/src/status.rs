@@ -9,12 +9,15 @@
 //! JSON document for scripts (`--json`). It must not reach into the agent's
 //! state any other way.
 //!
-//! Columns whose metrics the agent does not export (rate limits today;
-//! bytes, active connections and token estimates on older agents) show `-`,
-//! and the JSON has `null` there; they fill in by themselves once the agent
-//! exports `llm_egress_rate_limited_total`, ... with `workload` and
-//! `provider` labels. Token counts of different `source`s are never added
-//! together: the column holds `source="estimated"` only.
+//! Columns whose metrics the agent does not export (rate limits before
+//! anything was limited, or on older agents; bytes, active connections and
+//! token estimates on older agents) show `-`, and the JSON has `null`
+//! there; they fill in by themselves once the agent exports
+//! `llm_egress_rate_limited_total`, ... with `workload` and `provider`
+//! labels. The rate-limit column counts what was refused or dropped
+//! (`verdict="deny"`), not what audit mode let through. Token counts of
+//! different `source`s are never added together: the column holds
+//! `source="estimated"` only.
 
 use std::{
     collections::BTreeMap,
@@ -458,7 +461,8 @@ impl Snapshot {
                 "llm_egress_tokens_total" if x.label("source") == Some("estimated") => {
                     *entry(&mut rows, w, p).tokens_estimated.get_or_insert(0) += n
                 }
-                "llm_egress_rate_limited_total" => {
+                // Refused or dropped; audit-mode would-be hits are not.
+                "llm_egress_rate_limited_total" if x.label("verdict") != Some("audit") => {
                     *entry(&mut rows, w, p).rate_limited.get_or_insert(0) += n
                 }
                 "llm_egress_decisions_total" => {

@@ -32,9 +32,9 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use llm_egress_common::{CONN_UPDATE_NS, ConnEvent, counter, kind};
+use llm_egress_common::{CONN_UPDATE_NS, ConnEvent, counter, kind, mode};
 
-use crate::maps::{CONNS, EVENTS, SNI_STATE, count};
+use crate::maps::{BANDWIDTH, CONNS, EVENTS, SNI_STATE, count};
 
 const TCP_CONNECT_CB: u32 = 3;
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -45,6 +45,8 @@ const HDR_OPT_LEN_CB: u32 = 14;
 const HTTPS_PORT: u32 = 443;
 const WRITE_HDR_OPT_CB_FLAG: i32 = 1 << 6;
 const SOL_TCP: i32 = 6;
+const SOL_SOCKET: i32 = 1;
+const SO_MAX_PACING_RATE: i32 = 47;
 const TCP_USER_TIMEOUT: i32 = 18;
 const RTT_CB: u32 = 12;
 const STATE_CB_FLAG: i32 = 1 << 2;
@@ -105,6 +107,7 @@ fn account(ctx: &SockOpsContext) {
                 );
             }
             ACTIVE_ESTABLISHED_CB => {
+                pace(ctx, (*entry).data.bandwidth_bucket);
                 (*entry).data.established_ns = now;
                 (*entry).data.reported_ns = now;
                 (*entry).data.base_sent = (*ctx.ops).bytes_acked.min(1) as u8;
@@ -112,6 +115,8 @@ fn account(ctx: &SockOpsContext) {
             RTT_CB => {
                 if now.wrapping_sub((*entry).data.reported_ns) >= CONN_UPDATE_NS {
                     (*entry).data.reported_ns = now;
+                    // A reload may have changed the limit.
+                    pace(ctx, (*entry).data.bandwidth_bucket);
                     read_bytes(ctx, entry);
                     send(entry, kind::CONN_UPDATE);
                 }
@@ -152,6 +157,38 @@ fn abort_if_denied(ctx: &SockOpsContext, cookie: u64, op: u32) {
             SOL_TCP,
             TCP_USER_TIMEOUT,
             (&mut ms as *mut i32).cast(),
+            4,
+        );
+    }
+}
+
+/// Paces a connection with a bandwidth limit at its pair's rate for sent
+/// bytes (`SO_MAX_PACING_RATE`: TCP's own pacing, which needs no fq qdisc),
+/// so that one connection sends evenly instead of in bursts the skb
+/// program would drop (ebpf/src/limits.rs still polices the pair's
+/// connections together). No limit, or audit mode: no pacing (~0).
+#[inline(always)]
+fn pace(ctx: &SockOpsContext, bucket: u64) {
+    if bucket == 0 {
+        return;
+    }
+    // SAFETY: value copied out at once.
+    let limit = unsafe { BANDWIDTH.get(&bucket) }.copied();
+    // bytes/s as an int (what bpf_setsockopt accepts); u32::MAX: unpaced.
+    let mut rate: u32 = match limit {
+        Some(l) if l.egress.per_ns != 0 && l.mode != mode::AUDIT => {
+            l.egress.per_ns.min(u64::from(u32::MAX - 1)) as u32
+        }
+        _ => u32::MAX,
+    };
+    // SAFETY: helper on this program's own (locked, full) socket; `rate` is
+    // a valid 4-byte option value.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MAX_PACING_RATE,
+            (&mut rate as *mut u32).cast(),
             4,
         );
     }

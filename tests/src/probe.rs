@@ -5,6 +5,8 @@
 //! from library code (where that variable does not exist). Each call starts
 //! one probe process (its pid is the tgid the agent reports), which may run
 //! several commands in order; see src/bin/egress-probe.rs for the protocol.
+//! [`Probe::spawn`] starts a probe without waiting for it, so a test can
+//! run several client processes at once.
 //!
 //! [`confine`] prepares any other program (curl, ...) to run the same way:
 //! in a test cgroup and a test network namespace.
@@ -17,7 +19,8 @@ use std::{
         unix::{ffi::OsStrExt, process::CommandExt},
     },
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -35,6 +38,13 @@ pub enum ProbeCmd {
     UdpConnect(String),
     /// N times TCP connect + close.
     ConnectLoop(String, u64),
+    /// TCP connect + close in a loop: (address, milliseconds, interval
+    /// between connect starts in µs, 0 for back to back).
+    ConnectFor(String, u64, u64),
+    /// Connect, then write as fast as possible for the given milliseconds.
+    Upload(String, u64),
+    /// Connect, then read and discard for the given milliseconds.
+    Download(String, u64),
 }
 
 impl ProbeCmd {
@@ -46,6 +56,16 @@ impl ProbeCmd {
             ProbeCmd::ConnectLoop(a, n) => {
                 args.extend(["connect-loop".into(), a.clone(), n.to_string()])
             }
+            ProbeCmd::ConnectFor(a, ms, interval_us) => args.extend([
+                "connect-for".into(),
+                a.clone(),
+                ms.to_string(),
+                interval_us.to_string(),
+            ]),
+            ProbeCmd::Upload(a, ms) => args.extend(["upload".into(), a.clone(), ms.to_string()]),
+            ProbeCmd::Download(a, ms) => {
+                args.extend(["download".into(), a.clone(), ms.to_string()])
+            }
         }
     }
 }
@@ -53,6 +73,8 @@ impl ProbeCmd {
 /// The outcome of one command.
 #[derive(Clone, Debug)]
 pub struct ProbeResult {
+    /// `"ok"` of the line; for `connect-for` (where it is a count): at
+    /// least one connect succeeded.
     pub ok: bool,
     pub errno: Option<i32>,
     /// The JSON line as printed.
@@ -87,6 +109,195 @@ pub struct LoopReport {
     pub elapsed_ns: u64,
     /// The errno of the first failure.
     pub errno: Option<i32>,
+}
+
+/// What `connect-for` reports.
+#[derive(Clone, Debug)]
+pub struct ConnectForReport {
+    /// Successful connects.
+    pub ok: u64,
+    /// Connects that failed with EPERM (refused by a BPF program).
+    pub eperm: u64,
+    /// Connects that failed otherwise.
+    pub other_failures: u64,
+    /// The errno name of the first other failure.
+    pub first_other_error: Option<String>,
+    /// How long the loop ran.
+    pub elapsed: Duration,
+    /// The probe process.
+    pub pid: u32,
+}
+
+impl ConnectForReport {
+    /// Reads a `connect-for` result line; panics on any other line.
+    pub fn from_result(r: &ProbeResult) -> ConnectForReport {
+        let raw = &r.raw;
+        assert_eq!(
+            raw["cmd"].as_str(),
+            Some("connect-for"),
+            "not a connect-for line: {raw}"
+        );
+        let n = |k: &str| {
+            raw[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("connect-for line without {k:?}: {raw}"))
+        };
+        ConnectForReport {
+            ok: n("ok"),
+            eperm: n("eperm"),
+            other_failures: n("other_failures"),
+            first_other_error: raw["first_other_error"].as_str().map(str::to_string),
+            elapsed: Duration::from_nanos(n("elapsed_ns")),
+            pid: n("pid") as u32,
+        }
+    }
+
+    /// All connect attempts.
+    pub fn attempts(&self) -> u64 {
+        self.ok + self.eperm + self.other_failures
+    }
+}
+
+/// What `upload` and `download` report when connect() succeeded.
+#[derive(Clone, Debug)]
+pub struct TransferReport {
+    /// Bytes written (upload) or read (download).
+    pub bytes: u64,
+    /// Upload: from the end of connect() to the end of the last write;
+    /// download: from the end of connect() to the end of the read loop.
+    pub elapsed: Duration,
+    /// `tcpi_total_retrans` just before close.
+    pub retrans: u32,
+    /// `tcpi_rtt` (smoothed RTT, µs) just before close.
+    pub rtt_us: u32,
+    /// The errno name of the write or read error that ended the transfer early.
+    pub error: Option<String>,
+    /// Download only: the server closed before the time was up.
+    pub eof: bool,
+}
+
+impl TransferReport {
+    /// Reads an `upload` or `download` result line: `Err(errno)` when
+    /// connect() failed; panics on any other line.
+    pub fn from_result(r: &ProbeResult) -> Result<TransferReport, i32> {
+        let raw = &r.raw;
+        assert!(
+            matches!(raw["cmd"].as_str(), Some("upload" | "download")),
+            "not an upload or download line: {raw}"
+        );
+        r.as_result()?;
+        let n = |k: &str| {
+            raw[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("transfer line without {k:?}: {raw}"))
+        };
+        let error = raw["write_error"]
+            .as_str()
+            .or(raw["read_error"].as_str())
+            .map(str::to_string);
+        Ok(TransferReport {
+            bytes: n("bytes"),
+            elapsed: Duration::from_nanos(n("elapsed_ns")),
+            retrans: n("retrans") as u32,
+            rtt_us: n("rtt_us") as u32,
+            error,
+            eof: raw["eof"].as_bool().unwrap_or(false),
+        })
+    }
+
+    /// Bytes per second over `elapsed` (0 when nothing was measured).
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.bytes as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A probe process started by [`Probe::spawn`]; [`SpawnedProbe::wait`]
+/// collects its results. Dropped without waiting, it kills the process.
+#[derive(Debug)]
+pub struct SpawnedProbe {
+    child: Option<Child>,
+    args: Vec<String>,
+    ncmds: usize,
+}
+
+impl SpawnedProbe {
+    /// The probe's pid (= the tgid in the agent's events).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits for the probe to exit and parses its lines. Panics like
+    /// [`Probe::run`].
+    pub fn wait(mut self) -> ProbeRun {
+        let child = self.child.take().expect("a SpawnedProbe is waited once");
+        let pid = child.id();
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("waiting for egress-probe {}: {e}", self.args.join(" ")));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            panic!(
+                "egress-probe {} failed ({}): {}\nstdout: {stdout}",
+                self.args.join(" "),
+                out.status,
+                stderr.trim()
+            );
+        }
+        let results: Vec<ProbeResult> = stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let raw: Value = serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!("egress-probe printed a line that is not JSON ({e}): {l}")
+                });
+                ProbeResult {
+                    ok: raw["ok"]
+                        .as_bool()
+                        .unwrap_or_else(|| raw["ok"].as_u64().is_some_and(|n| n > 0)),
+                    errno: raw["errno"].as_i64().map(|e| e as i32),
+                    raw,
+                }
+            })
+            .collect();
+        assert_eq!(
+            results.len(),
+            self.ncmds,
+            "egress-probe {} printed {} result lines for {} commands:\n{stdout}\nstderr: {stderr}",
+            self.args.join(" "),
+            results.len(),
+            self.ncmds
+        );
+        ProbeRun {
+            pid,
+            results,
+            stderr,
+        }
+    }
+
+    /// [`SpawnedProbe::wait`] for a probe that ran one `connect-for`.
+    pub fn wait_connect_for(self) -> ConnectForReport {
+        ConnectForReport::from_result(&self.wait().results[0])
+    }
+
+    /// [`SpawnedProbe::wait`] for a probe that ran one `upload` or `download`.
+    pub fn wait_transfer(self) -> Result<TransferReport, i32> {
+        TransferReport::from_result(&self.wait().results[0])
+    }
+}
+
+impl Drop for SpawnedProbe {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// The probe binary.
@@ -128,6 +339,13 @@ impl Probe {
     /// cgroup directory) and namespace `netns`. Panics if the probe cannot
     /// enter them or its output is not one JSON line per command.
     pub fn run(&self, cgroup: &Path, netns: &NetnsGuard, cmds: &[ProbeCmd]) -> ProbeRun {
+        self.spawn(cgroup, netns, cmds).wait()
+    }
+
+    /// Starts a probe process like [`Probe::run`] without waiting for it:
+    /// start several, then [`SpawnedProbe::wait`] for each, to run clients
+    /// at the same time.
+    pub fn spawn(&self, cgroup: &Path, netns: &NetnsGuard, cmds: &[ProbeCmd]) -> SpawnedProbe {
         let mut args: Vec<String> = vec![
             "--cgroup".into(),
             cgroup.display().to_string(),
@@ -139,51 +357,15 @@ impl Probe {
         }
         let child = Command::new(&self.bin)
             .args(&args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
-        let pid = child.id();
-        let out = child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.bin.display()));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() {
-            panic!(
-                "egress-probe {} failed ({}): {}\nstdout: {stdout}",
-                args.join(" "),
-                out.status,
-                stderr.trim()
-            );
-        }
-        let results: Vec<ProbeResult> = stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                let raw: Value = serde_json::from_str(l).unwrap_or_else(|e| {
-                    panic!("egress-probe printed a line that is not JSON ({e}): {l}")
-                });
-                ProbeResult {
-                    ok: raw["ok"].as_bool().unwrap_or(false),
-                    errno: raw["errno"].as_i64().map(|e| e as i32),
-                    raw,
-                }
-            })
-            .collect();
-        assert_eq!(
-            results.len(),
-            cmds.len(),
-            "egress-probe {} printed {} result lines for {} commands:\n{stdout}\nstderr: {stderr}",
-            args.join(" "),
-            results.len(),
-            cmds.len()
-        );
-        ProbeRun {
-            pid,
-            results,
-            stderr,
+        SpawnedProbe {
+            child: Some(child),
+            args,
+            ncmds: cmds.len(),
         }
     }
 
@@ -222,6 +404,88 @@ impl Probe {
             elapsed_ns: raw["elapsed_ns"].as_u64().unwrap_or(0),
             errno: run.results[0].errno,
         }
+    }
+
+    /// TCP connect + close to `addr` in a loop for `ms` milliseconds, one
+    /// connect every `interval_us` µs at most (0: back to back).
+    pub fn connect_for(
+        &self,
+        cgroup: &Path,
+        netns: &NetnsGuard,
+        addr: &str,
+        ms: u64,
+        interval_us: u64,
+    ) -> ConnectForReport {
+        self.spawn_connect_for(cgroup, netns, addr, ms, interval_us)
+            .wait_connect_for()
+    }
+
+    /// Starts [`Probe::connect_for`] without waiting; collect the report
+    /// with [`SpawnedProbe::wait_connect_for`].
+    pub fn spawn_connect_for(
+        &self,
+        cgroup: &Path,
+        netns: &NetnsGuard,
+        addr: &str,
+        ms: u64,
+        interval_us: u64,
+    ) -> SpawnedProbe {
+        self.spawn(
+            cgroup,
+            netns,
+            &[ProbeCmd::ConnectFor(addr.into(), ms, interval_us)],
+        )
+    }
+
+    /// Starts an `upload` without waiting; collect the report with
+    /// [`SpawnedProbe::wait_transfer`].
+    pub fn spawn_upload(
+        &self,
+        cgroup: &Path,
+        netns: &NetnsGuard,
+        addr: &str,
+        ms: u64,
+    ) -> SpawnedProbe {
+        self.spawn(cgroup, netns, &[ProbeCmd::Upload(addr.into(), ms)])
+    }
+
+    /// Starts a `download` without waiting; collect the report with
+    /// [`SpawnedProbe::wait_transfer`].
+    pub fn spawn_download(
+        &self,
+        cgroup: &Path,
+        netns: &NetnsGuard,
+        addr: &str,
+        ms: u64,
+    ) -> SpawnedProbe {
+        self.spawn(cgroup, netns, &[ProbeCmd::Download(addr.into(), ms)])
+    }
+
+    /// Connects to `addr`, writes as fast as the socket takes it for `ms`
+    /// milliseconds, then waits (up to 5 s) for the server to close.
+    /// `Err(errno)` when connect() fails.
+    pub fn upload(
+        &self,
+        cgroup: &Path,
+        netns: &NetnsGuard,
+        addr: &str,
+        ms: u64,
+    ) -> Result<TransferReport, i32> {
+        let run = self.run(cgroup, netns, &[ProbeCmd::Upload(addr.into(), ms)]);
+        TransferReport::from_result(&run.results[0])
+    }
+
+    /// Connects to `addr` and reads what it sends for `ms` milliseconds.
+    /// `Err(errno)` when connect() fails.
+    pub fn download(
+        &self,
+        cgroup: &Path,
+        netns: &NetnsGuard,
+        addr: &str,
+        ms: u64,
+    ) -> Result<TransferReport, i32> {
+        let run = self.run(cgroup, netns, &[ProbeCmd::Download(addr.into(), ms)]);
+        TransferReport::from_result(&run.results[0])
     }
 }
 

@@ -4,15 +4,20 @@
 //! every request with `200 OK` and a fixed body, [`UdpServer`] receives
 //! datagrams; each counts what arrived, so a test can tell an allowed
 //! connection that really reached its destination from one that did not.
+//! [`SinkServer`] reads and discards what its clients send and
+//! [`SourceServer`] sends to its clients without end, each counting bytes,
+//! for bandwidth tests; they serve every connection on its own thread, so
+//! several clients run at once.
 //! An IPv6 address gets an AF_INET6 socket; an IPv4 address also accepts
-//! clients that connect to its IPv4-mapped IPv6 form. Both stop on drop.
+//! clients that connect to its IPv4-mapped IPv6 form. All stop on drop.
 
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -29,7 +34,7 @@ fn parse(addr: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("server address {addr:?} is not ADDR:PORT ([v6]:PORT): {e}"))
 }
 
-/// What both servers share: a counter, a stop flag and the thread.
+/// What the servers share: a counter, a stop flag and the thread.
 #[derive(Debug)]
 struct Counter {
     addr: SocketAddr,
@@ -56,9 +61,30 @@ impl Counter {
     }
 }
 
+/// How a connection handler learns that its server is being dropped.
+type StopFlag = Arc<AtomicBool>;
+
+/// Waits up to [`POLL`] for `listener` to have a connection to accept.
+fn wait_readable(listener: &TcpListener) {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; the listener
+    // outlives it.
+    unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as libc::c_int) };
+}
+
 /// Listens on `addr` inside `netns` and calls `handle` on every accepted
-/// connection (on the server's thread), after counting it.
-fn serve_tcp(netns: &NetnsGuard, addr: &str, handle: fn(TcpStream)) -> Counter {
+/// connection, after counting it: on the server's thread, or with
+/// `threaded` on a thread of its own (so clients are served at once); the
+/// server joins those threads when it stops, so `handle` must return soon
+/// after the stop flag it gets is set.
+fn serve_tcp<F>(netns: &NetnsGuard, addr: &str, threaded: bool, handle: F) -> Counter
+where
+    F: Fn(TcpStream, &StopFlag) + Send + Sync + 'static,
+{
     let addr = parse(addr);
     let listener = netns
         .in_netns(|| TcpListener::bind(addr))
@@ -75,20 +101,33 @@ fn serve_tcp(netns: &NetnsGuard, addr: &str, handle: fn(TcpStream)) -> Counter {
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let (count, stop) = (count.clone(), stop.clone());
+        let handle = Arc::new(handle);
         std::thread::spawn(move || {
+            let mut handlers: Vec<JoinHandle<()>> = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((conn, _peer)) => {
                         count.fetch_add(1, Ordering::SeqCst);
-                        handle(conn);
+                        if threaded {
+                            handlers.retain(|h| !h.is_finished());
+                            let (handle, stop) = (handle.clone(), stop.clone());
+                            handlers.push(std::thread::spawn(move || handle(conn, &stop)));
+                        } else {
+                            handle(conn, &stop);
+                        }
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+                    // Poll rather than sleep: a burst of clients must not
+                    // overflow the accept queue while the server sleeps.
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => wait_readable(&listener),
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => {
                         eprintln!("TCP server {addr}: accept: {e}");
                         std::thread::sleep(POLL);
                     }
                 }
+            }
+            for h in handlers {
+                let _ = h.join();
             }
         })
     };
@@ -110,7 +149,7 @@ impl TcpServer {
     /// Listens on `addr` ("192.0.2.1:8443", "[2001:db8::1]:8443") inside `netns`.
     pub fn start(netns: &NetnsGuard, addr: &str) -> TcpServer {
         TcpServer {
-            inner: serve_tcp(netns, addr, drop),
+            inner: serve_tcp(netns, addr, false, |conn, _| drop(conn)),
         }
     }
 
@@ -173,7 +212,7 @@ impl HttpServer {
     /// Listens on `addr` ("192.0.2.1:8080") inside `netns`.
     pub fn start(netns: &NetnsGuard, addr: &str) -> HttpServer {
         HttpServer {
-            inner: serve_tcp(netns, addr, answer_http),
+            inner: serve_tcp(netns, addr, false, |conn, _| answer_http(conn)),
         }
     }
 
@@ -194,6 +233,171 @@ impl HttpServer {
 }
 
 impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.inner.stop();
+    }
+}
+
+/// The size of every read of [`SinkServer`] and every write of [`SourceServer`].
+const CHUNK: usize = 64 * 1024;
+
+/// How long a handler's read or write blocks before it looks at the stop flag.
+const HANDLER_STEP: Duration = Duration::from_millis(50);
+
+fn handler_timeouts_failed(conn: &TcpStream) -> bool {
+    conn.set_nonblocking(false).is_err()
+        || conn.set_read_timeout(Some(HANDLER_STEP)).is_err()
+        || conn.set_write_timeout(Some(HANDLER_STEP)).is_err()
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
+}
+
+/// Reads and discards until EOF, an error or the stop flag; counts bytes.
+fn sink(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
+    if handler_timeouts_failed(&conn) {
+        return;
+    }
+    let mut buf = vec![0u8; CHUNK];
+    while !stop.load(Ordering::SeqCst) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes 64 KiB buffers until the peer closes, an error or the stop flag;
+/// counts bytes (also those of partial writes).
+fn source(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
+    if handler_timeouts_failed(&conn) {
+        return;
+    }
+    let buf = vec![0xa5u8; CHUNK];
+    while !stop.load(Ordering::SeqCst) {
+        match conn.write(&buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A TCP server that reads and discards everything its clients send,
+/// counting connections and bytes; one thread per connection.
+#[derive(Debug)]
+pub struct SinkServer {
+    inner: Counter,
+    bytes: Arc<AtomicU64>,
+}
+
+impl SinkServer {
+    /// Listens on `addr` ("192.0.2.1:9000") inside `netns`.
+    pub fn start(netns: &NetnsGuard, addr: &str) -> SinkServer {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let b = bytes.clone();
+        SinkServer {
+            inner: serve_tcp(netns, addr, true, move |conn, stop| sink(conn, stop, &b)),
+            bytes,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn count(&self) -> usize {
+        self.inner.count()
+    }
+
+    /// Waits until at least `n` connections were accepted or `timeout`
+    /// passed; returns the count then.
+    pub fn wait_for_count(&self, n: usize, timeout: Duration) -> usize {
+        self.inner.wait_for_count(n, timeout)
+    }
+
+    /// Bytes received so far, over all connections.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` bytes arrived or `timeout` passed; returns
+    /// the byte count then.
+    pub fn wait_for_bytes(&self, n: u64, timeout: Duration) -> u64 {
+        wait_until(timeout, POLL, || (self.bytes() >= n).then_some(()));
+        self.bytes()
+    }
+}
+
+impl Drop for SinkServer {
+    fn drop(&mut self) {
+        self.inner.stop();
+    }
+}
+
+/// A TCP server that writes 64 KiB buffers to every client until the
+/// client closes (or the server is dropped), counting connections and
+/// bytes written; one thread per connection.
+#[derive(Debug)]
+pub struct SourceServer {
+    inner: Counter,
+    bytes: Arc<AtomicU64>,
+}
+
+impl SourceServer {
+    /// Listens on `addr` ("192.0.2.1:9001") inside `netns`.
+    pub fn start(netns: &NetnsGuard, addr: &str) -> SourceServer {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let b = bytes.clone();
+        SourceServer {
+            inner: serve_tcp(netns, addr, true, move |conn, stop| source(conn, stop, &b)),
+            bytes,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn count(&self) -> usize {
+        self.inner.count()
+    }
+
+    /// Waits until at least `n` connections were accepted or `timeout`
+    /// passed; returns the count then.
+    pub fn wait_for_count(&self, n: usize, timeout: Duration) -> usize {
+        self.inner.wait_for_count(n, timeout)
+    }
+
+    /// Bytes written so far (accepted by the kernel: the part still in
+    /// send buffers when a client closed never reached it). A write is
+    /// counted when it returns, so a client may have read a little more.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` bytes were written or `timeout` passed;
+    /// returns the byte count then.
+    pub fn wait_for_bytes(&self, n: u64, timeout: Duration) -> u64 {
+        wait_until(timeout, POLL, || (self.bytes() >= n).then_some(()));
+        self.bytes()
+    }
+}
+
+impl Drop for SourceServer {
     fn drop(&mut self) {
         self.inner.stop();
     }

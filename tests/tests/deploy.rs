@@ -356,6 +356,13 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
         ["/sys/fs/bpf"],
         "the sandbox below emulates ReadWritePaths=/sys/fs/bpf only"
     );
+    // Token budgets are saved under the policy's state_dir, by default
+    // /var/lib/llm-egress: the unit must make exactly that writable.
+    assert_eq!(
+        unit_values(&unit, "StateDirectory"),
+        ["llm-egress"],
+        "StateDirectory= gives the agent /var/lib/llm-egress (docs/limits.md)"
+    );
     let dir = TempDir::new("llm-egress-test-caps");
     let cg = CgroupGuard::new("unit-caps");
     let w = cg.child("w");
@@ -621,6 +628,7 @@ config = c["args"][c["args"].index("--config") + 1]
 check(config == mounts[policy_vol[0]]["mountPath"].rstrip("/") + "/policy.toml" and "policy.toml" in cm["data"], "--config names the ConfigMap's policy.toml")
 host = {m["mountPath"]: vols[n]["hostPath"]["path"] for n, m in mounts.items() if "hostPath" in vols[n]}
 check(host.get("/sys/fs/cgroup") == "/sys/fs/cgroup" and host.get("/sys/fs/bpf") == "/sys/fs/bpf", "cgroup2 and bpffs at their host paths")
+check(host.get(policy_state_dir := tomllib.loads(cm["data"]["policy.toml"]).get("state_dir", "/var/lib/llm-egress")) == policy_state_dir, "state_dir (token budgets) is a host directory, so budgets outlive the pod")
 policy = tomllib.loads(cm["data"]["policy.toml"])
 check(int(policy["metrics_listen"].rsplit(":", 1)[1]) in ports.values(), "metrics_listen is the container port")
 check(policy.get("cgroup", "/sys/fs/cgroup").startswith("/sys/fs/cgroup/"), "the policy's cgroup is below the mounted cgroup tree")
@@ -894,10 +902,11 @@ fn curl(cgroup: &Path, ns: &NetnsGuard, url: &str) -> Output {
 }
 
 /// An agent after traffic of every kind the dashboard shows: allowed provider
-/// connections with payload (curl), denied ones, audited ones, and a failed
-/// handshake.
+/// connections with payload (curl), denied ones, audited ones, a failed
+/// handshake, a connection refused by a rate limit, and a token budget.
 fn agent_with_traffic(cg: &CgroupGuard, ns: &NetnsGuard) -> Agent {
     let (bot, batch, notebook) = (cg.child("bot"), cg.child("batch"), cg.child("notebook"));
+    let capped = cg.child("capped");
     let agent = Agent::start(&format!(
         r#"mode = "enforce"
 cgroup = {}
@@ -913,6 +922,8 @@ cidrs = ["10.20.0.0/16"]
 name = "bot"
 cgroup = "bot"
 allow = ["test-llm"]
+[workloads.limits]
+tokens_per_minute = 1000000
 
 [[workloads]]
 name = "batch"
@@ -923,6 +934,14 @@ deny = ["test-llm"]
 name = "notebook"
 cgroup = "notebook"
 llm = "audit"
+
+[[workloads]]
+name = "capped"
+cgroup = "capped"
+allow = ["test-llm"]
+[workloads.limits]
+connections_per_second = 0.001
+burst = 1
 "#,
         toml_str(&cg.path().display().to_string())
     ));
@@ -949,6 +968,14 @@ llm = "audit"
         r.is_ok(),
         "notebook → test-llm is audited, not denied: {}\n{}",
         describe(&r),
+        agent.context()
+    );
+    let first = p.connect(&capped, ns, "10.20.0.1:8080");
+    let second = p.connect(&capped, ns, "10.20.0.1:8080");
+    assert_eq!(
+        (first, second),
+        (Ok(()), Err(libc::EPERM)),
+        "capped (burst 1, one connection in 1000 s) → test-llm twice\n{}",
         agent.context()
     );
     // Nothing listens on port 9: an allowed connection whose handshake fails.

@@ -1,7 +1,13 @@
 //! Self-tests of the harness: guards, servers and the probe, without the
 //! agent. They need root (cgroups, network namespaces, bpffs).
 
-use std::{net::Ipv4Addr, os::unix::fs::MetadataExt, path::Path, process::Command, time::Duration};
+use std::{
+    net::{Ipv4Addr, TcpStream},
+    os::unix::fs::MetadataExt,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use llm_egress_tests::{
     CgroupGuard, DnsServer, HttpServer, NetnsGuard, PinDir, Probe, ProbeCmd, TcpServer, UdpServer,
@@ -9,9 +15,9 @@ use llm_egress_tests::{
     bpf::{self, ObjKind},
     dns::query_a,
     http,
-    probe::{confine, describe},
+    probe::{ConnectForReport, confine, describe},
     require_root,
-    servers::HTTP_BODY,
+    servers::{HTTP_BODY, SinkServer, SourceServer},
 };
 
 const WAIT: Duration = Duration::from_secs(2);
@@ -390,4 +396,201 @@ fn http_server_answers_200_with_its_body() {
         .expect("GET / from the HTTP test server");
     assert_eq!((r.status, r.body.as_str()), (200, HTTP_BODY));
     assert_eq!(server.wait_for_count(1, WAIT), 1);
+}
+
+#[test]
+fn connect_for_counts_connects_the_server_accepted() {
+    require_root();
+    let cg = CgroupGuard::new("harness-connect-for");
+    let ns = NetnsGuard::new();
+    let srv = TcpServer::start(&ns, "10.20.0.1:8443");
+    let p = probe();
+    let r = p.connect_for(cg.path(), &ns, "10.20.0.1:8443", 300, 0);
+    assert!(r.ok > 0, "back-to-back connects for 300 ms: {r:?}");
+    assert_eq!(
+        (r.eperm, r.other_failures, r.first_other_error.as_deref()),
+        (0, 0, None),
+        "nothing refuses connects without the agent: {r:?}"
+    );
+    assert!(
+        r.elapsed >= Duration::from_millis(300) && r.elapsed < Duration::from_secs(2),
+        "the loop runs for the given time: {r:?}"
+    );
+    assert_eq!(
+        srv.wait_for_count(r.ok as usize, WAIT),
+        r.ok as usize,
+        "the server should have accepted every connect the probe counted as ok: {r:?}"
+    );
+
+    // Paced: one connect every 10 ms for 200 ms is about 20.
+    let r = p.connect_for(cg.path(), &ns, "10.20.0.1:8443", 200, 10_000);
+    assert!(
+        (15..=20).contains(&r.ok) && r.attempts() == r.ok,
+        "one connect per 10 ms for 200 ms: {r:?}"
+    );
+
+    let r = p.connect_for(cg.path(), &ns, "10.20.0.1:1", 50, 1_000);
+    assert!(
+        r.ok == 0 && r.eperm == 0 && r.other_failures > 0,
+        "connects to a closed port fail otherwise than EPERM: {r:?}"
+    );
+    assert_eq!(
+        r.first_other_error.as_deref(),
+        Some("ECONNREFUSED"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn concurrent_connect_for_probes_all_report() {
+    require_root();
+    let cg = CgroupGuard::new("harness-concurrent");
+    let ns = NetnsGuard::new();
+    let srv = TcpServer::start(&ns, "192.0.2.1:8443");
+    let p = probe();
+    let dir = cg.child("clients");
+    let spawned: Vec<_> = (0..3)
+        .map(|_| p.spawn_connect_for(&dir, &ns, "192.0.2.1:8443", 300, 1_000))
+        .collect();
+    let mut pids: Vec<u32> = spawned.iter().map(|s| s.pid()).collect();
+    let reports: Vec<ConnectForReport> =
+        spawned.into_iter().map(|s| s.wait_connect_for()).collect();
+    assert_eq!(reports.len(), 3);
+    for r in &reports {
+        assert!(
+            r.ok > 0 && r.eperm == 0 && r.other_failures == 0,
+            "every probe connects: {reports:?}"
+        );
+    }
+    let mut reported: Vec<u32> = reports.iter().map(|r| r.pid).collect();
+    pids.sort_unstable();
+    reported.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "three distinct processes");
+    assert_eq!(reported, pids, "each report comes from its own process");
+    let total: u64 = reports.iter().map(|r| r.ok).sum();
+    assert_eq!(
+        srv.wait_for_count(total as usize, WAIT),
+        total as usize,
+        "the server accepted what the three probes counted: {reports:?}"
+    );
+}
+
+#[test]
+fn upload_reaches_the_sink_in_full() {
+    require_root();
+    let cg = CgroupGuard::new("harness-upload");
+    let ns = NetnsGuard::new();
+    let sink = SinkServer::start(&ns, "198.51.100.1:9000");
+    let p = probe();
+    let r = p
+        .upload(cg.path(), &ns, "198.51.100.1:9000", 500)
+        .unwrap_or_else(|e| panic!("upload: connect failed: {}", describe(&Err(e))));
+    println!(
+        "upload: {} bytes in {:?} ({:.0} MB/s), retrans {}, rtt {} us",
+        r.bytes,
+        r.elapsed,
+        r.rate() / 1e6,
+        r.retrans,
+        r.rtt_us
+    );
+    assert_eq!(r.error, None, "the upload ended on an error: {r:?}");
+    assert!(
+        r.elapsed >= Duration::from_millis(250) && r.elapsed <= Duration::from_millis(800),
+        "writes go on for about 500 ms: {r:?}"
+    );
+    assert!(
+        r.rate() > 10e6,
+        "more than 10 MB/s within one namespace: {r:?}"
+    );
+    assert_eq!(
+        sink.wait_for_bytes(r.bytes, WAIT),
+        r.bytes,
+        "the sink received exactly what the probe wrote: {r:?}"
+    );
+    assert_eq!(sink.count(), 1);
+
+    // Two at once: one handler thread per connection.
+    let a = p.spawn_upload(cg.path(), &ns, "198.51.100.1:9000", 300);
+    let b = p.spawn_upload(cg.path(), &ns, "198.51.100.1:9000", 300);
+    let (a, b) = (a.wait_transfer(), b.wait_transfer());
+    let (a, b) = (a.expect("first upload"), b.expect("second upload"));
+    assert!(a.bytes > 0 && b.bytes > 0, "{a:?} {b:?}");
+    let expected = r.bytes + a.bytes + b.bytes;
+    assert_eq!(sink.wait_for_bytes(expected, WAIT), expected);
+    assert_eq!(sink.count(), 3);
+
+    let r = p.upload(cg.path(), &ns, "198.51.100.1:1", 100);
+    assert_eq!(
+        r.as_ref().map(|_| ()),
+        Err(&libc::ECONNREFUSED),
+        "nothing listens on port 1: {r:?}"
+    );
+
+    // A client that stays connected does not keep the sink from stopping.
+    let idle = ns.in_netns(|| TcpStream::connect("198.51.100.1:9000"));
+    let _idle = idle.expect("connect to the sink");
+    sink.wait_for_count(4, WAIT);
+    let start = Instant::now();
+    drop(sink);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "dropping the sink took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn download_from_the_source_lasts_the_given_time() {
+    require_root();
+    let cg = CgroupGuard::new("harness-download");
+    let ns = NetnsGuard::new();
+    let source = SourceServer::start(&ns, "[2001:db8::1]:9001");
+    let p = probe();
+    let r = p
+        .download(cg.path(), &ns, "[2001:db8::1]:9001", 500)
+        .unwrap_or_else(|e| panic!("download: connect failed: {}", describe(&Err(e))));
+    println!(
+        "download: {} bytes in {:?} ({:.0} MB/s), retrans {}, rtt {} us",
+        r.bytes,
+        r.elapsed,
+        r.rate() / 1e6,
+        r.retrans,
+        r.rtt_us
+    );
+    assert!(r.bytes > 0, "{r:?}");
+    assert!(
+        !r.eof && r.error.is_none(),
+        "the source sends until the client closes: {r:?}"
+    );
+    assert!(
+        r.elapsed >= Duration::from_millis(500) && r.elapsed <= Duration::from_millis(800),
+        "reads go on for about 500 ms: {r:?}"
+    );
+    let written = source.wait_for_bytes(r.bytes, WAIT);
+    assert!(
+        written >= r.bytes,
+        "the source wrote at least what the probe read: {written} < {}",
+        r.bytes
+    );
+    assert_eq!(source.count(), 1);
+
+    // Two at once, and a client that keeps its connection open without
+    // reading does not keep the source from stopping.
+    let a = p.spawn_download(cg.path(), &ns, "[2001:db8::1]:9001", 300);
+    let b = p.spawn_download(cg.path(), &ns, "[2001:db8::1]:9001", 300);
+    let (a, b) = (a.wait_transfer(), b.wait_transfer());
+    let (a, b) = (a.expect("first download"), b.expect("second download"));
+    assert!(a.bytes > 0 && b.bytes > 0, "{a:?} {b:?}");
+    let idle = ns.in_netns(|| TcpStream::connect("[2001:db8::1]:9001"));
+    let _idle = idle.expect("connect to the source");
+    source.wait_for_count(4, WAIT);
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    drop(source);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "dropping the source took {:?}",
+        start.elapsed()
+    );
 }

@@ -189,7 +189,7 @@ pub struct ConnectionRate {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bandwidth {
     pub bytes_per_second: u64,
-    /// Default: `bytes_per_second / 10`, clamped to `MIN_BYTES_BURST..=MAX_BYTES_BURST`.
+    /// Default: `bytes_per_second / 2`, clamped to `MIN_BYTES_BURST..=MAX_BYTES_BURST`.
     pub burst_bytes: u64,
 }
 

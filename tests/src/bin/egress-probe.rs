@@ -6,6 +6,13 @@
 //!   udp ADDR:PORT              one datagram with sendto() on an unconnected socket
 //!   udp-connect ADDR:PORT      connect() a UDP socket, then send() one datagram
 //!   connect-loop ADDR:PORT N   N times TCP connect + close; reports elapsed ns and failures
+//!   connect-for ADDR:PORT MS [INTERVAL_US]
+//!                              TCP connect + close in a loop for MS milliseconds, starting
+//!                              one every INTERVAL_US microseconds (default 0: back to
+//!                              back); counts successes, EPERM failures and other failures
+//!   upload ADDR:PORT MS        connect, write 64 KiB buffers for MS ms, shut down the write
+//!                              side, wait (up to 5 s) for the server to close
+//!   download ADDR:PORT MS      connect, read and discard for MS ms
 //! ```
 //!
 //! It first writes its own pid to DIR/cgroup.procs, then enters the network
@@ -18,13 +25,25 @@
 //! `{"cmd":"connect","addr":"192.0.2.1:8443","pid":123,"ok":true}` or
 //! `{..,"ok":false,"errno":1,"error":"EPERM","message":"..."}`; every line
 //! also carries `"cgroup"`, the probe's cgroup as /proc/self/cgroup shows it.
+//!
+//! `connect-for` adds `"ok"` (the count of successful connects, a number
+//! here), `"eperm"`, `"other_failures"`, `"first_other_error"` (an errno
+//! name, only when there was one), `"interval_us"` and `"elapsed_ns"`; a
+//! connect that starts late does not make the next ones come faster. `upload` and
+//! `download` add `"bytes"` (written, read), `"elapsed_ns"` (from the end
+//! of connect() to the end of the last write, or of the read loop),
+//! `"retrans"` and `"rtt_us"` (`tcpi_total_retrans` and `tcpi_rtt` of
+//! TCP_INFO, read just before close), and `"write_error"` / `"read_error"`
+//! when the transfer stopped on an error; when connect() fails they carry
+//! `"ok":false` and the errno fields like `connect`.
+//!
 //! Exit status 0 whatever the results; 2 when the arguments are wrong or the
 //! cgroup or namespace cannot be entered (message on stderr).
 
 use std::{
     fs::File,
-    io::{self, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
     process::exit,
@@ -34,13 +53,17 @@ use std::{
 use serde_json::{Value, json};
 
 const USAGE: &str = "usage: egress-probe --cgroup DIR --netns NAME [--timeout-ms MS] \
-(connect ADDR:PORT | udp ADDR:PORT | udp-connect ADDR:PORT | connect-loop ADDR:PORT N)...";
+(connect ADDR:PORT | udp ADDR:PORT | udp-connect ADDR:PORT | connect-loop ADDR:PORT N \
+| connect-for ADDR:PORT MS [INTERVAL_US] | upload ADDR:PORT MS | download ADDR:PORT MS)...";
 
 enum Cmd {
     Connect(SocketAddr),
     Udp(SocketAddr),
     UdpConnect(SocketAddr),
     ConnectLoop(SocketAddr, u64),
+    ConnectFor(SocketAddr, Duration, Duration),
+    Upload(SocketAddr, Duration),
+    Download(SocketAddr, Duration),
 }
 
 struct Args {
@@ -61,8 +84,15 @@ fn parse_addr(s: Option<String>) -> SocketAddr {
         .unwrap_or_else(|e| fail(format!("{s:?} is not ADDR:PORT ([v6]:PORT): {e}")))
 }
 
+fn parse_ms(s: Option<String>, cmd: &str) -> Duration {
+    let ms = s
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fail(format!("{cmd} needs a duration MS (milliseconds)\n{USAGE}")));
+    Duration::from_millis(ms)
+}
+
 fn parse_args() -> Args {
-    let mut it = std::env::args().skip(1);
+    let mut it = std::env::args().skip(1).peekable();
     let (mut cgroup, mut netns, mut timeout) = (None, None, Duration::from_secs(3));
     let mut cmds = Vec::new();
     while let Some(arg) = it.next() {
@@ -93,6 +123,23 @@ fn parse_args() -> Args {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or_else(|| fail("connect-loop needs a count N"));
                 cmds.push(Cmd::ConnectLoop(addr, n));
+            }
+            "connect-for" => {
+                let addr = parse_addr(it.next());
+                let dur = parse_ms(it.next(), "connect-for");
+                // The optional INTERVAL_US: a number (a command never is).
+                let interval = it
+                    .next_if(|v| v.parse::<u64>().is_ok())
+                    .map_or(0, |v| v.parse().unwrap_or(0));
+                cmds.push(Cmd::ConnectFor(addr, dur, Duration::from_micros(interval)));
+            }
+            "upload" => {
+                let addr = parse_addr(it.next());
+                cmds.push(Cmd::Upload(addr, parse_ms(it.next(), "upload")));
+            }
+            "download" => {
+                let addr = parse_addr(it.next());
+                cmds.push(Cmd::Download(addr, parse_ms(it.next(), "download")));
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -207,6 +254,209 @@ fn udp_send(addr: &SocketAddr, connected: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// The size of every write of `upload` and every read of `download`.
+const CHUNK: usize = 64 * 1024;
+/// The longest a single write or read blocks, so a transfer ends on time
+/// even when the peer (or a limiter) stalls it.
+const STEP: Duration = Duration::from_millis(100);
+/// How long `upload` waits for the server to close after its shutdown.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// `connect-for`: connect + reset in a loop until `dur` passed, one
+/// connect every `interval` at most.
+fn connect_for(addr: &SocketAddr, dur: Duration, interval: Duration, base: Value) -> Value {
+    let (mut ok, mut eperm, mut other, mut first_other) = (0u64, 0u64, 0u64, None);
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut next = start;
+    loop {
+        let now = Instant::now();
+        if next > now {
+            if next >= deadline {
+                break;
+            }
+            std::thread::sleep(next - now);
+        } else if now >= deadline {
+            break;
+        }
+        // No catching up after a late start: never a burst of connects.
+        next = next.max(now) + interval;
+        match connect_and_reset(addr) {
+            Ok(()) => ok += 1,
+            Err(e) if errno_of(&e) == libc::EPERM => eperm += 1,
+            Err(e) => {
+                other += 1;
+                first_other.get_or_insert_with(|| errno_name(errno_of(&e)));
+            }
+        }
+    }
+    let mut v = base;
+    v["ok"] = json!(ok);
+    v["eperm"] = json!(eperm);
+    v["other_failures"] = json!(other);
+    v["interval_us"] = json!(interval.as_micros() as u64);
+    v["elapsed_ns"] = json!(start.elapsed().as_nanos() as u64);
+    if let Some(name) = first_other {
+        v["first_other_error"] = json!(name);
+    }
+    v
+}
+
+/// `tcpi_total_retrans` and `tcpi_rtt` (µs) of a connected TCP socket.
+fn tcp_info(stream: &TcpStream) -> io::Result<(u32, u32)> {
+    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket we own, writing at most `len` bytes
+    // into `info`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.tcpi_total_retrans, info.tcpi_rtt))
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Adds the transfer fields to `v`: bytes, elapsed, TCP_INFO and the error
+/// (under `err_key`) that ended the transfer, if any.
+fn transfer_fields(
+    mut v: Value,
+    stream: &TcpStream,
+    bytes: u64,
+    elapsed: Duration,
+    err_key: &str,
+    err: Option<io::Error>,
+) -> Value {
+    v["ok"] = json!(true);
+    v["bytes"] = json!(bytes);
+    v["elapsed_ns"] = json!(elapsed.as_nanos() as u64);
+    match tcp_info(stream) {
+        Ok((retrans, rtt_us)) => {
+            v["retrans"] = json!(retrans);
+            v["rtt_us"] = json!(rtt_us);
+        }
+        Err(e) => v["tcp_info_error"] = json!(e.to_string()),
+    }
+    if let Some(e) = err {
+        v[err_key] = json!(errno_name(errno_of(&e)));
+        v[&format!("{err_key}_message")] = json!(e.to_string());
+    }
+    v
+}
+
+/// `upload`: write as fast as the socket takes it for `dur`, then shut
+/// down the write side and wait for the server to close.
+fn upload(addr: &SocketAddr, dur: Duration, timeout: Duration, base: Value) -> Value {
+    let mut stream = match TcpStream::connect_timeout(addr, timeout) {
+        Ok(s) => s,
+        Err(e) => return result(base, Err(e)),
+    };
+    let buf = vec![0x5a_u8; CHUNK];
+    let (mut bytes, mut err) = (0u64, None);
+    let start = Instant::now();
+    let mut last_write = start;
+    let deadline = start + dur;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        // SO_SNDTIMEO: a write returns what it wrote so far when it expires.
+        if let Err(e) = stream.set_write_timeout(Some((deadline - now).min(STEP))) {
+            err = Some(e);
+            break;
+        }
+        match stream.write(&buf) {
+            Ok(n) => {
+                bytes += n as u64;
+                last_write = Instant::now();
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let elapsed = last_write - start;
+    if err.is_none() {
+        // The server reads to EOF, then closes: once read() sees that
+        // close, it has counted every byte.
+        let _ = stream.shutdown(Shutdown::Write);
+        let close_deadline = Instant::now() + CLOSE_WAIT;
+        let mut sink = [0u8; 4096];
+        loop {
+            let now = Instant::now();
+            if now >= close_deadline
+                || stream
+                    .set_read_timeout(Some((close_deadline - now).min(STEP)))
+                    .is_err()
+            {
+                break;
+            }
+            match stream.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    transfer_fields(base, &stream, bytes, elapsed, "write_error", err)
+}
+
+/// `download`: read and discard for `dur` (or until the server closes).
+fn download(addr: &SocketAddr, dur: Duration, timeout: Duration, base: Value) -> Value {
+    let mut stream = match TcpStream::connect_timeout(addr, timeout) {
+        Ok(s) => s,
+        Err(e) => return result(base, Err(e)),
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let (mut bytes, mut err, mut eof) = (0u64, None, false);
+    let start = Instant::now();
+    let deadline = start + dur;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if let Err(e) = stream.set_read_timeout(Some((deadline - now).min(STEP))) {
+            err = Some(e);
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => bytes += n as u64,
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let mut v = transfer_fields(base, &stream, bytes, elapsed, "read_error", err);
+    v["eof"] = json!(eof);
+    v
+}
+
 fn result(base: Value, r: io::Result<()>) -> Value {
     let mut v = base;
     match r {
@@ -276,6 +526,24 @@ fn run_one(cmd: &Cmd, timeout: Duration, pid: u32) -> Value {
             }
             v
         }
+        Cmd::ConnectFor(a, dur, interval) => connect_for(
+            a,
+            *dur,
+            *interval,
+            json!({"cmd": "connect-for", "addr": a.to_string(), "pid": pid}),
+        ),
+        Cmd::Upload(a, dur) => upload(
+            a,
+            *dur,
+            timeout,
+            json!({"cmd": "upload", "addr": a.to_string(), "pid": pid}),
+        ),
+        Cmd::Download(a, dur) => download(
+            a,
+            *dur,
+            timeout,
+            json!({"cmd": "download", "addr": a.to_string(), "pid": pid}),
+        ),
     }
 }
 
