@@ -1561,7 +1561,7 @@ llm = "allow"
         );
         assert_eq!(
             p.workloads[0].limits.bandwidth,
-            bandwidth(10_000_000, 1_000_000)
+            bandwidth(10_000_000, 5_000_000)
         );
         assert_eq!(p.state_dir, PathBuf::from("/var/lib/llm-egress"));
         let bedrock = p
@@ -2404,7 +2404,7 @@ limits = { connections_per_second = 0.5 }
         let openai = builtin_index("openai");
         assert_eq!(
             p.workloads[0].limits_for(openai).bandwidth,
-            bandwidth(20_000_000, 2_000_000)
+            bandwidth(20_000_000, 10_000_000)
         );
         // An override that sets only a burst inherits the workload's rate.
         let p = ok(&with_limits(
