@@ -17,7 +17,7 @@ use llm_egress_tests::{
     fake_provider::{self, Flavor, Rng},
     probe::confine,
     require_root,
-    probe::SpawnedProbe,
+    probe::{SpawnedProbe, TransferReport},
     servers::{SinkServer, SourceServer},
     scenario::{PROVIDER, expect_eperm, expect_ok, policy, probe, wait_event},
 };
@@ -356,19 +356,28 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
     let ns = NetnsGuard::new();
     let agent = Agent::start(&limited_policy(&cg, "", "bytes_per_second = 2_000_000"));
     let p = probe();
-    const MS: u64 = 10_000;
+    const MS: u64 = 8_000;
     let rate = 2_000_000.0;
-    // Throughput in steady state, from the server's byte count between 2 s
-    // and 9 s into a 10 s transfer: socket buffers fill at the start, so
-    // what the client wrote or the server queued is not what crossed.
-    let check = |what: &str, run: SpawnedProbe, bytes: &dyn Fn() -> u64| {
-        std::thread::sleep(Duration::from_secs(2));
+    // Throughput in steady state, from the server's byte count between
+    // 1.5 s and 7.5 s into an 8 s transfer: socket buffers fill at the
+    // start, so what the client wrote or the server queued is not what
+    // crossed.
+    let check = |what: &str, runs: Vec<SpawnedProbe>, bytes: &dyn Fn() -> u64| {
+        std::thread::sleep(Duration::from_millis(1_500));
         let (b0, t0) = (bytes(), Instant::now());
-        std::thread::sleep(Duration::from_secs(7));
+        std::thread::sleep(Duration::from_secs(6));
         let (b1, secs) = (bytes(), t0.elapsed().as_secs_f64());
-        let r = run
-            .wait_transfer()
-            .unwrap_or_else(|e| panic!("{what}: errno {e}\n{}", agent.context()));
+        let reports: Vec<_> = runs
+            .into_iter()
+            .map(|run| {
+                run.wait_transfer()
+                    .unwrap_or_else(|e| panic!("{what}: errno {e}\n{}", agent.context()))
+            })
+            .collect();
+        let r = TransferReport {
+            retrans: reports.iter().map(|r| r.retrans).sum(),
+            ..reports[0].clone()
+        };
         let got = (b1 - b0) as f64 / secs;
         let error = (got - rate) / rate;
         println!(
@@ -388,11 +397,22 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
     // for the upload, then a source for the download.
     {
         let sink = SinkServer::start(&ns, LLM);
-        check("upload", p.spawn_upload(&bot, &ns, LLM, MS), &|| sink.bytes());
+        check("upload", vec![p.spawn_upload(&bot, &ns, LLM, MS)], &|| sink.bytes());
+    }
+    {
+        // Three connections of the pair share its rate.
+        let sink = SinkServer::start(&ns, LLM);
+        let runs = (0..3).map(|_| p.spawn_upload(&bot, &ns, LLM, MS)).collect();
+        check("upload, 3 connections", runs, &|| sink.bytes());
     }
     {
         let source = SourceServer::start(&ns, LLM);
-        check("download", p.spawn_download(&bot, &ns, LLM, MS), &|| source.bytes());
+        check("download", vec![p.spawn_download(&bot, &ns, LLM, MS)], &|| source.bytes());
+    }
+    {
+        let source = SourceServer::start(&ns, LLM);
+        let runs = (0..3).map(|_| p.spawn_download(&bot, &ns, LLM, MS)).collect();
+        check("download, 3 connections", runs, &|| source.bytes());
     }
     // Another workload of the same provider is not held to bot's limit.
     let _sink = SinkServer::start(&ns, LLM);
