@@ -153,6 +153,43 @@ fn first_toml_block(markdown: &str) -> Option<String> {
 }
 
 #[test]
+fn check_rejects_bad_limits_naming_each_key() {
+    // Zero, negative, too small, overflowing and misspelt: every one is
+    // reported, each with its line and full key path (docs/limits.md).
+    let policy = "[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\nallow = [\"openai\"]\n\
+[workloads.limits]\nconnections_per_second = 0\nbytes_per_second = 1000\nbytes_burst = 10\n\
+tokens_per_minute = -5\n";
+    let (out, text) = check(policy);
+    assert!(!out.status.success(), "bad limits must fail `check`:\n{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for (line, key) in [
+        (6, "workloads[0].limits.connections_per_second = 0"),
+        (8, "workloads[0].limits.bytes_burst = 10"),
+        (9, "workloads[0].limits.tokens_per_minute = -5"),
+    ] {
+        assert!(
+            has_line_col(&stderr, line) && stderr.contains(key),
+            "stderr should report `{key}` at line {line}:\n{text}"
+        );
+    }
+    // A number past i64 cannot even be read: a TOML error at its line.
+    let (out, text) = check(
+        "[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\n[workloads.limits]\ntokens_per_day = 99999999999999999999\n",
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(has_line_col(&String::from_utf8_lossy(&out.stderr), 5), "{text}");
+    let (out, text) = check(
+        "[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\n[workloads.limits.providers.opnai]\nburst = 3\n",
+    );
+    assert!(!out.status.success(), "{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("workloads[0].limits.providers.opnai") && stderr.contains("\"openai\""),
+        "an unknown provider is named, with the nearest one:\n{text}"
+    );
+}
+
+#[test]
 fn check_accepts_the_readme_example_policy() {
     let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
     let text =
