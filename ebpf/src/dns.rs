@@ -106,17 +106,17 @@ enum Stop {
 
 #[inline(always)]
 fn try_dns(ctx: &SkBuffContext) -> Result<(), Stop> {
-    // 1. IP, then UDP or TCP headers.
+    // 1. IP, then UDP or TCP headers (the IP header in one load: this runs
+    // on every packet the workloads receive).
     let (hlen, proto) = match ctx.skb.protocol() {
         p if p == (ETH_P_IP as u16).to_be() as u32 => {
-            let vihl: u8 = ctx.load(0).map_err(|_| Stop::Ignore)?;
-            let proto: u8 = ctx.load(9).map_err(|_| Stop::Ignore)?;
-            let frag: u16 = ctx.load(6).map_err(|_| Stop::Ignore)?;
+            let ip: [u8; 10] = ctx.load(0).map_err(|_| Stop::Ignore)?;
+            let (proto, frag) = (ip[9], u16::from_be_bytes([ip[6], ip[7]]));
             // MF set or a fragment offset: not a whole datagram.
-            if (proto != IPPROTO_UDP && proto != IPPROTO_TCP) || u16::from_be(frag) & 0x3fff != 0 {
+            if (proto != IPPROTO_UDP && proto != IPPROTO_TCP) || frag & 0x3fff != 0 {
                 return Err(Stop::Ignore);
             }
-            (((vihl & 0x0f) as usize) * 4, proto)
+            (((ip[0] & 0x0f) as usize) * 4, proto)
         }
         p if p == (ETH_P_IPV6 as u16).to_be() as u32 => {
             let next: u8 = ctx.load(6).map_err(|_| Stop::Ignore)?;

@@ -198,4 +198,3 @@ impl<K, V, const M: usize> PinnedBtfHash<K, V, M> {
         };
     }
 }
-

@@ -71,6 +71,14 @@ fn account(ctx: &SockOpsContext) {
     {
         return;
     }
+    // Tracked sockets got STATE_CB at their TCP_CONNECT_CB: an established
+    // socket without it is not tracked, and needs no lookup.
+    // SAFETY: reading this program's own context.
+    if op == ACTIVE_ESTABLISHED_CB
+        && unsafe { (*ctx.ops).bpf_sock_ops_cb_flags } as i32 & STATE_CB_FLAG == 0
+    {
+        return;
+    }
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if op == RTO_CB || op == HDR_OPT_LEN_CB {
