@@ -4,12 +4,8 @@
 //! series, token estimates (`crate::tokens`, at close) and `connection`
 //! records of the audit log.
 //!
-//! Per-process series are bounded: each workload gets at most
-//! `telemetry.process_series_per_workload` process labels, first come first
-//! served; further processes are counted under `process="other"`. A label
-//! not updated for `telemetry.process_series_ttl` is removed and frees its
-//! slot, so the series set follows the processes that are active now.
-//! State for closed connections is dropped at once; a connection whose
+//! Per-process series are bounded per workload and go to the processes
+//! with the most traffic (crate::process_series). State for closed connections is dropped at once; a connection whose
 //! summary was lost (ring buffer full) is found by `reconcile` and dropped.
 
 use std::{
@@ -23,58 +19,20 @@ use crate::{
     audit::{Attribution, ConnectionRecord},
     metrics::Metrics,
     policy::TelemetryConfig,
+    process_series::ProcessSeries,
     tokens,
 };
-
-/// The label of processes beyond the per-workload limit.
-pub const OTHER_PROCESS: &str = "other";
 
 /// A connection the agent saw being allowed, until its summary.
 #[derive(Debug, Clone)]
 struct Tracked {
     workload: String,
     provider: String,
+    /// The executable name; its label may change while the connection
+    /// lives (crate::process_series).
     process: String,
     sent: u64,
     received: u64,
-}
-
-/// Process labels per workload, bounded and expiring.
-#[derive(Debug, Default)]
-struct ProcessSeries {
-    by_workload: HashMap<String, HashMap<String, Instant>>,
-}
-
-impl ProcessSeries {
-    /// The label to use for `process` of `workload`.
-    fn label(&mut self, workload: &str, process: &str, limit: usize, now: Instant) -> String {
-        let seen = self.by_workload.entry(workload.to_string()).or_default();
-        if let Some(t) = seen.get_mut(process) {
-            *t = now;
-            return process.to_string();
-        }
-        if seen.len() < limit {
-            seen.insert(process.to_string(), now);
-            return process.to_string();
-        }
-        OTHER_PROCESS.to_string()
-    }
-
-    /// Removes labels idle for `ttl`; returns (workload, process) removed.
-    fn expire(&mut self, ttl: Duration, now: Instant) -> Vec<(String, String)> {
-        let mut gone = Vec::new();
-        for (workload, seen) in &mut self.by_workload {
-            seen.retain(|process, t| {
-                let keep = now.duration_since(*t) < ttl;
-                if !keep {
-                    gone.push((workload.clone(), process.clone()));
-                }
-                keep
-            });
-        }
-        self.by_workload.retain(|_, s| !s.is_empty());
-        gone
-    }
 }
 
 pub struct Accounting {
@@ -98,10 +56,10 @@ pub fn process_name(who: &Attribution) -> String {
 impl Accounting {
     pub fn new(metrics: Metrics, config: TelemetryConfig) -> Self {
         Self {
-            metrics,
+            metrics: metrics.clone(),
             config,
             active: HashMap::new(),
-            processes: ProcessSeries::default(),
+            processes: ProcessSeries::new(metrics.clone()),
         }
     }
 
@@ -111,19 +69,12 @@ impl Accounting {
 
     /// An allowed TCP connect to a provider: the connection is active.
     pub fn opened(&mut self, cookie: u64, workload: &str, provider: &str, who: &Attribution) {
-        let process = self.processes.label(
-            workload,
-            &process_name(who),
-            self.config.process_series_per_workload,
-            Instant::now(),
-        );
+        let process = process_name(who);
+        self.processes
+            .connection(workload, &process, &self.config, Instant::now());
         self.metrics
             .active_connections
             .with_label_values(&[workload, provider])
-            .inc();
-        self.metrics
-            .process_connections
-            .with_label_values(&[workload, &process])
             .inc();
         let t = Tracked {
             workload: workload.into(),
@@ -156,31 +107,19 @@ impl Accounting {
         let summary = ev.header.kind == kind::CONN_SUMMARY;
         let tracked = match self.active.get(&d.cookie) {
             Some(t) => t.clone(),
-            None => {
-                let process = self.processes.label(
-                    &names.0,
-                    &process_name(&who),
-                    self.config.process_series_per_workload,
-                    Instant::now(),
-                );
-                Tracked {
-                    workload: names.0,
-                    provider: names.1,
-                    process,
-                    sent: 0,
-                    received: 0,
-                }
-            }
+            None => Tracked {
+                workload: names.0,
+                provider: names.1,
+                process: process_name(&who),
+                sent: 0,
+                received: 0,
+            },
         };
         // Counters are the socket's totals: count what is new since the
         // last event of this connection.
         let sent = d.bytes_sent.saturating_sub(tracked.sent);
         let received = d.bytes_received.saturating_sub(tracked.received);
-        let (w, p, proc_) = (
-            tracked.workload.as_str(),
-            tracked.provider.as_str(),
-            tracked.process.as_str(),
-        );
+        let (w, p) = (tracked.workload.as_str(), tracked.provider.as_str());
         self.metrics
             .bytes
             .with_label_values(&[w, p, "sent"])
@@ -189,14 +128,14 @@ impl Accounting {
             .bytes
             .with_label_values(&[w, p, "received"])
             .inc_by(received);
-        self.metrics
-            .process_bytes
-            .with_label_values(&[w, proc_, "sent"])
-            .inc_by(sent);
-        self.metrics
-            .process_bytes
-            .with_label_values(&[w, proc_, "received"])
-            .inc_by(received);
+        let label = self.processes.bytes(
+            w,
+            &tracked.process,
+            sent,
+            received,
+            &self.config,
+            Instant::now(),
+        );
         if !summary {
             if let Some(t) = self.active.get_mut(&d.cookie) {
                 t.sent = d.bytes_sent;
@@ -255,7 +194,7 @@ impl Accounting {
             time,
             workload: tracked.workload.clone(),
             provider: tracked.provider.clone(),
-            process: tracked.process.clone(),
+            process: label,
             who,
             dst_addr: crate::events::addr_string(d.family, &d.addr),
             dst_port: d.port,
@@ -277,23 +216,10 @@ impl Accounting {
         })
     }
 
-    /// Drops process series idle for the configured time.
+    /// Drops process series idle for the configured time and fills free
+    /// slots (crate::process_series).
     pub fn expire(&mut self) {
-        for (workload, process) in self
-            .processes
-            .expire(self.config.process_series_ttl, Instant::now())
-        {
-            let m = &self.metrics;
-            let _ = m
-                .process_connections
-                .remove_label_values(&[&workload, &process]);
-            let _ = m
-                .process_bytes
-                .remove_label_values(&[&workload, &process, "sent"]);
-            let _ = m
-                .process_bytes
-                .remove_label_values(&[&workload, &process, "received"]);
-        }
+        self.processes.expire(&self.config, Instant::now());
     }
 
     /// Forgets active connections the kernel no longer tracks (their

@@ -32,6 +32,7 @@ mod metrics;
 mod plan;
 mod policy;
 mod privileges;
+mod process_series;
 mod resolver;
 // The kernel's ClientHello rules in userspace, for the fuzz target and the
 // tests (fuzz/); the agent does not parse traffic with it.
