@@ -153,7 +153,13 @@ impl ProcessSeries {
         p.scored = now;
         p.last_seen = now;
         if !p.named {
-            self.admit(workload, process, config.process_series_per_workload, now, half_life);
+            self.admit(
+                workload,
+                process,
+                config.process_series_per_workload,
+                now,
+                half_life,
+            );
         }
         let named = self.workloads[workload][process].named;
         let label = if named { process } else { OTHER_PROCESS };
@@ -336,7 +342,11 @@ fn busiest_candidate(
 
 /// Processes that never had a series go first (forgetting a demoted one's
 /// values means its series would start again from 0).
-fn forget_lowest_candidate(procs: &mut HashMap<String, Process>, now: Instant, half_life: Duration) {
+fn forget_lowest_candidate(
+    procs: &mut HashMap<String, Process>,
+    now: Instant,
+    half_life: Duration,
+) {
     let lowest = procs
         .iter()
         .filter(|(_, p)| !p.named)
@@ -468,7 +478,9 @@ mod tests {
         let mut x = 12345u64;
         let mut demotions = 0;
         for step in 0..3_000u64 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let now = start + Duration::from_millis(step * 100);
             // Each 30 s phase has a hot process; the others trickle.
             let phase = step / 300;
@@ -505,7 +517,10 @@ mod tests {
                 last.insert(label.clone(), *v);
             }
         }
-        assert!(demotions > 5, "the test must exercise demotions: {demotions}");
+        assert!(
+            demotions > 5,
+            "the test must exercise demotions: {demotions}"
+        );
         assert_eq!(increases, (conns, bytes));
     }
 

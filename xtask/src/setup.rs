@@ -682,7 +682,13 @@ mod tests {
         assert!(PYTHON_PINS.iter().all(|p| p.contains("==")));
         let mut names: Vec<String> = PYTHON_PINS
             .iter()
-            .map(|p| p.split("==").next().unwrap_or("").to_ascii_lowercase().replace('_', "-"))
+            .map(|p| {
+                p.split("==")
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase()
+                    .replace('_', "-")
+            })
             .collect();
         names.sort();
         names.dedup();
