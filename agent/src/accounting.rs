@@ -1,7 +1,8 @@
 //! Connection accounting: the kernel's connection events (`CONN_UPDATE`,
 //! `CONN_SUMMARY`, tied by socket cookie to the connect decision) become
 //! byte counters, active-connection gauges, duration histograms, per-process
-//! series, token estimates (`crate::tokens`, at close) and `connection`
+//! series, token estimates (`crate::conn_tokens`: at updates and at
+//! close) and `connection`
 //! records of the audit log.
 //!
 //! Per-process series are bounded per workload and go to the processes
@@ -17,6 +18,7 @@ use llm_egress_common::{ConnEvent, kind};
 
 use crate::{
     audit::{Attribution, ConnectionRecord},
+    conn_tokens::Counted,
     metrics::Metrics,
     policy::TelemetryConfig,
     process_series::ProcessSeries,
@@ -33,6 +35,8 @@ struct Tracked {
     process: String,
     sent: u64,
     received: u64,
+    /// Tokens counted so far (at updates).
+    tokens: Counted,
 }
 
 pub struct Accounting {
@@ -82,6 +86,7 @@ impl Accounting {
             process,
             sent: 0,
             received: 0,
+            tokens: Counted::default(),
         };
         if let Some(old) = self.active.insert(cookie, t) {
             // A cookie is unique for the kernel's lifetime; seeing it twice
@@ -113,6 +118,7 @@ impl Accounting {
                 process: process_name(&who),
                 sent: 0,
                 received: 0,
+                tokens: Counted::default(),
             },
         };
         // Counters are the socket's totals: count what is new since the
@@ -136,10 +142,33 @@ impl Accounting {
             &self.config,
             Instant::now(),
         );
+        let established = d.established_ns != 0;
+        let end = if summary { d.closed_ns } else { d.reported_ns };
+        let duration = if established {
+            end.saturating_sub(d.established_ns)
+        } else {
+            0
+        };
+        let traffic = tokens::Traffic {
+            bytes_sent: d.bytes_sent,
+            bytes_received: d.bytes_received,
+            segments_in: d.data_segs_in,
+            segments_out: d.data_segs_out,
+            duration: Duration::from_nanos(duration),
+        };
+        let (family, client) = (tokens::Family::of(p), tokens::Client::of(&tracked.process));
+        let mut counted = tracked.tokens;
         if !summary {
+            let inc = if established {
+                counted.update(family, client, &traffic)
+            } else {
+                (0, 0)
+            };
+            self.count_tokens(w, p, inc);
             if let Some(t) = self.active.get_mut(&d.cookie) {
                 t.sent = d.bytes_sent;
                 t.received = d.bytes_received;
+                t.tokens = counted;
             }
             return None;
         }
@@ -149,12 +178,6 @@ impl Accounting {
                 .with_label_values(&[w, p])
                 .dec();
         }
-        let established = d.established_ns != 0;
-        let duration = if established {
-            d.closed_ns.saturating_sub(d.established_ns)
-        } else {
-            0
-        };
         if established {
             self.metrics
                 .connection_duration
@@ -166,29 +189,14 @@ impl Accounting {
                 .with_label_values(&[w, p])
                 .inc();
         }
-        let traffic = tokens::Traffic {
-            bytes_sent: d.bytes_sent,
-            bytes_received: d.bytes_received,
-            segments_in: d.data_segs_in,
-            segments_out: d.data_segs_out,
-            duration: Duration::from_nanos(duration),
-        };
-        let client = tokens::Client::of(&process_name(&who));
         let estimate = if established {
-            tokens::estimate(tokens::Family::of(p), client, &traffic)
+            counted.close(family, client, &traffic).map(|(e, inc)| {
+                self.count_tokens(w, p, inc);
+                e
+            })
         } else {
             None
         };
-        if let Some(e) = estimate {
-            self.metrics
-                .tokens
-                .with_label_values(&[w, p, "prompt", tokens::SOURCE])
-                .inc_by(e.prompt);
-            self.metrics
-                .tokens
-                .with_label_values(&[w, p, "completion", tokens::SOURCE])
-                .inc_by(e.completion);
-        }
         Some(ConnectionRecord {
             event: "connection",
             time,
@@ -214,6 +222,15 @@ impl Accounting {
             tokens_completion_estimated: estimate.map(|e| e.completion),
             streamed: estimate.map(|e| e.streamed()),
         })
+    }
+
+    /// Adds (prompt, completion) estimated tokens.
+    fn count_tokens(&self, workload: &str, provider: &str, (prompt, completion): (u64, u64)) {
+        let t = &self.metrics.tokens;
+        t.with_label_values(&[workload, provider, "prompt", tokens::SOURCE])
+            .inc_by(prompt);
+        t.with_label_values(&[workload, provider, "completion", tokens::SOURCE])
+            .inc_by(completion);
     }
 
     /// Drops process series idle for the configured time and fills free

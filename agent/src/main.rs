@@ -18,6 +18,7 @@ mod catalog;
 mod cgroup_info;
 mod cgroups;
 mod cli;
+mod conn_tokens;
 mod dns;
 mod events;
 mod http;
