@@ -1,15 +1,12 @@
 //! Connection accounting: the kernel's connection events (`CONN_UPDATE`,
 //! `CONN_SUMMARY`, tied by socket cookie to the connect decision) become
 //! byte counters, active-connection gauges, duration histograms, per-process
-//! series, token estimates (`crate::tokens`, at close) and `connection`
+//! series, token estimates (`crate::conn_tokens`: at updates and at
+//! close) and `connection`
 //! records of the audit log.
 //!
-//! Per-process series are bounded: each workload gets at most
-//! `telemetry.process_series_per_workload` process labels, first come first
-//! served; further processes are counted under `process="other"`. A label
-//! not updated for `telemetry.process_series_ttl` is removed and frees its
-//! slot, so the series set follows the processes that are active now.
-//! State for closed connections is dropped at once; a connection whose
+//! Per-process series are bounded per workload and go to the processes
+//! with the most traffic (crate::process_series). State for closed connections is dropped at once; a connection whose
 //! summary was lost (ring buffer full) is found by `reconcile` and dropped.
 
 use std::{
@@ -21,60 +18,25 @@ use llm_egress_common::{ConnEvent, kind};
 
 use crate::{
     audit::{Attribution, ConnectionRecord},
+    conn_tokens::Counted,
     metrics::Metrics,
     policy::TelemetryConfig,
+    process_series::ProcessSeries,
     tokens,
 };
-
-/// The label of processes beyond the per-workload limit.
-pub const OTHER_PROCESS: &str = "other";
 
 /// A connection the agent saw being allowed, until its summary.
 #[derive(Debug, Clone)]
 struct Tracked {
     workload: String,
     provider: String,
+    /// The executable name; its label may change while the connection
+    /// lives (crate::process_series).
     process: String,
     sent: u64,
     received: u64,
-}
-
-/// Process labels per workload, bounded and expiring.
-#[derive(Debug, Default)]
-struct ProcessSeries {
-    by_workload: HashMap<String, HashMap<String, Instant>>,
-}
-
-impl ProcessSeries {
-    /// The label to use for `process` of `workload`.
-    fn label(&mut self, workload: &str, process: &str, limit: usize, now: Instant) -> String {
-        let seen = self.by_workload.entry(workload.to_string()).or_default();
-        if let Some(t) = seen.get_mut(process) {
-            *t = now;
-            return process.to_string();
-        }
-        if seen.len() < limit {
-            seen.insert(process.to_string(), now);
-            return process.to_string();
-        }
-        OTHER_PROCESS.to_string()
-    }
-
-    /// Removes labels idle for `ttl`; returns (workload, process) removed.
-    fn expire(&mut self, ttl: Duration, now: Instant) -> Vec<(String, String)> {
-        let mut gone = Vec::new();
-        for (workload, seen) in &mut self.by_workload {
-            seen.retain(|process, t| {
-                let keep = now.duration_since(*t) < ttl;
-                if !keep {
-                    gone.push((workload.clone(), process.clone()));
-                }
-                keep
-            });
-        }
-        self.by_workload.retain(|_, s| !s.is_empty());
-        gone
-    }
+    /// Tokens counted so far (at updates).
+    tokens: Counted,
 }
 
 pub struct Accounting {
@@ -98,10 +60,10 @@ pub fn process_name(who: &Attribution) -> String {
 impl Accounting {
     pub fn new(metrics: Metrics, config: TelemetryConfig) -> Self {
         Self {
-            metrics,
+            metrics: metrics.clone(),
             config,
             active: HashMap::new(),
-            processes: ProcessSeries::default(),
+            processes: ProcessSeries::new(metrics.clone()),
         }
     }
 
@@ -111,19 +73,12 @@ impl Accounting {
 
     /// An allowed TCP connect to a provider: the connection is active.
     pub fn opened(&mut self, cookie: u64, workload: &str, provider: &str, who: &Attribution) {
-        let process = self.processes.label(
-            workload,
-            &process_name(who),
-            self.config.process_series_per_workload,
-            Instant::now(),
-        );
+        let process = process_name(who);
+        self.processes
+            .connection(workload, &process, &self.config, Instant::now());
         self.metrics
             .active_connections
             .with_label_values(&[workload, provider])
-            .inc();
-        self.metrics
-            .process_connections
-            .with_label_values(&[workload, &process])
             .inc();
         let t = Tracked {
             workload: workload.into(),
@@ -131,6 +86,7 @@ impl Accounting {
             process,
             sent: 0,
             received: 0,
+            tokens: Counted::default(),
         };
         if let Some(old) = self.active.insert(cookie, t) {
             // A cookie is unique for the kernel's lifetime; seeing it twice
@@ -156,31 +112,20 @@ impl Accounting {
         let summary = ev.header.kind == kind::CONN_SUMMARY;
         let tracked = match self.active.get(&d.cookie) {
             Some(t) => t.clone(),
-            None => {
-                let process = self.processes.label(
-                    &names.0,
-                    &process_name(&who),
-                    self.config.process_series_per_workload,
-                    Instant::now(),
-                );
-                Tracked {
-                    workload: names.0,
-                    provider: names.1,
-                    process,
-                    sent: 0,
-                    received: 0,
-                }
-            }
+            None => Tracked {
+                workload: names.0,
+                provider: names.1,
+                process: process_name(&who),
+                sent: 0,
+                received: 0,
+                tokens: Counted::default(),
+            },
         };
         // Counters are the socket's totals: count what is new since the
         // last event of this connection.
         let sent = d.bytes_sent.saturating_sub(tracked.sent);
         let received = d.bytes_received.saturating_sub(tracked.received);
-        let (w, p, proc_) = (
-            tracked.workload.as_str(),
-            tracked.provider.as_str(),
-            tracked.process.as_str(),
-        );
+        let (w, p) = (tracked.workload.as_str(), tracked.provider.as_str());
         self.metrics
             .bytes
             .with_label_values(&[w, p, "sent"])
@@ -189,18 +134,41 @@ impl Accounting {
             .bytes
             .with_label_values(&[w, p, "received"])
             .inc_by(received);
-        self.metrics
-            .process_bytes
-            .with_label_values(&[w, proc_, "sent"])
-            .inc_by(sent);
-        self.metrics
-            .process_bytes
-            .with_label_values(&[w, proc_, "received"])
-            .inc_by(received);
+        let label = self.processes.bytes(
+            w,
+            &tracked.process,
+            sent,
+            received,
+            &self.config,
+            Instant::now(),
+        );
+        let established = d.established_ns != 0;
+        let end = if summary { d.closed_ns } else { d.reported_ns };
+        let duration = if established {
+            end.saturating_sub(d.established_ns)
+        } else {
+            0
+        };
+        let traffic = tokens::Traffic {
+            bytes_sent: d.bytes_sent,
+            bytes_received: d.bytes_received,
+            segments_in: d.data_segs_in,
+            segments_out: d.data_segs_out,
+            duration: Duration::from_nanos(duration),
+        };
+        let (family, client) = (tokens::Family::of(p), tokens::Client::of(&tracked.process));
+        let mut counted = tracked.tokens;
         if !summary {
+            let inc = if established {
+                counted.update(family, client, &traffic)
+            } else {
+                (0, 0)
+            };
+            self.count_tokens(w, p, inc);
             if let Some(t) = self.active.get_mut(&d.cookie) {
                 t.sent = d.bytes_sent;
                 t.received = d.bytes_received;
+                t.tokens = counted;
             }
             return None;
         }
@@ -210,12 +178,6 @@ impl Accounting {
                 .with_label_values(&[w, p])
                 .dec();
         }
-        let established = d.established_ns != 0;
-        let duration = if established {
-            d.closed_ns.saturating_sub(d.established_ns)
-        } else {
-            0
-        };
         if established {
             self.metrics
                 .connection_duration
@@ -227,35 +189,20 @@ impl Accounting {
                 .with_label_values(&[w, p])
                 .inc();
         }
-        let traffic = tokens::Traffic {
-            bytes_sent: d.bytes_sent,
-            bytes_received: d.bytes_received,
-            segments_in: d.data_segs_in,
-            segments_out: d.data_segs_out,
-            duration: Duration::from_nanos(duration),
-        };
-        let client = tokens::Client::of(&process_name(&who));
         let estimate = if established {
-            tokens::estimate(tokens::Family::of(p), client, &traffic)
+            counted.close(family, client, &traffic).map(|(e, inc)| {
+                self.count_tokens(w, p, inc);
+                e
+            })
         } else {
             None
         };
-        if let Some(e) = estimate {
-            self.metrics
-                .tokens
-                .with_label_values(&[w, p, "prompt", tokens::SOURCE])
-                .inc_by(e.prompt);
-            self.metrics
-                .tokens
-                .with_label_values(&[w, p, "completion", tokens::SOURCE])
-                .inc_by(e.completion);
-        }
         Some(ConnectionRecord {
             event: "connection",
             time,
             workload: tracked.workload.clone(),
             provider: tracked.provider.clone(),
-            process: tracked.process.clone(),
+            process: label,
             who,
             dst_addr: crate::events::addr_string(d.family, &d.addr),
             dst_port: d.port,
@@ -277,23 +224,19 @@ impl Accounting {
         })
     }
 
-    /// Drops process series idle for the configured time.
+    /// Adds (prompt, completion) estimated tokens.
+    fn count_tokens(&self, workload: &str, provider: &str, (prompt, completion): (u64, u64)) {
+        let t = &self.metrics.tokens;
+        t.with_label_values(&[workload, provider, "prompt", tokens::SOURCE])
+            .inc_by(prompt);
+        t.with_label_values(&[workload, provider, "completion", tokens::SOURCE])
+            .inc_by(completion);
+    }
+
+    /// Drops process series idle for the configured time and fills free
+    /// slots (crate::process_series).
     pub fn expire(&mut self) {
-        for (workload, process) in self
-            .processes
-            .expire(self.config.process_series_ttl, Instant::now())
-        {
-            let m = &self.metrics;
-            let _ = m
-                .process_connections
-                .remove_label_values(&[&workload, &process]);
-            let _ = m
-                .process_bytes
-                .remove_label_values(&[&workload, &process, "sent"]);
-            let _ = m
-                .process_bytes
-                .remove_label_values(&[&workload, &process, "received"]);
-        }
+        self.processes.expire(&self.config, Instant::now());
     }
 
     /// Forgets active connections the kernel no longer tracks (their

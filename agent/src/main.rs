@@ -18,6 +18,7 @@ mod catalog;
 mod cgroup_info;
 mod cgroups;
 mod cli;
+mod conn_tokens;
 mod dns;
 mod events;
 mod http;
@@ -32,6 +33,7 @@ mod metrics;
 mod plan;
 mod policy;
 mod privileges;
+mod process_series;
 mod resolver;
 // The kernel's ClientHello rules in userspace, for the fuzz target and the
 // tests (fuzz/); the agent does not parse traffic with it.

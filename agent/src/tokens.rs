@@ -107,6 +107,8 @@ pub struct Estimate {
     pub prompt: u64,
     pub completion: u64,
     pub shape: Shape,
+    /// HTTP requests the connection is taken to have carried.
+    pub requests: u32,
 }
 
 impl Estimate {
@@ -123,6 +125,16 @@ struct Line {
 }
 
 impl Line {
+    /// The line of `n` requests on one connection: the handshake's
+    /// `handshake` bytes once, the rest of the fixed part `n` times.
+    fn repeated(self, n: u32, handshake: f64) -> Line {
+        let per_request = (self.fixed - handshake).max(0.0);
+        Line {
+            fixed: handshake + per_request * f64::from(n),
+            ..self
+        }
+    }
+
     /// Tokens for `bytes`: never negative, rounded.
     fn tokens(&self, bytes: u64) -> u64 {
         ((bytes as f64 - self.fixed) / self.per_token)
@@ -241,6 +253,78 @@ pub const MAX_GENERATION_TOKENS_PER_SECOND: f64 = 5_000.0;
 /// ~600 B; the shortest request of the corpus sends ~1.1 kB).
 pub const MIN_REQUEST_BYTES: u64 = 800;
 
+/// Bytes of the TLS handshake each way: the part of a connection's fixed
+/// bytes that keep-alive requests after the first do not repeat (the rest,
+/// headers and JSON envelope, comes with every request). From the
+/// keep-alive cases of the corpus (seed 1000, curl, 4 requests a
+/// connection) against the one-request lines: ClientHello and Finished
+/// (~620 B) sent; the server's flight with the 1.1 kB certificate chain and
+/// the session tickets (~1.6 kB) received.
+pub const HANDSHAKE_SENT: f64 = 620.0;
+pub const HANDSHAKE_RECEIVED: f64 = 1_610.0;
+
+/// Payload segments a client sends before its first request (ClientHello,
+/// Finished) …
+pub const HANDSHAKE_SEGMENTS_SENT: u32 = 2;
+
+impl Client {
+    /// … and per request: curl writes headers and body at once; the Python
+    /// SDKs (httpx) write them apart (corpus on loopback: a connection of
+    /// 3 keep-alive requests sends 6 segments from curl, which also sends
+    /// a close_notify, and 8 from the SDKs).
+    pub fn segments_per_request(self) -> u32 {
+        match self {
+            Client::Plain => 1,
+            Client::Sdk => 2,
+        }
+    }
+}
+
+/// Share of a request's (and a response's) fixed bytes below which no
+/// request is taken to have been made: requests vary by tens of bytes
+/// around the calibrated fixed part (model names, system prompts).
+const MIN_FIXED_SHARE: f64 = 0.9;
+
+/// The most requests `t` can have carried: each one sends at least 90% of a
+/// request's fixed bytes (headers, JSON envelope) and receives at least
+/// 90% of a response's, after the handshake. A bound on the request
+/// count from other evidence (crate::conn_tokens) that cannot make short
+/// requests vanish.
+pub fn max_requests(family: Family, client: Client, t: &Traffic) -> u32 {
+    let (prompt, completion) = lines(family, client, shape(family, t));
+    let fits = |bytes: u64, line: Line, handshake: f64| {
+        let per = ((line.fixed - handshake) * MIN_FIXED_SHARE).max(1.0);
+        ((bytes as f64 - handshake).max(0.0) / per).floor() as u64
+    };
+    let mut n = fits(t.bytes_sent, prompt, HANDSHAKE_SENT);
+    if let Some(c) = completion {
+        n = n.min(fits(t.bytes_received, c, HANDSHAKE_RECEIVED));
+    }
+    n.clamp(1, u64::from(u32::MAX)) as u32
+}
+
+/// The prompt and completion lines of `shape` for `client`.
+fn lines(family: Family, client: Client, shape: Shape) -> (Line, Option<Line>) {
+    let c = family.calibration();
+    let (mut prompt, completion) = match shape {
+        Shape::Buffered => (c.prompt_buffered, Some(c.completion_buffered)),
+        Shape::Streamed => (c.prompt_streamed, Some(c.completion_streamed)),
+        Shape::NotGenerated => (c.prompt_not_generated, None),
+    };
+    if client == Client::Sdk {
+        prompt.fixed += c.sdk_extra_sent;
+    }
+    (prompt, completion)
+}
+
+/// The prompt tokens of `t` if its `n` requests had responses of `shape`.
+pub fn prompt_as(family: Family, client: Client, t: &Traffic, n: u32, shape: Shape) -> u64 {
+    lines(family, client, shape)
+        .0
+        .repeated(n.max(1), HANDSHAKE_SENT)
+        .tokens(t.bytes_sent)
+}
+
 /// The response shape of `t`.
 pub fn shape(family: Family, t: &Traffic) -> Shape {
     let segments = u64::from(t.segments_in.max(1));
@@ -263,25 +347,29 @@ pub fn shape(family: Family, t: &Traffic) -> Shape {
 
 /// Prompt and completion tokens of one connection from `client` to a
 /// provider of `family`; `None` when it carried no request (a handshake
-/// that never completed, or no payload).
+/// that never completed, or no payload). One request.
+#[cfg(test)]
 pub fn estimate(family: Family, client: Client, t: &Traffic) -> Option<Estimate> {
+    estimate_requests(family, client, t, 1)
+}
+
+/// [`estimate`] of a connection that carried `n` requests (at least 1, at
+/// most [`max_requests`]): one handshake, `n` times the per-request fixed
+/// bytes each way.
+pub fn estimate_requests(family: Family, client: Client, t: &Traffic, n: u32) -> Option<Estimate> {
     if t.bytes_sent < MIN_REQUEST_BYTES || t.bytes_received == 0 {
         return None;
     }
-    let c = family.calibration();
+    let n = n.clamp(1, max_requests(family, client, t));
     let shape = shape(family, t);
-    let (mut prompt, completion) = match shape {
-        Shape::Buffered => (c.prompt_buffered, Some(c.completion_buffered)),
-        Shape::Streamed => (c.prompt_streamed, Some(c.completion_streamed)),
-        Shape::NotGenerated => (c.prompt_not_generated, None),
-    };
-    if client == Client::Sdk {
-        prompt.fixed += c.sdk_extra_sent;
-    }
+    let (prompt, completion) = lines(family, client, shape);
     Some(Estimate {
-        prompt: prompt.tokens(t.bytes_sent),
-        completion: completion.map_or(0, |l| l.tokens(t.bytes_received)),
+        prompt: prompt.repeated(n, HANDSHAKE_SENT).tokens(t.bytes_sent),
+        completion: completion.map_or(0, |l| {
+            l.repeated(n, HANDSHAKE_RECEIVED).tokens(t.bytes_received)
+        }),
         shape,
+        requests: n,
     })
 }
 
@@ -349,7 +437,8 @@ mod tests {
             Estimate {
                 prompt: 500,
                 completion: 300,
-                shape: Shape::Buffered
+                shape: Shape::Buffered,
+                requests: 1,
             }
         );
         assert!(!e.streamed());
@@ -391,6 +480,32 @@ mod tests {
             ..t
         };
         assert_eq!(shape(Family::OpenAi, &t), Shape::Buffered);
+    }
+
+    #[test]
+    fn the_request_count_is_capped_by_the_fixed_bytes() {
+        // A short SDK stream (corpus): two requests' fixed bytes do not fit.
+        let t = Traffic {
+            bytes_sent: 1_628,
+            bytes_received: 7_019,
+            segments_in: 30,
+            segments_out: 5,
+            duration: Duration::from_millis(137),
+        };
+        assert_eq!(max_requests(Family::Anthropic, Client::Sdk, &t), 1);
+        assert_eq!(
+            estimate_requests(Family::Anthropic, Client::Sdk, &t, 2),
+            estimate_requests(Family::Anthropic, Client::Sdk, &t, 1)
+        );
+        // Three curl requests and buffered answers (corpus): they fit.
+        let t = traffic(4_617, 9_598, 5, 16_000);
+        let e = estimate_requests(Family::OpenAi, Client::Plain, &t, 3).unwrap();
+        assert_eq!(e.requests, 3);
+        // True: 618 prompt and 402 completion tokens (one request: 839, 895).
+        assert!(
+            e.prompt.abs_diff(618) < 15 && e.completion.abs_diff(402) < 15,
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -85,20 +85,34 @@ pub const PACKAGES: &[Package] = &[
     },
     Package {
         name: "python3-venv",
-        why: "a Python venv under the target dir for kubernetes-validate (the Kubernetes manifest tests); nothing goes into the system Python",
+        why: "a Python venv under the target dir for kubernetes-validate (the Kubernetes manifest tests) and the official OpenAI and Anthropic SDKs (the token calibration's sdk/ run); nothing goes into the system Python",
         build_only: false,
     },
 ];
 
 /// Python packages the tests run, pinned with all their dependencies, in a
 /// venv at `<target dir>/pyenv` (made with Debian's /usr/bin/python3): the
-/// tool and its reason first, then what it pulls in.
-pub const PYTHON_TOOL: (&str, &str) = (
-    "kubernetes-validate",
-    "validates deploy/kubernetes/*.yaml against the Kubernetes API schemas",
-);
+/// tools and their reasons, then everything (tools first) with what they
+/// pull in. Setup installs only when a pin's `dist-info` is missing.
+pub const PYTHON_TOOLS: &[(&str, &str)] = &[
+    (
+        "kubernetes-validate==1.37.0",
+        "validates deploy/kubernetes/*.yaml against the Kubernetes API schemas",
+    ),
+    (
+        "openai==3.57.0",
+        "the official OpenAI SDK: the sdk/ token calibration run (tests/tests/tokens.rs)",
+    ),
+    (
+        "anthropic==2.14.0",
+        "the official Anthropic SDK: the sdk/ token calibration run (tests/tests/tokens.rs)",
+    ),
+];
 pub const PYTHON_PINS: &[&str] = &[
     "kubernetes-validate==1.37.0",
+    "openai==3.57.0",
+    "anthropic==2.14.0",
+    // kubernetes-validate's
     "attrs==26.1.0",
     "importlib_resources==7.1.0",
     "jsonschema==4.26.0",
@@ -108,6 +122,21 @@ pub const PYTHON_PINS: &[&str] = &[
     "referencing==0.37.0",
     "rpds-py==2026.9.1",
     "typing_extensions==4.16.0",
+    // the SDKs' (`pip freeze` of a venv with only openai and anthropic)
+    "annotated-types==0.8.0",
+    "anyio==4.16.0",
+    "docstring_parser==0.18.0",
+    "h11==0.16.0",
+    "httpcore2==2.16.2",
+    "httpx2==2.16.2",
+    "idna==3.20",
+    "jiter==0.19.0",
+    "opentelemetry-api==1.45.2",
+    "pydantic==2.14.4",
+    "pydantic_core==2.50.5",
+    "sniffio==1.3.1",
+    "truststore==0.10.5",
+    "typing-inspection==0.4.5",
 ];
 
 /// The package whose prebuilt `core` must come from the same rustc release
@@ -389,6 +418,12 @@ pub fn pyenv_dir() -> PathBuf {
     crate::Workspace::locate().target_dir.join("pyenv")
 }
 
+/// The venv's interpreter, which has the SDKs (`LLM_EGRESS_TOKENS_PYTHON`
+/// of the token calibration's `sdk/` run).
+pub fn pyenv_python() -> PathBuf {
+    pyenv_dir().join("bin/python")
+}
+
 /// Whether `pin` (`name==version`) is installed in the venv: its
 /// `name-version.dist-info` directory exists (compared the way pip
 /// normalises names), which costs no Python start.
@@ -427,18 +462,21 @@ fn install_python_tools() -> Result<()> {
         .copied()
         .filter(|p| !pin_installed(&site_packages, p))
         .collect();
-    let (tool, why) = PYTHON_TOOL;
+    let tools: Vec<&str> = PYTHON_TOOLS.iter().map(|(pin, _)| *pin).collect();
     if missing.is_empty() {
         say(format_args!(
             "setup: {} present ({})",
-            PYTHON_PINS[0],
+            tools.join(" "),
             venv.display()
         ));
         return Ok(());
     }
+    for (pin, why) in PYTHON_TOOLS {
+        say(format_args!("setup: {pin}: {why}"));
+    }
     say(format_args!(
-        "setup: will install {} into {}: {why}; missing: {}",
-        PYTHON_PINS[0],
+        "setup: will install {} into {}; missing: {}",
+        tools.join(" "),
         venv.display(),
         missing.join(" ")
     ));
@@ -454,11 +492,11 @@ fn install_python_tools() -> Result<()> {
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .args(PYTHON_PINS),
-        &format!("setup: installing {tool} from PyPI failed"),
+        "setup: installing the tests' Python packages from PyPI failed",
     )?;
     say(format_args!(
         "setup: installed {} ({})",
-        PYTHON_PINS[0],
+        tools.join(" "),
         secs(took)
     ));
     Ok(())
@@ -638,8 +676,23 @@ mod tests {
         assert!(!pin_installed(&sp, "kubernetes-validate==1.36.0"));
         assert!(!pin_installed(&sp, "jsonschema==4.26.0"));
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(PYTHON_PINS[0].starts_with(PYTHON_TOOL.0));
+        for (i, (tool, _)) in PYTHON_TOOLS.iter().enumerate() {
+            assert_eq!(PYTHON_PINS[i], *tool, "tools come first, in order");
+        }
         assert!(PYTHON_PINS.iter().all(|p| p.contains("==")));
+        let mut names: Vec<String> = PYTHON_PINS
+            .iter()
+            .map(|p| {
+                p.split("==")
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase()
+                    .replace('_', "-")
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), PYTHON_PINS.len(), "a package pinned twice");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Steps: setup, build-ebpf, build the debug agent with the object embedded,
 //! the unprivileged unit tests, then the root integration tests against that
-//! agent (LLM_EGRESS_BIN). Test output streams through; each step ends with
+//! agent (LLM_EGRESS_BIN), with the setup venv's Python as
+//! LLM_EGRESS_TOKENS_PYTHON so the token calibration's official-SDK run
+//! always happens (unless the caller set that variable). Test output streams through; each step ends with
 //! a summary line, and any failed step makes the exit status non-zero. A
 //! failed build skips the tests; failed unit tests do not stop the
 //! integration tests (both results are worth seeing).
@@ -20,6 +22,9 @@ use crate::{
 
 pub const UNIT_PACKAGES: &[&str] = &["llm-egress", "llm-egress-common", "xtask"];
 const INTEGRATION_THREADS: &str = "--test-threads=4";
+/// The Python with the official SDKs for tests/tests/tokens.rs (setup
+/// installs them in its venv).
+const TOKENS_PYTHON: &str = "LLM_EGRESS_TOKENS_PYTHON";
 
 /// What libtest's `test result:` lines add up to.
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
@@ -119,6 +124,9 @@ pub fn test(ws: &Workspace, opts: &Options) -> Result<()> {
                 INTEGRATION_THREADS,
             ])
             .env("LLM_EGRESS_BIN", bin);
+            if std::env::var_os(TOKENS_PYTHON).is_none() {
+                c.env(TOKENS_PYTHON, setup::pyenv_python());
+            }
             c.args(libtest_color());
             c.args(opts.filter.as_deref());
             steps.push(test_step(
