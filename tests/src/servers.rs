@@ -4,9 +4,9 @@
 //! every request with `200 OK` and a fixed body, [`UdpServer`] receives
 //! datagrams; each counts what arrived, so a test can tell an allowed
 //! connection that really reached its destination from one that did not.
-//! [`SinkServer`] reads and discards what its clients send and
-//! [`SourceServer`] sends to its clients without end, each counting bytes,
-//! for bandwidth tests; they serve every connection on its own thread, so
+//! [`ByteServer`] either reads and discards what its clients send (a sink) or
+//! sends to its clients without end (a source), counting bytes,
+//! for bandwidth tests; it serves every connection on its own thread, so
 //! several clients run at once.
 //! An IPv6 address gets an AF_INET6 socket; an IPv4 address also accepts
 //! clients that connect to its IPv4-mapped IPv6 form. All stop on drop.
@@ -238,7 +238,7 @@ impl Drop for HttpServer {
     }
 }
 
-/// The size of every read of [`SinkServer`] and every write of [`SourceServer`].
+/// The size of every read of a sink and every write of a source ([`ByteServer`]).
 const CHUNK: usize = 64 * 1024;
 
 /// How long a handler's read or write blocks before it looks at the stop flag.
@@ -294,74 +294,32 @@ fn source(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
     }
 }
 
-/// A TCP server that reads and discards everything its clients send,
-/// counting connections and bytes; one thread per connection.
+/// A TCP server that moves bytes with every client on its own thread,
+/// counting connections and bytes: a **sink** reads and discards
+/// everything its clients send, a **source** writes 64 KiB buffers to each
+/// client until it closes (or the server is dropped).
 #[derive(Debug)]
-pub struct SinkServer {
+pub struct ByteServer {
     inner: Counter,
     bytes: Arc<AtomicU64>,
 }
 
-impl SinkServer {
-    /// Listens on `addr` ("192.0.2.1:9000") inside `netns`.
-    pub fn start(netns: &NetnsGuard, addr: &str) -> SinkServer {
+impl ByteServer {
+    /// A sink listening on `addr` ("192.0.2.1:9000") inside `netns`.
+    pub fn sink(netns: &NetnsGuard, addr: &str) -> ByteServer {
         let bytes = Arc::new(AtomicU64::new(0));
         let b = bytes.clone();
-        SinkServer {
+        ByteServer {
             inner: serve_tcp(netns, addr, true, move |conn, stop| sink(conn, stop, &b)),
             bytes,
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.inner.addr
-    }
-
-    /// Connections accepted so far.
-    pub fn count(&self) -> usize {
-        self.inner.count()
-    }
-
-    /// Waits until at least `n` connections were accepted or `timeout`
-    /// passed; returns the count then.
-    pub fn wait_for_count(&self, n: usize, timeout: Duration) -> usize {
-        self.inner.wait_for_count(n, timeout)
-    }
-
-    /// Bytes received so far, over all connections.
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::SeqCst)
-    }
-
-    /// Waits until at least `n` bytes arrived or `timeout` passed; returns
-    /// the byte count then.
-    pub fn wait_for_bytes(&self, n: u64, timeout: Duration) -> u64 {
-        wait_until(timeout, POLL, || (self.bytes() >= n).then_some(()));
-        self.bytes()
-    }
-}
-
-impl Drop for SinkServer {
-    fn drop(&mut self) {
-        self.inner.stop();
-    }
-}
-
-/// A TCP server that writes 64 KiB buffers to every client until the
-/// client closes (or the server is dropped), counting connections and
-/// bytes written; one thread per connection.
-#[derive(Debug)]
-pub struct SourceServer {
-    inner: Counter,
-    bytes: Arc<AtomicU64>,
-}
-
-impl SourceServer {
-    /// Listens on `addr` ("192.0.2.1:9001") inside `netns`.
-    pub fn start(netns: &NetnsGuard, addr: &str) -> SourceServer {
+    /// A source listening on `addr` inside `netns`.
+    pub fn source(netns: &NetnsGuard, addr: &str) -> ByteServer {
         let bytes = Arc::new(AtomicU64::new(0));
         let b = bytes.clone();
-        SourceServer {
+        ByteServer {
             inner: serve_tcp(netns, addr, true, move |conn, stop| source(conn, stop, &b)),
             bytes,
         }
@@ -382,22 +340,23 @@ impl SourceServer {
         self.inner.wait_for_count(n, timeout)
     }
 
-    /// Bytes written so far (accepted by the kernel: the part still in
-    /// send buffers when a client closed never reached it). A write is
-    /// counted when it returns, so a client may have read a little more.
+    /// Bytes received (sink) or written (source) so far, over all
+    /// connections. A source counts a write when it returns: a client may
+    /// have read a little more, and what was still in the send buffer when
+    /// a client closed never reached it.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::SeqCst)
     }
 
-    /// Waits until at least `n` bytes were written or `timeout` passed;
-    /// returns the byte count then.
+    /// Waits until at least `n` bytes moved or `timeout` passed; returns
+    /// the byte count then.
     pub fn wait_for_bytes(&self, n: u64, timeout: Duration) -> u64 {
         wait_until(timeout, POLL, || (self.bytes() >= n).then_some(()));
         self.bytes()
     }
 }
 
-impl Drop for SourceServer {
+impl Drop for ByteServer {
     fn drop(&mut self) {
         self.inner.stop();
     }

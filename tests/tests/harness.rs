@@ -17,7 +17,7 @@ use llm_egress_tests::{
     http,
     probe::{ConnectForReport, confine, describe},
     require_root,
-    servers::{HTTP_BODY, SinkServer, SourceServer},
+    servers::{HTTP_BODY, ByteServer},
 };
 
 const WAIT: Duration = Duration::from_secs(2);
@@ -481,7 +481,7 @@ fn upload_reaches_the_sink_in_full() {
     require_root();
     let cg = CgroupGuard::new("harness-upload");
     let ns = NetnsGuard::new();
-    let sink = SinkServer::start(&ns, "198.51.100.1:9000");
+    let sink = ByteServer::sink(&ns, "198.51.100.1:9000");
     let p = probe();
     let r = p
         .upload(cg.path(), &ns, "198.51.100.1:9000", 500)
@@ -545,7 +545,7 @@ fn download_from_the_source_lasts_the_given_time() {
     require_root();
     let cg = CgroupGuard::new("harness-download");
     let ns = NetnsGuard::new();
-    let source = SourceServer::start(&ns, "[2001:db8::1]:9001");
+    let source = ByteServer::source(&ns, "[2001:db8::1]:9001");
     let p = probe();
     let r = p
         .download(cg.path(), &ns, "[2001:db8::1]:9001", 500)

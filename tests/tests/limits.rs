@@ -18,7 +18,7 @@ use llm_egress_tests::{
     probe::confine,
     require_root,
     probe::{SpawnedProbe, TransferReport},
-    servers::{SinkServer, SourceServer},
+    servers::ByteServer,
     scenario::{PROVIDER, expect_eperm, expect_ok, policy, probe, wait_event},
 };
 use serde_json::json;
@@ -396,26 +396,26 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
     // The provider has one address and port in the test namespace: a sink
     // for the upload, then a source for the download.
     {
-        let sink = SinkServer::start(&ns, LLM);
+        let sink = ByteServer::sink(&ns, LLM);
         check("upload", vec![p.spawn_upload(&bot, &ns, LLM, MS)], &|| sink.bytes());
     }
     {
         // Three connections of the pair share its rate.
-        let sink = SinkServer::start(&ns, LLM);
+        let sink = ByteServer::sink(&ns, LLM);
         let runs = (0..3).map(|_| p.spawn_upload(&bot, &ns, LLM, MS)).collect();
         check("upload, 3 connections", runs, &|| sink.bytes());
     }
     {
-        let source = SourceServer::start(&ns, LLM);
+        let source = ByteServer::source(&ns, LLM);
         check("download", vec![p.spawn_download(&bot, &ns, LLM, MS)], &|| source.bytes());
     }
     {
-        let source = SourceServer::start(&ns, LLM);
+        let source = ByteServer::source(&ns, LLM);
         let runs = (0..3).map(|_| p.spawn_download(&bot, &ns, LLM, MS)).collect();
         check("download, 3 connections", runs, &|| source.bytes());
     }
     // Another workload of the same provider is not held to bot's limit.
-    let _sink = SinkServer::start(&ns, LLM);
+    let _sink = ByteServer::sink(&ns, LLM);
     let free_up = p
         .upload(&free, &ns, LLM, 1_000)
         .unwrap_or_else(|e| panic!("free upload: errno {e}"));
