@@ -8,8 +8,10 @@ pub mod kind {
     pub const CONNECT_DECISION: u32 = 1;
     /// `Event<ConnStats>` from sock_ops when a tracked connection closes.
     pub const CONN_SUMMARY: u32 = 2;
-    /// `Event<ConnStats>` from sock_ops, at most every `CONN_UPDATE_NS`
-    /// while a tracked connection lives (streaming responses).
+    /// `Event<ConnStats>` at most every `CONN_UPDATE_NS` while a tracked
+    /// connection lives: from sock_ops on RTT samples (data sent is
+    /// acknowledged) and from the ingress skb program when data arrives
+    /// (streamed responses); both share `ConnStats::reported_ns`.
     pub const CONN_UPDATE: u32 = 3;
     /// `Event<DnsPacket>` from the DNS program: an answer for a provider
     /// name (or one whose question it could not read) that the kernel could
@@ -119,6 +121,53 @@ pub struct ConnStats {
     /// Bucket id of the connection's bandwidth limit (`BANDWIDTH`), 0 for
     /// none: the skb programs police the connection's packets with it.
     pub bandwidth_bucket: u64,
+    /// TLS record walks (ebpf/src/records.rs): `tls[TLS_SENT]` over the
+    /// bytes sent, `tls[TLS_RECEIVED]` over the bytes received.
+    pub tls: [TlsWalk; 2],
+}
+
+/// Index of the sent direction in `ConnStats::tls`.
+pub const TLS_SENT: usize = 0;
+/// Index of the received direction in `ConnStats::tls`.
+pub const TLS_RECEIVED: usize = 1;
+
+/// One direction of a connection's TLS record walk: the cgroup_skb programs
+/// read the 5-byte record headers (type, version 3.x, length) along the TCP
+/// stream, by TCP sequence number (ebpf/src/records.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsWalk {
+    /// `tls_walk::*`
+    pub state: u8,
+    /// Bytes of a record header that ended a segment, kept in `hdr` until
+    /// the next segment completes it.
+    pub have: u8,
+    /// Times the walk lost the record boundaries (a gap in the sequence
+    /// numbers, a walk cut short by its bound, bytes that are not a record
+    /// header).
+    pub lost: u16,
+    /// `SYNCED`: sequence number of the next byte to read (a record header,
+    /// or the rest of `hdr`). `LOST`: the highest end of a segment seen.
+    pub next_seq: u32,
+    /// Record headers read.
+    pub records: u32,
+    /// Of which application_data (content type 23).
+    pub app_records: u32,
+    /// Times the walk found the boundaries again after losing them.
+    pub resyncs: u16,
+    pub hdr: [u8; 4],
+    pub _pad: u16,
+}
+
+/// `TlsWalk::state` values.
+pub mod tls_walk {
+    /// No payload seen yet: the first payload must start with a record header.
+    pub const NEW: u8 = 0;
+    /// Record boundaries known.
+    pub const SYNCED: u8 = 1;
+    /// Boundaries lost: a new segment that starts with an application_data
+    /// header resyncs.
+    pub const LOST: u8 = 2;
 }
 
 pub type ConnEvent = Event<ConnStats>;
@@ -132,8 +181,9 @@ const _: () = {
     assert!(size_of::<EventHeader>() == 56 && align_of::<EventHeader>() == 8);
     assert!(size_of::<ConnectDecision>() == 48);
     assert!(size_of::<ConnectEvent>() == 104 && align_of::<ConnectEvent>() == 8);
-    assert!(size_of::<ConnStats>() == 112);
-    assert!(size_of::<ConnEvent>() == 168 && align_of::<ConnEvent>() == 8);
+    assert!(size_of::<TlsWalk>() == 24 && align_of::<TlsWalk>() == 4);
+    assert!(size_of::<ConnStats>() == 160);
+    assert!(size_of::<ConnEvent>() == 216 && align_of::<ConnEvent>() == 8);
 };
 
 /// Bytes of a DNS message carried by a `DNS_UNPARSED` event.

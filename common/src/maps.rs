@@ -70,7 +70,11 @@ pub const MAP_SNI_STATE: &str = "SNI_STATE";
 /// ClientHello and the label hashes of its server name).
 pub const MAP_SNI_SCRATCH: &str = "SNI_SCRATCH";
 
-pub const ALL_MAPS: [&str; 28] = [
+/// `PerCpuArray`, two entries (0: egress, 1: ingress program): state of
+/// the TLS record walks over one skb (ebpf/src/records.rs).
+pub const MAP_RECORDS_SCRATCH: &str = "RECORDS_SCRATCH";
+
+pub const ALL_MAPS: [&str; 29] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -93,6 +97,7 @@ pub const ALL_MAPS: [&str; 28] = [
     MAP_VERDICTS,
     MAP_SNI_STATE,
     MAP_SNI_SCRATCH,
+    MAP_RECORDS_SCRATCH,
     crate::limits::MAP_LIMITS,
     crate::limits::MAP_BUCKETS,
     crate::limits::MAP_BANDWIDTH,
@@ -175,6 +180,13 @@ pub const SNI_STATE_MAX: u32 = 65_536;
 /// Bytes of a first TCP payload the SNI program copies and parses (a
 /// ClientHello with post-quantum key shares is ~1,800 bytes).
 pub const SNI_BUF: usize = 2048;
+/// Record headers the record walk reads in one skb (bpf_loop steps); an
+/// skb with more (a 64 KiB GRO skb of records < 16 bytes) is cut short and
+/// the direction loses sync. 64 KiB / 22 bytes (the smallest TLS 1.3
+/// record: header, type byte, 16-byte tag) = 2,979.
+pub const RECORD_STEPS: u32 = 4096;
+/// Longest record a header may announce (TLS 1.2 ciphertext: 2^14 + 2048).
+pub const RECORD_MAX_LEN: u16 = 16_384 + 2_048;
 /// ClientHello extensions the SNI program walks.
 pub const SNI_MAX_EXTENSIONS: usize = 32;
 

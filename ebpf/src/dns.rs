@@ -32,6 +32,9 @@
 //! sent to the agent as a `DNS_UNPARSED` event: the agent parses it and
 //! writes the addresses, which is *not* race-free (docs/names.md).
 //!
+//! TCP segments with payload from other ports are handed to records.rs
+//! (TLS records and updates of tracked provider connections).
+//!
 //! Errors never drop the packet: the program always returns 1 (DNS keeps
 //! working when the agent cannot learn from it; failing closed would break
 //! name resolution for every workload).
@@ -130,21 +133,29 @@ fn try_dns(ctx: &SkBuffContext) -> Result<(), Stop> {
     if hlen < 20 {
         return Err(Stop::Ignore);
     }
-    let sport: u16 = ctx.load(hlen).map_err(|_| Stop::Ignore)?;
-    if u16::from_be(sport) != DNS_PORT {
-        return Err(Stop::Ignore);
-    }
     let total = ctx.len() as usize;
     let (off, msg_len) = if proto == IPPROTO_UDP {
+        let sport: u16 = ctx.load(hlen).map_err(|_| Stop::Ignore)?;
+        if u16::from_be(sport) != DNS_PORT {
+            return Err(Stop::Ignore);
+        }
         (hlen + 8, total.saturating_sub(hlen + 8))
     } else {
-        // DNS over TCP (RFC 1035 4.2.2): a 2-byte length, then the message.
-        // Segments without payload (handshake, ACKs) are not answers.
-        let doff: u8 = ctx.load(hlen + 12).map_err(|_| Stop::Ignore)?;
-        let payload = hlen + ((doff >> 4) as usize) * 4;
+        // Ports, sequence number, data offset: one load.
+        let tcp: [u8; 14] = ctx.load(hlen).map_err(|_| Stop::Ignore)?;
+        // Segments without payload (handshake, ACKs) are neither answers
+        // nor records.
+        let payload = hlen + ((tcp[12] >> 4) as usize) * 4;
         if total <= payload {
             return Err(Stop::Ignore);
         }
+        if u16::from_be_bytes([tcp[0], tcp[1]]) != DNS_PORT {
+            // TLS records and updates of tracked connections (records.rs).
+            let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+            crate::records::received(ctx, payload, total - payload, seq);
+            return Err(Stop::Ignore);
+        }
+        // DNS over TCP (RFC 1035 4.2.2): a 2-byte length, then the message.
         let len: u16 = ctx.load(payload).map_err(|_| Stop::Ignore)?;
         let len = u16::from_be(len) as usize;
         count(counter::DNS_RESPONSES);

@@ -10,6 +10,7 @@ mod exec;
 mod limits;
 mod maps;
 mod policy;
+mod records;
 mod sni;
 mod sock_addr;
 mod sock_ops;

@@ -88,6 +88,10 @@ pub static SNI_STATE: LruHashMap<u64, u32> =
 pub static SNI_SCRATCH: PerCpuArray<crate::sni::SniScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
+pub static RECORDS_SCRATCH: PerCpuArray<crate::records::RecordScratch> =
+    PerCpuArray::with_max_entries(2, 0);
+
+#[map]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(VERDICTS_MAX, 0);
 
 #[map]

@@ -11,7 +11,8 @@
 //! that short for denied sockets (`TCP_USER_TIMEOUT`, see sock_ops.rs and
 //! "Failing fast" in docs/names.md): ~0.22 s measured.
 //!
-//! Packets without TCP payload pass at once. Per TCP socket
+//! Packets without TCP payload pass at once. Packets with payload of a
+//! tracked connection have their TLS records counted (records.rs). Per TCP socket
 //! (`bpf_get_socket_cookie`), `SNI_STATE` remembers that the first payload
 //! was seen (`SEEN`: later packets pass without a look) or denied
 //! (`DENIED`: every later packet with payload is dropped; ACKs, FIN and RST
@@ -192,13 +193,15 @@ fn try_sni(ctx: &SkBuffContext) -> i32 {
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: value copied out at once.
-    match unsafe { SNI_STATE.get(&cookie) }.copied() {
-        Some(sni_state::DENIED) => {
-            count(counter::SNI_DROPPED);
-            return DROP_CN;
-        }
-        Some(_) => return PASS,
-        None => {}
+    let state = unsafe { SNI_STATE.get(&cookie) }.copied();
+    if state == Some(sni_state::DENIED) {
+        count(counter::SNI_DROPPED);
+        return DROP_CN;
+    }
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    crate::records::sent(ctx, cookie, off, total - off, seq);
+    if state.is_some() {
+        return PASS;
     }
     let _ = SNI_STATE.insert(&cookie, &sni_state::SEEN, 0);
     let payload = total - off;
