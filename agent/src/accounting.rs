@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llm_egress_common::{ConnEvent, kind};
+use llm_egress_common::{ConnEvent, TLS_RECEIVED, TLS_SENT, kind};
 
 use crate::{
     audit::{Attribution, ConnectionRecord},
@@ -35,6 +35,8 @@ struct Tracked {
     process: String,
     sent: u64,
     received: u64,
+    /// TLS records counted so far (sent, received).
+    records: (u32, u32),
     /// Tokens counted so far (at updates).
     tokens: Counted,
 }
@@ -86,6 +88,7 @@ impl Accounting {
             process,
             sent: 0,
             received: 0,
+            records: (0, 0),
             tokens: Counted::default(),
         };
         if let Some(old) = self.active.insert(cookie, t) {
@@ -118,6 +121,7 @@ impl Accounting {
                 process: process_name(&who),
                 sent: 0,
                 received: 0,
+                records: (0, 0),
                 tokens: Counted::default(),
             },
         };
@@ -134,6 +138,15 @@ impl Accounting {
             .bytes
             .with_label_values(&[w, p, "received"])
             .inc_by(received);
+        let (out, inn) = (&d.tls[TLS_SENT], &d.tls[TLS_RECEIVED]);
+        self.metrics
+            .tls_records
+            .with_label_values(&[w, p, "sent"])
+            .inc_by(u64::from(out.records.saturating_sub(tracked.records.0)));
+        self.metrics
+            .tls_records
+            .with_label_values(&[w, p, "received"])
+            .inc_by(u64::from(inn.records.saturating_sub(tracked.records.1)));
         let label = self.processes.bytes(
             w,
             &tracked.process,
@@ -168,6 +181,7 @@ impl Accounting {
             if let Some(t) = self.active.get_mut(&d.cookie) {
                 t.sent = d.bytes_sent;
                 t.received = d.bytes_received;
+                t.records = (out.records, inn.records);
                 t.tokens = counted;
             }
             return None;
@@ -217,6 +231,12 @@ impl Accounting {
             bytes_received: d.bytes_received,
             segments_received: d.data_segs_in,
             segments_sent: d.data_segs_out,
+            records_sent: out.records,
+            records_received: inn.records,
+            app_records_sent: out.app_records,
+            app_records_received: inn.app_records,
+            records_sync_lost: u32::from(out.lost) + u32::from(inn.lost),
+            records_resynced: u32::from(out.resyncs) + u32::from(inn.resyncs),
             generation: d.generation,
             tokens_prompt_estimated: estimate.map(|e| e.prompt),
             tokens_completion_estimated: estimate.map(|e| e.completion),
@@ -355,6 +375,53 @@ mod tests {
             ("bot", "python3", 2.0)
         );
         assert_eq!(a.active_count(), 0, "closed connections leave no state");
+    }
+
+    #[test]
+    fn tls_records_are_counted_once_and_reported_at_close() {
+        let m = Metrics::new().unwrap();
+        let mut a = Accounting::new(m.clone(), config(20));
+        a.opened(8, "bot", "openai", &who("/usr/bin/curl"));
+        let with = |kind, (rs, rr): (u32, u32), lost: u16| {
+            let mut ev = stats(8, kind, 2_000, 9_000);
+            ev.data.tls[TLS_SENT].records = rs;
+            ev.data.tls[TLS_SENT].app_records = rs.saturating_sub(3);
+            ev.data.tls[TLS_RECEIVED].records = rr;
+            ev.data.tls[TLS_RECEIVED].app_records = rr.saturating_sub(4);
+            ev.data.tls[TLS_RECEIVED].lost = lost;
+            ev
+        };
+        let names = || ("x".to_string(), "y".to_string());
+        a.stats(
+            &with(kind::CONN_UPDATE, (5, 40), 0),
+            names(),
+            who(""),
+            String::new(),
+        );
+        let rec = a
+            .stats(
+                &with(kind::CONN_SUMMARY, (6, 130), 1),
+                names(),
+                who(""),
+                String::new(),
+            )
+            .unwrap();
+        let get = |dir| {
+            m.tls_records
+                .with_label_values(&["bot", "openai", dir])
+                .get()
+        };
+        assert_eq!((get("sent"), get("received")), (6, 130));
+        assert_eq!(
+            (
+                rec.records_sent,
+                rec.records_received,
+                rec.app_records_sent,
+                rec.app_records_received,
+                rec.records_sync_lost
+            ),
+            (6, 130, 3, 126, 1)
+        );
     }
 
     #[test]

@@ -80,6 +80,16 @@ pub struct ConnectionRecord {
     /// Payload-carrying TCP segments received and sent.
     pub segments_received: u32,
     pub segments_sent: u32,
+    /// TLS record headers the kernel read in each direction, and of those
+    /// the application_data records (docs/events.md).
+    pub records_sent: u32,
+    pub records_received: u32,
+    pub app_records_sent: u32,
+    pub app_records_received: u32,
+    /// Times the record walks lost the record boundaries (both directions;
+    /// 0: the counts are complete) and found them again.
+    pub records_sync_lost: u32,
+    pub records_resynced: u32,
     pub generation: u64,
     /// Token estimates from the encrypted traffic (docs/tokens.md); null
     /// when the connection carried no request.
@@ -203,6 +213,12 @@ mod tests {
             bytes_received: 2,
             segments_received: 1,
             segments_sent: 1,
+            records_sent: 4,
+            records_received: 9,
+            app_records_sent: 2,
+            app_records_received: 5,
+            records_sync_lost: 0,
+            records_resynced: 0,
             generation: 3,
             tokens_prompt_estimated: Some(20),
             tokens_completion_estimated: Some(30),
@@ -238,7 +254,12 @@ mod tests {
             remaining_minute: Some(-1),
             remaining_day: None,
         };
-        for key in serde_json::to_value(&b).unwrap().as_object().unwrap().keys() {
+        for key in serde_json::to_value(&b)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+        {
             assert!(
                 doc.contains(&format!("`{key}`")),
                 "docs/events.md does not document `{key}`"

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub attribution_misses: IntCounter,
     pub build_info: IntGaugeVec,
     pub bytes: IntCounterVec,
+    pub tls_records: IntCounterVec,
     pub active_connections: IntGaugeVec,
     pub connection_duration: HistogramVec,
     pub connect_failures: IntCounterVec,
@@ -208,6 +209,12 @@ impl Metrics {
                 &r,
                 "llm_egress_bytes_total",
                 "TCP payload bytes of provider connections (TLS framing included, IP/TCP headers not).",
+                &["workload", "provider", "direction"],
+            )?,
+            tls_records: counter_vec(
+                &r,
+                "llm_egress_tls_records_total",
+                "TLS records of provider connections, counted in the kernel from their record headers.",
                 &["workload", "provider", "direction"],
             )?,
             active_connections: gauge_vec(
@@ -531,6 +538,7 @@ mod tests {
         m.workload_cgroups.with_label_values(&["w"]).set(1);
         m.build_info.with_label_values(&["v", "o"]).set(1);
         m.bytes.with_label_values(&["w", "p", "sent"]).inc();
+        m.tls_records.with_label_values(&["w", "p", "sent"]).inc();
         m.active_connections.with_label_values(&["w", "p"]).inc();
         m.connection_duration
             .with_label_values(&["w", "p"])
