@@ -118,6 +118,7 @@ pub struct FakeProvider {
     addr: SocketAddr,
     ca_file: PathBuf,
     served: Arc<Mutex<Vec<Served>>>,
+    records: Arc<Mutex<Vec<(SocketAddr, Arc<Mutex<RecordCounts>>)>>>,
     stop: Arc<AtomicBool>,
     listener: TcpListener,
     _dir: TempDir,
@@ -146,16 +147,17 @@ pub fn start_with(netns: &NetnsGuard, addr: &str, flavor: Flavor, opts: Options)
         .unwrap_or_else(|e| panic!("dup listener: {e}"));
     let served = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let (s, st) = (served.clone(), stop.clone());
+    let records = Arc::new(Mutex::new(Vec::new()));
+    let (s, st, rec) = (served.clone(), stop.clone(), records.clone());
     std::thread::spawn(move || {
         for conn in accept.incoming() {
             if st.load(Ordering::SeqCst) {
                 break;
             }
             let Ok(conn) = conn else { continue };
-            let (config, s) = (config.clone(), s.clone());
+            let (config, s, rec) = (config.clone(), s.clone(), rec.clone());
             std::thread::spawn(move || {
-                if let Err(e) = serve(conn, config, flavor, opts, &s) {
+                if let Err(e) = serve(conn, config, flavor, opts, &s, &rec) {
                     eprintln!("fake provider ({}): {e}", flavor.host());
                 }
             });
@@ -166,6 +168,7 @@ pub fn start_with(netns: &NetnsGuard, addr: &str, flavor: Flavor, opts: Options)
         addr: local,
         ca_file,
         served,
+        records,
         stop,
         listener,
         _dir: dir,
@@ -198,6 +201,19 @@ impl FakeProvider {
     /// `https://<host><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("https://{}{path}", self.host())
+    }
+
+    /// TLS records written and read so far on each connection, by client
+    /// address, in the order the connections were accepted.
+    pub fn records(&self) -> Vec<(SocketAddr, RecordCounts)> {
+        self.records
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .map(|(a, c)| (*a, c.lock().map(|c| *c).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The requests answered so far.
@@ -279,7 +295,98 @@ fn chain_for(host: &str) -> (Chain, (PrivateKeyDer<'static>, String)) {
     (chain, (key, ca.pem()))
 }
 
-type Tls = StreamOwned<ServerConnection, TcpStream>;
+type Tls = StreamOwned<ServerConnection, RecordSock>;
+
+/// TLS records of one connection as the server wrote and read them: the
+/// ground truth for the kernel's record counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordCounts {
+    /// Records the server wrote (what the client receives).
+    pub written: u64,
+    pub app_written: u64,
+    /// Records the server read (what the client sent).
+    pub read: u64,
+    pub app_read: u64,
+}
+
+/// Counts TLS records along a byte stream: 5-byte headers (type, version,
+/// 16-bit length), wherever the stream's chunks are cut.
+#[derive(Clone, Debug, Default)]
+pub struct RecordWalker {
+    /// Body bytes of the current record still to come.
+    skip: usize,
+    hdr: Vec<u8>,
+    pub records: u64,
+    /// application_data (content type 23) records.
+    pub app: u64,
+}
+
+impl RecordWalker {
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.hdr.len()).min(bytes.len());
+            self.hdr.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.hdr.len() == 5 {
+                self.records += 1;
+                if self.hdr[0] == 23 {
+                    self.app += 1;
+                }
+                self.skip = usize::from(u16::from_be_bytes([self.hdr[3], self.hdr[4]]));
+                self.hdr.clear();
+            }
+        }
+    }
+}
+
+/// The server's socket: a TcpStream that counts the TLS records through it.
+pub struct RecordSock {
+    sock: TcpStream,
+    out: RecordWalker,
+    inn: RecordWalker,
+    counts: Arc<Mutex<RecordCounts>>,
+}
+
+impl RecordSock {
+    fn publish(&self) {
+        if let Ok(mut c) = self.counts.lock() {
+            *c = RecordCounts {
+                written: self.out.records,
+                app_written: self.out.app,
+                read: self.inn.records,
+                app_read: self.inn.app,
+            };
+        }
+    }
+}
+
+impl Read for RecordSock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.inn.feed(&buf[..n]);
+        self.publish();
+        Ok(n)
+    }
+}
+
+impl Write for RecordSock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.sock.write(buf)?;
+        self.out.feed(&buf[..n]);
+        self.publish();
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
 
 /// One connection: requests until the client closes (keep-alive).
 fn serve(
@@ -288,12 +395,23 @@ fn serve(
     flavor: Flavor,
     opts: Options,
     served: &Mutex<Vec<Served>>,
+    records: &Mutex<Vec<(SocketAddr, Arc<Mutex<RecordCounts>>)>>,
 ) -> Result<(), String> {
     conn.set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
     let peer = conn.peer_addr().map_err(|e| format!("peer: {e}"))?;
     let tls = ServerConnection::new(config).map_err(|e| format!("tls: {e}"))?;
-    let mut s = StreamOwned::new(tls, conn);
+    let counts = Arc::new(Mutex::new(RecordCounts::default()));
+    if let Ok(mut r) = records.lock() {
+        r.push((peer, counts.clone()));
+    }
+    let sock = RecordSock {
+        sock: conn,
+        out: RecordWalker::default(),
+        inn: RecordWalker::default(),
+        counts,
+    };
+    let mut s = StreamOwned::new(tls, sock);
     let mut pending = Vec::new();
     while let Some(req) = read_request(&mut s, &mut pending)? {
         let record = respond(&mut s, flavor, opts, &req).map_err(|e| format!("respond: {e}"))?;
@@ -305,7 +423,7 @@ fn serve(
             }
         }
     }
-    let _ = s.sock.shutdown(Shutdown::Both);
+    let _ = s.sock.sock.shutdown(Shutdown::Both);
     Ok(())
 }
 
@@ -1171,6 +1289,19 @@ fn base64_encode(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_walker_counts_headers_across_any_cut() {
+        // Three records: handshake (3 bytes), application_data (0), (40).
+        let mut stream = vec![22, 3, 1, 0, 3, 1, 2, 3, 23, 3, 3, 0, 0, 23, 3, 3, 0, 40];
+        stream.extend_from_slice(&[9; 40]);
+        for cut in 0..stream.len() {
+            let mut w = RecordWalker::default();
+            w.feed(&stream[..cut]);
+            w.feed(&stream[cut..]);
+            assert_eq!((w.records, w.app), (3, 2), "cut at {cut}");
+        }
+    }
 
     #[test]
     fn prose_has_exactly_the_tokens_asked_for() {

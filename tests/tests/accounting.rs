@@ -6,7 +6,7 @@
 use std::{
     io::{Read, Write},
     net::TcpListener,
-    process::Command,
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -15,7 +15,10 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, probe::confine, require_root, toml_str, wait_until,
+    Agent, CgroupGuard, NetnsGuard,
+    fake_provider::{self, FakeProvider, Flavor},
+    probe::confine,
+    require_root, toml_str, wait_until,
 };
 
 /// An HTTP/1.0 server that reads one request (headers + `Content-Length`
@@ -318,5 +321,231 @@ allow = ["test-llm"]
         bytes_ok.is_some() || lost > 0.0,
         "with no loss every connection must be closed again:\n{}",
         agent.metrics()
+    );
+}
+
+/// The policy of the TLS tests: the fake OpenAI at 192.0.2.1:443.
+fn openai_policy(cg: &CgroupGuard) -> String {
+    format!(
+        r#"cgroup = {}
+[resolver]
+servers = ["127.0.0.1:9"]
+[[providers]]
+name = "openai"
+hosts = ["api.openai.com"]
+cidrs = ["192.0.2.0/24"]
+ports = [443]
+[[workloads]]
+name = "bot"
+cgroup = "bot"
+allow = ["openai"]
+"#,
+        toml_str(&cg.path().display().to_string())
+    )
+}
+
+/// curl posting a streamed chat completion of `tokens` tokens, spawned.
+fn stream_curl(
+    server: &FakeProvider,
+    cgroup: &std::path::Path,
+    netns: &NetnsGuard,
+    tokens: usize,
+) -> std::process::Child {
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini", "max_tokens": tokens, "stream": true,
+        "messages": [{"role": "user", "content": "Tell me a long story."}]
+    });
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "60",
+    ]);
+    cmd.arg("--cacert")
+        .arg(server.ca_file())
+        .arg("--resolve")
+        .arg(server.resolve_arg());
+    cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
+        .arg(body.to_string())
+        .arg(server.url("/v1/chat/completions"));
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    confine(&mut cmd, cgroup, netns);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e}"))
+}
+
+fn finish(child: std::process::Child) {
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("curl: {e}"));
+    assert!(
+        out.status.success() && out.stdout == b"200",
+        "curl failed ({}): {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The kernel's TLS record counts of a streamed response equal what the
+/// server wrote and read (a record walker over its socket's bytes), and a
+/// stream of N events is at least N application_data records.
+#[test]
+fn tls_records_of_a_stream_match_what_the_server_wrote_and_read() {
+    require_root();
+    let cg = CgroupGuard::new("records");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let server = fake_provider::start(&netns, "192.0.2.1:443", Flavor::OpenAi);
+    let agent = Agent::start(&openai_policy(&cg));
+    const EVENTS: usize = 300;
+    finish(stream_curl(&server, &bot, &netns, EVENTS));
+    let record = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        agent
+            .audit_events()
+            .into_iter()
+            .find(|e| e["event"] == "connection")
+    })
+    .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
+    let truth = server.records();
+    assert_eq!(truth.len(), 1, "one connection: {truth:?}");
+    let truth = truth[0].1;
+    let n = |k: &str| record[k].as_u64().unwrap_or(u64::MAX);
+    println!("server {truth:?}\nrecord {record}");
+    assert_eq!(
+        n("records_sync_lost"),
+        0,
+        "no loss in a test namespace: {record}"
+    );
+    assert_eq!(
+        (n("records_received"), n("app_records_received")),
+        (truth.written, truth.app_written),
+        "records received = records the server wrote"
+    );
+    assert_eq!(
+        (n("records_sent"), n("app_records_sent")),
+        (truth.read, truth.app_read),
+        "records sent = records the server read"
+    );
+    // One record per flushed chunk: the headers, the role chunk, one per
+    // token, the finish chunk, [DONE], the terminating chunk, plus the
+    // handshake's (ServerHello, change cipher spec, encrypted flight,
+    // session tickets).
+    assert!(
+        n("app_records_received") >= EVENTS as u64 + 4
+            && n("app_records_received") <= EVENTS as u64 + 12,
+        "a stream of {EVENTS} events is {EVENTS} + 4 .. + 12 records: {record}"
+    );
+    // curl sends ClientHello, change cipher spec, Finished, the request
+    // (headers and body in 1 or 2 records) and close_notify.
+    assert!(
+        (4..=7).contains(&n("records_sent")),
+        "a request is 4 to 7 records: {record}"
+    );
+    let metric = agent.wait_for_metric(
+        "llm_egress_tls_records_total",
+        &[
+            ("workload", "bot"),
+            ("provider", "openai"),
+            ("direction", "received"),
+        ],
+        truth.written as f64,
+        Duration::from_secs(5),
+    );
+    assert_eq!(metric, Some(truth.written as f64), "{}", agent.metrics());
+}
+
+/// A long stream on its own connection (the client sends nothing while
+/// it lasts) gets updates from the ingress program: bytes, records and
+/// completion tokens grow before the connection closes.
+#[test]
+fn a_long_stream_is_updated_while_it_streams() {
+    require_root();
+    let cg = CgroupGuard::new("records-live");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let server = fake_provider::start_with(
+        &netns,
+        "192.0.2.1:443",
+        Flavor::OpenAi,
+        fake_provider::Options {
+            token_interval: Duration::from_millis(50),
+        },
+    );
+    let agent = Agent::start(&openai_policy(&cg));
+    // 260 tokens × 50 ms: 13 s.
+    let child = stream_curl(&server, &bot, &netns, 260);
+    let labels = |dir| {
+        [
+            ("workload", "bot"),
+            ("provider", "openai"),
+            ("direction", dir),
+        ]
+    };
+    let mut seen: Vec<(f64, f64, f64)> = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(250));
+        let open = agent.metric_value("llm_egress_active_connections", &[("workload", "bot")]);
+        if open != Some(1.0) {
+            if !seen.is_empty() {
+                break;
+            }
+            continue;
+        }
+        let bytes = agent
+            .metric_value("llm_egress_bytes_total", &labels("received"))
+            .unwrap_or(0.0);
+        let records = agent
+            .metric_value("llm_egress_tls_records_total", &labels("received"))
+            .unwrap_or(0.0);
+        let completion = agent
+            .metric_value(
+                "llm_egress_tokens_total",
+                &[
+                    ("workload", "bot"),
+                    ("provider", "openai"),
+                    ("kind", "completion"),
+                    ("source", "estimated"),
+                ],
+            )
+            .unwrap_or(0.0);
+        if seen.last() != Some(&(bytes, records, completion)) {
+            seen.push((bytes, records, completion));
+        }
+    }
+    finish(child);
+    println!("values while open (bytes, records, completion tokens): {seen:?}");
+    let live: Vec<_> = seen.iter().filter(|v| v.0 > 0.0).collect();
+    assert!(
+        live.len() >= 2,
+        "a 13 s stream must be updated at least twice (every 5 s) before it closes: {seen:?}\n{}",
+        agent.context()
+    );
+    for w in live.windows(2) {
+        assert!(
+            w[1].0 > w[0].0 && w[1].1 > w[0].1,
+            "bytes and records grow from update to update: {seen:?}"
+        );
+    }
+    assert!(
+        live.last().is_some_and(|v| v.2 > 0.0),
+        "completion tokens are counted while it streams: {seen:?}"
+    );
+    let record = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        agent
+            .audit_events()
+            .into_iter()
+            .find(|e| e["event"] == "connection")
+    })
+    .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
+    let total = record["bytes_received"].as_f64().unwrap_or(0.0);
+    let before = live.iter().filter(|v| v.0 < total).count();
+    assert!(
+        before >= 2,
+        "at least two updates before the close's {total} bytes: {seen:?}"
     );
 }
