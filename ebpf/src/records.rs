@@ -15,7 +15,8 @@
 //! by the sequence number of its TCP header:
 //!
 //! - the first payload of a direction must start with a valid header
-//!   (anything else, e.g. plain HTTP: the direction is `LOST`);
+//!   (anything else, e.g. plain HTTP: the direction is `LOST`; a first
+//!   segment shorter than a header is checked by its content type);
 //! - a segment that ends before the next header (a retransmission, or a
 //!   piece of one long record) is skipped; one that overlaps it is read
 //!   from there;
@@ -162,9 +163,15 @@ fn walk(ctx: &SkBuffContext, w: &mut TlsWalk, off: usize, plen: u32, seq: u32, d
     // Where the payload's first byte to read is.
     let mut pos: u32 = 0;
     if w.state == tls_walk::NEW {
-        let ok = match ctx.load::<[u8; 5]>(off) {
-            Ok(h) => header_len(h[0], h[1], h[2], h[3], h[4]).is_some(),
-            Err(_) => false,
+        let ok = if plen >= HEADER as u32 {
+            match ctx.load::<[u8; 5]>(off) {
+                Ok(h) => header_len(h[0], h[1], h[2], h[3], h[4]).is_some(),
+                Err(_) => false,
+            }
+        } else {
+            // A first segment shorter than a header: its content type;
+            // the whole header is checked when the next one completes it.
+            matches!(ctx.load::<u8>(off), Ok(t) if (20..=24).contains(&t))
         };
         if !ok {
             lose(w, end);

@@ -549,3 +549,97 @@ fn a_long_stream_is_updated_while_it_streams() {
         "at least two updates before the close's {total} bytes: {seen:?}"
     );
 }
+
+/// A TLS-like record of content type `t` with an `n`-byte body.
+fn fake_record(t: u8, n: usize) -> Vec<u8> {
+    let mut r = vec![t, 3, 3];
+    r.extend_from_slice(&(n as u16).to_be_bytes());
+    r.extend(std::iter::repeat_n(0xaa, n));
+    r
+}
+
+/// The client of `record_headers_split_across_segments_are_counted`:
+/// 1 handshake record, one whose header is sent in two segments, then 300
+/// small records in one send; then reads until the server closes.
+const SPLIT_CLIENT: &str = r#"
+import socket, sys, time
+s = socket.create_connection(("192.0.2.1", 443))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def rec(t, n): return bytes([t, 3, 3]) + n.to_bytes(2, "big") + b"\xaa" * n
+s.sendall(rec(22, 100)); time.sleep(0.05)
+r = rec(23, 50); s.sendall(r[:2]); time.sleep(0.05); s.sendall(r[2:]); time.sleep(0.05)
+s.sendall(b"".join(rec(23, 3) for _ in range(300)))
+while s.recv(65536):
+    pass
+s.close()
+"#;
+
+/// Record headers cut by segment boundaries (on purpose, and where a
+/// large write of small records is cut into MSS-sized segments) are
+/// counted exactly, in both directions.
+#[test]
+fn record_headers_split_across_segments_are_counted() {
+    require_root();
+    let cg = CgroupGuard::new("records-split");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let listener = netns
+        .in_netns(|| TcpListener::bind("192.0.2.1:443"))
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let client_bytes = 105 + 55 + 300 * 8;
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let _ = conn.set_nodelay(true);
+        let mut got = 0;
+        let mut buf = [0u8; 4096];
+        while got < client_bytes {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+        // A header cut after 1, 2, 3 and 4 bytes.
+        for k in 1..=4 {
+            let r = fake_record(23, 20 + k);
+            let _ = conn.write_all(&r[..k]);
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = conn.write_all(&r[k..]);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // 2,000 small records in one write: ~22 segments, cut anywhere.
+        let many: Vec<u8> = (0..2_000).flat_map(|_| fake_record(23, 11)).collect();
+        let _ = conn.write_all(&many);
+    });
+    let agent = Agent::start(&openai_policy(&cg));
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", SPLIT_CLIENT]);
+    confine(&mut cmd, &bot, &netns);
+    let out = cmd.output().unwrap_or_else(|e| panic!("python3: {e}"));
+    assert!(
+        out.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        agent
+            .audit_events()
+            .into_iter()
+            .find(|e| e["event"] == "connection")
+    })
+    .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
+    let n = |k: &str| record[k].as_u64().unwrap_or(u64::MAX);
+    println!("{record}");
+    assert_eq!(
+        (
+            n("records_sent"),
+            n("app_records_sent"),
+            n("records_received"),
+            n("app_records_received"),
+            n("records_sync_lost")
+        ),
+        (302, 301, 2_004, 2_004, 0),
+        "{record}"
+    );
+}
