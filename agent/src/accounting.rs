@@ -168,6 +168,7 @@ impl Accounting {
             segments_in: d.data_segs_in,
             segments_out: d.data_segs_out,
             duration: Duration::from_nanos(duration),
+            app_records_in: (inn.lost == 0 && inn.records > 0).then_some(inn.app_records),
         };
         let (family, client) = (tokens::Family::of(p), tokens::Client::of(&tracked.process));
         let mut counted = tracked.tokens;

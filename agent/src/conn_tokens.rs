@@ -136,6 +136,7 @@ mod tests {
             segments_in,
             segments_out,
             duration: Duration::from_secs(secs),
+            app_records_in: None,
         }
     }
 

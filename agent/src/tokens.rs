@@ -88,6 +88,10 @@ pub struct Traffic {
     pub segments_out: u32,
     /// Handshake done to close.
     pub duration: Duration,
+    /// application_data TLS records received, when the kernel counted
+    /// every one (no lost sync, docs/events.md "TLS records"); `None`
+    /// otherwise (not TLS, a gap).
+    pub app_records_in: Option<u32>,
 }
 
 /// How the response came.
@@ -363,14 +367,53 @@ pub fn estimate_requests(family: Family, client: Client, t: &Traffic, n: u32) ->
     let n = n.clamp(1, max_requests(family, client, t));
     let shape = shape(family, t);
     let (prompt, completion) = lines(family, client, shape);
+    let mut completion = completion.map_or(0, |l| {
+        l.repeated(n, HANDSHAKE_RECEIVED).tokens(t.bytes_received)
+    });
+    if shape == Shape::Streamed {
+        if let Some(events) = stream_events(family, t, n) {
+            // One event per record, if the bytes agree (a server that
+            // writes several events per record has far more bytes per
+            // record than one event's: then the bytes stand).
+            let (lo, hi) = (completion as f64 * 0.75, completion as f64 * 1.25 + 3.0);
+            if (lo..=hi).contains(&(events as f64)) {
+                completion = events;
+            }
+        }
+    }
     Some(Estimate {
         prompt: prompt.repeated(n, HANDSHAKE_SENT).tokens(t.bytes_sent),
-        completion: completion.map_or(0, |l| {
-            l.repeated(n, HANDSHAKE_RECEIVED).tokens(t.bytes_received)
-        }),
+        completion,
         shape,
         requests: n,
     })
+}
+
+/// application_data records a stream's connection receives besides one per
+/// token: the server's encrypted handshake flight and session tickets
+/// (rustls, like most servers: 2) …
+pub const HANDSHAKE_APP_RECORDS: u32 = 2;
+
+impl Family {
+    /// … and per streamed response: OpenAI the headers, the role chunk,
+    /// the finish chunk, `[DONE]` and the last HTTP chunk (5; a usage
+    /// chunk makes 6); Anthropic the headers, `message_start`,
+    /// `content_block_start`, `ping`, `content_block_stop`,
+    /// `message_delta`, `message_stop` and the last chunk (8).
+    pub fn stream_fixed_records(self) -> u32 {
+        match self {
+            Family::OpenAi => 5,
+            Family::Anthropic => 8,
+        }
+    }
+}
+
+/// Token events of `n` streamed responses from the records received, when
+/// the kernel counted them all.
+pub fn stream_events(family: Family, t: &Traffic, n: u32) -> Option<u64> {
+    let records = t.app_records_in?;
+    let fixed = HANDSHAKE_APP_RECORDS + n.max(1) * family.stream_fixed_records();
+    Some(u64::from(records.saturating_sub(fixed)))
 }
 
 #[cfg(test)]
@@ -384,6 +427,7 @@ mod tests {
             segments_in,
             segments_out: 4,
             duration: Duration::from_millis(millis),
+            app_records_in: None,
         }
     }
 
@@ -466,6 +510,35 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_counts_one_token_per_record_when_the_bytes_agree() {
+        let received = bytes(OPENAI.completion_streamed, 300) + 700;
+        let t = traffic(bytes(OPENAI.prompt_streamed, 40), received, 310, 900);
+        let by_bytes = estimate(Family::OpenAi, Client::Plain, &t).unwrap();
+        assert_eq!(by_bytes.shape, Shape::Streamed);
+        assert!(by_bytes.completion > 300, "{by_bytes:?}");
+        // 300 events + 5 fixed records + 2 of the handshake.
+        let t = Traffic {
+            app_records_in: Some(307),
+            ..t
+        };
+        let e = estimate(Family::OpenAi, Client::Plain, &t).unwrap();
+        assert_eq!(e.completion, 300);
+        // A server that writes ten events per record: the bytes stand.
+        let t = Traffic {
+            app_records_in: Some(37),
+            ..t
+        };
+        let e = estimate(Family::OpenAi, Client::Plain, &t).unwrap();
+        assert_eq!(e.completion, by_bytes.completion);
+        // Two streamed responses on one connection: 2 × 5 fixed records.
+        let t = Traffic {
+            app_records_in: Some(2 + 10 + 290),
+            ..t
+        };
+        assert_eq!(stream_events(Family::OpenAi, &t, 2), Some(290));
+    }
+
+    #[test]
     fn a_body_faster_than_generation_has_no_completion() {
         // A 30 kB embedding vector within 20 ms.
         let t = traffic(bytes(OPENAI.prompt_not_generated, 300), 30_000, 4, 20);
@@ -491,6 +564,7 @@ mod tests {
             segments_in: 30,
             segments_out: 5,
             duration: Duration::from_millis(137),
+            app_records_in: None,
         };
         assert_eq!(max_requests(Family::Anthropic, Client::Sdk, &t), 1);
         assert_eq!(

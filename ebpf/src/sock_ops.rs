@@ -6,8 +6,10 @@
 //!   tracked sockets, so failed handshakes are reported too;
 //! - `ACTIVE_ESTABLISHED_CB` (4): handshake done;
 //! - `RTT_CB` (12): each RTT sample; at most every `CONN_UPDATE_NS` an update
-//!   event with the byte counts so far (streamed responses are seen while
-//!   they last);
+//!   event with the byte counts so far. RTT samples come only when data the
+//!   client sent is acknowledged: the ingress skb program (records.rs)
+//!   sends the updates of received data (a streamed response), and both
+//!   share the rate limit through `reported_ns`;
 //! - `STATE_CB` (10), `arg(1)` = new state: on TCP_CLOSE (7) the summary
 //!   event, then the entry is removed.
 //! Byte counts are the socket's `bytes_acked` (payload sent and
