@@ -141,7 +141,12 @@ allow = ["test-llm"]
             agent.context()
         );
     }
-    assert_eq!(server.served.load(Ordering::SeqCst), N);
+    // The server counts a connection after curl has its answer.
+    let served = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        let n = server.served.load(Ordering::SeqCst);
+        (n == N).then_some(n)
+    });
+    assert_eq!(served, Some(N));
     let labels = |dir: &'static str| {
         [
             ("workload", "bot"),
