@@ -157,7 +157,11 @@ impl Budgets {
                 *bucket,
                 PairBudget {
                     pair: pair.clone(),
-                    minute: keep(old.as_ref().and_then(|o| o.minute), limits.tokens_per_minute, MINUTE),
+                    minute: keep(
+                        old.as_ref().and_then(|o| o.minute),
+                        limits.tokens_per_minute,
+                        MINUTE,
+                    ),
                     day: keep(old.as_ref().and_then(|o| o.day), limits.tokens_per_day, DAY),
                     spent: old.and_then(|o| o.spent),
                 },
@@ -318,15 +322,18 @@ impl Budgets {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let saved: StateFile = serde_json::from_slice(&text)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let saved: StateFile =
+            serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let elapsed = Clock::now().since(&saved);
         for s in &saved.pairs {
             let bucket = crate::limits::bucket_id(&s.workload, &s.provider);
             let Some(p) = self.pairs.get_mut(&bucket) else {
                 continue;
             };
-            for (w, r) in [(&mut p.minute, s.minute_remaining), (&mut p.day, s.day_remaining)] {
+            for (w, r) in [
+                (&mut p.minute, s.minute_remaining),
+                (&mut p.day, s.day_remaining),
+            ] {
                 if let (Some(w), Some(r)) = (w.as_mut(), r)
                     && r.is_finite()
                 {

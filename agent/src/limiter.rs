@@ -90,18 +90,19 @@ impl Limiter {
 
     /// Once a second.
     pub fn tick(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
-        let buckets: Vec<(u64, Pair)> = self
-            .budgets
-            .pairs()
-            .map(|(b, p)| (b, p.clone()))
-            .collect();
+        let buckets: Vec<(u64, Pair)> = self.budgets.pairs().map(|(b, p)| (b, p.clone())).collect();
         for (bucket, pair) in buckets {
             let total: u64 = ["prompt", "completion"]
                 .iter()
                 .map(|kind| {
                     metrics
                         .tokens
-                        .with_label_values(&[pair.workload.as_str(), pair.provider.as_str(), kind, tokens::SOURCE])
+                        .with_label_values(&[
+                            pair.workload.as_str(),
+                            pair.provider.as_str(),
+                            kind,
+                            tokens::SOURCE,
+                        ])
                         .get()
                 })
                 .sum();

@@ -58,8 +58,8 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
             }
             if let Some(bw) = limits.bandwidth {
                 flags |= limit_flag::BANDWIDTH;
-                let rate = Rate::new(bw.bytes_per_second, bw.burst_bytes * BYTE_UNIT)
-                    .unwrap_or_default();
+                let rate =
+                    Rate::new(bw.bytes_per_second, bw.burst_bytes * BYTE_UNIT).unwrap_or_default();
                 out.bandwidth.insert(
                     bucket,
                     BandwidthLimit {

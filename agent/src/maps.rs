@@ -423,10 +423,7 @@ impl KernelMaps {
 
     /// Pairs marked spent in the kernel (left by a previous agent, too).
     pub fn budget_spent(&self) -> BTreeMap<u64, u32> {
-        self.budget_spent
-            .iter()
-            .filter_map(Result::ok)
-            .collect()
+        self.budget_spent.iter().filter_map(Result::ok).collect()
     }
 
     /// Every limit hit counter, summed over CPUs.

@@ -160,7 +160,10 @@ fn check_rejects_bad_limits_naming_each_key() {
 [workloads.limits]\nconnections_per_second = 0\nbytes_per_second = 1000\nbytes_burst = 10\n\
 tokens_per_minute = -5\n";
     let (out, text) = check(policy);
-    assert!(!out.status.success(), "bad limits must fail `check`:\n{text}");
+    assert!(
+        !out.status.success(),
+        "bad limits must fail `check`:\n{text}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     for (line, key) in [
         (6, "workloads[0].limits.connections_per_second = 0"),
@@ -177,7 +180,10 @@ tokens_per_minute = -5\n";
         "[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\n[workloads.limits]\ntokens_per_day = 99999999999999999999\n",
     );
     assert!(!out.status.success(), "{text}");
-    assert!(has_line_col(&String::from_utf8_lossy(&out.stderr), 5), "{text}");
+    assert!(
+        has_line_col(&String::from_utf8_lossy(&out.stderr), 5),
+        "{text}"
+    );
     let (out, text) = check(
         "[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\n[workloads.limits.providers.opnai]\nburst = 3\n",
     );

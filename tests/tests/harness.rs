@@ -17,7 +17,7 @@ use llm_egress_tests::{
     http,
     probe::{ConnectForReport, confine, describe},
     require_root,
-    servers::{HTTP_BODY, ByteServer},
+    servers::{ByteServer, HTTP_BODY},
 };
 
 const WAIT: Duration = Duration::from_secs(2);

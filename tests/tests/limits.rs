@@ -16,10 +16,10 @@ use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, TcpServer,
     fake_provider::{self, Flavor, Rng},
     probe::confine,
-    require_root,
     probe::{SpawnedProbe, TransferReport},
-    servers::ByteServer,
+    require_root,
     scenario::{PROVIDER, expect_eperm, expect_ok, policy, probe, wait_event},
+    servers::ByteServer,
 };
 use serde_json::json;
 
@@ -247,22 +247,32 @@ fn streamed_chat(
         "stream": true,
     });
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "60"])
-        .arg("--cacert")
-        .arg(server.ca_file())
-        .arg("--resolve")
-        .arg(server.resolve_arg())
-        .args(["-H", "Content-Type: application/json"])
-        .arg("-H")
-        .arg(format!("Authorization: Bearer sk-proj-{}", rng.alnum(156)))
-        .arg("--data-binary")
-        .arg(body.to_string())
-        .arg(server.url("/v1/chat/completions"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "60",
+    ])
+    .arg("--cacert")
+    .arg(server.ca_file())
+    .arg("--resolve")
+    .arg(server.resolve_arg())
+    .args(["-H", "Content-Type: application/json"])
+    .arg("-H")
+    .arg(format!("Authorization: Bearer sk-proj-{}", rng.alnum(156)))
+    .arg("--data-binary")
+    .arg(body.to_string())
+    .arg(server.url("/v1/chat/completions"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     confine(&mut cmd, cgroup, ns);
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run curl: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
     assert!(
         out.status.success() && out.stdout == b"200",
         "curl: {} {}",
@@ -397,7 +407,9 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
     // for the upload, then a source for the download.
     {
         let sink = ByteServer::sink(&ns, LLM);
-        check("upload", vec![p.spawn_upload(&bot, &ns, LLM, MS)], &|| sink.bytes());
+        check("upload", vec![p.spawn_upload(&bot, &ns, LLM, MS)], &|| {
+            sink.bytes()
+        });
     }
     {
         // Three connections of the pair share its rate.
@@ -407,11 +419,17 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
     }
     {
         let source = ByteServer::source(&ns, LLM);
-        check("download", vec![p.spawn_download(&bot, &ns, LLM, MS)], &|| source.bytes());
+        check(
+            "download",
+            vec![p.spawn_download(&bot, &ns, LLM, MS)],
+            &|| source.bytes(),
+        );
     }
     {
         let source = ByteServer::source(&ns, LLM);
-        let runs = (0..3).map(|_| p.spawn_download(&bot, &ns, LLM, MS)).collect();
+        let runs = (0..3)
+            .map(|_| p.spawn_download(&bot, &ns, LLM, MS))
+            .collect();
         check("download, 3 connections", runs, &|| source.bytes());
     }
     // Another workload of the same provider is not held to bot's limit.
@@ -428,14 +446,22 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
     // only by drops; the paced upload needs none.
     let dropped = agent.expect_metric(
         "llm_egress_rate_limited_total",
-        &[("workload", "bot"), ("limit", "bandwidth_in"), ("verdict", "deny")],
+        &[
+            ("workload", "bot"),
+            ("limit", "bandwidth_in"),
+            ("verdict", "deny"),
+        ],
         |v| v > 0.0,
         Duration::from_secs(5),
     );
     let dropped_out = metric(
         &agent,
         "llm_egress_rate_limited_total",
-        &[("workload", "bot"), ("limit", "bandwidth_out"), ("verdict", "deny")],
+        &[
+            ("workload", "bot"),
+            ("limit", "bandwidth_out"),
+            ("verdict", "deny"),
+        ],
     );
     println!("packets dropped: {dropped} received, {dropped_out} sent");
 }

@@ -10,7 +10,9 @@ mod kubernetes;
 mod validate;
 
 pub use error::{PolicyError, PolicyErrors};
-pub use llm_egress_common::{MAX_BYTES_BURST, MAX_BYTES_PER_SECOND, MAX_CONNECTION_BURST, MAX_CONNECTIONS_PER_SECOND};
+pub use llm_egress_common::{
+    MAX_BYTES_BURST, MAX_BYTES_PER_SECOND, MAX_CONNECTION_BURST, MAX_CONNECTIONS_PER_SECOND,
+};
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
