@@ -258,12 +258,11 @@ impl ProcessSeries {
                         self.demote(&w, &smallest);
                         continue;
                     }
-                } else if named < limit {
-                    if let Some(best) = busiest_candidate(procs, now, ttl) {
+                } else if named < limit
+                    && let Some(best) = busiest_candidate(procs, now, ttl) {
                         self.promote(&w, &best);
                         continue;
                     }
-                }
                 break;
             }
             if self.workloads[&w].is_empty() {
@@ -484,13 +483,13 @@ mod tests {
             let now = start + Duration::from_millis(step * 100);
             // Each 30 s phase has a hot process; the others trickle.
             let phase = step / 300;
-            let name = if (x >> 50) % 5 == 0 {
+            let name = if (x >> 50).is_multiple_of(5) {
                 format!("p{}", (x >> 53) % 9)
             } else {
                 format!("p{}", (phase * 4) % 9)
             };
             let before = s.named("w");
-            if (x >> 20) % 5 == 0 {
+            if (x >> 20).is_multiple_of(5) {
                 s.connection("w", &name, &c, now);
                 conns += 1;
             } else {

@@ -370,8 +370,8 @@ pub fn estimate_requests(family: Family, client: Client, t: &Traffic, n: u32) ->
     let mut completion = completion.map_or(0, |l| {
         l.repeated(n, HANDSHAKE_RECEIVED).tokens(t.bytes_received)
     });
-    if shape == Shape::Streamed {
-        if let Some(events) = stream_events(family, t, n) {
+    if shape == Shape::Streamed
+        && let Some(events) = stream_events(family, t, n) {
             // One event per record, if the bytes agree (a server that
             // writes several events per record has far more bytes per
             // record than one event's: then the bytes stand).
@@ -380,7 +380,6 @@ pub fn estimate_requests(family: Family, client: Client, t: &Traffic, n: u32) ->
                 completion = events;
             }
         }
-    }
     Some(Estimate {
         prompt: prompt.repeated(n, HANDSHAKE_SENT).tokens(t.bytes_sent),
         completion,

@@ -118,7 +118,7 @@ pub struct FakeProvider {
     addr: SocketAddr,
     ca_file: PathBuf,
     served: Arc<Mutex<Vec<Served>>>,
-    records: Arc<Mutex<Vec<(SocketAddr, Arc<Mutex<RecordCounts>>)>>>,
+    records: Arc<ConnRecords>,
     stop: Arc<AtomicBool>,
     listener: TcpListener,
     _dir: TempDir,
@@ -297,6 +297,9 @@ fn chain_for(host: &str) -> (Chain, (PrivateKeyDer<'static>, String)) {
 
 type Tls = StreamOwned<ServerConnection, RecordSock>;
 
+/// The TLS record counts of every connection a server served, by peer.
+type ConnRecords = Mutex<Vec<(SocketAddr, Arc<Mutex<RecordCounts>>)>>;
+
 /// TLS records of one connection as the server wrote and read them: the
 /// ground truth for the kernel's record counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -395,7 +398,7 @@ fn serve(
     flavor: Flavor,
     opts: Options,
     served: &Mutex<Vec<Served>>,
-    records: &Mutex<Vec<(SocketAddr, Arc<Mutex<RecordCounts>>)>>,
+    records: &ConnRecords,
 ) -> Result<(), String> {
     conn.set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
