@@ -101,9 +101,10 @@ impl Counted {
         t: &Traffic,
     ) -> Option<(Estimate, (u64, u64))> {
         if let Some(received) = self.unanswered.take()
-            && t.bytes_received < received + MIN_RESPONSE_BYTES {
-                self.turns = self.turns.saturating_sub(1).max(1);
-            }
+            && t.bytes_received < received + MIN_RESPONSE_BYTES
+        {
+            self.turns = self.turns.saturating_sub(1).max(1);
+        }
         let mut e = tokens::estimate_requests(family, client, t, self.turns)?;
         e.prompt = e.prompt.max(self.prompt);
         e.completion = e.completion.max(self.completion);

@@ -259,10 +259,11 @@ impl ProcessSeries {
                         continue;
                     }
                 } else if named < limit
-                    && let Some(best) = busiest_candidate(procs, now, ttl) {
-                        self.promote(&w, &best);
-                        continue;
-                    }
+                    && let Some(best) = busiest_candidate(procs, now, ttl)
+                {
+                    self.promote(&w, &best);
+                    continue;
+                }
                 break;
             }
             if self.workloads[&w].is_empty() {

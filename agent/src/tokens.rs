@@ -371,15 +371,16 @@ pub fn estimate_requests(family: Family, client: Client, t: &Traffic, n: u32) ->
         l.repeated(n, HANDSHAKE_RECEIVED).tokens(t.bytes_received)
     });
     if shape == Shape::Streamed
-        && let Some(events) = stream_events(family, t, n) {
-            // One event per record, if the bytes agree (a server that
-            // writes several events per record has far more bytes per
-            // record than one event's: then the bytes stand).
-            let (lo, hi) = (completion as f64 * 0.75, completion as f64 * 1.25 + 3.0);
-            if (lo..=hi).contains(&(events as f64)) {
-                completion = events;
-            }
+        && let Some(events) = stream_events(family, t, n)
+    {
+        // One event per record, if the bytes agree (a server that
+        // writes several events per record has far more bytes per
+        // record than one event's: then the bytes stand).
+        let (lo, hi) = (completion as f64 * 0.75, completion as f64 * 1.25 + 3.0);
+        if (lo..=hi).contains(&(events as f64)) {
+            completion = events;
         }
+    }
     Some(Estimate {
         prompt: prompt.repeated(n, HANDSHAKE_SENT).tokens(t.bytes_sent),
         completion,

@@ -253,10 +253,7 @@ mod tests {
             MAX_CONNECTION_BURST * CONN_UNIT,
         )
         .unwrap();
-        assert_eq!(
-            r.take(0, 0, r.fill_ns - 1, 0).0,
-            (r.fill_ns - 1) * r.per_ns
-        );
+        assert_eq!(r.take(0, 0, r.fill_ns - 1, 0).0, (r.fill_ns - 1) * r.per_ns);
         let b = Rate::new(MAX_BYTES_PER_SECOND, MAX_BYTES_BURST * BYTE_UNIT).unwrap();
         assert_eq!(b.take(u64::MAX / 4, 0, u64::MAX, 0).0, b.capacity);
         let slow = Rate::new(1, CONN_UNIT).unwrap();

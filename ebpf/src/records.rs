@@ -347,7 +347,13 @@ fn kept(w: &TlsWalk, have: u32) -> u64 {
 #[inline(always)]
 fn keep(w: &mut TlsWalk, acc: u64, n: u32) {
     let n = n & 7;
-    let byte = |k: u32| if k < n { (acc >> (8 * (n - 1 - k))) as u8 } else { 0 };
+    let byte = |k: u32| {
+        if k < n {
+            (acc >> (8 * (n - 1 - k))) as u8
+        } else {
+            0
+        }
+    };
     w.hdr[0] = byte(0);
     w.hdr[1] = byte(1);
     w.hdr[2] = byte(2);
