@@ -9,8 +9,10 @@
 //! - [`NetnsGuard`]: a network namespace with `lo` and an interface `d0`
 //!   carrying the test addresses ([`TEST_ADDRS`]); [`NetnsGuard::in_netns`]
 //!   runs code on a thread inside it.
-//! - [`TcpServer`], [`HttpServer`], [`UdpServer`]: counting servers inside
-//!   a namespace.
+//! - [`TcpServer`], [`HttpServer`], [`UdpServer`], [`servers::ByteServer`]:
+//!   counting servers inside a namespace; [`fake_provider`]: TLS servers
+//!   speaking the OpenAI and Anthropic wire formats, and [`curl`] to call
+//!   them from a workload.
 //! - [`DnsServer`]: dnsmasq on a loopback port, answering fixed names.
 //! - [`fake_kube::FakeKube`]: a Kubernetes API server on 127.0.0.1 (HTTPS,
 //!   bearer token) that lists the pods of a node.
@@ -32,6 +34,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod cgroup;
+pub mod curl;
 pub mod dns;
 pub mod fake_kube;
 pub mod fake_provider;

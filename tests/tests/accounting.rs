@@ -6,7 +6,7 @@
 use std::{
     io::{Read, Write},
     net::TcpListener,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -16,7 +16,8 @@ use std::{
 
 use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard,
-    fake_provider::{self, FakeProvider, Flavor},
+    curl::{expect_200, stream_chat},
+    fake_provider::{self, Flavor},
     probe::confine,
     require_root, toml_str, wait_until,
 };
@@ -349,52 +350,6 @@ allow = ["openai"]
     )
 }
 
-/// curl posting a streamed chat completion of `tokens` tokens, spawned.
-fn stream_curl(
-    server: &FakeProvider,
-    cgroup: &std::path::Path,
-    netns: &NetnsGuard,
-    tokens: usize,
-) -> std::process::Child {
-    let body = serde_json::json!({
-        "model": "gpt-4o-mini", "max_tokens": tokens, "stream": true,
-        "messages": [{"role": "user", "content": "Tell me a long story."}]
-    });
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "60",
-    ]);
-    cmd.arg("--cacert")
-        .arg(server.ca_file())
-        .arg("--resolve")
-        .arg(server.resolve_arg());
-    cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
-        .arg(body.to_string())
-        .arg(server.url("/v1/chat/completions"));
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    confine(&mut cmd, cgroup, netns);
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("cannot run curl: {e}"))
-}
-
-fn finish(child: std::process::Child) {
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("curl: {e}"));
-    assert!(
-        out.status.success() && out.stdout == b"200",
-        "curl failed ({}): {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The kernel's TLS record counts of a streamed response equal what the
 /// server wrote and read (a record walker over its socket's bytes), and a
 /// stream of N events is at least N application_data records.
@@ -407,7 +362,7 @@ fn tls_records_of_a_stream_match_what_the_server_wrote_and_read() {
     let server = fake_provider::start(&netns, "192.0.2.1:443", Flavor::OpenAi);
     let agent = Agent::start(&openai_policy(&cg));
     const EVENTS: usize = 300;
-    finish(stream_curl(&server, &bot, &netns, EVENTS));
+    expect_200(stream_chat(&server, &bot, &netns, EVENTS));
     let record = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
         agent
             .audit_events()
@@ -482,7 +437,7 @@ fn a_long_stream_is_updated_while_it_streams() {
     );
     let agent = Agent::start(&openai_policy(&cg));
     // 260 tokens × 50 ms: 13 s.
-    let child = stream_curl(&server, &bot, &netns, 260);
+    let child = stream_chat(&server, &bot, &netns, 260);
     let labels = |dir| {
         [
             ("workload", "bot"),
@@ -522,7 +477,7 @@ fn a_long_stream_is_updated_while_it_streams() {
             seen.push((bytes, records, completion));
         }
     }
-    finish(child);
+    expect_200(child);
     println!("values while open (bytes, records, completion tokens): {seen:?}");
     let live: Vec<_> = seen.iter().filter(|v| v.0 > 0.0).collect();
     assert!(

@@ -7,21 +7,17 @@
 //! Needs root, bpffs, curl and a built agent (LLM_EGRESS_BIN). Locals are
 //! declared cgroup, netns, servers, agent, so they drop in reverse order.
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, TcpServer,
-    fake_provider::{self, Flavor, Rng},
-    probe::confine,
+    curl::{expect_200, stream_chat},
+    fake_provider::{self, Flavor},
     probe::{SpawnedProbe, TransferReport},
     require_root,
     scenario::{PROVIDER, expect_eperm, expect_ok, policy, probe, wait_event},
     servers::ByteServer,
 };
-use serde_json::json;
 
 const LLM: &str = "10.20.0.1:8443";
 /// The accuracy issue 5 asks of connection-rate limits.
@@ -231,56 +227,6 @@ allow = ["openai"]
     )
 }
 
-/// A streamed chat completion of about `tokens` tokens, sent by curl from
-/// `cgroup`; panics unless it got a 200.
-fn streamed_chat(
-    server: &fake_provider::FakeProvider,
-    cgroup: &std::path::Path,
-    ns: &NetnsGuard,
-    tokens: u64,
-) {
-    let mut rng = Rng::new(tokens);
-    let body = json!({
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": fake_provider::prose(rng.next_u64(), 40)}],
-        "max_tokens": tokens,
-        "stream": true,
-    });
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "60",
-    ])
-    .arg("--cacert")
-    .arg(server.ca_file())
-    .arg("--resolve")
-    .arg(server.resolve_arg())
-    .args(["-H", "Content-Type: application/json"])
-    .arg("-H")
-    .arg(format!("Authorization: Bearer sk-proj-{}", rng.alnum(156)))
-    .arg("--data-binary")
-    .arg(body.to_string())
-    .arg(server.url("/v1/chat/completions"))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    confine(&mut cmd, cgroup, ns);
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
-    assert!(
-        out.status.success() && out.stdout == b"200",
-        "curl: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn a_token_budget_spent_by_streams_refuses_new_connections_and_survives_a_restart() {
     require_root();
@@ -294,7 +240,7 @@ fn a_token_budget_spent_by_streams_refuses_new_connections_and_survives_a_restar
     ));
     let p = probe();
     // Within the budget: the first stream is allowed...
-    streamed_chat(&server, &bot, &ns, 400);
+    expect_200(stream_chat(&server, &bot, &ns, 400));
     // ...and spends more than the minute's 300 tokens.
     let labels = [
         ("workload", "bot"),
