@@ -411,3 +411,71 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
     );
     println!("packets dropped: {dropped} received, {dropped_out} sent");
 }
+
+#[test]
+fn each_provider_has_its_own_bucket_and_overrides_replace_workload_limits() {
+    require_root();
+    let cg = CgroupGuard::new("limit-override");
+    let bot = cg.child("bot");
+    let ns = NetnsGuard::new();
+    let _llm = TcpServer::start(&ns, LLM);
+    let _other = TcpServer::start(&ns, "192.0.2.1:8443");
+    let _third = TcpServer::start(&ns, "198.51.100.1:8443");
+    let agent = Agent::start(&policy(
+        &cg,
+        "",
+        &format!(
+            r#"{PROVIDER}
+[[providers]]
+name = "other-llm"
+cidrs = ["192.0.2.0/24"]
+ports = [8443]
+
+[[providers]]
+name = "third-llm"
+cidrs = ["198.51.100.0/24"]
+ports = [8443]
+
+[[workloads]]
+name = "bot"
+cgroup = "bot"
+allow = ["test-llm", "other-llm", "third-llm"]
+[workloads.limits]
+connections_per_second = 2
+burst = 2
+[workloads.limits.providers.other-llm]
+connections_per_second = 1000
+burst = 1000
+"#
+        ),
+    ));
+    let p = probe();
+    // test-llm and third-llm each get the workload's 2/s from a bucket of
+    // their own: using up one leaves the other full.
+    let llm = p.connect_for(&bot, &ns, LLM, 1_000, 10_000);
+    let third = p.connect_for(&bot, &ns, "198.51.100.1:8443", 1_000, 10_000);
+    // other-llm's override: 1000/s, far above what 100 tries a second need.
+    let other = p.connect_for(&bot, &ns, "192.0.2.1:8443", 1_000, 10_000);
+    for (what, r) in [("test-llm", &llm), ("third-llm", &third)] {
+        assert!(
+            r.eperm > 0 && (2..=5).contains(&r.ok),
+            "{what}: 2/s with a burst of 2 allows 2 + ~2 in a second: {r:?}\n{}",
+            agent.context()
+        );
+    }
+    assert_eq!(
+        other.eperm, 0,
+        "other-llm's override must replace the workload's rate: {other:?}"
+    );
+    assert!(other.ok >= 50, "{other:?}");
+    agent.expect_metric(
+        "llm_egress_rate_limited_total",
+        &[
+            ("workload", "bot"),
+            ("provider", "third-llm"),
+            ("limit", "connections"),
+        ],
+        |v| v == third.eperm as f64,
+        Duration::from_secs(5),
+    );
+}
