@@ -68,6 +68,7 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub budget_remaining: IntGaugeVec,
     pub limit_buckets_full: IntCounter,
+    pub budget_stopped: IntCounter,
     /// Last `LIMIT_HITS` values seen, to turn them into increments.
     limit_hits_seen: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<llm_egress_common::LimitHitKey, u64>>,
@@ -343,6 +344,11 @@ impl Metrics {
                 "llm_egress_limit_buckets_full_total",
                 "Limited traffic let through because the kernel's bucket map (BUCKETS) was full.",
             )?,
+            budget_stopped: counter(
+                &r,
+                "llm_egress_budget_stopped_connections_total",
+                "Open provider connections stopped because their workload's token budget was spent (their next request dropped, the socket aborted; docs/limits.md).",
+            )?,
             limit_hits_seen: Default::default(),
             registry: r,
             verdicts_seen: Default::default(),
@@ -415,6 +421,7 @@ impl Metrics {
         }
         self.limit_buckets_full
             .inc_by(delta(counter::LIMIT_BUCKETS_FULL));
+        self.budget_stopped.inc_by(delta(counter::BUDGET_STOPPED));
         // A hit that found LIMIT_HITS full was still enforced; count it
         // where a full map is counted.
         self.map_update_errors

@@ -121,6 +121,10 @@ pub struct ConnStats {
     /// Bucket id of the connection's bandwidth limit (`BANDWIDTH`), 0 for
     /// none: the skb programs police the connection's packets with it.
     pub bandwidth_bucket: u64,
+    /// Bucket id of the connection's token budget (`BUDGET_SPENT`), 0 for
+    /// none: once the budget is spent, the egress program stops what the
+    /// connection sends (docs/limits.md, "Open connections").
+    pub budget_bucket: u64,
     /// TLS record walks (ebpf/src/records.rs): `tls[TLS_SENT]` over the
     /// bytes sent, `tls[TLS_RECEIVED]` over the bytes received.
     pub tls: [TlsWalk; 2],
@@ -182,8 +186,8 @@ const _: () = {
     assert!(size_of::<ConnectDecision>() == 48);
     assert!(size_of::<ConnectEvent>() == 104 && align_of::<ConnectEvent>() == 8);
     assert!(size_of::<TlsWalk>() == 24 && align_of::<TlsWalk>() == 4);
-    assert!(size_of::<ConnStats>() == 160);
-    assert!(size_of::<ConnEvent>() == 216 && align_of::<ConnEvent>() == 8);
+    assert!(size_of::<ConnStats>() == 168);
+    assert!(size_of::<ConnEvent>() == 224 && align_of::<ConnEvent>() == 8);
 };
 
 /// Bytes of a DNS message carried by a `DNS_UNPARSED` event.

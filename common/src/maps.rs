@@ -258,6 +258,9 @@ pub mod counter {
     pub const LIMIT_BUCKETS_FULL: u32 = 25;
     /// Limit hits not counted in `LIMIT_HITS` because it was full.
     pub const LIMIT_HITS_FULL: u32 = 26;
+    /// Open connections stopped because their pair's token budget was
+    /// spent (their next payload packet dropped, the socket aborted).
+    pub const BUDGET_STOPPED: u32 = 27;
     pub const LEN: u32 = 32;
 }
 

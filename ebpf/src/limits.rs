@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use llm_egress_common::{
-    BYTE_UNIT, Bucket, BucketKey, CONN_UNIT, LimitHitKey, LimitValue, ProviderKey, Rate, counter,
-    limit_flag, limit_kind, mode, verdict,
+    BYTE_UNIT, Bucket, BucketKey, CONN_UNIT, ConnEvent, LimitHitKey, LimitValue, ProviderKey, Rate,
+    counter, limit_flag, limit_kind, mode, verdict,
 };
 
 use crate::maps::{
@@ -192,4 +192,35 @@ pub fn police(ctx: &SkBuffContext, egress: bool) -> i32 {
         }
         _ => PASS,
     }
+}
+
+/// Whether a tracked connection must stop sending because its pair's token
+/// budget is spent (`conn`: its `CONNS` entry). In enforce mode the caller
+/// drops the packet and marks the socket denied (`SNI_STATE`), which makes
+/// sock_ops abort it at its next try; audit mode only counts. Each stopped
+/// connection is counted once in `LIMIT_HITS` (the caller marks it).
+#[inline(always)]
+pub fn budget_stops(conn: &ConnEvent) -> bool {
+    let bucket = conn.data.budget_bucket;
+    if bucket == 0 {
+        return false;
+    }
+    // SAFETY: value copied out at once.
+    let Some(kind) = (unsafe { BUDGET_SPENT.get(&bucket) }).copied() else {
+        return false;
+    };
+    let audit = match crate::policy::active() {
+        Ok((_, cfg)) => cfg.mode == mode::AUDIT,
+        Err(_) => true,
+    };
+    count_hit(
+        bucket,
+        kind,
+        if audit { verdict::AUDIT } else { verdict::DENY },
+    );
+    if audit {
+        return false;
+    }
+    count(counter::BUDGET_STOPPED);
+    true
 }

@@ -99,13 +99,11 @@ struct LoopCtx {
     dir: u64,
 }
 
-/// A packet the egress program sends with payload: `off` and `len` of the
-/// payload in the skb, `seq` from its TCP header.
+/// A packet the egress program sends with payload on a tracked connection
+/// (`entry`: its `CONNS` value): `off` and `len` of the payload in the
+/// skb, `seq` from its TCP header.
 #[inline(always)]
-pub fn sent(ctx: &SkBuffContext, cookie: u64, off: usize, len: usize, seq: u32) {
-    let Some(entry) = CONNS.get_ptr_mut(&cookie) else {
-        return;
-    };
+pub fn sent(ctx: &SkBuffContext, entry: *mut ConnEvent, off: usize, len: usize, seq: u32) {
     // SAFETY: `entry` points into a live CONNS value for this program run.
     let w = unsafe { &mut (*entry).data.tls[TLS_SENT] };
     walk(ctx, w, off, len as u32, seq, TLS_SENT);

@@ -199,7 +199,14 @@ fn try_sni(ctx: &SkBuffContext) -> i32 {
         return DROP_CN;
     }
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    crate::records::sent(ctx, cookie, off, total - off, seq);
+    if let Some(conn) = CONNS.get_ptr_mut(&cookie) {
+        // SAFETY: `conn` points into a live CONNS value for this run.
+        if crate::limits::budget_stops(unsafe { &*conn }) {
+            let _ = SNI_STATE.insert(&cookie, &sni_state::DENIED, 0);
+            return DROP_CN;
+        }
+        crate::records::sent(ctx, conn, off, total - off, seq);
+    }
     if state.is_some() {
         return PASS;
     }

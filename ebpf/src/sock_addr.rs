@@ -54,7 +54,7 @@ pub fn verdict_connect4(ctx: SockAddrContext) -> i32 {
 /// who connected where, sock_ops adds bytes and times and reports it.
 /// A full map evicts the oldest entry (LRU); failures only lose accounting.
 #[inline(always)]
-fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision, bandwidth_bucket: u64) {
+fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision, buckets: (u64, u64)) {
     if dest.proto != proto::TCP {
         return;
     }
@@ -75,7 +75,8 @@ fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision, bandwidth_bucket: u64
             addr: dest.addr,
             port: dest.port,
             family: dest.family,
-            bandwidth_bucket,
+            bandwidth_bucket: buckets.0,
+            budget_bucket: buckets.1,
             ..ConnStats::default()
         };
         let _ = CONNS.insert(&cookie, &*entry, 0);
@@ -295,11 +296,15 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
         report(ctx, dest, hook, v, &decision);
     }
     if v != verdict::DENY && decision.provider_id != NO_PROVIDER && connect {
-        let bandwidth_bucket = match &limit {
-            Some(l) if l.limits.flags & limit_flag::BANDWIDTH != 0 => l.limits.bucket,
+        let bucket_if = |flag: u32| match &limit {
+            Some(l) if l.limits.flags & flag != 0 => l.limits.bucket,
             _ => 0,
         };
-        track(ctx, dest, &decision, bandwidth_bucket);
+        let buckets = (
+            bucket_if(limit_flag::BANDWIDTH),
+            bucket_if(limit_flag::BUDGET),
+        );
+        track(ctx, dest, &decision, buckets);
     }
     if v == verdict::DENY { DENY } else { ALLOW }
 }

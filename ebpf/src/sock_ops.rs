@@ -150,8 +150,15 @@ fn abort_if_denied(ctx: &SockOpsContext, cookie: u64, op: u32) {
     // SAFETY: value copied out at once.
     let state = unsafe { SNI_STATE.get(&cookie) }.copied();
     if state != Some(llm_egress_common::sni_state::DENIED) {
-        if op == HDR_OPT_LEN_CB && state.is_some() {
-            // Judged and not denied: no more per-packet callbacks.
+        // Judged and not denied: no more per-packet callbacks, except for
+        // a connection with a token budget: when the budget is spent, the
+        // egress program denies it at its next payload and this callback
+        // aborts it at the try after.
+        // SAFETY: presence and one field, copied out at once.
+        if op == HDR_OPT_LEN_CB
+            && state.is_some()
+            && !unsafe { CONNS.get(&cookie) }.is_some_and(|c| c.data.budget_bucket != 0)
+        {
             // SAFETY: reading this program's own context.
             let flags = unsafe { (*ctx.ops).bpf_sock_ops_cb_flags } as i32;
             let _ = ctx.set_cb_flags(flags & !WRITE_HDR_OPT_CB_FLAG);

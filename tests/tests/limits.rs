@@ -479,3 +479,104 @@ burst = 1000
         Duration::from_secs(5),
     );
 }
+
+/// A keep-alive client (Python's http.client over TLS): one chat request,
+/// then it waits for `go` to exist and sends a second request on the same
+/// connection; prints `first 200` and then `second 200` or `second error
+/// <exception> <seconds>`.
+const KEEP_ALIVE_CLIENT: &str = r#"
+import http.client, json, os, socket, ssl, sys, time
+ip, host, ca, go = sys.argv[1:]
+ctx = ssl.create_default_context(cafile=ca)
+class Conn(http.client.HTTPSConnection):
+    def connect(self):
+        self.sock = ctx.wrap_socket(socket.create_connection((ip, 443), timeout=30), server_hostname=host)
+c = Conn(host, 443, context=ctx, timeout=30)
+body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+hdrs = {"Content-Type": "application/json", "Authorization": "Bearer sk-test"}
+c.request("POST", "/v1/chat/completions", body, hdrs)
+r = c.getresponse(); r.read()
+print("first", r.status, flush=True)
+while not os.path.exists(go):
+    time.sleep(0.05)
+t = time.monotonic()
+try:
+    c.request("POST", "/v1/chat/completions", body, hdrs)
+    r = c.getresponse(); r.read()
+    print("second", r.status, flush=True)
+except Exception as e:
+    print("second error", type(e).__name__, round(time.monotonic() - t, 2), flush=True)
+"#;
+
+#[test]
+fn a_spent_budget_stops_the_open_keep_alive_connections_of_the_workload() {
+    require_root();
+    let cg = CgroupGuard::new("limit-keepalive");
+    let bot = cg.child("bot");
+    let ns = NetnsGuard::new();
+    let server = fake_provider::start(&ns, "192.0.2.1:443", Flavor::OpenAi);
+    let agent = Agent::start(&budget_policy(&cg, "tokens_per_minute = 300"));
+    let dir = llm_egress_tests::TempDir::new("llm-egress-test-keepalive");
+    let go = dir.path().join("go");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", KEEP_ALIVE_CLIENT, "192.0.2.1", server.host()])
+        .arg(server.ca_file())
+        .arg(&go)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    llm_egress_tests::probe::confine(&mut cmd, &bot, &ns);
+    let client = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
+    // Its first request is served; then another connection of the
+    // workload spends the budget.
+    llm_egress_tests::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        (server.served().len() == 1).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the keep-alive client's first request never arrived\n{}",
+            agent.context()
+        )
+    });
+    expect_200(stream_chat(&server, &bot, &ns, 400));
+    agent.expect_metric(
+        "llm_egress_budget_remaining",
+        &[
+            ("workload", "bot"),
+            ("provider", "openai"),
+            ("window", "minute"),
+        ],
+        |v| v < 0.0,
+        Duration::from_secs(10),
+    );
+    // Now the open connection's next request must not reach the provider.
+    std::fs::write(&go, b"").expect("touch go");
+    let out = client
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("keep-alive client: {}", text.trim().replace('\n', "; "));
+    assert!(
+        text.contains("first 200"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("second error"),
+        "the second request on the open connection must fail: {text}\n{}",
+        agent.context()
+    );
+    assert_eq!(
+        server.served().len(),
+        2,
+        "the provider must have served the first request and the stream only"
+    );
+    agent.expect_metric(
+        "llm_egress_budget_stopped_connections_total",
+        &[],
+        |v| v >= 1.0,
+        Duration::from_secs(5),
+    );
+}
