@@ -174,6 +174,9 @@ pub struct TransferReport {
     pub error: Option<String>,
     /// Download only: the server closed before the time was up.
     pub eof: bool,
+    /// Download only: bytes read, and the time, after the first quarter of
+    /// the run (at most 1.5 s), when the socket buffers have filled.
+    pub steady: Option<(u64, Duration)>,
 }
 
 impl TransferReport {
@@ -202,6 +205,10 @@ impl TransferReport {
             rtt_us: n("rtt_us") as u32,
             error,
             eof: raw["eof"].as_bool().unwrap_or(false),
+            steady: raw["steady_bytes"]
+                .as_u64()
+                .zip(raw["steady_ns"].as_u64())
+                .map(|(b, ns)| (b, Duration::from_nanos(ns))),
         })
     }
 

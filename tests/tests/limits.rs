@@ -314,33 +314,41 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
     let p = probe();
     const MS: u64 = 8_000;
     let rate = 2_000_000.0;
-    // Throughput in steady state, from the server's byte count between
-    // 1.5 s and 7.5 s into an 8 s transfer: socket buffers fill at the
-    // start, so what the client wrote or the server queued is not what
-    // crossed.
-    let check = |what: &str, runs: Vec<SpawnedProbe>, bytes: &dyn Fn() -> u64| {
-        std::thread::sleep(Duration::from_millis(1_500));
-        let (b0, t0) = (bytes(), Instant::now());
-        std::thread::sleep(Duration::from_secs(6));
-        let (b1, secs) = (bytes(), t0.elapsed().as_secs_f64());
-        let reports: Vec<_> = runs
+    // Throughput in steady state, after socket buffers have filled (what a
+    // client wrote or a server queued in the first instant is not what
+    // crossed): an upload by the sink's byte count between 1.5 s and 7.5 s
+    // of an 8 s transfer, a download by what the clients read after their
+    // first 1.5 s.
+    let check = |what: &str, runs: Vec<SpawnedProbe>, sink: Option<&ByteServer>| {
+        let window = sink.map(|s| {
+            std::thread::sleep(Duration::from_millis(1_500));
+            let (b0, t0) = (s.bytes(), Instant::now());
+            std::thread::sleep(Duration::from_secs(6));
+            (s.bytes() - b0, t0.elapsed())
+        });
+        let reports: Vec<TransferReport> = runs
             .into_iter()
             .map(|run| {
                 run.wait_transfer()
                     .unwrap_or_else(|e| panic!("{what}: errno {e}\n{}", agent.context()))
             })
             .collect();
-        let r = TransferReport {
-            retrans: reports.iter().map(|r| r.retrans).sum(),
-            ..reports[0].clone()
-        };
-        let got = (b1 - b0) as f64 / secs;
+        let (bytes, time) = window.unwrap_or_else(|| {
+            let steady: Vec<_> = reports.iter().filter_map(|r| r.steady).collect();
+            assert_eq!(steady.len(), reports.len(), "{what}: {reports:?}");
+            let secs = steady.iter().map(|(_, t)| t.as_secs_f64()).sum::<f64>();
+            (
+                steady.iter().map(|(b, _)| b).sum(),
+                Duration::from_secs_f64(secs / steady.len() as f64),
+            )
+        });
+        let got = bytes as f64 / time.as_secs_f64();
         let error = (got - rate) / rate;
+        let retrans: u32 = reports.iter().map(|r| r.retrans).sum();
         println!(
-            "{what}: {got:.0} bytes/s of payload in steady state (limit {rate:.0} bytes/s of IP packets): error {:+.1}%; {} retransmissions seen by the client, rtt {} µs",
+            "{what}: {got:.0} bytes/s of payload in steady state (limit {rate:.0} bytes/s of IP packets): error {:+.1}%; {retrans} retransmissions seen by the client, rtt {} µs",
             error * 100.0,
-            r.retrans,
-            r.rtt_us
+            reports[0].rtt_us
         );
         assert!(
             error.abs() <= BANDWIDTH_TOLERANCE,
@@ -350,33 +358,25 @@ fn bandwidth_limits_hold_uploads_and_downloads_near_the_rate() {
         );
     };
     // The provider has one address and port in the test namespace: a sink
-    // for the upload, then a source for the download.
+    // for the uploads, then a source for the downloads.
     {
         let sink = ByteServer::sink(&ns, LLM);
-        check("upload", vec![p.spawn_upload(&bot, &ns, LLM, MS)], &|| {
-            sink.bytes()
-        });
-    }
-    {
-        // Three connections of the pair share its rate.
-        let sink = ByteServer::sink(&ns, LLM);
-        let runs = (0..3).map(|_| p.spawn_upload(&bot, &ns, LLM, MS)).collect();
-        check("upload, 3 connections", runs, &|| sink.bytes());
-    }
-    {
-        let source = ByteServer::source(&ns, LLM);
         check(
-            "download",
-            vec![p.spawn_download(&bot, &ns, LLM, MS)],
-            &|| source.bytes(),
+            "upload",
+            vec![p.spawn_upload(&bot, &ns, LLM, MS)],
+            Some(&sink),
         );
+        // Three connections of the pair share its rate.
+        let runs = (0..3).map(|_| p.spawn_upload(&bot, &ns, LLM, MS)).collect();
+        check("upload, 3 connections", runs, Some(&sink));
     }
     {
-        let source = ByteServer::source(&ns, LLM);
+        let _source = ByteServer::source(&ns, LLM);
+        check("download", vec![p.spawn_download(&bot, &ns, LLM, MS)], None);
         let runs = (0..3)
             .map(|_| p.spawn_download(&bot, &ns, LLM, MS))
             .collect();
-        check("download, 3 connections", runs, &|| source.bytes());
+        check("download, 3 connections", runs, None);
     }
     // Another workload of the same provider is not held to bot's limit.
     let _sink = ByteServer::sink(&ns, LLM);

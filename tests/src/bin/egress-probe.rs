@@ -35,7 +35,9 @@
 //! `"retrans"` and `"rtt_us"` (`tcpi_total_retrans` and `tcpi_rtt` of
 //! TCP_INFO, read just before close), and `"write_error"` / `"read_error"`
 //! when the transfer stopped on an error; when connect() fails they carry
-//! `"ok":false` and the errno fields like `connect`.
+//! `"ok":false` and the errno fields like `connect`. `download` also adds
+//! `"steady_bytes"` and `"steady_ns"`: what was read after the first
+//! quarter of MS (at most 1.5 s), when the socket buffers have filled.
 //!
 //! Exit status 0 whatever the results; 2 when the arguments are wrong or the
 //! cgroup or namespace cannot be entered (message on stderr).
@@ -429,10 +431,17 @@ fn download(addr: &SocketAddr, dur: Duration, timeout: Duration, base: Value) ->
     let (mut bytes, mut err, mut eof) = (0u64, None, false);
     let start = Instant::now();
     let deadline = start + dur;
+    // Where the steady state starts: socket buffers fill in the first
+    // instant, so a rate is measured from here.
+    let warmup = start + (dur / 4).min(Duration::from_millis(1_500));
+    let mut steady: Option<(u64, Instant)> = None;
     loop {
         let now = Instant::now();
         if now >= deadline {
             break;
+        }
+        if steady.is_none() && now >= warmup {
+            steady = Some((bytes, now));
         }
         if let Err(e) = stream.set_read_timeout(Some((deadline - now).min(STEP))) {
             err = Some(e);
@@ -454,6 +463,10 @@ fn download(addr: &SocketAddr, dur: Duration, timeout: Duration, base: Value) ->
     let elapsed = start.elapsed();
     let mut v = transfer_fields(base, &stream, bytes, elapsed, "read_error", err);
     v["eof"] = json!(eof);
+    if let Some((at, when)) = steady {
+        v["steady_bytes"] = json!(bytes - at);
+        v["steady_ns"] = json!(when.elapsed().as_nanos() as u64);
+    }
     v
 }
 
