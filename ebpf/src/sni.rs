@@ -12,7 +12,9 @@
 //! "Failing fast" in docs/names.md): ~0.22 s measured.
 //!
 //! Packets without TCP payload pass at once. Packets with payload of a
-//! tracked connection have their TLS records counted (records.rs). Per TCP socket
+//! tracked connection have their TLS records counted (records.rs), and are
+//! dropped (the socket then `DENIED`) when the connection's token budget is
+//! spent (limits.rs, `budget_stops`). Per TCP socket
 //! (`bpf_get_socket_cookie`), `SNI_STATE` remembers that the first payload
 //! was seen (`SEEN`: later packets pass without a look) or denied
 //! (`DENIED`: every later packet with payload is dropped; ACKs, FIN and RST

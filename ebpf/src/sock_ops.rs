@@ -24,7 +24,12 @@
 //!   the application sees ETIMEDOUT (~0.22 s after connect, measured),
 //!   instead of retrying for seconds (docs/names.md, "Failing fast"). A
 //!   socket judged and not denied has the per-segment callback turned off
-//!   at its first segment after the verdict.
+//!   at its first segment after the verdict, except a tracked connection
+//!   with a token budget: the SNI program denies it when the budget is
+//!   spent (docs/limits.md, "Token budgets"), and it is aborted the same
+//!   way at its next try.
+//! - limited connections are paced at their pair's rate
+//!   (`SO_MAX_PACING_RATE`, see `pace`).
 //! Apart from that, the program never affects the connection: it always
 //! returns 1.
 
