@@ -361,6 +361,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         );
     }
     maps.set_learned_ttl(state.policy.resolver.learned_ttl)?;
+    // Watching before the first scan: a workload cgroup created at any
+    // moment after it is seen (by the scan, or by the watcher).
+    let mut cgroup_changes = cgroups::watch(attach.clone());
     state.rescan(&paths, &metrics);
     state.report_missing_workloads();
     names.push(NameTable::of(&state.policy, state.generation));
@@ -466,7 +469,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut refresh = tokio::time::interval(state.policy.resolver.refresh);
     refresh.tick().await;
 
-    let mut cgroup_changes = cgroups::watch(attach.clone());
     let mut hup = signal(SignalKind::hangup()).map_err(|source| RunError::Io {
         what: "SIGHUP handler".into(),
         source,

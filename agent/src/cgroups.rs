@@ -188,17 +188,10 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 /// Sends `()` whenever the tree under `root` may have changed: a directory
 /// was created or removed (inotify), or the rescan period passed.
 pub fn watch(root: PathBuf) -> mpsc::Receiver<()> {
+    use inotify::Inotify;
     let (tx, rx) = mpsc::channel(1);
-    std::thread::Builder::new()
-        .name("cgroup-watch".into())
-        .spawn(move || watch_loop(&root, &tx))
-        .map_err(|e| warn!(error = %e, "cannot start the cgroup watcher; rescanning is disabled"))
-        .ok();
-    rx
-}
-
-fn watch_loop(root: &Path, tx: &mpsc::Sender<()>) {
-    use inotify::{Inotify, WatchMask};
+    // The first watches are added before this returns, so that a cgroup
+    // created after it is always seen (the caller scans once after).
     let mut inotify = match Inotify::init() {
         Ok(i) => Some(i),
         Err(e) => {
@@ -207,20 +200,44 @@ fn watch_loop(root: &Path, tx: &mpsc::Sender<()>) {
         }
     };
     let mut watched = std::collections::HashSet::new();
+    if let Some(ino) = inotify.as_mut() {
+        add_watches(ino, &root, &mut watched);
+    }
+    std::thread::Builder::new()
+        .name("cgroup-watch".into())
+        .spawn(move || watch_loop(&root, inotify, watched, &tx))
+        .map_err(|e| warn!(error = %e, "cannot start the cgroup watcher; rescanning is disabled"))
+        .ok();
+    rx
+}
+
+/// Watches every cgroup directory below `root` not watched yet.
+fn add_watches(
+    ino: &mut inotify::Inotify,
+    root: &Path,
+    watched: &mut std::collections::HashSet<PathBuf>,
+) {
+    use inotify::WatchMask;
+    for dir in scan_dirs(root) {
+        if watched.insert(dir.clone()) {
+            let mask = WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR;
+            if let Err(e) = ino.watches().add(&dir, mask) {
+                debug!(dir = %dir.display(), error = %e, "inotify watch failed");
+                watched.remove(&dir);
+            }
+        }
+    }
+    watched.retain(|d: &PathBuf| d.exists());
+}
+
+fn watch_loop(
+    root: &Path,
+    mut inotify: Option<inotify::Inotify>,
+    mut watched: std::collections::HashSet<PathBuf>,
+    tx: &mpsc::Sender<()>,
+) {
     let mut buf = [0u8; 4096];
     loop {
-        if let Some(ino) = inotify.as_mut() {
-            for dir in scan_dirs(root) {
-                if watched.insert(dir.clone()) {
-                    let mask = WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR;
-                    if let Err(e) = ino.watches().add(&dir, mask) {
-                        debug!(dir = %dir.display(), error = %e, "inotify watch failed");
-                        watched.remove(&dir);
-                    }
-                }
-            }
-            watched.retain(|d: &PathBuf| d.exists());
-        }
         let changed = match inotify.as_mut() {
             Some(ino) => {
                 wait_readable(ino, RESCAN)
@@ -236,6 +253,10 @@ fn watch_loop(root: &Path, tx: &mpsc::Sender<()>) {
         let _ = changed;
         if tx.blocking_send(()).is_err() {
             return;
+        }
+        // New directories (a new pod's cgroup tree) get their watches.
+        if let Some(ino) = inotify.as_mut() {
+            add_watches(ino, root, &mut watched);
         }
     }
 }
