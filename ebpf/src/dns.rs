@@ -94,8 +94,9 @@ pub struct DnsScratch {
 
 #[cgroup_skb(ingress)]
 pub fn names_dns_ingress(ctx: SkBuffContext) -> i32 {
-    let _ = try_dns(&ctx);
-    crate::limits::police(&ctx, false)
+    let mut tracked = crate::limits::Tracked::unknown();
+    let _ = try_dns(&ctx, &mut tracked);
+    crate::limits::police(&ctx, false, &tracked)
 }
 
 /// Why parsing stopped early.
@@ -108,7 +109,7 @@ enum Stop {
 }
 
 #[inline(always)]
-fn try_dns(ctx: &SkBuffContext) -> Result<(), Stop> {
+fn try_dns(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> Result<(), Stop> {
     // 1. IP, then UDP or TCP headers (the IP header in one load: this runs
     // on every packet the workloads receive).
     let (hlen, proto) = match ctx.skb.protocol() {
@@ -152,7 +153,7 @@ fn try_dns(ctx: &SkBuffContext) -> Result<(), Stop> {
         if u16::from_be_bytes([tcp[0], tcp[1]]) != DNS_PORT {
             // TLS records and updates of tracked connections (records.rs).
             let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-            crate::records::received(ctx, payload, total - payload, seq);
+            crate::records::received(ctx, payload, total - payload, seq, tracked);
             return Err(Stop::Ignore);
         }
         // DNS over TCP (RFC 1035 4.2.2): a 2-byte length, then the message.

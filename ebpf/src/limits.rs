@@ -129,16 +129,41 @@ pub fn count_hit(bucket: u64, kind: u32, verdict: u8) {
     add_one(&LIMIT_HITS, &key, counter::LIMIT_HITS_FULL);
 }
 
+/// A packet's `CONNS` entry as far as its program has looked it up, so that
+/// `police` does not look it up again.
+pub struct Tracked {
+    looked_up: bool,
+    /// Null: not a tracked connection (when `looked_up`).
+    conn: *mut ConnEvent,
+}
+
+impl Tracked {
+    /// Nothing looked up yet (a packet without payload).
+    pub const fn unknown() -> Self {
+        Self {
+            looked_up: false,
+            conn: core::ptr::null_mut(),
+        }
+    }
+
+    /// The lookup of the packet's cookie in `CONNS`.
+    #[inline(always)]
+    pub fn set(&mut self, conn: Option<*mut ConnEvent>) {
+        self.looked_up = true;
+        self.conn = conn.unwrap_or(core::ptr::null_mut());
+    }
+}
+
 /// The skb programs' verdict on a packet of a connection that may have a
 /// bandwidth limit (`egress`: sent, else received): `PASS`, or over the
 /// limit in enforce mode: sent packets are dropped with congestion
 /// notification (TCP lowers its window and sends the data again, as the
 /// kernel's hbm sample does), received ones dropped (the sender's TCP
 /// backs off and retransmits). Cheap for everything else: one array read
-/// when no policy has a bandwidth limit, one hash lookup per packet when
-/// one has.
+/// when no policy has a bandwidth limit, and when one has, one hash lookup
+/// for packets whose program has not looked them up already (`tracked`).
 #[inline(always)]
-pub fn police(ctx: &SkBuffContext, egress: bool) -> i32 {
+pub fn police(ctx: &SkBuffContext, egress: bool, tracked: &Tracked) -> i32 {
     const PASS: i32 = 1;
     const DROP: i32 = 0;
     const DROP_CN: i32 = 2;
@@ -147,12 +172,18 @@ pub fn police(ctx: &SkBuffContext, egress: bool) -> i32 {
         Some(cfg) if cfg.bandwidth_limits != 0 => {}
         _ => return PASS,
     }
-    // SAFETY: helper on this program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: values copied out at once.
-    let Some(bucket) = (unsafe { CONNS.get(&cookie) }).map(|c| c.data.bandwidth_bucket) else {
-        return PASS;
+    let conn = if tracked.looked_up {
+        tracked.conn
+    } else {
+        // SAFETY: helper on this program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        CONNS.get_ptr_mut(&cookie).unwrap_or(core::ptr::null_mut())
     };
+    if conn.is_null() {
+        return PASS;
+    }
+    // SAFETY: a live CONNS value for this program run; one field read.
+    let bucket = unsafe { (*conn).data.bandwidth_bucket };
     if bucket == 0 {
         return PASS;
     }

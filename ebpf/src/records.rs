@@ -110,12 +110,20 @@ pub fn sent(ctx: &SkBuffContext, entry: *mut ConnEvent, off: usize, len: usize, 
 }
 
 /// A packet the ingress program receives with payload: as [`sent`], then
-/// maybe an update.
+/// maybe an update. The lookup is left in `tracked` for the bandwidth check.
 #[inline(always)]
-pub fn received(ctx: &SkBuffContext, off: usize, len: usize, seq: u32) {
+pub fn received(
+    ctx: &SkBuffContext,
+    off: usize,
+    len: usize,
+    seq: u32,
+    tracked: &mut crate::limits::Tracked,
+) {
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(entry) = CONNS.get_ptr_mut(&cookie) else {
+    let entry = CONNS.get_ptr_mut(&cookie);
+    tracked.set(entry);
+    let Some(entry) = entry else {
         return;
     };
     // SAFETY: as in `sent`.

@@ -126,8 +126,9 @@ struct NameCtx {
 
 #[cgroup_skb(egress)]
 pub fn names_sni_egress(ctx: SkBuffContext) -> i32 {
-    match try_sni(&ctx) {
-        PASS => crate::limits::police(&ctx, true),
+    let mut tracked = crate::limits::Tracked::unknown();
+    match try_sni(&ctx, &mut tracked) {
+        PASS => crate::limits::police(&ctx, true, &tracked),
         v => v,
     }
 }
@@ -144,7 +145,7 @@ enum Hello {
 }
 
 #[inline(always)]
-fn try_sni(ctx: &SkBuffContext) -> i32 {
+fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
     // 1. IP and TCP headers, one load each. Packets without payload (the
     // handshake, ACKs, FIN, RST) carry nothing to judge or to stop: they
     // pass before any map lookup, which keeps the cost of this program on
@@ -201,7 +202,9 @@ fn try_sni(ctx: &SkBuffContext) -> i32 {
         return DROP_CN;
     }
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    if let Some(conn) = CONNS.get_ptr_mut(&cookie) {
+    let conn = CONNS.get_ptr_mut(&cookie);
+    tracked.set(conn);
+    if let Some(conn) = conn {
         // SAFETY: `conn` points into a live CONNS value for this run.
         if crate::limits::budget_stops(unsafe { &*conn }) {
             let _ = SNI_STATE.insert(&cookie, &sni_state::DENIED, 0);
