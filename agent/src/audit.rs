@@ -225,24 +225,17 @@ mod tests {
             streamed: Some(false),
         };
         let doc = include_str!("../../docs/events.md");
-        for key in serde_json::to_value(&c)
-            .unwrap()
-            .as_object()
-            .unwrap()
-            .keys()
-        {
-            assert!(
-                doc.contains(&format!("`{key}`")),
-                "docs/events.md does not document `{key}`"
-            );
-        }
+        let documented = |record: serde_json::Value| {
+            for key in record.as_object().unwrap().keys() {
+                assert!(
+                    doc.contains(&format!("`{key}`")),
+                    "docs/events.md does not document `{key}`"
+                );
+            }
+        };
+        documented(serde_json::to_value(&c).unwrap());
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
-        for key in v.as_object().unwrap().keys() {
-            assert!(
-                doc.contains(&format!("`{key}`")),
-                "docs/events.md does not document `{key}`"
-            );
-        }
+        documented(v.clone());
         assert_eq!(v["provider"], "openai");
         let b = crate::budget::BudgetRecord {
             event: "budget",
@@ -254,16 +247,6 @@ mod tests {
             remaining_minute: Some(-1),
             remaining_day: None,
         };
-        for key in serde_json::to_value(&b)
-            .unwrap()
-            .as_object()
-            .unwrap()
-            .keys()
-        {
-            assert!(
-                doc.contains(&format!("`{key}`")),
-                "docs/events.md does not document `{key}`"
-            );
-        }
+        documented(serde_json::to_value(&b).unwrap());
     }
 }

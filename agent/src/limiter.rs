@@ -5,7 +5,7 @@
 //! current, and saves the budgets under `state_dir`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
     time::{Instant, SystemTime},
 };
@@ -33,6 +33,10 @@ pub struct Limiter {
     /// Every pair ever limited by this agent: names for `LIMIT_HITS` keys of
     /// pairs a reload removed.
     names: BTreeMap<u64, Pair>,
+    /// Label values of the `llm_egress_budget_remaining` series set last,
+    /// so that series of pairs no longer limited are removed (and the
+    /// others are never missing from a scrape).
+    gauges: BTreeSet<[String; 3]>,
     ticks: u64,
 }
 
@@ -52,6 +56,7 @@ impl Limiter {
             state_dir,
             charged: HashMap::new(),
             names: BTreeMap::new(),
+            gauges: BTreeSet::new(),
             ticks: 0,
         };
         l.budgets.set_policy(&limits.pairs);
@@ -136,13 +141,23 @@ impl Limiter {
             );
         }
         self.write(&changes, maps, metrics);
-        metrics.budget_remaining.reset();
+        let mut now = BTreeSet::new();
         for (pair, window, left) in self.budgets.remaining() {
+            let labels = [
+                pair.workload.clone(),
+                pair.provider.clone(),
+                window.to_string(),
+            ];
             metrics
                 .budget_remaining
-                .with_label_values(&[&pair.workload, &pair.provider, window])
+                .with_label_values(&labels)
                 .set(left.floor() as i64);
+            now.insert(labels);
         }
+        for gone in self.gauges.difference(&now) {
+            let _ = metrics.budget_remaining.remove_label_values(gone);
+        }
+        self.gauges = now;
     }
 
     fn write(&self, changes: &[Change], maps: &mut KernelMaps, metrics: &Metrics) {

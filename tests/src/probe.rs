@@ -478,8 +478,7 @@ impl Probe {
         addr: &str,
         ms: u64,
     ) -> Result<TransferReport, i32> {
-        let run = self.run(cgroup, netns, &[ProbeCmd::Upload(addr.into(), ms)]);
-        TransferReport::from_result(&run.results[0])
+        self.spawn_upload(cgroup, netns, addr, ms).wait_transfer()
     }
 
     /// Connects to `addr` and reads what it sends for `ms` milliseconds.
@@ -491,8 +490,7 @@ impl Probe {
         addr: &str,
         ms: u64,
     ) -> Result<TransferReport, i32> {
-        let run = self.run(cgroup, netns, &[ProbeCmd::Download(addr.into(), ms)]);
-        TransferReport::from_result(&run.results[0])
+        self.spawn_download(cgroup, netns, addr, ms).wait_transfer()
     }
 }
 

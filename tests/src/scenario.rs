@@ -104,6 +104,16 @@ cidrs = ["10.20.0.0/16"]
 ports = [8443]
 "#;
 
+/// The provider `openai` at the address of a [`crate::fake_provider`]
+/// OpenAI server on 192.0.2.1:443; append `[[workloads]]`.
+pub const FAKE_OPENAI: &str = r#"
+[[providers]]
+name = "openai"
+hosts = ["api.openai.com"]
+cidrs = ["192.0.2.0/24"]
+ports = [443]
+"#;
+
 /// Panics unless `r` is a success.
 #[track_caller]
 pub fn expect_ok(agent: &Agent, r: Result<(), i32>, what: &str) {

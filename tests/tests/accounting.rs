@@ -19,7 +19,9 @@ use llm_egress_tests::{
     curl::{expect_200, stream_chat},
     fake_provider::{self, Flavor},
     probe::confine,
-    require_root, toml_str, wait_until,
+    require_root,
+    scenario::{FAKE_OPENAI, policy},
+    toml_str, wait_until,
 };
 
 /// An HTTP/1.0 server that reads one request (headers + `Content-Length`
@@ -332,21 +334,12 @@ allow = ["test-llm"]
 
 /// The policy of the TLS tests: the fake OpenAI at 192.0.2.1:443.
 fn openai_policy(cg: &CgroupGuard) -> String {
-    format!(
-        r#"cgroup = {}
-[resolver]
-servers = ["127.0.0.1:9"]
-[[providers]]
-name = "openai"
-hosts = ["api.openai.com"]
-cidrs = ["192.0.2.0/24"]
-ports = [443]
-[[workloads]]
-name = "bot"
-cgroup = "bot"
-allow = ["openai"]
-"#,
-        toml_str(&cg.path().display().to_string())
+    policy(
+        cg,
+        "",
+        &format!(
+            "{FAKE_OPENAI}\n[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\nallow = [\"openai\"]\n"
+        ),
     )
 }
 

@@ -15,7 +15,7 @@ use llm_egress_tests::{
     fake_provider::{self, Flavor},
     probe::{SpawnedProbe, TransferReport},
     require_root,
-    scenario::{PROVIDER, expect_eperm, expect_ok, policy, probe, wait_event},
+    scenario::{FAKE_OPENAI, PROVIDER, expect_eperm, expect_ok, policy, probe, wait_event},
     servers::ByteServer,
 };
 
@@ -204,13 +204,7 @@ fn budget_policy(cg: &CgroupGuard, budget: &str) -> String {
         cg,
         "",
         &format!(
-            r#"
-[[providers]]
-name = "openai"
-hosts = ["api.openai.com"]
-cidrs = ["192.0.2.0/24"]
-ports = [443]
-
+            r#"{FAKE_OPENAI}
 [[workloads]]
 name = "bot"
 cgroup = "bot"
