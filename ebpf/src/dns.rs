@@ -110,20 +110,24 @@ enum Stop {
 
 #[inline(always)]
 fn try_dns(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> Result<(), Stop> {
-    // 1. IP, then UDP or TCP headers (the IP header in one load: this runs
-    // on every packet the workloads receive).
+    // 1. IP, then UDP or TCP headers, a few bytes at a time: this runs on
+    // every packet the workloads receive.
     let (hlen, proto) = match ctx.skb.protocol() {
         p if p == (ETH_P_IP as u16).to_be() as u32 => {
-            let ip: [u8; 10] = ctx.load(0).map_err(|_| Stop::Ignore)?;
-            let (proto, frag) = (ip[9], u16::from_be_bytes([ip[6], ip[7]]));
-            // MF set or a fragment offset: not a whole datagram.
-            if (proto != IPPROTO_UDP && proto != IPPROTO_TCP) || frag & 0x3fff != 0 {
+            let b0: u8 = crate::packet::read(ctx, 0).ok_or(Stop::Ignore)?;
+            let proto: u8 = crate::packet::read(ctx, 9).ok_or(Stop::Ignore)?;
+            if proto != IPPROTO_UDP && proto != IPPROTO_TCP {
                 return Err(Stop::Ignore);
             }
-            (((ip[0] & 0x0f) as usize) * 4, proto)
+            let frag: u16 = crate::packet::read(ctx, 6).ok_or(Stop::Ignore)?;
+            // MF set or a fragment offset: not a whole datagram.
+            if u16::from_be(frag) & 0x3fff != 0 {
+                return Err(Stop::Ignore);
+            }
+            (((b0 & 0x0f) as usize) * 4, proto)
         }
         p if p == (ETH_P_IPV6 as u16).to_be() as u32 => {
-            let next: u8 = ctx.load(6).map_err(|_| Stop::Ignore)?;
+            let next: u8 = crate::packet::read(ctx, 6).ok_or(Stop::Ignore)?;
             if next != IPPROTO_UDP && next != IPPROTO_TCP {
                 return Err(Stop::Ignore);
             }
@@ -136,20 +140,21 @@ fn try_dns(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> Result<
     }
     let total = ctx.len() as usize;
     let (off, msg_len) = if proto == IPPROTO_UDP {
-        let sport: u16 = ctx.load(hlen).map_err(|_| Stop::Ignore)?;
+        let sport: u16 = crate::packet::read(ctx, hlen).ok_or(Stop::Ignore)?;
         if u16::from_be(sport) != DNS_PORT {
             return Err(Stop::Ignore);
         }
         (hlen + 8, total.saturating_sub(hlen + 8))
     } else {
-        // Ports, sequence number, data offset: one load.
-        let tcp: [u8; 14] = ctx.load(hlen).map_err(|_| Stop::Ignore)?;
         // Segments without payload (handshake, ACKs) are neither answers
-        // nor records.
-        let payload = hlen + ((tcp[12] >> 4) as usize) * 4;
+        // nor records: the data offset first.
+        let doff: u8 = crate::packet::read(ctx, hlen + 12).ok_or(Stop::Ignore)?;
+        let payload = hlen + ((doff >> 4) as usize) * 4;
         if total <= payload {
             return Err(Stop::Ignore);
         }
+        // Ports and sequence number.
+        let tcp: [u8; 8] = crate::packet::read(ctx, hlen).ok_or(Stop::Ignore)?;
         if u16::from_be_bytes([tcp[0], tcp[1]]) != DNS_PORT {
             // TLS records and updates of tracked connections (records.rs).
             let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);

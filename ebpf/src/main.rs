@@ -9,6 +9,7 @@ mod dns;
 mod exec;
 mod limits;
 mod maps;
+mod packet;
 mod policy;
 mod records;
 mod sni;

@@ -109,6 +109,12 @@ pub static LIMIT_HITS: PerCpuHashMap<LimitHitKey, u64> = PerCpuHashMap::pinned(L
 #[map]
 pub static LIMIT_CFG: Array<LimitConfig> = Array::pinned(1, 0);
 
+/// Entry 0 is 1 once the connect hook failed to set a tracked socket's
+/// sock_ops callbacks (a kernel without `TCP_BPF_SOCK_OPS_CB_FLAGS`): from
+/// then on sock_ops looks every connecting socket up (sock_ops.rs).
+#[map]
+pub static CB_FLAGS_FALLBACK: Array<u32> = Array::with_max_entries(1, 0);
+
 #[btf_map]
 pub static BUCKETS: PinnedBtfHash<BucketKey, Bucket, { BUCKETS_MAX as usize }> =
     PinnedBtfHash::new();

@@ -26,12 +26,23 @@ pub fn active() -> Result<(u32, SlotConfig), u8> {
     Ok((slot, *cfg))
 }
 
-/// The workload of a task or socket whose cgroup ancestors `ancestor(level)`
-/// gives (level 0 is the cgroup2 root; 0 past the cgroup itself): the
-/// deepest one the slot names. Tasks deeper than `MAX_CGROUP_DEPTH` are
-/// counted in `DEPTH_TRUNCATED`.
+/// The workload of a task or socket in cgroup `own` whose cgroup ancestors
+/// `ancestor(level)` gives (level 0 is the cgroup2 root; 0 past the cgroup
+/// itself): the deepest one the slot names. `own` itself, when named, is
+/// the deepest: one lookup, the common case of a process in a workload's
+/// own cgroup (a systemd unit's); else the walk over every level. Tasks
+/// deeper than `MAX_CGROUP_DEPTH` are counted in `DEPTH_TRUNCATED`.
 #[inline(always)]
-pub fn workload_of(slot: u32, ancestor: impl Fn(i32) -> u64) -> Option<WorkloadValue> {
+pub fn workload_of(slot: u32, own: u64, ancestor: impl Fn(i32) -> u64) -> Option<WorkloadValue> {
+    let key = WorkloadKey {
+        slot,
+        _pad: 0,
+        cgroup_id: own,
+    };
+    // SAFETY: as below.
+    if let Some(w) = unsafe { WORKLOADS.get(&key) } {
+        return Some(*w);
+    }
     let mut workload = None;
     let mut level: u32 = 0;
     while level <= MAX_CGROUP_DEPTH {

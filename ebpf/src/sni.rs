@@ -146,53 +146,59 @@ enum Hello {
 
 #[inline(always)]
 fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
-    // 1. IP and TCP headers, one load each. Packets without payload (the
-    // handshake, ACKs, FIN, RST) carry nothing to judge or to stop: they
-    // pass before any map lookup, which keeps the cost of this program on
-    // a connect()/close() to three loads.
-    let mut addr = [0u8; 16];
-    let (hlen, fam) = match ctx.skb.protocol() {
-        p if p == (ETH_P_IP as u16).to_be() as u32 => {
-            let Ok(ip) = ctx.load::<[u8; 20]>(0) else {
-                return PASS;
-            };
-            if ip[9] != IPPROTO_TCP {
-                return PASS;
-            }
-            addr[0] = ip[16];
-            addr[1] = ip[17];
-            addr[2] = ip[18];
-            addr[3] = ip[19];
-            (((ip[0] & 0x0f) as usize) * 4, family::INET)
-        }
-        p if p == (ETH_P_IPV6 as u16).to_be() as u32 => {
-            let Ok(ip) = ctx.load::<[u8; 40]>(0) else {
-                return PASS;
-            };
-            if ip[6] != IPPROTO_TCP {
-                return PASS;
-            }
-            let mut i = 0;
-            while i < 16 {
-                addr[i] = ip[24 + i];
-                i += 1;
-            }
-            (40, family::INET6)
-        }
+    // 1. Whether the packet carries TCP payload, from three header bytes.
+    // Packets without (the handshake, ACKs, FIN, RST) carry nothing to
+    // judge or to stop: they pass before any map lookup or further read,
+    // which keeps the cost of this program on a connect()/close() small.
+    let v4 = match ctx.skb.protocol() {
+        p if p == (ETH_P_IP as u16).to_be() as u32 => true,
+        p if p == (ETH_P_IPV6 as u16).to_be() as u32 => false,
         _ => return PASS,
     };
-    if hlen < 20 {
+    let (hlen, next) = if v4 {
+        let Some(b0) = crate::packet::read::<u8>(ctx, 0) else {
+            return PASS;
+        };
+        (
+            ((b0 & 0x0f) as usize) * 4,
+            crate::packet::read::<u8>(ctx, 9),
+        )
+    } else {
+        (40, crate::packet::read::<u8>(ctx, 6))
+    };
+    if next != Some(IPPROTO_TCP) || hlen < 20 {
         return PASS;
     }
-    let Ok(tcp) = ctx.load::<[u8; 14]>(hlen) else {
+    let Some(doff) = crate::packet::read::<u8>(ctx, hlen + 12) else {
         return PASS;
     };
-    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    let off = hlen + ((tcp[12] >> 4) as usize) * 4;
+    let off = hlen + ((doff >> 4) as usize) * 4;
     let total = ctx.len() as usize;
     if total <= off {
         return PASS;
     }
+    // 2. A payload: the destination, port and sequence number.
+    let mut addr = [0u8; 16];
+    let fam = if v4 {
+        let Some(a) = crate::packet::read::<[u8; 4]>(ctx, 16) else {
+            return PASS;
+        };
+        addr[0] = a[0];
+        addr[1] = a[1];
+        addr[2] = a[2];
+        addr[3] = a[3];
+        family::INET
+    } else {
+        let Some(a) = crate::packet::read::<[u8; 16]>(ctx, 24) else {
+            return PASS;
+        };
+        addr = a;
+        family::INET6
+    };
+    let Some(tcp) = crate::packet::read::<[u8; 8]>(ctx, hlen) else {
+        return PASS;
+    };
+    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: value copied out at once.
@@ -232,8 +238,10 @@ fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
     let Ok((slot, cfg)) = crate::policy::active() else {
         return PASS;
     };
-    // SAFETY: helper on this program's own context.
-    let workload = crate::policy::workload_of(slot, |level| unsafe {
+    // SAFETY: helpers on this program's own context.
+    let own = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
+    // SAFETY: as above.
+    let workload = crate::policy::workload_of(slot, own, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(ctx.as_ptr() as *mut _, level)
     });
     let (act, why) = crate::policy::provider_action(slot, &cfg, workload, provider);

@@ -53,13 +53,11 @@ pub fn verdict_connect4(ctx: SockAddrContext) -> i32 {
 /// Starts tracking an allowed TCP connection to a provider: `CONNS` keeps
 /// who connected where, sock_ops adds bytes and times and reports it.
 /// A full map evicts the oldest entry (LRU); failures only lose accounting.
+/// Whether the entry was written.
 #[inline(always)]
-fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision, buckets: (u64, u64)) {
-    if dest.proto != proto::TCP {
-        return;
-    }
+fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision, buckets: (u64, u64)) -> bool {
     let Some(entry) = CONN_SCRATCH.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -79,7 +77,7 @@ fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision, buckets: (u64, u64)) 
             budget_bucket: buckets.1,
             ..ConnStats::default()
         };
-        let _ = CONNS.insert(&cookie, &*entry, 0);
+        CONNS.insert(&cookie, &*entry, 0).is_ok()
     }
 }
 
@@ -295,7 +293,11 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
     if v != verdict::ALLOW || decision.provider_id != NO_PROVIDER {
         report(ctx, dest, hook, v, &decision);
     }
-    if v != verdict::DENY && decision.provider_id != NO_PROVIDER && connect {
+    if v != verdict::DENY
+        && decision.provider_id != NO_PROVIDER
+        && connect
+        && dest.proto == proto::TCP
+    {
         let bucket_if = |flag: u32| match &limit {
             Some(l) if l.limits.flags & flag != 0 => l.limits.bucket,
             _ => 0,
@@ -304,7 +306,9 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
             bucket_if(limit_flag::BANDWIDTH),
             bucket_if(limit_flag::BUDGET),
         );
-        track(ctx, dest, &decision, buckets);
+        if track(ctx, dest, &decision, buckets) {
+            crate::sock_ops::set_tracked_cb_flags(ctx);
+        }
     }
     if v == verdict::DENY { DENY } else { ALLOW }
 }
@@ -316,8 +320,10 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
 
     // 1. Workload: the deepest ancestor (level 0 is the cgroup2 root) that
     // the active slot names.
-    // SAFETY: helper call without pointer arguments.
-    let workload = crate::policy::workload_of(slot, |level| unsafe {
+    // SAFETY: helper calls without pointer arguments.
+    let own = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
+    // SAFETY: as above.
+    let workload = crate::policy::workload_of(slot, own, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
 

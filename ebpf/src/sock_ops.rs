@@ -2,8 +2,14 @@
 //! allowed to a provider, recorded in `CONNS` by socket cookie).
 //!
 //! Callbacks used (include/uapi/linux/bpf.h, enum bpf_sock_ops_op):
-//! - `TCP_CONNECT_CB` (3): before the SYN; enables STATE_CB and RTT_CB for
-//!   tracked sockets, so failed handshakes are reported too;
+//! - `TCP_CONNECT_CB` (3): before the SYN; chooses the callbacks a socket
+//!   needs (`cb_flags_for`, below), so failed handshakes of tracked
+//!   sockets are reported too. The connect-time verdict already set them
+//!   on the sockets it tracks (`set_cb_flags_at_connect`), so a socket
+//!   with none set is not tracked and needs no lookup: sock_ops runs on
+//!   every TCP connect, and that lookup was most of its cost. Where the
+//!   kernel lacks the option (`CB_FLAGS_FALLBACK`), every socket is looked
+//!   up as before;
 //! - `ACTIVE_ESTABLISHED_CB` (4): handshake done;
 //! - `RTT_CB` (12): each RTT sample; at most every `CONN_UPDATE_NS` an update
 //!   event with the byte counts so far. RTT samples come only when data the
@@ -41,7 +47,7 @@ use aya_ebpf::{
 };
 use llm_egress_common::{CONN_UPDATE_NS, ConnEvent, counter, kind, mode};
 
-use crate::maps::{BANDWIDTH, CONNS, EVENTS, SNI_STATE, count};
+use crate::maps::{BANDWIDTH, CB_FLAGS_FALLBACK, CONNS, EVENTS, SNI_STATE, count};
 
 const TCP_CONNECT_CB: u32 = 3;
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -55,6 +61,8 @@ const SOL_TCP: i32 = 6;
 const SOL_SOCKET: i32 = 1;
 const SO_MAX_PACING_RATE: i32 = 47;
 const TCP_USER_TIMEOUT: i32 = 18;
+/// include/uapi/linux/bpf.h: bpf_setsockopt's option for the callbacks.
+const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
 const RTT_CB: u32 = 12;
 const STATE_CB_FLAG: i32 = 1 << 2;
 const RTT_CB_FLAG: i32 = 1 << 3;
@@ -86,6 +94,13 @@ fn account(ctx: &SockOpsContext) {
     {
         return;
     }
+    if op == TCP_CONNECT_CB && !CB_FLAGS_FALLBACK.get(0).is_some_and(|f| *f != 0) {
+        // SAFETY: reading this program's own context.
+        if unsafe { (*ctx.ops).bpf_sock_ops_cb_flags } == 0 {
+            let _ = ctx.set_cb_flags(cb_flags_for(false, remote_port(ctx)));
+        }
+        return;
+    }
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if op == RTO_CB || op == HDR_OPT_LEN_CB {
@@ -93,21 +108,8 @@ fn account(ctx: &SockOpsContext) {
         return;
     }
     let Some(entry) = CONNS.get_ptr_mut(&cookie) else {
-        // Not a tracked provider connection. The per-segment callback (the
-        // fast abort of an SNI deny) costs on every segment, so it is kept
-        // for port 443, where TLS to a provider name on a shared address is
-        // expected; other ports get the (rare) RTO callback only: an SNI
-        // deny there still drops every packet, the client fails slower.
         if op == TCP_CONNECT_CB {
-            let rp = ctx.remote_port();
-            let https =
-                u32::from_be(rp) == HTTPS_PORT || u32::from(u16::from_be(rp as u16)) == HTTPS_PORT;
-            let flags = if https {
-                RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
-            } else {
-                RTO_CB_FLAG
-            };
-            let _ = ctx.set_cb_flags(flags);
+            let _ = ctx.set_cb_flags(cb_flags_for(false, remote_port(ctx)));
         }
         return;
     };
@@ -117,9 +119,7 @@ fn account(ctx: &SockOpsContext) {
         let now = bpf_ktime_get_ns();
         match op {
             TCP_CONNECT_CB => {
-                let _ = ctx.set_cb_flags(
-                    STATE_CB_FLAG | RTT_CB_FLAG | RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG,
-                );
+                let _ = ctx.set_cb_flags(cb_flags_for(true, 0));
             }
             ACTIVE_ESTABLISHED_CB => {
                 pace(ctx, (*entry).data.bandwidth_bucket);
@@ -145,6 +145,61 @@ fn account(ctx: &SockOpsContext) {
                 }
             }
         }
+    }
+}
+
+/// The optional callbacks a TCP socket gets at its connect: a tracked
+/// provider connection (`tracked`) all it is accounted and stopped by;
+/// any other the (rare) RTO callback, so an SNI deny aborts it, and on port
+/// 443, where TLS to a provider name on a shared address is expected, the
+/// per-segment callback too, which aborts it fast (it costs on every
+/// segment, hence not on other ports: an SNI deny there still drops every
+/// packet, the client fails slower). `port` in host order.
+#[inline(always)]
+fn cb_flags_for(tracked: bool, port: u16) -> i32 {
+    if tracked {
+        STATE_CB_FLAG | RTT_CB_FLAG | RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
+    } else if u32::from(port) == HTTPS_PORT {
+        RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
+    } else {
+        RTO_CB_FLAG
+    }
+}
+
+/// The remote port of the socket, host order, whichever half of
+/// `remote_port` the kernel puts its 16 network-order bits in (0 when it
+/// cannot tell, which only matters for 443).
+#[inline(always)]
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    let rp = ctx.remote_port();
+    let https = u32::from_be(rp) == HTTPS_PORT || u32::from(u16::from_be(rp as u16)) == HTTPS_PORT;
+    if https { 443 } else { 0 }
+}
+
+/// Called by the connect hook on a socket it starts tracking: its callbacks
+/// (`cb_flags_for(true, _)`), so that `TCP_CONNECT_CB` knows it is tracked
+/// without a lookup. Where the kernel has no `TCP_BPF_SOCK_OPS_CB_FLAGS`
+/// (before 6.14), `CB_FLAGS_FALLBACK` is set instead, before this socket's
+/// own `TCP_CONNECT_CB` runs.
+#[inline(always)]
+pub fn set_tracked_cb_flags(ctx: &aya_ebpf::programs::SockAddrContext) {
+    let mut flags = cb_flags_for(true, 0);
+    // SAFETY: helper on the connecting socket, which the connect hook runs
+    // under its lock; `flags` is a valid 4-byte option value.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_TCP,
+            TCP_BPF_SOCK_OPS_CB_FLAGS,
+            (&mut flags as *mut i32).cast(),
+            4,
+        )
+    };
+    if rc != 0
+        && let Some(f) = CB_FLAGS_FALLBACK.get_ptr_mut(0)
+    {
+        // SAFETY: a plain store of a flag that only ever goes 0 → 1.
+        unsafe { *f = 1 };
     }
 }
 

@@ -769,8 +769,13 @@ fn check_corpus(python: Option<String>) {
         (r.len() >= jobs.len()).then_some(r)
     })
     .unwrap_or_else(|| {
+        let got = agent
+            .audit_events()
+            .iter()
+            .filter(|e| e["event"] == "connection")
+            .count();
         panic!(
-            "one connection record per job ({}) expected\n{}",
+            "one connection record per job ({}) expected, {got} after 15 s\n{}",
             jobs.len(),
             agent.context()
         )

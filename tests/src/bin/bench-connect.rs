@@ -151,6 +151,23 @@ fn provider_load(
     serde_json::json!({"bench": "provider_connection_load", "connections_per_round": n, "rounds": out, "events_lost_total": lost})
 }
 
+/// Pins the calling thread (and what it spawns from now on) to `cpu`.
+/// With two or more CPUs the bench keeps the listener threads and the agent
+/// on CPU 0 and runs each measured loop alone on CPU 1, so that neither
+/// side of a round shares its CPU with them; false when there is one CPU.
+fn pin_to(cpu: usize) -> bool {
+    // SAFETY: sysconf has no preconditions.
+    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
+        return false;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -163,6 +180,7 @@ fn main() {
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let provider_rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
 
+    let pinned = pin_to(0);
     let enforced = CgroupGuard::new("bench-on");
     let workload = enforced.child("system.slice/bench.service");
     let baseline = CgroupGuard::new("bench-off");
@@ -197,7 +215,13 @@ fn main() {
             } else {
                 baseline.path()
             };
+            if pinned {
+                pin_to(1);
+            }
             let r = probe.connect_loop(cg, &netns, &server, n);
+            if pinned {
+                pin_to(0);
+            }
             assert_eq!(
                 r.failures, 0,
                 "connect loop failed (errno {:?}); with_agent={with_agent}",
@@ -228,6 +252,7 @@ fn main() {
             "policy_entries": 1000,
             "rounds": rounds,
             "connects_per_round": n,
+            "loop_pinned_to_cpu1": pinned,
             "baseline_ns_per_connect_median": m_off.round(),
             "enforced_ns_per_connect_median": m_on.round(),
             "ratio": (ratio * 1000.0).round() / 1000.0,
