@@ -5,8 +5,8 @@
 //! - `TCP_CONNECT_CB` (3): before the SYN; chooses the callbacks a socket
 //!   needs (`cb_flags_for`, below), so failed handshakes of tracked
 //!   sockets are reported too. The connect-time verdict already set them
-//!   on the sockets it tracks (`set_cb_flags_at_connect`), so a socket
-//!   with none set is not tracked and needs no lookup: sock_ops runs on
+//!   on the sockets it tracks (`set_tracked_cb_flags`), so a socket
+//!   without STATE_CB is not tracked and needs no lookup: sock_ops runs on
 //!   every TCP connect, and that lookup was most of its cost. Where the
 //!   kernel lacks the option (`CB_FLAGS_FALLBACK`), every socket is looked
 //!   up as before;
@@ -96,8 +96,8 @@ fn account(ctx: &SockOpsContext) {
     }
     if op == TCP_CONNECT_CB && !CB_FLAGS_FALLBACK.get(0).is_some_and(|f| *f != 0) {
         // SAFETY: reading this program's own context.
-        if unsafe { (*ctx.ops).bpf_sock_ops_cb_flags } == 0 {
-            let _ = ctx.set_cb_flags(cb_flags_for(false, remote_port(ctx)));
+        if unsafe { (*ctx.ops).bpf_sock_ops_cb_flags } as i32 & STATE_CB_FLAG == 0 {
+            let _ = ctx.set_cb_flags(cb_flags_for(false, to_https(ctx)));
         }
         return;
     }
@@ -109,7 +109,7 @@ fn account(ctx: &SockOpsContext) {
     }
     let Some(entry) = CONNS.get_ptr_mut(&cookie) else {
         if op == TCP_CONNECT_CB {
-            let _ = ctx.set_cb_flags(cb_flags_for(false, remote_port(ctx)));
+            let _ = ctx.set_cb_flags(cb_flags_for(false, to_https(ctx)));
         }
         return;
     };
@@ -119,7 +119,7 @@ fn account(ctx: &SockOpsContext) {
         let now = bpf_ktime_get_ns();
         match op {
             TCP_CONNECT_CB => {
-                let _ = ctx.set_cb_flags(cb_flags_for(true, 0));
+                let _ = ctx.set_cb_flags(cb_flags_for(true, false));
             }
             ACTIVE_ESTABLISHED_CB => {
                 pace(ctx, (*entry).data.bandwidth_bucket);
@@ -154,26 +154,24 @@ fn account(ctx: &SockOpsContext) {
 /// 443, where TLS to a provider name on a shared address is expected, the
 /// per-segment callback too, which aborts it fast (it costs on every
 /// segment, hence not on other ports: an SNI deny there still drops every
-/// packet, the client fails slower). `port` in host order.
+/// packet, the client fails slower).
 #[inline(always)]
-fn cb_flags_for(tracked: bool, port: u16) -> i32 {
+fn cb_flags_for(tracked: bool, https: bool) -> i32 {
     if tracked {
         STATE_CB_FLAG | RTT_CB_FLAG | RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
-    } else if u32::from(port) == HTTPS_PORT {
+    } else if https {
         RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
     } else {
         RTO_CB_FLAG
     }
 }
 
-/// The remote port of the socket, host order, whichever half of
-/// `remote_port` the kernel puts its 16 network-order bits in (0 when it
-/// cannot tell, which only matters for 443).
+/// Whether the socket connects to port 443, whichever half of
+/// `remote_port` the kernel puts the port's 16 network-order bits in.
 #[inline(always)]
-fn remote_port(ctx: &SockOpsContext) -> u16 {
+fn to_https(ctx: &SockOpsContext) -> bool {
     let rp = ctx.remote_port();
-    let https = u32::from_be(rp) == HTTPS_PORT || u32::from(u16::from_be(rp as u16)) == HTTPS_PORT;
-    if https { 443 } else { 0 }
+    u32::from_be(rp) == HTTPS_PORT || u32::from(u16::from_be(rp as u16)) == HTTPS_PORT
 }
 
 /// Called by the connect hook on a socket it starts tracking: its callbacks
@@ -183,7 +181,7 @@ fn remote_port(ctx: &SockOpsContext) -> u16 {
 /// own `TCP_CONNECT_CB` runs.
 #[inline(always)]
 pub fn set_tracked_cb_flags(ctx: &aya_ebpf::programs::SockAddrContext) {
-    let mut flags = cb_flags_for(true, 0);
+    let mut flags = cb_flags_for(true, false);
     // SAFETY: helper on the connecting socket, which the connect hook runs
     // under its lock; `flags` is a valid 4-byte option value.
     let rc = unsafe {

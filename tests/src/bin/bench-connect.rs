@@ -187,7 +187,13 @@ fn median_ci95(v: &[f64]) -> (f64, f64) {
         state
     };
     let mut medians: Vec<f64> = (0..2_000)
-        .map(|_| median((0..v.len()).map(|_| v[(next() % v.len() as u64) as usize]).collect()))
+        .map(|_| {
+            median(
+                (0..v.len())
+                    .map(|_| v[(next() % v.len() as u64) as usize])
+                    .collect(),
+            )
+        })
         .collect();
     medians.sort_by(f64::total_cmp);
     (medians[50], medians[1_949])
@@ -296,7 +302,11 @@ fn main() {
     );
     println!(
         "ratio enforced/baseline = {ratio:.3} (median of per-round ratios, 95 % CI {ci_lo:.3}-{ci_hi:.3}; ratio of medians {ratio_of_medians:.3}; target <= 1.03){}",
-        if aa { " [A/A run: both loops outside the attach cgroup]" } else { "" }
+        if aa {
+            " [A/A run: both loops outside the attach cgroup]"
+        } else {
+            ""
+        }
     );
     let (_, rss_before) = cpu_and_rss(agent.pid());
     let load = provider_load(
