@@ -774,8 +774,9 @@ fn check_corpus(python: Option<String>) {
             .iter()
             .filter(|e| e["event"] == "connection")
             .count();
+        let lost = agent.metric_value("llm_egress_events_lost_total", &[]);
         panic!(
-            "one connection record per job ({}) expected, {got} after 15 s\n{}",
+            "one connection record per job ({}) expected, {got} after 15 s (events lost: {lost:?})\n{}",
             jobs.len(),
             agent.context()
         )
