@@ -118,6 +118,9 @@ fn provider_load(
 ) -> serde_json::Value {
     let mut out = Vec::new();
     for round in 0..rounds {
+        if stopped() {
+            break;
+        }
         let (cpu0, _) = cpu_and_rss(agent.pid());
         let started = std::time::Instant::now();
         let r = probe.connect_loop(workload, netns, target, n);
@@ -151,6 +154,22 @@ fn provider_load(
         .metric_value("llm_egress_events_lost_total", &[])
         .unwrap_or(0.0);
     serde_json::json!({"bench": "provider_connection_load", "connections_per_round": n, "rounds": out, "events_lost_total": lost})
+}
+
+/// Set by SIGINT or SIGTERM: the bench stops after the round it is in and
+/// exits normally, so that its cgroups, namespace and agent are removed.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn stopped() -> bool {
+    let stop = STOP.load(std::sync::atomic::Ordering::SeqCst);
+    if stop {
+        eprintln!("bench: stopping after this round (signal); cleaning up");
+    }
+    stop
 }
 
 /// Pins the calling thread (and what it spawns from now on) to `cpu`.
@@ -206,6 +225,17 @@ fn main() {
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let provider_rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
 
+    // SAFETY: the handler only stores to an atomic, which is signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_stop_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_stop_signal as *const () as libc::sighandler_t,
+        );
+    }
     let pinned = pin_to(0);
     let enforced = CgroupGuard::new("bench-on");
     // BENCH_AA=1: the "enforced" loop runs from a cgroup of the same depth
@@ -237,6 +267,9 @@ fn main() {
 
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for round in 0..rounds {
+        if stopped() {
+            break;
+        }
         // Alternate the order too, so neither side always goes first.
         let order: [bool; 2] = if round % 2 == 0 {
             [false, true]
@@ -273,6 +306,10 @@ fn main() {
             off[round], on[round]
         );
     }
+    if on.is_empty() {
+        eprintln!("bench: stopped before a round completed; nothing to report");
+        return;
+    }
     let (m_on, m_off) = (median(on.clone()), median(off.clone()));
     let ratio_of_medians = m_on / m_off;
     let ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
@@ -286,7 +323,7 @@ fn main() {
         serde_json::json!({
             "bench": "connect_close_loop",
             "policy_entries": 1000,
-            "rounds": rounds,
+            "rounds": on.len(),
             "connects_per_round": n,
             "loop_pinned_to_cpu1": pinned,
             "baseline_ns_per_connect_median": m_off.round(),
