@@ -356,13 +356,9 @@ fn tls_records_of_a_stream_match_what_the_server_wrote_and_read() {
     let agent = Agent::start(&openai_policy(&cg));
     const EVENTS: usize = 300;
     expect_200(stream_chat(&server, &bot, &netns, EVENTS));
-    let record = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-        agent
-            .audit_events()
-            .into_iter()
-            .find(|e| e["event"] == "connection")
-    })
-    .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
+    let record = agent
+        .wait_for_audit(|e| e["event"] == "connection", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
     let truth = server.records();
     assert_eq!(truth.len(), 1, "one connection: {truth:?}");
     let truth = truth[0].1;
@@ -488,13 +484,9 @@ fn a_long_stream_is_updated_while_it_streams() {
         live.last().is_some_and(|v| v.2 > 0.0),
         "completion tokens are counted while it streams: {seen:?}"
     );
-    let record = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-        agent
-            .audit_events()
-            .into_iter()
-            .find(|e| e["event"] == "connection")
-    })
-    .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
+    let record = agent
+        .wait_for_audit(|e| e["event"] == "connection", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
     let total = record["bytes_received"].as_f64().unwrap_or(0.0);
     let before = live.iter().filter(|v| v.0 < total).count();
     assert!(
@@ -575,13 +567,9 @@ fn record_headers_split_across_segments_are_counted() {
         "client: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let record = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-        agent
-            .audit_events()
-            .into_iter()
-            .find(|e| e["event"] == "connection")
-    })
-    .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
+    let record = agent
+        .wait_for_audit(|e| e["event"] == "connection", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
     let n = |k: &str| record[k].as_u64().unwrap_or(u64::MAX);
     println!("{record}");
     assert_eq!(

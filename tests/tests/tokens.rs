@@ -968,13 +968,9 @@ fn tokens_are_counted_while_a_keep_alive_connection_lives() {
         )
     });
     assert_eq!(open, Some(1.0), "counted while the connection was open");
-    let record = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-        agent
-            .audit_events()
-            .into_iter()
-            .find(|e| e["event"] == "connection")
-    })
-    .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
+    let record = agent
+        .wait_for_audit(|e| e["event"] == "connection", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
     let truth: u64 = server.served().iter().map(|s| s.usage.completion).sum();
     let (prompt, completion) = (
         record["tokens_prompt_estimated"]
