@@ -233,9 +233,34 @@ impl Agent {
     /// Starts a run and waits until it is ready; panics if it changed what
     /// is attached to the cgroup2 root.
     fn spawn(&mut self) {
-        self.spawn_process();
+        // The metrics port was free when chosen, but any socket of a test
+        // running meanwhile may have taken it since (bind(0) and client
+        // sockets share the ephemeral range): an agent that exits on that,
+        // before it attached anything, is started again on a new port.
+        for _ in 0..3 {
+            self.spawn_process();
+            if !self.exited_on_busy_port() {
+                break;
+            }
+            self.metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
+        }
         self.wait_ready();
         self.check_root_untouched();
+    }
+
+    /// Whether the current run exited (within its first 5 s) because its
+    /// metrics port was taken.
+    fn exited_on_busy_port(&mut self) -> bool {
+        let exited = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            if self.try_wait().is_some() {
+                return Some(true);
+            }
+            let ready = http::get(self.metrics_addr, "/readyz", Duration::from_millis(200));
+            ready.is_ok().then_some(false)
+        });
+        exited == Some(true)
+            && fs::read_to_string(self.log_path("stderr", self.runs))
+                .is_ok_and(|l| l.contains("Address already in use"))
     }
 
     /// Starts a run, without waiting. The command line of every run (the
