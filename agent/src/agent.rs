@@ -78,6 +78,7 @@ fn restart_only(p: &Policy) -> impl PartialEq + std::fmt::Debug {
         p.failure_mode,
         p.audit_log.clone(),
         p.kubernetes.clone(),
+        p.programs,
     )
 }
 
@@ -408,7 +409,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             None
         }
     };
-    let outcome = loader.attach(&attach, state.policy.failure_mode, adopt)?;
+    let outcome = loader.attach(
+        &attach,
+        state.policy.failure_mode,
+        adopt,
+        state.policy.programs.names(),
+    )?;
     health.attached.store(true, Ordering::SeqCst);
     health.events_alive.store(true, Ordering::SeqCst);
     match outcome {
@@ -578,7 +584,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Ok(new) => {
                 if restart_only(&new) != restart_only(&state.policy) {
                     warn!(
-                        "cgroup, pin_path, metrics_listen, failure_mode, audit_log and [kubernetes] change only on restart; keeping the running values"
+                        "cgroup, pin_path, metrics_listen, failure_mode, audit_log, programs and [kubernetes] change only on restart; keeping the running values"
                     );
                 }
                 let mut next = new;

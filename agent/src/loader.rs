@@ -160,20 +160,27 @@ impl Loader {
             .any(|p| self.dir.join("links").join(p).exists())
     }
 
-    /// Attaches every program to `cgroup`, or adopts the pinned links when
-    /// `adopt` is true (the caller checked they belong to this cgroup).
-    /// With `FailureMode::Closed` the links are pinned; with `Open` they live
-    /// as long as this agent and any pinned ones are removed.
+    /// Attaches the programs `names` (`Programs::names`) to `cgroup`, or
+    /// adopts the pinned links when `adopt` is true (the caller checked they
+    /// belong to this cgroup) and exactly these programs are pinned: a pin
+    /// of a program not in `names` (a previous agent's `programs = "all"`)
+    /// means attaching afresh, which removes it. With `FailureMode::Closed`
+    /// the links are pinned; with `Open` they live as long as this agent and
+    /// any pinned ones are removed.
     pub fn attach(
         &mut self,
         cgroup: &Path,
         failure: FailureMode,
         adopt: bool,
+        names: &'static [&'static str],
     ) -> Result<AttachOutcome, LoadError> {
         let links_dir = self.dir.join("links");
-        if adopt && failure == FailureMode::Closed {
+        let others_pinned = ALL_PROGRAMS
+            .iter()
+            .any(|p| !names.contains(p) && links_dir.join(p).exists());
+        if adopt && failure == FailureMode::Closed && !others_pinned {
             let mut adopted = Vec::new();
-            for name in ALL_PROGRAMS {
+            for &name in names {
                 match PinnedLink::from_pin(links_dir.join(name)) {
                     Ok(link) => adopted.push(Attached::Pinned(link)),
                     Err(e) => {
@@ -183,7 +190,7 @@ impl Loader {
                     }
                 }
             }
-            if adopted.len() == ALL_PROGRAMS.len() {
+            if adopted.len() == names.len() {
                 self.links = adopted;
                 info!(dir = %self.dir.display(), "adopted pinned programs and maps");
                 self.remove_other_builds();
@@ -193,7 +200,7 @@ impl Loader {
         let cgroup_file =
             fs::File::open(cgroup).map_err(io_err(cgroup, "opening the attach cgroup"))?;
         let mut fresh = Vec::new();
-        for name in ALL_PROGRAMS {
+        for &name in names {
             let program = self
                 .ebpf
                 .program_mut(name)

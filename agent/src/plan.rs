@@ -13,7 +13,7 @@ use llm_egress_common::{
     ActionValue, DestValue, MAX_PORTS, SlotConfig, WorkloadValue, action, failure_mode, mode,
 };
 
-use crate::policy::{Action, FailureMode, Mode, Policy, Target};
+use crate::policy::{Action, FailureMode, Mode, Policy, Programs, Target};
 
 /// An address prefix as the LPM tries store it: network bytes + prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -97,7 +97,8 @@ pub fn build(
             default_llm: action_code(policy.defaults.llm),
             default_other: action_code(policy.defaults.other),
             failure_mode: failure_code(policy.failure_mode),
-            _pad: [0; 4],
+            track: u8::from(policy.programs == Programs::All),
+            _pad: [0; 3],
         },
         ..Plan::default()
     };
@@ -224,6 +225,7 @@ mod tests {
             pin_path: PathBuf::from("/sys/fs/bpf/x"),
             failure_mode: FailureMode::Closed,
             on_exit: OnExit::Detach,
+            programs: Programs::All,
             state_dir: PathBuf::from("/var/lib/x"),
             defaults: Defaults {
                 llm: Action::Deny,
@@ -283,6 +285,15 @@ mod tests {
             plan.rules[&(1, Prefix::V4([192, 0, 2, 0], 24))].action,
             action::DENY
         );
+    }
+
+    #[test]
+    fn provider_connections_are_tracked_only_where_sock_ops_is_attached() {
+        let mut p = policy();
+        let none = BTreeMap::new();
+        assert_eq!(build(&p, 1, &none, &BTreeMap::new()).config.track, 1);
+        p.programs = Programs::Connect;
+        assert_eq!(build(&p, 1, &none, &BTreeMap::new()).config.track, 0);
     }
 
     #[test]

@@ -114,7 +114,8 @@ pub const PROG_SENDMSG6: &str = "verdict_sendmsg6";
 /// sock_ops: connection establishment, state changes and RTT samples of
 /// tracked connections (bytes and durations).
 pub const PROG_SOCK_OPS: &str = "account_sock_ops";
-/// The programs attached (and pinned) to the attach cgroup.
+/// The programs attached (and pinned) to the attach cgroup with
+/// `programs = "all"`, the default.
 pub const ALL_PROGRAMS: [&str; 7] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
@@ -124,6 +125,10 @@ pub const ALL_PROGRAMS: [&str; 7] = [
     PROG_DNS_INGRESS,
     PROG_SNI_EGRESS,
 ];
+/// The programs attached with `programs = "connect"`: the connect-time
+/// verdict alone (docs/policy.md).
+pub const CONNECT_PROGRAMS: [&str; 4] =
+    [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
 /// Tracepoint sched/sched_process_exec: fills `EXECS`.
 pub const PROG_EXEC: &str = "attribute_exec";
 /// cgroup_skb/ingress: learns provider addresses from DNS answers.
@@ -302,7 +307,11 @@ pub struct SlotConfig {
     pub default_other: u8,
     /// `failure_mode::*`
     pub failure_mode: u8,
-    pub _pad: [u8; 4],
+    /// 1: sock_ops is attached (`programs = "all"`), so the connect hook
+    /// tracks allowed provider connections in `CONNS`; 0: nothing would
+    /// read or remove the entries, so it does not.
+    pub track: u8,
+    pub _pad: [u8; 3],
 }
 
 #[repr(C)]

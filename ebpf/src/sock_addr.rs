@@ -214,6 +214,8 @@ struct Decision {
     provider_id: u32,
     generation: u64,
     mode: u8,
+    /// The slot's `track`: sock_ops is attached to account what is tracked.
+    track: bool,
 }
 
 #[inline(always)]
@@ -235,6 +237,7 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
                 provider_id: NO_PROVIDER,
                 generation: 0,
                 mode: mode::ENFORCE,
+                track: false,
             }
         }
     };
@@ -294,6 +297,7 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
         report(ctx, dest, hook, v, &decision);
     }
     if v != verdict::DENY
+        && decision.track
         && decision.provider_id != NO_PROVIDER
         && connect
         && dest.proto == proto::TCP
@@ -335,6 +339,7 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
         provider_id: NO_PROVIDER,
         generation: cfg.generation,
         mode: cfg.mode,
+        track: cfg.track != 0,
     };
     let other = match workload {
         Some(w) => w.other,

@@ -37,6 +37,10 @@ pub const SOCK_ADDR_HOOKS: [(u32, &str); 4] = [
     (BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
     (BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"),
 ];
+/// The other hooks of `programs = "all"`: DNS learning / records
+/// (cgroup_skb ingress), SNI / records / bandwidth (egress), accounting
+/// (sock_ops).
+pub const OTHER_HOOKS: [(u32, &str); 3] = [(0, "skb_ingress"), (1, "skb_egress"), (3, "sock_ops")];
 
 const BPF_F_QUERY_EFFECTIVE: u32 = 1;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -180,6 +184,32 @@ pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     sys_bpf(BPF_OBJ_GET, &mut attr).map(owned_fd)
 }
 
+/// The pinned map `name` of the agent whose pin path is `pin_path` (in its
+/// build's `<hash>/maps/`).
+pub fn pinned_map_path(pin_path: &Path, name: &str) -> Option<PathBuf> {
+    std::fs::read_dir(pin_path).ok()?.flatten().find_map(|e| {
+        let p = e.path().join("maps").join(name);
+        p.exists().then_some(p)
+    })
+}
+
+/// Entries of the pinned map at `path` (`bpftool map dump`, per-CPU values
+/// listed per key); None when bpftool fails.
+pub fn pinned_map_dump(path: &Path) -> Option<Vec<serde_json::Value>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()?
+        .as_array()
+        .cloned()
+}
+
 /// Every pinned object below `dir` (recursively), with its kind; empty when
 /// `dir` does not exist.
 pub fn pinned_objects(dir: &Path) -> Vec<Pinned> {
@@ -219,7 +249,16 @@ pub fn cgroup_prog_count(cgroup: &Path, attach_type: u32, effective: bool) -> st
 
 /// `(hook name, count)` for each of the four sock_addr hooks of `cgroup`.
 pub fn sock_addr_prog_counts(cgroup: &Path, effective: bool) -> Vec<(&'static str, u32)> {
-    SOCK_ADDR_HOOKS
+    hook_prog_counts(cgroup, &SOCK_ADDR_HOOKS, effective)
+}
+
+/// `(hook name, count)` for each of `hooks` of `cgroup`.
+pub fn hook_prog_counts(
+    cgroup: &Path,
+    hooks: &[(u32, &'static str)],
+    effective: bool,
+) -> Vec<(&'static str, u32)> {
+    hooks
         .iter()
         .map(|(t, name)| {
             let n = cgroup_prog_count(cgroup, *t, effective)

@@ -711,3 +711,89 @@ fn running_agent_keeps_only_cap_sys_ptrace_in_every_thread_and_still_reloads() {
         "no links left pinned after the stop: {left:?}"
     );
 }
+
+/// `programs = "connect"` attaches the four verdict hooks and nothing else,
+/// tracks no provider connection (sock_ops, which would report and remove
+/// the `CONNS` entry, is not there), and switching `programs` across a
+/// restart leaves exactly the chosen set attached, never two of a kind.
+#[test]
+fn programs_connect_attaches_the_verdict_alone_and_restarts_switch_the_set() {
+    require_root();
+    let cg = CgroupGuard::new("programs");
+    let w = cg.child("w");
+    let ns = NetnsGuard::new();
+    let _s192 = TcpServer::start(&ns, "192.0.2.1:8443");
+    let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
+    let with = |programs: &str| {
+        policy(
+            &cg,
+            programs,
+            r#"
+[[providers]]
+name = "test-llm"
+cidrs = ["192.0.2.0/24"]
+
+[[workloads]]
+name = "w"
+cgroup = "w"
+allow = ["test-llm"]
+other = "deny"
+"#,
+        )
+    };
+    let connect_only = with("programs = \"connect\"");
+    let hooks = || {
+        (
+            bpf::sock_addr_prog_counts(cg.path(), false),
+            bpf::hook_prog_counts(cg.path(), &bpf::OTHER_HOOKS, false),
+        )
+    };
+    let expect_set = |agent: &Agent, others: u32, when: &str| {
+        let (verdict, other) = hooks();
+        assert!(
+            verdict.iter().all(|(_, n)| *n == 1) && other.iter().all(|(_, n)| *n == others),
+            "{when}: the four verdict hooks once each, the others {others} times; got {verdict:?} {other:?}\n{}",
+            agent.context()
+        );
+    };
+    let mut agent = Agent::start(&connect_only);
+    let p = probe();
+    expect_set(&agent, 0, "programs = \"connect\"");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "connect only",
+    );
+    expect_ok(&agent, p.connect(&w, &ns, "192.0.2.1:8443"), "connect only");
+    wait_event(&agent, "the provider decision", |e| {
+        e["event"] == "decision" && e["provider"] == "test-llm" && e["verdict"] == "allow"
+    });
+    let conns = bpf::pinned_map_path(agent.pin_path(), "CONNS").expect("pinned CONNS");
+    assert_eq!(
+        bpf::pinned_map_dump(&conns).map(|e| e.len()),
+        Some(0),
+        "without sock_ops an allowed provider connection must not be tracked\n{}",
+        agent.context()
+    );
+
+    agent.rewrite_policy(&with(""));
+    agent.kill9();
+    agent.restart_same();
+    expect_set(&agent, 1, "restarted with programs = \"all\"");
+    expect_eperm(&agent, p.connect(&w, &ns, "198.51.100.1:8443"), "all");
+
+    agent.rewrite_policy(&connect_only);
+    agent.kill9();
+    agent.restart_same();
+    expect_set(&agent, 0, "restarted with programs = \"connect\" again");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "connect again",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "192.0.2.1:8443"),
+        "connect again",
+    );
+}

@@ -27,7 +27,7 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, netns::enter_netns, require_root, toml_str,
+    Agent, CgroupGuard, NetnsGuard, bpf, netns::enter_netns, require_root, toml_str,
 };
 
 const DEAD_DNS: &str = "127.0.0.1:9";
@@ -433,31 +433,20 @@ fn addr_of_name(name: &str) -> Option<Ipv4Addr> {
 
 /// The kernel's counters (summed over CPUs) from the agent's pinned maps.
 fn kernel_counters(agent: &Agent) -> Vec<u64> {
-    let Some(dir) = std::fs::read_dir(agent.pin_path()).ok().and_then(|d| {
-        d.flatten()
-            .map(|e| e.path())
-            .find(|p| p.join("maps/COUNTERS").exists())
-    }) else {
+    let Some(entries) =
+        bpf::pinned_map_path(agent.pin_path(), "COUNTERS").and_then(|p| bpf::pinned_map_dump(&p))
+    else {
         return Vec::new();
     };
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(dir.join("maps/COUNTERS"))
-        .output();
-    let Ok(out) = out else { return Vec::new() };
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    e["values"]
-                        .as_array()
-                        .map(|vs| vs.iter().map(|x| x["value"].as_u64().unwrap_or(0)).sum())
-                        .unwrap_or(0)
-                })
-                .collect()
+    entries
+        .iter()
+        .map(|e| {
+            e["values"]
+                .as_array()
+                .map(|vs| vs.iter().map(|x| x["value"].as_u64().unwrap_or(0)).sum())
+                .unwrap_or(0)
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 #[track_caller]

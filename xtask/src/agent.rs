@@ -108,7 +108,7 @@ pub fn run(ws: &Workspace, args: &[String]) -> Result<()> {
     Err(err).with_context(|| format!("run: could not exec {}", bin.display()))
 }
 
-/// Placeholder until `bench-connect` exists: runs it against the release agent.
+/// Runs the tests package's `bench-connect` against the release agent (docs/benchmarks.md).
 pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
     if !has_bin(ws, TESTS_PACKAGE, BENCH_BIN)? {
         bail!(

@@ -48,6 +48,7 @@ pub(super) struct PolicyFile {
     pub pin_path: Option<Spanned<String>>,
     pub failure_mode: Option<Spanned<String>>,
     pub on_exit: Option<Spanned<String>>,
+    pub programs: Option<Spanned<String>>,
     pub state_dir: Option<Spanned<String>>,
     #[serde(default)]
     pub defaults: DefaultsFile,

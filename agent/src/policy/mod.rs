@@ -44,6 +44,29 @@ pub enum FailureMode {
     Open,
 }
 
+/// `programs`: which kernel programs the agent attaches (docs/policy.md,
+/// "Programs"; what each costs: docs/benchmarks.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Programs {
+    /// Every program: the connect-time verdict, DNS learning and SNI
+    /// verdicts (cgroup_skb), connection accounting (sock_ops).
+    All,
+    /// The connect-time verdict alone (cgroup_sock_addr): no DNS learning,
+    /// no SNI verdicts, no connection accounting, no bandwidth limits or
+    /// token budgets.
+    Connect,
+}
+
+impl Programs {
+    /// The names of the programs attached to the attach cgroup.
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            Programs::All => &llm_egress_common::ALL_PROGRAMS,
+            Programs::Connect => &llm_egress_common::CONNECT_PROGRAMS,
+        }
+    }
+}
+
 /// `on_exit`: what a clean stop (SIGTERM, SIGINT) does with the programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnExit {
@@ -237,6 +260,7 @@ pub struct Policy {
     pub pin_path: PathBuf,
     pub failure_mode: FailureMode,
     pub on_exit: OnExit,
+    pub programs: Programs,
     /// `state_dir`: where state that must survive a restart is kept (token
     /// budgets). Default /var/lib/llm-egress.
     pub state_dir: PathBuf,

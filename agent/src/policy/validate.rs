@@ -27,7 +27,7 @@ use super::{
     Action, AuditLog, Bandwidth, ConnectionRate, Defaults, FailureMode, KubeEnabled,
     KubernetesConfig, Limits, MAX_BYTES_BURST, MAX_BYTES_PER_SECOND, MAX_CONNECTION_BURST,
     MAX_CONNECTIONS_PER_SECOND, MIN_BYTES_BURST, Mode, OnExit, PodSelector, Policy, PolicyError,
-    PolicyErrors, Provider, ResolverConfig, Selector, Target, TelemetryConfig, Workload,
+    PolicyErrors, Programs, Provider, ResolverConfig, Selector, Target, TelemetryConfig, Workload,
     error::line_column,
     file::{
         self, CatalogFile, LimitKeysRef, LimitsFile, PodSelectorFile, PolicyFile, ProviderFile,
@@ -67,6 +67,7 @@ const ACTIONS: &[(&str, Action)] = &[
 const FAILURE_MODES: &[(&str, FailureMode)] =
     &[("closed", FailureMode::Closed), ("open", FailureMode::Open)];
 const ON_EXITS: &[(&str, OnExit)] = &[("detach", OnExit::Detach), ("keep", OnExit::Keep)];
+const PROGRAMS: &[(&str, Programs)] = &[("all", Programs::All), ("connect", Programs::Connect)];
 
 impl Policy {
     /// Reads and validates the policy file at `path`.
@@ -179,6 +180,9 @@ struct Checker<'a> {
     origin: &'a str,
     text: &'a str,
     errors: Vec<PolicyError>,
+    /// The policy's `programs`: limits that need the programs it leaves
+    /// out are errors.
+    programs: Programs,
 }
 
 /// Why a provider name that is not in the merged list cannot be used.
@@ -208,6 +212,7 @@ impl<'a> Checker<'a> {
             origin,
             text,
             errors: Vec::new(),
+            programs: Programs::All,
         }
     }
 
@@ -320,6 +325,8 @@ impl<'a> Checker<'a> {
             DEFAULT_FAILURE_MODE,
         );
         let on_exit = self.choice(f.on_exit.as_ref(), "on_exit", ON_EXITS, DEFAULT_ON_EXIT);
+        let programs = self.choice(f.programs.as_ref(), "programs", PROGRAMS, Programs::All);
+        self.programs = programs;
         let state_dir = f
             .state_dir
             .as_ref()
@@ -351,6 +358,7 @@ impl<'a> Checker<'a> {
             pin_path: pin_path.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_PATH)),
             failure_mode,
             on_exit,
+            programs,
             state_dir: state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             defaults,
             resolver,
@@ -979,6 +987,7 @@ mod tests {
             (p.failure_mode, p.on_exit),
             (FailureMode::Closed, OnExit::Detach)
         );
+        assert_eq!(p.programs, Programs::All);
         assert_eq!(
             p.defaults,
             Defaults {
@@ -1288,7 +1297,7 @@ llm = "allow"
 
     #[test]
     fn every_error_is_reported_in_file_order() {
-        let text = "mode = \"enforcing\"\nfailure_mode = \"shut\"\non_exit = \"stay\"\n\n\
+        let text = "mode = \"enforcing\"\nfailure_mode = \"shut\"\non_exit = \"stay\"\nprograms = \"some\"\n\
                     [defaults]\nllm = \"drop\"\nother = \"pass\"\n\n\
                     [[workloads]]\nname = \"w\"\nsystemd_unit = \"w.service\"\nllm = \"nope\"\nother = \"maybe\"\n";
         let errors = errors(text);
@@ -1302,6 +1311,7 @@ llm = "allow"
                 ("mode", 1, 8),
                 ("failure_mode", 2, 16),
                 ("on_exit", 3, 11),
+                ("programs", 4, 12),
                 ("defaults.llm", 6, 7),
                 ("defaults.other", 7, 9),
                 ("workloads[0].llm", 12, 7),
@@ -1311,7 +1321,8 @@ llm = "allow"
         assert!(errors[0].message.contains("\"enforce\", \"audit\""));
         assert!(errors[1].message.contains("\"closed\", \"open\""));
         assert!(errors[2].message.contains("\"detach\", \"keep\""));
-        assert!(errors[3].message.contains("\"allow\", \"deny\", \"audit\""));
+        assert!(errors[3].message.contains("\"all\", \"connect\""));
+        assert!(errors[4].message.contains("\"allow\", \"deny\", \"audit\""));
         assert_eq!(
             errors[0].to_string(),
             "test.toml:1:8: mode = \"enforcing\": expected one of \"enforce\", \"audit\""

@@ -106,6 +106,19 @@ impl Checker<'_> {
                 "",
             ),
         ];
+        if self.programs == Programs::Connect {
+            // Bandwidth is policed by the cgroup_skb programs, token counts
+            // come from the sock_ops and cgroup_skb accounting.
+            for (v, name, ..) in &ints[1..] {
+                if let Some(v) = v {
+                    self.error(
+                        v,
+                        &format!("{key}.{name}"),
+                        "needs programs = \"all\" (with programs = \"connect\" nothing measures bytes or tokens)",
+                    );
+                }
+            }
+        }
         let [
             burst,
             bytes_per_second,
@@ -807,5 +820,47 @@ limits = { connections_per_second = 0.5 }
         // The example in the top of the page sets limits too.
         let start = doc.find("```toml\n").unwrap_or(0);
         assert!(doc[start..section].contains("[workloads.limits]"));
+    }
+
+    #[test]
+    fn programs_connect_refuses_the_limits_that_need_the_other_programs() {
+        let text = format!(
+            "programs = \"connect\"\n{}",
+            with_limits(
+                "connections_per_second = 5\nbytes_per_second = 1_000_000\nbytes_burst = 2_000_000\n\
+                 tokens_per_minute = 100\ntokens_per_day = 1000\n\
+                 [workloads.limits.providers.openai]\ntokens_per_day = 500\n"
+            )
+        );
+        let found: Vec<(String, usize)> = errors(&text)
+            .iter()
+            .map(|e| {
+                assert!(e.message.contains("needs programs = \"all\""), "{e}");
+                (e.key.clone(), e.line)
+            })
+            .collect();
+        let limits = "workloads[0].limits";
+        assert_eq!(
+            found,
+            [
+                (format!("{limits}.bytes_per_second"), 9),
+                (format!("{limits}.bytes_burst"), 10),
+                (format!("{limits}.tokens_per_minute"), 11),
+                (format!("{limits}.tokens_per_day"), 12),
+                (format!("{limits}.providers.openai.tokens_per_day"), 14),
+            ]
+        );
+        // The connection rate is the connect hook's own: accepted.
+        let p = ok(&format!(
+            "programs = \"connect\"\n{}",
+            with_limits("connections_per_second = 5\nburst = 9\n")
+        ));
+        assert_eq!(p.programs, Programs::Connect);
+        assert_eq!(p.workloads[0].limits.connections, rate(5.0, 9));
+        // The same limits are fine with every program attached.
+        assert_eq!(
+            ok(&with_limits("tokens_per_minute = 100\n")).programs,
+            Programs::All
+        );
     }
 }
