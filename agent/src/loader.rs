@@ -229,7 +229,7 @@ impl Loader {
                 FailureMode::Open => self.links.push(Attached::Owned(link)),
             }
         }
-        info!(cgroup = %cgroup.display(), pinned = (failure == FailureMode::Closed), "attached programs");
+        info!(cgroup = %cgroup.display(), pinned = (failure == FailureMode::Closed), programs = ?names, "attached programs");
         self.remove_other_builds();
         Ok(AttachOutcome::Attached)
     }

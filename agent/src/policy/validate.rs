@@ -1245,7 +1245,7 @@ llm = "allow"
             &doc[start..end]
         );
         let p = Policy::parse(&text, "docs/policy.md").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(p.mode, Mode::Enforce);
+        assert_eq!((p.mode, p.programs), (Mode::Enforce, Programs::All));
         let names: Vec<&str> = p.workloads.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["support-bot", "batch", "notebooks"]);
         assert_eq!(p.provider_id("openrouter"), None);
