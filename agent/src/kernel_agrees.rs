@@ -20,7 +20,8 @@ use std::{
 
 use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
 use llm_egress_common::{
-    DNS_MAX_ANSWERS, DestValue, PROG_DNS_INGRESS, PROG_SNI_EGRESS, SNI_BUF, counter,
+    DNS_MAX_ANSWERS, DestValue, PROG_DNS_INGRESS, PROG_SNI_EGRESS, SNI_BUF, SNI_SCRATCH_MAX,
+    counter,
 };
 
 use crate::{
@@ -322,26 +323,15 @@ fn run_sni(
     seed: u64,
     names: &BTreeMap<u64, DestValue>,
 ) {
-    // The program's scratch is per CPU, and bytes past a payload are
-    // whatever it held: stay on one CPU and zero it before each case, so
-    // that they read as 0, as they do in `sni::parse`.
-    // SAFETY: a cpu_set_t of our own; pid 0 is the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "sched_setaffinity"
-        );
-    }
+    // Each run reads its ClientHello into a scratch of its own socket
+    // (every test run has a new one), created zeroed: bytes past a payload
+    // read as 0, as they do in `sni::parse`.
     let prog: &mut CgroupSkb = loader
         .ebpf
         .program_mut(PROG_SNI_EGRESS)
         .unwrap()
         .try_into()
         .unwrap();
-    let zero = tcp_packet(&[0u8; SNI_BUF]);
     let sni_counters = [
         ("allow", counter::SNI_ALLOW),
         ("deny", counter::SNI_DENY),
@@ -361,13 +351,6 @@ fn run_sni(
         if payload.is_empty() {
             continue; // no payload: not a first payload, nothing to read
         }
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&zero),
-                ..TestRunOptions::new()
-            })
-            .expect("test_run");
-        assert_eq!(r.return_value, 1, "zeroing run");
         let before = maps.counters().expect("counters");
         let pkt = tcp_packet(payload);
         let r = prog
@@ -423,5 +406,30 @@ fn run_sni(
         disagree.is_empty(),
         "the kernel and sni::parse disagree:\n{}",
         disagree.join("\n")
+    );
+    // Every run removes its scratch entry: more runs than the map holds
+    // never find it full.
+    let (_, hello) = sni::wire::corpus()
+        .into_iter()
+        .find(|(_, p)| matches!(sni::parse(p), sni::Hello::Name { .. }))
+        .expect("a ClientHello with a name in the corpus");
+    let pkt = tcp_packet(&hello);
+    let before = maps.counters().expect("counters");
+    for _ in 0..2 * SNI_SCRATCH_MAX + 1 {
+        prog.test_run(TestRunOptions {
+            data_in: Some(&pkt),
+            ..TestRunOptions::new()
+        })
+        .expect("test_run");
+    }
+    let after = maps.counters().expect("counters");
+    let read = |c: u32| after[c as usize] - before[c as usize];
+    assert_eq!(
+        (
+            read(counter::SNI_BUSY),
+            read(counter::SNI_DENY) + read(counter::SNI_OTHER_NAME)
+        ),
+        (0, u64::from(2 * SNI_SCRATCH_MAX + 1)),
+        "SNI_SCRATCH entries must go when their run ends"
     );
 }

@@ -13,7 +13,7 @@ use prometheus::{
 use llm_egress_common::counter;
 
 /// `llm_egress_sni_total` results and the kernel counters behind them.
-const SNI_RESULTS: [(u32, &str); 10] = [
+const SNI_RESULTS: [(u32, &str); 11] = [
     (counter::SNI_ALLOW, "allow"),
     (counter::SNI_DENY, "deny"),
     (counter::SNI_AUDIT, "audit"),
@@ -24,6 +24,7 @@ const SNI_RESULTS: [(u32, &str); 10] = [
     (counter::SNI_NOT_TLS, "not_tls"),
     (counter::SNI_MALFORMED, "malformed"),
     (counter::SNI_DROPPED, "dropped_packets"),
+    (counter::SNI_BUSY, "busy"),
 ];
 
 #[derive(Clone)]

@@ -37,8 +37,11 @@ pub const MAP_EXEC_SCRATCH: &str = "EXEC_SCRATCH";
 
 /// `LruHashMap<u64 socket cookie, ConnEvent>`: tracked provider connections.
 pub const MAP_CONNS: &str = "CONNS";
-/// `PerCpuArray<ConnEvent>`, one entry: scratch of the connect hooks.
-pub const MAP_CONN_SCRATCH: &str = "CONN_SCRATCH";
+/// `Array<ConnEvent>`, one entry, all zeros and never written: what a
+/// tracked connection's `CONNS` entry is created from before the connect
+/// hook fills it in place (a `ConnEvent` does not fit the BPF stack, and a
+/// per-CPU scratch could be overwritten by a connect that preempts this one).
+pub const MAP_CONN_ZERO: &str = "CONN_ZERO";
 
 /// `HashMap<NameKey, DestValue>`: provider host names by hash
 /// (`names::host_key`), per slot; wildcard hosts as `names::wildcard` keys.
@@ -56,8 +59,6 @@ pub const MAP_LEARNED_V6: &str = "LEARNED_V6";
 /// answer and the label hashes of a name).
 pub const MAP_DNS_SCRATCH: &str = "DNS_SCRATCH";
 
-/// Every map of the object, for the loader's pin bookkeeping and a test that
-/// checks the object declares exactly these.
 /// `PerCpuHashMap<VerdictKey, u64>`: every decision, counted by
 /// generation, workload, provider and verdict (exact, whatever happens to
 /// events).
@@ -66,15 +67,24 @@ pub const MAP_VERDICTS: &str = "VERDICTS";
 /// `LruHashMap<u64 socket cookie, u32 sni_state::*>`: TCP sockets whose
 /// first payload the SNI program has seen, and whether it denied them.
 pub const MAP_SNI_STATE: &str = "SNI_STATE";
-/// `PerCpuArray`, one entry: scratch space of the SNI program (the copied
-/// ClientHello and the label hashes of its server name).
+/// `HashMap<u64 socket cookie, SniScratch>` (allocated on insert): scratch
+/// space of the SNI program while it reads one socket's ClientHello (the
+/// copied bytes and the label hashes of its server name), removed when it is
+/// done. Per socket, not per CPU: the egress program runs in process context
+/// and in softirq, and a parse on one CPU can be interrupted or preempted
+/// by another socket's.
 pub const MAP_SNI_SCRATCH: &str = "SNI_SCRATCH";
+/// `Array<SniScratch>`, one entry, never written: what `SNI_SCRATCH`
+/// entries are created from.
+pub const MAP_SNI_ZERO: &str = "SNI_ZERO";
 
 /// `PerCpuArray`, two entries (0: egress, 1: ingress program): state of
 /// the TLS record walks over one skb (ebpf/src/records.rs).
 pub const MAP_RECORDS_SCRATCH: &str = "RECORDS_SCRATCH";
 
-pub const ALL_MAPS: [&str; 29] = [
+/// Every map of the object, for the loader's pin bookkeeping and a test that
+/// checks the object declares exactly these.
+pub const ALL_MAPS: [&str; 30] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -88,7 +98,7 @@ pub const ALL_MAPS: [&str; 29] = [
     MAP_EXECS,
     MAP_EXEC_SCRATCH,
     MAP_CONNS,
-    MAP_CONN_SCRATCH,
+    MAP_CONN_ZERO,
     MAP_NAMES,
     MAP_NAME_CFG,
     MAP_LEARNED_V4,
@@ -97,6 +107,7 @@ pub const ALL_MAPS: [&str; 29] = [
     MAP_VERDICTS,
     MAP_SNI_STATE,
     MAP_SNI_SCRATCH,
+    MAP_SNI_ZERO,
     MAP_RECORDS_SCRATCH,
     crate::limits::MAP_LIMITS,
     crate::limits::MAP_BUCKETS,
@@ -182,6 +193,11 @@ pub const LEARN_TTL_MIN_S: u32 = 60;
 pub const LEARN_TTL_MAX_S: u32 = 3600;
 /// Sockets the SNI program remembers (LRU).
 pub const SNI_STATE_MAX: u32 = 65_536;
+/// ClientHellos the SNI program reads at once: one entry lives for one
+/// program run, so this bounds runs in progress (a few per CPU), not
+/// sockets. A run that finds it full passes its packet unjudged, counted in
+/// `counter::SNI_BUSY`.
+pub const SNI_SCRATCH_MAX: u32 = 1024;
 /// Bytes of a first TCP payload the SNI program copies and parses (a
 /// ClientHello with post-quantum key shares is ~1,800 bytes).
 pub const SNI_BUF: usize = 2048;
@@ -266,6 +282,9 @@ pub mod counter {
     /// Open connections stopped because their pair's token budget was
     /// spent (their next payload packet dropped, the socket aborted).
     pub const BUDGET_STOPPED: u32 = 27;
+    /// First payloads passed unjudged because `SNI_SCRATCH` was full (more
+    /// ClientHellos read at once than `SNI_SCRATCH_MAX`).
+    pub const SNI_BUSY: u32 = 28;
     pub const LEN: u32 = 32;
 }
 

@@ -6,7 +6,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::generated::{bpf_map_lookup_elem, bpf_map_update_elem},
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -63,7 +63,7 @@ pub static EXEC_SCRATCH: PerCpuArray<ExecInfo> = PerCpuArray::with_max_entries(1
 pub static CONNS: LruHashMap<u64, ConnEvent> = LruHashMap::pinned(CONNS_MAX, 0);
 
 #[map]
-pub static CONN_SCRATCH: PerCpuArray<ConnEvent> = PerCpuArray::with_max_entries(1, 0);
+pub static CONN_ZERO: Array<ConnEvent> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static NAMES: HashMap<NameKey, DestValue> = HashMap::pinned(NAMES_MAX, 0);
@@ -84,8 +84,14 @@ pub static DNS_SCRATCH: PerCpuArray<crate::dns::DnsScratch> = PerCpuArray::with_
 pub static SNI_STATE: LruHashMap<u64, u32> =
     LruHashMap::pinned(llm_egress_common::SNI_STATE_MAX, 0);
 
+/// BPF_F_NO_PREALLOC: entries are allocated on insert, so the map costs
+/// memory only while ClientHellos are being read.
 #[map]
-pub static SNI_SCRATCH: PerCpuArray<crate::sni::SniScratch> = PerCpuArray::with_max_entries(1, 0);
+pub static SNI_SCRATCH: HashMap<u64, crate::sni::SniScratch> =
+    HashMap::with_max_entries(llm_egress_common::SNI_SCRATCH_MAX, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static SNI_ZERO: Array<crate::sni::SniScratch> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static RECORDS_SCRATCH: PerCpuArray<crate::records::RecordScratch> =

@@ -63,7 +63,7 @@ use llm_egress_common::{
     names::label_step, sni_state, verdict,
 };
 
-use crate::maps::{CONNS, EVENTS, NAME_CFG, NAMES, SNI_SCRATCH, SNI_STATE, count};
+use crate::maps::{CONNS, EVENTS, NAME_CFG, NAMES, SNI_SCRATCH, SNI_STATE, SNI_ZERO, count};
 
 const PASS: i32 = 1;
 /// Drop (with congestion notification): see the module comment.
@@ -82,9 +82,15 @@ const EXT_ECH: u16 = 0xfe0d;
 /// Longest DNS name in text form.
 const MAX_NAME: usize = 253;
 
-/// Per-CPU scratch: the copied first payload, the label hashes of the
-/// server name, and the state of the bpf_loop walks (kept here, not on the
-/// stack, for the reasons given in dns.rs).
+/// One socket's scratch while its first payload is read (`SNI_SCRATCH`,
+/// keyed by socket cookie, removed after the read): the copied bytes, the
+/// label hashes of the server name, and the state of the bpf_loop walks
+/// (in a map value, not on the stack, for the reasons given in dns.rs).
+/// Per socket and not per CPU: this program runs in process context and in
+/// softirq (data TCP sends when an ACK arrives), so a read on one CPU can
+/// be interrupted, or preempted, by another socket's, which must not
+/// write over it. One socket's packets are never judged by two runs at
+/// once: they are sent under its socket lock.
 #[repr(C)]
 pub struct SniScratch {
     pub buf: [u8; SNI_BUF],
@@ -224,7 +230,15 @@ fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
     let _ = SNI_STATE.insert(&cookie, &sni_state::SEEN, 0);
     let payload = total - off;
 
-    let hello = parse(ctx, off, payload, port);
+    let hello = match claim_scratch(cookie) {
+        Some(s) => {
+            // SAFETY: this socket's own entry, live until the remove below.
+            let hello = parse(ctx, unsafe { &mut *s }, s, off, payload, port);
+            let _ = SNI_SCRATCH.remove(&cookie);
+            hello
+        }
+        None => Hello::Counted(counter::SNI_BUSY),
+    };
     let (name_off, name_len, provider) = match hello {
         Hello::Provider(o, l, p) => (o, l, p),
         Hello::Counted(c) => {
@@ -275,13 +289,33 @@ fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
     PASS
 }
 
-/// Copies the first payload and reads the ClientHello (steps 1 to 4 of
-/// the module comment).
+/// This socket's scratch for one read, created from `SNI_ZERO`; None when
+/// `SNI_SCRATCH` is full.
 #[inline(always)]
-fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
-    let Some(s) = scratch() else {
-        return Hello::Ignore;
-    };
+fn claim_scratch(cookie: u64) -> Option<*mut SniScratch> {
+    let zero = SNI_ZERO.get(0)?;
+    SNI_SCRATCH.insert(&cookie, zero, 0).ok()?;
+    SNI_SCRATCH.get_ptr_mut(&cookie)
+}
+
+/// On the stack: the scratch, for the bpf_loop callbacks.
+#[repr(C)]
+struct LoopCtx {
+    scratch: *mut SniScratch,
+}
+
+/// Copies the first payload into `s` (the scratch at `sp`) and reads the
+/// ClientHello (steps 1 to 4 of the module comment).
+#[inline(always)]
+fn parse(
+    ctx: &SkBuffContext,
+    s: &mut SniScratch,
+    sp: *mut SniScratch,
+    off: usize,
+    payload: usize,
+    port: u16,
+) -> Hello {
+    let mut lc = LoopCtx { scratch: sp };
     let avail = if payload > SNI_BUF { SNI_BUF } else { payload };
     // 1..=SNI_BUF, written so that the verifier sees the bound.
     let copy = ((avail - 1) & MASK) + 1;
@@ -350,12 +384,12 @@ fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
         core::ptr::write_volatile(&mut c.err, 0);
     }
     // SAFETY: `ext_step` is a bpf_loop callback; it finds its state in the
-    // scratch.
+    // scratch `lc` points to, and `lc` lives on this stack for the call.
     unsafe {
         bpf_loop(
             SNI_MAX_EXTENSIONS as u32,
             ext_step as *mut c_void,
-            core::ptr::null_mut(),
+            (&mut lc as *mut LoopCtx).cast(),
             0,
         )
     };
@@ -417,7 +451,7 @@ fn parse(ctx: &SkBuffContext, off: usize, payload: usize, port: u16) -> Hello {
         bpf_loop(
             (MAX_NAME + 1) as u32,
             name_step as *mut c_void,
-            core::ptr::null_mut(),
+            (&mut lc as *mut LoopCtx).cast(),
             0,
         )
     };
@@ -477,12 +511,17 @@ fn cookie_of(ctx: &SkBuffContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// The per-CPU scratch of this CPU.
+/// The scratch of a bpf_loop callback, from the `LoopCtx` its caller
+/// passed.
 #[inline(always)]
-fn scratch() -> Option<&'static mut SniScratch> {
-    let p = SNI_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch of this CPU; programs are not preempted, and
-    // callers never hold two references across a call that takes another.
+fn scratch(c: *mut c_void) -> Option<&'static mut SniScratch> {
+    // SAFETY: `c` is the caller's `LoopCtx`, on its stack for the call.
+    let p = unsafe { (*(c as *const LoopCtx)).scratch };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: this socket's `SNI_SCRATCH` entry, which only this run uses;
+    // the caller reads it with volatile loads after the loop.
     Some(unsafe { &mut *p })
 }
 
@@ -498,8 +537,8 @@ fn u16_at(s: &SniScratch, i: usize) -> u16 {
 
 /// bpf_loop callback: one extension. Returns 1 to stop.
 #[inline(never)]
-extern "C" fn ext_step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = scratch() else { return 1 };
+extern "C" fn ext_step(_index: u64, ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch(ctx) else { return 1 };
     let (pos, avail, end) = (s.ext.pos as usize, s.ext.avail as usize, s.ext.end as usize);
     if pos >= end {
         return 1;
@@ -527,8 +566,8 @@ extern "C" fn ext_step(_index: u64, _ctx: *mut c_void) -> i64 {
 
 /// bpf_loop callback: one byte of the server name. Returns 1 to stop.
 #[inline(never)]
-extern "C" fn name_step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = scratch() else { return 1 };
+extern "C" fn name_step(_index: u64, ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch(ctx) else { return 1 };
     let SniScratch {
         buf,
         labels,

@@ -33,13 +33,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use llm_egress_common::{
-    ConnStats, ConnectDecision, ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_WORKLOAD,
+    ConnectDecision, ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_WORKLOAD,
     PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, VerdictKey, action, counter, failure_mode,
     family, hook, kind, limit_flag, limit_kind, mode, proto, reason, verdict,
 };
 
 use crate::maps::{
-    CONN_SCRATCH, CONNS, DESTS_V4, DESTS_V6, EVENTS, RULES_V4, RULES_V6, count, count_verdict,
+    CONN_ZERO, CONNS, DESTS_V4, DESTS_V6, EVENTS, RULES_V4, RULES_V6, count, count_verdict,
 };
 
 const ALLOW: i32 = 1;
@@ -52,33 +52,40 @@ pub fn verdict_connect4(ctx: SockAddrContext) -> i32 {
 
 /// Starts tracking an allowed TCP connection to a provider: `CONNS` keeps
 /// who connected where, sock_ops adds bytes and times and reports it.
-/// A full map evicts the oldest entry (LRU); failures only lose accounting.
-/// Whether the entry was written.
+/// The entry is created zeroed (from `CONN_ZERO`) and filled in place: it
+/// is this socket's, which nothing else touches before the connect goes on
+/// (a shared per-CPU scratch could be overwritten by a connect() that
+/// preempts this one on the same CPU). A full map evicts the oldest entry
+/// (LRU); failures only lose accounting. Whether the entry was written.
 #[inline(always)]
 fn track(ctx: &SockAddrContext, dest: &Dest, d: &Decision, buckets: (u64, u64)) -> bool {
-    let Some(entry) = CONN_SCRATCH.get_ptr_mut(0) else {
+    let Some(zero) = CONN_ZERO.get(0) else {
         return false;
     };
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: per-CPU scratch of this CPU, overwritten whole before use.
+    if CONNS.insert(&cookie, zero, 0).is_err() {
+        return false;
+    }
+    let Some(entry) = CONNS.get_ptr_mut(&cookie) else {
+        return false;
+    };
+    // SAFETY: `entry` points into this socket's CONNS value for this run.
     unsafe {
         fill_header(&mut (*entry).header, kind::CONN_SUMMARY);
-        (*entry).data = ConnStats {
-            cookie,
-            generation: d.generation,
-            connect_ns: (*entry).header.time_ns,
-            workload_id: d.workload_id,
-            provider_id: d.provider_id,
-            addr: dest.addr,
-            port: dest.port,
-            family: dest.family,
-            bandwidth_bucket: buckets.0,
-            budget_bucket: buckets.1,
-            ..ConnStats::default()
-        };
-        CONNS.insert(&cookie, &*entry, 0).is_ok()
+        let c = &mut (*entry).data;
+        c.cookie = cookie;
+        c.generation = d.generation;
+        c.connect_ns = (*entry).header.time_ns;
+        c.workload_id = d.workload_id;
+        c.provider_id = d.provider_id;
+        c.addr = dest.addr;
+        c.port = dest.port;
+        c.family = dest.family;
+        c.bandwidth_bucket = buckets.0;
+        c.budget_bucket = buckets.1;
     }
+    true
 }
 
 /// The envelope header of an event about the current task.
