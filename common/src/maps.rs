@@ -78,13 +78,17 @@ pub const MAP_SNI_SCRATCH: &str = "SNI_SCRATCH";
 /// entries are created from.
 pub const MAP_SNI_ZERO: &str = "SNI_ZERO";
 
-/// `PerCpuArray`, two entries (0: egress, 1: ingress program): state of
-/// the TLS record walks over one skb (ebpf/src/records.rs).
+/// `PerCpuArray`, one entry: state of a TLS record walk over one received
+/// skb (ebpf/src/records.rs; the ingress program runs in softirq only).
 pub const MAP_RECORDS_SCRATCH: &str = "RECORDS_SCRATCH";
+/// `HashMap<u64 socket cookie, RecordScratch>` (allocated on insert): state
+/// of a TLS record walk over one sent skb, per socket because the egress
+/// program runs in process context and in softirq; removed after the walk.
+pub const MAP_RECORDS_SENT: &str = "RECORDS_SENT";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 30] = [
+pub const ALL_MAPS: [&str; 31] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -109,6 +113,7 @@ pub const ALL_MAPS: [&str; 30] = [
     MAP_SNI_SCRATCH,
     MAP_SNI_ZERO,
     MAP_RECORDS_SCRATCH,
+    MAP_RECORDS_SENT,
     crate::limits::MAP_LIMITS,
     crate::limits::MAP_BUCKETS,
     crate::limits::MAP_BANDWIDTH,

@@ -95,7 +95,13 @@ pub static SNI_ZERO: Array<crate::sni::SniScratch> = Array::with_max_entries(1, 
 
 #[map]
 pub static RECORDS_SCRATCH: PerCpuArray<crate::records::RecordScratch> =
-    PerCpuArray::with_max_entries(2, 0);
+    PerCpuArray::with_max_entries(1, 0);
+
+/// BPF_F_NO_PREALLOC: entries are allocated on insert (one per walk of sent
+/// data in progress, removed after it).
+#[map]
+pub static RECORDS_SENT: HashMap<u64, crate::records::RecordScratch> =
+    HashMap::with_max_entries(llm_egress_common::SNI_SCRATCH_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(VERDICTS_MAX, 0);

@@ -64,7 +64,7 @@ use llm_egress_common::{
     counter, kind, tls_walk,
 };
 
-use crate::maps::{CONNS, EVENTS, RECORDS_SCRATCH, count};
+use crate::maps::{CONNS, EVENTS, RECORDS_SCRATCH, RECORDS_SENT, count};
 
 const HEADER: u64 = 5;
 const APPLICATION_DATA: u8 = 23;
@@ -76,10 +76,10 @@ const RUNNING: u64 = 0;
 const DONE: u64 = 1;
 const BAD: u64 = 2;
 
-/// Per-CPU state of one `bpf_loop` walk, one entry per program (the egress
-/// program may be interrupted by the ingress one on the same CPU). Kept in
-/// a map for the reasons given in dns.rs.
+/// State of one `bpf_loop` walk over an skb's headers (`scratch`), in a
+/// map value for the reasons given in dns.rs.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct RecordScratch {
     /// Offset of the next header from the start of the payload.
     pos: u64,
@@ -92,11 +92,22 @@ pub struct RecordScratch {
     stop: u64,
 }
 
-/// On the stack: what the callback needs besides the scratch.
+impl RecordScratch {
+    const ZERO: Self = Self {
+        pos: 0,
+        end: 0,
+        off: 0,
+        records: 0,
+        app: 0,
+        stop: 0,
+    };
+}
+
+/// On the stack: what the callback needs.
 #[repr(C)]
 struct LoopCtx {
     skb: *mut __sk_buff,
-    dir: u64,
+    scratch: *mut RecordScratch,
 }
 
 /// A packet the egress program sends with payload on a tracked connection
@@ -256,43 +267,21 @@ fn walk(ctx: &SkBuffContext, w: &mut TlsWalk, off: usize, plen: u32, seq: u32, d
     }
 
     // Every header in this skb.
-    let Some(s) = scratch(dir) else {
+    let sent = dir == TLS_SENT;
+    // SAFETY: helper on this program's own context.
+    let cookie = if sent {
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+    } else {
+        0
+    };
+    let Some(sp) = scratch(sent, cookie) else {
+        lose(w, end);
         return;
     };
-    // Volatile: the callback changes the scratch behind this reference
-    // (see read_name in dns.rs).
-    // SAFETY: valid, aligned fields of the scratch.
-    unsafe {
-        core::ptr::write_volatile(&mut s.pos, u64::from(pos));
-        core::ptr::write_volatile(&mut s.end, u64::from(plen));
-        core::ptr::write_volatile(&mut s.off, off as u64);
-        core::ptr::write_volatile(&mut s.records, 0);
-        core::ptr::write_volatile(&mut s.app, 0);
-        core::ptr::write_volatile(&mut s.stop, RUNNING);
+    let (npos, records, app, stop) = walk_headers(ctx, sp, pos, plen, off);
+    if sent {
+        let _ = RECORDS_SENT.remove(&cookie);
     }
-    let mut lc = LoopCtx {
-        skb: ctx.skb.skb,
-        dir: dir as u64,
-    };
-    // SAFETY: `record_step` is a bpf_loop callback; `lc` lives on this
-    // stack for the call.
-    unsafe {
-        bpf_loop(
-            RECORD_STEPS,
-            record_step as *mut c_void,
-            (&mut lc as *mut LoopCtx).cast(),
-            0,
-        )
-    };
-    // SAFETY: as above.
-    let (npos, records, app, stop) = unsafe {
-        (
-            core::ptr::read_volatile(&s.pos),
-            core::ptr::read_volatile(&s.records),
-            core::ptr::read_volatile(&s.app),
-            core::ptr::read_volatile(&s.stop),
-        )
-    };
     w.records = w.records.wrapping_add(records as u32);
     w.app_records = w.app_records.wrapping_add(app as u32);
     if stop != DONE {
@@ -313,6 +302,55 @@ fn walk(ctx: &SkBuffContext, w: &mut TlsWalk, off: usize, plen: u32, seq: u32, d
     };
     keep(w, acc, rem);
     w.next_seq = end;
+}
+
+/// Walks the headers of the skb from payload offset `pos` with the scratch
+/// at `sp`: (offset after the last header, records, application_data
+/// records, `RUNNING`/`DONE`/`BAD`).
+#[inline(always)]
+fn walk_headers(
+    ctx: &SkBuffContext,
+    sp: *mut RecordScratch,
+    pos: u32,
+    plen: u32,
+    off: usize,
+) -> (u64, u64, u64, u64) {
+    // SAFETY: the scratch entry `scratch` handed out for this walk.
+    let s = unsafe { &mut *sp };
+    // Volatile: the callback changes the scratch behind this reference
+    // (see read_name in dns.rs).
+    // SAFETY: valid, aligned fields of the scratch.
+    unsafe {
+        core::ptr::write_volatile(&mut s.pos, u64::from(pos));
+        core::ptr::write_volatile(&mut s.end, u64::from(plen));
+        core::ptr::write_volatile(&mut s.off, off as u64);
+        core::ptr::write_volatile(&mut s.records, 0);
+        core::ptr::write_volatile(&mut s.app, 0);
+        core::ptr::write_volatile(&mut s.stop, RUNNING);
+    }
+    let mut lc = LoopCtx {
+        skb: ctx.skb.skb,
+        scratch: sp,
+    };
+    // SAFETY: `record_step` is a bpf_loop callback; `lc` lives on this
+    // stack for the call.
+    unsafe {
+        bpf_loop(
+            RECORD_STEPS,
+            record_step as *mut c_void,
+            (&mut lc as *mut LoopCtx).cast(),
+            0,
+        )
+    };
+    // SAFETY: as above.
+    unsafe {
+        (
+            core::ptr::read_volatile(&s.pos),
+            core::ptr::read_volatile(&s.records),
+            core::ptr::read_volatile(&s.app),
+            core::ptr::read_volatile(&s.stop),
+        )
+    }
 }
 
 /// `n` (at most 4) bytes at `at`, big-endian.
@@ -367,26 +405,38 @@ fn keep(w: &mut TlsWalk, acc: u64, n: u32) {
     w.have = if n > 4 { 0 } else { n as u8 };
 }
 
-/// The per-CPU scratch of program `dir` on this CPU.
+/// The scratch of one walk. Received data is walked by the ingress
+/// program, in softirq only, which never runs twice at once on one CPU:
+/// the per-CPU `RECORDS_SCRATCH`. Sent data is walked by the egress program
+/// in process context and in softirq (data TCP sends when an ACK arrives),
+/// so a walk can be interrupted or preempted by another socket's on the
+/// same CPU: an entry of its own socket (`cookie`) in `RECORDS_SENT`, which
+/// the caller removes after the walk (one socket's packets are sent under
+/// its lock, one at a time). None: the map is full.
 #[inline(always)]
-fn scratch(dir: usize) -> Option<&'static mut RecordScratch> {
-    let p = RECORDS_SCRATCH.get_ptr_mut((dir & 1) as u32)?;
-    // SAFETY: per-CPU scratch of this CPU and program; callers never hold
-    // two references across a call that takes another.
-    Some(unsafe { &mut *p })
+fn scratch(sent: bool, cookie: u64) -> Option<*mut RecordScratch> {
+    if sent {
+        RECORDS_SENT.insert(&cookie, &RecordScratch::ZERO, 0).ok()?;
+        RECORDS_SENT.get_ptr_mut(&cookie)
+    } else {
+        RECORDS_SCRATCH.get_ptr_mut(0)
+    }
 }
 
 /// bpf_loop callback: one record header. Returns 1 to stop.
 #[inline(never)]
 extern "C" fn record_step(_index: u64, c: *mut c_void) -> i64 {
     // SAFETY: `c` is the caller's `LoopCtx` (bpf_loop passes it through).
-    let (skb, dir) = unsafe {
+    let (skb, sp) = unsafe {
         let c = &*(c as *const LoopCtx);
-        (c.skb, c.dir)
+        (c.skb, c.scratch)
     };
-    let Some(s) = scratch(dir as usize) else {
+    if sp.is_null() {
         return 1;
-    };
+    }
+    // SAFETY: the walk's scratch entry, which only this walk uses; the
+    // caller reads it with volatile loads after the loop.
+    let s = unsafe { &mut *sp };
     let pos = s.pos;
     if pos + HEADER > s.end {
         s.stop = DONE;

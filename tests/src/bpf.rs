@@ -210,6 +210,40 @@ pub fn pinned_map_dump(path: &Path) -> Option<Vec<serde_json::Value>> {
         .cloned()
 }
 
+/// Entries of the map `name` (as the kernel keeps it: at most 15
+/// characters) used by the programs attached to `cgroup` (directly), found
+/// through bpftool: maps that are not pinned, such as the scratch maps.
+/// None when no attached program uses such a map.
+pub fn attached_map_entries(cgroup: &Path, name: &str) -> Option<usize> {
+    let bpftool = |args: &[&str]| -> Option<serde_json::Value> {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    };
+    let cg = cgroup.to_str()?;
+    let progs = bpftool(&["cgroup", "show", cg])?;
+    for prog in progs.as_array()? {
+        let id = prog["id"].as_u64()?.to_string();
+        let info = bpftool(&["prog", "show", "id", &id])?;
+        for map_id in info["map_ids"].as_array().into_iter().flatten() {
+            let map_id = map_id.as_u64()?.to_string();
+            let map = bpftool(&["map", "show", "id", &map_id])?;
+            if map["name"] == name {
+                return bpftool(&["map", "dump", "id", &map_id])?
+                    .as_array()
+                    .map(|e| e.len());
+            }
+        }
+    }
+    None
+}
+
 /// Every pinned object below `dir` (recursively), with its kind; empty when
 /// `dir` does not exist.
 pub fn pinned_objects(dir: &Path) -> Vec<Pinned> {

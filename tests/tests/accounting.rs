@@ -15,7 +15,7 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard,
+    Agent, CgroupGuard, NetnsGuard, bpf,
     curl::{expect_200, stream_chat},
     fake_provider::{self, Flavor},
     probe::confine,
@@ -583,4 +583,14 @@ fn record_headers_split_across_segments_are_counted() {
         (302, 301, 2_004, 2_004, 0),
         "{record}"
     );
+    // The per-socket scratch of the walks of sent data, and of the
+    // ClientHello's read, go when their run ends.
+    for map in ["RECORDS_SENT", "SNI_SCRATCH"] {
+        assert_eq!(
+            bpf::attached_map_entries(cg.path(), map),
+            Some(0),
+            "{map} keeps entries after the connection closed\n{}",
+            agent.context()
+        );
+    }
 }
