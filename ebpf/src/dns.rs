@@ -203,7 +203,8 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     }
     let (ttl_min, ttl_max) = (cfg.ttl_min_s, cfg.ttl_max_s);
     let s = DNS_SCRATCH.get_ptr_mut(0).ok_or(Stop::Ignore)?;
-    // SAFETY: per-CPU scratch of this CPU; programs are not preempted.
+    // SAFETY: per-CPU scratch of this CPU: this program runs in softirq
+    // only (packets received), and never twice at once on one CPU.
     let s = unsafe { &mut *s };
     let len = if msg_len > DNS_BUF { DNS_BUF } else { msg_len };
     if len < 12 {
@@ -345,8 +346,9 @@ struct AnswerCtx {
 #[inline(always)]
 fn scratch() -> Option<&'static mut DnsScratch> {
     let p = DNS_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch of this CPU; programs are not preempted, and
-    // callers never hold two references across a call that takes another.
+    // SAFETY: per-CPU scratch of this CPU, which only one run of this
+    // program (softirq) uses at a time; callers never hold two references
+    // across a call that takes another.
     Some(unsafe { &mut *p })
 }
 

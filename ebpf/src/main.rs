@@ -4,6 +4,11 @@
 //! embeds the resulting object. One module per hook.
 #![no_std]
 #![no_main]
+// `core::intrinsics::atomic_xadd` (maps::add_u64): the BPF target's `core`
+// has no atomic read-modify-write methods (no compare-and-swap), but BPF
+// has an atomic add.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod dns;
 mod exec;

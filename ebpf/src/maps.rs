@@ -142,8 +142,8 @@ pub fn count_verdict(key: &VerdictKey) {
 #[inline(always)]
 pub fn add_one<K>(map: &PerCpuHashMap<K, u64>, key: &K, full: u32) {
     if let Some(p) = map.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of a per-CPU value; no concurrent writer.
-        unsafe { *p += 1 };
+        // SAFETY: this CPU's slot of a live per-CPU value.
+        unsafe { add_u64(p, 1) };
         return;
     }
     // BPF_NOEXIST: another CPU may have created the key meanwhile; then
@@ -151,7 +151,7 @@ pub fn add_one<K>(map: &PerCpuHashMap<K, u64>, key: &K, full: u32) {
     if map.insert(key, &1, 1).is_err() {
         match map.get_ptr_mut(key) {
             // SAFETY: as above.
-            Some(p) => unsafe { *p += 1 },
+            Some(p) => unsafe { add_u64(p, 1) },
             None => count(full),
         }
     }
@@ -161,9 +161,28 @@ pub fn add_one<K>(map: &PerCpuHashMap<K, u64>, key: &K, full: u32) {
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot of this CPU; programs run with preemption
-        // disabled for their whole run, so nothing else writes it meanwhile.
-        unsafe { *p += 1 };
+        // SAFETY: this CPU's slot of the array.
+        unsafe { add_u64(p, 1) };
+    }
+}
+
+/// Adds `n` to the counter at `p` in one atomic instruction (BPF_ATOMIC
+/// BPF_ADD, a `lock add` on x86). A per-CPU counter is not private to one
+/// program run: cgroup programs run with migration, not preemption,
+/// disabled, so a task that preempts a connect() on the same CPU, or a
+/// softirq that interrupts a program sending in process context, runs the
+/// programs too, and could cut in between a plain load and store and lose
+/// an increment.
+///
+/// SAFETY: `p` must point to a live, aligned u64 in a map value.
+#[inline(always)]
+pub unsafe fn add_u64(p: *mut u64, n: u64) {
+    // SAFETY: as the caller promised; the result is not used, so no
+    // BPF_FETCH is needed.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, n,
+        );
     }
 }
 

@@ -29,9 +29,11 @@ pub const EBPF_RUSTFLAGS: &[&str] = &[
     "-Clink-arg=--btf",
 ];
 
-/// Lets only aya-ebpf use `#![feature(asm_experimental_arch)]` on the stable
-/// Debian rustc. Not `1`: aya-build would then force `-Z build-std`.
-const RUSTC_BOOTSTRAP: &str = "aya_ebpf";
+/// Lets only aya-ebpf (`#![feature(asm_experimental_arch)]`) and our kernel
+/// programs (`#![feature(core_intrinsics)]`, for an atomic add) use unstable
+/// features on the stable Debian rustc. Not `1`: aya-build would then force
+/// `-Z build-std`.
+const RUSTC_BOOTSTRAP: &str = "aya_ebpf,llm_egress_ebpf";
 
 /// `CARGO_ENCODED_RUSTFLAGS`: flags separated by 0x1f, so that a flag may
 /// hold spaces or quotes.
@@ -218,7 +220,10 @@ mod tests {
                 .map(|v| v.to_string_lossy().into_owned())
         };
         assert_eq!(env("RUSTC").as_deref(), Some("/usr/bin/rustc"));
-        assert_eq!(env("RUSTC_BOOTSTRAP").as_deref(), Some("aya_ebpf"));
+        assert_eq!(
+            env("RUSTC_BOOTSTRAP").as_deref(),
+            Some("aya_ebpf,llm_egress_ebpf")
+        );
         assert_eq!(
             object_path(Path::new("/ws")),
             Path::new("/ws/target/bpfel-unknown-none/release/llm-egress-ebpf")
