@@ -5,20 +5,24 @@
 //! same run: one under the agent's attach cgroup (a workload of a policy with
 //! 1,000 CIDR rules, so every connect runs the programs: workload walk, rule
 //! and provider lookups), one outside it (no program runs: the same as no
-//! agent). Rounds alternate between the two so that drift of the machine hits
-//! both alike; the report is the median of the per-round ratios (each enforced loop against the baseline loop next to it
-//! in time), and the ratio of the medians beside it.
+//! agent). Many short rounds (1,000 connects, ~35 ms) alternate between the
+//! two so that drift of the machine hits both alike; the report is the
+//! median of the per-round ratios (each enforced loop against the baseline
+//! loop next to it in time), its 95 % interval, and the ratio of the medians.
+//! This runs once with `programs = "connect"` (the connect-time verdict
+//! alone) and once with `programs = "all"` (every program), each with an
+//! agent of its own.
 //!
-//! Then the agent's own cost under provider connections (every one tracked,
-//! reported and logged): CPU and RSS per round of PROVIDER_CONNECTS_PER_ROUND
-//! connections at full speed; many rounds make a soak test of its memory.
+//! Then the agent of `"all"` carries provider connections (every one
+//! tracked, reported and logged): CPU and RSS per round of
+//! PROVIDER_CONNECTS_PER_ROUND connections at full speed; many rounds make
+//! a soak test of its memory.
 //!
 //! Usage: bench-connect [ROUNDS] [CONNECTS_PER_ROUND] [PROVIDER_ROUNDS]
-//! (default 401 × 1000, then 5 provider rounds of 10,000). `BENCH_AA=1` runs the
-//! "enforced" loop from a cgroup of the same depth outside the attach
+//! (default 401 × 1000, then 5 provider rounds of 10,000).
+//! `BENCH_PROGRAMS=connect` (or `all`) runs that set only. `BENCH_AA=1` runs
+//! the "enforced" loop from a cgroup of the same depth outside the attach
 //! cgroup: an A/A run, which shows the bench's own noise.
-//! `BENCH_PROGRAMS=connect` runs the agent with `programs = "connect"` (the
-//! connect-time verdict alone) instead of every program.
 
 use std::{fmt::Write as _, path::PathBuf};
 
@@ -261,19 +265,83 @@ fn main() {
     let netns = NetnsGuard::new();
     let server = fast_listener(&netns, "192.0.2.1:9000").to_string();
     let provider = fast_listener(&netns, "10.20.0.1:9443").to_string();
-    let programs = std::env::var("BENCH_PROGRAMS").unwrap_or_else(|_| "all".into());
-    let agent = Agent::start(&policy(enforced.path(), &programs));
     let probe = Probe::new(probe_bin());
+    let bench = Bench {
+        enforced: enforced.path(),
+        workload: &workload,
+        baseline: baseline.path(),
+        netns: &netns,
+        server: &server,
+        probe: &probe,
+        aa,
+        pinned,
+    };
+    // Both sets by default: the connect-time verdict alone, then every
+    // program (whose agent then also carries the provider load).
+    let sets = match std::env::var("BENCH_PROGRAMS") {
+        Ok(p) => vec![p],
+        Err(_) => vec!["connect".to_owned(), "all".to_owned()],
+    };
+    for programs in &sets {
+        let Some(agent) = connect_loop(&bench, programs, rounds, n) else {
+            return;
+        };
+        if programs != "all" || provider_rounds == 0 {
+            continue;
+        }
+        let (_, rss_before) = cpu_and_rss(agent.pid());
+        let load = provider_load(
+            &agent,
+            &probe,
+            &workload,
+            &netns,
+            &provider,
+            provider_rounds,
+            PROVIDER_CONNECTS_PER_ROUND,
+        );
+        println!("{load}");
+        println!("agent RSS before the provider load: {rss_before} KiB");
+    }
+}
+
+/// What the connect loops of every program set share.
+struct Bench<'a> {
+    /// The attach cgroup.
+    enforced: &'a std::path::Path,
+    workload: &'a std::path::Path,
+    baseline: &'a std::path::Path,
+    netns: &'a NetnsGuard,
+    server: &'a str,
+    probe: &'a Probe,
+    aa: bool,
+    pinned: bool,
+}
+
+/// Starts an agent with `programs = PROGRAMS`, runs the alternating rounds
+/// and prints the report; returns the agent, or None when a signal stopped
+/// the bench before a round completed.
+fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agent> {
+    let Bench {
+        enforced,
+        workload,
+        baseline,
+        netns,
+        server,
+        probe,
+        aa,
+        pinned,
+    } = *b;
+    let agent = Agent::start(&policy(enforced, programs));
 
     // Warm-up, and proof that the enforced loop really runs the programs: a
     // denied destination fails from the workload and not from the baseline.
-    let denied = probe.connect(&workload, &netns, "198.51.100.1:9000");
+    let denied = probe.connect(workload, netns, "198.51.100.1:9000");
     assert!(
         aa || denied == Err(libc::EPERM),
         "the workload's `other = deny` must refuse 198.51.100.1 (got {denied:?})"
     );
-    let _ = probe.connect_loop(&workload, &netns, &server, 2_000);
-    let _ = probe.connect_loop(baseline.path(), &netns, &server, 2_000);
+    let _ = probe.connect_loop(workload, netns, server, 2_000);
+    let _ = probe.connect_loop(baseline, netns, server, 2_000);
 
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -287,15 +355,11 @@ fn main() {
             [true, false]
         };
         for with_agent in order {
-            let cg = if with_agent {
-                workload.as_path()
-            } else {
-                baseline.path()
-            };
+            let cg = if with_agent { workload } else { baseline };
             if pinned {
                 pin_to(1);
             }
-            let r = probe.connect_loop(cg, &netns, &server, n);
+            let r = probe.connect_loop(cg, netns, server, n);
             if pinned {
                 pin_to(0);
             }
@@ -318,7 +382,7 @@ fn main() {
     }
     if on.is_empty() {
         eprintln!("bench: stopped before a round completed; nothing to report");
-        return;
+        return None;
     }
     let (m_on, m_off) = (median(on.clone()), median(off.clone()));
     let ratio_of_medians = m_on / m_off;
@@ -356,17 +420,5 @@ fn main() {
             ""
         }
     );
-    let (_, rss_before) = cpu_and_rss(agent.pid());
-    let load = provider_load(
-        &agent,
-        &probe,
-        &workload,
-        &netns,
-        &provider,
-        provider_rounds,
-        PROVIDER_CONNECTS_PER_ROUND,
-    );
-    println!("{load}");
-    println!("agent RSS before the provider load: {rss_before} KiB");
-    drop(agent);
+    Some(agent)
 }
