@@ -20,7 +20,7 @@ use std::{
 
 use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
 use llm_egress_common::{
-    DNS_MAX_ANSWERS, DestValue, PROG_DNS_INGRESS, PROG_SNI_EGRESS, SNI_BUF, SNI_SCRATCH_MAX,
+    DNS_MAX_ANSWERS, DestValue, PROG_DNS_INGRESS, PROG_SNI_EGRESS, SNI_BUF, SOCKET_SCRATCH_MAX,
     counter,
 };
 
@@ -415,7 +415,7 @@ fn run_sni(
         .expect("a ClientHello with a name in the corpus");
     let pkt = tcp_packet(&hello);
     let before = maps.counters().expect("counters");
-    for _ in 0..2 * SNI_SCRATCH_MAX + 1 {
+    for _ in 0..2 * SOCKET_SCRATCH_MAX + 1 {
         prog.test_run(TestRunOptions {
             data_in: Some(&pkt),
             ..TestRunOptions::new()
@@ -429,7 +429,7 @@ fn run_sni(
             read(counter::SNI_BUSY),
             read(counter::SNI_DENY) + read(counter::SNI_OTHER_NAME)
         ),
-        (0, u64::from(2 * SNI_SCRATCH_MAX + 1)),
+        (0, u64::from(2 * SOCKET_SCRATCH_MAX + 1)),
         "SNI_SCRATCH entries must go when their run ends"
     );
 }

@@ -198,11 +198,12 @@ pub const LEARN_TTL_MIN_S: u32 = 60;
 pub const LEARN_TTL_MAX_S: u32 = 3600;
 /// Sockets the SNI program remembers (LRU).
 pub const SNI_STATE_MAX: u32 = 65_536;
-/// ClientHellos the SNI program reads at once: one entry lives for one
-/// program run, so this bounds runs in progress (a few per CPU), not
-/// sockets. A run that finds it full passes its packet unjudged, counted in
-/// `counter::SNI_BUSY`.
-pub const SNI_SCRATCH_MAX: u32 = 1024;
+/// Entries of each per-socket scratch map (`SNI_SCRATCH`, `RECORDS_SENT`):
+/// one entry lives for one program run, so this bounds runs in progress (a
+/// few per CPU), not sockets. An SNI read that finds its map full passes the
+/// packet unjudged, counted in `counter::SNI_BUSY`; a record walk loses
+/// sync.
+pub const SOCKET_SCRATCH_MAX: u32 = 1024;
 /// Bytes of a first TCP payload the SNI program copies and parses (a
 /// ClientHello with post-quantum key shares is ~1,800 bytes).
 pub const SNI_BUF: usize = 2048;
@@ -288,7 +289,7 @@ pub mod counter {
     /// spent (their next payload packet dropped, the socket aborted).
     pub const BUDGET_STOPPED: u32 = 27;
     /// First payloads passed unjudged because `SNI_SCRATCH` was full (more
-    /// ClientHellos read at once than `SNI_SCRATCH_MAX`).
+    /// ClientHellos read at once than `SOCKET_SCRATCH_MAX`).
     pub const SNI_BUSY: u32 = 28;
     pub const LEN: u32 = 32;
 }

@@ -88,7 +88,7 @@ pub static SNI_STATE: LruHashMap<u64, u32> =
 /// memory only while ClientHellos are being read.
 #[map]
 pub static SNI_SCRATCH: HashMap<u64, crate::sni::SniScratch> =
-    HashMap::with_max_entries(llm_egress_common::SNI_SCRATCH_MAX, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(llm_egress_common::SOCKET_SCRATCH_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static SNI_ZERO: Array<crate::sni::SniScratch> = Array::with_max_entries(1, 0);
@@ -101,7 +101,7 @@ pub static RECORDS_SCRATCH: PerCpuArray<crate::records::RecordScratch> =
 /// data in progress, removed after it).
 #[map]
 pub static RECORDS_SENT: HashMap<u64, crate::records::RecordScratch> =
-    HashMap::with_max_entries(llm_egress_common::SNI_SCRATCH_MAX, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(llm_egress_common::SOCKET_SCRATCH_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(VERDICTS_MAX, 0);
@@ -155,6 +155,17 @@ pub fn add_one<K>(map: &PerCpuHashMap<K, u64>, key: &K, full: u32) {
             None => count(full),
         }
     }
+}
+
+/// This socket's (`cookie`'s) entry of a per-socket scratch map, created
+/// from `init`: scratch that only one program run uses, where a per-CPU
+/// entry could be overwritten by a run that interrupts or preempts it on
+/// the same CPU. The caller removes it when its run is done. None: the map
+/// is full.
+#[inline(always)]
+pub fn claim_scratch<V>(map: &HashMap<u64, V>, cookie: u64, init: &V) -> Option<*mut V> {
+    map.insert(&cookie, init, 0).ok()?;
+    map.get_ptr_mut(&cookie)
 }
 
 /// Adds one to a per-CPU counter.

@@ -79,7 +79,6 @@ const BAD: u64 = 2;
 /// State of one `bpf_loop` walk over an skb's headers (`scratch`), in a
 /// map value for the reasons given in dns.rs.
 #[repr(C)]
-#[derive(Clone, Copy)]
 pub struct RecordScratch {
     /// Offset of the next header from the start of the payload.
     pos: u64,
@@ -416,8 +415,7 @@ fn keep(w: &mut TlsWalk, acc: u64, n: u32) {
 #[inline(always)]
 fn scratch(sent: bool, cookie: u64) -> Option<*mut RecordScratch> {
     if sent {
-        RECORDS_SENT.insert(&cookie, &RecordScratch::ZERO, 0).ok()?;
-        RECORDS_SENT.get_ptr_mut(&cookie)
+        crate::maps::claim_scratch(&RECORDS_SENT, cookie, &RecordScratch::ZERO)
     } else {
         RECORDS_SCRATCH.get_ptr_mut(0)
     }

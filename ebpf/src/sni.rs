@@ -230,10 +230,12 @@ fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
     let _ = SNI_STATE.insert(&cookie, &sni_state::SEEN, 0);
     let payload = total - off;
 
-    let hello = match claim_scratch(cookie) {
+    let scratch = SNI_ZERO
+        .get(0)
+        .and_then(|zero| crate::maps::claim_scratch(&SNI_SCRATCH, cookie, zero));
+    let hello = match scratch {
         Some(s) => {
-            // SAFETY: this socket's own entry, live until the remove below.
-            let hello = parse(ctx, unsafe { &mut *s }, s, off, payload, port);
+            let hello = parse(ctx, s, off, payload, port);
             let _ = SNI_SCRATCH.remove(&cookie);
             hello
         }
@@ -289,32 +291,19 @@ fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
     PASS
 }
 
-/// This socket's scratch for one read, created from `SNI_ZERO`; None when
-/// `SNI_SCRATCH` is full.
-#[inline(always)]
-fn claim_scratch(cookie: u64) -> Option<*mut SniScratch> {
-    let zero = SNI_ZERO.get(0)?;
-    SNI_SCRATCH.insert(&cookie, zero, 0).ok()?;
-    SNI_SCRATCH.get_ptr_mut(&cookie)
-}
-
 /// On the stack: the scratch, for the bpf_loop callbacks.
 #[repr(C)]
 struct LoopCtx {
     scratch: *mut SniScratch,
 }
 
-/// Copies the first payload into `s` (the scratch at `sp`) and reads the
-/// ClientHello (steps 1 to 4 of the module comment).
+/// Copies the first payload into the scratch at `sp` (this socket's entry,
+/// live until the caller removes it) and reads the ClientHello (steps 1 to
+/// 4 of the module comment).
 #[inline(always)]
-fn parse(
-    ctx: &SkBuffContext,
-    s: &mut SniScratch,
-    sp: *mut SniScratch,
-    off: usize,
-    payload: usize,
-    port: u16,
-) -> Hello {
+fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, port: u16) -> Hello {
+    // SAFETY: `sp` is that live entry, used by this run only.
+    let s = unsafe { &mut *sp };
     let mut lc = LoopCtx { scratch: sp };
     let avail = if payload > SNI_BUF { SNI_BUF } else { payload };
     // 1..=SNI_BUF, written so that the verifier sees the bound.

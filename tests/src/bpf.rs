@@ -193,19 +193,23 @@ pub fn pinned_map_path(pin_path: &Path, name: &str) -> Option<PathBuf> {
     })
 }
 
+/// `bpftool -j ARGS` as JSON; None when bpftool fails.
+fn bpftool(args: &[&str]) -> Option<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
 /// Entries of the pinned map at `path` (`bpftool map dump`, per-CPU values
 /// listed per key); None when bpftool fails.
 pub fn pinned_map_dump(path: &Path) -> Option<Vec<serde_json::Value>> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()?
+    bpftool(&["map", "dump", "pinned", path.to_str()?])?
         .as_array()
         .cloned()
 }
@@ -215,19 +219,7 @@ pub fn pinned_map_dump(path: &Path) -> Option<Vec<serde_json::Value>> {
 /// through bpftool: maps that are not pinned, such as the scratch maps.
 /// None when no attached program uses such a map.
 pub fn attached_map_entries(cgroup: &Path, name: &str) -> Option<usize> {
-    let bpftool = |args: &[&str]| -> Option<serde_json::Value> {
-        let out = std::process::Command::new("bpftool")
-            .arg("-j")
-            .args(args)
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
-    };
-    let cg = cgroup.to_str()?;
-    let progs = bpftool(&["cgroup", "show", cg])?;
+    let progs = bpftool(&["cgroup", "show", cgroup.to_str()?])?;
     for prog in progs.as_array()? {
         let id = prog["id"].as_u64()?.to_string();
         let info = bpftool(&["prog", "show", "id", &id])?;
