@@ -1,4 +1,4 @@
-//! Command-line interface: `run`, `check`, `providers`, `status`.
+//! Command-line interface: `run`, `check`, `providers`, `status`, `verify`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -44,6 +44,20 @@ pub enum Command {
     /// Live view of a running agent (workloads × providers, health), read
     /// from its /metrics; --once or --json print one frame for scripts.
     Status(crate::status::StatusArgs),
+    /// Load every program with the verifier's statistics and print, per
+    /// program, the instructions it processed, its states and its
+    /// verification time; exits non-zero when one fails to load or exceeds
+    /// its budget (a fifth of the kernel's 1,000,000-instruction limit, 1 s).
+    /// Attaches nothing.
+    Verify {
+        /// One JSON array on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Write this program's whole verifier log to stderr (for
+        /// developers of the kernel programs).
+        #[arg(long, value_name = "PROGRAM")]
+        trace: Option<String>,
+    },
 }
 
 /// `--metrics-listen`: an address, or "off".

@@ -39,6 +39,11 @@ use crate::policy::FailureMode;
 /// The kernel object built by `cargo xtask build-ebpf`, embedded by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/llm-egress.bpf.o"));
 
+/// The embedded kernel object (empty when built without it).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]

@@ -41,6 +41,7 @@ mod resolver;
 mod sni;
 mod status;
 mod tokens;
+mod verifier;
 
 use std::process::ExitCode;
 
@@ -58,6 +59,32 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// `llm-egress verify`: every program's verifier cost on this kernel.
+fn verify(json: bool, trace: Option<&str>) -> ExitCode {
+    let stats = match verifier::measure(loader::object(), trace) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("llm-egress verify: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        match serde_json::to_string(&stats) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("llm-egress verify: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", verifier::table(&stats));
+    }
+    if stats.is_empty() || !stats.iter().all(verifier::ProgramStats::within_budget) {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -113,6 +140,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Status(args) => status::main(args),
+        Command::Verify { json, trace } => verify(json, trace.as_deref()),
         Command::Run(args) => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -75,21 +75,21 @@ const TYPE_CNAME: u16 = 5;
 const TYPE_AAAA: u16 = 28;
 const CLASS_IN: u16 = 1;
 
-/// Per-CPU scratch: the copied message, the label hashes of the last name
-/// read, and the state of the bpf_loop walks. The walk state lives here and
+/// Per-CPU scratch: the copied message, the label hashes of the name being
+/// read, and the state of the walk (`Walk`). The walk state lives here and
 /// not on the stack on purpose: the verifier does not track map values, so
-/// counters kept here are unknown scalars to it and the loop callbacks
-/// converge after one or two passes (counters on the stack made it walk
-/// every value they could take, past the 1M instruction limit). Every index
-/// into `buf` and `labels` is masked, so no value read here can make an
-/// access unsafe; the bounds that matter for correctness are checked
-/// against `len` as ordinary conditions.
+/// what is kept here is an unknown scalar to it and the one `bpf_loop`
+/// callback converges after a pass or two. Every index into `buf` and
+/// `labels` is masked, so no value read here can make an access unsafe;
+/// the bounds that matter for correctness are checked against `len` as
+/// ordinary conditions.
 #[repr(C)]
 pub struct DnsScratch {
     pub buf: [u8; DNS_BUF],
     pub labels: [u64; DNS_MAX_LABELS],
-    name: NameCtx,
-    ans: AnswerCtx,
+    walk: Walk,
+    /// The learned entry being merged (`merge`).
+    learned: Learned,
 }
 
 #[cgroup_skb(ingress)]
@@ -188,7 +188,8 @@ fn try_dns(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> Result<
     r
 }
 
-/// Copies the message and parses it; see the module comment.
+/// Copies the message, checks its header and walks the rest with
+/// `bpf_loop` (`walk_step`); see the module comment.
 #[inline(always)]
 fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     let active = ACTIVE.get(0).ok_or(Stop::Ignore)?;
@@ -203,9 +204,6 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     }
     let (ttl_min, ttl_max) = (cfg.ttl_min_s, cfg.ttl_max_s);
     let s = DNS_SCRATCH.get_ptr_mut(0).ok_or(Stop::Ignore)?;
-    // SAFETY: per-CPU scratch of this CPU: this program runs in softirq
-    // only (packets received), and never twice at once on one CPU.
-    let s = unsafe { &mut *s };
     let len = if msg_len > DNS_BUF { DNS_BUF } else { msg_len };
     if len < 12 {
         return Err(Stop::Ignore);
@@ -213,82 +211,96 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     // Equal to `len` (12..=DNS_BUF), written so that the verifier sees
     // 1..=DNS_BUF whatever the compiler did with the checks above.
     let copy = ((len - 1) & MASK) + 1;
-    // SAFETY: `s.buf` has DNS_BUF bytes and 1 <= copy <= DNS_BUF.
+    // SAFETY: `s` is this CPU's scratch: this program runs in softirq only
+    // (packets received), and never twice at once on one CPU. `buf` has
+    // DNS_BUF bytes and 1 <= copy <= DNS_BUF.
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.as_ptr() as *const _,
             off as u32,
-            s.buf.as_mut_ptr() as *mut _,
+            (*s).buf.as_mut_ptr() as *mut _,
             copy as u32,
         )
     };
     if rc != 0 {
         return Err(Stop::Ignore);
     }
-
-    // 2. Header.
-    let flags = u16_at(s, 2);
+    // SAFETY: as above; the walk below changes the scratch only through
+    // the pointer it fetches itself, after these reads.
+    let (flags, qdcount, ancount) = unsafe {
+        let b = &(*s).buf;
+        (u16_at(b, 2), u16_at(b, 4), u16_at(b, 6) as u64)
+    };
     // QR = 1, opcode 0 (query), rcode 0 (no error).
     if flags & 0x8000 == 0 || flags & 0x7800 != 0 || flags & 0x000f != 0 {
         return Err(Stop::Ignore);
     }
-    let qdcount = u16_at(s, 4);
-    let ancount = u16_at(s, 6) as usize;
     if qdcount != 1 {
         return Err(Stop::Unparsed(dns_unparsed::QUESTIONS));
     }
-
-    // 3. The question: is it a provider name?
-    let (n, mut pos) = read_name(s, len, 12).map_err(Stop::Unparsed)?;
-    if pos + 4 > len {
-        return Err(Stop::Unparsed(dns_unparsed::TRUNCATED));
-    }
-    let qclass = u16_at(s, pos + 2);
-    if qclass != CLASS_IN {
-        return Err(Stop::Ignore);
-    }
-    pos += 4;
-    let (qhash, matched) = lookup_name(&s.labels, n, seed, slot);
-
-    // 4. Answers, one record per bpf_loop step (the verifier checks the
-    // step once instead of once per record).
-    // Volatile: see `read_name`.
-    // SAFETY: valid, aligned fields of the scratch; helper without arguments.
+    let answers = if ancount > DNS_MAX_ANSWERS as u64 {
+        DNS_MAX_ANSWERS as u64
+    } else {
+        ancount
+    };
+    // SAFETY: as above. Volatile: `walk_step` reads the walk state behind
+    // the compiler's back (bpf_loop gets no pointer to it). Field by field:
+    // a `Walk` built on the stack first costs 200 bytes of the 512 the
+    // program and its callback share.
     unsafe {
-        let c = &mut s.ans;
-        core::ptr::write_volatile(&mut c.pos, pos as u64);
-        core::ptr::write_volatile(&mut c.len, len as u64);
-        core::ptr::write_volatile(&mut c.ancount, ancount as u64);
-        core::ptr::write_volatile(&mut c.seed, seed);
-        core::ptr::write_volatile(&mut c.matched, matched);
-        core::ptr::write_volatile(&mut c.slot, slot as u64);
-        core::ptr::write_volatile(&mut c.chain[0], qhash);
-        core::ptr::write_volatile(&mut c.chain_len, 1);
-        core::ptr::write_volatile(&mut c.now, bpf_ktime_get_ns());
-        core::ptr::write_volatile(&mut c.ttl_min, ttl_min as u64);
-        core::ptr::write_volatile(&mut c.ttl_max, ttl_max as u64);
-        core::ptr::write_volatile(&mut c.err, 0);
+        let w = &mut (*s).walk;
+        core::ptr::write_volatile(&mut w.phase, PHASE_NAME);
+        core::ptr::write_volatile(&mut w.then, THEN_QUESTION);
+        core::ptr::write_volatile(&mut w.pos, 12);
+        core::ptr::write_volatile(&mut w.len, len as u64);
+        core::ptr::write_volatile(&mut w.name_end, 0);
+        core::ptr::write_volatile(&mut w.hops, 0);
+        core::ptr::write_volatile(&mut w.n, 0);
+        core::ptr::write_volatile(&mut w.remaining, 0);
+        core::ptr::write_volatile(&mut w.steps, 0);
+        core::ptr::write_volatile(&mut w.answers_left, answers);
+        core::ptr::write_volatile(&mut w.seed, seed);
+        core::ptr::write_volatile(&mut w.slot, slot as u64);
+        core::ptr::write_volatile(&mut w.matched, 0);
+        core::ptr::write_volatile(&mut w.chain_len, 0);
+        core::ptr::write_volatile(&mut w.now, bpf_ktime_get_ns());
+        core::ptr::write_volatile(&mut w.ttl_min, ttl_min as u64);
+        core::ptr::write_volatile(&mut w.ttl_max, ttl_max as u64);
+        core::ptr::write_volatile(&mut w.result, 0);
     }
-    // SAFETY: `answer_step` is a bpf_loop callback; it finds its state in
+    // SAFETY: `walk_step` is a bpf_loop callback; it finds its state in
     // the scratch.
     unsafe {
         bpf_loop(
-            DNS_MAX_ANSWERS as u32,
-            answer_step as *mut c_void,
+            WALK_STEPS,
+            walk_step as *mut c_void,
             core::ptr::null_mut(),
             0,
         );
     }
     // SAFETY: as above.
-    let err = unsafe { core::ptr::read_volatile(&s.ans.err) };
-    if err != 0 {
-        return Err(Stop::Unparsed(err as u32));
-    }
-    // SAFETY: as above.
-    if unsafe { core::ptr::read_volatile(&s.ans.matched) } == 0 {
+    let (phase, result, matched) = unsafe {
+        (
+            core::ptr::read_volatile(&(*s).walk.phase),
+            core::ptr::read_volatile(&(*s).walk.result),
+            core::ptr::read_volatile(&(*s).walk.matched),
+        )
+    };
+    if phase == PHASE_IGNORE {
         return Err(Stop::Ignore);
     }
-    if ancount > DNS_MAX_ANSWERS {
+    if phase != PHASE_DONE {
+        // The step budget ran out (cannot happen within the bounds above):
+        // the agent reads it.
+        return Err(Stop::Unparsed(dns_unparsed::NAME));
+    }
+    if result != 0 {
+        return Err(Stop::Unparsed(result as u32));
+    }
+    if matched == 0 {
+        return Err(Stop::Ignore);
+    }
+    if ancount > DNS_MAX_ANSWERS as u64 {
         return Err(Stop::Unparsed(dns_unparsed::TOO_MANY_ANSWERS));
     }
     if msg_len > DNS_BUF {
@@ -301,128 +313,344 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
 }
 
 #[inline(always)]
-fn byte(s: &DnsScratch, i: usize) -> u8 {
-    s.buf[i & MASK]
+fn byte(buf: &[u8; DNS_BUF], i: u64) -> u8 {
+    buf[(i as usize) & MASK]
 }
 
 #[inline(always)]
-fn bytes_at(buf: &[u8; DNS_BUF], i: usize) -> u8 {
-    buf[i & MASK]
+fn u16_at(buf: &[u8; DNS_BUF], i: u64) -> u16 {
+    (byte(buf, i) as u16) << 8 | byte(buf, i + 1) as u16
 }
 
 #[inline(always)]
-fn u16_at(s: &DnsScratch, i: usize) -> u16 {
-    (byte(s, i) as u16) << 8 | byte(s, i + 1) as u16
+fn u32_at(buf: &[u8; DNS_BUF], i: u64) -> u32 {
+    (u16_at(buf, i) as u32) << 16 | u16_at(buf, i + 2) as u32
 }
 
-#[inline(always)]
-fn u32_at(s: &DnsScratch, i: usize) -> u32 {
-    (u16_at(s, i) as u32) << 16 | u16_at(s, i + 2) as u32
-}
+/// Phases of the walk: one `walk_step` does one step of the current phase.
+/// Reading a name: one length byte, label byte or pointer.
+const PHASE_NAME: u64 = 0;
+/// Folding the labels read into the name's hash: one label (and, for a
+/// question or CNAME target, one `NAMES` lookup of that suffix).
+const PHASE_FOLD: u64 = 1;
+/// The fixed part of a resource record after its owner name.
+const PHASE_RECORD: u64 = 2;
+/// Finished: `result` is 0 or a `dns_unparsed` reason.
+const PHASE_DONE: u64 = 3;
+/// Finished: nothing to learn and nothing to report (not class IN).
+const PHASE_IGNORE: u64 = 4;
 
-/// State of one answer-section walk (`answer_step`).
+/// What the name being read is, i.e. what follows its fold.
+const THEN_QUESTION: u64 = 0;
+const THEN_OWNER: u64 = 1;
+const THEN_CNAME: u64 = 2;
+
+/// Steps one name may take: 255 bytes of wire name, the pointers, the root.
+const NAME_STEPS: u64 = (255 + DNS_MAX_HOPS + 2) as u64;
+/// Steps of a whole walk: the question and every answer's two names (owner
+/// and CNAME target), each read and folded, and the records themselves.
+const WALK_STEPS: u32 =
+    ((1 + 2 * DNS_MAX_ANSWERS as u64) * (NAME_STEPS + DNS_MAX_LABELS as u64 + 1)
+        + DNS_MAX_ANSWERS as u64
+        + 1) as u32;
+
+/// The state of one message walk (`walk_step`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct AnswerCtx {
+struct Walk {
+    phase: u64,
+    /// `THEN_*`: what the current name is.
+    then: u64,
+    /// Where the next byte to read is.
     pos: u64,
+    /// Bytes of the message in `buf`.
     len: u64,
-    ancount: u64,
+    /// Name reading: the offset after the name where it starts (0: not
+    /// known yet), pointers followed, labels read (their hashes are in
+    /// `labels`), bytes of the current label still to hash and its hash so
+    /// far, steps taken.
+    name_end: u64,
+    hops: u64,
+    n: u64,
+    remaining: u64,
+    h: u64,
+    steps: u64,
+    /// Folding: labels folded, the hash so far, whether to look up each
+    /// suffix, the `NAMES` key matched (0: none).
+    k: u64,
+    acc: u64,
+    lookup: u64,
+    found: u64,
+    /// Offset of the record after the current one.
+    next: u64,
+    /// Answer records still to read.
+    answers_left: u64,
     seed: u64,
+    slot: u64,
     /// The `NAMES` key the question (or, failing that, the first CNAME
     /// target that has one) matched: what addresses are learned for; 0: none.
     matched: u64,
-    slot: u64,
+    /// Full-name hash of the current record's owner.
+    owner: u64,
     /// Full-name hashes of the question name and the CNAME targets so far.
     chain: [u64; MAX_CHAIN],
     chain_len: u64,
     now: u64,
     ttl_min: u64,
     ttl_max: u64,
-    /// `dns_unparsed::*`, 0 while all is well.
-    err: u64,
+    /// `dns_unparsed::*` once `PHASE_DONE`, 0 while all is well.
+    result: u64,
 }
 
-/// The per-CPU scratch of this CPU.
-#[inline(always)]
-fn scratch() -> Option<&'static mut DnsScratch> {
-    let p = DNS_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch of this CPU, which only one run of this
-    // program (softirq) uses at a time; callers never hold two references
-    // across a call that takes another.
-    Some(unsafe { &mut *p })
-}
-
-/// bpf_loop callback: reads answer record `index`. Returns 1 to stop.
+/// bpf_loop callback: one step of the walk. Returns 1 to stop.
 #[inline(never)]
-extern "C" fn answer_step(index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = scratch() else { return 1 };
-    if index >= s.ans.ancount {
+extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(p) = DNS_SCRATCH.get_ptr_mut(0) else {
         return 1;
+    };
+    // SAFETY: this CPU's scratch, which only this program run (softirq)
+    // uses; the caller reads it after the loop with volatile loads.
+    let s = unsafe { &mut *p };
+    let DnsScratch {
+        buf,
+        labels,
+        walk,
+        learned,
+    } = s;
+    let r = match walk.phase {
+        PHASE_NAME => name_step(buf, labels, walk),
+        PHASE_FOLD => fold_step(labels, walk),
+        PHASE_RECORD => record_step(buf, walk, learned),
+        _ => return 1,
+    };
+    if let Err(why) = r {
+        walk.result = why as u64;
+        walk.phase = PHASE_DONE;
     }
-    match answer(s) {
-        Ok(()) => 0,
-        Err(why) => {
-            s.ans.err = why as u64;
-            1
+    if walk.phase >= PHASE_DONE { 1 } else { 0 }
+}
+
+/// Starts reading the name at `pos`.
+#[inline(always)]
+fn start_name(w: &mut Walk, pos: u64, then: u64) {
+    w.phase = PHASE_NAME;
+    w.then = then;
+    w.pos = pos;
+    w.name_end = 0;
+    w.hops = 0;
+    w.n = 0;
+    w.remaining = 0;
+    w.steps = 0;
+}
+
+/// One byte of a label, one length byte or one pointer of a name.
+#[inline(always)]
+fn name_step(
+    buf: &[u8; DNS_BUF],
+    labels: &mut [u64; DNS_MAX_LABELS],
+    w: &mut Walk,
+) -> Result<(), u32> {
+    let pos = w.pos;
+    if pos >= w.len {
+        return Err(dns_unparsed::TRUNCATED);
+    }
+    w.steps += 1;
+    if w.steps > NAME_STEPS {
+        return Err(dns_unparsed::NAME);
+    }
+    if w.remaining > 0 {
+        w.h = label_step(w.h, byte(buf, pos));
+        w.pos = pos + 1;
+        w.remaining -= 1;
+        if w.remaining == 0 {
+            labels[(w.n as usize) & LMASK] = w.h;
+            w.n += 1;
+        }
+        return Ok(());
+    }
+    let l = byte(buf, pos) as u64;
+    if l == 0 {
+        if w.name_end == 0 {
+            w.name_end = pos + 1;
+        }
+        // The name is read: fold it.
+        w.phase = PHASE_FOLD;
+        w.k = 0;
+        w.acc = w.seed;
+        w.found = 0;
+        w.lookup = (w.then != THEN_OWNER) as u64;
+        return Ok(());
+    }
+    if l & 0xc0 == 0xc0 {
+        if pos + 1 >= w.len {
+            return Err(dns_unparsed::TRUNCATED);
+        }
+        let target = (l & 0x3f) << 8 | byte(buf, pos + 1) as u64;
+        // Backwards only: a pointer can never loop.
+        if target >= pos || w.hops >= DNS_MAX_HOPS as u64 {
+            return Err(dns_unparsed::NAME);
+        }
+        if w.name_end == 0 {
+            w.name_end = pos + 2;
+        }
+        w.hops += 1;
+        w.pos = target;
+        return Ok(());
+    }
+    if l & 0xc0 != 0 || w.n >= DNS_MAX_LABELS as u64 || pos + 1 + l > w.len {
+        return Err(dns_unparsed::NAME);
+    }
+    w.h = LABEL_INIT;
+    w.remaining = l;
+    w.pos = pos + 1;
+    Ok(())
+}
+
+/// Folds one label into the name's hash, right to left (common/names.rs);
+/// for a question or a CNAME target, looks the suffix up in `NAMES`: a
+/// wildcard entry below the full name, the exact entry at the full name.
+/// Later (longer) suffixes are more specific; the exact name last.
+#[inline(always)]
+fn fold_step(labels: &[u64; DNS_MAX_LABELS], w: &mut Walk) -> Result<(), u32> {
+    if w.k < w.n {
+        let i = w.n - 1 - w.k;
+        w.acc = fold(w.acc, labels[(i as usize) & LMASK]);
+        w.k += 1;
+        if w.lookup != 0 {
+            let key = if i == 0 { w.acc } else { wildcard(w.acc) };
+            let name = NameKey {
+                slot: w.slot as u32,
+                _pad: 0,
+                hash: key,
+            };
+            // SAFETY: presence only.
+            if unsafe { NAMES.get(&name) }.is_some() {
+                w.found = key;
+            }
+        }
+        if w.k < w.n {
+            return Ok(());
         }
     }
+    // Every label folded: the name's hash is `acc`.
+    match w.then {
+        THEN_QUESTION => {
+            let pos = w.name_end;
+            if pos + 4 > w.len {
+                return Err(dns_unparsed::TRUNCATED);
+            }
+            w.matched = w.found;
+            w.chain[0] = w.acc;
+            w.chain_len = 1;
+            w.pos = pos + 4;
+            w.phase = PHASE_RECORD;
+            // The question's class is checked by the record step's caller
+            // below (qtype and qclass are its fixed part).
+            w.then = THEN_QUESTION;
+        }
+        THEN_OWNER => {
+            w.owner = w.acc;
+            w.pos = w.name_end;
+            w.phase = PHASE_RECORD;
+            w.then = THEN_OWNER;
+        }
+        _ => {
+            // A CNAME target.
+            if w.matched == 0 {
+                w.matched = w.found;
+            }
+            let cl = w.chain_len;
+            if cl >= MAX_CHAIN as u64 {
+                return Err(dns_unparsed::CHAIN);
+            }
+            w.chain[(cl as usize) & (MAX_CHAIN - 1)] = w.acc;
+            w.chain_len = cl + 1;
+            next_answer(w, w.next);
+        }
+    }
+    Ok(())
 }
 
-/// Reads the answer record at `s.ans.pos` (see the module comment).
+/// Moves to the answer record at `pos`, or finishes.
 #[inline(always)]
-fn answer(s: &mut DnsScratch) -> Result<(), u32> {
-    let len = s.ans.len as usize;
-    let (n, p) = read_name(s, len, s.ans.pos as usize)?;
-    let owner = hash_labels(&s.labels, n, s.ans.seed);
+fn next_answer(w: &mut Walk, pos: u64) {
+    if w.answers_left == 0 {
+        w.phase = PHASE_DONE;
+        return;
+    }
+    w.answers_left -= 1;
+    start_name(w, pos, THEN_OWNER);
+}
+
+/// The fixed part after a name: the question's class, or an answer
+/// record's type, class, TTL and data (see the module comment).
+#[inline(always)]
+fn record_step(buf: &[u8; DNS_BUF], w: &mut Walk, learned: &mut Learned) -> Result<(), u32> {
+    if w.then == THEN_QUESTION {
+        // `pos` is past qtype and qclass (checked against `len`).
+        if u16_at(buf, w.pos - 2) != CLASS_IN {
+            w.phase = PHASE_IGNORE;
+            return Ok(());
+        }
+        next_answer(w, w.pos);
+        return Ok(());
+    }
+    let p = w.pos;
+    let len = w.len;
     if p + 10 > len {
         return Err(dns_unparsed::TRUNCATED);
     }
-    let rtype = u16_at(s, p);
-    let rclass = u16_at(s, p + 2);
-    let ttl = u32_at(s, p + 4) as u64;
-    let rdlen = u16_at(s, p + 8) as usize;
+    let rtype = u16_at(buf, p);
+    let rclass = u16_at(buf, p + 2);
+    let ttl = u32_at(buf, p + 4) as u64;
+    let rdlen = u16_at(buf, p + 8) as u64;
     let rdata = p + 10;
     if rdata + rdlen > len {
         return Err(dns_unparsed::TRUNCATED);
     }
-    s.ans.pos = (rdata + rdlen) as u64;
+    let next = rdata + rdlen;
     if rclass != CLASS_IN {
+        next_answer(w, next);
         return Ok(());
     }
-    let cl = s.ans.chain_len;
-    let chain = s.ans.chain;
-    let in_chain = owner == chain[0]
-        || (cl > 1 && owner == chain[1])
-        || (cl > 2 && owner == chain[2])
-        || (cl > 3 && owner == chain[3]);
+    let owner = w.owner;
+    let cl = w.chain_len;
+    let in_chain = owner == w.chain[0]
+        || (cl > 1 && owner == w.chain[1])
+        || (cl > 2 && owner == w.chain[2])
+        || (cl > 3 && owner == w.chain[3]);
     if rtype == TYPE_CNAME {
-        if !in_chain {
-            return Ok(());
+        if in_chain {
+            w.next = next;
+            start_name(w, rdata, THEN_CNAME);
+        } else {
+            next_answer(w, next);
         }
-        let (tn, _) = read_name(s, len, rdata)?;
-        let (target, m) = lookup_name(&s.labels, tn, s.ans.seed, s.ans.slot as u32);
-        if s.ans.matched == 0 {
-            s.ans.matched = m;
+        return Ok(());
+    }
+    if (rtype == TYPE_A || rtype == TYPE_AAAA) && w.matched != 0 {
+        if in_chain {
+            learn(buf, w, learned, rtype, rdata, rdlen, ttl);
+        } else {
+            count(counter::DNS_OFF_CHAIN);
         }
-        if cl >= MAX_CHAIN as u64 {
-            return Err(dns_unparsed::CHAIN);
-        }
-        s.ans.chain[(cl as usize) & (MAX_CHAIN - 1)] = target;
-        s.ans.chain_len = cl + 1;
-        return Ok(());
     }
-    if rtype != TYPE_A && rtype != TYPE_AAAA {
-        return Ok(());
-    }
-    if s.ans.matched == 0 {
-        // No provider name in the chain (yet): nothing to learn.
-        return Ok(());
-    }
-    if !in_chain {
-        count(counter::DNS_OFF_CHAIN);
-        return Ok(());
-    }
-    let (lo, hi, now, matched) = (s.ans.ttl_min, s.ans.ttl_max, s.ans.now, s.ans.matched);
+    next_answer(w, next);
+    Ok(())
+}
+
+/// Learns the address of an A or AAAA record of the chain.
+#[inline(always)]
+fn learn(
+    buf: &[u8; DNS_BUF],
+    w: &Walk,
+    v: &mut Learned,
+    rtype: u16,
+    rdata: u64,
+    rdlen: u64,
+    ttl: u64,
+) {
+    let (lo, hi) = (w.ttl_min, w.ttl_max);
     let ttl_s = if ttl < lo {
         lo
     } else if ttl > hi {
@@ -430,162 +658,24 @@ fn answer(s: &mut DnsScratch) -> Result<(), u32> {
     } else {
         ttl
     };
-    let expires = now + ttl_s * 1_000_000_000;
+    let expires = w.now + ttl_s * 1_000_000_000;
     if rtype == TYPE_A && rdlen == 4 {
         let addr = [
-            byte(s, rdata),
-            byte(s, rdata + 1),
-            byte(s, rdata + 2),
-            byte(s, rdata + 3),
+            byte(buf, rdata),
+            byte(buf, rdata + 1),
+            byte(buf, rdata + 2),
+            byte(buf, rdata + 3),
         ];
-        learn_v4(&addr, matched, expires, now);
+        learn_v4(v, &addr, w.matched, expires, w.now);
     } else if rtype == TYPE_AAAA && rdlen == 16 {
         let mut addr = [0u8; 16];
         let mut j = 0;
         while j < 16 {
-            addr[j] = byte(s, rdata + j);
+            addr[j] = byte(buf, rdata + j as u64);
             j += 1;
         }
-        learn_v6(&addr, matched, expires, now);
+        learn_v6(v, &addr, w.matched, expires, w.now);
     }
-    Ok(())
-}
-
-/// State of one name walk (`name_step`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct NameCtx {
-    pos: u64,
-    len: u64,
-    /// Offset after the name where it starts (0: not known yet).
-    end: u64,
-    hops: u64,
-    /// Labels read (their hashes are in the scratch's `labels`).
-    n: u64,
-    /// Bytes of the current label still to hash, and its hash so far.
-    remaining: u64,
-    h: u64,
-    /// 1 once the root label was reached.
-    done: u64,
-    /// `dns_unparsed::*`, 0 while all is well.
-    err: u64,
-}
-
-/// Reads the name at `start` into `s.labels`: (label count, offset after
-/// the name where it starts). One byte or pointer per bpf_loop step (a
-/// step with an inner loop over a label made the verifier walk 63
-/// iterations per call site).
-#[inline(always)]
-fn read_name(s: &mut DnsScratch, len: usize, start: usize) -> Result<(usize, usize), u32> {
-    // Volatile: the callback changes the scratch behind this `&mut`, which
-    // the compiler cannot see (bpf_loop gets no pointer to it).
-    // SAFETY: valid, aligned fields of the scratch.
-    unsafe {
-        let c = &mut s.name;
-        core::ptr::write_volatile(&mut c.pos, start as u64);
-        core::ptr::write_volatile(&mut c.len, len as u64);
-        core::ptr::write_volatile(&mut c.end, 0);
-        core::ptr::write_volatile(&mut c.hops, 0);
-        core::ptr::write_volatile(&mut c.n, 0);
-        core::ptr::write_volatile(&mut c.remaining, 0);
-        core::ptr::write_volatile(&mut c.done, 0);
-        core::ptr::write_volatile(&mut c.err, 0);
-    };
-    // SAFETY: `name_step` is a bpf_loop callback; it finds its state in the
-    // scratch.
-    unsafe {
-        bpf_loop(
-            NAME_STEPS,
-            name_step as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        );
-    }
-    // SAFETY: as above.
-    let (err, done, n, end) = unsafe {
-        (
-            core::ptr::read_volatile(&s.name.err),
-            core::ptr::read_volatile(&s.name.done),
-            core::ptr::read_volatile(&s.name.n),
-            core::ptr::read_volatile(&s.name.end),
-        )
-    };
-    if err != 0 {
-        return Err(err as u32);
-    }
-    if done == 0 {
-        return Err(dns_unparsed::NAME);
-    }
-    Ok((n as usize, end as usize))
-}
-
-/// Steps of a name walk: 255 bytes of wire name, the pointers, the root.
-const NAME_STEPS: u32 = (255 + DNS_MAX_HOPS + 2) as u32;
-
-/// bpf_loop callback: one byte of a label, one length byte or one pointer.
-#[inline(never)]
-extern "C" fn name_step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = scratch() else { return 1 };
-    let DnsScratch {
-        buf,
-        labels,
-        name: c,
-        ..
-    } = s;
-    name_byte(buf, labels, c)
-}
-
-#[inline(always)]
-fn name_byte(buf: &[u8; DNS_BUF], labels: &mut [u64; DNS_MAX_LABELS], c: &mut NameCtx) -> i64 {
-    let (pos, len) = (c.pos as usize, c.len as usize);
-    if pos >= len {
-        c.err = dns_unparsed::TRUNCATED as u64;
-        return 1;
-    }
-    if c.remaining > 0 {
-        c.h = label_step(c.h, bytes_at(buf, pos));
-        c.pos = (pos + 1) as u64;
-        c.remaining -= 1;
-        if c.remaining == 0 {
-            labels[(c.n as usize) & LMASK] = c.h;
-            c.n += 1;
-        }
-        return 0;
-    }
-    let l = bytes_at(buf, pos) as usize;
-    if l == 0 {
-        if c.end == 0 {
-            c.end = (pos + 1) as u64;
-        }
-        c.done = 1;
-        return 1;
-    }
-    if l & 0xc0 == 0xc0 {
-        if pos + 1 >= len {
-            c.err = dns_unparsed::TRUNCATED as u64;
-            return 1;
-        }
-        let target = (l & 0x3f) << 8 | bytes_at(buf, pos + 1) as usize;
-        // Backwards only: a pointer can never loop.
-        if target >= pos || c.hops >= DNS_MAX_HOPS as u64 {
-            c.err = dns_unparsed::NAME as u64;
-            return 1;
-        }
-        if c.end == 0 {
-            c.end = (pos + 2) as u64;
-        }
-        c.hops += 1;
-        c.pos = target as u64;
-        return 0;
-    }
-    if l & 0xc0 != 0 || c.n >= DNS_MAX_LABELS as u64 || pos + 1 + l > len {
-        c.err = dns_unparsed::NAME as u64;
-        return 1;
-    }
-    c.h = LABEL_INIT;
-    c.remaining = l as u64;
-    c.pos = (pos + 1) as u64;
-    0
 }
 
 /// (full-name hash, matched `NAMES` key or 0) of the `n` labels the last
@@ -633,37 +723,22 @@ fn label_at(labels: &[u64; DNS_MAX_LABELS], i: usize) -> u64 {
     unsafe { core::ptr::read_volatile(&labels[i & LMASK]) }
 }
 
-/// The full-name hash of the `n` labels in `s.labels`.
+/// Merges `hash` into `v`, a copy of an address's learned entry in the
+/// scratch: the same name is refreshed, else an empty or expired place is
+/// taken, else the one expiring first. `v` lives in map memory on purpose:
+/// the verifier bounds an index into it without tracking its value, where an
+/// index into a copy on the stack made it walk every choice of place.
 #[inline(always)]
-fn hash_labels(labels: &[u64; DNS_MAX_LABELS], n: usize, seed: u64) -> u64 {
-    let mut acc = seed;
-    let mut i = 0;
-    while i < DNS_MAX_LABELS {
-        if i < n {
-            acc = fold(acc, label_at(labels, n - 1 - i));
-        }
-        i += 1;
-    }
-    acc
-}
-
-/// Merges `hash` into a learned entry: the same name is refreshed, else an
-/// empty or expired place is taken, else the one expiring first.
-#[inline(always)]
-fn merge(old: Option<&Learned>, hash: u64, expires: u64, now: u64) -> Learned {
-    let mut v = match old {
-        Some(o) => *o,
-        None => Learned::default(),
-    };
-    let mut pick = LEARNED_NAMES;
+fn merge(v: &mut Learned, hash: u64, expires: u64, now: u64) {
+    let mut pick = LEARNED_NAMES as u64;
     let mut i = 0;
     while i < LEARNED_NAMES {
         if v.names[i].hash == hash {
-            pick = i;
+            pick = i as u64;
         }
         i += 1;
     }
-    if pick == LEARNED_NAMES {
+    if pick == LEARNED_NAMES as u64 {
         let mut oldest = u64::MAX;
         let mut i = 0;
         while i < LEARNED_NAMES {
@@ -675,36 +750,45 @@ fn merge(old: Option<&Learned>, hash: u64, expires: u64, now: u64) -> Learned {
             };
             if when < oldest {
                 oldest = when;
-                pick = i;
+                pick = i as u64;
             }
             i += 1;
         }
     }
-    if pick < LEARNED_NAMES {
-        let e = &mut v.names[pick];
+    if pick < LEARNED_NAMES as u64 {
+        let e = &mut v.names[(pick as usize) & (LEARNED_NAMES - 1)];
         e.hash = hash;
         if expires > e.expires_ns || e.expires_ns <= now {
             e.expires_ns = expires;
         }
     }
-    v
 }
 
+const _: () = assert!(LEARNED_NAMES.is_power_of_two());
+
 #[inline(always)]
-fn learn_v4(addr: &[u8; 4], hash: u64, expires: u64, now: u64) {
-    // SAFETY: value copied out at once by `merge`.
-    let v = merge(unsafe { LEARNED_V4.get(addr) }, hash, expires, now);
-    match LEARNED_V4.insert(addr, &v, 0) {
+fn learn_v4(v: &mut Learned, addr: &[u8; 4], hash: u64, expires: u64, now: u64) {
+    // SAFETY: value copied out at once.
+    *v = match unsafe { LEARNED_V4.get(addr) } {
+        Some(old) => *old,
+        None => Learned::default(),
+    };
+    merge(v, hash, expires, now);
+    match LEARNED_V4.insert(addr, v, 0) {
         Ok(()) => count(counter::DNS_LEARNED),
         Err(_) => count(counter::DNS_LEARN_FAILED),
     }
 }
 
 #[inline(always)]
-fn learn_v6(addr: &[u8; 16], hash: u64, expires: u64, now: u64) {
+fn learn_v6(v: &mut Learned, addr: &[u8; 16], hash: u64, expires: u64, now: u64) {
     // SAFETY: as in `learn_v4`.
-    let v = merge(unsafe { LEARNED_V6.get(addr) }, hash, expires, now);
-    match LEARNED_V6.insert(addr, &v, 0) {
+    *v = match unsafe { LEARNED_V6.get(addr) } {
+        Some(old) => *old,
+        None => Learned::default(),
+    };
+    merge(v, hash, expires, now);
+    match LEARNED_V6.insert(addr, v, 0) {
         Ok(()) => count(counter::DNS_LEARNED),
         Err(_) => count(counter::DNS_LEARN_FAILED),
     }
