@@ -53,9 +53,10 @@ use aya_ebpf::{
 use llm_egress_common::{
     DNS_BUF, DNS_EVENT_BYTES, DNS_MAX_ANSWERS, DNS_MAX_HOPS, DNS_MAX_LABELS, DnsEvent, EventHeader,
     LEARNED_NAMES, Learned, NameKey, SLOT_COUNT, counter, dns_unparsed, kind,
-    names::{LABEL_INIT, fold, label_step, wildcard},
+    names::{LABEL_INIT, label_step},
 };
 
+use crate::names::Fold;
 use crate::maps::{ACTIVE, DNS_SCRATCH, EVENTS, LEARNED_V4, LEARNED_V6, NAME_CFG, NAMES, count};
 
 const MASK: usize = DNS_BUF - 1;
@@ -375,12 +376,8 @@ struct Walk {
     remaining: u64,
     h: u64,
     steps: u64,
-    /// Folding: labels folded, the hash so far, whether to look up each
-    /// suffix, the `NAMES` key matched (0: none).
-    k: u64,
-    acc: u64,
-    lookup: u64,
-    found: u64,
+    /// The fold of the name just read (ebpf/src/names.rs).
+    fold: Fold,
     /// Offset of the record after the current one.
     next: u64,
     /// Answer records still to read.
@@ -473,12 +470,9 @@ fn name_step(
         if w.name_end == 0 {
             w.name_end = pos + 1;
         }
-        // The name is read: fold it.
+        // The name is read: fold it (an owner's only for its hash).
         w.phase = PHASE_FOLD;
-        w.k = 0;
-        w.acc = w.seed;
-        w.found = 0;
-        w.lookup = (w.then != THEN_OWNER) as u64;
+        w.fold.start(w.n, w.seed, w.slot, w.then != THEN_OWNER);
         return Ok(());
     }
     if l & 0xc0 == 0xc0 {
@@ -506,41 +500,22 @@ fn name_step(
     Ok(())
 }
 
-/// Folds one label into the name's hash, right to left (common/names.rs);
-/// for a question or a CNAME target, looks the suffix up in `NAMES`: a
-/// wildcard entry below the full name, the exact entry at the full name.
-/// Later (longer) suffixes are more specific; the exact name last.
+/// Folds one label of the name just read (ebpf/src/names.rs), then, once
+/// every label is folded, goes on with what the name was read for.
 #[inline(always)]
 fn fold_step(labels: &[u64; DNS_MAX_LABELS], w: &mut Walk) -> Result<(), u32> {
-    if w.k < w.n {
-        let i = w.n - 1 - w.k;
-        w.acc = fold(w.acc, labels[(i as usize) & LMASK]);
-        w.k += 1;
-        if w.lookup != 0 {
-            let key = if i == 0 { w.acc } else { wildcard(w.acc) };
-            let name = NameKey {
-                slot: w.slot as u32,
-                _pad: 0,
-                hash: key,
-            };
-            // SAFETY: presence only.
-            if unsafe { NAMES.get(&name) }.is_some() {
-                w.found = key;
-            }
-        }
-        if w.k < w.n {
-            return Ok(());
-        }
+    if !w.fold.step(labels) {
+        return Ok(());
     }
-    // Every label folded: the name's hash is `acc`.
+    let (acc, found) = (w.fold.acc, w.fold.found);
     match w.then {
         THEN_QUESTION => {
             let pos = w.name_end;
             if pos + 4 > w.len {
                 return Err(dns_unparsed::TRUNCATED);
             }
-            w.matched = w.found;
-            w.chain[0] = w.acc;
+            w.matched = found;
+            w.chain[0] = acc;
             w.chain_len = 1;
             w.pos = pos + 4;
             w.phase = PHASE_RECORD;
@@ -549,7 +524,7 @@ fn fold_step(labels: &[u64; DNS_MAX_LABELS], w: &mut Walk) -> Result<(), u32> {
             w.then = THEN_QUESTION;
         }
         THEN_OWNER => {
-            w.owner = w.acc;
+            w.owner = acc;
             w.pos = w.name_end;
             w.phase = PHASE_RECORD;
             w.then = THEN_OWNER;
@@ -557,13 +532,13 @@ fn fold_step(labels: &[u64; DNS_MAX_LABELS], w: &mut Walk) -> Result<(), u32> {
         _ => {
             // A CNAME target.
             if w.matched == 0 {
-                w.matched = w.found;
+                w.matched = found;
             }
             let cl = w.chain_len;
             if cl >= MAX_CHAIN as u64 {
                 return Err(dns_unparsed::CHAIN);
             }
-            w.chain[(cl as usize) & (MAX_CHAIN - 1)] = w.acc;
+            w.chain[(cl as usize) & (MAX_CHAIN - 1)] = acc;
             w.chain_len = cl + 1;
             next_answer(w, w.next);
         }
@@ -676,51 +651,6 @@ fn learn(
         }
         learn_v6(v, &addr, w.matched, expires, w.now);
     }
-}
-
-/// (full-name hash, matched `NAMES` key or 0) of the `n` labels the last
-/// name walk left: the exact name, else the longest suffix with a wildcard
-/// entry in `slot`.
-#[inline(always)]
-pub(crate) fn lookup_name(
-    labels: &[u64; DNS_MAX_LABELS],
-    n: usize,
-    seed: u64,
-    slot: u32,
-) -> (u64, u64) {
-    let mut matched = 0u64;
-    let mut acc = seed;
-    let mut i = 0;
-    while i < DNS_MAX_LABELS {
-        if i < n {
-            let k = n - 1 - i;
-            acc = fold(acc, label_at(labels, k));
-            let key = if k == 0 { acc } else { wildcard(acc) };
-            // SAFETY: presence only.
-            if unsafe {
-                NAMES.get(&NameKey {
-                    slot,
-                    _pad: 0,
-                    hash: key,
-                })
-            }
-            .is_some()
-            {
-                // Later (longer) suffixes are more specific; the exact name last.
-                matched = key;
-            }
-        }
-        i += 1;
-    }
-    (acc, matched)
-}
-
-/// Label hash `i` as the last name walk left it (volatile: written by the
-/// bpf_loop callback behind the compiler's back).
-#[inline(always)]
-fn label_at(labels: &[u64; DNS_MAX_LABELS], i: usize) -> u64 {
-    // SAFETY: masked index into the array.
-    unsafe { core::ptr::read_volatile(&labels[i & LMASK]) }
 }
 
 /// Merges `hash` into `v`, a copy of an address's learned entry in the

@@ -14,6 +14,7 @@ mod dns;
 mod exec;
 mod limits;
 mod maps;
+mod names;
 mod packet;
 mod policy;
 mod records;

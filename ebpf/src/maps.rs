@@ -168,6 +168,25 @@ pub fn claim_scratch<V>(map: &HashMap<u64, V>, cookie: u64, init: &V) -> Option<
     map.get_ptr_mut(&cookie)
 }
 
+/// Copies a `T` word by word, unrolled. A plain `*dst = *src` of a large
+/// struct becomes a call to a byte-by-byte `memcpy` loop that the verifier
+/// walks once per byte (224 iterations for a `ConnEvent`); volatile
+/// accesses keep the compiler from turning this back into that call.
+///
+/// SAFETY: `dst` and `src` point to live, 8-byte aligned `T`s in memory the
+/// program may read and write (map values, ring buffer records).
+#[inline(always)]
+pub unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() == 8) };
+    let (d, s) = (dst as *mut u64, src as *const u64);
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 8 {
+        // SAFETY: word `i` of both, in bounds by the loop condition.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
 /// Adds one to a per-CPU counter.
 #[inline(always)]
 pub fn count(index: u32) {

@@ -506,7 +506,7 @@ fn update(ctx: &SkBuffContext, entry: *mut ConnEvent) {
             return;
         };
         let p = rec.as_mut_ptr();
-        *p = *entry;
+        crate::maps::copy_words(p, entry);
         (*p).header.kind = kind::CONN_UPDATE;
         rec.submit(0);
     }

@@ -63,6 +63,7 @@ use llm_egress_common::{
     names::label_step, sni_state, verdict,
 };
 
+use crate::names::Fold;
 use crate::maps::{CONNS, EVENTS, NAME_CFG, NAMES, SNI_SCRATCH, SNI_STATE, SNI_ZERO, count};
 
 const PASS: i32 = 1;
@@ -97,6 +98,7 @@ pub struct SniScratch {
     pub labels: [u64; DNS_MAX_LABELS],
     ext: ExtCtx,
     name: NameCtx,
+    fold: Fold,
 }
 
 #[repr(C)]
@@ -465,7 +467,23 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
     if seed == 0 {
         return Hello::Ignore;
     }
-    let (_, matched) = crate::dns::lookup_name(&s.labels, n, seed, slot);
+    // SAFETY: as above.
+    unsafe {
+        let mut f = core::ptr::read_volatile(&s.fold);
+        f.start(n as u64, seed, slot as u64, true);
+        core::ptr::write_volatile(&mut s.fold, f);
+    }
+    // SAFETY: as above.
+    unsafe {
+        bpf_loop(
+            DNS_MAX_LABELS as u32,
+            fold_step as *mut c_void,
+            (&mut lc as *mut LoopCtx).cast(),
+            0,
+        )
+    };
+    // SAFETY: as above.
+    let matched = unsafe { core::ptr::read_volatile(&s.fold.found) };
     if matched == 0 {
         return Hello::Counted(counter::SNI_OTHER_NAME);
     }
@@ -587,6 +605,15 @@ extern "C" fn name_step(_index: u64, ctx: *mut c_void) -> i64 {
     }
     c.pos = (pos + 1) as u64;
     0
+}
+
+/// bpf_loop callback: one label of the server name into its hash and
+/// lookups (ebpf/src/names.rs). Returns 1 to stop.
+#[inline(never)]
+extern "C" fn fold_step(_index: u64, ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch(ctx) else { return 1 };
+    let SniScratch { labels, fold, .. } = s;
+    fold.step(labels) as i64
 }
 
 /// Ends the current label; false (and `err`) past `DNS_MAX_LABELS`.
