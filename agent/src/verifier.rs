@@ -117,11 +117,12 @@ pub fn measure(object: &[u8], trace: Option<&str>) -> Result<Vec<ProgramStats>, 
     }
     let mut maps = Vec::new();
     for (name, map) in &obj.maps {
-        let data = MapData::create(map.clone(), name, btf_fd.as_ref().map(|f| f.as_fd()))
-            .map_err(|source| VerifyError::Map {
+        let data = MapData::create(map.clone(), name, btf_fd.as_ref().map(|f| f.as_fd())).map_err(
+            |source| VerifyError::Map {
                 name: name.clone(),
                 source,
-            })?;
+            },
+        )?;
         init_data_map(&data, map).map_err(|source| VerifyError::MapData {
             name: name.clone(),
             source,
@@ -157,7 +158,10 @@ pub fn measure(object: &[u8], trace: Option<&str>) -> Result<Vec<ProgramStats>, 
         let Some((prog_type, attach_type)) = kind(&program.section) else {
             out.push(ProgramStats {
                 program: name.clone(),
-                error: Some(format!("program type {:?} is not measured", program.section)),
+                error: Some(format!(
+                    "program type {:?} is not measured",
+                    program.section
+                )),
                 ..ProgramStats::default()
             });
             continue;
@@ -198,7 +202,10 @@ fn kind(section: &ProgramSection) -> Option<(bpf_prog_type, Option<bpf_attach_ty
                 aya_obj::programs::CgroupSkbAttachType::Egress => BPF_CGROUP_INET_EGRESS,
             }),
         ),
-        ProgramSection::SockOps => (bpf_prog_type::BPF_PROG_TYPE_SOCK_OPS, Some(BPF_CGROUP_SOCK_OPS)),
+        ProgramSection::SockOps => (
+            bpf_prog_type::BPF_PROG_TYPE_SOCK_OPS,
+            Some(BPF_CGROUP_SOCK_OPS),
+        ),
         ProgramSection::TracePoint => (bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT, None),
         _ => return None,
     })
@@ -244,7 +251,11 @@ fn load_with_stats(
             u.line_info_rec_size = function.line_info_rec_size as u32;
         }
     }
-    u.log_level = if trace { LOG_STATS | LOG_TRACE } else { LOG_STATS };
+    u.log_level = if trace {
+        LOG_STATS | LOG_TRACE
+    } else {
+        LOG_STATS
+    };
     u.log_buf = log.as_mut_ptr() as u64;
     u.log_size = log.len() as u32;
     let started = Instant::now();
@@ -423,7 +434,10 @@ processed 1000001 insns (limit 1000000) max_states_per_insn 36 total_states 5200
 
     #[test]
     fn budget_is_a_fifth_of_the_limit_and_a_second() {
-        let mut s = parse_stats("p", "processed 200000 insns (limit 1000000)\nverification time 999999 usec\n");
+        let mut s = parse_stats(
+            "p",
+            "processed 200000 insns (limit 1000000)\nverification time 999999 usec\n",
+        );
         assert!(s.within_budget());
         s.insns_processed += 1;
         assert!(!s.within_budget());

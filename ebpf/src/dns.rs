@@ -56,8 +56,8 @@ use llm_egress_common::{
     names::{LABEL_INIT, label_step},
 };
 
-use crate::names::Fold;
 use crate::maps::{ACTIVE, DNS_SCRATCH, EVENTS, LEARNED_V4, LEARNED_V6, NAME_CFG, NAMES, count};
+use crate::names::Fold;
 
 const MASK: usize = DNS_BUF - 1;
 const _: () = assert!(DNS_BUF.is_power_of_two() && DNS_EVENT_BYTES == DNS_BUF);
@@ -350,10 +350,10 @@ const THEN_CNAME: u64 = 2;
 const NAME_STEPS: u64 = (255 + DNS_MAX_HOPS + 2) as u64;
 /// Steps of a whole walk: the question and every answer's two names (owner
 /// and CNAME target), each read and folded, and the records themselves.
-const WALK_STEPS: u32 =
-    ((1 + 2 * DNS_MAX_ANSWERS as u64) * (NAME_STEPS + DNS_MAX_LABELS as u64 + 1)
-        + DNS_MAX_ANSWERS as u64
-        + 1) as u32;
+const WALK_STEPS: u32 = ((1 + 2 * DNS_MAX_ANSWERS as u64)
+    * (NAME_STEPS + DNS_MAX_LABELS as u64 + 1)
+    + DNS_MAX_ANSWERS as u64
+    + 1) as u32;
 
 /// The state of one message walk (`walk_step`).
 #[repr(C)]

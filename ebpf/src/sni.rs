@@ -63,8 +63,8 @@ use llm_egress_common::{
     names::label_step, sni_state, verdict,
 };
 
-use crate::names::Fold;
 use crate::maps::{CONNS, EVENTS, NAME_CFG, NAMES, SNI_SCRATCH, SNI_STATE, SNI_ZERO, count};
+use crate::names::Fold;
 
 const PASS: i32 = 1;
 /// Drop (with congestion notification): see the module comment.

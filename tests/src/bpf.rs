@@ -23,6 +23,8 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 
 // enum bpf_attach_type: the cgroup_sock_addr hooks the agent uses.
@@ -130,6 +132,22 @@ struct QueryAttr {
     link_ids: u64,
     link_attach_flags: u64,
     revision: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
 }
 
 #[repr(C)]
@@ -253,6 +271,57 @@ pub fn pinned_objects(dir: &Path) -> Vec<Pinned> {
             .map(|fd| fd_kind(&fd))
             .unwrap_or(ObjKind::Unknown);
         out.push(Pinned { path, kind });
+    }
+    out
+}
+
+/// `(hook, name, verified instructions)` of every program attached directly
+/// to `cgroup` at one of the agent's hooks (hook names of [`SOCK_ADDR_HOOKS`]
+/// and [`OTHER_HOOKS`]; the kernel keeps 15 characters of a program's
+/// name), as the kernel reports them
+/// (`bpf_prog_info.verified_insns`, Linux >= 5.16): the verifier's cost of
+/// the programs the agent really loaded.
+pub fn attached_program_costs(cgroup: &Path) -> Vec<(&'static str, String, u32)> {
+    let dir = File::open(cgroup).unwrap_or_else(|e| panic!("opening {}: {e}", cgroup.display()));
+    let mut out = Vec::new();
+    for (attach_type, hook) in SOCK_ADDR_HOOKS.iter().chain(OTHER_HOOKS.iter()) {
+        let mut ids = [0u32; 16];
+        let mut attr = QueryAttr {
+            target_fd: dir.as_raw_fd() as u32,
+            attach_type: *attach_type,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            ..Default::default()
+        };
+        sys_bpf(BPF_PROG_QUERY, &mut attr)
+            .unwrap_or_else(|e| panic!("BPF_PROG_QUERY {hook} on {}: {e}", cgroup.display()));
+        for id in &ids[..attr.prog_cnt as usize] {
+            let mut by_id = ProgIdAttr {
+                id: *id,
+                ..Default::default()
+            };
+            let fd = owned_fd(
+                sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id)
+                    .unwrap_or_else(|e| panic!("BPF_PROG_GET_FD_BY_ID {id}: {e}")),
+            );
+            // struct bpf_prog_info up to attach_btf_id (228 bytes): name at
+            // 64 (16 bytes), verified_insns at 216.
+            let mut info = [0u8; 232];
+            let mut get = InfoAttr {
+                bpf_fd: fd.as_raw_fd() as u32,
+                info_len: info.len() as u32,
+                info: info.as_mut_ptr() as u64,
+            };
+            sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)
+                .unwrap_or_else(|e| panic!("BPF_OBJ_GET_INFO_BY_FD of program {id}: {e}"));
+            let name: String = info[64..80]
+                .iter()
+                .take_while(|b| **b != 0)
+                .map(|b| *b as char)
+                .collect();
+            let verified = u32::from_ne_bytes([info[216], info[217], info[218], info[219]]);
+            out.push((*hook, name, verified));
+        }
     }
     out
 }
