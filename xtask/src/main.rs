@@ -9,6 +9,7 @@ mod agent;
 mod cmd;
 mod demo;
 mod ebpf;
+mod kernels;
 mod setup;
 mod testing;
 
@@ -75,6 +76,21 @@ enum Task {
     },
     /// Build, then show the agent allowing and blocking sample connections in a throw-away cgroup and network namespace (as root; removes everything it made).
     Demo,
+    /// Boot Debian's 6.1 and 6.12 kernels (and the host's, if /boot has it) in QEMU and run the verifier table and the agent's connect checks in each (docs/kernels.md).
+    Kernels {
+        /// Only this kernel of the table (6.1, 6.12, host); repeatable. Default: all.
+        #[arg(long = "kernel", value_name = "NAME")]
+        kernels: Vec<String>,
+        /// Use TCG (software emulation) even when /dev/kvm opens.
+        #[arg(long)]
+        tcg: bool,
+        /// Deadline per kernel, in seconds (default 300 with KVM, 1200 with TCG).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Put the release build of the agent in the guests (default: debug).
+        #[arg(long)]
+        release: bool,
+    },
     /// Remove what setup installed for the build (toolchain packages, bpf-linker), to prove the fresh-machine path.
     CleanSetup {
         /// Really remove them (without it, only says what would go).
@@ -148,6 +164,20 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Bench { args } => agent::bench(&ws, &args),
         Task::Demo => demo::demo(&ws),
+        Task::Kernels {
+            kernels,
+            tcg,
+            timeout,
+            release,
+        } => kernels::kernels(
+            &ws,
+            &kernels::Options {
+                kernels,
+                tcg,
+                timeout,
+                release,
+            },
+        ),
         Task::CleanSetup { yes } => setup::clean_setup(yes),
     }
 }
@@ -180,6 +210,27 @@ mod tests {
                 assert_eq!(filter.as_deref(), Some("dns"));
             }
             _ => panic!("expected test"),
+        }
+    }
+
+    #[test]
+    fn kernels_takes_repeated_kernel_names() {
+        let cli = Cli::try_parse_from([
+            "xtask", "kernels", "--kernel", "6.1", "--kernel", "host", "--tcg",
+        ])
+        .unwrap();
+        match cli.task {
+            Task::Kernels {
+                kernels,
+                tcg,
+                timeout,
+                release,
+            } => {
+                assert_eq!(kernels, ["6.1", "host"]);
+                assert!(tcg && !release);
+                assert_eq!(timeout, None);
+            }
+            _ => panic!("expected kernels"),
         }
     }
 

@@ -159,16 +159,24 @@ pub fn setup() -> Result<()> {
 }
 
 fn install_packages() -> Result<()> {
-    let names: Vec<&str> = PACKAGES.iter().map(|p| p.name).collect();
+    install_missing("setup", PACKAGES, false)
+}
+
+/// Installs those of `packages` that dpkg does not list as installed
+/// (`apt-get update` once, then one `apt-get install`); `task` names the
+/// caller in messages (`setup`, `kernels`). With `no_remove`, apt refuses
+/// (`--no-remove`) rather than remove an installed package to make room.
+pub fn install_missing(task: &str, packages: &[Package], no_remove: bool) -> Result<()> {
+    let names: Vec<&str> = packages.iter().map(|p| p.name).collect();
     let installed = installed_packages(&names)?;
-    let missing: Vec<&Package> = PACKAGES
+    let missing: Vec<&Package> = packages
         .iter()
         .filter(|p| !installed.contains_key(p.name))
         .collect();
     if missing.is_empty() {
         say(format_args!(
-            "setup: all {} Debian packages present ({})",
-            PACKAGES.len(),
+            "{task}: all {} Debian packages present ({})",
+            packages.len(),
             names.join(" ")
         ));
         return Ok(());
@@ -180,25 +188,30 @@ fn install_packages() -> Result<()> {
     );
     if !cmd::is_root() {
         bail!(
-            "setup: missing Debian packages: {}; installing them needs root: run `sudo cargo xtask setup`, or as root: {install_line}",
+            "{task}: missing Debian packages: {}; installing them needs root: run `sudo cargo xtask {task}`, or as root: {install_line}",
             missing_names.join(" ")
         );
     }
     for p in &missing {
-        say(format_args!("setup: will install {}: {}", p.name, p.why));
+        say(format_args!("{task}: will install {}: {}", p.name, p.why));
     }
     if missing.iter().any(|p| p.build_only) {
-        say("setup: the eBPF toolchain packages take ~25 s and +1.1 GB");
+        say(format_args!(
+            "{task}: the eBPF toolchain packages take ~25 s and +1.1 GB"
+        ));
     }
     cmd::run_keep_stderr(
         apt().arg("update"),
-        "setup: `apt-get update` (needed to install the missing packages) failed",
+        &format!("{task}: `apt-get update` (needed to install the missing packages) failed"),
     )?;
+    let mut install = apt();
+    install.args(["install", "-y", "--no-install-recommends"]);
+    if no_remove {
+        install.arg("--no-remove");
+    }
     let installed = cmd::run_keep_stderr(
-        apt()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing_names),
-        "setup: installing Debian packages failed",
+        install.args(&missing_names),
+        &format!("{task}: installing Debian packages failed"),
     )
     .map_err(|e| {
         let blamed = blame_packages(&format!("{e:#}"), &missing_names);
@@ -206,13 +219,13 @@ fn install_packages() -> Result<()> {
             e
         } else {
             e.context(format!(
-                "setup: apt-get could not install {}",
+                "{task}: apt-get could not install {}",
                 blamed.join(", ")
             ))
         }
     })?;
     say(format_args!(
-        "setup: installed {} ({})",
+        "{task}: installed {} ({})",
         missing_names.join(" "),
         secs(installed)
     ));
@@ -226,7 +239,7 @@ fn apt() -> Command {
 }
 
 /// Installed packages among `names`, with their versions.
-fn installed_packages(names: &[&str]) -> Result<BTreeMap<String, String>> {
+pub fn installed_packages(names: &[&str]) -> Result<BTreeMap<String, String>> {
     let (_, out) = cmd::query(
         Command::new("dpkg-query")
             .args(["-W", "-f=${Package}\t${Status}\t${Version}\n"])

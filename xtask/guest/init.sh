@@ -1,0 +1,202 @@
+#!/bin/busybox sh
+# The guest's /init (PID 1) for `cargo xtask kernels` (docs/kernels.md).
+#
+# Mounts what the agent needs, runs `llm-egress verify --json`, then, for
+# each program set, starts the agent on a test cgroup and checks with
+# egress-probe that one connect is denied (EPERM) and one allowed; stops the
+# agent with SIGTERM and checks its exit status. Every result goes to the
+# console on a line holding "@@LLME " (xtask/src/kernels/results.rs parses
+# them), between "@@LLME begin" and "@@LLME end". Then powers off.
+#
+# Kernel command line: llme.step=SECS bounds each wait (the verify run, an
+# agent's start, its stop); the host sets it from its own timeout.
+
+export PATH=/bin
+/bin/busybox --install -s /bin
+
+m() { echo "@@LLME $*"; }
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mount -t tracefs tracefs /sys/kernel/tracing
+mkdir -p /tmp /run /var/run /etc
+ip link set lo up
+
+STEP=120
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        llme.step=*) STEP="${word#llme.step=}" ;;
+    esac
+done
+
+m begin
+m kernel "$(uname -r)"
+m uptime "$(cut -d' ' -f1 /proc/uptime)"
+m step "$STEP"
+
+# What an agent log says, one marker line per line: the error lines
+# (a failed load carries the whole verifier log: its last lines are
+# instructions, the verdict is in "program NAME: ..." and the
+# "processed N insns" line), then the last lines; each cut to 300 bytes.
+# log_lines SET FILE
+log_lines() {
+    {
+        grep -E 'program [A-Za-z0-9_]+:|[Ee]rror|processed [0-9]+ insns|too large|limit' "$2" | head -n 8
+        echo "(last lines)"
+        tail -n 8 "$2"
+    } | cut -c1-300 | while IFS= read -r line; do m log "$1" "$line"; done
+}
+
+# Whole seconds since boot (loops are bounded by the clock, not by a
+# count: under TCG every command is slow).
+now() { cut -d. -f1 /proc/uptime; }
+
+# The agent runs in a subshell that waits for it at once and writes its
+# exit status to /tmp/agent.rc (this shell reaps background children on
+# its own, and `wait PID` here then no longer knows the status).
+# start_agent SET: sets AGENT to the agent's pid.
+start_agent() {
+    rm -f /tmp/agent.pid /tmp/agent.rc
+    (
+        NO_COLOR=1 llm-egress run --config "/tmp/policy-$1.toml" >"/tmp/agent-$1.log" 2>&1 &
+        echo $! >/tmp/agent.pid
+        wait $!
+        echo $? >/tmp/agent.rc
+    ) &
+    n=0
+    while [ ! -s /tmp/agent.pid ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    AGENT=$(cat /tmp/agent.pid)
+}
+
+# Whether the agent has exited (its status is then in /tmp/agent.rc).
+exited() { [ -s /tmp/agent.rc ]; }
+
+# Waits up to SECS for the agent to exit; echoes its status, or "timeout".
+wait_exit() {
+    until=$(($(now) + $1))
+    while [ "$(now)" -lt "$until" ]; do
+        if exited; then
+            cat /tmp/agent.rc; return
+        fi
+        sleep 0.1
+    done
+    echo timeout
+}
+
+# --- the verifier table ------------------------------------------------
+m verify-begin
+t0=$(cut -d' ' -f1 /proc/uptime)
+timeout "$STEP" llm-egress verify --json >/tmp/verify.out 2>/tmp/verify.err
+rc=$?
+t1=$(cut -d' ' -f1 /proc/uptime)
+while IFS= read -r line; do m verify-out "$line"; done </tmp/verify.out
+tail -n 20 /tmp/verify.err | while IFS= read -r line; do m verify-err "$line"; done
+m verify-end "rc=$rc" "start=$t0" "end=$t1"
+
+# --- a loopback listener and the test cgroups --------------------------
+PORT=8080
+mkdir -p /tmp/www && echo ok >/tmp/www/index.html
+httpd -p "$PORT" -h /tmp/www
+CG=/sys/fs/cgroup/matrix
+mkdir -p "$CG/open" "$CG/closed"
+
+# probe CGROUP ADDR: prints ok, EPERM or another errno name
+probe() {
+    out=$(egress-probe --cgroup "$CG/$1" --netns /proc/1/ns/net --timeout-ms 3000 connect "$2" 2>&1)
+    case "$out" in
+        *'"ok":true'*) echo ok ;;
+        *'"error":"EPERM"'*) echo EPERM ;;
+        *'"error":"'*) echo "$out" | sed 's/.*"error":"\([^"]*\)".*/\1/' ;;
+        *) echo "probe-failed: $out" ;;
+    esac
+}
+
+# check SET NAME WANT GOT
+check() {
+    if [ "$3" = "$4" ]; then m check "$1" "$2" pass "$4"; else m check "$1" "$2" fail "want $3, got $4"; fi
+}
+
+# Without an agent both connects pass: the denials below are the agent's.
+check none baseline-open ok "$(probe open 127.0.0.1:$PORT)"
+check none baseline-closed ok "$(probe closed 127.0.0.2:$PORT)"
+
+for SET in all connect; do
+    m set-begin "$SET"
+    cat >/tmp/policy-$SET.toml <<POLICY
+mode = "enforce"
+cgroup = "$CG"
+programs = "$SET"
+metrics_listen = "127.0.0.1:9469"
+audit_log = "off"
+pin_path = "/sys/fs/bpf/llme-$SET"
+failure_mode = "open"
+state_dir = "/tmp/state-$SET"
+
+[resolver]
+servers = ["127.0.0.1:9"]
+
+[defaults]
+llm = "deny"
+other = "allow"
+
+[[workloads]]
+name = "open"
+cgroup = "open"
+allow = ["127.0.0.1/32"]
+deny = ["127.0.0.2/32"]
+other = "allow"
+
+[[workloads]]
+name = "closed"
+cgroup = "closed"
+other = "deny"
+POLICY
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    start_agent "$SET"
+    ready=""; until=$(($(now) + STEP))
+    while [ "$(now)" -lt "$until" ]; do
+        if exited; then
+            ready="exited with status $(cat /tmp/agent.rc)"; break
+        fi
+        # Debian's busybox wget has no -T: `timeout` bounds it.
+        if timeout 5 wget -q -O /dev/null http://127.0.0.1:9469/readyz 2>/dev/null; then
+            ready=yes; break
+        fi
+        sleep 0.2
+    done
+    [ -z "$ready" ] && ready="not ready within ${STEP}s"
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    m timing "$SET" start "$t0" "$t1"
+    if [ "$ready" = yes ]; then
+        m check "$SET" start pass ready
+        check "$SET" allow ok "$(probe open 127.0.0.1:$PORT)"
+        check "$SET" deny-cidr EPERM "$(probe open 127.0.0.2:$PORT)"
+        check "$SET" deny-other EPERM "$(probe closed 127.0.0.1:$PORT)"
+        kill -TERM "$AGENT"
+        st=$(wait_exit "$STEP")
+        if [ "$st" = 0 ]; then
+            m check "$SET" stop pass "exit 0 on SIGTERM"
+        else
+            m check "$SET" stop fail "exit $st on SIGTERM"
+            # Where it hangs: each thread's state and kernel wait channel.
+            for t in /proc/$AGENT/task/*; do
+                m log "$SET" "thread $(cat $t/comm 2>/dev/null): state $(cut -d' ' -f3 $t/stat 2>/dev/null), wchan $(cat $t/wchan 2>/dev/null)"
+            done
+            kill -KILL "$AGENT" 2>/dev/null
+            log_lines "$SET" /tmp/agent-$SET.log
+        fi
+        check "$SET" after-stop ok "$(probe closed 127.0.0.1:$PORT)"
+    else
+        m check "$SET" start fail "$ready"
+        kill -KILL "$AGENT" 2>/dev/null
+        log_lines "$SET" /tmp/agent-$SET.log
+    fi
+    m set-end "$SET"
+done
+
+m end
+sync
+poweroff -f
