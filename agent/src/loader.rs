@@ -24,7 +24,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, VerifierLogLevel,
     programs::{
         CgroupAttachMode, Program, ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
@@ -138,6 +138,12 @@ impl Loader {
             .map_err(io_err(&dir, "creating the pin directory"))?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
+            // The error and the statistics, not the instruction trace: a
+            // program the verifier gives up on after 1M instructions has a
+            // trace of hundreds of MB, and aya verifies it again for every
+            // tenfold larger buffer it tries (about 60 s, then a truncated
+            // log). Loads that succeed ask for no log at all.
+            .verifier_log_level(VerifierLogLevel::STATS)
             .load(OBJECT)?;
         for name in ALL_MAPS {
             if ebpf.map(name).is_none() {
