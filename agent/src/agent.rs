@@ -357,6 +357,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     for f in &failed {
         metrics.program_loaded.with_label_values(&[f.name]).set(0);
     }
+    // What a reload's policy is checked against: the programs that failed,
+    // and those `programs` leaves out (it changes only on restart).
+    let unavailable = programs::unavailable(&failed, loader.ready_programs());
     if !failed.is_empty()
         && let Ok(mut g) = health.degraded.lock()
     {
@@ -605,12 +608,21 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         };
         let Some(why) = reload_reason else { continue };
         file_hash = args.config.as_deref().and_then(content_hash);
-        match load_policy(&args) {
+        let loaded = load_policy(&args)
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                // A policy that needs a program that is not running is refused
+                // like an invalid one: applying it would enforce less than it says.
+                programs::check(&new, &unavailable)
+                    .map(|()| new)
+                    .map_err(|e| e.to_string())
+            });
+        match loaded {
             Err(e) => {
                 metrics.policy_reloads.with_label_values(&["invalid"]).inc();
                 error!(trigger = why, error = %e, "new policy rejected; the previous policy stays in force");
                 if let Ok(mut g) = health.policy_error.lock() {
-                    *g = Some(e.to_string());
+                    *g = Some(e);
                 }
             }
             Ok(new) => {
@@ -624,6 +636,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 next.pin_path = state.policy.pin_path.clone();
                 next.metrics_listen = state.policy.metrics_listen;
                 next.failure_mode = state.policy.failure_mode;
+                next.programs = state.policy.programs;
                 next.audit_log = state.policy.audit_log.clone();
                 next.kubernetes = state.policy.kubernetes.clone();
                 let old_resolver = state.policy.resolver.clone();

@@ -12,7 +12,7 @@
 //! loads or attaches anything (`loader` does).
 
 use llm_egress_common::{
-    CONNECT_PROGRAMS, PROG_DNS_INGRESS, PROG_EXEC, PROG_SNI_EGRESS, PROG_SOCK_OPS,
+    ALL_PROGRAMS, CONNECT_PROGRAMS, PROG_DNS_INGRESS, PROG_EXEC, PROG_SNI_EGRESS, PROG_SOCK_OPS,
 };
 
 use crate::{loader::ProgramFailure, policy::Policy};
@@ -140,6 +140,22 @@ pub fn check(policy: &Policy, failed: &[ProgramFailure]) -> Result<(), ProgramsE
     Ok(())
 }
 
+/// The programs a policy cannot count on: those that `failed`, and those of
+/// `ALL_PROGRAMS` that are not `running` because `programs` leaves them out.
+pub fn unavailable(failed: &[ProgramFailure], running: &[&'static str]) -> Vec<ProgramFailure> {
+    let mut out = failed.to_vec();
+    for name in ALL_PROGRAMS {
+        if !running.contains(&name) && !failed.iter().any(|f| f.name == name) {
+            out.push(ProgramFailure {
+                name,
+                reason: "not attached: `programs` leaves it out, and it changes only on restart"
+                    .into(),
+            });
+        }
+    }
+    out
+}
+
 /// The `/readyz` text of a degraded agent: one line per missing program,
 /// with the kernel's reason and what is lost.
 pub fn degraded_summary(failed: &[ProgramFailure]) -> String {
@@ -161,7 +177,7 @@ pub fn degraded_summary(failed: &[ProgramFailure]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llm_egress_common::{ALL_PROGRAMS, PROG_CONNECT4};
+    use llm_egress_common::PROG_CONNECT4;
 
     fn policy(text: &str) -> Policy {
         Policy::parse(text, "test.toml").unwrap()
@@ -239,6 +255,29 @@ tokens_per_day = 1000
                 && e.contains("BPF program is too large"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn programs_left_out_are_unavailable_to_a_reload() {
+        let u = unavailable(&[], &CONNECT_PROGRAMS);
+        let names: Vec<_> = u.iter().map(|f| f.name).collect();
+        assert_eq!(names, [PROG_SOCK_OPS, PROG_DNS_INGRESS, PROG_SNI_EGRESS]);
+        let e = check(&policy(LIMITED), &u).unwrap_err().to_string();
+        for needle in [
+            "account_sock_ops (not attached",
+            "names_dns_ingress (not attached",
+            "names_sni_egress (not attached",
+            "providers.p.bytes_per_second",
+            "providers.p.tokens_per_day",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let running: Vec<_> = ALL_PROGRAMS
+            .into_iter()
+            .filter(|p| *p != PROG_DNS_INGRESS)
+            .collect();
+        let u = unavailable(&[failed(PROG_DNS_INGRESS)], &running);
+        assert_eq!(u, [failed(PROG_DNS_INGRESS)]);
     }
 
     #[test]
