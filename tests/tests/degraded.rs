@@ -7,7 +7,9 @@
 //! builds of the agent honour (the tests run the debug agent): the loader
 //! then treats the named program as refused by the kernel, on every kernel.
 //! The program these tests fail is never verified, so they take the same
-//! time whether or not this kernel's verifier accepts every program.
+//! time whether or not this kernel's verifier accepts every program. Every
+//! test name starts with `program_fails_to_load_` (`cargo xtask test
+//! --filter program_fails_to_load`).
 //!
 //! Needs root, bpffs, and a built agent (`cargo build -p llm-egress`, or
 //! LLM_EGRESS_BIN). Locals are declared cgroup, netns, servers, agent, so
@@ -68,7 +70,7 @@ fn expect_nothing_attached(agent: &Agent, cg: &CgroupGuard) {
 }
 
 #[test]
-fn a_program_that_fails_to_load_leaves_the_agent_degraded_but_enforcing() {
+fn program_fails_to_load_the_agent_runs_degraded_and_still_enforces() {
     require_root();
     let cg = CgroupGuard::new("degraded");
     let w = cg.child("w");
@@ -141,7 +143,7 @@ fn a_program_that_fails_to_load_leaves_the_agent_degraded_but_enforcing() {
 }
 
 #[test]
-fn a_reload_while_degraded_keeps_naming_the_missing_program_and_refuses_keys_that_need_it() {
+fn program_fails_to_load_a_reload_keeps_naming_it_and_refuses_keys_that_need_it() {
     require_root();
     let cg = CgroupGuard::new("degraded-reload");
     let w = cg.child("w");
@@ -216,7 +218,7 @@ fn a_reload_while_degraded_keeps_naming_the_missing_program_and_refuses_keys_tha
 }
 
 #[test]
-fn a_policy_that_needs_a_program_that_failed_refuses_to_start_and_leaves_no_pins() {
+fn program_fails_to_load_a_policy_that_needs_it_refuses_to_start_leaving_no_pins() {
     require_root();
     let cg = CgroupGuard::new("degraded-needed");
     let started = Instant::now();
@@ -239,7 +241,7 @@ fn a_policy_that_needs_a_program_that_failed_refuses_to_start_and_leaves_no_pins
 }
 
 #[test]
-fn a_verdict_hook_that_fails_to_load_refuses_to_start_and_leaves_no_pins() {
+fn program_fails_to_load_a_verdict_hook_refuses_to_start_leaving_no_pins() {
     require_root();
     let cg = CgroupGuard::new("degraded-verdict");
     let started = Instant::now();
@@ -267,7 +269,7 @@ fn a_verdict_hook_that_fails_to_load_refuses_to_start_and_leaves_no_pins() {
 /// policy needs the missing program refuses to start and the pinned
 /// programs go on enforcing the last policy.
 #[test]
-fn a_failed_restart_leaves_the_pins_of_the_previous_agent_enforcing() {
+fn program_fails_to_load_a_failed_restart_leaves_the_previous_pins_enforcing() {
     require_root();
     let cg = CgroupGuard::new("degraded-keep");
     let w = cg.child("w");
