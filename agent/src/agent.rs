@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use llm_egress_common::{MAP_CONNS, MAP_EVENTS, MAP_EXECS};
+use llm_egress_common::{MAP_CONNS, MAP_EVENTS, MAP_EXECS, PROG_EXEC};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -42,6 +42,7 @@ use crate::{
     metrics::Metrics,
     plan::{self, Plan},
     policy::{AuditLog, OnExit, Policy, PolicyErrors},
+    programs::{self, ProgramsError},
     resolver::{self, HostAddrs, Resolver},
 };
 
@@ -51,6 +52,8 @@ pub enum RunError {
     Policy(#[from] PolicyErrors),
     #[error(transparent)]
     Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    Programs(#[from] ProgramsError),
     #[error(transparent)]
     Maps(#[from] crate::maps::MapsError),
     #[error("attach cgroup {0}: {1}")]
@@ -333,9 +336,35 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Pinned state of a previous agent of this build: continue its
     // generation numbering, and keep its links if they guard the same cgroup.
     let previous = maps.active()?;
+    // No policy was ever activated in these maps: nothing enforced from
+    // them before this start, so a start that fails removes them.
+    loader.discard_unless_started(previous.slot == 0);
     let previous_generation = maps.active_config()?.map(|c| c.generation).unwrap_or(0);
     let adopt =
         previous.slot != 0 && previous.attach_cgroup_id == attach_id && loader.has_pinned_links();
+
+    // The programs first (the kernel verifies each): whether the agent can
+    // run at all is known before the maps are written (docs/operations.md,
+    // "When a program fails to load").
+    let failed = loader.prepare(policy.failure_mode, adopt, policy.programs.names());
+    for f in &failed {
+        error!(program = f.name, reason = %f.reason, lost = programs::loses(f.name), "program failed to load");
+    }
+    programs::check(&policy, &failed)?;
+    for name in loader.ready_programs() {
+        metrics.program_loaded.with_label_values(&[name]).set(1);
+    }
+    for f in &failed {
+        metrics.program_loaded.with_label_values(&[f.name]).set(0);
+    }
+    // What a reload's policy is checked against: the programs that failed,
+    // and those `programs` leaves out (it changes only on restart).
+    let unavailable = programs::unavailable(&failed, loader.ready_programs());
+    if !failed.is_empty()
+        && let Ok(mut g) = health.degraded.lock()
+    {
+        *g = Some(programs::degraded_summary(&failed));
+    }
 
     // The node's pods before the first plan, so that `k8s` workloads apply
     // from the start (a failing API server delays this at most 5 s).
@@ -376,14 +405,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     )?;
     record_writes(&report, &metrics);
     if !report.is_ok() {
-        if previous.slot == 0 {
-            // Nothing was enforced before us: leave no pinned maps behind.
-            drop(maps);
-            drop(ring);
-            if let Err(e) = loader.detach_and_unpin() {
-                warn!(error = %e, "could not remove the pin directory");
-            }
-        }
+        // Dropping the loader removes the pins if nothing was enforced
+        // before us (`discard_unless_started`).
         return Err(RunError::DoesNotFit(report.failed));
     }
     record_occupancy(&maps, &metrics);
@@ -399,24 +422,27 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Exec tracking first: a process that execs once we are ready must be
     // attributable even if it exits at once.
     let execs = match loader.attach_exec_tracking() {
-        Ok(()) => loader
-            .ebpf
-            .take_map(MAP_EXECS)
-            .and_then(|m| m.try_into().ok())
-            .map(Arc::new),
+        Ok(()) => {
+            metrics
+                .program_loaded
+                .with_label_values(&[PROG_EXEC])
+                .set(1);
+            loader
+                .ebpf
+                .take_map(MAP_EXECS)
+                .and_then(|m| m.try_into().ok())
+                .map(Arc::new)
+        }
         Err(e) => {
+            metrics
+                .program_loaded
+                .with_label_values(&[PROG_EXEC])
+                .set(0);
             warn!(error = %e, "exec tracking unavailable: processes that exit before their event is read get an empty exe");
             None
         }
     };
-    let outcome = loader.attach(
-        &attach,
-        state.policy.failure_mode,
-        adopt,
-        state.policy.programs.names(),
-    )?;
-    health.attached.store(true, Ordering::SeqCst);
-    health.events_alive.store(true, Ordering::SeqCst);
+    let outcome = loader.attach(&attach, state.policy.failure_mode)?;
     match outcome {
         AttachOutcome::Adopted => info!(
             generation = state.generation,
@@ -492,6 +518,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // up to 2 × 65,536 entries).
     let mut ticks: u64 = 0;
     let mut file_hash = args.config.as_deref().and_then(content_hash);
+    // Started: from now on the pins stay whatever happens to the agent (and
+    // other builds' pins go, with the privileges that may take).
+    loader.started();
     // Everything that needs privileges is done: keep only what reading
     // /proc/PID/exe of other users' processes needs.
     if crate::privileges::kernel_allows_unprivileged_map_fds() {
@@ -504,7 +533,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     } else {
         info!("kernel older than 6.5: map updates need CAP_BPF, so capabilities are kept");
     }
-    info!(attach = %attach.display(), pin_path = %state.policy.pin_path.display(), "ready");
+    health.attached.store(true, Ordering::SeqCst);
+    health.events_alive.store(true, Ordering::SeqCst);
+    if failed.is_empty() {
+        info!(attach = %attach.display(), pin_path = %state.policy.pin_path.display(), "ready");
+    } else {
+        warn!(attach = %attach.display(), pin_path = %state.policy.pin_path.display(), missing = ?failed.iter().map(|f| f.name).collect::<Vec<_>>(), "running degraded: the connect-time verdict and the programs that loaded enforce the policy without the missing ones (see the errors above: which program, why, what is lost); /readyz answers 503 until a restart loads every program");
+    }
 
     loop {
         let reload_reason = tokio::select! {
@@ -573,12 +608,21 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         };
         let Some(why) = reload_reason else { continue };
         file_hash = args.config.as_deref().and_then(content_hash);
-        match load_policy(&args) {
+        let loaded = load_policy(&args)
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                // A policy that needs a program that is not running is refused
+                // like an invalid one: applying it would enforce less than it says.
+                programs::check(&new, &unavailable)
+                    .map(|()| new)
+                    .map_err(|e| e.to_string())
+            });
+        match loaded {
             Err(e) => {
                 metrics.policy_reloads.with_label_values(&["invalid"]).inc();
                 error!(trigger = why, error = %e, "new policy rejected; the previous policy stays in force");
                 if let Ok(mut g) = health.policy_error.lock() {
-                    *g = Some(e.to_string());
+                    *g = Some(e);
                 }
             }
             Ok(new) => {
@@ -592,6 +636,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 next.pin_path = state.policy.pin_path.clone();
                 next.metrics_listen = state.policy.metrics_listen;
                 next.failure_mode = state.policy.failure_mode;
+                next.programs = state.policy.programs;
                 next.audit_log = state.policy.audit_log.clone();
                 next.kubernetes = state.policy.kubernetes.clone();
                 let old_resolver = state.policy.resolver.clone();

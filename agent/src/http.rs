@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoint: `/metrics` (Prometheus text), `/healthz`
-//! (the process answers) and `/readyz` (policy applied, programs attached,
-//! event reader alive, last reload accepted; otherwise 503 with the reason).
+//! (the process answers) and `/readyz` (policy applied, every program
+//! attached, event reader alive, last reload accepted; otherwise 503 with
+//! every reason).
 
 use std::{
     convert::Infallible,
@@ -25,17 +26,33 @@ pub struct Health {
     pub events_alive: AtomicBool,
     /// The last reload error, cleared by a successful reload.
     pub policy_error: Mutex<Option<String>>,
+    /// Programs that failed to load, why, and what is lost (set at start;
+    /// only a restart can load them).
+    pub degraded: Mutex<Option<String>>,
 }
 
 impl Health {
-    fn readiness(&self) -> Result<(), String> {
+    /// Every reason the agent is not ready; empty when it is.
+    fn not_ready(&self) -> Vec<String> {
         if !self.attached.load(Ordering::SeqCst) {
-            return Err("programs not attached yet".into());
+            return vec!["programs not attached yet".into()];
+        }
+        let mut why = Vec::new();
+        if let Some(d) = self.degraded.lock().ok().and_then(|d| d.clone()) {
+            why.push(d);
         }
         if !self.events_alive.load(Ordering::SeqCst) {
-            return Err("event reader stopped".into());
+            why.push("event reader stopped".into());
         }
-        Ok(())
+        // A rejected reload makes the agent not ready (the previous
+        // policy stays enforced): orchestrators show the error, and
+        // liveness (/healthz) stays green so nothing restarts it.
+        if let Some(e) = self.policy_error.lock().ok().and_then(|e| e.clone()) {
+            why.push(format!(
+                "the last policy reload was rejected; the previous policy stays in force:\n{e}"
+            ));
+        }
+        why
     }
 }
 
@@ -61,18 +78,15 @@ async fn route(
         ),
         "/healthz" => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
-            // A rejected reload makes the agent not ready (the previous
-            // policy stays enforced): orchestrators show the error, and
-            // liveness (/healthz) stays green so nothing restarts it.
-            let policy_error = health.policy_error.lock().ok().and_then(|e| e.clone());
-            match (health.readiness(), policy_error) {
-                (Err(why), _) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n").into_bytes()),
-                (Ok(()), Some(e)) => respond(
+            let why = health.not_ready();
+            if why.is_empty() {
+                respond(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+            } else {
+                respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    format!("not ready: the last policy reload was rejected; the previous policy stays in force:\n{e}\n").into_bytes(),
-                ),
-                (Ok(()), None) => respond(StatusCode::OK, "text/plain", b"ready\n".to_vec()),
+                    format!("not ready: {}\n", why.join("\nnot ready: ")).into_bytes(),
+                )
             }
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),

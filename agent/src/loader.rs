@@ -14,6 +14,12 @@
 //! then the old directory is removed (which detaches the old links), so there
 //! is no moment without enforcement.
 //!
+//! Programs are loaded (verified) before anything is attached, one by one:
+//! a program the kernel refuses is reported as a [`ProgramFailure`] with
+//! the verifier's last lines, and `programs` decides whether the agent can
+//! run without it. A start that fails before it is ready removes the pins it
+//! made (never those of an earlier agent that still enforce).
+//!
 //! This module loads and attaches; it never writes map contents (`maps` does).
 
 use std::{
@@ -24,14 +30,14 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, VerifierLogLevel,
     programs::{
         CgroupAttachMode, Program, ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
         trace_point::TracePointLink,
     },
 };
-use llm_egress_common::{ALL_MAPS, ALL_PROGRAMS, PROG_EXEC};
+use llm_egress_common::{ALL_MAPS, ALL_PROGRAMS, CONNECT_PROGRAMS, PROG_EXEC};
 use tracing::{info, warn};
 
 use crate::policy::FailureMode;
@@ -78,6 +84,8 @@ pub enum LoadError {
     },
     #[error("the eBPF object has no map or program named {0}")]
     Missing(&'static str),
+    #[error("program {}: {}", .0.name, .0.reason)]
+    NotLoaded(ProgramFailure),
 }
 
 fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> LoadError + 'a {
@@ -95,14 +103,37 @@ pub fn object_hash() -> u64 {
     })
 }
 
+/// A program the kernel refused to load (or, in debug builds, one that
+/// `LLM_EGRESS_TEST_FAIL_PROGRAM` names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramFailure {
+    pub name: &'static str,
+    /// The error and the verifier's last lines (its error and statistics).
+    pub reason: String,
+}
+
 /// The loaded object, before or after its programs are attached.
 pub struct Loader {
     pub ebpf: Ebpf,
     pin_root: PathBuf,
     dir: PathBuf,
     links: Vec<Attached>,
+    /// What `prepare` found: links to adopt, or the programs it loaded.
+    prepared: Prepared,
     /// Detached when the agent exits, whatever `failure_mode` says.
     exec_link: Option<TracePointLink>,
+    /// Until `started`: remove this build's pin directory on drop (a start
+    /// that fails leaves no pins), set by `discard_unless_started`.
+    discard_unless_started: bool,
+}
+
+/// The programs `prepare` made ready for `attach`.
+enum Prepared {
+    Nothing,
+    /// A previous agent's pinned links, kept as they are.
+    Adopted(Vec<Attached>, Vec<&'static str>),
+    /// Programs loaded into the kernel (verified), not attached yet.
+    Loaded(Vec<&'static str>),
 }
 
 enum Attached {
@@ -137,12 +168,36 @@ impl Loader {
         }
         ensure_bpffs(pin_root)?;
         let dir = pin_root.join(format!("{:016x}", object_hash()));
+        let existed = dir.exists();
+        match Self::open_in(pin_root, &dir) {
+            Ok(mut loader) => {
+                // Until the agent knows more (`discard_unless_started`): a
+                // directory this start made is this start's to remove.
+                loader.discard_unless_started = !existed;
+                Ok(loader)
+            }
+            Err(e) => {
+                if !existed {
+                    // Nothing of an earlier agent was there: leave nothing.
+                    remove_pin_dir(pin_root, &dir);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn open_in(pin_root: &Path, dir: &Path) -> Result<Self, LoadError> {
         let maps_dir = dir.join("maps");
         fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir, "creating the pin directory"))?;
-        fs::create_dir_all(dir.join("links"))
-            .map_err(io_err(&dir, "creating the pin directory"))?;
+        fs::create_dir_all(dir.join("links")).map_err(io_err(dir, "creating the pin directory"))?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
+            // The error and the statistics, not the instruction trace: a
+            // program the verifier gives up on after 1M instructions has a
+            // trace of hundreds of MB, and aya verifies it again for every
+            // tenfold larger buffer it tries (about 60 s, then a truncated
+            // log). Loads that succeed ask for no log at all.
+            .verifier_log_level(VerifierLogLevel::STATS)
             .load(OBJECT)?;
         for name in ALL_MAPS {
             if ebpf.map(name).is_none() {
@@ -152,10 +207,29 @@ impl Loader {
         Ok(Self {
             ebpf,
             pin_root: pin_root.to_path_buf(),
-            dir,
+            dir: dir.to_path_buf(),
             links: Vec::new(),
+            prepared: Prepared::Nothing,
             exec_link: None,
+            discard_unless_started: false,
         })
+    }
+
+    /// Whether a failed start removes this build's pin directory when the
+    /// loader is dropped: true when nothing enforced from it before this
+    /// start (no policy was ever activated in its maps), so every pin in it
+    /// is this start's. Pins of an earlier agent that still enforce are
+    /// never removed.
+    pub fn discard_unless_started(&mut self, discard: bool) {
+        self.discard_unless_started = discard;
+    }
+
+    /// The start succeeded: pins stay from now on (a crash keeps enforcing),
+    /// and the pinned state of other builds is removed (their links detach
+    /// when their pins go; ours are attached by now).
+    pub fn started(&mut self) {
+        self.discard_unless_started = false;
+        self.remove_other_builds();
     }
 
     /// Whether pinned links of this build exist (a previous agent's).
@@ -165,20 +239,25 @@ impl Loader {
             .any(|p| self.dir.join("links").join(p).exists())
     }
 
-    /// Attaches the programs `names` (`Programs::names`) to `cgroup`, or
+    /// Makes the programs `names` (`Programs::names`) ready to attach:
     /// adopts the pinned links when `adopt` is true (the caller checked they
-    /// belong to this cgroup) and exactly these programs are pinned: a pin
-    /// of a program not in `names` (a previous agent's `programs = "all"`)
-    /// means attaching afresh, which removes it. With `FailureMode::Closed`
-    /// the links are pinned; with `Open` they live as long as this agent and
-    /// any pinned ones are removed.
-    pub fn attach(
+    /// belong to this cgroup) and exactly these programs are pinned, else
+    /// loads each program (the kernel verifies it) and returns those that
+    /// failed. A pin of a program not in `names` (a previous agent's
+    /// `programs = "all"`) means attaching afresh, which removes it. Nothing
+    /// is attached yet: the caller decides whether it can run without the
+    /// programs that failed. The verdict hooks come first in `names`; one
+    /// that fails ends the loading.
+    pub fn prepare(
         &mut self,
-        cgroup: &Path,
         failure: FailureMode,
         adopt: bool,
         names: &'static [&'static str],
-    ) -> Result<AttachOutcome, LoadError> {
+    ) -> Vec<ProgramFailure> {
+        #[cfg(not(debug_assertions))]
+        if std::env::var_os(TEST_FAIL_PROGRAM_ENV).is_some() {
+            warn!("{TEST_FAIL_PROGRAM_ENV} is set and ignored: only debug builds honour it");
+        }
         let links_dir = self.dir.join("links");
         let others_pinned = ALL_PROGRAMS
             .iter()
@@ -196,16 +275,94 @@ impl Loader {
                 }
             }
             if adopted.len() == names.len() {
-                self.links = adopted;
-                info!(dir = %self.dir.display(), "adopted pinned programs and maps");
-                self.remove_other_builds();
-                return Ok(AttachOutcome::Adopted);
+                self.prepared = Prepared::Adopted(adopted, names.to_vec());
+                return Vec::new();
             }
         }
+        let mut loaded = Vec::new();
+        let mut failed = Vec::new();
+        for &name in names {
+            match self.load_program(name) {
+                Ok(()) => loaded.push(name),
+                Err(f) => {
+                    failed.push(f);
+                    // The agent cannot start without a verdict hook; the
+                    // others would only cost verifier time (seconds each).
+                    if CONNECT_PROGRAMS.contains(&name) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.prepared = Prepared::Loaded(loaded);
+        failed
+    }
+
+    /// The programs `prepare` adopted or loaded, which `attach` attaches.
+    pub fn ready_programs(&self) -> &[&'static str] {
+        match &self.prepared {
+            Prepared::Nothing => &[],
+            Prepared::Adopted(_, names) | Prepared::Loaded(names) => names,
+        }
+    }
+
+    /// Loads (verifies) one program; its failure with the verifier's reason.
+    fn load_program(&mut self, name: &'static str) -> Result<(), ProgramFailure> {
+        if let Some(reason) = injected_failure(name) {
+            warn!(
+                program = name,
+                "LLM_EGRESS_TEST_FAIL_PROGRAM: treating the program as refused by the kernel (debug builds only)"
+            );
+            return Err(ProgramFailure { name, reason });
+        }
+        let Some(program) = self.ebpf.program_mut(name) else {
+            return Err(ProgramFailure {
+                name,
+                reason: LoadError::Missing(name).to_string(),
+            });
+        };
+        let loaded = match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::SockOps(p) => p.load(),
+            Program::CgroupSkb(p) => p.load(),
+            Program::TracePoint(p) => p.load(),
+            other => Err(ProgramError::IOError(io::Error::other(format!(
+                "unexpected program type {:?}",
+                other.prog_type()
+            )))),
+        };
+        loaded.map_err(|e| ProgramFailure {
+            name,
+            reason: load_failure_reason(&e),
+        })
+    }
+
+    /// Attaches to `cgroup` what `prepare` made ready (or keeps the adopted
+    /// links). With `FailureMode::Closed` the links are pinned; with `Open`
+    /// they live as long as this agent and any pinned ones are removed.
+    /// Either all of them are attached, or none (an error detaches those
+    /// attached so far).
+    pub fn attach(
+        &mut self,
+        cgroup: &Path,
+        failure: FailureMode,
+    ) -> Result<AttachOutcome, LoadError> {
+        let names = match std::mem::replace(&mut self.prepared, Prepared::Nothing) {
+            Prepared::Adopted(links, names) => {
+                self.links = links;
+                self.prepared = Prepared::Adopted(Vec::new(), names);
+                info!(dir = %self.dir.display(), "adopted pinned programs and maps");
+                return Ok(AttachOutcome::Adopted);
+            }
+            Prepared::Loaded(names) => names,
+            Prepared::Nothing => Vec::new(),
+        };
+        self.prepared = Prepared::Loaded(names.clone());
+        let links_dir = self.dir.join("links");
         let cgroup_file =
             fs::File::open(cgroup).map_err(io_err(cgroup, "opening the attach cgroup"))?;
         let mut fresh = Vec::new();
-        for &name in names {
+        for &name in &names {
             let program = self
                 .ebpf
                 .program_mut(name)
@@ -235,7 +392,6 @@ impl Loader {
             }
         }
         info!(cgroup = %cgroup.display(), pinned = (failure == FailureMode::Closed), programs = ?names, "attached programs");
-        self.remove_other_builds();
         Ok(AttachOutcome::Attached)
     }
 
@@ -245,13 +401,12 @@ impl Loader {
     pub fn attach_exec_tracking(&mut self) -> Result<(), LoadError> {
         ensure_tracefs()?;
         let name = PROG_EXEC;
+        self.load_program(name).map_err(LoadError::NotLoaded)?;
         let prog: &mut TracePoint = self
             .ebpf
             .program_mut(name)
             .ok_or(LoadError::Missing(name))?
             .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
-        prog.load()
             .map_err(|source| LoadError::Program { name, source })?;
         let id = prog
             .attach("sched", "sched_process_exec")
@@ -284,6 +439,7 @@ impl Loader {
 
     /// Clean stop: detach the programs and remove every pin of this build.
     pub fn detach_and_unpin(mut self) -> Result<(), LoadError> {
+        self.discard_unless_started = false;
         for link in self.links.drain(..) {
             if let Attached::Pinned(p) = link {
                 // Dropping the returned FdLink closes the last reference.
@@ -297,12 +453,97 @@ impl Loader {
     }
 
     /// Clean stop that keeps enforcement (`on_exit = "keep"`).
-    pub fn keep(self) {
+    pub fn keep(mut self) {
+        self.discard_unless_started = false;
         info!(dir = %self.dir.display(), "leaving programs attached and pinned");
     }
 }
 
-/// Loads `program` and attaches it to the cgroup with a bpf_link.
+impl Drop for Loader {
+    fn drop(&mut self) {
+        if !self.discard_unless_started {
+            return;
+        }
+        // A start that failed: detach what it attached, remove what it pinned.
+        for link in self.links.drain(..) {
+            if let Attached::Pinned(p) = link
+                && let Err(e) = p.unpin()
+            {
+                warn!(dir = %self.dir.display(), error = %e, "could not unpin a link of the failed start");
+            }
+        }
+        remove_pin_dir(&self.pin_root, &self.dir);
+        info!(dir = %self.dir.display(), "the start failed: removed what it pinned");
+    }
+}
+
+/// Removes a pin directory of this build, and `pin_root` if that leaves it
+/// empty (other builds' directories stay).
+fn remove_pin_dir(pin_root: &Path, dir: &Path) {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!(dir = %dir.display(), error = %e, "could not remove the pin directory"),
+    }
+    let _ = fs::remove_dir(pin_root);
+}
+
+/// Lines of the verifier's log kept in a [`ProgramFailure`]: its error and
+/// the statistics after it (verification time, stack depth, processed
+/// instructions).
+const VERIFIER_TAIL_LINES: usize = 5;
+
+/// The reason of a failed load: the syscall's error and the last lines of
+/// the verifier's log (never the whole log, which can be thousands of
+/// lines).
+fn load_failure_reason(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let tail = verifier_tail(&verifier_log.to_string());
+            if tail.is_empty() {
+                format!("the kernel refused it: {io_error}")
+            } else {
+                format!("the kernel refused it: {io_error}; verifier: {tail}")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The last non-empty lines of a verifier log, joined with " | ".
+fn verifier_tail(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join(" | ")
+}
+
+/// The environment variable that makes a debug build treat programs as
+/// refused by the kernel (comma-separated names), for the integration
+/// tests of a degraded start. Release builds ignore it.
+pub const TEST_FAIL_PROGRAM_ENV: &str = "LLM_EGRESS_TEST_FAIL_PROGRAM";
+
+/// The synthetic reason when `TEST_FAIL_PROGRAM_ENV` names `program`.
+#[cfg(debug_assertions)]
+fn injected_failure(program: &str) -> Option<String> {
+    let names = std::env::var(TEST_FAIL_PROGRAM_ENV).ok()?;
+    names
+        .split(',')
+        .any(|n| n.trim() == program)
+        .then(|| format!("synthetic failure ({TEST_FAIL_PROGRAM_ENV}, debug builds only)"))
+}
+
+#[cfg(not(debug_assertions))]
+fn injected_failure(_program: &str) -> Option<String> {
+    None
+}
+
+/// Attaches the loaded `program` to the cgroup with a bpf_link.
 ///
 /// With bpf_link (kernel >= 5.7) the flags must be 0 ("Single"): cgroup
 /// links always coexist with other programs, like BPF_F_ALLOW_MULTI; a
@@ -312,17 +553,14 @@ fn attach_to_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink, 
         |e: aya::programs::links::LinkError| ProgramError::IOError(io::Error::other(e.to_string()));
     match program {
         Program::CgroupSockAddr(p) => {
-            p.load()?;
             let id = p.attach(cgroup, CgroupAttachMode::Single)?;
             p.take_link(id)?.try_into().map_err(link_err)
         }
         Program::SockOps(p) => {
-            p.load()?;
             let id = p.attach(cgroup, CgroupAttachMode::Single)?;
             p.take_link(id)?.try_into().map_err(link_err)
         }
         Program::CgroupSkb(p) => {
-            p.load()?;
             let id = p.attach(
                 cgroup,
                 p.expected_attach_type()
@@ -447,4 +685,37 @@ fn ensure_bpffs(pin_root: &Path) -> Result<(), LoadError> {
         mount(c"bpf", c"/sys/fs/bpf", c"bpf", sys_bpf)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end of a real log (kernel 6.18, `names_dns_ingress` over the
+    /// 1M-instruction limit, log level STATS).
+    const TOO_LARGE: &str = "\
+BPF program is too large. Processed 1000001 insn
+verification time 6896890 usec
+stack depth 168+8+248+0+16+0
+processed 1000001 insns (limit 1000000) max_states_per_insn 36 total_states 34350 peak_states 43840 mark_read 0
+
+";
+
+    #[test]
+    fn the_reason_is_the_verifiers_error_and_statistics() {
+        let tail = verifier_tail(TOO_LARGE);
+        assert_eq!(
+            tail,
+            "BPF program is too large. Processed 1000001 insn | verification time 6896890 usec | \
+             stack depth 168+8+248+0+16+0 | processed 1000001 insns (limit 1000000) \
+             max_states_per_insn 36 total_states 34350 peak_states 43840 mark_read 0"
+        );
+        let long: String = (0..700).map(|i| format!("{i}: (bf) r1 = r6\n")).collect();
+        let tail = verifier_tail(&format!("{long}{TOO_LARGE}"));
+        assert!(
+            tail.starts_with("699: (bf) r1 = r6 | BPF program is too large"),
+            "{tail}"
+        );
+        assert_eq!(verifier_tail(""), "");
+    }
 }

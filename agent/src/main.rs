@@ -7,7 +7,8 @@
 //! `attribution` (process and cgroup details), `kube` (pod names, namespaces
 //! and labels from the Kubernetes API), `audit` (JSON lines),
 //! `metrics` (Prometheus), `http` (endpoints), `agent` (the run loop),
-//! `cli` (arguments), `tokens` (token estimates from encrypted traffic).
+//! `cli` (arguments), `tokens` (token estimates from encrypted traffic),
+//! `programs` (what each kernel program gives, and running without one).
 
 mod accounting;
 mod agent;
@@ -34,6 +35,7 @@ mod plan;
 mod policy;
 mod privileges;
 mod process_series;
+mod programs;
 mod resolver;
 // The kernel's ClientHello rules in userspace, for the fuzz target and the
 // tests (fuzz/); the agent does not parse traffic with it.

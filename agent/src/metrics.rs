@@ -70,6 +70,7 @@ pub struct Metrics {
     pub budget_remaining: IntGaugeVec,
     pub limit_buckets_full: IntCounter,
     pub budget_stopped: IntCounter,
+    pub program_loaded: IntGaugeVec,
     /// Last `LIMIT_HITS` values seen, to turn them into increments.
     limit_hits_seen: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<llm_egress_common::LimitHitKey, u64>>,
@@ -350,6 +351,12 @@ impl Metrics {
                 "llm_egress_budget_stopped_connections_total",
                 "Open provider connections stopped because their workload's token budget was spent (their next request dropped, the socket aborted; docs/limits.md).",
             )?,
+            program_loaded: gauge_vec(
+                &r,
+                "llm_egress_program_loaded",
+                "1 for each kernel program the agent loaded (or adopted) and attached, 0 for each the kernel refused (docs/operations.md, \"When a program fails to load\").",
+                &["program"],
+            )?,
             limit_hits_seen: Default::default(),
             registry: r,
             verdicts_seen: Default::default(),
@@ -563,6 +570,7 @@ mod tests {
         m.budget_remaining
             .with_label_values(&["w", "p", "minute"])
             .set(1);
+        m.program_loaded.with_label_values(&["p"]).set(1);
         let doc = include_str!("../../docs/metrics.md");
         for family in m.registry.gather() {
             assert!(

@@ -113,6 +113,8 @@ pub struct Agent {
     context_shown: std::cell::Cell<bool>,
     /// Programs attached to the cgroup2 root before the current run started.
     root_before: Vec<(&'static str, u32)>,
+    /// Extra environment of every run (see [`Agent::launch_with_env`]).
+    env: Vec<(String, String)>,
     pin: PinDir,
     dir: TempDir,
 }
@@ -201,6 +203,67 @@ impl Agent {
         agent
     }
 
+    /// Starts [`agent_bin`] with `policy_toml` and the extra environment
+    /// `env` (kept for every later run) without waiting for it to be ready:
+    /// for agents expected to refuse to start or to run degraded, e.g. with
+    /// `LLM_EGRESS_TEST_FAIL_PROGRAM` (honoured by debug builds only).
+    pub fn launch_with_env(policy_toml: &str, env: &[(&str, &str)]) -> Agent {
+        let mut agent = Agent::prepare(agent_bin(), policy_toml);
+        agent.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        agent.spawn_process();
+        agent
+    }
+
+    /// Starts a new run with the same files, pin dir, port and environment
+    /// (after [`Agent::kill9`] or [`Agent::stop`]) without waiting for it
+    /// to be ready.
+    pub fn relaunch(&mut self) {
+        if self.is_running() {
+            panic!("relaunch: the agent is still running; stop() or kill9() it first");
+        }
+        self.spawn_process();
+    }
+
+    /// Waits up to `timeout` until `/readyz` answers and `accept(status,
+    /// body)` holds, and returns that answer; panics when the agent exits
+    /// first or never answers so (and checks that the cgroup2 root is
+    /// untouched).
+    #[track_caller]
+    pub fn wait_readyz(
+        &mut self,
+        timeout: Duration,
+        accept: impl Fn(u16, &str) -> bool,
+    ) -> http::Response {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "the agent exited ({status}) while waiting for /readyz (last: {last})\n{}",
+                    self.context()
+                );
+            }
+            match http::get(self.metrics_addr, "/readyz", Duration::from_millis(500)) {
+                Ok(r) if accept(r.status, &r.body) => {
+                    self.check_root_untouched();
+                    return r;
+                }
+                Ok(r) => last = format!("HTTP {}: {}", r.status, r.body.trim()),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "/readyz never answered as expected within {timeout:?} (last: {last})\n{}",
+                    self.context()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The world of an agent (temp dir, policy file, pin dir, port), with
     /// no process yet.
     fn prepare(bin: PathBuf, policy_toml: &str) -> Agent {
@@ -225,6 +288,7 @@ impl Agent {
             config,
             context_shown: std::cell::Cell::new(false),
             root_before: Vec::new(),
+            env: Vec::new(),
             pin: PinDir::new(),
             dir,
         }
@@ -289,6 +353,7 @@ impl Agent {
         }
         // Plain text logs in the stderr file (no ANSI colours).
         cmd.env("NO_COLOR", "1");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
         // nothing of the parent. An agent whose test process dies gets SIGTERM
         // (and detaches) instead of enforcing on a cgroup nobody cleans up.
