@@ -513,14 +513,9 @@ fn load_failure_reason(e: &ProgramError) -> String {
     }
 }
 
-/// The last non-empty lines of a verifier log, joined with " | ".
+/// The last lines of a verifier log: its error and statistics.
 fn verifier_tail(log: &str) -> String {
-    let lines: Vec<&str> = log
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join(" | ")
+    crate::verifier::last_lines(log, VERIFIER_TAIL_LINES)
 }
 
 /// The environment variable that makes a debug build treat programs as

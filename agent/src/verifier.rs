@@ -317,9 +317,14 @@ pub fn parse_stats(program: &str, log: &str) -> ProgramStats {
     s
 }
 
-/// The last `n` non-empty lines of a verifier log, joined with " | ".
+/// The last `n` non-empty lines of a verifier log, trimmed, joined with
+/// " | ".
 pub fn last_lines(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
