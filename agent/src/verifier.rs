@@ -45,8 +45,8 @@ const LOG_STATS: u32 = 4;
 const LOG_TRACE: u32 = 1 | 2;
 /// Log buffer for the statistics (a failed load adds its error lines).
 const LOG_BYTES: usize = 1 << 20;
-/// Log buffer of a traced program: the kernel's largest (`UINT_MAX >> 2`).
-const TRACE_BYTES: usize = (1 << 30) - 1;
+/// Log buffer of a traced program (a longer log keeps its last 256 MiB).
+const TRACE_BYTES: usize = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -101,7 +101,7 @@ impl ProgramStats {
 
 /// Loads every program of `object` with the verifier's statistics; sorted
 /// by program name. With `trace` naming a program, that program's whole
-/// verifier log (instruction by instruction, with states; its last GiB
+/// verifier log (instruction by instruction, with states; its last 256 MiB
 /// when longer) is written to stderr.
 pub fn measure(object: &[u8], trace: Option<&str>) -> Result<Vec<ProgramStats>, VerifyError> {
     let mut obj = Object::parse(object)?;

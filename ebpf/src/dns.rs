@@ -209,9 +209,7 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     if len < 12 {
         return Err(Stop::Ignore);
     }
-    // Equal to `len` (12..=DNS_BUF), written so that the verifier sees
-    // 1..=DNS_BUF whatever the compiler did with the checks above.
-    let copy = ((len - 1) & MASK) + 1;
+    let copy = crate::verifier::helper_len(len, DNS_BUF);
     // SAFETY: `s` is this CPU's scratch: this program runs in softirq only
     // (packets received), and never twice at once on one CPU. `buf` has
     // DNS_BUF bytes and 1 <= copy <= DNS_BUF.
@@ -220,7 +218,7 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
             ctx.as_ptr() as *const _,
             off as u32,
             (*s).buf.as_mut_ptr() as *mut _,
-            copy as u32,
+            copy,
         )
     };
     if rc != 0 {
@@ -749,13 +747,13 @@ fn send_unparsed(ctx: &SkBuffContext, off: usize, msg_len: usize, why: u32) {
         (*p).data.msg_len = msg_len as u32;
         (*p).data.why = why;
         (*p).data._pad = 0;
-        let copy = ((len.wrapping_sub(1)) & MASK) + 1;
+        let copy = crate::verifier::helper_len(len, DNS_BUF);
         if len == 0
             || bpf_skb_load_bytes(
                 ctx.as_ptr() as *const _,
                 off as u32,
                 (*p).data.data.as_mut_ptr() as *mut _,
-                copy as u32,
+                copy,
             ) != 0
         {
             (*p).data.len = 0;

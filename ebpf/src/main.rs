@@ -21,6 +21,7 @@ mod records;
 mod sni;
 mod sock_addr;
 mod sock_ops;
+mod verifier;
 
 #[cfg(not(test))]
 #[panic_handler]

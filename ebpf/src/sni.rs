@@ -307,16 +307,17 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
     // SAFETY: `sp` is that live entry, used by this run only.
     let s = unsafe { &mut *sp };
     let mut lc = LoopCtx { scratch: sp };
-    let avail = if payload > SNI_BUF { SNI_BUF } else { payload };
-    // 1..=SNI_BUF, written so that the verifier sees the bound.
-    let copy = ((avail - 1) & MASK) + 1;
+    // Opaque: knowing avail <= SNI_BUF, the compiler would drop the masks
+    // of the reads below, which 6.1's verifier then refuses.
+    let avail = crate::verifier::opaque(if payload > SNI_BUF { SNI_BUF } else { payload });
+    let copy = crate::verifier::helper_len(avail, SNI_BUF);
     // SAFETY: `s.buf` has SNI_BUF bytes and 1 <= copy <= SNI_BUF.
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.as_ptr() as *const _,
             off as u32,
             s.buf.as_mut_ptr() as *mut _,
-            copy as u32,
+            copy,
         )
     };
     if rc != 0 {

@@ -295,7 +295,7 @@ fn report(
     log: &Path,
 ) -> Outcome {
     let r = GuestReport::parse(&boot.console);
-    let checks = r.checks();
+    let checks = r.checks(accel == Accel::Tcg);
     println!("\n=== kernel {} ({}) ===", k.name, image.origin);
     println!(
         "guest kernel {}, {}; /init after {} (host clock; guest uptime {}), whole run {}{}",

@@ -215,8 +215,11 @@ impl GuestReport {
 
     /// Every check, with the ones the guest should have reported but did
     /// not added: `skip` after a failed start, `FAIL` when the guest never
-    /// got there (timeout, panic). Plus one `verify` check from the table.
-    pub fn checks(&self) -> Vec<Check> {
+    /// got there (timeout, panic). Plus one `verify` check from the table:
+    /// every program loads within its instruction budget and, unless
+    /// `emulated` (TCG, where verification runs many times slower than on
+    /// hardware), within its time budget.
+    pub fn checks(&self, emulated: bool) -> Vec<Check> {
         let mut out = Vec::new();
         if !self.begun {
             // Nothing ran: one failure, not one per check.
@@ -235,20 +238,38 @@ impl GuestReport {
         };
         let verify = match self.verify_table() {
             VerifyTable::Rows(rows) => {
-                let bad: Vec<String> = rows
+                let not_loaded: Vec<&str> = rows
                     .iter()
-                    .filter(|r| !r.loaded || r.error.is_some() || over_budget(r))
-                    .map(|r| r.program.clone())
+                    .filter(|r| !r.loaded || r.error.is_some())
+                    .map(|r| r.program.as_str())
                     .collect();
-                if bad.is_empty() && self.verify_rc == Some(0) {
-                    (Status::Pass, format!("{} programs load", rows.len()))
-                } else if bad.is_empty() {
+                let over: Vec<&str> = rows
+                    .iter()
+                    .filter(|r| r.loaded && over_budget(r, emulated))
+                    .map(|r| r.program.as_str())
+                    .collect();
+                if !not_loaded.is_empty() {
                     (
                         Status::Fail,
-                        format!("all rows load but verify exited {:?}", self.verify_rc),
+                        format!("not loaded: {}", not_loaded.join(", ")),
+                    )
+                } else if !over.is_empty() {
+                    (Status::Fail, format!("over budget: {}", over.join(", ")))
+                } else if rows.is_empty() {
+                    (Status::Fail, "verify measured no program".to_owned())
+                } else if emulated {
+                    (
+                        Status::Pass,
+                        format!(
+                            "{} programs load within the instruction budget (times under TCG not judged)",
+                            rows.len()
+                        ),
                     )
                 } else {
-                    (Status::Fail, format!("not loaded: {}", bad.join(", ")))
+                    (
+                        Status::Pass,
+                        format!("{} programs load within budget", rows.len()),
+                    )
                 }
             }
             VerifyTable::Missing(why) => (Status::Missing, why),
@@ -313,8 +334,21 @@ impl GuestReport {
     }
 }
 
-fn over_budget(r: &VerifyRow) -> bool {
-    matches!((r.insns_processed, r.insns_limit), (Some(p), Some(l)) if p > l)
+/// A fifth of the kernel's complexity limit, the budget of every program
+/// (agent/src/verifier.rs, `INSNS_BUDGET`).
+pub const INSNS_BUDGET_FRACTION: u64 = 5;
+/// Verification time budget per program on hardware (`TIME_BUDGET_US`).
+pub const TIME_BUDGET_US: u64 = 1_000_000;
+
+/// Over the instruction budget, or (on hardware) the time budget; a row
+/// without its numbers is over.
+fn over_budget(r: &VerifyRow, emulated: bool) -> bool {
+    let insns = match (r.insns_processed, r.insns_limit) {
+        (Some(p), Some(l)) => p > l / INSNS_BUDGET_FRACTION,
+        _ => true,
+    };
+    let time = !emulated && r.verification_us.is_none_or(|t| t >= TIME_BUDGET_US);
+    insns || time
 }
 
 fn last_lines(lines: &[String], n: usize) -> Vec<&str> {
@@ -536,7 +570,7 @@ mod tests {
             panic!("expected rows");
         };
         assert_eq!(rows.len(), 2);
-        let checks = r.checks();
+        let checks = r.checks(false);
         assert_eq!(status_of(&checks, "verify", "verify"), Status::Fail);
         assert_eq!(status_of(&checks, "none", "baseline-open"), Status::Pass);
         assert_eq!(status_of(&checks, "all", "start"), Status::Fail);
@@ -556,12 +590,33 @@ mod tests {
     }
 
     #[test]
+    fn verify_judges_the_instruction_budget_always_and_time_on_hardware_only() {
+        let row = |insns: u64, us: u64| {
+            format!(
+                "@@LLME verify-out [{{\"program\":\"p\",\"loaded\":true,\"insns_processed\":{insns},\"insns_limit\":1000000,\"verification_us\":{us},\"error\":null}}]\r\n@@LLME verify-end rc=0 start=1.0 end=2.0\r\n"
+            )
+        };
+        let judge = |insns, us, emulated| {
+            let r = GuestReport::parse(&console(&row(insns, us)));
+            status_of(&r.checks(emulated), "verify", "verify")
+        };
+        assert_eq!(judge(200_000, 900_000, false), Status::Pass);
+        assert_eq!(judge(200_001, 900_000, false), Status::Fail);
+        assert_eq!(judge(200_001, 900_000, true), Status::Fail);
+        assert_eq!(judge(100_000, 1_500_000, false), Status::Fail);
+        assert_eq!(judge(100_000, 1_500_000, true), Status::Pass);
+    }
+
+    #[test]
     fn a_missing_verify_subcommand_is_missing_not_a_pass() {
         let verify = "@@LLME verify-err error: unrecognized subcommand 'verify'\r\n\
                       @@LLME verify-end rc=2 start=2.0 end=2.1\r\n";
         let r = GuestReport::parse(&console(verify));
         assert!(matches!(r.verify_table(), VerifyTable::Missing(_)));
-        assert_eq!(status_of(&r.checks(), "verify", "verify"), Status::Missing);
+        assert_eq!(
+            status_of(&r.checks(false), "verify", "verify"),
+            Status::Missing
+        );
     }
 
     #[test]
@@ -570,14 +625,14 @@ mod tests {
             "@@LLME begin\n@@LLME kernel 6.12.118+deb12-amd64\n@@LLME verify-begin\nKernel panic - not syncing\n",
         );
         assert!(r.begun && !r.ended);
-        let checks = r.checks();
+        let checks = r.checks(false);
         assert_eq!(status_of(&checks, "verify", "verify"), Status::Fail);
         assert_eq!(status_of(&checks, "all", "start"), Status::Fail);
         assert_eq!(status_of(&checks, "connect", "stop"), Status::Fail);
         assert_eq!(status_of(&checks, "guest", "completed"), Status::Fail);
         let nothing = GuestReport::parse("");
         assert!(!nothing.begun);
-        let checks = nothing.checks();
+        let checks = nothing.checks(false);
         assert_eq!(checks.len(), 1, "one failure when nothing ran");
         assert_eq!(status_of(&checks, "guest", "completed"), Status::Fail);
     }
