@@ -68,6 +68,48 @@ pub const KERNELS: &[Kernel] = &[
     },
 ];
 
+/// The release a machine's backports QEMU pieces come from, and its source.
+const BACKPORTS: &str = "bookworm-backports";
+const BACKPORTS_SOURCE: &str = "deb http://deb.debian.org/debian bookworm-backports main\n";
+
+/// Installs [`PACKAGES`] when missing. `--no-remove` always: on a machine
+/// with a newer QEMU piece (the project's machines come with a backports
+/// `qemu-utils` 10.x, which Breaks Debian 12's `qemu-system-common` 7.2)
+/// apt would otherwise remove it to install `qemu-system-x86`. When apt
+/// refuses for that reason, the same QEMU is installed from
+/// bookworm-backports, through a source list and package lists of the
+/// task's own under `apt_dir` (the host's apt configuration is not changed).
+fn install_packages(apt_dir: &Path) -> Result<()> {
+    let Err(e) = setup::install_missing("kernels", PACKAGES, true) else {
+        return Ok(());
+    };
+    if !format!("{e:#}").contains("remove is disabled") {
+        return Err(e);
+    }
+    say(format_args!(
+        "kernels: Debian 12's qemu-system-x86 would remove installed packages (a newer QEMU piece from {BACKPORTS}); installing it from {BACKPORTS}"
+    ));
+    let lists = apt_dir.join("lists");
+    fs::create_dir_all(lists.join("partial"))
+        .with_context(|| format!("creating {}", lists.display()))?;
+    let source = apt_dir.join("backports.list");
+    fs::write(&source, BACKPORTS_SOURCE)
+        .with_context(|| format!("writing {}", source.display()))?;
+    let opts = [
+        "-o".to_owned(),
+        format!("Dir::Etc::SourceList={}", source.display()),
+        "-o".to_owned(),
+        format!("Dir::State::Lists={}", lists.display()),
+        "-t".to_owned(),
+        BACKPORTS.to_owned(),
+    ];
+    setup::install_missing_with("kernels", PACKAGES, true, &opts).map_err(|e| {
+        e.context(format!(
+            "kernels: installing qemu-system-x86 from {BACKPORTS} failed too; install a qemu-system-x86 that fits the installed QEMU packages yourself (docs/kernels.md)"
+        ))
+    })
+}
+
 /// Debian packages the task needs on the host.
 const PACKAGES: &[Package] = &[
     Package {
@@ -153,20 +195,7 @@ pub fn kernels(ws: &Workspace, opts: &Options) -> Result<()> {
              replace it yourself (`apt-get install busybox-static`) if nothing needs it"
         );
     }
-    // --no-remove: on a machine with a newer QEMU piece (a backports
-    // qemu-utils that Breaks Debian 12's qemu-system-common 7.2), apt would
-    // otherwise remove it to install qemu-system-x86.
-    setup::install_missing("kernels", PACKAGES, true).map_err(|e| {
-        if format!("{e:#}").contains("remove is disabled") {
-            e.context(
-                "kernels: installing qemu-system-x86 would remove installed packages (apt-get --no-remove refused); \
-                 install a qemu-system-x86 that fits them yourself, e.g. from bookworm-backports next to a backports \
-                 qemu-utils (docs/kernels.md)",
-            )
-        } else {
-            e
-        }
-    })?;
+    install_packages(&ws.target_dir.join("kernels").join("apt"))?;
     let profile = if opts.release {
         Profile::Release
     } else {

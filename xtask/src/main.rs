@@ -56,7 +56,7 @@ enum Task {
         )]
         args: Vec<String>,
     },
-    /// Build, then run the unit tests and (as root) the integration tests.
+    /// Build, then run the unit tests and (as root) the integration tests and the kernel matrix.
     Test {
         /// Only the unprivileged unit tests (no root needed).
         #[arg(long)]

@@ -167,6 +167,17 @@ fn install_packages() -> Result<()> {
 /// caller in messages (`setup`, `kernels`). With `no_remove`, apt refuses
 /// (`--no-remove`) rather than remove an installed package to make room.
 pub fn install_missing(task: &str, packages: &[Package], no_remove: bool) -> Result<()> {
+    install_missing_with(task, packages, no_remove, &[])
+}
+
+/// [`install_missing`] with options for every apt-get call (`-o KEY=VALUE`,
+/// `-t RELEASE`), e.g. a private source list.
+pub fn install_missing_with(
+    task: &str,
+    packages: &[Package],
+    no_remove: bool,
+    apt_opts: &[String],
+) -> Result<()> {
     let names: Vec<&str> = packages.iter().map(|p| p.name).collect();
     let installed = installed_packages(&names)?;
     let missing: Vec<&Package> = packages
@@ -201,11 +212,13 @@ pub fn install_missing(task: &str, packages: &[Package], no_remove: bool) -> Res
         ));
     }
     cmd::run_keep_stderr(
-        apt().arg("update"),
+        apt().args(apt_opts).arg("update"),
         &format!("{task}: `apt-get update` (needed to install the missing packages) failed"),
     )?;
     let mut install = apt();
-    install.args(["install", "-y", "--no-install-recommends"]);
+    install
+        .args(apt_opts)
+        .args(["install", "-y", "--no-install-recommends"]);
     if no_remove {
         install.arg("--no-remove");
     }

@@ -2,7 +2,8 @@
 //!
 //! Steps: setup, build-ebpf, build the debug agent with the object embedded,
 //! the unprivileged unit tests, then the root integration tests against that
-//! agent (LLM_EGRESS_BIN), with the setup venv's Python as
+//! agent (LLM_EGRESS_BIN), then the kernel matrix (`cargo xtask kernels`:
+//! Debian's 6.1 and 6.12 in QEMU; not with --unit-only or --filter), with the setup venv's Python as
 //! LLM_EGRESS_TOKENS_PYTHON so the token calibration's official-SDK run
 //! always happens (unless the caller set that variable). Test output streams through; each step ends with
 //! a summary line, and any failed step makes the exit status non-zero. A
@@ -113,6 +114,7 @@ pub fn test(ws: &Workspace, opts: &Options) -> Result<()> {
 
         if opts.unit_only {
             steps.push(skipped("integration tests", "--unit-only"));
+            steps.push(skipped("kernel matrix", "--unit-only"));
         } else {
             let mut c = agent::cargo(ws, &obj);
             c.args([
@@ -134,10 +136,16 @@ pub fn test(ws: &Workspace, opts: &Options) -> Result<()> {
                 &mut c,
                 opts.filter.as_deref(),
             ));
+            if opts.filter.is_some() {
+                steps.push(skipped("kernel matrix", "--filter"));
+            } else {
+                steps.push(kernel_matrix(ws));
+            }
         }
     } else {
         steps.push(skipped("unit tests", "an earlier step failed"));
         steps.push(skipped("integration tests", "an earlier step failed"));
+        steps.push(skipped("kernel matrix", "an earlier step failed"));
     }
 
     let mut failed = Vec::new();
@@ -195,6 +203,25 @@ fn build_steps(ws: &Workspace, steps: &mut Vec<Step>) -> Option<PathBuf> {
             say(format_args!("error: {e:#}"));
             steps.push(failed("build agent", &e, start));
             None
+        }
+    }
+}
+
+/// Every program of both sets loads within budget, attaches and enforces
+/// on the kernels users are likely to run (docs/kernels.md).
+fn kernel_matrix(ws: &Workspace) -> Step {
+    let start = Instant::now();
+    let opts = crate::kernels::Options {
+        kernels: Vec::new(),
+        tcg: false,
+        timeout: None,
+        release: false,
+    };
+    match crate::kernels::kernels(ws, &opts) {
+        Ok(()) => ok("kernel matrix", start),
+        Err(e) => {
+            say(format_args!("error: {e:#}"));
+            failed("kernel matrix", &e, start)
         }
     }
 }
