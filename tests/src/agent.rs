@@ -179,6 +179,25 @@ pub fn free_loopback_port() -> u16 {
         .unwrap_or_else(|e| panic!("local_addr: {e}"))
 }
 
+/// `LLM_EGRESS_TEST_PROGRAMS=connect`: a policy that does not set
+/// `programs` is given `programs = "connect"` (or whatever the variable
+/// says), for kernels on which `"all"` does not load: the tests of the
+/// connect-time verdict then run, and the tests of what `"connect"` leaves
+/// out (accounting, DNS learning, SNI, bandwidth) fail, as they should.
+/// Unset: the policy as written.
+fn with_test_programs(policy_toml: &str) -> String {
+    match std::env::var("LLM_EGRESS_TEST_PROGRAMS") {
+        Ok(p)
+            if !policy_toml
+                .lines()
+                .any(|l| l.trim_start().starts_with("programs")) =>
+        {
+            format!("programs = {}\n{policy_toml}", crate::toml_str(&p))
+        }
+        _ => policy_toml.to_owned(),
+    }
+}
+
 impl Agent {
     /// Starts [`agent_bin`] with `policy_toml` and waits until /readyz says 200.
     pub fn start(policy_toml: &str) -> Agent {
@@ -214,7 +233,7 @@ impl Agent {
         assert_attaches_to_a_test_cgroup(policy_toml);
         let dir = TempDir::new("llm-egress-test-agent");
         let config = dir.path().join("policy.toml");
-        fs::write(&config, policy_toml)
+        fs::write(&config, with_test_programs(policy_toml))
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
         Agent {
             bin,
@@ -578,7 +597,7 @@ impl Agent {
     pub fn rewrite_policy(&self, policy_toml: &str) {
         assert_attaches_to_a_test_cgroup(policy_toml);
         let tmp = self.dir.path().join(".policy.toml.new");
-        fs::write(&tmp, policy_toml)
+        fs::write(&tmp, with_test_programs(policy_toml))
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
         fs::rename(&tmp, &self.config).unwrap_or_else(|e| {
             panic!(
