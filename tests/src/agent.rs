@@ -183,8 +183,9 @@ pub fn free_loopback_port() -> u16 {
 /// `programs` is given `programs = "connect"` (or whatever the variable
 /// says), for kernels on which `"all"` does not load: the tests of the
 /// connect-time verdict then run, and the tests of what `"connect"` leaves
-/// out (accounting, DNS learning, SNI, bandwidth) fail, as they should.
-/// Unset: the policy as written.
+/// out (accounting, DNS learning, SNI, bandwidth) fail, as they should, as
+/// do those of the default set and of error positions (the added first
+/// line shifts them). Unset: the policy as written.
 fn with_test_programs(policy_toml: &str) -> String {
     match std::env::var("LLM_EGRESS_TEST_PROGRAMS") {
         Ok(p)
