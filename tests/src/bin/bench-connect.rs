@@ -9,9 +9,12 @@
 //! two so that drift of the machine hits both alike; the report is the
 //! median of the per-round ratios (each enforced loop against the baseline
 //! loop next to it in time), its 95 % interval, and the ratio of the medians.
-//! This runs once with `programs = "connect"` (the connect-time verdict
-//! alone) and once with `programs = "all"` (every program), each with an
-//! agent of its own.
+//! Every round measures each destination of [`DESTINATIONS`] (a plain
+//! allowed address, a provider's, the provider's from a workload with a
+//! connection rate), each against a baseline loop of its own to the same
+//! address. This runs once with `programs = "connect"` (the connect-time
+//! verdict alone) and once with `programs = "all"` (every program), each
+//! with an agent of its own.
 //!
 //! Then the agent of `"all"` carries provider connections (every one
 //! tracked, reported and logged): CPU and RSS per round of
@@ -20,7 +23,9 @@
 //!
 //! Usage: bench-connect [ROUNDS] [CONNECTS_PER_ROUND] [PROVIDER_ROUNDS]
 //! (default 401 × 1000, then 5 provider rounds of 10,000).
-//! `BENCH_PROGRAMS=connect` (or `all`) runs that set only. `BENCH_AA=1` runs
+//! `BENCH_PROGRAMS=connect` (or `all`) runs that set only;
+//! `BENCH_DESTS=plain,provider` (names of [`DESTINATIONS`]) those
+//! destinations only. `BENCH_AA=1` runs
 //! the "enforced" loop from a cgroup of the same depth outside the attach
 //! cgroup: an A/A run, which shows the bench's own noise.
 
@@ -59,9 +64,44 @@ fn probe_bin() -> PathBuf {
         })
 }
 
-/// A policy whose workload has 1,000 entries: 999 denied /24s it never
-/// reaches, and the allowed network of the listener. `programs`: the
-/// policy's `programs` key ("all" or "connect").
+/// The plain destination: allowed by a CIDR of the workload, no provider.
+const PLAIN_ADDR: &str = "192.0.2.1:9000";
+/// The provider destination: in the static `cidrs` of provider `bench-llm`,
+/// which both workloads allow by name.
+const PROVIDER_ADDR: &str = "10.20.0.1:9443";
+/// The workload cgroups (below the attach cgroup, or the A/A cgroup).
+const WORKLOAD_CGROUP: &str = "system.slice/bench.service";
+const RATE_WORKLOAD_CGROUP: &str = "system.slice/bench-rate.service";
+
+/// What the loops connect to, each from its workload: (name in the report,
+/// address, workload cgroup, what it shows).
+const DESTINATIONS: [(&str, &str, &str, &str); 3] = [
+    (
+        "plain",
+        PLAIN_ADDR,
+        WORKLOAD_CGROUP,
+        "an address allowed by the workload's CIDR rule: no event, no limits",
+    ),
+    (
+        "provider",
+        PROVIDER_ADDR,
+        WORKLOAD_CGROUP,
+        "a provider's static CIDR, allowed by name, no limits: a decision event each",
+    ),
+    (
+        "provider_rate",
+        PROVIDER_ADDR,
+        RATE_WORKLOAD_CGROUP,
+        "the same provider from a workload with connections_per_second (never reached): the bucket's spin lock too",
+    ),
+];
+
+/// A policy whose workloads have 1,000 entries each: 999 denied /24s they
+/// never reach, and the allowed network of the plain listener; both allow
+/// the provider `bench-llm`, and `bench-rate` has a connection rate far
+/// above what the loop reaches (every connect takes from the bucket, none
+/// is refused). `programs`: the policy's `programs` key ("all" or
+/// "connect").
 fn policy(attach: &std::path::Path, programs: &str) -> String {
     let mut deny = String::new();
     for i in 0..999u32 {
@@ -78,13 +118,24 @@ name = "bench-llm"
 cidrs = ["10.20.0.0/16"]
 [[workloads]]
 name = "bench"
-cgroup = "system.slice/bench.service"
+cgroup = {}
 allow = ["192.0.2.0/24", "bench-llm"]
 deny = [{deny}]
 other = "deny"
+[[workloads]]
+name = "bench-rate"
+cgroup = {}
+allow = ["192.0.2.0/24", "bench-llm"]
+deny = [{deny}]
+other = "deny"
+[workloads.limits]
+connections_per_second = 1000000
+burst = 1000000
 "#,
         toml_str(programs),
-        toml_str(&attach.display().to_string())
+        toml_str(&attach.display().to_string()),
+        toml_str(WORKLOAD_CGROUP),
+        toml_str(RATE_WORKLOAD_CGROUP),
     )
 }
 
@@ -251,27 +302,41 @@ fn main() {
     }
     let pinned = pin_to(0);
     let enforced = CgroupGuard::new("bench-on");
-    // BENCH_AA=1: the "enforced" loop runs from a cgroup of the same depth
+    // BENCH_AA=1: the "enforced" loops run from cgroups of the same depth
     // outside the attach cgroup (an A/A run: what the bench reports when
     // nothing differs but the cgroup).
     let aa_root = CgroupGuard::new("bench-aa");
     let aa = std::env::var_os("BENCH_AA").is_some();
-    let workload = if aa {
-        aa_root.child("system.slice/bench.service")
-    } else {
-        enforced.child("system.slice/bench.service")
-    };
+    let workload_root = if aa { &aa_root } else { &enforced };
     let baseline = CgroupGuard::new("bench-off");
     let netns = NetnsGuard::new();
-    let server = fast_listener(&netns, "192.0.2.1:9000").to_string();
-    let provider = fast_listener(&netns, "10.20.0.1:9443").to_string();
+    fast_listener(&netns, PLAIN_ADDR);
+    fast_listener(&netns, PROVIDER_ADDR);
     let probe = Probe::new(probe_bin());
+    // BENCH_DESTS=provider,plain: only these destinations (quick runs).
+    let only = std::env::var("BENCH_DESTS").ok();
+    let dests: Vec<Destination> = DESTINATIONS
+        .iter()
+        .filter(|(name, ..)| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x.trim() == *name))
+        })
+        .map(|&(name, addr, cgroup, what)| Destination {
+            name,
+            addr,
+            workload: workload_root.child(cgroup),
+            what,
+        })
+        .collect();
+    assert!(
+        !dests.is_empty(),
+        "BENCH_DESTS names none of plain, provider, provider_rate"
+    );
     let bench = Bench {
         enforced: enforced.path(),
-        workload: &workload,
+        dests: &dests,
         baseline: baseline.path(),
         netns: &netns,
-        server: &server,
         probe: &probe,
         aa,
         pinned,
@@ -293,9 +358,9 @@ fn main() {
         let load = provider_load(
             &agent,
             &probe,
-            &workload,
+            &workload_root.child(WORKLOAD_CGROUP),
             &netns,
-            &provider,
+            PROVIDER_ADDR,
             provider_rounds,
             PROVIDER_CONNECTS_PER_ROUND,
         );
@@ -304,121 +369,170 @@ fn main() {
     }
 }
 
+/// One destination of the connect loops, reached from `workload`.
+struct Destination {
+    name: &'static str,
+    addr: &'static str,
+    workload: PathBuf,
+    what: &'static str,
+}
+
 /// What the connect loops of every program set share.
 struct Bench<'a> {
     /// The attach cgroup.
     enforced: &'a std::path::Path,
-    workload: &'a std::path::Path,
+    dests: &'a [Destination],
     baseline: &'a std::path::Path,
     netns: &'a NetnsGuard,
-    server: &'a str,
     probe: &'a Probe,
     aa: bool,
     pinned: bool,
 }
 
+/// Per-round loop times (ns per connect) of one destination.
+#[derive(Default)]
+struct Rounds {
+    on: Vec<f64>,
+    off: Vec<f64>,
+}
+
 /// Starts an agent with `programs = PROGRAMS`, runs the alternating rounds
-/// and prints the report; returns the agent, or None when a signal stopped
-/// the bench before a round completed.
+/// and prints the report, one per destination; returns the agent, or None
+/// when a signal stopped the bench before a round completed.
 fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agent> {
     let Bench {
         enforced,
-        workload,
+        dests,
         baseline,
         netns,
-        server,
         probe,
         aa,
         pinned,
     } = *b;
     let agent = Agent::start(&policy(enforced, programs));
 
-    // Warm-up, and proof that the enforced loop really runs the programs: a
-    // denied destination fails from the workload and not from the baseline.
-    let denied = probe.connect(workload, netns, "198.51.100.1:9000");
-    assert!(
-        aa || denied == Err(libc::EPERM),
-        "the workload's `other = deny` must refuse 198.51.100.1 (got {denied:?})"
-    );
-    let _ = probe.connect_loop(workload, netns, server, 2_000);
-    let _ = probe.connect_loop(baseline, netns, server, 2_000);
+    // Warm-up, and proof that the enforced loops really run the programs: a
+    // denied destination fails from each workload and not from the
+    // baseline, and every destination is allowed.
+    for d in dests {
+        let denied = probe.connect(&d.workload, netns, "198.51.100.1:9000");
+        assert!(
+            aa || denied == Err(libc::EPERM),
+            "the workload's `other = deny` must refuse 198.51.100.1 (got {denied:?})"
+        );
+        let ok = probe.connect(&d.workload, netns, d.addr);
+        assert_eq!(
+            ok,
+            Ok(()),
+            "destination {} ({}) must be allowed",
+            d.name,
+            d.addr
+        );
+        let _ = probe.connect_loop(&d.workload, netns, d.addr, 2_000);
+        let _ = probe.connect_loop(baseline, netns, d.addr, 2_000);
+    }
 
-    let (mut on, mut off) = (Vec::new(), Vec::new());
+    let mut results: Vec<Rounds> = dests.iter().map(|_| Rounds::default()).collect();
+    let mut done = 0;
     for round in 0..rounds {
         if stopped() {
             break;
         }
-        // Alternate the order too, so neither side always goes first.
-        let order: [bool; 2] = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for with_agent in order {
-            let cg = if with_agent { workload } else { baseline };
-            if pinned {
-                pin_to(1);
-            }
-            let r = probe.connect_loop(cg, netns, server, n);
-            if pinned {
-                pin_to(0);
-            }
-            assert_eq!(
-                r.failures, 0,
-                "connect loop failed (errno {:?}); with_agent={with_agent}",
-                r.errno
-            );
-            let ns_per = r.elapsed_ns as f64 / r.n as f64;
-            if with_agent {
-                on.push(ns_per)
+        let mut line = format!("round {round}:");
+        // Rotate which destination goes first, and alternate the order of
+        // each pair too, so neither side nor any destination always leads.
+        for k in 0..dests.len() {
+            let di = (round + k) % dests.len();
+            let d = &dests[di];
+            let order: [bool; 2] = if round % 2 == 0 {
+                [false, true]
             } else {
-                off.push(ns_per)
+                [true, false]
+            };
+            for with_agent in order {
+                let cg: &std::path::Path = if with_agent { &d.workload } else { baseline };
+                if pinned {
+                    pin_to(1);
+                }
+                let r = probe.connect_loop(cg, netns, d.addr, n);
+                if pinned {
+                    pin_to(0);
+                }
+                assert_eq!(
+                    r.failures, 0,
+                    "connect loop to {} failed (errno {:?}); with_agent={with_agent}",
+                    d.name, r.errno
+                );
+                let ns_per = r.elapsed_ns as f64 / r.n as f64;
+                if with_agent {
+                    results[di].on.push(ns_per)
+                } else {
+                    results[di].off.push(ns_per)
+                }
             }
         }
-        eprintln!(
-            "round {round}: baseline {:.0} ns/connect, enforced {:.0} ns/connect",
-            off[round], on[round]
-        );
+        for (d, r) in dests.iter().zip(&results) {
+            let _ = write!(line, " {} {:.0}/{:.0}", d.name, r.off[round], r.on[round]);
+        }
+        eprintln!("{line} ns/connect (baseline/enforced)");
+        done += 1;
     }
-    if on.is_empty() {
+    if done == 0 {
         eprintln!("bench: stopped before a round completed; nothing to report");
         return None;
     }
-    let (m_on, m_off) = (median(on.clone()), median(off.clone()));
-    let ratio_of_medians = m_on / m_off;
-    let ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
-    let ratio = median(ratios.clone());
-    let (ci_lo, ci_hi) = median_ci95(&ratios);
     let decisions = agent
         .metric_value("llm_egress_decisions_total", &[("verdict", "allow")])
         .unwrap_or(0.0);
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": "connect_close_loop",
-            "policy_entries": 1000,
-            "rounds": on.len(),
-            "connects_per_round": n,
-            "loop_pinned_to_cpu1": pinned,
-            "baseline_ns_per_connect_median": m_off.round(),
-            "enforced_ns_per_connect_median": m_on.round(),
-            "ratio": (ratio * 1000.0).round() / 1000.0,
-            "ratio_ci95": [(ci_lo * 1000.0).round() / 1000.0, (ci_hi * 1000.0).round() / 1000.0],
-            "a_a_run": aa,
-            "programs": programs,
-            "ratio_of_medians": (ratio_of_medians * 1000.0).round() / 1000.0,
-            "baseline_rounds": off.iter().map(|v| v.round()).collect::<Vec<_>>(),
-            "enforced_rounds": on.iter().map(|v| v.round()).collect::<Vec<_>>(),
-            "kernel_allow_decisions": decisions,
-        })
-    );
-    println!(
-        "ratio enforced/baseline = {ratio:.3} (median of per-round ratios, 95 % CI {ci_lo:.3}-{ci_hi:.3}; ratio of medians {ratio_of_medians:.3}; target <= 1.03; programs = \"{programs}\"){}",
-        if aa {
-            " [A/A run: both loops outside the attach cgroup]"
-        } else {
-            ""
-        }
-    );
+    let lost = agent
+        .metric_value("llm_egress_events_lost_total", &[])
+        .unwrap_or(0.0);
+    let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
+    for (d, r) in dests.iter().zip(&results) {
+        let (m_on, m_off) = (median(r.on.clone()), median(r.off.clone()));
+        let ratio_of_medians = m_on / m_off;
+        let ratios: Vec<f64> = r.on.iter().zip(&r.off).map(|(a, b)| a / b).collect();
+        let ratio = median(ratios.clone());
+        let (ci_lo, ci_hi) = median_ci95(&ratios);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "connect_close_loop",
+                "destination": d.name,
+                "destination_addr": d.addr,
+                "destination_is": d.what,
+                "policy_entries": 1000,
+                "rounds": r.on.len(),
+                "connects_per_round": n,
+                "loop_pinned_to_cpu1": pinned,
+                "baseline_ns_per_connect_median": m_off.round(),
+                "enforced_ns_per_connect_median": m_on.round(),
+                "ratio": r3(ratio),
+                "ratio_ci95": [r3(ci_lo), r3(ci_hi)],
+                "a_a_run": aa,
+                "programs": programs,
+                "ratio_of_medians": r3(ratio_of_medians),
+                "baseline_rounds": r.off.iter().map(|v| v.round()).collect::<Vec<_>>(),
+                "enforced_rounds": r.on.iter().map(|v| v.round()).collect::<Vec<_>>(),
+                "kernel_allow_decisions": decisions,
+                "events_lost_total": lost,
+            })
+        );
+    }
+    for (d, r) in dests.iter().zip(&results) {
+        let ratios: Vec<f64> = r.on.iter().zip(&r.off).map(|(a, b)| a / b).collect();
+        let ratio = median(ratios.clone());
+        let (ci_lo, ci_hi) = median_ci95(&ratios);
+        let ratio_of_medians = median(r.on.clone()) / median(r.off.clone());
+        println!(
+            "ratio enforced/baseline [{programs}] {:<13} = {ratio:.3} (median of per-round ratios, 95 % CI {ci_lo:.3}-{ci_hi:.3}; ratio of medians {ratio_of_medians:.3}){}",
+            d.name,
+            if aa {
+                " [A/A run: both loops outside the attach cgroup]"
+            } else {
+                ""
+            }
+        );
+    }
     Some(agent)
 }
