@@ -332,6 +332,77 @@ allow = ["test-llm"]
     );
 }
 
+/// A burst of 3,000 provider connects (the test's debug agent, programs =
+/// "connect", so the decisions are the only events) is logged whole, one
+/// `decision` line per connect, soon after the burst. It guards the audit
+/// log against a cheaper event path that loses records: batching the
+/// reader's wakeups made the connects faster than this agent reads, and
+/// lost 1,157 of them (docs/benchmarks.md, "Provider destinations").
+#[test]
+fn every_provider_decision_of_a_burst_is_logged_soon_after_it() {
+    require_root();
+    let cg = CgroupGuard::new("burst");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    start_sink(&netns, "10.20.0.1:8082");
+    let policy = format!(
+        r#"cgroup = {}
+programs = "connect"
+[resolver]
+servers = ["127.0.0.1:9"]
+[[providers]]
+name = "test-llm"
+cidrs = ["10.20.0.0/16"]
+[[workloads]]
+name = "bot"
+cgroup = "bot"
+allow = ["test-llm"]
+"#,
+        toml_str(&cg.path().display().to_string())
+    );
+    let agent = Agent::start(&policy);
+    const N: usize = 3_000;
+    let probe = llm_egress_tests::Probe::new(env!("CARGO_BIN_EXE_egress-probe"));
+    let report = probe.connect_loop(&bot, &netns, "10.20.0.1:8082", N as u64);
+    assert_eq!(
+        report.failures, 0,
+        "every connect must succeed (errno {:?})",
+        report.errno
+    );
+    let done = std::time::Instant::now();
+    let decisions = |agent: &Agent| {
+        agent
+            .audit_events()
+            .into_iter()
+            .filter(|e| {
+                e["event"] == "decision"
+                    && e["provider"] == "test-llm"
+                    && e["hook"] == "connect4"
+                    && e["dst_port"].as_u64() == Some(8082)
+            })
+            .count()
+    };
+    let logged = wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || (decisions(&agent) >= N).then_some(()),
+    );
+    let after = done.elapsed();
+    let lost = agent
+        .metric_value("llm_egress_events_lost_total", &[])
+        .unwrap_or(0.0);
+    assert!(
+        logged.is_some(),
+        "{N} provider connects: {} decision lines {after:?} after the burst ({lost} events lost)\n{}",
+        decisions(&agent),
+        agent.context()
+    );
+    // Not one more later: each connect is one line.
+    std::thread::sleep(Duration::from_millis(1_200));
+    assert_eq!(decisions(&agent), N, "one decision line per connect");
+    eprintln!("{N} provider decisions logged {after:?} after the burst");
+}
+
 /// The policy of the TLS tests: the fake OpenAI at 192.0.2.1:443.
 fn openai_policy(cg: &CgroupGuard) -> String {
     policy(
