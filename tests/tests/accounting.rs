@@ -257,15 +257,11 @@ fn start_sink(netns: &NetnsGuard, addr: &str) {
     });
 }
 
-#[test]
-fn twenty_thousand_connections_are_counted_exactly_or_counted_as_lost() {
-    require_root();
-    let cg = CgroupGuard::new("truth");
-    let bot = cg.child("bot");
-    let netns = NetnsGuard::new();
-    start_sink(&netns, "10.20.0.1:8081");
-    let policy = format!(
-        r#"cgroup = {}
+/// A policy with provider `test-llm` (10.20.0.0/16, no port list) that
+/// workload `bot` (cgroup `bot`) may reach; `top` goes first.
+fn bot_policy(cg: &CgroupGuard, top: &str) -> String {
+    format!(
+        r#"{top}cgroup = {}
 [resolver]
 servers = ["127.0.0.1:9"]
 [[providers]]
@@ -277,8 +273,17 @@ cgroup = "bot"
 allow = ["test-llm"]
 "#,
         toml_str(&cg.path().display().to_string())
-    );
-    let agent = Agent::start(&policy);
+    )
+}
+
+#[test]
+fn twenty_thousand_connections_are_counted_exactly_or_counted_as_lost() {
+    require_root();
+    let cg = CgroupGuard::new("truth");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    start_sink(&netns, "10.20.0.1:8081");
+    let agent = Agent::start(&bot_policy(&cg, ""));
     const N: u64 = 20_000;
     let probe = llm_egress_tests::Probe::new(env!("CARGO_BIN_EXE_egress-probe"));
     let report = probe.connect_loop(&bot, &netns, "10.20.0.1:8081", N);
@@ -345,22 +350,7 @@ fn every_provider_decision_of_a_burst_is_logged_soon_after_it() {
     let bot = cg.child("bot");
     let netns = NetnsGuard::new();
     start_sink(&netns, "10.20.0.1:8082");
-    let policy = format!(
-        r#"cgroup = {}
-programs = "connect"
-[resolver]
-servers = ["127.0.0.1:9"]
-[[providers]]
-name = "test-llm"
-cidrs = ["10.20.0.0/16"]
-[[workloads]]
-name = "bot"
-cgroup = "bot"
-allow = ["test-llm"]
-"#,
-        toml_str(&cg.path().display().to_string())
-    );
-    let agent = Agent::start(&policy);
+    let agent = Agent::start(&bot_policy(&cg, "programs = \"connect\"\n"));
     const N: usize = 3_000;
     let probe = llm_egress_tests::Probe::new(env!("CARGO_BIN_EXE_egress-probe"));
     let report = probe.connect_loop(&bot, &netns, "10.20.0.1:8082", N as u64);
@@ -382,11 +372,9 @@ allow = ["test-llm"]
             })
             .count()
     };
-    let logged = wait_until(
-        Duration::from_secs(5),
-        Duration::from_millis(20),
-        || (decisions(&agent) >= N).then_some(()),
-    );
+    let logged = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        (decisions(&agent) >= N).then_some(())
+    });
     let after = done.elapsed();
     let lost = agent
         .metric_value("llm_egress_events_lost_total", &[])

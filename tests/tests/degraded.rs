@@ -41,6 +41,16 @@ fn with_bandwidth_limit(cg: &CgroupGuard) -> String {
     )
 }
 
+/// An agent of [`only_192_policy`] on `cg` whose names_dns_ingress failed,
+/// once its /readyz says so (503, naming the program).
+fn start_degraded(cg: &CgroupGuard) -> Agent {
+    let mut agent = Agent::launch_with_env(&only_192_policy(cg, ""), &[(FAIL_ENV, DNS)]);
+    agent.wait_readyz(START_WAIT, |status, body| {
+        status == 503 && body.contains(DNS)
+    });
+    agent
+}
+
 /// Panics unless the agent left nothing under its pin path: no pinned
 /// object and no directory (the pin root itself may be gone).
 #[track_caller]
@@ -149,10 +159,7 @@ fn program_fails_to_load_a_reload_keeps_naming_it_and_refuses_keys_that_need_it(
     let w = cg.child("w");
     let ns = NetnsGuard::new();
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
-    let mut agent = Agent::launch_with_env(&only_192_policy(&cg, ""), &[(FAIL_ENV, DNS)]);
-    agent.wait_readyz(START_WAIT, |status, body| {
-        status == 503 && body.contains(DNS)
-    });
+    let agent = start_degraded(&cg);
     let p = probe();
     expect_eperm(
         &agent,
@@ -275,10 +282,7 @@ fn program_fails_to_load_a_failed_restart_leaves_the_previous_pins_enforcing() {
     let w = cg.child("w");
     let ns = NetnsGuard::new();
     let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
-    let mut agent = Agent::launch_with_env(&only_192_policy(&cg, ""), &[(FAIL_ENV, DNS)]);
-    agent.wait_readyz(START_WAIT, |status, body| {
-        status == 503 && body.contains(DNS)
-    });
+    let mut agent = start_degraded(&cg);
     let p = probe();
     expect_eperm(
         &agent,
