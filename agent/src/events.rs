@@ -16,8 +16,8 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use llm_egress_common::{
-    ConnEvent, ConnectEvent, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD, family, hook, kind,
-    proto, reason, verdict,
+    ConnEvent, ConnectEvent, EVENTS_WAKE_NS, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD,
+    family, hook, kind, proto, reason, verdict,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -362,6 +362,29 @@ fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
 /// How often process series expire and lost summaries are reconciled.
 const HOUSEKEEPING: Duration = Duration::from_secs(10);
 
+/// After each wakeup the reader drains the ring again every `TAIL_POLL`
+/// until `TAIL` has passed: the kernel wakes it at most once per
+/// `EVENTS_WAKE_NS` and leaves the records of a burst in between waiting
+/// (common's `EVENTS_WAKE_NS` has the contract). Every record submitted
+/// without a wakeup was submitted within `EVENTS_WAKE_NS` after one, so
+/// before the last drain of that wakeup's tail.
+const TAIL_POLL: Duration = Duration::from_nanos(EVENTS_WAKE_NS);
+const TAIL: Duration = Duration::from_nanos(2 * EVENTS_WAKE_NS);
+/// A drain now and then whatever happens: a program preempted for longer
+/// than the tail between its wakeup decision and its submit would leave a
+/// record waiting until the next wakeup; this bounds that wait.
+const SAFETY_DRAIN: Duration = Duration::from_secs(1);
+
+/// Handles every record the ring holds; how many.
+fn drain(ring: &mut RingBuf<MapData>, ctx: &Context, accounting: &mut Accounting) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        handle(&item, ctx, accounting);
+        n += 1;
+    }
+    n
+}
+
 /// Reads the ring buffer until the task is dropped.
 /// `conns` is the kernel's `CONNS` map, read to find connections whose
 /// summary was lost; `telemetry` receives new telemetry settings on reload.
@@ -384,9 +407,32 @@ pub async fn read(
         }
     };
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    let mut safety_drain = tokio::time::interval(SAFETY_DRAIN);
+    safety_drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Some(end): draining on a timer until `end` (the tail of a wakeup).
+    let mut tail_until: Option<tokio::time::Instant> = None;
     loop {
+        let tailing = tail_until.is_some();
+        let tail = async move {
+            if tailing {
+                tokio::time::sleep(TAIL_POLL).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let ready = tokio::select! {
             r = fd.readable_mut() => r,
+            () = tail => {
+                drain(fd.get_mut(), &ctx, &mut accounting);
+                if tail_until.is_some_and(|end| tokio::time::Instant::now() >= end) {
+                    tail_until = None;
+                }
+                continue;
+            }
+            _ = safety_drain.tick() => {
+                drain(fd.get_mut(), &ctx, &mut accounting);
+                continue;
+            }
             _ = housekeeping.tick() => {
                 accounting.expire();
                 if let Some(conns) = &conns {
@@ -409,11 +455,9 @@ pub async fn read(
                 return;
             }
         };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            handle(&item, &ctx, &mut accounting);
-        }
+        drain(guard.get_inner_mut(), &ctx, &mut accounting);
         guard.clear_ready();
+        tail_until = Some(tokio::time::Instant::now() + TAIL);
     }
 }
 

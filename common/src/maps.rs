@@ -26,6 +26,9 @@ pub const MAP_PROVIDER_ACTIONS: &str = "PROVIDER_ACT";
 pub const MAP_EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>` of `counter::*` values.
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// `Array<u64>`, one entry: `bpf_ktime_get_ns()` when a program last woke
+/// the agent's reader of `EVENTS` (see [`EVENTS_WAKE_NS`]).
+pub const MAP_EVENTS_WOKEN: &str = "EVENTS_WOKEN";
 
 /// `LruHashMap<u32 tgid, ExecInfo>`: the last exec of processes under the
 /// attach cgroup, so that a process that exits right after connecting is
@@ -88,7 +91,7 @@ pub const MAP_RECORDS_SENT: &str = "RECORDS_SENT";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 31] = [
+pub const ALL_MAPS: [&str; 32] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -98,6 +101,7 @@ pub const ALL_MAPS: [&str; 31] = [
     MAP_DESTS_V6,
     MAP_PROVIDER_ACTIONS,
     MAP_EVENTS,
+    MAP_EVENTS_WOKEN,
     MAP_COUNTERS,
     MAP_EXECS,
     MAP_EXEC_SCRATCH,
@@ -158,7 +162,20 @@ pub const WORKLOADS_MAX: u32 = 16_384;
 pub const RULES_MAX: u32 = 65_536;
 pub const DESTS_MAX: u32 = 65_536;
 pub const PROVIDER_ACTIONS_MAX: u32 = 65_536;
-pub const EVENTS_BYTES: u32 = 1 << 20;
+pub const EVENTS_BYTES: u32 = 16 << 20;
+/// Wakeups of the agent's reader of `EVENTS` are batched: the connect hook
+/// and sock_ops wake it for a record only when no program has woken it in
+/// the last `EVENTS_WAKE_NS` (or when `EVENTS_WAKE_BYTES` wait), and the
+/// agent, once woken, drains the ring again on its own every
+/// `EVENTS_WAKE_NS` for `2 × EVENTS_WAKE_NS`. A wakeup is an
+/// inter-processor interrupt and a scheduler wakeup, several µs on a VM:
+/// one per provider connect was most of its connect-time cost
+/// (docs/benchmarks.md). A lone event is delivered at once; events of a
+/// burst at most ~`2 × EVENTS_WAKE_NS` late. Nothing is dropped or merged.
+pub const EVENTS_WAKE_NS: u64 = 5_000_000;
+/// Bytes waiting in `EVENTS` above which a record wakes the reader at once
+/// (a quarter of the ring: a burst never waits for the timer to drain).
+pub const EVENTS_WAKE_BYTES: u64 = EVENTS_BYTES as u64 / 4;
 pub const EXECS_MAX: u32 = 16_384;
 pub const CONNS_MAX: u32 = 65_536;
 pub const VERDICTS_MAX: u32 = 65_536;

@@ -6,16 +6,19 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::generated::{bpf_map_lookup_elem, bpf_map_update_elem},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    },
+    helpers::generated::{bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_map_update_elem},
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use llm_egress_common::{
-    ActionValue, ActiveSlot, CONNS_MAX, ConnEvent, DESTS_MAX, DestValue, EVENTS_BYTES, EXECS_MAX,
-    ExecInfo, LEARNED_MAX, Learned, NAMES_MAX, NameConfig, NameKey, PROVIDER_ACTIONS_MAX,
-    PrefixKeyV4, PrefixKeyV6, ProviderKey, RULES_MAX, SLOT_COUNT, SlotConfig, VERDICTS_MAX,
-    VerdictKey, WORKLOADS_MAX, WorkloadKey, WorkloadValue, counter,
+    ActionValue, ActiveSlot, CONNS_MAX, ConnEvent, DESTS_MAX, DestValue, EVENTS_BYTES,
+    EVENTS_WAKE_BYTES, EVENTS_WAKE_NS, EXECS_MAX, ExecInfo, LEARNED_MAX, Learned, NAMES_MAX,
+    NameConfig, NameKey, PROVIDER_ACTIONS_MAX, PrefixKeyV4, PrefixKeyV6, ProviderKey, RULES_MAX,
+    SLOT_COUNT, SlotConfig, VERDICTS_MAX, VerdictKey, WORKLOADS_MAX, WorkloadKey, WorkloadValue,
+    counter,
 };
 use llm_egress_common::{
     BANDWIDTH_MAX, BUCKETS_MAX, BandwidthLimit, Bucket, BucketKey, LIMIT_HITS_MAX, LIMITS_MAX,
@@ -49,6 +52,11 @@ pub static PROVIDER_ACT: HashMap<ProviderKey, ActionValue> =
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+/// Entry 0: when a program last woke the reader of `EVENTS` (`wake_flags`).
+/// Not pinned: a new agent starts with the next record waking it.
+#[map]
+pub static EVENTS_WOKEN: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
@@ -130,6 +138,38 @@ pub static CB_FLAGS_FALLBACK: Array<u32> = Array::with_max_entries(1, 0);
 #[btf_map]
 pub static BUCKETS: PinnedBtfHash<BucketKey, Bucket, { BUCKETS_MAX as usize }> =
     PinnedBtfHash::new();
+
+/// The `flags` with which the connect hook and sock_ops submit an event
+/// record to `EVENTS`: wake the agent's reader when no program has woken it
+/// in the last `EVENTS_WAKE_NS`, or when `EVENTS_WAKE_BYTES` wait; else no
+/// wakeup (the agent drains on its own for a while after each wakeup:
+/// agent/src/events.rs, the contract in common's `EVENTS_WAKE_NS`).
+/// The kernel's default (flags 0) wakes the reader whenever it has caught
+/// up, which a fast reader always has: one inter-processor interrupt and
+/// one scheduler wakeup per record, the most expensive part of a provider
+/// connect. Other programs keep flags 0: a record with flags 0 wakes the
+/// reader when it has caught up, and it has not caught up only behind a
+/// record that this batching covers.
+#[inline(always)]
+pub fn wake_flags() -> u64 {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= EVENTS_WAKE_BYTES {
+        return u64::from(BPF_RB_FORCE_WAKEUP);
+    }
+    let Some(last) = EVENTS_WOKEN.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: entry 0 of a live array. A plain load and store: two CPUs
+    // racing here both wake the reader, which is harmless.
+    unsafe {
+        if now.wrapping_sub(*last) < EVENTS_WAKE_NS {
+            return u64::from(BPF_RB_NO_WAKEUP);
+        }
+        *last = now;
+    }
+    u64::from(BPF_RB_FORCE_WAKEUP)
+}
 
 /// Counts one decision in `VERDICTS`.
 #[inline(always)]

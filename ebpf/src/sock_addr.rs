@@ -471,5 +471,5 @@ fn report(ctx: &SockAddrContext, dest: &Dest, hook: u8, v: u8, d: &Decision) {
         },
     };
     entry.write(event);
-    entry.submit(0);
+    entry.submit(crate::maps::wake_flags());
 }

@@ -286,7 +286,10 @@ unsafe fn read_bytes(ctx: &SockOpsContext, entry: *mut ConnEvent) {
 unsafe fn send(entry: *mut ConnEvent, event_kind: u32) {
     unsafe {
         (*entry).header.kind = event_kind;
-        if EVENTS.output::<ConnEvent>(&*entry, 0).is_err() {
+        if EVENTS
+            .output::<ConnEvent>(&*entry, crate::maps::wake_flags())
+            .is_err()
+        {
             count(counter::EVENTS_LOST);
         }
     }
