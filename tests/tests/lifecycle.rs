@@ -314,9 +314,9 @@ fn failure_mode_open_detaches_when_the_agent_is_killed() {
     }
 }
 
-/// Denied connects made while the agent is dead: more than the 1 MiB event
-/// ring buffer holds (one event of ~100 bytes each: ~10,000 fit).
-const OVERFLOW_CONNECTS: u64 = 15_000;
+/// Denied connects made while the agent is dead: more than the 16 MiB event
+/// ring buffer holds (one event of ~100 bytes each: ~160,000 fit).
+const OVERFLOW_CONNECTS: u64 = 250_000;
 
 #[test]
 fn ring_buffer_overflow_is_counted() {
