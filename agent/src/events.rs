@@ -375,14 +375,11 @@ const TAIL: Duration = Duration::from_nanos(2 * EVENTS_WAKE_NS);
 /// record waiting until the next wakeup; this bounds that wait.
 const SAFETY_DRAIN: Duration = Duration::from_secs(1);
 
-/// Handles every record the ring holds; how many.
-fn drain(ring: &mut RingBuf<MapData>, ctx: &Context, accounting: &mut Accounting) -> usize {
-    let mut n = 0;
+/// Handles every record the ring holds.
+fn drain(ring: &mut RingBuf<MapData>, ctx: &Context, accounting: &mut Accounting) {
     while let Some(item) = ring.next() {
         handle(&item, ctx, accounting);
-        n += 1;
     }
-    n
 }
 
 /// Reads the ring buffer until the task is dropped.

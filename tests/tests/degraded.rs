@@ -51,6 +51,20 @@ fn start_degraded(cg: &CgroupGuard) -> Agent {
     agent
 }
 
+/// Starts an agent of `policy` with `program` made to fail, and waits for
+/// it to exit: (the agent, its exit status, its stderr).
+fn refused_start(policy: &str, program: &str) -> (Agent, std::process::ExitStatus, String) {
+    let started = Instant::now();
+    let mut agent = Agent::launch_with_env(policy, &[(FAIL_ENV, program)]);
+    let status = agent.wait_exit(START_WAIT);
+    eprintln!(
+        "refusing agent exited {:?} after its start",
+        started.elapsed()
+    );
+    let stderr = agent.stderr();
+    (agent, status, stderr)
+}
+
 /// Panics unless the agent left nothing under its pin path: no pinned
 /// object and no directory (the pin root itself may be gone).
 #[track_caller]
@@ -228,14 +242,7 @@ fn program_fails_to_load_a_reload_keeps_naming_it_and_refuses_keys_that_need_it(
 fn program_fails_to_load_a_policy_that_needs_it_refuses_to_start_leaving_no_pins() {
     require_root();
     let cg = CgroupGuard::new("degraded-needed");
-    let started = Instant::now();
-    let mut agent = Agent::launch_with_env(&with_bandwidth_limit(&cg), &[(FAIL_ENV, DNS)]);
-    let status = agent.wait_exit(START_WAIT);
-    eprintln!(
-        "refusing agent exited {:?} after its start",
-        started.elapsed()
-    );
-    let stderr = agent.stderr();
+    let (agent, status, stderr) = refused_start(&with_bandwidth_limit(&cg), DNS);
     assert!(
         !status.success()
             && stderr.contains(DNS)
@@ -251,15 +258,7 @@ fn program_fails_to_load_a_policy_that_needs_it_refuses_to_start_leaving_no_pins
 fn program_fails_to_load_a_verdict_hook_refuses_to_start_leaving_no_pins() {
     require_root();
     let cg = CgroupGuard::new("degraded-verdict");
-    let started = Instant::now();
-    let mut agent =
-        Agent::launch_with_env(&only_192_policy(&cg, ""), &[(FAIL_ENV, "verdict_connect6")]);
-    let status = agent.wait_exit(START_WAIT);
-    eprintln!(
-        "refusing agent exited {:?} after its start",
-        started.elapsed()
-    );
-    let stderr = agent.stderr();
+    let (agent, status, stderr) = refused_start(&only_192_policy(&cg, ""), "verdict_connect6");
     assert!(
         !status.success()
             && stderr.contains("verdict_connect6")
