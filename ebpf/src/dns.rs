@@ -470,7 +470,7 @@ fn name_step(
         }
         // The name is read: fold it (an owner's only for its hash).
         w.phase = PHASE_FOLD;
-        w.fold.start(w.n, w.seed, w.slot, w.then != THEN_OWNER);
+        w.fold = Fold::new(w.n, w.seed, w.slot, w.then != THEN_OWNER);
         return Ok(());
     }
     if l & 0xc0 == 0xc0 {
@@ -516,16 +516,14 @@ fn fold_step(labels: &[u64; DNS_MAX_LABELS], w: &mut Walk) -> Result<(), u32> {
             w.chain[0] = acc;
             w.chain_len = 1;
             w.pos = pos + 4;
+            // qtype and qclass are the question's fixed part: record_step
+            // checks the class (`then` is still THEN_QUESTION).
             w.phase = PHASE_RECORD;
-            // The question's class is checked by the record step's caller
-            // below (qtype and qclass are its fixed part).
-            w.then = THEN_QUESTION;
         }
         THEN_OWNER => {
             w.owner = acc;
             w.pos = w.name_end;
             w.phase = PHASE_RECORD;
-            w.then = THEN_OWNER;
         }
         _ => {
             // A CNAME target.

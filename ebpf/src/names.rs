@@ -39,13 +39,15 @@ pub struct Fold {
 impl Fold {
     /// A fold of the `n` labels of a name.
     #[inline(always)]
-    pub fn start(&mut self, n: u64, seed: u64, slot: u64, lookup: bool) {
-        self.n = n;
-        self.k = 0;
-        self.acc = seed;
-        self.slot = slot;
-        self.lookup = lookup as u64;
-        self.found = 0;
+    pub fn new(n: u64, seed: u64, slot: u64, lookup: bool) -> Self {
+        Self {
+            n,
+            k: 0,
+            acc: seed,
+            slot,
+            lookup: lookup as u64,
+            found: 0,
+        }
     }
 
     /// Folds the next label; true once every label is folded (`acc` is

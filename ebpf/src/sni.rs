@@ -470,9 +470,7 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
     }
     // SAFETY: as above.
     unsafe {
-        let mut f = core::ptr::read_volatile(&s.fold);
-        f.start(n as u64, seed, slot as u64, true);
-        core::ptr::write_volatile(&mut s.fold, f);
+        core::ptr::write_volatile(&mut s.fold, Fold::new(n as u64, seed, slot as u64, true));
     }
     // SAFETY: as above.
     unsafe {
