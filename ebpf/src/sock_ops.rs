@@ -1,41 +1,55 @@
 //! sock_ops: bytes and times of tracked connections (those `sock_addr`
 //! allowed to a provider, recorded in `CONNS` by socket cookie).
 //!
-//! Callbacks used (include/uapi/linux/bpf.h, enum bpf_sock_ops_op):
+//! Callbacks used (include/uapi/linux/bpf.h, enum bpf_sock_ops_op), and
+//! when each is turned on: sock_ops runs on every TCP connect, so every
+//! callback a socket does not need is one hook run less per connection.
 //! - `TCP_CONNECT_CB` (3): before the SYN; chooses the callbacks a socket
-//!   needs (`cb_flags_for`, below), so failed handshakes of tracked
-//!   sockets are reported too. The connect-time verdict already set them
-//!   on the sockets it tracks (`set_tracked_cb_flags`), so a socket
-//!   without STATE_CB is not tracked and needs no lookup: sock_ops runs on
-//!   every TCP connect, and that lookup was most of its cost. Where the
-//!   kernel lacks the option (`CB_FLAGS_FALLBACK`), every socket is looked
-//!   up as before;
-//! - `ACTIVE_ESTABLISHED_CB` (4): handshake done;
-//! - `RTT_CB` (12): each RTT sample; at most every `CONN_UPDATE_NS` an update
-//!   event with the byte counts so far. RTT samples come only when data the
-//!   client sent is acknowledged: the ingress skb program (records.rs)
-//!   sends the updates of received data (a streamed response), and both
-//!   share the rate limit through `reported_ns`;
+//!   needs until its handshake is done (`flags::connecting`). The
+//!   connect-time verdict marks the sockets it tracks
+//!   (`set_tracked_cb_flags`: `RTT_CB_FLAG`, which no callback before this
+//!   one can use), so a socket without the mark is not tracked and needs no
+//!   lookup. A tracked socket gets `STATE_CB` from here on, so a failed
+//!   handshake is reported too. Where the kernel lacks the option
+//!   (`CB_FLAGS_FALLBACK`), every socket is looked up instead;
+//! - `ACTIVE_ESTABLISHED_CB` (4): handshake done; turns on what an open
+//!   connection needs (`flags::established`);
+//! - `RTT_CB` (12), from the handshake on: each RTT sample; at most every
+//!   `CONN_UPDATE_NS` an update event with the byte counts so far. RTT
+//!   samples come only when data the client sent is acknowledged: the
+//!   ingress skb program (records.rs) sends the updates of received data
+//!   (a streamed response), and both share the rate limit through
+//!   `reported_ns`;
 //! - `STATE_CB` (10), `arg(1)` = new state: on TCP_CLOSE (7) the summary
-//!   event, then the entry is removed.
+//!   event, then the entry is removed and every callback turned off (the
+//!   RST of an abortive close and a later connect of the same socket run
+//!   no sock_ops, and carry no stale mark).
 //! Byte counts are the socket's `bytes_acked` (payload sent and
 //! acknowledged) and `bytes_received` (payload received): TCP payload, so
 //! TLS framing is included, IP/TCP headers are not. The kernel counts the
 //! SYN and FIN sequence numbers too: the SYN is subtracted (its count is
 //! taken at the handshake), a FIN adds 1 in its direction (documented).
-//! - `HDR_OPT_LEN_CB` (14) and `RTO_CB` (8), enabled for every socket at
-//!   `TCP_CONNECT_CB`: a socket whose ClientHello the SNI program denied
-//!   (`SNI_STATE` = `DENIED`) gets `TCP_USER_TIMEOUT` = 1 ms at the next
-//!   segment it tries to send, so TCP aborts it at its next timer run and
-//!   the application sees ETIMEDOUT (~0.22 s after connect, measured),
-//!   instead of retrying for seconds (docs/names.md, "Failing fast"). A
-//!   socket judged and not denied has the per-segment callback turned off
-//!   at its first segment after the verdict, except a tracked connection
-//!   with a token budget: the SNI program denies it when the budget is
-//!   spent (docs/limits.md, "Token budgets"), and it is aborted the same
-//!   way at its next try.
+//! - `RTO_CB` (8), on for every socket from `TCP_CONNECT_CB`, and
+//!   `HDR_OPT_LEN_CB` (14), from the handshake on for tracked connections
+//!   and sockets to port 443 (the SYN carries no ClientHello): a socket
+//!   whose ClientHello the SNI program denied (`SNI_STATE` = `DENIED`) gets
+//!   `TCP_USER_TIMEOUT` = 1 ms at the next segment it tries to send, so TCP
+//!   aborts it at its next timer run and the application sees ETIMEDOUT
+//!   (~0.22 s after connect, measured), instead of retrying for seconds
+//!   (docs/names.md, "Failing fast"). A socket judged and not denied has
+//!   the per-segment callback turned off at its first segment after the
+//!   verdict, except a tracked connection with a token budget: the SNI
+//!   program denies it when the budget is spent (docs/limits.md, "Token
+//!   budgets"), and it is aborted the same way at its next try.
 //! - limited connections are paced at their pair's rate
 //!   (`SO_MAX_PACING_RATE`, see `pace`).
+//!
+//! Per connection that makes, besides the three callbacks the kernel makes
+//! whatever the flags (`TIMEOUT_INIT`, `RWND_INIT`, `NEEDS_ECN`): an
+//! untracked socket 2 (`TCP_CONNECT`, `ACTIVE_ESTABLISHED`), plus one per
+//! segment sent until its SNI verdict on port 443; a tracked connection
+//! 2 + 2 state changes (established, closed) + RTT samples and segments
+//! until its verdict (docs/benchmarks.md).
 //! Apart from that, the program never affects the connection: it always
 //! returns 1.
 
@@ -86,19 +100,30 @@ fn account(ctx: &SockOpsContext) {
     {
         return;
     }
+    // SAFETY: reading this program's own context.
+    let cb_flags = unsafe { (*ctx.ops).bpf_sock_ops_cb_flags } as i32;
     // Tracked sockets got STATE_CB at their TCP_CONNECT_CB: an established
     // socket without it is not tracked, and needs no lookup.
-    // SAFETY: reading this program's own context.
-    if op == ACTIVE_ESTABLISHED_CB
-        && unsafe { (*ctx.ops).bpf_sock_ops_cb_flags } as i32 & STATE_CB_FLAG == 0
-    {
+    if op == ACTIVE_ESTABLISHED_CB && cb_flags & STATE_CB_FLAG == 0 {
+        if to_https(ctx) {
+            let _ = ctx.set_cb_flags(flags::established(false));
+        }
         return;
     }
     if op == TCP_CONNECT_CB && !CB_FLAGS_FALLBACK.get(0).is_some_and(|f| *f != 0) {
-        // SAFETY: reading this program's own context.
-        if unsafe { (*ctx.ops).bpf_sock_ops_cb_flags } as i32 & STATE_CB_FLAG == 0 {
-            let _ = ctx.set_cb_flags(cb_flags_for(false, to_https(ctx)));
+        let _ = ctx.set_cb_flags(flags::connecting(cb_flags & flags::TRACKED_MARK != 0));
+        return;
+    }
+    if op == STATE_CB {
+        if ctx.arg(1) != TCP_CLOSE {
+            return;
         }
+        let _ = ctx.set_cb_flags(0);
+    }
+    // A segment without payload (the handshake's ACK, a pure ACK) is not
+    // the retransmitted ClientHello an SNI deny waits for.
+    // SAFETY: reading this program's own context.
+    if op == HDR_OPT_LEN_CB && unsafe { (*ctx.ops).skb_len } == 0 {
         return;
     }
     // SAFETY: helper on this program's own context.
@@ -109,7 +134,7 @@ fn account(ctx: &SockOpsContext) {
     }
     let Some(entry) = CONNS.get_ptr_mut(&cookie) else {
         if op == TCP_CONNECT_CB {
-            let _ = ctx.set_cb_flags(cb_flags_for(false, to_https(ctx)));
+            let _ = ctx.set_cb_flags(flags::connecting(false));
         }
         return;
     };
@@ -119,9 +144,10 @@ fn account(ctx: &SockOpsContext) {
         let now = bpf_ktime_get_ns();
         match op {
             TCP_CONNECT_CB => {
-                let _ = ctx.set_cb_flags(cb_flags_for(true, false));
+                let _ = ctx.set_cb_flags(flags::connecting(true));
             }
             ACTIVE_ESTABLISHED_CB => {
+                let _ = ctx.set_cb_flags(flags::established(true));
                 pace(ctx, (*entry).data.bandwidth_bucket);
                 (*entry).data.established_ns = now;
                 (*entry).data.reported_ns = now;
@@ -137,32 +163,48 @@ fn account(ctx: &SockOpsContext) {
                 }
             }
             _ => {
-                if ctx.arg(1) == TCP_CLOSE {
-                    (*entry).data.closed_ns = now;
-                    read_bytes(ctx, entry);
-                    send(entry, kind::CONN_SUMMARY);
-                    let _ = CONNS.remove(&cookie);
-                }
+                // STATE_CB to TCP_CLOSE.
+                (*entry).data.closed_ns = now;
+                read_bytes(ctx, entry);
+                send(entry, kind::CONN_SUMMARY);
+                let _ = CONNS.remove(&cookie);
             }
         }
     }
 }
 
-/// The optional callbacks a TCP socket gets at its connect: a tracked
-/// provider connection (`tracked`) all it is accounted and stopped by;
-/// any other the (rare) RTO callback, so an SNI deny aborts it, and on port
-/// 443, where TLS to a provider name on a shared address is expected, the
-/// per-segment callback too, which aborts it fast (it costs on every
-/// segment, hence not on other ports: an SNI deny there still drops every
-/// packet, the client fails slower).
-#[inline(always)]
-fn cb_flags_for(tracked: bool, https: bool) -> i32 {
-    if tracked {
-        STATE_CB_FLAG | RTT_CB_FLAG | RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
-    } else if https {
-        RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
-    } else {
-        RTO_CB_FLAG
+/// The optional callbacks of a TCP socket, by phase.
+mod flags {
+    use super::*;
+
+    /// Set by the connect-time verdict on a socket it tracks, read at its
+    /// `TCP_CONNECT_CB`: no callback before that one uses it (RTT samples
+    /// need an acknowledgement), and nothing else sets it before the
+    /// handshake (`connecting` replaces it).
+    pub const TRACKED_MARK: i32 = RTT_CB_FLAG;
+
+    /// From `TCP_CONNECT_CB` to the handshake: a tracked provider
+    /// connection needs its state changes (a failed handshake is reported
+    /// and removed); every socket gets the (rare) RTO callback, so an SNI
+    /// deny aborts it.
+    #[inline(always)]
+    pub fn connecting(tracked: bool) -> i32 {
+        if tracked { STATE_CB_FLAG | RTO_CB_FLAG } else { RTO_CB_FLAG }
+    }
+
+    /// From `ACTIVE_ESTABLISHED_CB` on: a tracked connection also its RTT
+    /// samples and the per-segment callback; a socket to port 443 (where
+    /// TLS to a provider name on a shared address is expected) the
+    /// per-segment callback, which aborts a denied one fast (it costs on
+    /// every segment until the verdict, hence not on other ports: an SNI
+    /// deny there still drops every packet, the client fails slower).
+    #[inline(always)]
+    pub fn established(tracked: bool) -> i32 {
+        if tracked {
+            STATE_CB_FLAG | RTT_CB_FLAG | RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
+        } else {
+            RTO_CB_FLAG | WRITE_HDR_OPT_CB_FLAG
+        }
     }
 }
 
@@ -174,14 +216,14 @@ fn to_https(ctx: &SockOpsContext) -> bool {
     u32::from_be(rp) == HTTPS_PORT || u32::from(u16::from_be(rp as u16)) == HTTPS_PORT
 }
 
-/// Called by the connect hook on a socket it starts tracking: its callbacks
-/// (`cb_flags_for(true, _)`), so that `TCP_CONNECT_CB` knows it is tracked
+/// Called by the connect hook on a socket it starts tracking: its mark
+/// (`flags::TRACKED_MARK`), so that `TCP_CONNECT_CB` knows it is tracked
 /// without a lookup. Where the kernel has no `TCP_BPF_SOCK_OPS_CB_FLAGS`
 /// (before 6.14), `CB_FLAGS_FALLBACK` is set instead, before this socket's
 /// own `TCP_CONNECT_CB` runs.
 #[inline(always)]
 pub fn set_tracked_cb_flags(ctx: &aya_ebpf::programs::SockAddrContext) {
-    let mut flags = cb_flags_for(true, false);
+    let mut flags = flags::TRACKED_MARK;
     // SAFETY: helper on the connecting socket, which the connect hook runs
     // under its lock; `flags` is a valid 4-byte option value.
     let rc = unsafe {

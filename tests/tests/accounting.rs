@@ -337,6 +337,48 @@ fn twenty_thousand_connections_are_counted_exactly_or_counted_as_lost() {
     );
 }
 
+/// A provider connect the server refuses (RST to the SYN) is still a
+/// tracked connection: sock_ops sees its state go to closed before any
+/// handshake, so it is reported with `established: false` and not left
+/// open in the metrics; a connect to a listener next to it is reported
+/// established.
+#[test]
+fn a_refused_provider_connect_is_reported_closed_unestablished() {
+    require_root();
+    let cg = CgroupGuard::new("refused");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    start_sink(&netns, "10.20.0.1:8084");
+    let agent = Agent::start(&bot_policy(&cg, ""));
+    let probe = llm_egress_tests::Probe::new(env!("CARGO_BIN_EXE_egress-probe"));
+    assert_eq!(
+        probe.connect(&bot, &netns, "10.20.0.1:8085"),
+        Err(libc::ECONNREFUSED),
+        "nothing listens on 8085"
+    );
+    let record = agent
+        .wait_for_audit(
+            |e| e["event"] == "connection" && e["dst_port"].as_u64() == Some(8085),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
+    assert_eq!(record["established"], false, "{record}");
+    assert_eq!(record["provider"], "test-llm", "{record}");
+    probe.connect(&bot, &netns, "10.20.0.1:8084").expect("the sink accepts");
+    let record = agent
+        .wait_for_audit(
+            |e| e["event"] == "connection" && e["dst_port"].as_u64() == Some(8084),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("no record of the accepted connect\n{}", agent.context()));
+    assert_eq!(record["established"], true, "{record}");
+    let closed = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        (agent.metric_value("llm_egress_active_connections", &[("workload", "bot")])? == 0.0)
+            .then_some(())
+    });
+    assert!(closed.is_some(), "both closed:\n{}", agent.metrics());
+}
+
 /// A burst of 3,000 provider connects is logged whole, one `decision` line
 /// per connect, soon after the burst, with either program set (with
 /// `"all"` each connect also brings sock_ops' connection events). The
