@@ -696,6 +696,26 @@ processed 1000001 insns (limit 1000000) max_states_per_insn 36 total_states 3435
 
 ";
 
+    /// `ALL_MAPS` is what the loader checks and pins: a map the object
+    /// declares but the list lacks would be pinned unchecked.
+    #[test]
+    fn the_object_declares_exactly_all_maps() {
+        if OBJECT.is_empty() {
+            return;
+        }
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
+        let mut declared: Vec<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        declared.sort_unstable();
+        let mut listed = ALL_MAPS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(declared, listed);
+    }
+
     #[test]
     fn the_reason_is_the_verifiers_error_and_statistics() {
         let tail = verifier_tail(TOO_LARGE);

@@ -29,6 +29,10 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 /// `Array<u64>`, one entry: `bpf_ktime_get_ns()` when a program last woke
 /// the agent's reader of `EVENTS` (see [`EVENTS_WAKE_NS`]).
 pub const MAP_EVENTS_WOKEN: &str = "EVENTS_WOKEN";
+/// `Array<u32>[1]`: 1 once the kernel refused `TCP_BPF_SOCK_OPS_CB_FLAGS`
+/// from the connect hook (before 6.14); sock_ops then looks every
+/// connecting socket up (ebpf/src/sock_ops.rs).
+pub const MAP_CB_FLAGS_FALLBACK: &str = "CB_FLAGS_FALLBACK";
 
 /// `LruHashMap<u32 tgid, ExecInfo>`: the last exec of processes under the
 /// attach cgroup, so that a process that exits right after connecting is
@@ -91,7 +95,7 @@ pub const MAP_RECORDS_SENT: &str = "RECORDS_SENT";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 32] = [
+pub const ALL_MAPS: [&str; 33] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -102,6 +106,7 @@ pub const ALL_MAPS: [&str; 32] = [
     MAP_PROVIDER_ACTIONS,
     MAP_EVENTS,
     MAP_EVENTS_WOKEN,
+    MAP_CB_FLAGS_FALLBACK,
     MAP_COUNTERS,
     MAP_EXECS,
     MAP_EXEC_SCRATCH,
