@@ -696,8 +696,8 @@ processed 1000001 insns (limit 1000000) max_states_per_insn 36 total_states 3435
 
 ";
 
-    /// `ALL_MAPS` is what the loader checks and pins: a map the object
-    /// declares but the list lacks would be pinned unchecked.
+    /// `ALL_MAPS` is the loader's list of the maps the object must have:
+    /// the list and the object stay the same set.
     #[test]
     fn the_object_declares_exactly_all_maps() {
         if OBJECT.is_empty() {
