@@ -565,10 +565,13 @@ fn human(v: Option<u64>) -> String {
 pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
     let a = &s.agent;
     let mut out = String::new();
+    // A degraded agent's reason is several lines (one per missing
+    // program): the first goes in the header, the rest under it.
+    let mut reason = s.readiness.trim_end().lines();
     let ready = if s.ready {
         "ready".to_string()
     } else {
-        format!("NOT READY ({})", s.readiness)
+        format!("NOT READY ({})", reason.next().unwrap_or(""))
     };
     let _ = writeln!(
         out,
@@ -577,6 +580,11 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
         a.version.as_deref().unwrap_or("-"),
         a.object.as_deref().unwrap_or("-")
     );
+    if !s.ready {
+        for line in reason {
+            let _ = writeln!(out, "  {}", line.trim_start());
+        }
+    }
     let reloads: Vec<String> = ["ok", "invalid", "failed"]
         .iter()
         .map(|r| format!("{r} {}", a.policy_reloads.get(*r).copied().unwrap_or(0)))
@@ -1051,6 +1059,23 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
                 .next()
                 .unwrap()
                 .contains("NOT READY (not ready: programs not attached yet)")
+        );
+        let degraded = Snapshot {
+            readiness: "degraded: 1 program(s) failed to load; the others enforce the policy without them:\n  names_dns_ingress: too large\n".into(),
+            ..s.clone()
+        };
+        let text = render(&degraded, None);
+        let mut lines = text.lines();
+        let header = lines.next().unwrap();
+        assert!(
+            header.contains("NOT READY (degraded: 1 program(s) failed to load; the others enforce the policy without them:)")
+                && !header.contains("names_dns_ingress"),
+            "{text}"
+        );
+        assert_eq!(
+            lines.next(),
+            Some("  names_dns_ingress: too large"),
+            "{text}"
         );
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["ready"], false);

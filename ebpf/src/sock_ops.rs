@@ -189,7 +189,11 @@ mod flags {
     /// deny aborts it.
     #[inline(always)]
     pub fn connecting(tracked: bool) -> i32 {
-        if tracked { STATE_CB_FLAG | RTO_CB_FLAG } else { RTO_CB_FLAG }
+        if tracked {
+            STATE_CB_FLAG | RTO_CB_FLAG
+        } else {
+            RTO_CB_FLAG
+        }
     }
 
     /// From `ACTIVE_ESTABLISHED_CB` on: a tracked connection also its RTT

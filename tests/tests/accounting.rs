@@ -364,7 +364,9 @@ fn a_refused_provider_connect_is_reported_closed_unestablished() {
         .unwrap_or_else(|| panic!("no connection record\n{}", agent.context()));
     assert_eq!(record["established"], false, "{record}");
     assert_eq!(record["provider"], "test-llm", "{record}");
-    probe.connect(&bot, &netns, "10.20.0.1:8084").expect("the sink accepts");
+    probe
+        .connect(&bot, &netns, "10.20.0.1:8084")
+        .expect("the sink accepts");
     let record = agent
         .wait_for_audit(
             |e| e["event"] == "connection" && e["dst_port"].as_u64() == Some(8084),
