@@ -315,14 +315,10 @@ fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
         Some(Decoded::Decision(ev)) => {
             let record = to_record(&ev, ctx);
             let provider = record.provider.as_deref().unwrap_or("none");
-            let d = &ev.data;
-            let connect = d.hook == hook::CONNECT4 || d.hook == hook::CONNECT6;
-            if record.verdict != "deny"
-                && d.provider_id != NO_PROVIDER
-                && d.proto == proto::TCP
-                && connect
-            {
-                accounting.opened(d.cookie, &record.workload, provider, &record.who);
+            // Only what the kernel tracks gets a summary that closes it
+            // again (with `programs = "connect"` nothing is tracked).
+            if ev.data.tracked != 0 {
+                accounting.opened(ev.data.cookie, &record.workload, provider, &record.who);
             }
             ctx.audit.record(&record, &ctx.metrics);
         }

@@ -77,7 +77,10 @@ pub struct ConnectDecision {
     pub family: u8,
     /// `hook::*`
     pub hook: u8,
-    pub _pad: u8,
+    /// 1: the connect hook tracks this connection in `CONNS`, so sock_ops
+    /// reports its close (`programs = "all"`, an allowed provider TCP
+    /// connect, a free `CONNS` slot); 0: no summary will come.
+    pub tracked: u8,
 }
 
 pub type ConnectEvent = Event<ConnectDecision>;

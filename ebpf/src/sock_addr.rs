@@ -300,9 +300,7 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
         verdict: v,
         _pad: [0; 7],
     });
-    if v != verdict::ALLOW || decision.provider_id != NO_PROVIDER {
-        report(ctx, dest, hook, v, &decision);
-    }
+    let mut tracked = false;
     if v != verdict::DENY
         && decision.track
         && decision.provider_id != NO_PROVIDER
@@ -317,9 +315,13 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
             bucket_if(limit_flag::BANDWIDTH),
             bucket_if(limit_flag::BUDGET),
         );
-        if track(ctx, dest, &decision, buckets) {
+        tracked = track(ctx, dest, &decision, buckets);
+        if tracked {
             crate::sock_ops::set_tracked_cb_flags(ctx);
         }
+    }
+    if v != verdict::ALLOW || decision.provider_id != NO_PROVIDER {
+        report(ctx, dest, hook, v, &decision, tracked);
     }
     if v == verdict::DENY { DENY } else { ALLOW }
 }
@@ -444,7 +446,7 @@ fn provider_of(slot: u32, dest: &Dest) -> u32 {
 }
 
 #[inline(always)]
-fn report(ctx: &SockAddrContext, dest: &Dest, hook: u8, v: u8, d: &Decision) {
+fn report(ctx: &SockAddrContext, dest: &Dest, hook: u8, v: u8, d: &Decision, tracked: bool) {
     // SAFETY: helper on this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
@@ -467,7 +469,7 @@ fn report(ctx: &SockAddrContext, dest: &Dest, hook: u8, v: u8, d: &Decision) {
             proto: dest.proto,
             family: dest.family,
             hook,
-            _pad: 0,
+            tracked: u8::from(tracked),
         },
     };
     entry.write(event);

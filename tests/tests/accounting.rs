@@ -444,6 +444,29 @@ fn burst_is_logged_whole(programs: &str) {
         "programs = {programs}: one decision line per connect"
     );
     eprintln!("programs = {programs}: {N} provider decisions logged {after:?} after the burst");
+    // Only connections the kernel tracks are open in the agent's view:
+    // with "connect" none ever is (no summary would close it), with "all"
+    // each was closed by its summary. Nothing is reported missing at the
+    // next comparison with the kernel's table (every 10 s).
+    let open = || {
+        agent
+            .metric_value("llm_egress_active_connections", &[("workload", "bot")])
+            .unwrap_or(0.0)
+    };
+    let closed = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        (open() == 0.0).then_some(())
+    });
+    assert!(
+        closed.is_some(),
+        "programs = {programs}: {} connections left open",
+        open()
+    );
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(
+        agent.metric_value("llm_egress_connection_summaries_missing_total", &[]),
+        Some(0.0),
+        "programs = {programs}: no summary is missing"
+    );
 }
 
 /// The policy of the TLS tests: the fake OpenAI at 192.0.2.1:443.
