@@ -16,10 +16,12 @@
 //! verdict alone) and once with `programs = "all"` (every program), each
 //! with an agent of its own.
 //!
-//! Then the agent of `"all"` carries provider connections (every one
-//! tracked, reported and logged): CPU and RSS per round of
-//! PROVIDER_CONNECTS_PER_ROUND connections at full speed; many rounds make
-//! a soak test of its memory.
+//! Then each set's agent carries provider connections (with `"all"` every
+//! one tracked, reported and logged; with `"connect"` a decision event and
+//! an audit line each): CPU and RSS per round of
+//! PROVIDER_CONNECTS_PER_ROUND connections at full speed. The rounds are a
+//! soak of its memory: the bench exits 1 when the RSS grows after the
+//! first (warm-up) round by more than `RSS_SLACK_KIB` or 10 %.
 //!
 //! Usage: bench-connect [ROUNDS] [CONNECTS_PER_ROUND] [PROVIDER_ROUNDS]
 //! (default 401 × 1000, then 5 provider rounds of 10,000).
@@ -217,7 +219,19 @@ fn provider_load(
     let lost = agent
         .metric_value("llm_egress_events_lost_total", &[])
         .unwrap_or(0.0);
-    serde_json::json!({"bench": "provider_connection_load", "connections_per_round": n, "rounds": out, "events_lost_total": lost})
+    // RSS after the warm-up round against the highest after it.
+    let rss: Vec<u64> = out
+        .iter()
+        .filter_map(|r| r["agent_rss_kib"].as_u64())
+        .collect();
+    let warm = rss.first().copied().unwrap_or(0);
+    let growth = rss
+        .iter()
+        .skip(1)
+        .max()
+        .map_or(0, |m| m.saturating_sub(warm));
+    let flat = growth <= RSS_SLACK_KIB.max(warm / 10);
+    serde_json::json!({"bench": "provider_connection_load", "connections_per_round": n, "rounds": out, "events_lost_total": lost, "rss_after_warmup_kib": warm, "rss_growth_after_warmup_kib": growth, "rss_flat": flat})
 }
 
 /// Set by SIGINT or SIGTERM: the bench stops after the round it is in and
@@ -347,11 +361,12 @@ fn main() {
         Ok(p) => vec![p],
         Err(_) => vec!["connect".to_owned(), "all".to_owned()],
     };
+    let mut grew = Vec::new();
     for programs in &sets {
         let Some(agent) = connect_loop(&bench, programs, rounds, n) else {
             return;
         };
-        if programs != "all" || provider_rounds == 0 {
+        if provider_rounds == 0 {
             continue;
         }
         let (_, rss_before) = cpu_and_rss(agent.pid());
@@ -364,10 +379,28 @@ fn main() {
             provider_rounds,
             PROVIDER_CONNECTS_PER_ROUND,
         );
-        println!("{load}");
-        println!("agent RSS before the provider load: {rss_before} KiB");
+        println!(
+            "{}",
+            serde_json::json!({"programs": programs, "load": load})
+        );
+        println!("[{programs}] agent RSS before the provider load: {rss_before} KiB");
+        if load["rss_flat"] == false {
+            grew.push(format!(
+                "[{programs}] agent RSS grew by {} KiB after the warm-up round",
+                load["rss_growth_after_warmup_kib"]
+            ));
+        }
+    }
+    if !grew.is_empty() {
+        eprintln!("bench: the memory soak failed:\n{}", grew.join("\n"));
+        std::process::exit(1);
     }
 }
+
+/// The soak's allowance: after the first (warm-up) round of the provider
+/// load, the agent's RSS may grow by this much or 10 %, whichever is more
+/// (allocator and page noise), and no more.
+const RSS_SLACK_KIB: u64 = 2048;
 
 /// One destination of the connect loops, reached from `workload`.
 struct Destination {
