@@ -518,6 +518,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // up to 2 × 65,536 entries).
     let mut ticks: u64 = 0;
     let mut file_hash = args.config.as_deref().and_then(content_hash);
+    let mut file_changes = args.config.as_deref().and_then(crate::policy_watch::watch);
     // Started: from now on the pins stay whatever happens to the agent (and
     // other builds' pins go, with the privileges that may take).
     loader.started();
@@ -576,6 +577,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     record_occupancy(&maps, &metrics);
                 }
                 None
+            }
+            Some(()) = async {
+                match file_changes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let now = args.config.as_deref().and_then(content_hash);
+                (now.is_some() && now != file_hash).then_some("file changed")
             }
             _ = refresh.tick() => {
                 spawn_round(&resolver, &state, &resolved_tx);

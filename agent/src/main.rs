@@ -33,6 +33,7 @@ mod maps;
 mod metrics;
 mod plan;
 mod policy;
+mod policy_watch;
 mod privileges;
 mod process_series;
 mod programs;
