@@ -1,0 +1,241 @@
+//! Who may change what the agent trusts: the policy file, `pin_path`,
+//! `state_dir`, the audit log, and the cgroup directories whose names
+//! select workloads (`crate::cgroups`).
+//!
+//! The agent runs as root and acts on these paths; a non-root user who can
+//! write one of them, or replace it (write a directory above it), could
+//! change the policy, swap pinned maps, forge saved budgets or read and
+//! rewrite the audit log. At start, before anything is created or pinned,
+//! every one of them must be trusted (docs/operations.md, "Files and
+//! directories the agent trusts"):
+//!
+//! - the path itself, where it exists, is owned by root (or the agent's own
+//!   uid) and is writable neither by others nor by a group other than gid 0;
+//! - every directory above it, up to `/`, is the same, or is owned by root
+//!   and sticky (`/tmp`, a `/sys/fs/bpf` mounted 1777): others may create
+//!   entries there but not replace the agent's;
+//! - a symbolic link on the way is followed and the directories of its
+//!   target are checked too.
+//!
+//! A component that does not exist yet is created later by the agent (mode
+//! 0700). This module only reads metadata; it never changes a mode (the
+//! audit log's own mode is fixed where it is opened, `crate::audit`).
+
+use std::{
+    fs::{self, Metadata},
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use crate::policy::{AuditLog, Policy};
+
+/// A path the agent refuses to trust.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} {path} is not trusted: {component} is {why} (owner uid {uid}, group gid {gid}, \
+     mode {mode:04o}); make it and every directory above it owned by root and writable \
+     only by root (docs/operations.md, \"Files and directories the agent trusts\")"
+)]
+pub struct Untrusted {
+    pub what: &'static str,
+    pub path: PathBuf,
+    /// The path itself or the directory above it that fails.
+    pub component: PathBuf,
+    pub why: &'static str,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+fn trusted_owner(uid: u32) -> bool {
+    // SAFETY: geteuid() has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
+/// Whether only root can create, remove or rename entries in (a
+/// directory) or write to (a file) what `meta` describes: owned by root,
+/// not writable by others, writable by its group only if that is gid 0.
+/// For cgroup directories: only root can create a child there.
+pub fn only_root_writes(meta: &Metadata) -> bool {
+    let mode = meta.mode();
+    meta.uid() == 0 && mode & 0o002 == 0 && (mode & 0o020 == 0 || meta.gid() == 0)
+}
+
+/// Why `meta` (of the path itself, `leaf`, or of a directory above it) is
+/// not trusted; None when it is.
+fn distrust(meta: &Metadata, leaf: bool) -> Option<&'static str> {
+    let mode = meta.mode();
+    if !trusted_owner(meta.uid()) {
+        return Some("owned by another user");
+    }
+    // A root-owned sticky directory above: others may add entries but not
+    // remove or rename the agent's.
+    let sticky_ok = !leaf && meta.uid() == 0 && meta.is_dir() && mode & 0o1000 != 0;
+    if mode & 0o002 != 0 && !sticky_ok {
+        return Some("writable by every user");
+    }
+    if mode & 0o020 != 0 && meta.gid() != 0 && !sticky_ok {
+        return Some("writable by a group other than root's");
+    }
+    None
+}
+
+/// Checks `path` (which may not exist yet) and every directory above it,
+/// as written and, through symbolic links, as resolved.
+pub fn check(what: &'static str, path: &Path) -> Result<(), Untrusted> {
+    let untrusted = |component: &Path, meta: &Metadata, why| Untrusted {
+        what,
+        path: path.to_path_buf(),
+        component: component.to_path_buf(),
+        why,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.permissions().mode() & 0o7777,
+    };
+    // As written: every existing component (a symlink's own bits mean
+    // nothing; who made it is the directory above's question).
+    for (i, component) in path.ancestors().enumerate() {
+        let Ok(meta) = fs::symlink_metadata(component) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if let Some(why) = distrust(&meta, i == 0) {
+            return Err(untrusted(component, &meta, why));
+        }
+    }
+    // As resolved: the deepest existing component and its directories.
+    let Some((i, existing)) = path
+        .ancestors()
+        .enumerate()
+        .find(|(_, a)| fs::symlink_metadata(a).is_ok())
+    else {
+        return Ok(());
+    };
+    let Ok(real) = fs::canonicalize(existing) else {
+        return Ok(());
+    };
+    for (j, component) in real.ancestors().enumerate() {
+        let Ok(meta) = fs::metadata(component) else {
+            continue;
+        };
+        if let Some(why) = distrust(&meta, i == 0 && j == 0) {
+            return Err(untrusted(component, &meta, why));
+        }
+    }
+    Ok(())
+}
+
+/// Every path of `policy` the agent trusts, and the policy file `config`.
+pub fn check_policy(policy: &Policy, config: Option<&Path>) -> Result<(), Untrusted> {
+    if let Some(config) = config {
+        check("policy file", config)?;
+    }
+    check("pin_path", &policy.pin_path)?;
+    check("state_dir", &policy.state_dir)?;
+    if let AuditLog::File(log) = &policy.audit_log {
+        check_audit_log(log)?;
+    }
+    Ok(())
+}
+
+/// The audit log's directories must be trusted like the other paths; the
+/// file itself only needs a trusted owner (its mode is narrowed when it
+/// is opened, `crate::audit`).
+fn check_audit_log(log: &Path) -> Result<(), Untrusted> {
+    if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
+        check("audit_log's directory", dir)?;
+    }
+    match fs::metadata(log) {
+        Ok(meta) if !trusted_owner(meta.uid()) => Err(Untrusted {
+            what: "audit_log",
+            path: log.to_path_buf(),
+            component: log.to_path_buf(),
+            why: "owned by another user",
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.permissions().mode() & 0o7777,
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn set_mode(p: &Path, mode: u32) {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Run as root (the suite's tests run as root); skipped otherwise.
+    fn root() -> bool {
+        // SAFETY: no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn modes_decide_trust() {
+        if !root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        set_mode(dir.path(), 0o755);
+        let file = dir.path().join("policy.toml");
+        fs::write(&file, "").unwrap();
+        set_mode(&file, 0o644);
+        assert!(check("policy file", &file).is_ok());
+        assert!(
+            check("state_dir", &dir.path().join("missing/state")).is_ok(),
+            "missing components are created later"
+        );
+        set_mode(&file, 0o646);
+        let e = check("policy file", &file).unwrap_err();
+        assert_eq!(e.why, "writable by every user");
+        assert!(e.to_string().contains("mode 0646"), "{e}");
+        set_mode(&file, 0o644);
+        // Sticky is fine above, never for the path itself.
+        set_mode(dir.path(), 0o1777);
+        assert!(check("policy file", &file).is_ok());
+        let e = check("state_dir", dir.path()).unwrap_err();
+        assert_eq!(e.component, dir.path());
+        set_mode(dir.path(), 0o777);
+        let e = check("policy file", &file).unwrap_err();
+        assert_eq!(e.component, dir.path(), "{e}");
+        set_mode(dir.path(), 0o755);
+        std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+        let e = check("policy file", &file).unwrap_err();
+        assert_eq!((e.why, e.uid), ("owned by another user", 65534));
+    }
+
+    #[test]
+    fn symlinks_are_checked_where_they_lead() {
+        if !root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        set_mode(dir.path(), 0o755);
+        let open = dir.path().join("open");
+        fs::create_dir(&open).unwrap();
+        set_mode(&open, 0o777);
+        let target = open.join("state");
+        fs::create_dir(&target).unwrap();
+        set_mode(&target, 0o700);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = check("state_dir", &link).unwrap_err();
+        assert_eq!(e.component, open);
+    }
+
+    #[test]
+    fn only_root_writes_reads_owner_and_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = fs::metadata(dir.path()).unwrap();
+        assert_eq!(
+            only_root_writes(&meta),
+            meta.uid() == 0 && meta.mode() & 0o022 == 0
+        );
+    }
+}
