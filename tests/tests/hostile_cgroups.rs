@@ -15,12 +15,7 @@
 //! Needs root, bpffs, and a built agent. Locals are declared cgroup, netns,
 //! servers, agent, so they drop in the reverse order.
 
-use std::{
-    os::unix::process::CommandExt,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{os::unix::process::CommandExt, path::Path, process::Command, time::Duration};
 
 use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, TcpServer, require_root,
@@ -138,8 +133,14 @@ other = "deny"
     );
     for (dir, what) in [
         (&fake, "user@65534.service/x.service (made by the user)"),
-        (&fake_in_slice, "user@65534.service/app.slice/x.service (made by the user)"),
-        (&fake_in_open_slice, "system.slice/open.slice/x.service (made by the user)"),
+        (
+            &fake_in_slice,
+            "user@65534.service/app.slice/x.service (made by the user)",
+        ),
+        (
+            &fake_in_open_slice,
+            "system.slice/open.slice/x.service (made by the user)",
+        ),
     ] {
         expect_eperm(
             &agent,
