@@ -15,7 +15,10 @@
 //!   and sticky (`/tmp`, a `/sys/fs/bpf` mounted 1777): others may create
 //!   entries there but not replace the agent's;
 //! - a symbolic link on the way is followed and the directories of its
-//!   target are checked too.
+//!   target are checked too;
+//! - write bits mean nothing on a read-only mount (a Kubernetes ConfigMap
+//!   volume: its directory is 0777, mounted read-only): there only the
+//!   owner counts.
 //!
 //! A component that does not exist yet is created later by the agent (mode
 //! 0700). This module only reads metadata; it never changes a mode (the
@@ -61,12 +64,28 @@ pub fn only_root_writes(meta: &Metadata) -> bool {
     meta.uid() == 0 && mode & 0o002 == 0 && (mode & 0o020 == 0 || meta.gid() == 0)
 }
 
+/// Whether `path` lies on a file system mounted read-only.
+fn read_only_mount(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path and a zeroed out-parameter the call fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the pointers live for the call.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_flag & libc::ST_RDONLY != 0
+}
+
 /// Why `meta` (of the path itself, `leaf`, or of a directory above it) is
-/// not trusted; None when it is.
-fn distrust(meta: &Metadata, leaf: bool) -> Option<&'static str> {
+/// not trusted; None when it is. `read_only`: on a read-only mount.
+fn distrust(meta: &Metadata, leaf: bool, read_only: bool) -> Option<&'static str> {
     let mode = meta.mode();
     if !trusted_owner(meta.uid()) {
         return Some("owned by another user");
+    }
+    if read_only {
+        return None;
     }
     // A root-owned sticky directory above: others may add entries but not
     // remove or rename the agent's.
@@ -101,7 +120,7 @@ pub fn check(what: &'static str, path: &Path) -> Result<(), Untrusted> {
         if meta.file_type().is_symlink() {
             continue;
         }
-        if let Some(why) = distrust(&meta, i == 0) {
+        if let Some(why) = distrust(&meta, i == 0, read_only_mount(component)) {
             return Err(untrusted(component, &meta, why));
         }
     }
@@ -120,7 +139,7 @@ pub fn check(what: &'static str, path: &Path) -> Result<(), Untrusted> {
         let Ok(meta) = fs::metadata(component) else {
             continue;
         };
-        if let Some(why) = distrust(&meta, i == 0 && j == 0) {
+        if let Some(why) = distrust(&meta, i == 0 && j == 0, read_only_mount(component)) {
             return Err(untrusted(component, &meta, why));
         }
     }
@@ -227,6 +246,17 @@ mod tests {
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let e = check("state_dir", &link).unwrap_err();
         assert_eq!(e.component, open);
+    }
+
+    #[test]
+    fn write_bits_do_not_count_on_a_read_only_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        set_mode(dir.path(), 0o777);
+        let meta = fs::metadata(dir.path()).unwrap();
+        let owned = trusted_owner(meta.uid());
+        assert_eq!(distrust(&meta, true, true).is_none(), owned);
+        assert!(distrust(&meta, true, false).is_some());
+        assert!(!read_only_mount(dir.path()), "a temp dir is writable");
     }
 
     #[test]
