@@ -32,22 +32,58 @@ use std::{
 
 use crate::policy::{AuditLog, Policy};
 
-/// A path the agent refuses to trust.
+/// A path the agent refuses to trust. `component`: the path itself or the
+/// directory above it that fails.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "{what} {path} is not trusted: {component} is {why} (owner uid {uid}, group gid {gid}, \
-     mode {mode:04o}); make it and every directory above it owned by root and writable \
-     only by root (docs/operations.md, \"Files and directories the agent trusts\")"
-)]
-pub struct Untrusted {
-    pub what: &'static str,
-    pub path: PathBuf,
-    /// The path itself or the directory above it that fails.
-    pub component: PathBuf,
-    pub why: &'static str,
-    pub uid: u32,
-    pub gid: u32,
-    pub mode: u32,
+pub enum Untrusted {
+    #[error(
+        "{what} {path} is not trusted: {component} is {why} (owner uid {uid}, group gid {gid}, \
+         mode {mode:04o}); make it and every directory above it owned by root and writable \
+         only by root (docs/operations.md, \"Files and directories the agent trusts\")"
+    )]
+    Mode {
+        what: &'static str,
+        path: PathBuf,
+        component: PathBuf,
+        why: &'static str,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
+    /// Root cannot stat it (another user's FUSE mount): nothing is known.
+    #[error("{what} {path} is not trusted: {component} cannot be examined: {source}")]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        component: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The metadata of `path` (`follow`: through a final symbolic link); None
+/// when it does not exist.
+fn stat(
+    what: &'static str,
+    whole: &Path,
+    path: &Path,
+    follow: bool,
+) -> Result<Option<Metadata>, Untrusted> {
+    let meta = if follow {
+        fs::metadata(path)
+    } else {
+        fs::symlink_metadata(path)
+    };
+    match meta {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Untrusted::Unreadable {
+            what,
+            path: whole.to_path_buf(),
+            component: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 fn trusted_owner(uid: u32) -> bool {
@@ -102,7 +138,7 @@ fn distrust(meta: &Metadata, leaf: bool, read_only: bool) -> Option<&'static str
 /// Checks `path` (which may not exist yet) and every directory above it,
 /// as written and, through symbolic links, as resolved.
 pub fn check(what: &'static str, path: &Path) -> Result<(), Untrusted> {
-    let untrusted = |component: &Path, meta: &Metadata, why| Untrusted {
+    let untrusted = |component: &Path, meta: &Metadata, why| Untrusted::Mode {
         what,
         path: path.to_path_buf(),
         component: component.to_path_buf(),
@@ -114,7 +150,10 @@ pub fn check(what: &'static str, path: &Path) -> Result<(), Untrusted> {
     // As written: every existing component (a symlink's own bits mean
     // nothing; who made it is the directory above's question).
     for (i, component) in path.ancestors().enumerate() {
-        let Ok(meta) = fs::symlink_metadata(component) else {
+        if component.as_os_str().is_empty() {
+            continue;
+        }
+        let Some(meta) = stat(what, path, component, false)? else {
             continue;
         };
         if meta.file_type().is_symlink() {
@@ -128,15 +167,18 @@ pub fn check(what: &'static str, path: &Path) -> Result<(), Untrusted> {
     let Some((i, existing)) = path
         .ancestors()
         .enumerate()
-        .find(|(_, a)| fs::symlink_metadata(a).is_ok())
+        .find(|(_, a)| !a.as_os_str().is_empty() && fs::symlink_metadata(a).is_ok())
     else {
         return Ok(());
     };
-    let Ok(real) = fs::canonicalize(existing) else {
-        return Ok(());
-    };
+    let real = fs::canonicalize(existing).map_err(|source| Untrusted::Unreadable {
+        what,
+        path: path.to_path_buf(),
+        component: existing.to_path_buf(),
+        source,
+    })?;
     for (j, component) in real.ancestors().enumerate() {
-        let Ok(meta) = fs::metadata(component) else {
+        let Some(meta) = stat(what, path, component, true)? else {
             continue;
         };
         if let Some(why) = distrust(&meta, i == 0 && j == 0, read_only_mount(component)) {
@@ -167,7 +209,7 @@ fn check_audit_log(log: &Path) -> Result<(), Untrusted> {
         check("audit_log's directory", dir)?;
     }
     match fs::metadata(log) {
-        Ok(meta) if !trusted_owner(meta.uid()) => Err(Untrusted {
+        Ok(meta) if !trusted_owner(meta.uid()) => Err(Untrusted::Mode {
             what: "audit_log",
             path: log.to_path_buf(),
             component: log.to_path_buf(),
@@ -184,6 +226,19 @@ fn check_audit_log(log: &Path) -> Result<(), Untrusted> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// (component, why, uid) of a mode error.
+    fn mode_err(e: Untrusted) -> (PathBuf, &'static str, u32) {
+        match e {
+            Untrusted::Mode {
+                component,
+                why,
+                uid,
+                ..
+            } => (component, why, uid),
+            e => panic!("not a mode error: {e}"),
+        }
+    }
 
     fn set_mode(p: &Path, mode: u32) {
         fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
@@ -212,21 +267,22 @@ mod tests {
         );
         set_mode(&file, 0o646);
         let e = check("policy file", &file).unwrap_err();
-        assert_eq!(e.why, "writable by every user");
         assert!(e.to_string().contains("mode 0646"), "{e}");
+        assert_eq!(mode_err(e).1, "writable by every user");
         set_mode(&file, 0o644);
         // Sticky is fine above, never for the path itself.
         set_mode(dir.path(), 0o1777);
         assert!(check("policy file", &file).is_ok());
         let e = check("state_dir", dir.path()).unwrap_err();
-        assert_eq!(e.component, dir.path());
+        assert_eq!(mode_err(e).0, dir.path());
         set_mode(dir.path(), 0o777);
         let e = check("policy file", &file).unwrap_err();
-        assert_eq!(e.component, dir.path(), "{e}");
+        assert_eq!(mode_err(e).0, dir.path());
         set_mode(dir.path(), 0o755);
         std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
         let e = check("policy file", &file).unwrap_err();
-        assert_eq!((e.why, e.uid), ("owned by another user", 65534));
+        let (_, why, uid) = mode_err(e);
+        assert_eq!((why, uid), ("owned by another user", 65534));
     }
 
     #[test]
@@ -245,7 +301,7 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let e = check("state_dir", &link).unwrap_err();
-        assert_eq!(e.component, open);
+        assert_eq!(mode_err(e).0, open);
     }
 
     #[test]
