@@ -2,7 +2,8 @@
 //! the umask, and the agent refuses to start, pinning nothing, when a path
 //! it trusts (the policy file, `pin_path`, `state_dir`, or a directory
 //! above one) can be changed by a non-root user (docs/operations.md,
-//! "Files and directories the agent trusts").
+//! "Files and directories the agent trusts"); a policy file opened to
+//! others while the agent runs is not reloaded.
 //!
 //! The refused starts run the agent binary directly (the harness's
 //! [`Agent`] makes its own trusted paths); each attaches to the test's own
@@ -19,8 +20,10 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, PinDir, TempDir, agent_bin, bpf, require_root,
-    scenario::{DEAD_DNS, only_192_policy},
+    Agent, CgroupGuard, NetnsGuard, PinDir, TcpServer, TempDir, agent_bin, bpf, require_root,
+    scenario::{
+        DEAD_DNS, RELOAD_WAIT, both_allowed_policy, expect_eperm, expect_ok, only_192_policy, probe,
+    },
     toml_str, wait_until,
 };
 
@@ -228,4 +231,47 @@ fn a_policy_file_others_can_write_is_refused() {
         ],
     );
     assert!(!pin.path().exists(), "nothing pinned");
+}
+
+#[test]
+fn a_policy_file_made_writable_by_others_is_not_reloaded() {
+    require_root();
+    let cg = CgroupGuard::new("files-reload");
+    let w = cg.child("w");
+    let ns = NetnsGuard::new();
+    let _s192 = TcpServer::start(&ns, "192.0.2.1:8443");
+    let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
+    let agent = Agent::start(&only_192_policy(&cg, ""));
+    let p = probe();
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "the first policy denies 198.51.100.0/24",
+    );
+    let g0 = agent.generation();
+    // Someone opens the file to everyone, and it then says "allow more".
+    let config = agent.config_path().to_path_buf();
+    chmod(&config, 0o666);
+    fs::write(&config, both_allowed_policy(&cg)).unwrap();
+    agent.sighup();
+    let refused = format!("policy file {} is not trusted", config.display());
+    wait_until(RELOAD_WAIT, Duration::from_millis(50), || {
+        agent.stderr().contains(&refused).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the reload is refused naming the file\n{}", agent.context()));
+    assert_eq!(agent.generation(), g0, "no new generation");
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "the running policy stays in force",
+    );
+    // Root's alone again: the same content is applied.
+    chmod(&config, 0o644);
+    agent.sighup();
+    agent.wait_for_generation_after(g0);
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "the trusted file's policy allows 198.51.100.0/24",
+    );
 }
