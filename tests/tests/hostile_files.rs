@@ -275,3 +275,61 @@ fn a_policy_file_made_writable_by_others_is_not_reloaded() {
         "the trusted file's policy allows 198.51.100.0/24",
     );
 }
+
+#[test]
+fn a_policy_in_a_read_only_mount_of_an_open_directory_is_accepted() {
+    require_root();
+    // A Kubernetes ConfigMap volume: a 0777 directory, mounted read-only.
+    let cg = CgroupGuard::new("files-ro");
+    let dir = TempDir::new("llm-egress-test-files");
+    let cm = dir.path().join("configmap");
+    fs::create_dir(&cm).unwrap();
+    chmod(&cm, 0o777);
+    let config = write_policy(&cg, &cm);
+    let pin = PinDir::new();
+    let err_path = dir.path().join("stderr");
+    // The agent in its own mount namespace, where `cm` is a read-only bind
+    // mount of itself (nothing changes outside).
+    let script = format!(
+        "mount --bind {cm} {cm} && mount -o remount,bind,ro {cm} && exec {bin} run \
+         --config {config} --pin-path {pin} --state-dir {state} --metrics-listen off --audit-log off",
+        cm = toml_str(&cm.display().to_string()),
+        bin = toml_str(&agent_bin().display().to_string()),
+        config = toml_str(&config.display().to_string()),
+        pin = toml_str(&pin.path().display().to_string()),
+        state = toml_str(&dir.path().join("state").display().to_string()),
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start unshare: {e}"));
+    let ready = wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        if child.try_wait().ok().flatten().is_some() {
+            return Some(false);
+        }
+        let log = fs::read_to_string(&err_path).unwrap_or_default();
+        log.contains(" ready ").then_some(true)
+    });
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        child.try_wait().ok().flatten()
+    })
+    .or_else(|| {
+        let _ = child.kill();
+        child.wait().ok()
+    });
+    let log = fs::read_to_string(&err_path).unwrap_or_default();
+    assert_eq!(
+        ready,
+        Some(true),
+        "write bits on a read-only mount do not count: the agent starts\n{log}"
+    );
+    // The same directory writable: refused.
+    let stderr = refused(&cg, &config, pin.path(), &dir.path().join("state"));
+    assert_names(&stderr, &["writable by every user", "mode 0777"]);
+}
