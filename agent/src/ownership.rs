@@ -305,6 +305,26 @@ mod tests {
     }
 
     #[test]
+    fn an_audit_log_of_another_user_is_refused_a_wide_one_is_not() {
+        if !root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        set_mode(dir.path(), 0o755);
+        let log = dir.path().join("audit.jsonl");
+        assert!(check_audit_log(&log).is_ok(), "a log not made yet");
+        fs::write(&log, "").unwrap();
+        set_mode(&log, 0o666);
+        assert!(
+            check_audit_log(&log).is_ok(),
+            "its mode is narrowed on open"
+        );
+        std::os::unix::fs::chown(&log, Some(65534), None).unwrap();
+        let (component, why, uid) = mode_err(check_audit_log(&log).unwrap_err());
+        assert_eq!((component, why, uid), (log, "owned by another user", 65534));
+    }
+
+    #[test]
     fn write_bits_do_not_count_on_a_read_only_mount() {
         let dir = tempfile::tempdir().unwrap();
         set_mode(dir.path(), 0o777);
