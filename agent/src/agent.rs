@@ -70,6 +70,8 @@ pub enum RunError {
     DoesNotFit(BTreeMap<&'static str, u64>),
     #[error("resolver: {0}")]
     Resolver(String),
+    #[error(transparent)]
+    Untrusted(#[from] crate::ownership::Untrusted),
 }
 
 /// The policy file's settings that only a restart can change.
@@ -274,6 +276,8 @@ fn record_occupancy(maps: &KernelMaps, metrics: &Metrics) {
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let policy = load_policy(&args)?;
+    // Before anything is created, opened for writing or pinned.
+    crate::ownership::check_policy(&policy, args.config.as_deref())?;
     let (attach, mount) = attach_point(&policy)?;
     let attach_id = loader::cgroup_id(&attach)?;
     let root_rel = format!(
@@ -623,7 +627,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             .and_then(|new| {
                 // A policy that needs a program that is not running is refused
                 // like an invalid one: applying it would enforce less than it says.
-                programs::check(&new, &unavailable)
+                programs::check(&new, &unavailable).map_err(|e| e.to_string())?;
+                // The same paths as at start: state_dir may change here.
+                crate::ownership::check_policy(&new, args.config.as_deref())
                     .map(|()| new)
                     .map_err(|e| e.to_string())
             });

@@ -158,11 +158,28 @@ impl AuditSink {
     }
 }
 
+/// The audit log's mode: read and written by root alone (it names
+/// processes, users and destinations).
+pub const AUDIT_LOG_MODE: u32 = 0o600;
+
+/// Opens the log for appending: created 0600 whatever the umask, never
+/// through a symbolic link; an existing log with a wider mode is narrowed
+/// to 0600 (logged). Its owner and directories were checked at start
+/// (`crate::ownership`).
 fn open_append(path: &PathBuf) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)
+        .mode(AUDIT_LOG_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    if mode != AUDIT_LOG_MODE {
+        file.set_permissions(std::fs::Permissions::from_mode(AUDIT_LOG_MODE))?;
+        warn!(path = %path.display(), old_mode = format!("{mode:04o}"), "the audit log was readable or writable by others; its mode is now 0600");
+    }
+    Ok(file)
 }
 
 #[cfg(test)]

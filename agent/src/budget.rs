@@ -302,10 +302,21 @@ impl Budgets {
                 })
                 .collect(),
         };
-        fs::create_dir_all(dir)?;
+        // Root's alone, whatever the umask (docs/operations.md, "Files and
+        // directories the agent trusts").
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let path = dir.join(STATE_FILE);
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(&state).map_err(io::Error::other)?)?;
         f.sync_all()?;
         fs::rename(&tmp, &path)

@@ -11,6 +11,22 @@
 //! `…/pod<uid>`) whose uid the pod list (`crate::kube`) maps to a pod of
 //! that namespace and labels; the pod's containers below inherit it through
 //! the kernel's ancestor walk.
+//!
+//! Who chose a directory's name decides whether it may select a workload
+//! (docs/policy.md, "Who can create what a selector matches"). Creating a
+//! cgroup takes write access to its parent directory: a directory whose
+//! every ancestor up to the cgroup2 root only root can write to
+//! (`crate::ownership::only_root_writes`) was named by root; one below a
+//! directory a non-root user owns or may write to (a delegated subtree:
+//! systemd's user managers and `Delegate=` units, rootless container
+//! runtimes, all chown their subtree to the user) was named by that user.
+//! Every selector matches only root-named directories, except a `cgroup`
+//! glob with `match_delegated = true` and a `systemd_user_unit`, and those
+//! two never select a user-named directory below another workload's
+//! directory: a directory left out keeps the workload of its nearest
+//! listed ancestor (the kernel's walk), so creating a cgroup never moves a
+//! process to another workload. cgroup2 has no rename, so a name stays
+//! what its creator chose.
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +43,7 @@ use tracing::{debug, warn};
 use crate::{
     cgroup_info,
     kube::{self, PodMap},
+    ownership,
     policy::{PodSelector, Policy, Selector},
 };
 
@@ -36,18 +53,23 @@ const MAX_SCAN_DEPTH: usize = 32;
 const RESCAN: Duration = Duration::from_secs(5);
 
 /// One cgroup directory: its path relative to the attach cgroup ("" for
-/// the attach cgroup itself) and its id.
+/// the attach cgroup itself), its id, and who named it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupDir {
     pub rel: String,
     pub id: u64,
+    /// Only root could have created it: no ancestor up to the cgroup2 root
+    /// is writable by a non-root user.
+    pub root_named: bool,
 }
 
-/// Lists the attach cgroup and every directory below it.
+/// Lists the attach cgroup and every directory below it, parents before
+/// their children.
 pub fn scan(root: &Path) -> Vec<CgroupDir> {
     let mut out = Vec::new();
-    let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
-    while let Some((dir, rel, depth)) = stack.pop() {
+    let top = ancestors_only_root_writes(root);
+    let mut stack = vec![(root.to_path_buf(), String::new(), 0usize, top)];
+    while let Some((dir, rel, depth, root_named)) = stack.pop() {
         // A directory may vanish between listing and reading: skip it.
         let Ok(meta) = fs::metadata(&dir) else {
             continue;
@@ -55,7 +77,10 @@ pub fn scan(root: &Path) -> Vec<CgroupDir> {
         out.push(CgroupDir {
             rel: rel.clone(),
             id: meta.ino(),
+            root_named,
         });
+        // Its children were named by whoever may write to it.
+        let children_root_named = root_named && ownership::only_root_writes(&meta);
         if depth >= MAX_SCAN_DEPTH {
             continue;
         }
@@ -70,11 +95,20 @@ pub fn scan(root: &Path) -> Vec<CgroupDir> {
                 } else {
                     format!("{rel}/{name}")
                 };
-                stack.push((entry.path(), child_rel, depth + 1));
+                stack.push((entry.path(), child_rel, depth + 1, children_root_named));
             }
         }
     }
     out
+}
+
+/// Whether only root can write to every ancestor of `dir` up to the
+/// cgroup2 root (the directories above it that hold `cgroup.procs`).
+fn ancestors_only_root_writes(dir: &Path) -> bool {
+    dir.ancestors()
+        .skip(1)
+        .take_while(|a| a.join("cgroup.procs").exists())
+        .all(|a| fs::metadata(a).is_ok_and(|m| ownership::only_root_writes(&m)))
 }
 
 /// The compiled selectors of a policy's workloads.
@@ -83,9 +117,43 @@ pub struct Selectors {
 }
 
 enum Matcher {
-    Glob(GlobMatcher),
+    /// `delegated`: `match_delegated = true`.
+    Glob {
+        glob: GlobMatcher,
+        delegated: bool,
+    },
     Unit(String),
+    /// `manager`: `user@UID.service`.
+    UserUnit {
+        unit: String,
+        manager: String,
+    },
     Pods(PodSelector),
+}
+
+fn matcher(selector: &Selector) -> Matcher {
+    let glob = |g: &str, delegated| match compile(g) {
+        Some(glob) => Matcher::Glob { glob, delegated },
+        // Validation compiled the same glob; an error here cannot happen,
+        // and would only make the workload match nothing.
+        None => Matcher::Unit(String::new()),
+    };
+    match selector {
+        Selector::Cgroup(g) => glob(g, false),
+        Selector::DelegatedCgroup(g) => glob(g, true),
+        Selector::SystemdUnit(u) => Matcher::Unit(u.clone()),
+        Selector::SystemdUserUnit { unit, uid } => Matcher::UserUnit {
+            unit: unit.clone(),
+            manager: format!("user@{uid}.service"),
+        },
+        Selector::Kubernetes(p) => Matcher::Pods(p.clone()),
+    }
+}
+
+/// Where systemd's system manager puts units: every directory above the
+/// unit (below the attach cgroup) is a slice.
+fn all_slices<'a>(mut parents: impl Iterator<Item = &'a str>) -> bool {
+    parents.all(|p| p.ends_with(".slice"))
 }
 
 /// `*` stays within one path component; `**` crosses them.
@@ -102,16 +170,7 @@ impl Selectors {
         let matchers = policy
             .workloads
             .iter()
-            .map(|w| match &w.selector {
-                // Validation compiled the same glob; an error here cannot
-                // happen, and would only make the workload match nothing.
-                Selector::Cgroup(g) => match compile(g) {
-                    Some(m) => Matcher::Glob(m),
-                    None => Matcher::Unit(String::new()),
-                },
-                Selector::SystemdUnit(u) => Matcher::Unit(u.clone()),
-                Selector::Kubernetes(p) => Matcher::Pods(p.clone()),
-            })
+            .map(|w| matcher(&w.selector))
             .collect();
         Self { matchers }
     }
@@ -121,32 +180,91 @@ impl Selectors {
         self.matchers.iter().any(|m| matches!(m, Matcher::Pods(_)))
     }
 
-    /// Which workload (index) selects `rel`: the first in policy order.
-    /// `pods` is the node's pod list, for `k8s` selectors.
-    pub fn workload_of(&self, rel: &str, pods: &PodMap) -> Option<usize> {
+    /// Which workload (index) selects `dir`: the first in policy order
+    /// that accepts it. `inherited`: the workload its nearest listed
+    /// ancestor has (what the kernel gives it when it is not listed);
+    /// `root_named(rel)`: whether root named the ancestor `rel`. `pods` is
+    /// the node's pod list, for `k8s` selectors.
+    fn select(
+        &self,
+        dir: &CgroupDir,
+        inherited: Option<usize>,
+        pods: &PodMap,
+        root_named: impl Fn(&str) -> bool,
+    ) -> Option<usize> {
+        let rel = dir.rel.as_str();
         if rel.is_empty() {
             return None;
         }
-        let name = rel.rsplit('/').next().unwrap_or(rel);
+        let (parents, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        let parents = || parents.split('/').filter(|p| !p.is_empty());
+        // A user-named directory never moves a process out of another
+        // workload.
+        let user_named_ok = |i: usize| dir.root_named || inherited.is_none_or(|w| w == i);
         let mut pod = None;
-        self.matchers.iter().position(|m| match m {
-            Matcher::Glob(g) => g.is_match(rel),
-            Matcher::Unit(u) => !u.is_empty() && name == u,
-            Matcher::Pods(sel) => {
-                let meta = pod.get_or_insert_with(|| {
-                    cgroup_info::pod_dir_uid(rel).and_then(|uid| pods.get(&uid))
-                });
-                meta.as_ref().is_some_and(|m| kube::matches(sel, m))
-            }
-        })
+        self.matchers
+            .iter()
+            .enumerate()
+            .find(|(i, m)| match m {
+                Matcher::Glob { glob, delegated } => {
+                    glob.is_match(rel) && (dir.root_named || (*delegated && user_named_ok(*i)))
+                }
+                Matcher::Unit(u) => {
+                    dir.root_named && !u.is_empty() && name == u && all_slices(parents())
+                }
+                Matcher::UserUnit { unit, manager } => {
+                    name == unit
+                        && user_named_ok(*i)
+                        && user_unit_place(parents(), manager, &root_named)
+                }
+                Matcher::Pods(sel) => {
+                    let meta = pod.get_or_insert_with(|| {
+                        cgroup_info::pod_dir_uid(rel).and_then(|uid| pods.get(&uid))
+                    });
+                    dir.root_named && meta.as_ref().is_some_and(|m| kube::matches(sel, m))
+                }
+            })
+            .map(|(i, _)| i)
     }
 
-    /// cgroup id → workload index for every selected directory.
+    /// cgroup id → workload index for every selected directory. `dirs` as
+    /// [`scan`] lists them: parents before their children.
     pub fn assign(&self, dirs: &[CgroupDir], pods: &PodMap) -> BTreeMap<u64, usize> {
-        dirs.iter()
-            .filter_map(|d| Some((d.id, self.workload_of(&d.rel, pods)?)))
-            .collect()
+        // rel → (root named, workload the kernel gives it).
+        let mut seen: std::collections::HashMap<&str, (bool, Option<usize>)> =
+            std::collections::HashMap::new();
+        let mut out = BTreeMap::new();
+        for d in dirs {
+            let parent = d.rel.rsplit_once('/').map_or("", |(p, _)| p);
+            let inherited = if d.rel.is_empty() {
+                None
+            } else {
+                seen.get(parent).and_then(|s| s.1)
+            };
+            let chosen = self.select(d, inherited, pods, |rel| seen.get(rel).is_some_and(|s| s.0));
+            if let Some(w) = chosen {
+                out.insert(d.id, w);
+            }
+            seen.insert(&d.rel, (d.root_named, chosen.or(inherited)));
+        }
+        out
     }
+}
+
+/// A user unit's place: `(*.slice/)*user@UID.service/(*.slice/)*`, where
+/// root named `user@UID.service` (`root_named` of its path).
+fn user_unit_place<'a>(
+    parents: impl Iterator<Item = &'a str>,
+    manager: &str,
+    root_named: impl Fn(&str) -> bool,
+) -> bool {
+    let parents: Vec<&str> = parents.collect();
+    let Some(k) = parents.iter().position(|p| *p == manager) else {
+        return false;
+    };
+    all_slices(parents[..k].iter().copied())
+        && all_slices(parents[k + 1..].iter().copied())
+        && root_named(&parents[..=k].join("/"))
 }
 
 /// The uids of pod-level directories that `pods` does not know (a pod the
@@ -292,15 +410,161 @@ mod tests {
     use super::*;
 
     fn selectors(sel: Vec<Selector>) -> Selectors {
-        let matchers = sel
-            .into_iter()
-            .map(|s| match s {
-                Selector::Cgroup(g) => Matcher::Glob(compile(&g).unwrap()),
-                Selector::SystemdUnit(u) => Matcher::Unit(u),
-                Selector::Kubernetes(p) => Matcher::Pods(p),
+        let matchers = sel.iter().map(matcher).collect();
+        Selectors { matchers }
+    }
+
+    impl Selectors {
+        /// The workload of a root-named directory with no listed ancestor.
+        fn workload_of(&self, rel: &str, pods: &PodMap) -> Option<usize> {
+            let dir = CgroupDir {
+                rel: rel.into(),
+                id: 0,
+                root_named: true,
+            };
+            self.select(&dir, None, pods, |_| true)
+        }
+    }
+
+    /// `(rel, root_named)` in parent-first order, ids 1, 2, …; the
+    /// assignment by rel.
+    fn assign(s: &Selectors, dirs: &[(&str, bool)]) -> BTreeMap<String, usize> {
+        let dirs: Vec<CgroupDir> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, (rel, root_named))| CgroupDir {
+                rel: rel.to_string(),
+                id: i as u64 + 1,
+                root_named: *root_named,
             })
             .collect();
-        Selectors { matchers }
+        let by_id = s.assign(&dirs, &PodMap::new());
+        dirs.iter()
+            .filter_map(|d| Some((d.rel.clone(), *by_id.get(&d.id)?)))
+            .collect()
+    }
+
+    fn listed(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
+        pairs.iter().map(|(r, w)| (r.to_string(), *w)).collect()
+    }
+
+    #[test]
+    fn units_match_only_below_slices_and_where_root_named_them() {
+        let s = selectors(vec![Selector::SystemdUnit("x.service".into())]);
+        let dirs = [
+            ("", true),
+            ("system.slice", true),
+            ("system.slice/x.service", true),
+            ("system.slice/foo.slice", true),
+            ("system.slice/foo.slice/x.service", true),
+            ("system.slice/y.service", true),
+            ("system.slice/y.service/x.service", true),
+            ("user.slice", true),
+            ("user.slice/user-1000.slice", true),
+            ("user.slice/user-1000.slice/user@1000.service", true),
+            // Below the user's manager: the user named these.
+            (
+                "user.slice/user-1000.slice/user@1000.service/app.slice",
+                false,
+            ),
+            (
+                "user.slice/user-1000.slice/user@1000.service/app.slice/x.service",
+                false,
+            ),
+            (
+                "user.slice/user-1000.slice/user@1000.service/x.service",
+                false,
+            ),
+            // A slice a user created in a delegated directory.
+            ("delegated.slice", true),
+            ("delegated.slice/x.service", false),
+        ];
+        assert_eq!(
+            assign(&s, &dirs),
+            listed(&[
+                ("system.slice/x.service", 0),
+                ("system.slice/foo.slice/x.service", 0),
+            ]),
+            "only the system manager's places, only root-named"
+        );
+    }
+
+    #[test]
+    fn user_units_need_their_uid_and_the_managers_place() {
+        let s = selectors(vec![Selector::SystemdUserUnit {
+            unit: "jupyter.service".into(),
+            uid: 1000,
+        }]);
+        let m = "user.slice/user-1000.slice/user@1000.service";
+        let dirs = [
+            ("user.slice", true),
+            ("user.slice/user-1000.slice", true),
+            (m, true),
+            (&format!("{m}/app.slice") as &str, false),
+            (&format!("{m}/app.slice/jupyter.service"), false),
+            (&format!("{m}/app.slice/other.service"), false),
+            (
+                &format!("{m}/app.slice/other.service/jupyter.service"),
+                false,
+            ),
+            ("user.slice/user-1001.slice", true),
+            ("user.slice/user-1001.slice/user@1001.service", true),
+            (
+                "user.slice/user-1001.slice/user@1001.service/jupyter.service",
+                false,
+            ),
+            // A `user@1000.service` that uid 1001 made in its own subtree.
+            (
+                "user.slice/user-1001.slice/user@1001.service/user@1000.service",
+                false,
+            ),
+            (
+                "user.slice/user-1001.slice/user@1001.service/user@1000.service/jupyter.service",
+                false,
+            ),
+        ];
+        assert_eq!(
+            assign(&s, &dirs),
+            listed(&[(&format!("{m}/app.slice/jupyter.service"), 0)])
+        );
+    }
+
+    #[test]
+    fn user_named_directories_never_move_a_process_to_another_workload() {
+        let s = selectors(vec![
+            Selector::Cgroup("apps/a".into()),
+            Selector::Cgroup("**/b-*".into()),
+            Selector::DelegatedCgroup("**/jupyter-*".into()),
+        ]);
+        let dirs = [
+            ("apps", true),
+            ("apps/a", true),
+            // A's cgroup is delegated to its user, who makes children.
+            ("apps/a/b-1", false),
+            ("apps/a/jupyter-1", false),
+            // Root-named: root may nest workloads.
+            ("apps/b-2", true),
+            ("apps/b-2/jupyter-9", true),
+            // A user's own subtree, in no workload: only the glob that
+            // accepts delegated matches.
+            ("users", true),
+            ("users/alice", true),
+            ("users/alice/b-3", false),
+            ("users/alice/jupyter-2", false),
+            // Nested under its own workload: no gain, accepted.
+            ("users/alice/jupyter-2/jupyter-3", false),
+            ("users/alice/jupyter-2/b-4", false),
+        ];
+        assert_eq!(
+            assign(&s, &dirs),
+            listed(&[
+                ("apps/a", 0),
+                ("apps/b-2", 1),
+                ("apps/b-2/jupyter-9", 2),
+                ("users/alice/jupyter-2", 2),
+                ("users/alice/jupyter-2/jupyter-3", 2),
+            ])
+        );
     }
 
     const UID_A: &str = "0b6c1a2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d";
@@ -404,18 +668,22 @@ mod tests {
             CgroupDir {
                 rel: "kubepods".into(),
                 id: 1,
+                root_named: true,
             },
             CgroupDir {
                 rel: format!("kubepods/pod{UID_A}"),
                 id: 2,
+                root_named: true,
             },
             CgroupDir {
                 rel: format!("kubepods/pod{UID_A}/{ID}"),
                 id: 3,
+                root_named: true,
             },
             CgroupDir {
                 rel: "kubepods/pod11111111-2222-4333-8444-555555555555".into(),
                 id: 4,
+                root_named: true,
             },
         ];
         assert_eq!(
@@ -445,6 +713,11 @@ mod tests {
             Some(2)
         );
         assert_eq!(s.workload_of("batch.service", &PodMap::new()), Some(2));
+        assert_eq!(
+            s.workload_of("system.slice/app.service/batch.service", &PodMap::new()),
+            None,
+            "a unit inside another unit is not where systemd puts units"
+        );
         assert_eq!(s.workload_of("bots", &PodMap::new()), None);
         assert_eq!(s.workload_of("", &PodMap::new()), None);
     }
@@ -466,10 +739,12 @@ mod tests {
             CgroupDir {
                 rel: String::new(),
                 id: 1,
+                root_named: true,
             },
             CgroupDir {
                 rel: "x/y".into(),
                 id: 2,
+                root_named: true,
             },
         ];
         let p = paths("/test", &dirs);

@@ -188,8 +188,15 @@ impl Loader {
 
     fn open_in(pin_root: &Path, dir: &Path) -> Result<Self, LoadError> {
         let maps_dir = dir.join("maps");
-        fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir, "creating the pin directory"))?;
-        fs::create_dir_all(dir.join("links")).map_err(io_err(dir, "creating the pin directory"))?;
+        // Root's alone, whatever the umask (`crate::ownership`).
+        let mut mkdir = fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(mkdir.recursive(true), 0o700);
+        mkdir
+            .create(&maps_dir)
+            .map_err(io_err(&maps_dir, "creating the pin directory"))?;
+        mkdir
+            .create(dir.join("links"))
+            .map_err(io_err(dir, "creating the pin directory"))?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             // The error and the statistics, not the instruction trace: a

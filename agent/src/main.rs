@@ -31,6 +31,7 @@ mod limits;
 mod loader;
 mod maps;
 mod metrics;
+mod ownership;
 mod plan;
 mod policy;
 mod policy_watch;

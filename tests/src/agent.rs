@@ -279,6 +279,9 @@ impl Agent {
         let config = dir.path().join("policy.toml");
         fs::write(&config, policy_toml)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        // Writable by root alone whatever the umask (the agent checks).
+        fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", config.display()));
         Agent {
             bin,
             child: None,
@@ -645,6 +648,8 @@ impl Agent {
         let tmp = self.dir.path().join(".policy.toml.new");
         fs::write(&tmp, policy_toml)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
+        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", tmp.display()));
         fs::rename(&tmp, &self.config).unwrap_or_else(|e| {
             panic!(
                 "cannot rename {} to {}: {e}",

@@ -110,6 +110,11 @@ impl TempDir {
         let path = std::env::temp_dir().join(format!("{prefix}-{}", unique_suffix()));
         std::fs::create_dir(&path)
             .unwrap_or_else(|e| panic!("cannot create temp dir {}: {e}", path.display()));
+        // 0755 whatever the umask: the agent refuses paths below a
+        // directory others can write to (docs/operations.md).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot chmod temp dir {}: {e}", path.display()));
         TempDir { path }
     }
 

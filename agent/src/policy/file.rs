@@ -151,6 +151,11 @@ pub(super) struct WorkloadFile {
     pub name: Spanned<String>,
     pub cgroup: Option<Spanned<String>>,
     pub systemd_unit: Option<Spanned<String>>,
+    /// A unit of a user's systemd manager; needs `uid`.
+    pub systemd_user_unit: Option<Spanned<String>>,
+    pub uid: Option<Spanned<i64>>,
+    /// With `cgroup`: also select directories non-root users created.
+    pub match_delegated: Option<Spanned<bool>>,
     /// Not `Spanned`: toml cannot give the span of a table made by a
     /// `[workloads.k8s.labels]` header; errors use the spans inside.
     pub k8s: Option<PodSelectorFile>,

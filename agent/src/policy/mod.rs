@@ -153,14 +153,28 @@ pub struct PodSelector {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Which cgroup directories a workload selects. Every form selects only
+/// directories whose name root chose (no ancestor up to the cgroup2 root is
+/// writable by a non-root user), except the two that say otherwise
+/// (`DelegatedCgroup`, `SystemdUserUnit`): see `crate::cgroups` and
+/// docs/policy.md, "Who can create what a selector matches".
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selector {
     /// A glob relative to the attach cgroup (`pods/*`), matched against
     /// cgroup directory paths.
     Cgroup(String),
-    /// A systemd unit name (`x.service`, `x.scope`): every cgroup directory
-    /// of that name under the attach cgroup.
+    /// `cgroup` with `match_delegated = true`: the glob also selects
+    /// directories a non-root user created (inside a delegated subtree),
+    /// unless they lie below another workload's directory.
+    DelegatedCgroup(String),
+    /// A systemd unit name (`x.service`, `x.scope`): a cgroup directory of
+    /// that name whose every ancestor below the attach cgroup is a `.slice`
+    /// (where the system manager puts units).
     SystemdUnit(String),
+    /// `systemd_user_unit` with `uid`: a unit of that user's manager,
+    /// `…/user@UID.service/(*.slice/)*NAME`, where `user@UID.service` is
+    /// itself where the system manager puts units.
+    SystemdUserUnit { unit: String, uid: u32 },
     /// Pods by namespace and labels: the pod-level cgroup directory
     /// (`…pod<uid>.slice`, `…/pod<uid>`) of each matching pod.
     Kubernetes(PodSelector),

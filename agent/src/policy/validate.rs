@@ -707,12 +707,13 @@ impl<'a> Checker<'a> {
             self.unique(&mut names, &w.name, &format!("{key}.name"), "workload");
             // (span of the value, key, text that makes two selectors the same, selector)
             let selector = match (&w.cgroup, &w.systemd_unit, &w.k8s) {
-                (None, None, None) => {
+                (None, None, None) if w.systemd_user_unit.is_none() => {
                     let message = "needs a selector: `cgroup` (a glob of cgroup paths), \
-                                   `systemd_unit`, or `k8s` (pod namespace and labels)";
+                                   `systemd_unit`, `systemd_user_unit`, or `k8s` (pod namespace and labels)";
                     self.error_at(entry.span(), &key, message);
                     None
                 }
+                (None, None, None) => self.user_unit(w, entry.span(), &key),
                 (Some(_), Some(unit), _) => {
                     let message =
                         "`cgroup` and `systemd_unit` both given; a workload has one selector";
@@ -754,6 +755,7 @@ impl<'a> Checker<'a> {
                         )
                     }),
             };
+            let selector = self.anchoring(w, &key, selector);
             let selector = selector.and_then(|(span, kind, same, selector)| {
                 if let Some(other) = selectors.get(&(kind, same.clone())) {
                     let message = format!("workload `{other}` has the same selector");
@@ -805,6 +807,89 @@ impl<'a> Checker<'a> {
             }
         }
         out
+    }
+
+    /// A `systemd_user_unit` selector (with its `uid`), as the selector
+    /// match of `workloads` gives it: (span, key, same-text, selector).
+    fn user_unit(
+        &mut self,
+        w: &WorkloadFile,
+        span: Range<usize>,
+        key: &str,
+    ) -> Option<(Range<usize>, &'static str, String, Selector)> {
+        let unit = w.systemd_user_unit.as_ref()?;
+        let name = self.check(unit, &format!("{key}.systemd_user_unit"), |s| {
+            systemd_unit(s)
+        });
+        let uid = match &w.uid {
+            None => {
+                let message =
+                    "`systemd_user_unit` needs `uid`: the user whose manager runs the unit";
+                self.error_at(span, key, message);
+                None
+            }
+            Some(v) => self.check(v, &format!("{key}.uid"), |&u| match u32::try_from(u) {
+                Ok(0) => Err("uid 0: root's units are system units (`systemd_unit`)".to_owned()),
+                Ok(u) if u != u32::MAX => Ok(u),
+                _ => Err("not a uid (1 to 4294967294)".to_owned()),
+            }),
+        };
+        let (unit_name, uid) = (name?, uid?);
+        Some((
+            unit.span(),
+            "systemd_user_unit",
+            format!("{uid}:{unit_name}"),
+            Selector::SystemdUserUnit {
+                unit: unit_name,
+                uid,
+            },
+        ))
+    }
+
+    /// The keys that say where a selector may match (`systemd_user_unit`
+    /// beside another selector, `uid`, `match_delegated`): checked after
+    /// the selector, and `match_delegated = true` applied to a `cgroup`.
+    fn anchoring(
+        &mut self,
+        w: &WorkloadFile,
+        key: &str,
+        selector: Option<(Range<usize>, &'static str, String, Selector)>,
+    ) -> Option<(Range<usize>, &'static str, String, Selector)> {
+        let mut ok = true;
+        if let Some(unit) = &w.systemd_user_unit {
+            let others = [
+                ("cgroup", w.cgroup.is_some()),
+                ("systemd_unit", w.systemd_unit.is_some()),
+                ("k8s", w.k8s.is_some()),
+            ];
+            if let Some((other, _)) = others.iter().find(|(_, given)| *given) {
+                let message = format!(
+                    "`{other}` and `systemd_user_unit` both given; a workload has one selector"
+                );
+                self.error(unit, &format!("{key}.systemd_user_unit"), message);
+                ok = false;
+            }
+        } else if let Some(uid) = &w.uid {
+            let message = "`uid` belongs with `systemd_user_unit`";
+            self.error(uid, &format!("{key}.uid"), message);
+            ok = false;
+        }
+        let delegated = w.match_delegated.as_ref();
+        if let Some(d) = delegated
+            && w.cgroup.is_none()
+        {
+            let message = "`match_delegated` belongs with `cgroup` (other selectors never match \
+                           what a non-root user created, except `systemd_user_unit`)";
+            self.error(d, &format!("{key}.match_delegated"), message);
+            ok = false;
+        }
+        let selector = selector.filter(|_| ok)?;
+        Some(match (selector, delegated.is_some_and(|d| *d.get_ref())) {
+            ((span, kind, same, Selector::Cgroup(g)), true) => {
+                (span, kind, same, Selector::DelegatedCgroup(g))
+            }
+            (s, _) => s,
+        })
     }
 
     /// `allow`/`deny` entries, one per entry (None: invalid).
@@ -1769,6 +1854,64 @@ llm = "allow"
     fn workload_with_two_selectors() {
         let text = workload("name = \"w\"\ncgroup = \"app\"\nsystemd_unit = \"app.service\"\n");
         one_error(&text, "workloads[0].systemd_unit", 4, 16, "both given");
+    }
+
+    #[test]
+    fn anchoring_keys() {
+        let p = ok(&workload(
+            "name = \"j\"\nsystemd_user_unit = \"jupyter.service\"\nuid = 1000\n",
+        ));
+        assert_eq!(
+            p.workloads[0].selector,
+            Selector::SystemdUserUnit {
+                unit: "jupyter.service".into(),
+                uid: 1000
+            }
+        );
+        let p = ok(&workload(
+            "name = \"j\"\ncgroup = \"users/**/jupyter-*\"\nmatch_delegated = true\n",
+        ));
+        assert_eq!(
+            p.workloads[0].selector,
+            Selector::DelegatedCgroup("users/**/jupyter-*".into())
+        );
+        let p = ok(&workload(
+            "name = \"j\"\ncgroup = \"users/*\"\nmatch_delegated = false\n",
+        ));
+        assert_eq!(p.workloads[0].selector, Selector::Cgroup("users/*".into()));
+        let text = workload("name = \"j\"\nsystemd_user_unit = \"jupyter.service\"\n");
+        one_error(&text, "workloads[0]", 1, 1, "needs `uid`");
+        let text = workload("name = \"j\"\nsystemd_user_unit = \"j.service\"\nuid = 0\n");
+        one_error(&text, "workloads[0].uid", 4, 7, "system units");
+        let text = workload("name = \"j\"\nsystemd_user_unit = \"j.service\"\nuid = -1\n");
+        one_error(&text, "workloads[0].uid", 4, 7, "not a uid");
+        let text = workload("name = \"j\"\nsystemd_user_unit = \"j\"\nuid = 5\n");
+        one_error(
+            &text,
+            "workloads[0].systemd_user_unit",
+            3,
+            21,
+            "must end in",
+        );
+        let text =
+            workload("name = \"j\"\ncgroup = \"a\"\nsystemd_user_unit = \"j.service\"\nuid = 5\n");
+        one_error(&text, "workloads[0].systemd_user_unit", 4, 21, "both given");
+        let text = workload("name = \"j\"\nsystemd_unit = \"j.service\"\nuid = 5\n");
+        one_error(
+            &text,
+            "workloads[0].uid",
+            4,
+            7,
+            "belongs with `systemd_user_unit`",
+        );
+        let text = workload("name = \"j\"\nsystemd_unit = \"j.service\"\nmatch_delegated = true\n");
+        one_error(
+            &text,
+            "workloads[0].match_delegated",
+            4,
+            19,
+            "belongs with `cgroup`",
+        );
     }
 
     #[test]
