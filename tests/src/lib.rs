@@ -40,6 +40,7 @@ pub mod fake_kube;
 pub mod fake_provider;
 pub mod http;
 pub mod netns;
+pub mod nspawn;
 pub mod probe;
 pub mod prom;
 pub mod prometheus;

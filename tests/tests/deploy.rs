@@ -444,45 +444,6 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
     }
 }
 
-#[test]
-fn systemd_unit_mounts_bpffs_when_the_host_has_none() {
-    require_root();
-    let unit = read(UNIT);
-    let pre = unit_values(&unit, "ExecStartPre");
-    let bpffs = pre
-        .iter()
-        .find(|c| c.contains("-t bpf"))
-        .unwrap_or_else(|| panic!("{UNIT}: no ExecStartPre= mounts bpffs: {pre:?}"));
-    let command = bpffs.trim_start_matches(['+', '-', '@', ':', '!']);
-    // In a private mount namespace only: unmount bpffs there, run the
-    // unit's command, and see bpffs mounted again.
-    let script = format!(
-        "umount /sys/fs/bpf && {command} && stat -f -c %T /sys/fs/bpf && stat -c %a /sys/fs/bpf"
-    );
-    let out = run(Command::new("unshare").args([
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]));
-    assert!(
-        out.status.success(),
-        "the unit's ExecStartPre= should mount bpffs:\n{}",
-        show(&out)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // bpffs always adds the sticky bit to its root: 1700.
-    assert_eq!(
-        stdout.lines().collect::<Vec<_>>(),
-        ["bpf_fs", "1700"],
-        "{}",
-        show(&out)
-    );
-}
-
 // ---------------------------------------------------------------- Kubernetes
 
 fn manifests() -> Vec<PathBuf> {
@@ -738,6 +699,20 @@ fn dockerfile_builds_the_pinned_toolchain_and_ignores_build_output() {
         "--locked",
     ] {
         assert!(dockerfile.contains(needle), "Dockerfile lacks {needle:?}");
+    }
+    // A pipe's exit status is its last command's: `curl … | sh` built an
+    // image without rustup when the download failed. No RUN pipes unless
+    // it sets pipefail (continuation lines joined; `||` is not a pipe).
+    let joined = dockerfile.replace("\\\n", " ");
+    for run in joined
+        .lines()
+        .filter(|l| l.trim_start().starts_with("RUN "))
+    {
+        let pipes = run.replace("||", "").contains('|');
+        assert!(
+            !pipes || run.contains("pipefail"),
+            "Dockerfile: a RUN with a pipe but without pipefail hides a failed first command: {run}"
+        );
     }
     let ignore = read(".dockerignore");
     let rules: Vec<&str> = ignore
