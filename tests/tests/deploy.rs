@@ -540,7 +540,7 @@ fn yaml_documents(text: &str) -> usize {
 /// Reads every manifest with PyYAML and checks that they fit together;
 /// prints what the Rust side checks further as one JSON object.
 const AGREE_PY: &str = r#"
-import json, sys, tomllib, yaml
+import json, os, sys, tomllib, yaml
 docs = []
 for f in sys.argv[1:]:
     docs += [(f, d) for d in yaml.safe_load_all(open(f)) if d]
@@ -581,6 +581,14 @@ for obj in (tmpl["metadata"], svc["metadata"]):
 sc = c["securityContext"]
 check(sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False, "not privileged, no privilege escalation")
 check(sc["capabilities"]["drop"] == ["ALL"], "drop ALL capabilities first")
+# seccomp: the shipped Localhost profile, which allows bpf() and
+# perf_event_open() without CAP_SYS_ADMIN (containers/common's default does not).
+check(sc.get("seccompProfile") == {"type": "Localhost", "localhostProfile": "llm-egress.json"}, "seccompProfile: Localhost llm-egress.json (deploy/kubernetes/seccomp/)")
+prof = json.load(open(os.path.join(os.path.dirname(sys.argv[1]), "seccomp", "llm-egress.json")))
+check(prof["defaultAction"] == "SCMP_ACT_ERRNO", "the seccomp profile denies by default")
+for name in ("bpf", "perf_event_open"):
+    rules = [r for r in prof["syscalls"] if name in r["names"]]
+    check(len(rules) == 1 and rules[0]["action"] == "SCMP_ACT_ALLOW" and not rules[0].get("includes") and not rules[0].get("excludes") and not rules[0].get("args"), f"the seccomp profile allows {name} unconditionally, once")
 mounts = {m["name"]: m for m in c["volumeMounts"]}
 vols = {v["name"]: v for v in spec["volumes"]}
 policy_vol = [n for n, v in vols.items() if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
