@@ -41,6 +41,7 @@ pub mod fake_provider;
 pub mod http;
 pub mod netns;
 pub mod nspawn;
+pub mod podman;
 pub mod probe;
 pub mod prom;
 pub mod prometheus;
