@@ -5,7 +5,9 @@
 //! - The unit passes `systemd-analyze verify`; the agent runs under exactly
 //!   the unit's capabilities and file system restrictions (emulated with
 //!   `unshare --mount` and `setpriv`, nothing is installed), and each of
-//!   those capabilities is still needed.
+//!   those capabilities is still needed. Under a real systemd and a real
+//!   container runtime: deploy_systemd.rs and deploy_container.rs.
+//! - The agent's log is plain text on a pipe, JSON with `--log-format json`.
 //! - The manifests pass `kubernetes-validate --strict` (from the venv that
 //!   `cargo xtask setup` makes) and agree with each other, with the unit's
 //!   capabilities, and with `llm-egress check`.
@@ -442,6 +444,56 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
             ),
         }
     }
+}
+
+/// journald, `podman logs` and the kubelet store what the agent writes to
+/// stderr, a pipe: plain text there (colour only on a terminal), and one
+/// JSON object per line with `--log-format json`. (The systemd and podman
+/// tests check the same in journald and `podman logs`.)
+#[test]
+fn agent_log_is_plain_text_in_a_pipe_and_json_on_request() {
+    let dir = TempDir::new("llm-egress-test-logfmt");
+    let config = dir.path().join("policy.toml");
+    // Fails right after logging starts: the attach cgroup does not exist.
+    fs::write(
+        &config,
+        format!(
+            "mode = \"audit\"\ncgroup = {}\nmetrics_listen = \"127.0.0.1:0\"\n",
+            toml_str(&dir.path().join("no-such-cgroup").display().to_string())
+        ),
+    )
+    .expect("write the policy");
+    let text = run(Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("NO_COLOR"));
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(
+        !text.status.success() && stderr.contains("ERROR") && stderr.contains("no-such-cgroup"),
+        "the agent should fail on the missing cgroup:\n{}",
+        show(&text)
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "escape codes in the agent's log on a pipe:\n{stderr:?}"
+    );
+    let json = run(Command::new(agent_bin())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config));
+    let lines: Vec<Value> = String::from_utf8_lossy(&json.stderr)
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("--log-format json wrote a non-JSON line ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        lines.iter().any(|v| v["level"] == "ERROR"
+            && v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no-such-cgroup"))),
+        "the error as a JSON record: {lines:?}"
+    );
 }
 
 // ---------------------------------------------------------------- Kubernetes
