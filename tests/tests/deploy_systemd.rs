@@ -236,6 +236,20 @@ fn systemd_unit_runs_under_systemd_252() {
             "{path} should be {want} for the agent under {UNIT}, is {opts}"
         );
     }
+    // The directories the agent trusts are root's and writable by root
+    // only (the policy's, the state and log directories, the pins).
+    let owners = m.sh_ok(
+        "stat -c '%n %U %a' /etc/llm-egress /etc/llm-egress/policy.toml /var/lib/llm-egress /var/log/llm-egress /sys/fs/bpf/llm-egress",
+    );
+    for line in owners.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let mode = u32::from_str_radix(f[2], 8).expect("octal mode");
+        assert!(
+            f[1] == "root" && mode & 0o022 == 0,
+            "{} should be root's and not group/other-writable: {line}",
+            f[0]
+        );
+    }
     let status = m.sh_ok(&format!("cat /proc/{pid}/status"));
     let field = |name: &str| {
         status
