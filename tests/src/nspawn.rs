@@ -1,10 +1,11 @@
-//! [`Machine`]: a Debian 12 system booted with systemd 252 as PID 1 under
-//! `systemd-nspawn`, for tests of the shipped systemd unit under a real
-//! service manager (tests/tests/deploy_systemd.rs).
+//! [`Machine`]: a Debian system booted with systemd as PID 1 under
+//! `systemd-nspawn` (Debian 12's systemd 252, Debian 13's 257), for tests
+//! of the shipped systemd unit under a real service manager
+//! (tests/tests/deploy_systemd.rs).
 //!
-//! - [`rootfs`]: a minimal Debian 12 root file system made once with
+//! - [`rootfs`]: a minimal Debian root file system made once per suite with
 //!   `mmdebstrap` from Debian's archive and cached in
-//!   `<target>/deploy/rootfs-bookworm` (~225 MB, ~60 s to build; a stamp
+//!   `<target>/deploy/rootfs-<suite>` (~225 MB, ~60 s to build; a stamp
 //!   file names the package list, a changed list rebuilds it).
 //! - [`Machine::boot`] boots it read-only with a tmpfs overlay
 //!   (`--volatile=overlay`: the cache is never changed, everything the test
@@ -13,7 +14,10 @@
 //!   its own (cgroup2 and, on hybrid hosts, the `name=systemd` hierarchy):
 //!   with `--keep-unit` nspawn puts the container in `payload/` below the
 //!   caller's cgroup and gives it a cgroup namespace rooted there, so the
-//!   container's cgroup2 root is a test cgroup, never the host's.
+//!   container's cgroup2 root is a test cgroup, never the host's. The
+//!   machine gets the unified hierarchy (cgroup2 on /sys/fs/cgroup, as
+//!   Debian 12 and 13 boot by default, and systemd >= 256 requires) even on
+//!   hosts with the hybrid layout (`SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`).
 //!   `--system-call-filter='bpf perf_event_open'`: nspawn's own seccomp
 //!   filter refuses both otherwise.
 //! - Drop powers the machine off (SIGTERM to nspawn), kills what is left
@@ -34,7 +38,6 @@ use crate::{cgroup2_mount, tail, unique_suffix, wait_until};
 /// Packages of the cached root file system (besides `minbase`).
 pub const ROOTFS_PACKAGES: &str =
     "systemd,systemd-sysv,dbus,iproute2,curl,ca-certificates,procps,util-linux";
-const SUITE: &str = "bookworm";
 const STAMP: &str = "llm-egress-rootfs";
 
 /// The target directory, found from this test executable
@@ -59,34 +62,35 @@ fn show(out: &Output) -> String {
     )
 }
 
-/// The cached Debian 12 root file system (made by `mmdebstrap` when missing
-/// or made from another package list). One test process at a time builds
-/// it (flock on `<target>/deploy/.rootfs.lock`).
-pub fn rootfs() -> PathBuf {
+/// The cached root file system of Debian `suite` (`bookworm`, `trixie`),
+/// made by `mmdebstrap` when missing or made from another package list.
+/// One test process at a time builds it (flock on
+/// `<target>/deploy/.rootfs.lock`).
+pub fn rootfs(suite: &str) -> PathBuf {
     let dir = target_dir().join("deploy");
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     let lock = fs::File::create(dir.join(".rootfs.lock")).expect("the rootfs lock file");
     // SAFETY: flock on a file we own; released when `lock` is closed.
     unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    let root = dir.join(format!("rootfs-{SUITE}"));
-    let stamp = format!("{SUITE} minbase {ROOTFS_PACKAGES}\n");
+    let root = dir.join(format!("rootfs-{suite}"));
+    let stamp = format!("{suite} minbase {ROOTFS_PACKAGES}\n");
     if fs::read_to_string(root.join(STAMP)).is_ok_and(|s| s == stamp) {
         return root;
     }
-    let tmp = dir.join(format!("rootfs-{SUITE}.tmp"));
+    let tmp = dir.join(format!("rootfs-{suite}.tmp"));
     for d in [&tmp, &root] {
         if d.exists() {
             fs::remove_dir_all(d).unwrap_or_else(|e| panic!("cannot remove {}: {e}", d.display()));
         }
     }
     eprintln!(
-        "building the Debian 12 root file system {} (once, ~60 s)",
+        "building the Debian {suite} root file system {} (once, ~60 s)",
         root.display()
     );
     let out = Command::new("mmdebstrap")
         .args(["--variant=minbase", "--quiet"])
         .arg(format!("--include={ROOTFS_PACKAGES}"))
-        .arg(SUITE)
+        .arg(suite)
         .arg(&tmp)
         .output()
         .unwrap_or_else(|e| {
@@ -122,11 +126,11 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Boots the cached rootfs with `binds` (host path, path inside)
+    /// Boots the cached rootfs of `suite` with `binds` (host path, path inside)
     /// bind-mounted read-only, and waits until systemd says the system is
     /// running (at most 90 s).
-    pub fn boot(name: &str, binds: &[(&Path, &str)], log: &Path) -> Machine {
-        let root = rootfs();
+    pub fn boot(suite: &str, name: &str, binds: &[(&Path, &str)], log: &Path) -> Machine {
+        let root = rootfs(suite);
         let leaf = format!("llm-egress-test-{name}-{}", unique_suffix());
         let mut cgroups = vec![cgroup2_mount().join(&leaf)];
         if let Some(v1) = systemd_v1_mount() {
@@ -152,6 +156,7 @@ impl Machine {
         let log_file = fs::File::create(log).expect("the nspawn log file");
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", &nspawn])
+            .env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file);

@@ -232,7 +232,7 @@ fn image_runs_under_podman_with_the_daemonsets_security_context() {
     );
 
     let pm = Podman::new("image");
-    pm.import_rootfs(&nspawn::rootfs(), BASE);
+    pm.import_rootfs(&nspawn::rootfs("bookworm"), BASE);
     let ctx = TempDir::new("llm-egress-test-image-ctx");
     fs::create_dir_all(ctx.path().join("deploy/systemd")).expect("mkdir");
     fs::copy(

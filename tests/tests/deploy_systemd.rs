@@ -1,6 +1,6 @@
 //! deploy/systemd/llm-egress.service under a real systemd: Debian 12's
-//! systemd 252 booted as PID 1 in a `systemd-nspawn` machine
-//! (tests/src/nspawn.rs), with the binary, unit and policy installed by the
+//! systemd 252 and Debian 13's 257, each booted as PID 1 in a
+//! `systemd-nspawn` machine (tests/src/nspawn.rs), with the binary, unit and policy installed by the
 //! commands of docs/install.md. What a real service manager does and an
 //! emulation cannot show: the unit's sandbox (ProtectSystem=, ReadOnlyPaths=,
 //! SystemCallFilter=, ...), where ExecStartPre= mounts bpffs, journald,
@@ -12,7 +12,7 @@
 //! every policy it installs attaches inside the machine.
 //!
 //! Needs root, `mmdebstrap` and `systemd-nspawn` (`cargo xtask setup`); the
-//! first run builds the cached Debian root file system (~60 s).
+//! first run builds the cached Debian root file systems (~60 s each).
 
 use std::{
     fs,
@@ -69,7 +69,7 @@ fn documented_install_commands() -> Vec<String> {
 fn enforcing_policy(deny_slice: &str) -> String {
     format!(
         r#"mode = "enforce"
-cgroup = "/sys/fs/cgroup/unified/{ATTACH_SLICE}"
+cgroup = "/sys/fs/cgroup/{ATTACH_SLICE}"
 metrics_listen = "127.0.0.1:9469"
 audit_log = "/var/log/llm-egress/audit.jsonl"
 pin_path = "/sys/fs/bpf/llm-egress"
@@ -163,11 +163,21 @@ fn sock_addr_progs(cgroup: &Path) -> u32 {
 
 #[test]
 fn systemd_unit_runs_under_systemd_252() {
+    unit_runs_under("bookworm", "252");
+}
+
+#[test]
+fn systemd_unit_runs_under_systemd_257() {
+    unit_runs_under("trixie", "257");
+}
+
+fn unit_runs_under(suite: &str, systemd_version: &str) {
     require_root();
     let dir = TempDir::new("llm-egress-test-systemd");
     let bin = agent_bin();
     assert!(bin.is_file(), "agent binary {} not found", bin.display());
     let m = Machine::boot(
+        suite,
         "systemd",
         &[
             (&bin, "/mnt/src/target/release/llm-egress"),
@@ -176,11 +186,16 @@ fn systemd_unit_runs_under_systemd_252() {
         &dir.path().join("nspawn.log"),
     );
 
+    let version = m.sh_ok("systemctl --version");
+    assert!(
+        version.starts_with(&format!("systemd {systemd_version} ")),
+        "expected systemd {systemd_version} in Debian {suite}: {version}"
+    );
     // Safety first: the machine's cgroup2 root is our test cgroup (cgroup
-    // namespace), so "/sys/fs/cgroup/unified" in a policy is inside it.
+    // namespace), so "/sys/fs/cgroup" in a policy is inside it.
     let host_root = m.host_cgroup_root();
     assert_eq!(
-        m.inode("/sys/fs/cgroup/unified"),
+        m.inode("/sys/fs/cgroup"),
         fs::metadata(&host_root)
             .ok()
             .map(|md| std::os::unix::fs::MetadataExt::ino(&md)),
@@ -225,7 +240,7 @@ fn systemd_unit_runs_under_systemd_252() {
         ("/var/lib/llm-egress", "rw"),
         ("/var/log/llm-egress", "rw"),
         ("/sys", "ro"),
-        ("/sys/fs/cgroup/unified", "ro"),
+        ("/sys/fs/cgroup", "ro"),
         ("/proc/sys", "ro"),
         ("/etc/llm-egress", "ro"),
         ("/usr/local/bin", "ro"),
@@ -293,7 +308,7 @@ fn systemd_unit_runs_under_systemd_252() {
     ));
     let attach = host_root.join(ATTACH_SLICE);
     assert_eq!(
-        m.inode(&format!("/sys/fs/cgroup/unified/{ATTACH_SLICE}")),
+        m.inode(&format!("/sys/fs/cgroup/{ATTACH_SLICE}")),
         fs::metadata(&attach)
             .ok()
             .map(|md| std::os::unix::fs::MetadataExt::ino(&md)),
