@@ -182,6 +182,10 @@ fn unit_runs_under(suite: &str, systemd_version: &str) {
         &[
             (&bin, "/mnt/src/target/release/llm-egress"),
             (&repo().join("deploy/systemd"), "/mnt/src/deploy/systemd"),
+            // The host's tracefs, read-only, so that the exec tracepoint
+            // (perf_event_open through SystemCallFilter=) runs too; nspawn
+            // mounts none.
+            (Path::new("/sys/kernel/tracing"), "/sys/kernel/tracing"),
         ],
         &dir.path().join("nspawn.log"),
     );
@@ -300,6 +304,11 @@ fn unit_runs_under(suite: &str, systemd_version: &str) {
     assert!(
         agent_lines >= 2,
         "the agent's lines in the journal:\n{lines}"
+    );
+    assert!(
+        !lines.contains("exec tracking unavailable"),
+        "the exec tracepoint should attach under the unit (tracefs is there):\n{}",
+        journal(&m)
     );
 
     // Enforce below llmtest.slice (a restart: `cgroup` changes only then).
