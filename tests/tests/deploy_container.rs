@@ -3,8 +3,8 @@
 //! security context, read from deploy/kubernetes/03-daemonset.yaml: its
 //! capabilities (drop ALL, add four), read-only root file system, no
 //! privilege escalation, hostPID, the shipped seccomp profile, and the
-//! host paths it mounts (cgroup tree read-only, bpffs, the policy directory
-//! read-only, a tmpfs on /run).
+//! host paths it mounts (cgroup tree and tracefs read-only, bpffs, the
+//! policy directory read-only, a tmpfs on /run).
 //!
 //! What is built: the Dockerfile's last stage, from a local base image. No
 //! registry is reachable here, so `debian:bookworm-slim` is the cached
@@ -117,9 +117,9 @@ fn security_flags(ds: &Value, seccomp: Option<&Path>, policy_dir: &Path) -> Vec<
                 f.push(format!("--volume={}:{path}:ro", policy_dir.display()))
             }
             (Some("emptyDir"), _) => f.push(format!("--tmpfs={path}")),
-            // tracefs is optional and not mounted on these machines; the
-            // token budgets' state dir is not used by this policy.
-            (Some("hostPath"), Some("/sys/kernel/tracing" | "/var/lib/llm-egress")) => {}
+            // The token budgets' state dir is not used by this policy (and
+            // would be the host's own /var/lib/llm-egress).
+            (Some("hostPath"), Some("/var/lib/llm-egress")) => {}
             (Some("hostPath"), Some(host)) => f.push(format!("--volume={host}:{path}{ro}")),
             other => panic!("DaemonSet volume {path}: {other:?} not mapped in this test"),
         }
@@ -392,6 +392,11 @@ fn image_runs_under_podman_with_the_daemonsets_security_context() {
     assert!(
         !log.contains('\u{1b}'),
         "escape codes in `podman logs`:\n{log}"
+    );
+    // perf_event_open passes the shipped profile: the exec tracepoint is on.
+    assert!(
+        !log.contains("exec tracking unavailable"),
+        "the exec tracepoint should attach under the shipped seccomp profile:\n{log}"
     );
 
     // Stop (SIGTERM, as the kubelet does): exit 0, detached, unpinned.
