@@ -20,8 +20,12 @@ RUN apt-get update \
       rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev \
  && rm -rf /var/lib/apt/lists/*
 ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
-RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
-    | sh -s -- -y --no-modify-path --profile minimal --default-toolchain ${RUST_VERSION}
+# Downloaded to a file first, not piped into sh: a pipe's status is its
+# last command's, so a failed download would build an image without rustup.
+RUN curl --proto '=https' --tlsv1.2 -sSf -o /tmp/rustup-init.sh https://sh.rustup.rs \
+ && sh /tmp/rustup-init.sh -y --no-modify-path --profile minimal --default-toolchain ${RUST_VERSION} \
+ && rm /tmp/rustup-init.sh \
+ && rustc --version
 RUN LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker@${BPF_LINKER_VERSION} \
       --no-default-features --features llvm-22
 WORKDIR /src

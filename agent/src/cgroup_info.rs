@@ -34,6 +34,16 @@ fn scoped_id<'a>(component: &'a str, prefixes: &[&str]) -> Option<&'a str> {
         .filter(|id| is_container_id(id))
 }
 
+/// podman's cgroupfs driver (hosts where systemd is not PID 1, and
+/// `--cgroup-manager=cgroupfs`): `/libpod_parent/libpod-<id>`, no `.scope`.
+/// conmon's own cgroup (`libpod-conmon-<id>`) is not the container's and
+/// does not match.
+fn libpod_cgroupfs_id(component: &str) -> Option<&str> {
+    component
+        .strip_prefix("libpod-")
+        .filter(|id| is_container_id(id))
+}
+
 /// `pod<uid>` or `kubepods-<qos>-pod<uid>.slice` / `kubepods-pod<uid>.slice`.
 /// A uid is a UUID (dashes, or underscores with the systemd driver), or 32
 /// hex digits: the kubelet's uid of a static pod (the hash its mirror pod
@@ -86,7 +96,8 @@ pub fn describe(path: &str) -> CgroupInfo {
         } else if let Some(id) = scoped_id(part, &["crio-"]) {
             info.container_runtime = Some("cri-o");
             info.container_id = Some(id.to_string());
-        } else if let Some(id) = scoped_id(part, &["libpod-"]) {
+        } else if let Some(id) = scoped_id(part, &["libpod-"]).or_else(|| libpod_cgroupfs_id(part))
+        {
             info.container_runtime = Some("podman");
             info.container_id = Some(id.to_string());
         } else if is_container_id(part) && i > 0 {
@@ -239,6 +250,33 @@ mod tests {
         assert_eq!(
             (i.container_runtime, i.container_id.as_deref()),
             (Some("podman"), Some(ID))
+        );
+        // Measured with podman 4.3 and runc: the systemd driver puts the
+        // container in `machine.slice/libpod-<id>.scope` (systemd-run
+        // containers one level deeper, `…/container`); the cgroupfs driver
+        // (no systemd as PID 1, this project's machines) in
+        // `libpod_parent/libpod-<id>`, below the caller's cgroup when that
+        // is not the root.
+        for path in [
+            format!("/machine.slice/libpod-{ID}.scope/container"),
+            format!("/libpod_parent/libpod-{ID}"),
+            format!("/process_api/x/libpod_parent/libpod-{ID}"),
+        ] {
+            let i = describe(&path);
+            assert_eq!(
+                (i.container_runtime, i.container_id.as_deref()),
+                (Some("podman"), Some(ID)),
+                "{path}"
+            );
+        }
+        // conmon, the container's monitor, is not the container.
+        assert_eq!(
+            describe(&format!("/machine.slice/libpod-conmon-{ID}.scope")).container_id,
+            None
+        );
+        assert_eq!(
+            describe(&format!("/libpod_parent/conmon/libpod-conmon-{ID}")).container_id,
+            None
         );
         assert_eq!(describe("/llm-egress-test-x/bot"), CgroupInfo::default());
         assert_eq!(describe("/"), CgroupInfo::default());

@@ -53,11 +53,16 @@ use clap::Parser;
 use cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// The agent's own log goes to stderr. Colour only when stderr is a
+/// terminal: under systemd (journald) and container runtimes (`podman logs`,
+/// the kubelet's log files) escape codes would end up in the stored text.
+/// `--log-format json` gives collectors one JSON object per line.
 fn init_logging(format: LogFormat) {
     let filter =
         EnvFilter::try_from_env("LLM_EGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -40,6 +40,8 @@ pub mod fake_kube;
 pub mod fake_provider;
 pub mod http;
 pub mod netns;
+pub mod nspawn;
+pub mod podman;
 pub mod probe;
 pub mod prom;
 pub mod prometheus;

@@ -5,7 +5,9 @@
 //! - The unit passes `systemd-analyze verify`; the agent runs under exactly
 //!   the unit's capabilities and file system restrictions (emulated with
 //!   `unshare --mount` and `setpriv`, nothing is installed), and each of
-//!   those capabilities is still needed.
+//!   those capabilities is still needed. Under a real systemd and a real
+//!   container runtime: deploy_systemd.rs and deploy_container.rs.
+//! - The agent's log is plain text on a pipe, JSON with `--log-format json`.
 //! - The manifests pass `kubernetes-validate --strict` (from the venv that
 //!   `cargo xtask setup` makes) and agree with each other, with the unit's
 //!   capabilities, and with `llm-egress check`.
@@ -444,42 +446,53 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
     }
 }
 
+/// journald, `podman logs` and the kubelet store what the agent writes to
+/// stderr, a pipe: plain text there (colour only on a terminal), and one
+/// JSON object per line with `--log-format json`. (The systemd and podman
+/// tests check the same in journald and `podman logs`.)
 #[test]
-fn systemd_unit_mounts_bpffs_when_the_host_has_none() {
-    require_root();
-    let unit = read(UNIT);
-    let pre = unit_values(&unit, "ExecStartPre");
-    let bpffs = pre
-        .iter()
-        .find(|c| c.contains("-t bpf"))
-        .unwrap_or_else(|| panic!("{UNIT}: no ExecStartPre= mounts bpffs: {pre:?}"));
-    let command = bpffs.trim_start_matches(['+', '-', '@', ':', '!']);
-    // In a private mount namespace only: unmount bpffs there, run the
-    // unit's command, and see bpffs mounted again.
-    let script = format!(
-        "umount /sys/fs/bpf && {command} && stat -f -c %T /sys/fs/bpf && stat -c %a /sys/fs/bpf"
-    );
-    let out = run(Command::new("unshare").args([
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]));
+fn agent_log_is_plain_text_in_a_pipe_and_json_on_request() {
+    let dir = TempDir::new("llm-egress-test-logfmt");
+    let config = dir.path().join("policy.toml");
+    // Fails right after logging starts: the attach cgroup does not exist.
+    fs::write(
+        &config,
+        format!(
+            "mode = \"audit\"\ncgroup = {}\nmetrics_listen = \"127.0.0.1:0\"\n",
+            toml_str(&dir.path().join("no-such-cgroup").display().to_string())
+        ),
+    )
+    .expect("write the policy");
+    let text = run(Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("NO_COLOR"));
+    let stderr = String::from_utf8_lossy(&text.stderr);
     assert!(
-        out.status.success(),
-        "the unit's ExecStartPre= should mount bpffs:\n{}",
-        show(&out)
+        !text.status.success() && stderr.contains("ERROR") && stderr.contains("no-such-cgroup"),
+        "the agent should fail on the missing cgroup:\n{}",
+        show(&text)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // bpffs always adds the sticky bit to its root: 1700.
-    assert_eq!(
-        stdout.lines().collect::<Vec<_>>(),
-        ["bpf_fs", "1700"],
-        "{}",
-        show(&out)
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "escape codes in the agent's log on a pipe:\n{stderr:?}"
+    );
+    let json = run(Command::new(agent_bin())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config));
+    let lines: Vec<Value> = String::from_utf8_lossy(&json.stderr)
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("--log-format json wrote a non-JSON line ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        lines.iter().any(|v| v["level"] == "ERROR"
+            && v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no-such-cgroup"))),
+        "the error as a JSON record: {lines:?}"
     );
 }
 
@@ -579,7 +592,7 @@ fn yaml_documents(text: &str) -> usize {
 /// Reads every manifest with PyYAML and checks that they fit together;
 /// prints what the Rust side checks further as one JSON object.
 const AGREE_PY: &str = r#"
-import json, sys, tomllib, yaml
+import json, os, sys, tomllib, yaml
 docs = []
 for f in sys.argv[1:]:
     docs += [(f, d) for d in yaml.safe_load_all(open(f)) if d]
@@ -620,6 +633,14 @@ for obj in (tmpl["metadata"], svc["metadata"]):
 sc = c["securityContext"]
 check(sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False, "not privileged, no privilege escalation")
 check(sc["capabilities"]["drop"] == ["ALL"], "drop ALL capabilities first")
+# seccomp: the shipped Localhost profile, which allows bpf() and
+# perf_event_open() without CAP_SYS_ADMIN (containers/common's default does not).
+check(sc.get("seccompProfile") == {"type": "Localhost", "localhostProfile": "llm-egress.json"}, "seccompProfile: Localhost llm-egress.json (deploy/kubernetes/seccomp/)")
+prof = json.load(open(os.path.join(os.path.dirname(sys.argv[1]), "seccomp", "llm-egress.json")))
+check(prof["defaultAction"] == "SCMP_ACT_ERRNO", "the seccomp profile denies by default")
+for name in ("bpf", "perf_event_open"):
+    rules = [r for r in prof["syscalls"] if name in r["names"]]
+    check(len(rules) == 1 and rules[0]["action"] == "SCMP_ACT_ALLOW" and not rules[0].get("includes") and not rules[0].get("excludes") and not rules[0].get("args"), f"the seccomp profile allows {name} unconditionally, once")
 mounts = {m["name"]: m for m in c["volumeMounts"]}
 vols = {v["name"]: v for v in spec["volumes"]}
 policy_vol = [n for n, v in vols.items() if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
@@ -738,6 +759,20 @@ fn dockerfile_builds_the_pinned_toolchain_and_ignores_build_output() {
         "--locked",
     ] {
         assert!(dockerfile.contains(needle), "Dockerfile lacks {needle:?}");
+    }
+    // A pipe's exit status is its last command's: `curl … | sh` built an
+    // image without rustup when the download failed. No RUN pipes unless
+    // it sets pipefail (continuation lines joined; `||` is not a pipe).
+    let joined = dockerfile.replace("\\\n", " ");
+    for run in joined
+        .lines()
+        .filter(|l| l.trim_start().starts_with("RUN "))
+    {
+        let pipes = run.replace("||", "").contains('|');
+        assert!(
+            !pipes || run.contains("pipefail"),
+            "Dockerfile: a RUN with a pipe but without pipefail hides a failed first command: {run}"
+        );
     }
     let ignore = read(".dockerignore");
     let rules: Vec<&str> = ignore

@@ -84,6 +84,26 @@ pub const PACKAGES: &[Package] = &[
         build_only: false,
     },
     Package {
+        name: "mmdebstrap",
+        why: "builds the minimal Debian 12 root file system (from Debian's archive, cached under the target dir) that the real-systemd deploy test boots",
+        build_only: false,
+    },
+    Package {
+        name: "systemd-container",
+        why: "systemd-nspawn, which boots that root file system with systemd 252 as PID 1 for the deploy test (tests/tests/deploy_systemd.rs); installing it starts nothing",
+        build_only: false,
+    },
+    Package {
+        name: "podman",
+        why: "runs the container image with the DaemonSet's security context in the deploy test (tests/tests/deploy_container.rs), always with --network=none and a private store; it pulls iptables in as a dependency, which the tests never use",
+        build_only: false,
+    },
+    Package {
+        name: "runc",
+        why: "the OCI runtime podman uses in the deploy test (crun refuses the hybrid cgroup layout)",
+        build_only: false,
+    },
+    Package {
         name: "python3-venv",
         why: "a Python venv under the target dir for kubernetes-validate (the Kubernetes manifest tests) and the official OpenAI and Anthropic SDKs (the token calibration's sdk/ run); nothing goes into the system Python",
         build_only: false,
