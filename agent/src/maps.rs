@@ -377,7 +377,11 @@ impl KernelMaps {
 
     /// Before a policy is in force: its NAT64 prefixes (`NAT64` is not per
     /// slot; the old policy's stay until `remove_other_nat64`).
-    fn add_nat64(&mut self, prefixes: &std::collections::BTreeSet<[u8; 12]>, report: &mut WriteReport) {
+    fn add_nat64(
+        &mut self,
+        prefixes: &std::collections::BTreeSet<[u8; 12]>,
+        report: &mut WriteReport,
+    ) {
         for p in prefixes {
             if self.nat64.insert(Nat64Key { prefix: *p }, 1, 0).is_err() {
                 report.fail(MAP_NAT64);

@@ -2,7 +2,8 @@
 //! the kernel refuses one (docs/operations.md, "When a program fails to
 //! load").
 //!
-//! The four connect-time verdict hooks are the enforcement: without any of
+//! The five connect-time verdict hooks (the four cgroup_sock_addr hooks and
+//! the socket-kind verdict, cgroup/sock_create) are the enforcement: without any of
 //! them the agent refuses to start. Each other program adds something (DNS
 //! learning, SNI verdicts, accounting, bandwidth policing); without it the
 //! agent runs **degraded** (enforcing what the loaded programs can, `/readyz`

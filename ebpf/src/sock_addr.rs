@@ -201,8 +201,8 @@ fn judge_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
         let b = w3.to_ne_bytes();
         dest.family = family::INET;
         dest.addr = [
-            b[0], b[1], b[2], b[3], addr[0], addr[1], addr[2], addr[3], addr[4], addr[5],
-            addr[6], addr[7], addr[8], addr[9], addr[10], addr[11],
+            b[0], b[1], b[2], b[3], addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6],
+            addr[7], addr[8], addr[9], addr[10], addr[11],
         ];
     }
     judge(ctx, &dest, hook)

@@ -64,7 +64,12 @@ pub fn verdict_sock_create(ctx: SockContext) -> i32 {
             });
             match workload {
                 Some(w) => (w.raw_sockets, cfg.generation, w.workload_id, cfg.mode),
-                None => (cfg.default_raw_sockets, cfg.generation, NO_WORKLOAD, cfg.mode),
+                None => (
+                    cfg.default_raw_sockets,
+                    cfg.generation,
+                    NO_WORKLOAD,
+                    cfg.mode,
+                ),
             }
         }
         Err(fail) => {

@@ -29,7 +29,9 @@ use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, TcpServer,
     probe::describe,
     require_root,
-    scenario::{EVENT_WAIT, expect_eperm, expect_metric_at_least, expect_ok, policy, probe, wait_event},
+    scenario::{
+        EVENT_WAIT, expect_eperm, expect_metric_at_least, expect_ok, policy, probe, wait_event,
+    },
 };
 
 /// Lets every group open ping sockets in `ns` (not on the host).
@@ -268,8 +270,16 @@ fn nat64_destinations_are_judged_as_their_ipv4_address() {
     ));
     let p = probe();
     // The IPv4 forms: the reference.
-    expect_ok(&agent, p.connect(&n, &ns, "10.20.0.1:8443"), "n to its provider");
-    expect_ok(&agent, p.connect(&n, &ns, "192.0.2.1:8443"), "n to its CIDR");
+    expect_ok(
+        &agent,
+        p.connect(&n, &ns, "10.20.0.1:8443"),
+        "n to its provider",
+    );
+    expect_ok(
+        &agent,
+        p.connect(&n, &ns, "192.0.2.1:8443"),
+        "n to its CIDR",
+    );
     expect_eperm(
         &agent,
         p.connect(&n, &ns, "198.51.100.1:8443"),
@@ -332,7 +342,10 @@ fn ipv4_in_ipv6_forms_the_kernel_does_not_send_to_ipv4_are_judged_as_ipv6() {
     let n = cg.child("n");
     let ns = NetnsGuard::new();
     // Only the operator's prefix: the well-known one is then plain IPv6.
-    let agent = Agent::start(&nat64_policy(&cg, "nat64_prefixes = [\"2001:db8:64::/96\"]"));
+    let agent = Agent::start(&nat64_policy(
+        &cg,
+        "nat64_prefixes = [\"2001:db8:64::/96\"]",
+    ));
     let p = probe();
     // Each embeds 192.0.2.1, which n may reach as IPv4; as the IPv6
     // addresses they are, other = deny refuses them (docs/names.md table).
@@ -340,8 +353,14 @@ fn ipv4_in_ipv6_forms_the_kernel_does_not_send_to_ipv4_are_judged_as_ipv6() {
         ("IPv4-compatible ::a.b.c.d", "[::192.0.2.1]:8443"),
         ("6to4 2002::/16", "[2002:c000:201::1]:8443"),
         ("Teredo 2001::/32", "[2001:0:c000:201::3fff:fdfe]:8443"),
-        ("local-use NAT64 64:ff9b:1::/48", "[64:ff9b:1::c000:201]:8443"),
-        ("the well-known NAT64 prefix, not configured", "[64:ff9b::c000:201]:8443"),
+        (
+            "local-use NAT64 64:ff9b:1::/48",
+            "[64:ff9b:1::c000:201]:8443",
+        ),
+        (
+            "the well-known NAT64 prefix, not configured",
+            "[64:ff9b::c000:201]:8443",
+        ),
     ] {
         expect_eperm(
             &agent,

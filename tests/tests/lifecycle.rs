@@ -753,8 +753,8 @@ other = "deny"
     // item: the old set may show for a moment (seen under load), so wait
     // up to 2 s for exactly the new one.
     let expect_set = |agent: &Agent, others: u32, when: &str| {
-        let want = |(verdict, other): &(Vec<(&str, u32)>, Vec<(&str, u32)>)| {
-            verdict.iter().all(|(_, n)| *n == 1) && other.iter().all(|(_, n)| *n == others)
+        let want = |got: &(Vec<(&str, u32)>, Vec<(&str, u32)>)| {
+            got.0.iter().all(|(_, n)| *n == 1) && got.1.iter().all(|(_, n)| *n == others)
         };
         let since = std::time::Instant::now();
         let mut got = hooks();

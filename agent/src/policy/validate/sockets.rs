@@ -127,7 +127,10 @@ mod tests {
     #[test]
     fn nat64_prefixes_default_to_the_well_known_one() {
         let p = ok("");
-        assert_eq!(p.nat64_prefixes, [WELL_KNOWN_NAT64.parse::<Ipv6Net>().unwrap()]);
+        assert_eq!(
+            p.nat64_prefixes,
+            [WELL_KNOWN_NAT64.parse::<Ipv6Net>().unwrap()]
+        );
         assert!(ok("nat64_prefixes = []\n").nat64_prefixes.is_empty());
         let p = ok("nat64_prefixes = [\"64:ff9b::/96\", \"2001:db8:64::/96\"]\n");
         assert_eq!(p.nat64_prefixes.len(), 2);
@@ -156,7 +159,9 @@ mod tests {
             35,
             "twice",
         );
-        let many: Vec<String> = (0..17).map(|i| format!("\"2001:db8:{i:x}::/96\"")).collect();
+        let many: Vec<String> = (0..17)
+            .map(|i| format!("\"2001:db8:{i:x}::/96\""))
+            .collect();
         let e = errors(&format!("nat64_prefixes = [{}]\n", many.join(", ")));
         assert!(e.iter().any(|e| e.message.contains("at most 16")), "{e:?}");
     }
