@@ -223,6 +223,18 @@ tokens_per_day = 1000
     }
 
     #[test]
+    fn the_socket_kind_verdict_is_a_verdict_hook_in_both_sets() {
+        use llm_egress_common::PROG_SOCK_CREATE;
+        assert!(is_verdict(PROG_SOCK_CREATE));
+        assert!(ALL_PROGRAMS.contains(&PROG_SOCK_CREATE));
+        let e = check(&policy(""), &[failed(PROG_SOCK_CREATE)]).unwrap_err();
+        assert!(
+            matches!(e, ProgramsError::Verdict { program, .. } if program == PROG_SOCK_CREATE),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_missing_program_no_key_needs_is_degraded_not_fatal() {
         let p = policy(
             "[[workloads]]\nname = \"w\"\ncgroup = \"w\"\n[workloads.limits]\nconnections_per_second = 5\n",
