@@ -753,16 +753,14 @@ other = "deny"
     // item: the old set may show for a moment (seen under load), so wait
     // up to 2 s for exactly the new one.
     let expect_set = |agent: &Agent, others: u32, when: &str| {
-        let want = |got: &(Vec<(&str, u32)>, Vec<(&str, u32)>)| {
-            got.0.iter().all(|(_, n)| *n == 1) && got.1.iter().all(|(_, n)| *n == others)
-        };
         let since = std::time::Instant::now();
-        let mut got = hooks();
-        while !want(&got) && since.elapsed() < std::time::Duration::from_secs(2) {
+        let (mut verdict, mut other) = hooks();
+        while !(verdict.iter().all(|(_, n)| *n == 1) && other.iter().all(|(_, n)| *n == others))
+            && since.elapsed() < std::time::Duration::from_secs(2)
+        {
             std::thread::sleep(std::time::Duration::from_millis(50));
-            got = hooks();
+            (verdict, other) = hooks();
         }
-        let (verdict, other) = got;
         assert!(
             verdict.iter().all(|(_, n)| *n == 1) && other.iter().all(|(_, n)| *n == others),
             "{when}: the five verdict hooks once each, the others {others} times; got {verdict:?} {other:?}\n{}",
