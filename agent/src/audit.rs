@@ -46,12 +46,25 @@ pub struct DecisionRecord {
     pub protocol: &'static str,
     pub dst_addr: String,
     pub dst_port: u16,
+    /// How an IPv6 destination carried the IPv4 address in `dst_addr`
+    /// (`nat64`, `ipv4_mapped`); only on such records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_addr_form: Option<&'static str>,
+    /// The IPv6 address as the process gave it (with `dst_addr_form`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_addr_given: Option<String>,
     pub provider: Option<String>,
     pub generation: u64,
     pub hook: &'static str,
     /// The TLS server name judged (`hook: "sni"` records only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// `raw` or `dgram` (`hook: "sock_create"` records only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_type: Option<&'static str>,
+    /// The protocol number given to socket() (`hook: "sock_create"` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_protocol: Option<u8>,
 }
 
 /// A tracked provider connection at its close.
@@ -213,6 +226,10 @@ mod tests {
             generation: 3,
             hook: "connect4",
             server_name: Some("api.openai.com".into()),
+            dst_addr_form: Some("nat64"),
+            dst_addr_given: Some("64:ff9b::c000:201".into()),
+            socket_type: Some("raw"),
+            ip_protocol: Some(1),
         };
         let c = ConnectionRecord {
             event: "connection",

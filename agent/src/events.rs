@@ -94,6 +94,8 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::INTERNAL_ERROR => "internal_error",
         reason::RATE_LIMITED => "rate_limited",
         reason::TOKEN_BUDGET => "token_budget",
+        reason::RAW_SOCKET => "raw_socket",
+        reason::PING_SOCKET => "ping_socket",
         _ => "unknown",
     }
 }
@@ -105,6 +107,7 @@ fn hook_name(h: u8) -> &'static str {
         hook::SENDMSG4 => "sendmsg4",
         hook::SENDMSG6 => "sendmsg6",
         hook::SNI => "sni",
+        hook::SOCK_CREATE => "sock_create",
         _ => "unknown",
     }
 }
@@ -270,7 +273,7 @@ pub fn names_of(
 pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     let (h, d) = (&ev.header, &ev.data);
     let (workload, provider) = names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
-    DecisionRecord {
+    let mut record = DecisionRecord {
         event: "decision",
         time: rfc3339(wall_time(h.time_ns)),
         verdict: verdict_name(d.verdict),
@@ -280,11 +283,24 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
         protocol: if d.proto == proto::UDP { "udp" } else { "tcp" },
         dst_addr: dst_addr(ev).to_string(),
         dst_port: d.port,
+        dst_addr_form: crate::sockets::form_name(d),
+        dst_addr_given: crate::sockets::given_addr(d),
         provider,
         generation: d.generation,
         hook: hook_name(d.hook),
         server_name: None,
+        socket_type: None,
+        ip_protocol: None,
+    };
+    // A raw or ping socket refused (or audited) at socket(): no destination.
+    if d.hook == hook::SOCK_CREATE {
+        record.protocol = crate::sockets::socket_protocol(d);
+        record.dst_addr = String::new();
+        record.dst_port = 0;
+        record.socket_type = Some(crate::sockets::socket_type(d));
+        record.ip_protocol = Some(d.proto);
     }
+    record
 }
 
 /// An SNI verdict as a decision record (`hook: "sni"`, `server_name`).
@@ -306,6 +322,10 @@ pub fn sni_record(ev: &llm_egress_common::SniEvent, ctx: &Context) -> DecisionRe
         generation: d.generation,
         hook: "sni",
         server_name: Some(String::from_utf8_lossy(&d.name[..len]).into_owned()),
+        dst_addr_form: None,
+        dst_addr_given: None,
+        socket_type: None,
+        ip_protocol: None,
     }
 }
 

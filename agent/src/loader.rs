@@ -330,6 +330,7 @@ impl Loader {
         };
         let loaded = match program {
             Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
             Program::SockOps(p) => p.load(),
             Program::CgroupSkb(p) => p.load(),
             Program::TracePoint(p) => p.load(),
@@ -555,6 +556,10 @@ fn attach_to_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink, 
         |e: aya::programs::links::LinkError| ProgramError::IOError(io::Error::other(e.to_string()));
     match program {
         Program::CgroupSockAddr(p) => {
+            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into().map_err(link_err)
+        }
+        Program::CgroupSock(p) => {
             let id = p.attach(cgroup, CgroupAttachMode::Single)?;
             p.take_link(id)?.try_into().map_err(link_err)
         }

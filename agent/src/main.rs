@@ -43,6 +43,7 @@ mod resolver;
 // tests (fuzz/); the agent does not parse traffic with it.
 #[cfg_attr(not(test), allow(dead_code))]
 mod sni;
+mod sockets;
 mod status;
 mod tokens;
 mod verifier;

@@ -28,7 +28,7 @@ use llm_egress_common::{
 };
 use llm_egress_common::{
     BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH,
-    MAP_BUCKETS, MAP_BUDGET_SPENT, MAP_LIMIT_CFG, MAP_LIMIT_HITS, MAP_LIMITS,
+    MAP_BUCKETS, MAP_BUDGET_SPENT, MAP_LIMIT_CFG, MAP_LIMIT_HITS, MAP_LIMITS, MAP_NAT64, Nat64Key,
 };
 
 use crate::{
@@ -91,6 +91,7 @@ pub struct KernelMaps {
     limit_hits: PerCpuHashMap<MapData, LimitHitKey, u64>,
     limit_cfg: Array<MapData, LimitConfig>,
     buckets: HashMap<MapData, BucketKey, Bucket>,
+    nat64: HashMap<MapData, Nat64Key, u32>,
     /// What the active slot holds, as last written by this agent.
     applied: Option<Plan>,
 }
@@ -142,6 +143,7 @@ impl KernelMaps {
             limit_hits: take!(ebpf, MAP_LIMIT_HITS),
             limit_cfg: take!(ebpf, MAP_LIMIT_CFG),
             buckets: take!(ebpf, MAP_BUCKETS),
+            nat64: take!(ebpf, MAP_NAT64),
             applied: None,
         })
     }
@@ -208,6 +210,7 @@ impl KernelMaps {
             self.clear_slot(target)?;
             return Ok(report);
         }
+        self.add_nat64(&plan.nat64, &mut report);
         self.slots
             .set(target, plan.config, 0)
             .map_err(map_err(MAP_SLOTS))?;
@@ -219,6 +222,7 @@ impl KernelMaps {
         };
         self.active.set(0, active, 0).map_err(map_err(MAP_ACTIVE))?;
         self.write_bandwidth(&plan.limits, &mut report);
+        self.remove_other_nat64(&plan.nat64);
         self.applied = Some(plan);
         if old != 0 {
             std::thread::sleep(DRAIN);
@@ -368,6 +372,33 @@ impl KernelMaps {
             if self.limits.insert(key, *v, 0).is_err() {
                 report.fail(MAP_LIMITS);
             }
+        }
+    }
+
+    /// Before a policy is in force: its NAT64 prefixes (`NAT64` is not per
+    /// slot; the old policy's stay until `remove_other_nat64`).
+    fn add_nat64(
+        &mut self,
+        prefixes: &std::collections::BTreeSet<[u8; 12]>,
+        report: &mut WriteReport,
+    ) {
+        for p in prefixes {
+            if self.nat64.insert(Nat64Key { prefix: *p }, 1, 0).is_err() {
+                report.fail(MAP_NAT64);
+            }
+        }
+    }
+
+    /// After a policy is in force: no NAT64 prefix but its own.
+    fn remove_other_nat64(&mut self, prefixes: &std::collections::BTreeSet<[u8; 12]>) {
+        let stale: Vec<Nat64Key> = self
+            .nat64
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !prefixes.contains(&k.prefix))
+            .collect();
+        for k in stale {
+            let _ = self.nat64.remove(&k);
         }
     }
 

@@ -70,6 +70,7 @@ pub struct Metrics {
     pub budget_remaining: IntGaugeVec,
     pub limit_buckets_full: IntCounter,
     pub budget_stopped: IntCounter,
+    pub socket_decisions: IntCounterVec,
     pub program_loaded: IntGaugeVec,
     /// Last `LIMIT_HITS` values seen, to turn them into increments.
     limit_hits_seen: std::sync::Arc<
@@ -351,6 +352,12 @@ impl Metrics {
                 "llm_egress_budget_stopped_connections_total",
                 "Open provider connections stopped because their workload's token budget was spent (their next request dropped, the socket aborted; docs/limits.md).",
             )?,
+            socket_decisions: counter_vec(
+                &r,
+                "llm_egress_socket_decisions_total",
+                "Raw and ICMP ping sockets refused at socket() (verdict deny) or let through and reported (audit) by the socket-kind verdict; counted in the kernel.",
+                &["verdict"],
+            )?,
             program_loaded: gauge_vec(
                 &r,
                 "llm_egress_program_loaded",
@@ -376,6 +383,9 @@ impl Metrics {
         }
         for v in ["v4", "v6"] {
             m.learned_destinations.with_label_values(&[v]);
+        }
+        for v in ["deny", "audit"] {
+            m.socket_decisions.with_label_values(&[v]);
         }
         for (_, v) in SNI_RESULTS {
             m.sni.with_label_values(&[v]);
@@ -430,6 +440,12 @@ impl Metrics {
         self.limit_buckets_full
             .inc_by(delta(counter::LIMIT_BUCKETS_FULL));
         self.budget_stopped.inc_by(delta(counter::BUDGET_STOPPED));
+        self.socket_decisions
+            .with_label_values(&["deny"])
+            .inc_by(delta(counter::SOCKETS_DENIED));
+        self.socket_decisions
+            .with_label_values(&["audit"])
+            .inc_by(delta(counter::SOCKETS_AUDITED));
         // A hit that found LIMIT_HITS full was still enforced; count it
         // where a full map is counted.
         self.map_update_errors

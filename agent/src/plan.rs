@@ -60,6 +60,9 @@ pub struct Plan {
     pub names: BTreeMap<u64, DestValue>,
     /// `[workloads.limits]` (`LIMITS` of the slot, `BANDWIDTH`).
     pub limits: crate::limits::LimitPlan,
+    /// `NAT64` keys: the first 12 bytes of each of `nat64_prefixes` (not
+    /// per slot; `maps` adds them before the flip, removes others after).
+    pub nat64: BTreeSet<[u8; 12]>,
 }
 
 pub fn action_code(a: Action) -> u8 {
@@ -98,7 +101,8 @@ pub fn build(
             default_other: action_code(policy.defaults.other),
             failure_mode: failure_code(policy.failure_mode),
             track: u8::from(policy.programs == Programs::All),
-            _pad: [0; 3],
+            default_raw_sockets: action_code(policy.defaults.raw_sockets),
+            _pad: [0; 2],
         },
         ..Plan::default()
     };
@@ -113,9 +117,16 @@ pub fn build(
                 workload_id: index as u32 + 1,
                 llm: action_code(w.llm),
                 other: action_code(w.other),
-                _pad: [0; 2],
+                raw_sockets: action_code(w.raw_sockets),
+                _pad: 0,
             },
         );
+    }
+    for net in &policy.nat64_prefixes {
+        let o = net.network().octets();
+        let mut key = [0u8; 12];
+        key.copy_from_slice(&o[..12]);
+        plan.nat64.insert(key);
     }
     for (index, w) in policy.workloads.iter().enumerate() {
         let wid = index as u32 + 1;
@@ -230,7 +241,9 @@ mod tests {
             defaults: Defaults {
                 llm: Action::Deny,
                 other: Action::Allow,
+                raw_sockets: Action::Allow,
             },
+            nat64_prefixes: vec![],
             resolver: ResolverConfig {
                 servers: vec![],
                 refresh: Duration::from_secs(30),
@@ -265,6 +278,7 @@ mod tests {
                 deny: vec![Target::Cidr("192.0.2.0/24".parse().unwrap())],
                 llm: Action::Deny,
                 other: Action::Audit,
+                raw_sockets: Action::Audit,
                 limits: Default::default(),
                 provider_limits: Default::default(),
             }],
@@ -279,6 +293,8 @@ mod tests {
         assert_eq!(plan.config.generation, 5);
         assert_eq!(plan.workloads[&77].workload_id, 1);
         assert_eq!(plan.workloads[&77].other, action::AUDIT);
+        assert_eq!(plan.workloads[&77].raw_sockets, action::AUDIT);
+        assert_eq!(plan.config.default_raw_sockets, action::ALLOW);
         assert_eq!(plan.provider_actions[&(1, 2)].action, action::ALLOW);
         // deny of the same prefix wins over allow
         assert_eq!(

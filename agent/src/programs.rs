@@ -2,7 +2,8 @@
 //! the kernel refuses one (docs/operations.md, "When a program fails to
 //! load").
 //!
-//! The four connect-time verdict hooks are the enforcement: without any of
+//! The five connect-time verdict hooks (the four cgroup_sock_addr hooks and
+//! the socket-kind verdict, cgroup/sock_create) are the enforcement: without any of
 //! them the agent refuses to start. Each other program adds something (DNS
 //! learning, SNI verdicts, accounting, bandwidth policing); without it the
 //! agent runs **degraded** (enforcing what the loaded programs can, `/readyz`
@@ -219,6 +220,18 @@ tokens_per_day = 1000
         let e = check(&p, &[failed(PROG_DNS_INGRESS), failed(PROG_CONNECT4)]).unwrap_err();
         assert!(matches!(e, ProgramsError::Verdict { program, .. } if program == PROG_CONNECT4));
         assert!(e.to_string().contains("nothing is enforced"), "{e}");
+    }
+
+    #[test]
+    fn the_socket_kind_verdict_is_a_verdict_hook_in_both_sets() {
+        use llm_egress_common::PROG_SOCK_CREATE;
+        assert!(is_verdict(PROG_SOCK_CREATE));
+        assert!(ALL_PROGRAMS.contains(&PROG_SOCK_CREATE));
+        let e = check(&policy(""), &[failed(PROG_SOCK_CREATE)]).unwrap_err();
+        assert!(
+            matches!(e, ProgramsError::Verdict { program, .. } if program == PROG_SOCK_CREATE),
+            "{e}"
+        );
     }
 
     #[test]

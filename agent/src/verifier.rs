@@ -202,6 +202,10 @@ fn kind(section: &ProgramSection) -> Option<(bpf_prog_type, Option<bpf_attach_ty
                 aya_obj::programs::CgroupSkbAttachType::Egress => BPF_CGROUP_INET_EGRESS,
             }),
         ),
+        ProgramSection::CgroupSock { attach_type } => (
+            bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK,
+            Some(bpf_attach_type::from(*attach_type)),
+        ),
         ProgramSection::SockOps => (
             bpf_prog_type::BPF_PROG_TYPE_SOCK_OPS,
             Some(BPF_CGROUP_SOCK_OPS),

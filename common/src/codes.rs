@@ -43,6 +43,12 @@ pub mod reason {
     pub const RATE_LIMITED: u8 = 8;
     /// The workload's token budget for this provider is spent.
     pub const TOKEN_BUDGET: u8 = 9;
+    /// A raw socket (`SOCK_RAW`, any protocol): the workload's
+    /// `raw_sockets` action (hook `SOCK_CREATE`).
+    pub const RAW_SOCKET: u8 = 10;
+    /// An ICMP ping socket (`SOCK_DGRAM` with `IPPROTO_ICMP` or
+    /// `IPPROTO_ICMPV6`): the workload's `raw_sockets` action.
+    pub const PING_SOCKET: u8 = 11;
 }
 
 /// `mode` of a policy slot.
@@ -83,4 +89,7 @@ pub mod hook {
     pub const SENDMSG6: u8 = 4;
     /// The SNI program (cgroup_skb egress): a ClientHello's server name.
     pub const SNI: u8 = 5;
+    /// The socket-kind program (cgroup/sock_create): a raw or ping socket
+    /// refused or audited at `socket()`.
+    pub const SOCK_CREATE: u8 = 6;
 }

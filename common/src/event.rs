@@ -63,15 +63,21 @@ pub struct ConnectDecision {
     pub workload_id: u32,
     /// `NO_PROVIDER` or the provider's 1-based id in that generation.
     pub provider_id: u32,
-    /// Destination, network order; IPv4 in the first 4 bytes.
+    /// Destination, network order; IPv4 in the first 4 bytes. An IPv4
+    /// destination the program was given in IPv6 form (`::ffff:a.b.c.d`,
+    /// or under a NAT64 prefix) keeps that address's first 12 bytes in
+    /// bytes 4..16; an IPv4 socket's destination has zeros there.
+    /// `hook == SOCK_CREATE`: all zero.
     pub addr: [u8; 16],
-    /// Destination port, host order.
+    /// Destination port, host order. `hook == SOCK_CREATE`: the socket
+    /// type (`SOCK_RAW` 3, `SOCK_DGRAM` 2).
     pub port: u16,
     /// `verdict::*`
     pub verdict: u8,
     /// `reason::*`
     pub reason: u8,
-    /// `proto::*`
+    /// `proto::*`; `hook == SOCK_CREATE`: the socket's IP protocol number
+    /// as given to socket() (0, 1 ICMP, 58 ICMPv6, 255 RAW, ...).
     pub proto: u8,
     /// `family::*`
     pub family: u8,

@@ -13,8 +13,10 @@ pub mod event;
 pub mod limits;
 pub mod maps;
 pub mod names;
+pub mod sockets;
 
 pub use codes::*;
 pub use event::*;
 pub use limits::*;
 pub use maps::*;
+pub use sockets::*;

@@ -129,6 +129,7 @@ pub const ALL_MAPS: [&str; 33] = [
     crate::limits::MAP_BUDGET_SPENT,
     crate::limits::MAP_LIMIT_HITS,
     crate::limits::MAP_LIMIT_CFG,
+    crate::sockets::MAP_NAT64,
 ];
 
 /// Program names: `<job>_<hook>`.
@@ -141,19 +142,26 @@ pub const PROG_SENDMSG6: &str = "verdict_sendmsg6";
 pub const PROG_SOCK_OPS: &str = "account_sock_ops";
 /// The programs attached (and pinned) to the attach cgroup with
 /// `programs = "all"`, the default.
-pub const ALL_PROGRAMS: [&str; 7] = [
+pub const ALL_PROGRAMS: [&str; 8] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
     PROG_SENDMSG6,
+    crate::sockets::PROG_SOCK_CREATE,
     PROG_SOCK_OPS,
     PROG_DNS_INGRESS,
     PROG_SNI_EGRESS,
 ];
 /// The programs attached with `programs = "connect"`: the connect-time
-/// verdict alone (docs/policy.md).
-pub const CONNECT_PROGRAMS: [&str; 4] =
-    [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+/// verdict alone (docs/policy.md). The socket-kind verdict
+/// (`PROG_SOCK_CREATE`) is one of them: a connect-time verdict too.
+pub const CONNECT_PROGRAMS: [&str; 5] = [
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    crate::sockets::PROG_SOCK_CREATE,
+];
 /// Tracepoint sched/sched_process_exec: fills `EXECS`.
 pub const PROG_EXEC: &str = "attribute_exec";
 /// cgroup_skb/ingress: learns provider addresses from DNS answers.
@@ -318,6 +326,10 @@ pub mod counter {
     /// First payloads passed unjudged because `SNI_SCRATCH` was full (more
     /// ClientHellos read at once than `SOCKET_SCRATCH_MAX`).
     pub const SNI_BUSY: u32 = 28;
+    /// Raw and ping sockets refused at socket() (ebpf/src/sock_create.rs).
+    pub const SOCKETS_DENIED: u32 = 29;
+    /// Raw and ping sockets allowed but reported as would-be denies.
+    pub const SOCKETS_AUDITED: u32 = 30;
     pub const LEN: u32 = 32;
 }
 
@@ -363,7 +375,11 @@ pub struct SlotConfig {
     /// tracks allowed provider connections in `CONNS`; 0: nothing would
     /// read or remove the entries, so it does not.
     pub track: u8,
-    pub _pad: [u8; 3],
+    /// `action::*` for raw and ping sockets of processes in no workload
+    /// (`defaults.raw_sockets`); 0 (a slot written before the key
+    /// existed): allow.
+    pub default_raw_sockets: u8,
+    pub _pad: [u8; 2],
 }
 
 #[repr(C)]
@@ -384,7 +400,9 @@ pub struct WorkloadValue {
     pub llm: u8,
     /// `action::*` for non-provider destinations.
     pub other: u8,
-    pub _pad: [u8; 2],
+    /// `action::*` for raw and ping sockets (`raw_sockets`); 0: allow.
+    pub raw_sockets: u8,
+    pub _pad: u8,
 }
 
 /// Data part of an IPv4 LPM key; the prefix length counts

@@ -32,12 +32,16 @@ pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
-/// The four hooks of the connect-time verdict.
-pub const SOCK_ADDR_HOOKS: [(u32, &str); 4] = [
+/// cgroup/sock_create: the socket-kind verdict (raw and ping sockets).
+pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
+/// The hooks of the connect-time verdict: the four sock_addr hooks and
+/// sock_create (in both program sets).
+pub const SOCK_ADDR_HOOKS: [(u32, &str); 5] = [
     (BPF_CGROUP_INET4_CONNECT, "connect4"),
     (BPF_CGROUP_INET6_CONNECT, "connect6"),
     (BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
     (BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"),
+    (BPF_CGROUP_INET_SOCK_CREATE, "sock_create"),
 ];
 /// The other hooks of `programs = "all"`: DNS learning / records
 /// (cgroup_skb ingress), SNI / records / bandwidth (egress), accounting
@@ -342,7 +346,8 @@ pub fn cgroup_prog_count(cgroup: &Path, attach_type: u32, effective: bool) -> st
     Ok(attr.prog_cnt)
 }
 
-/// `(hook name, count)` for each of the four sock_addr hooks of `cgroup`.
+/// `(hook name, count)` for each of the verdict hooks of `cgroup`
+/// ([`SOCK_ADDR_HOOKS`]).
 pub fn sock_addr_prog_counts(cgroup: &Path, effective: bool) -> Vec<(&'static str, u32)> {
     hook_prog_counts(cgroup, &SOCK_ADDR_HOOKS, effective)
 }

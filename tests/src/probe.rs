@@ -45,6 +45,10 @@ pub enum ProbeCmd {
     Upload(String, u64),
     /// Connect, then read and discard for the given milliseconds.
     Download(String, u64),
+    /// socket() of another kind (`ping4`, `ping6`, `raw4`, `raw6`,
+    /// `raw4-tcp`, `packet`; a ping socket also sends one echo request to
+    /// loopback), then close.
+    Socket(String),
 }
 
 impl ProbeCmd {
@@ -66,6 +70,7 @@ impl ProbeCmd {
             ProbeCmd::Download(a, ms) => {
                 args.extend(["download".into(), a.clone(), ms.to_string()])
             }
+            ProbeCmd::Socket(kind) => args.extend(["socket".into(), kind.clone()]),
         }
     }
 }
@@ -383,6 +388,11 @@ impl Probe {
     /// TCP connect to `addr` ("192.0.2.1:8443", "[2001:db8::1]:8443").
     pub fn connect(&self, cgroup: &Path, netns: &NetnsGuard, addr: &str) -> Result<(), i32> {
         self.one(cgroup, netns, ProbeCmd::Connect(addr.into()))
+    }
+
+    /// socket() of `kind` ([`ProbeCmd::Socket`]).
+    pub fn socket(&self, cgroup: &Path, netns: &NetnsGuard, kind: &str) -> Result<(), i32> {
+        self.one(cgroup, netns, ProbeCmd::Socket(kind.into()))
     }
 
     /// One datagram to `addr` with sendto() on an unconnected socket.

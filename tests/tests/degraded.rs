@@ -291,8 +291,8 @@ fn program_fails_to_load_a_failed_restart_leaves_the_previous_pins_enforcing() {
     let links_before = pinned_links(&agent);
     assert_eq!(
         links_before,
-        6,
-        "the degraded agent pins its six links\n{}",
+        7,
+        "the degraded agent pins its seven links (every program but the missing one)\n{}",
         agent.context()
     );
     agent.kill9();

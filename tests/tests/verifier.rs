@@ -20,7 +20,7 @@ use serde_json::Value;
 
 /// Every program of the object (common/src/maps.rs: ALL_PROGRAMS and
 /// PROG_EXEC).
-const PROGRAMS: [&str; 8] = [
+const PROGRAMS: [&str; 9] = [
     "account_sock_ops",
     "attribute_exec",
     "names_dns_ingress",
@@ -29,6 +29,7 @@ const PROGRAMS: [&str; 8] = [
     "verdict_connect6",
     "verdict_sendmsg4",
     "verdict_sendmsg6",
+    "verdict_sock_create",
 ];
 const BUDGET_INSNS: u64 = 200_000;
 
@@ -39,6 +40,7 @@ fn program_of(hook: &str) -> &'static str {
         "connect6" => "verdict_connect6",
         "sendmsg4" => "verdict_sendmsg4",
         "sendmsg6" => "verdict_sendmsg6",
+        "sock_create" => "verdict_sock_create",
         "skb_ingress" => "names_dns_ingress",
         "skb_egress" => "names_sni_egress",
         "sock_ops" => "account_sock_ops",
@@ -136,8 +138,8 @@ fn the_statistics_load_costs_what_the_agents_load_costs() {
     };
     assert_eq!(
         attached.len(),
-        7,
-        "the agent attaches seven programs to its cgroup with programs = \"all\": {attached:?}\n{}",
+        8,
+        "the agent attaches eight programs to its cgroup with programs = \"all\": {attached:?}\n{}",
         agent.context()
     );
     for (hook, kernel_name, verified) in &attached {

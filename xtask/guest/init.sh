@@ -3,8 +3,11 @@
 #
 # Mounts what the agent needs, runs `llm-egress verify --json`, then, for
 # each program set, starts the agent on a test cgroup and checks with
-# egress-probe that one connect is denied (EPERM) and one allowed; stops the
-# agent with SIGTERM and checks its exit status. Every result goes to the
+# egress-probe that one connect is denied (EPERM) and one allowed, that a
+# NAT64 address of a denied IPv4 address is denied, and that a ping socket
+# is refused to a workload whose `other` is deny and made for one whose
+# `other` is allow (cgroup/sock_create); stops the agent with SIGTERM and
+# checks its exit status. Every result goes to the
 # console on a line holding "@@LLME " (xtask/src/kernels/results.rs parses
 # them), between "@@LLME begin" and "@@LLME end". Then powers off.
 #
@@ -24,6 +27,9 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing
 mkdir -p /tmp /run /var/run /etc
 ip link set lo up
+# Ping sockets for every group (root's too; the default "1 0" allows none),
+# so that a refused one is the agent's.
+echo "0 2147483647" >/proc/sys/net/ipv4/ping_group_range
 
 STEP=120
 for word in $(cat /proc/cmdline); do
@@ -103,9 +109,10 @@ httpd -p "$PORT" -h /tmp/www
 CG=/sys/fs/cgroup/matrix
 mkdir -p "$CG/open" "$CG/closed"
 
-# probe CGROUP ADDR: prints ok, EPERM or another errno name
+# probe CGROUP ADDR [COMMAND]: prints ok, EPERM or another errno name
+# (COMMAND: connect, or socket with ADDR a socket kind such as ping4)
 probe() {
-    out=$(egress-probe --cgroup "$CG/$1" --netns /proc/1/ns/net --timeout-ms 3000 connect "$2" 2>&1)
+    out=$(egress-probe --cgroup "$CG/$1" --netns /proc/1/ns/net --timeout-ms 3000 "${3:-connect}" "$2" 2>&1)
     case "$out" in
         *'"ok":true'*) echo ok ;;
         *'"error":"EPERM"'*) echo EPERM ;;
@@ -122,6 +129,7 @@ check() {
 # Without an agent both connects pass: the denials below are the agent's.
 check none baseline-open ok "$(probe open 127.0.0.1:$PORT)"
 check none baseline-closed ok "$(probe closed 127.0.0.2:$PORT)"
+check none baseline-ping ok "$(probe closed ping4 socket)"
 
 for SET in all connect; do
     m set-begin "$SET"
@@ -175,6 +183,11 @@ POLICY
         check "$SET" allow ok "$(probe open 127.0.0.1:$PORT)"
         check "$SET" deny-cidr EPERM "$(probe open 127.0.0.2:$PORT)"
         check "$SET" deny-other EPERM "$(probe closed 127.0.0.1:$PORT)"
+        # 64:ff9b::127.0.0.2, judged as the denied 127.0.0.2 (as IPv6 it
+        # would meet other = allow and fail with ENETUNREACH).
+        check "$SET" deny-nat64 EPERM "$(probe open "[64:ff9b::7f00:2]:$PORT")"
+        check "$SET" deny-ping EPERM "$(probe closed ping4 socket)"
+        check "$SET" allow-ping ok "$(probe open ping4 socket)"
         kill -TERM "$AGENT"
         st=$(wait_exit "$STEP")
         if [ "$st" = 0 ]; then

@@ -50,6 +50,8 @@ pub(super) struct PolicyFile {
     pub on_exit: Option<Spanned<String>>,
     pub programs: Option<Spanned<String>>,
     pub state_dir: Option<Spanned<String>>,
+    /// Absent: the well-known prefix alone; `[]`: none.
+    pub nat64_prefixes: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub defaults: DefaultsFile,
     #[serde(default)]
@@ -70,6 +72,7 @@ pub(super) struct PolicyFile {
 pub(super) struct DefaultsFile {
     pub llm: Option<Spanned<String>>,
     pub other: Option<Spanned<String>>,
+    pub raw_sockets: Option<Spanned<String>>,
 }
 
 /// `[resolver]`
@@ -165,6 +168,7 @@ pub(super) struct WorkloadFile {
     pub deny: Vec<Spanned<String>>,
     pub llm: Option<Spanned<String>>,
     pub other: Option<Spanned<String>>,
+    pub raw_sockets: Option<Spanned<String>>,
     /// Not `Spanned`, like `k8s`: `[workloads.limits]` is a header.
     #[serde(default)]
     pub limits: LimitsFile,

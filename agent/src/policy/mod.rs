@@ -86,6 +86,9 @@ pub enum AuditLog {
 pub struct Defaults {
     pub llm: Action,
     pub other: Action,
+    /// Raw and ICMP ping sockets of processes in no workload; default:
+    /// `other` (docs/policy.md, "Raw and ping sockets").
+    pub raw_sockets: Action,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -197,6 +200,8 @@ pub struct Workload {
     pub llm: Action,
     /// Non-provider destinations its CIDR rules do not cover.
     pub other: Action,
+    /// Raw and ICMP ping sockets (refused at socket()); default: `other`.
+    pub raw_sockets: Action,
     /// `[workloads.limits]`: limits of each provider the workload reaches.
     pub limits: Limits,
     /// `[workloads.limits.providers.NAME]`: per-provider overrides, by
@@ -279,6 +284,10 @@ pub struct Policy {
     /// budgets). Default /var/lib/llm-egress.
     pub state_dir: PathBuf,
     pub defaults: Defaults,
+    /// `nat64_prefixes`: IPv6 /96 prefixes whose addresses are judged as
+    /// the IPv4 address in their last four bytes (docs/names.md, "IPv4 in
+    /// IPv6 addresses"). Default: the well-known prefix 64:ff9b::/96.
+    pub nat64_prefixes: Vec<ipnet::Ipv6Net>,
     pub resolver: ResolverConfig,
     pub telemetry: TelemetryConfig,
     pub kubernetes: KubernetesConfig,

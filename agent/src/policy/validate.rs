@@ -38,6 +38,7 @@ use super::{
 };
 
 mod limits;
+mod sockets;
 
 // The defaults of the keys a policy leaves out (docs/policy.md lists them).
 const DEFAULT_MODE: Mode = Mode::Enforce;
@@ -331,6 +332,12 @@ impl<'a> Checker<'a> {
             .state_dir
             .as_ref()
             .and_then(|v| self.check(v, "state_dir", |s| absolute(s)));
+        let other = self.choice(
+            f.defaults.other.as_ref(),
+            "defaults.other",
+            ACTIONS,
+            DEFAULT_OTHER,
+        );
         let defaults = Defaults {
             llm: self.choice(
                 f.defaults.llm.as_ref(),
@@ -338,13 +345,14 @@ impl<'a> Checker<'a> {
                 ACTIONS,
                 DEFAULT_LLM,
             ),
-            other: self.choice(
-                f.defaults.other.as_ref(),
-                "defaults.other",
-                ACTIONS,
-                DEFAULT_OTHER,
+            other,
+            raw_sockets: self.raw_sockets(
+                f.defaults.raw_sockets.as_ref(),
+                "defaults.raw_sockets",
+                other,
             ),
         };
+        let nat64_prefixes = self.nat64_prefixes(f.nat64_prefixes.as_ref());
         let resolver = self.resolver(f);
         let telemetry = self.telemetry(f);
         let kubernetes = self.kubernetes(f);
@@ -361,6 +369,7 @@ impl<'a> Checker<'a> {
             programs,
             state_dir: state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             defaults,
+            nat64_prefixes,
             resolver,
             telemetry,
             kubernetes,
@@ -790,6 +799,8 @@ impl<'a> Checker<'a> {
                 ACTIONS,
                 default_other,
             );
+            let raw_sockets =
+                self.raw_sockets(w.raw_sockets.as_ref(), &format!("{key}.raw_sockets"), other);
             let (limits, provider_limits) =
                 self.limits(&w.limits, &format!("{key}.limits"), entry.span(), merged);
             if let Some(selector) = selector {
@@ -801,6 +812,7 @@ impl<'a> Checker<'a> {
                     deny,
                     llm,
                     other,
+                    raw_sockets,
                     limits,
                     provider_limits,
                 });
@@ -1077,7 +1089,8 @@ mod tests {
             p.defaults,
             Defaults {
                 llm: Action::Deny,
-                other: Action::Allow
+                other: Action::Allow,
+                raw_sockets: Action::Allow,
             }
         );
         assert_eq!(
@@ -1147,7 +1160,8 @@ llm = "allow"
             p.defaults,
             Defaults {
                 llm: Action::Audit,
-                other: Action::Deny
+                other: Action::Deny,
+                raw_sockets: Action::Deny,
             }
         );
         let servers: Vec<SocketAddr> = [
@@ -1207,6 +1221,7 @@ llm = "allow"
                 ],
                 llm: Action::Deny,
                 other: Action::Deny,
+                raw_sockets: Action::Deny,
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
             }
@@ -1220,6 +1235,7 @@ llm = "allow"
                 deny: vec![],
                 llm: Action::Allow,
                 other: Action::Deny,
+                raw_sockets: Action::Deny,
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
             }
@@ -1293,7 +1309,8 @@ llm = "allow"
             p.defaults,
             Defaults {
                 llm: Action::Deny,
-                other: Action::Allow
+                other: Action::Allow,
+                raw_sockets: Action::Allow,
             }
         );
         assert!(p.workloads.is_empty());

@@ -13,6 +13,12 @@
 //!   upload ADDR:PORT MS        connect, write 64 KiB buffers for MS ms, shut down the write
 //!                              side, wait (up to 5 s) for the server to close
 //!   download ADDR:PORT MS      connect, read and discard for MS ms
+//!   socket KIND                socket() of another kind, then close; KIND is
+//!                              ping4 / ping6 (SOCK_DGRAM, IPPROTO_ICMP / ICMPV6: also
+//!                              sends one echo request to 127.0.0.1 / ::1),
+//!                              raw4 / raw6 (SOCK_RAW, IPPROTO_ICMP / ICMPV6),
+//!                              raw4-tcp (SOCK_RAW, IPPROTO_TCP: a hand-made SYN's socket),
+//!                              packet (AF_PACKET, SOCK_DGRAM, ETH_P_ALL)
 //! ```
 //!
 //! It first writes its own pid to DIR/cgroup.procs, then enters the network
@@ -56,7 +62,8 @@ use serde_json::{Value, json};
 
 const USAGE: &str = "usage: egress-probe --cgroup DIR --netns NAME [--timeout-ms MS] \
 (connect ADDR:PORT | udp ADDR:PORT | udp-connect ADDR:PORT | connect-loop ADDR:PORT N \
-| connect-for ADDR:PORT MS [INTERVAL_US] | upload ADDR:PORT MS | download ADDR:PORT MS)...";
+| connect-for ADDR:PORT MS [INTERVAL_US] | upload ADDR:PORT MS | download ADDR:PORT MS \
+| socket ping4|ping6|raw4|raw6|raw4-tcp|packet)...";
 
 enum Cmd {
     Connect(SocketAddr),
@@ -66,6 +73,32 @@ enum Cmd {
     ConnectFor(SocketAddr, Duration, Duration),
     Upload(SocketAddr, Duration),
     Download(SocketAddr, Duration),
+    Socket(String),
+}
+
+/// The socket() arguments of `socket KIND`, and where a ping socket sends
+/// its echo request.
+fn socket_kind(kind: &str) -> Option<(i32, i32, i32, Option<SocketAddr>)> {
+    let eth_p_all = i32::from((libc::ETH_P_ALL as u16).to_be());
+    Some(match kind {
+        "ping4" => (
+            libc::AF_INET,
+            libc::SOCK_DGRAM,
+            libc::IPPROTO_ICMP,
+            Some("127.0.0.1:0".parse().expect("literal")),
+        ),
+        "ping6" => (
+            libc::AF_INET6,
+            libc::SOCK_DGRAM,
+            libc::IPPROTO_ICMPV6,
+            Some("[::1]:0".parse().expect("literal")),
+        ),
+        "raw4" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP, None),
+        "raw6" => (libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6, None),
+        "raw4-tcp" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP, None),
+        "packet" => (libc::AF_PACKET, libc::SOCK_DGRAM, eth_p_all, None),
+        _ => return None,
+    })
 }
 
 struct Args {
@@ -142,6 +175,13 @@ fn parse_args() -> Args {
             "download" => {
                 let addr = parse_addr(it.next());
                 cmds.push(Cmd::Download(addr, parse_ms(it.next(), "download")));
+            }
+            "socket" => {
+                let kind = it.next().unwrap_or_default();
+                if socket_kind(&kind).is_none() {
+                    fail(format!("unknown socket kind {kind:?}\n{USAGE}"));
+                }
+                cmds.push(Cmd::Socket(kind));
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -254,6 +294,89 @@ fn udp_send(addr: &SocketAddr, connected: bool) -> io::Result<()> {
         socket.send_to(b"egress-probe", addr)?;
     }
     Ok(())
+}
+
+/// `socket KIND`: socket(), and for a ping socket one echo request (the
+/// kernel fills in the identifier and checksum); then close.
+fn other_socket(kind: &str) -> io::Result<()> {
+    let (family, ty, protocol, echo_to) =
+        socket_kind(kind).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: plain syscall; the fd is closed below.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor this function owns.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let Some(to) = echo_to else { return Ok(()) };
+    // An echo request: type 8 (ICMP) or 128 (ICMPv6), code 0.
+    let echo: [u8; 12] = [
+        if family == libc::AF_INET { 8 } else { 128 },
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+        b'p',
+        b'r',
+        b'o',
+        b'b',
+    ];
+    let to = sockaddr_of(&to);
+    // SAFETY: sendto on the socket we own with a buffer and address of the
+    // given lengths.
+    let rc = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            echo.as_ptr().cast(),
+            echo.len(),
+            0,
+            (&to.0 as *const libc::sockaddr_storage).cast(),
+            to.1,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A `sockaddr_storage` and its length for `addr`.
+fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all zeroes is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and aligned for it.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
 }
 
 /// The size of every write of `upload` and every read of `download`.
@@ -556,6 +679,10 @@ fn run_one(cmd: &Cmd, timeout: Duration, pid: u32) -> Value {
             *dur,
             timeout,
             json!({"cmd": "download", "addr": a.to_string(), "pid": pid}),
+        ),
+        Cmd::Socket(kind) => result(
+            json!({"cmd": "socket", "kind": kind, "pid": pid}),
+            other_socket(kind),
         ),
     }
 }

@@ -22,6 +22,9 @@ pub const SET_CHECKS: &[&str] = &[
     "allow",
     "deny-cidr",
     "deny-other",
+    "deny-nat64",
+    "deny-ping",
+    "allow-ping",
     "stop",
     "after-stop",
 ];
@@ -496,6 +499,9 @@ mod tests {
              [   16.1] random: crng init done\r\n\
              @@LLME check connect deny-cidr pass EPERM\r\n\
              @@LLME check connect deny-other fail want EPERM, got ok\r\n\
+             @@LLME check connect deny-nat64 pass EPERM\r\n\
+             @@LLME check connect deny-ping pass EPERM\r\n\
+             @@LLME check connect allow-ping pass ok\r\n\
              @@LLME check connect stop pass exit 0 on SIGTERM\r\n\
              @@LLME check connect after-stop pass ok\r\n\
              @@LLME set-end connect\r\n\
