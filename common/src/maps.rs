@@ -95,7 +95,7 @@ pub const MAP_RECORDS_SENT: &str = "RECORDS_SENT";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 33] = [
+pub const ALL_MAPS: [&str; 34] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,

@@ -124,7 +124,7 @@ fn report(fam: u32, ty: u32, protocol: u32, v: u8, why: u8, generation: u64, wor
                 family::INET
             },
             hook: hook::SOCK_CREATE,
-            _pad: 0,
+            tracked: 0,
         },
     };
     entry.write(event);
