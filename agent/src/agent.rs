@@ -655,6 +655,24 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 next.programs = state.policy.programs;
                 next.audit_log = state.policy.audit_log.clone();
                 next.kubernetes = state.policy.kubernetes.clone();
+                if next == state.policy {
+                    // The same policy again (a SIGHUP after an edit that the
+                    // file watch already applied; an edit undone): no new
+                    // generation; a SIGHUP still resolves the hosts again.
+                    info!(
+                        trigger = why,
+                        generation = state.generation,
+                        "policy unchanged; nothing to apply"
+                    );
+                    metrics.policy_reloads.with_label_values(&["ok"]).inc();
+                    if let Ok(mut g) = health.policy_error.lock() {
+                        *g = None;
+                    }
+                    if why == "SIGHUP" {
+                        spawn_round(&resolver, &state, &resolved_tx);
+                    }
+                    continue;
+                }
                 let old_resolver = state.policy.resolver.clone();
                 let old = std::mem::replace(&mut state.policy, next);
                 state.generation += 1;

@@ -14,14 +14,14 @@ mod dns;
 mod exec;
 mod limits;
 mod maps;
-mod nat64;
 mod names;
+mod nat64;
 mod packet;
 mod policy;
 mod records;
 mod sni;
-mod sock_create;
 mod sock_addr;
+mod sock_create;
 mod sock_ops;
 mod verifier;
 
