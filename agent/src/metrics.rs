@@ -360,7 +360,7 @@ impl Metrics {
             limit_hits_seen: Default::default(),
             registry: r,
             verdicts_seen: Default::default(),
-            kernel_seen: Default::default(),
+            kernel_seen: std::sync::Arc::new(std::sync::Mutex::new([0; counter::LEN as usize])),
         };
         for v in ["allow", "deny", "audit"] {
             m.decisions.with_label_values(&[v]);

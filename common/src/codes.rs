@@ -43,6 +43,9 @@ pub mod reason {
     pub const RATE_LIMITED: u8 = 8;
     /// The workload's token budget for this provider is spent.
     pub const TOKEN_BUDGET: u8 = 9;
+    /// The first payload of a connection to a named proxy is not a CONNECT
+    /// request the kernel could read: `failure_mode` decided.
+    pub const PROXY_UNREADABLE: u8 = 10;
 }
 
 /// `mode` of a policy slot.
