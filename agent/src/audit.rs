@@ -49,9 +49,19 @@ pub struct DecisionRecord {
     pub provider: Option<String>,
     pub generation: u64,
     pub hook: &'static str,
-    /// The TLS server name judged (`hook: "sni"` records only).
+    /// The name judged: a TLS server name (`hook: "sni"`, `"sni_tunnel"`)
+    /// or the host of an HTTP CONNECT request (`hook: "http_connect"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// The port of the CONNECT request (`"http_connect"`, `"sni_tunnel"`);
+    /// `dst_port` is then the proxy's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    /// The first bytes (up to 64) of a first payload to a named proxy the
+    /// kernel could not read (`hook: "proxy_unreadable"`), non-printable
+    /// bytes escaped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_start: Option<String>,
 }
 
 /// A tracked provider connection at its close.
@@ -196,6 +206,8 @@ mod tests {
             generation: 3,
             hook: "connect4",
             server_name: Some("api.openai.com".into()),
+            target_port: Some(443),
+            payload_start: Some("CONNECT api.op".into()),
         };
         let c = ConnectionRecord {
             event: "connection",

@@ -27,17 +27,18 @@ use super::{
     Action, AuditLog, Bandwidth, ConnectionRate, Defaults, FailureMode, KubeEnabled,
     KubernetesConfig, Limits, MAX_BYTES_BURST, MAX_BYTES_PER_SECOND, MAX_CONNECTION_BURST,
     MAX_CONNECTIONS_PER_SECOND, MIN_BYTES_BURST, Mode, OnExit, PodSelector, Policy, PolicyError,
-    PolicyErrors, Programs, Provider, ResolverConfig, Selector, Target, TelemetryConfig, Workload,
+    PolicyErrors, Programs, Provider, Proxy, ResolverConfig, Selector, Target, TelemetryConfig, Workload,
     error::line_column,
     file::{
         self, CatalogFile, LimitKeysRef, LimitsFile, PodSelectorFile, PolicyFile, ProviderFile,
-        WorkloadFile, absolute, audit_log, cgroup_glob, cidr, host, metrics_listen, port,
+        ProxyFile, WorkloadFile, absolute, audit_log, cgroup_glob, cidr, host, metrics_listen, port,
         provider_name, server, systemd_unit, workload_name,
     },
     kubernetes,
 };
 
 mod limits;
+mod proxies;
 
 // The defaults of the keys a policy leaves out (docs/policy.md lists them).
 const DEFAULT_MODE: Mode = Mode::Enforce;
@@ -349,7 +350,10 @@ impl<'a> Checker<'a> {
         let telemetry = self.telemetry(f);
         let kubernetes = self.kubernetes(f);
         let merged = self.providers(&f.providers, catalog);
-        let workloads = self.workloads(&f.workloads, &merged, defaults.other, kubernetes.enabled);
+        let proxies = self.proxies(&f.proxies, &merged);
+        let mut workloads =
+            self.workloads(&f.workloads, &merged, defaults.other, kubernetes.enabled);
+        self.workload_proxies(&f.workloads, &mut workloads, &proxies);
         Policy {
             mode,
             cgroup,
@@ -366,6 +370,7 @@ impl<'a> Checker<'a> {
             kubernetes,
             providers: merged.providers,
             workloads,
+            proxies,
         }
     }
 
@@ -801,6 +806,7 @@ impl<'a> Checker<'a> {
                     other,
                     limits,
                     provider_limits,
+                    proxies: vec![],
                 });
             }
         }
@@ -1124,6 +1130,7 @@ llm = "allow"
                 other: Action::Deny,
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
+                proxies: vec![],
             }
         );
         assert_eq!(
@@ -1137,6 +1144,7 @@ llm = "allow"
                 other: Action::Deny,
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
+                proxies: vec![],
             }
         );
         assert_eq!(
