@@ -41,6 +41,8 @@ mod resolver;
 // tests (fuzz/); the agent does not parse traffic with it.
 #[cfg_attr(not(test), allow(dead_code))]
 mod sni;
+#[cfg_attr(not(test), allow(dead_code))]
+mod connect_line;
 mod status;
 mod tokens;
 mod verifier;

@@ -267,7 +267,8 @@ pub struct SniDecision {
     /// The CONNECT request's target port (`payload::CONNECT`, and the
     /// ClientHello of its tunnel); 0 otherwise.
     pub target_port: u16,
-    pub _pad: [u8; 6],
+    pub _pad: u16,
+    pub _pad2: u32,
 }
 
 pub type SniEvent = Event<SniDecision>;

@@ -104,6 +104,16 @@ pub struct SniScratch {
     out: Named5,
     /// The socket's `SNI_STATE` before this payload (0: none).
     state: u64,
+    verdict: Outcome,
+}
+
+/// A verdict on its way to the event (see `judge`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Outcome {
+    verdict: u64,
+    reason: u64,
+    workload: u64,
 }
 
 /// What a judged name is: (offset, length, provider, `payload::*`,
@@ -262,39 +272,25 @@ fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
     let scratch = SNI_ZERO
         .get(0)
         .and_then(|zero| crate::maps::claim_scratch(&SNI_SCRATCH, cookie, zero));
-    let judged = match scratch {
-        Some(s) => {
-            // Through the scratch (a map value): the verifier reads it back
-            // as one unknown value instead of walking the whole read once
-            // per state.
-            // SAFETY: this socket's scratch entry, used by this run only.
-            unsafe { core::ptr::write_volatile(&mut (*s).state, u64::from(st)) };
-            let hello = parse(ctx, s, off, payload, port);
-            let judged = outcome(s, hello, cookie, payload);
-            let _ = SNI_SCRATCH.remove(&cookie);
-            judged
-        }
-        None => {
-            count(counter::SNI_BUSY);
-            None
-        }
-    };
-
-    // 5. The verdict.
-    let Ok((slot, cfg)) = crate::policy::active() else {
+    let Some(s) = scratch else {
+        count(counter::SNI_BUSY);
         return PASS;
     };
-    let Some(n) = judged else {
-        return PASS;
+    // Through the scratch (a map value): the verifier reads it back as one
+    // unknown value instead of walking the whole read once per state.
+    // SAFETY: this socket's scratch entry, used by this run only.
+    unsafe { core::ptr::write_volatile(&mut (*s).state, u64::from(st)) };
+    let hello = parse(ctx, s, off, payload, port);
+    let ret = match outcome(s, hello, cookie, payload) {
+        // 5. The verdict.
+        Some(n) => match crate::policy::active() {
+            Ok((slot, cfg)) => judge(ctx, s, cookie, slot, &cfg, &n, &addr, fam, port, off),
+            Err(_) => PASS,
+        },
+        None => PASS,
     };
-    let named = (
-        n.off as usize,
-        n.len as usize,
-        n.provider as u32,
-        n.seen as u8,
-        n.target as u16,
-    );
-    judge(ctx, cookie, slot, &cfg, named, &addr, fam, port, off)
+    let _ = SNI_SCRATCH.remove(&cookie);
+    ret
 }
 
 /// What the parse of a payload leads to: a name (or an unreadable payload
@@ -370,15 +366,23 @@ fn settle(s: *mut SniScratch, off: usize, len: usize, provider: u32, seen: u8, t
 #[allow(clippy::too_many_arguments)]
 fn judge(
     ctx: &SkBuffContext,
+    s: *mut SniScratch,
     cookie: u64,
     slot: u32,
     cfg: &llm_egress_common::SlotConfig,
-    (name_off, name_len, provider, seen, target): (usize, usize, u32, u8, u16),
+    n: &Named5,
     addr: &[u8; 16],
     fam: u8,
     port: u16,
     off: usize,
 ) -> i32 {
+    let (name_off, name_len, provider, seen, target) = (
+        n.off as usize,
+        n.len as usize,
+        n.provider as u32,
+        n.seen as u8,
+        n.target as u16,
+    );
     let addr = *addr;
     // SAFETY: helpers on this program's own context.
     let own = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
@@ -414,14 +418,28 @@ fn judge(
             _ => counter::SNI_DENY,
         });
     }
+    // Through the scratch, like the name: one path on to the event, not
+    // one per way to the verdict (workload or none, its word or its
+    // default, the mode).
+    let o = Outcome {
+        verdict: v as u64,
+        reason: why as u64,
+        workload: workload.map(|w| w.workload_id).unwrap_or(0) as u64,
+    };
+    // SAFETY: this socket's scratch entry, used by this run only.
+    let o = unsafe {
+        core::ptr::write_volatile(&mut (*s).verdict, o);
+        core::ptr::read_volatile(&(*s).verdict)
+    };
+    let v = o.verdict as u8;
     let d = Judged {
         generation: cfg.generation,
-        workload_id: workload.map(|w| w.workload_id).unwrap_or(0),
+        workload_id: o.workload as u32,
         provider_id: provider,
         addr,
         port,
         verdict: v,
-        reason: why,
+        reason: o.reason as u8,
         family: fam,
         payload: seen,
         target_port: target,
@@ -921,7 +939,10 @@ fn report(ctx: &SkBuffContext, cookie: u64, d: &Judged, name_at: usize, name_len
         e.family = d.family;
         e.payload = d.payload;
         e.target_port = d.target_port;
-        e._pad = [0; 6];
+        // Two stores, not a 6-byte memset: a loop the verifier would walk
+        // on every path to here.
+        e._pad = 0;
+        e._pad2 = 0;
         e.name_len = 0;
         let copy = ((name_len.wrapping_sub(1)) & (SNI_NAME_BYTES - 1)) + 1;
         if bpf_skb_load_bytes(
