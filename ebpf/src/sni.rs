@@ -39,6 +39,15 @@
 //!    workload's `llm` action, `defaults.llm` for no workload. An SNI event
 //!    reports every such verdict. Other names: counted, address verdict.
 //!
+//! Proxies (docs/names.md, "Proxies"): a first payload that is no
+//! ClientHello is read as an HTTP `CONNECT host:port` request
+//! (connect_line.rs); its host is judged like a server name, on the
+//! CONNECT's port, and the socket then waits in `TUNNEL` (with that port)
+//! for the ClientHello sent through the tunnel, judged on that port too. A
+//! socket to a named proxy, marked `PROXY` by sock_ops at its handshake,
+//! whose first payload is neither (nor a plain `GET http://` request) is
+//! judged by `failure_mode`: `judge` with `payload::UNREADABLE`.
+//!
 //! Internal errors (no policy, no seed, a failed map update) pass the
 //! packet: the connect hook has already applied the address verdict and
 //! `failure_mode`; this hook only ever narrows it.
