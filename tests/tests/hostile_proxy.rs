@@ -159,7 +159,8 @@ fn call(server: &FakeProvider, cgroup: &Path, ns: &NetnsGuard, via: Via) -> Curl
     }
     match via {
         Via::Flag(url) => {
-            cmd.args(["--proxy", url]);
+            // (--proxy-insecure: an https:// proxy's certificate.)
+            cmd.args(["--proxy", url, "--proxy-insecure"]);
         }
         Via::Env(url) => {
             cmd.env("HTTPS_PROXY", url);
@@ -522,9 +523,10 @@ fn audit_mode_records_a_denied_connect_and_does_not_stop_it() {
     assert!(counter(&agent, "audit", 1.0) >= 1.0);
 }
 
-/// The documented limit: a proxy that does not speak HTTP CONNECT (here
-/// SOCKS5) tunnels unseen when the policy does not name it; naming it makes
-/// its first payload unreadable, which `failure_mode = "closed"` stops.
+/// The documented limit: a proxy that does not speak HTTP CONNECT in
+/// plaintext (here SOCKS5, and TLS to the proxy) tunnels unseen when the
+/// policy does not name it; naming it makes its first payload unreadable,
+/// which `failure_mode = "closed"` stops.
 #[test]
 fn socks_through_an_unnamed_proxy_is_not_seen_and_through_a_named_one_is_stopped() {
     require_root();
@@ -534,6 +536,7 @@ fn socks_through_an_unnamed_proxy_is_not_seen_and_through_a_named_one_is_stopped
     let p = providers(&ns);
     let unnamed = Socks5Proxy::start(&ns, SOCKS_UNNAMED, HOSTS);
     let named = Socks5Proxy::start(&ns, SOCKS_NAMED, HOSTS);
+    let corp = ConnectProxy::start(&ns, CORP, HOSTS);
     let agent = Agent::start(&policy(&cg, "enforce"));
 
     let through = call(&p.openai, &w, &ns, Via::Socks(SOCKS_UNNAMED));
@@ -564,6 +567,28 @@ fn socks_through_an_unnamed_proxy_is_not_seen_and_through_a_named_one_is_stopped
             .as_str()
             .is_some_and(|s| s.starts_with("\\x05")),
         "the SOCKS greeting: {r}"
+    );
+
+    // TLS to the named proxy itself (HTTPS_PROXY=https://…): the first
+    // payload is a ClientHello for the proxy, not a CONNECT request.
+    let tls = call(&p.anthropic, &w, &ns, Via::Flag(&format!("https://{CORP}")));
+    assert!(
+        tls.code != 0 && tls.took < Duration::from_secs(1),
+        "TLS to a named proxy must be stopped fast: exit {} after {:?}: {}",
+        tls.code,
+        tls.took,
+        tls.stderr
+    );
+    assert!(corp.tunnels().is_empty());
+    let r = audit(&agent, "proxy_unreadable deny (TLS)", |e| {
+        e["hook"] == "proxy_unreadable" && e["dst_port"] == 3128
+    });
+    assert_eq!(r["verdict"], "deny");
+    assert!(
+        r["payload_start"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("\\x16\\x03")),
+        "a TLS record: {r}"
     );
 }
 
