@@ -192,49 +192,140 @@ fn labels(host: &[u8]) -> Option<Vec<Vec<u8>>> {
 pub mod wire {
     /// Good, hostile and cut request lines: (what, first payload).
     pub fn corpus() -> Vec<(String, Vec<u8>)> {
-        let good = b"CONNECT api.prov.test:443 HTTP/1.1\r\nHost: api.prov.test:443\r\n\r\n".to_vec();
+        let good =
+            b"CONNECT api.prov.test:443 HTTP/1.1\r\nHost: api.prov.test:443\r\n\r\n".to_vec();
         let line = |s: &str| format!("{s}\r\nHost: x\r\n\r\n").into_bytes();
         let mut corpus: Vec<(String, Vec<u8>)> = vec![
             ("provider host".into(), good.clone()),
-            ("lower-case method, other case host".into(), line("connect API.Prov.Test:443 HTTP/1.1")),
-            ("trailing dot".into(), line("CONNECT api.prov.test.:443 HTTP/1.1")),
-            ("wildcard".into(), line("CONNECT x.y.wild.test:443 HTTP/1.1")),
-            ("provider host on another port".into(), line("CONNECT api.prov.test:8443 HTTP/1.1")),
+            (
+                "lower-case method, other case host".into(),
+                line("connect API.Prov.Test:443 HTTP/1.1"),
+            ),
+            (
+                "trailing dot".into(),
+                line("CONNECT api.prov.test.:443 HTTP/1.1"),
+            ),
+            (
+                "wildcard".into(),
+                line("CONNECT x.y.wild.test:443 HTTP/1.1"),
+            ),
+            (
+                "provider host on another port".into(),
+                line("CONNECT api.prov.test:8443 HTTP/1.1"),
+            ),
             ("other host".into(), line("CONNECT other.test:443 HTTP/1.1")),
-            ("IPv4 literal".into(), line("CONNECT 192.0.2.9:443 HTTP/1.1")),
-            ("IPv6 literal".into(), line("CONNECT [2001:db8::1]:443 HTTP/1.1")),
-            ("IPv6 literal, v4 tail".into(), line("CONNECT [::ffff:192.0.2.1]:443 HTTP/1.1")),
-            ("IPv6 literal without port".into(), line("CONNECT [2001:db8::1] HTTP/1.1")),
-            ("IPv6 literal, 46 bytes".into(), line(&format!("CONNECT [{}]:443 HTTP/1.1", "1".repeat(46)))),
-            ("absolute-form".into(), line("CONNECT http://api.prov.test:443 HTTP/1.1")),
+            (
+                "IPv4 literal".into(),
+                line("CONNECT 192.0.2.9:443 HTTP/1.1"),
+            ),
+            (
+                "IPv6 literal".into(),
+                line("CONNECT [2001:db8::1]:443 HTTP/1.1"),
+            ),
+            (
+                "IPv6 literal, v4 tail".into(),
+                line("CONNECT [::ffff:192.0.2.1]:443 HTTP/1.1"),
+            ),
+            (
+                "IPv6 literal without port".into(),
+                line("CONNECT [2001:db8::1] HTTP/1.1"),
+            ),
+            (
+                "IPv6 literal, 46 bytes".into(),
+                line(&format!("CONNECT [{}]:443 HTTP/1.1", "1".repeat(46))),
+            ),
+            (
+                "absolute-form".into(),
+                line("CONNECT http://api.prov.test:443 HTTP/1.1"),
+            ),
             ("no port".into(), line("CONNECT api.prov.test HTTP/1.1")),
             ("empty port".into(), line("CONNECT api.prov.test: HTTP/1.1")),
             ("port 0".into(), line("CONNECT api.prov.test:0 HTTP/1.1")),
-            ("port 65536".into(), line("CONNECT api.prov.test:65536 HTTP/1.1")),
-            ("port 000443".into(), line("CONNECT api.prov.test:000443 HTTP/1.1")),
-            ("port then CRLF".into(), b"CONNECT api.prov.test:443\r\n\r\n".to_vec()),
+            (
+                "port 65536".into(),
+                line("CONNECT api.prov.test:65536 HTTP/1.1"),
+            ),
+            (
+                "port 000443".into(),
+                line("CONNECT api.prov.test:000443 HTTP/1.1"),
+            ),
+            (
+                "port then CRLF".into(),
+                b"CONNECT api.prov.test:443\r\n\r\n".to_vec(),
+            ),
             ("empty host".into(), line("CONNECT :443 HTTP/1.1")),
-            ("two spaces".into(), line("CONNECT  api.prov.test:443 HTTP/1.1")),
+            (
+                "two spaces".into(),
+                line("CONNECT  api.prov.test:443 HTTP/1.1"),
+            ),
             ("tab".into(), line("CONNECT\tapi.prov.test:443 HTTP/1.1")),
-            ("empty label".into(), line("CONNECT api..prov.test:443 HTTP/1.1")),
-            ("leading dot".into(), line("CONNECT .api.prov.test:443 HTTP/1.1")),
+            (
+                "empty label".into(),
+                line("CONNECT api..prov.test:443 HTTP/1.1"),
+            ),
+            (
+                "leading dot".into(),
+                line("CONNECT .api.prov.test:443 HTTP/1.1"),
+            ),
             ("dots only".into(), line("CONNECT ...:443 HTTP/1.1")),
-            ("17 labels".into(), line(&format!("CONNECT {}test:443 HTTP/1.1", "a.".repeat(16)))),
-            ("253-byte host".into(), line(&format!("CONNECT {}:443 HTTP/1.1", "a".repeat(253)))),
-            ("254-byte host".into(), line(&format!("CONNECT {}:443 HTTP/1.1", "a".repeat(254)))),
-            ("64 KiB host".into(), line(&format!("CONNECT {}:443 HTTP/1.1", "a".repeat(64 * 1024)))),
-            ("percent".into(), line("CONNECT api%2eprov.test:443 HTTP/1.1")),
-            ("0xff in host".into(), b"CONNECT api.pr\xffov.test:443 HTTP/1.1\r\n\r\n".to_vec()),
-            ("NUL in host".into(), b"CONNECT api.pr\0ov.test:443 HTTP/1.1\r\n\r\n".to_vec()),
-            ("userinfo".into(), line("CONNECT user@api.prov.test:443 HTTP/1.1")),
-            ("CONNECTX".into(), line("CONNECTX api.prov.test:443 HTTP/1.1")),
+            (
+                "17 labels".into(),
+                line(&format!("CONNECT {}test:443 HTTP/1.1", "a.".repeat(16))),
+            ),
+            (
+                "253-byte host".into(),
+                line(&format!("CONNECT {}:443 HTTP/1.1", "a".repeat(253))),
+            ),
+            (
+                "254-byte host".into(),
+                line(&format!("CONNECT {}:443 HTTP/1.1", "a".repeat(254))),
+            ),
+            (
+                "64 KiB host".into(),
+                line(&format!("CONNECT {}:443 HTTP/1.1", "a".repeat(64 * 1024))),
+            ),
+            (
+                "percent".into(),
+                line("CONNECT api%2eprov.test:443 HTTP/1.1"),
+            ),
+            (
+                "0xff in host".into(),
+                b"CONNECT api.pr\xffov.test:443 HTTP/1.1\r\n\r\n".to_vec(),
+            ),
+            (
+                "NUL in host".into(),
+                b"CONNECT api.pr\0ov.test:443 HTTP/1.1\r\n\r\n".to_vec(),
+            ),
+            (
+                "userinfo".into(),
+                line("CONNECT user@api.prov.test:443 HTTP/1.1"),
+            ),
+            (
+                "CONNECTX".into(),
+                line("CONNECTX api.prov.test:443 HTTP/1.1"),
+            ),
             ("C0NNECT".into(), line("C0NNECT api.prov.test:443 HTTP/1.1")),
-            ("plain GET".into(), line("GET http://api.prov.test/ HTTP/1.1")),
-            ("plain OPTIONS".into(), line("OPTIONS http://api.prov.test/ HTTP/1.1")),
-            ("plain, https scheme".into(), line("GET https://api.prov.test/ HTTP/1.1")),
+            (
+                "plain GET".into(),
+                line("GET http://api.prov.test/ HTTP/1.1"),
+            ),
+            (
+                "plain OPTIONS".into(),
+                line("OPTIONS http://api.prov.test/ HTTP/1.1"),
+            ),
+            (
+                "plain, https scheme".into(),
+                line("GET https://api.prov.test/ HTTP/1.1"),
+            ),
             ("origin-form GET".into(), line("GET / HTTP/1.1")),
-            ("lower-case get".into(), line("get http://api.prov.test/ HTTP/1.1")),
-            ("HTTP/2 preface".into(), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()),
+            (
+                "lower-case get".into(),
+                line("get http://api.prov.test/ HTTP/1.1"),
+            ),
+            (
+                "HTTP/2 preface".into(),
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            ),
             ("SOCKS5 greeting".into(), vec![5, 1, 0]),
             ("CONNECT alone".into(), b"CONNECT".to_vec()),
             ("one byte c".into(), b"c".to_vec()),
@@ -276,7 +367,10 @@ mod tests {
             Line::Host { .. }
         ));
         assert_eq!(host("CONNECT 10.0.0.1:443 HTTP/1.1"), Line::IpLiteral(443));
-        assert_eq!(host("CONNECT [2001:db8::1]:443 HTTP/1.1"), Line::IpLiteral(443));
+        assert_eq!(
+            host("CONNECT [2001:db8::1]:443 HTTP/1.1"),
+            Line::IpLiteral(443)
+        );
         assert_eq!(host("CONNECT api.openai.com:4"), Line::Split);
         assert_eq!(host("CONN"), Line::Split);
         assert_eq!(host("CONNECT http://x:443 HTTP/1.1"), Line::Malformed);

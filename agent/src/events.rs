@@ -303,10 +303,13 @@ fn payload_hook(p: u8) -> &'static str {
 
 /// Bytes as text: printable ASCII as is, the rest as `\xNN`.
 fn escaped(bytes: &[u8]) -> String {
-    bytes.iter().map(|&b| match b {
-        b' '..=b'~' if b != b'\\' => (b as char).to_string(),
-        _ => format!("\\x{b:02x}"),
-    }).collect()
+    bytes
+        .iter()
+        .map(|&b| match b {
+            b' '..=b'~' if b != b'\\' => (b as char).to_string(),
+            _ => format!("\\x{b:02x}"),
+        })
+        .collect()
 }
 
 /// An SNI verdict as a decision record: `hook` says what was judged (a

@@ -305,7 +305,10 @@ mod tests {
         let mut p = policy();
         p.proxies = vec![crate::policy::Proxy {
             name: "corp".into(),
-            cidrs: vec!["10.9.0.5/32".parse().unwrap(), "192.0.2.0/24".parse().unwrap()],
+            cidrs: vec![
+                "10.9.0.5/32".parse().unwrap(),
+                "192.0.2.0/24".parse().unwrap(),
+            ],
             ports: vec![3128, 8080],
         }];
         let mut other = p.workloads[0].clone();
@@ -320,7 +323,10 @@ mod tests {
         let own = Prefix::V4([192, 0, 2, 0], 24);
         assert_eq!(plan.rules[&(2, own)].action, action::DENY);
         let d = plan.proxies[&proxy];
-        assert_eq!((d.provider_id, d.nports, d.ports[0], d.ports[1]), (1, 2, 3128, 8080));
+        assert_eq!(
+            (d.provider_id, d.nports, d.ports[0], d.ports[1]),
+            (1, 2, 3128, 8080)
+        );
         assert_eq!(plan.proxy_ports, BTreeSet::from([3128, 8080]));
     }
 

@@ -113,8 +113,7 @@ pub static RECORDS_SENT: HashMap<u64, crate::records::RecordScratch> =
 
 /// Ports of the named proxies (common's `MAP_PROXY_PORTS`).
 #[map]
-pub static PROXY_PORTS: HashMap<u32, u32> =
-    HashMap::pinned(llm_egress_common::PROXY_PORTS_MAX, 0);
+pub static PROXY_PORTS: HashMap<u32, u32> = HashMap::pinned(llm_egress_common::PROXY_PORTS_MAX, 0);
 
 #[map]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(VERDICTS_MAX, 0);

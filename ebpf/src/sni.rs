@@ -349,7 +349,14 @@ const UNREADABLE_BYTES: usize = 64;
 /// tunnel, CONNECT, unreadable) gave constants of its own, and checks the
 /// verdict path once, not once per way.
 #[inline(always)]
-fn settle(s: *mut SniScratch, off: usize, len: usize, provider: u32, seen: u8, target: u16) -> Named5 {
+fn settle(
+    s: *mut SniScratch,
+    off: usize,
+    len: usize,
+    provider: u32,
+    seen: u8,
+    target: u16,
+) -> Named5 {
     let n = Named5 {
         off: off as u64,
         len: len as u64,
@@ -651,9 +658,7 @@ fn judge_name(
     let target = if seen == what::CLIENT_HELLO { 0 } else { port };
     match name_provider(s, lc, name, name_len, port) {
         Named::Provider(p) => Hello::Provider(name, name_len, p, seen, target),
-        Named::Other | Named::Ignore if connect => {
-            Hello::Tunnel(counter::CONNECT_OTHER_NAME, port)
-        }
+        Named::Other | Named::Ignore if connect => Hello::Tunnel(counter::CONNECT_OTHER_NAME, port),
         Named::Malformed if connect => Hello::Counted(counter::CONNECT_MALFORMED),
         Named::Other => Hello::Counted(counter::SNI_OTHER_NAME),
         Named::Malformed => Hello::Counted(counter::SNI_MALFORMED),

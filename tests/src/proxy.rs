@@ -164,10 +164,7 @@ fn serve(
 fn stop(listener: &TcpListener) {
     // SAFETY: shutdown(2) on a socket this struct owns.
     unsafe {
-        libc::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(listener),
-            libc::SHUT_RDWR,
-        );
+        libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(listener), libc::SHUT_RDWR);
     }
 }
 

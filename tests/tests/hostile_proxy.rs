@@ -94,10 +94,7 @@ fn world() -> NetnsGuard {
 }
 
 /// The proxies' host table: the fake providers' names.
-const HOSTS: &[(&str, &str)] = &[
-    ("api.openai.com", OPENAI),
-    ("api.anthropic.com", ANTHROPIC),
-];
+const HOSTS: &[(&str, &str)] = &[("api.openai.com", OPENAI), ("api.anthropic.com", ANTHROPIC)];
 
 struct Providers {
     openai: FakeProvider,
@@ -141,10 +138,23 @@ fn call(server: &FakeProvider, cgroup: &Path, ns: &NetnsGuard, via: Via) -> Curl
         ),
     };
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg("--cacert")
-        .arg(server.ca_file())
-        .args(["-H", "Content-Type: application/json", "--data-binary", body]);
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .arg("--cacert")
+    .arg(server.ca_file())
+    .args([
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        body,
+    ]);
     for v in [
         "HTTPS_PROXY",
         "https_proxy",
@@ -219,7 +229,10 @@ fn raw(cgroup: &Path, ns: &NetnsGuard, addr: &str, first: &[u8], second: &[u8]) 
     confine(&mut cmd, cgroup, ns);
     let mut child = cmd.spawn().expect("cannot run python3");
     let mut input = child.stdin.take().expect("stdin");
-    input.write_all(first).and_then(|()| input.write_all(second)).expect("write to python3");
+    input
+        .write_all(first)
+        .and_then(|()| input.write_all(second))
+        .expect("write to python3");
     drop(input);
     let out = child.wait_with_output().expect("python3");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -415,7 +428,10 @@ fn hostile_request_lines_get_a_verdict_and_a_counter_each() {
     // A 64 KiB host: no name the kernel reads; to a named proxy, judged by
     // failure_mode ("closed": stopped).
     let long = format!("CONNECT {}:443 HTTP/1.1\r\n\r\n", "a".repeat(64 * 1024));
-    aborted(&raw(&w, &ns, CORP, long.as_bytes(), b""), "64 KiB CONNECT line");
+    aborted(
+        &raw(&w, &ns, CORP, long.as_bytes(), b""),
+        "64 KiB CONNECT line",
+    );
     assert!(counter(&agent, "malformed", 1.0) >= 1.0);
     let r = audit(&agent, "proxy_unreadable deny", |e| {
         e["hook"] == "proxy_unreadable"
@@ -451,25 +467,49 @@ fn hostile_request_lines_get_a_verdict_and_a_counter_each() {
 
     // Lower-case method: read like CONNECT (a proxy may accept it).
     aborted(
-        &raw(&w, &ns, CORP, b"connect API.OpenAI.com:443 HTTP/1.1\r\n\r\n", b""),
+        &raw(
+            &w,
+            &ns,
+            CORP,
+            b"connect API.OpenAI.com:443 HTTP/1.1\r\n\r\n",
+            b"",
+        ),
         "lower-case connect to a denied provider",
     );
     audit(&agent, "lower-case connect deny", |e| {
         e["hook"] == "http_connect" && e["server_name"] == "API.OpenAI.com"
     });
     answered(
-        &raw(&w, &ns, CORP, b"connect api.anthropic.com:443 HTTP/1.1\r\n\r\n", b""),
+        &raw(
+            &w,
+            &ns,
+            CORP,
+            b"connect api.anthropic.com:443 HTTP/1.1\r\n\r\n",
+            b"",
+        ),
         "HTTP/1.1 200",
         "lower-case connect to an allowed provider",
     );
 
     // Absolute-form and odd bytes: malformed, stopped at a named proxy.
     aborted(
-        &raw(&w, &ns, CORP, b"CONNECT http://api.anthropic.com:443 HTTP/1.1\r\n\r\n", b""),
+        &raw(
+            &w,
+            &ns,
+            CORP,
+            b"CONNECT http://api.anthropic.com:443 HTTP/1.1\r\n\r\n",
+            b"",
+        ),
         "absolute-form CONNECT",
     );
     aborted(
-        &raw(&w, &ns, CORP, b"CONNECT api.anth\xffropic.com:443 HTTP/1.1\r\n\r\n", b""),
+        &raw(
+            &w,
+            &ns,
+            CORP,
+            b"CONNECT api.anth\xffropic.com:443 HTTP/1.1\r\n\r\n",
+            b"",
+        ),
         "a host with a 0xff byte",
     );
     assert!(counter(&agent, "malformed", 3.0) >= 3.0);
@@ -477,7 +517,13 @@ fn hostile_request_lines_get_a_verdict_and_a_counter_each() {
     // An IPv6 literal: no name to judge; the tunnel goes on (the proxy
     // finds nothing listening there: 502).
     answered(
-        &raw(&w, &ns, CORP, b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n\r\n", b""),
+        &raw(
+            &w,
+            &ns,
+            CORP,
+            b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n\r\n",
+            b"",
+        ),
         "HTTP/1.1 502",
         "IPv6 literal",
     );
@@ -485,7 +531,13 @@ fn hostile_request_lines_get_a_verdict_and_a_counter_each() {
 
     // A plain http:// request to the proxy: not a tunnel, passed.
     answered(
-        &raw(&w, &ns, CORP, b"GET http://example.test/ HTTP/1.1\r\n\r\n", b""),
+        &raw(
+            &w,
+            &ns,
+            CORP,
+            b"GET http://example.test/ HTTP/1.1\r\n\r\n",
+            b"",
+        ),
         "HTTP/1.1 400",
         "plain http request",
     );
@@ -591,4 +643,3 @@ fn socks_through_an_unnamed_proxy_is_not_seen_and_through_a_named_one_is_stopped
         "a TLS record: {r}"
     );
 }
-

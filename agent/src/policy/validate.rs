@@ -27,12 +27,13 @@ use super::{
     Action, AuditLog, Bandwidth, ConnectionRate, Defaults, FailureMode, KubeEnabled,
     KubernetesConfig, Limits, MAX_BYTES_BURST, MAX_BYTES_PER_SECOND, MAX_CONNECTION_BURST,
     MAX_CONNECTIONS_PER_SECOND, MIN_BYTES_BURST, Mode, OnExit, PodSelector, Policy, PolicyError,
-    PolicyErrors, Programs, Provider, Proxy, ResolverConfig, Selector, Target, TelemetryConfig, Workload,
+    PolicyErrors, Programs, Provider, Proxy, ResolverConfig, Selector, Target, TelemetryConfig,
+    Workload,
     error::line_column,
     file::{
         self, CatalogFile, LimitKeysRef, LimitsFile, PodSelectorFile, PolicyFile, ProviderFile,
-        ProxyFile, WorkloadFile, absolute, audit_log, cgroup_glob, cidr, host, metrics_listen, port,
-        provider_name, server, systemd_unit, workload_name,
+        ProxyFile, WorkloadFile, absolute, audit_log, cgroup_glob, cidr, host, metrics_listen,
+        port, provider_name, server, systemd_unit, workload_name,
     },
     kubernetes,
 };

@@ -9,7 +9,11 @@ use super::*;
 impl Checker<'_> {
     /// The `[[proxies]]` entries, in file order; an entry with an error is
     /// left out (the error is reported).
-    pub(super) fn proxies(&mut self, entries: &[Spanned<ProxyFile>], merged: &Merged) -> Vec<Proxy> {
+    pub(super) fn proxies(
+        &mut self,
+        entries: &[Spanned<ProxyFile>],
+        merged: &Merged,
+    ) -> Vec<Proxy> {
         let mut out = Vec::new();
         let mut names = HashMap::new();
         // CIDR → the proxy that has it.
@@ -107,7 +111,10 @@ impl Checker<'_> {
                         let message = if known.is_empty() {
                             "not a proxy: this policy has no `[[proxies]]`".to_owned()
                         } else {
-                            format!("not a proxy of this policy (`[[proxies]]`: {})", known.join(", "))
+                            format!(
+                                "not a proxy of this policy (`[[proxies]]`: {})",
+                                known.join(", ")
+                            )
                         };
                         self.error(name, &format!("workloads[{i}].proxies[{j}]"), message);
                     }
@@ -196,7 +203,9 @@ mod tests {
                 "unknown field",
             ),
             (
-                &format!("{PROXY}[[workloads]]\nname = \"w\"\ncgroup = \"w\"\nproxies = [\"crop\"]\n"),
+                &format!(
+                    "{PROXY}[[workloads]]\nname = \"w\"\ncgroup = \"w\"\nproxies = [\"crop\"]\n"
+                ),
                 "workloads[0].proxies[0]",
                 "not a proxy of this policy (`[[proxies]]`: `corp`)",
             ),
@@ -209,7 +218,8 @@ mod tests {
         for (text, key, message) in cases {
             let errs = errors(text);
             assert!(
-                errs.iter().any(|e| e.key.starts_with(key) && e.to_string().contains(message)),
+                errs.iter()
+                    .any(|e| e.key.starts_with(key) && e.to_string().contains(message)),
                 "{text:?}: expected an error at {key} with {message:?}, got {errs:?}"
             );
         }
