@@ -4,7 +4,7 @@
 //!
 //! Inside the test namespace: the fake OpenAI (10.78.0.1:443) and Anthropic
 //! (10.78.0.2:443) providers, the named proxy `corp` (a CONNECT proxy,
-//! 10.78.0.9:3128), a CONNECT proxy the policy does not name (10.78.0.11:
+//! 10.78.0.9:3128, and on IPv6 fd00:78::9 in one test), a CONNECT proxy the policy does not name (10.78.0.11:
 //! 3128, reached by a CIDR allow), a SOCKS5 proxy it does not name
 //! (10.78.0.12:1080) and one it names (`socks`, 10.78.0.13:1080). The
 //! proxies are in no test cgroup: only the workload's connection to the
@@ -35,6 +35,7 @@ use serde_json::Value;
 const OPENAI: &str = "10.78.0.1";
 const ANTHROPIC: &str = "10.78.0.2";
 const CORP: &str = "10.78.0.9:3128";
+const CORP6: &str = "[fd00:78::9]:3128";
 const UNNAMED: &str = "10.78.0.11:3128";
 const SOCKS_UNNAMED: &str = "10.78.0.12:1080";
 const SOCKS_NAMED: &str = "10.78.0.13:1080";
@@ -51,7 +52,7 @@ servers = ["127.0.0.1:9"]
 
 [[proxies]]
 name = "corp"
-cidrs = ["10.78.0.9/32"]
+cidrs = ["10.78.0.9/32", "fd00:78::9/128"]
 ports = [3128]
 
 [[proxies]]
@@ -90,6 +91,7 @@ fn world() -> NetnsGuard {
     ] {
         ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
     }
+    ns.ip(&["-6", "addr", "add", "fd00:78::9/128", "dev", "lo", "nodad"]);
     ns
 }
 
@@ -198,9 +200,10 @@ fn call(server: &FakeProvider, cgroup: &Path, ns: &NetnsGuard, via: Via) -> Curl
 const RAW: &str = r#"
 import json, socket, sys, time
 host, port = sys.argv[1].rsplit(":", 1)
+host = host.strip("[]")
 data = sys.stdin.buffer.read()
 first, second = data[:int(sys.argv[2])], data[int(sys.argv[2]):]
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 try:
     s.connect((host, int(port)))
@@ -642,4 +645,49 @@ fn socks_through_an_unnamed_proxy_is_not_seen_and_through_a_named_one_is_stopped
             .is_some_and(|s| s.starts_with("\\x16\\x03")),
         "a TLS record: {r}"
     );
+}
+
+/// The named proxy on IPv6: sock_ops marks the socket from its IPv6 address
+/// (an unreadable first payload is stopped fast), and a CONNECT to a denied
+/// provider is stopped as on IPv4.
+#[test]
+fn a_named_proxy_on_ipv6_is_judged_like_on_ipv4() {
+    require_root();
+    let cg = CgroupGuard::new("hproxy-v6");
+    let w = cg.child("w");
+    let ns = world();
+    let p = providers(&ns);
+    let corp = ConnectProxy::start(&ns, CORP6, HOSTS);
+    let agent = Agent::start(&policy(&cg, "enforce"));
+
+    let ok = call(&p.anthropic, &w, &ns, Via::Flag(&corp.url()));
+    assert!(
+        ok.code == 0 && ok.http == "200",
+        "anthropic through the IPv6 proxy: curl exit {}: {}\n{}",
+        ok.code,
+        ok.stderr,
+        agent.context()
+    );
+    let bad = call(&p.openai, &w, &ns, Via::Flag(&corp.url()));
+    assert!(
+        bad.code != 0 && bad.took < Duration::from_secs(1),
+        "openai through the IPv6 proxy must fail fast: exit {} after {:?}: {}",
+        bad.code,
+        bad.took,
+        bad.stderr
+    );
+    let v = raw(&w, &ns, CORP6, &[5, 1, 0], b"");
+    assert!(
+        v["errno"] == ETIMEDOUT && v["ms"].as_u64().is_some_and(|ms| ms < 1000),
+        "a SOCKS greeting to the IPv6 named proxy must be stopped fast: {v}\n{}",
+        agent.context()
+    );
+    assert_eq!(corp.tunnels(), ["api.anthropic.com:443"]);
+    let deny = audit(&agent, "http_connect deny (IPv6)", |e| {
+        e["hook"] == "http_connect" && e["verdict"] == "deny"
+    });
+    assert_eq!(deny["dst_addr"], "fd00:78::9");
+    audit(&agent, "proxy_unreadable (IPv6)", |e| {
+        e["hook"] == "proxy_unreadable" && e["dst_addr"] == "fd00:78::9"
+    });
 }
