@@ -56,7 +56,8 @@ pub struct DecisionRecord {
     pub provider: Option<String>,
     pub generation: u64,
     pub hook: &'static str,
-    /// The TLS server name judged (`hook: "sni"` records only).
+    /// The name judged: a TLS server name (`hook: "sni"`, `"sni_tunnel"`)
+    /// or the host of an HTTP CONNECT request (`hook: "http_connect"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
     /// `raw` or `dgram` (`hook: "sock_create"` records only).
@@ -65,6 +66,15 @@ pub struct DecisionRecord {
     /// The protocol number given to socket() (`hook: "sock_create"` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_protocol: Option<u8>,
+    /// The port of the CONNECT request (`"http_connect"`, `"sni_tunnel"`);
+    /// `dst_port` is then the proxy's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    /// The first bytes (up to 64) of a first payload to a named proxy the
+    /// kernel could not read (`hook: "proxy_unreadable"`), non-printable
+    /// bytes escaped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_start: Option<String>,
 }
 
 /// A tracked provider connection at its close.
@@ -230,6 +240,8 @@ mod tests {
             dst_addr_given: Some("64:ff9b::c000:201".into()),
             socket_type: Some("raw"),
             ip_protocol: Some(1),
+            target_port: Some(443),
+            payload_start: Some("CONNECT api.op".into()),
         };
         let c = ConnectionRecord {
             event: "connection",

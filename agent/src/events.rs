@@ -17,7 +17,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use llm_egress_common::{
     ConnEvent, ConnectEvent, EVENTS_WAKE_NS, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD,
-    family, hook, kind, proto, reason, verdict,
+    family, hook, kind, payload, proto, reason, verdict,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -96,6 +96,7 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::TOKEN_BUDGET => "token_budget",
         reason::RAW_SOCKET => "raw_socket",
         reason::PING_SOCKET => "ping_socket",
+        reason::PROXY_UNREADABLE => "proxy_unreadable",
         _ => "unknown",
     }
 }
@@ -289,6 +290,8 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
         generation: d.generation,
         hook: hook_name(d.hook),
         server_name: None,
+        target_port: None,
+        payload_start: None,
         socket_type: None,
         ip_protocol: None,
     };
@@ -303,11 +306,36 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     record
 }
 
-/// An SNI verdict as a decision record (`hook: "sni"`, `server_name`).
+/// What an SNI event judged: the record's `hook`.
+fn payload_hook(p: u8) -> &'static str {
+    match p {
+        payload::CLIENT_HELLO => "sni",
+        payload::CONNECT => "http_connect",
+        payload::TUNNEL_CLIENT_HELLO => "sni_tunnel",
+        payload::UNREADABLE => "proxy_unreadable",
+        _ => "unknown",
+    }
+}
+
+/// Bytes as text: printable ASCII as is, the rest as `\xNN`.
+fn escaped(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|&b| match b {
+            b' '..=b'~' if b != b'\\' => (b as char).to_string(),
+            _ => format!("\\x{b:02x}"),
+        })
+        .collect()
+}
+
+/// An SNI verdict as a decision record: `hook` says what was judged (a
+/// ClientHello, a CONNECT request, the ClientHello in its tunnel, an
+/// unreadable first payload to a named proxy), `server_name` the name.
 pub fn sni_record(ev: &llm_egress_common::SniEvent, ctx: &Context) -> DecisionRecord {
     let (h, d) = (&ev.header, &ev.data);
     let (workload, provider) = names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
     let len = usize::from(d.name_len).min(d.name.len());
+    let unreadable = d.payload == payload::UNREADABLE;
     DecisionRecord {
         event: "decision",
         time: rfc3339(wall_time(h.time_ns)),
@@ -320,8 +348,10 @@ pub fn sni_record(ev: &llm_egress_common::SniEvent, ctx: &Context) -> DecisionRe
         dst_port: d.port,
         provider,
         generation: d.generation,
-        hook: "sni",
-        server_name: Some(String::from_utf8_lossy(&d.name[..len]).into_owned()),
+        hook: payload_hook(d.payload),
+        server_name: (!unreadable).then(|| String::from_utf8_lossy(&d.name[..len]).into_owned()),
+        target_port: (d.target_port != 0).then_some(d.target_port),
+        payload_start: unreadable.then(|| escaped(&d.name[..len])),
         dst_addr_form: None,
         dst_addr_given: None,
         socket_type: None,

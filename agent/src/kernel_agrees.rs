@@ -25,6 +25,7 @@ use llm_egress_common::{
 };
 
 use crate::{
+    connect_line,
     dns::{learnable, match_name, wire::*},
     loader::Loader,
     maps::KernelMaps,
@@ -431,5 +432,100 @@ fn run_sni(
         ),
         (0, u64::from(2 * SOCKET_SCRATCH_MAX + 1)),
         "SNI_SCRATCH entries must go when their run ends"
+    );
+}
+
+/// The same CONNECT request lines through `names_sni_egress` and
+/// `connect_line::parse`: the same counter and return value (a provider's
+/// host is denied on its port, 443; the connection is to no named proxy,
+/// so what the kernel cannot read passes).
+#[test]
+fn the_kernel_reads_connect_requests_like_the_userspace_reader() {
+    with_kernel("connect", PROG_SNI_EGRESS, run_connect);
+}
+
+fn run_connect(
+    loader: &mut Loader,
+    maps: &mut KernelMaps,
+    seed: u64,
+    names: &BTreeMap<u64, DestValue>,
+) {
+    let prog: &mut CgroupSkb = loader
+        .ebpf
+        .program_mut(PROG_SNI_EGRESS)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let counters = [
+        ("allow", counter::CONNECT_ALLOW),
+        ("deny", counter::CONNECT_DENY),
+        ("audit", counter::CONNECT_AUDIT),
+        ("other_name", counter::CONNECT_OTHER_NAME),
+        ("ip_literal", counter::CONNECT_IP_LITERAL),
+        ("split", counter::CONNECT_SPLIT),
+        ("malformed", counter::CONNECT_MALFORMED),
+        ("plain_http", counter::PROXY_PLAIN_HTTP),
+        ("unreadable", counter::PROXY_UNREADABLE),
+        ("sni_other_name", counter::SNI_OTHER_NAME),
+        ("sni_malformed", counter::SNI_MALFORMED),
+    ];
+    let mut disagree = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (what, payload) in connect_line::wire::corpus() {
+        let payload = &payload[..payload.len().min(SNI_BUF + 256)];
+        let before = maps.counters().expect("counters");
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&tcp_packet(payload)),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
+        let after = maps.counters().expect("counters");
+        let kernel: Vec<&str> = counters
+            .iter()
+            .filter(|(_, c)| after[*c as usize] > before[*c as usize])
+            .map(|(n, _)| *n)
+            .collect();
+        let user = match connect_line::parse(payload) {
+            connect_line::Line::Host { labels, port, .. } => {
+                match match_name(seed, &labels, names).and_then(|k| names.get(&k)) {
+                    Some(d) if d.nports == 0 || d.ports[..d.nports as usize].contains(&port) => {
+                        "deny"
+                    }
+                    _ => "other_name",
+                }
+            }
+            connect_line::Line::IpLiteral(_) => "ip_literal",
+            connect_line::Line::Split => "split",
+            connect_line::Line::Malformed => "malformed",
+            connect_line::Line::Plain => "plain_http",
+            connect_line::Line::Other => "",
+        };
+        let want: Vec<&str> = if user.is_empty() { vec![] } else { vec![user] };
+        let want_ret = if user == "deny" { 2 } else { 1 };
+        if kernel != want || r.return_value != want_ret {
+            disagree.push(format!(
+                "{what}: kernel {kernel:?} (returned {}), userspace {user:?}",
+                r.return_value
+            ));
+        }
+        seen.insert(user);
+    }
+    eprintln!("outcomes covered: {seen:?}");
+    for o in [
+        "deny",
+        "other_name",
+        "ip_literal",
+        "split",
+        "malformed",
+        "plain_http",
+        "",
+    ] {
+        assert!(seen.contains(o), "the corpus never gave {o:?}");
+    }
+    assert!(
+        disagree.is_empty(),
+        "the kernel and connect_line::parse disagree:\n{}",
+        disagree.join("\n")
     );
 }

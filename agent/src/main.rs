@@ -42,6 +42,8 @@ mod resolver;
 // The kernel's ClientHello rules in userspace, for the fuzz target and the
 // tests (fuzz/); the agent does not parse traffic with it.
 #[cfg_attr(not(test), allow(dead_code))]
+mod connect_line;
+#[cfg_attr(not(test), allow(dead_code))]
 mod sni;
 mod sockets;
 mod status;

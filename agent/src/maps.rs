@@ -30,6 +30,7 @@ use llm_egress_common::{
     BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH,
     MAP_BUCKETS, MAP_BUDGET_SPENT, MAP_LIMIT_CFG, MAP_LIMIT_HITS, MAP_LIMITS, MAP_NAT64, Nat64Key,
 };
+use llm_egress_common::{MAP_PROXY_PORTS, PROXY_SCOPE};
 
 use crate::{
     limits::LimitPlan,
@@ -92,6 +93,7 @@ pub struct KernelMaps {
     limit_cfg: Array<MapData, LimitConfig>,
     buckets: HashMap<MapData, BucketKey, Bucket>,
     nat64: HashMap<MapData, Nat64Key, u32>,
+    proxy_ports: HashMap<MapData, u32, u32>,
     /// What the active slot holds, as last written by this agent.
     applied: Option<Plan>,
 }
@@ -144,6 +146,7 @@ impl KernelMaps {
             limit_cfg: take!(ebpf, MAP_LIMIT_CFG),
             buckets: take!(ebpf, MAP_BUCKETS),
             nat64: take!(ebpf, MAP_NAT64),
+            proxy_ports: take!(ebpf, MAP_PROXY_PORTS),
             applied: None,
         })
     }
@@ -223,6 +226,7 @@ impl KernelMaps {
         self.active.set(0, active, 0).map_err(map_err(MAP_ACTIVE))?;
         self.write_bandwidth(&plan.limits, &mut report);
         self.remove_other_nat64(&plan.nat64);
+        self.write_proxy_ports(&plan, &mut report);
         self.applied = Some(plan);
         if old != 0 {
             std::thread::sleep(DRAIN);
@@ -363,6 +367,27 @@ impl KernelMaps {
         for (hash, v) in &plan.names {
             self.insert_name(slot, *hash, v, report);
         }
+        // Named proxies: `DESTS_*` under `PROXY_SCOPE` (removed with the
+        // slot by `clear_slot`, which clears every key of a slot).
+        for (prefix, v) in &plan.proxies {
+            let ok = match *prefix {
+                Prefix::V4(a, l) => self
+                    .dests_v4
+                    .insert(&key4(slot, PROXY_SCOPE, a, l), *v, 0)
+                    .is_ok(),
+                Prefix::V6(a, l) => self
+                    .dests_v6
+                    .insert(&key6(slot, PROXY_SCOPE, a, l), *v, 0)
+                    .is_ok(),
+            };
+            if !ok {
+                report.fail(if matches!(prefix, Prefix::V4(..)) {
+                    MAP_DESTS_V4
+                } else {
+                    MAP_DESTS_V6
+                });
+            }
+        }
         for ((wid, pid), v) in &plan.limits.slot {
             let key = ProviderKey {
                 slot,
@@ -434,6 +459,23 @@ impl KernelMaps {
             .collect();
         for k in gone {
             let _ = self.buckets.remove(&k);
+        }
+    }
+
+    /// After a policy is in force: the ports of its named proxies in
+    /// `PROXY_PORTS` (not per slot), and no others. A port a reload drops
+    /// only costs sock_ops a per-segment callback until it is removed.
+    fn write_proxy_ports(&mut self, plan: &Plan, report: &mut WriteReport) {
+        for port in &plan.proxy_ports {
+            if self.proxy_ports.insert(u32::from(*port), 1, 0).is_err() {
+                report.fail(MAP_PROXY_PORTS);
+            }
+        }
+        let stale: Vec<u32> = (self.proxy_ports.keys().filter_map(Result::ok))
+            .filter(|p| u16::try_from(*p).map_or(true, |p| !plan.proxy_ports.contains(&p)))
+            .collect();
+        for p in stale {
+            let _ = self.proxy_ports.remove(&p);
         }
     }
 

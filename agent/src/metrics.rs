@@ -27,6 +27,21 @@ const SNI_RESULTS: [(u32, &str); 11] = [
     (counter::SNI_BUSY, "busy"),
 ];
 
+/// `llm_egress_proxy_connect_total` results (HTTP CONNECT requests and
+/// first payloads to named proxies, docs/names.md "Proxies") and the
+/// kernel counters behind them.
+const PROXY_RESULTS: [(u32, &str); 9] = [
+    (counter::CONNECT_ALLOW, "allow"),
+    (counter::CONNECT_DENY, "deny"),
+    (counter::CONNECT_AUDIT, "audit"),
+    (counter::CONNECT_OTHER_NAME, "other_name"),
+    (counter::CONNECT_IP_LITERAL, "ip_literal"),
+    (counter::CONNECT_SPLIT, "split"),
+    (counter::CONNECT_MALFORMED, "malformed"),
+    (counter::PROXY_UNREADABLE, "unreadable"),
+    (counter::PROXY_PLAIN_HTTP, "plain_http"),
+];
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
@@ -66,6 +81,7 @@ pub struct Metrics {
     pub dns_fallback: IntCounterVec,
     pub learned_destinations: IntGaugeVec,
     pub sni: IntCounterVec,
+    pub proxy_connect: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub budget_remaining: IntGaugeVec,
     pub limit_buckets_full: IntCounter,
@@ -320,6 +336,12 @@ impl Metrics {
                 "First payloads of TCP connections seen by the SNI program, by result.",
                 &["result"],
             )?,
+            proxy_connect: counter_vec(
+                &r,
+                "llm_egress_proxy_connect_total",
+                "HTTP CONNECT requests read by the SNI program, and first payloads to named proxies, by result.",
+                &["result"],
+            )?,
             kubernetes_errors: counter(
                 &r,
                 "llm_egress_kubernetes_errors_total",
@@ -367,7 +389,7 @@ impl Metrics {
             limit_hits_seen: Default::default(),
             registry: r,
             verdicts_seen: Default::default(),
-            kernel_seen: Default::default(),
+            kernel_seen: std::sync::Arc::new(std::sync::Mutex::new([0; counter::LEN as usize])),
         };
         for v in ["allow", "deny", "audit"] {
             m.decisions.with_label_values(&[v]);
@@ -389,6 +411,9 @@ impl Metrics {
         }
         for (_, v) in SNI_RESULTS {
             m.sni.with_label_values(&[v]);
+        }
+        for (_, v) in PROXY_RESULTS {
+            m.proxy_connect.with_label_values(&[v]);
         }
         Ok(m)
     }
@@ -436,6 +461,11 @@ impl Metrics {
         self.dns_tcp.with_label_values(&["split"]).inc_by(split);
         for (index, result) in SNI_RESULTS {
             self.sni.with_label_values(&[result]).inc_by(delta(index));
+        }
+        for (index, result) in PROXY_RESULTS {
+            self.proxy_connect
+                .with_label_values(&[result])
+                .inc_by(delta(index));
         }
         self.limit_buckets_full
             .inc_by(delta(counter::LIMIT_BUCKETS_FULL));
@@ -541,6 +571,8 @@ mod tests {
         k[counter::DNS_OFF_CHAIN as usize] = 2;
         k[counter::SNI_DENY as usize] = 3;
         k[counter::SNI_SPLIT as usize] = 1;
+        k[counter::CONNECT_DENY as usize] = 4;
+        k[counter::PROXY_UNREADABLE as usize] = 2;
         m.sync_kernel(&k);
         assert_eq!(m.dns_responses.get(), 10);
         assert_eq!(m.dns_answers.with_label_values(&["parsed"]).get(), 6);
@@ -549,6 +581,8 @@ mod tests {
         assert_eq!(m.dns_off_chain.get(), 2);
         assert_eq!(m.sni.with_label_values(&["deny"]).get(), 3);
         assert_eq!(m.sni.with_label_values(&["split"]).get(), 1);
+        assert_eq!(m.proxy_connect.with_label_values(&["deny"]).get(), 4);
+        assert_eq!(m.proxy_connect.with_label_values(&["unreadable"]).get(), 2);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
             text.contains("llm_egress_dns_answers_total{result=\"parsed\"} 6"),

@@ -63,6 +63,11 @@ pub struct Plan {
     /// `NAT64` keys: the first 12 bytes of each of `nat64_prefixes` (not
     /// per slot; `maps` adds them before the flip, removes others after).
     pub nat64: BTreeSet<[u8; 12]>,
+    /// `[[proxies]]`: prefix → the proxy's id (index + 1) and ports, in
+    /// `DESTS_*` under `PROXY_SCOPE`.
+    pub proxies: BTreeMap<Prefix, DestValue>,
+    /// Every port of a named proxy (`PROXY_PORTS`, not per slot).
+    pub proxy_ports: BTreeSet<u16>,
 }
 
 pub fn action_code(a: Action) -> u8 {
@@ -128,8 +133,30 @@ pub fn build(
         key.copy_from_slice(&o[..12]);
         plan.nat64.insert(key);
     }
+    for (index, proxy) in policy.proxies.iter().enumerate() {
+        let value = dest_value(index, &proxy.ports);
+        for net in &proxy.cidrs {
+            plan.proxies.insert(Prefix::from_net(net), value);
+        }
+        plan.proxy_ports.extend(proxy.ports.iter().copied());
+    }
     for (index, w) in policy.workloads.iter().enumerate() {
         let wid = index as u32 + 1;
+        // A named proxy: allowed to the workloads that name it in
+        // `proxies`, denied to the others, as CIDR rules (every port of its
+        // addresses), written first so that the workload's own entry for
+        // the same prefix wins.
+        for (pindex, proxy) in policy.proxies.iter().enumerate() {
+            let act = if w.proxies.contains(&pindex) {
+                Action::Allow
+            } else {
+                Action::Deny
+            };
+            for net in &proxy.cidrs {
+                plan.rules
+                    .insert((wid, Prefix::from_net(net)), action_value(act));
+            }
+        }
         // Deny entries are written last so that they win over an allow of
         // the same prefix.
         for (targets, act) in [(&w.allow, Action::Allow), (&w.deny, Action::Deny)] {
@@ -281,8 +308,40 @@ mod tests {
                 raw_sockets: Action::Audit,
                 limits: Default::default(),
                 provider_limits: Default::default(),
+                proxies: vec![],
             }],
+            proxies: vec![],
         }
+    }
+
+    #[test]
+    fn named_proxies_are_allowed_to_the_workloads_that_name_them_and_denied_to_others() {
+        let mut p = policy();
+        p.proxies = vec![crate::policy::Proxy {
+            name: "corp".into(),
+            cidrs: vec![
+                "10.9.0.5/32".parse().unwrap(),
+                "192.0.2.0/24".parse().unwrap(),
+            ],
+            ports: vec![3128, 8080],
+        }];
+        let mut other = p.workloads[0].clone();
+        other.name = "v".into();
+        other.proxies = vec![0];
+        p.workloads.push(other);
+        let plan = build(&p, 1, &BTreeMap::new(), &BTreeMap::new());
+        let proxy = Prefix::V4([10, 9, 0, 5], 32);
+        assert_eq!(plan.rules[&(1, proxy)].action, action::DENY);
+        assert_eq!(plan.rules[&(2, proxy)].action, action::ALLOW);
+        // The workload's own entry of the same prefix wins (its deny).
+        let own = Prefix::V4([192, 0, 2, 0], 24);
+        assert_eq!(plan.rules[&(2, own)].action, action::DENY);
+        let d = plan.proxies[&proxy];
+        assert_eq!(
+            (d.provider_id, d.nports, d.ports[0], d.ports[1]),
+            (1, 2, 3128, 8080)
+        );
+        assert_eq!(plan.proxy_ports, BTreeSet::from([3128, 8080]));
     }
 
     #[test]

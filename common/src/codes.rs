@@ -49,6 +49,9 @@ pub mod reason {
     /// An ICMP ping socket (`SOCK_DGRAM` with `IPPROTO_ICMP` or
     /// `IPPROTO_ICMPV6`): the workload's `raw_sockets` action.
     pub const PING_SOCKET: u8 = 11;
+    /// The first payload of a connection to a named proxy is not a CONNECT
+    /// request the kernel could read: `failure_mode` decided.
+    pub const PROXY_UNREADABLE: u8 = 12;
 }
 
 /// `mode` of a policy slot.

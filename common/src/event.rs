@@ -266,17 +266,37 @@ pub struct SniDecision {
     pub reason: u8,
     /// `family::*`
     pub family: u8,
-    pub _pad: u8,
+    /// `payload::*`: what was judged (a ClientHello, a CONNECT request).
+    pub payload: u8,
     /// Bytes of `name` used.
     pub name_len: u16,
-    /// The server name as sent (not NUL terminated).
+    /// The server name or CONNECT host as sent (not NUL terminated); for
+    /// `payload::UNREADABLE`, the payload's first bytes.
     pub name: [u8; SNI_NAME_BYTES],
+    /// The CONNECT request's target port (`payload::CONNECT`, and the
+    /// ClientHello of its tunnel); 0 otherwise.
+    pub target_port: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
 }
 
 pub type SniEvent = Event<SniDecision>;
 
+/// `SniDecision::payload` values: what the SNI program judged.
+pub mod payload {
+    /// A TLS ClientHello, the connection's first payload.
+    pub const CLIENT_HELLO: u8 = 0;
+    /// An HTTP `CONNECT host:port` request to a proxy (its host judged).
+    pub const CONNECT: u8 = 1;
+    /// The ClientHello sent through the tunnel of a CONNECT request.
+    pub const TUNNEL_CLIENT_HELLO: u8 = 2;
+    /// The first payload of a connection to a named proxy that is not a
+    /// CONNECT request the kernel read: judged by `failure_mode`.
+    pub const UNREADABLE: u8 = 3;
+}
+
 const _: () = {
     use core::mem::{align_of, size_of};
-    assert!(size_of::<SniDecision>() == 48 + SNI_NAME_BYTES);
-    assert!(size_of::<SniEvent>() == 56 + 48 + SNI_NAME_BYTES && align_of::<SniEvent>() == 8);
+    assert!(size_of::<SniDecision>() == 56 + SNI_NAME_BYTES);
+    assert!(size_of::<SniEvent>() == 56 + 56 + SNI_NAME_BYTES && align_of::<SniEvent>() == 8);
 };

@@ -93,9 +93,15 @@ pub const MAP_RECORDS_SCRATCH: &str = "RECORDS_SCRATCH";
 /// program runs in process context and in softirq; removed after the walk.
 pub const MAP_RECORDS_SENT: &str = "RECORDS_SENT";
 
+/// `HashMap<u32 port, u32>`: the ports of the policy's named proxies
+/// (`[[proxies]]`), any slot. sock_ops gives sockets to these ports the
+/// per-segment callback at their handshake, as it does port 443, so that a
+/// denied CONNECT request is aborted fast (docs/names.md, "Proxies").
+pub const MAP_PROXY_PORTS: &str = "PROXY_PORTS";
+
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 34] = [
+pub const ALL_MAPS: [&str; 35] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -123,6 +129,7 @@ pub const ALL_MAPS: [&str; 34] = [
     MAP_SNI_ZERO,
     MAP_RECORDS_SCRATCH,
     MAP_RECORDS_SENT,
+    MAP_PROXY_PORTS,
     crate::limits::MAP_LIMITS,
     crate::limits::MAP_BUCKETS,
     crate::limits::MAP_BANDWIDTH,
@@ -207,6 +214,12 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 pub const MAX_PORTS: usize = 8;
 /// Scope of `DESTS_*` keys.
 pub const DEST_SCOPE: u32 = 0;
+/// Scope of the named proxies' entries in `DESTS_V4`/`DESTS_V6` (value: a
+/// `DestValue` whose `provider_id` is the proxy's 1-based id). Workload
+/// ids never reach it.
+pub const PROXY_SCOPE: u32 = u32::MAX;
+/// Ports of the `PROXY_PORTS` map (sock_ops' per-segment callback).
+pub const PROXY_PORTS_MAX: u32 = 256;
 /// Workload id of processes in no workload (never stored in `WORKLOADS`).
 pub const NO_WORKLOAD: u32 = 0;
 /// Provider id of non-provider destinations.
@@ -258,6 +271,31 @@ pub mod sni_state {
     pub const SEEN: u32 = 1;
     /// The ClientHello was denied: every later packet is dropped.
     pub const DENIED: u32 = 2;
+    /// A CONNECT request was judged and not denied: the next payload (the
+    /// ClientHello sent through the tunnel) is read too. The CONNECT's
+    /// target port is in the upper 16 bits (`tunnel`, `tunnel_port`).
+    pub const TUNNEL: u32 = 3;
+
+    /// A socket to a named proxy (`[[proxies]]`, on one of its ports),
+    /// marked by sock_ops at its handshake, before its first payload: a
+    /// first payload that is not a CONNECT request the kernel reads is
+    /// judged by `failure_mode`.
+    pub const PROXY: u32 = 4;
+
+    /// The state of a socket whose CONNECT named port `port`.
+    pub const fn tunnel(port: u16) -> u32 {
+        TUNNEL | (port as u32) << 16
+    }
+
+    /// Whether `state` is a tunnel's.
+    pub const fn is_tunnel(state: u32) -> bool {
+        state & 0xffff == TUNNEL
+    }
+
+    /// The CONNECT target port of a tunnel's state.
+    pub const fn tunnel_port(state: u32) -> u16 {
+        (state >> 16) as u16
+    }
 }
 
 /// Indexes into `COUNTERS`. Never reuse a number.
@@ -330,7 +368,33 @@ pub mod counter {
     pub const SOCKETS_DENIED: u32 = 29;
     /// Raw and ping sockets allowed but reported as would-be denies.
     pub const SOCKETS_AUDITED: u32 = 30;
-    pub const LEN: u32 = 32;
+    // 31: free.
+    /// HTTP `CONNECT host:port` requests (ebpf/src/connect_line.rs) whose
+    /// host is a provider's on one of its ports, judged allow / deny /
+    /// audit like a TLS server name.
+    pub const CONNECT_ALLOW: u32 = 32;
+    pub const CONNECT_DENY: u32 = 33;
+    pub const CONNECT_AUDIT: u32 = 34;
+    /// A CONNECT request whose host is no provider's (on that port).
+    pub const CONNECT_OTHER_NAME: u32 = 35;
+    /// A CONNECT request whose host is an IP literal (`1.2.3.4`, `[::1]`):
+    /// no name to judge.
+    pub const CONNECT_IP_LITERAL: u32 = 36;
+    /// A CONNECT request line cut before its host and port were read: the
+    /// first segment ends inside it.
+    pub const CONNECT_SPLIT: u32 = 37;
+    /// A CONNECT request line that is not `CONNECT host:port ` with a
+    /// host of 1 to 253 name bytes and a port of 1 to 65535 (too long,
+    /// absolute-form, odd bytes, no port).
+    pub const CONNECT_MALFORMED: u32 = 38;
+    /// The first payload of a connection to a named proxy that is not a
+    /// CONNECT request the kernel read (TLS to the proxy, SOCKS, HTTP/2,
+    /// a cut or malformed CONNECT), judged by `failure_mode`.
+    pub const PROXY_UNREADABLE: u32 = 39;
+    /// The first payload of a connection to a named proxy that is a plain
+    /// `http://` request (absolute-form, not CONNECT): passed, unjudged.
+    pub const PROXY_PLAIN_HTTP: u32 = 40;
+    pub const LEN: u32 = 48;
 }
 
 /// Key of `VERDICTS`.

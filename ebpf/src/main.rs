@@ -10,6 +10,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod connect_line;
 mod dns;
 mod exec;
 mod limits;

@@ -111,6 +111,10 @@ pub static RECORDS_SCRATCH: PerCpuArray<crate::records::RecordScratch> =
 pub static RECORDS_SENT: HashMap<u64, crate::records::RecordScratch> =
     HashMap::with_max_entries(llm_egress_common::SOCKET_SCRATCH_MAX, BPF_F_NO_PREALLOC);
 
+/// Ports of the named proxies (common's `MAP_PROXY_PORTS`).
+#[map]
+pub static PROXY_PORTS: HashMap<u32, u32> = HashMap::pinned(llm_egress_common::PROXY_PORTS_MAX, 0);
+
 #[map]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(VERDICTS_MAX, 0);
 

@@ -39,6 +39,15 @@
 //!    workload's `llm` action, `defaults.llm` for no workload. An SNI event
 //!    reports every such verdict. Other names: counted, address verdict.
 //!
+//! Proxies (docs/names.md, "Proxies"): a first payload that is no
+//! ClientHello is read as an HTTP `CONNECT host:port` request
+//! (connect_line.rs); its host is judged like a server name, on the
+//! CONNECT's port, and the socket then waits in `TUNNEL` (with that port)
+//! for the ClientHello sent through the tunnel, judged on that port too. A
+//! socket to a named proxy, marked `PROXY` by sock_ops at its handshake,
+//! whose first payload is neither (nor a plain `GET http://` request) is
+//! judged by `failure_mode`: `judge` with `payload::UNREADABLE`.
+//!
 //! Internal errors (no policy, no seed, a failed map update) pass the
 //! packet: the connect hook has already applied the address verdict and
 //! `failure_mode`; this hook only ever narrows it.
@@ -58,11 +67,12 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use llm_egress_common::{
-    DNS_MAX_LABELS, EventHeader, MAX_PORTS, NameKey, SNI_BUF, SNI_MAX_EXTENSIONS, SNI_NAME_BYTES,
-    SniDecision, SniEvent, action, counter, family, kind, mode, names::LABEL_INIT,
-    names::label_step, sni_state, verdict,
+    DNS_MAX_LABELS, EventHeader, MAX_PORTS, NO_PROVIDER, NameKey, SNI_BUF, SNI_MAX_EXTENSIONS,
+    SNI_NAME_BYTES, SniDecision, SniEvent, action, counter, failure_mode, family, kind, mode,
+    names::LABEL_INIT, names::label_step, payload as what, reason, sni_state, verdict,
 };
 
+use crate::connect_line::{Line, LineCtx};
 use crate::maps::{CONNS, EVENTS, NAME_CFG, NAMES, SNI_SCRATCH, SNI_STATE, SNI_ZERO, count};
 use crate::names::Fold;
 
@@ -99,6 +109,32 @@ pub struct SniScratch {
     ext: ExtCtx,
     name: NameCtx,
     fold: Fold,
+    line: LineCtx,
+    out: Named5,
+    /// The socket's `SNI_STATE` before this payload (0: none).
+    state: u64,
+    verdict: Outcome,
+}
+
+/// A verdict on its way to the event (see `judge`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Outcome {
+    verdict: u64,
+    reason: u64,
+    workload: u64,
+}
+
+/// What a judged name is: (offset, length, provider, `payload::*`,
+/// CONNECT target port), in the scratch on its way to the verdict.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Named5 {
+    off: u64,
+    len: u64,
+    provider: u64,
+    seen: u64,
+    target: u64,
 }
 
 #[repr(C)]
@@ -144,8 +180,13 @@ pub fn names_sni_egress(ctx: SkBuffContext) -> i32 {
 /// What the first payload was.
 enum Hello {
     /// A provider's name on one of its ports: (name offset, length,
-    /// provider id).
-    Provider(usize, usize, u32),
+    /// provider id, `payload::*`, CONNECT target port or 0).
+    Provider(usize, usize, u32, u8, u16),
+    /// A CONNECT request whose host is not judged (counted under this
+    /// counter): the tunnel to this port follows, its ClientHello is read.
+    Tunnel(u32, u16),
+    /// A plain HTTP request to a proxy (counted under this counter).
+    Plain(u32),
     /// Counted under this counter; the address verdict stands.
     Counted(u32),
     /// Nothing to count.
@@ -226,69 +267,207 @@ fn try_sni(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> i32 {
         }
         crate::records::sent(ctx, conn, off, total - off, seq);
     }
-    if state.is_some() {
-        return PASS;
-    }
+    // Payloads still to read: the first (no state, or `PROXY`: a socket to
+    // a named proxy, marked by sock_ops at its handshake), and the one
+    // after a CONNECT request (`TUNNEL`, docs/names.md "Proxies").
+    let st = match state {
+        None => 0,
+        Some(st) if st == sni_state::PROXY || sni_state::is_tunnel(st) => st,
+        Some(_) => return PASS,
+    };
     let _ = SNI_STATE.insert(&cookie, &sni_state::SEEN, 0);
     let payload = total - off;
 
     let scratch = SNI_ZERO
         .get(0)
         .and_then(|zero| crate::maps::claim_scratch(&SNI_SCRATCH, cookie, zero));
-    let hello = match scratch {
-        Some(s) => {
-            let hello = parse(ctx, s, off, payload, port);
-            let _ = SNI_SCRATCH.remove(&cookie);
-            hello
-        }
-        None => Hello::Counted(counter::SNI_BUSY),
-    };
-    let (name_off, name_len, provider) = match hello {
-        Hello::Provider(o, l, p) => (o, l, p),
-        Hello::Counted(c) => {
-            count(c);
-            return PASS;
-        }
-        Hello::Ignore => return PASS,
-    };
-
-    // 5. The verdict.
-    let Ok((slot, cfg)) = crate::policy::active() else {
+    let Some(s) = scratch else {
+        count(counter::SNI_BUSY);
         return PASS;
     };
+    // Through the scratch (a map value): the verifier reads it back as one
+    // unknown value instead of walking the whole read once per state.
+    // SAFETY: this socket's scratch entry, used by this run only.
+    unsafe { core::ptr::write_volatile(&mut (*s).state, u64::from(st)) };
+    let hello = parse(ctx, s, off, payload, port);
+    let ret = match outcome(s, hello, cookie, payload) {
+        // 5. The verdict.
+        Some(n) => match crate::policy::active() {
+            Ok((slot, cfg)) => judge(ctx, s, cookie, slot, &cfg, &n, &addr, fam, port, off),
+            Err(_) => PASS,
+        },
+        None => PASS,
+    };
+    let _ = SNI_SCRATCH.remove(&cookie);
+    ret
+}
+
+/// What the parse of a payload leads to: a name (or an unreadable payload
+/// to a named proxy) to judge, or None when it is counted and passes. A
+/// CONNECT request not judged by its host leaves the socket in the tunnel
+/// state (its ClientHello is read next).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn outcome(s: *mut SniScratch, hello: Hello, cookie: u64, payload: usize) -> Option<Named5> {
+    match hello {
+        Hello::Provider(o, l, p, w, t) => return Some(settle(s, o, l, p, w, t)),
+        Hello::Tunnel(c, t) => {
+            count(c);
+            let _ = SNI_STATE.insert(&cookie, &sni_state::tunnel(t), 0);
+            return None;
+        }
+        Hello::Plain(c) => {
+            count(c);
+            return None;
+        }
+        Hello::Counted(c) => count(c),
+        Hello::Ignore => {}
+    }
+    // A first payload neither judged by a name nor read as a CONNECT
+    // request: on a connection to a named proxy (`[[proxies]]`, on one of
+    // its ports: sock_ops marked it `PROXY`), what the kernel cannot
+    // judge, which `failure_mode` decides (`judge`). Anywhere else the
+    // address verdict stands.
+    // SAFETY: as in `settle`.
+    if unsafe { core::ptr::read_volatile(&(*s).state) } != u64::from(sni_state::PROXY) {
+        return None;
+    }
+    count(counter::PROXY_UNREADABLE);
+    let shown = if payload > UNREADABLE_BYTES {
+        UNREADABLE_BYTES
+    } else {
+        payload
+    };
+    Some(settle(s, 0, shown, NO_PROVIDER, what::UNREADABLE, 0))
+}
+
+/// Bytes of an unreadable first payload an event carries.
+const UNREADABLE_BYTES: usize = 64;
+
+/// A name to judge, through the scratch `s` (a map value): the verifier
+/// then sees one unknown value where each way to a verdict (ClientHello,
+/// tunnel, CONNECT, unreadable) gave constants of its own, and checks the
+/// verdict path once, not once per way.
+#[inline(always)]
+fn settle(
+    s: *mut SniScratch,
+    off: usize,
+    len: usize,
+    provider: u32,
+    seen: u8,
+    target: u16,
+) -> Named5 {
+    let n = Named5 {
+        off: off as u64,
+        len: len as u64,
+        provider: provider as u64,
+        seen: seen as u64,
+        target: target as u64,
+    };
+    // SAFETY: this socket's scratch entry, used by this run only; a valid,
+    // aligned field.
+    unsafe {
+        core::ptr::write_volatile(&mut (*s).out, n);
+        core::ptr::read_volatile(&(*s).out)
+    }
+}
+
+/// The verdict on what the first payload named: (offset, length of the
+/// name, provider, `payload::*`, CONNECT target port). `UNREADABLE` is
+/// judged by `failure_mode` (closed: denied, like a denied name; `mode =
+/// "audit"` makes that an audit); the others by the workload's word on the
+/// provider. Every verdict is an event; a deny drops the packet and marks
+/// the socket.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    ctx: &SkBuffContext,
+    s: *mut SniScratch,
+    cookie: u64,
+    slot: u32,
+    cfg: &llm_egress_common::SlotConfig,
+    n: &Named5,
+    addr: &[u8; 16],
+    fam: u8,
+    port: u16,
+    off: usize,
+) -> i32 {
+    let (name_off, name_len, provider, seen, target) = (
+        n.off as usize,
+        n.len as usize,
+        n.provider as u32,
+        n.seen as u8,
+        n.target as u16,
+    );
+    let addr = *addr;
     // SAFETY: helpers on this program's own context.
     let own = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
     // SAFETY: as above.
     let workload = crate::policy::workload_of(slot, own, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(ctx.as_ptr() as *mut _, level)
     });
-    let (act, why) = crate::policy::provider_action(slot, &cfg, workload, provider);
+    let (act, why) = if seen == what::UNREADABLE {
+        let act = if cfg.failure_mode == failure_mode::CLOSED {
+            action::DENY
+        } else {
+            action::ALLOW
+        };
+        (act, reason::PROXY_UNREADABLE)
+    } else {
+        crate::policy::provider_action(slot, cfg, workload, provider)
+    };
     let v = match act {
         action::ALLOW => verdict::ALLOW,
         action::AUDIT => verdict::AUDIT,
         _ if cfg.mode == mode::AUDIT => verdict::AUDIT,
         _ => verdict::DENY,
     };
-    count(match v {
-        verdict::ALLOW => counter::SNI_ALLOW,
-        verdict::AUDIT => counter::SNI_AUDIT,
-        _ => counter::SNI_DENY,
-    });
+    let connect = seen == what::CONNECT;
+    // (An unreadable payload was counted as `PROXY_UNREADABLE`.)
+    if seen != what::UNREADABLE {
+        count(match v {
+            verdict::ALLOW if connect => counter::CONNECT_ALLOW,
+            verdict::AUDIT if connect => counter::CONNECT_AUDIT,
+            _ if connect => counter::CONNECT_DENY,
+            verdict::ALLOW => counter::SNI_ALLOW,
+            verdict::AUDIT => counter::SNI_AUDIT,
+            _ => counter::SNI_DENY,
+        });
+    }
+    // Through the scratch, like the name: one path on to the event, not
+    // one per way to the verdict (workload or none, its word or its
+    // default, the mode).
+    let o = Outcome {
+        verdict: v as u64,
+        reason: why as u64,
+        workload: workload.map(|w| w.workload_id).unwrap_or(0) as u64,
+    };
+    // SAFETY: this socket's scratch entry, used by this run only.
+    let o = unsafe {
+        core::ptr::write_volatile(&mut (*s).verdict, o);
+        core::ptr::read_volatile(&(*s).verdict)
+    };
+    let v = o.verdict as u8;
     let d = Judged {
         generation: cfg.generation,
-        workload_id: workload.map(|w| w.workload_id).unwrap_or(0),
+        workload_id: o.workload as u32,
         provider_id: provider,
         addr,
         port,
         verdict: v,
-        reason: why,
+        reason: o.reason as u8,
         family: fam,
+        payload: seen,
+        target_port: target,
     };
     report(ctx, cookie, &d, off + name_off, name_len);
     if v == verdict::DENY {
         let _ = SNI_STATE.insert(&cookie, &sni_state::DENIED, 0);
         count(counter::SNI_DROPPED);
         return DROP_CN;
+    }
+    if connect {
+        let _ = SNI_STATE.insert(&cookie, &sni_state::tunnel(target), 0);
     }
     PASS
 }
@@ -301,7 +480,9 @@ struct LoopCtx {
 
 /// Copies the first payload into the scratch at `sp` (this socket's entry,
 /// live until the caller removes it) and reads the ClientHello (steps 1 to
-/// 4 of the module comment).
+/// 4 of the module comment), or the CONNECT request (connect_line.rs).
+/// The payload after a CONNECT request (the scratch's `state` is a
+/// tunnel's) has its ClientHello judged on the CONNECT's target port.
 #[inline(always)]
 fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, port: u16) -> Hello {
     // SAFETY: `sp` is that live entry, used by this run only.
@@ -323,40 +504,73 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
     if rc != 0 {
         return Hello::Ignore;
     }
-    if avail < 6 || byte(s, 0) != TLS_HANDSHAKE || byte(s, 1) != 3 || byte(s, 5) != CLIENT_HELLO {
-        // SAFETY: presence only.
-        return if unsafe { CONNS.get(&cookie_of(ctx)) }.is_some() {
-            Hello::Counted(counter::SNI_NOT_TLS)
-        } else {
-            Hello::Ignore
+    let tls =
+        avail >= 6 && byte(s, 0) == TLS_HANDSHAKE && byte(s, 1) == 3 && byte(s, 5) == CLIENT_HELLO;
+    let (name, name_len, seen, on_port) = if tls {
+        match hello_name(s, &mut lc, avail) {
+            Ok((name, len)) if sni_state::is_tunnel(state_of(s)) => (
+                name,
+                len,
+                what::TUNNEL_CLIENT_HELLO,
+                sni_state::tunnel_port(state_of(s)),
+            ),
+            Ok((name, len)) => (name, len, what::CLIENT_HELLO, port),
+            Err(h) => return h,
+        }
+    } else {
+        let SniScratch { buf, line, .. } = &mut *s;
+        let host = match crate::connect_line::read(buf, line, avail) {
+            Line::Host(at, len, target) => (at, len, what::CONNECT, target),
+            Line::IpLiteral(target) => {
+                return Hello::Tunnel(counter::CONNECT_IP_LITERAL, target);
+            }
+            Line::Split => return Hello::Counted(counter::CONNECT_SPLIT),
+            Line::Malformed => return Hello::Counted(counter::CONNECT_MALFORMED),
+            Line::Plain => return Hello::Plain(counter::PROXY_PLAIN_HTTP),
+            Line::Other => {
+                // SAFETY: presence only.
+                return if unsafe { CONNS.get(&cookie_of(ctx)) }.is_some() {
+                    Hello::Counted(counter::SNI_NOT_TLS)
+                } else {
+                    Hello::Ignore
+                };
+            }
         };
-    }
+        host
+    };
+    judge_name(s, &mut lc, name, name_len, seen, on_port)
+}
+
+/// The server name of the ClientHello in the scratch (`avail` bytes):
+/// its offset and length, or what the ClientHello is instead.
+#[inline(always)]
+fn hello_name(s: &mut SniScratch, lc: &mut LoopCtx, avail: usize) -> Result<(usize, usize), Hello> {
     // The ClientHello: record header (5), handshake header (4), version
     // (2), random (32), then the variable parts.
     let hello_end = 9 + ((byte(s, 6) as usize) << 16 | u16_at(s, 7) as usize);
     let mut pos = 43;
     if pos + 1 > avail {
-        return Hello::Counted(counter::SNI_SPLIT);
+        return Err(Hello::Counted(counter::SNI_SPLIT));
     }
     pos += 1 + byte(s, pos) as usize;
     if pos + 2 > avail {
-        return Hello::Counted(counter::SNI_SPLIT);
+        return Err(Hello::Counted(counter::SNI_SPLIT));
     }
     pos += 2 + u16_at(s, pos) as usize;
     if pos + 1 > avail {
-        return Hello::Counted(counter::SNI_SPLIT);
+        return Err(Hello::Counted(counter::SNI_SPLIT));
     }
     pos += 1 + byte(s, pos) as usize;
     if pos + 2 > hello_end {
         // A ClientHello without extensions.
-        return Hello::Counted(counter::SNI_NO_SNI);
+        return Err(Hello::Counted(counter::SNI_NO_SNI));
     }
     if pos + 2 > avail {
-        return Hello::Counted(counter::SNI_SPLIT);
+        return Err(Hello::Counted(counter::SNI_SPLIT));
     }
     let end = pos + 2 + u16_at(s, pos) as usize;
     if end > hello_end {
-        return Hello::Counted(counter::SNI_MALFORMED);
+        return Err(Hello::Counted(counter::SNI_MALFORMED));
     }
     pos += 2;
 
@@ -381,7 +595,7 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
         bpf_loop(
             SNI_MAX_EXTENSIONS as u32,
             ext_step as *mut c_void,
-            (&mut lc as *mut LoopCtx).cast(),
+            (lc as *mut LoopCtx).cast(),
             0,
         )
     };
@@ -397,10 +611,10 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
         )
     };
     if ech != 0 {
-        return Hello::Counted(counter::SNI_ECH);
+        return Err(Hello::Counted(counter::SNI_ECH));
     }
     if sni == 0 {
-        return Hello::Counted(if err != 0 {
+        return Err(Hello::Counted(if err != 0 {
             counter::SNI_MALFORMED
         } else if split != 0 {
             counter::SNI_SPLIT
@@ -409,23 +623,72 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
             counter::SNI_MALFORMED
         } else {
             counter::SNI_NO_SNI
-        });
+        }));
     }
 
     // 3. server_name: list length (2), name type (1) = host_name (0),
     // name length (2), name.
     if sni_len < 5 || byte(s, sni + 2) != 0 {
-        return Hello::Counted(counter::SNI_MALFORMED);
+        return Err(Hello::Counted(counter::SNI_MALFORMED));
     }
     let name_len = u16_at(s, sni + 3) as usize;
     let name = sni + 5;
     if name_len == 0 || name_len > MAX_NAME || name + name_len > sni + sni_len {
-        return Hello::Counted(counter::SNI_MALFORMED);
+        return Err(Hello::Counted(counter::SNI_MALFORMED));
     }
     if name + name_len > avail {
-        return Hello::Counted(counter::SNI_SPLIT);
+        return Err(Hello::Counted(counter::SNI_SPLIT));
     }
+    Ok((name, name_len))
+}
 
+/// A name read from a ClientHello or a CONNECT request (`seen`,
+/// `payload::*`), judged on `port` (the CONNECT target's, or the
+/// connection's): a provider, or what it is counted as.
+#[inline(always)]
+fn judge_name(
+    s: &mut SniScratch,
+    lc: &mut LoopCtx,
+    name: usize,
+    name_len: usize,
+    seen: u8,
+    port: u16,
+) -> Hello {
+    let connect = seen == what::CONNECT;
+    let target = if seen == what::CLIENT_HELLO { 0 } else { port };
+    match name_provider(s, lc, name, name_len, port) {
+        Named::Provider(p) => Hello::Provider(name, name_len, p, seen, target),
+        Named::Other | Named::Ignore if connect => Hello::Tunnel(counter::CONNECT_OTHER_NAME, port),
+        Named::Malformed if connect => Hello::Counted(counter::CONNECT_MALFORMED),
+        Named::Other => Hello::Counted(counter::SNI_OTHER_NAME),
+        Named::Malformed => Hello::Counted(counter::SNI_MALFORMED),
+        Named::Ignore => Hello::Ignore,
+    }
+}
+
+/// A name's provider, by `NAMES`.
+enum Named {
+    /// A provider's name on one of its ports.
+    Provider(u32),
+    /// No provider's name, or not on its ports.
+    Other,
+    /// Empty labels, more than `DNS_MAX_LABELS` labels.
+    Malformed,
+    /// No policy or seed yet.
+    Ignore,
+}
+
+/// The provider of the `name_len` bytes at `name` in the scratch, on
+/// `port`: the name hashed label by label (`name_step`), folded and looked
+/// up (`fold_step`, names.rs).
+#[inline(always)]
+fn name_provider(
+    s: &mut SniScratch,
+    lc: &mut LoopCtx,
+    name: usize,
+    name_len: usize,
+    port: u16,
+) -> Named {
     // 4. The name's hash and provider.
     // SAFETY: as above.
     unsafe {
@@ -443,7 +706,7 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
         bpf_loop(
             (MAX_NAME + 1) as u32,
             name_step as *mut c_void,
-            (&mut lc as *mut LoopCtx).cast(),
+            (lc as *mut LoopCtx).cast(),
             0,
         )
     };
@@ -456,17 +719,17 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
         )
     };
     if nerr != 0 || done == 0 || n == 0 {
-        return Hello::Counted(counter::SNI_MALFORMED);
+        return Named::Malformed;
     }
     let Some(ncfg) = NAME_CFG.get(0) else {
-        return Hello::Ignore;
+        return Named::Ignore;
     };
     let seed = ncfg.seed;
     let Ok((slot, _)) = crate::policy::active() else {
-        return Hello::Ignore;
+        return Named::Ignore;
     };
     if seed == 0 {
-        return Hello::Ignore;
+        return Named::Ignore;
     }
     // SAFETY: as above.
     unsafe {
@@ -477,14 +740,14 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
         bpf_loop(
             DNS_MAX_LABELS as u32,
             fold_step as *mut c_void,
-            (&mut lc as *mut LoopCtx).cast(),
+            (lc as *mut LoopCtx).cast(),
             0,
         )
     };
     // SAFETY: as above.
     let matched = unsafe { core::ptr::read_volatile(&s.fold.found) };
     if matched == 0 {
-        return Hello::Counted(counter::SNI_OTHER_NAME);
+        return Named::Other;
     }
     // SAFETY: value copied out at once.
     let Some(d) = (unsafe {
@@ -495,7 +758,7 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
         })
     })
     .copied() else {
-        return Hello::Counted(counter::SNI_OTHER_NAME);
+        return Named::Other;
     };
     let mut on_port = d.nports == 0;
     let mut i = 0;
@@ -506,9 +769,16 @@ fn parse(ctx: &SkBuffContext, sp: *mut SniScratch, off: usize, payload: usize, p
         i += 1;
     }
     if !on_port {
-        return Hello::Counted(counter::SNI_OTHER_NAME);
+        return Named::Other;
     }
-    Hello::Provider(name, name_len, d.provider_id)
+    Named::Provider(d.provider_id)
+}
+
+/// The socket's state before this payload, from the scratch.
+#[inline(always)]
+fn state_of(s: &SniScratch) -> u32 {
+    // SAFETY: a valid, aligned field of this run's scratch.
+    unsafe { core::ptr::read_volatile(&s.state) as u32 }
 }
 
 #[inline(always)]
@@ -640,6 +910,9 @@ struct Judged {
     verdict: u8,
     reason: u8,
     family: u8,
+    /// `payload::*`
+    payload: u8,
+    target_port: u16,
 }
 
 /// Sends the SNI event: `d` plus the name copied from the packet.
@@ -678,7 +951,12 @@ fn report(ctx: &SkBuffContext, cookie: u64, d: &Judged, name_at: usize, name_len
         e.verdict = d.verdict;
         e.reason = d.reason;
         e.family = d.family;
+        e.payload = d.payload;
+        e.target_port = d.target_port;
+        // Two stores, not a 6-byte memset: a loop the verifier would walk
+        // on every path to here.
         e._pad = 0;
+        e._pad2 = 0;
         e.name_len = 0;
         let copy = ((name_len.wrapping_sub(1)) & (SNI_NAME_BYTES - 1)) + 1;
         if bpf_skb_load_bytes(

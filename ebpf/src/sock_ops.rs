@@ -30,8 +30,10 @@
 //! SYN and FIN sequence numbers too: the SYN is subtracted (its count is
 //! taken at the handshake), a FIN adds 1 in its direction (documented).
 //! - `RTO_CB` (8), on for every socket from `TCP_CONNECT_CB`, and
-//!   `HDR_OPT_LEN_CB` (14), from the handshake on for tracked connections
-//!   and sockets to port 443 (the SYN carries no ClientHello): a socket
+//!   `HDR_OPT_LEN_CB` (14), from the handshake on for tracked connections,
+//!   sockets to port 443 and to the ports of named proxies (`PROXY_PORTS`,
+//!   one lookup at the handshake of a socket to another port: a CONNECT
+//!   request is judged like a ClientHello) (the SYN carries no ClientHello): a socket
 //!   whose ClientHello the SNI program denied (`SNI_STATE` = `DENIED`) gets
 //!   `TCP_USER_TIMEOUT` = 1 ms at the next segment it tries to send, so TCP
 //!   aborts it at its next timer run and the application sees ETIMEDOUT
@@ -59,9 +61,9 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use llm_egress_common::{CONN_UPDATE_NS, ConnEvent, counter, kind, mode};
+use llm_egress_common::{CONN_UPDATE_NS, ConnEvent, counter, family, kind, mode, sni_state};
 
-use crate::maps::{BANDWIDTH, CB_FLAGS_FALLBACK, CONNS, EVENTS, SNI_STATE, count};
+use crate::maps::{BANDWIDTH, CB_FLAGS_FALLBACK, CONNS, EVENTS, PROXY_PORTS, SNI_STATE, count};
 
 const TCP_CONNECT_CB: u32 = 3;
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -81,6 +83,7 @@ const RTT_CB: u32 = 12;
 const STATE_CB_FLAG: i32 = 1 << 2;
 const RTT_CB_FLAG: i32 = 1 << 3;
 const TCP_CLOSE: u32 = 7;
+const AF_INET: u32 = 2;
 
 #[sock_ops]
 pub fn account_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -105,7 +108,7 @@ fn account(ctx: &SockOpsContext) {
     // Tracked sockets got STATE_CB at their TCP_CONNECT_CB: an established
     // socket without it is not tracked, and needs no lookup.
     if op == ACTIVE_ESTABLISHED_CB && cb_flags & STATE_CB_FLAG == 0 {
-        if to_https(ctx) {
+        if to_https(ctx) || to_proxy(ctx) {
             let _ = ctx.set_cb_flags(flags::established(false));
         }
         return;
@@ -220,6 +223,60 @@ fn to_https(ctx: &SockOpsContext) -> bool {
     u32::from_be(rp) == HTTPS_PORT || u32::from(u16::from_be(rp as u16)) == HTTPS_PORT
 }
 
+/// Whether the socket connects to a port of a named proxy (`PROXY_PORTS`,
+/// docs/names.md "Proxies"): its CONNECT request is judged like a
+/// ClientHello, and a denied one is aborted as fast. A socket to a named
+/// proxy's address on one of its ports is also marked `PROXY` in
+/// `SNI_STATE`, so that the SNI program judges a first payload it cannot
+/// read by `failure_mode` (one LPM lookup here, at the handshake, instead
+/// of one per first payload there).
+#[inline(always)]
+fn to_proxy(ctx: &SockOpsContext) -> bool {
+    let rp = ctx.remote_port();
+    let port = if rp > 0xffff {
+        u32::from_be(rp)
+    } else {
+        u32::from(u16::from_be(rp as u16))
+    };
+    // SAFETY: presence only.
+    if unsafe { PROXY_PORTS.get(&port) }.is_none() {
+        return false;
+    }
+    let Ok((slot, _)) = crate::policy::active() else {
+        return true;
+    };
+    let mut addr = [0u8; 16];
+    let fam = if ctx.family() == AF_INET {
+        let a = ctx.remote_ip4().to_ne_bytes();
+        addr[..4].copy_from_slice(&a);
+        family::INET
+    } else {
+        let w = ctx.remote_ip6();
+        if w[0] == 0 && w[1] == 0 && u32::from_be(w[2]) == 0x0000_ffff {
+            // ::ffff:a.b.c.d: IPv4 on the wire.
+            addr[..4].copy_from_slice(&w[3].to_ne_bytes());
+            family::INET
+        } else {
+            let mut i = 0;
+            while i < 4 {
+                let b = w[i].to_ne_bytes();
+                addr[i * 4] = b[0];
+                addr[i * 4 + 1] = b[1];
+                addr[i * 4 + 2] = b[2];
+                addr[i * 4 + 3] = b[3];
+                i += 1;
+            }
+            family::INET6
+        }
+    };
+    if crate::connect_line::named_proxy(slot, fam, &addr, port as u16) {
+        // SAFETY: helper on this program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = SNI_STATE.insert(&cookie, &sni_state::PROXY, 0);
+    }
+    true
+}
+
 /// Called by the connect hook on a socket it starts tracking: its mark
 /// (`flags::TRACKED_MARK`), so that `TCP_CONNECT_CB` knows it is tracked
 /// without a lookup. Where the kernel has no `TCP_BPF_SOCK_OPS_CB_FLAGS`
@@ -259,8 +316,11 @@ fn abort_if_denied(ctx: &SockOpsContext, cookie: u64, op: u32) {
         // egress program denies it at its next payload and this callback
         // aborts it at the try after.
         // SAFETY: presence and one field, copied out at once.
+        // A tunnel (a CONNECT request judged) keeps it: its ClientHello
+        // is judged next; so does a socket to a named proxy before its
+        // first payload.
         if op == HDR_OPT_LEN_CB
-            && state.is_some()
+            && state.is_some_and(|s| !sni_state::is_tunnel(s) && s != sni_state::PROXY)
             && !unsafe { CONNS.get(&cookie) }.is_some_and(|c| c.data.budget_bucket != 0)
         {
             // SAFETY: reading this program's own context.

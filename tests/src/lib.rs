@@ -14,6 +14,8 @@
 //!   speaking the OpenAI and Anthropic wire formats, and [`curl`] to call
 //!   them from a workload.
 //! - [`DnsServer`]: dnsmasq on a loopback port, answering fixed names.
+//! - [`proxy::ConnectProxy`], [`proxy::Socks5Proxy`]: forward proxies
+//!   (HTTP CONNECT, SOCKS5) inside a namespace.
 //! - [`fake_kube::FakeKube`]: a Kubernetes API server on 127.0.0.1 (HTTPS,
 //!   bearer token) that lists the pods of a node.
 //! - [`Probe`]: runs the `egress-probe` binary, which moves itself into a
@@ -45,6 +47,7 @@ pub mod podman;
 pub mod probe;
 pub mod prom;
 pub mod prometheus;
+pub mod proxy;
 pub mod scenario;
 pub mod servers;
 

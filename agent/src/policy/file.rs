@@ -64,6 +64,18 @@ pub(super) struct PolicyFile {
     pub providers: Vec<Spanned<ProviderFile>>,
     #[serde(default)]
     pub workloads: Vec<Spanned<WorkloadFile>>,
+    #[serde(default)]
+    pub proxies: Vec<Spanned<ProxyFile>>,
+}
+
+/// One `[[proxies]]` entry: a forward proxy workloads may be allowed to use.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ProxyFile {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub cidrs: Vec<Spanned<String>>,
+    pub ports: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 /// `[defaults]`
@@ -169,6 +181,9 @@ pub(super) struct WorkloadFile {
     pub llm: Option<Spanned<String>>,
     pub other: Option<Spanned<String>>,
     pub raw_sockets: Option<Spanned<String>>,
+    /// `[[proxies]]` names the workload may use.
+    #[serde(default)]
+    pub proxies: Vec<Spanned<String>>,
     /// Not `Spanned`, like `k8s`: `[workloads.limits]` is a header.
     #[serde(default)]
     pub limits: LimitsFile,

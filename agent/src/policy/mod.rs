@@ -124,6 +124,18 @@ pub struct Provider {
     pub ports: Vec<u16>,
 }
 
+/// A `[[proxies]]` entry: a forward proxy (HTTP CONNECT) by address and
+/// ports. Workloads that name it in `proxies` may connect to it; others
+/// are denied its addresses. What goes through it is judged by the host of
+/// each CONNECT request (docs/names.md, "Proxies").
+#[derive(Clone, Debug, PartialEq)]
+pub struct Proxy {
+    pub name: String,
+    pub cidrs: Vec<IpNet>,
+    /// 1 to `MAX_PORTS` ports.
+    pub ports: Vec<u16>,
+}
+
 /// `[kubernetes].enabled`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KubeEnabled {
@@ -207,6 +219,8 @@ pub struct Workload {
     /// `[workloads.limits.providers.NAME]`: per-provider overrides, by
     /// provider index; a field set here replaces the workload-wide one.
     pub provider_limits: BTreeMap<usize, Limits>,
+    /// The proxies (indices into `Policy::proxies`) it may use.
+    pub proxies: Vec<usize>,
 }
 
 /// Limits of one workload × provider pair (docs/limits.md). None: no such
@@ -293,6 +307,8 @@ pub struct Policy {
     pub kubernetes: KubernetesConfig,
     pub providers: Vec<Provider>,
     pub workloads: Vec<Workload>,
+    /// `[[proxies]]`, in file order.
+    pub proxies: Vec<Proxy>,
 }
 
 /// Workload name reserved for processes in no workload (metrics, events).

@@ -27,18 +27,20 @@ use super::{
     Action, AuditLog, Bandwidth, ConnectionRate, Defaults, FailureMode, KubeEnabled,
     KubernetesConfig, Limits, MAX_BYTES_BURST, MAX_BYTES_PER_SECOND, MAX_CONNECTION_BURST,
     MAX_CONNECTIONS_PER_SECOND, MIN_BYTES_BURST, Mode, OnExit, PodSelector, Policy, PolicyError,
-    PolicyErrors, Programs, Provider, ResolverConfig, Selector, Target, TelemetryConfig, Workload,
+    PolicyErrors, Programs, Provider, Proxy, ResolverConfig, Selector, Target, TelemetryConfig,
+    Workload,
     error::line_column,
     file::{
         self, CatalogFile, LimitKeysRef, LimitsFile, PodSelectorFile, PolicyFile, ProviderFile,
-        WorkloadFile, absolute, audit_log, cgroup_glob, cidr, host, metrics_listen, port,
-        provider_name, server, systemd_unit, workload_name,
+        ProxyFile, WorkloadFile, absolute, audit_log, cgroup_glob, cidr, host, metrics_listen,
+        port, provider_name, server, systemd_unit, workload_name,
     },
     kubernetes,
 };
 
 mod limits;
 mod sockets;
+mod proxies;
 
 // The defaults of the keys a policy leaves out (docs/policy.md lists them).
 const DEFAULT_MODE: Mode = Mode::Enforce;
@@ -357,7 +359,10 @@ impl<'a> Checker<'a> {
         let telemetry = self.telemetry(f);
         let kubernetes = self.kubernetes(f);
         let merged = self.providers(&f.providers, catalog);
-        let workloads = self.workloads(&f.workloads, &merged, defaults.other, kubernetes.enabled);
+        let proxies = self.proxies(&f.proxies, &merged);
+        let mut workloads =
+            self.workloads(&f.workloads, &merged, defaults.other, kubernetes.enabled);
+        self.workload_proxies(&f.workloads, &mut workloads, &proxies);
         Policy {
             mode,
             cgroup,
@@ -375,6 +380,7 @@ impl<'a> Checker<'a> {
             kubernetes,
             providers: merged.providers,
             workloads,
+            proxies,
         }
     }
 
@@ -815,6 +821,7 @@ impl<'a> Checker<'a> {
                     raw_sockets,
                     limits,
                     provider_limits,
+                    proxies: vec![],
                 });
             }
         }
@@ -1224,6 +1231,7 @@ llm = "allow"
                 raw_sockets: Action::Deny,
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
+                proxies: vec![],
             }
         );
         assert_eq!(
@@ -1238,6 +1246,7 @@ llm = "allow"
                 raw_sockets: Action::Deny,
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
+                proxies: vec![],
             }
         );
         assert_eq!(
