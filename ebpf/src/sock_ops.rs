@@ -30,10 +30,10 @@
 //! SYN and FIN sequence numbers too: the SYN is subtracted (its count is
 //! taken at the handshake), a FIN adds 1 in its direction (documented).
 //! - `RTO_CB` (8), on for every socket from `TCP_CONNECT_CB`, and
-//!   `HDR_OPT_LEN_CB` (14), from the handshake on for tracked connections,
-//!   sockets to port 443 and to the ports of named proxies (`PROXY_PORTS`,
-//!   one lookup at the handshake of a socket to another port: a CONNECT
-//!   request is judged like a ClientHello) (the SYN carries no ClientHello): a socket
+//!   `HDR_OPT_LEN_CB` (14), from the handshake on (the SYN carries no
+//!   ClientHello) for tracked connections, sockets to port 443 and sockets
+//!   to the ports of named proxies (`PROXY_PORTS`, one lookup at each
+//!   untracked handshake: a CONNECT request is judged like a ClientHello): a socket
 //!   whose ClientHello the SNI program denied (`SNI_STATE` = `DENIED`) gets
 //!   `TCP_USER_TIMEOUT` = 1 ms at the next segment it tries to send, so TCP
 //!   aborts it at its next timer run and the application sees ETIMEDOUT
@@ -108,7 +108,8 @@ fn account(ctx: &SockOpsContext) {
     // Tracked sockets got STATE_CB at their TCP_CONNECT_CB: an established
     // socket without it is not tracked, and needs no lookup.
     if op == ACTIVE_ESTABLISHED_CB && cb_flags & STATE_CB_FLAG == 0 {
-        if to_https(ctx) || to_proxy(ctx) {
+        // The proxy check first: a named proxy may listen on 443 too.
+        if to_proxy(ctx) || to_https(ctx) {
             let _ = ctx.set_cb_flags(flags::established(false));
         }
         return;
