@@ -11,6 +11,7 @@
 #![allow(internal_features)]
 
 mod dns;
+mod dns_query;
 mod exec;
 mod limits;
 mod maps;
