@@ -7,7 +7,8 @@
 //! "deny"`. So a workload reaches an address in `10.77.0.0/16` (local to
 //! the test namespace, where a listener on port 443 accepts everything)
 //! only when the kernel learned it for that workload as `hostile`'s, and
-//! gets EPERM otherwise. The policy trusts the resolver 192.0.2.1 only.
+//! gets EPERM otherwise. The policy trusts the resolver 192.0.2.1 only
+//! (one test: `trusted = "any"`).
 //!
 //! Clients are this test executable run again as a child
 //! (`hostile_client_process`, selected by `LLM_EGRESS_HOSTILE_CLIENT`): it
@@ -338,7 +339,8 @@ fn hostile_client_process() {
 
 // ----------------------------------------------------------------- world
 
-fn policy(cg: &CgroupGuard) -> String {
+/// `trusted`: the TOML value of `[resolver] trusted`.
+fn policy(cg: &CgroupGuard, trusted: &str) -> String {
     let workload = |name: &str| {
         format!(
             r#"
@@ -355,7 +357,7 @@ other = "deny"
 
 [resolver]
 servers = [{}]
-trusted = [{}]
+trusted = {}
 
 [[providers]]
 name = "hostile"
@@ -364,7 +366,7 @@ ports = [443]
 {}{}"#,
         toml_str(&cg.path().display().to_string()),
         toml_str(DEAD_DNS),
-        toml_str(TRUSTED),
+        trusted,
         toml_str(NAME),
         workload("a"),
         workload("b"),
@@ -381,14 +383,19 @@ struct World {
 }
 
 impl World {
+    /// The policy trusts `TRUSTED` only.
     fn new(tag: &str) -> World {
+        World::trusting(tag, &format!("[{}]", toml_str(TRUSTED)))
+    }
+
+    fn trusting(tag: &str, trusted: &str) -> World {
         let cg = CgroupGuard::new(tag);
         cg.child("a");
         cg.child("b");
         let ns = NetnsGuard::new();
         ns.ip(&["route", "add", "local", "10.77.0.0/16", "dev", "lo"]);
         let listener = AnyListener::start(&ns);
-        let agent = Agent::start(&policy(&cg));
+        let agent = Agent::start(&policy(&cg, trusted));
         World {
             agent,
             _listener: listener,
@@ -416,7 +423,7 @@ impl World {
     }
 }
 
-/// A server at the trusted resolver that answers `NAME` with `addr`.
+/// A server at `at`:53 that answers `NAME` with `addr`.
 fn honest(ns: &NetnsGuard, at: &str, addr: Ipv4Addr) -> DnsServer {
     DnsServer::start(ns, at, Box::new(move |id, name| answer(id, name, addr)))
 }
@@ -501,6 +508,31 @@ fn an_answer_from_a_resolver_that_is_not_trusted_is_not_learned() {
         &[("resolver", "untrusted")],
         "the query to the untrusted resolver",
     );
+}
+
+/// `trusted = "any"` (documented as weaker): the answer of any resolver a
+/// socket asked is learned, still only as the answer to its own query.
+#[test]
+fn with_trusted_any_an_answer_from_any_resolver_asked_is_learned() {
+    require_root();
+    let w = World::trusting("hdns-any", "\"any\"");
+    let addr = Ipv4Addr::new(10, 77, 7, 1);
+    let _dns = honest(&w.ns, UNTRUSTED, addr);
+    let mut a = w.client("a");
+    a.query(UNTRUSTED, 61);
+    assert_eq!(a.recv(), (61, UNTRUSTED.to_string()));
+    assert_eq!(
+        a.connect(addr),
+        Ok(()),
+        "trusted = \"any\": the answer of {UNTRUSTED} is learned\n{}",
+        w.agent.context()
+    );
+    // Still no answer without a query.
+    let port = a.port();
+    let forged = Ipv4Addr::new(10, 77, 7, 2);
+    forge(&w.ns, TRUSTED, port, &answer(62, NAME, forged));
+    assert_eq!(a.recv(), (62, TRUSTED.to_string()));
+    assert_eq!(a.connect(forged), Err(EPERM), "an unasked answer");
 }
 
 /// The trusted resolver's answer to the socket's own query is learned
