@@ -38,7 +38,7 @@ use crate::{
     kube,
     limiter::Limiter,
     loader::{self, AttachOutcome, Loader},
-    maps::{KernelMaps, WriteReport},
+    maps::{KernelMaps, MapsError, WriteReport},
     metrics::Metrics,
     plan::{self, Plan},
     policy::{AuditLog, OnExit, Policy, PolicyErrors},
@@ -92,6 +92,8 @@ const DNS_FALLBACK_QUEUE: usize = 1024;
 
 /// Parses an answer the kernel gave up on and writes the addresses it
 /// teaches for the active policy's names (docs/names.md: not race-free).
+/// The kernel sends only answers to queries the receiving socket sent to
+/// a trusted resolver.
 fn learn_unparsed(maps: &mut KernelMaps, seed: u64, msg: &[u8], metrics: &Metrics) {
     let Some(names) = maps.active_names() else {
         return;
@@ -121,6 +123,28 @@ fn learn_unparsed(maps: &mut KernelMaps, seed: u64, msg: &[u8], metrics: &Metric
             metrics.dns_fallback.with_label_values(&["unparsed"]).inc()
         }
     }
+}
+
+/// The host's resolver configuration, read (never written) at start and
+/// on every reload: its `nameserver`s are trusted resolvers.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// Writes the resolvers the kernel learns answers from (docs/names.md):
+/// `[resolver] trusted`, `servers` and the nameservers of /etc/resolv.conf,
+/// or any with `trusted = "any"`.
+fn set_trusted_resolvers(maps: &mut KernelMaps, policy: &Policy) -> Result<(), MapsError> {
+    let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_else(|e| {
+        warn!(path = RESOLV_CONF, error = %e, "cannot read the host's resolvers; only those of the policy are trusted");
+        String::new()
+    });
+    let trusted = policy.resolver.trusted_resolvers(&text);
+    match &trusted {
+        Some(t) => info!(resolvers = ?t, "DNS answers are learned from these resolvers only"),
+        None => warn!(
+            "resolver.trusted = \"any\": DNS answers from any resolver the workloads ask are learned from (docs/names.md)"
+        ),
+    }
+    maps.set_trusted_resolvers(trusted.as_ref())
 }
 
 /// Ticks (seconds) between two counts of the learned destinations.
@@ -395,6 +419,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         );
     }
     maps.set_learned_ttl(state.policy.resolver.learned_ttl)?;
+    set_trusted_resolvers(&mut maps, &state.policy)?;
     // Watching before the first scan: a workload cgroup created at any
     // moment after it is seen (by the scan, or by the watcher).
     let mut cgroup_changes = cgroups::watch(attach.clone());
@@ -707,6 +732,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     );
                     if let Err(e) = maps.set_learned_ttl(state.policy.resolver.learned_ttl) {
                         warn!(error = %e, "could not update the TTL bounds of learned addresses");
+                    }
+                    if let Err(e) = set_trusted_resolvers(&mut maps, &state.policy) {
+                        warn!(error = %e, "could not update the resolvers answers are learned from");
                     }
                     if state.policy.resolver != old_resolver {
                         resolver = Resolver::new(&state.policy.resolver)

@@ -177,6 +177,9 @@ fn with_kernel(
         p.load().unwrap_or_else(|e| panic!("load {prog}: {e}"));
         let mut maps = KernelMaps::take(&mut loader.ebpf).expect("the maps");
         let seed = maps.name_seed().expect("the name seed");
+        // The made-up packets' socket sent no query (hostile_dns.rs tests
+        // that check end to end).
+        maps.learn_unasked();
         let policy = Policy::parse(
             r#"
 [resolver]

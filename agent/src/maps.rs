@@ -10,7 +10,10 @@
 //! A policy that does not fit (a map is full) is not activated: the slot in
 //! force stays, and the error is returned and counted.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use aya::{
     Ebpf,
@@ -22,9 +25,10 @@ use aya::{
 use llm_egress_common::{
     ActionValue, ActiveSlot, DestValue, LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, LEARNED_NAMES, Learned,
     MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6, MAP_LEARNED_V4, MAP_LEARNED_V6,
-    MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS,
-    MAP_VERDICTS, MAP_WORKLOADS, NameConfig, NameKey, PREFIX_KEY_HEADER_BITS, PrefixKeyV4,
-    PrefixKeyV6, ProviderKey, SlotConfig, VerdictKey, WorkloadKey, WorkloadValue, counter,
+    MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RESOLVERS, MAP_RULES_V4, MAP_RULES_V6,
+    MAP_SLOTS, MAP_VERDICTS, MAP_WORKLOADS, NameConfig, NameKey, PREFIX_KEY_HEADER_BITS,
+    PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, VerdictKey, WorkloadKey, WorkloadValue,
+    counter,
 };
 use llm_egress_common::{
     BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH,
@@ -86,6 +90,7 @@ pub struct KernelMaps {
     name_cfg: Array<MapData, NameConfig>,
     learned_v4: HashMap<MapData, [u8; 4], Learned>,
     learned_v6: HashMap<MapData, [u8; 16], Learned>,
+    resolvers: HashMap<MapData, [u8; 16], u32>,
     limits: HashMap<MapData, ProviderKey, LimitValue>,
     bandwidth: HashMap<MapData, u64, BandwidthLimit>,
     budget_spent: HashMap<MapData, u64, u32>,
@@ -139,6 +144,7 @@ impl KernelMaps {
             name_cfg: take!(ebpf, MAP_NAME_CFG),
             learned_v4: take!(ebpf, MAP_LEARNED_V4),
             learned_v6: take!(ebpf, MAP_LEARNED_V6),
+            resolvers: take!(ebpf, MAP_RESOLVERS),
             limits: take!(ebpf, MAP_LIMITS),
             bandwidth: take!(ebpf, MAP_BANDWIDTH),
             budget_spent: take!(ebpf, MAP_BUDGET_SPENT),
@@ -161,6 +167,7 @@ impl KernelMaps {
                 seed: random_seed(),
                 ttl_min_s: LEARN_TTL_MIN_S,
                 ttl_max_s: LEARN_TTL_MAX_S,
+                ..NameConfig::default()
             };
             self.name_cfg
                 .set(0, cfg, 0)
@@ -176,6 +183,42 @@ impl KernelMaps {
         cfg.ttl_min_s = min;
         cfg.ttl_max_s = max;
         self.name_cfg.set(0, cfg, 0).map_err(map_err(MAP_NAME_CFG))
+    }
+
+    /// Sets the resolvers whose answers the kernel learns from: `None`
+    /// for any resolver (`NameConfig::any_resolver`), else exactly the
+    /// addresses given (`RESOLVERS` is made equal to them; IPv4 stored as
+    /// `::ffff:a.b.c.d`). Addresses are added before the old ones are
+    /// removed, so a reload never drops a resolver that both lists name.
+    pub fn set_trusted_resolvers(
+        &mut self,
+        trusted: Option<&BTreeSet<std::net::IpAddr>>,
+    ) -> Result<(), MapsError> {
+        let want: BTreeSet<[u8; 16]> = trusted
+            .map(|t| t.iter().map(|a| resolver_key(*a)).collect())
+            .unwrap_or_default();
+        for k in &want {
+            self.resolvers
+                .insert(k, 1, 0)
+                .map_err(map_err(MAP_RESOLVERS))?;
+        }
+        let old: Vec<[u8; 16]> = self.resolvers.keys().flatten().collect();
+        for k in old.iter().filter(|k| !want.contains(*k)) {
+            let _ = self.resolvers.remove(k);
+        }
+        let mut cfg = self.name_cfg.get(&0, 0).map_err(map_err(MAP_NAME_CFG))?;
+        cfg.any_resolver = u32::from(trusted.is_none());
+        self.name_cfg.set(0, cfg, 0).map_err(map_err(MAP_NAME_CFG))
+    }
+
+    /// Makes the kernel learn from answers without a pending query (the
+    /// test that runs the DNS program on made-up packets, whose socket
+    /// sent nothing: kernel_agrees.rs).
+    #[cfg(test)]
+    pub(crate) fn learn_unasked(&mut self) {
+        let mut cfg = self.name_cfg.get(&0, 0).expect("NAME_CFG");
+        cfg.unasked = 1;
+        self.name_cfg.set(0, cfg, 0).expect("NAME_CFG");
     }
 
     pub fn active(&self) -> Result<ActiveSlot, MapsError> {
@@ -704,6 +747,14 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `RESOLVERS`' key of a resolver address (ebpf/src/dns_query.rs).
+fn resolver_key(a: std::net::IpAddr) -> [u8; 16] {
+    match a {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(a) => a.octets(),
+    }
 }
 
 /// The kernel's merge of a learned name (ebpf/src/dns.rs `merge`).

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub dns_learned: IntCounter,
     pub dns_learn_failures: IntCounter,
     pub dns_off_chain: IntCounter,
+    pub dns_queries: IntCounterVec,
+    pub dns_unasked: IntCounter,
     pub dns_tcp: IntCounterVec,
     pub dns_fallback: IntCounterVec,
     pub learned_destinations: IntGaugeVec,
@@ -312,6 +314,17 @@ impl Metrics {
                 "llm_egress_dns_off_chain_records_total",
                 "Address records of provider answers whose owner is not in the question's CNAME chain (ignored).",
             )?,
+            dns_queries: counter_vec(
+                &r,
+                "llm_egress_dns_queries_total",
+                "DNS queries (to port 53) sent by sockets below the attach cgroup: `trusted` (to a trusted resolver: remembered, its answer may be learned from) or `untrusted` (to another resolver: its answer is not learned from).",
+                &["resolver"],
+            )?,
+            dns_unasked: counter(
+                &r,
+                "llm_egress_dns_unasked_answers_total",
+                "DNS answers that answer no pending query of the receiving socket (no query with that id to that resolver in the last 10 s: forged, late, or from another address): not learned from.",
+            )?,
             dns_tcp: counter_vec(
                 &r,
                 "llm_egress_dns_tcp_answers_total",
@@ -451,6 +464,13 @@ impl Metrics {
         self.dns_learn_failures
             .inc_by(delta(counter::DNS_LEARN_FAILED));
         self.dns_off_chain.inc_by(delta(counter::DNS_OFF_CHAIN));
+        self.dns_queries
+            .with_label_values(&["trusted"])
+            .inc_by(delta(counter::DNS_QUERIES));
+        self.dns_queries
+            .with_label_values(&["untrusted"])
+            .inc_by(delta(counter::DNS_UNTRUSTED));
+        self.dns_unasked.inc_by(delta(counter::DNS_UNASKED));
         let (tcp, split) = (
             delta(counter::DNS_TCP_RESPONSES),
             delta(counter::DNS_TCP_SPLIT),
@@ -569,6 +589,9 @@ mod tests {
         k[counter::DNS_UNPARSED as usize] = 1;
         k[counter::DNS_LEARNED as usize] = 9;
         k[counter::DNS_OFF_CHAIN as usize] = 2;
+        k[counter::DNS_QUERIES as usize] = 5;
+        k[counter::DNS_UNTRUSTED as usize] = 4;
+        k[counter::DNS_UNASKED as usize] = 3;
         k[counter::SNI_DENY as usize] = 3;
         k[counter::SNI_SPLIT as usize] = 1;
         k[counter::CONNECT_DENY as usize] = 4;
@@ -579,6 +602,9 @@ mod tests {
         assert_eq!(m.dns_answers.with_label_values(&["unparsed"]).get(), 1);
         assert_eq!(m.dns_learned.get(), 9);
         assert_eq!(m.dns_off_chain.get(), 2);
+        assert_eq!(m.dns_queries.with_label_values(&["trusted"]).get(), 5);
+        assert_eq!(m.dns_queries.with_label_values(&["untrusted"]).get(), 4);
+        assert_eq!(m.dns_unasked.get(), 3);
         assert_eq!(m.sni.with_label_values(&["deny"]).get(), 3);
         assert_eq!(m.sni.with_label_values(&["split"]).get(), 1);
         assert_eq!(m.proxy_connect.with_label_values(&["deny"]).get(), 4);

@@ -275,6 +275,7 @@ mod tests {
                 servers: vec![],
                 refresh: Duration::from_secs(30),
                 learned_ttl: (60, 3600),
+                trusted: Some(vec![]),
             },
             telemetry: TelemetryConfig {
                 process_series_per_workload: 20,

@@ -62,6 +62,13 @@ pub const MAP_NAME_CFG: &str = "NAME_CFG";
 pub const MAP_LEARNED_V4: &str = "LEARNED_V4";
 /// `LruHashMap<[u8; 16], Learned>`: as `LEARNED_V4`, for IPv6.
 pub const MAP_LEARNED_V6: &str = "LEARNED_V6";
+/// `LruHashMap<DnsQueryKey, DnsQuery>`: DNS queries the workloads' sockets
+/// sent to a trusted resolver and that no answer has consumed yet
+/// (ebpf/src/dns_query.rs). LRU: a flood of queries evicts the oldest.
+pub const MAP_DNS_QUERIES: &str = "DNS_QUERIES";
+/// `HashMap<[u8; 16], u32>`: the resolvers answers are learned from
+/// (IPv4 as `::ffff:a.b.c.d`), unless `NameConfig::any_resolver` is set.
+pub const MAP_RESOLVERS: &str = "RESOLVERS";
 /// `PerCpuArray`, one entry: scratch space of the DNS program (the copied
 /// answer and the label hashes of a name).
 pub const MAP_DNS_SCRATCH: &str = "DNS_SCRATCH";
@@ -101,7 +108,7 @@ pub const MAP_PROXY_PORTS: &str = "PROXY_PORTS";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 35] = [
+pub const ALL_MAPS: [&str; 37] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -123,6 +130,8 @@ pub const ALL_MAPS: [&str; 35] = [
     MAP_LEARNED_V4,
     MAP_LEARNED_V6,
     MAP_DNS_SCRATCH,
+    MAP_DNS_QUERIES,
+    MAP_RESOLVERS,
     MAP_VERDICTS,
     MAP_SNI_STATE,
     MAP_SNI_SCRATCH,
@@ -228,6 +237,13 @@ pub const NO_PROVIDER: u32 = 0;
 pub const PREFIX_KEY_HEADER_BITS: u32 = 64;
 pub const NAMES_MAX: u32 = 65_536;
 pub const LEARNED_MAX: u32 = 65_536;
+/// Pending DNS queries remembered (LRU, all workloads together).
+pub const DNS_QUERIES_MAX: u32 = 16_384;
+/// How long a pending query waits for its answer (resolvers' retries and
+/// timeouts are a few seconds; a later answer is not learned).
+pub const DNS_QUERY_TTL_NS: u64 = 10_000_000_000;
+/// Trusted resolver addresses (`RESOLVERS`).
+pub const RESOLVERS_MAX: u32 = 256;
 /// Names one learned address remembers (a CDN address serves several).
 pub const LEARNED_NAMES: usize = 4;
 /// Bytes of a DNS message the kernel copies and parses; a longer answer is
@@ -368,7 +384,11 @@ pub mod counter {
     pub const SOCKETS_DENIED: u32 = 29;
     /// Raw and ping sockets allowed but reported as would-be denies.
     pub const SOCKETS_AUDITED: u32 = 30;
-    // 31: free.
+    /// DNS answers (UDP or TCP from port 53) that answer no query the
+    /// receiving socket sent to that address with that id in the last
+    /// `DNS_QUERY_TTL_NS` (forged, late, or from another resolver): not
+    /// learned from, not sent to the agent.
+    pub const DNS_UNASKED: u32 = 31;
     /// HTTP `CONNECT host:port` requests (ebpf/src/connect_line.rs) whose
     /// host is a provider's on one of its ports, judged allow / deny /
     /// audit like a TLS server name.
@@ -394,6 +414,11 @@ pub mod counter {
     /// The first payload of a connection to a named proxy that is a plain
     /// `http://` request (absolute-form, not CONNECT): passed, unjudged.
     pub const PROXY_PLAIN_HTTP: u32 = 40;
+    /// DNS queries (to port 53) sent to a resolver that is not trusted
+    /// (`RESOLVERS`): not remembered, so their answers are not learned.
+    pub const DNS_UNTRUSTED: u32 = 41;
+    /// DNS queries to trusted resolvers remembered in `DNS_QUERIES`.
+    pub const DNS_QUERIES: u32 = 42;
     pub const LEN: u32 = 48;
 }
 
@@ -534,6 +559,36 @@ pub struct NameConfig {
     /// Bounds of a learned address's lifetime, seconds.
     pub ttl_min_s: u32,
     pub ttl_max_s: u32,
+    /// 1: queries to any resolver are remembered (`trusted_resolvers =
+    /// "any"`); 0: only to those in `RESOLVERS`.
+    pub any_resolver: u32,
+    /// 1: answers are learned from without a pending query (the behaviour
+    /// before `DNS_QUERIES`). Only the agent's own test of the DNS program
+    /// (kernel_agrees.rs, `BPF_PROG_TEST_RUN` on a made-up packet whose
+    /// socket sent nothing) sets it; no policy key does.
+    pub unasked: u32,
+}
+
+/// Key of `DNS_QUERIES`: the socket that sent the query and the query's id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsQueryKey {
+    /// `bpf_get_socket_cookie` of the sending (and receiving) socket.
+    pub cookie: u64,
+    /// The DNS message id, as on the wire (network order).
+    pub id: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `DNS_QUERIES`: whom the query went to. The port is 53: only
+/// queries to and answers from port 53 are looked at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsQuery {
+    /// The resolver's address (IPv4 as `::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+    /// `bpf_ktime_get_ns()` after which the query is no longer answered.
+    pub expires_ns: u64,
 }
 
 #[repr(C)]
@@ -577,7 +632,8 @@ const _: () = {
     assert!(size_of::<DestValue>() == 24);
     assert!(size_of::<ProviderKey>() == 12);
     assert!(size_of::<NameKey>() == 16 && align_of::<NameKey>() == 8);
-    assert!(size_of::<NameConfig>() == 16);
+    assert!(size_of::<NameConfig>() == 24);
+    assert!(size_of::<DnsQueryKey>() == 16 && size_of::<DnsQuery>() == 24);
     assert!(size_of::<LearnedName>() == 16);
     assert!(size_of::<Learned>() == 64);
 };
@@ -602,4 +658,6 @@ mod pod {
     unsafe impl aya::Pod for NameConfig {}
     unsafe impl aya::Pod for LearnedName {}
     unsafe impl aya::Pod for Learned {}
+    unsafe impl aya::Pod for DnsQueryKey {}
+    unsafe impl aya::Pod for DnsQuery {}
 }

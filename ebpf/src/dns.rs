@@ -181,6 +181,12 @@ fn try_dns(ctx: &SkBuffContext, tracked: &mut crate::limits::Tracked) -> Result<
     if msg_len < 12 {
         return Err(Stop::Ignore);
     }
+    // 2. Only an answer to a query this socket sent to this address
+    // (dns_query.rs): nothing else is read, learned or sent to the agent.
+    if !crate::dns_query::answered(ctx, off) {
+        count(counter::DNS_UNASKED);
+        return Err(Stop::Ignore);
+    }
     let r = parse(ctx, off, msg_len);
     if let Err(Stop::Unparsed(why)) = r {
         count(counter::DNS_UNPARSED);

@@ -12,6 +12,7 @@
 
 mod connect_line;
 mod dns;
+mod dns_query;
 mod exec;
 mod limits;
 mod maps;

@@ -14,11 +14,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use llm_egress_common::{
-    ActionValue, ActiveSlot, CONNS_MAX, ConnEvent, DESTS_MAX, DestValue, EVENTS_BYTES,
-    EVENTS_WAKE_BYTES, EVENTS_WAKE_NS, EXECS_MAX, ExecInfo, LEARNED_MAX, Learned, NAMES_MAX,
-    NameConfig, NameKey, PROVIDER_ACTIONS_MAX, PrefixKeyV4, PrefixKeyV6, ProviderKey, RULES_MAX,
-    SLOT_COUNT, SlotConfig, VERDICTS_MAX, VerdictKey, WORKLOADS_MAX, WorkloadKey, WorkloadValue,
-    counter,
+    ActionValue, ActiveSlot, CONNS_MAX, ConnEvent, DESTS_MAX, DNS_QUERIES_MAX, DestValue, DnsQuery,
+    DnsQueryKey, EVENTS_BYTES, EVENTS_WAKE_BYTES, EVENTS_WAKE_NS, EXECS_MAX, ExecInfo, LEARNED_MAX,
+    Learned, NAMES_MAX, NameConfig, NameKey, PROVIDER_ACTIONS_MAX, PrefixKeyV4, PrefixKeyV6,
+    ProviderKey, RESOLVERS_MAX, RULES_MAX, SLOT_COUNT, SlotConfig, VERDICTS_MAX, VerdictKey,
+    WORKLOADS_MAX, WorkloadKey, WorkloadValue, counter,
 };
 use llm_egress_common::{
     BANDWIDTH_MAX, BUCKETS_MAX, BandwidthLimit, Bucket, BucketKey, LIMIT_HITS_MAX, LIMITS_MAX,
@@ -84,6 +84,12 @@ pub static LEARNED_V4: LruHashMap<[u8; 4], Learned> = LruHashMap::pinned(LEARNED
 
 #[map]
 pub static LEARNED_V6: LruHashMap<[u8; 16], Learned> = LruHashMap::pinned(LEARNED_MAX, 0);
+
+#[map]
+pub static DNS_QUERIES: LruHashMap<DnsQueryKey, DnsQuery> = LruHashMap::pinned(DNS_QUERIES_MAX, 0);
+
+#[map]
+pub static RESOLVERS: HashMap<[u8; 16], u32> = HashMap::pinned(RESOLVERS_MAX, 0);
 
 #[map]
 pub static DNS_SCRATCH: PerCpuArray<crate::dns::DnsScratch> = PerCpuArray::with_max_entries(1, 0);

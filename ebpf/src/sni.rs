@@ -170,6 +170,8 @@ struct NameCtx {
 
 #[cgroup_skb(egress)]
 pub fn names_sni_egress(ctx: SkBuffContext) -> i32 {
+    // DNS queries the ingress program may learn the answers of.
+    crate::dns_query::sent(&ctx);
     let mut tracked = crate::limits::Tracked::unknown();
     match try_sni(&ctx, &mut tracked) {
         PASS => crate::limits::police(&ctx, true, &tracked),

@@ -567,6 +567,9 @@ fn policy(cg: &CgroupGuard, allowed_may_reach_bp: bool) -> String {
 
 [resolver]
 servers = [{}]
+# The test namespace's DNS servers (docs/names.md: answers are learned only
+# from trusted resolvers).
+trusted = ["192.0.2.1", "198.51.100.1"]
 
 [defaults]
 llm = "deny"
@@ -853,9 +856,9 @@ fn bypass_wildcard_provider_name() {
     w.check_unlearned("10.77.0.9:443");
 }
 
-/// (h) A second DNS server on another address of the namespace answers
-/// the provider name: learning is on the answer's way into the socket,
-/// whatever server sent it.
+/// (h) A second DNS server on another address of the namespace, which
+/// the policy trusts too, answers the provider name: learning is on the
+/// answer's way into the socket, whichever trusted server sent it.
 #[test]
 fn bypass_second_resolver_in_the_namespace() {
     require_root();
@@ -971,6 +974,9 @@ fn bypass_denied_name_on_an_allowed_names_address() {
 
 [resolver]
 servers = [{}]
+# The test namespace's DNS servers (docs/names.md: answers are learned only
+# from trusted resolvers).
+trusted = ["192.0.2.1", "198.51.100.1"]
 
 [[providers]]
 name = "good"

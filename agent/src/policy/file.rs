@@ -96,6 +96,8 @@ pub(super) struct ResolverFile {
     pub refresh_seconds: Option<Spanned<i64>>,
     pub min_ttl_seconds: Option<Spanned<i64>>,
     pub max_ttl_seconds: Option<Spanned<i64>>,
+    /// `"any"` or a list of IP addresses (checked in validate.rs).
+    pub trusted: Option<Spanned<toml::Value>>,
 }
 
 /// `[telemetry]`
@@ -327,6 +329,26 @@ pub(super) fn audit_log(s: &str) -> Result<AuditLog, String> {
         "off" => Ok(AuditLog::Off),
         _ if Path::new(s).is_absolute() => Ok(AuditLog::File(PathBuf::from(s))),
         _ => Err("expected \"-\" (stdout), \"off\" or an absolute path".to_owned()),
+    }
+}
+
+/// `[resolver] trusted`: `"any"` (None) or a list of IP addresses.
+pub(super) fn trusted(v: &toml::Value) -> Result<Option<Vec<IpAddr>>, String> {
+    const WANT: &str =
+        "expected \"any\" or a list of IP addresses (like [\"10.0.0.53\", \"2001:db8::53\"])";
+    match v {
+        toml::Value::String(s) if s == "any" => Ok(None),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                toml::Value::String(s) => s
+                    .parse::<IpAddr>()
+                    .map_err(|_| format!("{s:?} is not an IP address; {WANT}")),
+                _ => Err(WANT.to_owned()),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        _ => Err(WANT.to_owned()),
     }
 }
 

@@ -100,6 +100,39 @@ pub struct ResolverConfig {
     /// Bounds on how long an address learned from a DNS answer stays a
     /// provider's: the record's TTL, clamped to [min, max] seconds.
     pub learned_ttl: (u32, u32),
+    /// `trusted`: resolvers whose answers the kernel learns from, besides
+    /// those of /etc/resolv.conf and `servers`; None: any resolver
+    /// (`trusted = "any"`, weaker: docs/names.md).
+    pub trusted: Option<Vec<std::net::IpAddr>>,
+}
+
+impl ResolverConfig {
+    /// The resolvers answers are learned from: `trusted`, the addresses
+    /// of `servers`, and the `nameserver`s of `resolv_conf` (the text of
+    /// /etc/resolv.conf, read by the caller); None: any.
+    pub fn trusted_resolvers(
+        &self,
+        resolv_conf: &str,
+    ) -> Option<std::collections::BTreeSet<std::net::IpAddr>> {
+        let listed = self.trusted.as_ref()?;
+        let mut all: std::collections::BTreeSet<std::net::IpAddr> =
+            listed.iter().copied().collect();
+        all.extend(self.servers.iter().map(|s| s.ip()));
+        all.extend(nameservers(resolv_conf));
+        Some(all)
+    }
+}
+
+/// The addresses of the `nameserver` lines of a resolv.conf text (a
+/// scope suffix `%eth0` dropped; anything unreadable skipped).
+pub fn nameservers(text: &str) -> Vec<std::net::IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then(|| w.next()).flatten()
+        })
+        .filter_map(|a| a.split('%').next()?.parse().ok())
+        .collect()
 }
 
 /// `[telemetry]`: bounds on per-process series.

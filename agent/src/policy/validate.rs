@@ -33,7 +33,7 @@ use super::{
     file::{
         self, CatalogFile, LimitKeysRef, LimitsFile, PodSelectorFile, PolicyFile, ProviderFile,
         ProxyFile, WorkloadFile, absolute, audit_log, cgroup_glob, cidr, host, metrics_listen,
-        port, provider_name, server, systemd_unit, workload_name,
+        port, provider_name, server, systemd_unit, trusted, workload_name,
     },
     kubernetes,
 };
@@ -540,10 +540,17 @@ impl<'a> Checker<'a> {
                 );
             }
         }
+        let trusted = match &r.trusted {
+            None => Some(Vec::new()),
+            Some(v) => self
+                .check(v, "resolver.trusted", trusted)
+                .unwrap_or(Some(Vec::new())),
+        };
         ResolverConfig {
             servers,
             refresh,
             learned_ttl: (min, max.max(min)),
+            trusted,
         }
     }
 
@@ -1106,6 +1113,7 @@ mod tests {
                 servers: vec![],
                 refresh: Duration::from_secs(30),
                 learned_ttl: (60, 3600),
+                trusted: Some(vec![]),
             }
         );
         assert_eq!(
@@ -1186,6 +1194,7 @@ llm = "allow"
                 servers,
                 refresh: Duration::from_secs(120),
                 learned_ttl: (60, 3600),
+                trusted: Some(vec![]),
             }
         );
 
@@ -1599,6 +1608,42 @@ llm = "allow"
             2,
             30,
             "must be 10 to 86400",
+        );
+    }
+
+    #[test]
+    fn trusted_resolvers() {
+        use std::net::IpAddr;
+        let conf =
+            "# comment\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nsearch x\nnameserver bad\n";
+        // Default: resolv.conf's and the agent's own servers, nothing else.
+        let p = ok("[resolver]\nservers = [\"10.9.9.9:5353\"]\n");
+        let t = p.resolver.trusted_resolvers(conf).expect("a list");
+        let want: Vec<IpAddr> = ["10.0.0.2", "10.9.9.9", "fe80::1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(t.into_iter().collect::<Vec<_>>(), want);
+        let p = ok("[resolver]\ntrusted = [\"192.0.2.1\", \"2001:db8::53\"]\n");
+        let t = p.resolver.trusted_resolvers("").expect("a list");
+        assert_eq!(t.len(), 2);
+        assert!(t.contains(&"2001:db8::53".parse::<IpAddr>().unwrap()));
+        // "any": no check.
+        let p = ok("[resolver]\ntrusted = \"any\"\n");
+        assert_eq!(p.resolver.trusted_resolvers(conf), None);
+        one_error(
+            "[resolver]\ntrusted = [\"192.0.2.1\", \"dns.example\"]\n",
+            "resolver.trusted",
+            2,
+            11,
+            "\"dns.example\" is not an IP address",
+        );
+        one_error(
+            "[resolver]\ntrusted = \"all\"\n",
+            "resolver.trusted",
+            2,
+            11,
+            "expected \"any\" or a list of IP addresses",
         );
     }
 
