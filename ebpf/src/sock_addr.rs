@@ -26,15 +26,17 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_socket_cookie,
+        },
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use llm_egress_common::{
-    ConnectDecision, ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_WORKLOAD,
+    ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_WORKLOAD,
     PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, VerdictKey, action, counter, failure_mode,
     family, hook, kind, limit_flag, limit_kind, mode, proto, reason, verdict,
 };
@@ -105,7 +107,11 @@ pub(crate) fn fill_header(h: &mut EventHeader, event_kind: u32) {
     h.tgid = (pid_tgid >> 32) as u32;
     h.uid = uid_gid as u32;
     h.gid = (uid_gid >> 32) as u32;
-    h.comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    // SAFETY: the helper writes at most 16 bytes into `comm` (zeros on
+    // failure). Not aya's `bpf_get_current_comm()`: its zeroed buffer and
+    // `unwrap_or([0; 16])` are byte-by-byte `memset` loops, which 6.1's
+    // verifier walks again on each of the ~200 paths that reach an event.
+    unsafe { bpf_get_current_comm(h.comm.as_mut_ptr() as *mut _, h.comm.len() as u32) };
 }
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -303,13 +309,7 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
         verdict::AUDIT => counter::VERDICT_AUDIT,
         _ => counter::VERDICT_DENY,
     });
-    count_verdict(&VerdictKey {
-        generation: decision.generation,
-        workload_id: decision.workload_id,
-        provider_id: decision.provider_id,
-        verdict: v,
-        _pad: [0; 7],
-    });
+    count_verdict(&verdict_key(&decision, v));
     let mut tracked = false;
     if v != verdict::DENY
         && decision.track
@@ -334,6 +334,22 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
         report(ctx, dest, hook, v, &decision, tracked);
     }
     if v == verdict::DENY { DENY } else { ALLOW }
+}
+
+/// The `VERDICTS` key of a decision, built as whole words: the struct
+/// literal's `_pad: [0; 7]` is a byte-by-byte `memset` loop the verifier
+/// walks on every path here.
+#[inline(always)]
+fn verdict_key(d: &Decision, v: u8) -> VerdictKey {
+    let words: [u64; 3] = [
+        d.generation,
+        u64::from(d.workload_id) | u64::from(d.provider_id) << 32,
+        u64::from(v),
+    ];
+    // SAFETY: `VerdictKey` is repr(C), 24 bytes, align 8: the generation,
+    // the two ids (little endian, the BPF target's order: the low half
+    // first), the verdict and a zero pad; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u64; 3], VerdictKey>(words) }
 }
 
 /// Err carries the failure mode to apply.
@@ -463,25 +479,28 @@ fn report(ctx: &SockAddrContext, dest: &Dest, hook: u8, v: u8, d: &Decision, tra
         count(counter::EVENTS_LOST);
         return;
     };
-    let mut header = EventHeader::default();
-    fill_header(&mut header, kind::CONNECT_DECISION);
-    let event = ConnectEvent {
-        header,
-        data: ConnectDecision {
-            generation: d.generation,
-            cookie,
-            workload_id: d.workload_id,
-            provider_id: d.provider_id,
-            addr: dest.addr,
-            port: dest.port,
-            verdict: v,
-            reason: d.reason,
-            proto: dest.proto,
-            family: dest.family,
-            hook,
-            tracked: u8::from(tracked),
-        },
-    };
-    entry.write(event);
+    // Written in place, field by field: a stack copy of the event would
+    // start from a zeroed buffer (`memset` loops the verifier walks on
+    // every path here) and be copied over.
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` is this run's reserved, exclusively owned ring buffer
+    // record of a `ConnectEvent`; every field is written (neither struct
+    // has padding) before it is submitted.
+    unsafe {
+        fill_header(&mut (*p).header, kind::CONNECT_DECISION);
+        let e = &mut (*p).data;
+        e.generation = d.generation;
+        e.cookie = cookie;
+        e.workload_id = d.workload_id;
+        e.provider_id = d.provider_id;
+        e.addr = dest.addr;
+        e.port = dest.port;
+        e.verdict = v;
+        e.reason = d.reason;
+        e.proto = dest.proto;
+        e.family = dest.family;
+        e.hook = hook;
+        e.tracked = u8::from(tracked);
+    }
     entry.submit(crate::maps::wake_flags());
 }
