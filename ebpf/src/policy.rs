@@ -6,7 +6,7 @@
 //! workload get `defaults.llm`.
 
 use llm_egress_common::{
-    MAX_CGROUP_DEPTH, ProviderKey, SLOT_COUNT, SlotConfig, WorkloadKey, WorkloadValue, counter,
+    MAX_CGROUP_DEPTH, NO_SCOPE, NO_WORKLOAD, ProviderKey, SLOT_COUNT, SlotConfig, WorkloadKey, WorkloadValue, counter,
     failure_mode, reason,
 };
 
@@ -34,6 +34,25 @@ pub fn active() -> Result<(u32, SlotConfig), u8> {
 /// deeper than `MAX_CGROUP_DEPTH` are counted in `DEPTH_TRUNCATED`.
 #[inline(always)]
 pub fn workload_of(slot: u32, own: u64, ancestor: impl Fn(i32) -> u64) -> Option<WorkloadValue> {
+    let mut scope = NO_SCOPE;
+    let w = workload_in(slot, own, ancestor, &mut scope);
+    (w.workload_id != NO_WORKLOAD).then_some(w)
+}
+
+/// As `workload_of`, with `workload_id` `NO_WORKLOAD` for none, and sets
+/// `scope` to the cgroup id of the `WORKLOADS` entry found (left as is
+/// when none is): the learning scope of DNS answers (`LearnedKeyV4`),
+/// which, unlike the workload id, stays the same across reloads. A plain
+/// value and an out-parameter, not an `Option` of a pair: where an
+/// `Option`'s undefined payload (None) met a defined one, LLVM stored a
+/// register never written, which the verifier refuses.
+#[inline(always)]
+pub fn workload_in(
+    slot: u32,
+    own: u64,
+    ancestor: impl Fn(i32) -> u64,
+    scope: &mut u64,
+) -> WorkloadValue {
     let key = WorkloadKey {
         slot,
         _pad: 0,
@@ -41,9 +60,10 @@ pub fn workload_of(slot: u32, own: u64, ancestor: impl Fn(i32) -> u64) -> Option
     };
     // SAFETY: as below.
     if let Some(w) = unsafe { WORKLOADS.get(&key) } {
-        return Some(*w);
+        *scope = own;
+        return *w;
     }
-    let mut workload = None;
+    let mut workload = WorkloadValue::default();
     let mut level: u32 = 0;
     while level <= MAX_CGROUP_DEPTH {
         let id = ancestor(level as i32);
@@ -58,7 +78,8 @@ pub fn workload_of(slot: u32, own: u64, ancestor: impl Fn(i32) -> u64) -> Option
         // SAFETY: the value is copied out at once; entries are only replaced
         // whole by the agent.
         if let Some(w) = unsafe { WORKLOADS.get(&key) } {
-            workload = Some(*w);
+            workload = *w;
+            *scope = id;
         }
         level += 1;
     }

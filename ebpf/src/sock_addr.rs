@@ -36,7 +36,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use llm_egress_common::{
-    ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_WORKLOAD,
+    ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_SCOPE, NO_WORKLOAD,
     PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, VerdictKey, action, counter, failure_mode,
     family, hook, kind, limit_flag, limit_kind, mode, proto, reason, verdict,
 };
@@ -361,10 +361,17 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
     // the active slot names.
     // SAFETY: helper calls without pointer arguments.
     let own = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
-    // SAFETY: as above.
-    let workload = crate::policy::workload_of(slot, own, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    });
+    // The workload's learning scope too: addresses learned from DNS count
+    // only where the workload's own sockets received them (dns.rs).
+    let mut scope = NO_SCOPE;
+    let w = crate::policy::workload_in(
+        slot,
+        own,
+        // SAFETY: as above.
+        |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
+        &mut scope,
+    );
+    let workload = (w.workload_id != NO_WORKLOAD).then_some(w);
 
     let mut d = Decision {
         action: cfg.default_other,
@@ -380,19 +387,21 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
         Some(w) => w.other,
         None => cfg.default_other,
     };
+    // Which provider it is, if it is one (reported with a CIDR rule's
+    // verdict too). Looked up once, before the rules: two inlined copies
+    // of the lookup cost the verifier twice the work.
+    let provider = provider_of(slot, scope, dest);
     if let Some(w) = workload {
         d.workload_id = w.workload_id;
         // 2. The workload's own CIDR rules.
         if let Some(a) = rule_action(slot, w.workload_id, dest) {
             d.action = a;
             d.reason = reason::WORKLOAD_CIDR;
-            // Still report which provider it was, if it is one.
-            d.provider_id = provider_of(slot, dest);
+            d.provider_id = provider;
             return Ok(d);
         }
     }
     // 3. Provider destinations.
-    let provider = provider_of(slot, dest);
     if provider != NO_PROVIDER {
         d.provider_id = provider;
         (d.action, d.reason) = crate::policy::provider_action(slot, &cfg, workload, provider);
@@ -432,7 +441,7 @@ fn rule_action(slot: u32, workload_id: u32, dest: &Dest) -> Option<u8> {
 }
 
 #[inline(always)]
-fn provider_of(slot: u32, dest: &Dest) -> u32 {
+fn provider_of(slot: u32, scope: u64, dest: &Dest) -> u32 {
     let found = if dest.family == family::INET {
         let data = PrefixKeyV4 {
             slot,
@@ -449,10 +458,12 @@ fn provider_of(slot: u32, dest: &Dest) -> u32 {
         DESTS_V6.get(Key::new(PREFIX_KEY_HEADER_BITS + 128, data))
     };
     // Not a catalog or resolved destination: an address learned from a DNS
-    // answer for a provider name (ebpf/src/dns.rs).
+    // answer for a provider name (ebpf/src/dns.rs) by a socket of this
+    // workload (`scope`).
     let Some(d) = found else {
         return crate::dns::learned_provider(
             slot,
+            scope,
             dest.family == family::INET,
             &dest.addr,
             dest.port,
