@@ -23,12 +23,12 @@ use aya::{
     },
 };
 use llm_egress_common::{
-    ActionValue, ActiveSlot, DestValue, LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, LEARNED_NAMES, Learned, LearnedKeyV4, LearnedKeyV6,
-    MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6, MAP_LEARNED_V4, MAP_LEARNED_V6,
-    MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RESOLVERS, MAP_RULES_V4, MAP_RULES_V6,
-    MAP_SLOTS, MAP_VERDICTS, MAP_WORKLOADS, NameConfig, NameKey, PREFIX_KEY_HEADER_BITS,
-    PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, VerdictKey, WorkloadKey, WorkloadValue,
-    counter,
+    ActionValue, ActiveSlot, DestValue, LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, LEARNED_NAMES, Learned,
+    LearnedKeyV4, LearnedKeyV6, MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6,
+    MAP_LEARNED_V4, MAP_LEARNED_V6, MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RESOLVERS,
+    MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS, MAP_VERDICTS, MAP_WORKLOADS, NameConfig, NameKey,
+    PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, VerdictKey,
+    WorkloadKey, WorkloadValue, counter,
 };
 use llm_egress_common::{
     BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH,

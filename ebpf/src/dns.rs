@@ -50,16 +50,15 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{
-            bpf_loop, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
-        },
+        generated::{bpf_loop, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes},
     },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use llm_egress_common::{
     DNS_BUF, DNS_EVENT_BYTES, DNS_MAX_ANSWERS, DNS_MAX_HOPS, DNS_MAX_LABELS, DnsEvent, EventHeader,
-    LEARNED_NAMES, Learned, LearnedKeyV4, LearnedKeyV6, NO_SCOPE, NameKey, SLOT_COUNT, counter, dns_unparsed, kind,
+    LEARNED_NAMES, Learned, LearnedKeyV4, LearnedKeyV6, NO_SCOPE, NameKey, SLOT_COUNT, counter,
+    dns_unparsed, kind,
     names::{LABEL_INIT, label_step},
 };
 
@@ -820,10 +819,7 @@ pub fn learned_provider(slot: u32, scope: u64, v4: bool, addr: &[u8; 16], port: 
         // SAFETY: value copied out at once.
         unsafe { LEARNED_V4.get(&key) }.copied()
     } else {
-        let key = LearnedKeyV6 {
-            scope,
-            addr: *addr,
-        };
+        let key = LearnedKeyV6 { scope, addr: *addr };
         // SAFETY: as above.
         unsafe { LEARNED_V6.get(&key) }.copied()
     };

@@ -16,9 +16,9 @@ use aya_ebpf::{
 use llm_egress_common::{
     ActionValue, ActiveSlot, CONNS_MAX, ConnEvent, DESTS_MAX, DNS_QUERIES_MAX, DestValue, DnsQuery,
     DnsQueryKey, EVENTS_BYTES, EVENTS_WAKE_BYTES, EVENTS_WAKE_NS, EXECS_MAX, ExecInfo, LEARNED_MAX,
-    Learned, LearnedKeyV4, LearnedKeyV6, NAMES_MAX, NameConfig, NameKey, PROVIDER_ACTIONS_MAX, PrefixKeyV4, PrefixKeyV6,
-    ProviderKey, RESOLVERS_MAX, RULES_MAX, SLOT_COUNT, SlotConfig, VERDICTS_MAX, VerdictKey,
-    WORKLOADS_MAX, WorkloadKey, WorkloadValue, counter,
+    Learned, LearnedKeyV4, LearnedKeyV6, NAMES_MAX, NameConfig, NameKey, PROVIDER_ACTIONS_MAX,
+    PrefixKeyV4, PrefixKeyV6, ProviderKey, RESOLVERS_MAX, RULES_MAX, SLOT_COUNT, SlotConfig,
+    VERDICTS_MAX, VerdictKey, WORKLOADS_MAX, WorkloadKey, WorkloadValue, counter,
 };
 use llm_egress_common::{
     BANDWIDTH_MAX, BUCKETS_MAX, BandwidthLimit, Bucket, BucketKey, LIMIT_HITS_MAX, LIMITS_MAX,

@@ -13,8 +13,10 @@
 //! 1. the workload: the deepest ancestor cgroup of the task found in
 //!    `WORKLOADS` for the active slot (none: the policy's defaults);
 //! 2. the workload's CIDR rules (`RULES_*`, longest prefix);
-//! 3. provider destinations (`DESTS_*`, with ports): the workload's word on
-//!    that provider (`PROVIDER_ACT`) or its `llm` action;
+//! 3. provider destinations (`DESTS_*`, with ports, else an address learned
+//!    from a DNS answer to a socket of the same workload: `LEARNED_*` under
+//!    the task's scope, dns.rs): the workload's word on that provider
+//!    (`PROVIDER_ACT`) or its `llm` action;
 //! 4. otherwise the workload's `other` action.
 //! 5. an allowed provider connection of a workload then meets the pair's
 //!    limits (`LIMITS`, ebpf/src/limits.rs): a spent token budget refuses

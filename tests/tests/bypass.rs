@@ -774,7 +774,11 @@ fn bypass_ipv4_mapped_ipv6_of_a_learned_address() {
     const MAPPED: &str = "[::ffff:10.77.0.5]:443";
     w.a.resolve(DNS1, "api.bypass.test", false, false);
     w.check_learned(By::Allowed, P4, "A answer");
-    w.check_learned(By::Allowed, MAPPED, "IPv4-mapped IPv6 of the learned address");
+    w.check_learned(
+        By::Allowed,
+        MAPPED,
+        "IPv4-mapped IPv6 of the learned address",
+    );
     w.d.resolve(DNS1, "api.bypass.test", false, false);
     expect_eperm(
         &w.agent,
