@@ -93,8 +93,15 @@ const DNS_FALLBACK_QUEUE: usize = 1024;
 /// Parses an answer the kernel gave up on and writes the addresses it
 /// teaches for the active policy's names (docs/names.md: not race-free).
 /// The kernel sends only answers to queries the receiving socket sent to
-/// a trusted resolver.
-fn learn_unparsed(maps: &mut KernelMaps, seed: u64, msg: &[u8], metrics: &Metrics) {
+/// a trusted resolver; the addresses are learned for that socket's
+/// workload only (`answer.scope`), as the kernel learns them.
+fn learn_unparsed(
+    maps: &mut KernelMaps,
+    seed: u64,
+    answer: &crate::events::DnsAnswer,
+    metrics: &Metrics,
+) {
+    let msg = &answer.msg;
     let Some(names) = maps.active_names() else {
         return;
     };
@@ -102,7 +109,7 @@ fn learn_unparsed(maps: &mut KernelMaps, seed: u64, msg: &[u8], metrics: &Metric
         Ok(found) => {
             metrics.dns_fallback.with_label_values(&["parsed"]).inc();
             for l in found {
-                match maps.learn(l.addr, l.key, l.ttl) {
+                match maps.learn(answer.scope, l.addr, l.key, l.ttl) {
                     Ok(()) => metrics.dns_fallback.with_label_values(&["learned"]).inc(),
                     Err(e) => {
                         let map = if l.addr.is_ipv4() {
@@ -482,7 +489,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
 
     // DNS answers the kernel could not parse, from the event reader.
-    let (dns_tx, mut dns_rx) = mpsc::channel::<Vec<u8>>(DNS_FALLBACK_QUEUE);
+    let (dns_tx, mut dns_rx) = mpsc::channel::<crate::events::DnsAnswer>(DNS_FALLBACK_QUEUE);
     let ctx = Context {
         execs,
         exe_cache: Default::default(),
@@ -584,8 +591,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 }
                 None
             }
-            Some(msg) = dns_rx.recv() => {
-                learn_unparsed(&mut maps, state.name_seed, &msg, &metrics);
+            Some(answer) = dns_rx.recv() => {
+                learn_unparsed(&mut maps, state.name_seed, &answer, &metrics);
                 None
             }
             Some(()) = cgroup_changes.recv() => {

@@ -113,13 +113,23 @@ fn hook_name(h: u8) -> &'static str {
     }
 }
 
+/// A DNS answer the kernel could not parse, for the agent's parser.
+#[derive(Debug, PartialEq)]
+pub struct DnsAnswer {
+    /// Whose the addresses it teaches are (`LearnedKeyV4::scope`: the
+    /// receiving socket's workload, as the kernel found it).
+    pub scope: u64,
+    pub msg: Vec<u8>,
+}
+
 /// A decoded ring-buffer record.
 #[derive(Debug, PartialEq)]
 pub enum Decoded {
     Decision(ConnectEvent),
     Conn(ConnEvent),
-    /// The DNS message of a `DNS_UNPARSED` event (what the kernel copied).
-    Dns(Vec<u8>),
+    /// A `DNS_UNPARSED` event: the message (what the kernel copied) and
+    /// the learning scope of the socket that received it.
+    Dns(DnsAnswer),
     /// A ClientHello judged by its server name.
     Sni(Box<llm_egress_common::SniEvent>),
 }
@@ -141,7 +151,10 @@ pub fn decode(bytes: &[u8]) -> Option<Decoded> {
         kind::DNS_UNPARSED => {
             let ev: llm_egress_common::DnsEvent = read_as(bytes)?;
             let len = (ev.data.len as usize).min(ev.data.data.len());
-            Some(Decoded::Dns(ev.data.data[..len].to_vec()))
+            Some(Decoded::Dns(DnsAnswer {
+                scope: ev.data.scope,
+                msg: ev.data.data[..len].to_vec(),
+            }))
         }
         _ => None,
     }
@@ -217,7 +230,7 @@ pub struct Context {
     pub audit: AuditSink,
     /// To the agent loop, which parses DNS answers the kernel could not
     /// (crate::dns) and writes what they teach (it owns the maps).
-    pub dns_fallback: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    pub dns_fallback: Option<tokio::sync::mpsc::Sender<DnsAnswer>>,
     /// The node's pods, for `pod_name` and `pod_namespace`.
     pub pods: crate::kube::Pods,
 }
@@ -564,6 +577,7 @@ mod tests {
                 msg_len: 3,
                 why: 1,
                 _pad: 0,
+                scope: 77,
                 data: [0; llm_egress_common::DNS_EVENT_BYTES],
             },
         };
@@ -575,7 +589,13 @@ mod tests {
                 size_of::<llm_egress_common::DnsEvent>(),
             )
         };
-        assert_eq!(decode(b), Some(Decoded::Dns(vec![1, 2, 3])));
+        assert_eq!(
+            decode(b),
+            Some(Decoded::Dns(DnsAnswer {
+                scope: 77,
+                msg: vec![1, 2, 3]
+            }))
+        );
         assert_eq!(decode(&b[..200]), None, "a short DNS event is not decoded");
     }
 

@@ -24,11 +24,11 @@ use aya::{
 };
 use llm_egress_common::{
     ActionValue, ActiveSlot, DestValue, LEARN_TTL_MAX_S, LEARN_TTL_MIN_S, LEARNED_NAMES, Learned,
-    MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6, MAP_LEARNED_V4, MAP_LEARNED_V6,
-    MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RESOLVERS, MAP_RULES_V4, MAP_RULES_V6,
-    MAP_SLOTS, MAP_VERDICTS, MAP_WORKLOADS, NameConfig, NameKey, PREFIX_KEY_HEADER_BITS,
-    PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, VerdictKey, WorkloadKey, WorkloadValue,
-    counter,
+    LearnedKeyV4, LearnedKeyV6, MAP_ACTIVE, MAP_COUNTERS, MAP_DESTS_V4, MAP_DESTS_V6,
+    MAP_LEARNED_V4, MAP_LEARNED_V6, MAP_NAME_CFG, MAP_NAMES, MAP_PROVIDER_ACTIONS, MAP_RESOLVERS,
+    MAP_RULES_V4, MAP_RULES_V6, MAP_SLOTS, MAP_VERDICTS, MAP_WORKLOADS, NameConfig, NameKey,
+    PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, ProviderKey, SlotConfig, VerdictKey,
+    WorkloadKey, WorkloadValue, counter,
 };
 use llm_egress_common::{
     BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH,
@@ -88,8 +88,8 @@ pub struct KernelMaps {
     verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
     names: HashMap<MapData, NameKey, DestValue>,
     name_cfg: Array<MapData, NameConfig>,
-    learned_v4: HashMap<MapData, [u8; 4], Learned>,
-    learned_v6: HashMap<MapData, [u8; 16], Learned>,
+    learned_v4: HashMap<MapData, LearnedKeyV4, Learned>,
+    learned_v6: HashMap<MapData, LearnedKeyV6, Learned>,
     resolvers: HashMap<MapData, [u8; 16], u32>,
     limits: HashMap<MapData, ProviderKey, LimitValue>,
     bandwidth: HashMap<MapData, u64, BandwidthLimit>,
@@ -610,14 +610,22 @@ impl KernelMaps {
     }
 
     /// Writes an address learned by the agent's DNS parser (the fallback
-    /// for answers the kernel could not parse) into `LEARNED_*`, merged
+    /// for answers the kernel could not parse) into `LEARNED_*` for the
+    /// learning scope `scope` (the receiving socket's workload, from the
+    /// kernel's event), merged
     /// like the kernel does (ebpf/src/dns.rs `merge`): the same name is
     /// refreshed, else a free or expired place, else the one expiring
     /// first. `ttl_s` is clamped to `NAME_CFG`'s bounds. Not atomic with
     /// the kernel's own updates of the same address (the kernel may write
     /// between our read and write; one of the two names is then lost until
     /// the next answer).
-    pub fn learn(&mut self, addr: std::net::IpAddr, key: u64, ttl_s: u32) -> Result<(), MapsError> {
+    pub fn learn(
+        &mut self,
+        scope: u64,
+        addr: std::net::IpAddr,
+        key: u64,
+        ttl_s: u32,
+    ) -> Result<(), MapsError> {
         let cfg = self.name_cfg.get(&0, 0).map_err(map_err(MAP_NAME_CFG))?;
         let (lo, hi) = if cfg.ttl_min_s <= cfg.ttl_max_s && cfg.ttl_max_s > 0 {
             (cfg.ttl_min_s, cfg.ttl_max_s)
@@ -635,14 +643,21 @@ impl KernelMaps {
         };
         match addr {
             std::net::IpAddr::V4(a) => {
-                let k = a.octets();
+                let k = LearnedKeyV4 {
+                    scope,
+                    addr: a.octets(),
+                    _pad: [0; 4],
+                };
                 let merged = merge_learned(self.learned_v4.get(&k, 0).ok(), key, expires, now);
                 self.learned_v4
                     .insert(k, merged, 0)
                     .map_err(map_err(MAP_LEARNED_V4))
             }
             std::net::IpAddr::V6(a) => {
-                let k = a.octets();
+                let k = LearnedKeyV6 {
+                    scope,
+                    addr: a.octets(),
+                };
                 let merged = merge_learned(self.learned_v6.get(&k, 0).ok(), key, expires, now);
                 self.learned_v6
                     .insert(k, merged, 0)
@@ -651,31 +666,32 @@ impl KernelMaps {
         }
     }
 
-    /// Every (address, name key) in `LEARNED_*`, then both maps emptied:
+    /// Every (address, name key) in `LEARNED_*`, whatever its scope, then
+    /// both maps emptied:
     /// for the test that runs the kernel's DNS program (kernel_agrees.rs).
     #[cfg(test)]
     pub(crate) fn drain_learned(&mut self) -> std::collections::BTreeSet<(std::net::IpAddr, u64)> {
         let mut out = std::collections::BTreeSet::new();
-        let k4: Vec<[u8; 4]> = self.learned_v4.keys().flatten().collect();
+        let k4: Vec<LearnedKeyV4> = self.learned_v4.keys().flatten().collect();
         for k in k4 {
             if let Ok(l) = self.learned_v4.get(&k, 0) {
                 out.extend(
                     l.names
                         .iter()
                         .filter(|n| n.hash != 0)
-                        .map(|n| (std::net::IpAddr::from(k), n.hash)),
+                        .map(|n| (std::net::IpAddr::from(k.addr), n.hash)),
                 );
             }
             let _ = self.learned_v4.remove(&k);
         }
-        let k6: Vec<[u8; 16]> = self.learned_v6.keys().flatten().collect();
+        let k6: Vec<LearnedKeyV6> = self.learned_v6.keys().flatten().collect();
         for k in k6 {
             if let Ok(l) = self.learned_v6.get(&k, 0) {
                 out.extend(
                     l.names
                         .iter()
                         .filter(|n| n.hash != 0)
-                        .map(|n| (std::net::IpAddr::from(k), n.hash)),
+                        .map(|n| (std::net::IpAddr::from(k.addr), n.hash)),
                 );
             }
             let _ = self.learned_v6.remove(&k);
@@ -683,8 +699,8 @@ impl KernelMaps {
         out
     }
 
-    /// Addresses in `LEARNED_V4` and `LEARNED_V6` with at least one
-    /// unexpired name (one map walk each: call it every few seconds, not
+    /// Entries in `LEARNED_V4` and `LEARNED_V6` with at least one
+    /// unexpired name (an address learned by two workloads counts twice) (one map walk each: call it every few seconds, not
     /// per event).
     pub fn learned_counts(&self) -> (usize, usize) {
         let now = monotonic_ns();

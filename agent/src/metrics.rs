@@ -340,7 +340,7 @@ impl Metrics {
             learned_destinations: gauge_vec(
                 &r,
                 "llm_egress_learned_destinations",
-                "Addresses in LEARNED_* with at least one unexpired name, by family (counted every 10 s).",
+                "Entries (workload, address) in LEARNED_* with at least one unexpired name, by family (counted every 10 s).",
                 &["family"],
             )?,
             sni: counter_vec(

@@ -213,6 +213,9 @@ pub struct DnsPacket {
     /// Why the kernel gave up (`dns_unparsed::*`).
     pub why: u32,
     pub _pad: u32,
+    /// The learning scope of the socket that received the answer
+    /// (`LearnedKeyV4::scope`): the agent learns the addresses for it.
+    pub scope: u64,
     pub data: [u8; DNS_EVENT_BYTES],
 }
 
@@ -236,8 +239,8 @@ pub mod dns_unparsed {
 
 const _: () = {
     use core::mem::{align_of, size_of};
-    assert!(size_of::<DnsPacket>() == 16 + DNS_EVENT_BYTES);
-    assert!(size_of::<DnsEvent>() == 56 + 16 + DNS_EVENT_BYTES && align_of::<DnsEvent>() == 8);
+    assert!(size_of::<DnsPacket>() == 24 + DNS_EVENT_BYTES);
+    assert!(size_of::<DnsEvent>() == 56 + 24 + DNS_EVENT_BYTES && align_of::<DnsEvent>() == 8);
 };
 
 /// Bytes of a server name carried by an SNI event (names are at most 253).

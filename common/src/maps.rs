@@ -56,11 +56,12 @@ pub const MAP_NAMES: &str = "NAMES";
 /// `Array<NameConfig>`, one entry: the name-hash seed and the TTL bounds of
 /// learned addresses. Not per slot: learned entries outlive reloads.
 pub const MAP_NAME_CFG: &str = "NAME_CFG";
-/// `LruHashMap<[u8; 4], Learned>`: addresses learned from DNS answers, with
+/// `LruHashMap<LearnedKeyV4, Learned>`: addresses learned from DNS answers,
+/// per workload (the scope of the socket that received the answer), with
 /// the name hashes they were learned for. Not per slot: a reload maps the
 /// same names to the new policy's providers through `NAMES`.
 pub const MAP_LEARNED_V4: &str = "LEARNED_V4";
-/// `LruHashMap<[u8; 16], Learned>`: as `LEARNED_V4`, for IPv6.
+/// `LruHashMap<LearnedKeyV6, Learned>`: as `LEARNED_V4`, for IPv6.
 pub const MAP_LEARNED_V6: &str = "LEARNED_V6";
 /// `LruHashMap<DnsQueryKey, DnsQuery>`: DNS queries the workloads' sockets
 /// sent to a trusted resolver and that no answer has consumed yet
@@ -600,6 +601,34 @@ pub struct LearnedName {
     pub expires_ns: u64,
 }
 
+/// Key of `LEARNED_V4`: whose the entry is, and the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKeyV4 {
+    /// The learning scope of the socket that received the answer: the
+    /// cgroup id of its workload's `WORKLOADS` entry (the deepest named
+    /// ancestor, as the connect hook finds it), `NO_SCOPE` for a socket in
+    /// no workload. The cgroup id and not the workload id: it stays the
+    /// same when a reload renumbers the workloads. Only a connect() whose
+    /// task has the same scope uses the entry.
+    pub scope: u64,
+    /// Network order.
+    pub addr: [u8; 4],
+    pub _pad: [u8; 4],
+}
+
+/// Key of `LEARNED_V6`: as `LearnedKeyV4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKeyV6 {
+    pub scope: u64,
+    pub addr: [u8; 16],
+}
+
+/// `LearnedKey*::scope` of processes in no workload (they share the
+/// policy's defaults, and so what they learned).
+pub const NO_SCOPE: u64 = 0;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Learned {
@@ -636,6 +665,8 @@ const _: () = {
     assert!(size_of::<DnsQueryKey>() == 16 && size_of::<DnsQuery>() == 24);
     assert!(size_of::<LearnedName>() == 16);
     assert!(size_of::<Learned>() == 64);
+    assert!(size_of::<LearnedKeyV4>() == 16 && align_of::<LearnedKeyV4>() == 8);
+    assert!(size_of::<LearnedKeyV6>() == 24 && align_of::<LearnedKeyV6>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -658,6 +689,8 @@ mod pod {
     unsafe impl aya::Pod for NameConfig {}
     unsafe impl aya::Pod for LearnedName {}
     unsafe impl aya::Pod for Learned {}
+    unsafe impl aya::Pod for LearnedKeyV4 {}
+    unsafe impl aya::Pod for LearnedKeyV6 {}
     unsafe impl aya::Pod for DnsQueryKey {}
     unsafe impl aya::Pod for DnsQuery {}
 }

@@ -23,8 +23,13 @@
 //!    target) adds its target to the chain, and if no name matched yet the
 //!    target is looked up like the question; an A/AAAA record whose owner
 //!    is in the chain, once some name of the chain matched, is learned:
-//!    `LEARNED_*[address]` gets the matched `NAMES` key with an expiry of
-//!    now + TTL clamped to `NAME_CFG`'s bounds. Other records are skipped.
+//!    `LEARNED_*[scope, address]` gets the matched `NAMES` key with an
+//!    expiry of now + TTL clamped to `NAME_CFG`'s bounds. Other records are
+//!    skipped. The scope is the receiving socket's workload (its cgroup's
+//!    deepest ancestor that `WORKLOADS` of the active slot names; `NO_SCOPE`
+//!    for none): the connect hook uses an entry only for tasks of the same
+//!    workload, so one workload's answers never open a destination for
+//!    another.
 //!
 //! Compression pointers must point backwards (so they cannot loop) and at
 //! most `DNS_MAX_HOPS` are followed per name. Anything the program cannot
@@ -45,14 +50,15 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_loop, bpf_skb_load_bytes},
+        generated::{bpf_loop, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes},
     },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use llm_egress_common::{
     DNS_BUF, DNS_EVENT_BYTES, DNS_MAX_ANSWERS, DNS_MAX_HOPS, DNS_MAX_LABELS, DnsEvent, EventHeader,
-    LEARNED_NAMES, Learned, NameKey, SLOT_COUNT, counter, dns_unparsed, kind,
+    LEARNED_NAMES, Learned, LearnedKeyV4, LearnedKeyV6, NO_SCOPE, NameKey, SLOT_COUNT, counter,
+    dns_unparsed, kind,
     names::{LABEL_INIT, label_step},
 };
 
@@ -211,6 +217,22 @@ fn parse(ctx: &SkBuffContext, off: usize, msg_len: usize) -> Result<(), Stop> {
     }
     let (ttl_min, ttl_max) = (cfg.ttl_min_s, cfg.ttl_max_s);
     let s = DNS_SCRATCH.get_ptr_mut(0).ok_or(Stop::Ignore)?;
+    // Whose the learned addresses are: the receiving socket's workload
+    // (the deepest ancestor of its cgroup the slot names, as the connect
+    // hook finds the connecting task's), NO_SCOPE for none. Written before
+    // anything can fail: `send_unparsed` reads it for the agent.
+    // SAFETY: helpers on this program's own context; `s` as below.
+    unsafe {
+        let skb = ctx.as_ptr() as *mut _;
+        let mut scope = NO_SCOPE;
+        crate::policy::workload_in(
+            slot,
+            bpf_skb_cgroup_id(skb),
+            |level| bpf_skb_ancestor_cgroup_id(skb, level),
+            &mut scope,
+        );
+        core::ptr::write_volatile(&mut (*s).walk.scope, scope);
+    }
     let len = if msg_len > DNS_BUF { DNS_BUF } else { msg_len };
     if len < 12 {
         return Err(Stop::Ignore);
@@ -388,6 +410,8 @@ struct Walk {
     answers_left: u64,
     seed: u64,
     slot: u64,
+    /// The learning scope of the receiving socket (`LearnedKeyV4::scope`).
+    scope: u64,
     /// The `NAMES` key the question (or, failing that, the first CNAME
     /// target that has one) matched: what addresses are learned for; 0: none.
     matched: u64,
@@ -643,7 +667,7 @@ fn learn(
             byte(buf, rdata + 2),
             byte(buf, rdata + 3),
         ];
-        learn_v4(v, &addr, w.matched, expires, w.now);
+        learn_v4(v, w.scope, &addr, w.matched, expires, w.now);
     } else if rtype == TYPE_AAAA && rdlen == 16 {
         let mut addr = [0u8; 16];
         let mut j = 0;
@@ -651,7 +675,7 @@ fn learn(
             addr[j] = byte(buf, rdata + j as u64);
             j += 1;
         }
-        learn_v6(v, &addr, w.matched, expires, w.now);
+        learn_v6(v, w.scope, &addr, w.matched, expires, w.now);
     }
 }
 
@@ -699,31 +723,44 @@ fn merge(v: &mut Learned, hash: u64, expires: u64, now: u64) {
 const _: () = assert!(LEARNED_NAMES.is_power_of_two());
 
 #[inline(always)]
-fn learn_v4(v: &mut Learned, addr: &[u8; 4], hash: u64, expires: u64, now: u64) {
+fn learn_v4(v: &mut Learned, scope: u64, addr: &[u8; 4], hash: u64, expires: u64, now: u64) {
+    let key = key_v4(scope, addr);
     // SAFETY: value copied out at once.
-    *v = match unsafe { LEARNED_V4.get(addr) } {
+    *v = match unsafe { LEARNED_V4.get(&key) } {
         Some(old) => *old,
         None => Learned::default(),
     };
     merge(v, hash, expires, now);
-    match LEARNED_V4.insert(addr, v, 0) {
+    match LEARNED_V4.insert(&key, v, 0) {
         Ok(()) => count(counter::DNS_LEARNED),
         Err(_) => count(counter::DNS_LEARN_FAILED),
     }
 }
 
 #[inline(always)]
-fn learn_v6(v: &mut Learned, addr: &[u8; 16], hash: u64, expires: u64, now: u64) {
+fn learn_v6(v: &mut Learned, scope: u64, addr: &[u8; 16], hash: u64, expires: u64, now: u64) {
+    let key = LearnedKeyV6 { scope, addr: *addr };
     // SAFETY: as in `learn_v4`.
-    *v = match unsafe { LEARNED_V6.get(addr) } {
+    *v = match unsafe { LEARNED_V6.get(&key) } {
         Some(old) => *old,
         None => Learned::default(),
     };
     merge(v, hash, expires, now);
-    match LEARNED_V6.insert(addr, v, 0) {
+    match LEARNED_V6.insert(&key, v, 0) {
         Ok(()) => count(counter::DNS_LEARNED),
         Err(_) => count(counter::DNS_LEARN_FAILED),
     }
+}
+
+/// The `LEARNED_V4` key of `addr` in `scope`, built as two words: the
+/// struct literal's `_pad: [0; 4]` can become a byte-by-byte `memset`.
+#[inline(always)]
+fn key_v4(scope: u64, addr: &[u8; 4]) -> LearnedKeyV4 {
+    let words: [u64; 2] = [scope, u64::from(u32::from_ne_bytes(*addr))];
+    // SAFETY: `LearnedKeyV4` is repr(C), 16 bytes, align 8: the scope, the
+    // address (little endian, the BPF target's order: its bytes first) and
+    // a zero pad; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u64; 2], LearnedKeyV4>(words) }
 }
 
 /// Queues the message for the agent (its first `DNS_EVENT_BYTES` bytes).
@@ -740,12 +777,18 @@ fn send_unparsed(ctx: &SkBuffContext, off: usize, msg_len: usize, why: u32) {
     };
     let p = entry.as_mut_ptr();
     // SAFETY: `p` is the reserved record of size_of::<DnsEvent>(); the copy
-    // writes at most DNS_EVENT_BYTES bytes into `data`.
+    // writes at most DNS_EVENT_BYTES bytes into `data`. The scratch's
+    // scope was written by `parse` before it could fail.
     unsafe {
         (*p).header = EventHeader {
             kind: kind::DNS_UNPARSED,
             time_ns: bpf_ktime_get_ns(),
+            cgroup_id: bpf_skb_cgroup_id(ctx.as_ptr() as *mut _),
             ..EventHeader::default()
+        };
+        (*p).data.scope = match DNS_SCRATCH.get_ptr(0) {
+            Some(s) => core::ptr::read_volatile(&(*s).walk.scope),
+            None => NO_SCOPE,
         };
         (*p).data.len = len as u32;
         (*p).data.msg_len = msg_len as u32;
@@ -767,17 +810,18 @@ fn send_unparsed(ctx: &SkBuffContext, off: usize, msg_len: usize, why: u32) {
 }
 
 /// The provider of `addr` through a learned name: the first unexpired name
-/// of its `LEARNED_*` entry that `NAMES` of `slot` maps to a provider on
+/// of its `LEARNED_*` entry in `scope` (the connecting task's workload) that `NAMES` of `slot` maps to a provider on
 /// `port`. `NO_PROVIDER` (0) if none.
 #[inline(always)]
-pub fn learned_provider(slot: u32, v4: bool, addr: &[u8; 16], port: u16) -> u32 {
+pub fn learned_provider(slot: u32, scope: u64, v4: bool, addr: &[u8; 16], port: u16) -> u32 {
     let learned = if v4 {
-        let a = [addr[0], addr[1], addr[2], addr[3]];
+        let key = key_v4(scope, &[addr[0], addr[1], addr[2], addr[3]]);
         // SAFETY: value copied out at once.
-        unsafe { LEARNED_V4.get(&a) }.copied()
+        unsafe { LEARNED_V4.get(&key) }.copied()
     } else {
+        let key = LearnedKeyV6 { scope, addr: *addr };
         // SAFETY: as above.
-        unsafe { LEARNED_V6.get(addr) }.copied()
+        unsafe { LEARNED_V6.get(&key) }.copied()
     };
     let Some(learned) = learned else { return 0 };
     // SAFETY: helper without arguments.

@@ -16,9 +16,9 @@ use aya_ebpf::{
 use llm_egress_common::{
     ActionValue, ActiveSlot, CONNS_MAX, ConnEvent, DESTS_MAX, DNS_QUERIES_MAX, DestValue, DnsQuery,
     DnsQueryKey, EVENTS_BYTES, EVENTS_WAKE_BYTES, EVENTS_WAKE_NS, EXECS_MAX, ExecInfo, LEARNED_MAX,
-    Learned, NAMES_MAX, NameConfig, NameKey, PROVIDER_ACTIONS_MAX, PrefixKeyV4, PrefixKeyV6,
-    ProviderKey, RESOLVERS_MAX, RULES_MAX, SLOT_COUNT, SlotConfig, VERDICTS_MAX, VerdictKey,
-    WORKLOADS_MAX, WorkloadKey, WorkloadValue, counter,
+    Learned, LearnedKeyV4, LearnedKeyV6, NAMES_MAX, NameConfig, NameKey, PROVIDER_ACTIONS_MAX,
+    PrefixKeyV4, PrefixKeyV6, ProviderKey, RESOLVERS_MAX, RULES_MAX, SLOT_COUNT, SlotConfig,
+    VERDICTS_MAX, VerdictKey, WORKLOADS_MAX, WorkloadKey, WorkloadValue, counter,
 };
 use llm_egress_common::{
     BANDWIDTH_MAX, BUCKETS_MAX, BandwidthLimit, Bucket, BucketKey, LIMIT_HITS_MAX, LIMITS_MAX,
@@ -80,10 +80,10 @@ pub static NAMES: HashMap<NameKey, DestValue> = HashMap::pinned(NAMES_MAX, 0);
 pub static NAME_CFG: Array<NameConfig> = Array::pinned(1, 0);
 
 #[map]
-pub static LEARNED_V4: LruHashMap<[u8; 4], Learned> = LruHashMap::pinned(LEARNED_MAX, 0);
+pub static LEARNED_V4: LruHashMap<LearnedKeyV4, Learned> = LruHashMap::pinned(LEARNED_MAX, 0);
 
 #[map]
-pub static LEARNED_V6: LruHashMap<[u8; 16], Learned> = LruHashMap::pinned(LEARNED_MAX, 0);
+pub static LEARNED_V6: LruHashMap<LearnedKeyV6, Learned> = LruHashMap::pinned(LEARNED_MAX, 0);
 
 #[map]
 pub static DNS_QUERIES: LruHashMap<DnsQueryKey, DnsQuery> = LruHashMap::pinned(DNS_QUERIES_MAX, 0);

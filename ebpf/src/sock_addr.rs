@@ -13,8 +13,10 @@
 //! 1. the workload: the deepest ancestor cgroup of the task found in
 //!    `WORKLOADS` for the active slot (none: the policy's defaults);
 //! 2. the workload's CIDR rules (`RULES_*`, longest prefix);
-//! 3. provider destinations (`DESTS_*`, with ports): the workload's word on
-//!    that provider (`PROVIDER_ACT`) or its `llm` action;
+//! 3. provider destinations (`DESTS_*`, with ports, else an address learned
+//!    from a DNS answer to a socket of the same workload: `LEARNED_*` under
+//!    the task's scope, dns.rs): the workload's word on that provider
+//!    (`PROVIDER_ACT`) or its `llm` action;
 //! 4. otherwise the workload's `other` action.
 //! 5. an allowed provider connection of a workload then meets the pair's
 //!    limits (`LIMITS`, ebpf/src/limits.rs): a spent token budget refuses
@@ -26,15 +28,17 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_socket_cookie,
+        },
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use llm_egress_common::{
-    ConnectDecision, ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_WORKLOAD,
+    ConnectEvent, EventHeader, MAX_PORTS, NO_PROVIDER, NO_SCOPE, NO_WORKLOAD,
     PREFIX_KEY_HEADER_BITS, PrefixKeyV4, PrefixKeyV6, VerdictKey, action, counter, failure_mode,
     family, hook, kind, limit_flag, limit_kind, mode, proto, reason, verdict,
 };
@@ -105,7 +109,11 @@ pub(crate) fn fill_header(h: &mut EventHeader, event_kind: u32) {
     h.tgid = (pid_tgid >> 32) as u32;
     h.uid = uid_gid as u32;
     h.gid = (uid_gid >> 32) as u32;
-    h.comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    // SAFETY: the helper writes at most 16 bytes into `comm` (zeros on
+    // failure). Not aya's `bpf_get_current_comm()`: its zeroed buffer and
+    // `unwrap_or([0; 16])` are byte-by-byte `memset` loops, which 6.1's
+    // verifier walks again on each of the ~200 paths that reach an event.
+    unsafe { bpf_get_current_comm(h.comm.as_mut_ptr() as *mut _, h.comm.len() as u32) };
 }
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -303,13 +311,7 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
         verdict::AUDIT => counter::VERDICT_AUDIT,
         _ => counter::VERDICT_DENY,
     });
-    count_verdict(&VerdictKey {
-        generation: decision.generation,
-        workload_id: decision.workload_id,
-        provider_id: decision.provider_id,
-        verdict: v,
-        _pad: [0; 7],
-    });
+    count_verdict(&verdict_key(&decision, v));
     let mut tracked = false;
     if v != verdict::DENY
         && decision.track
@@ -336,6 +338,22 @@ fn judge(ctx: &SockAddrContext, dest: &Dest, hook: u8) -> i32 {
     if v == verdict::DENY { DENY } else { ALLOW }
 }
 
+/// The `VERDICTS` key of a decision, built as whole words: the struct
+/// literal's `_pad: [0; 7]` is a byte-by-byte `memset` loop the verifier
+/// walks on every path here.
+#[inline(always)]
+fn verdict_key(d: &Decision, v: u8) -> VerdictKey {
+    let words: [u64; 3] = [
+        d.generation,
+        u64::from(d.workload_id) | u64::from(d.provider_id) << 32,
+        u64::from(v),
+    ];
+    // SAFETY: `VerdictKey` is repr(C), 24 bytes, align 8: the generation,
+    // the two ids (little endian, the BPF target's order: the low half
+    // first), the verdict and a zero pad; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u64; 3], VerdictKey>(words) }
+}
+
 /// Err carries the failure mode to apply.
 #[inline(always)]
 fn decide(dest: &Dest) -> Result<Decision, u8> {
@@ -345,10 +363,17 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
     // the active slot names.
     // SAFETY: helper calls without pointer arguments.
     let own = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
-    // SAFETY: as above.
-    let workload = crate::policy::workload_of(slot, own, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    });
+    // The workload's learning scope too: addresses learned from DNS count
+    // only where the workload's own sockets received them (dns.rs).
+    let mut scope = NO_SCOPE;
+    let w = crate::policy::workload_in(
+        slot,
+        own,
+        // SAFETY: as above.
+        |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
+        &mut scope,
+    );
+    let workload = (w.workload_id != NO_WORKLOAD).then_some(w);
 
     let mut d = Decision {
         action: cfg.default_other,
@@ -364,19 +389,21 @@ fn decide(dest: &Dest) -> Result<Decision, u8> {
         Some(w) => w.other,
         None => cfg.default_other,
     };
+    // Which provider it is, if it is one (reported with a CIDR rule's
+    // verdict too). Looked up once, before the rules: two inlined copies
+    // of the lookup cost the verifier twice the work.
+    let provider = provider_of(slot, scope, dest);
     if let Some(w) = workload {
         d.workload_id = w.workload_id;
         // 2. The workload's own CIDR rules.
         if let Some(a) = rule_action(slot, w.workload_id, dest) {
             d.action = a;
             d.reason = reason::WORKLOAD_CIDR;
-            // Still report which provider it was, if it is one.
-            d.provider_id = provider_of(slot, dest);
+            d.provider_id = provider;
             return Ok(d);
         }
     }
     // 3. Provider destinations.
-    let provider = provider_of(slot, dest);
     if provider != NO_PROVIDER {
         d.provider_id = provider;
         (d.action, d.reason) = crate::policy::provider_action(slot, &cfg, workload, provider);
@@ -416,7 +443,7 @@ fn rule_action(slot: u32, workload_id: u32, dest: &Dest) -> Option<u8> {
 }
 
 #[inline(always)]
-fn provider_of(slot: u32, dest: &Dest) -> u32 {
+fn provider_of(slot: u32, scope: u64, dest: &Dest) -> u32 {
     let found = if dest.family == family::INET {
         let data = PrefixKeyV4 {
             slot,
@@ -433,10 +460,12 @@ fn provider_of(slot: u32, dest: &Dest) -> u32 {
         DESTS_V6.get(Key::new(PREFIX_KEY_HEADER_BITS + 128, data))
     };
     // Not a catalog or resolved destination: an address learned from a DNS
-    // answer for a provider name (ebpf/src/dns.rs).
+    // answer for a provider name (ebpf/src/dns.rs) by a socket of this
+    // workload (`scope`).
     let Some(d) = found else {
         return crate::dns::learned_provider(
             slot,
+            scope,
             dest.family == family::INET,
             &dest.addr,
             dest.port,
@@ -463,25 +492,28 @@ fn report(ctx: &SockAddrContext, dest: &Dest, hook: u8, v: u8, d: &Decision, tra
         count(counter::EVENTS_LOST);
         return;
     };
-    let mut header = EventHeader::default();
-    fill_header(&mut header, kind::CONNECT_DECISION);
-    let event = ConnectEvent {
-        header,
-        data: ConnectDecision {
-            generation: d.generation,
-            cookie,
-            workload_id: d.workload_id,
-            provider_id: d.provider_id,
-            addr: dest.addr,
-            port: dest.port,
-            verdict: v,
-            reason: d.reason,
-            proto: dest.proto,
-            family: dest.family,
-            hook,
-            tracked: u8::from(tracked),
-        },
-    };
-    entry.write(event);
+    // Written in place, field by field: a stack copy of the event would
+    // start from a zeroed buffer (`memset` loops the verifier walks on
+    // every path here) and be copied over.
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` is this run's reserved, exclusively owned ring buffer
+    // record of a `ConnectEvent`; every field is written (neither struct
+    // has padding) before it is submitted.
+    unsafe {
+        fill_header(&mut (*p).header, kind::CONNECT_DECISION);
+        let e = &mut (*p).data;
+        e.generation = d.generation;
+        e.cookie = cookie;
+        e.workload_id = d.workload_id;
+        e.provider_id = d.provider_id;
+        e.addr = dest.addr;
+        e.port = dest.port;
+        e.verdict = v;
+        e.reason = d.reason;
+        e.proto = dest.proto;
+        e.family = dest.family;
+        e.hook = hook;
+        e.tracked = u8::from(tracked);
+    }
     entry.submit(crate::maps::wake_flags());
 }

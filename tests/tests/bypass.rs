@@ -3,7 +3,7 @@
 //! allow, in enforce mode, end to end. Each asserts that the step is blocked
 //! for workload `denied` (EPERM at connect/sendmsg, or a failed TLS
 //! handshake for the SNI cases) and that the same step works for workload
-//! `allowed`; the two tests named `..._documented_limit` assert a limit
+//! `allowed`; the three tests named `..._documented_limit` assert a limit
 //! the README's "Honest limits" describes instead.
 //!
 //! The world: provider `bp` is the host `api.bypass.test` and the wildcard
@@ -657,20 +657,49 @@ impl World {
         );
     }
 
-    /// After learning: the provider's address is `bp`'s for both.
+    /// After workload `by` resolved: the provider's address is `bp`'s for
+    /// `by` only (learned addresses are per workload, docs/names.md); for
+    /// the other workload it is still no provider's.
     #[track_caller]
-    fn check_learned(&mut self, addr: &str, what: &str) {
-        expect_eperm(
-            &self.agent,
-            self.d.connect(addr),
-            &format!("{what}: denied workload to {addr}"),
-        );
-        expect_ok(
-            &self.agent,
-            self.a.connect(addr),
-            &format!("{what}: allowed workload to {addr}"),
-        );
+    fn check_learned(&mut self, by: By, addr: &str, what: &str) {
+        match by {
+            By::Denied => {
+                expect_eperm(
+                    &self.agent,
+                    self.d.connect(addr),
+                    &format!("{what}: denied workload to {addr} it resolved"),
+                );
+                expect_eperm(
+                    &self.agent,
+                    self.a.connect(addr),
+                    &format!(
+                        "{what}: allowed workload to {addr} only `denied` resolved: no provider's (other = deny)"
+                    ),
+                );
+            }
+            By::Allowed => {
+                expect_ok(
+                    &self.agent,
+                    self.a.connect(addr),
+                    &format!("{what}: allowed workload to {addr} it resolved"),
+                );
+                expect_ok(
+                    &self.agent,
+                    self.d.connect(addr),
+                    &format!(
+                        "{what}: denied workload to {addr} only `allowed` resolved: no provider's (other = allow)"
+                    ),
+                );
+            }
+        }
     }
+}
+
+/// Which workload resolved (`World::check_learned`).
+#[derive(Clone, Copy)]
+enum By {
+    Allowed,
+    Denied,
 }
 
 // ----------------------------------------------------------------- tests
@@ -684,7 +713,7 @@ fn bypass_ipv6_destination_learned_from_aaaa() {
     w.check_unlearned(P6);
     let got = w.a.resolve(DNS1, "api.bypass.test", true, false);
     assert_eq!(got, vec![IpAddr::V6(PROV6)]);
-    w.check_learned(P6, "AAAA answer");
+    w.check_learned(By::Allowed, P6, "AAAA answer");
     // The IPv4 address was not asked for: still unlearned.
     w.check_unlearned(P4);
 }
@@ -742,11 +771,19 @@ other = "allow"
 fn bypass_ipv4_mapped_ipv6_of_a_learned_address() {
     require_root();
     let mut w = World::new("bp-mapped");
+    const MAPPED: &str = "[::ffff:10.77.0.5]:443";
     w.a.resolve(DNS1, "api.bypass.test", false, false);
-    w.check_learned(P4, "A answer");
+    w.check_learned(By::Allowed, P4, "A answer");
     w.check_learned(
-        "[::ffff:10.77.0.5]:443",
+        By::Allowed,
+        MAPPED,
         "IPv4-mapped IPv6 of the learned address",
+    );
+    w.d.resolve(DNS1, "api.bypass.test", false, false);
+    expect_eperm(
+        &w.agent,
+        w.d.connect(MAPPED),
+        "IPv4-mapped IPv6 of the address the denied workload resolved",
     );
 }
 
@@ -756,8 +793,11 @@ fn bypass_ipv4_mapped_ipv6_of_a_learned_address() {
 fn bypass_udp_443_quic_datagram() {
     require_root();
     let mut w = World::new("bp-udp");
-    w.a.resolve(DNS1, "api.bypass.test", false, false);
-    w.a.resolve(DNS1, "api.bypass.test", true, false);
+    // Each workload learns for itself (the probes run in the same cgroups).
+    for c in [&mut w.a, &mut w.d] {
+        c.resolve(DNS1, "api.bypass.test", false, false);
+        c.resolve(DNS1, "api.bypass.test", true, false);
+    }
     let p = probe();
     let (a, d) = (w.path("allowed"), w.path("denied"));
     for addr in [P4, P6, "[::ffff:10.77.0.5]:443"] {
@@ -784,32 +824,43 @@ fn bypass_udp_443_quic_datagram() {
     }
 }
 
-/// (d) Another process, in another workload, resolves the name; the
-/// denied workload connects to the literal address it never resolved.
-/// Learned addresses are global, so it is still the provider's.
+/// (d) Another workload resolves the name; this one connects to the
+/// literal address it never resolved. Learned addresses are per workload
+/// (docs/names.md): for `denied` (and a process in no workload) it is no
+/// provider's, so their `other = "allow"` lets the connect through. The
+/// limit: a provider known by name only is not stopped at a literal
+/// address the workload did not resolve (README "Honest limits"). Once
+/// `denied` resolves it itself, it is the provider's for it too.
 #[test]
-fn bypass_literal_address_resolved_by_another_process() {
+fn bypass_literal_address_resolved_by_another_workload_documented_limit() {
     require_root();
     let mut w = World::new("bp-literal");
     w.check_unlearned(P4);
-    // The allowed workload's process resolves; the denied one never does.
+    // The allowed workload's process resolves; the denied one does not.
     w.a.resolve(DNS1, "api.bypass.test", false, false);
-    expect_eperm(
-        &w.agent,
-        w.d.connect(P4),
-        "the denied workload connects to the literal address another workload resolved",
-    );
-    // And a process in no workload (the defaults: llm = deny) too.
-    let nobody = w.cg.child("nobody");
-    expect_eperm(
-        &w.agent,
-        probe().connect(&nobody, &w.ns, P4),
-        "a process in no workload to the learned literal (defaults.llm = deny)",
-    );
     expect_ok(
         &w.agent,
         w.a.connect(P4),
-        "the allowed workload to the learned literal",
+        "the allowed workload to the address it learned",
+    );
+    expect_ok(
+        &w.agent,
+        w.d.connect(P4),
+        "the denied workload to the literal address only another workload resolved: no provider's (other = allow)",
+    );
+    // A process in no workload: its defaults (llm = deny, other = allow).
+    let nobody = w.cg.child("nobody");
+    expect_ok(
+        &w.agent,
+        probe().connect(&nobody, &w.ns, P4),
+        "a process in no workload to the literal address another workload resolved",
+    );
+    // The denied workload's own answer makes it the provider's for it.
+    w.d.resolve(DNS1, "api.bypass.test", false, false);
+    expect_eperm(
+        &w.agent,
+        w.d.connect(P4),
+        "the denied workload to the address once it resolved it itself",
     );
 }
 
@@ -823,7 +874,7 @@ fn bypass_cname_chain_to_the_provider_name() {
         w.d.resolve(DNS1, "alias.example", false, false),
         vec![IpAddr::V4(PROV4)]
     );
-    w.check_learned(P4, "two-hop CNAME chain");
+    w.check_learned(By::Denied, P4, "two-hop CNAME chain");
 }
 
 /// (f) The question in upper case with a trailing dot.
@@ -836,7 +887,7 @@ fn bypass_upper_case_and_trailing_dot_name() {
         w.d.resolve(DNS1, "API.BYPASS.TEST.", false, false),
         vec![IpAddr::V4(PROV4)]
     );
-    w.check_learned(P4, "upper-case, trailing-dot question");
+    w.check_learned(By::Denied, P4, "upper-case, trailing-dot question");
 }
 
 /// (g) A name below the wildcard host `*.wild.test` (two labels deep, in
@@ -851,7 +902,7 @@ fn bypass_wildcard_provider_name() {
         w.d.resolve(DNS1, "eu.Region.WILD.test", false, false),
         vec![IpAddr::V4(PROV4)]
     );
-    w.check_learned(P4, "name below *.wild.test");
+    w.check_learned(By::Denied, P4, "name below *.wild.test");
     w.d.resolve(DNS1, "wild.test", false, false);
     w.check_unlearned("10.77.0.9:443");
 }
@@ -875,7 +926,7 @@ fn bypass_second_resolver_in_the_namespace() {
         w.d.resolve(DNS2, "api.bypass.test", false, false),
         vec![IpAddr::V4(Ipv4Addr::new(10, 77, 0, 7))]
     );
-    w.check_learned("10.77.0.7:443", "answer from a second resolver");
+    w.check_learned(By::Denied, "10.77.0.7:443", "answer from a second resolver");
 }
 
 /// DNS over TCP: an answer that arrives over TCP (in one segment, as small
@@ -889,7 +940,7 @@ fn bypass_dns_over_tcp() {
         w.d.resolve(DNS1, "api.bypass.test", false, true),
         vec![IpAddr::V4(PROV4)]
     );
-    w.check_learned(P4, "an answer over TCP");
+    w.check_learned(By::Denied, P4, "an answer over TCP");
     let tcp = w.agent.wait_for_metric(
         "llm_egress_dns_tcp_answers_total",
         &[("segments", "whole")],
@@ -1108,9 +1159,9 @@ fn learned_addresses_expire_at_the_policys_max_ttl() {
         w.agent.context()
     );
     w.d.resolve(DNS1, "api.bypass.test", false, false);
-    w.check_learned(P4, "right after the answer");
+    w.check_learned(By::Denied, P4, "right after the answer");
     std::thread::sleep(Duration::from_millis(2_500));
     w.check_unlearned(P4);
     w.d.resolve(DNS1, "api.bypass.test", false, false);
-    w.check_learned(P4, "after the next answer");
+    w.check_learned(By::Denied, P4, "after the next answer");
 }

@@ -8,7 +8,7 @@
 //! the test namespace, where a listener on port 443 accepts everything)
 //! only when the kernel learned it for that workload as `hostile`'s, and
 //! gets EPERM otherwise. The policy trusts the resolver 192.0.2.1 only
-//! (one test: `trusted = "any"`).
+//! (two tests: `trusted = "any"`).
 //!
 //! Clients are this test executable run again as a child
 //! (`hostile_client_process`, selected by `LLM_EGRESS_HOSTILE_CLIENT`): it
@@ -586,5 +586,67 @@ fn an_answer_with_a_mismatching_id_is_not_learned() {
         "llm_egress_dns_unasked_answers_total",
         &[],
         "the answer with another id",
+    );
+}
+
+/// Learned addresses are the receiving workload's: the trusted resolver's
+/// answer to a query of workload `a` lets `a` connect, but for `b` (the
+/// same policy, `other = "deny"`) the address is no provider's until `b`
+/// resolves it itself.
+#[test]
+fn an_address_one_workload_learned_is_not_the_providers_for_another() {
+    require_root();
+    let w = World::new("hdns-scope");
+    let addr = Ipv4Addr::new(10, 77, 8, 1);
+    let _dns = honest(&w.ns, TRUSTED, addr);
+    let (mut a, mut b) = (w.client("a"), w.client("b"));
+    a.query(TRUSTED, 61);
+    assert_eq!(a.recv(), (61, TRUSTED.to_string()));
+    assert_eq!(
+        a.connect(addr),
+        Ok(()),
+        "a: the answer to its own query was learned\n{}",
+        w.agent.context()
+    );
+    assert_eq!(
+        b.connect(addr),
+        Err(EPERM),
+        "b: an address only a's answer taught is no provider's for b\n{}",
+        w.agent.context()
+    );
+    b.query(TRUSTED, 62);
+    assert_eq!(b.recv(), (62, TRUSTED.to_string()));
+    assert_eq!(
+        b.connect(addr),
+        Ok(()),
+        "b: after the answer to its own query\n{}",
+        w.agent.context()
+    );
+}
+
+/// With `trusted = "any"`, a workload that runs its own resolver teaches
+/// itself any address, and only itself: the other workload still gets
+/// EPERM for it.
+#[test]
+fn with_trusted_any_a_workloads_own_resolver_teaches_only_that_workload() {
+    require_root();
+    let w = World::trusting("hdns-any-scope", "\"any\"");
+    let addr = Ipv4Addr::new(10, 77, 9, 1);
+    // The workload's "own" resolver: any address of the namespace.
+    let _dns = honest(&w.ns, UNTRUSTED, addr);
+    let (mut a, mut b) = (w.client("a"), w.client("b"));
+    a.query(UNTRUSTED, 71);
+    assert_eq!(a.recv(), (71, UNTRUSTED.to_string()));
+    assert_eq!(
+        a.connect(addr),
+        Ok(()),
+        "a taught itself through a resolver it asked (trusted = \"any\")\n{}",
+        w.agent.context()
+    );
+    assert_eq!(
+        b.connect(addr),
+        Err(EPERM),
+        "what a taught itself is no provider's for b\n{}",
+        w.agent.context()
     );
 }
