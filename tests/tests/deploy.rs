@@ -641,6 +641,12 @@ check(prof["defaultAction"] == "SCMP_ACT_ERRNO", "the seccomp profile denies by 
 for name in ("bpf", "perf_event_open"):
     rules = [r for r in prof["syscalls"] if name in r["names"]]
     check(len(rules) == 1 and rules[0]["action"] == "SCMP_ACT_ALLOW" and not rules[0].get("includes") and not rules[0].get("excludes") and not rules[0].get("args"), f"the seccomp profile allows {name} unconditionally, once")
+# Only what the agent calls (docs/install.md "seccomp"): none of the calls a
+# runtime's default allows that the agent never makes.
+allowed = {n for r in prof["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]}
+for name in ("unshare", "setns", "keyctl", "ptrace", "process_vm_writev", "chroot", "pivot_root", "init_module", "kexec_load", "userfaultfd", "io_uring_setup", "personality"):
+    check(name not in allowed, f"the seccomp profile allows {name}, which the agent never calls")
+check(len(allowed) < 140, f"the seccomp profile allows {len(allowed)} calls: it should list only the agent's")
 mounts = {m["name"]: m for m in c["volumeMounts"]}
 vols = {v["name"]: v for v in spec["volumes"]}
 policy_vol = [n for n, v in vols.items() if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
