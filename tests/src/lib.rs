@@ -36,6 +36,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod cgroup;
+pub mod client_process;
 pub mod curl;
 pub mod dns;
 pub mod fake_kube;

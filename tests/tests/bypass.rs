@@ -27,10 +27,10 @@
 //! reverse order.
 
 use std::{
-    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -41,7 +41,7 @@ use std::{
 
 use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, TlsServer,
-    netns::enter_netns,
+    client_process::{self, ClientProcess},
     probe::confine,
     require_root,
     scenario::{expect_eperm, expect_ok, probe},
@@ -349,55 +349,20 @@ impl Drop for EchoServer {
 // ------------------------------------------------------------- the client
 
 /// This executable run again, in a workload cgroup and the namespace.
-struct Client {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
+struct Client(ClientProcess);
 
 impl Client {
     fn start(cgroup: &Path, ns: &NetnsGuard) -> Client {
-        let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
-            .args([
-                "bypass_client_process",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-                "-q",
-            ])
-            .env(
-                CLIENT_ENV,
-                format!("{}\n{}", cgroup.display(), ns.path().display()),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("cannot start the client process");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Client {
-            child,
-            stdin,
-            stdout,
-        }
+        Client(ClientProcess::start(
+            "bypass_client_process",
+            CLIENT_ENV,
+            cgroup,
+            ns,
+        ))
     }
 
-    /// One command, one answer line (lines not starting with `R ` are the
-    /// test harness's own output and are skipped).
     fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut l = String::new();
-        loop {
-            l.clear();
-            let n = self.stdout.read_line(&mut l).unwrap();
-            assert!(n > 0, "the client process ended before answering {line:?}");
-            if let Some(r) = l.trim_end().strip_prefix("R ") {
-                return r.to_string();
-            }
-        }
+        self.0.cmd(line)
     }
 
     /// Resolves `name` (`AAAA` when `v6`) at `server` over UDP, or TCP
@@ -432,13 +397,6 @@ impl Client {
     }
 }
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn parse_result(r: &str) -> Result<(), i32> {
     if r == "ok" {
         Ok(())
@@ -454,24 +412,11 @@ fn errno(e: &std::io::Error) -> String {
 /// The client: only does something when run by `Client::start`.
 #[test]
 fn bypass_client_process() {
-    let Ok(spec) = std::env::var(CLIENT_ENV) else {
-        return;
-    };
-    let mut lines = spec.lines();
-    let cgroup = lines.next().unwrap();
-    let ns = lines.next().unwrap();
-    std::fs::write(
-        Path::new(cgroup).join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .unwrap_or_else(|e| panic!("cannot join {cgroup}: {e}"));
-    enter_netns(Path::new(ns)).unwrap_or_else(|e| panic!("cannot enter {ns}: {e}"));
     let mut held: Option<TcpStream> = None;
     let mut id: u16 = 1;
-    let mut out = std::io::stdout();
-    for line in std::io::stdin().lines().map_while(Result::ok) {
+    client_process::serve(CLIENT_ENV, |line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let reply = match f.as_slice() {
+        match f.as_slice() {
             ["q", server, qtype, name, proto] => {
                 id = id.wrapping_add(1);
                 let server: SocketAddr = server.parse().unwrap();
@@ -548,10 +493,8 @@ fn bypass_client_process() {
                 }
             },
             _ => "-1".into(),
-        };
-        writeln!(out, "R {reply}").unwrap();
-        out.flush().unwrap();
-    }
+        }
+    });
 }
 
 // ----------------------------------------------------------------- world

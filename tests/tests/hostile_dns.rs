@@ -22,10 +22,9 @@
 //! reverse order.
 
 use std::{
-    io::{BufRead, BufReader, ErrorKind, Write},
+    io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -35,7 +34,9 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, netns::enter_netns, require_root, toml_str,
+    Agent, CgroupGuard, NetnsGuard,
+    client_process::{self, ClientProcess},
+    require_root, toml_str,
 };
 
 const DEAD_DNS: &str = "127.0.0.1:9";
@@ -198,53 +199,20 @@ impl Drop for AnyListener {
 // ------------------------------------------------------------- the client
 
 /// A client process in a workload cgroup and the test namespace.
-struct Client {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
+struct Client(ClientProcess);
 
 impl Client {
     fn start(cgroup: &Path, ns: &NetnsGuard) -> Client {
-        let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
-            .args([
-                "hostile_client_process",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-                "-q",
-            ])
-            .env(
-                CLIENT_ENV,
-                format!("{}\n{}", cgroup.display(), ns.path().display()),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("cannot start the client process");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Client {
-            child,
-            stdin,
-            stdout,
-        }
+        Client(ClientProcess::start(
+            "hostile_client_process",
+            CLIENT_ENV,
+            cgroup,
+            ns,
+        ))
     }
 
     fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut l = String::new();
-        loop {
-            l.clear();
-            let n = self.stdout.read_line(&mut l).unwrap();
-            assert!(n > 0, "the client process ended before answering {line:?}");
-            if let Some(r) = l.trim_end().strip_prefix("R ") {
-                return r.to_string();
-            }
-        }
+        self.0.cmd(line)
     }
 
     /// The port of the client's UDP socket.
@@ -276,35 +244,19 @@ impl Client {
     }
 }
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The client: only does something when run by `Client::start`.
 #[test]
 fn hostile_client_process() {
-    let Ok(spec) = std::env::var(CLIENT_ENV) else {
-        return;
-    };
-    let mut lines = spec.lines();
-    let cgroup = lines.next().unwrap();
-    let ns = lines.next().unwrap();
-    std::fs::write(
-        Path::new(cgroup).join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .unwrap_or_else(|e| panic!("cannot join {cgroup}: {e}"));
-    enter_netns(Path::new(ns)).unwrap_or_else(|e| panic!("cannot enter {ns}: {e}"));
-    let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
-    udp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut out = std::io::stdout();
+    let mut udp: Option<UdpSocket> = None;
     let mut buf = [0u8; 2048];
-    for line in std::io::stdin().lines().map_while(Result::ok) {
+    client_process::serve(CLIENT_ENV, |line| {
+        let udp = udp.get_or_insert_with(|| {
+            let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+            u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            u
+        });
         let f: Vec<&str> = line.split(' ').collect();
-        let r = match f.as_slice() {
+        match f.as_slice() {
             ["port"] => udp.local_addr().unwrap().port().to_string(),
             ["query", server, id, name] => {
                 let to = format!("{server}:53");
@@ -331,10 +283,8 @@ fn hostile_client_process() {
                 }
             }
             _ => format!("unknown command {line:?}"),
-        };
-        writeln!(out, "R {r}").unwrap();
-        out.flush().unwrap();
-    }
+        }
+    });
 }
 
 // ----------------------------------------------------------------- world

@@ -39,8 +39,8 @@ use super::{
 };
 
 mod limits;
-mod sockets;
 mod proxies;
+mod sockets;
 
 // The defaults of the keys a policy leaves out (docs/policy.md lists them).
 const DEFAULT_MODE: Mode = Mode::Enforce;
