@@ -74,17 +74,29 @@ pub enum RunError {
     Untrusted(#[from] crate::ownership::Untrusted),
 }
 
-/// The policy file's settings that only a restart can change.
-fn restart_only(p: &Policy) -> impl PartialEq + std::fmt::Debug {
-    (
-        p.cgroup.clone(),
-        p.pin_path.clone(),
-        p.metrics_listen,
-        p.failure_mode,
-        p.audit_log.clone(),
-        p.kubernetes.clone(),
-        p.programs,
-    )
+/// Keeps in `next` the running values of the keys that change only on
+/// restart (the one list of them: docs/policy.md says the same), and
+/// returns the names of those `next` would have changed.
+fn keep_restart_only(next: &mut Policy, running: &Policy) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    macro_rules! keep {
+        ($($field:ident => $name:literal),* $(,)?) => {$(
+            if next.$field != running.$field {
+                changed.push($name);
+                next.$field = running.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        cgroup => "cgroup",
+        pin_path => "pin_path",
+        metrics_listen => "metrics_listen",
+        failure_mode => "failure_mode",
+        audit_log => "audit_log",
+        programs => "programs",
+        kubernetes => "[kubernetes]",
+    );
+    changed
 }
 
 /// DNS answers waiting for the agent's parser; more are dropped (counted).
@@ -674,19 +686,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 }
             }
             Ok(new) => {
-                if restart_only(&new) != restart_only(&state.policy) {
-                    warn!(
-                        "cgroup, pin_path, metrics_listen, failure_mode, audit_log, programs and [kubernetes] change only on restart; keeping the running values"
-                    );
-                }
                 let mut next = new;
-                next.cgroup = state.policy.cgroup.clone();
-                next.pin_path = state.policy.pin_path.clone();
-                next.metrics_listen = state.policy.metrics_listen;
-                next.failure_mode = state.policy.failure_mode;
-                next.programs = state.policy.programs;
-                next.audit_log = state.policy.audit_log.clone();
-                next.kubernetes = state.policy.kubernetes.clone();
+                let kept = keep_restart_only(&mut next, &state.policy);
+                if !kept.is_empty() {
+                    warn!(keys = ?kept, "these keys change only on restart; keeping the running values");
+                }
                 if next == state.policy {
                     // The same policy again (a SIGHUP after an edit that the
                     // file watch already applied; an edit undone): no new
@@ -780,4 +784,58 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         OnExit::Keep => loader.keep(),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every restart-only key of a reloaded policy keeps its running value
+    /// and is named; everything else comes from the new file.
+    #[test]
+    fn a_reload_keeps_each_restart_only_key_and_names_it() {
+        let running = Policy::parse(
+            r#"cgroup = "/sys/fs/cgroup/a"
+pin_path = "/sys/fs/bpf/a"
+metrics_listen = "127.0.0.1:9001"
+failure_mode = "closed"
+audit_log = "-"
+programs = "all"
+mode = "enforce"
+"#,
+            "running",
+        )
+        .unwrap();
+        let mut next = Policy::parse(
+            r#"cgroup = "/sys/fs/cgroup/b"
+pin_path = "/sys/fs/bpf/b"
+metrics_listen = "127.0.0.1:9002"
+failure_mode = "open"
+audit_log = "off"
+programs = "connect"
+mode = "audit"
+[kubernetes]
+node_name = "n1"
+"#,
+            "next",
+        )
+        .unwrap();
+        let kept = keep_restart_only(&mut next, &running);
+        assert_eq!(
+            kept,
+            [
+                "cgroup",
+                "pin_path",
+                "metrics_listen",
+                "failure_mode",
+                "audit_log",
+                "programs",
+                "[kubernetes]"
+            ]
+        );
+        let mut expected = running.clone();
+        expected.mode = next.mode;
+        assert_eq!(next, expected, "only `mode` comes from the new file");
+        assert!(keep_restart_only(&mut next, &running).is_empty());
+    }
 }

@@ -381,6 +381,50 @@ fn a_refused_provider_connect_is_reported_closed_unestablished() {
     assert!(closed.is_some(), "both closed:\n{}", agent.metrics());
 }
 
+/// `programs` changes only on restart: a reload that says `"connect"`
+/// keeps the running `"all"` whole, connection tracking included (the
+/// plan once took `track` from the new file while the attached programs
+/// stayed: sock_ops kept running for connections nothing tracked).
+#[test]
+fn a_reload_to_programs_connect_keeps_tracking_connections() {
+    require_root();
+    let cg = CgroupGuard::new("keepall");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    start_sink(&netns, "10.20.0.1:8086");
+    let agent = Agent::start(&bot_policy(&cg, ""));
+    let g0 = agent.generation();
+    // `programs` and something a reload does apply (the provider's port
+    // list), so that the reload makes a new generation.
+    agent.rewrite_policy(&bot_policy(&cg, "programs = \"connect\"\n").replace(
+        r#"cidrs = ["10.20.0.0/16"]"#,
+        r#"cidrs = ["10.20.0.0/16"]
+ports = [8086]"#,
+    ));
+    agent.wait_for_generation_after(g0);
+    let probe = llm_egress_tests::Probe::new(env!("CARGO_BIN_EXE_egress-probe"));
+    probe
+        .connect(&bot, &netns, "10.20.0.1:8086")
+        .expect("the sink accepts");
+    let record = agent
+        .wait_for_audit(
+            |e| e["event"] == "connection" && e["dst_port"].as_u64() == Some(8086),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "after a reload to programs = \"connect\" the connection is still tracked and summarised\n{}",
+                agent.context()
+            )
+        });
+    assert_eq!(record["established"], true, "{record}");
+    assert!(
+        agent.all_stderr().contains("programs"),
+        "the reload says that `programs` was kept:\n{}",
+        agent.all_stderr()
+    );
+}
+
 /// A burst of 3,000 provider connects is logged whole, one `decision` line
 /// per connect, soon after the burst, with either program set (with
 /// `"all"` each connect also brings sock_ops' connection events). The
