@@ -9,7 +9,9 @@ use serde::Serialize;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CgroupInfo {
-    /// The deepest `*.service` or `*.scope` component.
+    /// The deepest `*.service` or `*.scope` component that a systemd
+    /// manager could have made: none inside another unit, except the user
+    /// manager's below `user@UID.service`.
     pub unit: Option<String>,
     /// `docker`, `containerd`, `cri-o` or `podman`.
     pub container_runtime: Option<&'static str>,
@@ -84,7 +86,13 @@ pub fn describe(path: &str) -> CgroupInfo {
             in_kubepods = true;
             continue;
         }
-        if part.ends_with(".service") || part.ends_with(".scope") {
+        // A unit only where a systemd manager makes units: not inside
+        // another unit (a delegated subtree, a container's own tree, where
+        // anyone who may write there names directories as they like), except
+        // below `user@UID.service`, where the user's manager makes them.
+        if (part.ends_with(".service") || part.ends_with(".scope"))
+            && info.unit.as_deref().is_none_or(|u| u.starts_with("user@"))
+        {
             info.unit = Some((*part).to_string());
         }
         if let Some(id) = scoped_id(part, &["docker-"]) {
@@ -136,6 +144,14 @@ mod tests {
         assert_eq!(i.unit.as_deref(), Some("support-bot.service"));
         assert_eq!(i.container_id, None);
         let i = describe("/user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope");
+        assert_eq!(i.unit.as_deref(), Some("run-r1.scope"));
+        // A directory named like a unit inside a unit's (delegated) tree
+        // is not a unit: the enclosing one is reported.
+        let i = describe("/system.slice/build.service/payload/x.service");
+        assert_eq!(i.unit.as_deref(), Some("build.service"));
+        let i = describe(
+            "/user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope/x.service",
+        );
         assert_eq!(i.unit.as_deref(), Some("run-r1.scope"));
     }
 
