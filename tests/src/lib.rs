@@ -14,7 +14,7 @@
 //!   speaking the OpenAI and Anthropic wire formats, and [`curl`] to call
 //!   them from a workload.
 //! - [`DnsServer`]: dnsmasq on a loopback port, answering fixed names.
-//! - [`proxy::ConnectProxy`], [`proxy::Socks5Proxy`]: forward proxies
+//! - [`proxy::Proxy`] (HTTP CONNECT and SOCKS5): forward proxies
 //!   (HTTP CONNECT, SOCKS5) inside a namespace.
 //! - [`fake_kube::FakeKube`]: a Kubernetes API server on 127.0.0.1 (HTTPS,
 //!   bearer token) that lists the pods of a node.

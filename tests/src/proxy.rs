@@ -1,6 +1,6 @@
-//! Forward proxies inside a test namespace: [`ConnectProxy`] (HTTP
+//! Forward proxies inside a test namespace: [`Proxy::connect`] (HTTP
 //! `CONNECT`, what `HTTPS_PROXY=http://…` clients speak) and
-//! [`Socks5Proxy`] (SOCKS5 with host names, `curl --socks5-hostname`).
+//! [`Proxy::socks5`] (SOCKS5 with host names, `curl --socks5-hostname`).
 //!
 //! Both run on threads that entered the namespace, so the connections they
 //! make to the fake providers stay in it; they are in no test cgroup, so
@@ -38,17 +38,33 @@ impl Tunnels {
     }
 }
 
-/// An HTTP CONNECT proxy on `addr` in a namespace.
-pub struct ConnectProxy {
+/// A forward proxy on `addr` in a namespace: HTTP CONNECT
+/// ([`Proxy::connect`]) or SOCKS5 ([`Proxy::socks5`]); it stops when
+/// dropped.
+pub struct Proxy {
     addr: SocketAddr,
     tunnels: Tunnels,
     listener: TcpListener,
 }
 
-impl ConnectProxy {
-    /// Listens on `addr` ("10.78.0.9:3128") inside `ns`; `hosts` maps the
-    /// host names clients ask for to addresses in the namespace.
-    pub fn start(ns: &NetnsGuard, addr: &str, hosts: &[(&str, &str)]) -> ConnectProxy {
+/// A proxy's handling of one client connection.
+type Session = fn(TcpStream, &HashMap<String, String>, &Tunnels) -> std::io::Result<()>;
+
+impl Proxy {
+    /// An HTTP CONNECT proxy listening on `addr` ("10.78.0.9:3128") inside
+    /// `ns`; `hosts` maps the host names clients ask for to addresses in
+    /// the namespace.
+    pub fn connect(ns: &NetnsGuard, addr: &str, hosts: &[(&str, &str)]) -> Proxy {
+        Proxy::start(ns, addr, hosts, connect_session)
+    }
+
+    /// A SOCKS5 proxy (no authentication, CONNECT with a host name or an
+    /// IPv4 address), as [`Proxy::connect`].
+    pub fn socks5(ns: &NetnsGuard, addr: &str, hosts: &[(&str, &str)]) -> Proxy {
+        Proxy::start(ns, addr, hosts, socks_session)
+    }
+
+    fn start(ns: &NetnsGuard, addr: &str, hosts: &[(&str, &str)], session: Session) -> Proxy {
         let hosts: Arc<HashMap<String, String>> = Arc::new(
             hosts
                 .iter()
@@ -58,9 +74,9 @@ impl ConnectProxy {
         let tunnels = Tunnels::default();
         let listener = serve(ns, addr, {
             let tunnels = tunnels.clone();
-            move |conn| connect_session(conn, &hosts, &tunnels)
+            move |conn| session(conn, &hosts, &tunnels)
         });
-        ConnectProxy {
+        Proxy {
             addr: listener.local_addr().expect("local_addr"),
             tunnels,
             listener,
@@ -81,50 +97,7 @@ impl ConnectProxy {
     }
 }
 
-impl Drop for ConnectProxy {
-    fn drop(&mut self) {
-        stop(&self.listener);
-    }
-}
-
-/// A SOCKS5 proxy (no authentication, CONNECT with a host name or an IPv4
-/// address) on `addr` in a namespace.
-pub struct Socks5Proxy {
-    addr: SocketAddr,
-    tunnels: Tunnels,
-    listener: TcpListener,
-}
-
-impl Socks5Proxy {
-    pub fn start(ns: &NetnsGuard, addr: &str, hosts: &[(&str, &str)]) -> Socks5Proxy {
-        let hosts: Arc<HashMap<String, String>> = Arc::new(
-            hosts
-                .iter()
-                .map(|(h, a)| (h.to_string(), a.to_string()))
-                .collect(),
-        );
-        let tunnels = Tunnels::default();
-        let listener = serve(ns, addr, {
-            let tunnels = tunnels.clone();
-            move |conn| socks_session(conn, &hosts, &tunnels)
-        });
-        Socks5Proxy {
-            addr: listener.local_addr().expect("local_addr"),
-            tunnels,
-            listener,
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn tunnels(&self) -> Vec<String> {
-        self.tunnels.list()
-    }
-}
-
-impl Drop for Socks5Proxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
         stop(&self.listener);
     }

@@ -27,7 +27,7 @@ use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, Probe,
     fake_provider::{self, FakeProvider, Flavor},
     probe::{confine, describe},
-    proxy::{ConnectProxy, Socks5Proxy},
+    proxy::Proxy,
     require_root, toml_str,
 };
 use serde_json::Value;
@@ -271,7 +271,7 @@ fn a_connect_to_a_denied_provider_fails_fast_and_an_allowed_one_works_end_to_end
     let w = cg.child("w");
     let ns = world();
     let p = providers(&ns);
-    let corp = ConnectProxy::start(&ns, CORP, HOSTS);
+    let corp = Proxy::connect(&ns, CORP, HOSTS);
     let agent = Agent::start(&policy(&cg, "enforce"));
 
     // Allowed: through the named proxy, with HTTPS_PROXY as SDKs read it.
@@ -343,7 +343,7 @@ fn a_workload_not_allowed_to_use_the_proxy_gets_eperm_at_connect() {
     let n = cg.child("n");
     let ns = world();
     let p = providers(&ns);
-    let corp = ConnectProxy::start(&ns, CORP, HOSTS);
+    let corp = Proxy::connect(&ns, CORP, HOSTS);
     let agent = Agent::start(&policy(&cg, "enforce"));
 
     let probe = Probe::new(env!("CARGO_BIN_EXE_egress-probe"));
@@ -376,7 +376,7 @@ fn a_connect_through_a_proxy_the_policy_does_not_name_is_still_judged() {
     let w = cg.child("w");
     let ns = world();
     let p = providers(&ns);
-    let own = ConnectProxy::start(&ns, UNNAMED, HOSTS);
+    let own = Proxy::connect(&ns, UNNAMED, HOSTS);
     let agent = Agent::start(&policy(&cg, "enforce"));
 
     let ok = call(&p.anthropic, &w, &ns, Via::Flag(&own.url()));
@@ -409,8 +409,8 @@ fn hostile_request_lines_get_a_verdict_and_a_counter_each() {
     let w = cg.child("w");
     let ns = world();
     let _p = providers(&ns);
-    let corp = ConnectProxy::start(&ns, CORP, HOSTS);
-    let own = ConnectProxy::start(&ns, UNNAMED, HOSTS);
+    let corp = Proxy::connect(&ns, CORP, HOSTS);
+    let own = Proxy::connect(&ns, UNNAMED, HOSTS);
     let agent = Agent::start(&policy(&cg, "enforce"));
     let aborted = |v: &Value, what: &str| {
         assert!(
@@ -558,7 +558,7 @@ fn audit_mode_records_a_denied_connect_and_does_not_stop_it() {
     let w = cg.child("w");
     let ns = world();
     let p = providers(&ns);
-    let corp = ConnectProxy::start(&ns, CORP, HOSTS);
+    let corp = Proxy::connect(&ns, CORP, HOSTS);
     let agent = Agent::start(&policy(&cg, "audit"));
 
     let r = call(&p.openai, &w, &ns, Via::Flag(&corp.url()));
@@ -589,9 +589,9 @@ fn socks_through_an_unnamed_proxy_is_not_seen_and_through_a_named_one_is_stopped
     let w = cg.child("w");
     let ns = world();
     let p = providers(&ns);
-    let unnamed = Socks5Proxy::start(&ns, SOCKS_UNNAMED, HOSTS);
-    let named = Socks5Proxy::start(&ns, SOCKS_NAMED, HOSTS);
-    let corp = ConnectProxy::start(&ns, CORP, HOSTS);
+    let unnamed = Proxy::socks5(&ns, SOCKS_UNNAMED, HOSTS);
+    let named = Proxy::socks5(&ns, SOCKS_NAMED, HOSTS);
+    let corp = Proxy::connect(&ns, CORP, HOSTS);
     let agent = Agent::start(&policy(&cg, "enforce"));
 
     let through = call(&p.openai, &w, &ns, Via::Socks(SOCKS_UNNAMED));
@@ -657,7 +657,7 @@ fn a_named_proxy_on_ipv6_is_judged_like_on_ipv4() {
     let w = cg.child("w");
     let ns = world();
     let p = providers(&ns);
-    let corp = ConnectProxy::start(&ns, CORP6, HOSTS);
+    let corp = Proxy::connect(&ns, CORP6, HOSTS);
     let agent = Agent::start(&policy(&cg, "enforce"));
 
     let ok = call(&p.anthropic, &w, &ns, Via::Flag(&corp.url()));
