@@ -22,8 +22,7 @@
 //! reverse order.
 
 use std::{
-    io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     path::Path,
     sync::{
         Arc,
@@ -34,7 +33,7 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard,
+    Agent, CgroupGuard, NetnsGuard, TcpServer,
     client_process::{self, ClientProcess},
     require_root, toml_str,
 };
@@ -152,48 +151,6 @@ fn forge(ns: &NetnsGuard, from: &str, port: u16, msg: &[u8]) {
         s.send_to(msg, (TRUSTED, port))
             .unwrap_or_else(|e| panic!("cannot send the forged answer: {e}"));
     });
-}
-
-/// Accepts (and closes) every connection to port 443 on any address local
-/// to the namespace.
-struct AnyListener {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl AnyListener {
-    fn start(ns: &NetnsGuard) -> AnyListener {
-        let l = ns
-            .in_netns(|| TcpListener::bind("0.0.0.0:443"))
-            .unwrap_or_else(|e| panic!("cannot listen on 0.0.0.0:443 in {}: {e}", ns.name()));
-        l.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !s2.load(Ordering::SeqCst) {
-                match l.accept() {
-                    Ok((c, _)) => drop(c),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2))
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
-        AnyListener {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for AnyListener {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 // ------------------------------------------------------------- the client
@@ -327,7 +284,9 @@ ports = [443]
 /// listener on port 443, the agent (servers are the test's own).
 struct World {
     agent: Agent,
-    _listener: AnyListener,
+    /// Accepts (and closes) every connection to port 443 on any address
+    /// local to the namespace.
+    _listener: TcpServer,
     ns: NetnsGuard,
     cg: CgroupGuard,
 }
@@ -344,7 +303,7 @@ impl World {
         cg.child("b");
         let ns = NetnsGuard::new();
         ns.ip(&["route", "add", "local", "10.77.0.0/16", "dev", "lo"]);
-        let listener = AnyListener::start(&ns);
+        let listener = TcpServer::start(&ns, "0.0.0.0:443");
         let agent = Agent::start(&policy(&cg, trusted));
         World {
             agent,
