@@ -153,7 +153,7 @@ pub static BUCKETS: PinnedBtfHash<BucketKey, Bucket, { BUCKETS_MAX as usize }> =
 /// record to `EVENTS`: wake the agent's reader when no program has woken it
 /// in the last `EVENTS_WAKE_NS`, or when `EVENTS_WAKE_BYTES` wait; else no
 /// wakeup (the agent drains on its own for a while after each wakeup:
-/// agent/src/events.rs, the contract in common's `EVENTS_WAKE_NS`).
+/// agent/src/events/mod.rs, the contract in common's `EVENTS_WAKE_NS`).
 /// The kernel's default (flags 0) wakes the reader whenever it has caught
 /// up, which a fast reader always has: one inter-processor interrupt and
 /// one scheduler wakeup per record, the most expensive part of a provider

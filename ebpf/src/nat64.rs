@@ -3,7 +3,7 @@
 //! NAT64 gateway, the IPv4 address in its last four bytes, so the connect
 //! hooks judge it as that IPv4 address (sock_addr.rs `judge_v6`).
 //!
-//! `NAT64` is written by the agent alone (agent/src/maps.rs) from the
+//! `NAT64` is written by the agent alone (agent/src/kernel/maps.rs) from the
 //! policy; a workload cannot change it. It is not per policy slot: a
 //! reload adds the new prefixes, flips the slot, then removes the old
 //! ones, so during a reload an address under a prefix of either policy is

@@ -1,4 +1,4 @@
-//! The userspace CONNECT request-line reader (agent/src/connect_line.rs,
+//! The userspace CONNECT request-line reader (agent/src/names/connect_line.rs,
 //! the kernel's rules of ebpf/src/connect_line.rs): any first payload, never
 //! a panic; a host is 1 to 253 bytes of the input followed by `:` and a
 //! port of 1 to 65535, cut in 1 to `DNS_MAX_LABELS` non-empty labels.
@@ -7,9 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use llm_egress_common::DNS_MAX_LABELS;
 
-#[path = "../../agent/src/connect_line.rs"]
-#[allow(dead_code)]
-mod connect_line;
+use llm_egress::names::connect_line;
 
 fuzz_target!(|data: &[u8]| {
     match connect_line::parse(data) {

@@ -1,4 +1,4 @@
-//! The agent's userspace DNS answer handling (agent/src/dns.rs, the path
+//! The agent's userspace DNS answer handling (agent/src/names/dns.rs, the path
 //! for answers the kernel gives up on): any bytes, never a panic, and every
 //! address learned is one of the message's A/AAAA records.
 #![no_main]
@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use libfuzzer_sys::fuzz_target;
 use llm_egress_common::{DestValue, names::host_key};
 
-#[path = "../../agent/src/dns.rs"]
-#[allow(dead_code)]
-mod dns;
+use llm_egress::names::dns;
 
 const SEED: u64 = 0x5eed;
 

@@ -94,7 +94,7 @@ fn policy_file_change_is_applied_without_a_signal() {
 }
 
 /// Each way a policy file is changed in practice is applied in
-/// milliseconds (inotify, agent/src/policy_watch.rs), not at the next
+/// milliseconds (inotify, agent/src/policy/watch.rs), not at the next
 /// once-a-second check: a rename over the file (editors, tools), a write
 /// in place, and Kubernetes' ConfigMap update (the file is a symlink
 /// through `..data`, which is swapped by a rename). Five changes each under

@@ -27,7 +27,7 @@
 //!
 //! `LLM_EGRESS_TOKENS_FIT=1` also prints least-squares fits of the byte
 //! counts against the true token counts, per provider family and response
-//! shape: the numbers `agent/src/tokens.rs` takes its constants from (fit on
+//! shape: the numbers `agent/src/accounting/tokens.rs` takes its constants from (fit on
 //! another seed than the checked run: `LLM_EGRESS_TOKENS_SEED=1000`).
 //!
 //! Locals are declared cgroup, netns, servers, agent, so they drop in the
@@ -1104,7 +1104,7 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
     (my - b * mx, b)
 }
 
-/// The fits agent/src/tokens.rs takes its constants from.
+/// The fits agent/src/accounting/tokens.rs takes its constants from.
 fn print_fits(samples: &[Sample]) {
     type Group = (&'static str, fn(&Case) -> bool);
     let groups: [Group; 5] = [

@@ -1,7 +1,7 @@
 //! Every kernel program verifies with headroom on this kernel.
 //!
 //! `llm-egress verify --json` loads each program of the agent's object with
-//! the verifier's statistics (agent/src/verifier.rs); this test prints the
+//! the verifier's statistics (agent/src/kernel/verifier.rs); this test prints the
 //! table and fails when a program does not load or exceeds its budget: a
 //! fifth of the kernel's 1,000,000-instruction complexity limit and 1 s of
 //! verification. A program that passes the verifier by a hair on one kernel

@@ -1,5 +1,5 @@
 //! The Kubernetes parts of a policy: the `[kubernetes]` table (where the
-//! agent lists the pods of its node, see `crate::kube`) and the syntax of
+//! agent lists the pods of its node, see `crate::attribution::kube`) and the syntax of
 //! the values a workload's `k8s` selector holds (namespace, label keys and
 //! values, as the API server accepts them). `validate` calls these checks
 //! and reports their errors with line and column; nothing here talks to a

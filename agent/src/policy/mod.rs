@@ -4,10 +4,13 @@
 //! `validate` turns it into a [`Policy`] or a list of [`PolicyError`]s that
 //! name file, line, column, key and value. Nothing here touches the kernel.
 
+pub mod catalog;
 mod error;
 mod file;
 mod kubernetes;
+pub mod ownership;
 mod validate;
+pub mod watch;
 
 pub use error::{PolicyError, PolicyErrors};
 pub use llm_egress_common::{
@@ -178,7 +181,7 @@ pub enum KubeEnabled {
     Off,
 }
 
-/// `[kubernetes]`: where the agent lists the pods of its node (src/kube.rs).
+/// `[kubernetes]`: where the agent lists the pods of its node (src/attribution/kube.rs).
 /// Unset values come from the pod's environment when the agent starts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KubernetesConfig {
@@ -204,7 +207,7 @@ pub struct PodSelector {
 /// Which cgroup directories a workload selects. Every form selects only
 /// directories whose name root chose (no ancestor up to the cgroup2 root is
 /// writable by a non-root user), except the two that say otherwise
-/// (`DelegatedCgroup`, `SystemdUserUnit`): see `crate::cgroups` and
+/// (`DelegatedCgroup`, `SystemdUserUnit`): see `crate::attribution::cgroups` and
 /// docs/policy.md, "Who can create what a selector matches".
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selector {

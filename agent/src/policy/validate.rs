@@ -6,7 +6,7 @@
 //! is about (from `toml::Spanned`), its dotted key and the value as written.
 //! `file` knows what a single value may look like; this module knows what
 //! the values mean together: defaults, the merge of the built-in catalog
-//! (`crate::catalog`, parsed with the same checks) with the policy's
+//! (`crate::policy::catalog`, parsed with the same checks) with the policy's
 //! `[[providers]]`, unique names and selectors, `allow`/`deny` entries
 //! that name providers of the merged list, and `[workloads.limits]` with its
 //! per-provider overrides (merged key by key).
@@ -89,7 +89,7 @@ impl Policy {
     pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyErrors> {
         let file: PolicyFile = file::from_str(text, origin).map_err(|e| PolicyErrors(vec![e]))?;
         let mut c = Checker::new(origin, text);
-        let catalog = match crate::catalog::builtin() {
+        let catalog = match crate::policy::catalog::builtin() {
             Ok(catalog) => catalog,
             Err(errors) => {
                 c.errors.extend(errors.0.iter().cloned());
@@ -112,12 +112,12 @@ impl Policy {
     /// start blocking when the programs cannot decide or outlive the agent.
     /// Everything else has the defaults of an empty policy file.
     pub fn builtin_default() -> Policy {
-        let catalog = crate::catalog::builtin().unwrap_or_else(|errors| {
+        let catalog = crate::policy::catalog::builtin().unwrap_or_else(|errors| {
             // Unreachable in a tested build: catalog::tests parse the file.
             tracing::error!(%errors, "the built-in provider catalog is invalid; using none");
             &[]
         });
-        let mut c = Checker::new(crate::catalog::ORIGIN, "");
+        let mut c = Checker::new(crate::policy::catalog::ORIGIN, "");
         let mut policy = c.policy(&PolicyFile::default(), catalog);
         debug_assert!(c.errors.is_empty(), "an empty policy file is valid");
         policy.mode = Mode::Audit;
@@ -142,7 +142,7 @@ impl Policy {
 
 impl Provider {
     /// Parses and validates a catalog file (`[[provider]]` tables: a policy
-    /// provider's fields plus `display`), for `crate::catalog`. Returns the
+    /// provider's fields plus `display`), for `crate::policy::catalog`. Returns the
     /// providers in file order, each with its display name.
     pub(crate) fn parse_catalog(
         text: &str,
@@ -1072,7 +1072,7 @@ mod tests {
     }
 
     pub(super) fn builtin_index(name: &str) -> usize {
-        let catalog = crate::catalog::builtin().unwrap_or_else(|e| panic!("{e}"));
+        let catalog = crate::policy::catalog::builtin().unwrap_or_else(|e| panic!("{e}"));
         catalog
             .iter()
             .position(|p| p.name == name)
@@ -1118,7 +1118,7 @@ mod tests {
         );
         assert_eq!(
             p.providers.as_slice(),
-            crate::catalog::builtin().unwrap_or(&[])
+            crate::policy::catalog::builtin().unwrap_or(&[])
         );
         assert!(p.workloads.is_empty());
     }
@@ -1275,7 +1275,7 @@ llm = "allow"
     #[test]
     fn policy_provider_replaces_builtin_in_place() {
         let p = ok("[[providers]]\nname = \"openai\"\nhosts = [\"openai-proxy.example\"]\n");
-        let catalog = crate::catalog::builtin().unwrap_or(&[]);
+        let catalog = crate::policy::catalog::builtin().unwrap_or(&[]);
         let i = builtin_index("openai");
         assert_eq!(p.providers.len(), catalog.len());
         assert_eq!(p.providers[i].hosts, ["openai-proxy.example"]);
@@ -1297,7 +1297,7 @@ llm = "allow"
             "[[providers]]\nname = \"mine\"\nhosts = [\"llm.example\"]\n\n\
                     [[providers]]\nname = \"anthropic\"\ndisabled = true\n",
         );
-        let catalog = crate::catalog::builtin().unwrap_or(&[]);
+        let catalog = crate::policy::catalog::builtin().unwrap_or(&[]);
         assert_eq!(p.providers.len(), catalog.len());
         assert_eq!(p.provider_id("anthropic"), None);
         let expected: Vec<&str> = (catalog.iter().map(|c| c.name.as_str()))
@@ -1334,7 +1334,7 @@ llm = "allow"
         assert!(p.workloads.is_empty());
         assert_eq!(
             p.providers.as_slice(),
-            crate::catalog::builtin().unwrap_or(&[])
+            crate::policy::catalog::builtin().unwrap_or(&[])
         );
         assert!(p.providers.len() >= 26);
         let file_defaults = ok("");

@@ -338,7 +338,7 @@ impl GuestReport {
 }
 
 /// A fifth of the kernel's complexity limit, the budget of every program
-/// (agent/src/verifier.rs, `INSNS_BUDGET`).
+/// (agent/src/kernel/verifier.rs, `INSNS_BUDGET`).
 pub const INSNS_BUDGET_FRACTION: u64 = 5;
 /// Verification time budget per program on hardware (`TIME_BUDGET_US`).
 pub const TIME_BUDGET_US: u64 = 1_000_000;

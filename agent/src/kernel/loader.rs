@@ -188,7 +188,7 @@ impl Loader {
 
     fn open_in(pin_root: &Path, dir: &Path) -> Result<Self, LoadError> {
         let maps_dir = dir.join("maps");
-        // Root's alone, whatever the umask (`crate::ownership`).
+        // Root's alone, whatever the umask (`crate::policy::ownership`).
         let mut mkdir = fs::DirBuilder::new();
         std::os::unix::fs::DirBuilderExt::mode(mkdir.recursive(true), 0o700);
         mkdir
@@ -523,7 +523,7 @@ fn load_failure_reason(e: &ProgramError) -> String {
 
 /// The last lines of a verifier log: its error and statistics.
 fn verifier_tail(log: &str) -> String {
-    crate::verifier::last_lines(log, VERIFIER_TAIL_LINES)
+    crate::kernel::verifier::last_lines(log, VERIFIER_TAIL_LINES)
 }
 
 /// The environment variable that makes a debug build treat programs as

@@ -59,7 +59,7 @@ pub struct Plan {
     /// destination value (id and ports). Filled by [`names`].
     pub names: BTreeMap<u64, DestValue>,
     /// `[workloads.limits]` (`LIMITS` of the slot, `BANDWIDTH`).
-    pub limits: crate::limits::LimitPlan,
+    pub limits: crate::kernel::limit_entries::LimitPlan,
     /// `NAT64` keys: the first 12 bytes of each of `nat64_prefixes` (not
     /// per slot; `maps` adds them before the flip, removes others after).
     pub nat64: BTreeSet<[u8; 12]>,
@@ -111,7 +111,7 @@ pub fn build(
         },
         ..Plan::default()
     };
-    plan.limits = crate::limits::plan(policy, plan.config.mode);
+    plan.limits = crate::kernel::limit_entries::plan(policy, plan.config.mode);
     for (&cgroup_id, &index) in cgroups {
         let Some(w) = policy.workloads.get(index) else {
             continue;

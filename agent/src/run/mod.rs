@@ -28,22 +28,22 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    accounting::Accounting,
-    attribution::CgroupPaths,
-    audit::AuditSink,
-    cgroups::{self, Selectors},
-    cli::{Listen, RunArgs},
+    accounting::connections::Accounting,
+    attribution::cgroups::{self, Selectors},
+    attribution::kube,
+    attribution::process::CgroupPaths,
+    cli::args::{Listen, RunArgs},
     events::{self, Context, NameTable, Names},
-    http::{self, Health},
-    kube,
-    limiter::Limiter,
-    loader::{self, AttachOutcome, Loader},
-    maps::{KernelMaps, MapsError, WriteReport},
-    metrics::Metrics,
-    plan::{self, Plan},
+    kernel::loader::{self, AttachOutcome, Loader},
+    kernel::maps::{KernelMaps, MapsError, WriteReport},
+    kernel::plan::{self, Plan},
+    kernel::programs::{self, ProgramsError},
+    limits::limiter::Limiter,
+    names::resolver::{self, HostAddrs, Resolver},
     policy::{AuditLog, OnExit, Policy, PolicyErrors},
-    programs::{self, ProgramsError},
-    resolver::{self, HostAddrs, Resolver},
+    telemetry::audit::AuditSink,
+    telemetry::http::{self, Health},
+    telemetry::metrics::Metrics,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +55,7 @@ pub enum RunError {
     #[error(transparent)]
     Programs(#[from] ProgramsError),
     #[error(transparent)]
-    Maps(#[from] crate::maps::MapsError),
+    Maps(#[from] crate::kernel::maps::MapsError),
     #[error("attach cgroup {0}: {1}")]
     Cgroup(PathBuf, String),
     #[error("{what}: {source}")]
@@ -71,7 +71,7 @@ pub enum RunError {
     #[error("resolver: {0}")]
     Resolver(String),
     #[error(transparent)]
-    Untrusted(#[from] crate::ownership::Untrusted),
+    Untrusted(#[from] crate::policy::ownership::Untrusted),
 }
 
 /// Keeps in `next` the running values of the keys that change only on
@@ -117,7 +117,7 @@ fn learn_unparsed(
     let Some(names) = maps.active_names() else {
         return;
     };
-    match crate::dns::learnable(msg, seed, names) {
+    match crate::names::dns::learnable(msg, seed, names) {
         Ok(found) => {
             metrics.dns_fallback.with_label_values(&["parsed"]).inc();
             for l in found {
@@ -135,10 +135,10 @@ fn learn_unparsed(
                 }
             }
         }
-        Err(crate::dns::Skip::NotAnAnswer) => {
+        Err(crate::names::dns::Skip::NotAnAnswer) => {
             metrics.dns_fallback.with_label_values(&["parsed"]).inc()
         }
-        Err(crate::dns::Skip::Unparsed) => {
+        Err(crate::names::dns::Skip::Unparsed) => {
             metrics.dns_fallback.with_label_values(&["unparsed"]).inc()
         }
     }
@@ -320,7 +320,7 @@ fn record_occupancy(maps: &KernelMaps, metrics: &Metrics) {
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let policy = load_policy(&args)?;
     // Before anything is created, opened for writing or pinned.
-    crate::ownership::check_policy(&policy, args.config.as_deref())?;
+    crate::policy::ownership::check_policy(&policy, args.config.as_deref())?;
     let (attach, mount) = attach_point(&policy)?;
     let attach_id = loader::cgroup_id(&attach)?;
     let root_rel = format!(
@@ -566,14 +566,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // up to 2 × 65,536 entries).
     let mut ticks: u64 = 0;
     let mut file_hash = args.config.as_deref().and_then(content_hash);
-    let mut file_changes = args.config.as_deref().and_then(crate::policy_watch::watch);
+    let mut file_changes = args.config.as_deref().and_then(crate::policy::watch::watch);
     // Started: from now on the pins stay whatever happens to the agent (and
     // other builds' pins go, with the privileges that may take).
     loader.started();
     // Everything that needs privileges is done: keep only what reading
     // /proc/PID/exe of other users' processes needs.
-    if crate::privileges::kernel_allows_unprivileged_map_fds() {
-        match crate::privileges::drop_all_but(&[crate::privileges::CAP_SYS_PTRACE]) {
+    if crate::kernel::privileges::kernel_allows_unprivileged_map_fds() {
+        match crate::kernel::privileges::drop_all_but(&[crate::kernel::privileges::CAP_SYS_PTRACE])
+        {
             Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept CAP_SYS_PTRACE only)"),
             Err(e) => {
                 warn!(error = %e, "could not drop capabilities; running with the ones the agent was started with")
@@ -673,7 +674,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 // like an invalid one: applying it would enforce less than it says.
                 programs::check(&new, &unavailable).map_err(|e| e.to_string())?;
                 // The same paths as at start: state_dir may change here.
-                crate::ownership::check_policy(&new, args.config.as_deref())
+                crate::policy::ownership::check_policy(&new, args.config.as_deref())
                     .map(|()| new)
                     .map_err(|e| e.to_string())
             });

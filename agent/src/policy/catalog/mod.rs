@@ -188,7 +188,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("cannot read {PROVIDERS_MD}: {e}"));
         assert!(
             doc.contains(&expected),
-            "docs/providers.md is out of date with agent/src/catalog/providers.toml; \
+            "docs/providers.md is out of date with agent/src/policy/catalog/providers.toml; \
              replace its table with:\n\n{expected}"
         );
     }

@@ -43,7 +43,7 @@ pub enum Command {
     },
     /// Live view of a running agent (workloads × providers, health), read
     /// from its /metrics; --once or --json print one frame for scripts.
-    Status(crate::status::StatusArgs),
+    Status(crate::cli::status::StatusArgs),
     /// Load every program with the verifier's statistics and print, per
     /// program, the instructions it processed, its states and its
     /// verification time; exits non-zero when one fails to load or exceeds

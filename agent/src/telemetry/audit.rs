@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::{metrics::Metrics, policy::AuditLog};
+use crate::{policy::AuditLog, telemetry::metrics::Metrics};
 
 /// Who made a connection (docs/events.md, shared by every record kind).
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -24,8 +24,8 @@ pub struct Attribution {
     pub cgroup: String,
     /// What the cgroup path says: systemd unit, container, pod.
     #[serde(flatten)]
-    pub cgroup_info: crate::cgroup_info::CgroupInfo,
-    /// The pod of `pod_uid`, from the node's pod list (`crate::kube`);
+    pub cgroup_info: crate::attribution::cgroup_info::CgroupInfo,
+    /// The pod of `pod_uid`, from the node's pod list (`crate::attribution::kube`);
     /// null when the agent has no list or the list lacks the uid.
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
@@ -188,7 +188,7 @@ pub const AUDIT_LOG_MODE: u32 = 0o600;
 /// Opens the log for appending: created 0600 whatever the umask, never
 /// through a symbolic link; an existing log with a wider mode is narrowed
 /// to 0600 (logged). Its owner and directories were checked at start
-/// (`crate::ownership`).
+/// (`crate::policy::ownership`).
 fn open_append(path: &PathBuf) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let file = std::fs::OpenOptions::new()
@@ -225,7 +225,7 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 cgroup: "/system.slice/bot.service".into(),
-                cgroup_info: crate::cgroup_info::describe("/system.slice/bot.service"),
+                cgroup_info: crate::attribution::cgroup_info::describe("/system.slice/bot.service"),
                 pod_name: Some("bot-1".into()),
                 pod_namespace: Some("support".into()),
             },
@@ -270,7 +270,7 @@ mod tests {
             tokens_completion_estimated: Some(30),
             streamed: Some(false),
         };
-        let doc = include_str!("../../docs/events.md");
+        let doc = include_str!("../../../docs/events.md");
         let documented = |record: serde_json::Value| {
             for key in record.as_object().unwrap().keys() {
                 assert!(
@@ -283,7 +283,7 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         documented(v.clone());
         assert_eq!(v["provider"], "openai");
-        let b = crate::budget::BudgetRecord {
+        let b = crate::limits::budget::BudgetRecord {
             event: "budget",
             time: "t".into(),
             workload: "w".into(),

@@ -2,7 +2,7 @@
 //! the container (docker, containerd, cri-o, podman) and the Kubernetes pod
 //! uid and QoS class (kubelet's path shapes for the systemd and cgroupfs
 //! drivers). Pure string work on the path the kernel and /proc report; pod
-//! names and namespaces are not in the path: `crate::kube` learns them from
+//! names and namespaces are not in the path: `crate::attribution::kube` learns them from
 //! the API server, by the uid found here (docs/events.md).
 
 use serde::Serialize;

@@ -1,6 +1,6 @@
 //! Who may change what the agent trusts: the policy file, `pin_path`,
 //! `state_dir`, the audit log, and the cgroup directories whose names
-//! select workloads (`crate::cgroups`).
+//! select workloads (`crate::attribution::cgroups`).
 //!
 //! The agent runs as root and acts on these paths; a non-root user who can
 //! write one of them, or replace it (write a directory above it), could
@@ -22,7 +22,7 @@
 //!
 //! A component that does not exist yet is created later by the agent (mode
 //! 0700). This module only reads metadata; it never changes a mode (the
-//! audit log's own mode is fixed where it is opened, `crate::audit`).
+//! audit log's own mode is fixed where it is opened, `crate::telemetry::audit`).
 
 use std::{
     fs::{self, Metadata},
@@ -203,7 +203,7 @@ pub fn check_policy(policy: &Policy, config: Option<&Path>) -> Result<(), Untrus
 
 /// The audit log's directories must be trusted like the other paths; the
 /// file itself only needs a trusted owner (its mode is narrowed when it
-/// is opened, `crate::audit`).
+/// is opened, `crate::telemetry::audit`).
 fn check_audit_log(log: &Path) -> Result<(), Untrusted> {
     if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
         check("audit_log's directory", dir)?;

@@ -292,7 +292,7 @@ const MIN_FIXED_SHARE: f64 = 0.9;
 /// The most requests `t` can have carried: each one sends at least 90% of a
 /// request's fixed bytes (headers, JSON envelope) and receives at least
 /// 90% of a response's, after the handshake. A bound on the request
-/// count from other evidence (crate::conn_tokens) that cannot make short
+/// count from other evidence (crate::accounting::conn_tokens) that cannot make short
 /// requests vanish.
 pub fn max_requests(family: Family, client: Client, t: &Traffic) -> u32 {
     let (prompt, completion) = lines(family, client, shape(family, t));

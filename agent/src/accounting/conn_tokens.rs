@@ -7,7 +7,7 @@
 //! request more than seen, the
 //! completion only once the response is recognisably a stream (a buffered
 //! body's bytes could still turn out to be an embedding, or a stream's). At
-//! close the rest up to the final estimate ([`crate::tokens`]) is added, so
+//! close the rest up to the final estimate ([`crate::accounting::tokens`]) is added, so
 //! the increments of a connection add up to its final estimate — the one a
 //! close-only count would make. Only when an update counted more than the
 //! final estimate (the traffic changed shape after it: rare) is the final
@@ -26,7 +26,7 @@
 //! request). The count is capped by [`tokens::max_requests`] (each request
 //! carries at least most of the fixed bytes of one).
 
-use crate::tokens::{self, Client, Estimate, Family, Shape, Traffic};
+use crate::accounting::tokens::{self, Client, Estimate, Family, Shape, Traffic};
 
 /// More sent bytes than this between two snapshots is a new request (the
 /// smallest request of the corpus sends ~0.5 kB of headers and body).

@@ -26,7 +26,7 @@ use std::{
 use llm_egress_common::limit_kind;
 use serde::{Deserialize, Serialize};
 
-use crate::{limits::Pair, policy::Limits};
+use crate::{kernel::limit_entries::Pair, policy::Limits};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -278,7 +278,7 @@ impl Budgets {
             } else {
                 "available"
             },
-            limit: change.spent.map(crate::limits::kind_name),
+            limit: change.spent.map(crate::kernel::limit_entries::kind_name),
             remaining_minute: p.and_then(|p| p.minute).map(|w| w.remaining.floor() as i64),
             remaining_day: p.and_then(|p| p.day).map(|w| w.remaining.floor() as i64),
         }
@@ -337,7 +337,7 @@ impl Budgets {
             serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let elapsed = Clock::now().since(&saved);
         for s in &saved.pairs {
-            let bucket = crate::limits::bucket_id(&s.workload, &s.provider);
+            let bucket = crate::kernel::limit_entries::bucket_id(&s.workload, &s.provider);
             let Some(p) = self.pairs.get_mut(&bucket) else {
                 continue;
             };
@@ -411,14 +411,17 @@ mod tests {
             tokens_per_day: day,
             ..Limits::default()
         };
-        BTreeMap::from([(crate::limits::bucket_id("bot", "openai"), (pair, limits))])
+        BTreeMap::from([(
+            crate::kernel::limit_entries::bucket_id("bot", "openai"),
+            (pair, limits),
+        )])
     }
 
     #[test]
     fn spending_the_minute_budget_refuses_until_it_refills() {
         let mut b = Budgets::default();
         b.set_policy(&pairs(Some(600), None));
-        let id = crate::limits::bucket_id("bot", "openai");
+        let id = crate::kernel::limit_entries::bucket_id("bot", "openai");
         let t0 = Instant::now();
         assert!(b.tick(t0).is_empty());
         b.charge(id, 650);
@@ -438,7 +441,7 @@ mod tests {
     fn the_day_window_wins_when_both_are_spent() {
         let mut b = Budgets::default();
         b.set_policy(&pairs(Some(100), Some(150)));
-        let id = crate::limits::bucket_id("bot", "openai");
+        let id = crate::kernel::limit_entries::bucket_id("bot", "openai");
         b.charge(id, 200);
         let c = b.tick(Instant::now());
         assert_eq!(c[0].spent, Some(limit_kind::TOKENS_PER_DAY));
@@ -448,7 +451,7 @@ mod tests {
     fn a_reload_keeps_what_is_left_and_releases_pairs_no_longer_limited() {
         let mut b = Budgets::default();
         b.set_policy(&pairs(Some(1000), None));
-        let id = crate::limits::bucket_id("bot", "openai");
+        let id = crate::kernel::limit_entries::bucket_id("bot", "openai");
         b.charge(id, 1200);
         assert_eq!(b.tick(Instant::now()).len(), 1);
         // Same pair, higher limit: still 200 in debt, still spent.
@@ -475,7 +478,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut b = Budgets::default();
         b.set_policy(&pairs(Some(60_000), Some(1_000_000)));
-        let id = crate::limits::bucket_id("bot", "openai");
+        let id = crate::kernel::limit_entries::bucket_id("bot", "openai");
         b.charge(id, 100_000);
         b.tick(Instant::now());
         b.save(dir.path()).unwrap();

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// What `/readyz` reports.
 #[derive(Default)]

@@ -1,12 +1,12 @@
 //! Connection accounting: the kernel's connection events (`CONN_UPDATE`,
 //! `CONN_SUMMARY`, tied by socket cookie to the connect decision) become
 //! byte counters, active-connection gauges, duration histograms, per-process
-//! series, token estimates (`crate::conn_tokens`: at updates and at
+//! series, token estimates (`crate::accounting::conn_tokens`: at updates and at
 //! close) and `connection`
 //! records of the audit log.
 //!
 //! Per-process series are bounded per workload and go to the processes
-//! with the most traffic (crate::process_series). State for closed connections is dropped at once; a connection whose
+//! with the most traffic (crate::accounting::process_series). State for closed connections is dropped at once; a connection whose
 //! summary was lost (ring buffer full) is found by `reconcile` and dropped.
 
 use std::{
@@ -17,12 +17,12 @@ use std::{
 use llm_egress_common::{ConnEvent, TLS_RECEIVED, TLS_SENT, kind};
 
 use crate::{
-    audit::{Attribution, ConnectionRecord},
-    conn_tokens::Counted,
-    metrics::Metrics,
+    accounting::conn_tokens::Counted,
+    accounting::process_series::ProcessSeries,
+    accounting::tokens,
     policy::TelemetryConfig,
-    process_series::ProcessSeries,
-    tokens,
+    telemetry::audit::{Attribution, ConnectionRecord},
+    telemetry::metrics::Metrics,
 };
 
 /// A connection the agent saw being allowed, until its summary.
@@ -31,7 +31,7 @@ struct Tracked {
     workload: String,
     provider: String,
     /// The executable name; its label may change while the connection
-    /// lives (crate::process_series).
+    /// lives (crate::accounting::process_series).
     process: String,
     sent: u64,
     received: u64,
@@ -255,7 +255,7 @@ impl Accounting {
     }
 
     /// Drops process series idle for the configured time and fills free
-    /// slots (crate::process_series).
+    /// slots (crate::accounting::process_series).
     pub fn expire(&mut self) {
         self.processes.expire(&self.config, Instant::now());
     }

@@ -7,6 +7,8 @@
 //! generation's table (the last few are kept), so a reload never relabels
 //! decisions taken under the previous policy.
 
+pub mod sockets;
+
 use std::{
     collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -23,11 +25,11 @@ use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::{
-    accounting::Accounting,
-    attribution::{CgroupPaths, ExeCache, comm_str},
-    audit::{Attribution, AuditSink, DecisionRecord},
-    metrics::Metrics,
+    accounting::connections::Accounting,
+    attribution::process::{CgroupPaths, ExeCache, comm_str},
     policy::{NO_WORKLOAD_NAME, Policy},
+    telemetry::audit::{Attribution, AuditSink, DecisionRecord},
+    telemetry::metrics::Metrics,
 };
 
 /// Names of one policy generation, indexed by id - 1.
@@ -229,10 +231,10 @@ pub struct Context {
     pub metrics: Metrics,
     pub audit: AuditSink,
     /// To the agent loop, which parses DNS answers the kernel could not
-    /// (crate::dns) and writes what they teach (it owns the maps).
+    /// (crate::names::dns) and writes what they teach (it owns the maps).
     pub dns_fallback: Option<tokio::sync::mpsc::Sender<DnsAnswer>>,
     /// The node's pods, for `pod_name` and `pod_namespace`.
-    pub pods: crate::kube::Pods,
+    pub pods: crate::attribution::kube::Pods,
 }
 
 /// Process and cgroup of the task an event header describes.
@@ -242,7 +244,7 @@ fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
         ctx.metrics.attribution_misses.inc();
     }
     let cgroup = ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default();
-    let cgroup_info = crate::cgroup_info::describe(&cgroup);
+    let cgroup_info = crate::attribution::cgroup_info::describe(&cgroup);
     let pod = cgroup_info
         .pod_uid
         .as_deref()
@@ -297,8 +299,8 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
         protocol: if d.proto == proto::UDP { "udp" } else { "tcp" },
         dst_addr: dst_addr(ev).to_string(),
         dst_port: d.port,
-        dst_addr_form: crate::sockets::form_name(d),
-        dst_addr_given: crate::sockets::given_addr(d),
+        dst_addr_form: crate::events::sockets::form_name(d),
+        dst_addr_given: crate::events::sockets::given_addr(d),
         provider,
         generation: d.generation,
         hook: hook_name(d.hook),
@@ -310,10 +312,10 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     };
     // A raw or ping socket refused (or audited) at socket(): no destination.
     if d.hook == hook::SOCK_CREATE {
-        record.protocol = crate::sockets::socket_protocol(d);
+        record.protocol = crate::events::sockets::socket_protocol(d);
         record.dst_addr = String::new();
         record.dst_port = 0;
-        record.socket_type = Some(crate::sockets::socket_type(d));
+        record.socket_type = Some(crate::events::sockets::socket_type(d));
         record.ip_protocol = Some(d.proto);
     }
     record

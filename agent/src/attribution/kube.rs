@@ -1,9 +1,9 @@
 //! Pod metadata of this node, from the Kubernetes API server: pod uid →
 //! name, namespace and labels, for `k8s` workload selectors
-//! (`crate::cgroups`) and for the `pod_name`/`pod_namespace` of audit
+//! (`crate::attribution::cgroups`) and for the `pod_name`/`pod_namespace` of audit
 //! records (`crate::events`).
 //!
-//! A cgroup path names a pod only by its uid (`crate::cgroup_info`); the
+//! A cgroup path names a pod only by its uid (`crate::attribution::cgroup_info`); the
 //! rest lives in the API server. One thread lists the pods bound to this
 //! node, `GET {api}/api/v1/pods?fieldSelector=spec.nodeName={node}`, with
 //! the pod's service account token, trusting only the cluster CA. It asks
@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    metrics::Metrics,
     policy::{KubeEnabled, KubernetesConfig, PodSelector},
+    telemetry::metrics::Metrics,
 };
 
 /// How long the agent waits for the first list before it applies its

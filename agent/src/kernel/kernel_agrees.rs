@@ -25,13 +25,13 @@ use llm_egress_common::{
 };
 
 use crate::{
-    connect_line,
-    dns::{learnable, match_name, wire::*},
-    loader::Loader,
-    maps::KernelMaps,
-    plan,
+    kernel::loader::Loader,
+    kernel::maps::KernelMaps,
+    kernel::plan,
+    names::connect_line,
+    names::dns::{learnable, match_name, wire::*},
+    names::sni,
     policy::Policy,
-    sni,
 };
 
 /// Ethernet + IPv4 + UDP (source port 53) around `dns`.

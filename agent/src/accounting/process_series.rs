@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{metrics::Metrics, policy::TelemetryConfig};
+use crate::{policy::TelemetryConfig, telemetry::metrics::Metrics};
 
 /// The label of processes without a series of their own.
 pub const OTHER_PROCESS: &str = "other";

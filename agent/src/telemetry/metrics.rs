@@ -545,7 +545,7 @@ impl Metrics {
             let (w, p) = labels(key.bucket).unwrap_or_else(|| ("unknown".into(), "unknown".into()));
             let v = crate::events::verdict_name(key.verdict as u8);
             self.rate_limited
-                .with_label_values(&[&w, &p, crate::limits::kind_name(key.kind), v])
+                .with_label_values(&[&w, &p, crate::kernel::limit_entries::kind_name(key.kind), v])
                 .inc_by(delta);
         }
     }
@@ -647,7 +647,7 @@ mod tests {
             .with_label_values(&["w", "p", "minute"])
             .set(1);
         m.program_loaded.with_label_values(&["p"]).set(1);
-        let doc = include_str!("../../docs/metrics.md");
+        let doc = include_str!("../../../docs/metrics.md");
         for family in m.registry.gather() {
             assert!(
                 doc.contains(&format!("`{}`", family.name())),

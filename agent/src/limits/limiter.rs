@@ -13,12 +13,12 @@ use std::{
 use tracing::{info, warn};
 
 use crate::{
-    audit::AuditSink,
-    budget::{Budgets, Change},
-    limits::{LimitPlan, Pair},
-    maps::KernelMaps,
-    metrics::Metrics,
-    tokens,
+    accounting::tokens,
+    kernel::limit_entries::{LimitPlan, Pair},
+    kernel::maps::KernelMaps,
+    limits::budget::{Budgets, Change},
+    telemetry::audit::AuditSink,
+    telemetry::metrics::Metrics,
 };
 
 /// Seconds between two saves of the state file.
@@ -136,7 +136,7 @@ impl Limiter {
             info!(
                 workload = %c.pair.workload,
                 provider = %c.pair.provider,
-                spent = ?c.spent.map(crate::limits::kind_name),
+                spent = ?c.spent.map(crate::kernel::limit_entries::kind_name),
                 "token budget"
             );
         }

@@ -16,7 +16,7 @@ use llm_egress_common::{
     ALL_PROGRAMS, CONNECT_PROGRAMS, PROG_DNS_INGRESS, PROG_EXEC, PROG_SNI_EGRESS, PROG_SOCK_OPS,
 };
 
-use crate::{loader::ProgramFailure, policy::Policy};
+use crate::{kernel::loader::ProgramFailure, policy::Policy};
 
 /// Programs the agent can do without, and what the user loses without each.
 const LOSSES: [(&str, &str); 4] = [

@@ -37,8 +37,8 @@ use llm_egress_common::{
 use llm_egress_common::{MAP_PROXY_PORTS, PROXY_SCOPE};
 
 use crate::{
-    limits::LimitPlan,
-    plan::{Plan, Prefix},
+    kernel::limit_entries::LimitPlan,
+    kernel::plan::{Plan, Prefix},
 };
 
 /// Time given to decisions that read the old slot before it is emptied.

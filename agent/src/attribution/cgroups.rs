@@ -8,7 +8,7 @@
 //! cgroup does not exist yet is logged and applied when it appears.
 //!
 //! A `k8s` selector selects pod-level directories (`…pod<uid>.slice`,
-//! `…/pod<uid>`) whose uid the pod list (`crate::kube`) maps to a pod of
+//! `…/pod<uid>`) whose uid the pod list (`crate::attribution::kube`) maps to a pod of
 //! that namespace and labels; the pod's containers below inherit it through
 //! the kernel's ancestor walk.
 //!
@@ -16,7 +16,7 @@
 //! (docs/policy.md, "Who can create what a selector matches"). Creating a
 //! cgroup takes write access to its parent directory: a directory whose
 //! every ancestor up to the cgroup2 root only root can write to
-//! (`crate::ownership::only_root_writes`) was named by root; one below a
+//! (`crate::policy::ownership::only_root_writes`) was named by root; one below a
 //! directory a non-root user owns or may write to (a delegated subtree:
 //! systemd's user managers and `Delegate=` units, rootless container
 //! runtimes, all chown their subtree to the user) was named by that user.
@@ -41,9 +41,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::{
-    cgroup_info,
-    kube::{self, PodMap},
-    ownership,
+    attribution::cgroup_info,
+    attribution::kube::{self, PodMap},
+    policy::ownership,
     policy::{PodSelector, Policy, Selector},
 };
 

@@ -1,0 +1,7 @@
+//! Accounting: what the kernel's connection events become — byte counters,
+//! durations, per-process series and token estimates.
+
+pub mod conn_tokens;
+pub mod connections;
+pub mod process_series;
+pub mod tokens;
