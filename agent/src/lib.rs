@@ -32,3 +32,127 @@ pub mod names;
 pub mod policy;
 pub mod run;
 pub mod telemetry;
+
+#[cfg(test)]
+mod tests {
+    //! The rooms depend on each other in one direction only: a room that
+    //! imports another is never imported back, directly or around a loop.
+
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        fs,
+        path::Path,
+    };
+
+    const ROOMS: [&str; 10] = [
+        "accounting",
+        "attribution",
+        "cli",
+        "events",
+        "kernel",
+        "limits",
+        "names",
+        "policy",
+        "run",
+        "telemetry",
+    ];
+
+    /// The rooms a source file names as `crate::ROOM`, in code (comments
+    /// and unit tests left out) and in `use crate::{ROOM::…, …}` groups as
+    /// rustfmt lays them out.
+    fn rooms_named(source: &str) -> BTreeSet<&'static str> {
+        let code = source.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+        let mut named = BTreeSet::new();
+        let mut in_group = false;
+        for line in code.lines() {
+            let line = line.split("//").next().unwrap_or("").trim();
+            if line.starts_with("use crate::{") && !line.ends_with("};") {
+                in_group = true;
+                continue;
+            }
+            if in_group && line.starts_with('}') {
+                in_group = false;
+            }
+            let mut heads: Vec<&str> = line
+                .match_indices("crate::")
+                .map(|(i, _)| &line[i + 7..])
+                .collect();
+            if in_group {
+                heads.push(line);
+            }
+            for head in heads {
+                let head = head.trim_start_matches('{');
+                for room in ROOMS {
+                    if head.starts_with(room)
+                        && head[room.len()..].starts_with([':', ',', ';', '}'])
+                    {
+                        named.insert(room);
+                    }
+                }
+            }
+        }
+        named
+    }
+
+    fn sources(dir: &Path, out: &mut Vec<(String, String)>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push((
+                    path.display().to_string(),
+                    fs::read_to_string(&path).unwrap(),
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn rooms_import_each_other_without_a_cycle() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for room in ROOMS {
+            let mut files = Vec::new();
+            sources(&src.join(room), &mut files);
+            assert!(!files.is_empty(), "room {room} has no files");
+            for (_, text) in &files {
+                let named = rooms_named(text).into_iter().filter(|r| *r != room);
+                edges.entry(room).or_default().extend(named);
+            }
+        }
+        // Depth-first search from every room; a room met again on the
+        // current path closes a cycle.
+        fn visit<'a>(
+            room: &'a str,
+            edges: &BTreeMap<&'a str, BTreeSet<&'a str>>,
+            path: &mut Vec<&'a str>,
+        ) {
+            if let Some(i) = path.iter().position(|r| *r == room) {
+                panic!(
+                    "import cycle between rooms: {} -> {room}",
+                    path[i..].join(" -> ")
+                );
+            }
+            path.push(room);
+            for next in edges.get(room).into_iter().flatten() {
+                visit(next, edges, path);
+            }
+            path.pop();
+        }
+        for room in ROOMS {
+            visit(room, &edges, &mut Vec::new());
+        }
+        // The reader of the data path sits above what it feeds.
+        assert!(edges["events"].contains("accounting") && !edges["accounting"].contains("events"));
+    }
+
+    #[test]
+    fn a_group_import_names_its_rooms() {
+        let text = "use crate::{\n    kernel::maps::KernelMaps,\n    telemetry::{audit, metrics},\n};\nfn f() { crate::names::dns::x(); }\n// crate::run\n";
+        assert_eq!(
+            rooms_named(text),
+            BTreeSet::from(["kernel", "names", "telemetry"])
+        );
+    }
+}

@@ -20,6 +20,16 @@ pub mod verdict {
     /// Allowed, but the policy would have denied it (action `audit`, or
     /// `mode = "audit"`).
     pub const AUDIT: u8 = 3;
+
+    /// The word of a verdict in records and metric labels.
+    pub fn name(v: u8) -> &'static str {
+        match v {
+            ALLOW => "allow",
+            DENY => "deny",
+            AUDIT => "audit",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Why a verdict was reached (in events).
@@ -52,6 +62,25 @@ pub mod reason {
     /// The first payload of a connection to a named proxy is not a CONNECT
     /// request the kernel could read: `failure_mode` decided.
     pub const PROXY_UNREADABLE: u8 = 12;
+
+    /// The word of a reason in records.
+    pub fn name(r: u8) -> &'static str {
+        match r {
+            WORKLOAD_CIDR => "workload_cidr",
+            WORKLOAD_PROVIDER => "workload_provider",
+            WORKLOAD_LLM_DEFAULT => "workload_llm_default",
+            WORKLOAD_OTHER_DEFAULT => "workload_other_default",
+            DEFAULT_LLM => "default_llm",
+            DEFAULT_OTHER => "default_other",
+            INTERNAL_ERROR => "internal_error",
+            RATE_LIMITED => "rate_limited",
+            TOKEN_BUDGET => "token_budget",
+            RAW_SOCKET => "raw_socket",
+            PING_SOCKET => "ping_socket",
+            PROXY_UNREADABLE => "proxy_unreadable",
+            _ => "unknown",
+        }
+    }
 }
 
 /// `mode` of a policy slot.
@@ -82,6 +111,15 @@ pub mod proto {
 pub mod family {
     pub const INET: u8 = 4;
     pub const INET6: u8 = 6;
+
+    /// An event's address (IPv4 in the first four bytes) as an address.
+    pub fn ip(family: u8, a: &[u8; 16]) -> core::net::IpAddr {
+        if family == INET {
+            core::net::IpAddr::V4(core::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+        } else {
+            core::net::IpAddr::V6(core::net::Ipv6Addr::from(*a))
+        }
+    }
 }
 
 /// Which hook produced a decision.
@@ -95,4 +133,17 @@ pub mod hook {
     /// The socket-kind program (cgroup/sock_create): a raw or ping socket
     /// refused or audited at `socket()`.
     pub const SOCK_CREATE: u8 = 6;
+
+    /// The word of a hook in records.
+    pub fn name(h: u8) -> &'static str {
+        match h {
+            CONNECT4 => "connect4",
+            CONNECT6 => "connect6",
+            SENDMSG4 => "sendmsg4",
+            SENDMSG6 => "sendmsg6",
+            SNI => "sni",
+            SOCK_CREATE => "sock_create",
+            _ => "unknown",
+        }
+    }
 }

@@ -89,6 +89,40 @@ pub struct ConnectDecision {
     pub tracked: u8,
 }
 
+/// The first 12 bytes of `::ffff:a.b.c.d`.
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+/// The words of IPv4 destinations written in IPv6 form, for the audit log
+/// (ebpf/src/nat64.rs and sock_addr.rs `judge_v6` judge NAT64 and
+/// IPv4-mapped destinations as IPv4; docs/events.md).
+impl ConnectDecision {
+    /// `dst_addr_form`: how an IPv6 destination carried the IPv4 address it
+    /// was judged as (`ipv4_mapped`, `nat64`); None when it was judged as
+    /// written. The kernel keeps the IPv6 form's first 12 bytes in bytes
+    /// 4..16 of `addr` (all zero for an IPv4 socket).
+    pub fn addr_form(&self) -> Option<&'static str> {
+        if self.family != crate::codes::family::INET || self.addr[4..16] == [0u8; 12] {
+            return None;
+        }
+        if self.addr[4..16] == V4_MAPPED_PREFIX {
+            Some("ipv4_mapped")
+        } else {
+            Some("nat64")
+        }
+    }
+
+    /// `dst_addr_given`: the IPv6 address the program was given, when it
+    /// was judged as the IPv4 address in its last four bytes.
+    pub fn given_addr(&self) -> Option<core::net::Ipv6Addr> {
+        self.addr_form()?;
+        let a = &self.addr;
+        let mut v6 = [0u8; 16];
+        v6[..12].copy_from_slice(&a[4..16]);
+        v6[12..].copy_from_slice(&a[..4]);
+        Some(core::net::Ipv6Addr::from(v6))
+    }
+}
+
 pub type ConnectEvent = Event<ConnectDecision>;
 
 /// A tracked (provider, TCP) connection: what `CONNS` holds per socket
@@ -296,6 +330,17 @@ pub mod payload {
     /// The first payload of a connection to a named proxy that is not a
     /// CONNECT request the kernel read: judged by `failure_mode`.
     pub const UNREADABLE: u8 = 3;
+
+    /// The record's `hook` word for what the SNI program judged.
+    pub fn hook_name(p: u8) -> &'static str {
+        match p {
+            CLIENT_HELLO => "sni",
+            CONNECT => "http_connect",
+            TUNNEL_CLIENT_HELLO => "sni_tunnel",
+            UNREADABLE => "proxy_unreadable",
+            _ => "unknown",
+        }
+    }
 }
 
 const _: () = {
@@ -303,3 +348,55 @@ const _: () = {
     assert!(size_of::<SniDecision>() == 56 + SNI_NAME_BYTES);
     assert!(size_of::<SniEvent>() == 56 + 56 + SNI_NAME_BYTES && align_of::<SniEvent>() == 8);
 };
+
+#[cfg(test)]
+mod tests {
+    use core::net::Ipv6Addr;
+
+    use super::*;
+    use crate::sock;
+
+    fn decision(addr: [u8; 16]) -> ConnectDecision {
+        ConnectDecision {
+            family: crate::codes::family::INET,
+            addr,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_nat64_destination_shows_the_address_it_was_given() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[198, 51, 100, 7]);
+        let prefix: Ipv6Addr = "64:ff9b::".parse().unwrap();
+        addr[4..16].copy_from_slice(&prefix.octets()[..12]);
+        let d = decision(addr);
+        assert_eq!(d.addr_form(), Some("nat64"));
+        assert_eq!(d.given_addr(), Some("64:ff9b::c633:6407".parse().unwrap()));
+        let mapped = decision([192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(
+            mapped.given_addr(),
+            Some("::ffff:192.0.2.1".parse().unwrap())
+        );
+        let plain = decision([192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!((plain.addr_form(), plain.given_addr()), (None, None));
+    }
+
+    #[test]
+    fn socket_kinds_have_words() {
+        assert_eq!(
+            (
+                sock::type_name(sock::SOCK_DGRAM),
+                sock::protocol_name(sock::SOCK_DGRAM, sock::IPPROTO_ICMPV6)
+            ),
+            ("dgram", "icmpv6")
+        );
+        assert_eq!(
+            (
+                sock::type_name(sock::SOCK_RAW),
+                sock::protocol_name(sock::SOCK_RAW, 6)
+            ),
+            ("raw", "raw")
+        );
+    }
+}

@@ -55,6 +55,18 @@ pub mod limit_kind {
     pub const BANDWIDTH_IN: u32 = 3;
     pub const TOKENS_PER_MINUTE: u32 = 4;
     pub const TOKENS_PER_DAY: u32 = 5;
+
+    /// The word of a limit kind in records and metric labels.
+    pub fn name(kind: u32) -> &'static str {
+        match kind {
+            CONNECTIONS => "connections",
+            BANDWIDTH_OUT => "bandwidth_out",
+            BANDWIDTH_IN => "bandwidth_in",
+            TOKENS_PER_MINUTE => "tokens_per_minute",
+            TOKENS_PER_DAY => "tokens_per_day",
+            _ => "unknown",
+        }
+    }
 }
 
 /// `LimitValue::flags`.

@@ -33,6 +33,28 @@ pub mod sock {
     pub const SOCK_RAW: u32 = 3;
     pub const IPPROTO_ICMP: u32 = 1;
     pub const IPPROTO_ICMPV6: u32 = 58;
+
+    /// The word of a refused socket's type (`ConnectDecision::port` of a
+    /// `sock_create` decision).
+    pub fn type_name(sock_type: u32) -> &'static str {
+        match sock_type {
+            SOCK_RAW => "raw",
+            SOCK_DGRAM => "dgram",
+            _ => "unknown",
+        }
+    }
+
+    /// The word of a refused socket's protocol (`ConnectDecision::proto`).
+    pub fn protocol_name(sock_type: u32, protocol: u32) -> &'static str {
+        if sock_type == SOCK_RAW {
+            return "raw";
+        }
+        match protocol {
+            IPPROTO_ICMP => "icmp",
+            IPPROTO_ICMPV6 => "icmpv6",
+            _ => "unknown",
+        }
+    }
 }
 
 const _: () = {

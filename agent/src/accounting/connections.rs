@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use llm_egress_common::{ConnEvent, TLS_RECEIVED, TLS_SENT, kind};
+use llm_egress_common::{ConnEvent, TLS_RECEIVED, TLS_SENT, family, kind};
 
 use crate::{
     accounting::conn_tokens::Counted,
@@ -219,7 +219,7 @@ impl Accounting {
             provider: tracked.provider.clone(),
             process: label,
             who,
-            dst_addr: crate::events::addr_string(d.family, &d.addr),
+            dst_addr: family::ip(d.family, &d.addr).to_string(),
             dst_port: d.port,
             established,
             connect_seconds: if established {

@@ -31,10 +31,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::{
-    policy::{KubeEnabled, KubernetesConfig, PodSelector},
-    telemetry::metrics::Metrics,
-};
+use crate::policy::{KubeEnabled, KubernetesConfig, PodSelector};
 
 /// How long the agent waits for the first list before it applies its
 /// policy (a reachable API server answers in milliseconds).
@@ -342,11 +339,19 @@ fn fetch(ep: &Endpoint) -> Result<PodMap, KubeError> {
     parse_pod_list(&body).map_err(|source| KubeError::Json { url, source })
 }
 
+/// The series the pod list feeds (`llm_egress_kubernetes_errors_total`,
+/// `llm_egress_kubernetes_pods`), handed in by the agent's registry.
+#[derive(Clone)]
+pub struct KubeMetrics {
+    pub errors: prometheus::IntCounter,
+    pub pods: prometheus::IntGauge,
+}
+
 /// Starts the pod source of `cfg` and waits (at most [`FIRST_LIST_WAIT`])
 /// for its first list. The receiver gets `()` whenever the list changed.
 /// Without a source (off, outside a cluster, a configuration the
 /// environment cannot complete) the list stays empty.
-pub async fn start(cfg: &KubernetesConfig, metrics: Metrics) -> (Pods, mpsc::Receiver<()>) {
+pub async fn start(cfg: &KubernetesConfig, metrics: KubeMetrics) -> (Pods, mpsc::Receiver<()>) {
     let (changed_tx, changed_rx) = mpsc::channel(1);
     let ep = match endpoint(cfg, |k| std::env::var(k).ok()) {
         Ok(Some(ep)) => ep,
@@ -357,7 +362,7 @@ pub async fn start(cfg: &KubernetesConfig, metrics: Metrics) -> (Pods, mpsc::Rec
             return (Pods::default(), changed_rx);
         }
         Err(e) => {
-            metrics.kubernetes_errors.inc();
+            metrics.errors.inc();
             error!(error = %e, "no Kubernetes pod list: k8s workload selectors select nothing, and records have no pod names");
             return (Pods::default(), changed_rx);
         }
@@ -386,7 +391,7 @@ pub async fn start(cfg: &KubernetesConfig, metrics: Metrics) -> (Pods, mpsc::Rec
 fn run(
     ep: &Endpoint,
     pods: &Pods,
-    metrics: &Metrics,
+    metrics: &KubeMetrics,
     changed: &mpsc::Sender<()>,
     requests: &std_mpsc::Receiver<()>,
     first: oneshot::Sender<()>,
@@ -403,7 +408,7 @@ fn run(
                 failures = 0;
                 let distinct: std::collections::HashSet<*const PodMeta> =
                     map.values().map(Arc::as_ptr).collect();
-                metrics.kubernetes_pods.set(distinct.len() as i64);
+                metrics.pods.set(distinct.len() as i64);
                 let n = map.len();
                 if pods.replace(map) {
                     debug!(uids = n, "pod list changed");
@@ -411,7 +416,7 @@ fn run(
                 }
             }
             Err(e) => {
-                metrics.kubernetes_errors.inc();
+                metrics.errors.inc();
                 if failures == 0 {
                     warn!(error = %e, "cannot list this node's pods; keeping the last list (logged again only after a success)");
                 } else {

@@ -1,6 +1,6 @@
 //! Command-line interface: `run`, `check`, `providers`, `status`, `verify`.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -28,7 +28,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Load the programs and enforce a policy (the built-in default policy,
     /// audit-only, when --config is not given).
-    Run(RunArgs),
+    Run(crate::run::args::RunArgs),
     /// Validate a policy file; exits non-zero and names line, column, key and
     /// value of every error.
     Check {
@@ -58,43 +58,4 @@ pub enum Command {
         #[arg(long, value_name = "PROGRAM")]
         trace: Option<String>,
     },
-}
-
-/// `--metrics-listen`: an address, or "off".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Listen {
-    Off,
-    At(SocketAddr),
-}
-
-fn parse_listen(s: &str) -> Result<Listen, String> {
-    if s == "off" {
-        return Ok(Listen::Off);
-    }
-    s.parse()
-        .map(Listen::At)
-        .map_err(|e| format!("{e}: expected IP:port or \"off\""))
-}
-
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct RunArgs {
-    /// Policy file (TOML, docs/policy.md). Reloaded on SIGHUP and when it changes.
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Overrides the policy's `cgroup` (the cgroup v2 directory to attach to).
-    #[arg(long)]
-    pub cgroup: Option<PathBuf>,
-    /// Overrides the policy's `pin_path` (bpffs directory for pinned state).
-    #[arg(long)]
-    pub pin_path: Option<PathBuf>,
-    /// Overrides the policy's `state_dir` (where token budgets are kept
-    /// across restarts).
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
-    /// Overrides the policy's `metrics_listen` (an address, or "off").
-    #[arg(long, value_parser = parse_listen)]
-    pub metrics_listen: Option<Listen>,
-    /// Overrides the policy's `audit_log` (a path, or "-" for stdout).
-    #[arg(long)]
-    pub audit_log: Option<String>,
 }

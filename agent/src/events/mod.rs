@@ -7,19 +7,16 @@
 //! generation's table (the last few are kept), so a reload never relabels
 //! decisions taken under the previous policy.
 
-pub mod sockets;
-
 use std::{
     collections::VecDeque,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use llm_egress_common::{
     ConnEvent, ConnectEvent, EVENTS_WAKE_NS, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD,
-    family, hook, kind, payload, proto, reason, verdict,
+    family, hook, kind, payload, proto, reason, sock, verdict,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -29,6 +26,7 @@ use crate::{
     attribution::process::{CgroupPaths, ExeCache, comm_str},
     policy::{NO_WORKLOAD_NAME, Policy},
     telemetry::audit::{Attribution, AuditSink, DecisionRecord},
+    telemetry::audit::{rfc3339, wall_time},
     telemetry::metrics::Metrics,
 };
 
@@ -73,45 +71,6 @@ impl Names {
             .find(|t| t.generation == generation)
             .or_else(|| g.front())
             .cloned()
-    }
-}
-
-pub fn verdict_name(v: u8) -> &'static str {
-    match v {
-        verdict::ALLOW => "allow",
-        verdict::DENY => "deny",
-        verdict::AUDIT => "audit",
-        _ => "unknown",
-    }
-}
-
-pub fn reason_name(r: u8) -> &'static str {
-    match r {
-        reason::WORKLOAD_CIDR => "workload_cidr",
-        reason::WORKLOAD_PROVIDER => "workload_provider",
-        reason::WORKLOAD_LLM_DEFAULT => "workload_llm_default",
-        reason::WORKLOAD_OTHER_DEFAULT => "workload_other_default",
-        reason::DEFAULT_LLM => "default_llm",
-        reason::DEFAULT_OTHER => "default_other",
-        reason::INTERNAL_ERROR => "internal_error",
-        reason::RATE_LIMITED => "rate_limited",
-        reason::TOKEN_BUDGET => "token_budget",
-        reason::RAW_SOCKET => "raw_socket",
-        reason::PING_SOCKET => "ping_socket",
-        reason::PROXY_UNREADABLE => "proxy_unreadable",
-        _ => "unknown",
-    }
-}
-
-fn hook_name(h: u8) -> &'static str {
-    match h {
-        hook::CONNECT4 => "connect4",
-        hook::CONNECT6 => "connect6",
-        hook::SENDMSG4 => "sendmsg4",
-        hook::SENDMSG6 => "sendmsg6",
-        hook::SNI => "sni",
-        hook::SOCK_CREATE => "sock_create",
-        _ => "unknown",
     }
 }
 
@@ -160,44 +119,6 @@ pub fn decode(bytes: &[u8]) -> Option<Decoded> {
         }
         _ => None,
     }
-}
-
-/// An event's destination as text: IPv4 in the first four bytes.
-pub fn addr_string(fam: u8, a: &[u8; 16]) -> String {
-    if fam == family::INET {
-        Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()
-    } else {
-        Ipv6Addr::from(*a).to_string()
-    }
-}
-
-pub fn dst_addr(ev: &ConnectEvent) -> IpAddr {
-    let a = ev.data.addr;
-    if ev.data.family == family::INET {
-        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(a))
-    }
-}
-
-/// Wall-clock time of a CLOCK_MONOTONIC timestamp.
-fn wall_time(mono_ns: u64) -> SystemTime {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    let now = SystemTime::now();
-    now.checked_sub(Duration::from_nanos(now_mono.saturating_sub(mono_ns)))
-        .unwrap_or(now)
-}
-
-pub fn rfc3339(t: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
-    dt.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 /// `EXECS`: tgid → what it last executed (filled by the exec tracepoint).
@@ -292,18 +213,18 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     let mut record = DecisionRecord {
         event: "decision",
         time: rfc3339(wall_time(h.time_ns)),
-        verdict: verdict_name(d.verdict),
-        reason: reason_name(d.reason),
+        verdict: verdict::name(d.verdict),
+        reason: reason::name(d.reason),
         workload,
         who: attribute(h, ctx),
         protocol: if d.proto == proto::UDP { "udp" } else { "tcp" },
-        dst_addr: dst_addr(ev).to_string(),
+        dst_addr: family::ip(d.family, &d.addr).to_string(),
         dst_port: d.port,
-        dst_addr_form: crate::events::sockets::form_name(d),
-        dst_addr_given: crate::events::sockets::given_addr(d),
+        dst_addr_form: d.addr_form(),
+        dst_addr_given: d.given_addr().map(|a| a.to_string()),
         provider,
         generation: d.generation,
-        hook: hook_name(d.hook),
+        hook: hook::name(d.hook),
         server_name: None,
         target_port: None,
         payload_start: None,
@@ -312,24 +233,13 @@ pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
     };
     // A raw or ping socket refused (or audited) at socket(): no destination.
     if d.hook == hook::SOCK_CREATE {
-        record.protocol = crate::events::sockets::socket_protocol(d);
+        record.protocol = sock::protocol_name(u32::from(d.port), u32::from(d.proto));
         record.dst_addr = String::new();
         record.dst_port = 0;
-        record.socket_type = Some(crate::events::sockets::socket_type(d));
+        record.socket_type = Some(sock::type_name(u32::from(d.port)));
         record.ip_protocol = Some(d.proto);
     }
     record
-}
-
-/// What an SNI event judged: the record's `hook`.
-fn payload_hook(p: u8) -> &'static str {
-    match p {
-        payload::CLIENT_HELLO => "sni",
-        payload::CONNECT => "http_connect",
-        payload::TUNNEL_CLIENT_HELLO => "sni_tunnel",
-        payload::UNREADABLE => "proxy_unreadable",
-        _ => "unknown",
-    }
 }
 
 /// Bytes as text: printable ASCII as is, the rest as `\xNN`.
@@ -354,16 +264,16 @@ pub fn sni_record(ev: &llm_egress_common::SniEvent, ctx: &Context) -> DecisionRe
     DecisionRecord {
         event: "decision",
         time: rfc3339(wall_time(h.time_ns)),
-        verdict: verdict_name(d.verdict),
-        reason: reason_name(d.reason),
+        verdict: verdict::name(d.verdict),
+        reason: reason::name(d.reason),
         workload,
         who: attribute(h, ctx),
         protocol: "tcp",
-        dst_addr: addr_string(d.family, &d.addr),
+        dst_addr: family::ip(d.family, &d.addr).to_string(),
         dst_port: d.port,
         provider,
         generation: d.generation,
-        hook: payload_hook(d.payload),
+        hook: payload::hook_name(d.payload),
         server_name: (!unreadable).then(|| String::from_utf8_lossy(&d.name[..len]).into_owned()),
         target_port: (d.target_port != 0).then_some(d.target_port),
         payload_start: unreadable.then(|| escaped(&d.name[..len])),
@@ -548,7 +458,10 @@ mod tests {
         };
         let b = bytes_of(&ev);
         assert_eq!(decode(&b), Some(Decoded::Decision(ev)));
-        assert_eq!(dst_addr(&ev).to_string(), "192.0.2.1");
+        assert_eq!(
+            family::ip(ev.data.family, &ev.data.addr).to_string(),
+            "192.0.2.1"
+        );
         assert_eq!(decode(&b[..50]), None);
         let mut conn = ConnEvent::default();
         conn.header.kind = kind::CONN_SUMMARY;

@@ -5,9 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use llm_egress_common::{
-    BYTE_UNIT, BandwidthLimit, CONN_UNIT, LimitValue, Rate, limit_flag, limit_kind,
-};
+use llm_egress_common::{BYTE_UNIT, BandwidthLimit, CONN_UNIT, LimitValue, Rate, limit_flag};
 
 use crate::policy::{Limits, Policy};
 
@@ -100,18 +98,6 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
         }
     }
     out
-}
-
-/// The `limit` label of `llm_egress_rate_limited_total`.
-pub fn kind_name(kind: u32) -> &'static str {
-    match kind {
-        limit_kind::CONNECTIONS => "connections",
-        limit_kind::BANDWIDTH_OUT => "bandwidth_out",
-        limit_kind::BANDWIDTH_IN => "bandwidth_in",
-        limit_kind::TOKENS_PER_MINUTE => "tokens_per_minute",
-        limit_kind::TOKENS_PER_DAY => "tokens_per_day",
-        _ => "unknown",
-    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use std::{
 use llm_egress_common::limit_kind;
 use serde::{Deserialize, Serialize};
 
-use crate::{kernel::limit_entries::Pair, policy::Limits};
+use crate::{kernel::limit_entries::Pair, policy::Limits, telemetry::audit::BudgetRecord};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -89,23 +89,6 @@ pub struct Change {
     pub pair: Pair,
     /// `Some(limit_kind)`: now spent; None: available again.
     pub spent: Option<u32>,
-}
-
-/// The `budget` audit record (docs/events.md).
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct BudgetRecord {
-    /// Always "budget".
-    pub event: &'static str,
-    pub time: String,
-    pub workload: String,
-    pub provider: String,
-    /// "spent" or "available".
-    pub state: &'static str,
-    /// The window that is spent (`tokens_per_minute`, `tokens_per_day`),
-    /// null when available.
-    pub limit: Option<&'static str>,
-    pub remaining_minute: Option<i64>,
-    pub remaining_day: Option<i64>,
 }
 
 #[derive(Default)]
@@ -278,7 +261,7 @@ impl Budgets {
             } else {
                 "available"
             },
-            limit: change.spent.map(crate::kernel::limit_entries::kind_name),
+            limit: change.spent.map(llm_egress_common::limit_kind::name),
             remaining_minute: p.and_then(|p| p.minute).map(|w| w.remaining.floor() as i64),
             remaining_day: p.and_then(|p| p.day).map(|w| w.remaining.floor() as i64),
         }

@@ -130,13 +130,13 @@ impl Limiter {
     /// changed, and updates the gauge.
     fn settle(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
         let changes = self.budgets.tick(Instant::now());
-        let time = crate::events::rfc3339(SystemTime::now());
+        let time = crate::telemetry::audit::rfc3339(SystemTime::now());
         for c in &changes {
             audit.record(&self.budgets.record(c, time.clone()), metrics);
             info!(
                 workload = %c.pair.workload,
                 provider = %c.pair.provider,
-                spent = ?c.spent.map(crate::kernel::limit_entries::kind_name),
+                spent = ?c.spent.map(llm_egress_common::limit_kind::name),
                 "token budget"
             );
         }

@@ -27,12 +27,15 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+pub mod args;
+
+use args::{Listen, RunArgs};
+
 use crate::{
     accounting::connections::Accounting,
     attribution::cgroups::{self, Selectors},
     attribution::kube,
     attribution::process::CgroupPaths,
-    cli::args::{Listen, RunArgs},
     events::{self, Context, NameTable, Names},
     kernel::loader::{self, AttachOutcome, Loader},
     kernel::maps::{KernelMaps, MapsError, WriteReport},
@@ -415,7 +418,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     // The node's pods before the first plan, so that `k8s` workloads apply
     // from the start (a failing API server delays this at most 5 s).
-    let (pods, mut pod_changes) = kube::start(&policy.kubernetes, metrics.clone()).await;
+    let (pods, mut pod_changes) = kube::start(
+        &policy.kubernetes,
+        kube::KubeMetrics {
+            errors: metrics.kubernetes_errors.clone(),
+            pods: metrics.kubernetes_pods.clone(),
+        },
+    )
+    .await;
 
     let names = Names::default();
     let paths = CgroupPaths::default();
@@ -652,7 +662,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 ticks += 1;
                 metrics.sync_verdicts(&maps.verdict_counts(), |k| {
                     let (w, p) = events::names_of(&names, k.generation, k.workload_id, k.provider_id);
-                    [w, p.unwrap_or_else(|| "none".into()), events::verdict_name(k.verdict).to_string()]
+                    [w, p.unwrap_or_else(|| "none".into()), llm_egress_common::verdict::name(k.verdict).to_string()]
                 });
                 limiter.tick(&mut maps, &metrics, &audit);
                 health.events_alive.store(events_alive.load(Ordering::SeqCst), Ordering::SeqCst);

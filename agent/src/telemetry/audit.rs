@@ -4,7 +4,11 @@
 //! falls behind, records are dropped and counted rather than stalling the
 //! event readers. Write errors are counted and logged once per burst.
 
-use std::{io::Write, path::PathBuf};
+use std::{
+    io::Write,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -205,6 +209,44 @@ fn open_append(path: &PathBuf) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// The `budget` audit record (docs/events.md).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BudgetRecord {
+    /// Always "budget".
+    pub event: &'static str,
+    pub time: String,
+    pub workload: String,
+    pub provider: String,
+    /// "spent" or "available".
+    pub state: &'static str,
+    /// The window that is spent (`tokens_per_minute`, `tokens_per_day`),
+    /// null when available.
+    pub limit: Option<&'static str>,
+    pub remaining_minute: Option<i64>,
+    pub remaining_day: Option<i64>,
+}
+
+/// Wall-clock time of a CLOCK_MONOTONIC timestamp.
+pub fn wall_time(mono_ns: u64) -> SystemTime {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let now = SystemTime::now();
+    now.checked_sub(Duration::from_nanos(now_mono.saturating_sub(mono_ns)))
+        .unwrap_or(now)
+}
+
+/// A record's `time`: RFC 3339 in UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(t);
+    dt.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,7 +325,7 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         documented(v.clone());
         assert_eq!(v["provider"], "openai");
-        let b = crate::limits::budget::BudgetRecord {
+        let b = BudgetRecord {
             event: "budget",
             time: "t".into(),
             workload: "w".into(),

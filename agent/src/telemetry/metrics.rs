@@ -543,9 +543,9 @@ impl Metrics {
                 continue;
             }
             let (w, p) = labels(key.bucket).unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-            let v = crate::events::verdict_name(key.verdict as u8);
+            let v = llm_egress_common::verdict::name(key.verdict as u8);
             self.rate_limited
-                .with_label_values(&[&w, &p, crate::kernel::limit_entries::kind_name(key.kind), v])
+                .with_label_values(&[&w, &p, llm_egress_common::limit_kind::name(key.kind), v])
                 .inc_by(delta);
         }
     }
