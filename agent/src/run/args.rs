@@ -2,6 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use crate::policy::{AuditLog, Policy, PolicyErrors};
+
 /// `--metrics-listen`: an address, or "off".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Listen {
@@ -39,4 +41,38 @@ pub struct RunArgs {
     /// Overrides the policy's `audit_log` (a path, or "-" for stdout).
     #[arg(long)]
     pub audit_log: Option<String>,
+}
+
+/// Reads the policy and applies the command-line overrides.
+pub fn load_policy(args: &RunArgs) -> Result<Policy, PolicyErrors> {
+    let mut policy = match &args.config {
+        Some(path) => Policy::from_path(path)?,
+        None => Policy::builtin_default(),
+    };
+    apply_overrides(&mut policy, args);
+    Ok(policy)
+}
+
+fn apply_overrides(policy: &mut Policy, args: &RunArgs) {
+    if let Some(c) = &args.cgroup {
+        policy.cgroup = Some(c.clone());
+    }
+    if let Some(p) = &args.pin_path {
+        policy.pin_path = p.clone();
+    }
+    if let Some(d) = &args.state_dir {
+        policy.state_dir = d.clone();
+    }
+    match args.metrics_listen {
+        Some(Listen::At(m)) => policy.metrics_listen = Some(m),
+        Some(Listen::Off) => policy.metrics_listen = None,
+        None => {}
+    }
+    if let Some(a) = &args.audit_log {
+        policy.audit_log = match a.as_str() {
+            "-" => AuditLog::Stdout,
+            "off" => AuditLog::Off,
+            path => AuditLog::File(PathBuf::from(path)),
+        };
+    }
 }
