@@ -7,13 +7,15 @@
 //! other integration tests.
 
 use std::{
-    process::{Command, Output},
-    time::Duration,
+    io::{Read, Write},
+    process::{Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, Probe, TcpServer, agent::free_loopback_port, agent_bin,
-    probe::describe, require_root, toml_str,
+    probe::describe, require_root, toml_str, wait_until,
 };
 use serde_json::Value;
 
@@ -192,6 +194,79 @@ deny = ["test-llm"]
     assert!(
         stdout.contains("policy generation") && stdout.contains("events lost 0"),
         "{text}"
+    );
+    live_view_draws_frames_and_q_quits(&url);
+}
+
+/// The live view on a real terminal (a pty from util-linux `script`):
+/// frames are drawn in place with CR-LF line ends (raw mode), and `q`
+/// quits at once, showing the cursor again.
+fn live_view_draws_frames_and_q_quits(url: &str) {
+    let cmd = format!(
+        "{} status --metrics {url} --interval 0.2",
+        agent_bin().display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `script` (util-linux): {e}"));
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let (out, mut stdout) = (out.clone(), child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let frames = || text().matches("refreshing every 0.2 s").count();
+    let drew = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        (frames() >= 2).then_some(())
+    });
+    assert!(
+        drew.is_some(),
+        "the live view should redraw every 0.2 s:\n{}",
+        text()
+    );
+    let asked = Instant::now();
+    child.stdin.as_mut().unwrap().write_all(b"q").unwrap();
+    let status = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        child.try_wait().ok().flatten()
+    });
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("`q` did not end the live view within 5 s:\n{}", text());
+    };
+    let quit_after = asked.elapsed();
+    reader.join().unwrap();
+    let shown = text();
+    assert!(
+        status.success(),
+        "the live view exits 0 on `q` ({status}):\n{shown}"
+    );
+    assert!(
+        quit_after < Duration::from_secs(1),
+        "`q` quits at once, not at the next frame: {quit_after:?}"
+    );
+    assert!(
+        shown.contains("policy generation"),
+        "frames show the agent's health:\n{shown}"
+    );
+    assert!(
+        shown.contains("\r\nrefreshing every 0.2 s; q or Ctrl-C quits\r\n"),
+        "raw mode: every line ends in CR-LF:\n{shown:?}"
+    );
+    assert!(
+        shown.contains("\x1b[?25l") && shown.trim_end().ends_with("\x1b[?25h"),
+        "the cursor is hidden while drawing and shown again at the end:\n{shown:?}"
     );
 }
 

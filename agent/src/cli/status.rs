@@ -3,8 +3,8 @@
 //! It reads what every other client reads: the agent's `/metrics` (and
 //! `/readyz`) over HTTP, so it needs no privileges, no socket of its own in
 //! the agent, and works against a remote agent (a node's DaemonSet pod) as
-//! well as a local one. This module owns a small Prometheus text parser, the
-//! snapshot built from it (workloads × providers, agent health), and the two
+//! well as a local one. This module owns the snapshot built from the
+//! samples (`crate::telemetry::prom_text` parses them) (workloads × providers, agent health), and the two
 //! renderings: a table redrawn in place every `--interval` seconds, and one
 //! JSON document for scripts (`--json`). It must not reach into the agent's
 //! state any other way.
@@ -22,15 +22,25 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{self, IsTerminal, Read, Write},
-    net::{SocketAddr, TcpStream, ToSocketAddrs},
+    io::{self, IsTerminal, Write},
     path::PathBuf,
     process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
+use crossterm::{
+    cursor,
+    event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
+    queue, style,
+    terminal::{self, ClearType},
+};
 use serde::Serialize;
+
+use crate::telemetry::prom_text::{self, Sample};
 
 /// `llm-egress status` arguments.
 #[derive(clap::Args, Debug, Clone)]
@@ -149,163 +159,21 @@ impl Endpoint {
         })
     }
 
-    fn addr(&self) -> io::Result<SocketAddr> {
-        self.host.to_socket_addrs()?.next().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} has no address", self.host),
-            )
-        })
-    }
-
-    /// `GET path`: the status code and the body.
+    /// `GET path`: the status code and the body (an error status is an
+    /// answer, not an error).
     pub fn get(&self, path: &str) -> io::Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&self.addr()?, IO_TIMEOUT)?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: llm-egress-status\r\nConnection: close\r\n\r\n",
-            self.host
-        )?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        parse_response(&raw)
+        let agent = ureq::AgentBuilder::new()
+            .timeout(IO_TIMEOUT)
+            .user_agent("llm-egress-status")
+            .build();
+        let response = match agent.get(&format!("{}{path}", self.url)).call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => return Err(io::Error::other(t.to_string())),
+        };
+        let status = response.status();
+        Ok((status, response.into_string()?))
     }
-}
-
-fn bad(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
-}
-
-/// A complete HTTP/1.1 response: Content-Length, chunked, or until close.
-fn parse_response(raw: &[u8]) -> io::Result<(u16, String)> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let mut body = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| bad("bad status line"))?;
-    let mut out = Vec::new();
-    let header = |name: &str| {
-        head.split("\r\n").find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.trim().to_ascii_lowercase())
-        })
-    };
-    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        loop {
-            let eol = body
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .ok_or_else(|| bad("truncated chunk"))?;
-            let size = usize::from_str_radix(
-                String::from_utf8_lossy(&body[..eol])
-                    .split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim(),
-                16,
-            )
-            .map_err(|_| bad("bad chunk size"))?;
-            body = &body[eol + 2..];
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(body.get(..size).ok_or_else(|| bad("truncated chunk"))?);
-            body = body.get(size + 2..).ok_or_else(|| bad("truncated chunk"))?;
-        }
-    } else if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        out.extend_from_slice(
-            body.get(..n)
-                .ok_or_else(|| bad("body shorter than Content-Length"))?,
-        );
-    } else {
-        out.extend_from_slice(body);
-    }
-    Ok((status, String::from_utf8_lossy(&out).into_owned()))
-}
-
-// ---------------------------------------------------------------- Prometheus text
-
-/// One sample line: `name{label="value",...} value [timestamp]`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub value: f64,
-}
-
-impl Sample {
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Every sample of a text exposition; `Err((line number, line))` for the
-/// first line that is neither a comment, blank, nor a sample.
-pub fn parse_samples(text: &str) -> Result<Vec<Sample>, (usize, String)> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        out.push(parse_sample(line).ok_or_else(|| (i + 1, line.to_string()))?);
-    }
-    Ok(out)
-}
-
-fn parse_sample(line: &str) -> Option<Sample> {
-    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
-    let (name, mut rest) = line.split_at(name_end);
-    let mut labels = Vec::new();
-    if let Some(mut s) = rest.strip_prefix('{') {
-        loop {
-            s = s.trim_start_matches([' ', ',']);
-            if let Some(after) = s.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let (key, after) = s.split_once('=')?;
-            let mut chars = after.trim_start().strip_prefix('"')?.char_indices();
-            let mut value = String::new();
-            let end = loop {
-                match chars.next()? {
-                    (i, '"') => break i,
-                    (_, '\\') => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        c => value.push(c),
-                    },
-                    (_, c) => value.push(c),
-                }
-            };
-            labels.push((key.trim().to_string(), value));
-            let after = after.trim_start().strip_prefix('"')?;
-            s = &after[end + 1..];
-        }
-    }
-    let value = match rest.split_whitespace().next()? {
-        "+Inf" | "Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        "NaN" => f64::NAN,
-        v => v.parse().ok()?,
-    };
-    Some(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
 }
 
 // ---------------------------------------------------------------- snapshot
@@ -405,8 +273,8 @@ impl Snapshot {
                 body.trim()
             )));
         }
-        let samples = parse_samples(&body)
-            .map_err(|(n, line)| bad(&format!("/metrics line {n} is not a sample: {line}")))?;
+        let samples = prom_text::parse(&body)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("/metrics {e}")))?;
         let (ready, readiness) = match endpoint.get("/readyz") {
             Ok((code, body)) => (code == 200, body.trim().to_string()),
             Err(e) => (false, format!("GET /readyz failed: {e}")),
@@ -701,89 +569,67 @@ pub fn render(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> String {
 
 // ---------------------------------------------------------------- live view
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+/// The terminal in raw mode while the live view runs, so that `q` (or
+/// Ctrl-C, a key in raw mode) quits at once; restored on drop, also when
+/// SIGTERM ends the view. Off when stdin is not a terminal: then only a
+/// signal stops the view.
+struct RawTerminal {
+    raw: bool,
+    /// Set by SIGINT and SIGTERM.
+    stop: Arc<AtomicBool>,
 }
 
-/// Stdin without line buffering and echo while the live view runs, so that
-/// `q` quits at once; restored on drop. Ctrl-C still raises SIGINT (ISIG is
-/// kept), which only sets [`STOP`].
-struct RawStdin(Option<libc::termios>);
-
-impl RawStdin {
-    fn enable() -> RawStdin {
-        if !io::stdin().is_terminal() {
-            return RawStdin(None);
-        }
-        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own; the
-        // zeroed struct is fully written by tcgetattr before it is read.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
-                return RawStdin(None);
+impl RawTerminal {
+    fn enable() -> RawTerminal {
+        let stop = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+                eprintln!("llm-egress status: cannot handle signal {sig}: {e}");
             }
-            let saved = t;
-            t.c_lflag &= !(libc::ICANON | libc::ECHO);
-            t.c_cc[libc::VMIN] = 0;
-            t.c_cc[libc::VTIME] = 0;
-            libc::tcsetattr(0, libc::TCSANOW, &t);
-            RawStdin(Some(saved))
         }
+        let raw = io::stdin().is_terminal() && terminal::enable_raw_mode().is_ok();
+        RawTerminal { raw, stop }
     }
 
-    /// Waits up to `d`; true when the user asked to quit (q, Ctrl-C, SIGTERM).
+    /// Waits up to `d`; true when the user asked to quit (q, Ctrl-C,
+    /// SIGINT, SIGTERM).
     fn wait_for_quit(&self, d: Duration) -> bool {
         let deadline = Instant::now() + d;
         while Instant::now() < deadline {
-            if STOP.load(Ordering::SeqCst) {
+            if self.stop.load(Ordering::SeqCst) {
                 return true;
             }
-            if self.0.is_none() {
+            if !self.raw {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            let mut pfd = libc::pollfd {
-                fd: 0,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd; a timeout bounds the wait.
-            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-            if n > 0 {
-                let mut b = [0u8; 1];
-                // SAFETY: reads at most one byte into a buffer we own.
-                if unsafe { libc::read(0, b.as_mut_ptr().cast(), 1) } == 1
-                    && matches!(b[0], b'q' | b'Q')
-                {
-                    return true;
-                }
+            if event::poll(Duration::from_millis(100)).unwrap_or(false)
+                && let Ok(Event::Key(k)) = event::read()
+                && k.kind == KeyEventKind::Press
+                && (matches!(k.code, KeyCode::Char('q' | 'Q'))
+                    || (k.code == KeyCode::Char('c')
+                        && k.modifiers.contains(KeyModifiers::CONTROL)))
+            {
+                return true;
             }
         }
-        STOP.load(Ordering::SeqCst)
+        self.stop.load(Ordering::SeqCst)
     }
 }
 
-impl Drop for RawStdin {
+impl Drop for RawTerminal {
     fn drop(&mut self) {
-        if let Some(t) = &self.0 {
-            // SAFETY: restores the attributes saved by `enable` on fd 0.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        if self.raw {
+            let _ = terminal::disable_raw_mode();
         }
     }
 }
 
 fn live(endpoint: &Endpoint, interval: Duration) {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    let stdin = RawStdin::enable();
+    let term = RawTerminal::enable();
     let mut previous: Option<(Snapshot, Instant)> = None;
     let mut stdout = io::stdout();
-    let _ = write!(stdout, "\x1b[?25l");
+    let _ = queue!(stdout, cursor::Hide);
     loop {
         let frame = match Snapshot::fetch(endpoint) {
             Ok(s) => {
@@ -798,17 +644,24 @@ fn live(endpoint: &Endpoint, interval: Duration) {
                 interval.as_secs_f64()
             ),
         };
-        let _ = write!(
-            stdout,
-            "\x1b[H\x1b[2J{frame}\nrefreshing every {:.1} s; q or Ctrl-C quits\n",
+        let frame = format!(
+            "{frame}\nrefreshing every {:.1} s; q or Ctrl-C quits\n",
             interval.as_secs_f64()
         );
+        // Raw mode does not turn "\n" into a new line at column 0.
+        let _ = queue!(
+            stdout,
+            cursor::MoveTo(0, 0),
+            terminal::Clear(ClearType::All),
+            style::Print(frame.replace('\n', "\r\n"))
+        );
         let _ = stdout.flush();
-        if stdin.wait_for_quit(interval) {
+        if term.wait_for_quit(interval) {
             break;
         }
     }
-    let _ = writeln!(stdout, "\x1b[?25h");
+    let _ = queue!(stdout, cursor::Show, style::Print("\r\n"));
+    let _ = stdout.flush();
 }
 
 #[cfg(test)]
@@ -833,31 +686,6 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
 "#;
 
     #[test]
-    fn parses_labels_escapes_timestamps_and_special_values() {
-        let s = parse_samples(
-            "a{x=\"say \\\"hi\\\"\\n\",y=\"a,b}c\",} +Inf\nb 2 123\n# c 3\n\nd{} NaN\n",
-        )
-        .unwrap();
-        assert_eq!(s.len(), 3);
-        assert_eq!(s[0].label("x"), Some("say \"hi\"\n"));
-        assert_eq!(s[0].label("y"), Some("a,b}c"));
-        assert_eq!(s[0].value, f64::INFINITY);
-        assert_eq!(
-            s[1],
-            Sample {
-                name: "b".into(),
-                labels: vec![],
-                value: 2.0
-            }
-        );
-        assert!(s[2].value.is_nan());
-        assert_eq!(
-            parse_samples("ok 1\nbroken{x=\"1\" 2\n"),
-            Err((2, "broken{x=\"1\" 2".to_string()))
-        );
-    }
-
-    #[test]
     fn endpoints() {
         assert_eq!(
             Endpoint::parse("http://127.0.0.1:9469").unwrap().url,
@@ -878,24 +706,8 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
     }
 
     #[test]
-    fn http_responses() {
-        assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokX").unwrap(),
-            (200, "ok".into())
-        );
-        assert_eq!(
-            parse_response(
-                b"HTTP/1.1 503 No\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-            )
-            .unwrap(),
-            (503, "abc".into())
-        );
-        assert!(parse_response(b"garbage").is_err());
-    }
-
-    #[test]
     fn snapshot_counts_rows_and_health() {
-        let s = Snapshot::from_samples(&parse_samples(TEXT).unwrap());
+        let s = Snapshot::from_samples(&prom_text::parse(TEXT).unwrap());
         let row = |w: &str, p: &str| {
             s.rows
                 .iter()
@@ -943,7 +755,7 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
              llm_egress_tokens_total{{workload=\"bot\",provider=\"openai\",kind=\"completion\",source=\"estimated\"}} 5\n\
              llm_egress_tokens_total{{workload=\"bot\",provider=\"openai\",kind=\"completion\",source=\"exact\"}} 100\n"
         );
-        let s = Snapshot::from_samples(&parse_samples(&text).unwrap());
+        let s = Snapshot::from_samples(&prom_text::parse(&text).unwrap());
         let bot = s.rows.iter().find(|r| r.workload == "bot").unwrap();
         // exact counts are never added to the estimate
         assert_eq!(
@@ -970,7 +782,7 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
 
     #[test]
     fn renders_a_table_with_dashes_for_missing_metrics() {
-        let mut s = Snapshot::from_samples(&parse_samples(TEXT).unwrap());
+        let mut s = Snapshot::from_samples(&prom_text::parse(TEXT).unwrap());
         s.endpoint = "http://127.0.0.1:9469".into();
         s.ready = true;
         let text = render(&s, None);
@@ -1051,7 +863,7 @@ llm_egress_build_info{object="5bcf9c904f00bae5",version="0.1.0"} 1
         let s = Snapshot {
             endpoint: "http://x:1".into(),
             readiness: "not ready: programs not attached yet".into(),
-            ..Snapshot::from_samples(&parse_samples(TEXT).unwrap())
+            ..Snapshot::from_samples(&prom_text::parse(TEXT).unwrap())
         };
         assert!(
             render(&s, None)

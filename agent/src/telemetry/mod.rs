@@ -5,3 +5,4 @@
 pub mod audit;
 pub mod http;
 pub mod metrics;
+pub mod prom_text;
