@@ -115,6 +115,10 @@ pub struct Agent {
     root_before: Vec<(&'static str, u32)>,
     /// Extra environment of every run (see [`Agent::launch_with_env`]).
     env: Vec<(String, String)>,
+    /// The pin path, state dir, metrics address and audit log are keys of
+    /// the policy file, not command-line flags (see
+    /// [`Agent::start_with_keys_in_file`]).
+    keys_in_file: bool,
     pin: PinDir,
     dir: TempDir,
 }
@@ -185,6 +189,39 @@ impl Agent {
     /// Starts [`agent_bin`] with `policy_toml` and waits until /readyz says 200.
     pub fn start(policy_toml: &str) -> Agent {
         Agent::start_with(agent_bin(), policy_toml)
+    }
+
+    /// Starts [`agent_bin`] with `--config` alone: [`Agent::file_keys`]
+    /// (this agent's pin path, state dir, metrics address and audit log)
+    /// come first in the file, then `policy_toml`. For what only the file
+    /// can change (a reload of those keys); [`Agent::rewrite_policy`] then
+    /// takes the whole file.
+    pub fn start_with_keys_in_file(policy_toml: &str) -> Agent {
+        let mut agent = Agent::prepare(agent_bin(), policy_toml);
+        agent.keys_in_file = true;
+        let text = format!("{}{policy_toml}", agent.file_keys());
+        fs::write(&agent.config, text)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", agent.config.display()));
+        agent.spawn();
+        agent
+    }
+
+    /// This agent's pin path, state dir, metrics address and audit log as
+    /// top-level policy keys.
+    pub fn file_keys(&self) -> String {
+        let q = |p: &Path| crate::toml_str(&p.display().to_string());
+        format!(
+            "pin_path = {}\nstate_dir = {}\nmetrics_listen = \"{}\"\naudit_log = {}\n",
+            q(self.pin.path()),
+            q(&self.state_dir()),
+            self.metrics_addr,
+            q(&self.audit_log)
+        )
+    }
+
+    /// A path in this agent's temporary directory (removed with it).
+    pub fn temp_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// Starts the agent executable `bin` with `policy_toml`.
@@ -292,6 +329,7 @@ impl Agent {
             context_shown: std::cell::Cell::new(false),
             root_before: Vec::new(),
             env: Vec::new(),
+            keys_in_file: false,
             pin: PinDir::new(),
             dir,
         }
@@ -309,7 +347,18 @@ impl Agent {
             if !self.exited_on_busy_port() {
                 break;
             }
+            let busy = self.metrics_addr;
             self.metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
+            if self.keys_in_file {
+                let text = fs::read_to_string(&self.config)
+                    .unwrap_or_default()
+                    .replace(
+                        &format!("metrics_listen = \"{busy}\""),
+                        &format!("metrics_listen = \"{}\"", self.metrics_addr),
+                    );
+                fs::write(&self.config, text)
+                    .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.config.display()));
+            }
         }
         self.wait_ready();
         self.check_root_untouched();
@@ -337,20 +386,18 @@ impl Agent {
         let stderr = self.open_log("stderr");
         let stdout = self.open_log("stdout");
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--pin-path")
-            .arg(self.pin.path())
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--metrics-listen")
-            .arg(self.metrics_addr.to_string())
-            .arg("--audit-log")
-            .arg(&self.audit_log)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
+        cmd.arg("run").arg("--config").arg(&self.config);
+        if !self.keys_in_file {
+            cmd.arg("--pin-path")
+                .arg(self.pin.path())
+                .arg("--state-dir")
+                .arg(self.state_dir())
+                .arg("--metrics-listen")
+                .arg(self.metrics_addr.to_string())
+                .arg("--audit-log")
+                .arg(&self.audit_log);
+        }
+        cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

@@ -875,3 +875,165 @@ other = "deny"
         "connect again",
     );
 }
+
+/// The byte at `offset` of the value of the pinned map `name`'s only entry
+/// (bpftool JSON: hex strings, or the BTF-formatted struct's `field`).
+fn pinned_value_byte(agent: &Agent, name: &str, offset: usize, field: &str) -> Option<u64> {
+    let path = bpf::pinned_map_path(agent.pin_path(), name)?;
+    let entry = bpf::pinned_map_dump(&path)?.into_iter().next()?;
+    let value = entry
+        .get("formatted")
+        .map_or(&entry["value"], |f| &f["value"]);
+    if let Some(v) = value.get(field) {
+        return v.as_u64();
+    }
+    let byte = value.as_array()?.get(offset)?.as_str()?;
+    u64::from_str_radix(byte.trim_start_matches("0x"), 16).ok()
+}
+
+/// Every key that changes only on restart (`cgroup`, `pin_path`,
+/// `metrics_listen`, `failure_mode`, `audit_log`, `programs`,
+/// `[kubernetes]`; docs/policy.md) keeps its running value when a reload's
+/// file changes it, and the warning names each; the rest of the file
+/// applies. The keys are written in the file (no command-line flags), as a
+/// user's policy has them.
+#[test]
+fn a_reload_keeps_every_restart_only_key_at_its_running_value() {
+    require_root();
+    let cg = CgroupGuard::new("restartkeys");
+    let w = cg.child("w");
+    let other_cg = CgroupGuard::new("restartkeys-new");
+    // The new file's workload would have a cgroup there.
+    let _other_w = other_cg.child("w");
+    let ns = NetnsGuard::new();
+    let _s192 = TcpServer::start(&ns, "192.0.2.1:8443");
+    let _s198 = TcpServer::start(&ns, "198.51.100.1:8443");
+    let body = |cg: &CgroupGuard, top: &str, allow: &str| {
+        policy(
+            cg,
+            top,
+            &format!(
+                "[[workloads]]\nname = \"w\"\ncgroup = \"w\"\nallow = [{allow}]\nother = \"deny\"\n"
+            ),
+        )
+    };
+    let mut agent = Agent::start_with_keys_in_file(&body(
+        &cg,
+        "failure_mode = \"closed\"\nprograms = \"all\"",
+        "\"192.0.2.0/24\"",
+    ));
+    let p = probe();
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "before the reload",
+    );
+    let closed = pinned_value_byte(&agent, "ACTIVE", 4, "failure_mode");
+    assert_eq!(
+        closed,
+        Some(1),
+        "ACTIVE says failure_mode closed\n{}",
+        agent.context()
+    );
+    let pinned_before = std::fs::read_dir(agent.pin_path()).unwrap().count();
+
+    let new_pins = llm_egress_tests::agent::PinDir::new();
+    let new_metrics = format!(
+        "127.0.0.1:{}",
+        llm_egress_tests::agent::free_loopback_port()
+    );
+    let new_audit = agent.temp_path("new-audit.jsonl");
+    let new_state = agent.temp_path("new-state");
+    let g0 = agent.generation();
+    agent.rewrite_policy(&format!(
+        "pin_path = {}\nstate_dir = {}\nmetrics_listen = \"{new_metrics}\"\naudit_log = {}\n{}\n[kubernetes]\nnode_name = \"n1\"\n",
+        llm_egress_tests::toml_str(&new_pins.path().display().to_string()),
+        llm_egress_tests::toml_str(&new_state.display().to_string()),
+        llm_egress_tests::toml_str(&new_audit.display().to_string()),
+        body(
+            &other_cg,
+            "failure_mode = \"open\"\nprograms = \"connect\"",
+            "\"192.0.2.0/24\", \"198.51.100.0/24\""
+        ),
+    ));
+    agent.sighup();
+    let g1 = agent.wait_for_generation_after(g0);
+    assert!(g1 > g0);
+    let log = agent.stderr();
+    let warned = log
+        .lines()
+        .find(|l| l.contains("change only on restart"))
+        .unwrap_or_else(|| panic!("no warning names the kept keys\n{}", agent.context()));
+    for key in [
+        "cgroup",
+        "pin_path",
+        "metrics_listen",
+        "failure_mode",
+        "audit_log",
+        "programs",
+        "[kubernetes]",
+    ] {
+        assert!(
+            warned.contains(&format!("\"{key}\"")),
+            "the warning names {key}: {warned}"
+        );
+    }
+    assert!(
+        !warned.contains("state_dir"),
+        "state_dir changes on reload: {warned}"
+    );
+    // The rest of the file applied: 198.51.100.0/24 is allowed now...
+    expect_ok(
+        &agent,
+        p.connect(&w, &ns, "198.51.100.1:8443"),
+        "after the reload, the new allow list",
+    );
+    // cgroup: ... in the cgroup attached at start, and the new file's
+    // cgroup has no programs (its workload is not judged).
+    assert!(
+        bpf::sock_addr_prog_counts(other_cg.path(), false)
+            .iter()
+            .all(|(_, n)| *n == 0),
+        "nothing is attached to the reload's cgroup\n{}",
+        agent.context()
+    );
+    // pin_path: the pins stay where they were; nothing under the new path.
+    assert_eq!(
+        std::fs::read_dir(agent.pin_path()).unwrap().count(),
+        pinned_before
+    );
+    assert!(
+        std::fs::read_dir(new_pins.path()).map_or(true, |mut d| d.next().is_none()),
+        "nothing is pinned under the reload's pin_path"
+    );
+    // failure_mode: the kernel still fails closed.
+    assert_eq!(
+        pinned_value_byte(&agent, "ACTIVE", 4, "failure_mode"),
+        Some(1)
+    );
+    // programs: the SNI program is still attached (programs = "all").
+    assert!(
+        bpf::hook_prog_counts(cg.path(), &bpf::OTHER_HOOKS, false)
+            .iter()
+            .all(|(_, n)| *n == 1),
+        "every program of the \"all\" set stays attached\n{}",
+        agent.context()
+    );
+    // metrics_listen: the running address answers, the new one does not.
+    assert!(agent.http_get("/metrics").is_ok_and(|r| r.status == 200));
+    assert!(
+        std::net::TcpStream::connect(&new_metrics).is_err(),
+        "nothing listens on {new_metrics}"
+    );
+    // audit_log: a new decision goes to the running log, no new file.
+    expect_eperm(
+        &agent,
+        p.connect(&w, &ns, "203.0.113.1:8443"),
+        "a deny after the reload",
+    );
+    wait_event(&agent, "the deny after the reload", |e| {
+        e["verdict"] == "deny" && e["dst_addr"] == "203.0.113.1" && e["generation"] == g1
+    });
+    assert!(!new_audit.exists(), "the reload's audit_log is not opened");
+    agent.stop();
+}
