@@ -1,288 +1,25 @@
-//! The ring-buffer reader: decodes kernel events, attributes them, names
-//! their workload and provider, and hands them to metrics and the audit log.
-//!
-//! Records are copied out of the ring buffer and checked for size and kind;
-//! a record that does not decode is counted, never guessed at. Events carry
-//! the policy generation that decided them, and names are looked up in that
-//! generation's table (the last few are kept), so a reload never relabels
-//! decisions taken under the previous policy.
+//! Events: the ring-buffer reader (this file) decodes kernel records
+//! (`decode`), makes them audit records attributed and named (`records`,
+//! `names`) and hands them to metrics, the audit log and accounting.
 
-use std::{
-    collections::VecDeque,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+pub mod decode;
+pub mod names;
+pub mod records;
+
+use std::{sync::Arc, time::Duration};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
-use llm_egress_common::{
-    ConnEvent, ConnectEvent, EVENTS_WAKE_NS, EventHeader, ExecInfo, NO_PROVIDER, NO_WORKLOAD,
-    family, hook, kind, payload, proto, reason, sock, verdict,
-};
+use llm_egress_common::{ConnEvent, EVENTS_WAKE_NS};
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::{
     accounting::connections::Accounting,
-    attribution::process::{CgroupPaths, ExeCache, comm_str},
-    policy::{NO_WORKLOAD_NAME, Policy},
-    telemetry::audit::{Attribution, AuditSink, DecisionRecord},
     telemetry::audit::{rfc3339, wall_time},
-    telemetry::metrics::Metrics,
 };
-
-/// Names of one policy generation, indexed by id - 1.
-#[derive(Debug, Default)]
-pub struct NameTable {
-    pub generation: u64,
-    pub workloads: Vec<String>,
-    pub providers: Vec<String>,
-}
-
-impl NameTable {
-    pub fn of(policy: &Policy, generation: u64) -> Self {
-        Self {
-            generation,
-            workloads: policy.workloads.iter().map(|w| w.name.clone()).collect(),
-            providers: policy.providers.iter().map(|p| p.name.clone()).collect(),
-        }
-    }
-}
-
-/// The name tables of recent generations.
-#[derive(Clone, Default)]
-pub struct Names(Arc<RwLock<VecDeque<Arc<NameTable>>>>);
-
-const KEPT_GENERATIONS: usize = 8;
-
-impl Names {
-    pub fn push(&self, table: NameTable) {
-        if let Ok(mut g) = self.0.write() {
-            g.push_front(Arc::new(table));
-            g.truncate(KEPT_GENERATIONS);
-        }
-    }
-
-    /// The table of `generation`; an unknown one (decided before this agent
-    /// started) uses the newest table: ids follow policy order, so they
-    /// agree whenever the policy file did not change.
-    fn table(&self, generation: u64) -> Option<Arc<NameTable>> {
-        let g = self.0.read().ok()?;
-        g.iter()
-            .find(|t| t.generation == generation)
-            .or_else(|| g.front())
-            .cloned()
-    }
-}
-
-/// A DNS answer the kernel could not parse, for the agent's parser.
-#[derive(Debug, PartialEq)]
-pub struct DnsAnswer {
-    /// Whose the addresses it teaches are (`LearnedKeyV4::scope`: the
-    /// receiving socket's workload, as the kernel found it).
-    pub scope: u64,
-    pub msg: Vec<u8>,
-}
-
-/// A decoded ring-buffer record.
-#[derive(Debug, PartialEq)]
-pub enum Decoded {
-    Decision(ConnectEvent),
-    Conn(ConnEvent),
-    /// A `DNS_UNPARSED` event: the message (what the kernel copied) and
-    /// the learning scope of the socket that received it.
-    Dns(DnsAnswer),
-    /// A ClientHello judged by its server name.
-    Sni(Box<llm_egress_common::SniEvent>),
-}
-
-/// Reads a `T` from the start of `bytes`, if long enough.
-fn read_as<T: Copy>(bytes: &[u8]) -> Option<T> {
-    // SAFETY: length checked; T is a repr(C) plain-integer event type.
-    (bytes.len() >= size_of::<T>())
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
-}
-
-/// Decodes one ring-buffer record. None: too short or an unknown kind.
-pub fn decode(bytes: &[u8]) -> Option<Decoded> {
-    let header: EventHeader = read_as(bytes)?;
-    match header.kind {
-        kind::CONNECT_DECISION => read_as(bytes).map(Decoded::Decision),
-        kind::CONN_SUMMARY | kind::CONN_UPDATE => read_as(bytes).map(Decoded::Conn),
-        kind::SNI_DECISION => read_as(bytes).map(|e| Decoded::Sni(Box::new(e))),
-        kind::DNS_UNPARSED => {
-            let ev: llm_egress_common::DnsEvent = read_as(bytes)?;
-            let len = (ev.data.len as usize).min(ev.data.data.len());
-            Some(Decoded::Dns(DnsAnswer {
-                scope: ev.data.scope,
-                msg: ev.data.data[..len].to_vec(),
-            }))
-        }
-        _ => None,
-    }
-}
-
-/// `EXECS`: tgid → what it last executed (filled by the exec tracepoint).
-pub type Execs = Arc<BpfHashMap<MapData, u32, ExecInfo>>;
-
-/// The executable of the process that made `ev`: /proc while it lives, else
-/// the path its last exec gave (if that exec came before the event, so a
-/// reused pid is never credited with its predecessor's connections).
-fn exe_for(h: &EventHeader, ctx: &Context) -> Option<String> {
-    let live = ctx.exe_cache.lock().ok().and_then(|mut c| c.get(h.tgid));
-    if live.is_some() {
-        return live;
-    }
-    let info = ctx.execs.as_ref()?.get(&h.tgid, 0).ok()?;
-    if info.exec_time_ns > h.time_ns {
-        return None;
-    }
-    let len = (info.len as usize).min(info.path.len());
-    let path = &info.path[..len];
-    let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
-    Some(String::from_utf8_lossy(&path[..end]).into_owned())
-}
-
-/// Everything an event needs to become a record.
-#[derive(Clone)]
-pub struct Context {
-    pub execs: Option<Execs>,
-    pub exe_cache: Arc<std::sync::Mutex<ExeCache>>,
-    pub names: Names,
-    pub cgroups: CgroupPaths,
-    pub metrics: Metrics,
-    pub audit: AuditSink,
-    /// To the agent loop, which parses DNS answers the kernel could not
-    /// (crate::names::dns) and writes what they teach (it owns the maps).
-    pub dns_fallback: Option<tokio::sync::mpsc::Sender<DnsAnswer>>,
-    /// The node's pods, for `pod_name` and `pod_namespace`.
-    pub pods: crate::attribution::kube::Pods,
-}
-
-/// Process and cgroup of the task an event header describes.
-fn attribute(h: &EventHeader, ctx: &Context) -> Attribution {
-    let exe = exe_for(h, ctx);
-    if exe.is_none() {
-        ctx.metrics.attribution_misses.inc();
-    }
-    let cgroup = ctx.cgroups.path_of(h.cgroup_id, h.tgid).unwrap_or_default();
-    let cgroup_info = crate::attribution::cgroup_info::describe(&cgroup);
-    let pod = cgroup_info
-        .pod_uid
-        .as_deref()
-        .and_then(|uid| ctx.pods.get(uid));
-    Attribution {
-        pid: h.pid,
-        tgid: h.tgid,
-        comm: comm_str(&h.comm),
-        exe: exe.unwrap_or_default(),
-        uid: h.uid,
-        gid: h.gid,
-        cgroup_info,
-        cgroup,
-        pod_name: pod.as_ref().map(|p| p.name.clone()),
-        pod_namespace: pod.map(|p| p.namespace.clone()),
-    }
-}
-
-/// Workload and provider names of ids decided under `generation`.
-pub fn names_of(
-    names: &Names,
-    generation: u64,
-    workload_id: u32,
-    provider_id: u32,
-) -> (String, Option<String>) {
-    let table = names.table(generation);
-    let name = |list: fn(&NameTable) -> &Vec<String>, id: u32| {
-        table
-            .as_ref()
-            .and_then(|t| list(t).get(id as usize - 1).cloned())
-            .unwrap_or_else(|| format!("#{id}"))
-    };
-    let workload = if workload_id == NO_WORKLOAD {
-        NO_WORKLOAD_NAME.to_string()
-    } else {
-        name(|t| &t.workloads, workload_id)
-    };
-    let provider = (provider_id != NO_PROVIDER).then(|| name(|t| &t.providers, provider_id));
-    (workload, provider)
-}
-
-pub fn to_record(ev: &ConnectEvent, ctx: &Context) -> DecisionRecord {
-    let (h, d) = (&ev.header, &ev.data);
-    let (workload, provider) = names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
-    let mut record = DecisionRecord {
-        event: "decision",
-        time: rfc3339(wall_time(h.time_ns)),
-        verdict: verdict::name(d.verdict),
-        reason: reason::name(d.reason),
-        workload,
-        who: attribute(h, ctx),
-        protocol: if d.proto == proto::UDP { "udp" } else { "tcp" },
-        dst_addr: family::ip(d.family, &d.addr).to_string(),
-        dst_port: d.port,
-        dst_addr_form: d.addr_form(),
-        dst_addr_given: d.given_addr().map(|a| a.to_string()),
-        provider,
-        generation: d.generation,
-        hook: hook::name(d.hook),
-        server_name: None,
-        target_port: None,
-        payload_start: None,
-        socket_type: None,
-        ip_protocol: None,
-    };
-    // A raw or ping socket refused (or audited) at socket(): no destination.
-    if d.hook == hook::SOCK_CREATE {
-        record.protocol = sock::protocol_name(u32::from(d.port), u32::from(d.proto));
-        record.dst_addr = String::new();
-        record.dst_port = 0;
-        record.socket_type = Some(sock::type_name(u32::from(d.port)));
-        record.ip_protocol = Some(d.proto);
-    }
-    record
-}
-
-/// Bytes as text: printable ASCII as is, the rest as `\xNN`.
-fn escaped(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|&b| match b {
-            b' '..=b'~' if b != b'\\' => (b as char).to_string(),
-            _ => format!("\\x{b:02x}"),
-        })
-        .collect()
-}
-
-/// An SNI verdict as a decision record: `hook` says what was judged (a
-/// ClientHello, a CONNECT request, the ClientHello in its tunnel, an
-/// unreadable first payload to a named proxy), `server_name` the name.
-pub fn sni_record(ev: &llm_egress_common::SniEvent, ctx: &Context) -> DecisionRecord {
-    let (h, d) = (&ev.header, &ev.data);
-    let (workload, provider) = names_of(&ctx.names, d.generation, d.workload_id, d.provider_id);
-    let len = usize::from(d.name_len).min(d.name.len());
-    let unreadable = d.payload == payload::UNREADABLE;
-    DecisionRecord {
-        event: "decision",
-        time: rfc3339(wall_time(h.time_ns)),
-        verdict: verdict::name(d.verdict),
-        reason: reason::name(d.reason),
-        workload,
-        who: attribute(h, ctx),
-        protocol: "tcp",
-        dst_addr: family::ip(d.family, &d.addr).to_string(),
-        dst_port: d.port,
-        provider,
-        generation: d.generation,
-        hook: payload::hook_name(d.payload),
-        server_name: (!unreadable).then(|| String::from_utf8_lossy(&d.name[..len]).into_owned()),
-        target_port: (d.target_port != 0).then_some(d.target_port),
-        payload_start: unreadable.then(|| escaped(&d.name[..len])),
-        dst_addr_form: None,
-        dst_addr_given: None,
-        socket_type: None,
-        ip_protocol: None,
-    }
-}
+use decode::{Decoded, decode};
+use names::names_of;
+use records::{Context, attribute, sni_record, to_record};
 
 fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
     match decode(bytes) {
@@ -431,8 +168,9 @@ pub async fn read(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{decode::*, names::*, *};
     use llm_egress_common::ConnectDecision;
+    use llm_egress_common::{ConnectEvent, EventHeader, family, kind, verdict};
 
     fn bytes_of(ev: &ConnectEvent) -> Vec<u8> {
         // SAFETY: repr(C) plain-integer struct without implicit padding.

@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 
 use super::{Resolved, RunError, Running};
 use crate::{
-    events::{self, DnsAnswer},
+    events::{decode::DnsAnswer, names::names_of},
     kernel::maps::{KernelMaps, MapsError, WriteReport},
     policy::{OnExit, Policy},
     telemetry::metrics::Metrics,
@@ -148,7 +148,7 @@ impl Running {
         let names = &self.names;
         self.metrics
             .sync_verdicts(&self.maps.verdict_counts(), |k| {
-                let (w, p) = events::names_of(names, k.generation, k.workload_id, k.provider_id);
+                let (w, p) = names_of(names, k.generation, k.workload_id, k.provider_id);
                 [
                     w,
                     p.unwrap_or_else(|| "none".into()),
@@ -213,7 +213,7 @@ pub(super) fn record_occupancy(maps: &KernelMaps, metrics: &Metrics) {
 pub(super) fn learn_unparsed(
     maps: &mut KernelMaps,
     seed: u64,
-    answer: &crate::events::DnsAnswer,
+    answer: &crate::events::decode::DnsAnswer,
     metrics: &Metrics,
 ) {
     let msg = &answer.msg;

@@ -30,7 +30,7 @@ use tokio::{
 
 use crate::{
     attribution::process::CgroupPaths,
-    events::{DnsAnswer, Names},
+    events::{decode::DnsAnswer, names::Names},
     kernel::{
         loader::{self, Loader, ProgramFailure},
         maps::KernelMaps,

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     attribution::cgroups::Selectors,
-    events::NameTable,
+    events::names::NameTable,
     kernel::{plan, programs},
     names::resolver::Resolver,
     policy::Policy,

@@ -37,7 +37,11 @@ use crate::{
         kube,
         process::CgroupPaths,
     },
-    events::{self, Context, Execs, NameTable, Names},
+    events::{
+        self,
+        names::{NameTable, Names},
+        records::{Context, Execs},
+    },
     kernel::{
         loader::{self, AttachOutcome, Loader, ProgramFailure},
         maps::KernelMaps,
@@ -192,7 +196,8 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
     }
 
     // DNS answers the kernel could not parse, from the event reader.
-    let (dns_tx, dns_answers) = mpsc::channel::<crate::events::DnsAnswer>(DNS_FALLBACK_QUEUE);
+    let (dns_tx, dns_answers) =
+        mpsc::channel::<crate::events::decode::DnsAnswer>(DNS_FALLBACK_QUEUE);
     let ctx = Context {
         execs,
         exe_cache: Default::default(),
