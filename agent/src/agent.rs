@@ -459,9 +459,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     record_occupancy(&maps, &metrics);
     metrics.policy_generation.set(state.generation as i64);
+    // Accounting's token counts reach the limiter through this tally.
+    let tally = crate::token_tally::TokenTally::default();
     let mut limiter = Limiter::start(
         &maps.applied_limits(),
         state.policy.state_dir.clone(),
+        tally.clone(),
         &mut maps,
         &metrics,
         &audit,
@@ -517,7 +520,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .ebpf
         .take_map(MAP_CONNS)
         .and_then(|m| m.try_into().ok());
-    let accounting = Accounting::new(metrics.clone(), state.policy.telemetry.clone());
+    let accounting =
+        Accounting::new(metrics.clone(), state.policy.telemetry.clone()).with_tally(tally);
     let (telemetry_tx, telemetry_rx) = tokio::sync::watch::channel(state.policy.telemetry.clone());
     let events_task = tokio::spawn(events::read(
         ring,

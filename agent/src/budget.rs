@@ -5,7 +5,7 @@
 //!
 //! Each window is a rolling budget: it refills continuously at `limit` per
 //! window length, up to `limit`. Tokens are charged when the agent counts
-//! them (`llm_egress_tokens_total`, estimated from encrypted traffic), i.e.
+//! them (`crate::token_tally`, estimated from encrypted traffic), i.e.
 //! after the connection that used them was allowed: a pair may go below 0
 //! (into debt), and stays refused until the window has refilled above 0.
 //!
@@ -203,11 +203,6 @@ impl Budgets {
 
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()
-    }
-
-    /// Every limited pair (bucket id → pair), for charging.
-    pub fn pairs(&self) -> impl Iterator<Item = (u64, &Pair)> {
-        self.pairs.iter().map(|(b, p)| (*b, &p.pair))
     }
 
     /// Charges `tokens` to pair `bucket`.

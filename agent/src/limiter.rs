@@ -1,11 +1,12 @@
 //! The agent's side of `[workloads.limits]` while it runs: charges the
-//! tokens it counts to the token budgets (`budget`), tells the kernel which
+//! tokens accounting counts (taken from `crate::token_tally`, never read
+//! back from the metrics) to the token budgets (`budget`), tells the kernel which
 //! pairs are spent (`BUDGET_SPENT`), writes `budget` audit records, keeps
 //! `llm_egress_budget_remaining` and `llm_egress_rate_limited_total`
 //! current, and saves the budgets under `state_dir`.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     time::{Instant, SystemTime},
 };
@@ -18,7 +19,7 @@ use crate::{
     limits::{LimitPlan, Pair},
     maps::KernelMaps,
     metrics::Metrics,
-    tokens,
+    token_tally::TokenTally,
 };
 
 /// Seconds between two saves of the state file.
@@ -27,9 +28,8 @@ const SAVE_EVERY_TICKS: u64 = 10;
 pub struct Limiter {
     budgets: Budgets,
     state_dir: PathBuf,
-    /// `llm_egress_tokens_total` of each pair (prompt + completion) already
-    /// charged.
-    charged: HashMap<u64, u64>,
+    /// Tokens counted by accounting since the last tick, by pair.
+    tally: TokenTally,
     /// Every pair ever limited by this agent: names for `LIMIT_HITS` keys of
     /// pairs a reload removed.
     names: BTreeMap<u64, Pair>,
@@ -47,6 +47,7 @@ impl Limiter {
     pub fn start(
         limits: &LimitPlan,
         state_dir: PathBuf,
+        tally: TokenTally,
         maps: &mut KernelMaps,
         metrics: &Metrics,
         audit: &AuditSink,
@@ -54,7 +55,7 @@ impl Limiter {
         let mut l = Self {
             budgets: Budgets::default(),
             state_dir,
-            charged: HashMap::new(),
+            tally,
             names: BTreeMap::new(),
             gauges: BTreeSet::new(),
             ticks: 0,
@@ -95,24 +96,10 @@ impl Limiter {
 
     /// Once a second.
     pub fn tick(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
-        let buckets: Vec<(u64, Pair)> = self.budgets.pairs().map(|(b, p)| (b, p.clone())).collect();
-        for (bucket, pair) in buckets {
-            let total: u64 = ["prompt", "completion"]
-                .iter()
-                .map(|kind| {
-                    metrics
-                        .tokens
-                        .with_label_values(&[
-                            pair.workload.as_str(),
-                            pair.provider.as_str(),
-                            kind,
-                            tokens::SOURCE,
-                        ])
-                        .get()
-                })
-                .sum();
-            let before = self.charged.insert(bucket, total).unwrap_or(0);
-            self.budgets.charge(bucket, total.saturating_sub(before));
+        // Pairs not limited (any more) are not charged: a budget a reload
+        // adds starts with what is counted from then on.
+        for (bucket, tokens) in self.tally.take() {
+            self.budgets.charge(bucket, tokens);
         }
         self.settle(maps, metrics, audit);
         metrics.sync_limit_hits(&maps.limit_hits(), |bucket| {

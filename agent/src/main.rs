@@ -47,6 +47,7 @@ mod connect_line;
 mod sni;
 mod sockets;
 mod status;
+mod token_tally;
 mod tokens;
 mod verifier;
 
