@@ -95,6 +95,7 @@ fn keep_restart_only(next: &mut Policy, running: &Policy) -> Vec<&'static str> {
         audit_log => "audit_log",
         programs => "programs",
         kubernetes => "[kubernetes]",
+        fleet => "[fleet]",
     );
     changed
 }
