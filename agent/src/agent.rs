@@ -462,10 +462,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     metrics.policy_generation.set(state.generation as i64);
     // Accounting's token counts reach the limiter through this tally.
     let tally = crate::token_tally::TokenTally::default();
+    // Fleet-wide budgets: the ledger task starts; nothing waits for it.
+    let fleet = match &state.policy.fleet {
+        Some(config) => Some(crate::fleet::FleetKeeper::start(
+            config.clone(),
+            &state.policy.state_dir,
+            &metrics.registry,
+        )?),
+        None => None,
+    };
     let mut limiter = Limiter::start(
         &maps.applied_limits(),
         state.policy.state_dir.clone(),
         tally.clone(),
+        fleet,
         &mut maps,
         &metrics,
         &audit,
@@ -659,6 +669,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     [w, p.unwrap_or_else(|| "none".into()), events::verdict_name(k.verdict).to_string()]
                 });
                 limiter.tick(&mut maps, &metrics, &audit);
+                if let Ok(mut g) = health.fleet.lock() {
+                    *g = limiter.fleet_degraded();
+                }
                 health.events_alive.store(events_alive.load(Ordering::SeqCst), Ordering::SeqCst);
                 let now = args.config.as_deref().and_then(content_hash);
                 if now.is_some() && now != file_hash {

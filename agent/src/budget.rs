@@ -205,6 +205,11 @@ impl Budgets {
         self.pairs.is_empty()
     }
 
+    /// The window that is spent of pair `bucket` (as of the last `tick`).
+    pub fn spent_kind(&self, bucket: u64) -> Option<u32> {
+        self.pairs.get(&bucket).and_then(PairBudget::spent_kind)
+    }
+
     /// Charges `tokens` to pair `bucket`.
     pub fn charge(&mut self, bucket: u64, tokens: u64) {
         if let Some(p) = self.pairs.get_mut(&bucket) {

@@ -1,4 +1,5 @@
-//! Command-line interface: `run`, `check`, `providers`, `status`, `verify`.
+//! Command-line interface: `run`, `check`, `providers`, `status`, `verify`,
+//! `fleet-bench`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -58,6 +59,9 @@ pub enum Command {
         #[arg(long, value_name = "PROGRAM")]
         trace: Option<String>,
     },
+    /// Measure how many fleet lease operations a second the `[fleet]`
+    /// Redis of a policy serves, with simulated agents (docs/fleet.md).
+    FleetBench(crate::fleet_bench::BenchArgs),
 }
 
 /// `--metrics-listen`: an address, or "off".

@@ -3,7 +3,9 @@
 //! back from the metrics) to the token budgets (`budget`), tells the kernel which
 //! pairs are spent (`BUDGET_SPENT`), writes `budget` audit records, keeps
 //! `llm_egress_budget_remaining` and `llm_egress_rate_limited_total`
-//! current, and saves the budgets under `state_dir`.
+//! current, and saves the budgets under `state_dir`. Pairs whose budgets
+//! are fleet-wide (`scope = "fleet"`) are charged to and decided by
+//! `crate::fleet` instead of `budget`; the kernel side is the same.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,9 +18,11 @@ use tracing::{info, warn};
 use crate::{
     audit::AuditSink,
     budget::{Budgets, Change},
+    fleet::FleetKeeper,
     limits::{LimitPlan, Pair},
     maps::KernelMaps,
     metrics::Metrics,
+    policy::Limits,
     token_tally::TokenTally,
 };
 
@@ -38,6 +42,21 @@ pub struct Limiter {
     /// others are never missing from a scrape).
     gauges: BTreeSet<[String; 3]>,
     ticks: u64,
+    /// Fleet-wide budgets (`[fleet]`); None without `[fleet]`.
+    fleet: Option<FleetKeeper>,
+}
+
+/// The pairs `budget` keeps: all but those `fleet` keeps.
+fn host_pairs(limits: &LimitPlan, fleet: bool) -> BTreeMap<u64, (Pair, Limits)> {
+    let mut pairs = limits.pairs.clone();
+    if fleet {
+        pairs.retain(|b, _| !limits.fleet.contains_key(b));
+    } else if !limits.fleet.is_empty() {
+        warn!(
+            "scope = \"fleet\" without a running fleet ledger ([fleet] changes only on restart): these budgets are kept per host until the agent restarts"
+        );
+    }
+    pairs
 }
 
 impl Limiter {
@@ -48,6 +67,7 @@ impl Limiter {
         limits: &LimitPlan,
         state_dir: PathBuf,
         tally: TokenTally,
+        fleet: Option<FleetKeeper>,
         maps: &mut KernelMaps,
         metrics: &Metrics,
         audit: &AuditSink,
@@ -59,14 +79,22 @@ impl Limiter {
             names: BTreeMap::new(),
             gauges: BTreeSet::new(),
             ticks: 0,
+            fleet,
         };
-        l.budgets.set_policy(&limits.pairs);
+        l.budgets.set_policy(&host_pairs(limits, l.fleet.is_some()));
+        if let Some(f) = &mut l.fleet {
+            f.set_pairs(&limits.fleet);
+        }
         match l.budgets.restore(&l.state_dir) {
             Ok(true) => info!(dir = %l.state_dir.display(), "token budgets restored"),
             Ok(false) => {}
             Err(e) => warn!(error = %e, "token budget state unreadable; every budget starts full"),
         }
-        let stale = l.budgets.adopt_kernel_state(&maps.budget_spent());
+        let mut kernel = maps.budget_spent();
+        if let Some(f) = &mut l.fleet {
+            kernel.retain(|b, kind| !f.adopt_kernel_state(*b, *kind));
+        }
+        let stale = l.budgets.adopt_kernel_state(&kernel);
         l.write(&stale, maps, metrics);
         l.remember(limits);
         l.settle(maps, metrics, audit);
@@ -83,9 +111,22 @@ impl Limiter {
         metrics: &Metrics,
     ) {
         self.state_dir = state_dir;
-        let released = self.budgets.set_policy(&limits.pairs);
+        let mut released = self
+            .budgets
+            .set_policy(&host_pairs(limits, self.fleet.is_some()));
+        if let Some(f) = &mut self.fleet {
+            released.extend(f.set_pairs(&limits.fleet));
+        }
+        // A pair that moved between host and fleet is released by one
+        // and kept by the other: the next tick tells the kernel its state.
+        released.retain(|c| !limits.pairs.contains_key(&c.bucket));
         self.write(&released, maps, metrics);
         self.remember(limits);
+    }
+
+    /// Why `/readyz` should say not ready because of the fleet ledger.
+    pub fn fleet_degraded(&self) -> Option<String> {
+        self.fleet.as_ref().and_then(FleetKeeper::degraded)
     }
 
     fn remember(&mut self, limits: &LimitPlan) {
@@ -99,7 +140,10 @@ impl Limiter {
         // Pairs not limited (any more) are not charged: a budget a reload
         // adds starts with what is counted from then on.
         for (bucket, tokens) in self.tally.take() {
-            self.budgets.charge(bucket, tokens);
+            match &mut self.fleet {
+                Some(f) if f.owns(bucket) => f.charge(bucket, tokens),
+                _ => self.budgets.charge(bucket, tokens),
+            }
         }
         self.settle(maps, metrics, audit);
         metrics.sync_limit_hits(&maps.limit_hits(), |bucket| {
@@ -116,10 +160,19 @@ impl Limiter {
     /// Refills the budgets, tells the kernel and the audit log which pairs
     /// changed, and updates the gauge.
     fn settle(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
-        let changes = self.budgets.tick(Instant::now());
+        let now = Instant::now();
+        let mut changes = self.budgets.tick(now);
+        let host = changes.len();
+        if let Some(f) = &mut self.fleet {
+            changes.extend(f.tick(now));
+        }
         let time = crate::events::rfc3339(SystemTime::now());
-        for c in &changes {
-            audit.record(&self.budgets.record(c, time.clone()), metrics);
+        for (i, c) in changes.iter().enumerate() {
+            let record = match &self.fleet {
+                Some(f) if i >= host => f.record(c, time.clone()),
+                _ => self.budgets.record(c, time.clone()),
+            };
+            audit.record(&record, metrics);
             info!(
                 workload = %c.pair.workload,
                 provider = %c.pair.provider,
@@ -162,6 +215,11 @@ impl Limiter {
     /// Saves the budgets (also at a clean stop); nothing when no policy
     /// has set a budget.
     pub fn save(&self) {
+        if let Some(f) = &self.fleet
+            && let Err(e) = f.save(&self.state_dir)
+        {
+            warn!(error = %e, dir = %self.state_dir.display(), "could not save the fleet lease state");
+        }
         if self.budgets.is_empty() {
             return;
         }

@@ -38,6 +38,9 @@ pub struct LimitPlan {
     pub bandwidth: BTreeMap<u64, BandwidthLimit>,
     /// bucket id → the pair and its limits (token budgets are the agent's).
     pub pairs: BTreeMap<u64, (Pair, Limits)>,
+    /// The pairs of `pairs` whose token budgets are fleet-wide
+    /// (`scope = "fleet"`, docs/fleet.md).
+    pub fleet: BTreeMap<u64, crate::fleet::FleetPair>,
 }
 
 pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
@@ -87,16 +90,23 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
                     _pad: 0,
                 },
             );
-            out.pairs.insert(
-                bucket,
-                (
-                    Pair {
-                        workload: w.name.clone(),
-                        provider: p.name.clone(),
+            let pair = Pair {
+                workload: w.name.clone(),
+                provider: p.name.clone(),
+            };
+            if let Some(fw) = policy.fleet_workloads.get(&w.name)
+                && flags & limit_flag::BUDGET != 0
+            {
+                out.fleet.insert(
+                    bucket,
+                    crate::fleet::FleetPair {
+                        pair: pair.clone(),
+                        workload: fw.clone(),
+                        limits,
                     },
-                    limits,
-                ),
-            );
+                );
+            }
+            out.pairs.insert(bucket, (pair, limits));
         }
     }
     out

@@ -22,6 +22,9 @@ mod cli;
 mod conn_tokens;
 mod dns;
 mod events;
+mod fleet;
+mod fleet_bench;
+mod fleet_ledger;
 mod http;
 #[cfg(test)]
 mod kernel_agrees;
@@ -154,6 +157,7 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => status::main(args),
         Command::Verify { json, trace } => verify(json, trace.as_deref()),
+        Command::FleetBench(args) => fleet_bench::main(args),
         Command::Run(args) => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

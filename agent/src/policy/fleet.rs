@@ -150,7 +150,9 @@ pub fn server(s: &str) -> Result<Server, String> {
         ),
     };
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, p) = v6.split_once(']').ok_or("unclosed `[` in an IPv6 address")?;
+        let (h, p) = v6
+            .split_once(']')
+            .ok_or("unclosed `[` in an IPv6 address")?;
         (h.to_string(), p.strip_prefix(':'))
     } else {
         match hostport.rsplit_once(':') {
@@ -173,14 +175,18 @@ pub fn server(s: &str) -> Result<Server, String> {
             .filter(|p| *p != 0)
             .ok_or("the port must be 1 to 65535")?,
     };
-    Ok(Server { host, port, tls, db })
+    Ok(Server {
+        host,
+        port,
+        tls,
+        db,
+    })
 }
 
 /// A `key_prefix`: 1 to 64 of `A-Z a-z 0-9 : _ . -`.
 pub fn key_prefix(s: &str) -> Result<String, String> {
     if (1..=64).contains(&s.len())
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '-'))
     {
         Ok(s.to_string())
@@ -205,7 +211,10 @@ mod tests {
             }
         );
         let s = server("rediss://redis.llm-egress.svc:6380/2").unwrap();
-        assert_eq!((s.host.as_str(), s.port, s.tls, s.db), ("redis.llm-egress.svc", 6380, true, 2));
+        assert_eq!(
+            (s.host.as_str(), s.port, s.tls, s.db),
+            ("redis.llm-egress.svc", 6380, true, 2)
+        );
         assert_eq!(server("redis://[::1]:7000").unwrap().host, "::1");
         for bad in [
             "10.0.0.5:6379",

@@ -3,9 +3,7 @@
 //! Part of the checker of `validate`: errors name key, line and column.
 
 use super::*;
-use crate::policy::fleet::{
-    self as f, FleetConfig, FleetFailure, FleetWorkload, Password, Scope,
-};
+use crate::policy::fleet::{self as f, FleetConfig, FleetFailure, FleetWorkload, Password, Scope};
 
 const SCOPES: &[(&str, Scope)] = &[("host", Scope::Host), ("fleet", Scope::Fleet)];
 const FLEET_FAILURES: &[(&str, FleetFailure)] = &[
@@ -107,7 +105,12 @@ impl Checker<'_> {
             .unwrap_or(f::DEFAULT_LEASE_FRACTION);
         let agents = self.bounded(&t.agents, "fleet.agents", 1..=MAX_AGENTS, " (agents)");
         let timeout = self
-            .bounded(&t.timeout_ms, "fleet.timeout_ms", 10..=60_000, " (milliseconds)")
+            .bounded(
+                &t.timeout_ms,
+                "fleet.timeout_ms",
+                10..=60_000,
+                " (milliseconds)",
+            )
             .unwrap_or(f::DEFAULT_TIMEOUT_MS);
         Some(FleetConfig {
             servers,
@@ -258,9 +261,8 @@ scope = "fleet"
         assert!(e.contains("[fleet] needs `servers`"), "{e}");
         let e = err("[fleet]\nservers = [\"redis://:pw@x\"]\n");
         assert!(e.contains("password_file"), "{e}");
-        let e = err(
-            "[fleet]\nservers = [\"redis://x\"]\npassword = \"a\"\npassword_file = \"/p\"\n",
-        );
+        let e =
+            err("[fleet]\nservers = [\"redis://x\"]\npassword = \"a\"\npassword_file = \"/p\"\n");
         assert!(e.contains("both given"), "{e}");
         let e = err("[fleet]\nservers = [\"redis://x\"]\ntls_ca = \"/ca.pem\"\n");
         assert!(e.contains("no server is rediss://"), "{e}");
