@@ -788,7 +788,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
 
     info!("stopping");
-    limiter.save();
+    limiter.stop().await;
     events_task.abort();
     if let Some(t) = http_task {
         t.abort();

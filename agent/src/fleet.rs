@@ -275,7 +275,23 @@ impl FleetKeeper {
                     .map(|p| (p.key, (p.used, p.granted)))
                     .collect(),
             ),
-            _ => (new_agent_id(), None, BTreeMap::new()),
+            _ => {
+                let id = new_agent_id();
+                // Saved at once: a restart, even after SIGKILL, is the
+                // same agent to the ledger.
+                let first = StateFile {
+                    agent: id.clone(),
+                    epoch: None,
+                    pairs: vec![],
+                };
+                if let Err(e) = serde_json::to_vec_pretty(&first)
+                    .map_err(io::Error::other)
+                    .and_then(|b| write_private(state_dir, STATE_FILE, &b))
+                {
+                    warn!(error = %e, dir = %state_dir.display(), "could not save the fleet agent id");
+                }
+                (id, None, BTreeMap::new())
+            }
         };
         info!(agent = %agent, servers = config.servers.len(), "fleet budgets on the ledger");
         let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE);
@@ -482,8 +498,14 @@ impl FleetKeeper {
                         continue;
                     };
                     l.in_flight = false;
-                    l.last_answer = Some(now);
                     l.used = l.used.max(answer.used);
+                    if l.last_answer.is_none() {
+                        // The first answer since this agent started: what
+                        // it held before (a restart) may have been spent
+                        // unreported before a crash; it counts as spent.
+                        l.used = l.used.max(answer.granted);
+                    }
+                    l.last_answer = Some(now);
                     l.granted = answer.granted;
                     let (pair, lim) = (&l.fp.pair, &l.fp.limits);
                     for (window, limit, left, slot) in [
@@ -515,6 +537,43 @@ impl FleetKeeper {
                     }
                 }
             }
+        }
+    }
+
+    /// A clean stop: gives every unspent lease back to the ledger (waiting
+    /// at most the timeout), so that other agents can have it.
+    pub async fn stop(&mut self) {
+        let secs = self.started.elapsed().as_secs();
+        // Answers still on their way are read (and dropped) first.
+        while self.replies.try_recv().is_ok() {}
+        let mut waiting = 0;
+        for (bucket, l) in &self.leases {
+            if l.last_answer.is_none() || l.allowance() <= 0 {
+                continue;
+            }
+            let mut op = l.op(*bucket, secs);
+            op.target = 0;
+            if self.ops.try_send(op).is_ok() {
+                waiting += 1;
+            }
+        }
+        let deadline =
+            tokio::time::Instant::now() + self.config.timeout + Duration::from_millis(100);
+        while waiting > 0 {
+            match tokio::time::timeout_at(deadline, self.replies.recv()).await {
+                Ok(Some(Reply::Done { bucket, answer })) => {
+                    waiting -= 1;
+                    if let Some(l) = self.leases.get_mut(&bucket) {
+                        l.granted = answer.granted;
+                        l.used = l.used.max(answer.used);
+                    }
+                }
+                Ok(Some(Reply::Failed { .. })) => waiting -= 1,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if waiting == 0 && !self.leases.is_empty() {
+            info!("fleet leases returned");
         }
     }
 

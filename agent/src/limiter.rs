@@ -137,14 +137,7 @@ impl Limiter {
 
     /// Once a second.
     pub fn tick(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
-        // Pairs not limited (any more) are not charged: a budget a reload
-        // adds starts with what is counted from then on.
-        for (bucket, tokens) in self.tally.take() {
-            match &mut self.fleet {
-                Some(f) if f.owns(bucket) => f.charge(bucket, tokens),
-                _ => self.budgets.charge(bucket, tokens),
-            }
-        }
+        self.charge_tally();
         self.settle(maps, metrics, audit);
         metrics.sync_limit_hits(&maps.limit_hits(), |bucket| {
             self.names
@@ -210,6 +203,27 @@ impl Limiter {
                     .inc();
             }
         }
+    }
+
+    /// Charges what accounting counted since the last take.
+    fn charge_tally(&mut self) {
+        // Pairs not limited (any more) are not charged: a budget a reload
+        // adds starts with what is counted from then on.
+        for (bucket, tokens) in self.tally.take() {
+            match &mut self.fleet {
+                Some(f) if f.owns(bucket) => f.charge(bucket, tokens),
+                _ => self.budgets.charge(bucket, tokens),
+            }
+        }
+    }
+
+    /// A clean stop: fleet leases are returned, then everything is saved.
+    pub async fn stop(&mut self) {
+        self.charge_tally();
+        if let Some(f) = &mut self.fleet {
+            f.stop().await;
+        }
+        self.save();
     }
 
     /// Saves the budgets (also at a clean stop); nothing when no policy
