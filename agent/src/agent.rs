@@ -481,6 +481,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         &audit,
     );
 
+    let fleet_wake = limiter.fleet_wake();
+
     // Exec tracking first: a process that execs once we are ready must be
     // attributable even if it exits at once.
     let execs = match loader.attach_exec_tracking() {
@@ -615,6 +617,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     let report = maps.apply_update(state.plan())?;
                     record_writes(&report, &metrics);
                     record_occupancy(&maps, &metrics);
+                }
+                None
+            }
+            () = async {
+                match &fleet_wake {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                limiter.fleet_answered(&mut maps, &metrics, &audit);
+                if let Ok(mut g) = health.fleet.lock() {
+                    *g = limiter.fleet_degraded();
                 }
                 None
             }

@@ -48,6 +48,8 @@ pub const STATE_FILE: &str = "fleet.json";
 const OP_QUEUE: usize = 4096;
 /// A pair whose usage changed is reported at least this often.
 const SYNC_EVERY: Duration = Duration::from_secs(5);
+/// The least time between two ops of a pair.
+const MIN_OP_GAP: Duration = Duration::from_millis(900);
 /// Every pair is reported at least this often (remaining, live agents).
 const HEARTBEAT: Duration = Duration::from_secs(30);
 
@@ -117,6 +119,9 @@ struct Lease {
     recent: Recent,
     /// What the kernel was last told.
     told: Option<u32>,
+    /// Restored from a previous run: the first op forfeits what the ledger
+    /// granted before.
+    forfeit: bool,
 }
 
 impl Lease {
@@ -147,6 +152,7 @@ impl Lease {
             limit_day: self.fp.limits.tokens_per_day.unwrap_or(0),
             recent_minute,
             recent_day,
+            forfeit: self.forfeit,
         }
     }
 }
@@ -248,6 +254,8 @@ pub struct FleetKeeper {
     metrics: FleetMetrics,
     started: Instant,
     task: tokio::task::JoinHandle<()>,
+    /// Notified when replies are waiting.
+    answered: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl FleetKeeper {
@@ -297,7 +305,13 @@ impl FleetKeeper {
         let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE);
         let (rep_tx, rep_rx) = mpsc::channel(OP_QUEUE);
         let ledger = Ledger::new(config.clone(), agent.clone());
-        let task = tokio::spawn(fleet_ledger::serve(ledger, ops_rx, rep_tx));
+        let answered = std::sync::Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(fleet_ledger::serve(
+            ledger,
+            ops_rx,
+            rep_tx,
+            answered.clone(),
+        ));
         Ok(Self {
             shares_divisor: config.agents.unwrap_or(1),
             config,
@@ -313,6 +327,7 @@ impl FleetKeeper {
             metrics,
             started: Instant::now(),
             task,
+            answered,
         })
     }
 
@@ -345,7 +360,8 @@ impl FleetKeeper {
                     if let Some(o) = old.filter(|o| o.told.is_some()) {
                         released.push(change(*bucket, &o.fp.pair, None));
                     }
-                    let (used, granted) = self.saved.get(&key).copied().unwrap_or((0, 0));
+                    let saved = self.saved.get(&key).copied();
+                    let (used, granted) = saved.unwrap_or((0, 0));
                     info!(
                         workload = %fp.pair.workload,
                         provider = %fp.pair.provider,
@@ -368,6 +384,7 @@ impl FleetKeeper {
                         in_flight: false,
                         recent: Recent::default(),
                         told: None,
+                        forfeit: saved.is_some(),
                     }
                 }
             };
@@ -406,6 +423,11 @@ impl FleetKeeper {
         self.shares.set_policy(&pairs);
     }
 
+    /// Notified when the ledger answered: call `tick` then, too.
+    pub fn answered(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.answered.clone()
+    }
+
     pub fn owns(&self, bucket: u64) -> bool {
         self.leases.contains_key(&bucket)
     }
@@ -431,18 +453,21 @@ impl FleetKeeper {
         }
     }
 
-    /// Once a second: reads the ledger's answers, sends the ops that are
-    /// due, and returns the pairs whose spent state changed.
+    /// Once a second, and when the ledger answered: reads its answers,
+    /// sends the ops that are due, and returns the pairs whose spent state
+    /// changed.
     pub fn tick(&mut self, now: Instant) -> Vec<Change> {
         self.read_replies(now);
         self.shares.tick(now);
         let secs = self.started.elapsed().as_secs();
         for (bucket, l) in &mut self.leases {
-            if l.in_flight {
+            // At most one op a pair about every second (ticks jitter): a
+            // spent pair polls, it does not spin on the answers.
+            if l.in_flight || l.last_op.is_some_and(|t| now.duration_since(t) < MIN_OP_GAP) {
                 continue;
             }
             let due = l.last_answer.is_none()
-                || l.allowance() < (l.size as i64 + 1) / 2
+                || l.allowance() <= (l.size as i64 + 1) / 2
                 || (l.used != l.used_at_last_op
                     && l.last_op
                         .is_none_or(|t| now.duration_since(t) >= SYNC_EVERY))
@@ -499,12 +524,7 @@ impl FleetKeeper {
                     };
                     l.in_flight = false;
                     l.used = l.used.max(answer.used);
-                    if l.last_answer.is_none() {
-                        // The first answer since this agent started: what
-                        // it held before (a restart) may have been spent
-                        // unreported before a crash; it counts as spent.
-                        l.used = l.used.max(answer.granted);
-                    }
+                    l.forfeit = false;
                     l.last_answer = Some(now);
                     l.granted = answer.granted;
                     let (pair, lim) = (&l.fp.pair, &l.fp.limits);
@@ -750,6 +770,7 @@ mod tests {
             in_flight: false,
             recent: Recent::default(),
             told: None,
+            forfeit: false,
         }
     }
 

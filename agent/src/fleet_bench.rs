@@ -91,6 +91,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
                         limit_day: budget,
                         recent_minute: 0,
                         recent_day: 0,
+                        forfeit: false,
                     };
                     let t = Instant::now();
                     let answer = ledger.run(&mut conn, &op).await?;

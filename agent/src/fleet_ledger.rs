@@ -20,7 +20,9 @@
 //! `used` and `target`, so a repeated op (a retry after a timeout) changes
 //! nothing the first did not, and `used` only grows in the ledger (a
 //! restarted agent that saved less adopts the ledger's figure): usage
-//! records are idempotent.
+//! records are idempotent. The first op of a restarted agent also counts
+//! what it was granted before as used (`forfeit`): a crash may have come
+//! after spending that was never reported.
 //!
 //! The first op of an agent on a hash (a new pair, or one the server lost)
 //! charges what the agent spent in the last minute and day (`recent_*`):
@@ -30,12 +32,12 @@
 //! server lost its data; `{prefix}:agents` (agents by last op time) gives
 //! the number of live agents.
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use redis::{
     AsyncConnectionConfig, Client, IntoConnectionInfo, Script, aio::MultiplexedConnection,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
 use crate::policy::fleet::{FleetConfig, Password, Server};
@@ -46,7 +48,8 @@ const AGENT_LIVE_MS: u64 = 120_000;
 /// The lease script. KEYS: the pair's hash, the agents' sorted set, the
 /// epoch key. ARGV: agent id, used, target, minute limit, day limit (0:
 /// none), recent minute, recent day, key TTL (ms), a new epoch word, the
-/// agents' live window (ms). Returns granted, used, minute left, day left
+/// agents' live window (ms), "1" when what the agent was granted before
+/// counts as used (its first op after a restart). Returns granted, used, minute left, day left
 /// (floored), 1 if the hash was new, live agents, epoch.
 const LEASE_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -77,6 +80,7 @@ if u == nil then
   g = used
 end
 if used > u then u = used end
+if ARGV[11] == '1' and g > u then u = g end
 if u > g then
   m = m - (u - g)
   d = d - (u - g)
@@ -121,6 +125,10 @@ pub struct Op {
     pub limit_day: u64,
     pub recent_minute: u64,
     pub recent_day: u64,
+    /// Everything granted to this agent before counts as used: its first
+    /// op after a restart (it may have spent its lease unreported before
+    /// a crash).
+    pub forfeit: bool,
 }
 
 /// What the ledger answered.
@@ -264,7 +272,8 @@ impl Ledger {
             .arg(op.recent_day)
             .arg(ttl_ms)
             .arg(&self.epoch_word)
-            .arg(AGENT_LIVE_MS);
+            .arg(AGENT_LIVE_MS)
+            .arg(if op.forfeit { "1" } else { "0" });
         let fut = invocation.invoke_async::<(i64, i64, i64, i64, i64, i64, String)>(conn);
         let (g, u, m, d, fresh, agents, epoch) =
             match tokio::time::timeout(self.config.timeout, fut).await {
@@ -285,8 +294,15 @@ impl Ledger {
 
 /// The ledger task: runs the ops it receives (all those waiting, at once
 /// on the multiplexed connection), answers each, and reconnects after a
-/// failure at most once a second. Ends when `ops` closes.
-pub async fn serve(ledger: Ledger, mut ops: mpsc::Receiver<Op>, replies: mpsc::Sender<Reply>) {
+/// failure at most once a second; `answered` is notified after each batch
+/// of replies (the agent reads them at once, not at its next tick). Ends
+/// when `ops` closes.
+pub async fn serve(
+    ledger: Ledger,
+    mut ops: mpsc::Receiver<Op>,
+    replies: mpsc::Sender<Reply>,
+    answered: Arc<Notify>,
+) {
     let mut conn: Option<MultiplexedConnection> = None;
     let mut next_try = tokio::time::Instant::now();
     let mut was_down = false;
@@ -323,6 +339,7 @@ pub async fn serve(ledger: Ledger, mut ops: mpsc::Receiver<Op>, replies: mpsc::S
                     })
                     .await;
             }
+            answered.notify_one();
             continue;
         };
         let mut set = tokio::task::JoinSet::new();
@@ -345,6 +362,7 @@ pub async fn serve(ledger: Ledger, mut ops: mpsc::Receiver<Op>, replies: mpsc::S
             };
             let _ = replies.send(reply).await;
         }
+        answered.notify_one();
         if failed {
             if !was_down {
                 warn!("fleet ledger operation failed; reconnecting");

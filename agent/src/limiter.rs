@@ -124,6 +124,18 @@ impl Limiter {
         self.remember(limits);
     }
 
+    /// Notified when the fleet ledger answered (then call
+    /// [`Limiter::fleet_answered`]); None without `[fleet]`.
+    pub fn fleet_wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.fleet.as_ref().map(FleetKeeper::answered)
+    }
+
+    /// The fleet ledger answered: leases renewed (or refused) apply at
+    /// once, not at the next tick.
+    pub fn fleet_answered(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
+        self.settle(maps, metrics, audit);
+    }
+
     /// Why `/readyz` should say not ready because of the fleet ledger.
     pub fn fleet_degraded(&self) -> Option<String> {
         self.fleet.as_ref().and_then(FleetKeeper::degraded)
