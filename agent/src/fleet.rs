@@ -244,6 +244,9 @@ pub struct FleetKeeper {
     saved: BTreeMap<String, (u64, u64)>,
     ops: mpsc::Sender<Op>,
     replies: mpsc::Receiver<Reply>,
+    /// The agent id came from `fleet.json`: a restart (first ops forfeit
+    /// what was granted before).
+    restored: bool,
     /// None: no answer yet; false: the last op failed.
     reachable: Option<bool>,
     agents_seen: u64,
@@ -274,6 +277,7 @@ impl FleetKeeper {
                 None
             }
         };
+        let restored = saved.as_ref().is_some_and(|s| !s.agent.is_empty());
         let (agent, epoch, saved) = match saved {
             Some(s) if !s.agent.is_empty() => (
                 s.agent,
@@ -316,6 +320,7 @@ impl FleetKeeper {
             shares_divisor: config.agents.unwrap_or(1),
             config,
             agent,
+            restored,
             leases: BTreeMap::new(),
             saved,
             ops: ops_tx,
@@ -360,8 +365,7 @@ impl FleetKeeper {
                     if let Some(o) = old.filter(|o| o.told.is_some()) {
                         released.push(change(*bucket, &o.fp.pair, None));
                     }
-                    let saved = self.saved.get(&key).copied();
-                    let (used, granted) = saved.unwrap_or((0, 0));
+                    let (used, granted) = self.saved.get(&key).copied().unwrap_or((0, 0));
                     info!(
                         workload = %fp.pair.workload,
                         provider = %fp.pair.provider,
@@ -384,7 +388,7 @@ impl FleetKeeper {
                         in_flight: false,
                         recent: Recent::default(),
                         told: None,
-                        forfeit: saved.is_some(),
+                        forfeit: self.restored,
                     }
                 }
             };
@@ -463,7 +467,10 @@ impl FleetKeeper {
         for (bucket, l) in &mut self.leases {
             // At most one op a pair about every second (ticks jitter): a
             // spent pair polls, it does not spin on the answers.
-            if l.in_flight || l.last_op.is_some_and(|t| now.duration_since(t) < MIN_OP_GAP) {
+            if l.in_flight
+                || l.last_op
+                    .is_some_and(|t| now.duration_since(t) < MIN_OP_GAP)
+            {
                 continue;
             }
             let due = l.last_answer.is_none()
@@ -546,10 +553,11 @@ impl FleetKeeper {
                         }
                     }
                 }
+                Reply::Health { ok } => self.reachable = Some(ok),
                 Reply::Failed { bucket, error } => {
                     self.metrics.ops.with_label_values(&["failed"]).inc();
                     if self.reachable != Some(false) {
-                        warn!(error = %error, "fleet ledger unreachable: fleet budgets follow their fleet_failure");
+                        warn!(error = %error, "fleet budgets follow their fleet_failure until the ledger answers");
                     }
                     self.reachable = Some(false);
                     if let Some(l) = self.leases.get_mut(&bucket) {
@@ -589,6 +597,7 @@ impl FleetKeeper {
                     }
                 }
                 Ok(Some(Reply::Failed { .. })) => waiting -= 1,
+                Ok(Some(Reply::Health { .. })) => {}
                 Ok(None) | Err(_) => break,
             }
         }
@@ -600,9 +609,11 @@ impl FleetKeeper {
     /// Why `/readyz` should say not ready, if it should.
     pub fn degraded(&self) -> Option<String> {
         match self.reachable {
-            Some(true) => None,
-            None if self.leases.is_empty() => None,
-            None => Some("fleet ledger (Redis) has not answered yet".into()),
+            _ if self.leases.is_empty() => None,
+            Some(true) if self.leases.values().all(|l| l.last_answer.is_some()) => None,
+            Some(true) | None => {
+                Some("fleet ledger (Redis) has not answered every lease yet".into())
+            }
             Some(false) => Some(
                 "fleet ledger (Redis) unreachable: fleet budgets follow their fleet_failure".into(),
             ),

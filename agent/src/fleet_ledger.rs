@@ -156,6 +156,8 @@ pub enum Reply {
         bucket: u64,
         error: String,
     },
+    /// Whether the server answers (sent when that changes).
+    Health { ok: bool },
 }
 
 /// The connection settings and the script.
@@ -164,13 +166,11 @@ pub struct Ledger {
     config: FleetConfig,
     agent: String,
     script: Script,
-    epoch_word: String,
 }
 
 impl Ledger {
     pub fn new(config: FleetConfig, agent: String) -> Self {
         Self {
-            epoch_word: format!("{:016x}", random_u64()),
             config,
             agent,
             script: Script::new(LEASE_LUA),
@@ -271,7 +271,9 @@ impl Ledger {
             .arg(op.recent_minute)
             .arg(op.recent_day)
             .arg(ttl_ms)
-            .arg(&self.epoch_word)
+            // A word of its own for each op: whoever creates the epoch after
+            // a loss, it differs from the one before.
+            .arg(format!("{:016x}", random_u64()))
             .arg(AGENT_LIVE_MS)
             .arg(if op.forfeit { "1" } else { "0" });
         let fut = invocation.invoke_async::<(i64, i64, i64, i64, i64, i64, String)>(conn);
@@ -292,11 +294,16 @@ impl Ledger {
     }
 }
 
+/// How often an idle ledger task checks the server (PING), so that
+/// `llm_egress_fleet_degraded` and /readyz follow the server even when no
+/// lease is due.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// The ledger task: runs the ops it receives (all those waiting, at once
-/// on the multiplexed connection), answers each, and reconnects after a
-/// failure at most once a second; `answered` is notified after each batch
-/// of replies (the agent reads them at once, not at its next tick). Ends
-/// when `ops` closes.
+/// on the multiplexed connection), answers each, PINGs the server when
+/// idle, and reconnects after a failure at most once a second. `answered`
+/// is notified after each batch of replies (the agent reads them at once,
+/// not at its next tick). Ends when `ops` closes.
 pub async fn serve(
     ledger: Ledger,
     mut ops: mpsc::Receiver<Op>,
@@ -305,72 +312,91 @@ pub async fn serve(
 ) {
     let mut conn: Option<MultiplexedConnection> = None;
     let mut next_try = tokio::time::Instant::now();
-    let mut was_down = false;
-    while let Some(first) = ops.recv().await {
-        let mut batch = vec![first];
-        while let Ok(op) = ops.try_recv() {
-            batch.push(op);
-        }
-        if conn.is_none() && tokio::time::Instant::now() >= next_try {
-            match ledger.connect().await {
-                Ok(c) => {
-                    if was_down {
-                        info!("fleet ledger reachable again");
+    // What the agent was last told of the server: None before anything.
+    let mut told: Option<bool> = None;
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let batch = tokio::select! {
+            op = ops.recv() => match op {
+                None => return,
+                Some(first) => {
+                    let mut batch = vec![first];
+                    while let Ok(op) = ops.try_recv() {
+                        batch.push(op);
                     }
-                    was_down = false;
-                    conn = Some(c);
+                    batch
                 }
-                Err(e) => {
-                    if !was_down {
-                        warn!(error = %e, "fleet ledger unreachable");
-                    }
-                    was_down = true;
-                    next_try = tokio::time::Instant::now() + Duration::from_secs(1);
-                }
-            }
-        }
-        let Some(c) = conn.clone() else {
-            for op in batch {
-                let error = "not connected".to_string();
-                let _ = replies
-                    .send(Reply::Failed {
-                        bucket: op.bucket,
-                        error,
-                    })
-                    .await;
-            }
-            answered.notify_one();
-            continue;
+            },
+            _ = probe.tick() => Vec::new(),
         };
-        let mut set = tokio::task::JoinSet::new();
-        for op in batch {
-            let (ledger, mut c) = (ledger.clone(), c.clone());
-            set.spawn(async move {
-                let r = ledger.run(&mut c, &op).await;
-                (op.bucket, r)
-            });
-        }
-        let mut failed = false;
-        while let Some(done) = set.join_next().await {
-            let Ok((bucket, r)) = done else { continue };
-            let reply = match r {
-                Ok(answer) => Reply::Done { bucket, answer },
-                Err(error) => {
-                    failed = true;
-                    Reply::Failed { bucket, error }
-                }
-            };
-            let _ = replies.send(reply).await;
-        }
-        answered.notify_one();
-        if failed {
-            if !was_down {
-                warn!("fleet ledger operation failed; reconnecting");
+        let mut error = None;
+        if conn.is_none() && tokio::time::Instant::now() >= next_try {
+            // The handshake (HELLO, AUTH) too is bounded.
+            let limit = ledger.config.timeout * 2;
+            match tokio::time::timeout(limit, ledger.connect()).await {
+                Ok(Ok(c)) => conn = Some(c),
+                Ok(Err(e)) => error = Some(e),
+                Err(_) => error = Some(format!("no connection within {limit:?}")),
             }
-            was_down = true;
-            conn = None;
+            if conn.is_none() {
+                next_try = tokio::time::Instant::now() + Duration::from_secs(1);
+            }
+        }
+        let mut ok = conn.is_some();
+        if batch.is_empty() {
+            if let Some(c) = &mut conn {
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<String>(c);
+                match tokio::time::timeout(ledger.config.timeout, ping).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => (ok, error) = (false, Some(e.to_string())),
+                    Err(_) => (ok, error) = (false, Some("PING unanswered".into())),
+                }
+            }
+        } else if let Some(c) = conn.clone() {
+            let mut set = tokio::task::JoinSet::new();
+            for op in batch {
+                let (ledger, mut c) = (ledger.clone(), c.clone());
+                set.spawn(async move {
+                    let r = ledger.run(&mut c, &op).await;
+                    (op.bucket, r)
+                });
+            }
+            while let Some(done) = set.join_next().await {
+                let Ok((bucket, r)) = done else { continue };
+                let reply = match r {
+                    Ok(answer) => Reply::Done { bucket, answer },
+                    Err(e) => {
+                        (ok, error) = (false, Some(e.clone()));
+                        Reply::Failed { bucket, error: e }
+                    }
+                };
+                let _ = replies.send(reply).await;
+            }
+        } else {
+            let e = error.clone().unwrap_or_else(|| "not connected".into());
+            for op in batch {
+                let reply = Reply::Failed {
+                    bucket: op.bucket,
+                    error: e.clone(),
+                };
+                let _ = replies.send(reply).await;
+            }
+        }
+        if !ok && conn.take().is_some() {
             next_try = tokio::time::Instant::now() + Duration::from_secs(1);
         }
+        if told != Some(ok) {
+            match (&error, ok) {
+                (Some(e), false) => warn!(error = %e, "fleet ledger unreachable"),
+                (None, false) => warn!("fleet ledger unreachable"),
+                (_, true) => info!("fleet ledger reachable"),
+            }
+            told = Some(ok);
+            let _ = replies.send(Reply::Health { ok }).await;
+        }
+        answered.notify_one();
     }
 }
 

@@ -416,10 +416,8 @@ fn a_hung_redis_degrades_the_agent_but_never_blocks_connections() {
         t.elapsed()
     );
     agent.expect_metric("llm_egress_fleet_degraded", &[], |v| v == 1.0, Duration::from_secs(10));
-    let failed = agent
-        .metric_value("llm_egress_fleet_lease_operations_total", &[("result", "failed")])
-        .unwrap_or(0.0);
-    assert!(failed >= 1.0, "no failed lease operation counted");
+    let r = agent.http_get("/readyz").unwrap();
+    assert!(r.status == 503 && r.body.contains("fleet ledger"), "{}: {}", r.status, r.body);
     redis.resume();
     agent.expect_metric("llm_egress_fleet_degraded", &[], |v| v == 0.0, Duration::from_secs(10));
 }
@@ -450,7 +448,7 @@ fn redis_with_auth_takes_the_password_file_and_refuses_a_wrong_one() {
     });
     assert!(r.body.contains("unreachable"), "{}", r.body);
     assert!(
-        agent.all_stderr().contains("WRONGPASS") || agent.all_stderr().contains("invalid password"),
+        agent.all_stderr().contains("authentication failed"),
         "the error names the refused password\n{}",
         agent.context()
     );
