@@ -848,6 +848,8 @@ programs = "connect"
 mode = "audit"
 [kubernetes]
 node_name = "n1"
+[fleet]
+servers = ["redis://10.0.0.5"]
 "#,
             "next",
         )
@@ -862,7 +864,8 @@ node_name = "n1"
                 "failure_mode",
                 "audit_log",
                 "programs",
-                "[kubernetes]"
+                "[kubernetes]",
+                "[fleet]"
             ]
         );
         let mut expected = running.clone();

@@ -59,7 +59,6 @@ fleet_failure = "{failure}"
 }
 
 fn fleet_policy(cg: &CgroupGuard, fleet: &str, workloads: &str) -> String {
-    // [fleet] after the workloads' tables would belong to the last one.
     policy(cg, "", &format!("{FAKE_OPENAI}\n{fleet}\n{workloads}"))
 }
 
