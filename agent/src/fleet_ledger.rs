@@ -157,7 +157,9 @@ pub enum Reply {
         error: String,
     },
     /// Whether the server answers (sent when that changes).
-    Health { ok: bool },
+    Health {
+        ok: bool,
+    },
 }
 
 /// The connection settings and the script.

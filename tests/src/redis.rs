@@ -188,7 +188,9 @@ fn write_certs(dir: &TempDir) {
     let key = KeyPair::generate().unwrap_or_else(|e| panic!("server key: {e}"));
     let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
         .unwrap_or_else(|e| panic!("server params: {e}"));
-    params.distinguished_name.push(DnType::CommonName, "localhost");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
     let leaf = params
         .signed_by(&key, &ca)
         .unwrap_or_else(|e| panic!("server cert: {e}"));

@@ -28,10 +28,15 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, PinDir, Probe, TempDir, agent::free_loopback_port, agent_bin,
-    http, probe::describe, prometheus::Prometheus, require_root, servers::HttpServer, tail,
-    toml_str, wait_until,
+    Agent, CgroupGuard, NetnsGuard, PinDir, Probe, TempDir,
+    agent::free_loopback_port,
+    agent_bin, http,
+    probe::describe,
+    prometheus::Prometheus,
     redis::{RedisOptions, RedisServer},
+    require_root,
+    servers::HttpServer,
+    tail, toml_str, wait_until,
 };
 use serde_json::Value;
 

@@ -211,7 +211,11 @@ fn three_agents_hold_one_fleet_budget_within_the_published_bound() {
     for a in &agents {
         a.expect_metric(
             "llm_egress_fleet_budget_remaining",
-            &[("workload", "bot"), ("provider", "openai"), ("window", "day")],
+            &[
+                ("workload", "bot"),
+                ("provider", "openai"),
+                ("window", "day"),
+            ],
             |v| v <= 0.0,
             Duration::from_secs(10),
         );
@@ -224,7 +228,9 @@ fn three_agents_hold_one_fleet_budget_within_the_published_bound() {
         assert_eq!(spent["limit"], "tokens_per_day");
     }
     let key = ledger_key(&fleet, "bot");
-    let left = redis.hget_f64(&key, "d").unwrap_or_else(|| panic!("no ledger {key}"));
+    let left = redis
+        .hget_f64(&key, "d")
+        .unwrap_or_else(|| panic!("no ledger {key}"));
     assert!(left <= 0.0, "ledger {key} has {left} left");
     assert_eq!(
         agents[0].metric_value("llm_egress_fleet_agents", &[]),
@@ -263,15 +269,31 @@ fn an_agent_killed_and_restarted_keeps_its_id_and_gets_no_budget_back() {
     // its lease).
     let charged_a = redis
         .hget_f64(&key, &format!("g:{id_a}"))
-        .unwrap_or_else(|| panic!("agent {id_a} not in the ledger\n{}", redis.cli(&["HGETALL", &key])));
-    assert!(charged_a >= spent_a, "ledger charged A {charged_a}, A spent {spent_a}");
+        .unwrap_or_else(|| {
+            panic!(
+                "agent {id_a} not in the ledger\n{}",
+                redis.cli(&["HGETALL", &key])
+            )
+        });
+    assert!(
+        charged_a >= spent_a,
+        "ledger charged A {charged_a}, A spent {spent_a}"
+    );
     let left_before = redis.hget_f64(&key, "d").unwrap();
 
     a.kill9();
     a.relaunch();
     a.wait_readyz(Duration::from_secs(20), |s, _| s == 200);
-    assert_eq!(id(&a), id_a, "the restarted agent is the same agent to the ledger");
-    assert!(call(&server, &bot_a, &ns), "A spends again after its restart\n{}", a.context());
+    assert_eq!(
+        id(&a),
+        id_a,
+        "the restarted agent is the same agent to the ledger"
+    );
+    assert!(
+        call(&server, &bot_a, &ns),
+        "A spends again after its restart\n{}",
+        a.context()
+    );
     settle();
     // Nothing came back: what is left only went down (beyond the refill
     // of a few seconds: BUDGET / 86,400 a second).
@@ -283,7 +305,10 @@ fn an_agent_killed_and_restarted_keeps_its_id_and_gets_no_budget_back() {
     // The lease A held at the kill counts as spent: the ledger's usage of A
     // is at least its grant before the kill.
     let used_a = redis.hget_f64(&key, &format!("u:{id_a}")).unwrap();
-    assert!(used_a >= charged_a, "A's usage {used_a} < its grant before the kill {charged_a}");
+    assert!(
+        used_a >= charged_a,
+        "A's usage {used_a} < its grant before the kill {charged_a}"
+    );
     // A clean stop returns the unspent lease.
     let granted = redis.hget_f64(&key, &format!("g:{id_a}")).unwrap();
     a.stop();
@@ -327,14 +352,19 @@ fn redis_killed_mid_run_each_failure_mode_then_restarted_with_its_data_lost() {
     agent.wait_readyz(Duration::from_secs(10), |s, body| {
         s == 503 && body.contains("fleet ledger")
     });
-    assert_eq!(agent.metric_value("llm_egress_fleet_degraded", &[]), Some(1.0));
+    assert_eq!(
+        agent.metric_value("llm_egress_fleet_degraded", &[]),
+        Some(1.0)
+    );
     let c = max_call_tokens(&agent, "open").max(max_call_tokens(&agent, "closed"));
     let lease = 300.0;
     let share_limit = BUDGET as f64 / 2.0;
     let (r_closed, r_share, r_open) = thread::scope(|s| {
         let (server, ns) = (&server, &ns);
-        let a = s.spawn(|| calls_until(server, &closed, ns, Duration::from_secs(30), refused_thrice));
-        let b = s.spawn(|| calls_until(server, &share, ns, Duration::from_secs(40), refused_thrice));
+        let a =
+            s.spawn(|| calls_until(server, &closed, ns, Duration::from_secs(30), refused_thrice));
+        let b =
+            s.spawn(|| calls_until(server, &share, ns, Duration::from_secs(40), refused_thrice));
         // `open` spends past what host_share would allow, never refused.
         let o = s.spawn(|| {
             calls_until(server, &open, ns, Duration::from_secs(40), |r| {
@@ -353,24 +383,43 @@ fn redis_killed_mid_run_each_failure_mode_then_restarted_with_its_data_lost() {
         spent("open", 2)
     );
     // closed: what was left of its lease, then refused.
-    assert!(refused_thrice(&r_closed), "closed never refused: {r_closed:?}");
-    assert!(spent("closed", 0) <= lease + c, "closed spent {:.0} past its lease", spent("closed", 0));
+    assert!(
+        refused_thrice(&r_closed),
+        "closed never refused: {r_closed:?}"
+    );
+    assert!(
+        spent("closed", 0) <= lease + c,
+        "closed spent {:.0} past its lease",
+        spent("closed", 0)
+    );
     // host_share: refused once this host's share (all it spent) is gone.
-    assert!(refused_thrice(&r_share), "host_share never refused: {r_share:?}");
+    assert!(
+        refused_thrice(&r_share),
+        "host_share never refused: {r_share:?}"
+    );
     let share_total = tokens(&agent, "share");
     assert!(
         share_total >= share_limit - c && share_total <= share_limit + lease + c,
         "host_share spent {share_total:.0} in all, its share is {share_limit:.0}"
     );
     // open: never refused.
-    assert!(r_open.iter().all(|ok| *ok), "open was refused: {r_open:?}\n{}", agent.context());
+    assert!(
+        r_open.iter().all(|ok| *ok),
+        "open was refused: {r_open:?}\n{}",
+        agent.context()
+    );
     let open_total = tokens(&agent, "open");
 
     // Back, empty: the ledger is seeded with what each agent spent in the
     // last day, not full; everything spent while it was down is charged.
     redis.restart();
     agent.wait_readyz(Duration::from_secs(10), |s, _| s == 200);
-    agent.expect_metric("llm_egress_fleet_degraded", &[], |v| v == 0.0, Duration::from_secs(5));
+    agent.expect_metric(
+        "llm_egress_fleet_degraded",
+        &[],
+        |v| v == 0.0,
+        Duration::from_secs(5),
+    );
     agent.expect_metric(
         "llm_egress_fleet_ledger_resets_total",
         &[],
@@ -378,7 +427,9 @@ fn redis_killed_mid_run_each_failure_mode_then_restarted_with_its_data_lost() {
         Duration::from_secs(5),
     );
     let key = ledger_key(&fleet, "open");
-    let left = redis.hget_f64(&key, "d").unwrap_or_else(|| panic!("no ledger {key}"));
+    let left = redis
+        .hget_f64(&key, "d")
+        .unwrap_or_else(|| panic!("no ledger {key}"));
     assert!(
         left <= BUDGET as f64 - open_total + 1.0,
         "the restarted ledger forgot what `open` spent: {left} left of {BUDGET}, {open_total:.0} spent"
@@ -388,7 +439,10 @@ fn redis_killed_mid_run_each_failure_mode_then_restarted_with_its_data_lost() {
     if open_total > BUDGET as f64 {
         assert!(left <= 0.0);
         thread::sleep(Duration::from_millis(1500));
-        assert!(!call(&server, &open, &ns), "open allowed after the fleet budget is known spent");
+        assert!(
+            !call(&server, &open, &ns),
+            "open allowed after the fleet budget is known spent"
+        );
     }
 }
 
@@ -401,24 +455,47 @@ fn a_hung_redis_degrades_the_agent_but_never_blocks_connections() {
     let server = fake_provider::start(&ns, PROVIDER_ADDR, Flavor::OpenAi);
     let mut redis = RedisServer::start(RedisOptions::default());
     let fleet = fleet_table(&redis, "lease_fraction = 0.5");
-    let agent = Agent::start(&fleet_policy(&cg, &fleet, &fleet_workload("bot", 100_000, "closed")));
+    let agent = Agent::start(&fleet_policy(
+        &cg,
+        &fleet,
+        &fleet_workload("bot", 100_000, "closed"),
+    ));
     assert!(call(&server, &bot, &ns));
     redis.pause();
     // Connections go on from the lease while every op times out.
     let t = Instant::now();
     for _ in 0..3 {
-        assert!(call(&server, &bot, &ns), "refused while Redis hangs\n{}", agent.context());
+        assert!(
+            call(&server, &bot, &ns),
+            "refused while Redis hangs\n{}",
+            agent.context()
+        );
     }
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "connections waited on Redis: {:?}",
         t.elapsed()
     );
-    agent.expect_metric("llm_egress_fleet_degraded", &[], |v| v == 1.0, Duration::from_secs(10));
+    agent.expect_metric(
+        "llm_egress_fleet_degraded",
+        &[],
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    );
     let r = agent.http_get("/readyz").unwrap();
-    assert!(r.status == 503 && r.body.contains("fleet ledger"), "{}: {}", r.status, r.body);
+    assert!(
+        r.status == 503 && r.body.contains("fleet ledger"),
+        "{}: {}",
+        r.status,
+        r.body
+    );
     redis.resume();
-    agent.expect_metric("llm_egress_fleet_degraded", &[], |v| v == 0.0, Duration::from_secs(10));
+    agent.expect_metric(
+        "llm_egress_fleet_degraded",
+        &[],
+        |v| v == 0.0,
+        Duration::from_secs(10),
+    );
 }
 
 #[test]
@@ -452,7 +529,10 @@ fn redis_with_auth_takes_the_password_file_and_refuses_a_wrong_one() {
         agent.context()
     );
     assert!(!call(&server, &bot, &ns), "closed with no lease: refused");
-    assert!(!agent.all_stderr().contains("wrong\n"), "the password is not logged");
+    assert!(
+        !agent.all_stderr().contains("wrong\n"),
+        "the password is not logged"
+    );
     agent.stop();
     agent.rewrite_policy(&fleet_policy(&cg, &table(&good), &w));
     agent.relaunch();
@@ -502,14 +582,26 @@ fn fleet_bench_measures_lease_operations_per_second() {
     let config = dir.join("bench.toml");
     std::fs::write(&config, fleet_table(&redis, "")).unwrap();
     let out = Command::new(agent_bin())
-        .args(["fleet-bench", "--agents", "50", "--pairs", "10", "--seconds", "5"])
+        .args([
+            "fleet-bench",
+            "--agents",
+            "50",
+            "--pairs",
+            "10",
+            "--seconds",
+            "5",
+        ])
         .args(["--budget", "200000", "--lease", "100"])
         .arg("--config")
         .arg(&config)
         .output()
         .unwrap_or_else(|e| panic!("fleet-bench: {e}"));
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("fleet-bench: {v}");
     assert!(v["ops_per_second"].as_f64().unwrap() > 100.0, "{v}");
