@@ -51,7 +51,7 @@ const SYNC_EVERY: Duration = Duration::from_secs(5);
 /// The least time between two ops of a pair.
 const MIN_OP_GAP: Duration = Duration::from_millis(900);
 /// Every pair is reported at least this often (remaining, live agents).
-const HEARTBEAT: Duration = Duration::from_secs(30);
+const HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// A fleet pair as the policy makes it.
 #[derive(Clone, Debug, PartialEq)]

@@ -171,4 +171,29 @@ mod tests {
         assert_eq!(bw.ingress.capacity, 200_000 * BYTE_UNIT);
         assert_eq!(plan.slot.len(), policy.providers.len());
     }
+
+    /// Fleet mode adds nothing to the kernel: a pair with a fleet budget has
+    /// the very `LIMITS` and `BANDWIDTH` entries it has with a host budget
+    /// (the kernel only ever reads `BUDGET_SPENT`); only the agent's side,
+    /// `fleet`, differs.
+    #[test]
+    fn a_fleet_budget_is_the_same_to_the_kernel_as_a_host_budget() {
+        let text = |scope: &str| {
+            format!(
+                "[fleet]\nservers = [\"redis://127.0.0.1\"]\n[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\nallow = [\"openai\"]\n[workloads.limits]\nconnections_per_second = 5\ntokens_per_day = 1000\nscope = \"{scope}\"\n"
+            )
+        };
+        let host = Policy::parse(&text("host"), "t").unwrap();
+        let fleet = Policy::parse(&text("fleet"), "t").unwrap();
+        let (h, f) = (
+            plan(&host, llm_egress_common::mode::ENFORCE),
+            plan(&fleet, llm_egress_common::mode::ENFORCE),
+        );
+        assert_eq!(h.slot, f.slot);
+        assert_eq!(h.bandwidth, f.bandwidth);
+        assert_eq!(h.pairs, f.pairs);
+        assert!(h.fleet.is_empty());
+        assert_eq!(f.fleet.len(), f.pairs.len());
+        assert_eq!(f.fleet[&bucket_id("bot", "openai")].workload.identity, "bot");
+    }
 }
