@@ -194,6 +194,9 @@ mod tests {
         assert_eq!(h.pairs, f.pairs);
         assert!(h.fleet.is_empty());
         assert_eq!(f.fleet.len(), f.pairs.len());
-        assert_eq!(f.fleet[&bucket_id("bot", "openai")].workload.identity, "bot");
+        assert_eq!(
+            f.fleet[&bucket_id("bot", "openai")].workload.identity,
+            "bot"
+        );
     }
 }

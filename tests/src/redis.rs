@@ -203,3 +203,71 @@ fn write_certs(dir: &TempDir) {
         std::fs::write(d.join(name), text).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// A TCP relay on a loopback port to a [`RedisServer`]: one agent reaches
+/// the ledger through it, and [`Relay::cut`] partitions that agent alone
+/// (open connections are shut, new ones closed at once) until
+/// [`Relay::heal`].
+pub struct Relay {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    pub fn start(to: &RedisServer) -> Relay {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("relay listener: {e}"));
+        let port = listener.local_addr().unwrap().port();
+        let target = SocketAddr::from(([127, 0, 0, 1], to.port()));
+        let open = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (o, c) = (open.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                for s in [&client, &server] {
+                    if let Ok(s) = s.try_clone() {
+                        c.lock().unwrap().push(s);
+                    }
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { port, open, conns }
+    }
+
+    /// The `servers` entry that goes through the relay.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -20,7 +20,7 @@ use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, agent_bin,
     curl::stream_chat,
     fake_provider::{self, FakeProvider, Flavor},
-    redis::{RedisOptions, RedisServer},
+    redis::{RedisOptions, RedisServer, Relay},
     require_root,
     scenario::{FAKE_OPENAI, policy},
     unique_suffix,
@@ -444,6 +444,77 @@ fn redis_killed_mid_run_each_failure_mode_then_restarted_with_its_data_lost() {
             "open allowed after the fleet budget is known spent"
         );
     }
+}
+
+#[test]
+fn an_agent_cut_off_from_redis_follows_its_failure_mode_while_the_others_go_on() {
+    require_root();
+    const BUDGET: u64 = 100_000;
+    let (cg_a, cg_b) = (CgroupGuard::new("fleet-pa"), CgroupGuard::new("fleet-pb"));
+    let (bot_a, bot_b) = (cg_a.child("bot"), cg_b.child("bot"));
+    let ns = NetnsGuard::new();
+    let server = fake_provider::start(&ns, PROVIDER_ADDR, Flavor::OpenAi);
+    let redis = RedisServer::start(RedisOptions::default());
+    let relay = Relay::start(&redis);
+    // Leases of 300 tokens (two calls).
+    let fleet_a = fleet_table(&redis, "lease_fraction = 0.003");
+    let fleet_b = fleet_a.replace(&redis.url(), &relay.url());
+    let w = fleet_workload("bot", BUDGET, "closed");
+    let a = Agent::start(&fleet_policy(&cg_a, &fleet_a, &w));
+    let b = Agent::start(&fleet_policy(&cg_b, &fleet_b, &w));
+    assert!(call(&server, &bot_b, &ns), "{}", b.context());
+    settle();
+
+    relay.cut();
+    b.expect_metric(
+        "llm_egress_fleet_degraded",
+        &[],
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    );
+    let before_b = tokens(&b, "bot");
+    // B spends what is left of its lease, then is refused (closed); A,
+    // still connected, goes on through lease after lease.
+    let (r_a, r_b) = thread::scope(|s| {
+        let (server, ns) = (&server, &ns);
+        let ra = s.spawn(|| calls_until(server, &bot_a, ns, Duration::from_secs(8), |_| false));
+        let rb =
+            s.spawn(|| calls_until(server, &bot_b, ns, Duration::from_secs(30), refused_thrice));
+        (ra.join().unwrap(), rb.join().unwrap())
+    });
+    settle();
+    assert_eq!(
+        a.metric_value("llm_egress_fleet_degraded", &[]),
+        Some(0.0),
+        "A saw nothing"
+    );
+    assert!(
+        r_a.iter().all(|ok| *ok),
+        "A was refused: {r_a:?}\n{}",
+        a.context()
+    );
+    assert!(tokens(&a, "bot") > 600.0, "A spent past its first leases");
+    assert!(refused_thrice(&r_b), "B was never refused: {r_b:?}");
+    let cut_off = tokens(&b, "bot") - before_b;
+    assert!(
+        cut_off <= 300.0 + 150.0,
+        "B spent {cut_off} while cut off (lease 300, C 150)"
+    );
+
+    // Healed: B reports what it spent and is served again.
+    relay.heal();
+    b.expect_metric(
+        "llm_egress_fleet_degraded",
+        &[],
+        |v| v == 0.0,
+        Duration::from_secs(10),
+    );
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        call(&server, &bot_b, &ns),
+        "B after the partition healed\n{}",
+        b.context()
+    );
 }
 
 #[test]
