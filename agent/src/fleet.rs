@@ -122,6 +122,8 @@ struct Lease {
     /// Restored from a previous run: the first op forfeits what the ledger
     /// granted before.
     forfeit: bool,
+    /// What the last answer granted: the fleet had tokens left then.
+    last_grant: u64,
 }
 
 impl Lease {
@@ -389,6 +391,7 @@ impl FleetKeeper {
                         recent: Recent::default(),
                         told: None,
                         forfeit: self.restored,
+                        last_grant: 0,
                     }
                 }
             };
@@ -466,10 +469,13 @@ impl FleetKeeper {
         let secs = self.started.elapsed().as_secs();
         for (bucket, l) in &mut self.leases {
             // At most one op a pair about every second (ticks jitter): a
-            // spent pair polls, it does not spin on the answers.
+            // spent pair polls, it does not spin on the answers. A lease
+            // used up while the fleet still granted renews at once.
+            let renew_now = l.allowance() <= 0 && l.last_grant > 0;
             if l.in_flight
-                || l.last_op
-                    .is_some_and(|t| now.duration_since(t) < MIN_OP_GAP)
+                || (!renew_now
+                    && l.last_op
+                        .is_some_and(|t| now.duration_since(t) < MIN_OP_GAP))
             {
                 continue;
             }
@@ -533,6 +539,9 @@ impl FleetKeeper {
                     l.used = l.used.max(answer.used);
                     l.forfeit = false;
                     l.last_answer = Some(now);
+                    l.last_grant = answer
+                        .granted
+                        .saturating_sub(l.granted.max(l.used_at_last_op));
                     l.granted = answer.granted;
                     let (pair, lim) = (&l.fp.pair, &l.fp.limits);
                     for (window, limit, left, slot) in [
@@ -782,6 +791,7 @@ mod tests {
             recent: Recent::default(),
             told: None,
             forfeit: false,
+            last_grant: 0,
         }
     }
 
