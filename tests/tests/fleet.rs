@@ -643,6 +643,34 @@ fn fleet_ledger_over_tls_is_verified_against_the_configured_ca() {
     );
 }
 
+/// A password file others could replace is refused like an untrusted
+/// policy file: the agent does not start.
+#[test]
+fn a_fleet_password_file_others_can_write_is_refused() {
+    require_root();
+    let cg = CgroupGuard::new("fleet-own");
+    let redis = RedisServer::start(RedisOptions::default());
+    let dir = tempfile_dir();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = dir.join("password");
+    std::fs::write(&file, "x\n").unwrap();
+    let fleet = fleet_table(&redis, &format!("password_file = \"{}\"", file.display()));
+    let mut agent = Agent::launch(&fleet_policy(
+        &cg,
+        &fleet,
+        &fleet_workload("bot", 1000, "closed"),
+    ));
+    let status = agent.wait_exit(Duration::from_secs(20));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!status.success(), "{}", agent.context());
+    assert!(
+        agent.all_stderr().contains("fleet.password_file"),
+        "the error names the key\n{}",
+        agent.context()
+    );
+}
+
 /// `llm-egress fleet-bench` against one Redis: how many lease operations a
 /// second it serves, and the grants stay within the budgets.
 #[test]
