@@ -117,9 +117,20 @@ impl Limiter {
         if let Some(f) = &mut self.fleet {
             released.extend(f.set_pairs(&limits.fleet));
         }
-        // A pair that moved between host and fleet is released by one
-        // and kept by the other: the next tick tells the kernel its state.
-        released.retain(|c| !limits.pairs.contains_key(&c.bucket));
+        // A pair that moved between host and fleet is released by one and
+        // kept by the other, which takes over what the kernel was told:
+        // the next tick tells the kernel its new state.
+        let (moved, released): (Vec<Change>, Vec<Change>) = released
+            .into_iter()
+            .partition(|c| limits.pairs.contains_key(&c.bucket));
+        if !moved.is_empty() {
+            let mut kernel = maps.budget_spent();
+            kernel.retain(|b, _| moved.iter().any(|c| c.bucket == *b));
+            if let Some(f) = &mut self.fleet {
+                kernel.retain(|b, kind| !f.adopt_kernel_state(*b, *kind));
+            }
+            self.budgets.adopt_kernel_state(&kernel);
+        }
         self.write(&released, maps, metrics);
         self.remember(limits);
     }

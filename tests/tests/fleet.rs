@@ -643,6 +643,51 @@ fn fleet_ledger_over_tls_is_verified_against_the_configured_ca() {
     );
 }
 
+/// `scope` follows a reload: a pair whose fleet budget is spent becomes a
+/// host pair with budget left, and is allowed again (the kernel was told
+/// "spent" by the fleet side; the host side takes that over).
+#[test]
+fn a_reload_moves_a_spent_fleet_budget_to_the_host() {
+    require_root();
+    let cg = CgroupGuard::new("fleet-reload");
+    let bot = cg.child("bot");
+    let ns = NetnsGuard::new();
+    let server = fake_provider::start(&ns, PROVIDER_ADDR, Flavor::OpenAi);
+    let redis = RedisServer::start(RedisOptions::default());
+    let fleet = fleet_table(&redis, "");
+    let agent = Agent::start(&fleet_policy(
+        &cg,
+        &fleet,
+        &fleet_workload("bot", 100, "closed"),
+    ));
+    assert!(call(&server, &bot, &ns), "{}", agent.context());
+    agent.expect_metric(
+        "llm_egress_fleet_budget_remaining",
+        &[
+            ("workload", "bot"),
+            ("provider", "openai"),
+            ("window", "day"),
+        ],
+        |v| v <= 0.0,
+        Duration::from_secs(5),
+    );
+    assert!(
+        !call(&server, &bot, &ns),
+        "refused by its spent fleet budget"
+    );
+    let generation = agent.generation();
+    let host = fleet_workload("bot", 100_000, "closed")
+        .replace("scope = \"fleet\"\nfleet_failure = \"closed\"\n", "");
+    agent.rewrite_policy(&fleet_policy(&cg, &fleet, &host));
+    agent.wait_for_generation_after(generation);
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        call(&server, &bot, &ns),
+        "allowed by its host budget after the reload\n{}",
+        agent.context()
+    );
+}
+
 /// A password file others could replace is refused like an untrusted
 /// policy file: the agent does not start.
 #[test]
