@@ -16,6 +16,8 @@
 //! - [`DnsServer`]: dnsmasq on a loopback port, answering fixed names.
 //! - [`proxy::Proxy`] (HTTP CONNECT and SOCKS5): forward proxies
 //!   (HTTP CONNECT, SOCKS5) inside a namespace.
+//! - [`redis::RedisServer`]: redis-server on a loopback port (AUTH, TLS),
+//!   killed, restarted empty or hung on demand, for the fleet budgets.
 //! - [`fake_kube::FakeKube`]: a Kubernetes API server on 127.0.0.1 (HTTPS,
 //!   bearer token) that lists the pods of a node.
 //! - [`Probe`]: runs the `egress-probe` binary, which moves itself into a
@@ -49,6 +51,7 @@ pub mod probe;
 pub mod prom;
 pub mod prometheus;
 pub mod proxy;
+pub mod redis;
 pub mod scenario;
 pub mod servers;
 

@@ -28,9 +28,15 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, PinDir, Probe, TempDir, agent::free_loopback_port, agent_bin,
-    http, probe::describe, prometheus::Prometheus, require_root, servers::HttpServer, tail,
-    toml_str, wait_until,
+    Agent, CgroupGuard, NetnsGuard, PinDir, Probe, TempDir,
+    agent::free_loopback_port,
+    agent_bin, http,
+    probe::describe,
+    prometheus::Prometheus,
+    redis::{RedisOptions, RedisServer},
+    require_root,
+    servers::HttpServer,
+    tail, toml_str, wait_until,
 };
 use serde_json::Value;
 
@@ -945,7 +951,8 @@ fn curl(cgroup: &Path, ns: &NetnsGuard, url: &str) -> Output {
 /// An agent after traffic of every kind the dashboard shows: allowed provider
 /// connections with payload (curl), denied ones, audited ones, a failed
 /// handshake, a connection refused by a rate limit, and a token budget.
-fn agent_with_traffic(cg: &CgroupGuard, ns: &NetnsGuard) -> Agent {
+/// `redis`: the fleet ledger of workload `fleetbot` (the fleet panels).
+fn agent_with_traffic(cg: &CgroupGuard, ns: &NetnsGuard, redis: &RedisServer) -> Agent {
     let (bot, batch, notebook) = (cg.child("bot"), cg.child("batch"), cg.child("notebook"));
     let capped = cg.child("capped");
     let agent = Agent::start(&format!(
@@ -983,8 +990,20 @@ allow = ["test-llm"]
 [workloads.limits]
 connections_per_second = 0.001
 burst = 1
+
+[[workloads]]
+name = "fleetbot"
+cgroup = "fleetbot"
+allow = ["test-llm"]
+[workloads.limits]
+tokens_per_day = 1000000
+scope = "fleet"
+
+[fleet]
+servers = [{}]
 "#,
-        toml_str(&cg.path().display().to_string())
+        toml_str(&cg.path().display().to_string()),
+        toml_str(&redis.url())
     ));
     for i in 0..3 {
         let out = curl(&bot, ns, "http://10.20.0.1:8080/v1/models");
@@ -1039,7 +1058,8 @@ fn dashboard_queries_return_data_from_a_real_prometheus() {
     let cg = CgroupGuard::new("dashboard");
     let ns = NetnsGuard::new();
     let _server = HttpServer::start(&ns, "10.20.0.1:8080");
-    let agent = agent_with_traffic(&cg, &ns);
+    let redis = RedisServer::start(RedisOptions::default());
+    let agent = agent_with_traffic(&cg, &ns, &redis);
     for (labels, n) in [
         (vec![("workload", "bot"), ("verdict", "allow")], 3.0),
         (vec![("workload", "batch"), ("verdict", "deny")], 1.0),

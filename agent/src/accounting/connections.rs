@@ -19,6 +19,7 @@ use llm_egress_common::{ConnEvent, TLS_RECEIVED, TLS_SENT, family, kind};
 use crate::{
     accounting::conn_tokens::Counted,
     accounting::process_series::ProcessSeries,
+    accounting::token_tally::TokenTally,
     accounting::tokens,
     policy::TelemetryConfig,
     telemetry::audit::{Attribution, ConnectionRecord},
@@ -46,6 +47,8 @@ pub struct Accounting {
     config: TelemetryConfig,
     active: HashMap<u64, Tracked>,
     processes: ProcessSeries,
+    /// Where counted tokens go to the budgets (`crate::token_tally`).
+    tally: TokenTally,
 }
 
 /// The process label of an attribution: the executable's file name, else
@@ -66,7 +69,14 @@ impl Accounting {
             config,
             active: HashMap::new(),
             processes: ProcessSeries::new(metrics.clone()),
+            tally: TokenTally::default(),
         }
+    }
+
+    /// Counted tokens go to `tally` too, where the budget keeper takes them.
+    pub fn with_tally(mut self, tally: TokenTally) -> Self {
+        self.tally = tally;
+        self
     }
 
     pub fn set_config(&mut self, config: TelemetryConfig) {
@@ -245,8 +255,10 @@ impl Accounting {
         })
     }
 
-    /// Adds (prompt, completion) estimated tokens.
+    /// Adds (prompt, completion) estimated tokens: to the metric, and to
+    /// the tally the token budgets are charged from.
     fn count_tokens(&self, workload: &str, provider: &str, (prompt, completion): (u64, u64)) {
+        self.tally.add(workload, provider, prompt + completion);
         let t = &self.metrics.tokens;
         t.with_label_values(&[workload, provider, "prompt", tokens::SOURCE])
             .inc_by(prompt);
@@ -469,7 +481,8 @@ mod tests {
     #[test]
     fn summaries_carry_token_estimates_counted_as_estimated() {
         let m = Metrics::new().unwrap();
-        let mut a = Accounting::new(m.clone(), config(20));
+        let tally = crate::accounting::token_tally::TokenTally::default();
+        let mut a = Accounting::new(m.clone(), config(20)).with_tally(tally.clone());
         a.opened(3, "bot", "anthropic", &who("/usr/bin/curl"));
         let mut ev = stats(3, kind::CONN_SUMMARY, 1_600, 4_000);
         ev.data.data_segs_in = 3;
@@ -488,6 +501,9 @@ mod tests {
                 .get()
         };
         assert_eq!((get("prompt"), get("completion")), (p, c));
+        // The budgets get the same count, through the tally.
+        let bucket = crate::kernel::limit_entries::bucket_id("bot", "anthropic");
+        assert_eq!(tally.take().get(&bucket), Some(&(p + c)));
         // No handshake, no request: no estimate, nothing counted.
         let mut ev = stats(4, kind::CONN_SUMMARY, 0, 0);
         ev.data.established_ns = 0;

@@ -4,4 +4,5 @@
 pub mod conn_tokens;
 pub mod connections;
 pub mod process_series;
+pub mod token_tally;
 pub mod tokens;

@@ -1,4 +1,5 @@
-//! Command-line interface: `run`, `check`, `providers`, `status`, `verify`.
+//! Command-line interface: `run`, `check`, `providers`, `status`, `verify`,
+//! `fleet-bench`.
 
 use std::path::PathBuf;
 
@@ -58,4 +59,7 @@ pub enum Command {
         #[arg(long, value_name = "PROGRAM")]
         trace: Option<String>,
     },
+    /// Measure how many fleet lease operations a second the `[fleet]`
+    /// Redis of a policy serves, with simulated agents (docs/fleet.md).
+    FleetBench(crate::cli::fleet_bench::BenchArgs),
 }

@@ -1,7 +1,9 @@
 //! The command line: `run` (the agent, [`crate::run`]), `check`,
-//! `providers`, `verify` and `status` (a live view of a running agent).
+//! `providers`, `verify`, `status` (a live view of a running agent) and
+//! `fleet-bench` (lease operations a fleet's Redis serves).
 
 pub mod args;
+pub mod fleet_bench;
 pub mod status;
 
 use std::process::ExitCode;
@@ -112,6 +114,7 @@ pub fn main() -> ExitCode {
         }
         Command::Status(args) => status::main(args),
         Command::Verify { json, trace } => verify(json, trace.as_deref()),
+        Command::FleetBench(args) => fleet_bench::main(args),
         Command::Run(args) => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -7,7 +7,15 @@ use std::collections::BTreeMap;
 
 use llm_egress_common::{BYTE_UNIT, BandwidthLimit, CONN_UNIT, LimitValue, Rate, limit_flag};
 
-use crate::policy::{Limits, Policy};
+use crate::policy::{Limits, Policy, fleet::FleetWorkload};
+
+/// A fleet pair as the policy makes it (`limits::fleet` keeps its lease).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetPair {
+    pub pair: Pair,
+    pub workload: FleetWorkload,
+    pub limits: Limits,
+}
 
 /// The id of the pair (workload, provider): FNV-1a of both names, never 0.
 /// Names, not ids, so that the state of a pair outlives reloads that
@@ -36,6 +44,9 @@ pub struct LimitPlan {
     pub bandwidth: BTreeMap<u64, BandwidthLimit>,
     /// bucket id → the pair and its limits (token budgets are the agent's).
     pub pairs: BTreeMap<u64, (Pair, Limits)>,
+    /// The pairs of `pairs` whose token budgets are fleet-wide
+    /// (`scope = "fleet"`, docs/fleet.md).
+    pub fleet: BTreeMap<u64, FleetPair>,
 }
 
 pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
@@ -85,16 +96,23 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
                     _pad: 0,
                 },
             );
-            out.pairs.insert(
-                bucket,
-                (
-                    Pair {
-                        workload: w.name.clone(),
-                        provider: p.name.clone(),
+            let pair = Pair {
+                workload: w.name.clone(),
+                provider: p.name.clone(),
+            };
+            if let Some(fw) = policy.fleet_workloads.get(&w.name)
+                && flags & limit_flag::BUDGET != 0
+            {
+                out.fleet.insert(
+                    bucket,
+                    FleetPair {
+                        pair: pair.clone(),
+                        workload: fw.clone(),
+                        limits,
                     },
-                    limits,
-                ),
-            );
+                );
+            }
+            out.pairs.insert(bucket, (pair, limits));
         }
     }
     out
@@ -146,5 +164,33 @@ mod tests {
         assert_eq!(bw.egress.per_ns, 1_000_000);
         assert_eq!(bw.ingress.capacity, 200_000 * BYTE_UNIT);
         assert_eq!(plan.slot.len(), policy.providers.len());
+    }
+
+    /// Fleet mode adds nothing to the kernel: a pair with a fleet budget has
+    /// the very `LIMITS` and `BANDWIDTH` entries it has with a host budget
+    /// (the kernel only ever reads `BUDGET_SPENT`); only the agent's side,
+    /// `fleet`, differs.
+    #[test]
+    fn a_fleet_budget_is_the_same_to_the_kernel_as_a_host_budget() {
+        let text = |scope: &str| {
+            format!(
+                "[fleet]\nservers = [\"redis://127.0.0.1\"]\n[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\nallow = [\"openai\"]\n[workloads.limits]\nconnections_per_second = 5\ntokens_per_day = 1000\nscope = \"{scope}\"\n"
+            )
+        };
+        let host = Policy::parse(&text("host"), "t").unwrap();
+        let fleet = Policy::parse(&text("fleet"), "t").unwrap();
+        let (h, f) = (
+            plan(&host, llm_egress_common::mode::ENFORCE),
+            plan(&fleet, llm_egress_common::mode::ENFORCE),
+        );
+        assert_eq!(h.slot, f.slot);
+        assert_eq!(h.bandwidth, f.bandwidth);
+        assert_eq!(h.pairs, f.pairs);
+        assert!(h.fleet.is_empty());
+        assert_eq!(f.fleet.len(), f.pairs.len());
+        assert_eq!(
+            f.fleet[&bucket_id("bot", "openai")].workload.identity,
+            "bot"
+        );
     }
 }

@@ -312,6 +312,8 @@ mod tests {
                 proxies: vec![],
             }],
             proxies: vec![],
+            fleet: None,
+            fleet_workloads: Default::default(),
         }
     }
 

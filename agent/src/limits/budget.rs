@@ -5,7 +5,7 @@
 //!
 //! Each window is a rolling budget: it refills continuously at `limit` per
 //! window length, up to `limit`. Tokens are charged when the agent counts
-//! them (`llm_egress_tokens_total`, estimated from encrypted traffic), i.e.
+//! them (`crate::token_tally`, estimated from encrypted traffic), i.e.
 //! after the connection that used them was allowed: a pair may go below 0
 //! (into debt), and stays refused until the window has refilled above 0.
 //!
@@ -188,9 +188,9 @@ impl Budgets {
         self.pairs.is_empty()
     }
 
-    /// Every limited pair (bucket id → pair), for charging.
-    pub fn pairs(&self) -> impl Iterator<Item = (u64, &Pair)> {
-        self.pairs.iter().map(|(b, p)| (*b, &p.pair))
+    /// The window that is spent of pair `bucket` (as of the last `tick`).
+    pub fn spent_kind(&self, bucket: u64) -> Option<u32> {
+        self.pairs.get(&bucket).and_then(PairBudget::spent_kind)
     }
 
     /// Charges `tokens` to pair `bucket`.

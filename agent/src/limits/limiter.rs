@@ -1,11 +1,14 @@
 //! The agent's side of `[workloads.limits]` while it runs: charges the
-//! tokens it counts to the token budgets (`budget`), tells the kernel which
+//! tokens accounting counts (taken from `crate::token_tally`, never read
+//! back from the metrics) to the token budgets (`budget`), tells the kernel which
 //! pairs are spent (`BUDGET_SPENT`), writes `budget` audit records, keeps
 //! `llm_egress_budget_remaining` and `llm_egress_rate_limited_total`
-//! current, and saves the budgets under `state_dir`.
+//! current, and saves the budgets under `state_dir`. Pairs whose budgets
+//! are fleet-wide (`scope = "fleet"`) are charged to and decided by
+//! `crate::fleet` instead of `budget`; the kernel side is the same.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     time::{Instant, SystemTime},
 };
@@ -13,10 +16,12 @@ use std::{
 use tracing::{info, warn};
 
 use crate::{
-    accounting::tokens,
+    accounting::token_tally::TokenTally,
     kernel::limit_entries::{LimitPlan, Pair},
     kernel::maps::KernelMaps,
     limits::budget::{Budgets, Change},
+    limits::fleet::FleetKeeper,
+    policy::Limits,
     telemetry::audit::AuditSink,
     telemetry::metrics::Metrics,
 };
@@ -27,9 +32,8 @@ const SAVE_EVERY_TICKS: u64 = 10;
 pub struct Limiter {
     budgets: Budgets,
     state_dir: PathBuf,
-    /// `llm_egress_tokens_total` of each pair (prompt + completion) already
-    /// charged.
-    charged: HashMap<u64, u64>,
+    /// Tokens counted by accounting since the last tick, by pair.
+    tally: TokenTally,
     /// Every pair ever limited by this agent: names for `LIMIT_HITS` keys of
     /// pairs a reload removed.
     names: BTreeMap<u64, Pair>,
@@ -38,6 +42,21 @@ pub struct Limiter {
     /// others are never missing from a scrape).
     gauges: BTreeSet<[String; 3]>,
     ticks: u64,
+    /// Fleet-wide budgets (`[fleet]`); None without `[fleet]`.
+    fleet: Option<FleetKeeper>,
+}
+
+/// The pairs `budget` keeps: all but those `fleet` keeps.
+fn host_pairs(limits: &LimitPlan, fleet: bool) -> BTreeMap<u64, (Pair, Limits)> {
+    let mut pairs = limits.pairs.clone();
+    if fleet {
+        pairs.retain(|b, _| !limits.fleet.contains_key(b));
+    } else if !limits.fleet.is_empty() {
+        warn!(
+            "scope = \"fleet\" without a running fleet ledger ([fleet] changes only on restart): these budgets are kept per host until the agent restarts"
+        );
+    }
+    pairs
 }
 
 impl Limiter {
@@ -47,6 +66,8 @@ impl Limiter {
     pub fn start(
         limits: &LimitPlan,
         state_dir: PathBuf,
+        tally: TokenTally,
+        fleet: Option<FleetKeeper>,
         maps: &mut KernelMaps,
         metrics: &Metrics,
         audit: &AuditSink,
@@ -54,18 +75,26 @@ impl Limiter {
         let mut l = Self {
             budgets: Budgets::default(),
             state_dir,
-            charged: HashMap::new(),
+            tally,
             names: BTreeMap::new(),
             gauges: BTreeSet::new(),
             ticks: 0,
+            fleet,
         };
-        l.budgets.set_policy(&limits.pairs);
+        l.budgets.set_policy(&host_pairs(limits, l.fleet.is_some()));
+        if let Some(f) = &mut l.fleet {
+            f.set_pairs(&limits.fleet);
+        }
         match l.budgets.restore(&l.state_dir) {
             Ok(true) => info!(dir = %l.state_dir.display(), "token budgets restored"),
             Ok(false) => {}
             Err(e) => warn!(error = %e, "token budget state unreadable; every budget starts full"),
         }
-        let stale = l.budgets.adopt_kernel_state(&maps.budget_spent());
+        let mut kernel = maps.budget_spent();
+        if let Some(f) = &mut l.fleet {
+            kernel.retain(|b, kind| !f.adopt_kernel_state(*b, *kind));
+        }
+        let stale = l.budgets.adopt_kernel_state(&kernel);
         l.write(&stale, maps, metrics);
         l.remember(limits);
         l.settle(maps, metrics, audit);
@@ -82,9 +111,45 @@ impl Limiter {
         metrics: &Metrics,
     ) {
         self.state_dir = state_dir;
-        let released = self.budgets.set_policy(&limits.pairs);
+        let mut released = self
+            .budgets
+            .set_policy(&host_pairs(limits, self.fleet.is_some()));
+        if let Some(f) = &mut self.fleet {
+            released.extend(f.set_pairs(&limits.fleet));
+        }
+        // A pair that moved between host and fleet is released by one and
+        // kept by the other, which takes over what the kernel was told:
+        // the next tick tells the kernel its new state.
+        let (moved, released): (Vec<Change>, Vec<Change>) = released
+            .into_iter()
+            .partition(|c| limits.pairs.contains_key(&c.bucket));
+        if !moved.is_empty() {
+            let mut kernel = maps.budget_spent();
+            kernel.retain(|b, _| moved.iter().any(|c| c.bucket == *b));
+            if let Some(f) = &mut self.fleet {
+                kernel.retain(|b, kind| !f.adopt_kernel_state(*b, *kind));
+            }
+            self.budgets.adopt_kernel_state(&kernel);
+        }
         self.write(&released, maps, metrics);
         self.remember(limits);
+    }
+
+    /// Notified when the fleet ledger answered (then call
+    /// [`Limiter::fleet_answered`]); None without `[fleet]`.
+    pub fn fleet_wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.fleet.as_ref().map(FleetKeeper::answered)
+    }
+
+    /// The fleet ledger answered: leases renewed (or refused) apply at
+    /// once, not at the next tick.
+    pub fn fleet_answered(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
+        self.settle(maps, metrics, audit);
+    }
+
+    /// Why `/readyz` should say not ready because of the fleet ledger.
+    pub fn fleet_degraded(&self) -> Option<String> {
+        self.fleet.as_ref().and_then(FleetKeeper::degraded)
     }
 
     fn remember(&mut self, limits: &LimitPlan) {
@@ -95,25 +160,7 @@ impl Limiter {
 
     /// Once a second.
     pub fn tick(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
-        let buckets: Vec<(u64, Pair)> = self.budgets.pairs().map(|(b, p)| (b, p.clone())).collect();
-        for (bucket, pair) in buckets {
-            let total: u64 = ["prompt", "completion"]
-                .iter()
-                .map(|kind| {
-                    metrics
-                        .tokens
-                        .with_label_values(&[
-                            pair.workload.as_str(),
-                            pair.provider.as_str(),
-                            kind,
-                            tokens::SOURCE,
-                        ])
-                        .get()
-                })
-                .sum();
-            let before = self.charged.insert(bucket, total).unwrap_or(0);
-            self.budgets.charge(bucket, total.saturating_sub(before));
-        }
+        self.charge_tally();
         self.settle(maps, metrics, audit);
         metrics.sync_limit_hits(&maps.limit_hits(), |bucket| {
             self.names
@@ -129,10 +176,19 @@ impl Limiter {
     /// Refills the budgets, tells the kernel and the audit log which pairs
     /// changed, and updates the gauge.
     fn settle(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
-        let changes = self.budgets.tick(Instant::now());
+        let now = Instant::now();
+        let mut changes = self.budgets.tick(now);
+        let host = changes.len();
+        if let Some(f) = &mut self.fleet {
+            changes.extend(f.tick(now));
+        }
         let time = crate::telemetry::audit::rfc3339(SystemTime::now());
-        for c in &changes {
-            audit.record(&self.budgets.record(c, time.clone()), metrics);
+        for (i, c) in changes.iter().enumerate() {
+            let record = match &self.fleet {
+                Some(f) if i >= host => f.record(c, time.clone()),
+                _ => self.budgets.record(c, time.clone()),
+            };
+            audit.record(&record, metrics);
             info!(
                 workload = %c.pair.workload,
                 provider = %c.pair.provider,
@@ -172,9 +228,35 @@ impl Limiter {
         }
     }
 
+    /// Charges what accounting counted since the last take.
+    fn charge_tally(&mut self) {
+        // Pairs not limited (any more) are not charged: a budget a reload
+        // adds starts with what is counted from then on.
+        for (bucket, tokens) in self.tally.take() {
+            match &mut self.fleet {
+                Some(f) if f.owns(bucket) => f.charge(bucket, tokens),
+                _ => self.budgets.charge(bucket, tokens),
+            }
+        }
+    }
+
+    /// A clean stop: fleet leases are returned, then everything is saved.
+    pub async fn stop(&mut self) {
+        self.charge_tally();
+        if let Some(f) = &mut self.fleet {
+            f.stop().await;
+        }
+        self.save();
+    }
+
     /// Saves the budgets (also at a clean stop); nothing when no policy
     /// has set a budget.
     pub fn save(&self) {
+        if let Some(f) = &self.fleet
+            && let Err(e) = f.save(&self.state_dir)
+        {
+            warn!(error = %e, dir = %self.state_dir.display(), "could not save the fleet lease state");
+        }
         if self.budgets.is_empty() {
             return;
         }

@@ -2,4 +2,6 @@
 //! charges them and tells the kernel which pairs are spent.
 
 pub mod budget;
+pub mod fleet;
+pub mod fleet_ledger;
 pub mod limiter;

@@ -66,6 +66,8 @@ pub(super) struct PolicyFile {
     pub workloads: Vec<Spanned<WorkloadFile>>,
     #[serde(default)]
     pub proxies: Vec<Spanned<ProxyFile>>,
+    /// `[fleet]` (docs/fleet.md).
+    pub fleet: Option<super::fleet::FleetFile>,
 }
 
 /// One `[[proxies]]` entry: a forward proxy workloads may be allowed to use.
@@ -203,6 +205,10 @@ pub(super) struct LimitsFile {
     pub bytes_burst: Option<Spanned<i64>>,
     pub tokens_per_minute: Option<Spanned<i64>>,
     pub tokens_per_day: Option<Spanned<i64>>,
+    /// `"host"` or `"fleet"`: whose token budgets these are (docs/fleet.md).
+    pub scope: Option<Spanned<String>>,
+    /// With `scope = "fleet"`: `"closed"`, `"host_share"` or `"open"`.
+    pub fleet_failure: Option<Spanned<String>>,
     /// `[workloads.limits.providers.NAME]`, by provider name. Keys are plain
     /// strings: toml cannot give the position of a key written in a header;
     /// a name's error is reported at the nearest value (`LimitKeysFile::span`).

@@ -7,6 +7,7 @@
 pub mod catalog;
 mod error;
 mod file;
+pub mod fleet;
 mod kubernetes;
 pub mod ownership;
 mod validate;
@@ -345,6 +346,11 @@ pub struct Policy {
     pub workloads: Vec<Workload>,
     /// `[[proxies]]`, in file order.
     pub proxies: Vec<Proxy>,
+    /// `[fleet]`: the Redis ledger of fleet-wide budgets (docs/fleet.md);
+    /// changes only on restart.
+    pub fleet: Option<fleet::FleetConfig>,
+    /// Workloads whose token budgets have `scope = "fleet"`, by name.
+    pub fleet_workloads: BTreeMap<String, fleet::FleetWorkload>,
 }
 
 /// Workload name reserved for processes in no workload (metrics, events).

@@ -1,6 +1,7 @@
 //! Who may change what the agent trusts: the policy file, `pin_path`,
-//! `state_dir`, the audit log, and the cgroup directories whose names
-//! select workloads (`crate::attribution::cgroups`).
+//! `state_dir`, the audit log, `[fleet]`'s `tls_ca` and `password_file`,
+//! and the cgroup directories whose names select workloads
+//! (`crate::attribution::cgroups`).
 //!
 //! The agent runs as root and acts on these paths; a non-root user who can
 //! write one of them, or replace it (write a directory above it), could
@@ -197,6 +198,16 @@ pub fn check_policy(policy: &Policy, config: Option<&Path>) -> Result<(), Untrus
     check("state_dir", &policy.state_dir)?;
     if let AuditLog::File(log) = &policy.audit_log {
         check_audit_log(log)?;
+    }
+    // Whoever could change the ledger's CA could stand in for the ledger
+    // and grant any fleet budget (docs/fleet.md).
+    if let Some(fleet) = &policy.fleet {
+        if let Some(ca) = &fleet.tls_ca {
+            check("fleet.tls_ca", ca)?;
+        }
+        if let Some(crate::policy::fleet::Password::File(p)) = &fleet.password {
+            check("fleet.password_file", p)?;
+        }
     }
     Ok(())
 }

@@ -38,6 +38,7 @@ use super::{
     kubernetes,
 };
 
+mod fleet;
 mod limits;
 mod proxies;
 mod sockets;
@@ -363,6 +364,8 @@ impl<'a> Checker<'a> {
         let mut workloads =
             self.workloads(&f.workloads, &merged, defaults.other, kubernetes.enabled);
         self.workload_proxies(&f.workloads, &mut workloads, &proxies);
+        let fleet = self.fleet(f);
+        let fleet_workloads = self.fleet_workloads(&f.workloads, &workloads, fleet.as_ref());
         Policy {
             mode,
             cgroup,
@@ -381,6 +384,8 @@ impl<'a> Checker<'a> {
             providers: merged.providers,
             workloads,
             proxies,
+            fleet,
+            fleet_workloads,
         }
     }
 

@@ -30,6 +30,8 @@ enum Change {
     Resolved(Resolved),
     /// Time for a resolver round.
     Refresh,
+    /// The fleet ledger answered.
+    FleetAnswer,
     Tick,
     /// An event that changed nothing (the policy file written with the
     /// same content).
@@ -49,6 +51,11 @@ impl Running {
                 }
                 Change::Resolved(r) => self.resolved(r)?,
                 Change::Refresh => self.resolve(),
+                Change::FleetAnswer => {
+                    self.limiter
+                        .fleet_answered(&mut self.maps, &self.metrics, &self.audit);
+                    self.report_fleet();
+                }
                 Change::Nothing => {}
                 Change::Tick => {
                     if let Some(why) = self.tick() {
@@ -82,6 +89,12 @@ impl Running {
                     Change::Nothing
                 }
             }
+            () = async {
+                match &s.fleet_wake {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => Change::FleetAnswer,
             _ = s.refresh.tick() => Change::Refresh,
             _ = s.tick.tick() => Change::Tick,
         }
@@ -157,6 +170,7 @@ impl Running {
             });
         self.limiter
             .tick(&mut self.maps, &self.metrics, &self.audit);
+        self.report_fleet();
         self.health
             .events_alive
             .store(self.events_alive.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -168,11 +182,18 @@ impl Running {
         (now.is_some() && now != self.file_hash).then_some("file changed")
     }
 
-    /// SIGTERM/SIGINT: budgets saved, tasks stopped, and the programs
-    /// detached or kept as `on_exit` says.
-    pub(super) fn stop(self) -> Result<(), RunError> {
+    /// The fleet ledger's state on /readyz.
+    fn report_fleet(&self) {
+        if let Ok(mut g) = self.health.fleet.lock() {
+            *g = self.limiter.fleet_degraded();
+        }
+    }
+
+    /// SIGTERM/SIGINT: budgets saved (fleet leases returned), tasks
+    /// stopped, and the programs detached or kept as `on_exit` says.
+    pub(super) async fn stop(mut self) -> Result<(), RunError> {
         info!("stopping");
-        self.limiter.save();
+        self.limiter.stop().await;
         self.events_task.abort();
         if let Some(t) = &self.http_task {
             t.abort();

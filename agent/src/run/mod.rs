@@ -23,7 +23,7 @@ use std::{
 
 use tokio::{
     signal::unix::Signal,
-    sync::{mpsc, watch},
+    sync::{Notify, mpsc, watch},
     task::JoinHandle,
     time::Interval,
 };
@@ -76,7 +76,7 @@ pub enum RunError {
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut agent = start::start(args).await?;
     agent.serve().await?;
-    agent.stop()
+    agent.stop().await
 }
 
 /// A resolver round's result: the generation it was started for, the
@@ -101,6 +101,8 @@ struct Sources {
     refresh: Interval,
     /// The 1 s tick.
     tick: Interval,
+    /// A fleet ledger's answer arrived (None without `[fleet]`).
+    fleet_wake: Option<Arc<Notify>>,
 }
 
 /// The agent once started: what it enforces, the parts it drives, and the

@@ -51,6 +51,7 @@ fn keep_restart_only(next: &mut Policy, running: &Policy) -> Vec<&'static str> {
         audit_log => "audit_log",
         programs => "programs",
         kubernetes => "[kubernetes]",
+        fleet => "[fleet]",
     );
     changed
 }
@@ -207,6 +208,8 @@ programs = "connect"
 mode = "audit"
 [kubernetes]
 node_name = "n1"
+[fleet]
+servers = ["redis://10.0.0.5"]
 "#,
             "next",
         )
@@ -221,7 +224,8 @@ node_name = "n1"
                 "failure_mode",
                 "audit_log",
                 "programs",
-                "[kubernetes]"
+                "[kubernetes]",
+                "[fleet]"
             ]
         );
         let mut expected = running.clone();

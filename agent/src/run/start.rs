@@ -31,7 +31,7 @@ use super::{
     state::State,
 };
 use crate::{
-    accounting::connections::Accounting,
+    accounting::{connections::Accounting, token_tally::TokenTally},
     attribution::{
         cgroups::{self, Selectors},
         kube,
@@ -47,7 +47,7 @@ use crate::{
         maps::KernelMaps,
         plan, privileges, programs,
     },
-    limits::limiter::Limiter,
+    limits::{fleet::FleetKeeper, limiter::Limiter},
     names::resolver::{HostAddrs, Resolver},
     policy::{Policy, TelemetryConfig},
     telemetry::{
@@ -174,13 +174,27 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
     }
     record_occupancy(&maps, &metrics);
     metrics.policy_generation.set(state.generation as i64);
+    // Accounting's token counts reach the limiter through this tally.
+    let tally = TokenTally::default();
+    // Fleet-wide budgets: the ledger task starts; nothing waits for it.
+    let fleet = match &state.policy.fleet {
+        Some(config) => Some(FleetKeeper::start(
+            config.clone(),
+            &state.policy.state_dir,
+            &metrics.registry,
+        )?),
+        None => None,
+    };
     let limiter = Limiter::start(
         &maps.applied_limits(),
         state.policy.state_dir.clone(),
+        tally.clone(),
+        fleet,
         &mut maps,
         &metrics,
         &audit,
     );
+    let fleet_wake = limiter.fleet_wake();
 
     // Exec tracking first: a process that execs once we are ready must be
     // attributable even if it exits at once.
@@ -209,7 +223,7 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
         dns_fallback: Some(dns_tx),
     };
     let (events_task, events_alive, telemetry_tx) =
-        start_event_reader(&mut loader, ring, ctx, &state.policy.telemetry);
+        start_event_reader(&mut loader, ring, ctx, &state.policy.telemetry, tally);
 
     let resolver =
         Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;
@@ -265,6 +279,7 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
             resolved,
             refresh,
             tick,
+            fleet_wake,
         },
     };
     agent.resolve();
@@ -421,6 +436,7 @@ fn start_event_reader(
     ring: RingBuf<MapData>,
     ctx: Context,
     telemetry: &TelemetryConfig,
+    tally: TokenTally,
 ) -> (
     JoinHandle<()>,
     Arc<AtomicBool>,
@@ -432,7 +448,7 @@ fn start_event_reader(
         .ebpf
         .take_map(MAP_CONNS)
         .and_then(|m| m.try_into().ok());
-    let accounting = Accounting::new(metrics.clone(), telemetry.clone());
+    let accounting = Accounting::new(metrics.clone(), telemetry.clone()).with_tally(tally);
     let (telemetry_tx, telemetry_rx) = watch::channel(telemetry.clone());
     let events_task = tokio::spawn(events::read(
         ring,

@@ -29,6 +29,9 @@ pub struct Health {
     /// Programs that failed to load, why, and what is lost (set at start;
     /// only a restart can load them).
     pub degraded: Mutex<Option<String>>,
+    /// The fleet ledger is unreachable (docs/fleet.md); cleared when it
+    /// answers again.
+    pub fleet: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -40,6 +43,9 @@ impl Health {
         let mut why = Vec::new();
         if let Some(d) = self.degraded.lock().ok().and_then(|d| d.clone()) {
             why.push(d);
+        }
+        if let Some(f) = self.fleet.lock().ok().and_then(|f| f.clone()) {
+            why.push(f);
         }
         if !self.events_alive.load(Ordering::SeqCst) {
             why.push("event reader stopped".into());
