@@ -14,6 +14,7 @@ mod accounting;
 mod agent;
 mod attribution;
 mod audit;
+mod body_coding;
 mod budget;
 mod catalog;
 mod cgroup_info;
@@ -22,7 +23,10 @@ mod cli;
 mod conn_tokens;
 mod dns;
 mod events;
+mod exchange;
 mod http;
+mod http1;
+mod json_scan;
 #[cfg(test)]
 mod kernel_agrees;
 mod kube;
@@ -39,6 +43,7 @@ mod privileges;
 mod process_series;
 mod programs;
 mod resolver;
+mod secrets;
 // The kernel's ClientHello rules in userspace, for the fuzz target and the
 // tests (fuzz/); the agent does not parse traffic with it.
 #[cfg_attr(not(test), allow(dead_code))]
@@ -48,6 +53,7 @@ mod sni;
 mod sockets;
 mod status;
 mod tokens;
+mod usage;
 mod verifier;
 
 use std::process::ExitCode;
