@@ -42,6 +42,7 @@ mod policy_watch;
 mod privileges;
 mod process_series;
 mod programs;
+mod prices;
 mod resolver;
 mod secrets;
 // The kernel's ClientHello rules in userspace, for the fuzz target and the

@@ -342,6 +342,64 @@ pub struct Policy {
     pub workloads: Vec<Workload>,
     /// `[[proxies]]`, in file order.
     pub proxies: Vec<Proxy>,
+    /// `[prices."MODEL"]`: prices that add to or replace the catalog's
+    /// (crate::prices), in file order.
+    pub prices: Vec<(String, crate::prices::Price)>,
+    /// `[secrets]` and each workload's `secrets`.
+    pub secrets: SecretsConfig,
+}
+
+/// What is done with a secret found in a request body
+/// (docs/exact-tokens.md, "Secrets").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretAction {
+    /// Not looked for.
+    Off,
+    /// Audit record and metric.
+    Audit,
+    /// Audit record and metric, and the connection is to be stopped.
+    Block,
+}
+
+impl SecretAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretAction::Off => "off",
+            SecretAction::Audit => "audit",
+            SecretAction::Block => "block",
+        }
+    }
+}
+
+/// A `[[secrets.patterns]]` entry: `name` is the finding's kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretPattern {
+    pub name: String,
+    /// Checked by `crate::secrets::compile`.
+    pub regex: String,
+}
+
+/// `[secrets]` and the workloads' `secrets`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretsConfig {
+    /// `[secrets].action`; default `audit`.
+    pub action: SecretAction,
+    pub patterns: Vec<SecretPattern>,
+    /// Workloads whose `secrets` key differs from `action`, by name.
+    pub workloads: BTreeMap<String, SecretAction>,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        Self { action: SecretAction::Audit, patterns: Vec::new(), workloads: BTreeMap::new() }
+    }
+}
+
+impl SecretsConfig {
+    /// The action for workload `name` (`none` and unknown names: `action`).
+    pub fn action_for(&self, workload: &str) -> SecretAction {
+        self.workloads.get(workload).copied().unwrap_or(self.action)
+    }
 }
 
 /// Workload name reserved for processes in no workload (metrics, events).

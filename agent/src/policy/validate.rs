@@ -38,6 +38,7 @@ use super::{
     kubernetes,
 };
 
+mod exact;
 mod limits;
 mod proxies;
 mod sockets;
@@ -363,6 +364,8 @@ impl<'a> Checker<'a> {
         let mut workloads =
             self.workloads(&f.workloads, &merged, defaults.other, kubernetes.enabled);
         self.workload_proxies(&f.workloads, &mut workloads, &proxies);
+        let prices = self.prices(f);
+        let secrets = self.secrets(f);
         Policy {
             mode,
             cgroup,
@@ -381,6 +384,8 @@ impl<'a> Checker<'a> {
             providers: merged.providers,
             workloads,
             proxies,
+            prices,
+            secrets,
         }
     }
 
