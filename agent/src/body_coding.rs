@@ -113,7 +113,12 @@ pub struct Decoder<C: Consumer> {
 
 impl<C: Consumer> Decoder<C> {
     pub fn new(coding: Coding, consumer: C, cap: u64) -> Self {
-        let sink = Capped { inner: consumer, decoded: 0, cap, over: false };
+        let sink = Capped {
+            inner: consumer,
+            decoded: 0,
+            cap,
+            over: false,
+        };
         let mut error = None;
         let dec = match coding {
             Coding::Identity => Dec::Identity(sink),
@@ -125,7 +130,10 @@ impl<C: Consumer> Decoder<C> {
             ))),
             Coding::Zstd => match zstd::stream::raw::Decoder::new() {
                 Ok(mut raw) => {
-                    if raw.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG)).is_err() {
+                    if raw
+                        .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG))
+                        .is_err()
+                    {
                         error = Some(DecodeError::Corrupt);
                     }
                     Dec::Zstd(zstd::stream::write::Decoder::with_decoder(sink, raw))
@@ -137,7 +145,11 @@ impl<C: Consumer> Decoder<C> {
                 }
             },
         };
-        Self { dec, error, encoded: 0 }
+        Self {
+            dec,
+            error,
+            encoded: 0,
+        }
     }
 
     fn sink(&mut self) -> &mut Capped<C> {
@@ -179,7 +191,11 @@ impl<C: Consumer> Decoder<C> {
     }
 
     fn fail(&mut self) {
-        self.error = Some(if self.sink().over { DecodeError::Bomb } else { DecodeError::Corrupt });
+        self.error = Some(if self.sink().over {
+            DecodeError::Bomb
+        } else {
+            DecodeError::Corrupt
+        });
     }
 
     /// The body ended: flushes what the decoder still holds. A stream that
@@ -211,12 +227,14 @@ pub mod tests {
         match coding {
             Coding::Identity => data.to_vec(),
             Coding::Gzip => {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
                 e.write_all(data).expect("gzip");
                 e.finish().expect("gzip")
             }
             Coding::Deflate => {
-                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+                let mut e =
+                    flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
                 e.write_all(data).expect("deflate");
                 e.finish().expect("deflate")
             }
@@ -240,10 +258,20 @@ pub mod tests {
         }
     }
 
-    const ALL: [Coding; 5] =
-        [Coding::Identity, Coding::Gzip, Coding::Deflate, Coding::Brotli, Coding::Zstd];
+    const ALL: [Coding; 5] = [
+        Coding::Identity,
+        Coding::Gzip,
+        Coding::Deflate,
+        Coding::Brotli,
+        Coding::Zstd,
+    ];
 
-    fn decode(coding: Coding, encoded: &[u8], piece: usize, cap: u64) -> (Vec<u8>, Option<DecodeError>) {
+    fn decode(
+        coding: Coding,
+        encoded: &[u8],
+        piece: usize,
+        cap: u64,
+    ) -> (Vec<u8>, Option<DecodeError>) {
         let mut d = Decoder::new(coding, Keep::default(), cap);
         for p in encoded.chunks(piece.max(1)) {
             d.write(p);
@@ -254,11 +282,17 @@ pub mod tests {
 
     #[test]
     fn every_coding_in_any_pieces() {
-        let body: Vec<u8> = (0..20_000u32).flat_map(|i| format!("{{\"n\":{i}}}\n").into_bytes()).collect();
+        let body: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| format!("{{\"n\":{i}}}\n").into_bytes())
+            .collect();
         for coding in ALL {
             let enc = encode(coding, &body);
             for piece in [1, 7, 1000, enc.len()] {
-                assert_eq!(decode(coding, &enc, piece, MAX_DECODED), (body.clone(), None), "{coding:?}/{piece}");
+                assert_eq!(
+                    decode(coding, &enc, piece, MAX_DECODED),
+                    (body.clone(), None),
+                    "{coding:?}/{piece}"
+                );
             }
             assert_eq!(Coding::parse(coding.as_str()), Some(coding));
         }
@@ -280,7 +314,12 @@ pub mod tests {
     fn corrupt_and_cut_bodies() {
         let body = b"{\"usage\":{\"prompt_tokens\":1}}".repeat(100);
         for coding in [Coding::Gzip, Coding::Deflate, Coding::Brotli, Coding::Zstd] {
-            let (_, err) = decode(coding, b"this is not compressed at all, not at all", 5, MAX_DECODED);
+            let (_, err) = decode(
+                coding,
+                b"this is not compressed at all, not at all",
+                5,
+                MAX_DECODED,
+            );
             assert_eq!(err, Some(DecodeError::Corrupt), "{coding:?}");
             let enc = encode(coding, &body);
             // Cut short: whatever came out is a prefix of the body, never a panic.
@@ -288,6 +327,9 @@ pub mod tests {
             assert!(body.starts_with(&got), "{coding:?}");
         }
         let enc = encode(Coding::Gzip, &body);
-        assert_eq!(decode(Coding::Gzip, &enc[..enc.len() - 4], 3, MAX_DECODED).1, Some(DecodeError::Corrupt));
+        assert_eq!(
+            decode(Coding::Gzip, &enc[..enc.len() - 4], 3, MAX_DECODED).1,
+            Some(DecodeError::Corrupt)
+        );
     }
 }

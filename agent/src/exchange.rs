@@ -304,7 +304,9 @@ impl MessageSink for ReqSink<'_> {
     }
 
     fn end(&mut self, _complete: bool) {
-        let Some(mut req) = self.0.req.take() else { return };
+        let Some(mut req) = self.0.req.take() else {
+            return;
+        };
         let mut fields = RequestFields::default();
         let mut bytes = 0;
         if let Some(dec) = &mut req.dec {
@@ -347,7 +349,8 @@ impl MessageSink for ReqSink<'_> {
             core.http2 = true;
             core.out.push(Output::Http2);
         } else {
-            core.out.push(Output::Problem(Problem::Stopped(Side::Request, why)));
+            core.out
+                .push(Output::Problem(Problem::Stopped(Side::Request, why)));
         }
     }
 }
@@ -372,7 +375,11 @@ impl MessageSink for RespSink<'_> {
             // Answered before the request was complete (an early error).
             let req = core.req.as_mut()?;
             req.answered = true;
-            let fields = req.dec.as_mut().map(|d| d.consumer().fields.clone()).unwrap_or_default();
+            let fields = req
+                .dec
+                .as_mut()
+                .map(|d| d.consumer().fields.clone())
+                .unwrap_or_default();
             Some(Pending {
                 target: req.target.clone(),
                 method: req.method.clone(),
@@ -394,14 +401,21 @@ impl MessageSink for RespSink<'_> {
         } else {
             RespBody::Json(JsonScan::new())
         };
-        let consumer = RespConsumer { body, usage: UsageFields::default() };
+        let consumer = RespConsumer {
+            body,
+            usage: UsageFields::default(),
+        };
         core.resp = Some(RespInFlight {
             request,
             status: head.status,
             coding: coding.unwrap_or(Coding::Identity),
             dec: coding.map(|c| Decoder::new(c, consumer, core.cap)),
         });
-        if head_request { BodyRule::None } else { BodyRule::Headers }
+        if head_request {
+            BodyRule::None
+        } else {
+            BodyRule::Headers
+        }
     }
 
     fn body(&mut self, data: &[u8]) {
@@ -414,7 +428,9 @@ impl MessageSink for RespSink<'_> {
 
     fn end(&mut self, complete: bool) {
         // Interim responses leave nothing in flight.
-        let Some(mut resp) = self.0.resp.take() else { return };
+        let Some(mut resp) = self.0.resp.take() else {
+            return;
+        };
         let core = &mut *self.0;
         if !complete {
             core.out.push(Output::Problem(Problem::Truncated));
@@ -435,7 +451,13 @@ impl MessageSink for RespSink<'_> {
             }
         }
         let Some(req) = resp.request else { return };
-        let Pending { target, method, path, fields, bytes: request_bytes } = req;
+        let Pending {
+            target,
+            method,
+            path,
+            fields,
+            bytes: request_bytes,
+        } = req;
         core.out.push(Output::Exchange(Exchange {
             api: target.api,
             method,
@@ -458,7 +480,8 @@ impl MessageSink for RespSink<'_> {
         core.resp = None;
         // An HTTP/2 server's frames after the client's preface: reported once, as Http2.
         if !core.http2 {
-            core.out.push(Output::Problem(Problem::Stopped(Side::Response, why)));
+            core.out
+                .push(Output::Problem(Problem::Stopped(Side::Response, why)));
         }
     }
 }

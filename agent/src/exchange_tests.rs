@@ -89,38 +89,84 @@ data: {\"type\":\"message_stop\"}\n\n";
 
 #[test]
 fn keep_alive_with_every_coding() {
-    let chat_req = br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o-mini","max_tokens":50}"#;
+    let chat_req =
+        br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o-mini","max_tokens":50}"#;
     let emb_req = br#"{"input":"hello","model":"text-embedding-3-small"}"#;
     let emb = br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":1,"total_tokens":1}}"#;
     let msg_req = br#"{"model":"claude-sonnet-4-20250514","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
     let mut sent = Vec::new();
-    sent.extend(request("/v1/chat/completions", "Accept-Encoding: gzip, deflate, br, zstd\r\n", chat_req));
+    sent.extend(request(
+        "/v1/chat/completions",
+        "Accept-Encoding: gzip, deflate, br, zstd\r\n",
+        chat_req,
+    ));
     sent.extend(request("/v1/embeddings", "", emb_req));
     sent.extend(request("/v1/messages", "", msg_req));
     sent.extend(request("/v1/chat/completions", "", chat_req));
     let mut received = Vec::new();
-    received.extend(response("Content-Encoding: gzip\r\n", &encode(Coding::Gzip, CHAT_RESPONSE)));
-    received.extend(response("Content-Encoding: zstd\r\n", &encode(Coding::Zstd, emb)));
-    received.extend(sse_response("Content-Encoding: br\r\n", &encode(Coding::Brotli, ANTHROPIC_EVENTS)));
-    received.extend(response("Content-Encoding: deflate\r\n", &encode(Coding::Deflate, CHAT_RESPONSE)));
+    received.extend(response(
+        "Content-Encoding: gzip\r\n",
+        &encode(Coding::Gzip, CHAT_RESPONSE),
+    ));
+    received.extend(response(
+        "Content-Encoding: zstd\r\n",
+        &encode(Coding::Zstd, emb),
+    ));
+    received.extend(sse_response(
+        "Content-Encoding: br\r\n",
+        &encode(Coding::Brotli, ANTHROPIC_EVENTS),
+    ));
+    received.extend(response(
+        "Content-Encoding: deflate\r\n",
+        &encode(Coding::Deflate, CHAT_RESPONSE),
+    ));
     for piece in [1, 5, 100, 100_000] {
         let mut t = Tracker::new(Some(Arc::new(SecretRules::new(&[]))));
-        let out = run(&mut t, &[(Direction::Sent, &sent), (Direction::Received, &received)], piece);
+        let out = run(
+            &mut t,
+            &[(Direction::Sent, &sent), (Direction::Received, &received)],
+            piece,
+        );
         assert_eq!(problems(&out), Vec::<&str>::new(), "pieces of {piece}");
         let ex = exchanges(&out);
         assert_eq!(ex.len(), 4, "pieces of {piece}");
         assert_eq!(ex[0].api, Api::OpenAiChat);
         assert_eq!(ex[0].model.as_deref(), Some("gpt-4o-mini"));
-        assert_eq!(ex[0].response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+        assert_eq!(
+            ex[0].response_model.as_deref(),
+            Some("gpt-4o-mini-2024-07-18")
+        );
         assert_eq!(ex[0].max_tokens, Some(50));
-        assert_eq!(ex[0].usage, Some(Usage { input: 11, output: 2, cached: 0, cache_write: 0 }));
+        assert_eq!(
+            ex[0].usage,
+            Some(Usage {
+                input: 11,
+                output: 2,
+                cached: 0,
+                cache_write: 0
+            })
+        );
         assert_eq!(ex[0].response_coding, Coding::Gzip);
         assert_eq!(ex[0].response_bytes, CHAT_RESPONSE.len() as u64);
         assert_eq!(ex[1].api, Api::OpenAiEmbeddings);
-        assert_eq!(ex[1].usage, Some(Usage { input: 1, ..Usage::default() }));
+        assert_eq!(
+            ex[1].usage,
+            Some(Usage {
+                input: 1,
+                ..Usage::default()
+            })
+        );
         assert_eq!(ex[2].api, Api::AnthropicMessages);
         assert!(ex[2].stream && ex[2].complete);
-        assert_eq!(ex[2].usage, Some(Usage { input: 25, output: 9, cached: 4, cache_write: 0 }));
+        assert_eq!(
+            ex[2].usage,
+            Some(Usage {
+                input: 25,
+                output: 9,
+                cached: 4,
+                cache_write: 0
+            })
+        );
         assert_eq!(ex[3].usage, ex[0].usage);
         // The Authorization header's key is not a finding: only bodies are scanned.
         assert!(!out.iter().any(|o| matches!(o, Output::Secret(_))));
@@ -129,10 +175,18 @@ fn keep_alive_with_every_coding() {
 
 #[test]
 fn anthropic_stream_split_at_every_byte() {
-    let req = request("/v1/messages", "", br#"{"model":"claude-sonnet-4-20250514","stream":true}"#);
+    let req = request(
+        "/v1/messages",
+        "",
+        br#"{"model":"claude-sonnet-4-20250514","stream":true}"#,
+    );
     let resp = sse_response("", ANTHROPIC_EVENTS);
     let mut whole = Tracker::new(None);
-    let want = run(&mut whole, &[(Direction::Sent, &req), (Direction::Received, &resp)], resp.len());
+    let want = run(
+        &mut whole,
+        &[(Direction::Sent, &req), (Direction::Received, &resp)],
+        resp.len(),
+    );
     assert_eq!(exchanges(&want).len(), 1);
     for cut in 0..=resp.len() {
         let mut t = Tracker::new(None);
@@ -173,12 +227,29 @@ data: {\"choices\":[],\"usage\":{\"prompt_tokens\":8,\"completion_tokens\":2}}\n
     let ex = exchanges(&out);
     assert_eq!(ex.len(), 2);
     assert_eq!(ex[0].api, Api::Gemini);
-    assert_eq!(ex[0].path, "/v1beta/models/gemini-2.0-flash:generateContent");
+    assert_eq!(
+        ex[0].path,
+        "/v1beta/models/gemini-2.0-flash:generateContent"
+    );
     assert_eq!(ex[0].model(), Some("gemini-2.0-flash"));
     assert_eq!(ex[0].max_tokens, Some(100));
-    assert_eq!(ex[0].usage, Some(Usage { input: 3, output: 1, ..Usage::default() }));
+    assert_eq!(
+        ex[0].usage,
+        Some(Usage {
+            input: 3,
+            output: 1,
+            ..Usage::default()
+        })
+    );
     assert!(ex[1].stream);
-    assert_eq!(ex[1].usage, Some(Usage { input: 8, output: 2, ..Usage::default() }));
+    assert_eq!(
+        ex[1].usage,
+        Some(Usage {
+            input: 8,
+            output: 2,
+            ..Usage::default()
+        })
+    );
     // The key in Gemini's query is the request's own credential, not a finding.
     assert!(!out.iter().any(|o| matches!(o, Output::Secret(_))));
 }
@@ -188,7 +259,10 @@ fn http2_is_reported_once_and_ignored() {
     let mut t = Tracker::new(None);
     let mut out = t.feed(Direction::Sent, crate::http1::H2_PREFACE);
     out.extend(t.feed(Direction::Sent, &[0, 0, 0, 4, 0, 0, 0, 0, 0]));
-    out.extend(t.feed(Direction::Received, &[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100]));
+    out.extend(t.feed(
+        Direction::Received,
+        &[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100],
+    ));
     out.extend(t.close());
     assert_eq!(out, vec![Output::Http2]);
     assert!(t.http2());
@@ -198,7 +272,9 @@ fn http2_is_reported_once_and_ignored() {
 #[test]
 fn secrets_are_found_before_the_request_ends() {
     let key = format!("sk-ant-api03-{}", "Q".repeat(90));
-    let body = format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"my key is {key} please"}}]}}"#);
+    let body = format!(
+        r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"my key is {key} please"}}]}}"#
+    );
     let req = request("/v1/chat/completions", "", body.as_bytes());
     let at = req.len() - 5; // after the key and a space, before the body's end
     let mut t = Tracker::new(Some(Arc::new(SecretRules::new(&[]))));
@@ -217,7 +293,12 @@ fn secrets_are_found_before_the_request_ends() {
     let req = request("/v1/chat/completions", "Content-Encoding: gzip\r\n", &gz);
     let mut t = Tracker::new(Some(Arc::new(SecretRules::new(&[]))));
     let out = run(&mut t, &[(Direction::Sent, &req)], 7);
-    assert_eq!(out.iter().filter(|o| matches!(o, Output::Secret(_))).count(), 1);
+    assert_eq!(
+        out.iter()
+            .filter(|o| matches!(o, Output::Secret(_)))
+            .count(),
+        1
+    );
 }
 
 #[test]
@@ -228,7 +309,13 @@ fn bad_input_is_counted_and_survived() {
     let mut t = Tracker::with_cap(None, 256 * 1024);
     let out = run(
         &mut t,
-        &[(Direction::Sent, &req), (Direction::Received, &response("Content-Encoding: gzip\r\n", &bomb))],
+        &[
+            (Direction::Sent, &req),
+            (
+                Direction::Received,
+                &response("Content-Encoding: gzip\r\n", &bomb),
+            ),
+        ],
         4096,
     );
     assert_eq!(problems(&out), vec!["decompression_bomb"]);
@@ -241,28 +328,50 @@ fn bad_input_is_counted_and_survived() {
     let lie = String::from_utf8_lossy(&resp).replace(&cl, "Content-Length: 99999");
     resp = lie.into_bytes();
     let mut t = Tracker::new(None);
-    let out = run(&mut t, &[(Direction::Sent, &req), (Direction::Received, &resp)], 50);
+    let out = run(
+        &mut t,
+        &[(Direction::Sent, &req), (Direction::Received, &resp)],
+        50,
+    );
     assert_eq!(problems(&out), vec!["truncated"]);
     let ex = exchanges(&out);
     assert!(!ex[0].complete);
     // What had arrived is still read.
-    assert_eq!(ex[0].usage, Some(Usage { input: 11, output: 2, ..Usage::default() }));
+    assert_eq!(
+        ex[0].usage,
+        Some(Usage {
+            input: 11,
+            output: 2,
+            ..Usage::default()
+        })
+    );
 
     // Corrupt gzip, unsupported coding, a response nobody asked for, garbage.
     let mut t = Tracker::new(None);
     let out = run(
         &mut t,
         &[
-            (Direction::Received, &response("Content-Encoding: gzip\r\n", b"not gzip at all")),
+            (
+                Direction::Received,
+                &response("Content-Encoding: gzip\r\n", b"not gzip at all"),
+            ),
             (Direction::Sent, &req),
-            (Direction::Received, &response("Content-Encoding: compress\r\n", b"xx")),
+            (
+                Direction::Received,
+                &response("Content-Encoding: compress\r\n", b"xx"),
+            ),
             (Direction::Received, b"\x00\x01garbage\r\n\r\n"),
         ],
         3,
     );
     assert_eq!(
         problems(&out),
-        vec!["unmatched_response", "corrupt_body", "unsupported_coding", "not_http1"]
+        vec![
+            "unmatched_response",
+            "corrupt_body",
+            "unsupported_coding",
+            "not_http1"
+        ]
     );
     assert_eq!(exchanges(&out).len(), 1);
 
@@ -276,7 +385,11 @@ fn bad_input_is_counted_and_survived() {
 #[test]
 fn early_answer_and_head() {
     // The server refuses before the body is complete (413), then closes.
-    let req = request("/v1/chat/completions", "", &br#"{"model":"gpt-4o","messages":"#.repeat(10));
+    let req = request(
+        "/v1/chat/completions",
+        "",
+        &br#"{"model":"gpt-4o","messages":"#.repeat(10),
+    );
     let mut t = Tracker::new(None);
     let mut out = t.feed(Direction::Sent, &req[..req.len() / 2]);
     out.extend(t.feed(
@@ -293,9 +406,15 @@ fn early_answer_and_head() {
     let out = run(
         &mut t,
         &[
-            (Direction::Sent, b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"),
+            (
+                Direction::Sent,
+                b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+            ),
             (Direction::Sent, &req),
-            (Direction::Received, b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n"),
+            (
+                Direction::Received,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n",
+            ),
             (Direction::Received, &response("", CHAT_RESPONSE)),
         ],
         11,

@@ -116,7 +116,12 @@ pub trait MessageSink {
 enum Chunk {
     /// Reading the size line: the size so far, whether digits were seen,
     /// whether extensions started, the line's length.
-    Size { size: u64, digits: bool, ext: bool, len: usize },
+    Size {
+        size: u64,
+        digits: bool,
+        ext: bool,
+        len: usize,
+    },
     /// In the data: bytes left.
     Data(u64),
     /// After the data: the CRLF.
@@ -148,7 +153,12 @@ pub struct Framer {
 
 impl Framer {
     pub fn new(side: Side) -> Self {
-        Self { side, state: State::Head, head: Vec::new(), ignored: 0 }
+        Self {
+            side,
+            state: State::Head,
+            head: Vec::new(),
+            ignored: 0,
+        }
     }
 
     pub fn stopped(&self) -> bool {
@@ -212,7 +222,10 @@ impl Framer {
         let mut data = data;
         // Empty lines before a message are allowed (RFC 9112 §2.2).
         if self.head.is_empty() {
-            let skip = data.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+            let skip = data
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
             data = &data[skip..];
             if data.is_empty() {
                 return data;
@@ -273,7 +286,12 @@ impl Framer {
         self.state = if no_body {
             State::Length(0)
         } else if head.chunked {
-            State::Chunked(Chunk::Size { size: 0, digits: false, ext: false, len: 0 })
+            State::Chunked(Chunk::Size {
+                size: 0,
+                digits: false,
+                ext: false,
+                len: 0,
+            })
         } else if let Some(n) = head.content_length {
             State::Length(n)
         } else if self.side == Side::Response {
@@ -301,10 +319,19 @@ impl Framer {
                     let take = left.min((data.len() - i) as u64) as usize;
                     sink.body(&data[i..i + take]);
                     i += take;
-                    c = if left == take as u64 { Chunk::DataEnd } else { Chunk::Data(left - take as u64) };
+                    c = if left == take as u64 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left - take as u64)
+                    };
                     continue;
                 }
-                Chunk::Size { size, digits, ext, len } => {
+                Chunk::Size {
+                    size,
+                    digits,
+                    ext,
+                    len,
+                } => {
                     if len >= MAX_LINE {
                         self.stop(Stop::BadChunk, data.len() - i, sink);
                         return &[];
@@ -316,21 +343,41 @@ impl Framer {
                             return &[];
                         }
                         c = if size == 0 {
-                            Chunk::Trailer { empty: true, len: 0 }
+                            Chunk::Trailer {
+                                empty: true,
+                                len: 0,
+                            }
                         } else {
                             Chunk::Data(size)
                         };
                     } else if ext || b == b'\r' || b == b' ' || b == b'\t' {
-                        c = Chunk::Size { size, digits, ext, len: next_len };
+                        c = Chunk::Size {
+                            size,
+                            digits,
+                            ext,
+                            len: next_len,
+                        };
                     } else if b == b';' {
-                        c = Chunk::Size { size, digits, ext: true, len: next_len };
+                        c = Chunk::Size {
+                            size,
+                            digits,
+                            ext: true,
+                            len: next_len,
+                        };
                     } else if let Some(d) = (b as char).to_digit(16) {
-                        let Some(s) = size.checked_mul(16).and_then(|s| s.checked_add(u64::from(d)))
+                        let Some(s) = size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(u64::from(d)))
                         else {
                             self.stop(Stop::BadChunk, data.len() - i, sink);
                             return &[];
                         };
-                        c = Chunk::Size { size: s, digits: true, ext, len: next_len };
+                        c = Chunk::Size {
+                            size: s,
+                            digits: true,
+                            ext,
+                            len: next_len,
+                        };
                     } else {
                         self.stop(Stop::BadChunk, data.len() - i, sink);
                         return &[];
@@ -338,7 +385,14 @@ impl Framer {
                 }
                 Chunk::DataEnd => match b {
                     b'\r' => {}
-                    b'\n' => c = Chunk::Size { size: 0, digits: false, ext: false, len: 0 },
+                    b'\n' => {
+                        c = Chunk::Size {
+                            size: 0,
+                            digits: false,
+                            ext: false,
+                            len: 0,
+                        }
+                    }
                     _ => {
                         self.stop(Stop::BadChunk, data.len() - i, sink);
                         return &[];
@@ -350,12 +404,18 @@ impl Framer {
                             self.end(sink, true);
                             return &data[i + 1..];
                         }
-                        c = Chunk::Trailer { empty: true, len: 0 };
+                        c = Chunk::Trailer {
+                            empty: true,
+                            len: 0,
+                        };
                     } else if len >= MAX_LINE {
                         self.stop(Stop::BadChunk, data.len() - i, sink);
                         return &[];
                     } else {
-                        c = Chunk::Trailer { empty: empty && b == b'\r', len: len + 1 };
+                        c = Chunk::Trailer {
+                            empty: empty && b == b'\r',
+                            len: len + 1,
+                        };
                     }
                 }
             }
@@ -384,12 +444,17 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 fn lower(value: &[u8]) -> String {
-    String::from_utf8_lossy(&value[..value.len().min(MAX_VALUE)]).trim().to_ascii_lowercase()
+    String::from_utf8_lossy(&value[..value.len().min(MAX_VALUE)])
+        .trim()
+        .to_ascii_lowercase()
 }
 
 fn parse_head(side: Side, buf: &[u8]) -> Result<Head, Stop> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut head = Head { head_bytes: buf.len(), ..Head::default() };
+    let mut head = Head {
+        head_bytes: buf.len(),
+        ..Head::default()
+    };
     let parsed = match side {
         Side::Request => {
             let mut req = httparse::Request::new(&mut headers);
@@ -461,7 +526,11 @@ mod tests {
         fn head(&mut self, head: &Head) -> BodyRule {
             self.heads.push(head.clone());
             self.bodies.push(Vec::new());
-            if self.no_body_for.is_some() { BodyRule::None } else { BodyRule::Headers }
+            if self.no_body_for.is_some() {
+                BodyRule::None
+            } else {
+                BodyRule::Headers
+            }
         }
         fn body(&mut self, data: &[u8]) {
             if let Some(b) = self.bodies.last_mut() {
@@ -513,41 +582,76 @@ GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(log.heads[0].content_type, "application/json");
         assert_eq!(log.heads[1].content_encoding, "gzip");
         assert!(log.heads[1].chunked);
-        assert_eq!(log.bodies, vec![b"hello".to_vec(), b"abc0123456789abcdef".to_vec(), vec![]]);
+        assert_eq!(
+            log.bodies,
+            vec![b"hello".to_vec(), b"abc0123456789abcdef".to_vec(), vec![]]
+        );
         assert_eq!(log.ends, vec![true, true, true]);
         assert!(log.stops.is_empty());
     }
 
     #[test]
     fn responses_until_close_interim_and_no_body() {
-        let input = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n\
+        let input =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n\
 HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\ndata: 2\n\n";
         let log = at_every_split(Side::Response, input);
-        assert_eq!(log.heads.iter().map(|h| h.status).collect::<Vec<_>>(), vec![100, 204, 200]);
+        assert_eq!(
+            log.heads.iter().map(|h| h.status).collect::<Vec<_>>(),
+            vec![100, 204, 200]
+        );
         assert_eq!(log.bodies[2], b"data: 1\n\ndata: 2\n\n".to_vec());
         assert_eq!(log.ends, vec![true, true, true]);
         // HEAD: the sink says no body, whatever Content-Length says.
         let mut f = Framer::new(Side::Response);
-        let mut log = Log { no_body_for: Some("HEAD"), ..Log::default() };
-        f.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", &mut log);
+        let mut log = Log {
+            no_body_for: Some("HEAD"),
+            ..Log::default()
+        };
+        f.feed(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+            &mut log,
+        );
         assert_eq!(log.heads.len(), 2);
     }
 
     #[test]
     fn truncated_and_lying_lengths_are_survived() {
         // Content-Length larger than the body: the body stays open, the close ends it incomplete.
-        let log = run(Side::Response, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", 3);
-        assert_eq!((log.bodies[0].as_slice(), log.ends.as_slice()), (&b"short"[..], &[false][..]));
+        let log = run(
+            Side::Response,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
+            3,
+        );
+        assert_eq!(
+            (log.bodies[0].as_slice(), log.ends.as_slice()),
+            (&b"short"[..], &[false][..])
+        );
         // Smaller than the body: the rest is taken for a head, which is not one.
-        let log = run(Side::Response, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nlonger body\r\n\r\n", 4);
+        let log = run(
+            Side::Response,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nlonger body\r\n\r\n",
+            4,
+        );
         assert_eq!(log.ends, vec![true]);
         assert_eq!(log.stops, vec![Stop::NotHttp1]);
-        let log = run(Side::Request, b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nlonger\r\n\r\n", 4);
+        let log = run(
+            Side::Request,
+            b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nlonger\r\n\r\n",
+            4,
+        );
         assert_eq!(log.stops, vec![Stop::Malformed]);
         // A head cut by the close.
-        assert_eq!(run(Side::Request, b"POST / HTTP/1.1\r\nHost:", 5).stops, vec![Stop::Truncated]);
+        assert_eq!(
+            run(Side::Request, b"POST / HTTP/1.1\r\nHost:", 5).stops,
+            vec![Stop::Truncated]
+        );
         // Chunked cut in the middle.
-        let log = run(Side::Response, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", 2);
+        let log = run(
+            Side::Response,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+            2,
+        );
         assert_eq!(log.ends, vec![false]);
     }
 
@@ -555,10 +659,20 @@ HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\ndata: 2\n\n
     fn what_stops_a_framer() {
         let h2 = [H2_PREFACE, &[0, 0, 18, 4, 0, 0, 0, 0, 0][..]].concat();
         for piece in [1, 2, 3, 5, 100] {
-            assert_eq!(run(Side::Request, &h2, piece).stops, vec![Stop::Http2], "{piece}");
+            assert_eq!(
+                run(Side::Request, &h2, piece).stops,
+                vec![Stop::Http2],
+                "{piece}"
+            );
         }
-        assert_eq!(run(Side::Response, &[0, 0, 18, 4, 0], 1).stops, vec![Stop::NotHttp1]);
-        assert_eq!(run(Side::Request, b"\x16\x03\x01\x02\x00\r\n\r\n", 9).stops, vec![Stop::Malformed]);
+        assert_eq!(
+            run(Side::Response, &[0, 0, 18, 4, 0], 1).stops,
+            vec![Stop::NotHttp1]
+        );
+        assert_eq!(
+            run(Side::Request, b"\x16\x03\x01\x02\x00\r\n\r\n", 9).stops,
+            vec![Stop::Malformed]
+        );
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
         let mut f = Framer::new(Side::Request);
         let mut log = Log::default();
@@ -568,7 +682,10 @@ HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\ndata: 2\n\n
         assert!(f.stopped() && f.ignored > 0 && f.head.capacity() == 0);
         let many: String = (0..200).map(|i| format!("X-{i}: 1\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
-        assert_eq!(run(Side::Request, many.as_bytes(), 1000).stops, vec![Stop::HeadTooLarge]);
+        assert_eq!(
+            run(Side::Request, many.as_bytes(), 1000).stops,
+            vec![Stop::HeadTooLarge]
+        );
         for bad in [
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n",
@@ -585,7 +702,14 @@ HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\ndata: 2\n\n
 
     #[test]
     fn bare_lf_heads() {
-        let log = run(Side::Response, b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", 1);
-        assert_eq!((log.bodies[0].as_slice(), log.ends.as_slice()), (&b"ok"[..], &[true][..]));
+        let log = run(
+            Side::Response,
+            b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+            1,
+        );
+        assert_eq!(
+            (log.bodies[0].as_slice(), log.ends.as_slice()),
+            (&b"ok"[..], &[true][..])
+        );
     }
 }

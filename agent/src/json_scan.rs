@@ -38,7 +38,10 @@ pub enum Seg {
 pub enum Scalar<'a> {
     /// A string as written between its quotes (escapes not decoded);
     /// `cut`: longer than `MAX_SCALAR`, only its start is here.
-    Str { text: &'a [u8], cut: bool },
+    Str {
+        text: &'a [u8],
+        cut: bool,
+    },
     /// A number that fits a u64.
     Uint(u64),
     /// Any other number (negative, fraction, exponent, too long).
@@ -178,14 +181,21 @@ impl JsonScan {
                 }
                 State::KeyOrEnd => {
                     match b {
-                        b'"' => self.begin_text(State::Str { key: true, escape: false }),
+                        b'"' => self.begin_text(State::Str {
+                            key: true,
+                            escape: false,
+                        }),
                         b'}' => self.close(true),
                         _ => self.state = State::Broken,
                     }
                     i += 1;
                 }
                 State::Colon => {
-                    self.state = if b == b':' { State::Value } else { State::Broken };
+                    self.state = if b == b':' {
+                        State::Value
+                    } else {
+                        State::Broken
+                    };
                     i += 1;
                 }
                 State::AfterValue => {
@@ -213,13 +223,24 @@ impl JsonScan {
                 let object = b == b'{';
                 self.kinds.push(object);
                 if self.kinds.len() <= MAX_KEYED_DEPTH {
-                    self.path.push(if object { Seg::Key(Vec::new()) } else { Seg::Elem });
+                    self.path.push(if object {
+                        Seg::Key(Vec::new())
+                    } else {
+                        Seg::Elem
+                    });
                 }
-                self.state = if object { State::KeyOrEnd } else { State::Value };
+                self.state = if object {
+                    State::KeyOrEnd
+                } else {
+                    State::Value
+                };
             }
             // `]` right after `[`: an empty array.
             b']' if self.kinds.last() == Some(&false) => self.close(false),
-            b'"' => self.begin_text(State::Str { key: false, escape: false }),
+            b'"' => self.begin_text(State::Str {
+                key: false,
+                escape: false,
+            }),
             b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
                 self.begin_text(State::Token);
                 self.push_text(b);
@@ -241,7 +262,11 @@ impl JsonScan {
     }
 
     fn after_value(&mut self) {
-        self.state = if self.kinds.is_empty() { State::Done } else { State::AfterValue };
+        self.state = if self.kinds.is_empty() {
+            State::Done
+        } else {
+            State::AfterValue
+        };
     }
 
     fn begin_text(&mut self, state: State) {
@@ -287,7 +312,13 @@ impl JsonScan {
             self.state = State::Colon;
         } else {
             if self.keyed() {
-                sink.scalar(&self.path, Scalar::Str { text: &self.text, cut: self.cut });
+                sink.scalar(
+                    &self.path,
+                    Scalar::Str {
+                        text: &self.text,
+                        cut: self.cut,
+                    },
+                );
             }
             self.after_value();
         }
@@ -357,7 +388,11 @@ mod tests {
                 .collect();
             let v = match value {
                 Scalar::Str { text, cut } => {
-                    format!("s:{}{}", String::from_utf8_lossy(text), if cut { "…" } else { "" })
+                    format!(
+                        "s:{}{}",
+                        String::from_utf8_lossy(text),
+                        if cut { "…" } else { "" }
+                    )
                 }
                 Scalar::Uint(n) => format!("u:{n}"),
                 Scalar::OtherNumber => "n".to_owned(),
@@ -395,8 +430,10 @@ mod tests {
             ("usage.details.cached_tokens", "u:0"),
             ("x", "null"),
         ];
-        let want: Vec<(String, String)> =
-            want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
         assert_eq!(got, want);
     }
 
@@ -423,15 +460,30 @@ mod tests {
 
     #[test]
     fn bounded_and_broken() {
-        let long = format!(r#"{{"model":"{}","n":{}}}"#, "m".repeat(10_000), "9".repeat(50));
+        let long = format!(
+            r#"{{"model":"{}","n":{}}}"#,
+            "m".repeat(10_000),
+            "9".repeat(50)
+        );
         let (got, done, _) = scan(long.as_bytes());
         assert!(done);
         assert_eq!(got[0].1.len(), 2 + MAX_SCALAR + "…".len());
         assert_eq!(got[1].1, "n");
         let deep = "[".repeat(MAX_DEPTH + 1);
         assert!(scan(deep.as_bytes()).2);
-        for bad in [&b"{1:2}"[..], b"{\"a\" 1}", b"[1,}", b"}", b"{\"a\":tru e}", b"@"] {
-            assert!(scan(bad).2, "{:?} must be broken", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"{1:2}"[..],
+            b"{\"a\" 1}",
+            b"[1,}",
+            b"}",
+            b"{\"a\":tru e}",
+            b"@",
+        ] {
+            assert!(
+                scan(bad).2,
+                "{:?} must be broken",
+                String::from_utf8_lossy(bad)
+            );
         }
         // Deep keys are not kept, and deep scalars not reported.
         let nested = format!("{}1{}", r#"{"a":"#.repeat(20), "}".repeat(20));
@@ -443,12 +495,19 @@ mod tests {
 
     #[test]
     fn path_matching() {
-        let p = [Seg::Key(b"usage".to_vec()), Seg::Key(b"input_tokens".to_vec())];
+        let p = [
+            Seg::Key(b"usage".to_vec()),
+            Seg::Key(b"input_tokens".to_vec()),
+        ];
         assert!(path_is(&p, &["usage", "input_tokens"]));
         assert!(!path_is(&p, &["usage"]));
         let q = [Seg::Elem, Seg::Key(b"usage".to_vec())];
         assert!(path_is(&q, &["usage"]));
-        let r = [Seg::Key(b"a".to_vec()), Seg::Elem, Seg::Key(b"usage".to_vec())];
+        let r = [
+            Seg::Key(b"a".to_vec()),
+            Seg::Elem,
+            Seg::Key(b"usage".to_vec()),
+        ];
         assert!(!path_is(&r, &["a", "usage"]));
     }
 }

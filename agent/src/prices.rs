@@ -96,7 +96,9 @@ pub fn check_amount(v: f64) -> Result<f64, String> {
     if v.is_finite() && (0.0..=MAX_PRICE).contains(&v) {
         Ok(v)
     } else {
-        Err(format!("a price is 0 to {MAX_PRICE} US dollars per million tokens"))
+        Err(format!(
+            "a price is 0 to {MAX_PRICE} US dollars per million tokens"
+        ))
     }
 }
 
@@ -104,7 +106,10 @@ pub fn check_amount(v: f64) -> Result<f64, String> {
 /// build whose unit tests pass (`catalog_is_valid`), but is returned.
 pub fn catalog() -> Result<&'static PriceTable, &'static str> {
     static TABLE: OnceLock<Result<PriceTable, String>> = OnceLock::new();
-    TABLE.get_or_init(|| parse_catalog(PRICES_TOML)).as_ref().map_err(String::as_str)
+    TABLE
+        .get_or_init(|| parse_catalog(PRICES_TOML))
+        .as_ref()
+        .map_err(String::as_str)
 }
 
 fn parse_catalog(text: &str) -> Result<PriceTable, String> {
@@ -125,7 +130,10 @@ fn parse_catalog(text: &str) -> Result<PriceTable, String> {
         }
         entries.push((e.model, price, Origin::Catalog));
     }
-    Ok(PriceTable { as_of: file.as_of, entries })
+    Ok(PriceTable {
+        as_of: file.as_of,
+        entries,
+    })
 }
 
 impl PriceTable {
@@ -176,7 +184,11 @@ mod tests {
     fn catalog_is_valid() {
         let t = table();
         assert!(t.len() >= 20);
-        assert!(t.as_of.len() == 10 && t.as_of.starts_with("20"), "as_of is a date: {}", t.as_of);
+        assert!(
+            t.as_of.len() == 10 && t.as_of.starts_with("20"),
+            "as_of is a date: {}",
+            t.as_of
+        );
     }
 
     #[test]
@@ -185,12 +197,30 @@ mod tests {
         let key = |m: &str| t.lookup(m).map(|(k, ..)| k.to_owned());
         assert_eq!(key("gpt-4o").as_deref(), Some("gpt-4o"));
         assert_eq!(key("gpt-4o-2024-08-06").as_deref(), Some("gpt-4o"));
-        assert_eq!(key("gpt-4o-mini-2024-07-18").as_deref(), Some("gpt-4o-mini"));
-        assert_eq!(key("claude-sonnet-4-20250514").as_deref(), Some("claude-sonnet-4"));
-        assert_eq!(key("claude-opus-4-1-20250805").as_deref(), Some("claude-opus-4-1"));
-        assert_eq!(key("claude-3-5-haiku@20241022").as_deref(), Some("claude-3-5-haiku"));
-        assert_eq!(key("models/gemini-2.0-flash-001").as_deref(), Some("gemini-2.0-flash"));
-        assert_eq!(key("gemini-2.0-flash-lite").as_deref(), Some("gemini-2.0-flash-lite"));
+        assert_eq!(
+            key("gpt-4o-mini-2024-07-18").as_deref(),
+            Some("gpt-4o-mini")
+        );
+        assert_eq!(
+            key("claude-sonnet-4-20250514").as_deref(),
+            Some("claude-sonnet-4")
+        );
+        assert_eq!(
+            key("claude-opus-4-1-20250805").as_deref(),
+            Some("claude-opus-4-1")
+        );
+        assert_eq!(
+            key("claude-3-5-haiku@20241022").as_deref(),
+            Some("claude-3-5-haiku")
+        );
+        assert_eq!(
+            key("models/gemini-2.0-flash-001").as_deref(),
+            Some("gemini-2.0-flash")
+        );
+        assert_eq!(
+            key("gemini-2.0-flash-lite").as_deref(),
+            Some("gemini-2.0-flash-lite")
+        );
         // No boundary, or unknown: no price.
         assert_eq!(key("gpt-4omni"), None);
         assert_eq!(key("my-azure-deployment"), None);
@@ -200,26 +230,55 @@ mod tests {
     fn cost_of_usage() {
         let t = table();
         let (_, p, _) = t.lookup("gpt-4o").expect("gpt-4o");
-        let u = Usage { input: 1_000_000, output: 1_000_000, cached: 500_000, cache_write: 0 };
+        let u = Usage {
+            input: 1_000_000,
+            output: 1_000_000,
+            cached: 500_000,
+            cache_write: 0,
+        };
         assert!((p.cost(&u) - (0.5 * 2.5 + 0.5 * 1.25 + 10.0)).abs() < 1e-9);
         let (_, a, _) = t.lookup("claude-sonnet-4-20250514").expect("claude");
-        let u = Usage { input: 1000, output: 100, cached: 200, cache_write: 300 };
+        let u = Usage {
+            input: 1000,
+            output: 100,
+            cached: 200,
+            cache_write: 300,
+        };
         let want = (500.0 * 3.0 + 200.0 * 0.3 + 300.0 * 3.75 + 100.0 * 15.0) / 1e6;
         assert!((a.cost(&u) - want).abs() < 1e-12);
         // Inconsistent counts (cached > input) are clamped, never negative.
-        let odd = Usage { input: 10, output: 0, cached: 50, cache_write: 50 };
+        let odd = Usage {
+            input: 10,
+            output: 0,
+            cached: 50,
+            cache_write: 50,
+        };
         assert!(a.cost(&odd) >= 0.0);
     }
 
     #[test]
     fn overrides_replace_and_add() {
-        let cheap = Price { input: 1.0, output: 2.0, cached: 0.5, cache_write: 1.0 };
+        let cheap = Price {
+            input: 1.0,
+            output: 2.0,
+            cached: 0.5,
+            cache_write: 1.0,
+        };
         let t = PriceTable::with_overrides(
             table(),
-            &[("gpt-4o".into(), cheap), ("my-azure-deployment".into(), cheap)],
+            &[
+                ("gpt-4o".into(), cheap),
+                ("my-azure-deployment".into(), cheap),
+            ],
         );
-        assert_eq!(t.lookup("gpt-4o-2024-08-06"), Some(("gpt-4o", cheap, Origin::Policy)));
-        assert_eq!(t.lookup("my-azure-deployment").map(|x| x.2), Some(Origin::Policy));
+        assert_eq!(
+            t.lookup("gpt-4o-2024-08-06"),
+            Some(("gpt-4o", cheap, Origin::Policy))
+        );
+        assert_eq!(
+            t.lookup("my-azure-deployment").map(|x| x.2),
+            Some(Origin::Policy)
+        );
         assert_eq!(t.len(), table().len() + 1);
     }
 
@@ -230,7 +289,10 @@ mod tests {
         assert!(check_model(&"m".repeat(200)).is_err());
         assert!(check_amount(-1.0).is_err() && check_amount(f64::NAN).is_err());
         assert!(check_amount(1e9).is_err() && check_amount(0.0).is_ok());
-        assert!(parse_catalog("as_of = \"x\"\n[[price]]\nmodel = \"a\"\ninput = -1.0\noutput = 1.0\n").is_err());
+        assert!(
+            parse_catalog("as_of = \"x\"\n[[price]]\nmodel = \"a\"\ninput = -1.0\noutput = 1.0\n")
+                .is_err()
+        );
         assert!(parse_catalog("as_of = \"x\"\n[[price]]\nmodel = \"a\"\ninput = 1.0\noutput = 1.0\n[[price]]\nmodel = \"a\"\ninput = 1.0\noutput = 1.0\n").is_err());
     }
 }

@@ -36,8 +36,16 @@ pub const BUILTIN: &[(&str, &str, &str)] = &[
         r"\bsk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_-]{20,}T3BlbkFJ[A-Za-z0-9_-]{20,}|\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_-]{40,}",
         "OpenAI keys (legacy sk-…T3BlbkFJ…, sk-proj-, sk-svcacct-, sk-admin-)",
     ),
-    ("google_api_key", r"\bAIza[0-9A-Za-z_-]{35}", "Google API keys (Gemini, Maps…)"),
-    ("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", "AWS access key ids"),
+    (
+        "google_api_key",
+        r"\bAIza[0-9A-Za-z_-]{35}",
+        "Google API keys (Gemini, Maps…)",
+    ),
+    (
+        "aws_access_key",
+        r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+        "AWS access key ids",
+    ),
     (
         "github_token",
         r"\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{82})\b",
@@ -92,7 +100,9 @@ pub fn compile(pattern: &str) -> Result<Regex, PatternError> {
     let regex = regex::bytes::RegexBuilder::new(pattern)
         .size_limit(MAX_COMPILED)
         .build()
-        .map_err(|e| PatternError::Invalid(e.to_string().lines().last().unwrap_or("").trim().to_owned()))?;
+        .map_err(|e| {
+            PatternError::Invalid(e.to_string().lines().last().unwrap_or("").trim().to_owned())
+        })?;
     if regex.is_match(b"") {
         return Err(PatternError::MatchesEmpty);
     }
@@ -106,12 +116,16 @@ impl SecretRules {
             .iter()
             .filter_map(|(kind, pattern, _)| {
                 // The built-in patterns compile (tested below).
-                Some(Rule { kind: (*kind).to_owned(), regex: compile(pattern).ok()? })
+                Some(Rule {
+                    kind: (*kind).to_owned(),
+                    regex: compile(pattern).ok()?,
+                })
             })
             .collect();
-        rules.extend(
-            custom.iter().map(|(kind, regex)| Rule { kind: kind.clone(), regex: regex.clone() }),
-        );
+        rules.extend(custom.iter().map(|(kind, regex)| Rule {
+            kind: kind.clone(),
+            regex: regex.clone(),
+        }));
         Self { rules }
     }
 }
@@ -218,11 +232,17 @@ impl SecretScan {
         let from = from_abs.saturating_sub(self.base) as usize;
         // Full: matches starting in the last OVERLAP bytes wait for the
         // next window, which starts with those bytes.
-        let limit = if mode == Mode::Full { len - OVERLAP } else { len };
+        let limit = if mode == Mode::Full {
+            len - OVERLAP
+        } else {
+            len
+        };
         for rule in &rules.rules {
             let mut pos = from;
             while pos < limit {
-                let Some(caps) = rule.regex.captures_at(&self.window, pos) else { break };
+                let Some(caps) = rule.regex.captures_at(&self.window, pos) else {
+                    break;
+                };
                 let Some(whole) = caps.get(0) else { break };
                 pos = whole.end().max(whole.start() + 1);
                 if whole.start() >= limit {
@@ -244,7 +264,11 @@ impl SecretScan {
                     self.suppressed += 1;
                     continue;
                 }
-                self.found.push(Finding { kind: rule.kind.clone(), fingerprint, offset: start });
+                self.found.push(Finding {
+                    kind: rule.kind.clone(),
+                    fingerprint,
+                    offset: start,
+                });
             }
         }
         match mode {
@@ -258,7 +282,10 @@ impl SecretScan {
 /// First 16 hex digits of the SHA-256 of `text`.
 pub fn fingerprint(text: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, text);
-    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -316,7 +343,10 @@ mod tests {
             let (found, _) = scan(&rules, body.as_bytes(), 4096);
             assert_eq!(found.len(), 1, "{kind}: {found:?}");
             assert_eq!(found[0].kind, kind);
-            assert_eq!(found[0].offset as usize, body.find(&secret[..10]).unwrap_or(0));
+            assert_eq!(
+                found[0].offset as usize,
+                body.find(&secret[..10]).unwrap_or(0)
+            );
             assert_eq!(found[0].fingerprint.len(), 16);
             assert!(!secret.contains(&found[0].fingerprint));
             assert!(!format!("{found:?}").contains(&secret[4..20]));
@@ -332,7 +362,8 @@ mod tests {
 
     #[test]
     fn found_across_pieces_and_windows_once() {
-        let rules = SecretRules::new(&[("internal".to_owned(), compile(r"\bINT-[0-9]{8}\b").unwrap())]);
+        let rules =
+            SecretRules::new(&[("internal".to_owned(), compile(r"\bINT-[0-9]{8}\b").unwrap())]);
         let key = "AKIAIOSFODNN7EXAMPLE";
         // One secret on each side of every window boundary region, and one
         // straddling the first boundary.
@@ -349,7 +380,10 @@ mod tests {
                 found.iter().map(|f| (f.kind.as_str(), f.offset)).collect();
             assert_eq!(
                 kinds,
-                vec![("aws_access_key", (WINDOW - 10) as u64), ("internal", (2 * WINDOW + 12) as u64)],
+                vec![
+                    ("aws_access_key", (WINDOW - 10) as u64),
+                    ("internal", (2 * WINDOW + 12) as u64)
+                ],
                 "pieces of {piece}"
             );
             assert_eq!(suppressed, 1);
@@ -360,17 +394,28 @@ mod tests {
     fn policy_patterns_are_checked() {
         assert_eq!(compile("").err(), Some(PatternError::MatchesEmpty));
         assert_eq!(compile("a*").err(), Some(PatternError::MatchesEmpty));
-        assert!(matches!(compile("(unclosed"), Err(PatternError::Invalid(_))));
+        assert!(matches!(
+            compile("(unclosed"),
+            Err(PatternError::Invalid(_))
+        ));
         assert_eq!(compile(&"a".repeat(600)).err(), Some(PatternError::TooLong));
-        assert!(matches!(compile("a{1000}{1000}"), Err(PatternError::Invalid(_))));
+        assert!(matches!(
+            compile("a{1000}{1000}"),
+            Err(PatternError::Invalid(_))
+        ));
     }
 
     #[test]
     fn findings_are_bounded() {
         let rules = SecretRules::new(&[]);
-        let body: String =
-            (0..100).map(|i| format!(" AKIAIOSFODNN7EXA{i:04} ")).collect::<Vec<_>>().join("");
+        let body: String = (0..100)
+            .map(|i| format!(" AKIAIOSFODNN7EXA{i:04} "))
+            .collect::<Vec<_>>()
+            .join("");
         let (found, suppressed) = scan(&rules, body.as_bytes(), 50);
-        assert_eq!((found.len(), suppressed), (MAX_FINDINGS, 100 - MAX_FINDINGS as u64));
+        assert_eq!(
+            (found.len(), suppressed),
+            (MAX_FINDINGS, 100 - MAX_FINDINGS as u64)
+        );
     }
 }

@@ -60,7 +60,11 @@ pub struct Target {
 pub fn target(path: &str) -> Target {
     let path = path.split(['?', '#']).next().unwrap_or("");
     let path = path.trim_end_matches('/');
-    let mut t = Target { api: Api::Other, model: None, stream: false };
+    let mut t = Target {
+        api: Api::Other,
+        model: None,
+        stream: false,
+    };
     if let Some((before, method)) = path.rsplit_once(':')
         && matches!(method, "generateContent" | "streamGenerateContent")
     {
@@ -188,7 +192,9 @@ impl UsageFields {
             let read = n(self.cache_read_input_tokens);
             let write = n(self.cache_creation_input_tokens);
             return Some(Usage {
-                input: n(self.input_tokens).saturating_add(read).saturating_add(write),
+                input: n(self.input_tokens)
+                    .saturating_add(read)
+                    .saturating_add(write),
                 output: n(self.output_tokens),
                 cached: self.cached_tokens.unwrap_or(read),
                 cache_write: write,
@@ -439,7 +445,11 @@ mod tests {
         let g = target("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=AIzaX");
         assert_eq!(
             g,
-            Target { api: Api::Gemini, model: Some("gemini-2.0-flash".into()), stream: true }
+            Target {
+                api: Api::Gemini,
+                model: Some("gemini-2.0-flash".into()),
+                stream: true
+            }
         );
         let g = target("/v1beta/models/gemini-1.5-pro:generateContent");
         assert!(!g.stream && g.model.as_deref() == Some("gemini-1.5-pro"));
@@ -466,7 +476,10 @@ mod tests {
         );
         let mut r = RequestFields::default();
         let mut s = JsonScan::new();
-        s.feed(br#"{"contents":[],"generationConfig":{"maxOutputTokens":64}}"#, &mut r);
+        s.feed(
+            br#"{"contents":[],"generationConfig":{"maxOutputTokens":64}}"#,
+            &mut r,
+        );
         assert_eq!(r.max_tokens, Some(64));
         assert_eq!(r.model, None);
     }
@@ -479,12 +492,26 @@ mod tests {
             "usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,
             "prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":0}}}"#,
         );
-        assert_eq!(u.usage(), Some(Usage { input: 19, output: 10, cached: 3, cache_write: 0 }));
+        assert_eq!(
+            u.usage(),
+            Some(Usage {
+                input: 19,
+                output: 10,
+                cached: 3,
+                cache_write: 0
+            })
+        );
         assert_eq!(u.model.as_deref(), Some("gpt-4o-2024-08-06"));
         let e = fields(
             br#"{"object":"list","data":[{"embedding":[0.1,-0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
         );
-        assert_eq!(e.usage(), Some(Usage { input: 8, ..Usage::default() }));
+        assert_eq!(
+            e.usage(),
+            Some(Usage {
+                input: 8,
+                ..Usage::default()
+            })
+        );
         assert_eq!(fields(br#"{"error":{"message":"bad"}}"#).usage(), None);
     }
 
@@ -494,12 +521,28 @@ mod tests {
             br#"{"id":"resp_1","model":"gpt-4.1","output":[],"usage":{"input_tokens":36,
             "input_tokens_details":{"cached_tokens":6},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":123}}"#,
         );
-        assert_eq!(r.usage(), Some(Usage { input: 36, output: 87, cached: 6, cache_write: 0 }));
+        assert_eq!(
+            r.usage(),
+            Some(Usage {
+                input: 36,
+                output: 87,
+                cached: 6,
+                cache_write: 0
+            })
+        );
         let a = fields(
             br#"{"id":"msg_1","type":"message","model":"claude-sonnet-4-20250514","content":[],
             "usage":{"input_tokens":12,"cache_creation_input_tokens":100,"cache_read_input_tokens":50,"output_tokens":6}}"#,
         );
-        assert_eq!(a.usage(), Some(Usage { input: 162, output: 6, cached: 50, cache_write: 100 }));
+        assert_eq!(
+            a.usage(),
+            Some(Usage {
+                input: 162,
+                output: 6,
+                cached: 50,
+                cache_write: 100
+            })
+        );
     }
 
     #[test]
@@ -508,13 +551,28 @@ mod tests {
             br#"{"candidates":[{"content":{"parts":[{"text":"hi"}]}}],"usageMetadata":{"promptTokenCount":9,
             "candidatesTokenCount":4,"thoughtsTokenCount":2,"cachedContentTokenCount":1,"totalTokenCount":15},"modelVersion":"gemini-2.0-flash"}"#,
         );
-        assert_eq!(g.usage(), Some(Usage { input: 9, output: 6, cached: 1, cache_write: 0 }));
+        assert_eq!(
+            g.usage(),
+            Some(Usage {
+                input: 9,
+                output: 6,
+                cached: 1,
+                cache_write: 0
+            })
+        );
         assert_eq!(g.model.as_deref(), Some("gemini-2.0-flash"));
         let a = fields(
             br#"[{"usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":1}},
                  {"usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":7}}]"#,
         );
-        assert_eq!(a.usage(), Some(Usage { input: 9, output: 7, ..Usage::default() }));
+        assert_eq!(
+            a.usage(),
+            Some(Usage {
+                input: 9,
+                output: 7,
+                ..Usage::default()
+            })
+        );
     }
 
     const ANTHROPIC_SSE: &[u8] = b"event: message_start\r\n\
@@ -529,7 +587,11 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
 
     #[test]
     fn anthropic_stream_at_every_split() {
-        let want = Usage { input: 25, output: 15, ..Usage::default() };
+        let want = Usage {
+            input: 25,
+            output: 15,
+            ..Usage::default()
+        };
         let (u, s) = sse(ANTHROPIC_SSE);
         assert_eq!(u.usage(), Some(want));
         assert_eq!(u.model.as_deref(), Some("claude-3-5-haiku-20241022"));
@@ -553,7 +615,14 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
 data: {\"choices\":[],\"model\":\"gpt-4o-mini\",\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n\
 data: [DONE]\n\n";
         let (u, s) = sse(stream);
-        assert_eq!(u.usage(), Some(Usage { input: 7, output: 3, ..Usage::default() }));
+        assert_eq!(
+            u.usage(),
+            Some(Usage {
+                input: 7,
+                output: 3,
+                ..Usage::default()
+            })
+        );
         assert_eq!((s.events, s.unreadable), (3, 1));
         // Without include_usage: no usage at all.
         let (u, _) = sse(b"data: {\"choices\":[{\"delta\":{}}]}\n\ndata: [DONE]\n\n");
@@ -566,11 +635,25 @@ data: [DONE]\n\n";
 event: response.completed\ndata: {\"type\":\"response.completed\",\n\
 data: \"response\":{\"model\":\"gpt-4.1\",\"usage\":{\"input_tokens\":5,\"output_tokens\":2}}}\n\n";
         let (u, s) = sse(stream);
-        assert_eq!(u.usage(), Some(Usage { input: 5, output: 2, ..Usage::default() }));
+        assert_eq!(
+            u.usage(),
+            Some(Usage {
+                input: 5,
+                output: 2,
+                ..Usage::default()
+            })
+        );
         assert_eq!(s.unreadable, 0);
         // An event cut by the end of the stream still gave what it had
         // delivered (fields are read as they stream).
         let (u, _) = sse(b"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}");
-        assert_eq!(u.usage(), Some(Usage { input: 1, output: 1, ..Usage::default() }));
+        assert_eq!(
+            u.usage(),
+            Some(Usage {
+                input: 1,
+                output: 1,
+                ..Usage::default()
+            })
+        );
     }
 }

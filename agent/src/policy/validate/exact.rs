@@ -3,8 +3,8 @@
 //! checker of `validate`: errors name the key path, line and column like
 //! every other.
 
-use super::*;
 use super::super::{SecretAction, SecretPattern, SecretsConfig, file::SecretPatternFile};
+use super::*;
 use crate::{
     prices::{Price, check_amount, check_model},
     secrets::{BUILTIN, compile},
@@ -30,15 +30,29 @@ impl Checker<'_> {
             }
             let errors = self.errors.len();
             let amount = |c: &mut Self, v: &Spanned<f64>, name: &str| {
-                c.check(v, &format!("{key}.{name}"), |&x| check_amount(x)).unwrap_or(0.0)
+                c.check(v, &format!("{key}.{name}"), |&x| check_amount(x))
+                    .unwrap_or(0.0)
             };
             let input = amount(self, &p.input, "input");
             let output = amount(self, &p.output, "output");
-            let cached = p.cached.as_ref().map_or(input, |v| amount(self, v, "cached"));
-            let cache_write =
-                p.cache_write.as_ref().map_or(input, |v| amount(self, v, "cache_write"));
+            let cached = p
+                .cached
+                .as_ref()
+                .map_or(input, |v| amount(self, v, "cached"));
+            let cache_write = p
+                .cache_write
+                .as_ref()
+                .map_or(input, |v| amount(self, v, "cache_write"));
             if self.errors.len() == errors {
-                out.push((model.clone(), Price { input, output, cached, cache_write }));
+                out.push((
+                    model.clone(),
+                    Price {
+                        input,
+                        output,
+                        cached,
+                        cache_write,
+                    },
+                ));
             }
         }
         out
@@ -47,13 +61,21 @@ impl Checker<'_> {
     /// `[secrets]` and the workloads' `secrets`.
     pub(super) fn secrets(&mut self, f: &PolicyFile) -> SecretsConfig {
         let s = &f.secrets;
-        let action =
-            self.choice(s.action.as_ref(), "secrets.action", SECRET_ACTIONS, SecretAction::Audit);
+        let action = self.choice(
+            s.action.as_ref(),
+            "secrets.action",
+            SECRET_ACTIONS,
+            SecretAction::Audit,
+        );
         let mut patterns = Vec::new();
         let mut names = HashMap::new();
         if s.patterns.len() > MAX_SECRET_PATTERNS {
             let message = format!("at most {MAX_SECRET_PATTERNS} patterns");
-            self.error_at(s.patterns[MAX_SECRET_PATTERNS].span(), "secrets.patterns", message);
+            self.error_at(
+                s.patterns[MAX_SECRET_PATTERNS].span(),
+                "secrets.patterns",
+                message,
+            );
         }
         for (i, entry) in s.patterns.iter().enumerate().take(MAX_SECRET_PATTERNS) {
             let key = format!("secrets.patterns[{i}]");
@@ -65,7 +87,9 @@ impl Checker<'_> {
                 self.error(name, &format!("{key}.name"), message);
             }
             self.unique(&mut names, name, &format!("{key}.name"), "pattern");
-            self.check(regex, &format!("{key}.regex"), |r| compile(r).map_err(|e| e.to_string()));
+            self.check(regex, &format!("{key}.regex"), |r| {
+                compile(r).map_err(|e| e.to_string())
+            });
             if self.errors.len() == errors {
                 patterns.push(SecretPattern {
                     name: name.get_ref().clone(),
@@ -82,7 +106,11 @@ impl Checker<'_> {
                 workloads.insert(w.name.get_ref().clone(), a);
             }
         }
-        SecretsConfig { action, patterns, workloads }
+        SecretsConfig {
+            action,
+            patterns,
+            workloads,
+        }
     }
 }
 
@@ -93,16 +121,37 @@ mod tests {
 
     #[test]
     fn prices_are_read_and_checked() {
-        let p = ok("[prices.\"gpt-4o\"]\ninput = 2\noutput = 8.5\ncached = 0.5\n\n[prices.\"my-deployment\"]\ninput = 1.0\noutput = 2.0\n");
+        let p = ok(
+            "[prices.\"gpt-4o\"]\ninput = 2\noutput = 8.5\ncached = 0.5\n\n[prices.\"my-deployment\"]\ninput = 1.0\noutput = 2.0\n",
+        );
         assert_eq!(
             p.prices,
             vec![
-                ("gpt-4o".into(), Price { input: 2.0, output: 8.5, cached: 0.5, cache_write: 2.0 }),
-                ("my-deployment".into(), Price { input: 1.0, output: 2.0, cached: 1.0, cache_write: 1.0 }),
+                (
+                    "gpt-4o".into(),
+                    Price {
+                        input: 2.0,
+                        output: 8.5,
+                        cached: 0.5,
+                        cache_write: 2.0
+                    }
+                ),
+                (
+                    "my-deployment".into(),
+                    Price {
+                        input: 1.0,
+                        output: 2.0,
+                        cached: 1.0,
+                        cache_write: 1.0
+                    }
+                ),
             ]
         );
         let e = errors("[prices.\"gpt-4o\"]\ninput = -2\noutput = 1\n");
-        assert_eq!((e[0].key.as_str(), e[0].line), ("prices.\"gpt-4o\".input", 2));
+        assert_eq!(
+            (e[0].key.as_str(), e[0].line),
+            ("prices.\"gpt-4o\".input", 2)
+        );
         assert!(e[0].message.contains("0 to 10000"), "{}", e[0].message);
         let e = errors("[prices.\"a b\"]\ninput = 1\noutput = 1\n");
         assert_eq!(e[0].key, "prices.\"a b\"");
@@ -143,7 +192,11 @@ cgroup = "batch.slice"
         let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(
             keys,
-            vec!["secrets.patterns[0].regex", "secrets.patterns[1].name", "secrets.patterns[1].regex"]
+            vec![
+                "secrets.patterns[0].regex",
+                "secrets.patterns[1].name",
+                "secrets.patterns[1].regex"
+            ]
         );
         assert!(e[2].message.contains("empty string"));
         let e = errors("[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\nsecrets = \"yes\"\n");
