@@ -423,3 +423,66 @@ fn early_answer_and_head() {
     assert_eq!(exchanges(&out).len(), 2);
     assert!(exchanges(&out)[1].usage.is_some());
 }
+
+/// The vectors of tests/src/fake_vectors.rs: what curl and the official
+/// Python SDKs sent to the fake providers (tidy and realistic: compressed
+/// bodies, CDN headers, several events per write) and what the fakes
+/// answered; every exchange's usage must be the fakes' true count.
+#[test]
+fn vectors_from_real_clients_and_the_fakes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata/exact");
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let expected: serde_json::Value = serde_json::from_slice(&read("expected.json"))
+        .unwrap_or_else(|e| panic!("expected.json: {e}"));
+    let cases = expected.as_object().expect("an object of cases");
+    assert!(cases.len() >= 6);
+    for (name, case) in cases {
+        let connections = case["connections"].as_u64().unwrap_or(0) as usize;
+        for piece in [1, 7, 1400, 16_384, usize::MAX] {
+            let mut out = Vec::new();
+            for c in 0..connections {
+                let sent = read(&format!("{name}.c{c}.sent"));
+                let received = read(&format!("{name}.c{c}.received"));
+                let mut t = Tracker::new(Some(Arc::new(SecretRules::new(&[]))));
+                out.extend(run(
+                    &mut t,
+                    &[(Direction::Sent, &sent), (Direction::Received, &received)],
+                    piece.min(sent.len().max(received.len())),
+                ));
+            }
+            assert_eq!(problems(&out), Vec::<&str>::new(), "{name}, pieces of {piece}");
+            let ex = exchanges(&out);
+            let want = case["exchanges"].as_array().expect("exchanges");
+            assert_eq!(ex.len(), want.len(), "{name}, pieces of {piece}");
+            for (got, want) in ex.iter().zip(want) {
+                let usage = got.usage.unwrap_or_else(|| panic!("{name}: no usage in {got:?}"));
+                assert_eq!(
+                    (usage.input, usage.output),
+                    (want["prompt"].as_u64().unwrap_or(0), want["completion"].as_u64().unwrap_or(0)),
+                    "{name}, pieces of {piece}: {got:?}"
+                );
+                assert_eq!(got.model.as_deref(), want["model"].as_str(), "{name}");
+                assert_eq!(got.stream, want["stream"].as_bool().unwrap_or(false), "{name}");
+                assert!(got.complete && got.status == 200, "{name}: {got:?}");
+            }
+            let kinds: Vec<&str> = out
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Secret(f) => Some(f.kind.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let want_kinds: Vec<&str> =
+                case["secrets"].as_array().expect("secrets").iter().filter_map(|k| k.as_str()).collect();
+            assert_eq!(kinds, want_kinds, "{name}: secrets (the credentials in headers are not findings)");
+        }
+    }
+    // The realistic vectors do carry what they claim.
+    let realistic = read("curl-openai-realistic.c0.received");
+    let text = String::from_utf8_lossy(&realistic);
+    assert!(text.contains("Content-Encoding: br") && text.contains("server-timing"));
+    let sdk = read("sdk-openai-realistic.c0.received");
+    assert!(String::from_utf8_lossy(&sdk).contains("Content-Encoding: gzip"));
+}
