@@ -731,8 +731,10 @@ pub(crate) fn write_response(
     let mut head = headers(flavor, status, content_type, Some(body.len()), &mut rng);
     let coding = coding.map(|c| format!("Content-Encoding: {c}\r\n")).unwrap_or_default();
     s.decorate(&mut head, &coding, &mut rng);
-    s.write_all(head.as_bytes())?;
-    s.write_all(&body)?;
+    // One write: head and body leave in one TLS record, as before.
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&body);
+    s.write_all(&out)?;
     s.finish()
 }
 
