@@ -67,6 +67,8 @@ mod status;
 mod tokens;
 #[cfg_attr(not(test), allow(dead_code))]
 mod usage;
+#[cfg_attr(not(test), allow(dead_code))]
+mod usd_budget;
 mod verifier;
 
 use std::process::ExitCode;

@@ -284,6 +284,7 @@ mod tests {
             kubernetes: Default::default(),
             prices: vec![],
             secrets: Default::default(),
+            usd_budgets: Default::default(),
             providers: vec![
                 Provider {
                     name: "a".into(),

@@ -241,6 +241,10 @@ pub(super) struct LimitsFile {
     pub bytes_burst: Option<Spanned<i64>>,
     pub tokens_per_minute: Option<Spanned<i64>>,
     pub tokens_per_day: Option<Spanned<i64>>,
+    /// US dollars of exact counts, workload-wide (checked in
+    /// validate/exact.rs; not in provider overrides).
+    pub usd_per_day: Option<Spanned<f64>>,
+    pub usd_per_month: Option<Spanned<f64>>,
     /// `[workloads.limits.providers.NAME]`, by provider name. Keys are plain
     /// strings: toml cannot give the position of a key written in a header;
     /// a name's error is reported at the nearest value (`LimitKeysFile::span`).

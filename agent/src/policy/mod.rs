@@ -347,6 +347,17 @@ pub struct Policy {
     pub prices: Vec<(String, crate::prices::Price)>,
     /// `[secrets]` and each workload's `secrets`.
     pub secrets: SecretsConfig,
+    /// `usd_per_day`/`usd_per_month` of `[workloads.limits]`, by workload
+    /// name (crate::usd_budget).
+    pub usd_budgets: BTreeMap<String, UsdBudget>,
+}
+
+/// A workload's budget in US dollars, over all its providers (None: no
+/// such window).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UsdBudget {
+    pub per_day: Option<f64>,
+    pub per_month: Option<f64>,
 }
 
 /// What is done with a secret found in a request body

@@ -366,6 +366,7 @@ impl<'a> Checker<'a> {
         self.workload_proxies(&f.workloads, &mut workloads, &proxies);
         let prices = self.prices(f);
         let secrets = self.secrets(f);
+        let usd_budgets = self.usd_budgets(f);
         Policy {
             mode,
             cgroup,
@@ -386,6 +387,7 @@ impl<'a> Checker<'a> {
             proxies,
             prices,
             secrets,
+            usd_budgets,
         }
     }
 

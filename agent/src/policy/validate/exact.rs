@@ -3,7 +3,9 @@
 //! checker of `validate`: errors name the key path, line and column like
 //! every other.
 
-use super::super::{SecretAction, SecretPattern, SecretsConfig, file::SecretPatternFile};
+use super::super::{
+    SecretAction, SecretPattern, SecretsConfig, UsdBudget, file::SecretPatternFile,
+};
 use super::*;
 use crate::{
     prices::{Price, check_amount, check_model},
@@ -17,6 +19,8 @@ const SECRET_ACTIONS: &[(&str, SecretAction)] = &[
 ];
 /// Patterns a policy may add.
 pub(crate) const MAX_SECRET_PATTERNS: usize = 64;
+/// The largest USD budget accepted.
+const MAX_USD: f64 = 1e9;
 
 impl Checker<'_> {
     /// The `[prices."MODEL"]` entries; an entry with an error is left out.
@@ -112,6 +116,37 @@ impl Checker<'_> {
             workloads,
         }
     }
+
+    /// `usd_per_day` and `usd_per_month` of each workload's `[workloads.limits]`.
+    pub(super) fn usd_budgets(&mut self, f: &PolicyFile) -> BTreeMap<String, UsdBudget> {
+        let mut out = BTreeMap::new();
+        for (i, w) in f.workloads.iter().enumerate() {
+            let w = w.get_ref();
+            let key = format!("workloads[{i}].limits");
+            let amount = |c: &mut Self, v: &Option<Spanned<f64>>, name: &str| {
+                v.as_ref().and_then(|v| {
+                    c.check(v, &format!("{key}.{name}"), |&x| {
+                        if x.is_finite() && x > 0.0 && x <= MAX_USD {
+                            Ok(x)
+                        } else {
+                            Err(format!("US dollars above 0, at most {MAX_USD}"))
+                        }
+                    })
+                })
+            };
+            let per_day = amount(self, &w.limits.usd_per_day, "usd_per_day");
+            let per_month = amount(self, &w.limits.usd_per_month, "usd_per_month");
+            if let (Some(d), Some(m), Some(v)) = (per_day, per_month, &w.limits.usd_per_month)
+                && m < d
+            {
+                self.error(v, &format!("{key}.usd_per_month"), "less than usd_per_day");
+            }
+            if per_day.is_some() || per_month.is_some() {
+                out.insert(w.name.get_ref().clone(), UsdBudget { per_day, per_month });
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -201,5 +236,29 @@ cgroup = "batch.slice"
         assert!(e[2].message.contains("empty string"));
         let e = errors("[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\nsecrets = \"yes\"\n");
         assert_eq!(e[0].key, "workloads[0].secrets");
+    }
+
+    #[test]
+    fn usd_budgets_are_read_and_checked() {
+        let w = "[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\n[workloads.limits]\n";
+        let p = ok(&format!("{w}usd_per_day = 5\nusd_per_month = 100.5\n"));
+        assert_eq!(
+            p.usd_budgets["w"],
+            UsdBudget {
+                per_day: Some(5.0),
+                per_month: Some(100.5)
+            }
+        );
+        assert!(ok(w).usd_budgets.is_empty());
+        let e = errors(&format!("{w}usd_per_day = 0\n"));
+        assert_eq!(e[0].key, "workloads[0].limits.usd_per_day");
+        let e = errors(&format!("{w}usd_per_day = 10\nusd_per_month = 5\n"));
+        assert_eq!(e[0].key, "workloads[0].limits.usd_per_month");
+        assert!(e[0].message.contains("less than usd_per_day"));
+        // Workload-wide only: not in a provider override.
+        let e = errors(&format!(
+            "{w}[workloads.limits.providers.openai]\nusd_per_day = 1\n"
+        ));
+        assert!(!e.is_empty());
     }
 }
