@@ -304,7 +304,8 @@ impl MessageSink for ReqSink<'_> {
     }
 
     fn end(&mut self, _complete: bool) {
-        let Some(mut req) = self.0.req.take() else {
+        let core = &mut *self.0;
+        let Some(mut req) = core.req.take() else {
             return;
         };
         let mut fields = RequestFields::default();
@@ -315,20 +316,17 @@ impl MessageSink for ReqSink<'_> {
             c.scan.finish(&mut c.fields);
             if let Some((rules, scan)) = &mut c.secrets {
                 scan.finish(rules);
+                core.out.extend(scan.found.drain(..).map(Output::Secret));
             }
             fields = std::mem::take(&mut c.fields);
             bytes = dec.decoded();
             if let Some(e) = dec.error {
-                self.0.out.push(Output::Problem(decode_problem(e)));
+                core.out.push(Output::Problem(decode_problem(e)));
             }
         }
-        self.0.req = Some(req);
-        self.drain_findings();
-        let Some(req) = self.0.req.take() else { return };
         if req.answered {
             return;
         }
-        let core = &mut *self.0;
         if core.pending.len() >= MAX_PENDING {
             core.pending.pop_front();
             core.out.push(Output::Problem(Problem::PendingOverflow));

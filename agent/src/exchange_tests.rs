@@ -431,9 +431,7 @@ fn early_answer_and_head() {
 #[test]
 fn vectors_from_real_clients_and_the_fakes() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata/exact");
-    let read = |name: &str| {
-        std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-    };
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     let expected: serde_json::Value = serde_json::from_slice(&read("expected.json"))
         .unwrap_or_else(|e| panic!("expected.json: {e}"));
     let cases = expected.as_object().expect("an object of cases");
@@ -452,19 +450,32 @@ fn vectors_from_real_clients_and_the_fakes() {
                     piece.min(sent.len().max(received.len())),
                 ));
             }
-            assert_eq!(problems(&out), Vec::<&str>::new(), "{name}, pieces of {piece}");
+            assert_eq!(
+                problems(&out),
+                Vec::<&str>::new(),
+                "{name}, pieces of {piece}"
+            );
             let ex = exchanges(&out);
             let want = case["exchanges"].as_array().expect("exchanges");
             assert_eq!(ex.len(), want.len(), "{name}, pieces of {piece}");
             for (got, want) in ex.iter().zip(want) {
-                let usage = got.usage.unwrap_or_else(|| panic!("{name}: no usage in {got:?}"));
+                let usage = got
+                    .usage
+                    .unwrap_or_else(|| panic!("{name}: no usage in {got:?}"));
                 assert_eq!(
                     (usage.input, usage.output),
-                    (want["prompt"].as_u64().unwrap_or(0), want["completion"].as_u64().unwrap_or(0)),
+                    (
+                        want["prompt"].as_u64().unwrap_or(0),
+                        want["completion"].as_u64().unwrap_or(0)
+                    ),
                     "{name}, pieces of {piece}: {got:?}"
                 );
                 assert_eq!(got.model.as_deref(), want["model"].as_str(), "{name}");
-                assert_eq!(got.stream, want["stream"].as_bool().unwrap_or(false), "{name}");
+                assert_eq!(
+                    got.stream,
+                    want["stream"].as_bool().unwrap_or(false),
+                    "{name}"
+                );
                 assert!(got.complete && got.status == 200, "{name}: {got:?}");
             }
             let kinds: Vec<&str> = out
@@ -474,9 +485,16 @@ fn vectors_from_real_clients_and_the_fakes() {
                     _ => None,
                 })
                 .collect();
-            let want_kinds: Vec<&str> =
-                case["secrets"].as_array().expect("secrets").iter().filter_map(|k| k.as_str()).collect();
-            assert_eq!(kinds, want_kinds, "{name}: secrets (the credentials in headers are not findings)");
+            let want_kinds: Vec<&str> = case["secrets"]
+                .as_array()
+                .expect("secrets")
+                .iter()
+                .filter_map(|k| k.as_str())
+                .collect();
+            assert_eq!(
+                kinds, want_kinds,
+                "{name}: secrets (the credentials in headers are not findings)"
+            );
         }
     }
     // The realistic vectors do carry what they claim.
