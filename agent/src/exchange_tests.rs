@@ -504,3 +504,57 @@ fn vectors_from_real_clients_and_the_fakes() {
     let sdk = read("sdk-openai-realistic.c0.received");
     assert!(String::from_utf8_lossy(&sdk).contains("Content-Encoding: gzip"));
 }
+
+/// Throughput of the reader (docs/exact-tokens.md, "Cost"): a 3 MiB
+/// request body scanned for secrets, a 16 MiB stream of OpenAI chunks, a
+/// 3 MiB JSON response gzip-compressed, in 16 KiB pieces (rates of the
+/// bytes fed). Not a timed
+/// test: run with
+/// `cargo test --release -p llm-egress -- --ignored reader_throughput --nocapture`.
+#[test]
+#[ignore = "a measurement, not a test"]
+fn reader_throughput() {
+    let prompt: String = (0..4 * 1024 * 1024 / 64)
+        .map(|i| format!("word{i:08} and some more text of the prompt.. "))
+        .collect();
+    let body = format!(
+        r#"{{"model":"gpt-4o","stream":true,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+    );
+    let req = request("/v1/chat/completions", "", body.as_bytes());
+    let mut events = Vec::new();
+    while events.len() < 16 * 1024 * 1024 {
+        events.extend_from_slice(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n");
+    }
+    events.extend_from_slice(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n");
+    let stream = sse_response("", &events);
+    let buffered = format!(
+        r#"{{"model":"gpt-4o","choices":[{{"message":{{"content":"{prompt}"}}}}],"usage":{{"prompt_tokens":1,"completion_tokens":2}}}}"#
+    );
+    let gz = response(
+        "Content-Encoding: gzip\r\n",
+        &encode(Coding::Gzip, buffered.as_bytes()),
+    );
+    for (what, dir, bytes) in [
+        ("request, secrets on", Direction::Sent, &req),
+        ("SSE stream, chunked", Direction::Received, &stream),
+        ("gzip JSON body (3 MiB decoded)", Direction::Received, &gz),
+    ] {
+        let mut t = Tracker::new(Some(Arc::new(SecretRules::new(&[]))));
+        if dir == Direction::Received {
+            t.feed(Direction::Sent, &request("/v1/chat/completions", "", b"{}"));
+        }
+        let start = std::time::Instant::now();
+        let mut n = 0;
+        for p in bytes.chunks(16 * 1024) {
+            n += t.feed(dir, p).len();
+        }
+        n += t.close().len();
+        let s = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{what}: {:.1} MiB in {:.3} s = {:.0} MiB/s ({n} outputs)",
+            bytes.len() as f64 / 1048576.0,
+            s,
+            bytes.len() as f64 / 1048576.0 / s
+        );
+    }
+}

@@ -106,17 +106,17 @@ impl<'a> Out<'a> {
             }
             return (Some("br"), out);
         }
-        if accepts("zstd") {
-            if let Ok(z) = zstd::encode_all(body, 3) {
-                return (Some("zstd"), z);
-            }
+        if accepts("zstd")
+            && let Ok(z) = zstd::encode_all(body, 3)
+        {
+            return (Some("zstd"), z);
         }
         if accepts("gzip") {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            if e.write_all(body).is_ok() {
-                if let Ok(gz) = e.finish() {
-                    return (Some("gzip"), gz);
-                }
+            if e.write_all(body).is_ok()
+                && let Ok(gz) = e.finish()
+            {
+                return (Some("gzip"), gz);
             }
         }
         (None, body.to_vec())
@@ -151,7 +151,7 @@ impl Write for Out<'_> {
             return self.io.flush();
         }
         self.flushes += 1;
-        if self.flushes % self.shape.events_per_write == 0 {
+        if self.flushes.is_multiple_of(self.shape.events_per_write) {
             self.finish()?;
         }
         Ok(())
