@@ -3,9 +3,12 @@
 //!
 //! The rooms follow the data path (docs/architecture.md):
 //!
+//! - [`plaintext`]: the HTTP/1.1 reader of a provider connection's
+//!   plaintext: the request's model, the response's usage, secrets in
+//!   prompts.
 //! - [`policy`]: the policy file → a validated policy (with the built-in
-//!   provider catalog), who may change the files the agent trusts, and the
-//!   watch on the policy file.
+//!   provider catalog and prices), who may change the files the agent
+//!   trusts, and the watch on the policy file.
 //! - [`kernel`]: policy → kernel entries (`plan`), loading, attaching and
 //!   pinning the programs, the only map writer, verifier costs, dropping
 //!   privileges.
@@ -15,8 +18,10 @@
 //!   workload cgroups, Kubernetes pods.
 //! - [`events`]: the ring-buffer reader: kernel events decoded, attributed
 //!   and handed on.
-//! - [`accounting`]: connection bytes, durations and token estimates.
-//! - [`limits`]: token budgets and the keeper that charges them.
+//! - [`accounting`]: connection bytes, durations, token estimates and exact
+//!   counts, cost.
+//! - [`limits`]: token budgets (per host, fleet-wide, in dollars) and the
+//!   keeper that charges them.
 //! - [`telemetry`]: Prometheus metrics, the audit log, the HTTP endpoint.
 //! - [`run`]: the running agent: start-up and the handlers of what changes.
 //! - [`cli`]: the command line (`run`, `check`, `providers`, `verify`,
@@ -29,6 +34,7 @@ pub mod events;
 pub mod kernel;
 pub mod limits;
 pub mod names;
+pub mod plaintext;
 pub mod policy;
 pub mod run;
 pub mod telemetry;
@@ -44,7 +50,7 @@ mod tests {
         path::Path,
     };
 
-    const ROOMS: [&str; 10] = [
+    const ROOMS: [&str; 11] = [
         "accounting",
         "attribution",
         "cli",
@@ -52,6 +58,7 @@ mod tests {
         "kernel",
         "limits",
         "names",
+        "plaintext",
         "policy",
         "run",
         "telemetry",

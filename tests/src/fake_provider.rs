@@ -28,8 +28,17 @@
 //! (streamed: each event after its token's interval; buffered: the whole
 //! body after all of them). Embeddings answer at once.
 //!
+//! - Gemini (`generativelanguage.googleapis.com`):
+//!   `POST /v1beta/models/MODEL:generateContent` (candidates and
+//!   `usageMetadata`) and `:streamGenerateContent?alt=sse` (one `data:`
+//!   event per token, each with the counts so far, CRLF-separated as
+//!   Google sends them). Counts are cl100k_base ones, a stand-in.
+//!
 //! Response headers are shaped like the real ones (rate-limit headers,
 //! request ids, Cloudflare cookies), so fixed byte overheads are realistic.
+//! [`start_shaped`] with [`Shape::realistic`] (src/fake_shape.rs) goes
+//! further: compressed buffered bodies for clients that accept them, CDN
+//! headers of varying length, several stream events per TLS record.
 //! Every request is recorded ([`Served`]) with its `X-Client-Request-Id`,
 //! so a test can tie a client's connection to the true usage.
 
@@ -49,13 +58,15 @@ use rustls::{ServerConfig, ServerConnection, StreamOwned, pki_types::PrivateKeyD
 use serde_json::{Value, json};
 use tiktoken_rs::CoreBPE;
 
-use crate::{NetnsGuard, TempDir};
+pub use crate::fake_shape::Shape;
+use crate::{NetnsGuard, TempDir, fake_shape::Out};
 
 /// Which provider a server plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavor {
     OpenAi,
     Anthropic,
+    Gemini,
 }
 
 impl Flavor {
@@ -64,6 +75,7 @@ impl Flavor {
         match self {
             Flavor::OpenAi => "api.openai.com",
             Flavor::Anthropic => "api.anthropic.com",
+            Flavor::Gemini => "generativelanguage.googleapis.com",
         }
     }
 }
@@ -74,6 +86,8 @@ pub enum Endpoint {
     ChatCompletions,
     Embeddings,
     Messages,
+    /// Gemini's generateContent and streamGenerateContent.
+    GenerateContent,
 }
 
 /// True token counts, as the response's `usage` reports them.
@@ -129,8 +143,20 @@ pub fn start(netns: &NetnsGuard, addr: &str, flavor: Flavor) -> FakeProvider {
     start_with(netns, addr, flavor, Options::default())
 }
 
-/// Starts a `flavor` server on `addr` ("192.0.2.1:443") inside `netns`.
+/// Starts a `flavor` server on `addr` ("192.0.2.1:443") inside `netns`,
+/// tidy.
 pub fn start_with(netns: &NetnsGuard, addr: &str, flavor: Flavor, opts: Options) -> FakeProvider {
+    start_shaped(netns, addr, flavor, opts, Shape::default())
+}
+
+/// [`start_with`], with answers shaped by `shape` (src/fake_shape.rs).
+pub fn start_shaped(
+    netns: &NetnsGuard,
+    addr: &str,
+    flavor: Flavor,
+    opts: Options,
+    shape: Shape,
+) -> FakeProvider {
     let dir = TempDir::new("llm-egress-fake-provider");
     let (config, ca_pem) = tls_config(flavor.host());
     let ca_file = dir.path().join("ca.pem");
@@ -157,7 +183,7 @@ pub fn start_with(netns: &NetnsGuard, addr: &str, flavor: Flavor, opts: Options)
             let Ok(conn) = conn else { continue };
             let (config, s, rec) = (config.clone(), s.clone(), rec.clone());
             std::thread::spawn(move || {
-                if let Err(e) = serve(conn, config, flavor, opts, &s, &rec) {
+                if let Err(e) = serve(conn, config, flavor, opts, shape, &s, &rec) {
                     eprintln!("fake provider ({}): {e}", flavor.host());
                 }
             });
@@ -295,8 +321,6 @@ fn chain_for(host: &str) -> (Chain, (PrivateKeyDer<'static>, String)) {
     (chain, (key, ca.pem()))
 }
 
-type Tls = StreamOwned<ServerConnection, RecordSock>;
-
 /// The TLS record counts of every connection a server served, by peer.
 type ConnRecords = Mutex<Vec<(SocketAddr, Arc<Mutex<RecordCounts>>)>>;
 
@@ -397,6 +421,7 @@ fn serve(
     config: Arc<ServerConfig>,
     flavor: Flavor,
     opts: Options,
+    shape: Shape,
     served: &Mutex<Vec<Served>>,
     records: &ConnRecords,
 ) -> Result<(), String> {
@@ -415,9 +440,26 @@ fn serve(
         counts,
     };
     let mut s = StreamOwned::new(tls, sock);
+    let result = serve_io(&mut s, flavor, opts, shape, served, peer);
+    let _ = s.sock.sock.shutdown(Shutdown::Both);
+    result
+}
+
+/// Answers the requests of one connection's plaintext stream until the
+/// client closes it (TLS in [`serve`], plain HTTP in fake_shape::plain).
+pub(crate) fn serve_io(
+    s: &mut (impl Read + Write),
+    flavor: Flavor,
+    opts: Options,
+    shape: Shape,
+    served: &Mutex<Vec<Served>>,
+    peer: SocketAddr,
+) -> Result<(), String> {
     let mut pending = Vec::new();
-    while let Some(req) = read_request(&mut s, &mut pending)? {
-        let record = respond(&mut s, flavor, opts, &req).map_err(|e| format!("respond: {e}"))?;
+    while let Some(req) = read_request(s, &mut pending)? {
+        let mut out = Out::new(s, shape, req.header("accept-encoding"));
+        let record = respond(&mut out, flavor, opts, &req).map_err(|e| format!("respond: {e}"))?;
+        out.finish().map_err(|e| format!("respond: {e}"))?;
         if let Some(mut r) = record {
             r.peer = peer;
             r.request_id = req.header("x-client-request-id").map(str::to_string);
@@ -426,7 +468,6 @@ fn serve(
             }
         }
     }
-    let _ = s.sock.sock.shutdown(Shutdown::Both);
     Ok(())
 }
 
@@ -447,7 +488,10 @@ impl Request {
 }
 
 /// The next request, `None` when the client closed the connection.
-fn read_request(s: &mut Tls, pending: &mut Vec<u8>) -> Result<Option<Request>, String> {
+fn read_request(
+    s: &mut (impl Read + Write),
+    pending: &mut Vec<u8>,
+) -> Result<Option<Request>, String> {
     let mut chunk = [0u8; 16_384];
     let head_end = loop {
         if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -502,7 +546,7 @@ fn read_request(s: &mut Tls, pending: &mut Vec<u8>) -> Result<Option<Request>, S
 
 /// Answers one request; the record of what it served (none for errors).
 fn respond(
-    s: &mut Tls,
+    s: &mut Out<'_>,
     flavor: Flavor,
     opts: Options,
     req: &Request,
@@ -512,6 +556,9 @@ fn respond(
         (Flavor::OpenAi, "POST", "/v1/chat/completions") => Endpoint::ChatCompletions,
         (Flavor::OpenAi, "POST", "/v1/embeddings") => Endpoint::Embeddings,
         (Flavor::Anthropic, "POST", "/v1/messages") => Endpoint::Messages,
+        (Flavor::Gemini, "POST", p) if crate::fake_gemini::method(p).is_some() => {
+            Endpoint::GenerateContent
+        }
         _ => {
             let msg = json!({"error": {"message": format!("Unknown request URL: {} {}", req.method, req.path), "type": "invalid_request_error"}});
             write_response(s, flavor, 404, "application/json", &msg.to_string())?;
@@ -523,12 +570,15 @@ fn respond(
         write_response(s, flavor, 400, "application/json", &msg.to_string())?;
         return Ok(None);
     }
+    if endpoint == Endpoint::GenerateContent {
+        return crate::fake_gemini::respond(s, opts, req.path.as_str(), &body, &req.body);
+    }
     let model = body["model"].as_str().unwrap_or("gpt-4o-mini").to_string();
     let streamed = body["stream"].as_bool().unwrap_or(false);
     let mut rng = Rng::new(fnv(&req.body));
     let usage = match endpoint {
         Endpoint::Embeddings => embeddings(s, &body, &model, &mut rng)?,
-        Endpoint::ChatCompletions | Endpoint::Messages => {
+        Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::GenerateContent => {
             let bpe = bpe_for(&model);
             let prompt = match endpoint {
                 Endpoint::Messages => anthropic_prompt_tokens(&body),
@@ -581,7 +631,7 @@ struct Generation<'a> {
     interval: Duration,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -589,7 +639,7 @@ fn now_secs() -> u64 {
 }
 
 /// Headers shaped like the provider's (Cloudflare in front of both).
-fn headers(
+pub(crate) fn headers(
     flavor: Flavor,
     status: u16,
     content_type: &str,
@@ -631,6 +681,18 @@ fn headers(
             rng.alnum(86),
             rng.alnum(43),
         ),
+        Flavor::Gemini => format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: {}\r\nVary: Origin\r\nVary: X-Origin\r\nVary: Referer\r\n\
+             Date: Wed, 25 Nov 2026 18:06:26 GMT\r\nServer: scaffolding on HTTPServer2\r\nX-XSS-Protection: 0\r\n\
+             X-Frame-Options: SAMEORIGIN\r\nX-Content-Type-Options: nosniff\r\nServer-Timing: gfet4t7; dur={}\r\n\
+             Alt-Svc: h3=\":443\"; ma=2592000,h3-29=\":443\"; ma=2592000\r\n{framing}\r\n\r\n",
+            if content_type.starts_with("text/event-stream") {
+                "text/event-stream"
+            } else {
+                "application/json; charset=UTF-8"
+            },
+            100 + rng.below(2000),
+        ),
         Flavor::Anthropic => {
             let mut h = format!(
                 "HTTP/1.1 {status} {reason}\r\nDate: Wed, 25 Nov 2026 18:06:26 GMT\r\nContent-Type: {content_type}\r\n{framing}\r\nConnection: keep-alive\r\n"
@@ -664,34 +726,43 @@ fn headers(
     }
 }
 
-fn write_response(
-    s: &mut Tls,
+pub(crate) fn write_response(
+    s: &mut Out<'_>,
     flavor: Flavor,
     status: u16,
     content_type: &str,
     body: &str,
 ) -> std::io::Result<()> {
     let mut rng = Rng::new(fnv(body.as_bytes()));
-    let mut out = headers(flavor, status, content_type, Some(body.len()), &mut rng);
-    out.push_str(body);
-    s.write_all(out.as_bytes())?;
-    s.flush()
+    let (coding, body) = s.encode(body.as_bytes());
+    let mut head = headers(flavor, status, content_type, Some(body.len()), &mut rng);
+    let coding = coding
+        .map(|c| format!("Content-Encoding: {c}\r\n"))
+        .unwrap_or_default();
+    s.decorate(&mut head, &coding, &mut rng);
+    // One write: head and body leave in one TLS record, as before.
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&body);
+    s.write_all(&out)?;
+    s.finish()
 }
 
 /// One HTTP/1.1 chunk, written (and so encrypted and sent) on its own.
-fn write_chunk(s: &mut Tls, data: &str) -> std::io::Result<()> {
+pub(crate) fn write_chunk(s: &mut Out<'_>, data: &str) -> std::io::Result<()> {
     s.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())?;
     s.flush()
 }
 
-fn start_stream(s: &mut Tls, flavor: Flavor, rng: &mut Rng) -> std::io::Result<()> {
-    s.write_all(headers(flavor, 200, "text/event-stream; charset=utf-8", None, rng).as_bytes())?;
+pub(crate) fn start_stream(s: &mut Out<'_>, flavor: Flavor, rng: &mut Rng) -> std::io::Result<()> {
+    let mut head = headers(flavor, 200, "text/event-stream; charset=utf-8", None, rng);
+    s.decorate(&mut head, "", rng);
+    s.write_all(head.as_bytes())?;
     s.flush()
 }
 
-fn end_stream(s: &mut Tls) -> std::io::Result<()> {
+pub(crate) fn end_stream(s: &mut Out<'_>) -> std::io::Result<()> {
     s.write_all(b"0\r\n\r\n")?;
-    s.flush()
+    s.finish()
 }
 
 /// The snapshot name OpenAI reports for a model alias.
@@ -716,7 +787,7 @@ fn openai_usage(u: Usage) -> Value {
     })
 }
 
-fn openai_completion(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
+fn openai_completion(s: &mut Out<'_>, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
     std::thread::sleep(g.interval * g.pieces.len() as u32);
     let body = json!({
         "id": format!("chatcmpl-{}", rng.alnum(29)),
@@ -739,7 +810,7 @@ fn openai_completion(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Res
 }
 
 fn openai_stream(
-    s: &mut Tls,
+    s: &mut Out<'_>,
     g: &Generation,
     usage_chunk: bool,
     rng: &mut Rng,
@@ -789,7 +860,7 @@ fn anthropic_usage(u: Usage, output: u64) -> Value {
     json!({"input_tokens": u.prompt, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": output, "service_tier": "standard"})
 }
 
-fn anthropic_message(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
+fn anthropic_message(s: &mut Out<'_>, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
     std::thread::sleep(g.interval * g.pieces.len() as u32);
     let body = json!({
         "id": format!("msg_01{}", rng.alnum(22)),
@@ -810,7 +881,7 @@ fn anthropic_message(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Res
     )
 }
 
-fn anthropic_stream(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
+fn anthropic_stream(s: &mut Out<'_>, g: &Generation, rng: &mut Rng) -> std::io::Result<()> {
     let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
     start_stream(s, Flavor::Anthropic, rng)?;
     let message = json!({
@@ -850,7 +921,7 @@ fn anthropic_stream(s: &mut Tls, g: &Generation, rng: &mut Rng) -> std::io::Resu
     end_stream(s)
 }
 
-fn embeddings(s: &mut Tls, body: &Value, model: &str, rng: &mut Rng) -> std::io::Result<Usage> {
+fn embeddings(s: &mut Out<'_>, body: &Value, model: &str, rng: &mut Rng) -> std::io::Result<Usage> {
     let inputs: Vec<String> = match &body["input"] {
         Value::String(t) => vec![t.clone()],
         Value::Array(a) => a
@@ -904,7 +975,7 @@ pub fn bpe_for(model: &str) -> &'static CoreBPE {
 }
 
 /// A text value: a string, or content parts (`[{"type":"text","text":..}]`).
-fn text_of(v: &Value) -> String {
+pub(crate) fn text_of(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts
@@ -949,7 +1020,7 @@ fn anthropic_prompt_tokens(body: &Value) -> u64 {
 }
 
 /// `n` tokens of [`prose`] as `bpe` splits them: the deltas of a stream.
-fn completion(seed: u64, n: usize, bpe: &CoreBPE) -> Vec<String> {
+pub(crate) fn completion(seed: u64, n: usize, bpe: &CoreBPE) -> Vec<String> {
     let mut text = String::new();
     let mut tokens = Vec::new();
     let mut rng = Rng::new(seed);
@@ -1265,7 +1336,7 @@ impl Rng {
     }
 }
 
-fn fnv(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -41,8 +41,12 @@ pub mod cgroup;
 pub mod client_process;
 pub mod curl;
 pub mod dns;
+pub mod fake_gemini;
 pub mod fake_kube;
 pub mod fake_provider;
+pub mod fake_shape;
+#[cfg(test)]
+mod fake_vectors;
 pub mod http;
 pub mod netns;
 pub mod nspawn;

@@ -138,6 +138,10 @@ fn call(server: &FakeProvider, cgroup: &Path, ns: &NetnsGuard, via: Via) -> Curl
             "/v1/messages",
             r#"{"model":"claude-3-5-haiku-latest","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}"#,
         ),
+        Flavor::Gemini => (
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            r#"{"contents":[{"parts":[{"text":"hi"}]}],"generationConfig":{"maxOutputTokens":3}}"#,
+        ),
     };
     let mut cmd = Command::new("curl");
     cmd.args([

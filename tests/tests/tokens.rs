@@ -359,6 +359,10 @@ fn body(case: &Case, rng: &mut Rng) -> Value {
             }
             b
         }
+        Endpoint::GenerateContent => {
+            json!({"contents": [{"parts": [{"text": fake_provider::prose(seed, prompt_len)}]}],
+                   "generationConfig": {"maxOutputTokens": completion_len}})
+        }
     }
 }
 
@@ -371,6 +375,7 @@ fn corpus(seed: u64) -> Vec<Job> {
                 Endpoint::ChatCompletions => "/v1/chat/completions",
                 Endpoint::Embeddings => "/v1/embeddings",
                 Endpoint::Messages => "/v1/messages",
+                Endpoint::GenerateContent => "/v1beta/models/gemini-2.0-flash:generateContent",
             };
             jobs.push(Job {
                 case: c,
@@ -406,6 +411,10 @@ fn run_curl(
         Flavor::OpenAi => vec![
             "-H".into(),
             format!("Authorization: Bearer sk-proj-{}", rng.alnum(156)),
+        ],
+        Flavor::Gemini => vec![
+            "-H".into(),
+            format!("x-goog-api-key: AIza{}", rng.alnum(35)),
         ],
         Flavor::Anthropic => vec![
             "-H".into(),

@@ -282,6 +282,9 @@ mod tests {
                 process_series_ttl: Duration::from_secs(600),
             },
             kubernetes: Default::default(),
+            prices: vec![],
+            secrets: Default::default(),
+            usd_budgets: Default::default(),
             providers: vec![
                 Provider {
                     name: "a".into(),

@@ -5,3 +5,4 @@ pub mod budget;
 pub mod fleet;
 pub mod fleet_ledger;
 pub mod limiter;
+pub mod usd_budget;

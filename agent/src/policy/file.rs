@@ -68,6 +68,42 @@ pub(super) struct PolicyFile {
     pub proxies: Vec<Spanned<ProxyFile>>,
     /// `[fleet]` (docs/fleet.md).
     pub fleet: Option<super::fleet::FleetFile>,
+    /// `[prices."MODEL"]` (checked in validate/exact.rs). Keys are plain
+    /// strings: a key written in a header has no position; its errors are
+    /// reported at the entry's `input`.
+    #[serde(default)]
+    pub prices: BTreeMap<String, PriceFile>,
+    #[serde(default)]
+    pub secrets: SecretsFile,
+}
+
+/// One `[prices."MODEL"]` entry: USD per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PriceFile {
+    /// Integer or float: serde's `f64` takes TOML integers too.
+    pub input: Spanned<f64>,
+    pub output: Spanned<f64>,
+    pub cached: Option<Spanned<f64>>,
+    pub cache_write: Option<Spanned<f64>>,
+}
+
+/// `[secrets]`: what is done with secrets found in request bodies, and
+/// the policy's own patterns.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SecretsFile {
+    pub action: Option<Spanned<String>>,
+    #[serde(default)]
+    pub patterns: Vec<Spanned<SecretPatternFile>>,
+}
+
+/// `[[secrets.patterns]]` or `patterns = [{ name = "…", regex = "…" }]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SecretPatternFile {
+    pub name: Spanned<String>,
+    pub regex: Spanned<String>,
 }
 
 /// One `[[proxies]]` entry: a forward proxy workloads may be allowed to use.
@@ -191,6 +227,8 @@ pub(super) struct WorkloadFile {
     /// Not `Spanned`, like `k8s`: `[workloads.limits]` is a header.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// `secrets = "off" | "audit" | "block"`: overrides `[secrets].action`.
+    pub secrets: Option<Spanned<String>>,
 }
 
 /// A workload's `[workloads.limits]`: the limit keys, and per-provider
@@ -209,6 +247,10 @@ pub(super) struct LimitsFile {
     pub scope: Option<Spanned<String>>,
     /// With `scope = "fleet"`: `"closed"`, `"host_share"` or `"open"`.
     pub fleet_failure: Option<Spanned<String>>,
+    /// US dollars of exact counts, workload-wide (checked in
+    /// validate/exact.rs; not in provider overrides).
+    pub usd_per_day: Option<Spanned<f64>>,
+    pub usd_per_month: Option<Spanned<f64>>,
     /// `[workloads.limits.providers.NAME]`, by provider name. Keys are plain
     /// strings: toml cannot give the position of a key written in a header;
     /// a name's error is reported at the nearest value (`LimitKeysFile::span`).

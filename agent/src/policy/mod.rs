@@ -351,6 +351,79 @@ pub struct Policy {
     pub fleet: Option<fleet::FleetConfig>,
     /// Workloads whose token budgets have `scope = "fleet"`, by name.
     pub fleet_workloads: BTreeMap<String, fleet::FleetWorkload>,
+    /// `[prices."MODEL"]`: prices that add to or replace the catalog's
+    /// (crate::policy::catalog::prices), in file order.
+    pub prices: Vec<(String, crate::policy::catalog::prices::Price)>,
+    /// `[secrets]` and each workload's `secrets`.
+    pub secrets: SecretsConfig,
+    /// `usd_per_day`/`usd_per_month` of `[workloads.limits]`, by workload
+    /// name (crate::usd_budget).
+    pub usd_budgets: BTreeMap<String, UsdBudget>,
+}
+
+/// A workload's budget in US dollars, over all its providers (None: no
+/// such window).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UsdBudget {
+    pub per_day: Option<f64>,
+    pub per_month: Option<f64>,
+}
+
+/// What is done with a secret found in a request body
+/// (docs/exact-tokens.md, "Secrets").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretAction {
+    /// Not looked for.
+    Off,
+    /// Audit record and metric.
+    Audit,
+    /// Audit record and metric, and the connection is to be stopped.
+    Block,
+}
+
+impl SecretAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretAction::Off => "off",
+            SecretAction::Audit => "audit",
+            SecretAction::Block => "block",
+        }
+    }
+}
+
+/// A `[[secrets.patterns]]` entry: `name` is the finding's kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretPattern {
+    pub name: String,
+    /// Checked by `crate::plaintext::secrets::compile`.
+    pub regex: String,
+}
+
+/// `[secrets]` and the workloads' `secrets`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretsConfig {
+    /// `[secrets].action`; default `audit`.
+    pub action: SecretAction,
+    pub patterns: Vec<SecretPattern>,
+    /// Workloads whose `secrets` key differs from `action`, by name.
+    pub workloads: BTreeMap<String, SecretAction>,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        Self {
+            action: SecretAction::Audit,
+            patterns: Vec::new(),
+            workloads: BTreeMap::new(),
+        }
+    }
+}
+
+impl SecretsConfig {
+    /// The action for workload `name` (`none` and unknown names: `action`).
+    pub fn action_for(&self, workload: &str) -> SecretAction {
+        self.workloads.get(workload).copied().unwrap_or(self.action)
+    }
 }
 
 /// Workload name reserved for processes in no workload (metrics, events).

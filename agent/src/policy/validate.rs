@@ -38,6 +38,7 @@ use super::{
     kubernetes,
 };
 
+mod exact;
 mod fleet;
 mod limits;
 mod proxies;
@@ -366,6 +367,9 @@ impl<'a> Checker<'a> {
         self.workload_proxies(&f.workloads, &mut workloads, &proxies);
         let fleet = self.fleet(f);
         let fleet_workloads = self.fleet_workloads(&f.workloads, &workloads, fleet.as_ref());
+        let prices = self.prices(f);
+        let secrets = self.secrets(f);
+        let usd_budgets = self.usd_budgets(f);
         Policy {
             mode,
             cgroup,
@@ -386,6 +390,9 @@ impl<'a> Checker<'a> {
             proxies,
             fleet,
             fleet_workloads,
+            prices,
+            secrets,
+            usd_budgets,
         }
     }
 

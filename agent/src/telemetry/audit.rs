@@ -126,6 +126,77 @@ pub struct ConnectionRecord {
     pub streamed: Option<bool>,
 }
 
+/// One HTTP exchange read from a connection's plaintext
+/// (docs/exact-tokens.md; fields: docs/events.md).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RequestRecord {
+    /// Always "request".
+    pub event: &'static str,
+    /// When the response ended, RFC 3339.
+    pub time: String,
+    pub workload: String,
+    pub provider: String,
+    #[serde(flatten)]
+    pub who: Attribution,
+    /// `openai_chat`, `anthropic_messages`, `gemini`, … (crate::usage::Api).
+    pub api: &'static str,
+    pub method: String,
+    /// The request target without its query.
+    pub path: String,
+    pub status: u16,
+    /// The model the request names, else the response's.
+    pub model: Option<String>,
+    /// The model the response names.
+    pub response_model: Option<String>,
+    /// The `model` label its metrics were counted under (bounded).
+    pub model_label: String,
+    pub stream: bool,
+    pub max_tokens: Option<u64>,
+    /// `exact` when the response carried usage; `none` otherwise.
+    pub tokens_source: &'static str,
+    pub tokens_prompt: Option<u64>,
+    pub tokens_completion: Option<u64>,
+    pub tokens_cached: Option<u64>,
+    pub tokens_cache_write: Option<u64>,
+    /// USD, from the price table; null: no usage or no price for the model.
+    pub cost_usd: Option<f64>,
+    /// The price entry used and where it came from (`catalog`, `policy`).
+    pub price_model: Option<String>,
+    pub price_origin: Option<&'static str>,
+    /// The catalog's `as_of` date.
+    pub prices_as_of: String,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// The response's content coding (`identity`, `gzip`, `br`, `zstd`, `deflate`).
+    pub response_coding: &'static str,
+    /// False when the connection closed before the response's end.
+    pub complete: bool,
+    pub generation: u64,
+}
+
+/// A secret found in a request body: its kind and fingerprint, never the
+/// secret (docs/exact-tokens.md, "Secrets").
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SecretRecord {
+    /// Always "secret".
+    pub event: &'static str,
+    pub time: String,
+    pub workload: String,
+    pub provider: String,
+    #[serde(flatten)]
+    pub who: Attribution,
+    /// A built-in kind (`openai_key`, `aws_access_key`, …) or a policy
+    /// pattern's name.
+    pub kind: String,
+    /// First 16 hex digits of the SHA-256 of the matched text.
+    pub fingerprint: String,
+    /// Offset in the decoded request body.
+    pub offset: u64,
+    /// The policy's action for the workload: `audit` or `block`.
+    pub action: &'static str,
+    pub generation: u64,
+}
+
 #[derive(Clone)]
 pub struct AuditSink {
     tx: Option<mpsc::Sender<String>>,

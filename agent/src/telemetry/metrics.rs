@@ -72,6 +72,12 @@ pub struct Metrics {
     pub kubernetes_errors: IntCounter,
     pub kubernetes_pods: IntGauge,
     pub tokens: IntCounterVec,
+    /// Exact tokens by model (src/exact_tokens.rs).
+    pub model_tokens: IntCounterVec,
+    pub cost_usd: prometheus::CounterVec,
+    pub exact_requests: IntCounterVec,
+    pub secrets: IntCounterVec,
+    pub plaintext_problems: IntCounterVec,
     pub dns_responses: IntCounter,
     pub dns_answers: IntCounterVec,
     pub dns_learned: IntCounter,
@@ -285,8 +291,43 @@ impl Metrics {
             tokens: counter_vec(
                 &r,
                 "llm_egress_tokens_total",
-                "Tokens of provider connections by kind (prompt, completion) and source (estimated: from encrypted traffic, at close; see docs/tokens.md).",
+                "Tokens of provider connections by kind (prompt, completion) and source (estimated: from encrypted traffic, at close, see docs/tokens.md; exact: from the providers' usage in plaintext, see docs/exact-tokens.md).",
                 &["workload", "provider", "kind", "source"],
+            )?,
+            model_tokens: counter_vec(
+                &r,
+                "llm_egress_model_tokens_total",
+                "Exact tokens read from providers' usage in the plaintext of connections, by model (bounded: the first models of each workload, then other) and kind (prompt, completion); docs/exact-tokens.md.",
+                &["workload", "provider", "model", "kind"],
+            )?,
+            cost_usd: {
+                let c = prometheus::CounterVec::new(
+                    Opts::new(
+                        "llm_egress_cost_usd_total",
+                        "Cost in US dollars of exact token counts, from the dated price table (catalog and policy [prices]); requests of models without a price add nothing (docs/exact-tokens.md).",
+                    ),
+                    &["workload", "provider", "model"],
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            exact_requests: counter_vec(
+                &r,
+                "llm_egress_exact_requests_total",
+                "HTTP exchanges read from plaintext, by result: exact (the response carried usage), no_usage (it did not: an error, an OpenAI stream without include_usage, another API).",
+                &["workload", "provider", "result"],
+            )?,
+            secrets: counter_vec(
+                &r,
+                "llm_egress_secrets_total",
+                "Secrets found in request bodies, by kind (built-in kinds and policy pattern names); docs/exact-tokens.md.",
+                &["workload", "provider", "kind"],
+            )?,
+            plaintext_problems: counter_vec(
+                &r,
+                "llm_egress_plaintext_problems_total",
+                "What the HTTP/1.1 reader of plaintext could not read, by problem (http2, not_http1, malformed_head, truncated, decompression_bomb, …); docs/exact-tokens.md.",
+                &["problem"],
             )?,
             dns_responses: counter(
                 &r,
@@ -640,6 +681,15 @@ mod tests {
         m.tokens
             .with_label_values(&["w", "p", "prompt", "estimated"])
             .inc();
+        m.model_tokens
+            .with_label_values(&["w", "p", "m", "prompt"])
+            .inc();
+        m.cost_usd.with_label_values(&["w", "p", "m"]).inc_by(0.5);
+        m.exact_requests
+            .with_label_values(&["w", "p", "exact"])
+            .inc();
+        m.secrets.with_label_values(&["w", "p", "jwt"]).inc();
+        m.plaintext_problems.with_label_values(&["http2"]).inc();
         m.rate_limited
             .with_label_values(&["w", "p", "connections", "deny"])
             .inc();

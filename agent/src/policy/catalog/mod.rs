@@ -9,6 +9,8 @@
 //! names or write kernel maps. `docs/providers.md` repeats the list, and a
 //! test below fails when the page and the file differ.
 
+pub mod prices;
+
 use std::sync::OnceLock;
 
 use crate::policy::{PolicyErrors, Provider};

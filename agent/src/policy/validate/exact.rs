@@ -1,0 +1,264 @@
+//! `[prices."MODEL"]`, `[secrets]` and a workload's `secrets`: the policy
+//! keys of exact tokens (docs/exact-tokens.md, docs/policy.md). Part of the
+//! checker of `validate`: errors name the key path, line and column like
+//! every other.
+
+use super::super::{
+    SecretAction, SecretPattern, SecretsConfig, UsdBudget, file::SecretPatternFile,
+};
+use super::*;
+use crate::{
+    plaintext::secrets::{BUILTIN, compile},
+    policy::catalog::prices::{Price, check_amount, check_model},
+};
+
+const SECRET_ACTIONS: &[(&str, SecretAction)] = &[
+    ("off", SecretAction::Off),
+    ("audit", SecretAction::Audit),
+    ("block", SecretAction::Block),
+];
+/// Patterns a policy may add.
+pub(crate) const MAX_SECRET_PATTERNS: usize = 64;
+/// The largest USD budget accepted.
+const MAX_USD: f64 = 1e9;
+
+impl Checker<'_> {
+    /// The `[prices."MODEL"]` entries; an entry with an error is left out.
+    pub(super) fn prices(&mut self, f: &PolicyFile) -> Vec<(String, Price)> {
+        let mut out = Vec::new();
+        for (model, p) in &f.prices {
+            let key = format!("prices.\"{model}\"");
+            if let Err(message) = check_model(model) {
+                self.error_at(p.input.span(), &key, message);
+                continue;
+            }
+            let errors = self.errors.len();
+            let amount = |c: &mut Self, v: &Spanned<f64>, name: &str| {
+                c.check(v, &format!("{key}.{name}"), |&x| check_amount(x))
+                    .unwrap_or(0.0)
+            };
+            let input = amount(self, &p.input, "input");
+            let output = amount(self, &p.output, "output");
+            let cached = p
+                .cached
+                .as_ref()
+                .map_or(input, |v| amount(self, v, "cached"));
+            let cache_write = p
+                .cache_write
+                .as_ref()
+                .map_or(input, |v| amount(self, v, "cache_write"));
+            if self.errors.len() == errors {
+                out.push((
+                    model.clone(),
+                    Price {
+                        input,
+                        output,
+                        cached,
+                        cache_write,
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// `[secrets]` and the workloads' `secrets`.
+    pub(super) fn secrets(&mut self, f: &PolicyFile) -> SecretsConfig {
+        let s = &f.secrets;
+        let action = self.choice(
+            s.action.as_ref(),
+            "secrets.action",
+            SECRET_ACTIONS,
+            SecretAction::Audit,
+        );
+        let mut patterns = Vec::new();
+        let mut names = HashMap::new();
+        if s.patterns.len() > MAX_SECRET_PATTERNS {
+            let message = format!("at most {MAX_SECRET_PATTERNS} patterns");
+            self.error_at(
+                s.patterns[MAX_SECRET_PATTERNS].span(),
+                "secrets.patterns",
+                message,
+            );
+        }
+        for (i, entry) in s.patterns.iter().enumerate().take(MAX_SECRET_PATTERNS) {
+            let key = format!("secrets.patterns[{i}]");
+            let SecretPatternFile { name, regex } = entry.get_ref();
+            let errors = self.errors.len();
+            self.check(name, &format!("{key}.name"), |n| provider_name(n));
+            if BUILTIN.iter().any(|(kind, ..)| kind == name.get_ref()) {
+                let message = "the name of a built-in kind: choose another";
+                self.error(name, &format!("{key}.name"), message);
+            }
+            self.unique(&mut names, name, &format!("{key}.name"), "pattern");
+            self.check(regex, &format!("{key}.regex"), |r| {
+                compile(r).map_err(|e| e.to_string())
+            });
+            if self.errors.len() == errors {
+                patterns.push(SecretPattern {
+                    name: name.get_ref().clone(),
+                    regex: regex.get_ref().clone(),
+                });
+            }
+        }
+        let mut workloads = BTreeMap::new();
+        for (i, w) in f.workloads.iter().enumerate() {
+            let w = w.get_ref();
+            let key = format!("workloads[{i}].secrets");
+            let a = self.choice(w.secrets.as_ref(), &key, SECRET_ACTIONS, action);
+            if a != action {
+                workloads.insert(w.name.get_ref().clone(), a);
+            }
+        }
+        SecretsConfig {
+            action,
+            patterns,
+            workloads,
+        }
+    }
+
+    /// `usd_per_day` and `usd_per_month` of each workload's `[workloads.limits]`.
+    pub(super) fn usd_budgets(&mut self, f: &PolicyFile) -> BTreeMap<String, UsdBudget> {
+        let mut out = BTreeMap::new();
+        for (i, w) in f.workloads.iter().enumerate() {
+            let w = w.get_ref();
+            let key = format!("workloads[{i}].limits");
+            let amount = |c: &mut Self, v: &Option<Spanned<f64>>, name: &str| {
+                v.as_ref().and_then(|v| {
+                    c.check(v, &format!("{key}.{name}"), |&x| {
+                        if x.is_finite() && x > 0.0 && x <= MAX_USD {
+                            Ok(x)
+                        } else {
+                            Err(format!("US dollars above 0, at most {MAX_USD}"))
+                        }
+                    })
+                })
+            };
+            let per_day = amount(self, &w.limits.usd_per_day, "usd_per_day");
+            let per_month = amount(self, &w.limits.usd_per_month, "usd_per_month");
+            if let (Some(d), Some(m), Some(v)) = (per_day, per_month, &w.limits.usd_per_month)
+                && m < d
+            {
+                self.error(v, &format!("{key}.usd_per_month"), "less than usd_per_day");
+            }
+            if per_day.is_some() || per_month.is_some() {
+                out.insert(w.name.get_ref().clone(), UsdBudget { per_day, per_month });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{errors, ok};
+    use super::*;
+
+    #[test]
+    fn prices_are_read_and_checked() {
+        let p = ok(
+            "[prices.\"gpt-4o\"]\ninput = 2\noutput = 8.5\ncached = 0.5\n\n[prices.\"my-deployment\"]\ninput = 1.0\noutput = 2.0\n",
+        );
+        assert_eq!(
+            p.prices,
+            vec![
+                (
+                    "gpt-4o".into(),
+                    Price {
+                        input: 2.0,
+                        output: 8.5,
+                        cached: 0.5,
+                        cache_write: 2.0
+                    }
+                ),
+                (
+                    "my-deployment".into(),
+                    Price {
+                        input: 1.0,
+                        output: 2.0,
+                        cached: 1.0,
+                        cache_write: 1.0
+                    }
+                ),
+            ]
+        );
+        let e = errors("[prices.\"gpt-4o\"]\ninput = -2\noutput = 1\n");
+        assert_eq!(
+            (e[0].key.as_str(), e[0].line),
+            ("prices.\"gpt-4o\".input", 2)
+        );
+        assert!(e[0].message.contains("0 to 10000"), "{}", e[0].message);
+        let e = errors("[prices.\"a b\"]\ninput = 1\noutput = 1\n");
+        assert_eq!(e[0].key, "prices.\"a b\"");
+        assert!(e[0].message.contains("no spaces"));
+        // A missing key and an unknown key are shape errors.
+        assert!(!errors("[prices.\"x\"]\ninput = 1\n").is_empty());
+        assert!(!errors("[prices.\"x\"]\ninput = 1\noutput = 1\ncheap = true\n").is_empty());
+    }
+
+    #[test]
+    fn secrets_are_read_and_checked() {
+        let p = ok("");
+        assert_eq!(p.secrets, SecretsConfig::default());
+        let p = ok(r#"
+[secrets]
+action = "block"
+patterns = [{ name = "internal-token", regex = "\\bINT-[0-9]{8}\\b" }]
+
+[[workloads]]
+name = "bot"
+cgroup = "bot.slice"
+secrets = "audit"
+
+[[workloads]]
+name = "batch"
+cgroup = "batch.slice"
+"#);
+        assert_eq!(p.secrets.action, SecretAction::Block);
+        assert_eq!(p.secrets.patterns[0].name, "internal-token");
+        assert_eq!(p.secrets.action_for("bot"), SecretAction::Audit);
+        assert_eq!(p.secrets.action_for("batch"), SecretAction::Block);
+        let e = errors("[secrets]\naction = \"drop\"\n");
+        assert_eq!(e[0].key, "secrets.action");
+        assert!(e[0].message.contains("\"off\", \"audit\", \"block\""));
+        let e = errors(
+            "[[secrets.patterns]]\nname = \"x\"\nregex = \"(open\"\n[[secrets.patterns]]\nname = \"jwt\"\nregex = \"a*\"\n",
+        );
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "secrets.patterns[0].regex",
+                "secrets.patterns[1].name",
+                "secrets.patterns[1].regex"
+            ]
+        );
+        assert!(e[2].message.contains("empty string"));
+        let e = errors("[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\nsecrets = \"yes\"\n");
+        assert_eq!(e[0].key, "workloads[0].secrets");
+    }
+
+    #[test]
+    fn usd_budgets_are_read_and_checked() {
+        let w = "[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\n[workloads.limits]\n";
+        let p = ok(&format!("{w}usd_per_day = 5\nusd_per_month = 100.5\n"));
+        assert_eq!(
+            p.usd_budgets["w"],
+            UsdBudget {
+                per_day: Some(5.0),
+                per_month: Some(100.5)
+            }
+        );
+        assert!(ok(w).usd_budgets.is_empty());
+        let e = errors(&format!("{w}usd_per_day = 0\n"));
+        assert_eq!(e[0].key, "workloads[0].limits.usd_per_day");
+        let e = errors(&format!("{w}usd_per_day = 10\nusd_per_month = 5\n"));
+        assert_eq!(e[0].key, "workloads[0].limits.usd_per_month");
+        assert!(e[0].message.contains("less than usd_per_day"));
+        // Workload-wide only: not in a provider override.
+        let e = errors(&format!(
+            "{w}[workloads.limits.providers.openai]\nusd_per_day = 1\n"
+        ));
+        assert!(!e.is_empty());
+    }
+}

@@ -1,0 +1,139 @@
+//! The realistic fake providers over real TLS (src/fake_shape.rs): curl
+//! gets compressed buffered bodies it can decode when it asks for them,
+//! and a stream's events arrive several to a TLS record. No agent: this
+//! checks the fakes that the exact-token parser and the estimator are
+//! measured against.
+
+use std::process::{Command, Stdio};
+
+use llm_egress_tests::{
+    CgroupGuard, NetnsGuard,
+    fake_provider::{self, FakeProvider, Flavor, Options, Shape},
+    probe::confine,
+};
+
+/// curl with `extra` arguments, posting `body` to `path`; (status line
+/// and headers, body as curl gives it).
+fn call(
+    server: &FakeProvider,
+    cg: &CgroupGuard,
+    ns: &NetnsGuard,
+    path: &str,
+    body: &str,
+    extra: &[&str],
+) -> (String, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-D", "-", "--max-time", "30"])
+        .args(extra)
+        .arg("--cacert")
+        .arg(server.ca_file())
+        .arg("--resolve")
+        .arg(server.resolve_arg())
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ])
+        .arg(server.url(path))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    confine(&mut cmd, cg.path(), ns);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
+}
+
+#[test]
+fn realistic_fakes_compress_for_clients_that_ask_and_coalesce_events() {
+    let ns = NetnsGuard::new();
+    let cg = CgroupGuard::new("fake-real");
+    let opts = Options::default();
+    let server = fake_provider::start_shaped(
+        &ns,
+        "192.0.2.1:443",
+        Flavor::OpenAi,
+        opts,
+        Shape::realistic(),
+    );
+    let chat =
+        r#"{"model":"gpt-4o-mini","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
+    // Asked for: br (curl --compressed offers deflate, gzip, br, zstd), decoded by curl.
+    let (head, body) = call(
+        &server,
+        &cg,
+        &ns,
+        "/v1/chat/completions",
+        chat,
+        &["--compressed"],
+    );
+    assert!(head.contains("Content-Encoding: br"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("curl could not decode the body ({e}): {body:?}"));
+    assert_eq!(v["usage"]["completion_tokens"], 40);
+    // Not asked for: identity.
+    let (head, _) = call(&server, &cg, &ns, "/v1/chat/completions", chat, &[]);
+    assert!(!head.contains("Content-Encoding"), "{head}");
+    // Only gzip offered: gzip.
+    let (head, body) = call(
+        &server,
+        &cg,
+        &ns,
+        "/v1/chat/completions",
+        chat,
+        &["-H", "Accept-Encoding: gzip", "-o", "/dev/null"],
+    );
+    assert!(head.contains("Content-Encoding: gzip"), "{head}{body}");
+
+    // A stream of 40 tokens: 40 + 4 events (role, finish, [DONE], usage is
+    // off) in fewer TLS records than events.
+    let before: u64 = server.records().iter().map(|(_, c)| c.app_written).sum();
+    let stream = r#"{"model":"gpt-4o-mini","max_tokens":40,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (_, body) = call(&server, &cg, &ns, "/v1/chat/completions", stream, &[]);
+    let events = body.matches("data: ").count();
+    assert_eq!(events, 43, "{body}");
+    let after: u64 = server.records().iter().map(|(_, c)| c.app_written).sum();
+    let records = after - before;
+    assert!(
+        records * 2 < events as u64,
+        "{events} events came in {records} records: not coalesced"
+    );
+
+    // Gemini's generateContent, with usageMetadata.
+    let gemini = fake_provider::start_shaped(
+        &ns,
+        "198.51.100.1:443",
+        Flavor::Gemini,
+        opts,
+        Shape::realistic(),
+    );
+    let (head, body) = call(
+        &gemini,
+        &cg,
+        &ns,
+        "/v1beta/models/gemini-2.0-flash:generateContent",
+        r#"{"contents":[{"parts":[{"text":"hi"}]}],"generationConfig":{"maxOutputTokens":5}}"#,
+        &["--compressed"],
+    );
+    assert!(head.contains("Content-Encoding"), "{head}");
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    assert_eq!(v["usageMetadata"]["candidatesTokenCount"], 5);
+    // The server records what it served after the last byte left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while gemini.served().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let served = gemini.served();
+    assert_eq!(served.len(), 1, "the Gemini fake recorded no request");
+    assert_eq!(served[0].usage.completion, 5);
+}
