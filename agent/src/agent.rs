@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use llm_egress_common::{MAP_CONNS, MAP_EVENTS, MAP_EXECS, PROG_EXEC};
+use llm_egress_common::{MAP_CONNS, MAP_EVENTS, MAP_EXECS, MAP_PLAINTEXT, PROG_EXEC};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -40,6 +40,8 @@ use crate::{
     loader::{self, AttachOutcome, Loader},
     maps::{KernelMaps, MapsError, WriteReport},
     metrics::Metrics,
+    plaintext::{self, ExecReport, PlaintextChunk},
+    plaintext_attach::Attacher,
     plan::{self, Plan},
     policy::{AuditLog, OnExit, Policy, PolicyErrors},
     programs::{self, ProgramsError},
@@ -317,6 +319,39 @@ fn record_occupancy(maps: &KernelMaps, metrics: &Metrics) {
     }
 }
 
+/// Plaintext chunks waiting for their consumer; more are dropped (counted).
+const PLAINTEXT_QUEUE: usize = 4096;
+/// Exec reports waiting for the attacher; a report that finds the queue
+/// full resumes its process at once, untraced (counted).
+const EXEC_QUEUE: usize = 1024;
+
+/// Tells the plaintext attacher which workloads have `exact_tokens` and
+/// which cgroups they hold now (docs/plaintext.md).
+fn sync_plaintext(
+    attacher: Option<&mut Attacher>,
+    ebpf: &mut aya::Ebpf,
+    state: &State,
+    paths: &CgroupPaths,
+) {
+    let Some(attacher) = attacher else { return };
+    let mut exact: BTreeMap<usize, (u32, String, Vec<String>)> = BTreeMap::new();
+    for (&id, &idx) in &state.cgroups {
+        let Some(w) = state.policy.workloads.get(idx).filter(|w| w.exact_tokens) else {
+            continue;
+        };
+        let entry = exact
+            .entry(idx)
+            .or_insert_with(|| (idx as u32 + 1, w.name.clone(), Vec::new()));
+        if let Some(p) = paths.path_of(id, 0) {
+            entry.2.push(p);
+        }
+    }
+    let exact: Vec<_> = exact.into_values().collect();
+    if let Err(e) = attacher.set_workloads(ebpf, state.generation, &exact) {
+        warn!(error = %e, "plaintext: could not apply the exact_tokens workloads");
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let policy = load_policy(&args)?;
     // Before anything is created, opened for writing or pinned.
@@ -491,6 +526,50 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     };
     let outcome = loader.attach(&attach, state.policy.failure_mode)?;
+
+    // Plaintext of OpenSSL calls (docs/plaintext.md): the programs are
+    // loaded always; probes are attached only while a workload has
+    // `exact_tokens = true`, uprobes only to its processes.
+    let plaintext_stats = Arc::new(plaintext::ReaderStats::default());
+    let (chunk_tx, chunk_rx) = mpsc::channel::<PlaintextChunk>(PLAINTEXT_QUEUE);
+    let (exec_tx, mut exec_rx) = mpsc::channel::<ExecReport>(EXEC_QUEUE);
+    let mut attacher = match Attacher::load(&mut loader.ebpf, &mount, &metrics.registry, plaintext_stats.clone()) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            if state.policy.workloads.iter().any(|w| w.exact_tokens) {
+                error!(error = %e, "plaintext programs unavailable: exact_tokens workloads get no plaintext");
+            } else {
+                info!(error = %e, "plaintext programs unavailable");
+            }
+            None
+        }
+    };
+    let plaintext_ring: Option<RingBuf<MapData>> = loader
+        .ebpf
+        .take_map(MAP_PLAINTEXT)
+        .and_then(|m| m.try_into().ok());
+    if let (Some(a), Some(ring)) = (attacher.as_ref(), plaintext_ring) {
+        tokio::spawn(plaintext::read(
+            ring,
+            chunk_tx,
+            exec_tx,
+            plaintext_stats.clone(),
+            a.seen.clone(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        match plaintext::dump_path() {
+            Some(path) => {
+                let pids = a.workload_of_pid.clone();
+                tokio::spawn(plaintext::dump(chunk_rx, path, move |pid| {
+                    pids.lock().ok().and_then(|g| g.get(&pid).cloned())
+                }));
+            }
+            None => {
+                tokio::spawn(plaintext::discard(chunk_rx));
+            }
+        }
+    }
+    sync_plaintext(attacher.as_mut(), &mut loader.ebpf, &state, &paths);
     match outcome {
         AttachOutcome::Adopted => info!(
             generation = state.generation,
@@ -573,8 +652,27 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Everything that needs privileges is done: keep only what reading
     // /proc/PID/exe of other users' processes needs.
     if crate::privileges::kernel_allows_unprivileged_map_fds() {
-        match crate::privileges::drop_all_but(&[crate::privileges::CAP_SYS_PTRACE]) {
-            Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept CAP_SYS_PTRACE only)"),
+        // The plaintext attacher attaches uprobes per process while the
+        // agent runs: perf events and their BPF links, and SIGCONT to
+        // processes of other users. Measured on 6.18: perf_event_open of a
+        // uprobe fails with EACCES unless CAP_SYS_ADMIN is kept (CAP_PERFMON
+        // and CAP_BPF alone are not enough), so an agent whose policy has an
+        // `exact_tokens` workload at start keeps it (docs/plaintext.md).
+        let plaintext_caps = attacher.is_some()
+            && state.policy.workloads.iter().any(|w| w.exact_tokens);
+        let keep: &[u32] = if plaintext_caps {
+            &[
+                crate::privileges::CAP_SYS_PTRACE,
+                crate::privileges::CAP_KILL,
+                crate::privileges::CAP_SYS_ADMIN,
+                crate::privileges::CAP_PERFMON,
+                crate::privileges::CAP_BPF,
+            ]
+        } else {
+            &[crate::privileges::CAP_SYS_PTRACE]
+        };
+        match crate::privileges::drop_all_but(keep) {
+            Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept those listed)"),
             Err(e) => {
                 warn!(error = %e, "could not drop capabilities; running with the ones the agent was started with")
             }
@@ -600,6 +698,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     let report = maps.apply_update(state.plan())?;
                     record_writes(&report, &metrics);
                     record_occupancy(&maps, &metrics);
+                    sync_plaintext(attacher.as_mut(), &mut loader.ebpf, &state, &paths);
+                }
+                None
+            }
+            Some(report) = exec_rx.recv() => {
+                match attacher.as_mut() {
+                    Some(a) => a.on_exec(&mut loader.ebpf, report),
+                    None if report.paused => plaintext::resume(report.pid),
+                    None => {}
                 }
                 None
             }
@@ -612,6 +719,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     let report = maps.apply_update(state.plan())?;
                     record_writes(&report, &metrics);
                     record_occupancy(&maps, &metrics);
+                    sync_plaintext(attacher.as_mut(), &mut loader.ebpf, &state, &paths);
                 }
                 None
             }
@@ -654,6 +762,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     [w, p.unwrap_or_else(|| "none".into()), events::verdict_name(k.verdict).to_string()]
                 });
                 limiter.tick(&mut maps, &metrics, &audit);
+                if let Some(a) = attacher.as_mut() {
+                    a.tick(&mut loader.ebpf);
+                }
                 health.events_alive.store(events_alive.load(Ordering::SeqCst), Ordering::SeqCst);
                 let now = args.config.as_deref().and_then(content_hash);
                 if now.is_some() && now != file_hash {
@@ -729,6 +840,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                         *g = None;
                     }
                     state.report_missing_workloads();
+                    sync_plaintext(attacher.as_mut(), &mut loader.ebpf, &state, &paths);
                     limiter.set_policy(
                         &maps.applied_limits(),
                         state.policy.state_dir.clone(),
@@ -770,6 +882,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
 
     info!("stopping");
+    // Uprobes detach with their links; nothing stays paused (the exec
+    // program detaches with the agent).
+    drop(attacher);
     limiter.save();
     events_task.abort();
     if let Some(t) = http_task {

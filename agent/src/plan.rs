@@ -310,6 +310,7 @@ mod tests {
                 limits: Default::default(),
                 provider_limits: Default::default(),
                 proxies: vec![],
+                exact_tokens: false,
             }],
             proxies: vec![],
         }

@@ -16,17 +16,22 @@ pub const PROG_PLAINTEXT_SSL_ENTRY: &str = "plaintext_ssl_entry";
 /// uretprobe on the same four functions: copies the plaintext.
 pub const PROG_PLAINTEXT_SSL_RETURN: &str = "plaintext_ssl_return";
 /// kprobe on `tcp_sendmsg` and `tcp_recvmsg`: the socket cookie of a TCP
-/// call made inside an SSL call of the same thread.
+/// call made inside an SSL call of the same thread. The fallback for
+/// kernels without the `sock` tracepoints below (before 6.4).
 pub const PROG_PLAINTEXT_TCP: &str = "plaintext_tcp_msg";
+/// Tracepoints sock/sock_send_length and sock/sock_recv_length (6.4+):
+/// the same as `PROG_PLAINTEXT_TCP`, for kernels without kprobes.
+pub const PROG_PLAINTEXT_SOCK: &str = "plaintext_sock_msg";
 /// Tracepoint sched/sched_process_exec: reports (and pauses) a process
 /// that execs in a workload with `exact_tokens = true`.
 pub const PROG_PLAINTEXT_EXEC: &str = "plaintext_exec";
 /// Every plaintext program; none of them is attached to the cgroup or
 /// pinned (their links live as long as the agent).
-pub const PLAINTEXT_PROGRAMS: [&str; 4] = [
+pub const PLAINTEXT_PROGRAMS: [&str; 5] = [
     PROG_PLAINTEXT_SSL_ENTRY,
     PROG_PLAINTEXT_SSL_RETURN,
     PROG_PLAINTEXT_TCP,
+    PROG_PLAINTEXT_SOCK,
     PROG_PLAINTEXT_EXEC,
 ];
 

@@ -11,9 +11,12 @@
 //!   `int SSL_read_ex(SSL *s, void *buf, size_t num, size_t *readbytes)`.
 //!   OpenSSL 3's `SSL_read`/`SSL_write` call an internal function, not
 //!   the `_ex` forms, so one application call is seen once.
-//! - `plaintext_tcp_msg`, a kprobe on `tcp_sendmsg(struct sock *sk, ...)`
+//! - `plaintext_sock_msg`, tracepoints sock/sock_send_length and
+//!   sock/sock_recv_length (6.4+), or where they are missing
+//!   `plaintext_tcp_msg`, a kprobe on `tcp_sendmsg(struct sock *sk, ...)`
 //!   and `tcp_recvmsg(struct sock *sk, ...)` (the first argument since
-//!   4.x): when the thread is inside an SSL call, reads the socket's cookie
+//!   4.x; kernels built without CONFIG_KPROBES have none):
+//!   when the thread is inside an SSL call, reads the socket's cookie
 //!   (`sk->__sk_common.skc_cookie`, at the offset the agent found in the
 //!   kernel's BTF) into the call. A cookie is 0 until something asked for
 //!   it; the connect hook asks for every connection it judges, so the
@@ -93,20 +96,42 @@ pub fn plaintext_ssl_entry(ctx: ProbeContext) -> u32 {
 
 #[kprobe]
 pub fn plaintext_tcp_msg(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        note_socket(sk);
+    }
+    0
+}
+
+/// Offset of `void *sk` in the records of sock/sock_send_length and
+/// sock/sock_recv_length (/sys/kernel/tracing/events/sock/*/format, 6.4+;
+/// emitted by sock_sendmsg_nosec / sock_recvmsg_nosec in the caller's
+/// context, for every socket family).
+const SOCK_TP_SK_OFFSET: usize = 8;
+
+#[tracepoint]
+pub fn plaintext_sock_msg(ctx: TracePointContext) -> u32 {
+    // SAFETY: the record starts with the fixed fields listed above.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_TP_SK_OFFSET) } {
+        note_socket(sk);
+    }
+    0
+}
+
+/// When the thread is inside an SSL call: the cookie of socket `sk` into
+/// the call.
+#[inline(always)]
+fn note_socket(sk: u64) {
     let id = bpf_get_current_pid_tgid();
     let Some(call) = PLAINTEXT_CALLS.get_ptr_mut(&id) else {
-        return 0;
+        return;
     };
     let Some(cfg) = PLAINTEXT_CFG.get(0) else {
-        return 0;
+        return;
     };
     let offset = cfg.sk_cookie_offset as u64;
-    if offset == 0 {
-        return 0;
+    if offset == 0 || sk == 0 {
+        return;
     }
-    let Some(sk) = ctx.arg::<u64>(0) else {
-        return 0;
-    };
     // SAFETY: a probe read of kernel memory, which faults safely.
     if let Ok(cookie) = unsafe { bpf_probe_read_kernel((sk + offset) as *const u64) }
         && cookie != 0
@@ -114,7 +139,6 @@ pub fn plaintext_tcp_msg(ctx: ProbeContext) -> u32 {
         // SAFETY: this thread's live entry; only this thread writes it.
         unsafe { (*call).cookie = cookie };
     }
-    0
 }
 
 #[uretprobe]

@@ -829,6 +829,7 @@ impl<'a> Checker<'a> {
                     limits,
                     provider_limits,
                     proxies: vec![],
+                    exact_tokens: w.exact_tokens.as_ref().is_some_and(|e| *e.get_ref()),
                 });
             }
         }
@@ -1241,6 +1242,7 @@ llm = "allow"
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
                 proxies: vec![],
+                exact_tokens: false,
             }
         );
         assert_eq!(
@@ -1256,6 +1258,7 @@ llm = "allow"
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
                 proxies: vec![],
+                exact_tokens: false,
             }
         );
         assert_eq!(

@@ -1,0 +1,440 @@
+//! TLS plaintext from OpenSSL uprobes (docs/plaintext.md), end to end:
+//! real clients that link Debian's libssl.so.3 (curl, Python's `ssl`
+//! module, the official openai and anthropic SDKs) in a workload with
+//! `exact_tokens = true` talk to the fake providers over real TLS; the
+//! agent's plaintext consumer (the test dump of debug builds,
+//! `LLM_EGRESS_TEST_PLAINTEXT_DUMP`) must hold exactly the bytes each
+//! client wrote and read, on the client's socket cookie and workload.
+//! Processes outside such workloads get no uprobe; a TLS client without a
+//! shared libssl (rustls, in this test binary) is counted as not visible.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use llm_egress_tests::{
+    Agent, CgroupGuard, NetnsGuard, TempDir,
+    fake_provider::{self, Flavor},
+    probe::confine,
+    require_root,
+    scenario::policy,
+};
+use serde_json::Value;
+
+const DUMP_ENV: &str = "LLM_EGRESS_TEST_PLAINTEXT_DUMP";
+
+const PROVIDERS: &str = r#"
+[[providers]]
+name = "openai"
+hosts = ["api.openai.com"]
+cidrs = ["192.0.2.1/32"]
+ports = [443]
+
+[[providers]]
+name = "anthropic"
+hosts = ["api.anthropic.com"]
+cidrs = ["192.0.2.2/32"]
+ports = [443]
+"#;
+
+/// Workload `bot` (cgroup `bot`) traced, `plain` (cgroup `plain`) not.
+fn traced_policy(cg: &CgroupGuard) -> String {
+    policy(
+        cg,
+        "",
+        &format!(
+            "{PROVIDERS}
+[[workloads]]
+name = \"bot\"
+cgroup = \"bot\"
+allow = [\"openai\", \"anthropic\"]
+exact_tokens = true
+
+[[workloads]]
+name = \"plain\"
+cgroup = \"plain\"
+allow = [\"openai\", \"anthropic\"]
+"
+        ),
+    )
+}
+
+/// An agent with the plaintext dump in `dir`.
+fn start_agent(cg: &CgroupGuard, dir: &Path) -> (Agent, PathBuf) {
+    let dump = dir.join("plaintext.jsonl");
+    let mut agent =
+        Agent::launch_with_env(&traced_policy(cg), &[(DUMP_ENV, dump.to_str().unwrap())]);
+    agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    (agent, dump)
+}
+
+/// One chunk of the dump.
+#[derive(Clone, Debug)]
+struct Chunk {
+    cookie: u64,
+    pid: u32,
+    workload: Option<String>,
+    sent: bool,
+    data: Vec<u8>,
+    complete: bool,
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+fn read_dump(path: &Path) -> Vec<Chunk> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| Chunk {
+            cookie: v["cookie"].as_u64().unwrap(),
+            pid: v["pid"].as_u64().unwrap() as u32,
+            workload: v["workload"].as_str().map(str::to_string),
+            sent: v["direction"] == "sent",
+            data: unhex(v["hex"].as_str().unwrap()),
+            complete: v["complete"].as_bool().unwrap(),
+        })
+        .collect()
+}
+
+/// The chunks of `pid`, waiting up to 5 s until `done` holds for them.
+fn chunks_of(dump: &Path, pid: u32, done: impl Fn(&[Chunk]) -> bool) -> Vec<Chunk> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let c: Vec<Chunk> = read_dump(dump).into_iter().filter(|c| c.pid == pid).collect();
+        if done(&c) || Instant::now() > deadline {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Each direction's bytes in call order, per cookie.
+fn streams(chunks: &[Chunk]) -> BTreeMap<(u64, bool), Vec<u8>> {
+    let mut out: BTreeMap<(u64, bool), Vec<u8>> = BTreeMap::new();
+    for c in chunks {
+        out.entry((c.cookie, c.sent)).or_default().extend(&c.data);
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn python() -> Option<String> {
+    if let Ok(p) = std::env::var("LLM_EGRESS_TOKENS_PYTHON") {
+        return Some(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python");
+    venv.exists().then(|| venv.display().to_string())
+}
+
+/// A request over Python's `ssl` (libssl.so.3) that prints its socket's
+/// cookie (SO_COOKIE, the key the connect hook and accounting use) and the
+/// exact bytes it wrote and read, hex.
+const SSL_CLIENT: &str = r#"
+import json, socket, ssl, sys
+ip, host, ca, body = sys.argv[1:5]
+ctx = ssl.create_default_context(cafile=ca)
+raw = socket.create_connection((ip, 443))
+cookie = int.from_bytes(raw.getsockopt(socket.SOL_SOCKET, 57, 8), "little")
+s = ctx.wrap_socket(raw, server_hostname=host)
+req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+       f"Authorization: Bearer sk-test\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
+s.sendall(req)
+resp = b""
+while b"\r\n\r\n" not in resp:
+    resp += s.recv(65536)
+head, _, rest = resp.partition(b"\r\n\r\n")
+length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0]
+while len(rest) < length:
+    d = s.recv(65536)
+    if not d:
+        break
+    rest += d
+    resp += d
+print(json.dumps({"cookie": cookie, "sent": req.hex(), "received": resp.hex()}))
+s.close()
+"#;
+
+/// A client of the official SDK (argv: flavor, ip, host, ca, model): one
+/// buffered request with `max_tokens` 7.
+const SDK_CLIENT: &str = r#"
+import ssl, sys
+try:
+    import httpx
+except ImportError:
+    import httpx2 as httpx
+flavor, ip, host, ca, model = sys.argv[1:6]
+
+class Transport(httpx.HTTPTransport):
+    def handle_request(self, request):
+        request.extensions["sni_hostname"] = host
+        request.headers["Host"] = host
+        return super().handle_request(request)
+
+http = httpx.Client(transport=Transport(verify=ssl.create_default_context(cafile=ca)))
+msgs = [{"role": "user", "content": "What is the plaintext of this call?"}]
+if flavor == "openai":
+    import openai
+    c = openai.OpenAI(api_key="sk-proj-" + "x" * 156, base_url=f"https://{ip}/v1", http_client=http, max_retries=0)
+    c.chat.completions.create(model=model, messages=msgs, max_tokens=7)
+else:
+    import anthropic
+    c = anthropic.Anthropic(api_key="sk-ant-api03-" + "x" * 95 + "AA", base_url=f"https://{ip}", http_client=http, max_retries=0)
+    c.messages.create(model=model, messages=msgs, max_tokens=7)
+c.close()
+"#;
+
+fn run_python(py: &str, script: &Path, args: &[&str], cgroup: &Path, netns: &NetnsGuard) -> (u32, String) {
+    let mut cmd = Command::new(py);
+    cmd.arg(script).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    confine(&mut cmd, cgroup, netns);
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {py}: {e}"));
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{py} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
+    agent.metric_value(name, labels).unwrap_or(0.0)
+}
+
+/// Python's `ssl` module: the agent gets exactly the bytes the client
+/// wrote and read, under the client's own socket cookie and workload.
+#[test]
+fn python_ssl_plaintext_is_exactly_what_the_client_wrote_and_read_on_its_cookie() {
+    require_root();
+    let cg = CgroupGuard::new("pt-ssl");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let server = fake_provider::start(&netns, "192.0.2.1:443", Flavor::OpenAi);
+    let dir = TempDir::new("pt");
+    let (agent, dump) = start_agent(&cg, dir.path());
+    let script = dir.path().join("ssl_client.py");
+    std::fs::write(&script, SSL_CLIENT).unwrap();
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"exact bytes"}]}"#;
+    let (pid, out) = run_python(
+        "/usr/bin/python3",
+        &script,
+        &["192.0.2.1", server.host(), server.ca_file().to_str().unwrap(), body],
+        &bot,
+        &netns,
+    );
+    let truth: Value = serde_json::from_str(out.trim()).unwrap();
+    let cookie = truth["cookie"].as_u64().unwrap();
+    let (sent, received) = (
+        unhex(truth["sent"].as_str().unwrap()),
+        unhex(truth["received"].as_str().unwrap()),
+    );
+    let chunks = chunks_of(&dump, pid, |c| {
+        let s = streams(c);
+        s.get(&(cookie, false)).is_some_and(|r| r.len() >= received.len())
+    });
+    let s = streams(&chunks);
+    assert!(cookie != 0);
+    assert_eq!(
+        s.keys().copied().collect::<Vec<_>>(),
+        [(cookie, false), (cookie, true)],
+        "every chunk on the client's socket cookie {cookie}: {chunks:?}\n{}",
+        agent.context()
+    );
+    assert_eq!(s[&(cookie, true)], sent, "sent plaintext = what the client wrote");
+    assert_eq!(s[&(cookie, false)], received, "received plaintext = what the client read");
+    assert!(chunks.iter().all(|c| c.complete && c.workload.as_deref() == Some("bot")));
+    assert!(contains(&sent, b"POST /v1/chat/completions HTTP/1.1\r\n"));
+    assert!(contains(&received, b"\"usage\""), "the fake's usage is in what was read");
+    assert!(metric(&agent, "llm_egress_plaintext_execs_total", &[("result", "paused")]) >= 1.0);
+}
+
+/// curl (libssl.so.3): the request line, headers and body it sent and the
+/// response the fake served arrive on one connection of workload `bot`;
+/// the same curl in workload `plain` gets no uprobe and sends nothing.
+#[test]
+fn curl_plaintext_reaches_the_agent_and_a_process_outside_gets_no_uprobe() {
+    require_root();
+    let cg = CgroupGuard::new("pt-curl");
+    let bot = cg.child("bot");
+    let plain = cg.child("plain");
+    let netns = NetnsGuard::new();
+    let server = fake_provider::start(&netns, "192.0.2.1:443", Flavor::OpenAi);
+    let dir = TempDir::new("pt");
+    let (agent, dump) = start_agent(&cg, dir.path());
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":9,"messages":[{"role":"user","content":"hello from curl"}]}"#;
+    let curl = |cgroup: &Path| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--http1.1", "--max-time", "20", "--cacert"])
+            .arg(server.ca_file())
+            .arg("--resolve")
+            .arg(server.resolve_arg())
+            .args(["-H", "Content-Type: application/json", "--data-binary", body])
+            .arg(server.url("/v1/chat/completions"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        confine(&mut cmd, cgroup, &netns);
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+        (pid, out.stdout)
+    };
+    let (pid, response_body) = curl(&bot);
+    let chunks = chunks_of(&dump, pid, |c| {
+        streams(c)
+            .iter()
+            .any(|((_, sent), d)| !sent && contains(d, &response_body))
+    });
+    let s = streams(&chunks);
+    let cookies: std::collections::BTreeSet<u64> = s.keys().map(|k| k.0).collect();
+    assert_eq!(cookies.len(), 1, "one connection: {:?}\n{}", s.keys(), agent.context());
+    let cookie = *cookies.iter().next().unwrap();
+    assert!(cookie != 0, "a socket cookie");
+    let sent = &s[&(cookie, true)];
+    let received = &s[&(cookie, false)];
+    assert!(sent.starts_with(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"), "{}", String::from_utf8_lossy(sent));
+    assert!(sent.ends_with(body.as_bytes()), "the body as sent: {}", String::from_utf8_lossy(sent));
+    assert!(received.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(received));
+    assert!(received.ends_with(&response_body), "the response body curl printed is the end of what it read");
+    assert!(chunks.iter().all(|c| c.workload.as_deref() == Some("bot")));
+    let served = server.served();
+    assert_eq!(served.len(), 1);
+    let usage = served[0].usage;
+    assert!(contains(received, format!("\"completion_tokens\": {}", usage.completion).as_bytes()), "the fake's usage");
+
+    let attached = metric(&agent, "llm_egress_plaintext_attach_total", &[("result", "attached")]);
+    let (other_pid, _) = curl(&plain);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(read_dump(&dump).iter().all(|c| c.pid != other_pid), "no plaintext from outside the workload");
+    assert_eq!(metric(&agent, "llm_egress_plaintext_attach_total", &[("result", "attached")]), attached, "no uprobe for workload `plain`");
+    let log = agent.all_stderr();
+    assert!(log.contains(&format!("pid={pid}")) && !log.contains(&format!("pid={other_pid} ")), "attach log names only the traced curl");
+}
+
+/// The official SDKs (Python, httpx over `ssl`): the request they build and
+/// the response they parse arrive in plaintext on one cookie.
+#[test]
+fn official_sdk_requests_and_responses_arrive_in_plaintext() {
+    require_root();
+    let Some(py) = python() else {
+        eprintln!("SKIPPED: needs target/pyenv (cargo xtask setup) or LLM_EGRESS_TOKENS_PYTHON");
+        return;
+    };
+    let cg = CgroupGuard::new("pt-sdk");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let openai = fake_provider::start(&netns, "192.0.2.1:443", Flavor::OpenAi);
+    let anthropic = fake_provider::start(&netns, "192.0.2.2:443", Flavor::Anthropic);
+    let dir = TempDir::new("pt");
+    let (agent, dump) = start_agent(&cg, dir.path());
+    let script = dir.path().join("sdk_client.py");
+    std::fs::write(&script, SDK_CLIENT).unwrap();
+    for (server, flavor, model, path, usage_key) in [
+        (&openai, "openai", "gpt-4o-mini", "/v1/chat/completions", "completion_tokens"),
+        (&anthropic, "anthropic", "claude-3-5-haiku-latest", "/v1/messages", "output_tokens"),
+    ] {
+        let ip = server.addr().ip().to_string();
+        let (pid, _) = run_python(&py, &script, &[flavor, &ip, server.host(), server.ca_file().to_str().unwrap(), model], &bot, &netns);
+        let served = server.served();
+        let usage = served.last().unwrap().usage;
+        let needle = format!("\"{usage_key}\": {}", usage.completion);
+        let chunks = chunks_of(&dump, pid, |c| {
+            streams(c).iter().any(|((_, sent), d)| !sent && contains(d, needle.as_bytes()))
+        });
+        let s = streams(&chunks);
+        let cookies: std::collections::BTreeSet<u64> = s.keys().map(|k| k.0).collect();
+        assert_eq!(cookies.len(), 1, "{flavor}: one connection: {:?}\n{}", s.keys(), agent.context());
+        let cookie = *cookies.iter().next().unwrap();
+        let (Some(sent), Some(received)) = (s.get(&(cookie, true)), s.get(&(cookie, false))) else {
+            panic!("{flavor}: both directions: {:?}\n{}", s.keys(), agent.context());
+        };
+        assert!(cookie != 0);
+        assert!(sent.starts_with(format!("POST {path} HTTP/1.1\r\n").as_bytes()), "{flavor}: {}", String::from_utf8_lossy(sent));
+        assert!(contains(sent, format!("\"model\":\"{model}\"").as_bytes()), "{flavor}: the model in the body: {}", String::from_utf8_lossy(sent));
+        assert!(contains(received, needle.as_bytes()), "{flavor}: the served usage {needle} in {}", String::from_utf8_lossy(received));
+        assert!(chunks.iter().all(|c| c.workload.as_deref() == Some("bot")));
+    }
+}
+
+/// Env of the rustls client run by `rustls_client_child`.
+const RUSTLS_ENV: &str = "LLM_EGRESS_TEST_RUSTLS_CLIENT";
+
+/// The child side: a TLS request with rustls (no libssl) when started by
+/// the test below; nothing otherwise.
+#[test]
+fn rustls_client_child() {
+    let Ok(spec) = std::env::var(RUSTLS_ENV) else { return };
+    let mut parts = spec.split('\n');
+    let (addr, host, ca) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for cert in rustls_pemfile_certs(&pem) {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap());
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":3,"messages":[{"role":"user","content":"rustls"}]}"#;
+    write!(tls, "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tls.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::pem_slice_iter(pem).map(|c| c.unwrap()).collect()
+}
+
+/// A TLS client without a shared libssl (rustls) in a traced workload is
+/// traced, sends no plaintext, and is counted as not visible when it ends.
+#[test]
+fn a_tls_client_without_libssl_is_counted_as_not_visible() {
+    require_root();
+    let cg = CgroupGuard::new("pt-rustls");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let server = fake_provider::start(&netns, "192.0.2.1:443", Flavor::OpenAi);
+    let dir = TempDir::new("pt");
+    let (agent, dump) = start_agent(&cg, dir.path());
+    let exe = std::env::current_exe().unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(!maps.contains("/libssl.so"), "this test binary must not link libssl");
+    let mut cmd = Command::new(exe);
+    cmd.args(["rustls_client_child", "--exact", "--nocapture", "--test-threads=1", "-q"])
+        .env(RUSTLS_ENV, format!("{}\n{}\n{}", server.addr(), server.host(), server.ca_file().display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    confine(&mut cmd, &bot, &netns);
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "rustls client: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.served().len(), 1, "the rustls client's request was served");
+    let invisible = agent.wait_for_metric(
+        "llm_egress_plaintext_invisible_total",
+        &[("workload", "bot")],
+        1.0,
+        Duration::from_secs(5),
+    );
+    assert_eq!(invisible, Some(1.0), "{}\n{}", agent.metrics(), agent.context());
+    assert!(read_dump(&dump).iter().all(|c| c.pid != pid), "no plaintext from rustls");
+    assert!(agent.all_stderr().contains("without a shared libssl"));
+}
