@@ -141,13 +141,16 @@ impl Assembler {
             .get(&h.tid)
             .is_some_and(|c| c.time_ns == h.call_ns && c.data.len() == h.offset as usize);
         if !same_call {
-            if let Some(old) = self.open.remove(&h.tid) {
+            // A call still open lost its last pieces (the ring was full).
+            if let Some(mut old) = self.open.remove(&h.tid) {
+                old.complete = false;
                 out.push(old);
             }
             if self.open.len() >= OPEN_CALLS_MAX
                 && let Some(&tid) = self.open.keys().next()
-                && let Some(old) = self.open.remove(&tid)
+                && let Some(mut old) = self.open.remove(&tid)
             {
+                old.complete = false;
                 out.push(old);
             }
             self.open.insert(
@@ -424,10 +427,12 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(!out[0].complete && out[0].data.len() == PLAINTEXT_PIECE);
         assert!(out[1].complete);
-        // A piece whose first piece was lost.
-        let out = a.piece(&header(3, 9, 20_000, PLAINTEXT_PIECE as u32, 2), b"ab");
-        assert_eq!(out.len(), 1);
-        assert!(!out[0].complete);
+        // A call whose first piece was lost waits for the thread's next
+        // call, then comes incomplete.
+        assert!(a.piece(&header(3, 9, 20_000, PLAINTEXT_PIECE as u32, 2), b"ab").is_empty());
+        let out = a.piece(&header(3, 10, 1, 0, 1), b"q");
+        assert_eq!(out.len(), 2);
+        assert!(!out[0].complete && out[0].data == b"ab");
     }
 
     #[test]

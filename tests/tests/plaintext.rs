@@ -255,7 +255,8 @@ fn python_ssl_plaintext_is_exactly_what_the_client_wrote_and_read_on_its_cookie(
     assert!(chunks.iter().all(|c| c.complete && c.workload.as_deref() == Some("bot")));
     assert!(contains(&sent, b"POST /v1/chat/completions HTTP/1.1\r\n"));
     assert!(contains(&received, b"\"usage\""), "the fake's usage is in what was read");
-    assert!(metric(&agent, "llm_egress_plaintext_execs_total", &[("result", "paused")]) >= 1.0);
+    let paused = metric(&agent, "llm_egress_plaintext_execs_total", &[("result", "paused")]);
+    assert_eq!(paused, 1.0, "one exec, one pause: {}", agent.metrics());
 }
 
 /// curl (libssl.so.3): the request line, headers and body it sent and the
