@@ -11,6 +11,7 @@
 
 use std::{
     collections::HashMap,
+    time::Duration,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,8 +20,8 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use llm_egress_common::{
-    PLAINTEXT_CALL_MAX, PLAINTEXT_HEADER_BYTES, PlaintextHeader, plaintext_dir, plaintext_flags,
-    plaintext_kind,
+    PLAINTEXT_CALL_MAX, PLAINTEXT_HEADER_BYTES, PLAINTEXT_WAKE_NS, PlaintextHeader, plaintext_dir,
+    plaintext_flags, plaintext_kind,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::warn;
@@ -214,8 +215,40 @@ pub async fn read(
         }
     };
     let mut asm = Assembler::default();
+    let mut safety = tokio::time::interval(SAFETY_DRAIN);
+    safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Some(end): draining on a timer until `end` (the tail of a wakeup).
+    let mut tail_until: Option<tokio::time::Instant> = None;
+    let out = Outputs {
+        chunks: &chunks,
+        execs: &execs,
+        stats: &stats,
+        seen: &seen,
+    };
     loop {
-        let mut guard = match fd.readable_mut().await {
+        let tailing = tail_until.is_some();
+        let tail = async move {
+            if tailing {
+                tokio::time::sleep(TAIL_POLL).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let ready = tokio::select! {
+            r = fd.readable_mut() => r,
+            () = tail => {
+                drain(fd.get_mut(), &mut asm, &out);
+                if tail_until.is_some_and(|end| tokio::time::Instant::now() >= end) {
+                    tail_until = None;
+                }
+                continue;
+            }
+            _ = safety.tick() => {
+                drain(fd.get_mut(), &mut asm, &out);
+                continue;
+            }
+        };
+        let mut guard = match ready {
             Ok(g) => g,
             Err(e) => {
                 warn!(error = %e, "plaintext ring buffer poll failed");
@@ -223,48 +256,67 @@ pub async fn read(
                 return;
             }
         };
-        let ring = guard.get_inner_mut();
-        let mut out = Vec::new();
-        while let Some(item) = ring.next() {
-            match decode(&item) {
-                Some(Record::Piece(h, data)) => out.extend(asm.piece(&h, data)),
-                Some(Record::Exec(h)) => {
-                    let report = ExecReport {
-                        pid: h.tgid,
-                        cgroup_id: h.cgroup_id,
-                        paused: h.flags & plaintext_flags::PAUSED != 0,
-                    };
-                    if execs.try_send(report).is_err() {
-                        stats.execs_dropped.fetch_add(1, Ordering::Relaxed);
-                        if report.paused {
-                            resume(report.pid);
-                        }
+        drain(guard.get_inner_mut(), &mut asm, &out);
+        guard.clear_ready();
+        tail_until = Some(tokio::time::Instant::now() + TAIL);
+    }
+}
+
+/// After a wakeup the reader drains again every `TAIL_POLL` until `TAIL`
+/// has passed (common's `PLAINTEXT_WAKE_NS` has the contract); and every
+/// `SAFETY_DRAIN` whatever happens.
+const TAIL_POLL: Duration = Duration::from_nanos(PLAINTEXT_WAKE_NS);
+const TAIL: Duration = Duration::from_nanos(2 * PLAINTEXT_WAKE_NS);
+const SAFETY_DRAIN: Duration = Duration::from_secs(1);
+
+/// Where the reader's results go.
+struct Outputs<'a> {
+    chunks: &'a mpsc::Sender<PlaintextChunk>,
+    execs: &'a mpsc::Sender<ExecReport>,
+    stats: &'a ReaderStats,
+    seen: &'a Mutex<std::collections::HashSet<u32>>,
+}
+
+/// Handles every record the ring holds.
+fn drain(ring: &mut RingBuf<MapData>, asm: &mut Assembler, o: &Outputs<'_>) {
+    let mut done = Vec::new();
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Some(Record::Piece(h, data)) => done.extend(asm.piece(&h, data)),
+            Some(Record::Exec(h)) => {
+                let report = ExecReport {
+                    pid: h.tgid,
+                    cgroup_id: h.cgroup_id,
+                    paused: h.flags & plaintext_flags::PAUSED != 0,
+                };
+                if o.execs.try_send(report).is_err() {
+                    o.stats.execs_dropped.fetch_add(1, Ordering::Relaxed);
+                    if report.paused {
+                        resume(report.pid);
                     }
                 }
-                None => {
-                    stats.malformed.fetch_add(1, Ordering::Relaxed);
-                }
+            }
+            None => {
+                o.stats.malformed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        guard.clear_ready();
-        // Every piece a program run emits is in the ring when the run
-        // ends; a call still open after a drain lost its last pieces only
-        // if the ring dropped them. Keep it until the next drain unless
-        // the thread's next call ends it (it may be mid-emission).
-        if let Ok(mut s) = seen.lock() {
-            for c in &out {
-                s.insert(c.pid);
-            }
+    }
+    if done.is_empty() {
+        return;
+    }
+    if let Ok(mut s) = o.seen.lock() {
+        for c in &done {
+            s.insert(c.pid);
         }
-        for c in out {
-            if !c.complete {
-                stats.incomplete.fetch_add(1, Ordering::Relaxed);
-            }
-            stats.chunks.fetch_add(1, Ordering::Relaxed);
-            stats.bytes.fetch_add(c.data.len() as u64, Ordering::Relaxed);
-            if chunks.try_send(c).is_err() {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    }
+    for c in done {
+        if !c.complete {
+            o.stats.incomplete.fetch_add(1, Ordering::Relaxed);
+        }
+        o.stats.chunks.fetch_add(1, Ordering::Relaxed);
+        o.stats.bytes.fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        if o.chunks.try_send(c).is_err() {
+            o.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -69,6 +69,14 @@ pub const PLAINTEXT_MAPS: [&str; 7] = [
     MAP_PLAINTEXT_STATS,
 ];
 
+/// Wakeups of the agent's plaintext reader are batched as those of
+/// `EVENTS` are (`EVENTS_WAKE_NS`): a CPU wakes the reader for a record only
+/// when it has not in the last `PLAINTEXT_WAKE_NS` (or when a quarter of
+/// the ring waits); the reader, once woken, drains again every
+/// `PLAINTEXT_WAKE_NS` for `2 × PLAINTEXT_WAKE_NS`. A wakeup per SSL call
+/// was most of the calls' cost (docs/benchmarks.md, "Plaintext uprobes").
+pub const PLAINTEXT_WAKE_NS: u64 = 5_000_000;
+
 /// The plaintext ring: 8 MiB.
 pub const PLAINTEXT_BYTES: u32 = 8 << 20;
 /// Bytes of plaintext one record carries (a TLS record's plaintext is at
@@ -153,7 +161,10 @@ pub mod plaintext_stat {
     pub const EXECS_LOST: u32 = 7;
     /// Pieces whose bytes could not be read from the process's memory.
     pub const UNREADABLE: u32 = 8;
-    pub const LEN: u32 = 9;
+    /// Not a counter: this CPU's `bpf_ktime_get_ns()` when it last woke
+    /// the agent's reader (`PLAINTEXT_WAKE_NS`).
+    pub const LAST_WAKE_NS: u32 = 9;
+    pub const LEN: u32 = 10;
 }
 
 /// `PLAINTEXT_CFG[0]`.

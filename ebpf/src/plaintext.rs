@@ -45,6 +45,7 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -54,7 +55,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use llm_egress_common::{
-    PLAINTEXT_HEADER_BYTES, PLAINTEXT_PIECE, PLAINTEXT_PIECES, PlaintextHeader, SslCall, SslKey,
+    PLAINTEXT_BYTES, PLAINTEXT_HEADER_BYTES, PLAINTEXT_PIECE, PLAINTEXT_PIECES, PLAINTEXT_WAKE_NS,
+    PlaintextHeader, SslCall, SslKey,
     call_flags, plaintext_dir, plaintext_flags, plaintext_kind, plaintext_stat, workload_key,
 };
 
@@ -267,11 +269,35 @@ fn piece(header: &PlaintextHeader, src: u64, offset: u32, len: usize) {
         // At most the record's size: `used` is 0 or `size`.
         let bytes =
             core::slice::from_raw_parts(rec as *const u8, PLAINTEXT_HEADER_BYTES + used as usize);
-        match PLAINTEXT.output::<[u8]>(bytes, 0) {
+        match PLAINTEXT.output::<[u8]>(bytes, wake_flags()) {
             Ok(()) => stat(plaintext_stat::BYTES, u64::from(used)),
             Err(_) => stat(plaintext_stat::LOST, 1),
         }
     }
+}
+
+/// The flags of a record's output: wake the reader when this CPU has not
+/// woken it for `PLAINTEXT_WAKE_NS` or a quarter of the ring waits, else
+/// no wakeup (the reader's tail drains pick the record up: common's
+/// `PLAINTEXT_WAKE_NS`).
+#[inline(always)]
+fn wake_flags() -> u64 {
+    if PLAINTEXT.query(u64::from(BPF_RB_AVAIL_DATA)) >= u64::from(PLAINTEXT_BYTES / 4) {
+        return u64::from(BPF_RB_FORCE_WAKEUP);
+    }
+    let Some(last) = PLAINTEXT_STATS.get_ptr_mut(plaintext_stat::LAST_WAKE_NS) else {
+        return 0;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot; preemption is disabled in the program.
+    unsafe {
+        if now.wrapping_sub(*last) < PLAINTEXT_WAKE_NS {
+            return u64::from(BPF_RB_NO_WAKEUP);
+        }
+        *last = now;
+    }
+    u64::from(BPF_RB_FORCE_WAKEUP)
 }
 
 #[tracepoint]

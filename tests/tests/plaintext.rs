@@ -443,3 +443,168 @@ fn a_tls_client_without_libssl_is_counted_as_not_visible() {
     assert!(read_dump(&dump).iter().all(|c| c.pid != pid), "no plaintext from rustls");
     assert!(agent.all_stderr().contains("without a shared libssl"));
 }
+
+/// An echo loop over Python's `ssl` (argv: ip, host, ca, n, size): n
+/// times one write of `size` bytes and reads until they are back; prints
+/// the loop's ns.
+const ECHO_CLIENT: &str = r#"
+import socket, ssl, sys, time
+ip, host, ca, n, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection((ip, 443)), server_hostname=host)
+msg = b"x" * size
+s.sendall(msg); got = 0
+while got < size: got += len(s.recv(size))
+t = time.perf_counter_ns()
+for _ in range(n):
+    s.sendall(msg)
+    got = 0
+    while got < size:
+        got += len(s.recv(size))
+print(time.perf_counter_ns() - t)
+s.close()
+"#;
+
+/// A streamed chat completion read with Python's `ssl` (argv: ip, host,
+/// ca, max_tokens): prints ns from the request to the end of the stream
+/// and the bytes read.
+const STREAM_CLIENT: &str = r#"
+import socket, ssl, sys, time, json
+ip, host, ca, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection((ip, 443)), server_hostname=host)
+body = json.dumps({"model": "gpt-4o-mini", "max_tokens": tokens, "stream": True,
+                   "messages": [{"role": "user", "content": "stream"}]})
+req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+       f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
+t = time.perf_counter_ns()
+s.sendall(req)
+total = 0; tail = b""
+while True:
+    d = s.recv(65536)
+    if not d: break
+    total += len(d); tail = (tail + d)[-64:]
+    if b"data: [DONE]" in tail and tail.endswith(b"0\r\n\r\n"): break
+print(time.perf_counter_ns() - t, total)
+"#;
+
+/// A TLS echo server (rustls) on `addr` in `netns`.
+fn start_echo(netns: &NetnsGuard, addr: &str, host: &str) -> String {
+    let (config, ca_pem) = fake_provider::tls_config(host);
+    let listener = netns
+        .in_netns(|| std::net::TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(tcp) = conn else { continue };
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let _ = tcp.set_nodelay(true);
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = tls.read(&mut buf) {
+                    if n == 0 || tls.write_all(&buf[..n]).is_err() || tls.flush().is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    ca_pem
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The cost of the uprobes (docs/benchmarks.md, "Plaintext uprobes"): an
+/// echo loop of small SSL calls and a long SSE stream, each from workload
+/// `bot` (traced) and `plain` (no uprobes) in alternating rounds of one
+/// run. Not a timed test: it prints ratios and µs per call.
+/// `cargo test -p llm-egress-tests --test plaintext -- --ignored --nocapture bench`
+#[test]
+#[ignore = "benchmark"]
+fn bench_plaintext_cost() {
+    require_root();
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(11);
+    let n: usize = std::env::var("BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let cg = CgroupGuard::new("pt-bench");
+    let bot = cg.child("bot");
+    let plain = cg.child("plain");
+    let netns = NetnsGuard::new();
+    let host = "api.openai.com";
+    let ca_pem = start_echo(&netns, "192.0.2.1:443", host);
+    let stream_server = fake_provider::start_with(
+        &netns,
+        "198.51.100.1:443",
+        Flavor::OpenAi,
+        fake_provider::Options { token_interval: Duration::ZERO },
+    );
+    let dir = TempDir::new("pt-bench");
+    let ca = dir.path().join("echo-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let (echo, stream) = (dir.path().join("echo.py"), dir.path().join("stream.py"));
+    std::fs::write(&echo, ECHO_CLIENT).unwrap();
+    std::fs::write(&stream, STREAM_CLIENT).unwrap();
+    // BENCH_DUMP=1: with the test dump (diagnosis; it costs the agent more).
+    let dump = dir.path().join("plaintext.jsonl");
+    let env: Vec<(&str, &str)> = if std::env::var_os("BENCH_DUMP").is_some() {
+        vec![(DUMP_ENV, dump.to_str().unwrap())]
+    } else {
+        vec![]
+    };
+    let mut agent = Agent::launch_with_env(&traced_policy(&cg), &env);
+    agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    let calls_before = metric(&agent, "llm_egress_plaintext_calls_total", &[]);
+    let (mut traced, mut base) = (Vec::new(), Vec::new());
+    let (ns, size) = (n.to_string(), "256".to_string());
+    for r in 0..rounds {
+        let order = if r % 2 == 0 { [&bot, &plain] } else { [&plain, &bot] };
+        for cgroup in order {
+            let (_, out) = run_python("/usr/bin/python3", &echo, &["192.0.2.1", host, ca.to_str().unwrap(), &ns, &size], cgroup, &netns);
+            let ns: f64 = out.trim().parse().unwrap();
+            if std::ptr::eq(cgroup, &bot) { traced.push(ns) } else { base.push(ns) }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    if std::env::var_os("BENCH_DUMP").is_some() {
+        let d = read_dump(&dump);
+        let sent = d.iter().filter(|c| c.sent).count();
+        println!("dump: {} chunks, {sent} sent, {} received", d.len(), d.len() - sent);
+    }
+    let calls = metric(&agent, "llm_egress_plaintext_calls_total", &[]) - calls_before;
+    let mut ratios: Vec<f64> = traced.iter().zip(&base).map(|(t, b)| t / b).collect();
+    let (mt, mb) = (median(&mut traced.clone()), median(&mut base.clone()));
+    // Each iteration: one SSL_write_ex and (at least) one SSL_read_ex.
+    let calls_per_round = calls / rounds as f64;
+    let per_call_us = (mt - mb) / 1e3 / calls_per_round;
+    println!(
+        "echo: {rounds} rounds of {n} x 256 B: traced median {:.1} µs/iter, untraced {:.1} µs/iter, median ratio {:.3}, SSL calls seen per round {calls_per_round:.0}, overhead {per_call_us:.2} µs per SSL call",
+        mt / 1e3 / n as f64,
+        mb / 1e3 / n as f64,
+        median(&mut ratios)
+    );
+    let tokens = std::env::var("BENCH_TOKENS").ok().unwrap_or_else(|| "20000".into());
+    let (mut t_tp, mut b_tp) = (Vec::new(), Vec::new());
+    for r in 0..rounds.min(7) {
+        let order = if r % 2 == 0 { [&bot, &plain] } else { [&plain, &bot] };
+        for cgroup in order {
+            let (_, out) = run_python("/usr/bin/python3", &stream, &["198.51.100.1", stream_server.host(), stream_server.ca_file().to_str().unwrap(), &tokens], cgroup, &netns);
+            let mut it = out.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+            let (ns, bytes) = (it.next().unwrap(), it.next().unwrap());
+            let mbps = bytes / (ns / 1e9) / 1e6;
+            if std::ptr::eq(cgroup, &bot) { t_tp.push(mbps) } else { b_tp.push(mbps) }
+        }
+    }
+    let mut tr: Vec<f64> = t_tp.iter().zip(&b_tp).map(|(t, b)| t / b).collect();
+    println!(
+        "stream: {} rounds of {tokens} SSE events: traced median {:.2} MB/s, untraced {:.2} MB/s, median ratio {:.3}",
+        t_tp.len(),
+        median(&mut t_tp),
+        median(&mut b_tp),
+        median(&mut tr)
+    );
+    println!("{}", agent.metrics().lines().filter(|l| l.starts_with("llm_egress_plaintext")).collect::<Vec<_>>().join("\n"));
+}
