@@ -533,7 +533,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let plaintext_stats = Arc::new(plaintext::ReaderStats::default());
     let (chunk_tx, chunk_rx) = mpsc::channel::<PlaintextChunk>(PLAINTEXT_QUEUE);
     let (exec_tx, mut exec_rx) = mpsc::channel::<ExecReport>(EXEC_QUEUE);
-    let mut attacher = match Attacher::load(&mut loader.ebpf, &mount, &metrics.registry, plaintext_stats.clone()) {
+    let mut attacher = match Attacher::load(
+        &mut loader.ebpf,
+        &mount,
+        &metrics.registry,
+        plaintext_stats.clone(),
+    ) {
         Ok(a) => Some(a),
         Err(e) => {
             if state.policy.workloads.iter().any(|w| w.exact_tokens) {
@@ -658,8 +663,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         // uprobe fails with EACCES unless CAP_SYS_ADMIN is kept (CAP_PERFMON
         // and CAP_BPF alone are not enough), so an agent whose policy has an
         // `exact_tokens` workload at start keeps it (docs/plaintext.md).
-        let plaintext_caps = attacher.is_some()
-            && state.policy.workloads.iter().any(|w| w.exact_tokens);
+        let plaintext_caps =
+            attacher.is_some() && state.policy.workloads.iter().any(|w| w.exact_tokens);
         let keep: &[u32] = if plaintext_caps {
             &[
                 crate::privileges::CAP_SYS_PTRACE,

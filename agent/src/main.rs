@@ -35,6 +35,8 @@ mod ownership;
 mod plaintext;
 mod plaintext_attach;
 mod plaintext_btf;
+mod plaintext_metrics;
+mod plaintext_procs;
 mod plan;
 mod policy;
 mod policy_watch;

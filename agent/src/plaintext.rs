@@ -11,11 +11,11 @@
 
 use std::{
     collections::HashMap,
-    time::Duration,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -95,7 +95,8 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
     match h.kind {
         plaintext_kind::EXEC => Some(Record::Exec(h)),
         plaintext_kind::CHUNK => {
-            let data = bytes.get(PLAINTEXT_HEADER_BYTES..PLAINTEXT_HEADER_BYTES + h.len as usize)?;
+            let data =
+                bytes.get(PLAINTEXT_HEADER_BYTES..PLAINTEXT_HEADER_BYTES + h.len as usize)?;
             Some(Record::Piece(h, data))
         }
         _ => None,
@@ -184,10 +185,10 @@ impl Assembler {
         }
         call.data.extend_from_slice(data);
         let want = call.call_len.min(PLAINTEXT_CALL_MAX as u64) as usize;
-        if call.data.len() >= want || h.flags & plaintext_flags::UNREADABLE != 0 {
-            if let Some(done) = self.open.remove(&h.tid) {
-                out.push(done);
-            }
+        if (call.data.len() >= want || h.flags & plaintext_flags::UNREADABLE != 0)
+            && let Some(done) = self.open.remove(&h.tid)
+        {
+            out.push(done);
         }
         out
     }
@@ -314,7 +315,9 @@ fn drain(ring: &mut RingBuf<MapData>, asm: &mut Assembler, o: &Outputs<'_>) {
             o.stats.incomplete.fetch_add(1, Ordering::Relaxed);
         }
         o.stats.chunks.fetch_add(1, Ordering::Relaxed);
-        o.stats.bytes.fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        o.stats
+            .bytes
+            .fetch_add(c.data.len() as u64, Ordering::Relaxed);
         if o.chunks.try_send(c).is_err() {
             o.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -436,7 +439,10 @@ mod tests {
     fn record(h: &PlaintextHeader, data: &[u8]) -> Vec<u8> {
         // SAFETY: a repr(C) struct of integers viewed as its bytes.
         let hb = unsafe {
-            std::slice::from_raw_parts((h as *const PlaintextHeader).cast::<u8>(), PLAINTEXT_HEADER_BYTES)
+            std::slice::from_raw_parts(
+                (h as *const PlaintextHeader).cast::<u8>(),
+                PLAINTEXT_HEADER_BYTES,
+            )
         };
         [hb, data].concat()
     }
@@ -458,7 +464,10 @@ mod tests {
         let mut a = Assembler::default();
         let big = vec![b'x'; PLAINTEXT_PIECE];
         let n = (PLAINTEXT_PIECE + 10) as u64;
-        assert!(a.piece(&header(1, 5, n, 0, PLAINTEXT_PIECE as u32), &big).is_empty());
+        assert!(
+            a.piece(&header(1, 5, n, 0, PLAINTEXT_PIECE as u32), &big)
+                .is_empty()
+        );
         let other = a.piece(&header(2, 6, 2, 0, 2), b"hi");
         assert_eq!(other.len(), 1);
         assert_eq!(other[0].data, b"hi");
@@ -473,7 +482,10 @@ mod tests {
     fn a_call_that_lost_a_piece_is_delivered_incomplete() {
         let mut a = Assembler::default();
         let big = vec![b'x'; PLAINTEXT_PIECE];
-        assert!(a.piece(&header(1, 5, 20_000, 0, PLAINTEXT_PIECE as u32), &big).is_empty());
+        assert!(
+            a.piece(&header(1, 5, 20_000, 0, PLAINTEXT_PIECE as u32), &big)
+                .is_empty()
+        );
         // The thread's next call: the first is delivered as it is.
         let out = a.piece(&header(1, 8, 1, 0, 1), b"z");
         assert_eq!(out.len(), 2);
@@ -481,7 +493,10 @@ mod tests {
         assert!(out[1].complete);
         // A call whose first piece was lost waits for the thread's next
         // call, then comes incomplete.
-        assert!(a.piece(&header(3, 9, 20_000, PLAINTEXT_PIECE as u32, 2), b"ab").is_empty());
+        assert!(
+            a.piece(&header(3, 9, 20_000, PLAINTEXT_PIECE as u32, 2), b"ab")
+                .is_empty()
+        );
         let out = a.piece(&header(3, 10, 1, 0, 1), b"q");
         assert_eq!(out.len(), 2);
         assert!(!out[0].complete && out[0].data == b"ab");
@@ -494,7 +509,13 @@ mod tests {
         let n = (PLAINTEXT_CALL_MAX + 5) as u64;
         let mut out = Vec::new();
         for i in 0..llm_egress_common::PLAINTEXT_PIECES {
-            let mut h = header(4, 1, n, (i * PLAINTEXT_PIECE) as u32, PLAINTEXT_PIECE as u32);
+            let mut h = header(
+                4,
+                1,
+                n,
+                (i * PLAINTEXT_PIECE) as u32,
+                PLAINTEXT_PIECE as u32,
+            );
             h.flags = plaintext_flags::TRUNCATED;
             out.extend(a.piece(&h, &big));
         }

@@ -50,13 +50,15 @@ use aya::{
 use llm_egress_common::{
     MAP_PLAINTEXT_CFG, MAP_PLAINTEXT_STATS, MAP_PLAINTEXT_WORKLOADS, PROG_PLAINTEXT_EXEC,
     PROG_PLAINTEXT_SOCK, PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN, PROG_PLAINTEXT_TCP,
-    PlaintextConfig,
-    call_flags, plaintext_stat, workload_key,
+    PlaintextConfig, call_flags, plaintext_stat, workload_key,
 };
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use tracing::{info, warn};
 
 use crate::plaintext::{ExecReport, ReaderStats, resume};
+use crate::plaintext_metrics::Metrics;
+use crate::plaintext_procs::{
+    cgroup_pids, mapped_libssl, process_root, start_time, workload_by_path,
+};
 
 /// The functions probed, with the attach cookie each entry probe gets.
 const FUNCTIONS: [(&str, u64); 4] = [
@@ -125,96 +127,6 @@ struct Traced {
     mapped: bool,
 }
 
-/// The metrics of this module and of the plaintext reader.
-#[derive(Clone)]
-struct Metrics {
-    attach: IntCounterVec,
-    processes: IntGaugeVec,
-    invisible: IntCounterVec,
-    execs: IntCounterVec,
-    calls: IntCounter,
-    bytes: IntCounter,
-    lost: IntCounterVec,
-    no_cookie: IntCounter,
-    chunks: IntCounter,
-}
-
-impl Metrics {
-    fn new(r: &prometheus::Registry) -> prometheus::Result<Self> {
-        let attach = IntCounterVec::new(
-            Opts::new(
-                "llm_egress_plaintext_attach_total",
-                "Processes of exact_tokens workloads given the OpenSSL uprobes (attached), left untraced because max processes are traced (overflow), or whose attachment failed (error)",
-            ),
-            &["result"],
-        )?;
-        let processes = IntGaugeVec::new(
-            Opts::new(
-                "llm_egress_plaintext_processes",
-                "Traced processes that map a shared libssl (libssl) and that map none (no_libssl: their TLS plaintext is not visible unless they load it later)",
-            ),
-            &["state"],
-        )?;
-        let invisible = IntCounterVec::new(
-            Opts::new(
-                "llm_egress_plaintext_invisible_total",
-                "Traced processes that ended without mapping a shared libssl or sending plaintext: statically linked TLS (Go, rustls, BoringSSL, static OpenSSL) or no TLS at all",
-            ),
-            &["workload"],
-        )?;
-        let execs = IntCounterVec::new(
-            Opts::new(
-                "llm_egress_plaintext_execs_total",
-                "Execs in exact_tokens workloads: reported and paused until attached (paused), or not reported because the plaintext ring was full (lost; attached later by the scan)",
-            ),
-            &["result"],
-        )?;
-        let calls = IntCounter::new(
-            "llm_egress_plaintext_calls_total",
-            "OpenSSL read/write calls whose plaintext the kernel copied",
-        )?;
-        let bytes = IntCounter::new(
-            "llm_egress_plaintext_bytes_total",
-            "Plaintext bytes the kernel copied",
-        )?;
-        let lost = IntCounterVec::new(
-            Opts::new(
-                "llm_egress_plaintext_lost_total",
-                "Plaintext not delivered: ring_full (records), unreadable (pieces), no_entry (returns without an entry), incomplete (calls delivered with pieces missing), consumer (chunks the consumer did not take), malformed (records)",
-            ),
-            &["why"],
-        )?;
-        let no_cookie = IntCounter::new(
-            "llm_egress_plaintext_calls_without_cookie_total",
-            "Calls delivered with socket cookie 0 (no TCP call seen under their SSL*)",
-        )?;
-        let chunks = IntCounter::new(
-            "llm_egress_plaintext_chunks_total",
-            "TLS calls delivered to the plaintext consumer",
-        )?;
-        r.register(Box::new(attach.clone()))?;
-        r.register(Box::new(processes.clone()))?;
-        r.register(Box::new(invisible.clone()))?;
-        r.register(Box::new(execs.clone()))?;
-        r.register(Box::new(calls.clone()))?;
-        r.register(Box::new(bytes.clone()))?;
-        r.register(Box::new(lost.clone()))?;
-        r.register(Box::new(no_cookie.clone()))?;
-        r.register(Box::new(chunks.clone()))?;
-        Ok(Self {
-            attach,
-            processes,
-            invisible,
-            execs,
-            calls,
-            bytes,
-            lost,
-            no_cookie,
-            chunks,
-        })
-    }
-}
-
 /// The uprobe attacher. Owns the plaintext control maps; the programs stay
 /// in the `Ebpf` the caller passes in.
 pub struct Attacher {
@@ -252,7 +164,8 @@ impl Attacher {
     ) -> Result<Self, AttachError> {
         for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
             let p: &mut UProbe = program(ebpf, name)?;
-            p.load().map_err(|e| AttachError::Program(name, chain(&e)))?;
+            p.load()
+                .map_err(|e| AttachError::Program(name, chain(&e)))?;
         }
         // The kprobe may be refused where the tracepoints are not (and the
         // other way round): each is tried when the cookie hooks attach.
@@ -263,25 +176,28 @@ impl Attacher {
         }
         for name in [PROG_PLAINTEXT_SOCK, PROG_PLAINTEXT_EXEC] {
             let t: &mut TracePoint = program(ebpf, name)?;
-            t.load().map_err(|e| AttachError::Program(name, chain(&e)))?;
+            t.load()
+                .map_err(|e| AttachError::Program(name, chain(&e)))?;
         }
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
                 .ok_or_else(|| AttachError::Map(name, "missing".into()))
         };
-        let workloads_map = take(ebpf, MAP_PLAINTEXT_WORKLOADS)?
-            .try_into()
-            .map_err(|e: aya::maps::MapError| {
-                AttachError::Map(MAP_PLAINTEXT_WORKLOADS, e.to_string())
-            })?;
+        let workloads_map =
+            take(ebpf, MAP_PLAINTEXT_WORKLOADS)?
+                .try_into()
+                .map_err(|e: aya::maps::MapError| {
+                    AttachError::Map(MAP_PLAINTEXT_WORKLOADS, e.to_string())
+                })?;
         let cfg_map = take(ebpf, MAP_PLAINTEXT_CFG)?
             .try_into()
             .map_err(|e: aya::maps::MapError| AttachError::Map(MAP_PLAINTEXT_CFG, e.to_string()))?;
-        let stats_map = take(ebpf, MAP_PLAINTEXT_STATS)?
-            .try_into()
-            .map_err(|e: aya::maps::MapError| {
-                AttachError::Map(MAP_PLAINTEXT_STATS, e.to_string())
-            })?;
+        let stats_map =
+            take(ebpf, MAP_PLAINTEXT_STATS)?
+                .try_into()
+                .map_err(|e: aya::maps::MapError| {
+                    AttachError::Map(MAP_PLAINTEXT_STATS, e.to_string())
+                })?;
         let sk_cookie_offset = match sk_cookie_offset(Path::new("/sys/kernel/btf/vmlinux")) {
             Ok(o) => o,
             Err(e) => {
@@ -289,8 +205,8 @@ impl Attacher {
                 0
             }
         };
-        let metrics = Metrics::new(registry)
-            .map_err(|e| AttachError::Map("metrics", e.to_string()))?;
+        let metrics =
+            Metrics::new(registry).map_err(|e| AttachError::Map("metrics", e.to_string()))?;
         let mut a = Self {
             cgroup_mount: cgroup_mount.to_path_buf(),
             workloads_map,
@@ -406,10 +322,12 @@ impl Attacher {
         if report.paused {
             self.metrics.execs.with_label_values(&["paused"]).inc();
         }
-        // A pid seen before belongs to the image before this exec: its
-        // uprobes follow the new image (they filter by mm), but the
-        // libraries are those of the new image.
-        self.forget(report.pid);
+        // A pid traced before ran the image before this exec (a shell
+        // that execs the client): its libraries are gone; it is not
+        // counted as invisible, the new image is what runs.
+        if let Some(t) = self.traced.remove(&report.pid) {
+            drop(t);
+        }
         if let Some(w) = self.workload_of(report.pid) {
             self.attach(ebpf, report.pid, w);
         }
@@ -433,7 +351,8 @@ impl Attacher {
         }
         let pids: Vec<u32> = self.traced.keys().copied().collect();
         for pid in pids {
-            let alive = start_time(pid).is_some_and(|t| Some(t) == self.traced.get(&pid).map(|p| p.start_time));
+            let alive = start_time(pid)
+                .is_some_and(|t| Some(t) == self.traced.get(&pid).map(|p| p.start_time));
             if !alive || !present.contains(&pid) {
                 self.forget(pid);
                 continue;
@@ -448,8 +367,14 @@ impl Attacher {
                 without += 1;
             }
         }
-        self.metrics.processes.with_label_values(&["libssl"]).set(with);
-        self.metrics.processes.with_label_values(&["no_libssl"]).set(without);
+        self.metrics
+            .processes
+            .with_label_values(&["libssl"])
+            .set(with);
+        self.metrics
+            .processes
+            .with_label_values(&["no_libssl"])
+            .set(without);
         self.sync_counters();
     }
 
@@ -464,13 +389,18 @@ impl Attacher {
         let seen = self.kernel_seen;
         self.metrics.calls.inc_by(d(plaintext_stat::CALLS, &seen));
         self.metrics.bytes.inc_by(d(plaintext_stat::BYTES, &seen));
-        self.metrics.no_cookie.inc_by(d(plaintext_stat::NO_COOKIE, &seen));
+        self.metrics
+            .no_cookie
+            .inc_by(d(plaintext_stat::NO_COOKIE, &seen));
         for (stat, why) in [
             (plaintext_stat::LOST, "ring_full"),
             (plaintext_stat::UNREADABLE, "unreadable"),
             (plaintext_stat::NO_ENTRY, "no_entry"),
         ] {
-            self.metrics.lost.with_label_values(&[why]).inc_by(d(stat, &seen));
+            self.metrics
+                .lost
+                .with_label_values(&[why])
+                .inc_by(d(stat, &seen));
         }
         self.metrics
             .execs
@@ -489,10 +419,22 @@ impl Attacher {
         ];
         let rd = |i: usize| rnow[i].saturating_sub(self.reader_seen[i]);
         self.metrics.chunks.inc_by(rd(0));
-        self.metrics.lost.with_label_values(&["incomplete"]).inc_by(rd(1));
-        self.metrics.lost.with_label_values(&["consumer"]).inc_by(rd(2));
-        self.metrics.lost.with_label_values(&["malformed"]).inc_by(rd(3));
-        self.metrics.execs.with_label_values(&["lost"]).inc_by(rd(4));
+        self.metrics
+            .lost
+            .with_label_values(&["incomplete"])
+            .inc_by(rd(1));
+        self.metrics
+            .lost
+            .with_label_values(&["consumer"])
+            .inc_by(rd(2));
+        self.metrics
+            .lost
+            .with_label_values(&["malformed"])
+            .inc_by(rd(3));
+        self.metrics
+            .execs
+            .with_label_values(&["lost"])
+            .inc_by(rd(4));
         self.reader_seen = rnow;
     }
 
@@ -607,7 +549,11 @@ impl Attacher {
         let Some(t) = self.traced.remove(&pid) else {
             return;
         };
-        let seen = self.seen.lock().map(|mut s| s.remove(&pid)).unwrap_or(false);
+        let seen = self
+            .seen
+            .lock()
+            .map(|mut s| s.remove(&pid))
+            .unwrap_or(false);
         if !t.mapped && !seen {
             self.metrics
                 .invisible
@@ -634,7 +580,9 @@ fn attach_cookie_hooks(ebpf: &mut Ebpf) -> CookieHooks {
             }
         }
         if ids.len() == SOCK_TRACEPOINTS.len() {
-            info!("plaintext: socket cookies from the sock_send_length/sock_recv_length tracepoints");
+            info!(
+                "plaintext: socket cookies from the sock_send_length/sock_recv_length tracepoints"
+            );
             return CookieHooks::Tracepoints(ids);
         }
         for id in ids {
@@ -671,92 +619,6 @@ where
         .map_err(|e: aya::programs::ProgramError| AttachError::Program(name, e.to_string()))
 }
 
-/// The workload whose cgroup is `path` (relative to the cgroup2 mount, as
-/// /proc/PID/cgroup shows it) or one of its ancestors; the deepest wins.
-pub fn workload_by_path(exact: &[(String, String)], path: &str) -> Option<String> {
-    exact
-        .iter()
-        .filter(|(p, _)| {
-            let p = p.trim_end_matches('/');
-            path == p || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
-        })
-        .max_by_key(|(p, _)| p.len())
-        .map(|(_, w)| w.clone())
-}
-
-/// Where `pid`'s root is seen from the agent: `/` when it shares the
-/// agent's root (the path then names the file directly), else
-/// /proc/PID/root (a container's root).
-fn process_root(pid: u32) -> PathBuf {
-    let theirs = PathBuf::from(format!("/proc/{pid}/root"));
-    let same = match (fs::metadata(&theirs), fs::metadata("/")) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    };
-    if same { PathBuf::from("/") } else { theirs }
-}
-
-/// Processes in `dir` and the cgroups below it.
-fn cgroup_pids(dir: &Path) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut stack = vec![(dir.to_path_buf(), 0)];
-    while let Some((d, depth)) = stack.pop() {
-        if let Ok(text) = fs::read_to_string(d.join("cgroup.procs")) {
-            out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-        }
-        if depth >= llm_egress_common::MAX_CGROUP_DEPTH {
-            continue;
-        }
-        if let Ok(entries) = fs::read_dir(&d) {
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((e.path(), depth + 1));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Field 22 (starttime) of /proc/PID/stat.
-fn start_time(pid: u32) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&text)
-}
-
-fn parse_start_time(stat: &str) -> Option<u64> {
-    // The command may hold spaces and parentheses: fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Paths (in the process's mount namespace) of the libssl files `pid` maps.
-fn mapped_libssl(pid: u32) -> Vec<String> {
-    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    libssl_paths(&text)
-}
-
-/// The libssl paths of a /proc/PID/maps text: `libssl.so` and its versions
-/// (`libssl.so.3`), once each.
-pub fn libssl_paths(maps: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for line in maps.lines() {
-        let Some(path) = line.split_whitespace().nth(5) else {
-            continue;
-        };
-        let base = path.rsplit('/').next().unwrap_or("");
-        if path.starts_with('/')
-            && (base == "libssl.so" || base.starts_with("libssl.so."))
-            && !out.iter().any(|p| p == path)
-        {
-            out.push(path.to_string());
-        }
-    }
-    out
-}
-
 /// Offset of `skc_cookie` in `struct sock` (through `__sk_common`), from the
 /// kernel's BTF at `path`.
 pub fn sk_cookie_offset(path: &Path) -> Result<u32, String> {
@@ -775,42 +637,6 @@ pub fn sk_cookie_offset(path: &Path) -> Result<u32, String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn libssl_is_found_in_a_maps_text() {
-        let maps = "\
-7f00-7f10 r--p 00000000 08:01 1234 /usr/lib/x86_64-linux-gnu/libssl.so.3
-7f10-7f20 r-xp 00010000 08:01 1234 /usr/lib/x86_64-linux-gnu/libssl.so.3
-7f20-7f30 r--p 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
-7f30-7f40 r--p 00000000 08:01 98 /opt/app/libssl-fake.so
-7f40-7f50 rw-p 00000000 00:00 0 
-7f50-7f60 r--p 00000000 08:01 97 /venv/lib/libssl.so.1.1 (deleted)
-";
-        assert_eq!(
-            libssl_paths(maps),
-            ["/usr/lib/x86_64-linux-gnu/libssl.so.3", "/venv/lib/libssl.so.1.1"]
-        );
-        assert!(libssl_paths("").is_empty());
-    }
-
-    #[test]
-    fn start_time_skips_a_command_with_parentheses() {
-        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 123456 1000 10";
-        assert_eq!(parse_start_time(stat), Some(123456));
-        assert_eq!(parse_start_time("garbage"), None);
-    }
-
-    #[test]
-    fn the_deepest_workload_cgroup_of_a_path_wins() {
-        let exact = vec![
-            ("/a".to_string(), "outer".to_string()),
-            ("/a/b".to_string(), "inner".to_string()),
-        ];
-        assert_eq!(workload_by_path(&exact, "/a/b/c").as_deref(), Some("inner"));
-        assert_eq!(workload_by_path(&exact, "/a/x").as_deref(), Some("outer"));
-        assert_eq!(workload_by_path(&exact, "/ab"), None);
-        assert_eq!(workload_by_path(&exact, "/a").as_deref(), Some("outer"));
-    }
-
     /// On a kernel with BTF (this machine's), the cookie is found, inside
     /// `struct sock`'s first 256 bytes (it is in `sock_common`).
     #[test]
@@ -820,6 +646,6 @@ mod tests {
             return;
         }
         let off = sk_cookie_offset(path).expect("offset");
-        assert!(off > 0 && off < 256 && off % 8 == 0, "{off}");
+        assert!(off > 0 && off < 256 && off.is_multiple_of(8), "{off}");
     }
 }

@@ -68,10 +68,10 @@ impl<'a> Btf<'a> {
             let kind_flag = info >> 31 != 0;
             at += 12;
             let extra = match kind {
-                1 | 14 | 17 => 4,              // INT, VAR, DECL_TAG
-                3 => 12,                       // ARRAY
+                1 | 14 | 17 => 4,                                // INT, VAR, DECL_TAG
+                3 => 12,                                         // ARRAY
                 KIND_STRUCT | KIND_UNION | 15 | 19 => 12 * vlen, // members, DATASEC, ENUM64
-                6 | 13 => 8 * vlen,            // ENUM, FUNC_PROTO
+                6 | 13 => 8 * vlen,                              // ENUM, FUNC_PROTO
                 _ => 0,
             };
             if kind == KIND_STRUCT || kind == KIND_UNION {

@@ -56,13 +56,13 @@ use aya_ebpf::{
 };
 use llm_egress_common::{
     PLAINTEXT_BYTES, PLAINTEXT_HEADER_BYTES, PLAINTEXT_PIECE, PLAINTEXT_PIECES, PLAINTEXT_WAKE_NS,
-    PlaintextHeader, SslCall, SslKey,
-    call_flags, plaintext_dir, plaintext_flags, plaintext_kind, plaintext_stat, workload_key,
+    PlaintextHeader, SslCall, SslKey, call_flags, plaintext_dir, plaintext_flags, plaintext_kind,
+    plaintext_stat, workload_key,
 };
 
 use crate::maps::{
-    PLAINTEXT, PLAINTEXT_CALLS, PLAINTEXT_CFG, PLAINTEXT_SCRATCH, PLAINTEXT_SOCKS,
-    PLAINTEXT_STATS, PLAINTEXT_WORKLOADS, add_u64,
+    PLAINTEXT, PLAINTEXT_CALLS, PLAINTEXT_CFG, PLAINTEXT_SCRATCH, PLAINTEXT_SOCKS, PLAINTEXT_STATS,
+    PLAINTEXT_WORKLOADS, add_u64,
 };
 
 /// SIGSTOP on every architecture Linux runs eBPF on.
@@ -256,15 +256,14 @@ fn piece(header: &PlaintextHeader, src: u64, offset: u32, len: usize) {
     unsafe {
         (*rec).header = *header;
         (*rec).header.offset = offset;
-        let used = if bpf_probe_read_user((*rec).data.as_mut_ptr().cast(), size, src as *const _)
-            == 0
-        {
-            size
-        } else {
-            (*rec).header.flags |= plaintext_flags::UNREADABLE;
-            stat(plaintext_stat::UNREADABLE, 1);
-            0
-        };
+        let used =
+            if bpf_probe_read_user((*rec).data.as_mut_ptr().cast(), size, src as *const _) == 0 {
+                size
+            } else {
+                (*rec).header.flags |= plaintext_flags::UNREADABLE;
+                stat(plaintext_stat::UNREADABLE, 1);
+                0
+            };
         (*rec).header.len = used;
         // At most the record's size: `used` is 0 or `size`.
         let bytes =

@@ -110,7 +110,10 @@ fn read_dump(path: &Path) -> Vec<Chunk> {
 fn chunks_of(dump: &Path, pid: u32, done: impl Fn(&[Chunk]) -> bool) -> Vec<Chunk> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let c: Vec<Chunk> = read_dump(dump).into_iter().filter(|c| c.pid == pid).collect();
+        let c: Vec<Chunk> = read_dump(dump)
+            .into_iter()
+            .filter(|c| c.pid == pid)
+            .collect();
         if done(&c) || Instant::now() > deadline {
             return c;
         }
@@ -196,14 +199,30 @@ else:
 c.close()
 "#;
 
-fn run_python(py: &str, script: &Path, args: &[&str], cgroup: &Path, netns: &NetnsGuard) -> (u32, String) {
+fn run_python(
+    py: &str,
+    script: &Path,
+    args: &[&str],
+    cgroup: &Path,
+    netns: &NetnsGuard,
+) -> (u32, String) {
     let mut cmd = Command::new(py);
-    cmd.arg(script).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     confine(&mut cmd, cgroup, netns);
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {py}: {e}"));
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {py}: {e}"));
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{py} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{py} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (pid, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -228,7 +247,12 @@ fn python_ssl_plaintext_is_exactly_what_the_client_wrote_and_read_on_its_cookie(
     let (pid, out) = run_python(
         "/usr/bin/python3",
         &script,
-        &["192.0.2.1", server.host(), server.ca_file().to_str().unwrap(), body],
+        &[
+            "192.0.2.1",
+            server.host(),
+            server.ca_file().to_str().unwrap(),
+            body,
+        ],
         &bot,
         &netns,
     );
@@ -240,7 +264,8 @@ fn python_ssl_plaintext_is_exactly_what_the_client_wrote_and_read_on_its_cookie(
     );
     let chunks = chunks_of(&dump, pid, |c| {
         let s = streams(c);
-        s.get(&(cookie, false)).is_some_and(|r| r.len() >= received.len())
+        s.get(&(cookie, false))
+            .is_some_and(|r| r.len() >= received.len())
     });
     let s = streams(&chunks);
     assert!(cookie != 0);
@@ -250,12 +275,31 @@ fn python_ssl_plaintext_is_exactly_what_the_client_wrote_and_read_on_its_cookie(
         "every chunk on the client's socket cookie {cookie}: {chunks:?}\n{}",
         agent.context()
     );
-    assert_eq!(s[&(cookie, true)], sent, "sent plaintext = what the client wrote");
-    assert_eq!(s[&(cookie, false)], received, "received plaintext = what the client read");
-    assert!(chunks.iter().all(|c| c.complete && c.workload.as_deref() == Some("bot")));
+    assert_eq!(
+        s[&(cookie, true)],
+        sent,
+        "sent plaintext = what the client wrote"
+    );
+    assert_eq!(
+        s[&(cookie, false)],
+        received,
+        "received plaintext = what the client read"
+    );
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.complete && c.workload.as_deref() == Some("bot"))
+    );
     assert!(contains(&sent, b"POST /v1/chat/completions HTTP/1.1\r\n"));
-    assert!(contains(&received, b"\"usage\""), "the fake's usage is in what was read");
-    let paused = metric(&agent, "llm_egress_plaintext_execs_total", &[("result", "paused")]);
+    assert!(
+        contains(&received, b"\"usage\""),
+        "the fake's usage is in what was read"
+    );
+    let paused = metric(
+        &agent,
+        "llm_egress_plaintext_execs_total",
+        &[("result", "paused")],
+    );
     assert_eq!(paused, 1.0, "one exec, one pause: {}", agent.metrics());
 }
 
@@ -279,7 +323,12 @@ fn curl_plaintext_reaches_the_agent_and_a_process_outside_gets_no_uprobe() {
             .arg(server.ca_file())
             .arg("--resolve")
             .arg(server.resolve_arg())
-            .args(["-H", "Content-Type: application/json", "--data-binary", body])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ])
             .arg(server.url("/v1/chat/completions"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -288,7 +337,11 @@ fn curl_plaintext_reaches_the_agent_and_a_process_outside_gets_no_uprobe() {
         let child = cmd.spawn().unwrap();
         let pid = child.id();
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         (pid, out.stdout)
     };
     let (pid, response_body) = curl(&bot);
@@ -299,28 +352,73 @@ fn curl_plaintext_reaches_the_agent_and_a_process_outside_gets_no_uprobe() {
     });
     let s = streams(&chunks);
     let cookies: std::collections::BTreeSet<u64> = s.keys().map(|k| k.0).collect();
-    assert_eq!(cookies.len(), 1, "one connection: {:?}\n{}", s.keys(), agent.context());
+    assert_eq!(
+        cookies.len(),
+        1,
+        "one connection: {:?}\n{}",
+        s.keys(),
+        agent.context()
+    );
     let cookie = *cookies.iter().next().unwrap();
     assert!(cookie != 0, "a socket cookie");
     let sent = &s[&(cookie, true)];
     let received = &s[&(cookie, false)];
-    assert!(sent.starts_with(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"), "{}", String::from_utf8_lossy(sent));
-    assert!(sent.ends_with(body.as_bytes()), "the body as sent: {}", String::from_utf8_lossy(sent));
-    assert!(received.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(received));
-    assert!(received.ends_with(&response_body), "the response body curl printed is the end of what it read");
+    assert!(
+        sent.starts_with(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"),
+        "{}",
+        String::from_utf8_lossy(sent)
+    );
+    assert!(
+        sent.ends_with(body.as_bytes()),
+        "the body as sent: {}",
+        String::from_utf8_lossy(sent)
+    );
+    assert!(
+        received.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(received)
+    );
+    assert!(
+        received.ends_with(&response_body),
+        "the response body curl printed is the end of what it read"
+    );
     assert!(chunks.iter().all(|c| c.workload.as_deref() == Some("bot")));
     let served = server.served();
     assert_eq!(served.len(), 1);
     let usage = served[0].usage;
-    assert!(contains(received, format!("\"completion_tokens\": {}", usage.completion).as_bytes()), "the fake's usage");
+    assert!(
+        contains(
+            received,
+            format!("\"completion_tokens\": {}", usage.completion).as_bytes()
+        ),
+        "the fake's usage"
+    );
 
-    let attached = metric(&agent, "llm_egress_plaintext_attach_total", &[("result", "attached")]);
+    let attached = metric(
+        &agent,
+        "llm_egress_plaintext_attach_total",
+        &[("result", "attached")],
+    );
     let (other_pid, _) = curl(&plain);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(read_dump(&dump).iter().all(|c| c.pid != other_pid), "no plaintext from outside the workload");
-    assert_eq!(metric(&agent, "llm_egress_plaintext_attach_total", &[("result", "attached")]), attached, "no uprobe for workload `plain`");
+    assert!(
+        read_dump(&dump).iter().all(|c| c.pid != other_pid),
+        "no plaintext from outside the workload"
+    );
+    assert_eq!(
+        metric(
+            &agent,
+            "llm_egress_plaintext_attach_total",
+            &[("result", "attached")]
+        ),
+        attached,
+        "no uprobe for workload `plain`"
+    );
     let log = agent.all_stderr();
-    assert!(log.contains(&format!("pid={pid}")) && !log.contains(&format!("pid={other_pid} ")), "attach log names only the traced curl");
+    assert!(
+        log.contains(&format!("pid={pid}")) && !log.contains(&format!("pid={other_pid} ")),
+        "attach log names only the traced curl"
+    );
 }
 
 /// The official SDKs (Python, httpx over `ssl`): the request they build and
@@ -342,11 +440,35 @@ fn official_sdk_requests_and_responses_arrive_in_plaintext() {
     let script = dir.path().join("sdk_client.py");
     std::fs::write(&script, SDK_CLIENT).unwrap();
     for (server, flavor, model, path, usage_key) in [
-        (&openai, "openai", "gpt-4o-mini", "/v1/chat/completions", "completion_tokens"),
-        (&anthropic, "anthropic", "claude-3-5-haiku-latest", "/v1/messages", "output_tokens"),
+        (
+            &openai,
+            "openai",
+            "gpt-4o-mini",
+            "/v1/chat/completions",
+            "completion_tokens",
+        ),
+        (
+            &anthropic,
+            "anthropic",
+            "claude-3-5-haiku-latest",
+            "/v1/messages",
+            "output_tokens",
+        ),
     ] {
         let ip = server.addr().ip().to_string();
-        let (pid, _) = run_python(&py, &script, &[flavor, &ip, server.host(), server.ca_file().to_str().unwrap(), model], &bot, &netns);
+        let (pid, _) = run_python(
+            &py,
+            &script,
+            &[
+                flavor,
+                &ip,
+                server.host(),
+                server.ca_file().to_str().unwrap(),
+                model,
+            ],
+            &bot,
+            &netns,
+        );
         let served = server.served();
         let usage = served.last().unwrap().usage;
         // Pretty-printed (OpenAI's fake) or compact (Anthropic's).
@@ -356,19 +478,43 @@ fn official_sdk_requests_and_responses_arrive_in_plaintext() {
         ];
         let has_usage = |d: &[u8]| needles.iter().any(|n| contains(d, n.as_bytes()));
         let chunks = chunks_of(&dump, pid, |c| {
-            streams(c).iter().any(|((_, sent), d)| !sent && has_usage(d))
+            streams(c)
+                .iter()
+                .any(|((_, sent), d)| !sent && has_usage(d))
         });
         let s = streams(&chunks);
         let cookies: std::collections::BTreeSet<u64> = s.keys().map(|k| k.0).collect();
-        assert_eq!(cookies.len(), 1, "{flavor}: one connection: {:?}\n{}", s.keys(), agent.context());
+        assert_eq!(
+            cookies.len(),
+            1,
+            "{flavor}: one connection: {:?}\n{}",
+            s.keys(),
+            agent.context()
+        );
         let cookie = *cookies.iter().next().unwrap();
         let (Some(sent), Some(received)) = (s.get(&(cookie, true)), s.get(&(cookie, false))) else {
-            panic!("{flavor}: both directions: {:?}\n{}", s.keys(), agent.context());
+            panic!(
+                "{flavor}: both directions: {:?}\n{}",
+                s.keys(),
+                agent.context()
+            );
         };
         assert!(cookie != 0);
-        assert!(sent.starts_with(format!("POST {path} HTTP/1.1\r\n").as_bytes()), "{flavor}: {}", String::from_utf8_lossy(sent));
-        assert!(contains(sent, format!("\"model\":\"{model}\"").as_bytes()), "{flavor}: the model in the body: {}", String::from_utf8_lossy(sent));
-        assert!(has_usage(received), "{flavor}: the served usage {needles:?} in {}", String::from_utf8_lossy(received));
+        assert!(
+            sent.starts_with(format!("POST {path} HTTP/1.1\r\n").as_bytes()),
+            "{flavor}: {}",
+            String::from_utf8_lossy(sent)
+        );
+        assert!(
+            contains(sent, format!("\"model\":\"{model}\"").as_bytes()),
+            "{flavor}: the model in the body: {}",
+            String::from_utf8_lossy(sent)
+        );
+        assert!(
+            has_usage(received),
+            "{flavor}: the served usage {needles:?} in {}",
+            String::from_utf8_lossy(received)
+        );
         assert!(chunks.iter().all(|c| c.workload.as_deref() == Some("bot")));
     }
 }
@@ -380,23 +526,32 @@ const RUSTLS_ENV: &str = "LLM_EGRESS_TEST_RUSTLS_CLIENT";
 /// the test below; nothing otherwise.
 #[test]
 fn rustls_client_child() {
-    let Ok(spec) = std::env::var(RUSTLS_ENV) else { return };
+    let Ok(spec) = std::env::var(RUSTLS_ENV) else {
+        return;
+    };
     let mut parts = spec.split('\n');
-    let (addr, host, ca) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let (addr, host, ca) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).unwrap();
     for cert in rustls_pemfile_certs(&pem) {
         roots.add(cert).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap());
-    let body = r#"{"model":"gpt-4o-mini","max_tokens":3,"messages":[{"role":"user","content":"rustls"}]}"#;
+    let body =
+        r#"{"model":"gpt-4o-mini","max_tokens":3,"messages":[{"role":"user","content":"rustls"}]}"#;
     write!(tls, "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
     let mut buf = [0u8; 4096];
     let n = tls.read(&mut buf).unwrap();
@@ -405,7 +560,9 @@ fn rustls_client_child() {
 
 fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
-    CertificateDer::pem_slice_iter(pem).map(|c| c.unwrap()).collect()
+    CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.unwrap())
+        .collect()
 }
 
 /// A TLS client without a shared libssl (rustls) in a traced workload is
@@ -421,26 +578,56 @@ fn a_tls_client_without_libssl_is_counted_as_not_visible() {
     let (agent, dump) = start_agent(&cg, dir.path());
     let exe = std::env::current_exe().unwrap();
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    assert!(!maps.contains("/libssl.so"), "this test binary must not link libssl");
+    assert!(
+        !maps.contains("/libssl.so"),
+        "this test binary must not link libssl"
+    );
     let mut cmd = Command::new(exe);
-    cmd.args(["rustls_client_child", "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(RUSTLS_ENV, format!("{}\n{}\n{}", server.addr(), server.host(), server.ca_file().display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "rustls_client_child",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ])
+    .env(
+        RUSTLS_ENV,
+        format!(
+            "{}\n{}\n{}",
+            server.addr(),
+            server.host(),
+            server.ca_file().display()
+        ),
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     confine(&mut cmd, &bot, &netns);
     let child = cmd.spawn().unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "rustls client: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rustls client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let invisible = agent.wait_for_metric(
         "llm_egress_plaintext_invisible_total",
         &[("workload", "bot")],
         1.0,
         Duration::from_secs(5),
     );
-    assert_eq!(invisible, Some(1.0), "{}\n{}", agent.metrics(), agent.context());
-    assert!(read_dump(&dump).iter().all(|c| c.pid != pid), "no plaintext from rustls");
+    assert_eq!(
+        invisible,
+        Some(1.0),
+        "{}\n{}",
+        agent.metrics(),
+        agent.context()
+    );
+    assert!(
+        read_dump(&dump).iter().all(|c| c.pid != pid),
+        "no plaintext from rustls"
+    );
     assert!(agent.all_stderr().contains("without a shared libssl"));
 }
 
@@ -528,8 +715,14 @@ fn median(v: &mut [f64]) -> f64 {
 #[ignore = "benchmark"]
 fn bench_plaintext_cost() {
     require_root();
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(11);
-    let n: usize = std::env::var("BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(11);
+    let n: usize = std::env::var("BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
     let cg = CgroupGuard::new("pt-bench");
     let bot = cg.child("bot");
     let plain = cg.child("plain");
@@ -540,7 +733,9 @@ fn bench_plaintext_cost() {
         &netns,
         "198.51.100.1:443",
         Flavor::OpenAi,
-        fake_provider::Options { token_interval: Duration::ZERO },
+        fake_provider::Options {
+            token_interval: Duration::ZERO,
+        },
     );
     let dir = TempDir::new("pt-bench");
     let ca = dir.path().join("echo-ca.pem");
@@ -561,41 +756,85 @@ fn bench_plaintext_cost() {
     let (mut traced, mut base) = (Vec::new(), Vec::new());
     let (ns, size) = (n.to_string(), "256".to_string());
     for r in 0..rounds {
-        let order = if r % 2 == 0 { [&bot, &plain] } else { [&plain, &bot] };
+        let order = if r % 2 == 0 {
+            [&bot, &plain]
+        } else {
+            [&plain, &bot]
+        };
         for cgroup in order {
-            let (_, out) = run_python("/usr/bin/python3", &echo, &["192.0.2.1", host, ca.to_str().unwrap(), &ns, &size], cgroup, &netns);
+            let (_, out) = run_python(
+                "/usr/bin/python3",
+                &echo,
+                &["192.0.2.1", host, ca.to_str().unwrap(), &ns, &size],
+                cgroup,
+                &netns,
+            );
             let ns: f64 = out.trim().parse().unwrap();
-            if std::ptr::eq(cgroup, &bot) { traced.push(ns) } else { base.push(ns) }
+            if std::ptr::eq(cgroup, &bot) {
+                traced.push(ns)
+            } else {
+                base.push(ns)
+            }
         }
     }
     std::thread::sleep(Duration::from_millis(1500));
     if std::env::var_os("BENCH_DUMP").is_some() {
         let d = read_dump(&dump);
         let sent = d.iter().filter(|c| c.sent).count();
-        println!("dump: {} chunks, {sent} sent, {} received", d.len(), d.len() - sent);
+        println!(
+            "dump: {} chunks, {sent} sent, {} received",
+            d.len(),
+            d.len() - sent
+        );
+    }
+    if let Ok(script) = std::env::var("BENCH_STATS_CMD") {
+        let out = Command::new(script).output().unwrap();
+        print!("{}", String::from_utf8_lossy(&out.stdout));
     }
     let calls = metric(&agent, "llm_egress_plaintext_calls_total", &[]) - calls_before;
     let mut ratios: Vec<f64> = traced.iter().zip(&base).map(|(t, b)| t / b).collect();
     let (mt, mb) = (median(&mut traced.clone()), median(&mut base.clone()));
-    // Each iteration: one SSL_write_ex and (at least) one SSL_read_ex.
-    let calls_per_round = calls / rounds as f64;
-    let per_call_us = (mt - mb) / 1e3 / calls_per_round;
+    // Each iteration: one SSL_write_ex and one SSL_read_ex (the dump shows
+    // 2 x (n + 1) calls a round: BENCH_DUMP=1).
+    let per_call_us = (mt - mb) / 1e3 / (2 * n) as f64;
     println!(
-        "echo: {rounds} rounds of {n} x 256 B: traced median {:.1} µs/iter, untraced {:.1} µs/iter, median ratio {:.3}, SSL calls seen per round {calls_per_round:.0}, overhead {per_call_us:.2} µs per SSL call",
+        "echo: {rounds} rounds of {n} x 256 B: traced median {:.1} µs/iter, untraced {:.1} µs/iter, median ratio {:.3}, overhead {per_call_us:.2} µs per SSL call; calls counted by the agent so far {calls:.0} (expected {})",
         mt / 1e3 / n as f64,
         mb / 1e3 / n as f64,
-        median(&mut ratios)
+        median(&mut ratios),
+        rounds * 2 * (n + 1)
     );
-    let tokens = std::env::var("BENCH_TOKENS").ok().unwrap_or_else(|| "20000".into());
+    let tokens = std::env::var("BENCH_TOKENS")
+        .ok()
+        .unwrap_or_else(|| "20000".into());
     let (mut t_tp, mut b_tp) = (Vec::new(), Vec::new());
     for r in 0..rounds.min(7) {
-        let order = if r % 2 == 0 { [&bot, &plain] } else { [&plain, &bot] };
+        let order = if r % 2 == 0 {
+            [&bot, &plain]
+        } else {
+            [&plain, &bot]
+        };
         for cgroup in order {
-            let (_, out) = run_python("/usr/bin/python3", &stream, &["198.51.100.1", stream_server.host(), stream_server.ca_file().to_str().unwrap(), &tokens], cgroup, &netns);
+            let (_, out) = run_python(
+                "/usr/bin/python3",
+                &stream,
+                &[
+                    "198.51.100.1",
+                    stream_server.host(),
+                    stream_server.ca_file().to_str().unwrap(),
+                    &tokens,
+                ],
+                cgroup,
+                &netns,
+            );
             let mut it = out.split_whitespace().map(|v| v.parse::<f64>().unwrap());
             let (ns, bytes) = (it.next().unwrap(), it.next().unwrap());
             let mbps = bytes / (ns / 1e9) / 1e6;
-            if std::ptr::eq(cgroup, &bot) { t_tp.push(mbps) } else { b_tp.push(mbps) }
+            if std::ptr::eq(cgroup, &bot) {
+                t_tp.push(mbps)
+            } else {
+                b_tp.push(mbps)
+            }
         }
     }
     let mut tr: Vec<f64> = t_tp.iter().zip(&b_tp).map(|(t, b)| t / b).collect();
@@ -606,5 +845,13 @@ fn bench_plaintext_cost() {
         median(&mut b_tp),
         median(&mut tr)
     );
-    println!("{}", agent.metrics().lines().filter(|l| l.starts_with("llm_egress_plaintext")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "{}",
+        agent
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with("llm_egress_plaintext"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

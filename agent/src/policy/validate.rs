@@ -1871,6 +1871,24 @@ llm = "allow"
         format!("[[workloads]]\n{fields}")
     }
 
+    /// `exact_tokens`: off unless set, a boolean only (docs/plaintext.md).
+    #[test]
+    fn exact_tokens_is_off_by_default_and_a_boolean() {
+        let p = ok(&workload(&format!("name = \"w\"\n{UNIT}")));
+        assert!(!p.workloads[0].exact_tokens);
+        let p = ok(&workload(&format!(
+            "name = \"w\"\n{UNIT}exact_tokens = true\n"
+        )));
+        assert!(p.workloads[0].exact_tokens);
+        let e = Policy::parse(
+            &workload(&format!("name = \"w\"\n{UNIT}exact_tokens = \"yes\"\n")),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("exact_tokens"), "{e}");
+    }
+
     #[test]
     fn duplicate_workload_names() {
         let text = format!(
