@@ -206,7 +206,34 @@ fn run_python(
     cgroup: &Path,
     netns: &NetnsGuard,
 ) -> (u32, String) {
+    run_python_on(py, script, args, cgroup, netns, None)
+}
+
+/// `run_python`, the process pinned to `cpu` when given.
+fn run_python_on(
+    py: &str,
+    script: &Path,
+    args: &[&str],
+    cgroup: &Path,
+    netns: &NetnsGuard,
+    cpu: Option<usize>,
+) -> (u32, String) {
     let mut cmd = Command::new(py);
+    if let Some(cpu) = cpu {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: sched_setaffinity on the forked child itself, with a set
+        // built on its stack; async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.arg(script)
         .args(args)
         .stdin(Stdio::null())
@@ -752,25 +779,40 @@ fn bench_plaintext_cost() {
     };
     let mut agent = Agent::launch_with_env(&traced_policy(&cg), &env);
     agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    // On 2+ CPUs: the agent on CPU 0, the clients on CPU 1 (as
+    // bench-connect does), so the agent's reader does not share the
+    // client's CPU. BENCH_AA=1: both sides untraced (the bench's noise).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let client_cpu = (cpus >= 2).then_some(1);
+    if cpus >= 2 {
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", &agent.pid().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+    let aa = std::env::var_os("BENCH_AA").is_some();
+    let traced_cg = if aa { &plain } else { &bot };
     let calls_before = metric(&agent, "llm_egress_plaintext_calls_total", &[]);
     let (mut traced, mut base) = (Vec::new(), Vec::new());
     let (ns, size) = (n.to_string(), "256".to_string());
     for r in 0..rounds {
         let order = if r % 2 == 0 {
-            [&bot, &plain]
+            [true, false]
         } else {
-            [&plain, &bot]
+            [false, true]
         };
-        for cgroup in order {
-            let (_, out) = run_python(
+        for is_traced in order {
+            let cgroup: &Path = if is_traced { traced_cg } else { &plain };
+            let (_, out) = run_python_on(
                 "/usr/bin/python3",
                 &echo,
                 &["192.0.2.1", host, ca.to_str().unwrap(), &ns, &size],
                 cgroup,
                 &netns,
+                client_cpu,
             );
             let ns: f64 = out.trim().parse().unwrap();
-            if std::ptr::eq(cgroup, &bot) {
+            if is_traced {
                 traced.push(ns)
             } else {
                 base.push(ns)
@@ -810,12 +852,13 @@ fn bench_plaintext_cost() {
     let (mut t_tp, mut b_tp) = (Vec::new(), Vec::new());
     for r in 0..rounds.min(7) {
         let order = if r % 2 == 0 {
-            [&bot, &plain]
+            [true, false]
         } else {
-            [&plain, &bot]
+            [false, true]
         };
-        for cgroup in order {
-            let (_, out) = run_python(
+        for is_traced in order {
+            let cgroup: &Path = if is_traced { traced_cg } else { &plain };
+            let (_, out) = run_python_on(
                 "/usr/bin/python3",
                 &stream,
                 &[
@@ -826,11 +869,12 @@ fn bench_plaintext_cost() {
                 ],
                 cgroup,
                 &netns,
+                client_cpu,
             );
             let mut it = out.split_whitespace().map(|v| v.parse::<f64>().unwrap());
             let (ns, bytes) = (it.next().unwrap(), it.next().unwrap());
             let mbps = bytes / (ns / 1e9) / 1e6;
-            if std::ptr::eq(cgroup, &bot) {
+            if is_traced {
                 t_tp.push(mbps)
             } else {
                 b_tp.push(mbps)
