@@ -664,6 +664,29 @@ fn a_tls_client_without_libssl_is_counted_as_not_visible() {
 const ECHO_CLIENT: &str = r#"
 import socket, ssl, sys, time
 ip, host, ca, n, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+fds = []
+if len(sys.argv) > 6 and sys.argv[6] == "probe":
+    # perf uprobes and uretprobes on this process's SSL_write_ex and
+    # SSL_read_ex, with no BPF program: the trap machinery alone.
+    import ctypes, struct
+    lib = ctypes.CDLL("libssl.so.3")
+    libc = ctypes.CDLL(None, use_errno=True)
+    typ = int(open("/sys/bus/event_source/devices/uprobe/type").read())
+    for line in open("/proc/self/maps"):
+        f = line.split()
+        if len(f) > 5 and f[5].endswith("/libssl.so.3") and "x" in f[1]:
+            start, off, path = int(f[0].split("-")[0], 16), int(f[2], 16), f[5]
+    cpath = ctypes.create_string_buffer(path.encode())
+    for sym in ("SSL_write_ex", "SSL_read_ex"):
+        addr = ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value
+        for ret in (0, 1):
+            attr = (ctypes.c_ubyte * 128)()
+            struct.pack_into("IIQ", attr, 0, typ, 128, ret)
+            struct.pack_into("QQ", attr, 56, ctypes.addressof(cpath), addr - start + off)
+            fd = libc.syscall(298, attr, 0, -1, -1, 8)
+            if fd < 0:
+                raise SystemExit(f"perf_event_open {sym}: errno {ctypes.get_errno()}")
+            fds.append(fd)
 ctx = ssl.create_default_context(cafile=ca)
 s = ctx.wrap_socket(socket.create_connection((ip, 443)), server_hostname=host)
 msg = b"x" * size
@@ -793,8 +816,21 @@ fn bench_plaintext_cost() {
     let aa = std::env::var_os("BENCH_AA").is_some();
     let traced_cg = if aa { &plain } else { &bot };
     let calls_before = metric(&agent, "llm_egress_plaintext_calls_total", &[]);
-    let (mut traced, mut base) = (Vec::new(), Vec::new());
+    let (mut traced, mut base, mut trapped) = (Vec::new(), Vec::new(), Vec::new());
     let (ns, size) = (n.to_string(), "256".to_string());
+    // Untraced with perf uprobes of its own and no BPF program: the cost
+    // of the traps alone.
+    for _ in 0..rounds {
+        let (_, out) = run_python_on(
+            "/usr/bin/python3",
+            &echo,
+            &["192.0.2.1", host, ca.to_str().unwrap(), &ns, &size, "probe"],
+            &plain,
+            &netns,
+            client_cpu,
+        );
+        trapped.push(out.trim().parse::<f64>().unwrap());
+    }
     for r in 0..rounds {
         let order = if r % 2 == 0 {
             [true, false]
@@ -845,6 +881,12 @@ fn bench_plaintext_cost() {
         mb / 1e3 / n as f64,
         median(&mut ratios),
         rounds * 2 * (n + 1)
+    );
+    let mp = median(&mut trapped.clone());
+    println!(
+        "echo with perf uprobes and no BPF (same workload as untraced, {rounds} rounds before the others): {:.1} µs/iter, {:.2} µs per SSL call over untraced",
+        mp / 1e3 / n as f64,
+        (mp - mb) / 1e3 / (2 * n) as f64
     );
     let tokens = std::env::var("BENCH_TOKENS")
         .ok()
