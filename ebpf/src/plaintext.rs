@@ -19,8 +19,8 @@
 //!   when the thread is inside an SSL call, reads the socket's cookie
 //!   (`sk->__sk_common.skc_cookie`, at the offset the agent found in the
 //!   kernel's BTF) into the call. A cookie is 0 until something asked for
-//!   it; the connect hook asks for every connection it judges, so the
-//!   connections the agent accounts have one.
+//!   it; the connect hook asks for every provider connection it tracks,
+//!   so the connections the agent accounts have one.
 //! - `plaintext_ssl_return`, a uretprobe on the same four functions: the
 //!   length the call moved (the return value, or `*out` of the `_ex` forms
 //!   when they return 1), then the plaintext copied from the caller's
