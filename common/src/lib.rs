@@ -13,10 +13,12 @@ pub mod event;
 pub mod limits;
 pub mod maps;
 pub mod names;
+pub mod plaintext;
 pub mod sockets;
 
 pub use codes::*;
 pub use event::*;
 pub use limits::*;
 pub use maps::*;
+pub use plaintext::*;
 pub use sockets::*;

@@ -109,7 +109,7 @@ pub const MAP_PROXY_PORTS: &str = "PROXY_PORTS";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 37] = [
+pub const ALL_MAPS: [&str; 44] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -147,6 +147,13 @@ pub const ALL_MAPS: [&str; 37] = [
     crate::limits::MAP_LIMIT_HITS,
     crate::limits::MAP_LIMIT_CFG,
     crate::sockets::MAP_NAT64,
+    crate::plaintext::MAP_PLAINTEXT,
+    crate::plaintext::MAP_PLAINTEXT_CALLS,
+    crate::plaintext::MAP_PLAINTEXT_SOCKS,
+    crate::plaintext::MAP_PLAINTEXT_CFG,
+    crate::plaintext::MAP_PLAINTEXT_WORKLOADS,
+    crate::plaintext::MAP_PLAINTEXT_SCRATCH,
+    crate::plaintext::MAP_PLAINTEXT_STATS,
 ];
 
 /// Program names: `<job>_<hook>`.

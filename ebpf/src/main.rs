@@ -19,6 +19,7 @@ mod maps;
 mod names;
 mod nat64;
 mod packet;
+mod plaintext;
 mod policy;
 mod records;
 mod sni;

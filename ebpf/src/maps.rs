@@ -319,3 +319,32 @@ impl<K, V, const M: usize> PinnedBtfHash<K, V, M> {
         };
     }
 }
+
+/// The plaintext programs' maps (ebpf/src/plaintext.rs; common's
+/// `plaintext` module says what each holds). None is pinned: they live as
+/// long as the agent that attached the probes.
+#[map]
+pub static PLAINTEXT: RingBuf = RingBuf::with_byte_size(llm_egress_common::PLAINTEXT_BYTES, 0);
+
+#[map]
+pub static PLAINTEXT_CALLS: LruHashMap<u64, llm_egress_common::SslCall> =
+    LruHashMap::with_max_entries(llm_egress_common::PLAINTEXT_CALLS_MAX, 0);
+
+#[map]
+pub static PLAINTEXT_SOCKS: LruHashMap<llm_egress_common::SslKey, u64> =
+    LruHashMap::with_max_entries(llm_egress_common::PLAINTEXT_SOCKS_MAX, 0);
+
+#[map]
+pub static PLAINTEXT_CFG: Array<llm_egress_common::PlaintextConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static PLAINTEXT_WORKLOADS: HashMap<u64, u32> =
+    HashMap::with_max_entries(llm_egress_common::PLAINTEXT_WORKLOADS_MAX, 0);
+
+#[map]
+pub static PLAINTEXT_SCRATCH: PerCpuArray<llm_egress_common::PlaintextRecord> =
+    PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static PLAINTEXT_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(llm_egress_common::plaintext_stat::LEN, 0);

@@ -258,7 +258,7 @@ impl Drop for FakeProvider {
 }
 
 /// A server config for `host` and the CA certificate (PEM) that signed it.
-fn tls_config(host: &str) -> (Arc<ServerConfig>, String) {
+pub fn tls_config(host: &str) -> (Arc<ServerConfig>, String) {
     let (chain, (key, ca_pem)) = chain_for(host);
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

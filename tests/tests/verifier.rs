@@ -20,11 +20,16 @@ use serde_json::Value;
 
 /// Every program of the object (common/src/maps.rs: ALL_PROGRAMS and
 /// PROG_EXEC).
-const PROGRAMS: [&str; 9] = [
+const PROGRAMS: [&str; 14] = [
     "account_sock_ops",
     "attribute_exec",
     "names_dns_ingress",
     "names_sni_egress",
+    "plaintext_exec",
+    "plaintext_sock_msg",
+    "plaintext_ssl_entry",
+    "plaintext_ssl_return",
+    "plaintext_tcp_msg",
     "verdict_connect4",
     "verdict_connect6",
     "verdict_sendmsg4",

@@ -313,6 +313,7 @@ mod tests {
                 limits: Default::default(),
                 provider_limits: Default::default(),
                 proxies: vec![],
+                exact_tokens: false,
             }],
             proxies: vec![],
             fleet: None,

@@ -20,6 +20,12 @@ use std::{
 
 /// CAP_SYS_PTRACE (linux/capability.h).
 pub const CAP_SYS_PTRACE: u32 = 19;
+/// CAP_KILL, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF (linux/capability.h): what
+/// the plaintext attacher needs after start (run/start.rs).
+pub const CAP_KILL: u32 = 5;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// The signal used to make each thread drop its own capabilities.

@@ -221,6 +221,8 @@ pub(super) struct WorkloadFile {
     pub llm: Option<Spanned<String>>,
     pub other: Option<Spanned<String>>,
     pub raw_sockets: Option<Spanned<String>>,
+    /// Trace the workload's OpenSSL calls for exact tokens (docs/plaintext.md).
+    pub exact_tokens: Option<Spanned<bool>>,
     /// `[[proxies]]` names the workload may use.
     #[serde(default)]
     pub proxies: Vec<Spanned<String>>,

@@ -258,6 +258,10 @@ pub struct Workload {
     pub provider_limits: BTreeMap<usize, Limits>,
     /// The proxies (indices into `Policy::proxies`) it may use.
     pub proxies: Vec<usize>,
+    /// `exact_tokens = true`: its processes get the OpenSSL uprobes and
+    /// their TLS plaintext reaches the agent (docs/plaintext.md). Default
+    /// false: no uprobe, no plaintext.
+    pub exact_tokens: bool,
 }
 
 /// Limits of one workload × provider pair (docs/limits.md). None: no such

@@ -841,6 +841,7 @@ impl<'a> Checker<'a> {
                     limits,
                     provider_limits,
                     proxies: vec![],
+                    exact_tokens: w.exact_tokens.as_ref().is_some_and(|e| *e.get_ref()),
                 });
             }
         }
@@ -1253,6 +1254,7 @@ llm = "allow"
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
                 proxies: vec![],
+                exact_tokens: false,
             }
         );
         assert_eq!(
@@ -1268,6 +1270,7 @@ llm = "allow"
                 limits: Limits::default(),
                 provider_limits: BTreeMap::new(),
                 proxies: vec![],
+                exact_tokens: false,
             }
         );
         assert_eq!(
@@ -1878,6 +1881,24 @@ llm = "allow"
 
     pub(super) fn workload(fields: &str) -> String {
         format!("[[workloads]]\n{fields}")
+    }
+
+    /// `exact_tokens`: off unless set, a boolean only (docs/plaintext.md).
+    #[test]
+    fn exact_tokens_is_off_by_default_and_a_boolean() {
+        let p = ok(&workload(&format!("name = \"w\"\n{UNIT}")));
+        assert!(!p.workloads[0].exact_tokens);
+        let p = ok(&workload(&format!(
+            "name = \"w\"\n{UNIT}exact_tokens = true\n"
+        )));
+        assert!(p.workloads[0].exact_tokens);
+        let e = Policy::parse(
+            &workload(&format!("name = \"w\"\n{UNIT}exact_tokens = \"yes\"\n")),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("exact_tokens"), "{e}");
     }
 
     #[test]

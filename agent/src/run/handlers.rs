@@ -3,17 +3,52 @@
 //! for the agent's parser, the 1 s tick (kernel counters into metrics, the
 //! budget keeper, the policy file's hash); and the clean stop.
 
-use std::{collections::BTreeSet, sync::atomic::Ordering};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::atomic::Ordering,
+};
 
 use tracing::{error, info, warn};
 
-use super::{Resolved, RunError, Running};
+use super::{Resolved, RunError, Running, state::State};
 use crate::{
+    attribution::process::CgroupPaths,
     events::{decode::DnsAnswer, names::names_of},
     kernel::maps::{KernelMaps, MapsError, WriteReport},
+    plaintext::{
+        attach::Attacher,
+        reader::{self, ExecReport},
+    },
     policy::{OnExit, Policy},
     telemetry::metrics::Metrics,
 };
+
+/// Tells the plaintext attacher which workloads have `exact_tokens` and
+/// which cgroups they hold now (docs/plaintext.md).
+pub(super) fn sync_plaintext(
+    attacher: Option<&mut Attacher>,
+    ebpf: &mut aya::Ebpf,
+    state: &State,
+    paths: &CgroupPaths,
+) {
+    let Some(attacher) = attacher else { return };
+    let mut exact: BTreeMap<usize, (u32, String, Vec<String>)> = BTreeMap::new();
+    for (&id, &idx) in &state.cgroups {
+        let Some(w) = state.policy.workloads.get(idx).filter(|w| w.exact_tokens) else {
+            continue;
+        };
+        let entry = exact
+            .entry(idx)
+            .or_insert_with(|| (idx as u32 + 1, w.name.clone(), Vec::new()));
+        if let Some(p) = paths.path_of(id, 0) {
+            entry.2.push(p);
+        }
+    }
+    let exact: Vec<_> = exact.into_values().collect();
+    if let Err(e) = attacher.set_workloads(ebpf, state.generation, &exact) {
+        warn!(error = %e, "plaintext: could not apply the exact_tokens workloads");
+    }
+}
 
 /// Ticks (seconds) between two counts of the learned destinations (a walk
 /// of up to 2 × 65,536 entries).
@@ -32,6 +67,8 @@ enum Change {
     Refresh,
     /// The fleet ledger answered.
     FleetAnswer,
+    /// A process exec'd in an `exact_tokens` workload.
+    Exec(ExecReport),
     Tick,
     /// An event that changed nothing (the policy file written with the
     /// same content).
@@ -51,6 +88,11 @@ impl Running {
                 }
                 Change::Resolved(r) => self.resolved(r)?,
                 Change::Refresh => self.resolve(),
+                Change::Exec(report) => match self.attacher.as_mut() {
+                    Some(a) => a.on_exec(&mut self.loader.ebpf, report),
+                    None if report.paused => reader::resume(report.pid),
+                    None => {}
+                },
                 Change::FleetAnswer => {
                     self.limiter
                         .fleet_answered(&mut self.maps, &self.metrics, &self.audit);
@@ -75,6 +117,7 @@ impl Running {
             Some(()) = s.pod_changes.recv() => Change::Workloads,
             Some(()) = s.cgroup_changes.recv() => Change::Workloads,
             Some(answer) = s.dns_answers.recv() => Change::DnsAnswer(answer),
+            Some(report) = s.execs_paused.recv() => Change::Exec(report),
             Some(r) = s.resolved.recv() => Change::Resolved(r),
             Some(()) = async {
                 match s.file_changes.as_mut() {
@@ -107,8 +150,19 @@ impl Running {
             let report = self.maps.apply_update(self.state.plan())?;
             record_writes(&report, &self.metrics);
             record_occupancy(&self.maps, &self.metrics);
+            self.sync_plaintext();
         }
         Ok(())
+    }
+
+    /// Tells the plaintext attacher the `exact_tokens` workloads' cgroups.
+    pub(super) fn sync_plaintext(&mut self) {
+        sync_plaintext(
+            self.attacher.as_mut(),
+            &mut self.loader.ebpf,
+            &self.state,
+            &self.paths,
+        );
     }
 
     /// Starts a resolver round for the current policy's hosts; its result
@@ -170,6 +224,9 @@ impl Running {
             });
         self.limiter
             .tick(&mut self.maps, &self.metrics, &self.audit);
+        if let Some(a) = self.attacher.as_mut() {
+            a.tick(&mut self.loader.ebpf);
+        }
         self.report_fleet();
         self.health
             .events_alive
@@ -193,6 +250,9 @@ impl Running {
     /// stopped, and the programs detached or kept as `on_exit` says.
     pub(super) async fn stop(mut self) -> Result<(), RunError> {
         info!("stopping");
+        // Uprobes detach with their links; nothing stays paused (the exec
+        // program detaches with the agent).
+        drop(self.attacher.take());
         self.limiter.stop().await;
         self.events_task.abort();
         if let Some(t) = &self.http_task {

@@ -38,6 +38,7 @@ use crate::{
     },
     limits::limiter::Limiter,
     names::resolver::{HostAddrs, Resolver},
+    plaintext::{attach::Attacher, reader::ExecReport},
     policy::{PolicyErrors, TelemetryConfig},
     telemetry::{audit::AuditSink, http::Health, metrics::Metrics},
 };
@@ -103,6 +104,9 @@ struct Sources {
     tick: Interval,
     /// A fleet ledger's answer arrived (None without `[fleet]`).
     fleet_wake: Option<Arc<Notify>>,
+    /// Processes that exec'd in an `exact_tokens` workload (paused until
+    /// their uprobes are attached).
+    execs_paused: mpsc::Receiver<ExecReport>,
 }
 
 /// The agent once started: what it enforces, the parts it drives, and the
@@ -132,5 +136,8 @@ struct Running {
     file_hash: Option<u64>,
     /// 1 s ticks so far.
     ticks: u64,
+    /// The OpenSSL uprobes of `exact_tokens` workloads (None when the
+    /// kernel refused the plaintext programs).
+    attacher: Option<Attacher>,
     sources: Sources,
 }

@@ -129,6 +129,7 @@ impl Running {
                         *g = None;
                     }
                     self.state.report_missing_workloads();
+                    self.sync_plaintext();
                     self.limiter.set_policy(
                         &self.maps.applied_limits(),
                         self.state.policy.state_dir.clone(),

@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use llm_egress_common::{MAP_CONNS, MAP_EVENTS, MAP_EXECS, PROG_EXEC};
+use llm_egress_common::{MAP_CONNS, MAP_EVENTS, MAP_EXECS, MAP_PLAINTEXT, PROG_EXEC};
 use tokio::{
     net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
@@ -49,6 +49,10 @@ use crate::{
     },
     limits::{fleet::FleetKeeper, limiter::Limiter},
     names::resolver::{HostAddrs, Resolver},
+    plaintext::{
+        attach::Attacher,
+        reader::{self, ExecReport, PlaintextChunk},
+    },
     policy::{Policy, TelemetryConfig},
     telemetry::{
         audit::AuditSink,
@@ -200,6 +204,7 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
     // attributable even if it exits at once.
     let execs = attach_exec_tracking(&mut loader, &metrics);
     let outcome = loader.attach(&attach, state.policy.failure_mode)?;
+    let (attacher, execs_paused) = start_plaintext(&mut loader, &mount, &metrics, &state, &paths);
     match outcome {
         AttachOutcome::Adopted => info!(
             generation = state.generation,
@@ -239,7 +244,7 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
     // other builds' pins go, with the privileges that may take).
     loader.started();
     // Everything that needs privileges is done.
-    drop_privileges();
+    drop_privileges(attacher.is_some() && state.policy.workloads.iter().any(|w| w.exact_tokens));
     health.attached.store(true, Ordering::SeqCst);
     health.events_alive.store(true, Ordering::SeqCst);
     if failed.is_empty() {
@@ -268,6 +273,7 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
         http_task,
         file_hash,
         ticks: 0,
+        attacher,
         sources: Sources {
             hup,
             term,
@@ -280,6 +286,7 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
             refresh,
             tick,
             fleet_wake,
+            execs_paused,
         },
     };
     agent.resolve();
@@ -415,10 +422,28 @@ fn stop_and_reload_signals() -> Result<(Signal, Signal, Signal), RunError> {
 
 /// Keeps only what reading /proc/PID/exe of other users' processes needs
 /// (CAP_SYS_PTRACE), where the kernel lets map fds be used without CAP_BPF.
-fn drop_privileges() {
+///
+/// The plaintext attacher attaches uprobes per process while the agent
+/// runs: perf events and their BPF links, and SIGCONT to processes of other
+/// users. Measured on 6.18: perf_event_open of a uprobe fails with EACCES
+/// unless CAP_SYS_ADMIN is kept (CAP_PERFMON and CAP_BPF alone are not
+/// enough), so an agent whose policy has an `exact_tokens` workload at
+/// start keeps those (docs/plaintext.md).
+fn drop_privileges(plaintext: bool) {
     if privileges::kernel_allows_unprivileged_map_fds() {
-        match privileges::drop_all_but(&[privileges::CAP_SYS_PTRACE]) {
-            Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept CAP_SYS_PTRACE only)"),
+        let keep: &[u32] = if plaintext {
+            &[
+                privileges::CAP_SYS_PTRACE,
+                privileges::CAP_KILL,
+                privileges::CAP_SYS_ADMIN,
+                privileges::CAP_PERFMON,
+                privileges::CAP_BPF,
+            ]
+        } else {
+            &[privileges::CAP_SYS_PTRACE]
+        };
+        match privileges::drop_all_but(keep) {
+            Ok(kept) => info!(kept = ?kept, "dropped capabilities (kept those listed)"),
             Err(e) => {
                 warn!(error = %e, "could not drop capabilities; running with the ones the agent was started with")
             }
@@ -459,4 +484,69 @@ fn start_event_reader(
         events_alive.clone(),
     ));
     (events_task, events_alive, telemetry_tx)
+}
+
+/// Plaintext chunks waiting for their consumer; more are dropped (counted).
+const PLAINTEXT_QUEUE: usize = 4096;
+/// Exec reports waiting for the attacher; a report that finds the queue
+/// full resumes its process at once, untraced (counted).
+const EXEC_QUEUE: usize = 1024;
+
+/// Plaintext of OpenSSL calls (docs/plaintext.md): the programs are loaded
+/// always; probes are attached only while a workload has `exact_tokens =
+/// true`, uprobes only to its processes. Returns the attacher (None when
+/// the kernel refused the programs) and the exec reports it must act on.
+fn start_plaintext(
+    loader: &mut Loader,
+    mount: &Path,
+    metrics: &Metrics,
+    state: &State,
+    paths: &CgroupPaths,
+) -> (Option<Attacher>, mpsc::Receiver<ExecReport>) {
+    let stats = Arc::new(reader::ReaderStats::default());
+    let (chunk_tx, chunk_rx) = mpsc::channel::<PlaintextChunk>(PLAINTEXT_QUEUE);
+    let (exec_tx, exec_rx) = mpsc::channel::<ExecReport>(EXEC_QUEUE);
+    let mut attacher = match Attacher::load(
+        &mut loader.ebpf,
+        mount,
+        &metrics.registry,
+        stats.clone(),
+    ) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            if state.policy.workloads.iter().any(|w| w.exact_tokens) {
+                error!(error = %e, "plaintext programs unavailable: exact_tokens workloads get no plaintext");
+            } else {
+                info!(error = %e, "plaintext programs unavailable");
+            }
+            None
+        }
+    };
+    let ring: Option<RingBuf<MapData>> = loader
+        .ebpf
+        .take_map(MAP_PLAINTEXT)
+        .and_then(|m| m.try_into().ok());
+    if let (Some(a), Some(ring)) = (attacher.as_ref(), ring) {
+        tokio::spawn(reader::read(
+            ring,
+            chunk_tx,
+            exec_tx,
+            stats,
+            a.seen.clone(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        match reader::dump_path() {
+            Some(path) => {
+                let pids = a.workload_of_pid.clone();
+                tokio::spawn(reader::dump(chunk_rx, path, move |pid| {
+                    pids.lock().ok().and_then(|g| g.get(&pid).cloned())
+                }));
+            }
+            None => {
+                tokio::spawn(reader::discard(chunk_rx));
+            }
+        }
+    }
+    super::handlers::sync_plaintext(attacher.as_mut(), &mut loader.ebpf, state, paths);
+    (attacher, exec_rx)
 }

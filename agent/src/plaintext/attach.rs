@@ -1,0 +1,651 @@
+//! Which processes get the OpenSSL uprobes (docs/plaintext.md): those of
+//! workloads with `exact_tokens = true`, and no others.
+//!
+//! - At start and on every change of the workloads, the `exact_tokens`
+//!   workloads' (generation, id) pairs go to `PLAINTEXT_WORKLOADS`: the exec
+//!   program reports and pauses a process that execs in one of them, and
+//!   [`Attacher::on_exec`] attaches it and resumes it.
+//! - Every tick ([`Attacher::tick`]) the workloads' cgroups are listed:
+//!   processes already running (at start, or moved in after their exec,
+//!   or forked without exec) are attached then (without a pause: what they
+//!   sent before is not seen); processes that ended are forgotten (their
+//!   uprobes detached); the libraries each traced process maps are read
+//!   again, and a libssl mapped since is attached too.
+//! - A process is attached to the libssl files it maps (/proc/PID/maps),
+//!   else to the system's libssl.so.3 found under its root: a Python
+//!   process maps libssl only when it imports `ssl`, after its exec, and a
+//!   uprobe attached to the file before the mapping is installed when the
+//!   mapping is made.
+//! - At most `max_processes` processes are traced; more are counted
+//!   (`overflow`) and left untraced.
+//! - A traced process that ends having mapped no libssl and sent no
+//!   plaintext is counted and logged as not visible (statically linked
+//!   TLS: Go's crypto/tls, rustls, BoringSSL, a static OpenSSL).
+//!
+//! Who can change the inputs: the traced process itself can unmap, replace
+//! or bypass libssl (its own TLS code, a static build, raw syscalls), so
+//! plaintext is evidence of what an OpenSSL client sent, never proof that
+//! nothing else was sent. The symbol offsets come from the library file
+//! the process maps, read by the agent (root).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fs,
+    num::NonZeroU32,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{
+        KProbe, TracePoint, UProbe,
+        kprobe::KProbeLinkId,
+        trace_point::TracePointLinkId,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
+    },
+};
+use llm_egress_common::{
+    MAP_PLAINTEXT_CFG, MAP_PLAINTEXT_STATS, MAP_PLAINTEXT_WORKLOADS, PROG_PLAINTEXT_EXEC,
+    PROG_PLAINTEXT_SOCK, PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN, PROG_PLAINTEXT_TCP,
+    PlaintextConfig, call_flags, plaintext_stat, workload_key,
+};
+use tracing::{info, warn};
+
+use crate::plaintext::metrics::Metrics;
+use crate::plaintext::procs::{
+    cgroup_pids, mapped_libssl, process_root, start_time, workload_by_path,
+};
+use crate::plaintext::reader::{ExecReport, ReaderStats, resume};
+
+/// The functions probed, with the attach cookie each entry probe gets.
+const FUNCTIONS: [(&str, u64); 4] = [
+    ("SSL_write", 0),
+    ("SSL_read", call_flags::READ),
+    ("SSL_write_ex", call_flags::EX),
+    ("SSL_read_ex", call_flags::READ | call_flags::EX),
+];
+
+/// Where a process's root has its system libssl (Debian/Ubuntu, Fedora/RHEL,
+/// Alpine/Arch), tried when it maps none yet.
+const SYSTEM_LIBSSL: [&str; 6] = [
+    "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+    "/lib/x86_64-linux-gnu/libssl.so.3",
+    "/usr/lib/aarch64-linux-gnu/libssl.so.3",
+    "/usr/lib64/libssl.so.3",
+    "/lib64/libssl.so.3",
+    "/usr/lib/libssl.so.3",
+];
+
+/// The kernel functions whose first argument is the `struct sock *`
+/// (the kprobe fallback).
+const TCP_FUNCTIONS: [&str; 2] = ["tcp_sendmsg", "tcp_recvmsg"];
+/// The tracepoints with the `struct sock *` (6.4+), preferred.
+const SOCK_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// How the socket cookie reaches the SSL calls.
+enum CookieHooks {
+    None,
+    Tracepoints(Vec<TracePointLinkId>),
+    Kprobes(Vec<KProbeLinkId>),
+}
+
+/// Processes traced at once by default (8 perf events each).
+pub const MAX_PROCESSES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("program {0}: {1}")]
+    Program(&'static str, String),
+    #[error("map {0}: {1}")]
+    Map(&'static str, String),
+}
+
+/// One traced process.
+struct Traced {
+    workload: String,
+    /// Field 22 of /proc/PID/stat: tells a reused pid apart.
+    start_time: u64,
+    /// (device, inode) of each libssl file attached.
+    libs: BTreeSet<(u64, u64)>,
+    links: Vec<UProbeLink>,
+    /// It mapped a libssl at some point.
+    mapped: bool,
+}
+
+/// The uprobe attacher. Owns the plaintext control maps; the programs stay
+/// in the `Ebpf` the caller passes in.
+pub struct Attacher {
+    cgroup_mount: PathBuf,
+    workloads_map: BpfHashMap<MapData, u64, u32>,
+    cfg_map: Array<MapData, PlaintextConfig>,
+    stats_map: PerCpuArray<MapData, u64>,
+    cfg: PlaintextConfig,
+    /// (cgroup path relative to the mount, workload name) of each
+    /// `exact_tokens` workload cgroup.
+    exact: Vec<(String, String)>,
+    written_keys: Vec<u64>,
+    traced: BTreeMap<u32, Traced>,
+    max_processes: usize,
+    cookie_hooks: CookieHooks,
+    exec_link: Option<TracePointLinkId>,
+    /// pid → workload of traced processes, for the plaintext consumer.
+    pub workload_of_pid: Arc<Mutex<HashMap<u32, String>>>,
+    /// pids that sent or received plaintext (the reader fills it).
+    pub seen: Arc<Mutex<HashSet<u32>>>,
+    reader: Arc<ReaderStats>,
+    kernel_seen: [u64; plaintext_stat::LEN as usize],
+    reader_seen: [u64; 6],
+    metrics: Metrics,
+}
+
+impl Attacher {
+    /// Loads the plaintext programs (nothing is attached yet) and takes
+    /// their control maps.
+    pub fn load(
+        ebpf: &mut Ebpf,
+        cgroup_mount: &Path,
+        registry: &prometheus::Registry,
+        reader: Arc<ReaderStats>,
+    ) -> Result<Self, AttachError> {
+        for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
+            let p: &mut UProbe = program(ebpf, name)?;
+            p.load()
+                .map_err(|e| AttachError::Program(name, chain(&e)))?;
+        }
+        // The kprobe may be refused where the tracepoints are not (and the
+        // other way round): each is tried when the cookie hooks attach.
+        if let Ok(k) = program::<KProbe>(ebpf, PROG_PLAINTEXT_TCP)
+            && let Err(e) = k.load()
+        {
+            warn!(program = PROG_PLAINTEXT_TCP, error = %chain(&e), "plaintext: the kprobe fallback did not load");
+        }
+        for name in [PROG_PLAINTEXT_SOCK, PROG_PLAINTEXT_EXEC] {
+            let t: &mut TracePoint = program(ebpf, name)?;
+            t.load()
+                .map_err(|e| AttachError::Program(name, chain(&e)))?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| AttachError::Map(name, "missing".into()))
+        };
+        let workloads_map =
+            take(ebpf, MAP_PLAINTEXT_WORKLOADS)?
+                .try_into()
+                .map_err(|e: aya::maps::MapError| {
+                    AttachError::Map(MAP_PLAINTEXT_WORKLOADS, e.to_string())
+                })?;
+        let cfg_map = take(ebpf, MAP_PLAINTEXT_CFG)?
+            .try_into()
+            .map_err(|e: aya::maps::MapError| AttachError::Map(MAP_PLAINTEXT_CFG, e.to_string()))?;
+        let stats_map =
+            take(ebpf, MAP_PLAINTEXT_STATS)?
+                .try_into()
+                .map_err(|e: aya::maps::MapError| {
+                    AttachError::Map(MAP_PLAINTEXT_STATS, e.to_string())
+                })?;
+        let sk_cookie_offset = match sk_cookie_offset(Path::new("/sys/kernel/btf/vmlinux")) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(error = %e, "cannot find the socket cookie in the kernel's BTF: plaintext is delivered with cookie 0");
+                0
+            }
+        };
+        let metrics =
+            Metrics::new(registry).map_err(|e| AttachError::Map("metrics", e.to_string()))?;
+        let mut a = Self {
+            cgroup_mount: cgroup_mount.to_path_buf(),
+            workloads_map,
+            cfg_map,
+            stats_map,
+            cfg: PlaintextConfig {
+                sk_cookie_offset,
+                exec_enabled: 0,
+            },
+            exact: Vec::new(),
+            written_keys: Vec::new(),
+            traced: BTreeMap::new(),
+            max_processes: MAX_PROCESSES,
+            cookie_hooks: CookieHooks::None,
+            exec_link: None,
+            workload_of_pid: Arc::default(),
+            seen: Arc::default(),
+            reader,
+            kernel_seen: [0; plaintext_stat::LEN as usize],
+            reader_seen: [0; 6],
+            metrics,
+        };
+        a.write_cfg()?;
+        Ok(a)
+    }
+
+    fn write_cfg(&mut self) -> Result<(), AttachError> {
+        self.cfg_map
+            .set(0, self.cfg, 0)
+            .map_err(|e| AttachError::Map(MAP_PLAINTEXT_CFG, e.to_string()))
+    }
+
+    /// The workloads whose processes are traced: `exact` is (workload id
+    /// of this generation, workload name, cgroup paths relative to the
+    /// cgroup2 mount) of each `exact_tokens` workload. Attaches the
+    /// kprobes and the exec tracepoint while there is one, detaches them
+    /// and every uprobe when there is none.
+    pub fn set_workloads(
+        &mut self,
+        ebpf: &mut Ebpf,
+        generation: u64,
+        exact: &[(u32, String, Vec<String>)],
+    ) -> Result<(), AttachError> {
+        let keys: Vec<u64> = exact
+            .iter()
+            .map(|(id, _, _)| workload_key(generation, *id))
+            .collect();
+        for k in &keys {
+            self.workloads_map
+                .insert(k, 1, 0)
+                .map_err(|e| AttachError::Map(MAP_PLAINTEXT_WORKLOADS, e.to_string()))?;
+        }
+        for old in std::mem::replace(&mut self.written_keys, keys.clone()) {
+            if !keys.contains(&old) {
+                let _ = self.workloads_map.remove(&old);
+            }
+        }
+        self.exact = exact
+            .iter()
+            .flat_map(|(_, name, paths)| paths.iter().map(move |p| (p.clone(), name.clone())))
+            .collect();
+        let on = !exact.is_empty();
+        if on && self.exec_link.is_none() {
+            let t: &mut TracePoint = program(ebpf, PROG_PLAINTEXT_EXEC)?;
+            let id = t
+                .attach("sched", "sched_process_exec")
+                .map_err(|e| AttachError::Program(PROG_PLAINTEXT_EXEC, chain(&e)))?;
+            self.exec_link = Some(id);
+            self.cookie_hooks = attach_cookie_hooks(ebpf);
+        } else if !on && self.exec_link.is_some() {
+            if let Some(id) = self.exec_link.take() {
+                let t: &mut TracePoint = program(ebpf, PROG_PLAINTEXT_EXEC)?;
+                let _ = t.detach(id);
+            }
+            match std::mem::replace(&mut self.cookie_hooks, CookieHooks::None) {
+                CookieHooks::None => {}
+                CookieHooks::Tracepoints(ids) => {
+                    let t: &mut TracePoint = program(ebpf, PROG_PLAINTEXT_SOCK)?;
+                    for id in ids {
+                        let _ = t.detach(id);
+                    }
+                }
+                CookieHooks::Kprobes(ids) => {
+                    let k: &mut KProbe = program(ebpf, PROG_PLAINTEXT_TCP)?;
+                    for id in ids {
+                        let _ = k.detach(id);
+                    }
+                }
+            }
+            info!("plaintext: no exact_tokens workload; the exec and socket hooks are detached");
+        }
+        self.cfg.exec_enabled = u32::from(on);
+        self.write_cfg()?;
+        // Processes of workloads that no longer trace are forgotten.
+        let pids: Vec<u32> = self.traced.keys().copied().collect();
+        for pid in pids {
+            if self.workload_of(pid).is_none() {
+                self.forget(pid);
+            }
+        }
+        Ok(())
+    }
+
+    /// The `exact_tokens` workload of a process, by its cgroup path.
+    fn workload_of(&self, pid: u32) -> Option<String> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        workload_by_path(&self.exact, path)
+    }
+
+    /// A process the exec program reported: attach, then resume it.
+    pub fn on_exec(&mut self, ebpf: &mut Ebpf, report: ExecReport) {
+        if report.paused {
+            self.metrics.execs.with_label_values(&["paused"]).inc();
+        }
+        // A pid traced before ran the image before this exec (a shell
+        // that execs the client): its libraries are gone; it is not
+        // counted as invisible, the new image is what runs.
+        if let Some(t) = self.traced.remove(&report.pid) {
+            drop(t);
+        }
+        if let Some(w) = self.workload_of(report.pid) {
+            self.attach(ebpf, report.pid, w);
+        }
+        if report.paused {
+            resume(report.pid);
+        }
+    }
+
+    /// Every second: new processes of the workloads, ended ones, newly
+    /// mapped libraries; the counters.
+    pub fn tick(&mut self, ebpf: &mut Ebpf) {
+        let mut present = BTreeSet::new();
+        for (rel, workload) in self.exact.clone() {
+            let dir = self.cgroup_mount.join(rel.trim_start_matches('/'));
+            for pid in cgroup_pids(&dir) {
+                present.insert(pid);
+                if !self.traced.contains_key(&pid) {
+                    self.attach(ebpf, pid, workload.clone());
+                }
+            }
+        }
+        let pids: Vec<u32> = self.traced.keys().copied().collect();
+        for pid in pids {
+            let alive = start_time(pid)
+                .is_some_and(|t| Some(t) == self.traced.get(&pid).map(|p| p.start_time));
+            if !alive || !present.contains(&pid) {
+                self.forget(pid);
+                continue;
+            }
+            self.attach_mapped(ebpf, pid);
+        }
+        let (mut with, mut without) = (0, 0);
+        for t in self.traced.values() {
+            if t.mapped {
+                with += 1;
+            } else {
+                without += 1;
+            }
+        }
+        self.metrics
+            .processes
+            .with_label_values(&["libssl"])
+            .set(with);
+        self.metrics
+            .processes
+            .with_label_values(&["no_libssl"])
+            .set(without);
+        self.sync_counters();
+    }
+
+    fn sync_counters(&mut self) {
+        let mut now = [0u64; plaintext_stat::LEN as usize];
+        for (i, slot) in now.iter_mut().enumerate() {
+            if let Ok(v) = self.stats_map.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        let d = |i: u32, seen: &[u64]| now[i as usize].saturating_sub(seen[i as usize]);
+        let seen = self.kernel_seen;
+        self.metrics.calls.inc_by(d(plaintext_stat::CALLS, &seen));
+        self.metrics.bytes.inc_by(d(plaintext_stat::BYTES, &seen));
+        self.metrics
+            .no_cookie
+            .inc_by(d(plaintext_stat::NO_COOKIE, &seen));
+        for (stat, why) in [
+            (plaintext_stat::LOST, "ring_full"),
+            (plaintext_stat::UNREADABLE, "unreadable"),
+            (plaintext_stat::NO_ENTRY, "no_entry"),
+        ] {
+            self.metrics
+                .lost
+                .with_label_values(&[why])
+                .inc_by(d(stat, &seen));
+        }
+        self.metrics
+            .execs
+            .with_label_values(&["lost"])
+            .inc_by(d(plaintext_stat::EXECS_LOST, &seen));
+        self.kernel_seen = now;
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.reader;
+        let rnow = [
+            r.chunks.load(Relaxed),
+            r.incomplete.load(Relaxed),
+            r.dropped.load(Relaxed),
+            r.malformed.load(Relaxed),
+            r.execs_dropped.load(Relaxed),
+            r.bytes.load(Relaxed),
+        ];
+        let rd = |i: usize| rnow[i].saturating_sub(self.reader_seen[i]);
+        self.metrics.chunks.inc_by(rd(0));
+        self.metrics
+            .lost
+            .with_label_values(&["incomplete"])
+            .inc_by(rd(1));
+        self.metrics
+            .lost
+            .with_label_values(&["consumer"])
+            .inc_by(rd(2));
+        self.metrics
+            .lost
+            .with_label_values(&["malformed"])
+            .inc_by(rd(3));
+        self.metrics
+            .execs
+            .with_label_values(&["lost"])
+            .inc_by(rd(4));
+        self.reader_seen = rnow;
+    }
+
+    /// Starts tracing `pid` for `workload`: attaches the libssl files it
+    /// maps, else the system libssl under its root.
+    fn attach(&mut self, ebpf: &mut Ebpf, pid: u32, workload: String) {
+        let Some(start_time) = start_time(pid) else {
+            return;
+        };
+        if self.traced.len() >= self.max_processes {
+            self.metrics.attach.with_label_values(&["overflow"]).inc();
+            warn!(pid, workload = %workload, max = self.max_processes, "plaintext: too many traced processes; this one is not traced");
+            return;
+        }
+        self.traced.insert(
+            pid,
+            Traced {
+                workload: workload.clone(),
+                start_time,
+                libs: BTreeSet::new(),
+                links: Vec::new(),
+                mapped: false,
+            },
+        );
+        if let Ok(mut g) = self.workload_of_pid.lock() {
+            g.insert(pid, workload.clone());
+        }
+        let attached = self.attach_mapped(ebpf, pid);
+        if !attached {
+            // Nothing mapped yet: the system libssl, where the process
+            // would load it from.
+            let root = process_root(pid);
+            if let Some(lib) = SYSTEM_LIBSSL
+                .iter()
+                .map(|p| root.join(p.trim_start_matches('/')))
+                .find(|p| p.exists())
+            {
+                self.attach_lib(ebpf, pid, &lib);
+            }
+        }
+        let ok = self.traced.get(&pid).is_some_and(|t| !t.links.is_empty());
+        self.metrics
+            .attach
+            .with_label_values(&[if ok { "attached" } else { "error" }])
+            .inc();
+    }
+
+    /// Attaches every libssl `pid` maps that is not attached yet; whether
+    /// it maps one.
+    fn attach_mapped(&mut self, ebpf: &mut Ebpf, pid: u32) -> bool {
+        let libs = mapped_libssl(pid);
+        if libs.is_empty() {
+            return false;
+        }
+        if let Some(t) = self.traced.get_mut(&pid) {
+            t.mapped = true;
+        }
+        let root = process_root(pid);
+        for lib in libs {
+            self.attach_lib(ebpf, pid, &root.join(lib.trim_start_matches('/')));
+        }
+        true
+    }
+
+    /// Attaches the 8 probes of `lib` (a path under /proc/PID/root) for
+    /// `pid`, once per library file.
+    fn attach_lib(&mut self, ebpf: &mut Ebpf, pid: u32, lib: &Path) {
+        let Ok(meta) = fs::metadata(lib) else {
+            return;
+        };
+        let id = (meta.dev(), meta.ino());
+        let Some(t) = self.traced.get_mut(&pid) else {
+            return;
+        };
+        if t.libs.contains(&id) {
+            return;
+        }
+        t.libs.insert(id);
+        let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
+            return;
+        };
+        let mut links = Vec::new();
+        let mut errors = Vec::new();
+        for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
+            let p: &mut UProbe = match program(ebpf, name) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            for (function, cookie) in FUNCTIONS {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::Symbol(function),
+                    cookie: Some(cookie),
+                };
+                match p.attach(point, lib, scope).and_then(|id| p.take_link(id)) {
+                    Ok(link) => links.push(link),
+                    Err(e) => errors.push(format!("{name} {function}: {}", chain(&e))),
+                }
+            }
+        }
+        if !errors.is_empty() {
+            warn!(pid, lib = %lib.display(), errors = ?errors, "plaintext: some uprobes could not be attached");
+        }
+        info!(pid, workload = %t.workload, lib = %lib.display(), probes = links.len(), "plaintext: uprobes attached");
+        t.links.extend(links);
+    }
+
+    /// Stops tracing `pid` (its uprobes are detached when the links drop).
+    fn forget(&mut self, pid: u32) {
+        let Some(t) = self.traced.remove(&pid) else {
+            return;
+        };
+        let seen = self
+            .seen
+            .lock()
+            .map(|mut s| s.remove(&pid))
+            .unwrap_or(false);
+        if !t.mapped && !seen {
+            self.metrics
+                .invisible
+                .with_label_values(&[&t.workload])
+                .inc();
+            info!(pid, workload = %t.workload, "plaintext: the process ended without a shared libssl or plaintext: its TLS (if any) was not visible (statically linked TLS: Go, rustls, BoringSSL, static OpenSSL)");
+        }
+        if let Ok(mut g) = self.workload_of_pid.lock() {
+            g.remove(&pid);
+        }
+    }
+}
+
+/// The socket tracepoints, else the kprobes; None (cookies stay 0) when
+/// neither attaches.
+fn attach_cookie_hooks(ebpf: &mut Ebpf) -> CookieHooks {
+    let mut errors = Vec::new();
+    if let Ok(t) = program::<TracePoint>(ebpf, PROG_PLAINTEXT_SOCK) {
+        let mut ids = Vec::new();
+        for tp in SOCK_TRACEPOINTS {
+            match t.attach("sock", tp) {
+                Ok(id) => ids.push(id),
+                Err(e) => errors.push(format!("sock/{tp}: {}", chain(&e))),
+            }
+        }
+        if ids.len() == SOCK_TRACEPOINTS.len() {
+            info!(
+                "plaintext: socket cookies from the sock_send_length/sock_recv_length tracepoints"
+            );
+            return CookieHooks::Tracepoints(ids);
+        }
+        for id in ids {
+            let _ = t.detach(id);
+        }
+    }
+    if let Ok(k) = program::<KProbe>(ebpf, PROG_PLAINTEXT_TCP) {
+        let mut ids = Vec::new();
+        for f in TCP_FUNCTIONS {
+            match k.attach(f, 0) {
+                Ok(id) => ids.push(id),
+                Err(e) => errors.push(format!("kprobe {f}: {}", chain(&e))),
+            }
+        }
+        if ids.len() == TCP_FUNCTIONS.len() {
+            info!("plaintext: socket cookies from kprobes on tcp_sendmsg/tcp_recvmsg");
+            return CookieHooks::Kprobes(ids);
+        }
+        for id in ids {
+            let _ = k.detach(id);
+        }
+    }
+    warn!(errors = ?errors, "plaintext: neither the sock tracepoints nor the tcp kprobes attach: plaintext is delivered with socket cookie 0");
+    CookieHooks::None
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| AttachError::Program(name, "missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| AttachError::Program(name, e.to_string()))
+}
+
+/// Offset of `skc_cookie` in `struct sock` (through `__sk_common`), from the
+/// kernel's BTF at `path`.
+pub fn sk_cookie_offset(path: &Path) -> Result<u32, String> {
+    let raw = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let btf = crate::plaintext::btf::Btf::parse(&raw)?;
+    let common = btf
+        .member_offset("sock", "__sk_common")
+        .ok_or("struct sock has no __sk_common")?;
+    let cookie = btf
+        .member_offset("sock_common", "skc_cookie")
+        .ok_or("struct sock_common has no skc_cookie")?;
+    Ok(common + cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a kernel with BTF (this machine's), the cookie is found, inside
+    /// `struct sock`'s first 256 bytes (it is in `sock_common`).
+    #[test]
+    fn the_socket_cookie_offset_comes_from_the_kernels_btf() {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
+        if !path.exists() {
+            return;
+        }
+        let off = sk_cookie_offset(path).expect("offset");
+        assert!(off > 0 && off < 256 && off.is_multiple_of(8), "{off}");
+    }
+}

@@ -1,0 +1,357 @@
+//! Plaintext of TLS calls in OpenSSL's shared libssl (docs/plaintext.md).
+//!
+//! - `plaintext_ssl_entry`, a uprobe on `SSL_write`, `SSL_read`,
+//!   `SSL_write_ex`, `SSL_read_ex` (attach cookie: `call_flags`), attached
+//!   by the agent per process of an `exact_tokens` workload: remembers the
+//!   call's `SSL*`, buffer and out-pointer in `PLAINTEXT_CALLS` by thread.
+//!   Prototypes (OpenSSL 3, include/openssl/ssl.h):
+//!   `int SSL_write(SSL *s, const void *buf, int num)`,
+//!   `int SSL_read(SSL *s, void *buf, int num)`,
+//!   `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`,
+//!   `int SSL_read_ex(SSL *s, void *buf, size_t num, size_t *readbytes)`.
+//!   OpenSSL 3's `SSL_read`/`SSL_write` call an internal function, not
+//!   the `_ex` forms, so one application call is seen once.
+//! - `plaintext_sock_msg`, tracepoints sock/sock_send_length and
+//!   sock/sock_recv_length (6.4+), or where they are missing
+//!   `plaintext_tcp_msg`, a kprobe on `tcp_sendmsg(struct sock *sk, ...)`
+//!   and `tcp_recvmsg(struct sock *sk, ...)` (the first argument since
+//!   4.x; kernels built without CONFIG_KPROBES have none):
+//!   when the thread is inside an SSL call, reads the socket's cookie
+//!   (`sk->__sk_common.skc_cookie`, at the offset the agent found in the
+//!   kernel's BTF) into the call. A cookie is 0 until something asked for
+//!   it; the connect hook asks for every provider connection it tracks,
+//!   so the connections the agent accounts have one.
+//! - `plaintext_ssl_return`, a uretprobe on the same four functions: the
+//!   length the call moved (the return value, or `*out` of the `_ex` forms
+//!   when they return 1), then the plaintext copied from the caller's
+//!   buffer with `bpf_probe_read_user` in pieces of `PLAINTEXT_PIECE`
+//!   bytes, at most `PLAINTEXT_PIECES` of them, each a record on
+//!   `PLAINTEXT`. Reading at the return serves both directions: a write's
+//!   buffer is unchanged, and a write that returns "retry" (non-blocking
+//!   sockets) copies nothing, so a retried write is not seen twice. The
+//!   cookie is the one seen by the kprobe during the call, else the one
+//!   last seen for this `SSL*` (`PLAINTEXT_SOCKS`: a read served from a
+//!   record OpenSSL had already received touches no socket).
+//! - `plaintext_exec`, tracepoint sched/sched_process_exec: a process that
+//!   execs in a workload whose `exact_tokens` is on is reported on
+//!   `PLAINTEXT` and stopped (SIGSTOP, delivered before its first user
+//!   instruction) until the agent has attached the uprobes and sent
+//!   SIGCONT: without the pause, a short client (curl) could finish its
+//!   request before the probes are in place. The record is reserved before
+//!   the signal is sent, so a process is never stopped without the agent
+//!   hearing of it; with the ring full it is not stopped (counted).
+//!
+//! Internal errors lose plaintext, never a verdict: every program returns 0.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_get_attach_cookie, bpf_probe_read_user, bpf_send_signal},
+    },
+    macros::{kprobe, tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use llm_egress_common::{
+    PLAINTEXT_BYTES, PLAINTEXT_HEADER_BYTES, PLAINTEXT_PIECE, PLAINTEXT_PIECES, PLAINTEXT_WAKE_NS,
+    PlaintextHeader, SslCall, SslKey, call_flags, plaintext_dir, plaintext_flags, plaintext_kind,
+    plaintext_stat, workload_key,
+};
+
+use crate::maps::{
+    PLAINTEXT, PLAINTEXT_CALLS, PLAINTEXT_CFG, PLAINTEXT_SCRATCH, PLAINTEXT_SOCKS, PLAINTEXT_STATS,
+    PLAINTEXT_WORKLOADS, add_u64,
+};
+
+/// SIGSTOP on every architecture Linux runs eBPF on.
+const SIGSTOP: u32 = 19;
+
+#[inline(always)]
+fn stat(index: u32, n: u64) {
+    if let Some(p) = PLAINTEXT_STATS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot of the array.
+        unsafe { add_u64(p, n) };
+    }
+}
+
+#[uprobe]
+pub fn plaintext_ssl_entry(ctx: ProbeContext) -> u32 {
+    // SAFETY: the context of a uprobe; the cookie is what the agent gave.
+    let flags = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let call = SslCall {
+        ssl: ctx.arg::<u64>(0).unwrap_or(0),
+        buf: ctx.arg::<u64>(1).unwrap_or(0),
+        out: if flags & call_flags::EX != 0 {
+            ctx.arg::<u64>(3).unwrap_or(0)
+        } else {
+            0
+        },
+        cookie: 0,
+        flags,
+    };
+    let id = bpf_get_current_pid_tgid();
+    let _ = PLAINTEXT_CALLS.insert(&id, &call, 0);
+    0
+}
+
+#[kprobe]
+pub fn plaintext_tcp_msg(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        note_socket(sk);
+    }
+    0
+}
+
+/// Offset of `void *sk` in the records of sock/sock_send_length and
+/// sock/sock_recv_length (/sys/kernel/tracing/events/sock/*/format, 6.4+;
+/// emitted by sock_sendmsg_nosec / sock_recvmsg_nosec in the caller's
+/// context, for every socket family).
+const SOCK_TP_SK_OFFSET: usize = 8;
+
+#[tracepoint]
+pub fn plaintext_sock_msg(ctx: TracePointContext) -> u32 {
+    // SAFETY: the record starts with the fixed fields listed above.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_TP_SK_OFFSET) } {
+        note_socket(sk);
+    }
+    0
+}
+
+/// When the thread is inside an SSL call: the cookie of socket `sk` into
+/// the call.
+#[inline(always)]
+fn note_socket(sk: u64) {
+    let id = bpf_get_current_pid_tgid();
+    let Some(call) = PLAINTEXT_CALLS.get_ptr_mut(&id) else {
+        return;
+    };
+    let Some(cfg) = PLAINTEXT_CFG.get(0) else {
+        return;
+    };
+    let offset = cfg.sk_cookie_offset as u64;
+    if offset == 0 || sk == 0 {
+        return;
+    }
+    // SAFETY: a probe read of kernel memory, which faults safely.
+    if let Ok(cookie) = unsafe { bpf_probe_read_kernel((sk + offset) as *const u64) }
+        && cookie != 0
+    {
+        // SAFETY: this thread's live entry; only this thread writes it.
+        unsafe { (*call).cookie = cookie };
+    }
+}
+
+#[uretprobe]
+pub fn plaintext_ssl_return(ctx: RetProbeContext) -> u32 {
+    let _ = try_ssl_return(&ctx);
+    0
+}
+
+fn try_ssl_return(ctx: &RetProbeContext) -> Result<(), i64> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: copied out at once; only this thread writes its entry.
+    let Some(call) = (unsafe { PLAINTEXT_CALLS.get(&id) }).copied() else {
+        stat(plaintext_stat::NO_ENTRY, 1);
+        return Ok(());
+    };
+    let _ = PLAINTEXT_CALLS.remove(&id);
+    let ret: i64 = ctx.ret();
+    let n: u64 = if call.flags & call_flags::EX != 0 {
+        if ret as i32 != 1 || call.out == 0 {
+            return Ok(());
+        }
+        // SAFETY: a probe read of user memory, which faults safely.
+        unsafe { aya_ebpf::helpers::bpf_probe_read_user(call.out as *const u64) }
+            .map_err(i64::from)?
+    } else {
+        let r = ret as i32;
+        if r <= 0 {
+            return Ok(());
+        }
+        r as u64
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    let tgid = id >> 32;
+    let key = SslKey {
+        tgid,
+        ssl: call.ssl,
+    };
+    let mut flags = 0u8;
+    let cookie = if call.cookie != 0 {
+        flags |= plaintext_flags::COOKIE_SEEN;
+        let _ = PLAINTEXT_SOCKS.insert(&key, &call.cookie, 0);
+        call.cookie
+    } else {
+        // SAFETY: copied out at once.
+        match unsafe { PLAINTEXT_SOCKS.get(&key) } {
+            Some(c) => {
+                flags |= plaintext_flags::COOKIE_REMEMBERED;
+                *c
+            }
+            None => {
+                stat(plaintext_stat::NO_COOKIE, 1);
+                0
+            }
+        }
+    };
+    if n > llm_egress_common::PLAINTEXT_CALL_MAX as u64 {
+        flags |= plaintext_flags::TRUNCATED;
+        stat(plaintext_stat::TRUNCATED, 1);
+    }
+    stat(plaintext_stat::CALLS, 1);
+    let header = PlaintextHeader {
+        kind: plaintext_kind::CHUNK,
+        direction: if call.flags & call_flags::READ != 0 {
+            plaintext_dir::RECEIVED
+        } else {
+            plaintext_dir::SENT
+        },
+        flags,
+        _pad: 0,
+        // SAFETY: helper without arguments.
+        call_ns: unsafe { bpf_ktime_get_ns() },
+        tid: id as u32,
+        tgid: tgid as u32,
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cookie,
+        ssl: call.ssl,
+        call_len: n,
+        offset: 0,
+        len: 0,
+    };
+    let mut i = 0;
+    while i < PLAINTEXT_PIECES {
+        let offset = (i * PLAINTEXT_PIECE) as u64;
+        if offset >= n {
+            break;
+        }
+        let rest = n - offset;
+        let len = if rest > PLAINTEXT_PIECE as u64 {
+            PLAINTEXT_PIECE as u64
+        } else {
+            rest
+        };
+        piece(&header, call.buf + offset, offset as u32, len as usize);
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Copies `len` (1..=`PLAINTEXT_PIECE`) bytes at `src` into a record and
+/// the record to the ring.
+#[inline(always)]
+fn piece(header: &PlaintextHeader, src: u64, offset: u32, len: usize) {
+    let Some(rec) = PLAINTEXT_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let size = crate::verifier::helper_len(len, PLAINTEXT_PIECE);
+    // SAFETY: this CPU's scratch (uprobe programs run with preemption
+    // disabled); `size` is at most the data's length; the source is read
+    // with the probe-read helper, which faults safely.
+    unsafe {
+        (*rec).header = *header;
+        (*rec).header.offset = offset;
+        let used =
+            if bpf_probe_read_user((*rec).data.as_mut_ptr().cast(), size, src as *const _) == 0 {
+                size
+            } else {
+                (*rec).header.flags |= plaintext_flags::UNREADABLE;
+                stat(plaintext_stat::UNREADABLE, 1);
+                0
+            };
+        (*rec).header.len = used;
+        // At most the record's size: `used` is 0 or `size`.
+        let bytes =
+            core::slice::from_raw_parts(rec as *const u8, PLAINTEXT_HEADER_BYTES + used as usize);
+        match PLAINTEXT.output::<[u8]>(bytes, wake_flags()) {
+            Ok(()) => stat(plaintext_stat::BYTES, u64::from(used)),
+            Err(_) => stat(plaintext_stat::LOST, 1),
+        }
+    }
+}
+
+/// The flags of a record's output: wake the reader when this CPU has not
+/// woken it for `PLAINTEXT_WAKE_NS` or a quarter of the ring waits, else
+/// no wakeup (the reader's tail drains pick the record up: common's
+/// `PLAINTEXT_WAKE_NS`).
+#[inline(always)]
+fn wake_flags() -> u64 {
+    if PLAINTEXT.query(u64::from(BPF_RB_AVAIL_DATA)) >= u64::from(PLAINTEXT_BYTES / 4) {
+        return u64::from(BPF_RB_FORCE_WAKEUP);
+    }
+    let Some(last) = PLAINTEXT_STATS.get_ptr_mut(plaintext_stat::LAST_WAKE_NS) else {
+        return 0;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot; preemption is disabled in the program.
+    unsafe {
+        if now.wrapping_sub(*last) < PLAINTEXT_WAKE_NS {
+            return u64::from(BPF_RB_NO_WAKEUP);
+        }
+        *last = now;
+    }
+    u64::from(BPF_RB_FORCE_WAKEUP)
+}
+
+#[tracepoint]
+pub fn plaintext_exec(_ctx: TracePointContext) -> u32 {
+    let _ = try_exec();
+    0
+}
+
+fn try_exec() -> Result<(), i64> {
+    let Some(cfg) = PLAINTEXT_CFG.get(0) else {
+        return Ok(());
+    };
+    if cfg.exec_enabled == 0 {
+        return Ok(());
+    }
+    let Ok((slot, slot_cfg)) = crate::policy::active() else {
+        return Ok(());
+    };
+    // SAFETY: helpers without pointer arguments.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    let Some(w) = crate::policy::workload_of(slot, own, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) else {
+        return Ok(());
+    };
+    let key = workload_key(slot_cfg.generation, w.workload_id);
+    // SAFETY: presence only.
+    if unsafe { PLAINTEXT_WORKLOADS.get(&key) }.is_none() {
+        return Ok(());
+    }
+    let Some(mut entry) = PLAINTEXT.reserve::<PlaintextHeader>(0) else {
+        stat(plaintext_stat::EXECS_LOST, 1);
+        return Ok(());
+    };
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: SIGSTOP to the current process (not a kernel thread, not
+    // init); it takes effect when the exec returns to user space.
+    let paused = unsafe { bpf_send_signal(SIGSTOP) } == 0;
+    entry.write(PlaintextHeader {
+        kind: plaintext_kind::EXEC,
+        direction: 0,
+        flags: if paused { plaintext_flags::PAUSED } else { 0 },
+        _pad: 0,
+        // SAFETY: helper without arguments.
+        call_ns: unsafe { bpf_ktime_get_ns() },
+        tid: id as u32,
+        tgid: (id >> 32) as u32,
+        cgroup_id: own,
+        cookie: 0,
+        ssl: 0,
+        call_len: 0,
+        offset: 0,
+        len: 0,
+    });
+    entry.submit(0);
+    stat(plaintext_stat::EXECS, 1);
+    Ok(())
+}
