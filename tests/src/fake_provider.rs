@@ -246,6 +246,20 @@ impl FakeProvider {
     pub fn served(&self) -> Vec<Served> {
         self.served.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// The requests answered, once there are at least `n` (waiting up to
+    /// 5 s): a request is recorded after the last byte of its answer left,
+    /// so a client may be done before its request is recorded.
+    pub fn wait_served(&self, n: usize) -> Vec<Served> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let served = self.served();
+            if served.len() >= n || std::time::Instant::now() >= deadline {
+                return served;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for FakeProvider {

@@ -128,12 +128,7 @@ fn realistic_fakes_compress_for_clients_that_ask_and_coalesce_events() {
     let v: serde_json::Value =
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
     assert_eq!(v["usageMetadata"]["candidatesTokenCount"], 5);
-    // The server records what it served after the last byte left.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while gemini.served().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let served = gemini.served();
+    let served = gemini.wait_served(1);
     assert_eq!(served.len(), 1, "the Gemini fake recorded no request");
     assert_eq!(served[0].usage.completion, 5);
 }

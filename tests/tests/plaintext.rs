@@ -410,7 +410,7 @@ fn curl_plaintext_reaches_the_agent_and_a_process_outside_gets_no_uprobe() {
         "the response body curl printed is the end of what it read"
     );
     assert!(chunks.iter().all(|c| c.workload.as_deref() == Some("bot")));
-    let served = server.served();
+    let served = server.wait_served(1);
     assert_eq!(served.len(), 1);
     let usage = served[0].usage;
     assert!(
@@ -496,7 +496,7 @@ fn official_sdk_requests_and_responses_arrive_in_plaintext() {
             &bot,
             &netns,
         );
-        let served = server.served();
+        let served = server.wait_served(1);
         let usage = served.last().unwrap().usage;
         // Pretty-printed (OpenAI's fake) or compact (Anthropic's).
         let needles = [
