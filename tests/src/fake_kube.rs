@@ -200,29 +200,12 @@ impl Drop for FakeKube {
 
 /// A server config for 127.0.0.1 and the PEM of the CA that signed it.
 fn tls_config() -> (Arc<ServerConfig>, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
-    let mut ca_params =
-        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "kubernetes");
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
-    let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
+    let ca = crate::test_ca::root("kubernetes");
     // Like a real API server's: the service IP (here 127.0.0.1) and names.
-    let sans = vec![
-        "127.0.0.1".to_string(),
-        "kubernetes.default.svc".to_string(),
-    ];
-    let mut params = CertificateParams::new(sans).unwrap_or_else(|e| panic!("leaf params: {e}"));
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "kube-apiserver");
-    let leaf = params
-        .signed_by(&key, &ca)
-        .unwrap_or_else(|e| panic!("leaf cert: {e}"));
+    let (leaf, key) = crate::test_ca::sign(
+        crate::test_ca::leaf_params(&["127.0.0.1", "kubernetes.default.svc"], "kube-apiserver"),
+        &ca,
+    );
     let chain = vec![leaf.der().clone()];
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let config =

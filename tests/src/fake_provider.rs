@@ -287,35 +287,10 @@ type Chain = Vec<rustls::pki_types::CertificateDer<'static>>;
 
 /// Leaf and intermediate for `host`, the leaf's key, the root CA (PEM).
 fn chain_for(host: &str) -> (Chain, (PrivateKeyDer<'static>, String)) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
-    let mut ca_params =
-        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "llm-egress test CA");
-    ca_params
-        .distinguished_name
-        .push(DnType::OrganizationName, "llm-egress tests");
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
-    let mid_key = KeyPair::generate().unwrap_or_else(|e| panic!("intermediate key: {e}"));
-    let mut mid_params = CertificateParams::new(Vec::<String>::new())
-        .unwrap_or_else(|e| panic!("intermediate params: {e}"));
-    mid_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    mid_params
-        .distinguished_name
-        .push(DnType::CommonName, "llm-egress test intermediate");
-    mid_params
-        .distinguished_name
-        .push(DnType::OrganizationName, "llm-egress tests");
-    let mid = CertifiedIssuer::signed_by(mid_params, mid_key, &ca)
-        .unwrap_or_else(|e| panic!("intermediate cert: {e}"));
-    let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
-    let mut params = CertificateParams::new(vec![host.to_string(), format!("*.{host}")])
-        .unwrap_or_else(|e| panic!("leaf params: {e}"));
-    params.distinguished_name.push(DnType::CommonName, host);
+    let ca = crate::test_ca::root("llm-egress test CA");
+    let mid = crate::test_ca::intermediate("llm-egress test intermediate", &ca);
+    let wildcard = format!("*.{host}");
+    let mut params = crate::test_ca::leaf_params(&[host, &wildcard], host);
     // Public leaves carry signed certificate timestamps (~250 bytes); an
     // opaque extension of a private OID stands in for them.
     let mut filler = vec![0x04, 0x81, 240];
@@ -326,9 +301,7 @@ fn chain_for(host: &str) -> (Chain, (PrivateKeyDer<'static>, String)) {
             &[1, 3, 6, 1, 4, 1, 55555, 1],
             filler,
         ));
-    let leaf = params
-        .signed_by(&key, &mid)
-        .unwrap_or_else(|e| panic!("leaf cert: {e}"));
+    let (leaf, key) = crate::test_ca::sign(params, &mid);
     // As public servers do: leaf and intermediate, not the root.
     let chain = vec![leaf.der().clone(), mid.der().clone()];
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());

@@ -58,6 +58,7 @@ pub mod proxy;
 pub mod redis;
 pub mod scenario;
 pub mod servers;
+pub mod test_ca;
 
 pub use agent::{Agent, PinDir, agent_bin};
 pub use cgroup::{CgroupGuard, cgroup2_mount};

@@ -175,25 +175,11 @@ fn signal(c: &Child, sig: i32) {
 
 /// A test CA and a certificate for 127.0.0.1 / localhost signed by it.
 fn write_certs(dir: &TempDir) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
-    let mut ca_params =
-        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "llm-egress test Redis CA");
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| panic!("CA cert: {e}"));
-    let key = KeyPair::generate().unwrap_or_else(|e| panic!("server key: {e}"));
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .unwrap_or_else(|e| panic!("server params: {e}"));
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let leaf = params
-        .signed_by(&key, &ca)
-        .unwrap_or_else(|e| panic!("server cert: {e}"));
+    let ca = crate::test_ca::root("llm-egress test Redis CA");
+    let (leaf, key) = crate::test_ca::sign(
+        crate::test_ca::leaf_params(&["127.0.0.1", "localhost"], "localhost"),
+        &ca,
+    );
     let d = dir.path();
     for (name, text) in [
         ("ca.pem", ca.pem()),
