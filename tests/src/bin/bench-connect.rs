@@ -27,7 +27,11 @@
 //! (default 401 × 1000, then 5 provider rounds of 10,000).
 //! `BENCH_PROGRAMS=connect` (or `all`) runs that set only;
 //! `BENCH_DESTS=plain,provider` (names of [`DESTINATIONS`]) those
-//! destinations only. `BENCH_AA=1` runs
+//! destinations only; `provider_budget` and `provider_fleet` (a token
+//! budget of host scope, and the same budget of fleet scope on a Redis
+//! ledger the bench starts on loopback) run only when named there, with
+//! `BENCH_PROGRAMS=all` (budgets need it): fleet mode must cost the connect
+//! path nothing more. `BENCH_AA=1` runs
 //! the "enforced" loop from a cgroup of the same depth outside the attach
 //! cgroup: an A/A run, which shows the bench's own noise.
 
@@ -74,10 +78,14 @@ const PROVIDER_ADDR: &str = "10.20.0.1:9443";
 /// The workload cgroups (below the attach cgroup, or the A/A cgroup).
 const WORKLOAD_CGROUP: &str = "system.slice/bench.service";
 const RATE_WORKLOAD_CGROUP: &str = "system.slice/bench-rate.service";
+const BUDGET_WORKLOAD_CGROUP: &str = "system.slice/bench-budget.service";
+const FLEET_WORKLOAD_CGROUP: &str = "system.slice/bench-fleet.service";
+/// Destinations measured only when `BENCH_DESTS` names them.
+const ON_REQUEST: [&str; 2] = ["provider_budget", "provider_fleet"];
 
 /// What the loops connect to, each from its workload: (name in the report,
 /// address, workload cgroup, what it shows).
-const DESTINATIONS: [(&str, &str, &str, &str); 3] = [
+const DESTINATIONS: [(&str, &str, &str, &str); 5] = [
     (
         "plain",
         PLAIN_ADDR,
@@ -96,6 +104,18 @@ const DESTINATIONS: [(&str, &str, &str, &str); 3] = [
         RATE_WORKLOAD_CGROUP,
         "the same provider from a workload with connections_per_second (never reached): the bucket's spin lock too",
     ),
+    (
+        "provider_budget",
+        PROVIDER_ADDR,
+        BUDGET_WORKLOAD_CGROUP,
+        "the same provider from a workload with a token budget of host scope (never spent): the BUDGET_SPENT check",
+    ),
+    (
+        "provider_fleet",
+        PROVIDER_ADDR,
+        FLEET_WORKLOAD_CGROUP,
+        "the same budget of fleet scope, leased from a Redis ledger: the same kernel path",
+    ),
 ];
 
 /// A policy whose workloads have 1,000 entries each: 999 denied /24s they
@@ -103,12 +123,30 @@ const DESTINATIONS: [(&str, &str, &str, &str); 3] = [
 /// the provider `bench-llm`, and `bench-rate` has a connection rate far
 /// above what the loop reaches (every connect takes from the bucket, none
 /// is refused). `programs`: the policy's `programs` key ("all" or
-/// "connect").
-fn policy(attach: &std::path::Path, programs: &str) -> String {
+/// "connect"). With `fleet` (a ledger's URL), workloads `bench-budget` and
+/// `bench-fleet` have the same token budget, of host and of fleet scope.
+fn policy(attach: &std::path::Path, programs: &str, fleet: Option<&str>) -> String {
     let mut deny = String::new();
     for i in 0..999u32 {
         let _ = write!(deny, "\"10.{}.{}.0/24\", ", 100 + i / 256, i % 256);
     }
+    let budgets = match fleet {
+        None => String::new(),
+        Some(url) => {
+            let workload = |name: &str, cgroup: &str, scope: &str| {
+                format!(
+                    "[[workloads]]\nname = \"{name}\"\ncgroup = {}\nallow = [\"192.0.2.0/24\", \"bench-llm\"]\ndeny = [{deny}]\nother = \"deny\"\n[workloads.limits]\ntokens_per_day = 1000000000000\nscope = \"{scope}\"\n",
+                    toml_str(cgroup)
+                )
+            };
+            format!(
+                "{}{}[fleet]\nservers = [{}]\nkey_prefix = \"bench\"\n",
+                workload("bench-budget", BUDGET_WORKLOAD_CGROUP, "host"),
+                workload("bench-fleet", FLEET_WORKLOAD_CGROUP, "fleet"),
+                toml_str(url)
+            )
+        }
+    };
     format!(
         r#"mode = "enforce"
 programs = {}
@@ -133,7 +171,7 @@ other = "deny"
 [workloads.limits]
 connections_per_second = 1000000
 burst = 1000000
-"#,
+{budgets}"#,
         toml_str(programs),
         toml_str(&attach.display().to_string()),
         toml_str(WORKLOAD_CGROUP),
@@ -331,9 +369,9 @@ fn main() {
     let only = std::env::var("BENCH_DESTS").ok();
     let dests: Vec<Destination> = DESTINATIONS
         .iter()
-        .filter(|(name, ..)| {
-            only.as_deref()
-                .is_none_or(|o| o.split(',').any(|x| x.trim() == *name))
+        .filter(|(name, ..)| match only.as_deref() {
+            Some(o) => o.split(',').any(|x| x.trim() == *name),
+            None => !ON_REQUEST.contains(name),
         })
         .map(|&(name, addr, cgroup, what)| Destination {
             name,
@@ -344,7 +382,17 @@ fn main() {
         .collect();
     assert!(
         !dests.is_empty(),
-        "BENCH_DESTS names none of plain, provider, provider_rate"
+        "BENCH_DESTS names none of plain, provider, provider_rate, provider_budget, provider_fleet"
+    );
+    // The budget destinations: a Redis ledger on loopback for the fleet one.
+    let redis = dests
+        .iter()
+        .any(|d| ON_REQUEST.contains(&d.name))
+        .then(|| llm_egress_tests::redis::RedisServer::start(Default::default()));
+    let fleet_url = redis.as_ref().map(|r| r.url());
+    assert!(
+        redis.is_none() || std::env::var("BENCH_PROGRAMS").as_deref() == Ok("all"),
+        "provider_budget and provider_fleet need token budgets, which need programs = \"all\": run them with BENCH_PROGRAMS=all"
     );
     let bench = Bench {
         enforced: enforced.path(),
@@ -354,6 +402,7 @@ fn main() {
         probe: &probe,
         aa,
         pinned,
+        fleet: fleet_url.as_deref(),
     };
     // Both sets by default: the connect-time verdict alone, then every
     // program (whose agent then also carries the provider load).
@@ -420,6 +469,8 @@ struct Bench<'a> {
     probe: &'a Probe,
     aa: bool,
     pinned: bool,
+    /// The fleet ledger's URL when a budget destination is measured.
+    fleet: Option<&'a str>,
 }
 
 /// Per-round loop times (ns per connect) of one destination.
@@ -441,8 +492,9 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
         probe,
         aa,
         pinned,
+        fleet,
     } = *b;
-    let agent = Agent::start(&policy(enforced, programs));
+    let agent = Agent::start(&policy(enforced, programs, fleet));
 
     // Warm-up, and proof that the enforced loops really run the programs: a
     // denied destination fails from each workload and not from the
