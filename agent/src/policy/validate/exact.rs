@@ -141,6 +141,20 @@ impl Checker<'_> {
             {
                 self.error(v, &format!("{key}.usd_per_month"), "less than usd_per_day");
             }
+            // Not enforced yet: a budget the agent would accept and not
+            // keep is worse than none (docs/exact-tokens.md).
+            for (name, v) in [
+                ("usd_per_day", &w.limits.usd_per_day),
+                ("usd_per_month", &w.limits.usd_per_month),
+            ] {
+                if let Some(v) = v {
+                    self.error(
+                        v,
+                        &format!("{key}.{name}"),
+                        "dollar budgets are not enforced yet; remove it (llm_egress_cost_usd_total reports the cost)",
+                    );
+                }
+            }
             if per_day.is_some() || per_month.is_some() {
                 out.insert(w.name.get_ref().clone(), UsdBudget { per_day, per_month });
             }
@@ -241,20 +255,23 @@ cgroup = "batch.slice"
     #[test]
     fn usd_budgets_are_read_and_checked() {
         let w = "[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\n[workloads.limits]\n";
-        let p = ok(&format!("{w}usd_per_day = 5\nusd_per_month = 100.5\n"));
-        assert_eq!(
-            p.usd_budgets["w"],
-            UsdBudget {
-                per_day: Some(5.0),
-                per_month: Some(100.5)
-            }
-        );
+        // Valid amounts are refused while nothing enforces them.
+        let e = errors(&format!("{w}usd_per_day = 5\nusd_per_month = 100.5\n"));
+        assert_eq!(e.len(), 2);
+        assert!(e.iter().all(|e| e.message.contains("not enforced yet")));
         assert!(ok(w).usd_budgets.is_empty());
         let e = errors(&format!("{w}usd_per_day = 0\n"));
-        assert_eq!(e[0].key, "workloads[0].limits.usd_per_day");
+        assert!(
+            e.iter().any(
+                |e| e.key == "workloads[0].limits.usd_per_day" && e.message.contains("above 0")
+            )
+        );
         let e = errors(&format!("{w}usd_per_day = 10\nusd_per_month = 5\n"));
-        assert_eq!(e[0].key, "workloads[0].limits.usd_per_month");
-        assert!(e[0].message.contains("less than usd_per_day"));
+        assert!(
+            e.iter()
+                .any(|e| e.key == "workloads[0].limits.usd_per_month"
+                    && e.message.contains("less than usd_per_day"))
+        );
         // Workload-wide only: not in a provider override.
         let e = errors(&format!(
             "{w}[workloads.limits.providers.openai]\nusd_per_day = 1\n"
