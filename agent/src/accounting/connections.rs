@@ -5,6 +5,12 @@
 //! close) and `connection`
 //! records of the audit log.
 //!
+//! Connections of `exact_tokens` workloads also get a plaintext reader
+//! (`crate::accounting::exact_conns`): their estimates wait for the close,
+//! which waits [`CLOSE_GRACE`] for the last plaintext, and add only what
+//! the exact counts did not cover (docs/exact-tokens.md, "How a connection
+//! is counted").
+//!
 //! Per-process series are bounded per workload and go to the processes
 //! with the most traffic (crate::accounting::process_series). State for closed connections is dropped at once; a connection whose
 //! summary was lost (ring buffer full) is found by `reconcile` and dropped.
@@ -18,6 +24,7 @@ use llm_egress_common::{ConnEvent, TLS_RECEIVED, TLS_SENT, family, kind};
 
 use crate::{
     accounting::conn_tokens::Counted,
+    accounting::exact_conns::{Closed, ExactConns},
     accounting::process_series::ProcessSeries,
     accounting::token_tally::TokenTally,
     accounting::tokens,
@@ -38,8 +45,25 @@ struct Tracked {
     received: u64,
     /// TLS records counted so far (sent, received).
     records: (u32, u32),
-    /// Tokens counted so far (at updates).
+    /// Tokens estimated so far (at updates).
     tokens: Counted,
+    /// Estimated tokens added to the metric and the tally so far (prompt,
+    /// completion): less than `tokens` while estimates are deferred.
+    added: (u64, u64),
+}
+
+/// How long the summary of a connection with a plaintext reader waits for
+/// the chunks still on their way (they come through another ring buffer
+/// and task than the summary).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// A summary waiting for [`CLOSE_GRACE`].
+struct Pending {
+    due: Instant,
+    ev: ConnEvent,
+    names: (String, String),
+    who: Attribution,
+    time: String,
 }
 
 pub struct Accounting {
@@ -49,6 +73,10 @@ pub struct Accounting {
     processes: ProcessSeries,
     /// Where counted tokens go to the budgets (`crate::token_tally`).
     tally: TokenTally,
+    /// Plaintext readers of `exact_tokens` connections; None: no exact
+    /// tokens (unit tests, or the settings could not be made).
+    exact: Option<ExactConns>,
+    pending: Vec<Pending>,
 }
 
 /// The process label of an attribution: the executable's file name, else
@@ -70,7 +98,38 @@ impl Accounting {
             active: HashMap::new(),
             processes: ProcessSeries::new(metrics.clone()),
             tally: TokenTally::default(),
+            exact: None,
+            pending: Vec::new(),
         }
+    }
+
+    /// Connections of `exact_tokens` workloads are read from plaintext.
+    pub fn with_exact(mut self, exact: ExactConns) -> Self {
+        self.exact = Some(exact);
+        self
+    }
+
+    /// A new policy for the exact-token readers.
+    pub fn set_policy(&mut self, policy: &crate::policy::Policy, generation: u64) {
+        if let Some(x) = &mut self.exact {
+            x.reload(policy, generation);
+        }
+    }
+
+    /// One TLS call's plaintext, for the connection of its cookie.
+    pub fn plaintext(&mut self, chunk: &crate::plaintext::reader::PlaintextChunk) {
+        match &mut self.exact {
+            Some(x) => x.chunk(&self.metrics, &self.tally, chunk),
+            None => self
+                .metrics
+                .plaintext_problems
+                .with_label_values(&[crate::accounting::exact_conns::NO_CONNECTION])
+                .inc(),
+        }
+    }
+
+    fn deferred(&self, workload: &str) -> bool {
+        self.exact.as_ref().is_some_and(|x| x.is_exact(workload))
     }
 
     /// Counted tokens go to `tally` too, where the budget keeper takes them.
@@ -85,6 +144,9 @@ impl Accounting {
 
     /// An allowed TCP connect to a provider: the connection is active.
     pub fn opened(&mut self, cookie: u64, workload: &str, provider: &str, who: &Attribution) {
+        if let Some(x) = &mut self.exact {
+            x.opened(&self.metrics, cookie, workload, provider, who);
+        }
         let process = process_name(who);
         self.processes
             .connection(workload, &process, &self.config, Instant::now());
@@ -100,6 +162,7 @@ impl Accounting {
             received: 0,
             records: (0, 0),
             tokens: Counted::default(),
+            added: (0, 0),
         };
         if let Some(old) = self.active.insert(cookie, t) {
             // A cookie is unique for the kernel's lifetime; seeing it twice
@@ -113,8 +176,43 @@ impl Accounting {
 
     /// A `CONN_UPDATE` or `CONN_SUMMARY` event. `names` gives (workload,
     /// provider) of the connection when the agent did not see it open.
-    /// Returns the audit record of a summary.
+    /// Returns the audit record of a summary; the summary of a connection
+    /// with a plaintext reader waits [`CLOSE_GRACE`] (see [`Self::flush`]).
     pub fn stats(
+        &mut self,
+        ev: &ConnEvent,
+        names: (String, String),
+        who: Attribution,
+        time: String,
+    ) -> Option<ConnectionRecord> {
+        if ev.header.kind == kind::CONN_SUMMARY
+            && self.exact.as_ref().is_some_and(|x| x.has(ev.data.cookie))
+        {
+            self.pending.push(Pending {
+                due: Instant::now() + CLOSE_GRACE,
+                ev: *ev,
+                names,
+                who,
+                time,
+            });
+            return None;
+        }
+        self.apply(ev, names, who, time)
+    }
+
+    /// The summaries whose grace has passed at `now` (all with `now` far
+    /// enough ahead), as audit records.
+    pub fn flush(&mut self, now: Instant) -> Vec<ConnectionRecord> {
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.due <= now);
+        self.pending = wait;
+        due.into_iter()
+            .filter_map(|p| self.apply(&p.ev, p.names, p.who, p.time))
+            .collect()
+    }
+
+    fn apply(
         &mut self,
         ev: &ConnEvent,
         names: (String, String),
@@ -133,6 +231,7 @@ impl Accounting {
                 received: 0,
                 records: (0, 0),
                 tokens: Counted::default(),
+                added: (0, 0),
             },
         };
         // Counters are the socket's totals: count what is new since the
@@ -182,21 +281,32 @@ impl Accounting {
         };
         let (family, client) = (tokens::Family::of(p), tokens::Client::of(&tracked.process));
         let mut counted = tracked.tokens;
+        let mut added = tracked.added;
         if !summary {
             let inc = if established {
                 counted.update(family, client, &traffic)
             } else {
                 (0, 0)
             };
-            self.count_tokens(w, p, inc);
+            // Connections of exact_tokens workloads estimate only at the
+            // close, once it is known what was counted exactly.
+            if !self.deferred(w) {
+                self.count_tokens(w, p, inc);
+                added = (added.0 + inc.0, added.1 + inc.1);
+            }
             if let Some(t) = self.active.get_mut(&d.cookie) {
                 t.sent = d.bytes_sent;
                 t.received = d.bytes_received;
                 t.records = (out.records, inn.records);
                 t.tokens = counted;
+                t.added = added;
             }
             return None;
         }
+        let closed = match &mut self.exact {
+            Some(x) => x.close(&self.metrics, &self.tally, d.cookie),
+            None => None,
+        };
         if self.active.remove(&d.cookie).is_some() {
             self.metrics
                 .active_connections
@@ -215,9 +325,23 @@ impl Accounting {
                 .inc();
         }
         let estimate = if established {
-            counted.close(family, client, &traffic).map(|(e, inc)| {
-                self.count_tokens(w, p, inc);
-                e
+            counted.close(family, client, &traffic).and_then(|(e, _)| {
+                let (prompt, completion) = allowed(closed, (e.prompt, e.completion));
+                self.count_tokens(
+                    w,
+                    p,
+                    (
+                        prompt.saturating_sub(added.0),
+                        completion.saturating_sub(added.1),
+                    ),
+                );
+                // The record carries the estimate the connection added.
+                let (prompt, completion) = (prompt.max(added.0), completion.max(added.1));
+                (prompt + completion > 0 || closed.is_none()).then_some(tokens::Estimate {
+                    prompt,
+                    completion,
+                    ..e
+                })
             })
         } else {
             None
@@ -282,6 +406,9 @@ impl Accounting {
             .copied()
             .collect();
         for cookie in &gone {
+            if let Some(x) = &mut self.exact {
+                x.forget(*cookie);
+            }
             if let Some(t) = self.active.remove(cookie) {
                 self.metrics
                     .active_connections
@@ -295,6 +422,21 @@ impl Accounting {
     #[cfg(test)]
     pub fn active_count(&self) -> usize {
         self.active.len()
+    }
+
+    #[cfg(test)]
+    pub fn plaintext_readers(&self) -> usize {
+        self.exact.as_ref().map_or(0, ExactConns::len)
+    }
+}
+
+/// The estimate (prompt, completion) a closing connection may add in all:
+/// the whole estimate without a plaintext reader, else what its exact
+/// counts did not cover ([`Closed::estimate_allowed`]).
+fn allowed(closed: Option<Closed>, estimate: (u64, u64)) -> (u64, u64) {
+    match closed {
+        None => estimate,
+        Some(c) => c.estimate_allowed(estimate),
     }
 }
 
@@ -530,5 +672,261 @@ mod tests {
             .unwrap();
         assert!(!rec.established);
         assert_eq!(m.connect_failures.with_label_values(&["w", "p"]).get(), 1);
+    }
+
+    mod exact {
+        use super::*;
+        use crate::{
+            accounting::{exact_conns::ExactConns, exact_tokens::ExactTokens},
+            plaintext::reader::{Direction, PlaintextChunk},
+            telemetry::audit::AuditSink,
+        };
+
+        const REQUEST: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"model\":\"gpt-4o\",\"n\":1}  ";
+        fn response() -> Vec<u8> {
+            let body = br#"{"model":"gpt-4o-2024-08-06","usage":{"prompt_tokens":1234,"completion_tokens":567,"total_tokens":1801}}"#;
+            let mut m = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            m.extend_from_slice(body);
+            m
+        }
+
+        fn chunk(cookie: u64, direction: Direction, data: &[u8]) -> PlaintextChunk {
+            PlaintextChunk {
+                cookie,
+                ssl: 1,
+                pid: 2,
+                tid: 2,
+                cgroup_id: 3,
+                direction,
+                time_ns: 0,
+                data: data.to_vec(),
+                call_len: data.len() as u64,
+                truncated: false,
+                complete: true,
+            }
+        }
+
+        fn accounting(m: &Metrics, tally: &TokenTally) -> Accounting {
+            let text = "[[workloads]]\nname = \"bot\"\nsystemd_unit = \"bot.service\"\nallow = [\"openai\"]\nexact_tokens = true\n\n[[workloads]]\nname = \"plain\"\nsystemd_unit = \"plain.service\"\nallow = [\"openai\"]\n";
+            let policy = match crate::policy::Policy::parse(text, "test.toml") {
+                Ok(p) => p,
+                Err(e) => panic!("{e}"),
+            };
+            let audit = AuditSink::open(&crate::policy::AuditLog::Off, m.clone()).expect("audit");
+            let exact = ExactTokens::new(&policy, 1).expect("exact");
+            Accounting::new(m.clone(), config(20))
+                .with_tally(tally.clone())
+                .with_exact(ExactConns::new(exact, audit, &policy))
+        }
+
+        /// A streamed-looking connection: an update would count estimates.
+        fn traffic(cookie: u64, kind: u32) -> ConnEvent {
+            let mut ev = stats(cookie, kind, 3_000, 60_000);
+            ev.data.data_segs_in = 200;
+            ev.data.data_segs_out = 3;
+            ev.data.reported_ns = 6_000_000_010;
+            ev.data.closed_ns = 7_000_000_010;
+            ev
+        }
+
+        fn get(m: &Metrics, w: &str, kind: &str, source: &str) -> u64 {
+            m.tokens
+                .with_label_values(&[w, "openai", kind, source])
+                .get()
+        }
+
+        fn close(a: &mut Accounting, ev: &ConnEvent) -> ConnectionRecord {
+            let names = ("x".to_string(), "y".to_string());
+            assert!(
+                a.stats(ev, names, who(""), String::new()).is_none(),
+                "the summary of a read connection waits for late plaintext"
+            );
+            assert!(a.flush(Instant::now()).is_empty(), "not before the grace");
+            let mut out = a.flush(Instant::now() + CLOSE_GRACE);
+            assert_eq!(out.len(), 1);
+            out.remove(0)
+        }
+
+        #[test]
+        fn an_exact_connection_adds_exact_tokens_and_no_estimate() {
+            let (m, tally) = (Metrics::new().unwrap(), TokenTally::default());
+            let mut a = accounting(&m, &tally);
+            a.opened(5, "bot", "openai", &who("/usr/bin/curl"));
+            a.plaintext(&chunk(5, Direction::Sent, REQUEST));
+            let update = traffic(5, kind::CONN_UPDATE);
+            a.stats(&update, ("x".into(), "y".into()), who(""), String::new());
+            assert_eq!(
+                get(&m, "bot", "prompt", "estimated"),
+                0,
+                "no per-update estimate"
+            );
+            let summary = traffic(5, kind::CONN_SUMMARY);
+            let names = ("x".to_string(), "y".to_string());
+            assert!(a.stats(&summary, names, who(""), String::new()).is_none());
+            // The response's last bytes come after the summary: still read.
+            a.plaintext(&chunk(5, Direction::Received, &response()));
+            let rec = a.flush(Instant::now() + CLOSE_GRACE).remove(0);
+            assert_eq!(
+                (
+                    get(&m, "bot", "prompt", "exact"),
+                    get(&m, "bot", "completion", "exact")
+                ),
+                (1234, 567)
+            );
+            assert_eq!(
+                (
+                    get(&m, "bot", "prompt", "estimated"),
+                    get(&m, "bot", "completion", "estimated")
+                ),
+                (0, 0),
+                "never both"
+            );
+            assert_eq!(rec.tokens_prompt_estimated, None);
+            let bucket = crate::kernel::limit_entries::bucket_id("bot", "openai");
+            assert_eq!(
+                tally.take().get(&bucket),
+                Some(&1801),
+                "budgets get the exact count"
+            );
+            assert_eq!(
+                m.model_tokens
+                    .with_label_values(&["bot", "openai", "gpt-4o", "prompt"])
+                    .get(),
+                1234
+            );
+        }
+
+        #[test]
+        fn an_exact_connection_without_plaintext_adds_its_estimate_at_close() {
+            let (m, tally) = (Metrics::new().unwrap(), TokenTally::default());
+            let mut a = accounting(&m, &tally);
+            // The same traffic on a workload without exact_tokens, for the
+            // figure to expect.
+            a.opened(1, "plain", "openai", &who("/usr/bin/curl"));
+            a.stats(
+                &traffic(1, kind::CONN_UPDATE),
+                ("x".into(), "y".into()),
+                who(""),
+                String::new(),
+            );
+            assert!(
+                get(&m, "plain", "prompt", "estimated") > 0,
+                "plain: estimated at updates"
+            );
+            assert_eq!(a.plaintext_readers(), 0, "no reader for a plain workload");
+            let plain = a
+                .stats(
+                    &traffic(1, kind::CONN_SUMMARY),
+                    ("x".into(), "y".into()),
+                    who(""),
+                    String::new(),
+                )
+                .expect("a plain summary is not held");
+            a.opened(2, "bot", "openai", &who("/usr/bin/curl"));
+            a.stats(
+                &traffic(2, kind::CONN_UPDATE),
+                ("x".into(), "y".into()),
+                who(""),
+                String::new(),
+            );
+            assert_eq!(get(&m, "bot", "prompt", "estimated"), 0, "deferred");
+            let rec = close(&mut a, &traffic(2, kind::CONN_SUMMARY));
+            assert_eq!(
+                (
+                    get(&m, "bot", "prompt", "estimated"),
+                    get(&m, "bot", "completion", "estimated")
+                ),
+                (
+                    get(&m, "plain", "prompt", "estimated"),
+                    get(&m, "plain", "completion", "estimated")
+                ),
+            );
+            assert_eq!(rec.tokens_prompt_estimated, plain.tokens_prompt_estimated);
+            assert_eq!(get(&m, "bot", "prompt", "exact"), 0);
+            assert_eq!(
+                a.plaintext_readers(),
+                0,
+                "closed connections leave no reader"
+            );
+        }
+
+        #[test]
+        fn a_gap_keeps_only_the_estimate_beyond_the_exact_count() {
+            let (m, tally) = (Metrics::new().unwrap(), TokenTally::default());
+            let mut a = accounting(&m, &tally);
+            a.opened(3, "bot", "openai", &who("/usr/bin/curl"));
+            a.plaintext(&chunk(3, Direction::Sent, REQUEST));
+            a.plaintext(&chunk(3, Direction::Received, &response()));
+            let mut cut = chunk(3, Direction::Sent, REQUEST);
+            cut.complete = false;
+            a.plaintext(&cut);
+            a.plaintext(&chunk(3, Direction::Sent, REQUEST));
+            let rec = close(&mut a, &traffic(3, kind::CONN_SUMMARY));
+            let gap = m
+                .plaintext_problems
+                .with_label_values(&["capture_gap"])
+                .get();
+            assert_eq!(gap, 1);
+            assert_eq!(
+                get(&m, "bot", "prompt", "exact"),
+                1234,
+                "read up to the gap only"
+            );
+            let e = (
+                rec.tokens_prompt_estimated.unwrap_or(0),
+                rec.tokens_completion_estimated.unwrap_or(0),
+            );
+            assert_eq!(get(&m, "bot", "prompt", "estimated"), e.0);
+            // The estimate of this traffic, less what was counted exactly.
+            let mut c = Counted::default();
+            let t = &traffic(3, kind::CONN_SUMMARY).data;
+            let full = c
+                .close(
+                    tokens::Family::of("openai"),
+                    tokens::Client::of("curl"),
+                    &tokens::Traffic {
+                        bytes_sent: t.bytes_sent,
+                        bytes_received: t.bytes_received,
+                        segments_in: t.data_segs_in,
+                        segments_out: t.data_segs_out,
+                        duration: Duration::from_secs(7),
+                        app_records_in: None,
+                    },
+                )
+                .unwrap()
+                .0;
+            assert_eq!(
+                e,
+                (
+                    full.prompt.saturating_sub(1234),
+                    full.completion.saturating_sub(567)
+                )
+            );
+        }
+
+        #[test]
+        fn chunks_without_a_tracked_connection_are_skipped_and_counted() {
+            let (m, tally) = (Metrics::new().unwrap(), TokenTally::default());
+            let mut a = accounting(&m, &tally);
+            a.opened(4, "plain", "openai", &who("/usr/bin/curl"));
+            a.opened(6, "bot", "none", &who("/usr/bin/curl"));
+            for cookie in [0, 4, 6, 99] {
+                a.plaintext(&chunk(cookie, Direction::Sent, REQUEST));
+            }
+            let skipped = m
+                .plaintext_problems
+                .with_label_values(&["no_connection"])
+                .get();
+            assert_eq!(skipped, 4);
+            assert_eq!(a.plaintext_readers(), 0);
+            a.opened(7, "bot", "openai", &who("/usr/bin/curl"));
+            assert_eq!(a.plaintext_readers(), 1);
+            a.reconcile(&HashSet::new());
+            assert_eq!(a.plaintext_readers(), 0, "a lost summary drops the reader");
+        }
     }
 }
