@@ -50,7 +50,13 @@ struct Tracked {
     /// Estimated tokens added to the metric and the tally so far (prompt,
     /// completion): less than `tokens` while estimates are deferred.
     added: (u64, u64),
+    /// When the agent first saw it.
+    since: Instant,
 }
+
+/// A connection younger than this is not taken for one whose summary was
+/// lost: its kernel entry may not be visible yet.
+pub const RECONCILE_MIN_AGE: Duration = Duration::from_secs(5);
 
 /// How long the summary of a connection with a plaintext reader waits for
 /// the chunks still on their way (they come through another ring buffer
@@ -163,6 +169,7 @@ impl Accounting {
             records: (0, 0),
             tokens: Counted::default(),
             added: (0, 0),
+            since: Instant::now(),
         };
         if let Some(old) = self.active.insert(cookie, t) {
             // A cookie is unique for the kernel's lifetime; seeing it twice
@@ -232,6 +239,7 @@ impl Accounting {
                 records: (0, 0),
                 tokens: Counted::default(),
                 added: (0, 0),
+                since: Instant::now(),
             },
         };
         // Counters are the socket's totals: count what is new since the
@@ -397,13 +405,19 @@ impl Accounting {
     }
 
     /// Forgets active connections the kernel no longer tracks (their
-    /// summary was lost); returns how many.
-    pub fn reconcile(&mut self, live: &HashSet<u64>) -> usize {
-        let gone: Vec<u64> = self
-            .active
-            .keys()
-            .filter(|c| !live.contains(c))
-            .copied()
+    /// summary was lost); returns how many. `live` is the kernel's list,
+    /// read before the ring was last drained; connections younger than
+    /// [`RECONCILE_MIN_AGE`] at `now` and summaries waiting for their grace
+    /// are kept.
+    pub fn reconcile(&mut self, live: &HashSet<u64>, now: Instant) -> usize {
+        let waiting: HashSet<u64> = self.pending.iter().map(|p| p.ev.data.cookie).collect();
+        let gone: Vec<u64> = (self.active.iter())
+            .filter(|(c, t)| {
+                !live.contains(c)
+                    && !waiting.contains(c)
+                    && now.saturating_duration_since(t.since) >= RECONCILE_MIN_AGE
+            })
+            .map(|(c, _)| *c)
             .collect();
         for cookie in &gone {
             if let Some(x) = &mut self.exact {
@@ -616,7 +630,13 @@ mod tests {
         let mut a = Accounting::new(m.clone(), config(20));
         a.opened(1, "w", "p", &who("/bin/a"));
         a.opened(2, "w", "p", &who("/bin/a"));
-        assert_eq!(a.reconcile(&HashSet::from([2])), 1);
+        assert_eq!(
+            a.reconcile(&HashSet::from([2]), Instant::now()),
+            0,
+            "too young"
+        );
+        let later = Instant::now() + RECONCILE_MIN_AGE;
+        assert_eq!(a.reconcile(&HashSet::from([2]), later), 1);
         assert_eq!(m.active_connections.with_label_values(&["w", "p"]).get(), 1);
     }
 
@@ -925,7 +945,7 @@ mod tests {
             assert_eq!(a.plaintext_readers(), 0);
             a.opened(7, "bot", "openai", &who("/usr/bin/curl"));
             assert_eq!(a.plaintext_readers(), 1);
-            a.reconcile(&HashSet::new());
+            a.reconcile(&HashSet::new(), Instant::now() + RECONCILE_MIN_AGE);
             assert_eq!(a.plaintext_readers(), 0, "a lost summary drops the reader");
         }
     }

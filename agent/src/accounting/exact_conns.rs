@@ -25,12 +25,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     accounting::exact_tokens::{ExactTokens, record_problem},
     accounting::token_tally::TokenTally,
-    plaintext::exchange::{Direction, Output, Tracker},
+    plaintext::exchange::{Direction, Output, Problem, Tracker},
     plaintext::reader::{self, PlaintextChunk},
     policy::Policy,
     telemetry::audit::{Attribution, AuditSink},
@@ -194,6 +194,13 @@ impl ExactConns {
             reader::Direction::Received => Direction::Received,
         };
         let outputs = conn.tracker.feed(direction, &chunk.data);
+        debug!(
+            cookie = chunk.cookie,
+            sent = (direction == Direction::Sent),
+            len = chunk.data.len(),
+            outputs = outputs.len(),
+            "plaintext chunk read"
+        );
         handle(&mut self.exact, &self.audit, metrics, tally, conn, outputs);
     }
 
@@ -212,6 +219,7 @@ impl ExactConns {
                 outputs,
             );
         }
+        debug!(cookie, workload = %conn.workload, provider = %conn.provider, exact = conn.exact, partial = conn.partial, stopped = conn.stopped, "plaintext reader closed");
         Some(Closed {
             exchanges: conn.exact,
             tokens: conn.tokens,
@@ -273,7 +281,12 @@ fn handle(
                     .inc();
             }
             Output::Problem(problem) => {
-                conn.partial = true;
+                // A response cut by the close still gave its exchange
+                // (with usage or not, which decides); any other problem
+                // lost bytes that may have held a request.
+                if problem != Problem::Truncated {
+                    conn.partial = true;
+                }
                 record_problem(metrics, problem);
             }
         }

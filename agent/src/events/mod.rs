@@ -177,8 +177,12 @@ pub async fn read(
             _ = housekeeping.tick() => {
                 accounting.expire();
                 if let Some(conns) = &conns {
+                    // The kernel's list first, then the summaries already
+                    // submitted: a connection that closed before the list
+                    // was read is closed by its summary, not reconciled.
                     let live: std::collections::HashSet<u64> = conns.keys().filter_map(Result::ok).collect();
-                    let missing = accounting.reconcile(&live);
+                    drain(fd.get_mut(), &ctx, &mut accounting);
+                    let missing = accounting.reconcile(&live, std::time::Instant::now());
                     ctx.metrics.summaries_missing.inc_by(missing as u64);
                 }
                 continue;
