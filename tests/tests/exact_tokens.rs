@@ -431,14 +431,36 @@ fn exact_counts(shape: Shape, tag: &str) {
         "no request records for plain"
     );
 
-    // A reload reaches the prices: a policy price for gpt-4o-mini.
+    // A reload reaches the prices (a policy price for gpt-4o-mini) and
+    // the secret patterns; `block` is recorded, not enforced.
     let generation = agent.generation();
     agent.rewrite_policy(&exact_policy(
         &cg,
-        "\n[prices.\"gpt-4o-mini\"]\ninput = 1000\noutput = 1000\n",
+        r#"
+[prices."gpt-4o-mini"]
+input = 1000
+output = 1000
+
+[secrets]
+action = "block"
+patterns = [{ name = "ticket", regex = "\\bITK-[0-9a-f]{8}\\b" }]
+"#,
     ));
     let generation = agent.wait_for_generation_after(generation);
-    curl(&openai, &bot, &ns, "/v1/chat/completions", chat, &[]);
+    let leaky = r#"{"model":"gpt-4o-mini","max_tokens":40,"messages":[{"role":"user","content":"see ticket ITK-0123abcd"}]}"#;
+    curl(&openai, &bot, &ns, "/v1/chat/completions", leaky, &[]);
+    let secret = agent
+        .wait_for_audit(|e| e["event"] == "secret", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no secret record\n{}", agent.context()));
+    assert_eq!(
+        (&secret["kind"], &secret["action"], &secret["workload"]),
+        (
+            &Value::from("ticket"),
+            &Value::from("block"),
+            &Value::from("bot")
+        ),
+        "{secret}"
+    );
     // The fake also served `plain`'s request.
     let usage = served(&openai, n_openai + 2);
     let deadline = Instant::now() + Duration::from_secs(10);

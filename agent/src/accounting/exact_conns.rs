@@ -194,13 +194,6 @@ impl ExactConns {
             reader::Direction::Received => Direction::Received,
         };
         let outputs = conn.tracker.feed(direction, &chunk.data);
-        debug!(
-            cookie = chunk.cookie,
-            sent = (direction == Direction::Sent),
-            len = chunk.data.len(),
-            outputs = outputs.len(),
-            "plaintext chunk read"
-        );
         handle(&mut self.exact, &self.audit, metrics, tally, conn, outputs);
     }
 
