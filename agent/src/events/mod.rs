@@ -117,6 +117,10 @@ async fn next_chunk(chunks: &mut Option<mpsc::Receiver<PlaintextChunk>>) -> Plai
     std::future::pending().await
 }
 
+/// A new policy and its generation, for the reader (telemetry settings,
+/// exact-token prices and secret patterns).
+pub type PolicyUpdate = (Arc<Policy>, u64);
+
 /// Reads the ring buffer until the task is dropped.
 /// `conns` is the kernel's `CONNS` map, read to find connections whose
 /// summary was lost; `policy` receives each new policy and its generation
@@ -127,7 +131,7 @@ pub async fn read(
     ctx: Context,
     mut accounting: Accounting,
     conns: Option<BpfHashMap<MapData, u64, ConnEvent>>,
-    mut policy: watch::Receiver<(Arc<Policy>, u64)>,
+    mut policy: watch::Receiver<PolicyUpdate>,
     mut chunks: Option<mpsc::Receiver<PlaintextChunk>>,
     alive: Arc<std::sync::atomic::AtomicBool>,
 ) {

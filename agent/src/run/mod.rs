@@ -130,7 +130,7 @@ struct Running {
     resolved_tx: mpsc::Sender<Resolved>,
     /// The policy and its generation, to the event reader (telemetry
     /// settings, exact-token prices and secret patterns).
-    telemetry_tx: watch::Sender<(Arc<crate::policy::Policy>, u64)>,
+    telemetry_tx: watch::Sender<crate::events::PolicyUpdate>,
     events_alive: Arc<AtomicBool>,
     events_task: JoinHandle<()>,
     http_task: Option<JoinHandle<()>>,

@@ -471,7 +471,7 @@ fn start_event_reader(
 ) -> (
     JoinHandle<()>,
     Arc<AtomicBool>,
-    watch::Sender<(Arc<crate::policy::Policy>, u64)>,
+    watch::Sender<crate::events::PolicyUpdate>,
 ) {
     let telemetry = &state.policy.telemetry;
     let metrics = ctx.metrics.clone();
