@@ -5,6 +5,12 @@
 //! close) and `connection`
 //! records of the audit log.
 //!
+//! Connections of `exact_tokens` workloads also get a plaintext reader
+//! (`crate::accounting::exact_conns`): their estimates wait for the close,
+//! which waits [`CLOSE_GRACE`] for the last plaintext, and add only what
+//! the exact counts did not cover (docs/exact-tokens.md, "How a connection
+//! is counted").
+//!
 //! Per-process series are bounded per workload and go to the processes
 //! with the most traffic (crate::accounting::process_series). State for closed connections is dropped at once; a connection whose
 //! summary was lost (ring buffer full) is found by `reconcile` and dropped.
@@ -18,6 +24,7 @@ use llm_egress_common::{ConnEvent, TLS_RECEIVED, TLS_SENT, family, kind};
 
 use crate::{
     accounting::conn_tokens::Counted,
+    accounting::exact_conns::{Closed, ExactConns},
     accounting::process_series::ProcessSeries,
     accounting::token_tally::TokenTally,
     accounting::tokens,
@@ -38,8 +45,31 @@ struct Tracked {
     received: u64,
     /// TLS records counted so far (sent, received).
     records: (u32, u32),
-    /// Tokens counted so far (at updates).
+    /// Tokens estimated so far (at updates).
     tokens: Counted,
+    /// Estimated tokens added to the metric and the tally so far (prompt,
+    /// completion): less than `tokens` while estimates are deferred.
+    added: (u64, u64),
+    /// When the agent first saw it.
+    since: Instant,
+}
+
+/// A connection younger than this is not taken for one whose summary was
+/// lost: its kernel entry may not be visible yet.
+pub const RECONCILE_MIN_AGE: Duration = Duration::from_secs(5);
+
+/// How long the summary of a connection with a plaintext reader waits for
+/// the chunks still on their way (they come through another ring buffer
+/// and task than the summary).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// A summary waiting for [`CLOSE_GRACE`].
+struct Pending {
+    due: Instant,
+    ev: ConnEvent,
+    names: (String, String),
+    who: Attribution,
+    time: String,
 }
 
 pub struct Accounting {
@@ -49,6 +79,10 @@ pub struct Accounting {
     processes: ProcessSeries,
     /// Where counted tokens go to the budgets (`crate::token_tally`).
     tally: TokenTally,
+    /// Plaintext readers of `exact_tokens` connections; None: no exact
+    /// tokens (unit tests, or the settings could not be made).
+    exact: Option<ExactConns>,
+    pending: Vec<Pending>,
 }
 
 /// The process label of an attribution: the executable's file name, else
@@ -70,7 +104,38 @@ impl Accounting {
             active: HashMap::new(),
             processes: ProcessSeries::new(metrics.clone()),
             tally: TokenTally::default(),
+            exact: None,
+            pending: Vec::new(),
         }
+    }
+
+    /// Connections of `exact_tokens` workloads are read from plaintext.
+    pub fn with_exact(mut self, exact: ExactConns) -> Self {
+        self.exact = Some(exact);
+        self
+    }
+
+    /// A new policy for the exact-token readers.
+    pub fn set_policy(&mut self, policy: &crate::policy::Policy, generation: u64) {
+        if let Some(x) = &mut self.exact {
+            x.reload(policy, generation);
+        }
+    }
+
+    /// One TLS call's plaintext, for the connection of its cookie.
+    pub fn plaintext(&mut self, chunk: &crate::plaintext::reader::PlaintextChunk) {
+        match &mut self.exact {
+            Some(x) => x.chunk(&self.metrics, &self.tally, chunk),
+            None => self
+                .metrics
+                .plaintext_problems
+                .with_label_values(&[crate::accounting::exact_conns::NO_CONNECTION])
+                .inc(),
+        }
+    }
+
+    fn deferred(&self, workload: &str) -> bool {
+        self.exact.as_ref().is_some_and(|x| x.is_exact(workload))
     }
 
     /// Counted tokens go to `tally` too, where the budget keeper takes them.
@@ -85,6 +150,9 @@ impl Accounting {
 
     /// An allowed TCP connect to a provider: the connection is active.
     pub fn opened(&mut self, cookie: u64, workload: &str, provider: &str, who: &Attribution) {
+        if let Some(x) = &mut self.exact {
+            x.opened(&self.metrics, cookie, workload, provider, who);
+        }
         let process = process_name(who);
         self.processes
             .connection(workload, &process, &self.config, Instant::now());
@@ -100,6 +168,8 @@ impl Accounting {
             received: 0,
             records: (0, 0),
             tokens: Counted::default(),
+            added: (0, 0),
+            since: Instant::now(),
         };
         if let Some(old) = self.active.insert(cookie, t) {
             // A cookie is unique for the kernel's lifetime; seeing it twice
@@ -113,8 +183,43 @@ impl Accounting {
 
     /// A `CONN_UPDATE` or `CONN_SUMMARY` event. `names` gives (workload,
     /// provider) of the connection when the agent did not see it open.
-    /// Returns the audit record of a summary.
+    /// Returns the audit record of a summary; the summary of a connection
+    /// with a plaintext reader waits [`CLOSE_GRACE`] (see [`Self::flush`]).
     pub fn stats(
+        &mut self,
+        ev: &ConnEvent,
+        names: (String, String),
+        who: Attribution,
+        time: String,
+    ) -> Option<ConnectionRecord> {
+        if ev.header.kind == kind::CONN_SUMMARY
+            && self.exact.as_ref().is_some_and(|x| x.has(ev.data.cookie))
+        {
+            self.pending.push(Pending {
+                due: Instant::now() + CLOSE_GRACE,
+                ev: *ev,
+                names,
+                who,
+                time,
+            });
+            return None;
+        }
+        self.apply(ev, names, who, time)
+    }
+
+    /// The summaries whose grace has passed at `now` (all with `now` far
+    /// enough ahead), as audit records.
+    pub fn flush(&mut self, now: Instant) -> Vec<ConnectionRecord> {
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.due <= now);
+        self.pending = wait;
+        due.into_iter()
+            .filter_map(|p| self.apply(&p.ev, p.names, p.who, p.time))
+            .collect()
+    }
+
+    fn apply(
         &mut self,
         ev: &ConnEvent,
         names: (String, String),
@@ -133,6 +238,8 @@ impl Accounting {
                 received: 0,
                 records: (0, 0),
                 tokens: Counted::default(),
+                added: (0, 0),
+                since: Instant::now(),
             },
         };
         // Counters are the socket's totals: count what is new since the
@@ -182,21 +289,32 @@ impl Accounting {
         };
         let (family, client) = (tokens::Family::of(p), tokens::Client::of(&tracked.process));
         let mut counted = tracked.tokens;
+        let mut added = tracked.added;
         if !summary {
             let inc = if established {
                 counted.update(family, client, &traffic)
             } else {
                 (0, 0)
             };
-            self.count_tokens(w, p, inc);
+            // Connections of exact_tokens workloads estimate only at the
+            // close, once it is known what was counted exactly.
+            if !self.deferred(w) {
+                self.count_tokens(w, p, inc);
+                added = (added.0 + inc.0, added.1 + inc.1);
+            }
             if let Some(t) = self.active.get_mut(&d.cookie) {
                 t.sent = d.bytes_sent;
                 t.received = d.bytes_received;
                 t.records = (out.records, inn.records);
                 t.tokens = counted;
+                t.added = added;
             }
             return None;
         }
+        let closed = match &mut self.exact {
+            Some(x) => x.close(&self.metrics, &self.tally, d.cookie),
+            None => None,
+        };
         if self.active.remove(&d.cookie).is_some() {
             self.metrics
                 .active_connections
@@ -215,9 +333,23 @@ impl Accounting {
                 .inc();
         }
         let estimate = if established {
-            counted.close(family, client, &traffic).map(|(e, inc)| {
-                self.count_tokens(w, p, inc);
-                e
+            counted.close(family, client, &traffic).and_then(|(e, _)| {
+                let (prompt, completion) = allowed(closed, (e.prompt, e.completion));
+                self.count_tokens(
+                    w,
+                    p,
+                    (
+                        prompt.saturating_sub(added.0),
+                        completion.saturating_sub(added.1),
+                    ),
+                );
+                // The record carries the estimate the connection added.
+                let (prompt, completion) = (prompt.max(added.0), completion.max(added.1));
+                (prompt + completion > 0 || closed.is_none()).then_some(tokens::Estimate {
+                    prompt,
+                    completion,
+                    ..e
+                })
             })
         } else {
             None
@@ -273,15 +405,24 @@ impl Accounting {
     }
 
     /// Forgets active connections the kernel no longer tracks (their
-    /// summary was lost); returns how many.
-    pub fn reconcile(&mut self, live: &HashSet<u64>) -> usize {
-        let gone: Vec<u64> = self
-            .active
-            .keys()
-            .filter(|c| !live.contains(c))
-            .copied()
+    /// summary was lost); returns how many. `live` is the kernel's list,
+    /// read before the ring was last drained; connections younger than
+    /// [`RECONCILE_MIN_AGE`] at `now` and summaries waiting for their grace
+    /// are kept.
+    pub fn reconcile(&mut self, live: &HashSet<u64>, now: Instant) -> usize {
+        let waiting: HashSet<u64> = self.pending.iter().map(|p| p.ev.data.cookie).collect();
+        let gone: Vec<u64> = (self.active.iter())
+            .filter(|(c, t)| {
+                !live.contains(c)
+                    && !waiting.contains(c)
+                    && now.saturating_duration_since(t.since) >= RECONCILE_MIN_AGE
+            })
+            .map(|(c, _)| *c)
             .collect();
         for cookie in &gone {
+            if let Some(x) = &mut self.exact {
+                x.forget(*cookie);
+            }
             if let Some(t) = self.active.remove(cookie) {
                 self.metrics
                     .active_connections
@@ -295,6 +436,21 @@ impl Accounting {
     #[cfg(test)]
     pub fn active_count(&self) -> usize {
         self.active.len()
+    }
+
+    #[cfg(test)]
+    pub fn plaintext_readers(&self) -> usize {
+        self.exact.as_ref().map_or(0, ExactConns::readers)
+    }
+}
+
+/// The estimate (prompt, completion) a closing connection may add in all:
+/// the whole estimate without a plaintext reader, else what its exact
+/// counts did not cover ([`Closed::estimate_allowed`]).
+fn allowed(closed: Option<Closed>, estimate: (u64, u64)) -> (u64, u64) {
+    match closed {
+        None => estimate,
+        Some(c) => c.estimate_allowed(estimate),
     }
 }
 
@@ -474,7 +630,13 @@ mod tests {
         let mut a = Accounting::new(m.clone(), config(20));
         a.opened(1, "w", "p", &who("/bin/a"));
         a.opened(2, "w", "p", &who("/bin/a"));
-        assert_eq!(a.reconcile(&HashSet::from([2])), 1);
+        assert_eq!(
+            a.reconcile(&HashSet::from([2]), Instant::now()),
+            0,
+            "too young"
+        );
+        let later = Instant::now() + RECONCILE_MIN_AGE;
+        assert_eq!(a.reconcile(&HashSet::from([2]), later), 1);
         assert_eq!(m.active_connections.with_label_values(&["w", "p"]).get(), 1);
     }
 

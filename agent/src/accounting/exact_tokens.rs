@@ -8,13 +8,14 @@
 //! `llm_egress_model_tokens_total`, `llm_egress_cost_usd_total`,
 //! `llm_egress_exact_requests_total`, `llm_egress_secrets_total` and
 //! `llm_egress_plaintext_problems_total`, and writes `request` and `secret`
-//! records. It does not decide what a finding does to the connection (the
-//! glue does, with [`ExactTokens::secret_action`]) and does not charge
-//! budgets: [`Charge`] is what a budget keeper would take.
+//! records. It does not decide what a finding does to the connection
+//! (`block` is not enforced) and does not charge budgets: [`Charge`] is
+//! what the glue (`crate::accounting::exact_conns`) adds to the token
+//! tally.
 //!
-//! Never both: a connection whose exchanges are counted here must stop
-//! adding estimates (`source="estimated"`) for the same tokens; the glue
-//! owns that switch (docs/exact-tokens.md, "What is not covered").
+//! Never both: a connection whose exchanges are counted here adds no
+//! estimate (`source="estimated"`) for the same tokens; the glue owns that
+//! switch (docs/exact-tokens.md, "How a connection is counted").
 
 use std::{collections::HashMap, sync::Arc};
 

@@ -1,6 +1,10 @@
 //! Events: the ring-buffer reader (this file) decodes kernel records
 //! (`decode`), makes them audit records attributed and named (`records`,
 //! `names`) and hands them to metrics, the audit log and accounting.
+//! The plaintext chunks of `exact_tokens` workloads come here too, to the
+//! connection accounting that owns their connections: the ring is drained
+//! before each chunk, so the connect that opened its connection is seen
+//! first.
 
 pub mod decode;
 pub mod names;
@@ -10,11 +14,16 @@ use std::{sync::Arc, time::Duration};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use llm_egress_common::{ConnEvent, EVENTS_WAKE_NS};
-use tokio::io::unix::AsyncFd;
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
 use tracing::warn;
 
 use crate::{
     accounting::connections::Accounting,
+    plaintext::reader::PlaintextChunk,
+    policy::Policy,
     telemetry::audit::{rfc3339, wall_time},
 };
 use decode::{Decoded, decode};
@@ -90,15 +99,40 @@ fn drain(ring: &mut RingBuf<MapData>, ctx: &Context, accounting: &mut Accounting
     }
 }
 
+/// Writes the summaries whose grace for late plaintext has passed.
+fn flush(ctx: &Context, accounting: &mut Accounting) {
+    for record in accounting.flush(std::time::Instant::now()) {
+        ctx.audit.record(&record, &ctx.metrics);
+    }
+}
+
+/// The next plaintext chunk; never, without a channel (or once it closed).
+async fn next_chunk(chunks: &mut Option<mpsc::Receiver<PlaintextChunk>>) -> PlaintextChunk {
+    if let Some(rx) = chunks {
+        if let Some(c) = rx.recv().await {
+            return c;
+        }
+        *chunks = None;
+    }
+    std::future::pending().await
+}
+
+/// A new policy and its generation, for the reader (telemetry settings,
+/// exact-token prices and secret patterns).
+pub type PolicyUpdate = (Arc<Policy>, u64);
+
 /// Reads the ring buffer until the task is dropped.
 /// `conns` is the kernel's `CONNS` map, read to find connections whose
-/// summary was lost; `telemetry` receives new telemetry settings on reload.
+/// summary was lost; `policy` receives each new policy and its generation
+/// on reload (telemetry settings, exact-token prices and secret patterns);
+/// `chunks` carries the plaintext of `exact_tokens` workloads.
 pub async fn read(
     ring: RingBuf<MapData>,
     ctx: Context,
     mut accounting: Accounting,
     conns: Option<BpfHashMap<MapData, u64, ConnEvent>>,
-    mut telemetry: tokio::sync::watch::Receiver<crate::policy::TelemetryConfig>,
+    mut policy: watch::Receiver<PolicyUpdate>,
+    mut chunks: Option<mpsc::Receiver<PlaintextChunk>>,
     alive: Arc<std::sync::atomic::AtomicBool>,
 ) {
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns
@@ -136,19 +170,31 @@ pub async fn read(
             }
             _ = safety_drain.tick() => {
                 drain(fd.get_mut(), &ctx, &mut accounting);
+                flush(&ctx, &mut accounting);
+                continue;
+            }
+            chunk = next_chunk(&mut chunks) => {
+                drain(fd.get_mut(), &ctx, &mut accounting);
+                accounting.plaintext(&chunk);
                 continue;
             }
             _ = housekeeping.tick() => {
                 accounting.expire();
                 if let Some(conns) = &conns {
+                    // The kernel's list first, then the summaries already
+                    // submitted: a connection that closed before the list
+                    // was read is closed by its summary, not reconciled.
                     let live: std::collections::HashSet<u64> = conns.keys().filter_map(Result::ok).collect();
-                    let missing = accounting.reconcile(&live);
+                    drain(fd.get_mut(), &ctx, &mut accounting);
+                    let missing = accounting.reconcile(&live, std::time::Instant::now());
                     ctx.metrics.summaries_missing.inc_by(missing as u64);
                 }
                 continue;
             }
-            Ok(()) = telemetry.changed() => {
-                accounting.set_config(telemetry.borrow_and_update().clone());
+            Ok(()) = policy.changed() => {
+                let (p, generation) = policy.borrow_and_update().clone();
+                accounting.set_config(p.telemetry.clone());
+                accounting.set_policy(&p, generation);
                 continue;
             }
         };

@@ -397,12 +397,6 @@ pub async fn dump(
     }
 }
 
-/// The consumer while the HTTP parser is not wired in: takes every chunk
-/// and drops it.
-pub async fn discard(mut chunks: mpsc::Receiver<PlaintextChunk>) {
-    while chunks.recv().await.is_some() {}
-}
-
 fn hex(b: &[u8]) -> String {
     const D: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(b.len() * 2);

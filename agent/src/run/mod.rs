@@ -39,7 +39,7 @@ use crate::{
     limits::limiter::Limiter,
     names::resolver::{HostAddrs, Resolver},
     plaintext::{attach::Attacher, reader::ExecReport},
-    policy::{PolicyErrors, TelemetryConfig},
+    policy::PolicyErrors,
     telemetry::{audit::AuditSink, http::Health, metrics::Metrics},
 };
 use args::RunArgs;
@@ -128,7 +128,9 @@ struct Running {
     unavailable: Vec<ProgramFailure>,
     resolver: Resolver,
     resolved_tx: mpsc::Sender<Resolved>,
-    telemetry_tx: watch::Sender<TelemetryConfig>,
+    /// The policy and its generation, to the event reader (telemetry
+    /// settings, exact-token prices and secret patterns).
+    telemetry_tx: watch::Sender<crate::events::PolicyUpdate>,
     events_alive: Arc<AtomicBool>,
     events_task: JoinHandle<()>,
     http_task: Option<JoinHandle<()>>,

@@ -136,7 +136,10 @@ impl Running {
                         &mut self.maps,
                         &self.metrics,
                     );
-                    let _ = self.telemetry_tx.send(self.state.policy.telemetry.clone());
+                    let _ = self.telemetry_tx.send((
+                        std::sync::Arc::new(self.state.policy.clone()),
+                        self.state.generation,
+                    ));
                     info!(
                         trigger = why,
                         generation = self.state.generation,

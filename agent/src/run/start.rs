@@ -31,7 +31,10 @@ use super::{
     state::State,
 };
 use crate::{
-    accounting::{connections::Accounting, token_tally::TokenTally},
+    accounting::{
+        connections::Accounting, exact_conns::ExactConns, exact_tokens::ExactTokens,
+        token_tally::TokenTally,
+    },
     attribution::{
         cgroups::{self, Selectors},
         kube,
@@ -53,7 +56,7 @@ use crate::{
         attach::Attacher,
         reader::{self, ExecReport, PlaintextChunk},
     },
-    policy::{Policy, TelemetryConfig},
+    policy::Policy,
     telemetry::{
         audit::AuditSink,
         http::{self, Health},
@@ -204,7 +207,8 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
     // attributable even if it exits at once.
     let execs = attach_exec_tracking(&mut loader, &metrics);
     let outcome = loader.attach(&attach, state.policy.failure_mode)?;
-    let (attacher, execs_paused) = start_plaintext(&mut loader, &mount, &metrics, &state, &paths);
+    let (attacher, execs_paused, chunks) =
+        start_plaintext(&mut loader, &mount, &metrics, &state, &paths);
     match outcome {
         AttachOutcome::Adopted => info!(
             generation = state.generation,
@@ -228,7 +232,7 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
         dns_fallback: Some(dns_tx),
     };
     let (events_task, events_alive, telemetry_tx) =
-        start_event_reader(&mut loader, ring, ctx, &state.policy.telemetry, tally);
+        start_event_reader(&mut loader, ring, ctx, &state, tally, chunks);
 
     let resolver =
         Resolver::new(&state.policy.resolver).map_err(|e| RunError::Resolver(e.to_string()))?;
@@ -453,34 +457,46 @@ fn drop_privileges(plaintext: bool) {
     }
 }
 
-/// The ring-buffer reader on its own task, with connection accounting;
-/// returns the task, its liveness flag, and the sender of telemetry
-/// settings (a reload changes them).
+/// The ring-buffer reader on its own task, with connection accounting and
+/// the exact-token readers of plaintext `chunks`; returns the task, its
+/// liveness flag, and the sender of the policy (a reload changes its
+/// telemetry settings, prices and secret patterns).
 fn start_event_reader(
     loader: &mut Loader,
     ring: RingBuf<MapData>,
     ctx: Context,
-    telemetry: &TelemetryConfig,
+    state: &State,
     tally: TokenTally,
+    chunks: Option<mpsc::Receiver<PlaintextChunk>>,
 ) -> (
     JoinHandle<()>,
     Arc<AtomicBool>,
-    watch::Sender<TelemetryConfig>,
+    watch::Sender<crate::events::PolicyUpdate>,
 ) {
+    let telemetry = &state.policy.telemetry;
     let metrics = ctx.metrics.clone();
     let events_alive = Arc::new(AtomicBool::new(true));
     let conns = loader
         .ebpf
         .take_map(MAP_CONNS)
         .and_then(|m| m.try_into().ok());
-    let accounting = Accounting::new(metrics.clone(), telemetry.clone()).with_tally(tally);
-    let (telemetry_tx, telemetry_rx) = watch::channel(telemetry.clone());
+    let mut accounting = Accounting::new(metrics.clone(), telemetry.clone()).with_tally(tally);
+    match ExactTokens::new(&state.policy, state.generation) {
+        Ok(exact) => {
+            accounting =
+                accounting.with_exact(ExactConns::new(exact, ctx.audit.clone(), &state.policy));
+        }
+        Err(e) => error!(error = %e, "exact tokens unavailable: every connection is estimated"),
+    }
+    let (telemetry_tx, telemetry_rx) =
+        watch::channel((Arc::new(state.policy.clone()), state.generation));
     let events_task = tokio::spawn(events::read(
         ring,
         ctx,
         accounting,
         conns,
         telemetry_rx,
+        chunks,
         events_alive.clone(),
     ));
     (events_task, events_alive, telemetry_tx)
@@ -502,7 +518,11 @@ fn start_plaintext(
     metrics: &Metrics,
     state: &State,
     paths: &CgroupPaths,
-) -> (Option<Attacher>, mpsc::Receiver<ExecReport>) {
+) -> (
+    Option<Attacher>,
+    mpsc::Receiver<ExecReport>,
+    Option<mpsc::Receiver<PlaintextChunk>>,
+) {
     let stats = Arc::new(reader::ReaderStats::default());
     let (chunk_tx, chunk_rx) = mpsc::channel::<PlaintextChunk>(PLAINTEXT_QUEUE);
     let (exec_tx, exec_rx) = mpsc::channel::<ExecReport>(EXEC_QUEUE);
@@ -526,6 +546,7 @@ fn start_plaintext(
         .ebpf
         .take_map(MAP_PLAINTEXT)
         .and_then(|m| m.try_into().ok());
+    let mut chunks = None;
     if let (Some(a), Some(ring)) = (attacher.as_ref(), ring) {
         tokio::spawn(reader::read(
             ring,
@@ -542,11 +563,10 @@ fn start_plaintext(
                     pids.lock().ok().and_then(|g| g.get(&pid).cloned())
                 }));
             }
-            None => {
-                tokio::spawn(reader::discard(chunk_rx));
-            }
+            // The event reader's connection accounting reads them.
+            None => chunks = Some(chunk_rx),
         }
     }
     super::handlers::sync_plaintext(attacher.as_mut(), &mut loader.ebpf, state, paths);
-    (attacher, exec_rx)
+    (attacher, exec_rx, chunks)
 }
