@@ -432,7 +432,8 @@ fn exact_counts(shape: Shape, tag: &str) {
     );
 
     // A reload reaches the prices (a policy price for gpt-4o-mini) and
-    // the secret patterns; `block` is recorded, not enforced.
+    // the secret patterns (`block` is refused until it is enforced:
+    // policy/validate/exact.rs).
     let generation = agent.generation();
     agent.rewrite_policy(&exact_policy(
         &cg,
@@ -442,7 +443,7 @@ input = 1000
 output = 1000
 
 [secrets]
-action = "block"
+action = "audit"
 patterns = [{ name = "ticket", regex = "\\bITK-[0-9a-f]{8}\\b" }]
 "#,
     ));
@@ -456,7 +457,7 @@ patterns = [{ name = "ticket", regex = "\\bITK-[0-9a-f]{8}\\b" }]
         (&secret["kind"], &secret["action"], &secret["workload"]),
         (
             &Value::from("ticket"),
-            &Value::from("block"),
+            &Value::from("audit"),
             &Value::from("bot")
         ),
         "{secret}"

@@ -488,12 +488,12 @@ mod tests {
     #[test]
     fn secrets_follow_the_policy() {
         let p = policy(
-            "[secrets]\naction = \"block\"\npatterns = [{ name = \"internal\", regex = \"INT-[0-9]{8}\" }]\n\n[[workloads]]\nname = \"quiet\"\ncgroup = \"q.slice\"\nsecrets = \"off\"\n",
+            "[secrets]\naction = \"audit\"\npatterns = [{ name = \"internal\", regex = \"INT-[0-9]{8}\" }]\n\n[[workloads]]\nname = \"quiet\"\ncgroup = \"q.slice\"\nsecrets = \"off\"\n",
         );
         let x = ExactTokens::new(&p, 1).expect("exact");
         assert!(x.secret_rules("quiet").is_none());
         let rules = x.secret_rules("bot");
-        assert_eq!(x.secret_action("bot"), SecretAction::Block);
+        assert_eq!(x.secret_action("bot"), SecretAction::Audit);
         let mut t = Tracker::new(rules);
         let body = br#"{"model":"gpt-4o","messages":[{"content":"ticket INT-12345678 now"}]}"#;
         let req = [
@@ -512,7 +512,7 @@ mod tests {
         let m = Metrics::new().expect("metrics");
         let audit = AuditSink::open(&crate::policy::AuditLog::Off, m.clone()).expect("audit");
         let action = x.record_secret(&m, &audit, "bot", "openai", Attribution::default(), f);
-        assert_eq!(action, SecretAction::Block);
+        assert_eq!(action, SecretAction::Audit);
         assert_eq!(
             value(&m, "llm_egress_secrets_total", &[("kind", "internal")]),
             1.0

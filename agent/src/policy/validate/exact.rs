@@ -71,6 +71,7 @@ impl Checker<'_> {
             SECRET_ACTIONS,
             SecretAction::Audit,
         );
+        self.refuse_block(s.action.as_ref(), action, "secrets.action");
         let mut patterns = Vec::new();
         let mut names = HashMap::new();
         if s.patterns.len() > MAX_SECRET_PATTERNS {
@@ -106,6 +107,7 @@ impl Checker<'_> {
             let w = w.get_ref();
             let key = format!("workloads[{i}].secrets");
             let a = self.choice(w.secrets.as_ref(), &key, SECRET_ACTIONS, action);
+            self.refuse_block(w.secrets.as_ref(), a, &key);
             if a != action {
                 workloads.insert(w.name.get_ref().clone(), a);
             }
@@ -114,6 +116,16 @@ impl Checker<'_> {
             action,
             patterns,
             workloads,
+        }
+    }
+
+    /// `block` is refused while nothing stops a connection for a secret: a
+    /// policy that says block and only audits would promise what the
+    /// agent does not do (docs/exact-tokens.md).
+    fn refuse_block(&mut self, value: Option<&Spanned<String>>, action: SecretAction, key: &str) {
+        if let (Some(v), SecretAction::Block) = (value, action) {
+            let message = "\"block\" is not enforced yet (the secret is reported, the request is not stopped): use \"audit\"";
+            self.error(v, key, message);
         }
     }
 
@@ -216,22 +228,28 @@ mod tests {
         assert_eq!(p.secrets, SecretsConfig::default());
         let p = ok(r#"
 [secrets]
-action = "block"
+action = "audit"
 patterns = [{ name = "internal-token", regex = "\\bINT-[0-9]{8}\\b" }]
 
 [[workloads]]
 name = "bot"
 cgroup = "bot.slice"
-secrets = "audit"
+secrets = "off"
 
 [[workloads]]
 name = "batch"
 cgroup = "batch.slice"
 "#);
-        assert_eq!(p.secrets.action, SecretAction::Block);
+        assert_eq!(p.secrets.action, SecretAction::Audit);
         assert_eq!(p.secrets.patterns[0].name, "internal-token");
-        assert_eq!(p.secrets.action_for("bot"), SecretAction::Audit);
-        assert_eq!(p.secrets.action_for("batch"), SecretAction::Block);
+        assert_eq!(p.secrets.action_for("bot"), SecretAction::Off);
+        assert_eq!(p.secrets.action_for("batch"), SecretAction::Audit);
+        // `block` is refused, globally and per workload, until enforced.
+        let e = errors("[secrets]\naction = \"block\"\n");
+        assert_eq!(e[0].key, "secrets.action");
+        assert!(e[0].message.contains("not enforced yet"));
+        let e = errors("[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\nsecrets = \"block\"\n");
+        assert_eq!(e[0].key, "workloads[0].secrets");
         let e = errors("[secrets]\naction = \"drop\"\n");
         assert_eq!(e[0].key, "secrets.action");
         assert!(e[0].message.contains("\"off\", \"audit\", \"block\""));
