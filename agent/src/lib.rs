@@ -6,6 +6,8 @@
 //! - [`plaintext`]: the HTTP/1.1 reader of a provider connection's
 //!   plaintext: the request's model, the response's usage, secrets in
 //!   prompts.
+//! - [`capture`]: that plaintext, from OpenSSL uprobes on the processes of
+//!   `exact_tokens` workloads.
 //! - [`policy`]: the policy file → a validated policy (with the built-in
 //!   provider catalog and prices), who may change the files the agent
 //!   trusts, and the watch on the policy file.
@@ -29,6 +31,7 @@
 
 pub mod accounting;
 pub mod attribution;
+pub mod capture;
 pub mod cli;
 pub mod events;
 pub mod kernel;
@@ -50,9 +53,10 @@ mod tests {
         path::Path,
     };
 
-    const ROOMS: [&str; 11] = [
+    const ROOMS: [&str; 12] = [
         "accounting",
         "attribution",
+        "capture",
         "cli",
         "events",
         "kernel",

@@ -123,7 +123,7 @@ impl Accounting {
     }
 
     /// One TLS call's plaintext, for the connection of its cookie.
-    pub fn plaintext(&mut self, chunk: &crate::plaintext::reader::PlaintextChunk) {
+    pub fn plaintext(&mut self, chunk: &crate::capture::reader::PlaintextChunk) {
         match &mut self.exact {
             Some(x) => x.chunk(&self.metrics, &self.tally, chunk),
             None => self

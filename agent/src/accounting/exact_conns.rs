@@ -1,6 +1,6 @@
 //! The glue of exact tokens (docs/exact-tokens.md, "How a connection is
 //! counted"): plaintext chunks of the OpenSSL uprobes
-//! (`crate::plaintext::reader::PlaintextChunk`) reach the tracked
+//! (`crate::capture::reader::PlaintextChunk`) reach the tracked
 //! connection they belong to, by socket cookie, and are read there by one
 //! `exchange::Tracker` per connection; its exchanges, secrets and problems
 //! go to [`ExactTokens`], and the tokens it counts to the budgets' tally.
@@ -30,8 +30,8 @@ use tracing::{debug, warn};
 use crate::{
     accounting::exact_tokens::{ExactTokens, record_problem},
     accounting::token_tally::TokenTally,
+    capture::reader::{self, PlaintextChunk},
     plaintext::exchange::{Direction, Output, Problem, Tracker},
-    plaintext::reader::{self, PlaintextChunk},
     policy::Policy,
     telemetry::audit::{Attribution, AuditSink},
     telemetry::metrics::Metrics,
@@ -303,7 +303,7 @@ mod tests {
             connections::{Accounting, CLOSE_GRACE, RECONCILE_MIN_AGE},
             tokens,
         },
-        plaintext::reader::{Direction, PlaintextChunk},
+        capture::reader::{Direction, PlaintextChunk},
         policy::TelemetryConfig,
         telemetry::audit::ConnectionRecord,
     };

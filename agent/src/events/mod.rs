@@ -14,15 +14,13 @@ use std::{sync::Arc, time::Duration};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use llm_egress_common::{ConnEvent, EVENTS_WAKE_NS};
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{mpsc, watch},
-};
+use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use crate::{
     accounting::connections::Accounting,
-    plaintext::reader::PlaintextChunk,
+    capture::reader::PlaintextChunk,
+    kernel::ring::RingReader,
     policy::Policy,
     telemetry::audit::{rfc3339, wall_time},
 };
@@ -79,19 +77,6 @@ fn handle(bytes: &[u8], ctx: &Context, accounting: &mut Accounting) {
 /// How often process series expire and lost summaries are reconciled.
 const HOUSEKEEPING: Duration = Duration::from_secs(10);
 
-/// After each wakeup the reader drains the ring again every `TAIL_POLL`
-/// until `TAIL` has passed: the kernel wakes it at most once per
-/// `EVENTS_WAKE_NS` and leaves the records of a burst in between waiting
-/// (common's `EVENTS_WAKE_NS` has the contract). Every record submitted
-/// without a wakeup was submitted within `EVENTS_WAKE_NS` after one, so
-/// before the last drain of that wakeup's tail.
-const TAIL_POLL: Duration = Duration::from_nanos(EVENTS_WAKE_NS);
-const TAIL: Duration = Duration::from_nanos(2 * EVENTS_WAKE_NS);
-/// A drain now and then whatever happens: a program preempted for longer
-/// than the tail between its wakeup decision and its submit would leave a
-/// record waiting until the next wakeup; this bounds that wait.
-const SAFETY_DRAIN: Duration = Duration::from_secs(1);
-
 /// Handles every record the ring holds.
 fn drain(ring: &mut RingBuf<MapData>, ctx: &Context, accounting: &mut Accounting) {
     while let Some(item) = ring.next() {
@@ -135,10 +120,8 @@ pub async fn read(
     mut chunks: Option<mpsc::Receiver<PlaintextChunk>>,
     alive: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns
-    // the ring buffer; the fd is not closed or replaced while registered.
-    let mut fd = match unsafe { AsyncFd::register(ring) } {
-        Ok(fd) => fd,
+    let mut reader = match RingReader::new(ring, Duration::from_nanos(EVENTS_WAKE_NS)) {
+        Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "cannot poll the event ring buffer; no events will be reported");
             alive.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -146,37 +129,22 @@ pub async fn read(
         }
     };
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    let mut safety_drain = tokio::time::interval(SAFETY_DRAIN);
-    safety_drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Some(end): draining on a timer until `end` (the tail of a wakeup).
-    let mut tail_until: Option<tokio::time::Instant> = None;
+    // Summaries held for late plaintext are written once their grace passed.
+    let mut grace = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let tailing = tail_until.is_some();
-        let tail = async move {
-            if tailing {
-                tokio::time::sleep(TAIL_POLL).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        let ready = tokio::select! {
-            r = fd.readable_mut() => r,
-            () = tail => {
-                drain(fd.get_mut(), &ctx, &mut accounting);
-                if tail_until.is_some_and(|end| tokio::time::Instant::now() >= end) {
-                    tail_until = None;
+        tokio::select! {
+            ready = reader.wait() => {
+                if let Err(e) = ready {
+                    warn!(error = %e, "event ring buffer poll failed");
+                    alive.store(false, std::sync::atomic::Ordering::SeqCst);
+                    return;
                 }
-                continue;
+                drain(reader.ring(), &ctx, &mut accounting);
             }
-            _ = safety_drain.tick() => {
-                drain(fd.get_mut(), &ctx, &mut accounting);
-                flush(&ctx, &mut accounting);
-                continue;
-            }
+            _ = grace.tick() => flush(&ctx, &mut accounting),
             chunk = next_chunk(&mut chunks) => {
-                drain(fd.get_mut(), &ctx, &mut accounting);
+                drain(reader.ring(), &ctx, &mut accounting);
                 accounting.plaintext(&chunk);
-                continue;
             }
             _ = housekeeping.tick() => {
                 accounting.expire();
@@ -185,30 +153,17 @@ pub async fn read(
                     // submitted: a connection that closed before the list
                     // was read is closed by its summary, not reconciled.
                     let live: std::collections::HashSet<u64> = conns.keys().filter_map(Result::ok).collect();
-                    drain(fd.get_mut(), &ctx, &mut accounting);
+                    drain(reader.ring(), &ctx, &mut accounting);
                     let missing = accounting.reconcile(&live, std::time::Instant::now());
                     ctx.metrics.summaries_missing.inc_by(missing as u64);
                 }
-                continue;
             }
             Ok(()) = policy.changed() => {
                 let (p, generation) = policy.borrow_and_update().clone();
                 accounting.set_config(p.telemetry.clone());
                 accounting.set_policy(&p, generation);
-                continue;
             }
-        };
-        let mut guard = match ready {
-            Ok(g) => g,
-            Err(e) => {
-                warn!(error = %e, "event ring buffer poll failed");
-                alive.store(false, std::sync::atomic::Ordering::SeqCst);
-                return;
-            }
-        };
-        drain(guard.get_inner_mut(), &ctx, &mut accounting);
-        guard.clear_ready();
-        tail_until = Some(tokio::time::Instant::now() + TAIL);
+        }
     }
 }
 

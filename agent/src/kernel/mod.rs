@@ -12,4 +12,5 @@ pub mod maps;
 pub mod plan;
 pub mod privileges;
 pub mod programs;
+pub mod ring;
 pub mod verifier;

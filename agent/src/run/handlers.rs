@@ -13,12 +13,12 @@ use tracing::{error, info, warn};
 use super::{Resolved, RunError, Running, state::State};
 use crate::{
     attribution::process::CgroupPaths,
-    events::{decode::DnsAnswer, names::names_of},
-    kernel::maps::{KernelMaps, MapsError, WriteReport},
-    plaintext::{
+    capture::{
         attach::Attacher,
         reader::{self, ExecReport},
     },
+    events::{decode::DnsAnswer, names::names_of},
+    kernel::maps::{KernelMaps, MapsError, WriteReport},
     policy::{OnExit, Policy},
     telemetry::metrics::Metrics,
 };

@@ -30,6 +30,7 @@ use tokio::{
 
 use crate::{
     attribution::process::CgroupPaths,
+    capture::{attach::Attacher, reader::ExecReport},
     events::{decode::DnsAnswer, names::Names},
     kernel::{
         loader::{self, Loader, ProgramFailure},
@@ -38,7 +39,6 @@ use crate::{
     },
     limits::limiter::Limiter,
     names::resolver::{HostAddrs, Resolver},
-    plaintext::{attach::Attacher, reader::ExecReport},
     policy::PolicyErrors,
     telemetry::{audit::AuditSink, http::Health, metrics::Metrics},
 };

@@ -40,6 +40,10 @@ use crate::{
         kube,
         process::CgroupPaths,
     },
+    capture::{
+        attach::Attacher,
+        reader::{self, ExecReport, PlaintextChunk},
+    },
     events::{
         self,
         names::{NameTable, Names},
@@ -52,10 +56,6 @@ use crate::{
     },
     limits::{fleet::FleetKeeper, limiter::Limiter},
     names::resolver::{HostAddrs, Resolver},
-    plaintext::{
-        attach::Attacher,
-        reader::{self, ExecReport, PlaintextChunk},
-    },
     policy::Policy,
     telemetry::{
         audit::AuditSink,

@@ -2,7 +2,7 @@
 //! buffer (ebpf/src/plaintext.rs), joins the pieces of each TLS call into
 //! one [`PlaintextChunk`], and hands every chunk to one channel, the input
 //! of whatever reads HTTP from it (docs/plaintext.md). Exec reports of
-//! `exact_tokens` workloads go to the attacher (`plaintext_attach`).
+//! `exact_tokens` workloads go to the attacher (`attach`).
 //!
 //! This module only decodes and forwards: it keeps no plaintext beyond one
 //! call in progress per thread (bounded), writes nothing to disk and logs
@@ -23,7 +23,9 @@ use llm_egress_common::{
     PLAINTEXT_CALL_MAX, PLAINTEXT_HEADER_BYTES, PLAINTEXT_WAKE_NS, PlaintextHeader, plaintext_dir,
     plaintext_flags, plaintext_kind,
 };
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::sync::mpsc;
+
+use crate::kernel::ring::RingReader;
 use tracing::warn;
 
 /// Which way the plaintext went.
@@ -205,10 +207,8 @@ pub async fn read(
     seen: Arc<Mutex<std::collections::HashSet<u32>>>,
     alive: Arc<AtomicBool>,
 ) {
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns
-    // the ring buffer.
-    let mut fd = match unsafe { AsyncFd::register(ring) } {
-        Ok(fd) => fd,
+    let mut reader = match RingReader::new(ring, Duration::from_nanos(PLAINTEXT_WAKE_NS)) {
+        Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "cannot poll the plaintext ring buffer; no plaintext is delivered");
             alive.store(false, Ordering::SeqCst);
@@ -216,10 +216,6 @@ pub async fn read(
         }
     };
     let mut asm = Assembler::default();
-    let mut safety = tokio::time::interval(SAFETY_DRAIN);
-    safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Some(end): draining on a timer until `end` (the tail of a wakeup).
-    let mut tail_until: Option<tokio::time::Instant> = None;
     let out = Outputs {
         chunks: &chunks,
         execs: &execs,
@@ -227,48 +223,14 @@ pub async fn read(
         seen: &seen,
     };
     loop {
-        let tailing = tail_until.is_some();
-        let tail = async move {
-            if tailing {
-                tokio::time::sleep(TAIL_POLL).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        let ready = tokio::select! {
-            r = fd.readable_mut() => r,
-            () = tail => {
-                drain(fd.get_mut(), &mut asm, &out);
-                if tail_until.is_some_and(|end| tokio::time::Instant::now() >= end) {
-                    tail_until = None;
-                }
-                continue;
-            }
-            _ = safety.tick() => {
-                drain(fd.get_mut(), &mut asm, &out);
-                continue;
-            }
-        };
-        let mut guard = match ready {
-            Ok(g) => g,
-            Err(e) => {
-                warn!(error = %e, "plaintext ring buffer poll failed");
-                alive.store(false, Ordering::SeqCst);
-                return;
-            }
-        };
-        drain(guard.get_inner_mut(), &mut asm, &out);
-        guard.clear_ready();
-        tail_until = Some(tokio::time::Instant::now() + TAIL);
+        if let Err(e) = reader.wait().await {
+            warn!(error = %e, "plaintext ring buffer poll failed");
+            alive.store(false, Ordering::SeqCst);
+            return;
+        }
+        drain(reader.ring(), &mut asm, &out);
     }
 }
-
-/// After a wakeup the reader drains again every `TAIL_POLL` until `TAIL`
-/// has passed (common's `PLAINTEXT_WAKE_NS` has the contract); and every
-/// `SAFETY_DRAIN` whatever happens.
-const TAIL_POLL: Duration = Duration::from_nanos(PLAINTEXT_WAKE_NS);
-const TAIL: Duration = Duration::from_nanos(2 * PLAINTEXT_WAKE_NS);
-const SAFETY_DRAIN: Duration = Duration::from_secs(1);
 
 /// Where the reader's results go.
 struct Outputs<'a> {

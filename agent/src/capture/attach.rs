@@ -54,11 +54,11 @@ use llm_egress_common::{
 };
 use tracing::{info, warn};
 
-use crate::plaintext::metrics::Metrics;
-use crate::plaintext::procs::{
+use crate::capture::metrics::Metrics;
+use crate::capture::procs::{
     cgroup_pids, mapped_libssl, process_root, start_time, workload_by_path,
 };
-use crate::plaintext::reader::{ExecReport, ReaderStats, resume};
+use crate::capture::reader::{ExecReport, ReaderStats, resume};
 
 /// The functions probed, with the attach cookie each entry probe gets.
 const FUNCTIONS: [(&str, u64); 4] = [
@@ -623,7 +623,7 @@ where
 /// kernel's BTF at `path`.
 pub fn sk_cookie_offset(path: &Path) -> Result<u32, String> {
     let raw = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let btf = crate::plaintext::btf::Btf::parse(&raw)?;
+    let btf = crate::capture::btf::Btf::parse(&raw)?;
     let common = btf
         .member_offset("sock", "__sk_common")
         .ok_or("struct sock has no __sk_common")?;
