@@ -225,3 +225,40 @@ pub fn expect_metric_at_least(
         ),
     }
 }
+
+/// The providers `openai` (192.0.2.1) and `anthropic` (198.51.100.1) on
+/// port 443 of the plaintext and exact-token tests (their fakes listen
+/// there), workload `bot` (cgroup `bot`) with `exact_tokens = true` and
+/// `plain` (cgroup `plain`) without, then `extra` (more tables).
+pub fn exact_tokens_policy(cg: &CgroupGuard, extra: &str) -> String {
+    policy(
+        cg,
+        "",
+        &format!(
+            r#"
+[[providers]]
+name = "openai"
+hosts = ["api.openai.com"]
+cidrs = ["192.0.2.1/32"]
+ports = [443]
+
+[[providers]]
+name = "anthropic"
+hosts = ["api.anthropic.com"]
+cidrs = ["198.51.100.1/32"]
+ports = [443]
+
+[[workloads]]
+name = "bot"
+cgroup = "bot"
+allow = ["openai", "anthropic"]
+exact_tokens = true
+
+[[workloads]]
+name = "plain"
+cgroup = "plain"
+allow = ["openai", "anthropic"]
+{extra}"#
+        ),
+    )
+}

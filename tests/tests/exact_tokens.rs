@@ -21,46 +21,9 @@ use llm_egress_tests::{
     fake_provider::{self, FakeProvider, Flavor, Options, Shape},
     probe::confine,
     require_root,
-    scenario::policy,
+    scenario::exact_tokens_policy,
 };
 use serde_json::Value;
-
-const PROVIDERS: &str = r#"
-[[providers]]
-name = "openai"
-hosts = ["api.openai.com"]
-cidrs = ["192.0.2.1/32"]
-ports = [443]
-
-[[providers]]
-name = "anthropic"
-hosts = ["api.anthropic.com"]
-cidrs = ["198.51.100.1/32"]
-ports = [443]
-"#;
-
-/// Workload `bot` (cgroup `bot`) with exact tokens, `plain` without.
-/// `extra`: more tables at the end.
-fn exact_policy(cg: &CgroupGuard, extra: &str) -> String {
-    policy(
-        cg,
-        "",
-        &format!(
-            "{PROVIDERS}
-[[workloads]]
-name = \"bot\"
-cgroup = \"bot\"
-allow = [\"openai\", \"anthropic\"]
-exact_tokens = true
-
-[[workloads]]
-name = \"plain\"
-cgroup = \"plain\"
-allow = [\"openai\", \"anthropic\"]
-{extra}"
-        ),
-    )
-}
 
 fn python() -> Option<String> {
     if let Ok(p) = std::env::var("LLM_EGRESS_TOKENS_PYTHON") {
@@ -118,27 +81,9 @@ fn curl(
     body: &str,
     extra: &[&str],
 ) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--http1.1", "--max-time", "30", "-o", "/dev/null"])
-        .args(extra)
-        .arg("--cacert")
-        .arg(server.ca_file())
-        .arg("--resolve")
-        .arg(server.resolve_arg())
-        .args([
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            body,
-        ])
-        .arg(server.url(path))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if server.flavor() == Flavor::Anthropic {
-        cmd.args(["-H", "anthropic-version: 2023-06-01"]);
-    }
-    confine(&mut cmd, cgroup, ns);
+    let mut cmd = llm_egress_tests::curl::post(server, path, body, cgroup, ns);
+    cmd.args(["--http1.1", "--max-time", "30", "-o", "/dev/null"])
+        .args(extra);
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
@@ -234,7 +179,7 @@ fn exact_counts(shape: Shape, tag: &str) {
     let anthropic =
         fake_provider::start_shaped(&ns, "198.51.100.1:443", Flavor::Anthropic, opts, shape);
     let dir = TempDir::new("ex");
-    let mut agent = Agent::launch(&exact_policy(&cg, ""));
+    let mut agent = Agent::launch(&exact_tokens_policy(&cg, ""));
     agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
 
     // curl: buffered (compressed when the shape compresses and curl
@@ -435,7 +380,7 @@ fn exact_counts(shape: Shape, tag: &str) {
     // the secret patterns (`block` is refused until it is enforced:
     // policy/validate/exact.rs).
     let generation = agent.generation();
-    agent.rewrite_policy(&exact_policy(
+    agent.rewrite_policy(&exact_tokens_policy(
         &cg,
         r#"
 [prices."gpt-4o-mini"]

@@ -4,12 +4,9 @@
 //! checks the fakes that the exact-token parser and the estimator are
 //! measured against.
 
-use std::process::{Command, Stdio};
-
 use llm_egress_tests::{
     CgroupGuard, NetnsGuard,
     fake_provider::{self, FakeProvider, Flavor, Options, Shape},
-    probe::confine,
 };
 
 /// curl with `extra` arguments, posting `body` to `path`; (status line
@@ -22,24 +19,8 @@ fn call(
     body: &str,
     extra: &[&str],
 ) -> (String, String) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-D", "-", "--max-time", "30"])
-        .args(extra)
-        .arg("--cacert")
-        .arg(server.ca_file())
-        .arg("--resolve")
-        .arg(server.resolve_arg())
-        .args([
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            body,
-        ])
-        .arg(server.url(path))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    confine(&mut cmd, cg.path(), ns);
+    let mut cmd = llm_egress_tests::curl::post(server, path, body, cg.path(), ns);
+    cmd.args(["-D", "-", "--max-time", "30"]).args(extra);
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run curl: {e}"));

@@ -23,53 +23,19 @@ use llm_egress_tests::{
     fake_provider::{self, Flavor},
     probe::confine,
     require_root,
-    scenario::policy,
+    scenario::exact_tokens_policy,
 };
 use serde_json::Value;
 
 const DUMP_ENV: &str = "LLM_EGRESS_TEST_PLAINTEXT_DUMP";
 
-const PROVIDERS: &str = r#"
-[[providers]]
-name = "openai"
-hosts = ["api.openai.com"]
-cidrs = ["192.0.2.1/32"]
-ports = [443]
-
-[[providers]]
-name = "anthropic"
-hosts = ["api.anthropic.com"]
-cidrs = ["198.51.100.1/32"]
-ports = [443]
-"#;
-
-/// Workload `bot` (cgroup `bot`) traced, `plain` (cgroup `plain`) not.
-fn traced_policy(cg: &CgroupGuard) -> String {
-    policy(
-        cg,
-        "",
-        &format!(
-            "{PROVIDERS}
-[[workloads]]
-name = \"bot\"
-cgroup = \"bot\"
-allow = [\"openai\", \"anthropic\"]
-exact_tokens = true
-
-[[workloads]]
-name = \"plain\"
-cgroup = \"plain\"
-allow = [\"openai\", \"anthropic\"]
-"
-        ),
-    )
-}
-
 /// An agent with the plaintext dump in `dir`.
 fn start_agent(cg: &CgroupGuard, dir: &Path) -> (Agent, PathBuf) {
     let dump = dir.join("plaintext.jsonl");
-    let mut agent =
-        Agent::launch_with_env(&traced_policy(cg), &[(DUMP_ENV, dump.to_str().unwrap())]);
+    let mut agent = Agent::launch_with_env(
+        &exact_tokens_policy(cg, ""),
+        &[(DUMP_ENV, dump.to_str().unwrap())],
+    );
     agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
     (agent, dump)
 }
@@ -345,22 +311,9 @@ fn curl_plaintext_reaches_the_agent_and_a_process_outside_gets_no_uprobe() {
     let (agent, dump) = start_agent(&cg, dir.path());
     let body = r#"{"model":"gpt-4o-mini","max_tokens":9,"messages":[{"role":"user","content":"hello from curl"}]}"#;
     let curl = |cgroup: &Path| {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--http1.1", "--max-time", "20", "--cacert"])
-            .arg(server.ca_file())
-            .arg("--resolve")
-            .arg(server.resolve_arg())
-            .args([
-                "-H",
-                "Content-Type: application/json",
-                "--data-binary",
-                body,
-            ])
-            .arg(server.url("/v1/chat/completions"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        confine(&mut cmd, cgroup, &netns);
+        let mut cmd =
+            llm_egress_tests::curl::post(&server, "/v1/chat/completions", body, cgroup, &netns);
+        cmd.args(["--http1.1", "--max-time", "20"]);
         let child = cmd.spawn().unwrap();
         let pid = child.id();
         let out = child.wait_with_output().unwrap();
@@ -800,7 +753,7 @@ fn bench_plaintext_cost() {
     } else {
         vec![]
     };
-    let mut agent = Agent::launch_with_env(&traced_policy(&cg), &env);
+    let mut agent = Agent::launch_with_env(&exact_tokens_policy(&cg, ""), &env);
     agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
     // On 2+ CPUs: the agent on CPU 0, the clients on CPU 1 (as
     // bench-connect does), so the agent's reader does not share the

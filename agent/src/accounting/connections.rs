@@ -455,11 +455,11 @@ fn allowed(closed: Option<Closed>, estimate: (u64, u64)) -> (u64, u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use llm_egress_common::ConnStats;
 
-    fn who(exe: &str) -> Attribution {
+    pub(crate) fn who(exe: &str) -> Attribution {
         Attribution {
             exe: exe.into(),
             comm: "comm".into(),
@@ -467,14 +467,14 @@ mod tests {
         }
     }
 
-    fn config(limit: usize) -> TelemetryConfig {
+    pub(crate) fn config(limit: usize) -> TelemetryConfig {
         TelemetryConfig {
             process_series_per_workload: limit,
             process_series_ttl: Duration::from_secs(600),
         }
     }
 
-    fn stats(cookie: u64, kind: u32, sent: u64, received: u64) -> ConnEvent {
+    pub(crate) fn stats(cookie: u64, kind: u32, sent: u64, received: u64) -> ConnEvent {
         let mut ev = ConnEvent::default();
         ev.header.kind = kind;
         ev.data = ConnStats {

@@ -294,48 +294,21 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use llm_egress_common::{ConnEvent, ConnStats, kind};
+    use llm_egress_common::{ConnEvent, kind};
 
     use super::*;
     use crate::{
         accounting::{
             conn_tokens::Counted,
-            connections::{Accounting, CLOSE_GRACE, RECONCILE_MIN_AGE},
+            connections::{
+                Accounting, CLOSE_GRACE, RECONCILE_MIN_AGE,
+                tests::{config, stats, who},
+            },
             tokens,
         },
         capture::reader::{Direction, PlaintextChunk},
-        policy::TelemetryConfig,
         telemetry::audit::ConnectionRecord,
     };
-
-    fn who(exe: &str) -> Attribution {
-        Attribution {
-            exe: exe.into(),
-            comm: "comm".into(),
-            ..Attribution::default()
-        }
-    }
-
-    fn config(limit: usize) -> TelemetryConfig {
-        TelemetryConfig {
-            process_series_per_workload: limit,
-            process_series_ttl: Duration::from_secs(600),
-        }
-    }
-
-    fn stats(cookie: u64, kind: u32, sent: u64, received: u64) -> ConnEvent {
-        let mut ev = ConnEvent::default();
-        ev.header.kind = kind;
-        ev.data = ConnStats {
-            cookie,
-            bytes_sent: sent,
-            bytes_received: received,
-            established_ns: 10,
-            closed_ns: 2_000_000_010,
-            ..Default::default()
-        };
-        ev
-    }
 
     const REQUEST: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"model\":\"gpt-4o\",\"n\":1}  ";
     fn response() -> Vec<u8> {
