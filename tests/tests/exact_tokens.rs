@@ -331,6 +331,26 @@ fn exact_counts(shape: Shape, tag: &str) {
                 "bot/{provider}/{kind}: never both\n{}",
                 agent.metrics()
             );
+            // The estimate the connections did not add, against the exact
+            // count: the estimator's error on these fakes.
+            let ratio = |suffix: &str| {
+                agent
+                    .metric_value(
+                        &format!("llm_egress_token_estimate_ratio_{suffix}"),
+                        &[("workload", "bot"), ("provider", provider), ("kind", kind)],
+                    )
+                    .unwrap_or(0.0)
+            };
+            let (count, sum) = (ratio("count"), ratio("sum"));
+            assert!(
+                count > 0.0,
+                "bot/{provider}/{kind}: the estimator's error is measured\n{}",
+                agent.metrics()
+            );
+            println!(
+                "{tag}: {provider} {kind}: estimate / exact, mean of {count} connections = {:.2}",
+                sum / count
+            );
         }
     }
     let read = agent

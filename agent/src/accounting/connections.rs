@@ -334,6 +334,7 @@ impl Accounting {
         }
         let estimate = if established {
             counted.close(family, client, &traffic).and_then(|(e, _)| {
+                self.estimator_error(w, p, closed, (e.prompt, e.completion));
                 let (prompt, completion) = allowed(closed, (e.prompt, e.completion));
                 self.count_tokens(
                     w,
@@ -441,6 +442,29 @@ impl Accounting {
     #[cfg(test)]
     pub fn plaintext_readers(&self) -> usize {
         self.exact.as_ref().map_or(0, ExactConns::readers)
+    }
+}
+
+impl Accounting {
+    /// The estimator's error where exact counts show it: for a connection
+    /// whose every exchange was counted exactly, its estimate (not added)
+    /// over the exact count, per kind with exact tokens
+    /// (`llm_egress_token_estimate_ratio`; docs/exact-tokens.md).
+    fn estimator_error(&self, w: &str, p: &str, closed: Option<Closed>, estimate: (u64, u64)) {
+        let Some(c) = closed.filter(|c| c.exchanges > 0 && !c.partial) else {
+            return;
+        };
+        for (kind, est, exact) in [
+            ("prompt", estimate.0, c.tokens.0),
+            ("completion", estimate.1, c.tokens.1),
+        ] {
+            if exact > 0 {
+                self.metrics
+                    .token_estimate_ratio
+                    .with_label_values(&[w, p, kind])
+                    .observe(est as f64 / exact as f64);
+            }
+        }
     }
 }
 

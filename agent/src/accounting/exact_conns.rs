@@ -414,6 +414,14 @@ mod tests {
             "never both"
         );
         assert_eq!(rec.tokens_prompt_estimated, None);
+        // The estimate it did not add shows the estimator's error.
+        for kind in ["prompt", "completion"] {
+            let ratio = m
+                .token_estimate_ratio
+                .with_label_values(&["bot", "openai", kind]);
+            assert_eq!(ratio.get_sample_count(), 1, "{kind}: one connection");
+            assert!(ratio.get_sample_sum() > 0.0, "{kind}: estimate / exact");
+        }
         let bucket = crate::kernel::limit_entries::bucket_id("bot", "openai");
         assert_eq!(
             tally.take().get(&bucket),

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub tls_records: IntCounterVec,
     pub active_connections: IntGaugeVec,
     pub connection_duration: HistogramVec,
+    pub token_estimate_ratio: HistogramVec,
     pub connect_failures: IntCounterVec,
     pub process_connections: IntCounterVec,
     pub process_bytes: IntCounterVec,
@@ -261,6 +262,20 @@ impl Metrics {
                         0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
                     ]),
                     &["workload", "provider"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
+            token_estimate_ratio: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "llm_egress_token_estimate_ratio",
+                        "Per connection counted exactly (exact_tokens workloads): what the estimate from encrypted traffic would have been, over the exact count, by kind (prompt, completion).",
+                    )
+                    .buckets(vec![
+                        0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0,
+                    ]),
+                    &["workload", "provider", "kind"],
                 )?;
                 r.register(Box::new(h.clone()))?;
                 h
@@ -676,6 +691,9 @@ mod tests {
             .with_label_values(&["w", "p"])
             .observe(1.0);
         m.connect_failures.with_label_values(&["w", "p"]).inc();
+        m.token_estimate_ratio
+            .with_label_values(&["w", "p", "prompt"])
+            .observe(1.0);
         m.process_connections.with_label_values(&["w", "x"]).inc();
         m.process_bytes.with_label_values(&["w", "x", "sent"]).inc();
         m.tokens
