@@ -207,6 +207,17 @@ pub fn errno_name(errno: i32) -> String {
     name.to_string()
 }
 
+/// The Python with the official openai and anthropic SDKs:
+/// `LLM_EGRESS_TOKENS_PYTHON` (`cargo xtask test` sets it), else setup's
+/// venv (target/pyenv) when it is there.
+pub fn sdk_python() -> Option<String> {
+    if let Ok(p) = std::env::var("LLM_EGRESS_TOKENS_PYTHON") {
+        return Some(p);
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python");
+    venv.exists().then(|| venv.display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

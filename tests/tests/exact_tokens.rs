@@ -25,14 +25,6 @@ use llm_egress_tests::{
 };
 use serde_json::Value;
 
-fn python() -> Option<String> {
-    if let Ok(p) = std::env::var("LLM_EGRESS_TOKENS_PYTHON") {
-        return Some(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python");
-    venv.exists().then(|| venv.display().to_string())
-}
-
 /// A client of the official SDK (argv: flavor, ip, host, ca, model,
 /// stream): one request with `max_tokens` 7; a stream is read to its end
 /// (OpenAI's with `include_usage`).
@@ -199,7 +191,7 @@ fn exact_counts(shape: Shape, tag: &str) {
     curl(&anthropic, &bot, &ns, "/v1/messages", messages, &[]);
     let (mut n_openai, mut n_anthropic) = (2, 1);
     // The official SDKs (httpx, gzip accepted), buffered and streamed.
-    if let Some(py) = python() {
+    if let Some(py) = llm_egress_tests::sdk_python() {
         let script = dir.path().join("sdk_client.py");
         std::fs::write(&script, SDK_CLIENT).unwrap();
         for stream in [false, true] {

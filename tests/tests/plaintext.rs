@@ -100,14 +100,6 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-fn python() -> Option<String> {
-    if let Ok(p) = std::env::var("LLM_EGRESS_TOKENS_PYTHON") {
-        return Some(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python");
-    venv.exists().then(|| venv.display().to_string())
-}
-
 /// A request over Python's `ssl` (libssl.so.3) that prints its socket's
 /// cookie (SO_COOKIE, the key the connect hook and accounting use) and the
 /// exact bytes it wrote and read, hex.
@@ -406,7 +398,7 @@ fn curl_plaintext_reaches_the_agent_and_a_process_outside_gets_no_uprobe() {
 #[test]
 fn official_sdk_requests_and_responses_arrive_in_plaintext() {
     require_root();
-    let Some(py) = python() else {
+    let Some(py) = llm_egress_tests::sdk_python() else {
         eprintln!("SKIPPED: needs target/pyenv (cargo xtask setup) or LLM_EGRESS_TOKENS_PYTHON");
         return;
     };
