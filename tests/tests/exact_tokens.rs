@@ -452,3 +452,143 @@ fn exact_counts_with_tidy_fakes() {
 fn exact_counts_with_realistic_fakes() {
     exact_counts(Shape::realistic(), "real");
 }
+
+/// The estimator learns from exact counts (docs/exact-tokens.md, "Learning
+/// from exact counts"): on the realistic fakes, where the calibration is
+/// far off (coalesced events, CDN headers), streams of several lengths
+/// counted exactly in `bot` teach it, and the same kind of streams from
+/// `plain` (no exact_tokens: estimates only) of lengths it did not see are
+/// then estimated within 25 % of the fake's true usage.
+#[test]
+fn the_estimator_learns_from_exact_counts_on_realistic_fakes() {
+    require_root();
+    let cg = CgroupGuard::new("ex-learn");
+    let (bot, plain) = (cg.child("bot"), cg.child("plain"));
+    let ns = NetnsGuard::new();
+    let openai = fake_provider::start_shaped(
+        &ns,
+        "192.0.2.1:443",
+        Flavor::OpenAi,
+        Options::default(),
+        Shape::realistic(),
+    );
+    let mut agent = Agent::launch(&exact_tokens_policy(&cg, ""));
+    agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    let stream = |max_tokens: u32, words: usize| {
+        format!(
+            r#"{{"model":"gpt-4o-mini","max_tokens":{max_tokens},"stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            vec!["stream me"; words].join(" ")
+        )
+    };
+    let estimated = |a: &Agent| {
+        (
+            tokens(a, "plain", "openai", "prompt", "estimated"),
+            tokens(a, "plain", "openai", "completion", "estimated"),
+        )
+    };
+
+    // Before any exact count: the calibration's estimate of one stream.
+    curl(
+        &openai,
+        &plain,
+        &ns,
+        "/v1/chat/completions",
+        &stream(70, 4),
+        &[],
+    );
+    let before = served(&openai, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent
+        .metric_value(
+            "llm_egress_connection_duration_seconds_count",
+            &[("workload", "plain")],
+        )
+        .unwrap_or(0.0)
+        < 1.0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let raw = estimated(&agent);
+    println!(
+        "calibration alone: prompt {} / {}, completion {} / {}",
+        raw.0, before.0, raw.1, before.1
+    );
+
+    // Teaching: eight streams of 30 to 170 tokens, prompts of 2 to 16 words.
+    for i in 0..8u32 {
+        curl(
+            &openai,
+            &bot,
+            &ns,
+            "/v1/chat/completions",
+            &stream(30 + 20 * i, 2 + 2 * i as usize),
+            &[],
+        );
+    }
+    let taught = served(&openai, 9);
+    let samples = |a: &Agent| {
+        a.metric_value(
+            "llm_egress_token_estimate_learned",
+            &[
+                ("provider", "openai"),
+                ("kind", "completion"),
+                ("term", "samples"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while samples(&agent) < 7.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        samples(&agent) >= 7.0,
+        "learned from 8 streams\n{}",
+        agent.metrics()
+    );
+
+    // Lengths it did not see, from the workload nobody reads.
+    for (max_tokens, words) in [(45, 3), (95, 9), (155, 13)] {
+        curl(
+            &openai,
+            &plain,
+            &ns,
+            "/v1/chat/completions",
+            &stream(max_tokens, words),
+            &[],
+        );
+    }
+    let after = served(&openai, 12);
+    let truth = (after.0 - taught.0, after.1 - taught.1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while agent
+        .metric_value(
+            "llm_egress_connection_duration_seconds_count",
+            &[("workload", "plain")],
+        )
+        .unwrap_or(0.0)
+        < 4.0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let now = estimated(&agent);
+    let learned = (now.0 - raw.0, now.1 - raw.1);
+    println!(
+        "learned: prompt {} / {}, completion {} / {}",
+        learned.0, truth.0, learned.1, truth.1
+    );
+    for (kind, est, exact) in [
+        ("prompt", learned.0, truth.0),
+        ("completion", learned.1, truth.1),
+    ] {
+        let ratio = est / exact as f64;
+        assert!(
+            (0.75..=1.25).contains(&ratio),
+            "{kind}: the learned estimate {est} against {exact} exact\n{}",
+            agent.metrics()
+        );
+    }
+    agent.stop();
+}

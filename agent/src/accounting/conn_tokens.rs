@@ -112,6 +112,12 @@ impl Counted {
         Some((e, inc))
     }
 
+    /// The estimate of `t` with the requests seen so far (what a learned
+    /// correction applies to while the connection is open).
+    pub fn estimate_now(&self, family: Family, client: Client, t: &Traffic) -> Option<Estimate> {
+        tokens::estimate_requests(family, client, t, self.turns)
+    }
+
     fn grow_to(&mut self, prompt: u64, completion: u64) -> (u64, u64) {
         let inc = (
             prompt.saturating_sub(self.prompt),

@@ -24,11 +24,12 @@ use llm_egress_common::{ConnEvent, TLS_RECEIVED, TLS_SENT, family, kind};
 
 use crate::{
     accounting::conn_tokens::Counted,
+    accounting::estimate_learning::{self, EstimateLearning},
     accounting::exact_conns::{Closed, ExactConns},
     accounting::process_series::ProcessSeries,
     accounting::token_tally::TokenTally,
     accounting::tokens,
-    policy::TelemetryConfig,
+    policy::{LearnEstimates, TelemetryConfig},
     telemetry::audit::{Attribution, ConnectionRecord},
     telemetry::metrics::Metrics,
 };
@@ -83,6 +84,9 @@ pub struct Accounting {
     /// tokens (unit tests, or the settings could not be made).
     exact: Option<ExactConns>,
     pending: Vec<Pending>,
+    /// What the exact counts taught the estimator
+    /// (`[telemetry] learn_estimates`).
+    learning: EstimateLearning,
 }
 
 /// The process label of an attribution: the executable's file name, else
@@ -106,6 +110,7 @@ impl Accounting {
             tally: TokenTally::default(),
             exact: None,
             pending: Vec::new(),
+            learning: EstimateLearning::default(),
         }
     }
 
@@ -291,14 +296,17 @@ impl Accounting {
         let mut counted = tracked.tokens;
         let mut added = tracked.added;
         if !summary {
-            let inc = if established {
-                counted.update(family, client, &traffic)
-            } else {
-                (0, 0)
-            };
+            if established {
+                counted.update(family, client, &traffic);
+            }
             // Connections of exact_tokens workloads estimate only at the
             // close, once it is known what was counted exactly.
             if !self.deferred(w) {
+                let so_far = self.so_far((w, p), client, &counted, &traffic, family);
+                let inc = (
+                    so_far.0.saturating_sub(added.0),
+                    so_far.1.saturating_sub(added.1),
+                );
                 self.count_tokens(w, p, inc);
                 added = (added.0 + inc.0, added.1 + inc.1);
             }
@@ -334,8 +342,9 @@ impl Accounting {
         }
         let estimate = if established {
             counted.close(family, client, &traffic).and_then(|(e, _)| {
-                self.estimator_error(w, p, closed, (e.prompt, e.completion));
-                let (prompt, completion) = allowed(closed, (e.prompt, e.completion));
+                let learned = self.learned(w, p, client, &e);
+                self.learn_from_exact(w, p, client, closed, &e, learned);
+                let (prompt, completion) = allowed(closed, learned);
                 self.count_tokens(
                     w,
                     p,
@@ -446,23 +455,107 @@ impl Accounting {
 }
 
 impl Accounting {
-    /// The estimator's error where exact counts show it: for a connection
-    /// whose every exchange was counted exactly, its estimate (not added)
-    /// over the exact count, per kind with exact tokens
-    /// (`llm_egress_token_estimate_ratio`; docs/exact-tokens.md).
-    fn estimator_error(&self, w: &str, p: &str, closed: Option<Closed>, estimate: (u64, u64)) {
+    /// The (prompt, completion) estimate of a closing connection: the
+    /// calibration's `e`, corrected by what exact counts taught
+    /// (`crate::accounting::estimate_learning`) when that is on.
+    fn learned(
+        &self,
+        w: &str,
+        p: &str,
+        client: tokens::Client,
+        e: &tokens::Estimate,
+    ) -> (u64, u64) {
+        match self.learning_scope(w) {
+            Some(scope) => self.learning.correct((scope, p), client, e),
+            None => (e.prompt, e.completion),
+        }
+    }
+
+    /// The scope of the lines `w`'s connections learn and use; `None`:
+    /// learning is off.
+    fn learning_scope<'a>(&self, w: &'a str) -> Option<&'a str> {
+        match self.config.learn_estimates {
+            LearnEstimates::Host => Some(estimate_learning::HOST),
+            LearnEstimates::Workload => Some(w),
+            LearnEstimates::Off => None,
+        }
+    }
+
+    /// The tokens an open connection has shown so far: what
+    /// [`Counted::update`] counted, and no more than the learned correction
+    /// of the estimate so far (a counter cannot go back, so the smaller of
+    /// the two; the close adds the rest).
+    fn so_far(
+        &self,
+        (w, p): (&str, &str),
+        client: tokens::Client,
+        counted: &Counted,
+        t: &tokens::Traffic,
+        family: tokens::Family,
+    ) -> (u64, u64) {
+        let raw = (counted.prompt, counted.completion);
+        let Some(scope) = self.learning_scope(w) else {
+            return raw;
+        };
+        match counted.estimate_now(family, client, t) {
+            Some(e) if self.learning.knows((scope, p), client, &e) => {
+                let c = self.learning.correct((scope, p), client, &e);
+                (raw.0.min(c.0), raw.1.min(c.1))
+            }
+            _ => raw,
+        }
+    }
+
+    /// Where a connection's every exchange was counted exactly: the
+    /// estimator's error, before learning (`llm_egress_token_estimate_ratio`)
+    /// and with what was learned before this connection
+    /// (`llm_egress_token_estimate_learned_ratio`), per kind with exact
+    /// tokens; then the estimator learns from it (docs/exact-tokens.md).
+    fn learn_from_exact(
+        &mut self,
+        w: &str,
+        p: &str,
+        client: tokens::Client,
+        closed: Option<Closed>,
+        e: &tokens::Estimate,
+        learned: (u64, u64),
+    ) {
         let Some(c) = closed.filter(|c| c.exchanges > 0 && !c.partial) else {
             return;
         };
-        for (kind, est, exact) in [
-            ("prompt", estimate.0, c.tokens.0),
-            ("completion", estimate.1, c.tokens.1),
+        for (kind, raw, learned, exact) in [
+            ("prompt", e.prompt, learned.0, c.tokens.0),
+            ("completion", e.completion, learned.1, c.tokens.1),
         ] {
             if exact > 0 {
                 self.metrics
                     .token_estimate_ratio
                     .with_label_values(&[w, p, kind])
-                    .observe(est as f64 / exact as f64);
+                    .observe(raw as f64 / exact as f64);
+                self.metrics
+                    .token_estimate_learned_ratio
+                    .with_label_values(&[w, p, kind])
+                    .observe(learned as f64 / exact as f64);
+            }
+        }
+        if let Some(scope) = self.learning_scope(w) {
+            self.learning.learn((scope, p), client, e, c.tokens);
+            let g = &self.metrics.token_estimate_learned;
+            for l in self.learning.learned() {
+                let scope = if l.scope == estimate_learning::HOST {
+                    "host"
+                } else {
+                    &l.scope
+                };
+                let (k, s, c) = (l.kind.name(), l.shape.name(), l.client.name());
+                for (term, v) in [
+                    ("offset", l.offset),
+                    ("slope", l.slope),
+                    ("samples", l.samples),
+                ] {
+                    g.with_label_values(&[scope, &l.provider, k, s, c, term])
+                        .set(v);
+                }
             }
         }
     }
@@ -495,6 +588,7 @@ pub(crate) mod tests {
         TelemetryConfig {
             process_series_per_workload: limit,
             process_series_ttl: Duration::from_secs(600),
+            learn_estimates: Default::default(),
         }
     }
 
@@ -634,6 +728,7 @@ pub(crate) mod tests {
         a.set_config(TelemetryConfig {
             process_series_per_workload: 2,
             process_series_ttl: Duration::ZERO,
+            learn_estimates: Default::default(),
         });
         a.expire();
         let families = m.registry.gather();

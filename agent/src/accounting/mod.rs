@@ -3,6 +3,7 @@
 
 pub mod conn_tokens;
 pub mod connections;
+pub mod estimate_learning;
 pub mod exact_conns;
 pub mod exact_tokens;
 pub mod process_series;

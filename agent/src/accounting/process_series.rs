@@ -373,6 +373,7 @@ mod tests {
         TelemetryConfig {
             process_series_per_workload: limit,
             process_series_ttl: Duration::from_secs(ttl_secs),
+            learn_estimates: Default::default(),
         }
     }
 

@@ -57,7 +57,7 @@ impl Family {
 /// connected: the official SDKs (Python, Node) send ~340–380 bytes more
 /// headers per request than curl (`x-stainless-*`, user agent), ~85 prompt
 /// tokens' worth, which a short prompt cannot absorb.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Client {
     /// curl and other clients that send few headers.
     Plain,
@@ -66,6 +66,13 @@ pub enum Client {
 }
 
 impl Client {
+    pub fn name(self) -> &'static str {
+        match self {
+            Client::Plain => "plain",
+            Client::Sdk => "sdk",
+        }
+    }
+
     pub fn of(process: &str) -> Client {
         let p = process.to_ascii_lowercase();
         if p.starts_with("python") || matches!(p.as_str(), "node" | "nodejs" | "bun" | "deno") {
@@ -95,7 +102,7 @@ pub struct Traffic {
 }
 
 /// How the response came.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shape {
     /// One JSON body.
     Buffered,
@@ -113,6 +120,21 @@ pub struct Estimate {
     pub shape: Shape,
     /// HTTP requests the connection is taken to have carried.
     pub requests: u32,
+    /// `prompt` and `completion` before they were clamped at 0: the
+    /// figures the lines give (below 0 when the bytes are under the fixed
+    /// part), which `crate::accounting::estimate_learning` learns from.
+    pub prompt_z: i64,
+    pub completion_z: i64,
+}
+
+impl Shape {
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Buffered => "buffered",
+            Shape::Streamed => "streamed",
+            Shape::NotGenerated => "not_generated",
+        }
+    }
 }
 
 impl Estimate {
@@ -141,9 +163,12 @@ impl Line {
 
     /// Tokens for `bytes`: never negative, rounded.
     fn tokens(&self, bytes: u64) -> u64 {
-        ((bytes as f64 - self.fixed) / self.per_token)
-            .max(0.0)
-            .round() as u64
+        self.signed(bytes).max(0) as u64
+    }
+
+    /// Tokens for `bytes`, below 0 under the fixed part, rounded.
+    fn signed(&self, bytes: u64) -> i64 {
+        ((bytes as f64 - self.fixed) / self.per_token).round() as i64
     }
 }
 
@@ -367,9 +392,14 @@ pub fn estimate_requests(family: Family, client: Client, t: &Traffic, n: u32) ->
     let n = n.clamp(1, max_requests(family, client, t));
     let shape = shape(family, t);
     let (prompt, completion) = lines(family, client, shape);
-    let mut completion = completion.map_or(0, |l| {
-        l.repeated(n, HANDSHAKE_RECEIVED).tokens(t.bytes_received)
-    });
+    // A body taken as not generated has no completion; its figure as a
+    // buffered one is still what estimate learning maps to exact counts
+    // (a stream the shapes mistook for it has some).
+    let mut completion_z = completion
+        .unwrap_or(family.calibration().completion_buffered)
+        .repeated(n, HANDSHAKE_RECEIVED)
+        .signed(t.bytes_received);
+    let completion = completion_z.max(0) as u64;
     if shape == Shape::Streamed
         && let Some(events) = stream_events(family, t, n)
     {
@@ -378,14 +408,21 @@ pub fn estimate_requests(family: Family, client: Client, t: &Traffic, n: u32) ->
         // record than one event's: then the bytes stand).
         let (lo, hi) = (completion as f64 * 0.75, completion as f64 * 1.25 + 3.0);
         if (lo..=hi).contains(&(events as f64)) {
-            completion = events;
+            completion_z = events as i64;
         }
     }
+    let prompt_z = prompt.repeated(n, HANDSHAKE_SENT).signed(t.bytes_sent);
     Some(Estimate {
-        prompt: prompt.repeated(n, HANDSHAKE_SENT).tokens(t.bytes_sent),
-        completion,
+        prompt: prompt_z.max(0) as u64,
+        completion: if shape == Shape::NotGenerated {
+            0
+        } else {
+            completion_z.max(0) as u64
+        },
         shape,
         requests: n,
+        prompt_z,
+        completion_z,
     })
 }
 
@@ -483,6 +520,8 @@ mod tests {
                 completion: 300,
                 shape: Shape::Buffered,
                 requests: 1,
+                prompt_z: 500,
+                completion_z: 300,
             }
         );
         assert!(!e.streamed());

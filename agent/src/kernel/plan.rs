@@ -280,6 +280,7 @@ mod tests {
             telemetry: TelemetryConfig {
                 process_series_per_workload: 20,
                 process_series_ttl: Duration::from_secs(600),
+                learn_estimates: Default::default(),
             },
             kubernetes: Default::default(),
             prices: vec![],

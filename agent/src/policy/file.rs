@@ -144,6 +144,7 @@ pub(super) struct ResolverFile {
 pub(super) struct TelemetryFile {
     pub process_series_per_workload: Option<Spanned<i64>>,
     pub process_series_ttl_seconds: Option<Spanned<i64>>,
+    pub learn_estimates: Option<Spanned<String>>,
 }
 
 /// `[kubernetes]`

@@ -148,6 +148,20 @@ pub struct TelemetryConfig {
     /// A process series not updated for this long is removed (its slot
     /// freed).
     pub process_series_ttl: Duration,
+    /// Whose exact counts correct the token estimates of connections nobody
+    /// reads (`crate::accounting::estimate_learning`).
+    pub learn_estimates: LearnEstimates,
+}
+
+/// `[telemetry] learn_estimates`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LearnEstimates {
+    /// Every `exact_tokens` workload's counts, for every workload.
+    #[default]
+    Host,
+    /// A workload's own exact counts, for its own connections only.
+    Workload,
+    Off,
 }
 
 /// A provider of the merged catalog (built-in entries, then the policy's).

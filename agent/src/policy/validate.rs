@@ -25,10 +25,10 @@ use toml::Spanned;
 
 use super::{
     Action, AuditLog, Bandwidth, ConnectionRate, Defaults, FailureMode, KubeEnabled,
-    KubernetesConfig, Limits, MAX_BYTES_BURST, MAX_BYTES_PER_SECOND, MAX_CONNECTION_BURST,
-    MAX_CONNECTIONS_PER_SECOND, MIN_BYTES_BURST, Mode, OnExit, PodSelector, Policy, PolicyError,
-    PolicyErrors, Programs, Provider, Proxy, ResolverConfig, Selector, Target, TelemetryConfig,
-    Workload,
+    KubernetesConfig, LearnEstimates, Limits, MAX_BYTES_BURST, MAX_BYTES_PER_SECOND,
+    MAX_CONNECTION_BURST, MAX_CONNECTIONS_PER_SECOND, MIN_BYTES_BURST, Mode, OnExit, PodSelector,
+    Policy, PolicyError, PolicyErrors, Programs, Provider, Proxy, ResolverConfig, Selector, Target,
+    TelemetryConfig, Workload,
     error::line_column,
     file::{
         self, CatalogFile, LimitKeysRef, LimitsFile, PodSelectorFile, PolicyFile, ProviderFile,
@@ -436,6 +436,16 @@ impl<'a> Checker<'a> {
         TelemetryConfig {
             process_series_per_workload: n.unwrap_or(DEFAULT_PROCESS_SERIES) as usize,
             process_series_ttl: Duration::from_secs(ttl.unwrap_or(DEFAULT_PROCESS_TTL_SECONDS)),
+            learn_estimates: self.choice(
+                t.learn_estimates.as_ref(),
+                "telemetry.learn_estimates",
+                &[
+                    ("host", LearnEstimates::Host),
+                    ("workload", LearnEstimates::Workload),
+                    ("off", LearnEstimates::Off),
+                ],
+                LearnEstimates::Host,
+            ),
         }
     }
 
@@ -1623,6 +1633,16 @@ llm = "allow"
             2,
             30,
             "must be 10 to 86400",
+        );
+        assert_eq!(p.telemetry.learn_estimates, LearnEstimates::Host);
+        let p = ok("[telemetry]\nlearn_estimates = \"workload\"\n");
+        assert_eq!(p.telemetry.learn_estimates, LearnEstimates::Workload);
+        one_error(
+            "[telemetry]\nlearn_estimates = \"always\"\n",
+            "telemetry.learn_estimates",
+            2,
+            19,
+            "expected one of \"host\", \"workload\", \"off\"",
         );
     }
 

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub active_connections: IntGaugeVec,
     pub connection_duration: HistogramVec,
     pub token_estimate_ratio: HistogramVec,
+    pub token_estimate_learned_ratio: HistogramVec,
+    pub token_estimate_learned: prometheus::GaugeVec,
     pub connect_failures: IntCounterVec,
     pub process_connections: IntCounterVec,
     pub process_bytes: IntCounterVec,
@@ -279,6 +281,31 @@ impl Metrics {
                 )?;
                 r.register(Box::new(h.clone()))?;
                 h
+            },
+            token_estimate_learned_ratio: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "llm_egress_token_estimate_learned_ratio",
+                        "Per connection counted exactly: the estimate corrected by what earlier exact counts taught (learn_estimates), over the exact count, by kind.",
+                    )
+                    .buckets(vec![
+                        0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0,
+                    ]),
+                    &["workload", "provider", "kind"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
+            token_estimate_learned: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "llm_egress_token_estimate_learned",
+                        "The estimator's learned line per scope (host, or the workload with learn_estimates = \"workload\"), provider, kind, response shape and client kind: tokens per request = offset + slope x the calibration's figure; samples is the (forgetting) weight behind it.",
+                    ),
+                    &["scope", "provider", "kind", "shape", "client", "term"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
             },
             connect_failures: counter_vec(
                 &r,
