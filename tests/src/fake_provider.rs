@@ -183,7 +183,7 @@ pub fn start_shaped(
             let Ok(conn) = conn else { continue };
             let (config, s, rec) = (config.clone(), s.clone(), rec.clone());
             std::thread::spawn(move || {
-                if let Err(e) = serve(conn, config, flavor, opts, shape, &s, &rec) {
+                if let Err(e) = serve(conn, config, flavor, opts, shape, s, &rec) {
                     eprintln!("fake provider ({}): {e}", flavor.host());
                 }
             });
@@ -409,13 +409,23 @@ fn serve(
     flavor: Flavor,
     opts: Options,
     shape: Shape,
-    served: &Mutex<Vec<Served>>,
+    served: Arc<Mutex<Vec<Served>>>,
     records: &ConnRecords,
 ) -> Result<(), String> {
     conn.set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
     let peer = conn.peer_addr().map_err(|e| format!("peer: {e}"))?;
-    let tls = ServerConnection::new(config).map_err(|e| format!("tls: {e}"))?;
+    // With HTTP/2 offered, the handshake decides (src/fake_h2.rs); its
+    // records are not counted.
+    let (conn, tls) = if shape.h2 {
+        match crate::fake_h2::accept(conn, &config, flavor, opts, shape, served.clone())? {
+            crate::fake_h2::Accepted::Served => return Ok(()),
+            crate::fake_h2::Accepted::Http1(conn, tls) => (conn, tls),
+        }
+    } else {
+        let tls = ServerConnection::new(config).map_err(|e| format!("tls: {e}"))?;
+        (conn, tls)
+    };
     let counts = Arc::new(Mutex::new(RecordCounts::default()));
     if let Ok(mut r) = records.lock() {
         r.push((peer, counts.clone()));
@@ -427,7 +437,7 @@ fn serve(
         counts,
     };
     let mut s = StreamOwned::new(tls, sock);
-    let result = serve_io(&mut s, flavor, opts, shape, served, peer);
+    let result = serve_io(&mut s, flavor, opts, shape, &served, peer);
     let _ = s.sock.sock.shutdown(Shutdown::Both);
     result
 }
@@ -458,15 +468,16 @@ pub(crate) fn serve_io(
     Ok(())
 }
 
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub(crate) struct Request {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    /// Names in lower case.
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k == name)
@@ -532,7 +543,7 @@ fn read_request(
 }
 
 /// Answers one request; the record of what it served (none for errors).
-fn respond(
+pub(crate) fn respond(
     s: &mut Out<'_>,
     flavor: Flavor,
     opts: Options,

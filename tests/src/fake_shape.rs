@@ -13,6 +13,8 @@
 //! - `events_per_write`: stream events (HTTP chunks) are written N at a
 //!   time, so one TLS record carries several events, as a CDN that
 //!   coalesces writes delivers them.
+//! - `h2`: HTTP/2 for a client that offers it in ALPN (curl does unless
+//!   told `--http1.1`; the Python SDKs do not), src/fake_h2.rs.
 //!
 //! [`Out`] is the writer the response code writes through; [`plain`] runs
 //! the same server code over plain HTTP on a loopback listener, for
@@ -30,6 +32,8 @@ pub struct Shape {
     pub cdn_headers: bool,
     /// 1: every event on its own write.
     pub events_per_write: usize,
+    /// HTTP/2 for clients that offer it in ALPN (src/fake_h2.rs).
+    pub h2: bool,
 }
 
 impl Default for Shape {
@@ -39,17 +43,20 @@ impl Default for Shape {
             compress: false,
             cdn_headers: false,
             events_per_write: 1,
+            h2: false,
         }
     }
 }
 
 impl Shape {
-    /// Compressed buffered bodies, CDN headers, 4 events per write.
+    /// Compressed buffered bodies, CDN headers, 4 events per write,
+    /// HTTP/2 where the client offers it.
     pub fn realistic() -> Self {
         Shape {
             compress: true,
             cdn_headers: true,
             events_per_write: 4,
+            h2: true,
         }
     }
 }

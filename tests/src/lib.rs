@@ -42,6 +42,7 @@ pub mod client_process;
 pub mod curl;
 pub mod dns;
 pub mod fake_gemini;
+pub mod fake_h2;
 pub mod fake_kube;
 pub mod fake_provider;
 pub mod fake_shape;

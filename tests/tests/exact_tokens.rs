@@ -592,3 +592,85 @@ fn the_estimator_learns_from_exact_counts_on_realistic_fakes() {
     }
     agent.stop();
 }
+
+/// HTTP/2 (docs/exact-tokens.md, "What is not covered"): curl offers it, the
+/// realistic fake speaks it, the agent's reader detects it, counts the
+/// problem `http2`, and the connection falls back to the estimate
+/// (`source="estimated"`, no `request` record): never an exact count it
+/// cannot read, never no count.
+#[test]
+fn http2_is_detected_and_falls_back_to_the_estimate() {
+    require_root();
+    let cg = CgroupGuard::new("ex-h2");
+    let bot = cg.child("bot");
+    let ns = NetnsGuard::new();
+    let openai = fake_provider::start_shaped(
+        &ns,
+        "192.0.2.1:443",
+        Flavor::OpenAi,
+        Options::default(),
+        Shape::realistic(),
+    );
+    let mut agent = Agent::launch(&exact_tokens_policy(&cg, ""));
+    agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    let stream = r#"{"model":"gpt-4o-mini","max_tokens":200,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"stream me over h2"}]}"#;
+    let mut cmd = llm_egress_tests::curl::post(&openai, "/v1/chat/completions", stream, &bot, &ns);
+    cmd.args([
+        "--max-time",
+        "30",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
+    ]);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2",
+        "curl spoke HTTP/2"
+    );
+    let usage = served(&openai, 1);
+    assert_eq!(usage.1, 200);
+
+    let conn = agent
+        .wait_for_audit(
+            |e| e["event"] == "connection" && e["workload"] == "bot",
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|| panic!("no connection record of bot\n{}", agent.context()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        agent.metric_value(
+            "llm_egress_plaintext_problems_total",
+            &[("problem", "http2")]
+        ),
+        Some(1.0),
+        "{}",
+        agent.metrics()
+    );
+    for kind in ["prompt", "completion"] {
+        assert_eq!(tokens(&agent, "bot", "openai", kind, "exact"), 0.0);
+    }
+    let estimated = tokens(&agent, "bot", "openai", "prompt", "estimated")
+        + tokens(&agent, "bot", "openai", "completion", "estimated");
+    let recorded = conn["tokens_prompt_estimated"].as_u64().unwrap_or(0)
+        + conn["tokens_completion_estimated"].as_u64().unwrap_or(0);
+    assert!(
+        estimated > 0.0,
+        "the estimate stands in\n{conn}\n{}",
+        agent.metrics()
+    );
+    assert_eq!(estimated, recorded as f64, "{conn}");
+    assert!(
+        requests_of(&agent, "bot", "openai").is_empty(),
+        "no request record"
+    );
+    agent.stop();
+}

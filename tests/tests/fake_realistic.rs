@@ -1,6 +1,7 @@
 //! The realistic fake providers over real TLS (src/fake_shape.rs): curl
 //! gets compressed buffered bodies it can decode when it asks for them,
-//! and a stream's events arrive several to a TLS record. No agent: this
+//! a stream's events arrive several to a TLS record, and HTTP/2 when curl
+//! offers it. No agent: this
 //! checks the fakes that the exact-token parser and the estimator are
 //! measured against.
 
@@ -9,8 +10,8 @@ use llm_egress_tests::{
     fake_provider::{self, FakeProvider, Flavor, Options, Shape},
 };
 
-/// curl with `extra` arguments, posting `body` to `path`; (status line
-/// and headers, body as curl gives it).
+/// curl over HTTP/1.1 with `extra` arguments, posting `body` to `path`;
+/// (status line and headers, body as curl gives it).
 fn call(
     server: &FakeProvider,
     cg: &CgroupGuard,
@@ -20,7 +21,8 @@ fn call(
     extra: &[&str],
 ) -> (String, String) {
     let mut cmd = llm_egress_tests::curl::post(server, path, body, cg.path(), ns);
-    cmd.args(["-D", "-", "--max-time", "30"]).args(extra);
+    cmd.args(["--http1.1", "-D", "-", "--max-time", "30"])
+        .args(extra);
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
@@ -112,4 +114,59 @@ fn realistic_fakes_compress_for_clients_that_ask_and_coalesce_events() {
     let served = gemini.wait_served(1);
     assert_eq!(served.len(), 1, "the Gemini fake recorded no request");
     assert_eq!(served[0].usage.completion, 5);
+}
+
+/// A client that offers HTTP/2 (curl's default) gets it, with the same
+/// answers: a compressed body curl decodes, a stream of every event, the
+/// true usage recorded.
+#[test]
+fn realistic_fakes_speak_http2_to_clients_that_offer_it() {
+    let ns = NetnsGuard::new();
+    let cg = CgroupGuard::new("fake-h2");
+    let server = fake_provider::start_shaped(
+        &ns,
+        "192.0.2.1:443",
+        Flavor::OpenAi,
+        Options::default(),
+        Shape::realistic(),
+    );
+    let h2 = |body: &str, extra: &[&str]| {
+        let mut cmd =
+            llm_egress_tests::curl::post(&server, "/v1/chat/completions", body, cg.path(), &ns);
+        cmd.args(["-D", "-", "--max-time", "30"]).args(extra);
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
+        assert!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        assert!(head.starts_with("HTTP/2 200"), "not HTTP/2: {head}");
+        (head.to_string(), body.to_string())
+    };
+    let chat =
+        r#"{"model":"gpt-4o-mini","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (head, body) = h2(chat, &["--compressed"]);
+    assert!(head.contains("content-encoding: br"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("curl could not decode the body ({e}): {body:?}"));
+    assert_eq!(v["usage"]["completion_tokens"], 40);
+    let stream = r#"{"model":"gpt-4o-mini","max_tokens":30,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+    let (head, body) = h2(stream, &[]);
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    // 30 tokens, role, finish, usage, [DONE].
+    assert_eq!(body.matches("data: ").count(), 34, "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let served = server.wait_served(2);
+    assert_eq!(
+        served
+            .iter()
+            .map(|s| s.usage.completion)
+            .collect::<Vec<_>>(),
+        [40, 30]
+    );
 }
