@@ -39,7 +39,7 @@ pub enum Accepted {
     /// HTTP/2: served to its end here.
     Served,
     /// HTTP/1.1: the blocking socket and its TLS state.
-    Http1(TcpStream, ServerConnection),
+    Http1(TcpStream, Box<ServerConnection>),
 }
 
 /// The TLS handshake of `conn` offering `h2` and `http/1.1`; an `h2`
@@ -73,7 +73,7 @@ pub fn accept(
             let std = tcp.into_std().map_err(|e| format!("std: {e}"))?;
             std.set_nonblocking(false)
                 .map_err(|e| format!("blocking: {e}"))?;
-            return Ok(Accepted::Http1(std, state));
+            return Ok(Accepted::Http1(std, Box::new(state)));
         }
         let service = hyper::service::service_fn(move |req| {
             answer(req, flavor, opts, shape, served.clone(), peer)

@@ -420,7 +420,7 @@ fn serve(
     let (conn, tls) = if shape.h2 {
         match crate::fake_h2::accept(conn, &config, flavor, opts, shape, served.clone())? {
             crate::fake_h2::Accepted::Served => return Ok(()),
-            crate::fake_h2::Accepted::Http1(conn, tls) => (conn, tls),
+            crate::fake_h2::Accepted::Http1(conn, tls) => (conn, *tls),
         }
     } else {
         let tls = ServerConnection::new(config).map_err(|e| format!("tls: {e}"))?;
