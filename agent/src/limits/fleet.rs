@@ -419,7 +419,7 @@ impl FleetKeeper {
                 (*b, (l.fp.pair.clone(), limits))
             })
             .collect();
-        self.shares.set_policy(&pairs);
+        self.shares.set_policy(&pairs, &BTreeMap::new());
     }
 
     /// Notified when the ledger answered: call `tick` then, too.
@@ -637,6 +637,8 @@ impl FleetKeeper {
             limit: c.spent.map(llm_egress_common::limit_kind::name),
             remaining_minute: l.and_then(|l| l.left_minute),
             remaining_day: l.and_then(|l| l.left_day),
+            remaining_usd_day: None,
+            remaining_usd_month: None,
         }
     }
 

@@ -1,8 +1,9 @@
 //! The agent's side of `[workloads.limits]` while it runs: charges the
-//! tokens accounting counts (taken from `crate::token_tally`, never read
-//! back from the metrics) to the token budgets (`budget`), tells the kernel which
-//! pairs are spent (`BUDGET_SPENT`), writes `budget` audit records, keeps
-//! `llm_egress_budget_remaining` and `llm_egress_rate_limited_total`
+//! tokens and dollars accounting counts (taken from `crate::token_tally`,
+//! never read back from the metrics) to the token and dollar budgets
+//! (`budget`), tells the kernel which pairs are spent (`BUDGET_SPENT`),
+//! writes `budget` audit records, keeps `llm_egress_budget_remaining`,
+//! `llm_egress_budget_remaining_usd` and `llm_egress_rate_limited_total`
 //! current, and saves the budgets under `state_dir`. Pairs whose budgets
 //! are fleet-wide (`scope = "fleet"`) are charged to and decided by
 //! `crate::fleet` instead of `budget`; the kernel side is the same.
@@ -41,6 +42,8 @@ pub struct Limiter {
     /// so that series of pairs no longer limited are removed (and the
     /// others are never missing from a scrape).
     gauges: BTreeSet<[String; 3]>,
+    /// The same for `llm_egress_budget_remaining_usd`.
+    usd_gauges: BTreeSet<[String; 2]>,
     ticks: u64,
     /// Fleet-wide budgets (`[fleet]`); None without `[fleet]`.
     fleet: Option<FleetKeeper>,
@@ -78,10 +81,12 @@ impl Limiter {
             tally,
             names: BTreeMap::new(),
             gauges: BTreeSet::new(),
+            usd_gauges: BTreeSet::new(),
             ticks: 0,
             fleet,
         };
-        l.budgets.set_policy(&host_pairs(limits, l.fleet.is_some()));
+        l.budgets
+            .set_policy(&host_pairs(limits, l.fleet.is_some()), &limits.usd);
         if let Some(f) = &mut l.fleet {
             f.set_pairs(&limits.fleet);
         }
@@ -113,7 +118,7 @@ impl Limiter {
         self.state_dir = state_dir;
         let mut released = self
             .budgets
-            .set_policy(&host_pairs(limits, self.fleet.is_some()));
+            .set_policy(&host_pairs(limits, self.fleet.is_some()), &limits.usd);
         if let Some(f) = &mut self.fleet {
             released.extend(f.set_pairs(&limits.fleet));
         }
@@ -214,6 +219,19 @@ impl Limiter {
             let _ = metrics.budget_remaining.remove_label_values(gone);
         }
         self.gauges = now;
+        let mut now = BTreeSet::new();
+        for (workload, window, left) in self.budgets.remaining_usd() {
+            let labels = [workload.to_owned(), window.to_string()];
+            metrics
+                .budget_remaining_usd
+                .with_label_values(&labels)
+                .set(left);
+            now.insert(labels);
+        }
+        for gone in self.usd_gauges.difference(&now) {
+            let _ = metrics.budget_remaining_usd.remove_label_values(gone);
+        }
+        self.usd_gauges = now;
     }
 
     fn write(&self, changes: &[Change], maps: &mut KernelMaps, metrics: &Metrics) {
@@ -237,6 +255,9 @@ impl Limiter {
                 Some(f) if f.owns(bucket) => f.charge(bucket, tokens),
                 _ => self.budgets.charge(bucket, tokens),
             }
+        }
+        for (workload, usd) in self.tally.take_usd() {
+            self.budgets.charge_usd(&workload, usd);
         }
     }
 
