@@ -168,6 +168,16 @@ impl Checker<'_> {
                     "dollar budgets are charged with exact costs only: set exact_tokens = true on this workload (estimated tokens have no model, hence no price)",
                 );
             }
+            // Exact counts are read on tracked connections (sock_ops).
+            if let Some((v, name)) = first
+                && self.programs == Programs::Connect
+            {
+                self.error(
+                    v,
+                    &format!("{key}.{name}"),
+                    "needs programs = \"all\" (with programs = \"connect\" no connection is tracked, so nothing is counted exactly)",
+                );
+            }
             if let (Some((v, name)), Some(scope)) = (first, &w.limits.scope)
                 && scope.get_ref() == "fleet"
             {
@@ -300,6 +310,13 @@ cgroup = "batch.slice"
         );
         let p = ok(&format!("{x}usd_per_month = 7\n"));
         assert_eq!(p.usd_budgets["w"].per_day, None);
+        let e = errors(&format!("programs = \"connect\"\n{x}usd_per_month = 7\n"));
+        assert!(
+            e.iter()
+                .any(|e| e.key == "workloads[0].limits.usd_per_month"
+                    && e.message.contains("programs = \"all\"")),
+            "{e:?}"
+        );
         // Per host only (yet).
         let e = errors(&format!(
             "[fleet]\nservers = [\"redis://127.0.0.1\"]\n{x}usd_per_day = 5\ntokens_per_day = 10\nscope = \"fleet\"\n"
