@@ -50,11 +50,28 @@ pub struct LimitPlan {
     /// Dollar budgets by workload name; every pair of such a workload is
     /// in `pairs` with the `BUDGET` flag, limits or not.
     pub usd: BTreeMap<String, UsdBudget>,
+    /// The dollar budgets of `usd` that are fleet-wide, with the workload's
+    /// ledger identity (`scope = "fleet"`, docs/fleet.md).
+    pub fleet_usd: BTreeMap<String, FleetUsd>,
+}
+
+/// A fleet-wide dollar budget as the policy makes it (`limits::fleet`
+/// keeps its lease).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetUsd {
+    pub workload: FleetWorkload,
+    pub budget: UsdBudget,
 }
 
 pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
     let mut out = LimitPlan {
         usd: policy.usd_budgets.clone(),
+        fleet_usd: (policy.usd_budgets.iter())
+            .filter_map(|(name, budget)| {
+                let workload = policy.fleet_workloads.get(name)?.clone();
+                Some((name.clone(), FleetUsd { workload, budget: *budget }))
+            })
+            .collect(),
         ..LimitPlan::default()
     };
     for (wi, w) in policy.workloads.iter().enumerate() {

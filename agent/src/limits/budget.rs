@@ -97,13 +97,15 @@ impl PairBudget {
     /// The spent window that refills slowest, given the workload's dollar
     /// windows: a month of dollars, then a day (tokens before dollars),
     /// then a minute.
-    fn spent_kind(&self, usd: Option<&UsdWindows>) -> Option<u32> {
+    /// `external`: the spent window of a dollar budget kept elsewhere (a
+    /// fleet-wide one, `crate::limits::fleet`).
+    fn spent_kind(&self, usd: Option<&UsdWindows>, external: Option<u32>) -> Option<u32> {
         let spent = |w: Option<Window>| w.is_some_and(|w| w.spent());
-        if spent(usd.and_then(|u| u.month)) {
+        if spent(usd.and_then(|u| u.month)) || external == Some(limit_kind::USD_PER_MONTH) {
             Some(limit_kind::USD_PER_MONTH)
         } else if spent(self.day) {
             Some(limit_kind::TOKENS_PER_DAY)
-        } else if spent(usd.and_then(|u| u.day)) {
+        } else if spent(usd.and_then(|u| u.day)) || external == Some(limit_kind::USD_PER_DAY) {
             Some(limit_kind::USD_PER_DAY)
         } else if spent(self.minute) {
             Some(limit_kind::TOKENS_PER_MINUTE)
@@ -127,6 +129,9 @@ pub struct Budgets {
     pairs: BTreeMap<u64, PairBudget>,
     /// Dollar windows by workload name.
     usd: BTreeMap<String, UsdWindows>,
+    /// Workloads whose dollar budget is kept by the fleet keeper: their
+    /// pairs are kept here, spent when that keeper says (`set_external`).
+    external: BTreeMap<String, Option<u32>>,
     last: Option<Instant>,
 }
 
@@ -161,12 +166,28 @@ impl Budgets {
         pairs: &BTreeMap<u64, (Pair, Limits)>,
         usd: &BTreeMap<String, UsdBudget>,
     ) -> Vec<Change> {
+        self.set_policy_external(pairs, usd, &std::collections::BTreeSet::new())
+    }
+
+    /// [`Budgets::set_policy`], where the workloads `external` have a dollar
+    /// budget kept elsewhere: their pairs are kept here too, spent as
+    /// [`Budgets::set_external`] says.
+    pub fn set_policy_external(
+        &mut self,
+        pairs: &BTreeMap<u64, (Pair, Limits)>,
+        usd: &BTreeMap<String, UsdBudget>,
+        external: &std::collections::BTreeSet<String>,
+    ) -> Vec<Change> {
+        self.external = (external.iter())
+            .map(|w| (w.clone(), self.external.get(w).copied().flatten()))
+            .collect();
         let mut released = Vec::new();
         let mut next = BTreeMap::new();
         for (bucket, (pair, limits)) in pairs {
             if limits.tokens_per_minute.is_none()
                 && limits.tokens_per_day.is_none()
                 && !usd.contains_key(&pair.workload)
+                && !external.contains(&pair.workload)
             {
                 continue;
             }
@@ -236,7 +257,28 @@ impl Budgets {
     pub fn spent_kind(&self, bucket: u64) -> Option<u32> {
         self.pairs
             .get(&bucket)
-            .and_then(|p| p.spent_kind(self.usd.get(&p.pair.workload)))
+            .and_then(|p| p.spent_kind(self.usd.get(&p.pair.workload), None))
+    }
+
+    /// The spent window of `workload`'s dollar budget, if it is spent.
+    pub fn usd_spent_kind(&self, workload: &str) -> Option<u32> {
+        let u = self.usd.get(workload)?;
+        let spent = |w: Option<Window>| w.is_some_and(|w| w.spent());
+        if spent(u.month) {
+            Some(limit_kind::USD_PER_MONTH)
+        } else if spent(u.day) {
+            Some(limit_kind::USD_PER_DAY)
+        } else {
+            None
+        }
+    }
+
+    /// What the keeper of `workload`'s external dollar budget says: the
+    /// spent window, or None (applied at the next `tick`).
+    pub fn set_external(&mut self, workload: &str, spent: Option<u32>) {
+        if let Some(e) = self.external.get_mut(workload) {
+            *e = spent;
+        }
     }
 
     /// Charges `usd` dollars to `workload`'s dollar budget (nothing if it
@@ -267,7 +309,8 @@ impl Budgets {
         self.refill(elapsed);
         let mut out = Vec::new();
         for (bucket, p) in &mut self.pairs {
-            let kind = p.spent_kind(self.usd.get(&p.pair.workload));
+            let external = self.external.get(&p.pair.workload).copied().flatten();
+            let kind = p.spent_kind(self.usd.get(&p.pair.workload), external);
             if kind != p.spent {
                 p.spent = kind;
                 out.push(Change {

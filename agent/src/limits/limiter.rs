@@ -22,7 +22,7 @@ use crate::{
     kernel::maps::KernelMaps,
     limits::budget::{Budgets, Change},
     limits::fleet::FleetKeeper,
-    policy::Limits,
+    policy::{Limits, UsdBudget},
     telemetry::audit::AuditSink,
     telemetry::metrics::Metrics,
 };
@@ -62,6 +62,23 @@ fn host_pairs(limits: &LimitPlan, fleet: bool) -> BTreeMap<u64, (Pair, Limits)> 
     pairs
 }
 
+/// The dollar budgets `budget` keeps (all but those `fleet` keeps), and
+/// the workloads whose dollar budget `fleet` keeps (their pairs are still
+/// `budget`'s, spent as `fleet` says).
+fn host_usd(limits: &LimitPlan, fleet: bool) -> (BTreeMap<String, UsdBudget>, BTreeSet<String>) {
+    if !fleet {
+        if !limits.fleet_usd.is_empty() {
+            warn!(
+                "scope = \"fleet\" dollar budgets without a running fleet ledger ([fleet] changes only on restart): kept per host until the agent restarts"
+            );
+        }
+        return (limits.usd.clone(), BTreeSet::new());
+    }
+    let mut usd = limits.usd.clone();
+    usd.retain(|w, _| !limits.fleet_usd.contains_key(w));
+    (usd, limits.fleet_usd.keys().cloned().collect())
+}
+
 impl Limiter {
     /// Budgets of `limits`, restored from `state_dir`, and the kernel's
     /// `BUDGET_SPENT` made to agree (before the programs are attached, so a
@@ -85,10 +102,11 @@ impl Limiter {
             ticks: 0,
             fleet,
         };
+        let (usd, external) = host_usd(limits, l.fleet.is_some());
         l.budgets
-            .set_policy(&host_pairs(limits, l.fleet.is_some()), &limits.usd);
+            .set_policy_external(&host_pairs(limits, l.fleet.is_some()), &usd, &external);
         if let Some(f) = &mut l.fleet {
-            f.set_pairs(&limits.fleet);
+            f.set_pairs(&limits.fleet, &limits.fleet_usd);
         }
         match l.budgets.restore(&l.state_dir) {
             Ok(true) => info!(dir = %l.state_dir.display(), "token budgets restored"),
@@ -116,11 +134,14 @@ impl Limiter {
         metrics: &Metrics,
     ) {
         self.state_dir = state_dir;
-        let mut released = self
-            .budgets
-            .set_policy(&host_pairs(limits, self.fleet.is_some()), &limits.usd);
+        let (usd, external) = host_usd(limits, self.fleet.is_some());
+        let mut released = self.budgets.set_policy_external(
+            &host_pairs(limits, self.fleet.is_some()),
+            &usd,
+            &external,
+        );
         if let Some(f) = &mut self.fleet {
-            released.extend(f.set_pairs(&limits.fleet));
+            released.extend(f.set_pairs(&limits.fleet, &limits.fleet_usd));
         }
         // A pair that moved between host and fleet is released by one and
         // kept by the other, which takes over what the kernel was told:
@@ -182,16 +203,28 @@ impl Limiter {
     /// changed, and updates the gauge.
     fn settle(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
         let now = Instant::now();
+        // The fleet first: what it says of fleet dollar budgets marks
+        // their workloads' pairs in `budgets` at this tick.
+        let mut fleet_changes = Vec::new();
+        if let Some(f) = &mut self.fleet {
+            fleet_changes = f.tick(now);
+            for (workload, spent) in f.usd_spent() {
+                self.budgets.set_external(&workload, spent);
+            }
+        }
         let mut changes = self.budgets.tick(now);
         let host = changes.len();
-        if let Some(f) = &mut self.fleet {
-            changes.extend(f.tick(now));
-        }
+        changes.extend(fleet_changes);
         let time = crate::telemetry::audit::rfc3339(SystemTime::now());
         for (i, c) in changes.iter().enumerate() {
             let record = match &self.fleet {
                 Some(f) if i >= host => f.record(c, time.clone()),
-                _ => self.budgets.record(c, time.clone()),
+                Some(f) => {
+                    let mut r = self.budgets.record(c, time.clone());
+                    f.usd_record(&mut r);
+                    r
+                }
+                None => self.budgets.record(c, time.clone()),
             };
             audit.record(&record, metrics);
             info!(
@@ -220,8 +253,14 @@ impl Limiter {
         }
         self.gauges = now;
         let mut now = BTreeSet::new();
-        for (workload, window, left) in self.budgets.remaining_usd() {
-            let labels = [workload.to_owned(), window.to_string()];
+        let mut usd_left: Vec<(String, &str, f64)> = (self.budgets.remaining_usd().into_iter())
+            .map(|(w, window, left)| (w.to_owned(), window, left))
+            .collect();
+        if let Some(f) = &self.fleet {
+            usd_left.extend(f.usd_remaining());
+        }
+        for (workload, window, left) in usd_left {
+            let labels = [workload, window.to_string()];
             metrics
                 .budget_remaining_usd
                 .with_label_values(&labels)
@@ -257,7 +296,10 @@ impl Limiter {
             }
         }
         for (workload, usd) in self.tally.take_usd() {
-            self.budgets.charge_usd(&workload, usd);
+            match &mut self.fleet {
+                Some(f) if f.owns_usd(&workload) => f.charge_usd(&workload, usd),
+                _ => self.budgets.charge_usd(&workload, usd),
+            }
         }
     }
 

@@ -199,6 +199,30 @@ mod tests {
         assert!(b.remaining_usd().is_empty() && b.is_empty());
     }
 
+    /// A fleet-wide dollar budget is kept by the fleet keeper; the
+    /// workload's pairs are still kept here, spent as that keeper says.
+    #[test]
+    fn an_external_dollar_budget_marks_every_pair_of_its_workload() {
+        let mut b = Budgets::default();
+        let external = std::collections::BTreeSet::from(["bot".to_string()]);
+        b.set_policy_external(&pairs(None), &BTreeMap::new(), &external);
+        let t0 = Instant::now();
+        assert!(b.tick(t0).is_empty());
+        // Its own windows are not there: charges are the other keeper's.
+        b.charge_usd("bot", 1e6);
+        assert!(b.remaining_usd().is_empty());
+        assert!(b.tick(t0).is_empty());
+        b.set_external("bot", Some(limit_kind::USD_PER_MONTH));
+        b.set_external("other", Some(limit_kind::USD_PER_MONTH));
+        let c = b.tick(t0);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c.iter().all(|c| c.pair.workload == "bot"
+            && c.spent == Some(limit_kind::USD_PER_MONTH)));
+        b.set_external("bot", None);
+        let c = b.tick(t0);
+        assert!(c.len() == 2 && c.iter().all(|c| c.spent.is_none()));
+    }
+
     #[test]
     fn dollars_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();

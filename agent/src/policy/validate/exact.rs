@@ -178,13 +178,18 @@ impl Checker<'_> {
                     "needs programs = \"all\" (with programs = \"connect\" no connection is tracked, so nothing is counted exactly)",
                 );
             }
+            // A fleet dollar budget marks the workload's pairs spent through
+            // the host keeper; fleet token budgets keep their pairs in the
+            // fleet keeper: not both on one workload (docs/fleet.md).
+            let tokens = |k: LimitKeysRef| k.tokens_per_minute.is_some() || k.tokens_per_day.is_some();
             if let (Some((v, name)), Some(scope)) = (first, &w.limits.scope)
                 && scope.get_ref() == "fleet"
+                && (tokens(w.limits.keys()) || w.limits.providers.values().any(|p| tokens(p.keys())))
             {
                 self.error(
                     v,
                     &format!("{key}.{name}"),
-                    "dollar budgets are kept per host only: scope = \"fleet\" applies to token budgets (docs/fleet.md)",
+                    "with scope = \"fleet\", a dollar budget cannot be combined with token budgets on one workload yet (docs/fleet.md)",
                 );
             }
             if per_day.is_some() || per_month.is_some() {
@@ -317,14 +322,17 @@ cgroup = "batch.slice"
                     && e.message.contains("programs = \"all\"")),
             "{e:?}"
         );
-        // Per host only (yet).
+        // Fleet-wide, but not with fleet token budgets on the same workload.
+        let fleet = "[fleet]\nservers = [\"redis://127.0.0.1\"]\n";
+        let p = ok(&format!("{fleet}{x}usd_per_day = 5\nscope = \"fleet\"\n"));
+        assert_eq!(p.fleet_workloads["w"].identity, "w");
         let e = errors(&format!(
-            "[fleet]\nservers = [\"redis://127.0.0.1\"]\n{x}usd_per_day = 5\ntokens_per_day = 10\nscope = \"fleet\"\n"
+            "{fleet}{x}usd_per_day = 5\ntokens_per_day = 10\nscope = \"fleet\"\n"
         ));
         assert!(
             e.iter()
                 .any(|e| e.key == "workloads[0].limits.usd_per_day"
-                    && e.message.contains("per host only")),
+                    && e.message.contains("cannot be combined")),
             "{e:?}"
         );
         let e = errors(&format!("{w}usd_per_day = 0\n"));
