@@ -23,8 +23,10 @@ use std::{
 use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard,
     fake_provider::{self, FakeProvider, Flavor, Usage},
+    redis::{RedisOptions, RedisServer},
     require_root,
     scenario::{expect_eperm, expect_ok, exact_tokens_policy, probe, wait_event},
+    unique_suffix,
 };
 use serde_json::Value;
 
@@ -57,16 +59,25 @@ exact_tokens = true
 
 /// curl in `cgroup` posting `body` to `path`; must succeed.
 fn curl(server: &FakeProvider, cgroup: &Path, ns: &NetnsGuard, path: &str, body: &str) {
-    let mut cmd = llm_egress_tests::curl::post(server, path, body, cgroup, ns);
-    cmd.args(["--http1.1", "--max-time", "30", "-o", "/dev/null"]);
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
+    let out = try_curl(server, cgroup, ns, path, body);
     assert!(
         out.status.success(),
         "curl: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn try_curl(
+    server: &FakeProvider,
+    cgroup: &Path,
+    ns: &NetnsGuard,
+    path: &str,
+    body: &str,
+) -> std::process::Output {
+    let mut cmd = llm_egress_tests::curl::post(server, path, body, cgroup, ns);
+    cmd.args(["--http1.1", "--max-time", "30", "-o", "/dev/null"]);
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e}"))
 }
 
 /// The usage of the fake's request number `n` (from 1), once served.
@@ -289,4 +300,107 @@ fn a_dollar_budget_spent_by_exact_costs_refuses_every_provider_and_survives_a_re
         .unwrap_or(f64::NAN);
     assert!((left - want).abs() < SLACK, "after a restart: {left}, want {want}");
     agent.stop();
+}
+
+/// Two agents (own cgroup trees, pin paths, state dirs, metrics ports)
+/// share one dollar budget of workload `spender` through one Redis: the
+/// fleet spends the budget, not twice it, within the bound of
+/// docs/fleet.md (budget + agents × one request's cost + refill), and both
+/// agents refuse once the ledger has nothing left.
+#[test]
+fn two_agents_hold_one_fleet_dollar_budget() {
+    require_root();
+    const AGENTS: usize = 2;
+    // 200 µ$ a day; a lease of 10 %: 20 µ$, about one request.
+    const BUDGET: f64 = 0.0002;
+    let cgs: Vec<CgroupGuard> = (0..AGENTS).map(|_| CgroupGuard::new("exb-fleet")).collect();
+    let spenders: Vec<_> = cgs.iter().map(|cg| cg.child("spender")).collect();
+    let _others: Vec<_> = (cgs.iter())
+        .flat_map(|cg| [cg.child("bot"), cg.child("plain")])
+        .collect();
+    let ns = NetnsGuard::new();
+    let openai = fake_provider::start(&ns, OPENAI, Flavor::OpenAi);
+    let _anthropic = fake_provider::start(&ns, ANTHROPIC, Flavor::Anthropic);
+    let redis = RedisServer::start(RedisOptions::default());
+    let prefix = format!("test-{}", unique_suffix());
+    let agents: Vec<Agent> = cgs
+        .iter()
+        .map(|cg| {
+            let mut a = Agent::launch(&spender_policy(
+                cg,
+                &format!(
+                    "usd_per_day = {BUDGET}\nscope = \"fleet\"\nfleet_failure = \"closed\"\n\n[fleet]\nservers = [\"{}\"]\nkey_prefix = \"{prefix}\"\ntimeout_ms = 300\nlease_fraction = 0.1\n",
+                    redis.url()
+                ),
+            ));
+            a.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+            a
+        })
+        .collect();
+    // The agents take turns, a request each, more than a tick apart, until
+    // each was refused twice in a row.
+    let start = Instant::now();
+    let mut results: Vec<Vec<bool>> = vec![Vec::new(); AGENTS];
+    let refused = |r: &[bool]| r.len() >= 2 && r[r.len() - 2..].iter().all(|ok| !ok);
+    while start.elapsed() < Duration::from_secs(90) && !results.iter().all(|r| refused(r)) {
+        for (i, spender) in spenders.iter().enumerate() {
+            if refused(&results[i]) {
+                continue;
+            }
+            let ok = try_curl(&openai, spender, &ns, "/v1/chat/completions", &chat(40))
+                .status
+                .success();
+            results[i].push(ok);
+            std::thread::sleep(Duration::from_millis(600));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(2_500));
+    let served = openai.served();
+    let costs: Vec<f64> = served.iter().map(|s| cost(s.usage, GPT_4O_MINI)).collect();
+    let total: f64 = costs.iter().sum();
+    let one = costs.iter().copied().fold(0.0, f64::max);
+    let refill = BUDGET * start.elapsed().as_secs_f64() / 86_400.0;
+    let bound = BUDGET + AGENTS as f64 * one + refill;
+    let ok: Vec<usize> = results.iter().map(|r| r.iter().filter(|ok| **ok).count()).collect();
+    eprintln!(
+        "fleet dollar budget {BUDGET}: spent {total:.7} in {} requests (by agent {ok:?}), one ≤ {one:.7}, bound {bound:.7}",
+        served.len()
+    );
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            refused(r),
+            "agent {i} was never refused: {r:?}\n{}",
+            agents[i].context()
+        );
+        assert!(ok[i] > 0, "agent {i} spent none of the budget: {r:?}");
+    }
+    assert!(total <= bound, "the fleet spent {total} $, above the bound {bound} $");
+    // Refused only once the budget was gone (each agent spends its lease
+    // before it is refused; a lease is rounded to whole micro-dollars).
+    assert!(
+        total >= BUDGET - 1e-6 * AGENTS as f64,
+        "refused with the budget unspent: {total} of {BUDGET} $"
+    );
+    // The ledger agrees; each agent's records and gauge say so.
+    let key = format!("{prefix}:usd:spender");
+    let left = redis
+        .hget_f64(&key, "m")
+        .unwrap_or_else(|| panic!("no ledger {key}"));
+    assert!(left <= 0.0, "ledger {key} has {left} µ$ left");
+    for (a, spender) in agents.iter().zip(&spenders) {
+        let spent = spent_record(a, "openai");
+        assert_eq!(spent["limit"], "usd_per_day", "{spent}");
+        a.expect_metric(
+            "llm_egress_budget_remaining_usd",
+            &[("workload", "spender"), ("window", "day")],
+            |v| v <= 0.0,
+            Duration::from_secs(10),
+        );
+        expect_eperm(
+            a,
+            probe().connect(spender, &ns, ANTHROPIC),
+            "spender to the other provider once the fleet's dollars are spent",
+        );
+        assert_eq!(a.metric_value("llm_egress_fleet_degraded", &[]), Some(0.0));
+    }
 }

@@ -144,6 +144,8 @@ mod tests {
         assert_eq!(spent, vec![("bot", "anthropic", day), ("bot", "openai", day)]);
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| c.pair.workload == "bot"));
+        assert_eq!(b.usd_spent_kind("bot"), Some(limit_kind::USD_PER_DAY));
+        assert_eq!(b.usd_spent_kind("other"), None);
         // Refills at 10 $/day: 0.05 $ needs 432 s.
         assert!(b.tick(t0 + Duration::from_secs(400)).is_empty());
         let c = b.tick(t0 + Duration::from_secs(500));
