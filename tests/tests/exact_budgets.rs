@@ -12,7 +12,12 @@
 //! spending request must be refused, for one provider (a token budget is
 //! per pair) or for every provider (a dollar budget is the workload's).
 //!
-//! Needs root, bpffs, curl and a built agent (LLM_EGRESS_BIN). Locals are
+//! Fleet-wide dollar budgets (docs/fleet.md, "Dollar budgets"): two agents
+//! share one budget through one `redis-server`, and an agent whose Redis is
+//! killed follows each workload's `fleet_failure`.
+//!
+//! Needs root, bpffs, curl, redis-server and a built agent
+//! (LLM_EGRESS_BIN). Locals are
 //! declared cgroup, netns, servers, agent, so they drop in reverse order.
 
 use std::{
@@ -25,7 +30,7 @@ use llm_egress_tests::{
     fake_provider::{self, FakeProvider, Flavor, Usage},
     redis::{RedisOptions, RedisServer},
     require_root,
-    scenario::{expect_eperm, expect_ok, exact_tokens_policy, probe, wait_event},
+    scenario::{exact_tokens_policy, expect_eperm, expect_ok, probe, wait_event},
     unique_suffix,
 };
 use serde_json::Value;
@@ -108,12 +113,16 @@ fn messages(max_tokens: u32) -> String {
 }
 
 fn spent_record(agent: &Agent, provider: &str) -> Value {
-    wait_event(agent, &format!("a spent budget of spender/{provider}"), |e| {
-        e["event"] == "budget"
-            && e["state"] == "spent"
-            && e["workload"] == "spender"
-            && e["provider"] == provider
-    })
+    wait_event(
+        agent,
+        &format!("a spent budget of spender/{provider}"),
+        |e| {
+            e["event"] == "budget"
+                && e["state"] == "spent"
+                && e["workload"] == "spender"
+                && e["provider"] == provider
+        },
+    )
 }
 
 #[test]
@@ -126,10 +135,7 @@ fn a_token_budget_spent_by_exact_counts_refuses_the_next_connect() {
     let openai = fake_provider::start(&ns, OPENAI, Flavor::OpenAi);
     let _anthropic = fake_provider::start(&ns, ANTHROPIC, Flavor::Anthropic);
     const BUDGET: u64 = 30;
-    let mut agent = Agent::launch(&spender_policy(
-        &cg,
-        &format!("tokens_per_day = {BUDGET}"),
-    ));
+    let mut agent = Agent::launch(&spender_policy(&cg, &format!("tokens_per_day = {BUDGET}")));
     agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
     let p = probe();
 
@@ -138,7 +144,10 @@ fn a_token_budget_spent_by_exact_counts_refuses_the_next_connect() {
     curl(&openai, &spender, &ns, "/v1/chat/completions", &chat(40));
     let u = usage(&openai, 1);
     let used = u.prompt + u.completion;
-    assert!(used > BUDGET, "the fake's usage {u:?} does not spend {BUDGET}");
+    assert!(
+        used > BUDGET,
+        "the fake's usage {u:?} does not spend {BUDGET}"
+    );
     // Exactly the fake's usage was charged (the day refills 30 tokens a
     // day: nothing in a test's time).
     let want = BUDGET as i64 - used as i64;
@@ -238,7 +247,10 @@ fn a_dollar_budget_spent_by_exact_costs_refuses_every_provider_and_survives_a_re
         let spent = spent_record(&agent, provider);
         assert_eq!(spent["limit"], "usd_per_day", "{spent}");
         let r = spent["remaining_usd_day"].as_f64().unwrap_or(f64::NAN);
-        assert!((r - want).abs() < SLACK, "remaining_usd_day {r}, want {want}: {spent}");
+        assert!(
+            (r - want).abs() < SLACK,
+            "remaining_usd_day {r}, want {want}: {spent}"
+        );
         assert_eq!(spent["remaining_usd_month"], Value::Null, "{spent}");
     }
     let left = agent.expect_metric(
@@ -298,7 +310,10 @@ fn a_dollar_budget_spent_by_exact_costs_refuses_every_provider_and_survives_a_re
     let left = agent
         .metric_value("llm_egress_budget_remaining_usd", &labels)
         .unwrap_or(f64::NAN);
-    assert!((left - want).abs() < SLACK, "after a restart: {left}, want {want}");
+    assert!(
+        (left - want).abs() < SLACK,
+        "after a restart: {left}, want {want}"
+    );
     agent.stop();
 }
 
@@ -361,7 +376,10 @@ fn two_agents_hold_one_fleet_dollar_budget() {
     let one = costs.iter().copied().fold(0.0, f64::max);
     let refill = BUDGET * start.elapsed().as_secs_f64() / 86_400.0;
     let bound = BUDGET + AGENTS as f64 * one + refill;
-    let ok: Vec<usize> = results.iter().map(|r| r.iter().filter(|ok| **ok).count()).collect();
+    let ok: Vec<usize> = results
+        .iter()
+        .map(|r| r.iter().filter(|ok| **ok).count())
+        .collect();
     eprintln!(
         "fleet dollar budget {BUDGET}: spent {total:.7} in {} requests (by agent {ok:?}), one ≤ {one:.7}, bound {bound:.7}",
         served.len()
@@ -374,7 +392,10 @@ fn two_agents_hold_one_fleet_dollar_budget() {
         );
         assert!(ok[i] > 0, "agent {i} spent none of the budget: {r:?}");
     }
-    assert!(total <= bound, "the fleet spent {total} $, above the bound {bound} $");
+    assert!(
+        total <= bound,
+        "the fleet spent {total} $, above the bound {bound} $"
+    );
     // Refused only once the budget was gone (each agent spends its lease
     // before it is refused; a lease is rounded to whole micro-dollars).
     assert!(
@@ -403,4 +424,118 @@ fn two_agents_hold_one_fleet_dollar_budget() {
         );
         assert_eq!(a.metric_value("llm_egress_fleet_degraded", &[]), Some(0.0));
     }
+}
+
+/// Redis killed under a fleet dollar budget: `closed` spends what is left
+/// of its lease and is refused; `host_share` is refused once this host's
+/// share (budget / agents, charged with all it spent here) is gone; the
+/// agent says it is degraded. The failure modes of token budgets, in
+/// dollars.
+#[test]
+fn redis_killed_under_a_fleet_dollar_budget_follows_fleet_failure() {
+    require_root();
+    // 200 µ$ a day, lease 20 µ$; host share 200 / 2 = 100 µ$.
+    const BUDGET: f64 = 0.0002;
+    const LEASE: f64 = 0.00002;
+    const SHARE: f64 = BUDGET / 2.0;
+    let cg = CgroupGuard::new("exb-fail");
+    let (closed, share) = (cg.child("closed"), cg.child("share"));
+    let _others = [cg.child("bot"), cg.child("plain")];
+    let ns = NetnsGuard::new();
+    let openai = fake_provider::start(&ns, OPENAI, Flavor::OpenAi);
+    let _anthropic = fake_provider::start(&ns, ANTHROPIC, Flavor::Anthropic);
+    let mut redis = RedisServer::start(RedisOptions::default());
+    let workload = |name: &str, failure: &str| {
+        format!(
+            "\n[[workloads]]\nname = \"{name}\"\ncgroup = \"{name}\"\nallow = [\"openai\", \"anthropic\"]\nexact_tokens = true\n[workloads.limits]\nusd_per_day = {BUDGET}\nscope = \"fleet\"\nfleet_failure = \"{failure}\"\n"
+        )
+    };
+    let extra = format!(
+        "{}{}\n[fleet]\nservers = [\"{}\"]\nkey_prefix = \"test-{}\"\ntimeout_ms = 300\nlease_fraction = 0.1\nagents = 2\n",
+        workload("closed", "closed"),
+        workload("share", "host_share"),
+        redis.url(),
+        unique_suffix()
+    );
+    let mut agent = Agent::launch(&exact_tokens_policy(&cg, &extra));
+    agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    let call = |cgroup: &Path| {
+        try_curl(&openai, cgroup, &ns, "/v1/chat/completions", &chat(40))
+            .status
+            .success()
+    };
+    // A first request each, with the ledger there.
+    assert!(call(&closed) && call(&share), "{}", agent.context());
+    std::thread::sleep(Duration::from_millis(2_500));
+    let before = openai.served().len();
+
+    redis.kill();
+    agent.wait_readyz(Duration::from_secs(10), |s, body| {
+        s == 503 && body.contains("fleet ledger")
+    });
+    // Requests until refused twice in a row, more than a tick apart; the
+    // fake's peers tell whose request it served.
+    let until_refused = |cgroup: &Path| {
+        let mut r: Vec<bool> = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(40)
+            && !(r.len() >= 2 && r[r.len() - 2..].iter().all(|ok| !ok))
+        {
+            r.push(call(cgroup));
+            std::thread::sleep(Duration::from_millis(1_100));
+        }
+        r
+    };
+    let r_closed = until_refused(&closed);
+    let n_closed = openai.served().len() - before;
+    let r_share = until_refused(&share);
+    let n_share = openai.served().len() - before - n_closed;
+    let c = openai
+        .served()
+        .iter()
+        .map(|s| cost(s.usage, GPT_4O_MINI))
+        .fold(0.0, f64::max);
+    let (spent_closed, share_total) = (n_closed as f64 * c, (n_share + 1) as f64 * c);
+    eprintln!(
+        "Redis down: closed spent {spent_closed:.7} $ ({r_closed:?}), host_share {share_total:.7} $ in all ({r_share:?}); one request {c:.7} $"
+    );
+    assert!(
+        r_closed.len() >= 2 && !r_closed[r_closed.len() - 1],
+        "closed never refused: {r_closed:?}\n{}",
+        agent.context()
+    );
+    assert!(
+        spent_closed <= LEASE + c,
+        "closed spent {spent_closed} $ past its lease of {LEASE} $"
+    );
+    assert!(
+        r_share.len() >= 2 && !r_share[r_share.len() - 1],
+        "host_share never refused: {r_share:?}\n{}",
+        agent.context()
+    );
+    assert!(
+        share_total >= SHARE - c && share_total <= SHARE + LEASE + c,
+        "host_share spent {share_total} $ in all, its share is {SHARE} $"
+    );
+    // Every provider of both workloads is refused, with a record each.
+    for w in ["closed", "share"] {
+        let spent = wait_event(&agent, &format!("a spent budget of {w}/anthropic"), |e| {
+            e["event"] == "budget"
+                && e["state"] == "spent"
+                && e["workload"] == w
+                && e["provider"] == "anthropic"
+        });
+        assert_eq!(spent["limit"], "usd_per_day", "{spent}");
+    }
+    for cgroup in [&closed, &share] {
+        expect_eperm(
+            &agent,
+            probe().connect(cgroup, &ns, ANTHROPIC),
+            "the other provider of a workload whose fleet dollars are out while Redis is down",
+        );
+    }
+    assert_eq!(
+        agent.metric_value("llm_egress_fleet_degraded", &[]),
+        Some(1.0)
+    );
 }

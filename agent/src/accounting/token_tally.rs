@@ -18,7 +18,10 @@ use std::{
 /// Tokens counted per pair (bucket id, `crate::kernel::limit_entries::bucket_id`) since
 /// the last [`TokenTally::take`].
 #[derive(Clone, Debug, Default)]
-pub struct TokenTally(Arc<Mutex<HashMap<u64, u64>>>, Arc<Mutex<HashMap<String, f64>>>);
+pub struct TokenTally(
+    Arc<Mutex<HashMap<u64, u64>>>,
+    Arc<Mutex<HashMap<String, f64>>>,
+);
 
 impl TokenTally {
     /// Adds `tokens` (prompt + completion) counted for workload × provider.

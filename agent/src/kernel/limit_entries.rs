@@ -69,7 +69,13 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
         fleet_usd: (policy.usd_budgets.iter())
             .filter_map(|(name, budget)| {
                 let workload = policy.fleet_workloads.get(name)?.clone();
-                Some((name.clone(), FleetUsd { workload, budget: *budget }))
+                Some((
+                    name.clone(),
+                    FleetUsd {
+                        workload,
+                        budget: *budget,
+                    },
+                ))
             })
             .collect(),
         ..LimitPlan::default()

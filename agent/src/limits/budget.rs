@@ -400,11 +400,7 @@ impl Budgets {
                     day_remaining: p.day.map(|w| w.remaining),
                 })
                 .collect(),
-            usd: self
-                .usd
-                .iter()
-                .map(|(w, u)| u.saved(w))
-                .collect(),
+            usd: self.usd.iter().map(|(w, u)| u.saved(w)).collect(),
         };
         // Root's alone, whatever the umask (docs/operations.md, "Files and
         // directories the agent trusts").

@@ -571,10 +571,13 @@ impl FleetKeeper {
     /// Fills the dollars left of a `budget` record of a pair whose
     /// workload's dollar budget is fleet-wide.
     pub fn usd_record(&self, record: &mut crate::telemetry::audit::BudgetRecord) {
-        if let Some(l) = self.leases.get(&usd_bucket(&record.workload)).filter(|l| l.usd) {
-            let dollars = |set: Option<u64>, left: Option<i64>| {
-                set.and(left).map(|v| v as f64 / MICRO)
-            };
+        if let Some(l) = self
+            .leases
+            .get(&usd_bucket(&record.workload))
+            .filter(|l| l.usd)
+        {
+            let dollars =
+                |set: Option<u64>, left: Option<i64>| set.and(left).map(|v| v as f64 / MICRO);
             record.remaining_usd_day = dollars(l.windows[0], l.left_minute);
             record.remaining_usd_month = dollars(l.windows[1], l.left_day);
         }
@@ -684,7 +687,12 @@ impl FleetKeeper {
                     l.granted = answer.granted;
                     let pair = &l.fp.pair;
                     for (window, limit, left, slot) in [
-                        ("minute", l.windows[0], answer.left_minute, &mut l.left_minute),
+                        (
+                            "minute",
+                            l.windows[0],
+                            answer.left_minute,
+                            &mut l.left_minute,
+                        ),
                         ("day", l.windows[1], answer.left_day, &mut l.left_day),
                     ] {
                         if limit.is_some() {

@@ -141,7 +141,10 @@ mod tests {
             .collect();
         spent.sort();
         let day = Some(limit_kind::USD_PER_DAY);
-        assert_eq!(spent, vec![("bot", "anthropic", day), ("bot", "openai", day)]);
+        assert_eq!(
+            spent,
+            vec![("bot", "anthropic", day), ("bot", "openai", day)]
+        );
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| c.pair.workload == "bot"));
         assert_eq!(b.usd_spent_kind("bot"), Some(limit_kind::USD_PER_DAY));
@@ -218,8 +221,10 @@ mod tests {
         b.set_external("other", Some(limit_kind::USD_PER_MONTH));
         let c = b.tick(t0);
         assert_eq!(c.len(), 2, "{c:?}");
-        assert!(c.iter().all(|c| c.pair.workload == "bot"
-            && c.spent == Some(limit_kind::USD_PER_MONTH)));
+        assert!(
+            c.iter()
+                .all(|c| c.pair.workload == "bot" && c.spent == Some(limit_kind::USD_PER_MONTH))
+        );
         b.set_external("bot", None);
         let c = b.tick(t0);
         assert!(c.len() == 2 && c.iter().all(|c| c.spent.is_none()));
@@ -233,8 +238,8 @@ mod tests {
         b.charge_usd("bot", 12.5);
         b.tick(Instant::now());
         b.save(dir.path()).unwrap();
-        let text = std::fs::read_to_string(dir.path().join(super::super::budget::STATE_FILE))
-            .unwrap();
+        let text =
+            std::fs::read_to_string(dir.path().join(super::super::budget::STATE_FILE)).unwrap();
         assert!(text.contains("\"month_remaining\": 87.5"), "{text}");
 
         let mut after = Budgets::default();

@@ -157,7 +157,11 @@ impl Checker<'_> {
             // tokens a dollar budget would never be charged, a budget the
             // agent accepts and does not keep (docs/limits.md).
             let first = w.limits.usd_per_day.as_ref().map(|v| (v, "usd_per_day"));
-            let first = first.or(w.limits.usd_per_month.as_ref().map(|v| (v, "usd_per_month")));
+            let first = first.or(w
+                .limits
+                .usd_per_month
+                .as_ref()
+                .map(|v| (v, "usd_per_month")));
             let exact = w.exact_tokens.as_ref().is_some_and(|e| *e.get_ref());
             if let Some((v, name)) = first
                 && !exact
@@ -181,10 +185,12 @@ impl Checker<'_> {
             // A fleet dollar budget marks the workload's pairs spent through
             // the host keeper; fleet token budgets keep their pairs in the
             // fleet keeper: not both on one workload (docs/fleet.md).
-            let tokens = |k: LimitKeysRef| k.tokens_per_minute.is_some() || k.tokens_per_day.is_some();
+            let tokens =
+                |k: LimitKeysRef| k.tokens_per_minute.is_some() || k.tokens_per_day.is_some();
             if let (Some((v, name)), Some(scope)) = (first, &w.limits.scope)
                 && scope.get_ref() == "fleet"
-                && (tokens(w.limits.keys()) || w.limits.providers.values().any(|p| tokens(p.keys())))
+                && (tokens(w.limits.keys())
+                    || w.limits.providers.values().any(|p| tokens(p.keys())))
             {
                 self.error(
                     v,
@@ -330,9 +336,8 @@ cgroup = "batch.slice"
             "{fleet}{x}usd_per_day = 5\ntokens_per_day = 10\nscope = \"fleet\"\n"
         ));
         assert!(
-            e.iter()
-                .any(|e| e.key == "workloads[0].limits.usd_per_day"
-                    && e.message.contains("cannot be combined")),
+            e.iter().any(|e| e.key == "workloads[0].limits.usd_per_day"
+                && e.message.contains("cannot be combined")),
             "{e:?}"
         );
         let e = errors(&format!("{w}usd_per_day = 0\n"));
