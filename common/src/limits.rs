@@ -20,8 +20,9 @@ pub const MAP_BUCKETS: &str = "BUCKETS";
 /// `HashMap<u64 bucket id, BandwidthLimit>`: bandwidth limits, by bucket id
 /// (the skb programs find the id in the connection's `CONNS` entry).
 pub const MAP_BANDWIDTH: &str = "BANDWIDTH";
-/// `HashMap<u64 bucket id, u32 limit_kind>`: pairs whose token budget is
-/// spent (written by the agent); new connections are refused.
+/// `HashMap<u64 bucket id, u32 limit_kind>`: pairs whose token budget (or
+/// whose workload's dollar budget) is spent (written by the agent); new
+/// connections are refused.
 pub const MAP_BUDGET_SPENT: &str = "BUDGET_SPENT";
 /// `Array<LimitConfig>`, one entry: what the skb programs need to know
 /// before looking anything up.
@@ -55,6 +56,10 @@ pub mod limit_kind {
     pub const BANDWIDTH_IN: u32 = 3;
     pub const TOKENS_PER_MINUTE: u32 = 4;
     pub const TOKENS_PER_DAY: u32 = 5;
+    /// A workload's budget in US dollars (exact costs), written for every
+    /// provider pair of the workload.
+    pub const USD_PER_DAY: u32 = 6;
+    pub const USD_PER_MONTH: u32 = 7;
 
     /// The word of a limit kind in records and metric labels.
     pub fn name(kind: u32) -> &'static str {
@@ -64,6 +69,8 @@ pub mod limit_kind {
             BANDWIDTH_IN => "bandwidth_in",
             TOKENS_PER_MINUTE => "tokens_per_minute",
             TOKENS_PER_DAY => "tokens_per_day",
+            USD_PER_DAY => "usd_per_day",
+            USD_PER_MONTH => "usd_per_month",
             _ => "unknown",
         }
     }

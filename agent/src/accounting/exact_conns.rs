@@ -3,7 +3,8 @@
 //! (`crate::capture::reader::PlaintextChunk`) reach the tracked
 //! connection they belong to, by socket cookie, and are read there by one
 //! `exchange::Tracker` per connection; its exchanges, secrets and problems
-//! go to [`ExactTokens`], and the tokens it counts to the budgets' tally.
+//! go to [`ExactTokens`], and the tokens and dollars it counts to the
+//! budgets' tally.
 //!
 //! Owned by connection accounting (`crate::accounting::connections`, on the
 //! event reader task), which opens and closes the entries here and asks at
@@ -253,6 +254,9 @@ fn handle(
             Output::Exchange(ex) => {
                 let charge = exact.record_exchange(metrics, audit, w, p, conn.who.clone(), &ex);
                 tally.add(w, p, charge.tokens);
+                if let Some(usd) = charge.usd {
+                    tally.add_usd(w, usd);
+                }
                 match ex.usage {
                     Some(u) => {
                         conn.exact += 1;

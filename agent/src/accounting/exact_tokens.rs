@@ -11,7 +11,7 @@
 //! records. It does not decide what a finding does to the connection
 //! (`block` is not enforced) and does not charge budgets: [`Charge`] is
 //! what the glue (`crate::accounting::exact_conns`) adds to the token
-//! tally.
+//! tally (tokens by pair, dollars by workload).
 //!
 //! Never both: a connection whose exchanges are counted here adds no
 //! estimate (`source="estimated"`) for the same tokens; the glue owns that

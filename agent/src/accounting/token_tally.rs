@@ -1,7 +1,8 @@
 //! The one path from accounting to the budget keeper (issue 17, item 2):
-//! accounting adds each pair's newly counted tokens here as it counts them
-//! (beside the metric it writes), and the limiter takes what accumulated
-//! once a second to charge the token budgets. Metrics stay write-only: no
+//! accounting adds each pair's newly counted tokens (and each workload's
+//! exact cost in dollars) here as it counts them (beside the metric it
+//! writes), and the limiter takes what accumulated once a second to charge
+//! the token and dollar budgets. Metrics stay write-only: no
 //! budget is charged by reading `llm_egress_tokens_total` back.
 //!
 //! A shared owner rather than a channel: the sums by pair are what the
@@ -17,7 +18,10 @@ use std::{
 /// Tokens counted per pair (bucket id, `crate::kernel::limit_entries::bucket_id`) since
 /// the last [`TokenTally::take`].
 #[derive(Clone, Debug, Default)]
-pub struct TokenTally(Arc<Mutex<HashMap<u64, u64>>>);
+pub struct TokenTally(
+    Arc<Mutex<HashMap<u64, u64>>>,
+    Arc<Mutex<HashMap<String, f64>>>,
+);
 
 impl TokenTally {
     /// Adds `tokens` (prompt + completion) counted for workload × provider.
@@ -30,6 +34,22 @@ impl TokenTally {
         // the sums are still sums.
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry(bucket).or_default() += tokens;
+    }
+
+    /// Adds `usd`, the exact cost of an exchange of `workload` (any
+    /// provider); a cost that is not a finite positive number is nothing.
+    pub fn add_usd(&self, workload: &str, usd: f64) {
+        if !(usd.is_finite() && usd > 0.0) {
+            return;
+        }
+        let mut m = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(workload.to_owned()).or_default() += usd;
+    }
+
+    /// Dollars counted since the last take, by workload name (emptied).
+    pub fn take_usd(&self) -> HashMap<String, f64> {
+        let mut m = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *m)
     }
 
     /// What was counted since the last take, by bucket id (emptied).
@@ -62,5 +82,11 @@ mod tests {
             7
         );
         assert!(t.take().is_empty());
+        other.add_usd("bot", 0.25);
+        t.add_usd("bot", 0.5);
+        t.add_usd("bot", f64::NAN);
+        t.add_usd("bot", -1.0);
+        assert_eq!(t.take_usd(), HashMap::from([("bot".to_string(), 0.75)]));
+        assert!(t.take_usd().is_empty());
     }
 }

@@ -89,6 +89,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
                         target: lease,
                         limit_minute: 0,
                         limit_day: budget,
+                        windows_ms: crate::limits::fleet_ledger::TOKEN_WINDOWS_MS,
                         recent_minute: 0,
                         recent_day: 0,
                         forfeit: false,

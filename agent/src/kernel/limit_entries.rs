@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use llm_egress_common::{BYTE_UNIT, BandwidthLimit, CONN_UNIT, LimitValue, Rate, limit_flag};
 
-use crate::policy::{Limits, Policy, fleet::FleetWorkload};
+use crate::policy::{Limits, Policy, UsdBudget, fleet::FleetWorkload};
 
 /// A fleet pair as the policy makes it (`limits::fleet` keeps its lease).
 #[derive(Clone, Debug, PartialEq)]
@@ -47,22 +47,53 @@ pub struct LimitPlan {
     /// The pairs of `pairs` whose token budgets are fleet-wide
     /// (`scope = "fleet"`, docs/fleet.md).
     pub fleet: BTreeMap<u64, FleetPair>,
+    /// Dollar budgets by workload name; every pair of such a workload is
+    /// in `pairs` with the `BUDGET` flag, limits or not.
+    pub usd: BTreeMap<String, UsdBudget>,
+    /// The dollar budgets of `usd` that are fleet-wide, with the workload's
+    /// ledger identity (`scope = "fleet"`, docs/fleet.md).
+    pub fleet_usd: BTreeMap<String, FleetUsd>,
+}
+
+/// A fleet-wide dollar budget as the policy makes it (`limits::fleet`
+/// keeps its lease).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetUsd {
+    pub workload: FleetWorkload,
+    pub budget: UsdBudget,
 }
 
 pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
-    let mut out = LimitPlan::default();
+    let mut out = LimitPlan {
+        usd: policy.usd_budgets.clone(),
+        fleet_usd: (policy.usd_budgets.iter())
+            .filter_map(|(name, budget)| {
+                let workload = policy.fleet_workloads.get(name)?.clone();
+                Some((
+                    name.clone(),
+                    FleetUsd {
+                        workload,
+                        budget: *budget,
+                    },
+                ))
+            })
+            .collect(),
+        ..LimitPlan::default()
+    };
     for (wi, w) in policy.workloads.iter().enumerate() {
-        if w.limits.is_empty() && w.provider_limits.is_empty() {
+        let usd = policy.usd_budgets.contains_key(&w.name);
+        if w.limits.is_empty() && w.provider_limits.is_empty() && !usd {
             continue;
         }
         for (pi, p) in policy.providers.iter().enumerate() {
             let limits = w.limits_for(pi);
-            if limits.is_empty() {
+            if limits.is_empty() && !usd {
                 continue;
             }
             let bucket = bucket_id(&w.name, &p.name);
             let mut flags = 0;
-            if limits.tokens_per_minute.is_some() || limits.tokens_per_day.is_some() {
+            let tokens = limits.tokens_per_minute.is_some() || limits.tokens_per_day.is_some();
+            if tokens || usd {
                 flags |= limit_flag::BUDGET;
             }
             if let Some(bw) = limits.bandwidth {
@@ -101,7 +132,7 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
                 provider: p.name.clone(),
             };
             if let Some(fw) = policy.fleet_workloads.get(&w.name)
-                && flags & limit_flag::BUDGET != 0
+                && tokens
             {
                 out.fleet.insert(
                     bucket,
@@ -164,6 +195,25 @@ mod tests {
         assert_eq!(bw.egress.per_ns, 1_000_000);
         assert_eq!(bw.ingress.capacity, 200_000 * BYTE_UNIT);
         assert_eq!(plan.slot.len(), policy.providers.len());
+    }
+
+    /// A dollar budget is the workload's: every provider pair gets a
+    /// `LIMITS` entry with the `BUDGET` flag (the kernel then reads
+    /// `BUDGET_SPENT` for it), with no other limit.
+    #[test]
+    fn a_dollar_budget_flags_every_provider_of_the_workload() {
+        let text = "[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\nexact_tokens = true\n[workloads.limits]\nusd_per_day = 2\n[[workloads]]\nname = \"other\"\ncgroup = \"other\"\n";
+        let policy = Policy::parse(text, "t").unwrap();
+        let plan = plan(&policy, llm_egress_common::mode::ENFORCE);
+        assert_eq!(plan.slot.len(), policy.providers.len());
+        for ((w, _), v) in &plan.slot {
+            assert_eq!(*w, 1);
+            assert_eq!(v.flags, limit_flag::BUDGET);
+            assert_eq!(v.connections, Rate::default());
+        }
+        assert_eq!(plan.pairs.len(), policy.providers.len());
+        assert_eq!(plan.usd["bot"].per_day, Some(2.0));
+        assert!(plan.fleet.is_empty() && plan.bandwidth.is_empty());
     }
 
     /// Fleet mode adds nothing to the kernel: a pair with a fleet budget has

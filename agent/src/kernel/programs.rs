@@ -63,14 +63,25 @@ const BANDWIDTH_NEEDS: [&str; 2] = [PROG_SNI_EGRESS, PROG_DNS_INGRESS];
 /// what the estimates are made of, the egress program stops open
 /// connections of a spent budget.
 const TOKENS_NEED: [&str; 3] = [PROG_SOCK_OPS, PROG_DNS_INGRESS, PROG_SNI_EGRESS];
+/// Programs that dollar budgets need: exact counts are read on the
+/// connections sock_ops tracks; the egress program stops open connections.
+const USD_NEED: [&str; 2] = [PROG_SOCK_OPS, PROG_SNI_EGRESS];
 
 /// The policy keys that need `program`, as key paths
 /// (`workloads[0].limits.bytes_per_second`).
 pub fn keys_needing(policy: &Policy, program: &str) -> Vec<String> {
     let bandwidth = BANDWIDTH_NEEDS.contains(&program);
     let tokens = TOKENS_NEED.contains(&program);
+    let usd = USD_NEED.contains(&program);
     let mut keys = Vec::new();
     for (i, w) in policy.workloads.iter().enumerate() {
+        if let Some(b) = policy.usd_budgets.get(&w.name).filter(|_| usd) {
+            for (name, set) in [("usd_per_day", b.per_day), ("usd_per_month", b.per_month)] {
+                if set.is_some() {
+                    keys.push(format!("workloads[{i}].limits.{name}"));
+                }
+            }
+        }
         let levels = std::iter::once((format!("workloads[{i}].limits"), &w.limits)).chain(
             w.provider_limits.iter().map(|(p, l)| {
                 let name = policy.providers.get(*p).map_or("?", |p| p.name.as_str());
@@ -259,6 +270,14 @@ tokens_per_day = 1000
             ["workloads[0].limits.providers.p.tokens_per_day"]
         );
         assert!(keys_needing(&p, PROG_EXEC).is_empty());
+        let usd = policy(
+            "[[workloads]]\nname = \"w\"\ncgroup = \"w\"\nexact_tokens = true\n[workloads.limits]\nusd_per_day = 1\n",
+        );
+        assert_eq!(
+            keys_needing(&usd, PROG_SOCK_OPS),
+            ["workloads[0].limits.usd_per_day"]
+        );
+        assert!(keys_needing(&usd, PROG_DNS_INGRESS).is_empty());
         let e = check(&p, &[failed(PROG_SNI_EGRESS)])
             .unwrap_err()
             .to_string();

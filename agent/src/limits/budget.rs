@@ -1,7 +1,14 @@
-//! Token budgets (`tokens_per_minute`, `tokens_per_day`): what each limited
-//! workload × provider pair has left, which pairs are spent (the kernel then
-//! refuses their new connections, `BUDGET_SPENT`), and the state file that
-//! carries this over a restart (docs/limits.md).
+//! Token budgets (`tokens_per_minute`, `tokens_per_day`) and dollar
+//! budgets (`usd_per_day`, `usd_per_month`): what each limited workload ×
+//! provider pair (and each workload with a dollar budget) has left, which
+//! pairs are spent (the kernel then refuses their new connections,
+//! `BUDGET_SPENT`), and the state file that carries this over a restart
+//! (docs/limits.md).
+//!
+//! A dollar budget is the workload's, over all its providers
+//! (`crate::limits::usd_budget` holds its windows): every pair of the
+//! workload is kept here, and is spent when its own token window or its
+//! workload's dollar window is.
 //!
 //! Each window is a rolling budget: it refills continuously at `limit` per
 //! window length, up to `limit`. Tokens are charged when the agent counts
@@ -26,37 +33,53 @@ use std::{
 use llm_egress_common::limit_kind;
 use serde::{Deserialize, Serialize};
 
-use crate::{kernel::limit_entries::Pair, policy::Limits, telemetry::audit::BudgetRecord};
+use crate::{
+    kernel::limit_entries::Pair,
+    limits::usd_budget::{SavedUsd, UsdWindows},
+    policy::{Limits, UsdBudget},
+    telemetry::audit::BudgetRecord,
+};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
 /// Name of the state file under `state_dir`.
 pub const STATE_FILE: &str = "budgets.json";
 
-/// One rolling window of a pair.
+/// One rolling window of a pair (tokens) or of a workload (dollars).
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Window {
-    limit: u64,
+pub(super) struct Window {
+    pub(super) limit: f64,
     length: Duration,
-    /// Tokens left; below 0 after an overspend.
-    remaining: f64,
+    /// Tokens (or dollars) left; below 0 after an overspend.
+    pub(super) remaining: f64,
 }
 
 impl Window {
-    fn new(limit: u64, length: Duration) -> Self {
+    pub(super) fn new(limit: f64, length: Duration) -> Self {
         Self {
             limit,
             length,
-            remaining: limit as f64,
+            remaining: limit,
         }
     }
 
-    fn refill(&mut self, elapsed: Duration) {
-        let add = self.limit as f64 * elapsed.as_secs_f64() / self.length.as_secs_f64();
-        self.remaining = (self.remaining + add).min(self.limit as f64);
+    /// A window of `limit` that keeps what `old` had left (capped).
+    pub(super) fn keep(old: Option<Window>, limit: Option<f64>, length: Duration) -> Option<Self> {
+        limit.map(|l| {
+            let mut w = Window::new(l, length);
+            if let Some(o) = old {
+                w.remaining = o.remaining.min(l);
+            }
+            w
+        })
     }
 
-    fn spent(&self) -> bool {
+    pub(super) fn refill(&mut self, elapsed: Duration) {
+        let add = self.limit * elapsed.as_secs_f64() / self.length.as_secs_f64();
+        self.remaining = (self.remaining + add).min(self.limit);
+    }
+
+    pub(super) fn spent(&self) -> bool {
         self.remaining <= 0.0
     }
 }
@@ -71,10 +94,20 @@ struct PairBudget {
 }
 
 impl PairBudget {
-    fn spent_kind(&self) -> Option<u32> {
-        if self.day.is_some_and(|w| w.spent()) {
+    /// The spent window that refills slowest, given the workload's dollar
+    /// windows: a month of dollars, then a day (tokens before dollars),
+    /// then a minute.
+    /// `external`: the spent window of a dollar budget kept elsewhere (a
+    /// fleet-wide one, `crate::limits::fleet`).
+    fn spent_kind(&self, usd: Option<&UsdWindows>, external: Option<u32>) -> Option<u32> {
+        let spent = |w: Option<Window>| w.is_some_and(|w| w.spent());
+        if spent(usd.and_then(|u| u.month)) || external == Some(limit_kind::USD_PER_MONTH) {
+            Some(limit_kind::USD_PER_MONTH)
+        } else if spent(self.day) {
             Some(limit_kind::TOKENS_PER_DAY)
-        } else if self.minute.is_some_and(|w| w.spent()) {
+        } else if spent(usd.and_then(|u| u.day)) || external == Some(limit_kind::USD_PER_DAY) {
+            Some(limit_kind::USD_PER_DAY)
+        } else if spent(self.minute) {
             Some(limit_kind::TOKENS_PER_MINUTE)
         } else {
             None
@@ -94,6 +127,11 @@ pub struct Change {
 #[derive(Default)]
 pub struct Budgets {
     pairs: BTreeMap<u64, PairBudget>,
+    /// Dollar windows by workload name.
+    usd: BTreeMap<String, UsdWindows>,
+    /// Workloads whose dollar budget is kept by the fleet keeper: their
+    /// pairs are kept here, spent when that keeper says (`set_external`).
+    external: BTreeMap<String, Option<u32>>,
     last: Option<Instant>,
 }
 
@@ -104,6 +142,9 @@ struct StateFile {
     boottime_ns: u64,
     wall_unix_ns: u128,
     pairs: Vec<SavedPair>,
+    /// Dollar budgets by workload (absent in files of older agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    usd: Vec<SavedUsd>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -115,41 +156,65 @@ struct SavedPair {
 }
 
 impl Budgets {
-    /// Follows a (new) policy: pairs with token budgets are kept with what
-    /// they have left (capped by a lower new limit), new ones start full,
-    /// others are dropped. Returns the pairs that are no longer limited
-    /// but were spent (to be released in the kernel).
-    pub fn set_policy(&mut self, pairs: &BTreeMap<u64, (Pair, Limits)>) -> Vec<Change> {
+    /// Follows a (new) policy: pairs with token budgets, and every pair of
+    /// a workload with a dollar budget (`usd`, by workload), are kept with
+    /// what they have left (capped by a lower new limit), new ones start
+    /// full, others are dropped. Returns the pairs that are no longer
+    /// limited but were spent (to be released in the kernel).
+    pub fn set_policy(
+        &mut self,
+        pairs: &BTreeMap<u64, (Pair, Limits)>,
+        usd: &BTreeMap<String, UsdBudget>,
+    ) -> Vec<Change> {
+        self.set_policy_external(pairs, usd, &std::collections::BTreeSet::new())
+    }
+
+    /// [`Budgets::set_policy`], where the workloads `external` have a dollar
+    /// budget kept elsewhere: their pairs are kept here too, spent as
+    /// [`Budgets::set_external`] says.
+    pub fn set_policy_external(
+        &mut self,
+        pairs: &BTreeMap<u64, (Pair, Limits)>,
+        usd: &BTreeMap<String, UsdBudget>,
+        external: &std::collections::BTreeSet<String>,
+    ) -> Vec<Change> {
+        self.external = (external.iter())
+            .map(|w| (w.clone(), self.external.get(w).copied().flatten()))
+            .collect();
         let mut released = Vec::new();
         let mut next = BTreeMap::new();
         for (bucket, (pair, limits)) in pairs {
-            if limits.tokens_per_minute.is_none() && limits.tokens_per_day.is_none() {
+            if limits.tokens_per_minute.is_none()
+                && limits.tokens_per_day.is_none()
+                && !usd.contains_key(&pair.workload)
+                && !external.contains(&pair.workload)
+            {
                 continue;
             }
             let old = self.pairs.remove(bucket);
-            let keep = |old: Option<Window>, limit: Option<u64>, length| {
-                limit.map(|l| {
-                    let mut w = Window::new(l, length);
-                    if let Some(o) = old {
-                        w.remaining = o.remaining.min(l as f64);
-                    }
-                    w
-                })
-            };
+            let tokens = |l: Option<u64>| l.map(|l| l as f64);
             next.insert(
                 *bucket,
                 PairBudget {
                     pair: pair.clone(),
-                    minute: keep(
+                    minute: Window::keep(
                         old.as_ref().and_then(|o| o.minute),
-                        limits.tokens_per_minute,
+                        tokens(limits.tokens_per_minute),
                         MINUTE,
                     ),
-                    day: keep(old.as_ref().and_then(|o| o.day), limits.tokens_per_day, DAY),
+                    day: Window::keep(
+                        old.as_ref().and_then(|o| o.day),
+                        tokens(limits.tokens_per_day),
+                        DAY,
+                    ),
                     spent: old.and_then(|o| o.spent),
                 },
             );
         }
+        self.usd = usd
+            .iter()
+            .map(|(w, b)| (w.clone(), UsdWindows::keep(self.usd.get(w), b)))
+            .collect();
         for (bucket, old) in std::mem::take(&mut self.pairs) {
             if old.spent.is_some() {
                 released.push(Change {
@@ -190,7 +255,38 @@ impl Budgets {
 
     /// The window that is spent of pair `bucket` (as of the last `tick`).
     pub fn spent_kind(&self, bucket: u64) -> Option<u32> {
-        self.pairs.get(&bucket).and_then(PairBudget::spent_kind)
+        self.pairs
+            .get(&bucket)
+            .and_then(|p| p.spent_kind(self.usd.get(&p.pair.workload), None))
+    }
+
+    /// The spent window of `workload`'s dollar budget, if it is spent.
+    pub fn usd_spent_kind(&self, workload: &str) -> Option<u32> {
+        let u = self.usd.get(workload)?;
+        let spent = |w: Option<Window>| w.is_some_and(|w| w.spent());
+        if spent(u.month) {
+            Some(limit_kind::USD_PER_MONTH)
+        } else if spent(u.day) {
+            Some(limit_kind::USD_PER_DAY)
+        } else {
+            None
+        }
+    }
+
+    /// What the keeper of `workload`'s external dollar budget says: the
+    /// spent window, or None (applied at the next `tick`).
+    pub fn set_external(&mut self, workload: &str, spent: Option<u32>) {
+        if let Some(e) = self.external.get_mut(workload) {
+            *e = spent;
+        }
+    }
+
+    /// Charges `usd` dollars to `workload`'s dollar budget (nothing if it
+    /// has none; a charge that is not a finite positive number is 0).
+    pub fn charge_usd(&mut self, workload: &str, usd: f64) {
+        if let Some(u) = self.usd.get_mut(workload) {
+            u.charge(usd);
+        }
     }
 
     /// Charges `tokens` to pair `bucket`.
@@ -213,7 +309,8 @@ impl Budgets {
         self.refill(elapsed);
         let mut out = Vec::new();
         for (bucket, p) in &mut self.pairs {
-            let kind = p.spent_kind();
+            let external = self.external.get(&p.pair.workload).copied().flatten();
+            let kind = p.spent_kind(self.usd.get(&p.pair.workload), external);
             if kind != p.spent {
                 p.spent = kind;
                 out.push(Change {
@@ -232,6 +329,9 @@ impl Budgets {
                 w.refill(elapsed);
             }
         }
+        for u in self.usd.values_mut() {
+            u.refill(elapsed);
+        }
     }
 
     /// Tokens left per pair and window ("minute", "day"), for the gauge.
@@ -248,9 +348,23 @@ impl Budgets {
         out
     }
 
+    /// Dollars left per workload and window ("day", "month"), for the gauge.
+    pub fn remaining_usd(&self) -> Vec<(&str, &'static str, f64)> {
+        let mut out = Vec::new();
+        for (workload, u) in &self.usd {
+            for (name, w) in [("day", u.day), ("month", u.month)] {
+                if let Some(w) = w {
+                    out.push((workload.as_str(), name, w.remaining));
+                }
+            }
+        }
+        out
+    }
+
     /// The audit record of a change.
     pub fn record(&self, change: &Change, time: String) -> BudgetRecord {
         let p = self.pairs.get(&change.bucket);
+        let u = self.usd.get(&change.pair.workload);
         BudgetRecord {
             event: "budget",
             time,
@@ -264,6 +378,8 @@ impl Budgets {
             limit: change.spent.map(llm_egress_common::limit_kind::name),
             remaining_minute: p.and_then(|p| p.minute).map(|w| w.remaining.floor() as i64),
             remaining_day: p.and_then(|p| p.day).map(|w| w.remaining.floor() as i64),
+            remaining_usd_day: u.and_then(|u| u.day).map(|w| w.remaining),
+            remaining_usd_month: u.and_then(|u| u.month).map(|w| w.remaining),
         }
     }
 
@@ -284,6 +400,7 @@ impl Budgets {
                     day_remaining: p.day.map(|w| w.remaining),
                 })
                 .collect(),
+            usd: self.usd.iter().map(|(w, u)| u.saved(w)).collect(),
         };
         // Root's alone, whatever the umask (docs/operations.md, "Files and
         // directories the agent trusts").
@@ -331,8 +448,13 @@ impl Budgets {
                 if let (Some(w), Some(r)) = (w.as_mut(), r)
                     && r.is_finite()
                 {
-                    w.remaining = r.min(w.limit as f64);
+                    w.remaining = r.min(w.limit);
                 }
+            }
+        }
+        for s in &saved.usd {
+            if let Some(u) = self.usd.get_mut(&s.workload) {
+                u.restore(s);
             }
         }
         self.refill(elapsed);
@@ -400,10 +522,14 @@ mod tests {
         )])
     }
 
+    fn set(b: &mut Budgets, pairs: BTreeMap<u64, (Pair, Limits)>) -> Vec<Change> {
+        b.set_policy(&pairs, &BTreeMap::new())
+    }
+
     #[test]
     fn spending_the_minute_budget_refuses_until_it_refills() {
         let mut b = Budgets::default();
-        b.set_policy(&pairs(Some(600), None));
+        set(&mut b, pairs(Some(600), None));
         let id = crate::kernel::limit_entries::bucket_id("bot", "openai");
         let t0 = Instant::now();
         assert!(b.tick(t0).is_empty());
@@ -423,7 +549,7 @@ mod tests {
     #[test]
     fn the_day_window_wins_when_both_are_spent() {
         let mut b = Budgets::default();
-        b.set_policy(&pairs(Some(100), Some(150)));
+        set(&mut b, pairs(Some(100), Some(150)));
         let id = crate::kernel::limit_entries::bucket_id("bot", "openai");
         b.charge(id, 200);
         let c = b.tick(Instant::now());
@@ -433,16 +559,16 @@ mod tests {
     #[test]
     fn a_reload_keeps_what_is_left_and_releases_pairs_no_longer_limited() {
         let mut b = Budgets::default();
-        b.set_policy(&pairs(Some(1000), None));
+        set(&mut b, pairs(Some(1000), None));
         let id = crate::kernel::limit_entries::bucket_id("bot", "openai");
         b.charge(id, 1200);
         assert_eq!(b.tick(Instant::now()).len(), 1);
         // Same pair, higher limit: still 200 in debt, still spent.
-        assert!(b.set_policy(&pairs(Some(5000), None)).is_empty());
+        assert!(set(&mut b, pairs(Some(5000), None)).is_empty());
         assert_eq!(b.remaining()[0].2, -200.0);
         assert!(b.tick(Instant::now()).is_empty());
         // No longer limited: released.
-        let released = b.set_policy(&BTreeMap::new());
+        let released = b.set_policy(&BTreeMap::new(), &BTreeMap::new());
         assert_eq!(released.len(), 1);
         assert_eq!(released[0].spent, None);
         assert!(b.remaining().is_empty());
@@ -451,8 +577,8 @@ mod tests {
     #[test]
     fn a_lower_limit_caps_what_is_left() {
         let mut b = Budgets::default();
-        b.set_policy(&pairs(Some(1000), None));
-        b.set_policy(&pairs(Some(10), None));
+        set(&mut b, pairs(Some(1000), None));
+        set(&mut b, pairs(Some(10), None));
         assert_eq!(b.remaining()[0].2, 10.0);
     }
 
@@ -460,14 +586,14 @@ mod tests {
     fn state_survives_a_restart_and_refills_by_the_time_passed() {
         let dir = tempfile::tempdir().unwrap();
         let mut b = Budgets::default();
-        b.set_policy(&pairs(Some(60_000), Some(1_000_000)));
+        set(&mut b, pairs(Some(60_000), Some(1_000_000)));
         let id = crate::kernel::limit_entries::bucket_id("bot", "openai");
         b.charge(id, 100_000);
         b.tick(Instant::now());
         b.save(dir.path()).unwrap();
 
         let mut after = Budgets::default();
-        after.set_policy(&pairs(Some(60_000), Some(1_000_000)));
+        set(&mut after, pairs(Some(60_000), Some(1_000_000)));
         assert!(after.restore(dir.path()).unwrap());
         let r = after.remaining();
         // Restored: -40,000 a minute (plus the few ms since), 900,000 a day.
@@ -485,6 +611,7 @@ mod tests {
             boottime_ns: 0,
             wall_unix_ns: now.wall_unix_ns + 3_600_000_000_000,
             pairs: vec![],
+            usd: vec![],
         };
         assert_eq!(now.since(&saved), Duration::ZERO);
         let same_boot = StateFile {
@@ -493,6 +620,7 @@ mod tests {
             // A wall clock far in the future does not matter on the same boot.
             wall_unix_ns: now.wall_unix_ns + 3_600_000_000_000,
             pairs: vec![],
+            usd: vec![],
         };
         assert_eq!(now.since(&same_boot), Duration::from_secs(5));
     }
@@ -502,7 +630,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
         let mut b = Budgets::default();
-        b.set_policy(&pairs(Some(10), None));
+        set(&mut b, pairs(Some(10), None));
         assert!(b.restore(dir.path()).is_err());
         assert_eq!(b.remaining()[0].2, 10.0);
     }

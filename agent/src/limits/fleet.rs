@@ -1,6 +1,9 @@
 //! Fleet-wide token budgets (docs/fleet.md): the agent's side of the
 //! ledger. For each pair whose workload has `scope = "fleet"` it holds a
 //! **lease** (tokens the ledger granted it and it has not spent yet),
+//! and for each such workload with a dollar budget one lease of
+//! micro-dollars over all its providers (its spent state is handed to
+//! `crate::limits::budget`, which keeps the workload's pairs: `usd_spent`),
 //! spends it locally exactly as a host budget is spent (the limiter
 //! charges counted tokens here; a pair with nothing left is written to
 //! `BUDGET_SPENT`, and the kernel refuses as for any budget), and renews it
@@ -32,11 +35,11 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    kernel::limit_entries::{FleetPair, Pair},
+    kernel::limit_entries::{FleetPair, FleetUsd, Pair, bucket_id},
     limits::budget::{Budgets, Change},
-    limits::fleet_ledger::{self, Ledger, Op, Reply},
+    limits::fleet_ledger::{self, Ledger, Op, Reply, TOKEN_WINDOWS_MS, USD_WINDOWS_MS},
     policy::{
-        Limits,
+        Limits, UsdBudget,
         fleet::{FleetConfig, FleetFailure},
     },
 };
@@ -116,6 +119,22 @@ struct Lease {
     forfeit: bool,
     /// What the last answer granted: the fleet had tokens left then.
     last_grant: u64,
+    /// The limits of the short and the long window, in the lease's units.
+    windows: [Option<u64>; 2],
+    /// A workload's dollar budget (units: micro-dollars; windows: a day
+    /// and 30 days), not a pair's tokens.
+    usd: bool,
+    /// Charged dollars below one micro-dollar, not yet in `used`.
+    carry: f64,
+}
+
+/// Micro-dollars in a dollar: the unit of a dollar lease.
+const MICRO: f64 = 1_000_000.0;
+
+/// The lease id of `workload`'s dollar budget: not a kernel bucket (no
+/// provider is named `$usd`).
+fn usd_bucket(workload: &str) -> u64 {
+    bucket_id(workload, "$usd")
 }
 
 impl Lease {
@@ -123,13 +142,22 @@ impl Lease {
         self.granted as i64 - self.used as i64
     }
 
-    /// The window the ledger says is spent (day first), if any.
+    /// The `limit_kind` of the short and the long window.
+    fn kinds(&self) -> [u32; 2] {
+        if self.usd {
+            [limit_kind::USD_PER_DAY, limit_kind::USD_PER_MONTH]
+        } else {
+            [limit_kind::TOKENS_PER_MINUTE, limit_kind::TOKENS_PER_DAY]
+        }
+    }
+
+    /// The window the ledger says is spent (the long one first), if any.
     fn spent_window(&self) -> Option<u32> {
-        let l = &self.fp.limits;
-        if l.tokens_per_day.is_some() && self.left_day.is_some_and(|d| d <= 0) {
-            Some(limit_kind::TOKENS_PER_DAY)
-        } else if l.tokens_per_minute.is_some() && self.left_minute.is_some_and(|m| m <= 0) {
-            Some(limit_kind::TOKENS_PER_MINUTE)
+        let [short, long] = self.kinds();
+        if self.windows[1].is_some() && self.left_day.is_some_and(|d| d <= 0) {
+            Some(long)
+        } else if self.windows[0].is_some() && self.left_minute.is_some_and(|m| m <= 0) {
+            Some(short)
         } else {
             None
         }
@@ -142,8 +170,13 @@ impl Lease {
             key: self.key.clone(),
             used: self.used,
             target: self.size,
-            limit_minute: self.fp.limits.tokens_per_minute.unwrap_or(0),
-            limit_day: self.fp.limits.tokens_per_day.unwrap_or(0),
+            limit_minute: self.windows[0].unwrap_or(0),
+            limit_day: self.windows[1].unwrap_or(0),
+            windows_ms: if self.usd {
+                USD_WINDOWS_MS
+            } else {
+                TOKEN_WINDOWS_MS
+            },
             recent_minute,
             recent_day,
             forfeit: self.forfeit,
@@ -330,67 +363,43 @@ impl FleetKeeper {
         })
     }
 
-    /// Follows a (new) policy's fleet pairs (bucket id → pair): kept pairs
-    /// keep their lease, new ones start with the usage saved for them.
-    /// Returns the pairs no longer fleet-limited that the kernel was told
-    /// were spent.
-    pub fn set_pairs(&mut self, pairs: &BTreeMap<u64, FleetPair>) -> Vec<Change> {
+    /// Follows a (new) policy's fleet pairs (bucket id → pair) and fleet
+    /// dollar budgets (by workload): kept ones keep their lease, new ones
+    /// start with the usage saved for them. Returns the pairs no longer
+    /// fleet-limited that the kernel was told were spent.
+    pub fn set_pairs(
+        &mut self,
+        pairs: &BTreeMap<u64, FleetPair>,
+        usd: &BTreeMap<String, FleetUsd>,
+    ) -> Vec<Change> {
         let mut released = Vec::new();
         let mut next = BTreeMap::new();
+        let prefix = self.config.key_prefix.clone();
         for (bucket, fp) in pairs {
-            let key = Ledger::pair_key(
-                &self.config.key_prefix,
-                &fp.workload.identity,
-                &fp.pair.provider,
-            );
-            let smallest = [fp.limits.tokens_per_minute, fp.limits.tokens_per_day]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(1);
-            let size = ((smallest as f64 * self.config.lease_fraction).ceil() as u64).max(1);
-            let lease = match self.leases.remove(bucket) {
-                Some(mut l) if l.key == key => {
-                    l.fp = fp.clone();
-                    l.size = size;
-                    l
-                }
-                old => {
-                    if let Some(o) = old.filter(|o| o.told.is_some()) {
-                        released.push(change(*bucket, &o.fp.pair, None));
-                    }
-                    let (used, granted) = self.saved.get(&key).copied().unwrap_or((0, 0));
-                    info!(
-                        workload = %fp.pair.workload,
-                        provider = %fp.pair.provider,
-                        ledger = %key,
-                        fleet_failure = fp.workload.failure.name(),
-                        lease = size,
-                        "fleet budget"
-                    );
-                    Lease {
-                        fp: fp.clone(),
-                        key,
-                        size,
-                        used,
-                        granted,
-                        used_at_last_op: used,
-                        left_minute: None,
-                        left_day: None,
-                        last_answer: None,
-                        last_op: None,
-                        in_flight: false,
-                        recent: Recent::default(),
-                        told: None,
-                        forfeit: self.restored,
-                        last_grant: 0,
-                    }
-                }
-            };
+            let key = Ledger::pair_key(&prefix, &fp.workload.identity, &fp.pair.provider);
+            let windows = [fp.limits.tokens_per_minute, fp.limits.tokens_per_day];
+            let lease = self.lease_for(*bucket, fp.clone(), key, windows, false, &mut released);
             next.insert(*bucket, lease);
         }
+        for (name, fu) in usd {
+            // Whole micro-dollars, at least one.
+            let micro = |v: Option<f64>| v.map(|v| ((v * MICRO).round() as u64).max(1));
+            let fp = FleetPair {
+                pair: Pair {
+                    workload: name.clone(),
+                    provider: String::new(),
+                },
+                workload: fu.workload.clone(),
+                limits: Limits::default(),
+            };
+            let key = Ledger::usd_key(&prefix, &fu.workload.identity);
+            let windows = [micro(fu.budget.per_day), micro(fu.budget.per_month)];
+            let bucket = usd_bucket(name);
+            let lease = self.lease_for(bucket, fp, key, windows, true, &mut released);
+            next.insert(bucket, lease);
+        }
         for (bucket, old) in std::mem::take(&mut self.leases) {
-            if old.told.is_some() {
+            if old.told.is_some() && !old.usd {
                 released.push(change(bucket, &old.fp.pair, None));
             }
             let _ = self
@@ -403,23 +412,91 @@ impl FleetKeeper {
         released
     }
 
+    /// The lease of `bucket` for the new policy: the old one if its ledger
+    /// key is the same (limits updated), else a new one with the usage
+    /// saved for the key.
+    fn lease_for(
+        &mut self,
+        bucket: u64,
+        fp: FleetPair,
+        key: String,
+        windows: [Option<u64>; 2],
+        usd: bool,
+        released: &mut Vec<Change>,
+    ) -> Lease {
+        let smallest = windows.into_iter().flatten().min().unwrap_or(1);
+        let size = ((smallest as f64 * self.config.lease_fraction).ceil() as u64).max(1);
+        match self.leases.remove(&bucket) {
+            Some(mut l) if l.key == key => {
+                l.fp = fp;
+                l.size = size;
+                l.windows = windows;
+                l
+            }
+            old => {
+                if let Some(o) = old.filter(|o| o.told.is_some() && !o.usd) {
+                    released.push(change(bucket, &o.fp.pair, None));
+                }
+                let (used, granted) = self.saved.get(&key).copied().unwrap_or((0, 0));
+                info!(
+                    workload = %fp.pair.workload,
+                    provider = %fp.pair.provider,
+                    ledger = %key,
+                    fleet_failure = fp.workload.failure.name(),
+                    lease = size,
+                    "fleet budget"
+                );
+                Lease {
+                    fp,
+                    key,
+                    size,
+                    used,
+                    granted,
+                    used_at_last_op: used,
+                    left_minute: None,
+                    left_day: None,
+                    last_answer: None,
+                    last_op: None,
+                    in_flight: false,
+                    recent: Recent::default(),
+                    told: None,
+                    forfeit: self.restored,
+                    last_grant: 0,
+                    windows,
+                    usd,
+                    carry: 0.0,
+                }
+            }
+        }
+    }
+
     /// The host_share budgets for the current pairs and divisor.
     fn set_shares(&mut self) {
         let n = self.shares_divisor.max(1);
-        let pairs: BTreeMap<u64, (Pair, Limits)> = self
-            .leases
-            .iter()
+        let share = |v: Option<u64>| v.map(|v| (v / n).max(1));
+        let pairs: BTreeMap<u64, (Pair, Limits)> = (self.leases.iter())
+            .filter(|(_, l)| !l.usd)
             .map(|(b, l)| {
-                let share = |v: Option<u64>| v.map(|v| (v / n).max(1));
                 let limits = Limits {
-                    tokens_per_minute: share(l.fp.limits.tokens_per_minute),
-                    tokens_per_day: share(l.fp.limits.tokens_per_day),
+                    tokens_per_minute: share(l.windows[0]),
+                    tokens_per_day: share(l.windows[1]),
                     ..Limits::default()
                 };
                 (*b, (l.fp.pair.clone(), limits))
             })
             .collect();
-        self.shares.set_policy(&pairs);
+        let dollars = |v: Option<u64>| share(v).map(|v| v as f64 / MICRO);
+        let usd: BTreeMap<String, UsdBudget> = (self.leases.values())
+            .filter(|l| l.usd)
+            .map(|l| {
+                let budget = UsdBudget {
+                    per_day: dollars(l.windows[0]),
+                    per_month: dollars(l.windows[1]),
+                };
+                (l.fp.pair.workload.clone(), budget)
+            })
+            .collect();
+        self.shares.set_policy(&pairs, &usd);
     }
 
     /// Notified when the ledger answered: call `tick` then, too.
@@ -439,6 +516,70 @@ impl FleetKeeper {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Whether `workload`'s dollar budget is fleet-wide (kept here).
+    pub fn owns_usd(&self, workload: &str) -> bool {
+        self.leases
+            .get(&usd_bucket(workload))
+            .is_some_and(|l| l.usd)
+    }
+
+    /// Charges `usd` dollars to `workload`'s fleet dollar budget, in whole
+    /// micro-dollars (the rest is carried to the next charge).
+    pub fn charge_usd(&mut self, workload: &str, usd: f64) {
+        let usd = if usd.is_finite() { usd.max(0.0) } else { 0.0 };
+        let secs = self.started.elapsed().as_secs();
+        if let Some(l) = self.leases.get_mut(&usd_bucket(workload)) {
+            let micro = l.carry + usd * MICRO;
+            let whole = micro.floor();
+            l.carry = micro - whole;
+            l.used += whole as u64;
+            l.recent.add(secs, whole as u64);
+            self.shares.charge_usd(workload, usd);
+        }
+    }
+
+    /// The spent window of each fleet dollar budget, by workload (None:
+    /// available), as of the last `tick`: `crate::limits::budget` marks
+    /// the workload's pairs.
+    pub fn usd_spent(&self) -> Vec<(String, Option<u32>)> {
+        (self.leases.values())
+            .filter(|l| l.usd)
+            .map(|l| (l.fp.pair.workload.clone(), l.told))
+            .collect()
+    }
+
+    /// Dollars left in each fleet dollar budget's windows ("day",
+    /// "month"), as the ledger last said.
+    pub fn usd_remaining(&self) -> Vec<(String, &'static str, f64)> {
+        let mut out = Vec::new();
+        for l in self.leases.values().filter(|l| l.usd) {
+            for (window, set, left) in [
+                ("day", l.windows[0], l.left_minute),
+                ("month", l.windows[1], l.left_day),
+            ] {
+                if let (Some(_), Some(left)) = (set, left) {
+                    out.push((l.fp.pair.workload.clone(), window, left as f64 / MICRO));
+                }
+            }
+        }
+        out
+    }
+
+    /// Fills the dollars left of a `budget` record of a pair whose
+    /// workload's dollar budget is fleet-wide.
+    pub fn usd_record(&self, record: &mut crate::telemetry::audit::BudgetRecord) {
+        if let Some(l) = self
+            .leases
+            .get(&usd_bucket(&record.workload))
+            .filter(|l| l.usd)
+        {
+            let dollars =
+                |set: Option<u64>, left: Option<i64>| set.and(left).map(|v| v as f64 / MICRO);
+            record.remaining_usd_day = dollars(l.windows[0], l.left_minute);
+            record.remaining_usd_month = dollars(l.windows[1], l.left_day);
         }
     }
 
@@ -490,14 +631,23 @@ impl FleetKeeper {
         self.metrics.degraded.set(i64::from(degraded));
         let mut out = Vec::new();
         for (bucket, l) in &mut self.leases {
-            let kind = decide(l, degraded, |b| self.shares.spent_kind(b), *bucket);
+            let kind = if l.usd {
+                let w = &l.fp.pair.workload;
+                decide(l, degraded, |_| self.shares.usd_spent_kind(w), *bucket)
+            } else {
+                decide(l, degraded, |b| self.shares.spent_kind(b), *bucket)
+            };
             self.metrics
                 .lease
                 .with_label_values(&[&l.fp.pair.workload, &l.fp.pair.provider])
                 .set(l.allowance());
             if kind != l.told {
                 l.told = kind;
-                out.push(change(*bucket, &l.fp.pair, kind));
+                // A dollar lease is no kernel pair: `usd_spent` tells
+                // the host keeper, which marks the workload's pairs.
+                if !l.usd {
+                    out.push(change(*bucket, &l.fp.pair, kind));
+                }
             }
         }
         out
@@ -535,22 +685,26 @@ impl FleetKeeper {
                         .granted
                         .saturating_sub(l.granted.max(l.used_at_last_op));
                     l.granted = answer.granted;
-                    let (pair, lim) = (&l.fp.pair, &l.fp.limits);
+                    let pair = &l.fp.pair;
                     for (window, limit, left, slot) in [
                         (
                             "minute",
-                            lim.tokens_per_minute,
+                            l.windows[0],
                             answer.left_minute,
                             &mut l.left_minute,
                         ),
-                        ("day", lim.tokens_per_day, answer.left_day, &mut l.left_day),
+                        ("day", l.windows[1], answer.left_day, &mut l.left_day),
                     ] {
                         if limit.is_some() {
                             *slot = Some(left);
-                            self.metrics
-                                .remaining
-                                .with_label_values(&[&pair.workload, &pair.provider, window])
-                                .set(left);
+                            // Dollars left go to llm_egress_budget_remaining_usd
+                            // (`usd_remaining`).
+                            if !l.usd {
+                                self.metrics
+                                    .remaining
+                                    .with_label_values(&[&pair.workload, &pair.provider, window])
+                                    .set(left);
+                            }
                         }
                     }
                 }
@@ -637,6 +791,8 @@ impl FleetKeeper {
             limit: c.spent.map(llm_egress_common::limit_kind::name),
             remaining_minute: l.and_then(|l| l.left_minute),
             remaining_day: l.and_then(|l| l.left_day),
+            remaining_usd_day: None,
+            remaining_usd_month: None,
         }
     }
 
@@ -678,13 +834,10 @@ fn decide(
     if l.allowance() > 0 {
         return None;
     }
+    let [short, long] = l.kinds();
     let fallback = l
         .spent_window()
-        .unwrap_or(if l.fp.limits.tokens_per_minute.is_some() {
-            limit_kind::TOKENS_PER_MINUTE
-        } else {
-            limit_kind::TOKENS_PER_DAY
-        });
+        .unwrap_or(if l.windows[0].is_some() { short } else { long });
     if !degraded {
         // The lease is used up: refused until the ledger grants more (the
         // renewal went out when it ran below half; a fleet with nothing
@@ -785,6 +938,9 @@ mod tests {
             told: None,
             forfeit: false,
             last_grant: 0,
+            windows: [None, Some(1000)],
+            usd: false,
+            carry: 0.0,
         }
     }
 
@@ -825,6 +981,29 @@ mod tests {
         l.fp.workload.failure = FleetFailure::HostShare;
         assert_eq!(decide(&l, true, |_| None, 1), None);
         assert_eq!(decide(&l, true, |_| Some(5), 1), Some(5));
+    }
+
+    #[test]
+    fn a_dollar_lease_names_dollar_windows() {
+        let now = Instant::now();
+        let mut l = lease(FleetFailure::Closed, 100, 100);
+        l.usd = true;
+        l.windows = [Some(5_000_000), Some(50_000_000)];
+        l.last_answer = Some(now);
+        l.left_day = Some(1);
+        l.left_minute = Some(-3);
+        assert_eq!(
+            decide(&l, false, |_| None, 1),
+            Some(limit_kind::USD_PER_DAY)
+        );
+        l.left_day = Some(0);
+        assert_eq!(
+            decide(&l, false, |_| None, 1),
+            Some(limit_kind::USD_PER_MONTH)
+        );
+        let op = l.op(1, 0);
+        assert_eq!((op.limit_minute, op.limit_day), (5_000_000, 50_000_000));
+        assert_eq!(op.windows_ms, USD_WINDOWS_MS);
     }
 
     #[test]

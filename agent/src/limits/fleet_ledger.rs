@@ -4,7 +4,9 @@
 //! [`Reply`]s from channels; it never waits for Redis, so nothing on the
 //! connect path (or the agent's main loop) waits on the network.
 //!
-//! The ledger of one workload × provider pair is one Redis hash:
+//! The ledger of one workload × provider pair is one Redis hash (and so is
+//! the dollar budget of one workload, in micro-dollars, whose two windows
+//! are a day and 30 days: `Op::windows_ms`):
 //!
 //! - `m`, `d`: tokens left in the minute and day windows (rolling windows
 //!   like the host budgets: refilled at `limit` per window length, up to
@@ -42,6 +44,11 @@ use tracing::{info, warn};
 
 use crate::policy::fleet::{FleetConfig, Password, Server};
 
+/// The windows of a token budget (a minute, a day) and of a dollar budget
+/// (a day, 30 days), in ms.
+pub const TOKEN_WINDOWS_MS: [u64; 2] = [60_000, 86_400_000];
+pub const USD_WINDOWS_MS: [u64; 2] = [86_400_000, 30 * 86_400_000];
+
 /// An agent that did not run an op for this long is no longer counted live.
 const AGENT_LIVE_MS: u64 = 120_000;
 
@@ -49,7 +56,8 @@ const AGENT_LIVE_MS: u64 = 120_000;
 /// epoch key. ARGV: agent id, used, target, minute limit, day limit (0:
 /// none), recent minute, recent day, key TTL (ms), a new epoch word, the
 /// agents' live window (ms), "1" when what the agent was granted before
-/// counts as used (its first op after a restart). Returns granted, used, minute left, day left
+/// counts as used (its first op after a restart), the short and the long
+/// window's length (ms). Returns granted, used, minute left, day left
 /// (floored), 1 if the hash was new, live agents, epoch.
 const LEASE_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -69,8 +77,8 @@ if ts == nil then
   ts = now
 end
 local el = math.max(0, now - ts)
-m = math.min(lm, m + lm * el / 60000)
-d = math.min(ld, d + ld * el / 86400000)
+m = math.min(lm, m + lm * el / tonumber(ARGV[12]))
+d = math.min(ld, d + ld * el / tonumber(ARGV[13]))
 local u = tonumber(v[4])
 local g = tonumber(v[5])
 if u == nil then
@@ -121,8 +129,12 @@ pub struct Op {
     pub key: String,
     pub used: u64,
     pub target: u64,
+    /// Limits of the short and the long window (0: none): tokens of the
+    /// minute and the day, or micro-dollars of the day and 30 days.
     pub limit_minute: u64,
     pub limit_day: u64,
+    /// The windows' lengths in ms ([`TOKEN_WINDOWS_MS`], [`USD_WINDOWS_MS`]).
+    pub windows_ms: [u64; 2],
     pub recent_minute: u64,
     pub recent_day: u64,
     /// Everything granted to this agent before counts as used: its first
@@ -182,6 +194,11 @@ impl Ledger {
     /// The hash of a pair: `{prefix}:tokens:{identity}:{provider}`.
     pub fn pair_key(prefix: &str, identity: &str, provider: &str) -> String {
         format!("{prefix}:tokens:{identity}:{provider}")
+    }
+
+    /// The hash of a workload's dollar budget: `{prefix}:usd:{identity}`.
+    pub fn usd_key(prefix: &str, identity: &str) -> String {
+        format!("{prefix}:usd:{identity}")
     }
 
     /// Connects to the first server that answers (with AUTH and TLS as
@@ -256,9 +273,9 @@ impl Ledger {
     /// Runs one op (the script, loaded on first use).
     pub async fn run(&self, conn: &mut MultiplexedConnection, op: &Op) -> Result<Answer, String> {
         let ttl_ms = if op.limit_day > 0 {
-            2 * 86_400_000
+            2 * op.windows_ms[1]
         } else {
-            2 * 60_000
+            2 * op.windows_ms[0]
         };
         let prefix = &self.config.key_prefix;
         let mut invocation = self.script.key(&op.key);
@@ -277,7 +294,9 @@ impl Ledger {
             // a loss, it differs from the one before.
             .arg(format!("{:016x}", random_u64()))
             .arg(AGENT_LIVE_MS)
-            .arg(if op.forfeit { "1" } else { "0" });
+            .arg(if op.forfeit { "1" } else { "0" })
+            .arg(op.windows_ms[0].max(1))
+            .arg(op.windows_ms[1].max(1));
         let fut = invocation.invoke_async::<(i64, i64, i64, i64, i64, i64, String)>(conn);
         let (g, u, m, d, fresh, agents, epoch) =
             match tokio::time::timeout(self.config.timeout, fut).await {

@@ -1,8 +1,9 @@
 //! The agent's side of `[workloads.limits]` while it runs: charges the
-//! tokens accounting counts (taken from `crate::token_tally`, never read
-//! back from the metrics) to the token budgets (`budget`), tells the kernel which
-//! pairs are spent (`BUDGET_SPENT`), writes `budget` audit records, keeps
-//! `llm_egress_budget_remaining` and `llm_egress_rate_limited_total`
+//! tokens and dollars accounting counts (taken from `crate::token_tally`,
+//! never read back from the metrics) to the token and dollar budgets
+//! (`budget`), tells the kernel which pairs are spent (`BUDGET_SPENT`),
+//! writes `budget` audit records, keeps `llm_egress_budget_remaining`,
+//! `llm_egress_budget_remaining_usd` and `llm_egress_rate_limited_total`
 //! current, and saves the budgets under `state_dir`. Pairs whose budgets
 //! are fleet-wide (`scope = "fleet"`) are charged to and decided by
 //! `crate::fleet` instead of `budget`; the kernel side is the same.
@@ -21,7 +22,7 @@ use crate::{
     kernel::maps::KernelMaps,
     limits::budget::{Budgets, Change},
     limits::fleet::FleetKeeper,
-    policy::Limits,
+    policy::{Limits, UsdBudget},
     telemetry::audit::AuditSink,
     telemetry::metrics::Metrics,
 };
@@ -41,6 +42,8 @@ pub struct Limiter {
     /// so that series of pairs no longer limited are removed (and the
     /// others are never missing from a scrape).
     gauges: BTreeSet<[String; 3]>,
+    /// The same for `llm_egress_budget_remaining_usd`.
+    usd_gauges: BTreeSet<[String; 2]>,
     ticks: u64,
     /// Fleet-wide budgets (`[fleet]`); None without `[fleet]`.
     fleet: Option<FleetKeeper>,
@@ -57,6 +60,23 @@ fn host_pairs(limits: &LimitPlan, fleet: bool) -> BTreeMap<u64, (Pair, Limits)> 
         );
     }
     pairs
+}
+
+/// The dollar budgets `budget` keeps (all but those `fleet` keeps), and
+/// the workloads whose dollar budget `fleet` keeps (their pairs are still
+/// `budget`'s, spent as `fleet` says).
+fn host_usd(limits: &LimitPlan, fleet: bool) -> (BTreeMap<String, UsdBudget>, BTreeSet<String>) {
+    if !fleet {
+        if !limits.fleet_usd.is_empty() {
+            warn!(
+                "scope = \"fleet\" dollar budgets without a running fleet ledger ([fleet] changes only on restart): kept per host until the agent restarts"
+            );
+        }
+        return (limits.usd.clone(), BTreeSet::new());
+    }
+    let mut usd = limits.usd.clone();
+    usd.retain(|w, _| !limits.fleet_usd.contains_key(w));
+    (usd, limits.fleet_usd.keys().cloned().collect())
 }
 
 impl Limiter {
@@ -78,12 +98,15 @@ impl Limiter {
             tally,
             names: BTreeMap::new(),
             gauges: BTreeSet::new(),
+            usd_gauges: BTreeSet::new(),
             ticks: 0,
             fleet,
         };
-        l.budgets.set_policy(&host_pairs(limits, l.fleet.is_some()));
+        let (usd, external) = host_usd(limits, l.fleet.is_some());
+        l.budgets
+            .set_policy_external(&host_pairs(limits, l.fleet.is_some()), &usd, &external);
         if let Some(f) = &mut l.fleet {
-            f.set_pairs(&limits.fleet);
+            f.set_pairs(&limits.fleet, &limits.fleet_usd);
         }
         match l.budgets.restore(&l.state_dir) {
             Ok(true) => info!(dir = %l.state_dir.display(), "token budgets restored"),
@@ -111,11 +134,14 @@ impl Limiter {
         metrics: &Metrics,
     ) {
         self.state_dir = state_dir;
-        let mut released = self
-            .budgets
-            .set_policy(&host_pairs(limits, self.fleet.is_some()));
+        let (usd, external) = host_usd(limits, self.fleet.is_some());
+        let mut released = self.budgets.set_policy_external(
+            &host_pairs(limits, self.fleet.is_some()),
+            &usd,
+            &external,
+        );
         if let Some(f) = &mut self.fleet {
-            released.extend(f.set_pairs(&limits.fleet));
+            released.extend(f.set_pairs(&limits.fleet, &limits.fleet_usd));
         }
         // A pair that moved between host and fleet is released by one and
         // kept by the other, which takes over what the kernel was told:
@@ -177,16 +203,28 @@ impl Limiter {
     /// changed, and updates the gauge.
     fn settle(&mut self, maps: &mut KernelMaps, metrics: &Metrics, audit: &AuditSink) {
         let now = Instant::now();
+        // The fleet first: what it says of fleet dollar budgets marks
+        // their workloads' pairs in `budgets` at this tick.
+        let mut fleet_changes = Vec::new();
+        if let Some(f) = &mut self.fleet {
+            fleet_changes = f.tick(now);
+            for (workload, spent) in f.usd_spent() {
+                self.budgets.set_external(&workload, spent);
+            }
+        }
         let mut changes = self.budgets.tick(now);
         let host = changes.len();
-        if let Some(f) = &mut self.fleet {
-            changes.extend(f.tick(now));
-        }
+        changes.extend(fleet_changes);
         let time = crate::telemetry::audit::rfc3339(SystemTime::now());
         for (i, c) in changes.iter().enumerate() {
             let record = match &self.fleet {
                 Some(f) if i >= host => f.record(c, time.clone()),
-                _ => self.budgets.record(c, time.clone()),
+                Some(f) => {
+                    let mut r = self.budgets.record(c, time.clone());
+                    f.usd_record(&mut r);
+                    r
+                }
+                None => self.budgets.record(c, time.clone()),
             };
             audit.record(&record, metrics);
             info!(
@@ -214,6 +252,25 @@ impl Limiter {
             let _ = metrics.budget_remaining.remove_label_values(gone);
         }
         self.gauges = now;
+        let mut now = BTreeSet::new();
+        let mut usd_left: Vec<(String, &str, f64)> = (self.budgets.remaining_usd().into_iter())
+            .map(|(w, window, left)| (w.to_owned(), window, left))
+            .collect();
+        if let Some(f) = &self.fleet {
+            usd_left.extend(f.usd_remaining());
+        }
+        for (workload, window, left) in usd_left {
+            let labels = [workload, window.to_string()];
+            metrics
+                .budget_remaining_usd
+                .with_label_values(&labels)
+                .set(left);
+            now.insert(labels);
+        }
+        for gone in self.usd_gauges.difference(&now) {
+            let _ = metrics.budget_remaining_usd.remove_label_values(gone);
+        }
+        self.usd_gauges = now;
     }
 
     fn write(&self, changes: &[Change], maps: &mut KernelMaps, metrics: &Metrics) {
@@ -236,6 +293,12 @@ impl Limiter {
             match &mut self.fleet {
                 Some(f) if f.owns(bucket) => f.charge(bucket, tokens),
                 _ => self.budgets.charge(bucket, tokens),
+            }
+        }
+        for (workload, usd) in self.tally.take_usd() {
+            match &mut self.fleet {
+                Some(f) if f.owns_usd(&workload) => f.charge_usd(&workload, usd),
+                _ => self.budgets.charge_usd(&workload, usd),
             }
         }
     }

@@ -1,5 +1,5 @@
-//! Limits while the agent runs: the token budgets and the keeper that
-//! charges them and tells the kernel which pairs are spent.
+//! Limits while the agent runs: the token and dollar budgets and the
+//! keeper that charges them and tells the kernel which pairs are spent.
 
 pub mod budget;
 pub mod fleet;

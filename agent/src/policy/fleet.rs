@@ -114,7 +114,7 @@ impl FleetFailure {
     }
 }
 
-/// A workload whose token budgets are fleet-wide.
+/// A workload whose token (or dollar) budgets are fleet-wide.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetWorkload {
     /// Its name in the ledger: the workload's name, prefixed by the pod

@@ -367,7 +367,7 @@ pub struct Policy {
     /// `[fleet]`: the Redis ledger of fleet-wide budgets (docs/fleet.md);
     /// changes only on restart.
     pub fleet: Option<fleet::FleetConfig>,
-    /// Workloads whose token budgets have `scope = "fleet"`, by name.
+    /// Workloads whose token (or dollar) budgets have `scope = "fleet"`, by name.
     pub fleet_workloads: BTreeMap<String, fleet::FleetWorkload>,
     /// `[prices."MODEL"]`: prices that add to or replace the catalog's
     /// (crate::policy::catalog::prices), in file order.
@@ -375,7 +375,8 @@ pub struct Policy {
     /// `[secrets]` and each workload's `secrets`.
     pub secrets: SecretsConfig,
     /// `usd_per_day`/`usd_per_month` of `[workloads.limits]`, by workload
-    /// name (crate::usd_budget).
+    /// name (`crate::limits::usd_budget`; kept by `crate::limits::budget`,
+    /// or `crate::limits::fleet` with `scope = "fleet"`).
     pub usd_budgets: BTreeMap<String, UsdBudget>,
 }
 

@@ -290,11 +290,14 @@ pub struct BudgetRecord {
     pub provider: String,
     /// "spent" or "available".
     pub state: &'static str,
-    /// The window that is spent (`tokens_per_minute`, `tokens_per_day`),
-    /// null when available.
+    /// The window that is spent (`tokens_per_minute`, `tokens_per_day`,
+    /// `usd_per_day`, `usd_per_month`), null when available.
     pub limit: Option<&'static str>,
     pub remaining_minute: Option<i64>,
     pub remaining_day: Option<i64>,
+    /// Dollars left in the workload's dollar windows (all its providers).
+    pub remaining_usd_day: Option<f64>,
+    pub remaining_usd_month: Option<f64>,
 }
 
 /// Wall-clock time of a CLOCK_MONOTONIC timestamp.
@@ -405,6 +408,8 @@ mod tests {
             limit: Some("tokens_per_minute"),
             remaining_minute: Some(-1),
             remaining_day: None,
+            remaining_usd_day: Some(0.5),
+            remaining_usd_month: None,
         };
         documented(serde_json::to_value(&b).unwrap());
     }

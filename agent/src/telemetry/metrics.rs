@@ -95,6 +95,7 @@ pub struct Metrics {
     pub proxy_connect: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub budget_remaining: IntGaugeVec,
+    pub budget_remaining_usd: prometheus::GaugeVec,
     pub limit_buckets_full: IntCounter,
     pub budget_stopped: IntCounter,
     pub socket_decisions: IntCounterVec,
@@ -451,7 +452,7 @@ impl Metrics {
             rate_limited: counter_vec(
                 &r,
                 "llm_egress_rate_limited_total",
-                "Traffic refused by a limit of [workloads.limits] (docs/limits.md): connections for limit=connections|tokens_per_minute|tokens_per_day, packets dropped for limit=bandwidth_out|bandwidth_in; verdict=audit counts what audit mode let through.",
+                "Traffic refused by a limit of [workloads.limits] (docs/limits.md): connections for limit=connections|tokens_per_minute|tokens_per_day|usd_per_day|usd_per_month, packets dropped for limit=bandwidth_out|bandwidth_in; verdict=audit counts what audit mode let through.",
                 &["workload", "provider", "limit", "verdict"],
             )?,
             budget_remaining: gauge_vec(
@@ -460,6 +461,17 @@ impl Metrics {
                 "Tokens left in a workload's rolling token budget for a provider (window=minute|day); below 0 after an overspend, and new connections are refused until it is above 0 again.",
                 &["workload", "provider", "window"],
             )?,
+            budget_remaining_usd: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "llm_egress_budget_remaining_usd",
+                        "US dollars left in a workload's rolling dollar budget over all its providers (window=day|month, usd_per_day|usd_per_month); below 0 after an overspend, and new connections to every provider are refused until it is above 0 again.",
+                    ),
+                    &["workload", "window"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             limit_buckets_full: counter(
                 &r,
                 "llm_egress_limit_buckets_full_total",
@@ -741,6 +753,9 @@ mod tests {
         m.budget_remaining
             .with_label_values(&["w", "p", "minute"])
             .set(1);
+        m.budget_remaining_usd
+            .with_label_values(&["w", "day"])
+            .set(1.5);
         m.program_loaded.with_label_values(&["p"]).set(1);
         let doc = include_str!("../../../docs/metrics.md");
         for family in m.registry.gather() {

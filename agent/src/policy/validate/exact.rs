@@ -153,19 +153,50 @@ impl Checker<'_> {
             {
                 self.error(v, &format!("{key}.usd_per_month"), "less than usd_per_day");
             }
-            // Not enforced yet: a budget the agent would accept and not
-            // keep is worse than none (docs/exact-tokens.md).
-            for (name, v) in [
-                ("usd_per_day", &w.limits.usd_per_day),
-                ("usd_per_month", &w.limits.usd_per_month),
-            ] {
-                if let Some(v) = v {
-                    self.error(
-                        v,
-                        &format!("{key}.{name}"),
-                        "dollar budgets are not enforced yet; remove it (llm_egress_cost_usd_total reports the cost)",
-                    );
-                }
+            // Only exact counts have a model, hence a price: on estimated
+            // tokens a dollar budget would never be charged, a budget the
+            // agent accepts and does not keep (docs/limits.md).
+            let first = w.limits.usd_per_day.as_ref().map(|v| (v, "usd_per_day"));
+            let first = first.or(w
+                .limits
+                .usd_per_month
+                .as_ref()
+                .map(|v| (v, "usd_per_month")));
+            let exact = w.exact_tokens.as_ref().is_some_and(|e| *e.get_ref());
+            if let Some((v, name)) = first
+                && !exact
+            {
+                self.error(
+                    v,
+                    &format!("{key}.{name}"),
+                    "dollar budgets are charged with exact costs only: set exact_tokens = true on this workload (estimated tokens have no model, hence no price)",
+                );
+            }
+            // Exact counts are read on tracked connections (sock_ops).
+            if let Some((v, name)) = first
+                && self.programs == Programs::Connect
+            {
+                self.error(
+                    v,
+                    &format!("{key}.{name}"),
+                    "needs programs = \"all\" (with programs = \"connect\" no connection is tracked, so nothing is counted exactly)",
+                );
+            }
+            // A fleet dollar budget marks the workload's pairs spent through
+            // the host keeper; fleet token budgets keep their pairs in the
+            // fleet keeper: not both on one workload (docs/fleet.md).
+            let tokens =
+                |k: LimitKeysRef| k.tokens_per_minute.is_some() || k.tokens_per_day.is_some();
+            if let (Some((v, name)), Some(scope)) = (first, &w.limits.scope)
+                && scope.get_ref() == "fleet"
+                && (tokens(w.limits.keys())
+                    || w.limits.providers.values().any(|p| tokens(p.keys())))
+            {
+                self.error(
+                    v,
+                    &format!("{key}.{name}"),
+                    "with scope = \"fleet\", a dollar budget cannot be combined with token budgets on one workload yet (docs/fleet.md)",
+                );
             }
             if per_day.is_some() || per_month.is_some() {
                 out.insert(w.name.get_ref().clone(), UsdBudget { per_day, per_month });
@@ -273,11 +304,42 @@ cgroup = "batch.slice"
     #[test]
     fn usd_budgets_are_read_and_checked() {
         let w = "[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\n[workloads.limits]\n";
-        // Valid amounts are refused while nothing enforces them.
+        // Only on exact_tokens workloads.
         let e = errors(&format!("{w}usd_per_day = 5\nusd_per_month = 100.5\n"));
-        assert_eq!(e.len(), 2);
-        assert!(e.iter().all(|e| e.message.contains("not enforced yet")));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key, "workloads[0].limits.usd_per_day");
+        assert!(e[0].message.contains("exact_tokens = true"));
         assert!(ok(w).usd_budgets.is_empty());
+        let x = "[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\nexact_tokens = true\n[workloads.limits]\n";
+        let p = ok(&format!("{x}usd_per_day = 5\nusd_per_month = 100.5\n"));
+        assert_eq!(
+            p.usd_budgets["w"],
+            UsdBudget {
+                per_day: Some(5.0),
+                per_month: Some(100.5)
+            }
+        );
+        let p = ok(&format!("{x}usd_per_month = 7\n"));
+        assert_eq!(p.usd_budgets["w"].per_day, None);
+        let e = errors(&format!("programs = \"connect\"\n{x}usd_per_month = 7\n"));
+        assert!(
+            e.iter()
+                .any(|e| e.key == "workloads[0].limits.usd_per_month"
+                    && e.message.contains("programs = \"all\"")),
+            "{e:?}"
+        );
+        // Fleet-wide, but not with fleet token budgets on the same workload.
+        let fleet = "[fleet]\nservers = [\"redis://127.0.0.1\"]\n";
+        let p = ok(&format!("{fleet}{x}usd_per_day = 5\nscope = \"fleet\"\n"));
+        assert_eq!(p.fleet_workloads["w"].identity, "w");
+        let e = errors(&format!(
+            "{fleet}{x}usd_per_day = 5\ntokens_per_day = 10\nscope = \"fleet\"\n"
+        ));
+        assert!(
+            e.iter().any(|e| e.key == "workloads[0].limits.usd_per_day"
+                && e.message.contains("cannot be combined")),
+            "{e:?}"
+        );
         let e = errors(&format!("{w}usd_per_day = 0\n"));
         assert!(
             e.iter().any(

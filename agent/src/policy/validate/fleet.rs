@@ -124,7 +124,7 @@ impl Checker<'_> {
         })
     }
 
-    /// The workloads whose token budgets are fleet-wide, by name.
+    /// The workloads whose token (or dollar) budgets are fleet-wide, by name.
     pub(super) fn fleet_workloads(
         &mut self,
         entries: &[Spanned<WorkloadFile>],
@@ -169,11 +169,13 @@ impl Checker<'_> {
                 continue; // its own errors are reported
             };
             let budgets = |l: &Limits| l.tokens_per_minute.is_some() || l.tokens_per_day.is_some();
-            if !budgets(&workload.limits) && !workload.provider_limits.values().any(budgets) {
+            let usd = w.limits.usd_per_day.is_some() || w.limits.usd_per_month.is_some();
+            if !budgets(&workload.limits) && !workload.provider_limits.values().any(budgets) && !usd
+            {
                 self.error(
                     v,
                     &format!("{key}.scope"),
-                    "scope = \"fleet\" applies to token budgets (tokens_per_minute, tokens_per_day); this workload has none",
+                    "scope = \"fleet\" applies to token budgets (tokens_per_minute, tokens_per_day) and dollar budgets (usd_per_day, usd_per_month); this workload has none",
                 );
                 continue;
             }
