@@ -242,7 +242,7 @@ impl Running {
     /// The fleet ledger's state on /readyz.
     fn report_fleet(&self) {
         if let Ok(mut g) = self.health.fleet.lock() {
-            *g = self.limiter.fleet_degraded();
+            *g = self.limiter.fleet_degraded(&self.maps);
         }
     }
 
