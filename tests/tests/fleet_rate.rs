@@ -176,6 +176,70 @@ fn three_agents_share_one_fleet_connection_rate_within_the_bound() {
     }
 }
 
+#[test]
+fn an_agent_joining_mid_run_stays_within_the_join_bound() {
+    require_root();
+    let cgs: Vec<CgroupGuard> = (0..3).map(|_| CgroupGuard::new("frate-j")).collect();
+    let bots: Vec<_> = cgs.iter().map(|cg| cg.child("bot")).collect();
+    let ns = NetnsGuard::new();
+    let _server = TcpServer::start(&ns, LLM);
+    let redis = RedisServer::start(RedisOptions::default());
+    let fleet = fleet_table(&redis, "");
+    let mut agents = start_agents(&cgs[..2], &fleet, "closed");
+    for a in &agents {
+        expect_share(a, "bot", 2, Duration::from_secs(20));
+    }
+    // Two agents connect for 14 s; a third joins 3 s in and connects
+    // from then on (its probe only once its programs are attached).
+    const LONG_MS: u64 = 14_000;
+    let p = probe();
+    let start = Instant::now();
+    let early: Vec<_> = bots[..2]
+        .iter()
+        .map(|cg| p.spawn_connect_for(cg, &ns, LLM, LONG_MS, INTERVAL_US))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    agents.push(Agent::start(&rate_policy(
+        &cgs[2],
+        &fleet,
+        &rate_workload("bot", "closed"),
+    )));
+    let left = LONG_MS.saturating_sub(start.elapsed().as_millis() as u64);
+    let late = p.spawn_connect_for(&bots[2], &ns, LLM, left, INTERVAL_US);
+    let mut reports: Vec<_> = early.into_iter().map(|r| r.wait_connect_for()).collect();
+    reports.push(late.wait_connect_for());
+    let secs = start.elapsed().as_secs_f64();
+    let total: u64 = reports.iter().map(|r| r.ok).sum();
+    // docs/fleet.md: R × T + B, plus while the old agents learn of the
+    // new one (their next renewal, P = 2 s, plus a tick): the joiner's
+    // share of the rate over P + 1 s and its share of the burst.
+    let n = 2.0;
+    let join = RATE / (n + 1.0) * (RENEW.as_secs_f64() + 1.0) + BURST as f64 / (n + 1.0);
+    let bound = allowed(RATE, BURST as f64, secs) + join;
+    eprintln!(
+        "join: {total} allowed ({:?}) in {secs:.2} s; R×T+B = {:.0}, + join term {join:.0} = {bound:.0}; without the fleet {:.0}",
+        reports.iter().map(|r| r.ok).collect::<Vec<_>>(),
+        allowed(RATE, BURST as f64, secs),
+        allowed(3.0 * RATE, 3.0 * BURST as f64, secs),
+    );
+    assert!(
+        reports.iter().all(|r| r.other_failures == 0),
+        "failures other than EPERM: {reports:?}"
+    );
+    assert!(reports[2].ok > 0, "the joiner allowed nothing: {reports:?}");
+    assert!(
+        total as f64 <= bound * 1.05 + 3.0,
+        "the fleet allowed {total} connections while an agent joined, above the bound {bound:.0}"
+    );
+    assert!(
+        total as f64 >= allowed(RATE, 0.0, secs) * 0.7,
+        "the fleet allowed only {total} in {secs:.1} s"
+    );
+    for a in &agents {
+        expect_share(a, "bot", 3, Duration::from_secs(10));
+    }
+}
+
 fn prefix(fleet: &str) -> String {
     fleet
         .lines()
