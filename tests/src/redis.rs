@@ -32,6 +32,22 @@ pub struct RedisServer {
     dir: TempDir,
 }
 
+/// The port of Debian's own `redis-server.service` (started where systemd
+/// is PID 1 when setup installs the package): no test uses it.
+pub const DEBIAN_REDIS_PORT: u16 = 6379;
+
+/// A free loopback port that is not [`DEBIAN_REDIS_PORT`] (a free port
+/// never is one a server listens on; 6379 is skipped even where the
+/// ephemeral range would contain it, so no test ever names it).
+fn test_port() -> u16 {
+    loop {
+        let p = free_loopback_port();
+        if p != DEBIAN_REDIS_PORT {
+            return p;
+        }
+    }
+}
+
 impl RedisServer {
     pub fn start(opts: RedisOptions) -> RedisServer {
         let dir = TempDir::new("redis");
@@ -40,7 +56,7 @@ impl RedisServer {
         }
         let mut r = RedisServer {
             child: None,
-            port: free_loopback_port(),
+            port: test_port(),
             opts,
             paused: false,
             dir,
