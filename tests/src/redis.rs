@@ -32,6 +32,20 @@ pub struct RedisServer {
     dir: TempDir,
 }
 
+/// Every test server's arguments besides `--dir` and the port: no
+/// configuration file (not Debian's /etc/redis/redis.conf: no pid file, log
+/// or /var/lib/redis of its service), loopback only, nothing saved.
+pub const SERVER_ARGS: &[&str] = &[
+    "--bind",
+    "127.0.0.1",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--protected-mode",
+    "no",
+];
+
 /// The port of Debian's own `redis-server.service` (started where systemd
 /// is PID 1 when setup installs the package): no test uses it.
 pub const DEBIAN_REDIS_PORT: u16 = 6379;
@@ -68,8 +82,7 @@ impl RedisServer {
     fn spawn(&mut self) {
         let d = self.dir.path();
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "no"])
+        cmd.args(SERVER_ARGS)
             .arg("--dir")
             .arg(d)
             .stdin(Stdio::null())
