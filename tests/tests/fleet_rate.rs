@@ -127,9 +127,19 @@ fn three_agents_share_one_fleet_connection_rate_within_the_bound() {
     let redis = RedisServer::start(RedisOptions::default());
     let fleet = fleet_table(&redis, "");
     let agents = start_agents(&cgs, &fleet, "closed");
+    // A fourth agent whose node runs no pod of `bot` (no cgroup of it):
+    // it holds no share, so the three divide the rate among themselves.
+    let idle_cg = CgroupGuard::new("frate-i");
+    let idle = start_agents(std::slice::from_ref(&idle_cg), &fleet, "closed");
     for a in &agents {
         expect_share(a, "bot", AGENTS as u64, Duration::from_secs(20));
     }
+    assert_eq!(
+        idle[0].metric_value("llm_egress_fleet_rate_degraded", &labels("bot")),
+        Some(0.0),
+        "a workload with no cgroup here is not degraded"
+    );
+    assert_eq!(idle[0].http_get("/readyz").map(|r| r.status).ok(), Some(200));
     let reports = connect_all(&bots, &ns);
     let ok: Vec<u64> = reports.iter().map(|r| r.ok).collect();
     let total: u64 = ok.iter().sum();

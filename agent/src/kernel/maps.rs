@@ -251,15 +251,9 @@ impl KernelMaps {
         failure_mode: u8,
         attach_cgroup_id: u64,
     ) -> Result<WriteReport, MapsError> {
-        // A fleet-rate pair keeps the share this host holds (a pair no
-        // longer fleet-wide has its policy rate).
         self.fleet_rates
             .retain(|b, _| plan.limits.fleet_rates.contains_key(b));
-        for v in plan.limits.slot.values_mut() {
-            if let Some(r) = self.fleet_rates.get(&v.bucket) {
-                v.connections = *r;
-            }
-        }
+        self.keep_fleet_rates(&mut plan);
         let old = self.active()?.slot;
         let target = if old == 1 { 2 } else { 1 };
         self.clear_slot(target)?;
@@ -293,7 +287,9 @@ impl KernelMaps {
 
     /// Applies the difference between what the active slot holds and `plan`
     /// (same policy generation: workload cgroups and provider addresses).
-    pub fn apply_update(&mut self, plan: Plan) -> Result<WriteReport, MapsError> {
+    pub fn apply_update(&mut self, mut plan: Plan) -> Result<WriteReport, MapsError> {
+        // `LIMITS` is not rewritten here: what it holds stays recorded.
+        self.keep_fleet_rates(&mut plan);
         let slot = self.active()?.slot;
         let mut report = WriteReport::default();
         let Some(old) = self.applied.take() else {
@@ -547,6 +543,16 @@ impl KernelMaps {
                 Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
                 Err(e) => Err(map_err(MAP_BUDGET_SPENT)(e)),
             },
+        }
+    }
+
+    /// A fleet-rate pair keeps the share this host holds (a pair no longer
+    /// fleet-wide has its policy rate: `apply_policy` forgets it first).
+    fn keep_fleet_rates(&self, plan: &mut Plan) {
+        for v in plan.limits.slot.values_mut() {
+            if let Some(r) = self.fleet_rates.get(&v.bucket) {
+                v.connections = *r;
+            }
         }
     }
 

@@ -317,10 +317,14 @@ impl RateKeeper {
                 .share
                 .with_label_values(&labels)
                 .set(per_second(&rate));
+            // Degraded: a workload that runs here holds no share (one with
+            // no cgroup here holds none by design).
+            let degraded =
+                present.contains(&s.fp.workload_id) && s.state(now) == RateState::Degraded;
             self.metrics
                 .degraded
                 .with_label_values(&labels)
-                .set(i64::from(s.state(now) == RateState::Degraded));
+                .set(i64::from(degraded));
             if let Some(n) = s.holders {
                 self.metrics.holders.with_label_values(&labels).set(n as i64);
             }
