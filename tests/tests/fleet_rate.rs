@@ -139,7 +139,10 @@ fn three_agents_share_one_fleet_connection_rate_within_the_bound() {
         Some(0.0),
         "a workload with no cgroup here is not degraded"
     );
-    assert_eq!(idle[0].http_get("/readyz").map(|r| r.status).ok(), Some(200));
+    assert_eq!(
+        idle[0].http_get("/readyz").map(|r| r.status).ok(),
+        Some(200)
+    );
     let reports = connect_all(&bots, &ns);
     let ok: Vec<u64> = reports.iter().map(|r| r.ok).collect();
     let total: u64 = ok.iter().sum();
@@ -277,7 +280,12 @@ fn a_killed_agents_share_goes_to_the_others_after_its_lease_a_stopped_ones_at_on
     let killed = Instant::now();
     // Its lease holds until it lapses (up to a TTL after its last renewal):
     // the others keep a third meanwhile (undershoot, never overshoot).
-    expect_share(&agents[0], "bot", 2, LEASE_TTL + RENEW + Duration::from_secs(10));
+    expect_share(
+        &agents[0],
+        "bot",
+        2,
+        LEASE_TTL + RENEW + Duration::from_secs(10),
+    );
     expect_share(&agents[1], "bot", 2, Duration::from_secs(10));
     let grew = killed.elapsed();
     eprintln!("killed agent's share went to the others after {grew:?}");
@@ -307,7 +315,12 @@ fn a_killed_agents_share_goes_to_the_others_after_its_lease_a_stopped_ones_at_on
     // renewal, well before a lease would lapse.
     agents[1].stop();
     let stopped = Instant::now();
-    expect_share(&agents[0], "bot", 1, LEASE_TTL + RENEW + Duration::from_secs(10));
+    expect_share(
+        &agents[0],
+        "bot",
+        1,
+        LEASE_TTL + RENEW + Duration::from_secs(10),
+    );
     let whole = stopped.elapsed();
     eprintln!("stopped agent's share went to the other after {whole:?}");
     assert!(
@@ -321,7 +334,10 @@ fn redis_killed_each_fleet_failure_mode_of_a_fleet_rate_then_back() {
     require_root();
     let cg = CgroupGuard::new("frate-f");
     let modes = ["closed", "host_share", "open"];
-    let cgroups: Vec<_> = modes.iter().map(|m| cg.child(&m.replace('_', "-"))).collect();
+    let cgroups: Vec<_> = modes
+        .iter()
+        .map(|m| cg.child(&m.replace('_', "-")))
+        .collect();
     let ns = NetnsGuard::new();
     let _server = TcpServer::start(&ns, LLM);
     let mut redis = RedisServer::start(RedisOptions::default());

@@ -53,7 +53,13 @@ fn debian_redis_under_systemd_leaves_the_fleet_test_servers_alone() {
     // A test server as tests/src/redis.rs starts it, beside the service.
     let args = SERVER_ARGS
         .iter()
-        .map(|a| if a.is_empty() { "''".to_string() } else { a.to_string() })
+        .map(|a| {
+            if a.is_empty() {
+                "''".to_string()
+            } else {
+                a.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ");
     m.sh_ok(&format!(
@@ -62,7 +68,10 @@ fn debian_redis_under_systemd_leaves_the_fleet_test_servers_alone() {
     let up = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
         (cli(TEST_PORT, "PING").trim() == "PONG").then_some(())
     });
-    assert!(up.is_some(), "the test server did not start beside Debian's");
+    assert!(
+        up.is_some(),
+        "the test server did not start beside Debian's"
+    );
     // Apart: neither sees the other's keys, and Debian's config is not the
     // test server's (its dir is the test's).
     assert_eq!(cli(TEST_PORT, "GET owner").trim(), "");

@@ -31,8 +31,9 @@ use llm_egress_common::{
     WorkloadKey, WorkloadValue, counter,
 };
 use llm_egress_common::{
-    BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH, Rate,
+    BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH,
     MAP_BUCKETS, MAP_BUDGET_SPENT, MAP_LIMIT_CFG, MAP_LIMIT_HITS, MAP_LIMITS, MAP_NAT64, Nat64Key,
+    Rate,
 };
 use llm_egress_common::{MAP_PROXY_PORTS, PROXY_SCOPE};
 

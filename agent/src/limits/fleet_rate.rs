@@ -286,7 +286,9 @@ impl RateKeeper {
                 continue;
             }
             let due = if wanted {
-                !s.holding || s.last_op.is_none_or(|t| now.duration_since(t) >= RENEW_EVERY)
+                !s.holding
+                    || s.last_op
+                        .is_none_or(|t| now.duration_since(t) >= RENEW_EVERY)
             } else {
                 s.holding
             };
@@ -326,7 +328,10 @@ impl RateKeeper {
                 .with_label_values(&labels)
                 .set(i64::from(degraded));
             if let Some(n) = s.holders {
-                self.metrics.holders.with_label_values(&labels).set(n as i64);
+                self.metrics
+                    .holders
+                    .with_label_values(&labels)
+                    .set(n as i64);
             }
             if s.told != Some(rate) {
                 s.told = Some(rate);

@@ -148,7 +148,12 @@ impl Limiter {
     /// Fleet-wide connection rates: their pairs hold shares from now on
     /// (the kernel has each pair's `fleet_failure` rate until the first
     /// answer).
-    pub fn start_rates(&mut self, mut rates: RateKeeper, limits: &LimitPlan, maps: &mut KernelMaps) {
+    pub fn start_rates(
+        &mut self,
+        mut rates: RateKeeper,
+        limits: &LimitPlan,
+        maps: &mut KernelMaps,
+    ) {
         rates.set_pairs(&limits.fleet_rates);
         self.rates = Some(rates);
         self.settle_rates(maps);

@@ -172,7 +172,9 @@ impl Checker<'_> {
             // Token budgets take leases of tokens (limits::fleet), connection
             // rates shares of the rate (limits::fleet_rate).
             let fleet_wide = |l: &Limits| {
-                l.tokens_per_minute.is_some() || l.tokens_per_day.is_some() || l.connections.is_some()
+                l.tokens_per_minute.is_some()
+                    || l.tokens_per_day.is_some()
+                    || l.connections.is_some()
             };
             if !fleet_wide(&workload.limits) && !workload.provider_limits.values().any(fleet_wide) {
                 self.error(
