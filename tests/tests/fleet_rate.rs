@@ -417,3 +417,35 @@ fn redis_killed_each_fleet_failure_mode_of_a_fleet_rate_then_back() {
     );
     assert_eq!(agent.http_get("/readyz").map(|r| r.status).ok(), Some(200));
 }
+
+#[test]
+fn a_clean_stop_that_keeps_the_programs_leaves_the_fleet_failure_rate_not_the_share() {
+    require_root();
+    let cg = CgroupGuard::new("frate-s");
+    let bot = cg.child("bot");
+    let ns = NetnsGuard::new();
+    let _server = TcpServer::start(&ns, LLM);
+    let redis = RedisServer::start(RedisOptions::default());
+    let fleet = fleet_table(&redis, "");
+    let mut agent = Agent::start(&policy(
+        &cg,
+        "on_exit = \"keep\"",
+        &format!("{PROVIDER}\n{fleet}\n{}", rate_workload("bot", "closed")),
+    ));
+    expect_share(&agent, "bot", 1, Duration::from_secs(20));
+    let p = probe();
+    let before = p.connect_for(&bot, &ns, LLM, 1_000, INTERVAL_US);
+    assert!(before.ok > 0, "the share allows connections: {before:?}");
+    // The stop gives the share up; the kept programs go on enforcing, at
+    // `closed`'s rate: nothing, not the share no longer held.
+    agent.stop();
+    let members = redis.cli(&["ZCARD", &format!("{}:rate:bot:test-llm", prefix(&fleet))]);
+    assert_eq!(members.trim(), "0", "the share was given up");
+    let after = p.connect_for(&bot, &ns, LLM, 2_000, INTERVAL_US);
+    eprintln!("kept programs after a clean stop: before {before:?}, after {after:?}");
+    assert_eq!(
+        after.ok, 0,
+        "kept programs still enforce the share given up: {after:?}"
+    );
+    assert!(after.eperm > 0, "{after:?}");
+}

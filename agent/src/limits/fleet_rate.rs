@@ -389,8 +389,11 @@ impl RateKeeper {
     }
 
     /// A clean stop: gives the shares up so that the others' grow at their
-    /// next renewal (waits at most the timeout).
-    pub async fn stop(&mut self) {
+    /// next renewal (waits at most the timeout), and returns each pair's
+    /// `fleet_failure` rate for the kernel: programs kept after the stop
+    /// (`on_exit = "keep"`) must not go on enforcing a share no longer
+    /// held.
+    pub async fn stop(&mut self) -> Vec<RateChange> {
         while self.replies.try_recv().is_ok() {}
         let mut waiting = 0;
         for (bucket, s) in &self.shares {
@@ -417,6 +420,16 @@ impl RateKeeper {
         if waiting == 0 && self.shares.values().any(|s| s.holding) {
             info!("fleet connection rate shares given up");
         }
+        self.shares
+            .iter_mut()
+            .map(|(bucket, s)| {
+                s.holding = false;
+                RateChange {
+                    bucket: *bucket,
+                    rate: s.fp.fallback(s.holders),
+                }
+            })
+            .collect()
     }
 }
 

@@ -283,14 +283,20 @@ impl Limiter {
         }
     }
 
-    /// A clean stop: fleet leases are returned, then everything is saved.
-    pub async fn stop(&mut self) {
+    /// A clean stop: fleet leases are returned, fleet connection rates
+    /// given up (the kernel gets their `fleet_failure` rates), then
+    /// everything is saved.
+    pub async fn stop(&mut self, maps: &mut KernelMaps) {
         self.charge_tally();
         if let Some(f) = &mut self.fleet {
             f.stop().await;
         }
         if let Some(r) = &mut self.rates {
-            r.stop().await;
+            for c in r.stop().await {
+                if let Err(e) = maps.set_fleet_rate(c.bucket, c.rate) {
+                    warn!(error = %e, "could not set a fleet connection rate");
+                }
+            }
         }
         self.save();
     }

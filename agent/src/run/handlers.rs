@@ -253,7 +253,7 @@ impl Running {
         // Uprobes detach with their links; nothing stays paused (the exec
         // program detaches with the agent).
         drop(self.attacher.take());
-        self.limiter.stop().await;
+        self.limiter.stop(&mut self.maps).await;
         self.events_task.abort();
         if let Some(t) = &self.http_task {
             t.abort();
