@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, TcpServer,
     probe::ConnectForReport,
-    redis::{RedisOptions, RedisServer},
+    redis::{RedisOptions, RedisServer, Relay},
     require_root,
     scenario::{PROVIDER, policy, probe},
     unique_suffix,
@@ -448,4 +448,76 @@ fn a_clean_stop_that_keeps_the_programs_leaves_the_fleet_failure_rate_not_the_sh
         "kept programs still enforce the share given up: {after:?}"
     );
     assert!(after.eperm > 0, "{after:?}");
+}
+
+#[test]
+fn one_agent_cut_off_adds_at_most_its_host_share_to_the_fleet() {
+    require_root();
+    const AGENTS: u64 = 3;
+    let cgs: Vec<CgroupGuard> = (0..AGENTS).map(|_| CgroupGuard::new("frate-c")).collect();
+    let bots: Vec<_> = cgs.iter().map(|cg| cg.child("bot")).collect();
+    let ns = NetnsGuard::new();
+    let _server = TcpServer::start(&ns, LLM);
+    let redis = RedisServer::start(RedisOptions::default());
+    let relay = Relay::start(&redis);
+    // The third agent reaches the ledger through the relay alone.
+    let fleet = fleet_table(&redis, &format!("agents = {AGENTS}"));
+    let fleet_cut = fleet.replace(&redis.url(), &relay.url());
+    let mut agents = start_agents(&cgs[..2], &fleet, "host_share");
+    agents.extend(start_agents(&cgs[2..], &fleet_cut, "host_share"));
+    for a in &agents {
+        expect_share(a, "bot", AGENTS, Duration::from_secs(20));
+    }
+    relay.cut();
+    // Its share lapses; the two others see its lease lapse and take half
+    // each; it enforces rate / agents on its own.
+    agents[2].expect_metric(
+        "llm_egress_fleet_rate_degraded",
+        &labels("bot"),
+        |v| v == 1.0,
+        LEASE_TTL + RENEW + Duration::from_secs(10),
+    );
+    for a in &agents[..2] {
+        expect_share(a, "bot", 2, LEASE_TTL + RENEW + Duration::from_secs(10));
+    }
+    let reports = connect_all(&bots, &ns);
+    let secs = reports
+        .iter()
+        .map(|r| r.elapsed.as_secs_f64())
+        .fold(0.0, f64::max);
+    let ok: Vec<u64> = reports.iter().map(|r| r.ok).collect();
+    let total: u64 = ok.iter().sum();
+    // docs/fleet.md: R + k × F a second with k = 1, F = R / agents, and
+    // the bursts of both.
+    let f = RATE / AGENTS as f64;
+    let bound = allowed(RATE + f, BURST as f64 + BURST as f64 / AGENTS as f64, secs);
+    let own = allowed(f, BURST as f64 / AGENTS as f64, secs);
+    eprintln!(
+        "one of {AGENTS} cut off (host_share): {total} allowed ({ok:?}) in {secs:.2} s; R×T+B = {:.0}, bound (R + R/agents)×T + bursts = {bound:.0}; the cut-off agent's share {own:.0}",
+        allowed(RATE, BURST as f64, secs)
+    );
+    assert!(
+        total as f64 <= bound * 1.05 + 3.0,
+        "the fleet allowed {total} with one agent cut off, above {bound:.0}"
+    );
+    assert!(
+        (ok[2] as f64) <= own * 1.05 + 1.0 && (ok[2] as f64) >= own * 0.7,
+        "the cut-off agent allowed {}, its host share is {own:.0}",
+        ok[2]
+    );
+    // The others took the lapsed share: together with the host share the
+    // fleet exceeds R, as the bound says it may.
+    assert!(
+        total as f64 >= allowed(RATE + f, 0.0, secs) * 0.85,
+        "the fleet should allow about (R + R/agents) × T with one agent on its host share: {total}"
+    );
+    relay.heal();
+    for a in &agents {
+        expect_share(
+            a,
+            "bot",
+            AGENTS,
+            LEASE_TTL + RENEW + Duration::from_secs(10),
+        );
+    }
 }
