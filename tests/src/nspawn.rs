@@ -67,17 +67,31 @@ fn show(out: &Output) -> String {
 /// One test process at a time builds it (flock on
 /// `<target>/deploy/.rootfs.lock`).
 pub fn rootfs(suite: &str) -> PathBuf {
+    rootfs_with(suite, "")
+}
+
+/// [`rootfs`] with `extra` packages (comma-separated) besides
+/// [`ROOTFS_PACKAGES`], cached apart (`rootfs-<suite>-<extra>`).
+pub fn rootfs_with(suite: &str, extra: &str) -> PathBuf {
     let dir = target_dir().join("deploy");
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     let lock = fs::File::create(dir.join(".rootfs.lock")).expect("the rootfs lock file");
     // SAFETY: flock on a file we own; released when `lock` is closed.
     unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    let root = dir.join(format!("rootfs-{suite}"));
-    let stamp = format!("{suite} minbase {ROOTFS_PACKAGES}\n");
+    let (name, packages) = if extra.is_empty() {
+        (format!("rootfs-{suite}"), ROOTFS_PACKAGES.to_string())
+    } else {
+        (
+            format!("rootfs-{suite}-{}", extra.replace(',', "-")),
+            format!("{ROOTFS_PACKAGES},{extra}"),
+        )
+    };
+    let root = dir.join(&name);
+    let stamp = format!("{suite} minbase {packages}\n");
     if fs::read_to_string(root.join(STAMP)).is_ok_and(|s| s == stamp) {
         return root;
     }
-    let tmp = dir.join(format!("rootfs-{suite}.tmp"));
+    let tmp = dir.join(format!("{name}.tmp"));
     for d in [&tmp, &root] {
         if d.exists() {
             fs::remove_dir_all(d).unwrap_or_else(|e| panic!("cannot remove {}: {e}", d.display()));
@@ -89,7 +103,7 @@ pub fn rootfs(suite: &str) -> PathBuf {
     );
     let out = Command::new("mmdebstrap")
         .args(["--variant=minbase", "--quiet"])
-        .arg(format!("--include={ROOTFS_PACKAGES}"))
+        .arg(format!("--include={packages}"))
         .arg(suite)
         .arg(&tmp)
         .output()
@@ -130,7 +144,11 @@ impl Machine {
     /// bind-mounted read-only, and waits until systemd says the system is
     /// running (at most 90 s).
     pub fn boot(suite: &str, name: &str, binds: &[(&Path, &str)], log: &Path) -> Machine {
-        let root = rootfs(suite);
+        Machine::boot_root(rootfs(suite), name, binds, log)
+    }
+
+    /// [`Machine::boot`] of a root file system of [`rootfs_with`].
+    pub fn boot_root(root: PathBuf, name: &str, binds: &[(&Path, &str)], log: &Path) -> Machine {
         let leaf = format!("llm-egress-test-{name}-{}", unique_suffix());
         let mut cgroups = vec![cgroup2_mount().join(&leaf)];
         if let Some(v1) = systemd_v1_mount() {

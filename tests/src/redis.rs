@@ -32,6 +32,36 @@ pub struct RedisServer {
     dir: TempDir,
 }
 
+/// Every test server's arguments besides `--dir` and the port: no
+/// configuration file (not Debian's /etc/redis/redis.conf: no pid file, log
+/// or /var/lib/redis of its service), loopback only, nothing saved.
+pub const SERVER_ARGS: &[&str] = &[
+    "--bind",
+    "127.0.0.1",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--protected-mode",
+    "no",
+];
+
+/// The port of Debian's own `redis-server.service` (started where systemd
+/// is PID 1 when setup installs the package): no test uses it.
+pub const DEBIAN_REDIS_PORT: u16 = 6379;
+
+/// A free loopback port that is not [`DEBIAN_REDIS_PORT`] (a free port
+/// never is one a server listens on; 6379 is skipped even where the
+/// ephemeral range would contain it, so no test ever names it).
+fn test_port() -> u16 {
+    loop {
+        let p = free_loopback_port();
+        if p != DEBIAN_REDIS_PORT {
+            return p;
+        }
+    }
+}
+
 impl RedisServer {
     pub fn start(opts: RedisOptions) -> RedisServer {
         let dir = TempDir::new("redis");
@@ -40,7 +70,7 @@ impl RedisServer {
         }
         let mut r = RedisServer {
             child: None,
-            port: free_loopback_port(),
+            port: test_port(),
             opts,
             paused: false,
             dir,
@@ -52,8 +82,7 @@ impl RedisServer {
     fn spawn(&mut self) {
         let d = self.dir.path();
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "no"])
+        cmd.args(SERVER_ARGS)
             .arg("--dir")
             .arg(d)
             .stdin(Stdio::null())

@@ -955,6 +955,9 @@ fn curl(cgroup: &Path, ns: &NetnsGuard, url: &str) -> Output {
 fn agent_with_traffic(cg: &CgroupGuard, ns: &NetnsGuard, redis: &RedisServer) -> Agent {
     let (bot, batch, notebook) = (cg.child("bot"), cg.child("batch"), cg.child("notebook"));
     let capped = cg.child("capped");
+    // A pod of `fleetbot` here: it holds a share of its fleet connection
+    // rate (the dashboard's fleet-rate panel).
+    cg.child("fleetbot");
     let agent = Agent::start(&format!(
         r#"mode = "enforce"
 cgroup = {}
@@ -997,6 +1000,7 @@ cgroup = "fleetbot"
 allow = ["test-llm"]
 [workloads.limits]
 tokens_per_day = 1000000
+connections_per_second = 1000
 scope = "fleet"
 
 [fleet]

@@ -75,7 +75,7 @@ pub const PACKAGES: &[Package] = &[
     },
     Package {
         name: "redis-server",
-        why: "the fleet ledger of the fleet-budget tests (tests/tests/fleet.rs, and the fleet dollar budgets of tests/tests/exact_budgets.rs), run on loopback ports by the tests themselves (redis-cli comes with it); where systemd is PID 1 Debian's package also starts its own redis on 127.0.0.1:6379, which the tests never use",
+        why: "the fleet ledger of the fleet-budget and fleet-rate tests (tests/tests/fleet.rs, fleet_rate.rs, and the fleet dollar budgets of tests/tests/exact_budgets.rs), run on free loopback ports by the tests themselves (redis-cli comes with it); where systemd is PID 1 Debian's package also starts its own redis on 127.0.0.1:6379, which the tests never use and setup leaves alone (tests/tests/redis_systemd.rs, docs/fleet.md)",
         build_only: false,
     },
     Package {

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 
 use llm_egress_common::{BYTE_UNIT, BandwidthLimit, CONN_UNIT, LimitValue, Rate, limit_flag};
 
-use crate::policy::{Limits, Policy, UsdBudget, fleet::FleetWorkload};
+use crate::policy::{
+    ConnectionRate, Limits, Policy, UsdBudget,
+    fleet::{FleetFailure, FleetWorkload},
+};
 
 /// A fleet pair as the policy makes it (`limits::fleet` keeps its lease).
 #[derive(Clone, Debug, PartialEq)]
@@ -15,6 +18,56 @@ pub struct FleetPair {
     pub pair: Pair,
     pub workload: FleetWorkload,
     pub limits: Limits,
+}
+
+/// A pair whose connection rate is fleet-wide (`scope = "fleet"` with
+/// `connections_per_second`; `limits::fleet_rate` holds its share).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetRatePair {
+    pub pair: Pair,
+    /// 1-based index of the workload in the policy (`WorkloadValue`).
+    pub workload_id: u32,
+    pub workload: FleetWorkload,
+    /// The fleet's rate and burst (the policy's figures).
+    pub rate: ConnectionRate,
+    /// `[fleet] agents`, for `host_share`.
+    pub agents: Option<u64>,
+}
+
+impl FleetRatePair {
+    /// The rate this host enforces while it holds no share (the ledger
+    /// unreachable, or not answered yet): `fleet_failure`'s. `holders`: the
+    /// agents the ledger last counted (host_share divides by `[fleet]
+    /// agents` first, then by them, then by 1).
+    pub fn fallback(&self, holders: Option<u64>) -> Rate {
+        match self.workload.failure {
+            FleetFailure::Closed => refuse_all(),
+            FleetFailure::HostShare => {
+                connection_share(&self.rate, self.agents.or(holders).unwrap_or(1))
+            }
+            FleetFailure::Open => connection_share(&self.rate, 1),
+        }
+    }
+}
+
+/// One `n`th of a connection rate and its burst, with room for at least
+/// one connection (a burst below one connection would refuse every
+/// connect).
+pub fn connection_share(c: &ConnectionRate, n: u64) -> Rate {
+    let n = n.max(1);
+    let per_ns = ((c.per_second * 1000.0 / n as f64).round() as u64).max(1);
+    let capacity = (c.burst.saturating_mul(CONN_UNIT) / n).max(CONN_UNIT);
+    Rate::new(per_ns, capacity).unwrap_or_default()
+}
+
+/// A connection rate that refuses every connect: a bucket of no room (the
+/// kernel takes only from a rate whose `per_ns` is not 0).
+pub fn refuse_all() -> Rate {
+    Rate {
+        per_ns: 1,
+        capacity: 0,
+        fill_ns: 1,
+    }
 }
 
 /// The id of the pair (workload, provider): FNV-1a of both names, never 0.
@@ -47,6 +100,10 @@ pub struct LimitPlan {
     /// The pairs of `pairs` whose token budgets are fleet-wide
     /// (`scope = "fleet"`, docs/fleet.md).
     pub fleet: BTreeMap<u64, FleetPair>,
+    /// The pairs of `pairs` whose connection rates are fleet-wide; their
+    /// `slot` entries hold `FleetRatePair::fallback(None)` until the agent
+    /// holds a share (docs/fleet.md).
+    pub fleet_rates: BTreeMap<u64, FleetRatePair>,
     /// Dollar budgets by workload name; every pair of such a workload is
     /// in `pairs` with the `BUDGET` flag, limits or not.
     pub usd: BTreeMap<String, UsdBudget>,
@@ -110,14 +167,34 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
                     },
                 );
             }
-            let connections = limits
-                .connections
-                .and_then(|c| {
-                    // Thousandths of a connection per second = units per ns.
-                    let per_ns = (c.per_second * 1000.0).round().max(1.0) as u64;
-                    Rate::new(per_ns, c.burst * CONN_UNIT)
-                })
-                .unwrap_or_default();
+            let pair = Pair {
+                workload: w.name.clone(),
+                provider: p.name.clone(),
+            };
+            let fleet_rate = match (policy.fleet_workloads.get(&w.name), limits.connections) {
+                (Some(fw), Some(rate)) => Some(FleetRatePair {
+                    pair: pair.clone(),
+                    workload_id: wi as u32 + 1,
+                    workload: fw.clone(),
+                    rate,
+                    agents: policy.fleet.as_ref().and_then(|f| f.agents),
+                }),
+                _ => None,
+            };
+            let connections = match &fleet_rate {
+                Some(fr) => fr.fallback(None),
+                None => limits
+                    .connections
+                    .and_then(|c| {
+                        // Thousandths of a connection per second = units per ns.
+                        let per_ns = (c.per_second * 1000.0).round().max(1.0) as u64;
+                        Rate::new(per_ns, c.burst * CONN_UNIT)
+                    })
+                    .unwrap_or_default(),
+            };
+            if let Some(fr) = fleet_rate {
+                out.fleet_rates.insert(bucket, fr);
+            }
             out.slot.insert(
                 (wi as u32 + 1, pi as u32 + 1),
                 LimitValue {
@@ -127,10 +204,6 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
                     _pad: 0,
                 },
             );
-            let pair = Pair {
-                workload: w.name.clone(),
-                provider: p.name.clone(),
-            };
             if let Some(fw) = policy.fleet_workloads.get(&w.name)
                 && tokens
             {
@@ -242,5 +315,32 @@ mod tests {
             f.fleet[&bucket_id("bot", "openai")].workload.identity,
             "bot"
         );
+    }
+
+    /// A fleet-wide connection rate starts as its `fleet_failure`'s rate
+    /// (the agent holds no share before the ledger answers): closed refuses
+    /// all, host_share divides by `[fleet] agents`, open is the whole rate.
+    #[test]
+    fn a_fleet_connection_rate_starts_at_its_fleet_failure_rate() {
+        let text = |failure: &str| {
+            format!(
+                "[fleet]\nservers = [\"redis://127.0.0.1\"]\nagents = 4\n[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\nallow = [\"openai\"]\n[workloads.limits]\nconnections_per_second = 20\nburst = 8\nscope = \"fleet\"\nfleet_failure = \"{failure}\"\n"
+            )
+        };
+        let b = bucket_id("bot", "openai");
+        let rate = |failure: &str| {
+            let p = plan(
+                &Policy::parse(&text(failure), "t").unwrap(),
+                llm_egress_common::mode::ENFORCE,
+            );
+            assert_eq!(p.fleet_rates[&b].workload_id, 1);
+            assert!(p.fleet.is_empty(), "no token budget: no token lease");
+            p.slot.values().find(|v| v.bucket == b).unwrap().connections
+        };
+        assert_eq!(rate("closed"), refuse_all());
+        let share = rate("host_share");
+        assert_eq!((share.per_ns, share.capacity), (5_000, 2 * CONN_UNIT));
+        let open = rate("open");
+        assert_eq!((open.per_ns, open.capacity), (20_000, 8 * CONN_UNIT));
     }
 }

@@ -33,6 +33,7 @@ use llm_egress_common::{
 use llm_egress_common::{
     BandwidthLimit, Bucket, BucketKey, LimitConfig, LimitHitKey, LimitValue, MAP_BANDWIDTH,
     MAP_BUCKETS, MAP_BUDGET_SPENT, MAP_LIMIT_CFG, MAP_LIMIT_HITS, MAP_LIMITS, MAP_NAT64, Nat64Key,
+    Rate,
 };
 use llm_egress_common::{MAP_PROXY_PORTS, PROXY_SCOPE};
 
@@ -101,6 +102,9 @@ pub struct KernelMaps {
     proxy_ports: HashMap<MapData, u32, u32>,
     /// What the active slot holds, as last written by this agent.
     applied: Option<Plan>,
+    /// The connection rates of fleet-rate pairs (bucket id → this host's
+    /// share, `limits::fleet_rate`): written over the plan's in every slot.
+    fleet_rates: BTreeMap<u64, Rate>,
 }
 
 macro_rules! take {
@@ -154,6 +158,7 @@ impl KernelMaps {
             nat64: take!(ebpf, MAP_NAT64),
             proxy_ports: take!(ebpf, MAP_PROXY_PORTS),
             applied: None,
+            fleet_rates: BTreeMap::new(),
         })
     }
 
@@ -243,10 +248,13 @@ impl KernelMaps {
     /// for the programs.
     pub fn apply_policy(
         &mut self,
-        plan: Plan,
+        mut plan: Plan,
         failure_mode: u8,
         attach_cgroup_id: u64,
     ) -> Result<WriteReport, MapsError> {
+        self.fleet_rates
+            .retain(|b, _| plan.limits.fleet_rates.contains_key(b));
+        self.keep_fleet_rates(&mut plan);
         let old = self.active()?.slot;
         let target = if old == 1 { 2 } else { 1 };
         self.clear_slot(target)?;
@@ -280,7 +288,9 @@ impl KernelMaps {
 
     /// Applies the difference between what the active slot holds and `plan`
     /// (same policy generation: workload cgroups and provider addresses).
-    pub fn apply_update(&mut self, plan: Plan) -> Result<WriteReport, MapsError> {
+    pub fn apply_update(&mut self, mut plan: Plan) -> Result<WriteReport, MapsError> {
+        // `LIMITS` is not rewritten here: what it holds stays recorded.
+        self.keep_fleet_rates(&mut plan);
         let slot = self.active()?.slot;
         let mut report = WriteReport::default();
         let Some(old) = self.applied.take() else {
@@ -535,6 +545,55 @@ impl KernelMaps {
                 Err(e) => Err(map_err(MAP_BUDGET_SPENT)(e)),
             },
         }
+    }
+
+    /// A fleet-rate pair keeps the share this host holds (a pair no longer
+    /// fleet-wide has its policy rate: `apply_policy` forgets it first).
+    fn keep_fleet_rates(&self, plan: &mut Plan) {
+        for v in plan.limits.slot.values_mut() {
+            if let Some(r) = self.fleet_rates.get(&v.bucket) {
+                v.connections = *r;
+            }
+        }
+    }
+
+    /// Sets the connection rate of fleet-rate pair `bucket` (this host's
+    /// share, docs/fleet.md) in the active slot's `LIMITS` entries; later
+    /// policies keep it while the pair stays fleet-wide. The kernel's
+    /// bucket keeps its level (capped at the new burst at its next take).
+    pub fn set_fleet_rate(&mut self, bucket: u64, rate: Rate) -> Result<(), MapsError> {
+        let Some(plan) = &mut self.applied else {
+            return Ok(());
+        };
+        if !plan.limits.fleet_rates.contains_key(&bucket) {
+            return Ok(());
+        }
+        self.fleet_rates.insert(bucket, rate);
+        let slot = self.active.get(&0, 0).map_err(map_err(MAP_ACTIVE))?.slot;
+        for ((wid, pid), v) in plan.limits.slot.iter_mut() {
+            if v.bucket != bucket || v.connections == rate {
+                continue;
+            }
+            v.connections = rate;
+            let key = ProviderKey {
+                slot,
+                workload_id: *wid,
+                provider_id: *pid,
+            };
+            self.limits
+                .insert(key, *v, 0)
+                .map_err(map_err(MAP_LIMITS))?;
+        }
+        Ok(())
+    }
+
+    /// The workloads (1-based ids) with at least one cgroup on this host
+    /// in the policy in force.
+    pub fn present_workloads(&self) -> BTreeSet<u32> {
+        self.applied
+            .as_ref()
+            .map(|p| p.workloads.values().map(|w| w.workload_id).collect())
+            .unwrap_or_default()
     }
 
     /// Pairs marked spent in the kernel (left by a previous agent, too).

@@ -499,6 +499,13 @@ impl FleetKeeper {
         self.shares.set_policy(&pairs, &usd);
     }
 
+    /// This agent's id in the ledger (kept in `fleet.json`); the fleet
+    /// connection rates (`crate::limits::fleet_rate`) hold their shares
+    /// under it too.
+    pub fn agent_id(&self) -> &str {
+        &self.agent
+    }
+
     /// Notified when the ledger answered: call `tick` then, too.
     pub fn answered(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.answered.clone()

@@ -191,6 +191,11 @@ impl Ledger {
         }
     }
 
+    /// The longest wait for one operation (`[fleet] timeout_ms`).
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
     /// The hash of a pair: `{prefix}:tokens:{identity}:{provider}`.
     pub fn pair_key(prefix: &str, identity: &str, provider: &str) -> String {
         format!("{prefix}:tokens:{identity}:{provider}")

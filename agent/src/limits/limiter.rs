@@ -7,6 +7,9 @@
 //! current, and saves the budgets under `state_dir`. Pairs whose budgets
 //! are fleet-wide (`scope = "fleet"`) are charged to and decided by
 //! `crate::fleet` instead of `budget`; the kernel side is the same.
+//! Fleet-wide connection rates (`crate::limits::fleet_rate`) are settled
+//! with them: each share that changes is written into the pair's `LIMITS`
+//! entries.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,7 +24,7 @@ use crate::{
     kernel::limit_entries::{LimitPlan, Pair},
     kernel::maps::KernelMaps,
     limits::budget::{Budgets, Change},
-    limits::fleet::FleetKeeper,
+    limits::{fleet::FleetKeeper, fleet_rate::RateKeeper},
     policy::{Limits, UsdBudget},
     telemetry::audit::AuditSink,
     telemetry::metrics::Metrics,
@@ -47,6 +50,8 @@ pub struct Limiter {
     ticks: u64,
     /// Fleet-wide budgets (`[fleet]`); None without `[fleet]`.
     fleet: Option<FleetKeeper>,
+    /// Fleet-wide connection rates (`[fleet]`); None without `[fleet]`.
+    rates: Option<RateKeeper>,
 }
 
 /// The pairs `budget` keeps: all but those `fleet` keeps.
@@ -101,6 +106,7 @@ impl Limiter {
             usd_gauges: BTreeSet::new(),
             ticks: 0,
             fleet,
+            rates: None,
         };
         let (usd, external) = host_usd(limits, l.fleet.is_some());
         l.budgets
@@ -143,6 +149,10 @@ impl Limiter {
         if let Some(f) = &mut self.fleet {
             released.extend(f.set_pairs(&limits.fleet, &limits.fleet_usd));
         }
+        if let Some(r) = &mut self.rates {
+            r.set_pairs(&limits.fleet_rates);
+        }
+        self.settle_rates(maps);
         // A pair that moved between host and fleet is released by one and
         // kept by the other, which takes over what the kernel was told:
         // the next tick tells the kernel its new state.
@@ -161,6 +171,31 @@ impl Limiter {
         self.remember(limits);
     }
 
+    /// Fleet-wide connection rates: their pairs hold shares from now on
+    /// (the kernel has each pair's `fleet_failure` rate until the first
+    /// answer).
+    pub fn start_rates(
+        &mut self,
+        mut rates: RateKeeper,
+        limits: &LimitPlan,
+        maps: &mut KernelMaps,
+    ) {
+        rates.set_pairs(&limits.fleet_rates);
+        self.rates = Some(rates);
+        self.settle_rates(maps);
+    }
+
+    /// Tells the kernel the fleet-rate pairs whose share changed.
+    fn settle_rates(&mut self, maps: &mut KernelMaps) {
+        let Some(r) = &mut self.rates else { return };
+        let present = maps.present_workloads();
+        for c in r.tick(Instant::now(), &present) {
+            if let Err(e) = maps.set_fleet_rate(c.bucket, c.rate) {
+                warn!(error = %e, "could not set a fleet connection rate");
+            }
+        }
+    }
+
     /// Notified when the fleet ledger answered (then call
     /// [`Limiter::fleet_answered`]); None without `[fleet]`.
     pub fn fleet_wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
@@ -174,8 +209,15 @@ impl Limiter {
     }
 
     /// Why `/readyz` should say not ready because of the fleet ledger.
-    pub fn fleet_degraded(&self) -> Option<String> {
-        self.fleet.as_ref().and_then(FleetKeeper::degraded)
+    pub fn fleet_degraded(&self, maps: &KernelMaps) -> Option<String> {
+        let rates = self
+            .rates
+            .as_ref()
+            .and_then(|r| r.degraded(Instant::now(), &maps.present_workloads()));
+        match (self.fleet.as_ref().and_then(FleetKeeper::degraded), rates) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        }
     }
 
     fn remember(&mut self, limits: &LimitPlan) {
@@ -235,6 +277,7 @@ impl Limiter {
             );
         }
         self.write(&changes, maps, metrics);
+        self.settle_rates(maps);
         let mut now = BTreeSet::new();
         for (pair, window, left) in self.budgets.remaining() {
             let labels = [
@@ -303,11 +346,20 @@ impl Limiter {
         }
     }
 
-    /// A clean stop: fleet leases are returned, then everything is saved.
-    pub async fn stop(&mut self) {
+    /// A clean stop: fleet leases are returned, fleet connection rates
+    /// given up (the kernel gets their `fleet_failure` rates), then
+    /// everything is saved.
+    pub async fn stop(&mut self, maps: &mut KernelMaps) {
         self.charge_tally();
         if let Some(f) = &mut self.fleet {
             f.stop().await;
+        }
+        if let Some(r) = &mut self.rates {
+            for c in r.stop().await {
+                if let Err(e) = maps.set_fleet_rate(c.bucket, c.rate) {
+                    warn!(error = %e, "could not set a fleet connection rate");
+                }
+            }
         }
         self.save();
     }

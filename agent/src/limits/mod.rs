@@ -4,5 +4,6 @@
 pub mod budget;
 pub mod fleet;
 pub mod fleet_ledger;
+pub mod fleet_rate;
 pub mod limiter;
 pub mod usd_budget;

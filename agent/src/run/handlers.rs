@@ -242,7 +242,7 @@ impl Running {
     /// The fleet ledger's state on /readyz.
     fn report_fleet(&self) {
         if let Ok(mut g) = self.health.fleet.lock() {
-            *g = self.limiter.fleet_degraded();
+            *g = self.limiter.fleet_degraded(&self.maps);
         }
     }
 
@@ -253,7 +253,7 @@ impl Running {
         // Uprobes detach with their links; nothing stays paused (the exec
         // program detaches with the agent).
         drop(self.attacher.take());
-        self.limiter.stop().await;
+        self.limiter.stop(&mut self.maps).await;
         self.events_task.abort();
         if let Some(t) = &self.http_task {
             t.abort();

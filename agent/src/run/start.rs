@@ -54,7 +54,7 @@ use crate::{
         maps::KernelMaps,
         plan, privileges, programs,
     },
-    limits::{fleet::FleetKeeper, limiter::Limiter},
+    limits::{fleet::FleetKeeper, fleet_rate::RateKeeper, limiter::Limiter},
     names::resolver::{HostAddrs, Resolver},
     policy::Policy,
     telemetry::{
@@ -192,7 +192,18 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
         )?),
         None => None,
     };
-    let limiter = Limiter::start(
+    // Fleet-wide connection rates: shares held under the same agent id,
+    // on a connection of their own; their answers wake the same handler.
+    let rates = match (&state.policy.fleet, &fleet) {
+        (Some(config), Some(f)) => Some(RateKeeper::start(
+            config.clone(),
+            f.agent_id().to_string(),
+            &metrics.registry,
+            f.answered(),
+        )?),
+        _ => None,
+    };
+    let mut limiter = Limiter::start(
         &maps.applied_limits(),
         state.policy.state_dir.clone(),
         tally.clone(),
@@ -201,6 +212,9 @@ pub(super) async fn start(args: RunArgs) -> Result<Running, RunError> {
         &metrics,
         &audit,
     );
+    if let Some(r) = rates {
+        limiter.start_rates(r, &maps.applied_limits(), &mut maps);
+    }
     let fleet_wake = limiter.fleet_wake();
 
     // Exec tracking first: a process that execs once we are ready must be

@@ -124,7 +124,8 @@ impl Checker<'_> {
         })
     }
 
-    /// The workloads whose token (or dollar) budgets are fleet-wide, by name.
+    /// The workloads whose token budgets, dollar budgets and connection
+    /// rates are fleet-wide, by name.
     pub(super) fn fleet_workloads(
         &mut self,
         entries: &[Spanned<WorkloadFile>],
@@ -168,14 +169,22 @@ impl Checker<'_> {
             let Some(workload) = workloads.iter().find(|x| &x.name == w.name.get_ref()) else {
                 continue; // its own errors are reported
             };
-            let budgets = |l: &Limits| l.tokens_per_minute.is_some() || l.tokens_per_day.is_some();
+            // Token and dollar budgets take leases (limits::fleet),
+            // connection rates shares of the rate (limits::fleet_rate).
+            let fleet_wide = |l: &Limits| {
+                l.tokens_per_minute.is_some()
+                    || l.tokens_per_day.is_some()
+                    || l.connections.is_some()
+            };
             let usd = w.limits.usd_per_day.is_some() || w.limits.usd_per_month.is_some();
-            if !budgets(&workload.limits) && !workload.provider_limits.values().any(budgets) && !usd
+            if !fleet_wide(&workload.limits)
+                && !workload.provider_limits.values().any(fleet_wide)
+                && !usd
             {
                 self.error(
                     v,
                     &format!("{key}.scope"),
-                    "scope = \"fleet\" applies to token budgets (tokens_per_minute, tokens_per_day) and dollar budgets (usd_per_day, usd_per_month); this workload has none",
+                    "scope = \"fleet\" applies to token budgets (tokens_per_minute, tokens_per_day), dollar budgets (usd_per_day, usd_per_month) and connections_per_second; this workload has none",
                 );
                 continue;
             }
@@ -246,6 +255,14 @@ scope = "fleet"
     }
 
     #[test]
+    fn a_connection_rate_alone_can_be_fleet_wide() {
+        let p = ok(
+            "[fleet]\nservers = [\"redis://x\"]\n[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\n[workloads.limits]\nconnections_per_second = 5\nscope = \"fleet\"\nfleet_failure = \"open\"\n",
+        );
+        assert_eq!(p.fleet_workloads["bot"].failure, FleetFailure::Open);
+    }
+
+    #[test]
     fn fleet_mistakes_are_named() {
         let e = err(&format!("{BOT}scope = \"fleet\"\n"));
         assert!(e.contains("needs a [fleet] table"), "{e}");
@@ -256,7 +273,7 @@ scope = "fleet"
         let e = err(&format!("{BOT}fleet_failure = \"open\"\n"));
         assert!(e.contains("only with scope = \"fleet\""), "{e}");
         let e = err(
-            "[fleet]\nservers = [\"redis://x\"]\n[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\n[workloads.limits]\nconnections_per_second = 5\nscope = \"fleet\"\n",
+            "[fleet]\nservers = [\"redis://x\"]\n[[workloads]]\nname = \"bot\"\ncgroup = \"bot\"\n[workloads.limits]\nbytes_per_second = 5000\nscope = \"fleet\"\n",
         );
         assert!(e.contains("applies to token budgets"), "{e}");
         let e = err("[fleet]\nkey_prefix = \"x\"\n");
