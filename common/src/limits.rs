@@ -106,6 +106,13 @@ pub struct LimitValue {
     /// `limit_flag::*`
     pub flags: u32,
     pub _pad: u32,
+    /// CLOCK_MONOTONIC ns after which `connections_after` replaces
+    /// `connections` (0: never): the end of a fleet share's lease, so that
+    /// the share of an agent that died holding it lapses in the kernel too
+    /// (docs/fleet.md, "Connection rates").
+    pub connections_until_ns: u64,
+    /// The rate after `connections_until_ns`: the `fleet_failure` rate.
+    pub connections_after: Rate,
 }
 
 #[repr(C)]
@@ -211,7 +218,7 @@ impl Rate {
 const _: () = {
     use core::mem::{align_of, size_of};
     assert!(size_of::<Rate>() == 24);
-    assert!(size_of::<LimitValue>() == 40 && align_of::<LimitValue>() == 8);
+    assert!(size_of::<LimitValue>() == 72 && align_of::<LimitValue>() == 8);
     assert!(size_of::<BandwidthLimit>() == 56);
     assert!(size_of::<BucketKey>() == 16);
     assert!(size_of::<LimitConfig>() == 8);

@@ -103,14 +103,15 @@ pub fn connect_limit(
             hit = *kind;
         }
     }
-    if hit == 0 && connect && limits.connections.per_ns != 0 {
-        let taken = take(
-            limits.bucket,
-            limit_kind::CONNECTIONS,
-            &limits.connections,
-            now,
-            CONN_UNIT,
-        );
+    // A fleet share whose lease ended (its agent stopped renewing it) gives
+    // way to the fleet_failure rate.
+    let rate = if limits.connections_until_ns != 0 && now > limits.connections_until_ns {
+        &limits.connections_after
+    } else {
+        &limits.connections
+    };
+    if hit == 0 && connect && rate.per_ns != 0 {
+        let taken = take(limits.bucket, limit_kind::CONNECTIONS, rate, now, CONN_UNIT);
         if let Some((_, false)) = taken {
             hit = limit_kind::CONNECTIONS;
         }

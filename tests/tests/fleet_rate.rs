@@ -5,7 +5,8 @@
 //! loopback (a free port of its own, never Debian's 6379). Probes in the
 //! workload's cgroups connect as fast as they can; the kernel of each agent
 //! allows its share. Faults: an agent SIGKILLed (its share goes to the
-//! others once its lease lapses), one stopped cleanly (at once), Redis
+//! others once its lease lapses, and lapses in its own kernel too), one
+//! stopped cleanly (at once), Redis
 //! killed (each `fleet_failure`) and restarted.
 //!
 //! Bounds come from docs/fleet.md's formula with generous margins, never
@@ -293,7 +294,18 @@ fn a_killed_agents_share_goes_to_the_others_after_its_lease_a_stopped_ones_at_on
         grew >= Duration::from_secs(1),
         "the shares grew at once ({grew:?}): a killed agent's lease should hold until it lapses"
     );
-    let reports = connect_all(&bots[..2], &ns);
+    let mut reports = connect_all(&bots, &ns);
+    // The killed agent's programs stay attached (failure_mode = "closed"),
+    // its last share in the kernel with the lease's end: past it the kernel
+    // enforces fleet_failure's rate (closed: none), so a dead agent's pods
+    // add nothing to the fleet.
+    let dead = reports.pop().expect("three reports");
+    eprintln!("the killed agent's workload: {} allowed", dead.ok);
+    assert_eq!(
+        dead.ok, 0,
+        "a killed agent's share outlived its lease in the kernel: {} allowed",
+        dead.ok
+    );
     let secs = reports
         .iter()
         .map(|r| r.elapsed.as_secs_f64())

@@ -201,7 +201,7 @@ pub fn plan(policy: &Policy, mode: u8) -> LimitPlan {
                     bucket,
                     connections,
                     flags,
-                    _pad: 0,
+                    ..LimitValue::default()
                 },
             );
             if let Some(fw) = policy.fleet_workloads.get(&w.name)

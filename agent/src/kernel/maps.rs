@@ -104,7 +104,9 @@ pub struct KernelMaps {
     applied: Option<Plan>,
     /// The connection rates of fleet-rate pairs (bucket id → this host's
     /// share, `limits::fleet_rate`): written over the plan's in every slot.
-    fleet_rates: BTreeMap<u64, Rate>,
+    /// Fleet-rate pairs: (rate, CLOCK_MONOTONIC ns its lease ends or 0,
+    /// the rate after).
+    fleet_rates: BTreeMap<u64, (Rate, u64, Rate)>,
 }
 
 macro_rules! take {
@@ -551,8 +553,10 @@ impl KernelMaps {
     /// fleet-wide has its policy rate: `apply_policy` forgets it first).
     fn keep_fleet_rates(&self, plan: &mut Plan) {
         for v in plan.limits.slot.values_mut() {
-            if let Some(r) = self.fleet_rates.get(&v.bucket) {
-                v.connections = *r;
+            if let Some(&(rate, until, after)) = self.fleet_rates.get(&v.bucket) {
+                v.connections = rate;
+                v.connections_until_ns = until;
+                v.connections_after = after;
             }
         }
     }
@@ -561,20 +565,40 @@ impl KernelMaps {
     /// share, docs/fleet.md) in the active slot's `LIMITS` entries; later
     /// policies keep it while the pair stays fleet-wide. The kernel's
     /// bucket keeps its level (capped at the new burst at its next take).
-    pub fn set_fleet_rate(&mut self, bucket: u64, rate: Rate) -> Result<(), MapsError> {
+    /// `lease`: when the share ends and the rate after it; the kernel
+    /// switches to that rate at the end even if nobody tells it (an agent
+    /// killed while it held a share).
+    pub fn set_fleet_rate(
+        &mut self,
+        bucket: u64,
+        rate: Rate,
+        lease: Option<(std::time::Instant, Rate)>,
+    ) -> Result<(), MapsError> {
+        let (until, after) = match lease {
+            Some((end, after)) => {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                (monotonic_ns() + left.as_nanos() as u64, after)
+            }
+            None => (0, Rate::default()),
+        };
         let Some(plan) = &mut self.applied else {
             return Ok(());
         };
         if !plan.limits.fleet_rates.contains_key(&bucket) {
             return Ok(());
         }
-        self.fleet_rates.insert(bucket, rate);
+        self.fleet_rates.insert(bucket, (rate, until, after));
         let slot = self.active.get(&0, 0).map_err(map_err(MAP_ACTIVE))?.slot;
         for ((wid, pid), v) in plan.limits.slot.iter_mut() {
-            if v.bucket != bucket || v.connections == rate {
+            if v.bucket != bucket
+                || (v.connections, v.connections_until_ns, v.connections_after)
+                    == (rate, until, after)
+            {
                 continue;
             }
             v.connections = rate;
+            v.connections_until_ns = until;
+            v.connections_after = after;
             let key = ProviderKey {
                 slot,
                 workload_id: *wid,

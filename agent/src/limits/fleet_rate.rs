@@ -99,7 +99,7 @@ struct Share {
     /// The ledger counts this agent as a holder (it asked to hold last).
     holding: bool,
     /// What the kernel was last told.
-    told: Option<Rate>,
+    told: Option<(Rate, Option<Instant>)>,
 }
 
 /// What a pair enforces now.
@@ -174,6 +174,9 @@ impl RateMetrics {
 pub struct RateChange {
     pub bucket: u64,
     pub rate: Rate,
+    /// A share: when its lease ends, and the `fleet_failure` rate the
+    /// kernel enforces from then on unless told otherwise.
+    pub lease: Option<(Instant, Rate)>,
 }
 
 pub struct RateKeeper {
@@ -333,11 +336,17 @@ impl RateKeeper {
                     .with_label_values(&labels)
                     .set(n as i64);
             }
-            if s.told != Some(rate) {
-                s.told = Some(rate);
+            let lease = match s.state(now) {
+                RateState::Leased(_) => s.until.map(|end| (end, s.fp.fallback(s.holders))),
+                RateState::Degraded => None,
+            };
+            let told = (rate, lease.map(|(end, _)| end));
+            if s.told != Some(told) {
+                s.told = Some(told);
                 out.push(RateChange {
                     bucket: *bucket,
                     rate,
+                    lease,
                 });
             }
         }
@@ -427,6 +436,7 @@ impl RateKeeper {
                 RateChange {
                     bucket: *bucket,
                     rate: s.fp.fallback(s.holders),
+                    lease: None,
                 }
             })
             .collect()

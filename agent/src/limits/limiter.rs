@@ -190,7 +190,7 @@ impl Limiter {
         let Some(r) = &mut self.rates else { return };
         let present = maps.present_workloads();
         for c in r.tick(Instant::now(), &present) {
-            if let Err(e) = maps.set_fleet_rate(c.bucket, c.rate) {
+            if let Err(e) = maps.set_fleet_rate(c.bucket, c.rate, c.lease) {
                 warn!(error = %e, "could not set a fleet connection rate");
             }
         }
@@ -356,7 +356,7 @@ impl Limiter {
         }
         if let Some(r) = &mut self.rates {
             for c in r.stop().await {
-                if let Err(e) = maps.set_fleet_rate(c.bucket, c.rate) {
+                if let Err(e) = maps.set_fleet_rate(c.bucket, c.rate, c.lease) {
                     warn!(error = %e, "could not set a fleet connection rate");
                 }
             }
