@@ -31,8 +31,9 @@ use crate::{
     accounting::exact_tokens::{ExactTokens, record_problem},
     accounting::token_tally::TokenTally,
     capture::reader::{self, PlaintextChunk},
+    kernel::socket_stop::{SocketStop, Stopped},
     plaintext::exchange::{Direction, Output, Problem, Tracker},
-    policy::Policy,
+    policy::{Policy, SecretAction},
     telemetry::audit::{Attribution, AuditSink},
     telemetry::metrics::Metrics,
 };
@@ -61,8 +62,11 @@ struct Conn {
     /// Something of this connection was not counted exactly: an exchange
     /// without usage, HTTP/2, a problem, a gap in the capture.
     partial: bool,
-    /// No more chunks are read (a gap: the framing is lost).
+    /// No more chunks are read (a gap: the framing is lost; or the
+    /// connection was stopped for a secret).
     stopped: bool,
+    /// Stopped for a secret (`secrets = "block"`).
+    blocked: bool,
 }
 
 /// What a closed connection counted exactly.
@@ -96,6 +100,9 @@ pub struct ExactConns {
     /// Workloads with `exact_tokens = true`.
     workloads: HashSet<String>,
     conns: HashMap<u64, Conn>,
+    /// Stops connections of workloads whose `secrets` is `block` (None:
+    /// unit tests, or the map was missing: recorded as `block_failed`).
+    stop: Option<SocketStop>,
 }
 
 impl ExactConns {
@@ -105,7 +112,14 @@ impl ExactConns {
             audit,
             workloads: exact_workloads(policy),
             conns: HashMap::new(),
+            stop: None,
         }
+    }
+
+    /// What `secrets = "block"` stops connections with.
+    pub fn with_stop(mut self, stop: SocketStop) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// A new policy: prices, secret patterns and the `exact_tokens`
@@ -153,6 +167,7 @@ impl ExactConns {
                 tokens: (0, 0),
                 partial: false,
                 stopped: false,
+                blocked: false,
             },
         );
     }
@@ -194,7 +209,20 @@ impl ExactConns {
             reader::Direction::Received => Direction::Received,
         };
         let outputs = conn.tracker.feed(direction, &chunk.data);
-        handle(&mut self.exact, &self.audit, metrics, tally, conn, outputs);
+        let mut stop = Stop {
+            stop: self.stop.as_mut(),
+            cookie: chunk.cookie,
+            pid: chunk.pid,
+        };
+        handle(
+            &mut self.exact,
+            &self.audit,
+            metrics,
+            tally,
+            conn,
+            outputs,
+            Some(&mut stop),
+        );
     }
 
     /// The connection closed (its summary, after the grace for late
@@ -210,6 +238,7 @@ impl ExactConns {
                 tally,
                 &mut conn,
                 outputs,
+                None,
             );
         }
         debug!(cookie, workload = %conn.workload, provider = %conn.provider, exact = conn.exact, partial = conn.partial, stopped = conn.stopped, "plaintext reader closed");
@@ -239,6 +268,14 @@ fn exact_workloads(policy: &Policy) -> HashSet<String> {
         .collect()
 }
 
+/// How to stop the connection a chunk came from: its cookie and the
+/// process that wrote it (whose network namespace holds the socket).
+struct Stop<'a> {
+    stop: Option<&'a mut SocketStop>,
+    cookie: u64,
+    pid: u32,
+}
+
 fn handle(
     exact: &mut ExactTokens,
     audit: &AuditSink,
@@ -246,6 +283,7 @@ fn handle(
     tally: &TokenTally,
     conn: &mut Conn,
     outputs: Vec<Output>,
+    mut stop: Option<&mut Stop>,
 ) {
     let (w, p) = (conn.workload.as_str(), conn.provider.as_str());
     for out in outputs {
@@ -262,9 +300,33 @@ fn handle(
                     None => conn.partial = true,
                 }
             }
-            // `block` is not enforced (docs/exact-tokens.md): recorded only.
+            // `block`: the connection is stopped first (every microsecond
+            // lets more of the request leave), then recorded; its reader
+            // stops (the rest of the request is not read).
             Output::Secret(f) => {
-                exact.record_secret(metrics, audit, w, p, conn.who.clone(), &f);
+                let action = exact.secret_action(w);
+                let result = match (action, stop.as_deref_mut()) {
+                    (SecretAction::Block, _) if conn.blocked => continue,
+                    (SecretAction::Block, Some(s)) => {
+                        conn.blocked = true;
+                        conn.stopped = true;
+                        conn.partial = true;
+                        Some(match s.stop.as_deref_mut() {
+                            Some(st) => st.stop(s.cookie, s.pid),
+                            None => Stopped::Failed,
+                        })
+                    }
+                    // Found at the close: nothing left to stop.
+                    (SecretAction::Block, None) => Some(Stopped::Failed),
+                    _ => None,
+                };
+                if let Some(r) = result {
+                    warn!(workload = w, provider = p, kind = %f.kind, fingerprint = %f.fingerprint, result = r.as_str(), "secret in a request: connection stopped (secrets = \"block\")");
+                }
+                exact.record_secret(metrics, audit, w, p, conn.who.clone(), &f, action, result);
+                if conn.blocked {
+                    break;
+                }
             }
             Output::Http2 => {
                 conn.partial = true;
