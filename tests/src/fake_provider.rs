@@ -428,7 +428,7 @@ fn serve(
         sock: conn,
         out: RecordWalker::default(),
         inn: RecordWalker::default(),
-        counts,
+        counts: counts.clone(),
     };
     let mut s = StreamOwned::new(tls, sock);
     let mut plain = PlainCount {

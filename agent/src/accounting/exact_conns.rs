@@ -195,7 +195,30 @@ impl ExactConns {
         }
         if !chunk.complete || chunk.truncated {
             // The rest of the call is missing: the framing of everything
-            // after it would be wrong.
+            // after it would be wrong. A whole first 64 KiB of a large
+            // request (one SSL_write of its body) is still read first: a
+            // secret there is found (and blocked) before the reader stops.
+            if chunk.complete && chunk.direction == reader::Direction::Sent {
+                let outputs = conn.tracker.feed(Direction::Sent, &chunk.data);
+                let mut stop = Stop {
+                    stop: self.stop.as_mut(),
+                    cookie: chunk.cookie,
+                    pid: chunk.pid,
+                };
+                let outputs = outputs
+                    .into_iter()
+                    .filter(|o| matches!(o, Output::Secret(_)))
+                    .collect();
+                handle(
+                    &mut self.exact,
+                    &self.audit,
+                    metrics,
+                    tally,
+                    conn,
+                    outputs,
+                    Some(&mut stop),
+                );
+            }
             conn.stopped = true;
             conn.partial = true;
             metrics

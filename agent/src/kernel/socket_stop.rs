@@ -56,10 +56,13 @@ pub enum Stopped {
     /// Marked and destroyed: no more bytes leave, the process sees the
     /// connection aborted.
     Destroyed,
-    /// Marked only (the destroy failed, or the socket was already gone):
-    /// no more payload leaves; the process notices at its next send's
-    /// retransmission timeout, or at its own timeout.
+    /// Marked only (the destroy failed): no more payload leaves; the
+    /// process notices at its next send's retransmission timeout, or at
+    /// its own timeout.
     Marked,
+    /// The socket was no longer there to destroy: the connection had
+    /// closed before the agent read the secret (the race, docs/exact-tokens.md).
+    Gone,
     /// Neither worked.
     Failed,
 }
@@ -69,6 +72,7 @@ impl Stopped {
         match self {
             Stopped::Destroyed => "blocked",
             Stopped::Marked => "blocked_marked_only",
+            Stopped::Gone => "closed_before_stop",
             Stopped::Failed => "block_failed",
         }
     }
@@ -97,7 +101,7 @@ impl SocketStop {
             Ok(true) => Stopped::Destroyed,
             Ok(false) => {
                 tracing::debug!(cookie, pid, "secret block: socket not found to destroy");
-                if marked { Stopped::Marked } else { Stopped::Failed }
+                Stopped::Gone
             }
             Err(e) => {
                 tracing::warn!(cookie, pid, error = %e, "secret block: SOCK_DESTROY failed");
@@ -240,8 +244,9 @@ fn find(sock: &OwnedFd, family: u8, cookie: u64) -> io::Result<Option<[u8; SOCKI
             // `struct inet_diag_msg`: family, state, timer, retrans, then
             // the sockid, whose last 8 bytes are the cookie (two u32, low
             // half first).
+            // TIME_WAIT (6) and CLOSE (7): already ended, nothing to stop.
             let body = &h[NLMSG_HDR..len];
-            if found.is_none() && body.len() >= 4 + SOCKID {
+            if found.is_none() && body.len() >= 4 + SOCKID && body[1] != 6 && body[1] != 7 {
                 let id: [u8; SOCKID] = body[4..4 + SOCKID].try_into().unwrap_or([0; SOCKID]);
                 let lo = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]);
                 let hi = u32::from_ne_bytes([id[44], id[45], id[46], id[47]]);
