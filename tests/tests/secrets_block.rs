@@ -69,10 +69,18 @@ fn body(size: usize, secret: Option<&str>, early: bool, stream: bool) -> String 
 /// curl posting the body in `file` from `cgroup`.
 fn curl(server: &FakeProvider, cgroup: &Path, ns: &NetnsGuard, file: &Path) -> Output {
     let at = format!("@{}", file.display());
-    let mut cmd =
-        llm_egress_tests::curl::post(server, "/v1/chat/completions", &at, cgroup, ns);
-    cmd.args(["--http1.1", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}"]);
-    cmd.output().unwrap_or_else(|e| panic!("cannot run curl: {e}"))
+    let mut cmd = llm_egress_tests::curl::post(server, "/v1/chat/completions", &at, cgroup, ns);
+    cmd.args([
+        "--http1.1",
+        "--max-time",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ]);
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e}"))
 }
 
 /// The official openai SDK (argv: ip, host, ca, body file): one chat
@@ -105,7 +113,14 @@ except Exception as e:
     sys.exit(3)
 "#;
 
-fn sdk(py: &str, script: &Path, server: &FakeProvider, cgroup: &Path, ns: &NetnsGuard, file: &Path) -> Output {
+fn sdk(
+    py: &str,
+    script: &Path,
+    server: &FakeProvider,
+    cgroup: &Path,
+    ns: &NetnsGuard,
+    file: &Path,
+) -> Output {
     let mut cmd = Command::new(py);
     cmd.arg(script)
         .arg(server.addr().ip().to_string())
@@ -116,7 +131,8 @@ fn sdk(py: &str, script: &Path, server: &FakeProvider, cgroup: &Path, ns: &Netns
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     confine(&mut cmd, cgroup, ns);
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {py}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {py}: {e}"))
 }
 
 /// The server's counts of its latest connection, once they stop moving
@@ -159,7 +175,12 @@ fn sha256_16(text: &str) -> String {
         .spawn()
         .expect("sha256sum");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout)[..16].to_string()
 }
@@ -303,39 +324,78 @@ fn leak_before_the_stop() {
     // Answers of 5 tokens: the race as short as it gets.
     let py = llm_egress_tests::sdk_python();
     let script = write(&dir, "sdk.py", SDK_CLIENT);
-    println!("client | case | body bytes | plaintext bytes the server read | whole requests read | client failed | record");
-    for (client, _) in [("curl", ()), ("sdk", ())] {
-        if client == "sdk" && py.is_none() {
-            eprintln!("SDK part SKIPPED");
-            continue;
+    println!(
+        "link | client | case | body bytes | plaintext bytes the server read | whole requests read | client failed | record"
+    );
+    for link in ["local", "100mbit"] {
+        // A slower path (a token bucket on the test namespace's loopback,
+        // which carries its own traffic only; netem is not built here):
+        // closer to what a real uplink gives the agent's stop.
+        if link != "local" {
+            let (ok, why) = Command::new("tc")
+                .args([
+                    "-n",
+                    ns.name(),
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "lo",
+                    "root",
+                    "tbf",
+                    "rate",
+                    "100mbit",
+                    "burst",
+                    "64kb",
+                    "latency",
+                    "500ms",
+                ])
+                .output()
+                .map(|o| {
+                    (
+                        o.status.success(),
+                        String::from_utf8_lossy(&o.stderr).into_owned(),
+                    )
+                })
+                .unwrap_or((false, "cannot run tc".into()));
+            if !ok {
+                eprintln!("tbf unavailable ({why}): the {link} pass is SKIPPED");
+                continue;
+            }
         }
-        for (i, (name, size, early)) in cases.iter().enumerate() {
-            let text = body(*size, Some(&key), *early, false);
-            let file = write(&dir, &format!("{client}-{i}.json"), &text);
-            let before = openai.records().len();
-            let n = secrets(&agent, "bot").len();
-            let out = match client {
-                "curl" => curl(&openai, &bot, &ns, &file),
-                _ => sdk(py.as_deref().unwrap(), &script, &openai, &bot, &ns, &file),
-            };
-            let counts = last_conn(&openai, before);
-            let rec = wait_secrets(&agent, "bot", n + 1);
-            let result = rec
-                .get(n)
-                .map(|r| r["result"].as_str().unwrap_or("?").to_string())
-                .unwrap_or_else(|| "none".into());
-            println!(
-                "{client} | {name} | {} | {} | {} | {} | {result}",
-                text.len(),
-                counts.plain_read,
-                counts.requests_read,
-                !out.status.success(),
-            );
-            // The key early is always found (within the first 64 KiB of
-            // each write the capture delivers), whether the stop came in
-            // time or not.
-            if *early {
-                assert_ne!(result, "none", "{client} {name}\n{}", agent.context());
+        for (client, _) in [("curl", ()), ("sdk", ())] {
+            if client == "sdk" && py.is_none() {
+                eprintln!("SDK part SKIPPED");
+                continue;
+            }
+            for (i, (name, size, early)) in cases.iter().enumerate() {
+                let text = body(*size, Some(&key), *early, false);
+                let file = write(&dir, &format!("{client}-{i}.json"), &text);
+                let before = openai.records().len();
+                let n = secrets(&agent, "bot").len();
+                let out = match client {
+                    "curl" => curl(&openai, &bot, &ns, &file),
+                    _ => sdk(py.as_deref().unwrap(), &script, &openai, &bot, &ns, &file),
+                };
+                let counts = last_conn(&openai, before);
+                let rec = wait_secrets(&agent, "bot", n + 1);
+                let result = rec
+                    .get(n)
+                    .map(|r| r["result"].as_str().unwrap_or("?").to_string())
+                    .unwrap_or_else(|| "none".into());
+                println!(
+                    "{link} | {client} | {name} | {} | {} | {} | {} | {result} | {}",
+                    text.len(),
+                    counts.plain_read,
+                    counts.requests_read,
+                    !out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                );
+                // The key early is always found (within the first 64 KiB of
+                // each write the capture delivers), whether the stop came in
+                // time or not.
+                if *early {
+                    assert_ne!(result, "none", "{client} {name}\n{}", agent.context());
+                }
             }
         }
     }

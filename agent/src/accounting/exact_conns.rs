@@ -204,6 +204,7 @@ impl ExactConns {
                     stop: self.stop.as_mut(),
                     cookie: chunk.cookie,
                     pid: chunk.pid,
+                    call_ns: chunk.time_ns,
                 };
                 let outputs = outputs
                     .into_iter()
@@ -236,6 +237,7 @@ impl ExactConns {
             stop: self.stop.as_mut(),
             cookie: chunk.cookie,
             pid: chunk.pid,
+            call_ns: chunk.time_ns,
         };
         handle(
             &mut self.exact,
@@ -297,6 +299,9 @@ struct Stop<'a> {
     stop: Option<&'a mut SocketStop>,
     cookie: u64,
     pid: u32,
+    /// When the TLS call returned (CLOCK_MONOTONIC): the stop's delay is
+    /// logged from it.
+    call_ns: u64,
 }
 
 fn handle(
@@ -328,23 +333,27 @@ fn handle(
             // stops (the rest of the request is not read).
             Output::Secret(f) => {
                 let action = exact.secret_action(w);
+                let mut delay_us = 0;
                 let result = match (action, stop.as_deref_mut()) {
                     (SecretAction::Block, _) if conn.blocked => continue,
                     (SecretAction::Block, Some(s)) => {
                         conn.blocked = true;
                         conn.stopped = true;
                         conn.partial = true;
-                        Some(match s.stop.as_deref_mut() {
+                        let r = match s.stop.as_deref_mut() {
                             Some(st) => st.stop(s.cookie, s.pid),
                             None => Stopped::Failed,
-                        })
+                        };
+                        delay_us =
+                            crate::kernel::maps::monotonic_ns().saturating_sub(s.call_ns) / 1000;
+                        Some(r)
                     }
                     // Found at the close: nothing left to stop.
                     (SecretAction::Block, None) => Some(Stopped::Failed),
                     _ => None,
                 };
                 if let Some(r) = result {
-                    warn!(workload = w, provider = p, kind = %f.kind, fingerprint = %f.fingerprint, result = r.as_str(), "secret in a request: connection stopped (secrets = \"block\")");
+                    warn!(workload = w, provider = p, kind = %f.kind, fingerprint = %f.fingerprint, result = r.as_str(), delay_us, "secret in a request: connection stopped (secrets = \"block\")");
                 }
                 exact.record_secret(metrics, audit, w, p, conn.who.clone(), &f, action, result);
                 if conn.blocked {

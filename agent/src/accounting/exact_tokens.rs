@@ -20,11 +20,11 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
+    kernel::socket_stop::Stopped,
     plaintext::exchange::{Exchange, Problem},
     plaintext::secrets::{Finding, SecretRules},
     policy::catalog::prices::{Origin, PriceTable},
     policy::{Policy, SecretAction},
-    kernel::socket_stop::Stopped,
     telemetry::audit::{Attribution, AuditSink, RequestRecord, SecretRecord},
     telemetry::metrics::Metrics,
 };
@@ -518,7 +518,16 @@ mod tests {
         let audit = AuditSink::open(&crate::policy::AuditLog::Off, m.clone()).expect("audit");
         let action = x.secret_action("bot");
         assert_eq!(action, SecretAction::Audit);
-        x.record_secret(&m, &audit, "bot", "openai", Attribution::default(), f, action, None);
+        x.record_secret(
+            &m,
+            &audit,
+            "bot",
+            "openai",
+            Attribution::default(),
+            f,
+            action,
+            None,
+        );
         assert_eq!(
             value(&m, "llm_egress_secrets_total", &[("kind", "internal")]),
             1.0

@@ -105,7 +105,11 @@ impl SocketStop {
             }
             Err(e) => {
                 tracing::warn!(cookie, pid, error = %e, "secret block: SOCK_DESTROY failed");
-                if marked { Stopped::Marked } else { Stopped::Failed }
+                if marked {
+                    Stopped::Marked
+                } else {
+                    Stopped::Failed
+                }
             }
         }
     }

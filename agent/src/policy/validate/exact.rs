@@ -253,7 +253,9 @@ cgroup = "batch.slice"
         assert_eq!(p.secrets.action_for("batch"), SecretAction::Audit);
         // `block` is accepted: globally (it applies to the `exact_tokens`
         // workloads), and on a workload with `exact_tokens = true`.
-        let p = ok("[secrets]\naction = \"block\"\n\n[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\n");
+        let p = ok(
+            "[secrets]\naction = \"block\"\n\n[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\n",
+        );
         assert_eq!(p.secrets.action_for("w"), SecretAction::Block);
         let p = ok(
             "[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\nexact_tokens = true\nsecrets = \"block\"\n",
