@@ -658,4 +658,64 @@ mod tests {
         a.reconcile(&HashSet::new(), Instant::now() + RECONCILE_MIN_AGE);
         assert_eq!(a.plaintext_readers(), 0, "a lost summary drops the reader");
     }
+
+    /// `block` without a kernel (no `SocketStop`): the finding is recorded
+    /// as `block_failed`, and the connection's reader stops: its answer is
+    /// not counted, a second secret is not recorded. `audit` reads on.
+    #[test]
+    fn block_stops_the_connections_reader_and_audit_does_not() {
+        let key = format!("sk-proj-{}", "Qw7_Er4-Ty1".repeat(8));
+        let body = format!(r#"{{"model":"gpt-4o","messages":[{{"content":"{key}"}}]}}"#);
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        for action in ["block", "audit"] {
+            let dir = std::env::temp_dir().join(format!(
+                "llm-egress-block-unit-{}-{action}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&dir);
+            let text = format!(
+                "[secrets]\naction = \"{action}\"\n\n[[workloads]]\nname = \"bot\"\nsystemd_unit = \"bot.service\"\nallow = [\"openai\"]\nexact_tokens = true\n"
+            );
+            let policy = crate::policy::Policy::parse(&text, "t.toml").expect("policy");
+            let m = Metrics::new().expect("metrics");
+            let tally = TokenTally::default();
+            let audit = AuditSink::open(&crate::policy::AuditLog::File(dir.clone()), m.clone())
+                .expect("audit");
+            let exact = ExactTokens::new(&policy, 1).expect("exact");
+            let mut x = ExactConns::new(exact, audit, &policy);
+            x.opened(&m, 7, "bot", "openai", &Attribution::default());
+            x.chunk(&m, &tally, &chunk(7, Direction::Sent, request.as_bytes()));
+            x.chunk(&m, &tally, &chunk(7, Direction::Received, &response()));
+            x.chunk(&m, &tally, &chunk(7, Direction::Sent, request.as_bytes()));
+            let secrets = m
+                .secrets
+                .with_label_values(&["bot", "openai", "openai_key"])
+                .get();
+            let answered = m
+                .exact_requests
+                .with_label_values(&["bot", "openai", "exact"])
+                .get();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut log = String::new();
+            while Instant::now() < deadline {
+                log = std::fs::read_to_string(&dir).unwrap_or_default();
+                if log.contains("\"event\":\"secret\"") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_file(&dir);
+            assert!(!log.contains(&key[8..]), "the record holds the key: {log}");
+            if action == "block" {
+                assert_eq!((secrets, answered), (1, 0), "{log}");
+                assert!(log.contains("\"result\":\"block_failed\""), "{log}");
+            } else {
+                assert_eq!((secrets, answered), (2, 1), "{log}");
+                assert!(log.contains("\"result\":\"audited\""), "{log}");
+            }
+        }
+    }
 }
