@@ -401,7 +401,10 @@ fn leak_before_the_stop() {
     }
     // The agent's delay from the TLS call's return to the stop.
     for line in agent.context().lines().filter(|l| l.contains("delay_us")) {
-        println!("stop: {}", line.split("exact_conns: ").nth(1).unwrap_or(line));
+        println!(
+            "stop: {}",
+            line.split("exact_conns: ").nth(1).unwrap_or(line)
+        );
     }
     agent.stop();
 }
