@@ -345,7 +345,7 @@ fn leak_before_the_stop() {
                     "rate",
                     "100mbit",
                     "burst",
-                    "64kb",
+                    "512kb",
                     "latency",
                     "500ms",
                 ])
