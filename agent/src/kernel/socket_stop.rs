@@ -19,6 +19,10 @@
 //!    by agents with an `exact_tokens` workload, run/start.rs) and
 //!    CAP_SYS_ADMIN for `setns`; where it fails, step 1 still holds.
 //!
+//! The stop runs on the event reader's task and holds it for the destroy
+//! (a thread spawn and one dump of the namespace's TCP sockets: included
+//! in the delays measured in docs/exact-tokens.md).
+//!
 //! This module writes `SNI_STATE` from the event reader's task, not from the
 //! `run` task that owns every other map write: the stop must not wait for
 //! that task's turn. It only ever writes `DENIED` for one cookie, the value
