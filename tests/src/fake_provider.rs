@@ -321,6 +321,12 @@ pub struct RecordCounts {
     /// Records the server read (what the client sent).
     pub read: u64,
     pub app_read: u64,
+    /// Plaintext bytes the server read (decrypted requests, heads and
+    /// bodies, complete or not).
+    pub plain_read: u64,
+    /// Requests the server read whole (head and every body byte), answered
+    /// or not.
+    pub requests_read: u64,
 }
 
 /// Counts TLS records along a byte stream: 5-byte headers (type, version,
@@ -370,12 +376,10 @@ pub struct RecordSock {
 impl RecordSock {
     fn publish(&self) {
         if let Ok(mut c) = self.counts.lock() {
-            *c = RecordCounts {
-                written: self.out.records,
-                app_written: self.out.app,
-                read: self.inn.records,
-                app_read: self.inn.app,
-            };
+            c.written = self.out.records;
+            c.app_written = self.out.app;
+            c.read = self.inn.records;
+            c.app_read = self.inn.app;
         }
     }
 }
@@ -434,12 +438,43 @@ fn serve(
         sock: conn,
         out: RecordWalker::default(),
         inn: RecordWalker::default(),
-        counts,
+        counts: counts.clone(),
     };
     let mut s = StreamOwned::new(tls, sock);
-    let result = serve_io(&mut s, flavor, opts, shape, &served, peer);
+    let mut plain = PlainCount {
+        inner: &mut s,
+        counts: counts.clone(),
+    };
+    let result = serve_counted(&mut plain, flavor, opts, shape, &served, peer, Some(&counts));
     let _ = s.sock.sock.shutdown(Shutdown::Both);
     result
+}
+
+/// The plaintext side of a TLS connection, counting what the server read
+/// (`RecordCounts::plain_read`, `requests_read`).
+struct PlainCount<'a, S> {
+    inner: &'a mut S,
+    counts: Arc<Mutex<RecordCounts>>,
+}
+
+impl<S: Read> Read for PlainCount<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Ok(mut c) = self.counts.lock() {
+            c.plain_read += n as u64;
+        }
+        Ok(n)
+    }
+}
+
+impl<S: Write> Write for PlainCount<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Answers the requests of one connection's plaintext stream until the
@@ -452,8 +487,24 @@ pub(crate) fn serve_io(
     served: &Mutex<Vec<Served>>,
     peer: SocketAddr,
 ) -> Result<(), String> {
+    serve_counted(s, flavor, opts, shape, served, peer, None)
+}
+
+/// [`serve_io`], counting whole requests read in `counts`.
+fn serve_counted(
+    s: &mut (impl Read + Write),
+    flavor: Flavor,
+    opts: Options,
+    shape: Shape,
+    served: &Mutex<Vec<Served>>,
+    peer: SocketAddr,
+    counts: Option<&Mutex<RecordCounts>>,
+) -> Result<(), String> {
     let mut pending = Vec::new();
     while let Some(req) = read_request(s, &mut pending)? {
+        if let Some(mut c) = counts.and_then(|c| c.lock().ok()) {
+            c.requests_read += 1;
+        }
         let mut out = Out::new(s, shape, req.header("accept-encoding"));
         let record = respond(&mut out, flavor, opts, &req).map_err(|e| format!("respond: {e}"))?;
         out.finish().map_err(|e| format!("respond: {e}"))?;

@@ -32,8 +32,9 @@ use crate::{
     accounting::exact_tokens::{ExactTokens, record_problem},
     accounting::token_tally::TokenTally,
     capture::reader::{self, PlaintextChunk},
+    kernel::socket_stop::{SocketStop, Stopped},
     plaintext::exchange::{Direction, Output, Problem, Tracker},
-    policy::Policy,
+    policy::{Policy, SecretAction},
     telemetry::audit::{Attribution, AuditSink},
     telemetry::metrics::Metrics,
 };
@@ -62,8 +63,11 @@ struct Conn {
     /// Something of this connection was not counted exactly: an exchange
     /// without usage, HTTP/2, a problem, a gap in the capture.
     partial: bool,
-    /// No more chunks are read (a gap: the framing is lost).
+    /// No more chunks are read (a gap: the framing is lost; or the
+    /// connection was stopped for a secret).
     stopped: bool,
+    /// Stopped for a secret (`secrets = "block"`).
+    blocked: bool,
 }
 
 /// What a closed connection counted exactly.
@@ -97,6 +101,9 @@ pub struct ExactConns {
     /// Workloads with `exact_tokens = true`.
     workloads: HashSet<String>,
     conns: HashMap<u64, Conn>,
+    /// Stops connections of workloads whose `secrets` is `block` (None:
+    /// unit tests, or the map was missing: recorded as `block_failed`).
+    stop: Option<SocketStop>,
 }
 
 impl ExactConns {
@@ -106,7 +113,14 @@ impl ExactConns {
             audit,
             workloads: exact_workloads(policy),
             conns: HashMap::new(),
+            stop: None,
         }
+    }
+
+    /// What `secrets = "block"` stops connections with.
+    pub fn with_stop(mut self, stop: SocketStop) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// A new policy: prices, secret patterns and the `exact_tokens`
@@ -154,6 +168,7 @@ impl ExactConns {
                 tokens: (0, 0),
                 partial: false,
                 stopped: false,
+                blocked: false,
             },
         );
     }
@@ -181,7 +196,31 @@ impl ExactConns {
         }
         if !chunk.complete || chunk.truncated {
             // The rest of the call is missing: the framing of everything
-            // after it would be wrong.
+            // after it would be wrong. A whole first 64 KiB of a large
+            // request (one SSL_write of its body) is still read first: a
+            // secret there is found (and blocked) before the reader stops.
+            if chunk.complete && chunk.direction == reader::Direction::Sent {
+                let outputs = conn.tracker.feed(Direction::Sent, &chunk.data);
+                let mut stop = Stop {
+                    stop: self.stop.as_mut(),
+                    cookie: chunk.cookie,
+                    pid: chunk.pid,
+                    call_ns: chunk.time_ns,
+                };
+                let outputs = outputs
+                    .into_iter()
+                    .filter(|o| matches!(o, Output::Secret(_)))
+                    .collect();
+                handle(
+                    &mut self.exact,
+                    &self.audit,
+                    metrics,
+                    tally,
+                    conn,
+                    outputs,
+                    Some(&mut stop),
+                );
+            }
             conn.stopped = true;
             conn.partial = true;
             metrics
@@ -195,7 +234,21 @@ impl ExactConns {
             reader::Direction::Received => Direction::Received,
         };
         let outputs = conn.tracker.feed(direction, &chunk.data);
-        handle(&mut self.exact, &self.audit, metrics, tally, conn, outputs);
+        let mut stop = Stop {
+            stop: self.stop.as_mut(),
+            cookie: chunk.cookie,
+            pid: chunk.pid,
+            call_ns: chunk.time_ns,
+        };
+        handle(
+            &mut self.exact,
+            &self.audit,
+            metrics,
+            tally,
+            conn,
+            outputs,
+            Some(&mut stop),
+        );
     }
 
     /// The connection closed (its summary, after the grace for late
@@ -211,6 +264,7 @@ impl ExactConns {
                 tally,
                 &mut conn,
                 outputs,
+                None,
             );
         }
         debug!(cookie, workload = %conn.workload, provider = %conn.provider, exact = conn.exact, partial = conn.partial, stopped = conn.stopped, "plaintext reader closed");
@@ -240,6 +294,17 @@ fn exact_workloads(policy: &Policy) -> HashSet<String> {
         .collect()
 }
 
+/// How to stop the connection a chunk came from: its cookie and the
+/// process that wrote it (whose network namespace holds the socket).
+struct Stop<'a> {
+    stop: Option<&'a mut SocketStop>,
+    cookie: u64,
+    pid: u32,
+    /// When the TLS call returned (CLOCK_MONOTONIC): the stop's delay is
+    /// logged from it.
+    call_ns: u64,
+}
+
 fn handle(
     exact: &mut ExactTokens,
     audit: &AuditSink,
@@ -247,6 +312,7 @@ fn handle(
     tally: &TokenTally,
     conn: &mut Conn,
     outputs: Vec<Output>,
+    mut stop: Option<&mut Stop>,
 ) {
     let (w, p) = (conn.workload.as_str(), conn.provider.as_str());
     for out in outputs {
@@ -266,9 +332,37 @@ fn handle(
                     None => conn.partial = true,
                 }
             }
-            // `block` is not enforced (docs/exact-tokens.md): recorded only.
+            // `block`: the connection is stopped first (every microsecond
+            // lets more of the request leave), then recorded; its reader
+            // stops (the rest of the request is not read).
             Output::Secret(f) => {
-                exact.record_secret(metrics, audit, w, p, conn.who.clone(), &f);
+                let action = exact.secret_action(w);
+                let mut delay_us = 0;
+                let result = match (action, stop.as_deref_mut()) {
+                    (SecretAction::Block, _) if conn.blocked => continue,
+                    (SecretAction::Block, Some(s)) => {
+                        conn.blocked = true;
+                        conn.stopped = true;
+                        conn.partial = true;
+                        let r = match s.stop.as_deref_mut() {
+                            Some(st) => st.stop(s.cookie, s.pid),
+                            None => Stopped::Failed,
+                        };
+                        delay_us =
+                            crate::kernel::maps::monotonic_ns().saturating_sub(s.call_ns) / 1000;
+                        Some(r)
+                    }
+                    // Found at the close: nothing left to stop.
+                    (SecretAction::Block, None) => Some(Stopped::Failed),
+                    _ => None,
+                };
+                if let Some(r) = result {
+                    warn!(workload = w, provider = p, kind = %f.kind, fingerprint = %f.fingerprint, result = r.as_str(), delay_us, "secret in a request: connection stopped (secrets = \"block\")");
+                }
+                exact.record_secret(metrics, audit, w, p, conn.who.clone(), &f, action, result);
+                if conn.blocked {
+                    break;
+                }
             }
             Output::Http2 => {
                 conn.partial = true;
@@ -567,5 +661,65 @@ mod tests {
         assert_eq!(a.plaintext_readers(), 1);
         a.reconcile(&HashSet::new(), Instant::now() + RECONCILE_MIN_AGE);
         assert_eq!(a.plaintext_readers(), 0, "a lost summary drops the reader");
+    }
+
+    /// `block` without a kernel (no `SocketStop`): the finding is recorded
+    /// as `block_failed`, and the connection's reader stops: its answer is
+    /// not counted, a second secret is not recorded. `audit` reads on.
+    #[test]
+    fn block_stops_the_connections_reader_and_audit_does_not() {
+        let key = format!("sk-proj-{}", "Qw7_Er4-Ty1".repeat(8));
+        let body = format!(r#"{{"model":"gpt-4o","messages":[{{"content":"{key}"}}]}}"#);
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        for action in ["block", "audit"] {
+            let dir = std::env::temp_dir().join(format!(
+                "llm-egress-block-unit-{}-{action}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&dir);
+            let text = format!(
+                "[secrets]\naction = \"{action}\"\n\n[[workloads]]\nname = \"bot\"\nsystemd_unit = \"bot.service\"\nallow = [\"openai\"]\nexact_tokens = true\n"
+            );
+            let policy = crate::policy::Policy::parse(&text, "t.toml").expect("policy");
+            let m = Metrics::new().expect("metrics");
+            let tally = TokenTally::default();
+            let audit = AuditSink::open(&crate::policy::AuditLog::File(dir.clone()), m.clone())
+                .expect("audit");
+            let exact = ExactTokens::new(&policy, 1).expect("exact");
+            let mut x = ExactConns::new(exact, audit, &policy);
+            x.opened(&m, 7, "bot", "openai", &Attribution::default());
+            x.chunk(&m, &tally, &chunk(7, Direction::Sent, request.as_bytes()));
+            x.chunk(&m, &tally, &chunk(7, Direction::Received, &response()));
+            x.chunk(&m, &tally, &chunk(7, Direction::Sent, request.as_bytes()));
+            let secrets = m
+                .secrets
+                .with_label_values(&["bot", "openai", "openai_key"])
+                .get();
+            let answered = m
+                .exact_requests
+                .with_label_values(&["bot", "openai", "exact"])
+                .get();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut log = String::new();
+            while Instant::now() < deadline {
+                log = std::fs::read_to_string(&dir).unwrap_or_default();
+                if log.contains("\"event\":\"secret\"") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_file(&dir);
+            assert!(!log.contains(&key[8..]), "the record holds the key: {log}");
+            if action == "block" {
+                assert_eq!((secrets, answered), (1, 0), "{log}");
+                assert!(log.contains("\"result\":\"block_failed\""), "{log}");
+            } else {
+                assert_eq!((secrets, answered), (2, 1), "{log}");
+                assert!(log.contains("\"result\":\"audited\""), "{log}");
+            }
+        }
     }
 }

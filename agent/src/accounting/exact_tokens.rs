@@ -20,6 +20,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
+    kernel::socket_stop::Stopped,
     plaintext::exchange::{Exchange, Problem},
     plaintext::secrets::{Finding, SecretRules},
     policy::catalog::prices::{Origin, PriceTable},
@@ -235,8 +236,10 @@ impl ExactTokens {
         charge
     }
 
-    /// Counts a finding and writes its `secret` record; returns the
-    /// workload's action (the glue stops the connection on `Block`).
+    /// Counts a finding and writes its `secret` record, with the
+    /// workload's `action` and, for `block`, what the stop did (the glue,
+    /// exact_conns.rs, stops the connection before it records).
+    #[allow(clippy::too_many_arguments)]
     pub fn record_secret(
         &self,
         metrics: &Metrics,
@@ -245,8 +248,9 @@ impl ExactTokens {
         provider: &str,
         who: Attribution,
         finding: &Finding,
-    ) -> SecretAction {
-        let action = self.secret_action(workload);
+        action: SecretAction,
+        stopped: Option<Stopped>,
+    ) {
         metrics
             .secrets
             .with_label_values(&[workload, provider, &finding.kind])
@@ -261,10 +265,10 @@ impl ExactTokens {
             fingerprint: finding.fingerprint.clone(),
             offset: finding.offset,
             action: action.as_str(),
+            result: stopped.map_or("audited", Stopped::as_str),
             generation: self.generation,
         };
         audit.record(&record, metrics);
-        action
     }
 }
 
@@ -454,6 +458,7 @@ mod tests {
             fingerprint: "f".into(),
             offset: 0,
             action: "audit",
+            result: "audited",
             generation: 1,
         };
         for v in [serde_json::to_value(&r), serde_json::to_value(&s)] {
@@ -511,8 +516,18 @@ mod tests {
         };
         let m = Metrics::new().expect("metrics");
         let audit = AuditSink::open(&crate::policy::AuditLog::Off, m.clone()).expect("audit");
-        let action = x.record_secret(&m, &audit, "bot", "openai", Attribution::default(), f);
+        let action = x.secret_action("bot");
         assert_eq!(action, SecretAction::Audit);
+        x.record_secret(
+            &m,
+            &audit,
+            "bot",
+            "openai",
+            Attribution::default(),
+            f,
+            action,
+            None,
+        );
         assert_eq!(
             value(&m, "llm_egress_secrets_total", &[("kind", "internal")]),
             1.0

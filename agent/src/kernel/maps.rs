@@ -1,4 +1,7 @@
-//! The only writer of kernel maps.
+//! The only writer of kernel maps (but one: `socket_stop` writes the
+//! `DENIED` mark of one socket into `SNI_STATE` for `secrets = "block"`,
+//! from the event reader's task, so that a stop does not wait for the run
+//! task).
 //!
 //! A new policy goes into the idle slot, then `ACTIVE` flips to it in one
 //! array update, then the old slot is emptied once in-flight decisions are

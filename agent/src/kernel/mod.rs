@@ -13,4 +13,5 @@ pub mod plan;
 pub mod privileges;
 pub mod programs;
 pub mod ring;
+pub mod socket_stop;
 pub mod verifier;

@@ -23,6 +23,8 @@ pub const CAP_SYS_PTRACE: u32 = 19;
 /// CAP_KILL, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF (linux/capability.h): what
 /// the plaintext attacher needs after start (run/start.rs).
 pub const CAP_KILL: u32 = 5;
+/// CAP_NET_ADMIN: `SOCK_DESTROY` of a connection `secrets = "block"` stops.
+pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;

@@ -13,8 +13,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
-use llm_egress_common::{MAP_CONNS, MAP_EVENTS, MAP_EXECS, MAP_PLAINTEXT, PROG_EXEC};
+use aya::maps::{HashMap, MapData, RingBuf};
+use llm_egress_common::{
+    MAP_CONNS, MAP_EVENTS, MAP_EXECS, MAP_PLAINTEXT, MAP_SNI_STATE, PROG_EXEC,
+};
 use tokio::{
     net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
@@ -53,6 +55,7 @@ use crate::{
         loader::{self, AttachOutcome, Loader, ProgramFailure},
         maps::KernelMaps,
         plan, privileges, programs,
+        socket_stop::SocketStop,
     },
     limits::{fleet::FleetKeeper, fleet_rate::RateKeeper, limiter::Limiter},
     names::resolver::{HostAddrs, Resolver},
@@ -446,7 +449,9 @@ fn stop_and_reload_signals() -> Result<(Signal, Signal, Signal), RunError> {
 /// users. Measured on 6.18: perf_event_open of a uprobe fails with EACCES
 /// unless CAP_SYS_ADMIN is kept (CAP_PERFMON and CAP_BPF alone are not
 /// enough), so an agent whose policy has an `exact_tokens` workload at
-/// start keeps those (docs/plaintext.md).
+/// start keeps those (docs/plaintext.md), and CAP_NET_ADMIN, which
+/// `SOCK_DESTROY` of a connection stopped by `secrets = "block"` needs
+/// (kernel/socket_stop.rs).
 fn drop_privileges(plaintext: bool) {
     if privileges::kernel_allows_unprivileged_map_fds() {
         let keep: &[u32] = if plaintext {
@@ -456,6 +461,7 @@ fn drop_privileges(plaintext: bool) {
                 privileges::CAP_SYS_ADMIN,
                 privileges::CAP_PERFMON,
                 privileges::CAP_BPF,
+                privileges::CAP_NET_ADMIN,
             ]
         } else {
             &[privileges::CAP_SYS_PTRACE]
@@ -497,8 +503,12 @@ fn start_event_reader(
     let mut accounting = Accounting::new(metrics.clone(), telemetry.clone()).with_tally(tally);
     match ExactTokens::new(&state.policy, state.generation) {
         Ok(exact) => {
-            accounting =
-                accounting.with_exact(ExactConns::new(exact, ctx.audit.clone(), &state.policy));
+            let mut exact = ExactConns::new(exact, ctx.audit.clone(), &state.policy);
+            match loader.ebpf.take_map(MAP_SNI_STATE).map(HashMap::try_from) {
+                Some(Ok(m)) => exact = exact.with_stop(SocketStop::new(m)),
+                _ => error!("secrets = \"block\" cannot mark sockets: no SNI_STATE map"),
+            }
+            accounting = accounting.with_exact(exact);
         }
         Err(e) => error!(error = %e, "exact tokens unavailable: every connection is estimated"),
     }

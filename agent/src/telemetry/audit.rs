@@ -194,6 +194,11 @@ pub struct SecretRecord {
     pub offset: u64,
     /// The policy's action for the workload: `audit` or `block`.
     pub action: &'static str,
+    /// What happened to the connection: `audited` (left alone), `blocked`
+    /// (stopped: marked in the kernel and destroyed), `blocked_marked_only`
+    /// (marked: no more payload leaves, the destroy failed),
+    /// `block_failed` (neither; or the secret was only read at the close).
+    pub result: &'static str,
     pub generation: u64,
 }
 

@@ -71,7 +71,6 @@ impl Checker<'_> {
             SECRET_ACTIONS,
             SecretAction::Audit,
         );
-        self.refuse_block(s.action.as_ref(), action, "secrets.action");
         let mut patterns = Vec::new();
         let mut names = HashMap::new();
         if s.patterns.len() > MAX_SECRET_PATTERNS {
@@ -107,7 +106,8 @@ impl Checker<'_> {
             let w = w.get_ref();
             let key = format!("workloads[{i}].secrets");
             let a = self.choice(w.secrets.as_ref(), &key, SECRET_ACTIONS, action);
-            self.refuse_block(w.secrets.as_ref(), a, &key);
+            let exact = w.exact_tokens.as_ref().is_some_and(|e| *e.get_ref());
+            self.block_needs_exact(w.secrets.as_ref(), a, exact, &key);
             if a != action {
                 workloads.insert(w.name.get_ref().clone(), a);
             }
@@ -119,12 +119,19 @@ impl Checker<'_> {
         }
     }
 
-    /// `block` is refused while nothing stops a connection for a secret: a
-    /// policy that says block and only audits would promise what the
-    /// agent does not do (docs/exact-tokens.md).
-    fn refuse_block(&mut self, value: Option<&Spanned<String>>, action: SecretAction, key: &str) {
-        if let (Some(v), SecretAction::Block) = (value, action) {
-            let message = "\"block\" is not enforced yet (the secret is reported, the request is not stopped): use \"audit\"";
+    /// A workload's own `secrets = "block"` needs `exact_tokens = true`:
+    /// only those workloads' requests are read, so block elsewhere would
+    /// promise what the agent does not do. `[secrets].action = "block"`
+    /// applies to the `exact_tokens` workloads (docs/policy.md).
+    fn block_needs_exact(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        action: SecretAction,
+        exact: bool,
+        key: &str,
+    ) {
+        if let (Some(v), SecretAction::Block, false) = (value, action, exact) {
+            let message = "\"block\" needs exact_tokens = true on this workload (only those workloads' requests are read for secrets)";
             self.error(v, key, message);
         }
     }
@@ -275,12 +282,21 @@ cgroup = "batch.slice"
         assert_eq!(p.secrets.patterns[0].name, "internal-token");
         assert_eq!(p.secrets.action_for("bot"), SecretAction::Off);
         assert_eq!(p.secrets.action_for("batch"), SecretAction::Audit);
-        // `block` is refused, globally and per workload, until enforced.
-        let e = errors("[secrets]\naction = \"block\"\n");
-        assert_eq!(e[0].key, "secrets.action");
-        assert!(e[0].message.contains("not enforced yet"));
+        // `block` is accepted: globally (it applies to the `exact_tokens`
+        // workloads), and on a workload with `exact_tokens = true`.
+        let p = ok(
+            "[secrets]\naction = \"block\"\n\n[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\n",
+        );
+        assert_eq!(p.secrets.action_for("w"), SecretAction::Block);
+        let p = ok(
+            "[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\nexact_tokens = true\nsecrets = \"block\"\n",
+        );
+        assert_eq!(p.secrets.action_for("w"), SecretAction::Block);
+        // A workload's own block without exact_tokens is refused: nothing
+        // reads its requests.
         let e = errors("[[workloads]]\nname = \"w\"\ncgroup = \"w.slice\"\nsecrets = \"block\"\n");
         assert_eq!(e[0].key, "workloads[0].secrets");
+        assert!(e[0].message.contains("needs exact_tokens = true"));
         let e = errors("[secrets]\naction = \"drop\"\n");
         assert_eq!(e[0].key, "secrets.action");
         assert!(e[0].message.contains("\"off\", \"audit\", \"block\""));
