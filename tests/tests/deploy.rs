@@ -30,7 +30,9 @@ use std::{
 use llm_egress_tests::{
     Agent, CgroupGuard, NetnsGuard, PinDir, Probe, TempDir,
     agent::free_loopback_port,
-    agent_bin, http,
+    agent_bin,
+    fake_provider::{self, FakeProvider, Flavor},
+    http,
     probe::describe,
     prometheus::Prometheus,
     redis::{RedisOptions, RedisServer},
@@ -249,6 +251,20 @@ servers = ["127.0.0.1:9"]
 [[providers]]
 name = "test-llm"
 cidrs = ["10.20.0.0/16"]
+
+[[providers]]
+name = "openai"
+hosts = ["api.openai.com"]
+cidrs = ["192.0.2.1/32"]
+ports = [443]
+
+[[workloads]]
+name = "reader"
+cgroup = "reader"
+allow = ["openai"]
+exact_tokens = true
+[workloads.limits]
+usd_per_day = 1000
 ports = [443]
 
 [[workloads]]
@@ -952,8 +968,17 @@ fn curl(cgroup: &Path, ns: &NetnsGuard, url: &str) -> Output {
 /// connections with payload (curl), denied ones, audited ones, a failed
 /// handshake, a connection refused by a rate limit, and a token budget.
 /// `redis`: the fleet ledger of workload `fleetbot` (the fleet panels).
-fn agent_with_traffic(cg: &CgroupGuard, ns: &NetnsGuard, redis: &RedisServer) -> Agent {
+/// `openai`: a fake provider that workload `reader` (`exact_tokens`, a
+/// dollar budget) calls with curl, a secret in its prompt (the plaintext
+/// panels: cost, exact tokens, the estimator's error, secrets).
+fn agent_with_traffic(
+    cg: &CgroupGuard,
+    ns: &NetnsGuard,
+    redis: &RedisServer,
+    openai: &FakeProvider,
+) -> Agent {
     let (bot, batch, notebook) = (cg.child("bot"), cg.child("batch"), cg.child("notebook"));
+    let reader = cg.child("reader");
     let capped = cg.child("capped");
     // A pod of `fleetbot` here: it holds a share of its fleet connection
     // rate (the dashboard's fleet-rate panel).
@@ -968,6 +993,20 @@ servers = ["127.0.0.1:9"]
 [[providers]]
 name = "test-llm"
 cidrs = ["10.20.0.0/16"]
+
+[[providers]]
+name = "openai"
+hosts = ["api.openai.com"]
+cidrs = ["192.0.2.1/32"]
+ports = [443]
+
+[[workloads]]
+name = "reader"
+cgroup = "reader"
+allow = ["openai"]
+exact_tokens = true
+[workloads.limits]
+usd_per_day = 1000
 
 [[workloads]]
 name = "bot"
@@ -1042,6 +1081,34 @@ servers = [{}]
         "capped (burst 1, one connection in 1000 s) → test-llm twice\n{}",
         agent.context()
     );
+    // The plaintext panels: one exact exchange, with AWS's documented
+    // example key in its prompt.
+    let leaky = r#"{"model":"gpt-4o-mini","max_tokens":20,"messages":[{"role":"user","content":"deploy with AKIAIOSFODNN7EXAMPLE please"}]}"#;
+    let mut cmd =
+        llm_egress_tests::curl::post(openai, "/v1/chat/completions", leaky, &reader, ns);
+    cmd.args(["--http1.1", "--max-time", "30", "-o", "/dev/null"]);
+    let out = run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "curl from reader: {}\n{}",
+        show(&out),
+        agent.context()
+    );
+    let got = agent.wait_for_metric(
+        "llm_egress_secrets_total",
+        &[("workload", "reader")],
+        1.0,
+        EVENT_WAIT,
+    );
+    assert_eq!(got, Some(1.0), "the secret was found\n{}", agent.context());
+    // Its close (1 s of grace for late plaintext) measures the estimator.
+    let got = agent.wait_for_metric(
+        "llm_egress_token_estimate_ratio_count",
+        &[("workload", "reader")],
+        1.0,
+        EVENT_WAIT,
+    );
+    assert!(got >= Some(1.0), "the estimator's error was measured\n{}", agent.context());
     // Nothing listens on port 9: an allowed connection whose handshake fails.
     let r = p.connect(&bot, ns, "10.20.0.1:9");
     assert_eq!(
@@ -1063,7 +1130,8 @@ fn dashboard_queries_return_data_from_a_real_prometheus() {
     let ns = NetnsGuard::new();
     let _server = HttpServer::start(&ns, "10.20.0.1:8080");
     let redis = RedisServer::start(RedisOptions::default());
-    let agent = agent_with_traffic(&cg, &ns, &redis);
+    let openai = fake_provider::start(&ns, "192.0.2.1:443", Flavor::OpenAi);
+    let agent = agent_with_traffic(&cg, &ns, &redis, &openai);
     for (labels, n) in [
         (vec![("workload", "bot"), ("verdict", "allow")], 3.0),
         (vec![("workload", "batch"), ("verdict", "deny")], 1.0),
