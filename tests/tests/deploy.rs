@@ -251,20 +251,6 @@ servers = ["127.0.0.1:9"]
 [[providers]]
 name = "test-llm"
 cidrs = ["10.20.0.0/16"]
-
-[[providers]]
-name = "openai"
-hosts = ["api.openai.com"]
-cidrs = ["192.0.2.1/32"]
-ports = [443]
-
-[[workloads]]
-name = "reader"
-cgroup = "reader"
-allow = ["openai"]
-exact_tokens = true
-[workloads.limits]
-usd_per_day = 1000
 ports = [443]
 
 [[workloads]]

@@ -453,6 +453,17 @@ fn exact_counts_with_realistic_fakes() {
     exact_counts(Shape::realistic(), "real");
 }
 
+/// Waits up to 15 s until `n` connections of `workload` have closed (their
+/// estimates are counted then).
+fn closed(agent: &Agent, workload: &str, n: f64) {
+    agent.wait_for_metric(
+        "llm_egress_connection_duration_seconds_count",
+        &[("workload", workload)],
+        n,
+        Duration::from_secs(15),
+    );
+}
+
 /// The estimator learns from exact counts (docs/exact-tokens.md, "Learning
 /// from exact counts"): on the realistic fakes, where the calibration is
 /// far off (coalesced events, CDN headers), streams of several lengths
@@ -497,18 +508,7 @@ fn the_estimator_learns_from_exact_counts_on_realistic_fakes() {
         &[],
     );
     let before = served(&openai, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent
-        .metric_value(
-            "llm_egress_connection_duration_seconds_count",
-            &[("workload", "plain")],
-        )
-        .unwrap_or(0.0)
-        < 1.0
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    closed(&agent, "plain", 1.0);
     let raw = estimated(&agent);
     println!(
         "calibration alone: prompt {} / {}, completion {} / {}",
@@ -561,18 +561,7 @@ fn the_estimator_learns_from_exact_counts_on_realistic_fakes() {
     }
     let after = served(&openai, 12);
     let truth = (after.0 - taught.0, after.1 - taught.1);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while agent
-        .metric_value(
-            "llm_egress_connection_duration_seconds_count",
-            &[("workload", "plain")],
-        )
-        .unwrap_or(0.0)
-        < 4.0
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    closed(&agent, "plain", 4.0);
     let now = estimated(&agent);
     let learned = (now.0 - raw.0, now.1 - raw.1);
     println!(

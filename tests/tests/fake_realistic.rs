@@ -20,9 +20,22 @@ fn call(
     body: &str,
     extra: &[&str],
 ) -> (String, String) {
-    let mut cmd = llm_egress_tests::curl::post(server, path, body, cg.path(), ns);
-    cmd.args(["--http1.1", "-D", "-", "--max-time", "30"])
-        .args(extra);
+    let args: Vec<&str> = ["--http1.1"].iter().chain(extra).copied().collect();
+    exchange(server, cg.path(), ns, path, body, &args)
+}
+
+/// curl with `args` (and its own protocol choice), posting `body` to
+/// `path`; (status line and headers, body as curl gives it).
+fn exchange(
+    server: &FakeProvider,
+    cgroup: &std::path::Path,
+    ns: &NetnsGuard,
+    path: &str,
+    body: &str,
+    args: &[&str],
+) -> (String, String) {
+    let mut cmd = llm_egress_tests::curl::post(server, path, body, cgroup, ns);
+    cmd.args(["-D", "-", "--max-time", "30"]).args(args);
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
@@ -131,21 +144,9 @@ fn realistic_fakes_speak_http2_to_clients_that_offer_it() {
         Shape::realistic(),
     );
     let h2 = |body: &str, extra: &[&str]| {
-        let mut cmd =
-            llm_egress_tests::curl::post(&server, "/v1/chat/completions", body, cg.path(), &ns);
-        cmd.args(["-D", "-", "--max-time", "30"]).args(extra);
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run curl: {e}"));
-        assert!(
-            out.status.success(),
-            "curl failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let (head, body) = exchange(&server, cg.path(), &ns, "/v1/chat/completions", body, extra);
         assert!(head.starts_with("HTTP/2 200"), "not HTTP/2: {head}");
-        (head.to_string(), body.to_string())
+        (head, body)
     };
     let chat =
         r#"{"model":"gpt-4o-mini","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
