@@ -94,6 +94,37 @@ pub fn libssl_paths(maps: &str) -> Vec<String> {
     out
 }
 
+/// Paths of the other executable files a /proc/PID/maps text maps with
+/// execute permission (the executable itself, its libraries), libssl
+/// excepted, once each: where a linked-in OpenSSL is looked for.
+pub fn executable_paths(maps: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(perms), Some(path)) = (f.nth(1), f.nth(3)) else {
+            continue;
+        };
+        // "(deleted)" after the path: the file is gone.
+        if f.next().is_some() || !perms.contains('x') || !path.starts_with('/') {
+            continue;
+        }
+        let base = path.rsplit('/').next().unwrap_or("");
+        if base == "libssl.so" || base.starts_with("libssl.so.") || out.iter().any(|p| p == path) {
+            continue;
+        }
+        out.push(path.to_string());
+    }
+    out
+}
+
+/// The executable files `pid` maps (see [`executable_paths`]).
+pub fn mapped_executables(pid: u32) -> Vec<String> {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    executable_paths(&text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +147,23 @@ mod tests {
             ]
         );
         assert!(libssl_paths("").is_empty());
+    }
+
+    #[test]
+    fn executable_files_are_found_in_a_maps_text() {
+        let maps = "\
+5600-5610 r--p 00000000 08:01 11 /usr/bin/client
+5610-5620 r-xp 00010000 08:01 11 /usr/bin/client
+7f00-7f10 r-xp 00010000 08:01 1234 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f20-7f30 r-xp 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f30-7f40 r-xp 00000000 08:01 98 /opt/app/gone.so (deleted)
+7f40-7f50 r-xp 00000000 00:00 0 [vdso]
+7f50-7f60 rw-p 00000000 00:00 0 
+";
+        assert_eq!(
+            executable_paths(maps),
+            ["/usr/bin/client", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
+        );
     }
 
     #[test]
