@@ -66,7 +66,7 @@ use tracing::{info, warn};
 use crate::capture::elf::{FileSource, Lookup, find_functions};
 use crate::capture::metrics::Metrics;
 use crate::capture::procs::{
-    cgroup_pids, mapped_executables, mapped_libssl, process_root, start_time, workload_by_path,
+    cgroup_pids, executable_paths, libssl_paths, maps, process_root, start_time, workload_by_path,
 };
 use crate::capture::reader::{ExecReport, ReaderStats, resume};
 
@@ -89,6 +89,9 @@ const FUNCTION_NAMES: [&str; 4] = [
 /// File versions whose search result is kept; the cache is emptied when
 /// it is full.
 const ELF_CACHE: usize = 1024;
+
+/// (device, inode, size, mtime s, mtime ns) of a file.
+type FileVersion = (u64, u64, u64, i64, i64);
 
 /// Where the four functions are in a file.
 enum Location {
@@ -177,7 +180,7 @@ pub struct Attacher {
     exec_link: Option<TracePointLinkId>,
     /// (device, inode, size, mtime s, mtime ns) of each executable file
     /// searched → the offsets of the four functions, if it has all.
-    elf_cache: HashMap<(u64, u64, u64, i64, i64), Option<Vec<u64>>>,
+    elf_cache: HashMap<FileVersion, Option<Vec<u64>>>,
     /// pid → workload of traced processes, for the plaintext consumer.
     pub workload_of_pid: Arc<Mutex<HashMap<u32, String>>>,
     /// pids that sent or received plaintext (the reader fills it).
@@ -529,7 +532,8 @@ impl Attacher {
     /// it maps with OpenSSL linked in, that is not attached yet; whether
     /// it maps one of either.
     fn attach_mapped(&mut self, ebpf: &mut Ebpf, pid: u32) -> bool {
-        let libs = mapped_libssl(pid);
+        let maps = maps(pid);
+        let libs = libssl_paths(&maps);
         let root = process_root(pid);
         if !libs.is_empty() {
             if let Some(t) = self.traced.get_mut(&pid) {
@@ -545,7 +549,7 @@ impl Attacher {
             }
         }
         let mut linked = false;
-        for file in mapped_executables(pid) {
+        for file in executable_paths(&maps) {
             let path = root.join(file.trim_start_matches('/'));
             let Ok(meta) = fs::metadata(&path) else {
                 continue;

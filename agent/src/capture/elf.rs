@@ -41,14 +41,15 @@ const SYM_SIZE: usize = 24;
 /// Something to read an ELF file from at offsets: a file, or bytes (tests,
 /// fuzzing).
 pub trait Source {
-    fn len(&self) -> u64;
+    /// Its length in bytes.
+    fn size(&self) -> u64;
     /// Fills `buf` from `offset`; an error if the source ends first.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 
 impl Source for [u8] {
-    fn len(&self) -> u64 {
-        <[u8]>::len(self) as u64
+    fn size(&self) -> u64 {
+        self.len() as u64
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
@@ -76,7 +77,7 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.len
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -143,7 +144,7 @@ type Segment = (u64, u64, u64);
 /// it has.
 pub fn find_functions<S: Source + ?Sized>(src: &S, wanted: &[&str]) -> Result<Lookup, ElfError> {
     let mut eh = [0u8; 64];
-    if src.len() < 64 {
+    if src.size() < 64 {
         return Err(ElfError::NotElf);
     }
     src.read_exact_at(&mut eh, 0)?;
@@ -235,7 +236,7 @@ fn name_offsets<S: Source + ?Sized>(
     strtab: &Section,
     wanted: &[&str],
 ) -> Result<Vec<Vec<u64>>, ElfError> {
-    check_table(strtab, src.len(), "a string table")?;
+    check_table(strtab, src.size(), "a string table")?;
     let longest = wanted.iter().map(|w| w.len()).max().unwrap_or(0);
     let mut out = vec![Vec::new(); wanted.len()];
     let mut buf = vec![0u8; CHUNK + longest];
@@ -277,7 +278,7 @@ fn scan_symbols<S: Source + ?Sized>(
     segments: &[Segment],
     found: &mut [Option<u64>],
 ) -> Result<(), ElfError> {
-    check_table(table, src.len(), "a symbol table")?;
+    check_table(table, src.size(), "a symbol table")?;
     let per = CHUNK / SYM_SIZE * SYM_SIZE;
     let mut buf = vec![0u8; per];
     let mut pos = 0u64;

@@ -1,6 +1,7 @@
 //! What the plaintext attacher reads from /proc and cgroupfs: the
 //! workload of a process by its cgroup path, the processes of a cgroup
-//! tree, a process's start time and root, and the libssl files it maps.
+//! tree, a process's start time and root, and the libssl and other
+//! executable files it maps.
 
 use std::{
     fs,
@@ -67,12 +68,9 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Paths (in the process's mount namespace) of the libssl files `pid` maps.
-pub fn mapped_libssl(pid: u32) -> Vec<String> {
-    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    libssl_paths(&text)
+/// `pid`'s /proc/PID/maps text (empty when it is gone).
+pub fn maps(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
 }
 
 /// The libssl paths of a /proc/PID/maps text: `libssl.so` and its versions
@@ -115,14 +113,6 @@ pub fn executable_paths(maps: &str) -> Vec<String> {
         out.push(path.to_string());
     }
     out
-}
-
-/// The executable files `pid` maps (see [`executable_paths`]).
-pub fn mapped_executables(pid: u32) -> Vec<String> {
-    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    executable_paths(&text)
 }
 
 #[cfg(test)]
