@@ -7,7 +7,9 @@
 //! The reading is bounded: the ELF header, the program and section headers
 //! (at most [`MAX_HEADERS`] each) and then the symbol tables and their
 //! string tables in pieces of [`CHUNK`] bytes, each table at most
-//! [`MAX_TABLE`] bytes; never the file's code or data. A file that is not
+//! [`MAX_TABLE`] bytes; never the file's code or data. Memory stays at
+//! two pieces and [`MAX_NAME_COPIES`] places per name; time grows with
+//! the tables' size (once per file version: the attacher caches). A file that is not
 //! a 64-bit little-endian ELF, or whose headers point outside it, is an
 //! [`ElfError`], never a panic (unit tests below with truncated and
 //! garbage input; `fuzz/fuzz_targets/elf_symbols.rs`).
@@ -28,6 +30,9 @@ use std::{fs::File, io, os::unix::fs::FileExt};
 pub const CHUNK: usize = 256 * 1024;
 /// The largest symbol or string table read (a larger one is an error).
 pub const MAX_TABLE: u64 = 256 * 1024 * 1024;
+/// Places in one string table kept per wanted name (a real one has it
+/// once or twice; a hostile one could repeat it millions of times).
+pub const MAX_NAME_COPIES: usize = 64;
 /// The most program or section headers read.
 pub const MAX_HEADERS: u16 = 4096;
 
@@ -256,7 +261,10 @@ fn name_offsets<S: Source + ?Sized>(
             .filter(|(_, b)| **b == 0)
         {
             for (k, w) in wanted.iter().enumerate() {
-                if i >= w.len() && &piece[i - w.len()..i] == w.as_bytes() {
+                if i >= w.len()
+                    && out[k].len() < MAX_NAME_COPIES
+                    && &piece[i - w.len()..i] == w.as_bytes()
+                {
                     out[k].push(pos + (i - w.len()) as u64);
                 }
             }
