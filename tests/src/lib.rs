@@ -51,6 +51,7 @@ mod fake_vectors;
 pub mod http;
 pub mod netns;
 pub mod nspawn;
+pub mod openssl_static;
 pub mod podman;
 pub mod probe;
 pub mod prom;

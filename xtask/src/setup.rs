@@ -109,6 +109,21 @@ pub const PACKAGES: &[Package] = &[
         build_only: false,
     },
     Package {
+        name: "libssl-dev",
+        why: "libssl.a and libcrypto.a: the tests build a C client with OpenSSL linked in (tests/src/openssl_static.rs, tests/tests/linked_openssl.rs)",
+        build_only: false,
+    },
+    Package {
+        name: "gcc",
+        why: "cc, which builds that client (and links the Rust binaries)",
+        build_only: false,
+    },
+    Package {
+        name: "binutils",
+        why: "readelf and strip for that client (its stripped copy must stay invisible)",
+        build_only: false,
+    },
+    Package {
         name: "python3-venv",
         why: "a Python venv under the target dir for kubernetes-validate (the Kubernetes manifest tests) and the official OpenAI and Anthropic SDKs (the token calibration's sdk/ run); nothing goes into the system Python",
         build_only: false,

@@ -18,9 +18,17 @@
 //!   mapping is made.
 //! - At most `max_processes` processes are traced; more are counted
 //!   (`overflow`) and left untraced.
-//! - A traced process that ends having mapped no libssl and sent no
-//!   plaintext is counted and logged as not visible (statically linked
-//!   TLS: Go's crypto/tls, rustls, BoringSSL, a static OpenSSL).
+//! - A process is also attached, by file offset, to every other executable
+//!   file it maps (its executable first) that has OpenSSL linked in:
+//!   `SSL_write`, `SSL_read`, `SSL_write_ex` and `SSL_read_ex` all defined
+//!   in its `.dynsym` or `.symtab` (`crate::capture::elf`; Node.js, a C
+//!   client built with libssl.a). A file with only some of them is logged
+//!   with their names and not attached. Each file version (device, inode,
+//!   size, mtime) is searched once.
+//! - A traced process that ends having mapped no libssl, no linked-in
+//!   OpenSSL, and sent no plaintext is counted and logged as not visible
+//!   (other TLS: Go's crypto/tls, rustls, BoringSSL; a stripped static
+//!   OpenSSL).
 //!
 //! Who can change the inputs: the traced process itself can unmap, replace
 //! or bypass libssl (its own TLS code, a static build, raw syscalls), so
@@ -35,6 +43,7 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use aya::{
@@ -54,9 +63,10 @@ use llm_egress_common::{
 };
 use tracing::{info, warn};
 
+use crate::capture::elf::{FileSource, Lookup, find_functions};
 use crate::capture::metrics::Metrics;
 use crate::capture::procs::{
-    cgroup_pids, mapped_libssl, process_root, start_time, workload_by_path,
+    cgroup_pids, executable_paths, libssl_paths, maps, process_root, start_time, workload_by_path,
 };
 use crate::capture::reader::{ExecReport, ReaderStats, resume};
 
@@ -67,6 +77,29 @@ const FUNCTIONS: [(&str, u64); 4] = [
     ("SSL_write_ex", call_flags::EX),
     ("SSL_read_ex", call_flags::READ | call_flags::EX),
 ];
+
+/// The names of [`FUNCTIONS`], as `crate::capture::elf` looks them up.
+const FUNCTION_NAMES: [&str; 4] = [
+    FUNCTIONS[0].0,
+    FUNCTIONS[1].0,
+    FUNCTIONS[2].0,
+    FUNCTIONS[3].0,
+];
+
+/// File versions whose search result is kept; the cache is emptied when
+/// it is full.
+const ELF_CACHE: usize = 1024;
+
+/// (device, inode, size, mtime s, mtime ns) of a file.
+type FileVersion = (u64, u64, u64, i64, i64);
+
+/// Where the four functions are in a file.
+enum Location {
+    /// By name, resolved by aya (a shared libssl).
+    Symbols,
+    /// By file offset, in the order of [`FUNCTIONS`] (a linked-in OpenSSL).
+    Offsets(Vec<u64>),
+}
 
 /// Where a process's root has its system libssl (Debian/Ubuntu, Fedora/RHEL,
 /// Alpine/Arch), tried when it maps none yet.
@@ -125,6 +158,8 @@ struct Traced {
     links: Vec<UProbeLink>,
     /// It mapped a libssl at some point.
     mapped: bool,
+    /// It maps an executable file with OpenSSL linked in.
+    linked: bool,
 }
 
 /// The uprobe attacher. Owns the plaintext control maps; the programs stay
@@ -143,6 +178,9 @@ pub struct Attacher {
     max_processes: usize,
     cookie_hooks: CookieHooks,
     exec_link: Option<TracePointLinkId>,
+    /// (device, inode, size, mtime s, mtime ns) of each executable file
+    /// searched → the offsets of the four functions, if it has all.
+    elf_cache: HashMap<FileVersion, Option<Vec<u64>>>,
     /// pid → workload of traced processes, for the plaintext consumer.
     pub workload_of_pid: Arc<Mutex<HashMap<u32, String>>>,
     /// pids that sent or received plaintext (the reader fills it).
@@ -222,6 +260,7 @@ impl Attacher {
             max_processes: MAX_PROCESSES,
             cookie_hooks: CookieHooks::None,
             exec_link: None,
+            elf_cache: HashMap::new(),
             workload_of_pid: Arc::default(),
             seen: Arc::default(),
             reader,
@@ -359,14 +398,20 @@ impl Attacher {
             }
             self.attach_mapped(ebpf, pid);
         }
-        let (mut with, mut without) = (0, 0);
+        let (mut with, mut linked, mut without) = (0, 0, 0);
         for t in self.traced.values() {
             if t.mapped {
                 with += 1;
+            } else if t.linked {
+                linked += 1;
             } else {
                 without += 1;
             }
         }
+        self.metrics
+            .processes
+            .with_label_values(&["linked"])
+            .set(linked);
         self.metrics
             .processes
             .with_label_values(&["libssl"])
@@ -457,6 +502,7 @@ impl Attacher {
                 libs: BTreeSet::new(),
                 links: Vec::new(),
                 mapped: false,
+                linked: false,
             },
         );
         if let Ok(mut g) = self.workload_of_pid.lock() {
@@ -472,7 +518,7 @@ impl Attacher {
                 .map(|p| root.join(p.trim_start_matches('/')))
                 .find(|p| p.exists())
             {
-                self.attach_lib(ebpf, pid, &lib);
+                self.attach_lib(ebpf, pid, &lib, &Location::Symbols);
             }
         }
         let ok = self.traced.get(&pid).is_some_and(|t| !t.links.is_empty());
@@ -482,26 +528,95 @@ impl Attacher {
             .inc();
     }
 
-    /// Attaches every libssl `pid` maps that is not attached yet; whether
-    /// it maps one.
+    /// Attaches every libssl `pid` maps, and every other executable file
+    /// it maps with OpenSSL linked in, that is not attached yet; whether
+    /// it maps one of either.
     fn attach_mapped(&mut self, ebpf: &mut Ebpf, pid: u32) -> bool {
-        let libs = mapped_libssl(pid);
-        if libs.is_empty() {
-            return false;
-        }
-        if let Some(t) = self.traced.get_mut(&pid) {
-            t.mapped = true;
-        }
+        let maps = maps(pid);
+        let libs = libssl_paths(&maps);
         let root = process_root(pid);
-        for lib in libs {
-            self.attach_lib(ebpf, pid, &root.join(lib.trim_start_matches('/')));
+        if !libs.is_empty() {
+            if let Some(t) = self.traced.get_mut(&pid) {
+                t.mapped = true;
+            }
+            for lib in &libs {
+                self.attach_lib(
+                    ebpf,
+                    pid,
+                    &root.join(lib.trim_start_matches('/')),
+                    &Location::Symbols,
+                );
+            }
         }
-        true
+        let mut linked = false;
+        for file in executable_paths(&maps) {
+            let path = root.join(file.trim_start_matches('/'));
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            if self
+                .traced
+                .get(&pid)
+                .is_some_and(|t| t.libs.contains(&(meta.dev(), meta.ino())))
+            {
+                linked = true;
+                continue;
+            }
+            if let Some(offsets) = self.linked_openssl(&path, &meta) {
+                linked = true;
+                self.attach_lib(ebpf, pid, &path, &Location::Offsets(offsets));
+            }
+        }
+        if linked && let Some(t) = self.traced.get_mut(&pid) {
+            t.linked = true;
+        }
+        !libs.is_empty() || linked
+    }
+
+    /// The file offsets of the four functions in `path` if it has OpenSSL
+    /// linked in (all four defined), searched once per file version.
+    fn linked_openssl(&mut self, path: &Path, meta: &fs::Metadata) -> Option<Vec<u64>> {
+        let key = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
+        if let Some(hit) = self.elf_cache.get(&key) {
+            return hit.clone();
+        }
+        let started = Instant::now();
+        let found = FileSource::open(path)
+            .map_err(|e| e.to_string())
+            .and_then(|src| find_functions(&src, &FUNCTION_NAMES).map_err(|e| e.to_string()));
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let (result, offsets) = match found {
+            Ok(Lookup::All(offsets)) => {
+                info!(file = %path.display(), ms, "plaintext: OpenSSL linked into this file, found by symbol");
+                ("all", Some(offsets))
+            }
+            Ok(Lookup::Some(names)) => {
+                warn!(file = %path.display(), found = ?names, wanted = ?FUNCTION_NAMES, "plaintext: this file has only some of the OpenSSL functions; not attached");
+                ("some", None)
+            }
+            Ok(Lookup::None) => ("none", None),
+            Err(e) => {
+                info!(file = %path.display(), error = %e, "plaintext: cannot search this file for OpenSSL symbols");
+                ("error", None)
+            }
+        };
+        self.metrics.linked.with_label_values(&[result]).inc();
+        if self.elf_cache.len() >= ELF_CACHE {
+            self.elf_cache.clear();
+        }
+        self.elf_cache.insert(key, offsets.clone());
+        offsets
     }
 
     /// Attaches the 8 probes of `lib` (a path under /proc/PID/root) for
-    /// `pid`, once per library file.
-    fn attach_lib(&mut self, ebpf: &mut Ebpf, pid: u32, lib: &Path) {
+    /// `pid` at `location`, once per file.
+    fn attach_lib(&mut self, ebpf: &mut Ebpf, pid: u32, lib: &Path, location: &Location) {
         let Ok(meta) = fs::metadata(lib) else {
             return;
         };
@@ -526,9 +641,16 @@ impl Attacher {
                     continue;
                 }
             };
-            for (function, cookie) in FUNCTIONS {
+            for (i, (function, cookie)) in FUNCTIONS.into_iter().enumerate() {
+                let location = match location {
+                    Location::Symbols => UProbeAttachLocation::Symbol(function),
+                    Location::Offsets(o) => match o.get(i) {
+                        Some(&off) => UProbeAttachLocation::AbsoluteOffset(off),
+                        None => continue,
+                    },
+                };
                 let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::Symbol(function),
+                    location,
                     cookie: Some(cookie),
                 };
                 match p.attach(point, lib, scope).and_then(|id| p.take_link(id)) {
@@ -554,12 +676,12 @@ impl Attacher {
             .lock()
             .map(|mut s| s.remove(&pid))
             .unwrap_or(false);
-        if !t.mapped && !seen {
+        if !t.mapped && !t.linked && !seen {
             self.metrics
                 .invisible
                 .with_label_values(&[&t.workload])
                 .inc();
-            info!(pid, workload = %t.workload, "plaintext: the process ended without a shared libssl or plaintext: its TLS (if any) was not visible (statically linked TLS: Go, rustls, BoringSSL, static OpenSSL)");
+            info!(pid, workload = %t.workload, "plaintext: the process ended without a shared libssl, a linked-in OpenSSL found by symbol, or plaintext: its TLS (if any) was not visible (Go, rustls, BoringSSL, a stripped static OpenSSL)");
         }
         if let Ok(mut g) = self.workload_of_pid.lock() {
             g.remove(&pid);

@@ -9,6 +9,7 @@ pub struct Metrics {
     pub attach: IntCounterVec,
     pub processes: IntGaugeVec,
     pub invisible: IntCounterVec,
+    pub linked: IntCounterVec,
     pub execs: IntCounterVec,
     pub calls: IntCounter,
     pub bytes: IntCounter,
@@ -29,16 +30,23 @@ impl Metrics {
         let processes = IntGaugeVec::new(
             Opts::new(
                 "llm_egress_plaintext_processes",
-                "Traced processes that map a shared libssl (libssl) and that map none (no_libssl: their TLS plaintext is not visible unless they load it later)",
+                "Traced processes that map a shared libssl (libssl), that map none but an executable file with OpenSSL linked in, found by symbol (linked), and neither (no_libssl: their TLS plaintext is not visible unless they load a libssl later)",
             ),
             &["state"],
         )?;
         let invisible = IntCounterVec::new(
             Opts::new(
                 "llm_egress_plaintext_invisible_total",
-                "Traced processes that ended without mapping a shared libssl or sending plaintext: statically linked TLS (Go, rustls, BoringSSL, static OpenSSL) or no TLS at all",
+                "Traced processes that ended without mapping a shared libssl or a linked-in OpenSSL found by symbol, and without sending plaintext: other TLS (Go, rustls, BoringSSL), a stripped static OpenSSL, or no TLS at all",
             ),
             &["workload"],
+        )?;
+        let linked = IntCounterVec::new(
+            Opts::new(
+                "llm_egress_plaintext_elf_files_total",
+                "Executable files (other than libssl) of traced processes searched for a linked-in OpenSSL, once per file version: all four SSL_write/SSL_read(_ex) found and attached (all), some only, not attached (some), none (none), unreadable or malformed ELF (error)",
+            ),
+            &["result"],
         )?;
         let execs = IntCounterVec::new(
             Opts::new(
@@ -73,6 +81,7 @@ impl Metrics {
         r.register(Box::new(attach.clone()))?;
         r.register(Box::new(processes.clone()))?;
         r.register(Box::new(invisible.clone()))?;
+        r.register(Box::new(linked.clone()))?;
         r.register(Box::new(execs.clone()))?;
         r.register(Box::new(calls.clone()))?;
         r.register(Box::new(bytes.clone()))?;
@@ -83,6 +92,7 @@ impl Metrics {
             attach,
             processes,
             invisible,
+            linked,
             execs,
             calls,
             bytes,

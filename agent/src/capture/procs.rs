@@ -1,6 +1,7 @@
 //! What the plaintext attacher reads from /proc and cgroupfs: the
 //! workload of a process by its cgroup path, the processes of a cgroup
-//! tree, a process's start time and root, and the libssl files it maps.
+//! tree, a process's start time and root, and the libssl and other
+//! executable files it maps.
 
 use std::{
     fs,
@@ -67,12 +68,9 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Paths (in the process's mount namespace) of the libssl files `pid` maps.
-pub fn mapped_libssl(pid: u32) -> Vec<String> {
-    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    libssl_paths(&text)
+/// `pid`'s /proc/PID/maps text (empty when it is gone).
+pub fn maps(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
 }
 
 /// The libssl paths of a /proc/PID/maps text: `libssl.so` and its versions
@@ -90,6 +88,29 @@ pub fn libssl_paths(maps: &str) -> Vec<String> {
         {
             out.push(path.to_string());
         }
+    }
+    out
+}
+
+/// Paths of the other executable files a /proc/PID/maps text maps with
+/// execute permission (the executable itself, its libraries), libssl
+/// excepted, once each: where a linked-in OpenSSL is looked for.
+pub fn executable_paths(maps: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(perms), Some(path)) = (f.nth(1), f.nth(3)) else {
+            continue;
+        };
+        // "(deleted)" after the path: the file is gone.
+        if f.next().is_some() || !perms.contains('x') || !path.starts_with('/') {
+            continue;
+        }
+        let base = path.rsplit('/').next().unwrap_or("");
+        if base == "libssl.so" || base.starts_with("libssl.so.") || out.iter().any(|p| p == path) {
+            continue;
+        }
+        out.push(path.to_string());
     }
     out
 }
@@ -116,6 +137,23 @@ mod tests {
             ]
         );
         assert!(libssl_paths("").is_empty());
+    }
+
+    #[test]
+    fn executable_files_are_found_in_a_maps_text() {
+        let maps = "\
+5600-5610 r--p 00000000 08:01 11 /usr/bin/client
+5610-5620 r-xp 00010000 08:01 11 /usr/bin/client
+7f00-7f10 r-xp 00010000 08:01 1234 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f20-7f30 r-xp 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f30-7f40 r-xp 00000000 08:01 98 /opt/app/gone.so (deleted)
+7f40-7f50 r-xp 00000000 00:00 0 [vdso]
+7f50-7f60 rw-p 00000000 00:00 0 
+";
+        assert_eq!(
+            executable_paths(maps),
+            ["/usr/bin/client", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
+        );
     }
 
     #[test]
