@@ -364,10 +364,11 @@ impl Agent {
         self.check_root_untouched();
     }
 
-    /// Whether the current run exited (within its first 5 s) because its
-    /// metrics port was taken.
+    /// Whether the current run exited, before it was ready, because its
+    /// metrics port was taken (a loaded machine can take tens of seconds to
+    /// get there; a ready agent ends the wait at once).
     fn exited_on_busy_port(&mut self) -> bool {
-        let exited = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        let exited = wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
             if self.try_wait().is_some() {
                 return Some(true);
             }

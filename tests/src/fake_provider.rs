@@ -445,7 +445,15 @@ fn serve(
         inner: &mut s,
         counts: counts.clone(),
     };
-    let result = serve_counted(&mut plain, flavor, opts, shape, &served, peer, Some(&counts));
+    let result = serve_counted(
+        &mut plain,
+        flavor,
+        opts,
+        shape,
+        &served,
+        peer,
+        Some(&counts),
+    );
     let _ = s.sock.sock.shutdown(Shutdown::Both);
     result
 }

@@ -1070,8 +1070,7 @@ servers = [{}]
     // The plaintext panels: one exact exchange, with AWS's documented
     // example key in its prompt.
     let leaky = r#"{"model":"gpt-4o-mini","max_tokens":20,"messages":[{"role":"user","content":"deploy with AKIAIOSFODNN7EXAMPLE please"}]}"#;
-    let mut cmd =
-        llm_egress_tests::curl::post(openai, "/v1/chat/completions", leaky, &reader, ns);
+    let mut cmd = llm_egress_tests::curl::post(openai, "/v1/chat/completions", leaky, &reader, ns);
     cmd.args(["--http1.1", "--max-time", "30", "-o", "/dev/null"]);
     let out = run(&mut cmd);
     assert!(
@@ -1094,7 +1093,11 @@ servers = [{}]
         1.0,
         EVENT_WAIT,
     );
-    assert!(got >= Some(1.0), "the estimator's error was measured\n{}", agent.context());
+    assert!(
+        got >= Some(1.0),
+        "the estimator's error was measured\n{}",
+        agent.context()
+    );
     // Nothing listens on port 9: an allowed connection whose handshake fails.
     let r = p.connect(&bot, ns, "10.20.0.1:9");
     assert_eq!(
