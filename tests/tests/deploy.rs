@@ -410,6 +410,29 @@ fn systemd_unit_privileges_are_enough_and_each_capability_is_needed() {
         let _ = client.wait();
     }
 
+    // exact_tokens needs CAP_SYS_ADMIN, which the unit leaves out (an
+    // opt-in, docs/install.md "Exact tokens"): the agent still enforces,
+    // and says at start why those workloads get no plaintext.
+    {
+        let exact = format!(
+            "{policy}\n[[workloads]]\nname = \"reader\"\ncgroup = \"reader\"\nallow = [\"test-llm\"]\nexact_tokens = true\n"
+        );
+        let agent = Agent::start_with(sandbox_script(dir.path(), &caps, nnp), &exact);
+        let r = probe().connect(&w, &ns, "10.20.0.1:443");
+        assert_eq!(r, Err(libc::EPERM), "{}", agent.context());
+        let said = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            agent
+                .stderr()
+                .contains("exact_tokens workloads need CAP_SYS_ADMIN")
+                .then_some(())
+        });
+        assert!(
+            said.is_some(),
+            "no start-time error about CAP_SYS_ADMIN for exact_tokens\n{}",
+            agent.context()
+        );
+    }
+
     // Without each capability: what breaks. A capability whose removal breaks
     // nothing should leave the unit.
     for cap in &caps {

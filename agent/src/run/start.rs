@@ -547,6 +547,20 @@ fn start_plaintext(
     mpsc::Receiver<ExecReport>,
     Option<mpsc::Receiver<PlaintextChunk>>,
 ) {
+    // Uprobes are attached while the agent runs, with perf_event_open,
+    // which needs CAP_SYS_ADMIN here (docs/plaintext.md, "Privileges"): an
+    // agent started without it (the shipped unit and DaemonSet leave it
+    // out) says so now, not at each process's failed attach.
+    let exact = state.policy.workloads.iter().any(|w| w.exact_tokens);
+    let sys_admin =
+        privileges::effective_mask(0).is_ok_and(|m| m & (1 << privileges::CAP_SYS_ADMIN) != 0);
+    if exact && !sys_admin {
+        error!(
+            "exact_tokens workloads need CAP_SYS_ADMIN to attach uprobes, and this agent was started without it: \
+             their TLS plaintext will not be read (counts stay estimated, secrets are not seen); \
+             docs/install.md, \"Exact tokens\""
+        );
+    }
     let stats = Arc::new(reader::ReaderStats::default());
     let (chunk_tx, chunk_rx) = mpsc::channel::<PlaintextChunk>(PLAINTEXT_QUEUE);
     let (exec_tx, exec_rx) = mpsc::channel::<ExecReport>(EXEC_QUEUE);
@@ -558,7 +572,7 @@ fn start_plaintext(
     ) {
         Ok(a) => Some(a),
         Err(e) => {
-            if state.policy.workloads.iter().any(|w| w.exact_tokens) {
+            if exact {
                 error!(error = %e, "plaintext programs unavailable: exact_tokens workloads get no plaintext");
             } else {
                 info!(error = %e, "plaintext programs unavailable");
