@@ -13,11 +13,13 @@
 //! package.
 
 use std::{
+    collections::BTreeSet,
     fs,
     net::{SocketAddr, TcpListener},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -178,11 +180,22 @@ fn assert_attaches_to_a_test_cgroup(policy_toml: &str) {
 
 /// A loopback port nobody listens on right now.
 pub fn free_loopback_port() -> u16 {
-    let l =
-        TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
-    l.local_addr()
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("local_addr: {e}"))
+    // The tests of one binary run in parallel threads: bind(0) may hand two
+    // of them the same port once the first probe's socket is closed, and
+    // two agents would then race for it. A port is handed out once per
+    // process.
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
+        let port = l
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 impl Agent {
