@@ -32,6 +32,11 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long drop and [`Agent::stop`] wait after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What [`Agent::stop`] allows for each uprobe link closed at exit: the
+/// kernel takes ~0.1 s each on 6.18 (docs/plaintext.md, "Cost"), more
+/// under the suite's load.
+pub const CLOSE_PER_LINK: Duration = Duration::from_millis(300);
+
 /// The agent executable: `$LLM_EGRESS_BIN`, else `<target>/<profile>/llm-egress`
 /// derived from the running test executable (`<target>/<profile>/deps/x`).
 pub fn agent_bin() -> PathBuf {
@@ -720,6 +725,24 @@ impl Agent {
         });
     }
 
+    /// The uprobe links this run said it closes at exit
+    /// (docs/plaintext.md, "Cost": ~0.1 s each, in the kernel).
+    fn links_closed_at_exit(&self) -> u32 {
+        self.stderr()
+            .lines()
+            .filter(|l| l.contains("closing the remaining uprobe links"))
+            .filter_map(|l| {
+                l.split("links=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .next_back()
+            .unwrap_or(0)
+    }
+
     /// SIGKILL, and reap the process.
     pub fn kill9(&mut self) {
         if !self.is_running() {
@@ -731,8 +754,9 @@ impl Agent {
         }
     }
 
-    /// SIGTERM and wait for the exit (at most [`STOP_TIMEOUT`], then SIGKILL
-    /// and panic); returns the exit status.
+    /// SIGTERM and wait for the exit (at most [`STOP_TIMEOUT`], plus
+    /// [`CLOSE_PER_LINK`] for each uprobe link the agent says it closes at
+    /// exit; then SIGKILL and panic); returns the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         if let Some(status) = self.try_wait() {
             return status;
@@ -740,6 +764,15 @@ impl Agent {
         self.signal(libc::SIGTERM);
         if let Some(status) =
             wait_until(STOP_TIMEOUT, Duration::from_millis(20), || self.try_wait())
+        {
+            return status;
+        }
+        let links = self.links_closed_at_exit();
+        if links > 0
+            && let Some(status) =
+                wait_until(CLOSE_PER_LINK * links, Duration::from_millis(20), || {
+                    self.try_wait()
+                })
         {
             return status;
         }

@@ -886,3 +886,121 @@ fn bench_plaintext_cost() {
             .join("\n")
     );
 }
+
+/// Closing a process's eight uprobes takes most of a second on 6.18
+/// (docs/plaintext.md, "Cost"). On the agent's loop, sixteen processes that
+/// ended together held it for ~13 s: a process that exec'd next stayed
+/// paused that long, and SIGTERM went unanswered. They are closed on a
+/// thread of their own (`llm_egress_plaintext_processes{state="detaching"}`
+/// shows the backlog): the next process runs at once, and the backlog
+/// drains to zero.
+#[test]
+fn uprobes_of_ended_processes_are_closed_off_the_agents_loop() {
+    require_root();
+    let cg = CgroupGuard::new("pt-detach");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let dir = TempDir::new("pt");
+    let (mut agent, _dump) = start_agent(&cg, dir.path());
+    let in_bot = |script: &str| {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", script]).stdin(Stdio::null());
+        confine(&mut cmd, &bot, &netns);
+        cmd
+    };
+    let status = in_bot("for i in $(seq 16); do sleep 1 & done; wait")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The tick forgets the ended processes: a backlog forms.
+    let detaching = agent.wait_for_metric(
+        "llm_egress_plaintext_processes",
+        &[("state", "detaching")],
+        4.0,
+        Duration::from_secs(5),
+    );
+    assert!(
+        detaching.is_some_and(|n| n >= 4.0),
+        "no detach backlog after 17 processes ended: {detaching:?}\n{}",
+        agent.context()
+    );
+    // The next exec is paused, attached and resumed while the backlog drains.
+    let started = Instant::now();
+    let status = in_bot("exit 0").status().unwrap();
+    let took = started.elapsed();
+    assert!(status.success());
+    assert!(
+        took < Duration::from_secs(3),
+        "a process exec'd during the detach backlog took {took:?} to run\n{}",
+        agent.context()
+    );
+    let drained = Instant::now() + Duration::from_secs(60);
+    while agent
+        .metric_value("llm_egress_plaintext_processes", &[("state", "detaching")])
+        .is_none_or(|n| n > 0.0)
+    {
+        assert!(
+            Instant::now() < drained,
+            "the detach backlog did not drain\n{}",
+            agent.context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    agent.stop();
+}
+
+/// The exec program stops each process of the workload at exec until its
+/// uprobes are in (docs/plaintext.md, "Which processes get uprobes"). An
+/// agent that stops while a workload execs without pause must leave none
+/// of them stopped: it detaches the exec program, reads the reports still
+/// in the ring and resumes each.
+#[test]
+fn an_agent_that_stops_leaves_no_process_paused_at_exec() {
+    require_root();
+    let cg = CgroupGuard::new("pt-stop");
+    let bot = cg.child("bot");
+    let netns = NetnsGuard::new();
+    let dir = TempDir::new("pt");
+    let (mut agent, _dump) = start_agent(&cg, dir.path());
+    // Each exec is paused; the loop's processes see no libssl (an empty
+    // file mounted over it in their own mount namespace), so none gets
+    // uprobes: closing them would take ~0.1 s per probe at exit.
+    let libssl = "/usr/lib/x86_64-linux-gnu/libssl.so.3";
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &format!("mount --bind /dev/null {libssl} && while :; do /bin/true; done"),
+    ])
+    .stdin(Stdio::null());
+    confine(&mut cmd, &bot, &netns);
+    let mut looping = cmd.spawn().unwrap();
+    agent.wait_for_metric(
+        "llm_egress_plaintext_execs_total",
+        &[("result", "paused")],
+        20.0,
+        Duration::from_secs(20),
+    );
+    agent.stop();
+    // A process left stopped stays in state T; one resumed ends at once.
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped: Vec<(String, String)> = std::fs::read_to_string(bot.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.split(' ').next()?.to_string();
+            (state == "T").then(|| (pid.to_string(), stat))
+        })
+        .collect();
+    let _ = looping.kill();
+    let _ = looping.wait();
+    assert!(
+        stopped.is_empty(),
+        "processes left stopped at exec after the agent stopped: {stopped:?}\n{}",
+        agent.context()
+    );
+}

@@ -16,8 +16,10 @@
 //!   process maps libssl only when it imports `ssl`, after its exec, and a
 //!   uprobe attached to the file before the mapping is installed when the
 //!   mapping is made.
-//! - At most `max_processes` processes are traced; more are counted
-//!   (`overflow`) and left untraced.
+//! - At most `max_processes` processes are traced, those that ended and
+//!   whose uprobes are still being closed included (`crate::capture::detach`:
+//!   each close takes ~100 ms); more are counted (`overflow`) and left
+//!   untraced.
 //! - A process is also attached, by file offset, to every other executable
 //!   file it maps (its executable first) that has OpenSSL linked in:
 //!   `SSL_write`, `SSL_read`, `SSL_write_ex` and `SSL_read_ex` all defined
@@ -68,7 +70,10 @@ use crate::capture::metrics::Metrics;
 use crate::capture::procs::{
     cgroup_pids, executable_paths, libssl_paths, maps, process_root, start_time, workload_by_path,
 };
-use crate::capture::reader::{ExecReport, ReaderStats, resume};
+use crate::capture::{
+    detach::Detacher,
+    reader::{ExecReport, ReaderStats, resume},
+};
 
 /// The functions probed, with the attach cookie each entry probe gets.
 const FUNCTIONS: [(&str, u64); 4] = [
@@ -175,6 +180,8 @@ pub struct Attacher {
     exact: Vec<(String, String)>,
     written_keys: Vec<u64>,
     traced: BTreeMap<u32, Traced>,
+    /// Closes the links of processes that ended (`crate::capture::detach`).
+    detacher: Detacher,
     max_processes: usize,
     cookie_hooks: CookieHooks,
     exec_link: Option<TracePointLinkId>,
@@ -186,6 +193,8 @@ pub struct Attacher {
     /// pids that sent or received plaintext (the reader fills it).
     pub seen: Arc<Mutex<HashSet<u32>>>,
     reader: Arc<ReaderStats>,
+    /// Tells the plaintext reader to read the ring a last time and end.
+    pub reader_finish: Arc<tokio::sync::Notify>,
     kernel_seen: [u64; plaintext_stat::LEN as usize],
     reader_seen: [u64; 6],
     metrics: Metrics,
@@ -257,6 +266,7 @@ impl Attacher {
             exact: Vec::new(),
             written_keys: Vec::new(),
             traced: BTreeMap::new(),
+            detacher: Detacher::spawn(),
             max_processes: MAX_PROCESSES,
             cookie_hooks: CookieHooks::None,
             exec_link: None,
@@ -264,6 +274,7 @@ impl Attacher {
             workload_of_pid: Arc::default(),
             seen: Arc::default(),
             reader,
+            reader_finish: Arc::default(),
             kernel_seen: [0; plaintext_stat::LEN as usize],
             reader_seen: [0; 6],
             metrics,
@@ -349,6 +360,27 @@ impl Attacher {
         Ok(())
     }
 
+    /// At stop: no process is paused at exec any more (the exec program is
+    /// detached: once that returns, none of its runs is in flight), and the
+    /// reader is told to read the ring a last time and end, so that every
+    /// process it already paused is reported and resumed.
+    pub fn stop_pausing(&mut self, ebpf: &mut Ebpf) {
+        if let Some(id) = self.exec_link.take()
+            && let Ok(t) = program::<TracePoint>(ebpf, PROG_PLAINTEXT_EXEC)
+        {
+            let _ = t.detach(id);
+        }
+        self.cfg.exec_enabled = 0;
+        let _ = self.write_cfg();
+        self.reader_finish.notify_one();
+    }
+
+    /// Uprobe links still open: of traced processes, and of ended ones
+    /// not closed yet.
+    pub fn open_links(&self) -> usize {
+        self.traced.values().map(|t| t.links.len()).sum::<usize>() + self.detacher.pending_links()
+    }
+
     /// The `exact_tokens` workload of a process, by its cgroup path.
     fn workload_of(&self, pid: u32) -> Option<String> {
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -365,7 +397,7 @@ impl Attacher {
         // that execs the client): its libraries are gone; it is not
         // counted as invisible, the new image is what runs.
         if let Some(t) = self.traced.remove(&report.pid) {
-            drop(t);
+            self.detacher.detach(t.links);
         }
         if let Some(w) = self.workload_of(report.pid) {
             self.attach(ebpf, report.pid, w);
@@ -420,6 +452,10 @@ impl Attacher {
             .processes
             .with_label_values(&["no_libssl"])
             .set(without);
+        self.metrics
+            .processes
+            .with_label_values(&["detaching"])
+            .set(self.detacher.pending() as i64);
         self.sync_counters();
     }
 
@@ -489,7 +525,7 @@ impl Attacher {
         let Some(start_time) = start_time(pid) else {
             return;
         };
-        if self.traced.len() >= self.max_processes {
+        if self.traced.len() + self.detacher.pending() >= self.max_processes {
             self.metrics.attach.with_label_values(&["overflow"]).inc();
             warn!(pid, workload = %workload, max = self.max_processes, "plaintext: too many traced processes; this one is not traced");
             return;
@@ -671,6 +707,7 @@ impl Attacher {
         let Some(t) = self.traced.remove(&pid) else {
             return;
         };
+        self.detacher.detach(t.links);
         let seen = self
             .seen
             .lock()

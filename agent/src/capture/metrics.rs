@@ -30,7 +30,7 @@ impl Metrics {
         let processes = IntGaugeVec::new(
             Opts::new(
                 "llm_egress_plaintext_processes",
-                "Traced processes that map a shared libssl (libssl), that map none but an executable file with OpenSSL linked in, found by symbol (linked), and neither (no_libssl: their TLS plaintext is not visible unless they load a libssl later)",
+                "Traced processes that map a shared libssl (libssl), that map none but an executable file with OpenSSL linked in, found by symbol (linked), neither (no_libssl: their TLS plaintext is not visible unless they load a libssl later), and processes that ended whose uprobes are still being closed (detaching; they count against max processes)",
             ),
             &["state"],
         )?;

@@ -2,13 +2,14 @@
 //! (docs/plaintext.md): OpenSSL uprobes attached to the processes of
 //! `exact_tokens` workloads, and no others (`attach`, with what it reads
 //! from /proc and cgroupfs, `procs`, an OpenSSL linked into an executable
-//! found by symbol, `elf`, the kernel's BTF, `btf`, and its
-//! series, `metrics`); their records joined into one chunk per TLS call on
-//! the connection's socket cookie (`reader`). `crate::plaintext` reads the
-//! chunks as HTTP.
+//! found by symbol, `elf`, the kernel's BTF, `btf`, the thread that
+//! closes uprobe links, `detach`, and its series, `metrics`); their
+//! records joined into one chunk per TLS call on the connection's socket
+//! cookie (`reader`). `crate::plaintext` reads the chunks as HTTP.
 
 pub mod attach;
 pub mod btf;
+pub mod detach;
 pub mod elf;
 pub mod metrics;
 pub mod procs;

@@ -23,14 +23,18 @@ pub fn workload_by_path(exact: &[(String, String)], path: &str) -> Option<String
 }
 
 /// Where `pid`'s root is seen from the agent: `/` when it shares the
-/// agent's root (the path then names the file directly), else
-/// /proc/PID/root (a container's root).
+/// agent's root and mount namespace (the path then names the file
+/// directly), else /proc/PID/root (a container's root, or a private mount
+/// namespace whose mounts may cover the agent's files: `unshare -m` and a
+/// bind mount over libssl).
 pub fn process_root(pid: u32) -> PathBuf {
     let theirs = PathBuf::from(format!("/proc/{pid}/root"));
-    let same = match (fs::metadata(&theirs), fs::metadata("/")) {
+    let same_file = |a: &str, b: &str| match (fs::metadata(a), fs::metadata(b)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     };
+    let same = same_file(&format!("/proc/{pid}/root"), "/")
+        && same_file(&format!("/proc/{pid}/ns/mnt"), "/proc/self/ns/mnt");
     if same { PathBuf::from("/") } else { theirs }
 }
 

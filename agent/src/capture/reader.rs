@@ -23,7 +23,7 @@ use llm_egress_common::{
     PLAINTEXT_CALL_MAX, PLAINTEXT_HEADER_BYTES, PLAINTEXT_WAKE_NS, PlaintextHeader, plaintext_dir,
     plaintext_flags, plaintext_kind,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::kernel::ring::RingReader;
 use tracing::warn;
@@ -196,9 +196,12 @@ impl Assembler {
     }
 }
 
-/// Reads `ring` until the agent stops: chunks to `chunks`, exec reports to
-/// `execs`. A process the kernel paused whose report `execs` cannot take is
-/// resumed at once (never left stopped).
+/// Reads `ring` until `finish` is notified: chunks to `chunks`, exec
+/// reports to `execs`. A process the kernel paused whose report `execs`
+/// cannot take is resumed at once (never left stopped). When finished it
+/// reads what the ring still holds and returns, closing `execs`: the agent
+/// stops the exec program first, then resumes every process still reported
+/// until `execs` is closed.
 pub async fn read(
     ring: RingBuf<MapData>,
     chunks: mpsc::Sender<PlaintextChunk>,
@@ -206,6 +209,7 @@ pub async fn read(
     stats: Arc<ReaderStats>,
     seen: Arc<Mutex<std::collections::HashSet<u32>>>,
     alive: Arc<AtomicBool>,
+    finish: Arc<Notify>,
 ) {
     let mut reader = match RingReader::new(ring, Duration::from_nanos(PLAINTEXT_WAKE_NS)) {
         Ok(r) => r,
@@ -223,12 +227,20 @@ pub async fn read(
         seen: &seen,
     };
     loop {
-        if let Err(e) = reader.wait().await {
-            warn!(error = %e, "plaintext ring buffer poll failed");
-            alive.store(false, Ordering::SeqCst);
-            return;
+        tokio::select! {
+            polled = reader.wait() => {
+                if let Err(e) = polled {
+                    warn!(error = %e, "plaintext ring buffer poll failed");
+                    alive.store(false, Ordering::SeqCst);
+                    return;
+                }
+                drain(reader.ring(), &mut asm, &out);
+            }
+            () = finish.notified() => {
+                drain(reader.ring(), &mut asm, &out);
+                return;
+            }
         }
-        drain(reader.ring(), &mut asm, &out);
     }
 }
 

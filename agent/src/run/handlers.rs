@@ -54,6 +54,10 @@ pub(super) fn sync_plaintext(
 /// of up to 2 × 65,536 entries).
 const LEARNED_COUNT_TICKS: u64 = 10;
 
+/// At stop, how long the plaintext reader gets to report the processes it
+/// paused at exec (it needs one read of the ring).
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One change, as [`Running::next_change`] saw it.
 enum Change {
     Stop,
@@ -250,9 +254,24 @@ impl Running {
     /// stopped, and the programs detached or kept as `on_exit` says.
     pub(super) async fn stop(mut self) -> Result<(), RunError> {
         info!("stopping");
-        // Uprobes detach with their links; nothing stays paused (the exec
-        // program detaches with the agent).
-        drop(self.attacher.take());
+        // No process stays paused at exec: the exec program goes first,
+        // then every report the reader still has is resumed.
+        if let Some(a) = self.attacher.as_mut() {
+            a.stop_pausing(&mut self.loader.ebpf);
+            let execs = &mut self.sources.execs_paused;
+            let resume_all = async {
+                while let Some(r) = execs.recv().await {
+                    if r.paused {
+                        reader::resume(r.pid);
+                    }
+                }
+            };
+            if tokio::time::timeout(STOP_DRAIN, resume_all).await.is_err() {
+                warn!(
+                    "the plaintext reader did not finish within {STOP_DRAIN:?}: a process paused at exec may stay stopped"
+                );
+            }
+        }
         self.limiter.stop(&mut self.maps).await;
         self.events_task.abort();
         if let Some(t) = &self.http_task {
@@ -265,6 +284,17 @@ impl Running {
                 info!("programs detached and unpinned");
             }
             OnExit::Keep => self.loader.keep(),
+        }
+        // Last: the uprobe links still open close at ~100 ms each
+        // (`crate::capture::detach`), after budgets and programs are done.
+        if let Some(a) = self.attacher.take() {
+            let open = a.open_links();
+            if open > 0 {
+                info!(
+                    links = open,
+                    "closing the remaining uprobe links (about 0.1 s each)"
+                );
+            }
         }
         Ok(())
     }

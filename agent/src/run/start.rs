@@ -593,6 +593,7 @@ fn start_plaintext(
             stats,
             a.seen.clone(),
             Arc::new(AtomicBool::new(true)),
+            a.reader_finish.clone(),
         ));
         match reader::dump_path() {
             Some(path) => {
