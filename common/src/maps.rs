@@ -109,7 +109,7 @@ pub const MAP_PROXY_PORTS: &str = "PROXY_PORTS";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 44] = [
+pub const ALL_MAPS: [&str; 45] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -150,6 +150,7 @@ pub const ALL_MAPS: [&str; 44] = [
     crate::plaintext::MAP_PLAINTEXT,
     crate::plaintext::MAP_PLAINTEXT_CALLS,
     crate::plaintext::MAP_PLAINTEXT_SOCKS,
+    crate::plaintext::MAP_PLAINTEXT_PENDING,
     crate::plaintext::MAP_PLAINTEXT_CFG,
     crate::plaintext::MAP_PLAINTEXT_WORKLOADS,
     crate::plaintext::MAP_PLAINTEXT_SCRATCH,

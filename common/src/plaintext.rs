@@ -46,6 +46,13 @@ pub const MAP_PLAINTEXT_CALLS: &str = "PLAINTEXT_CALLS";
 /// `SSL*` of each process, for calls that touch no socket (an `SSL_read`
 /// served from a record OpenSSL already holds).
 pub const MAP_PLAINTEXT_SOCKS: &str = "PLAINTEXT_SOCKS";
+/// `LruHashMap<u64 pid_tgid, SslPending>`: the thread's last `SSL_write`
+/// that returned without a socket cookie (no TCP call inside it, none
+/// remembered for its `SSL*`): OpenSSL over memory BIOs (Node.js), whose
+/// caller sends the TLS records itself right after. The thread's next
+/// socket send, soon enough and at least as long as the records, joins
+/// the `SSL*` to that socket (`PLAINTEXT_SOCKS`, a `LINK` record).
+pub const MAP_PLAINTEXT_PENDING: &str = "PLAINTEXT_PENDING";
 /// `Array<PlaintextConfig>`, one entry, written by the agent.
 pub const MAP_PLAINTEXT_CFG: &str = "PLAINTEXT_CFG";
 /// `HashMap<u64, u32>`: the workloads with `exact_tokens = true`, keyed by
@@ -59,10 +66,11 @@ pub const MAP_PLAINTEXT_SCRATCH: &str = "PLAINTEXT_SCRATCH";
 pub const MAP_PLAINTEXT_STATS: &str = "PLAINTEXT_STATS";
 
 /// Every plaintext map (part of `ALL_MAPS`).
-pub const PLAINTEXT_MAPS: [&str; 7] = [
+pub const PLAINTEXT_MAPS: [&str; 8] = [
     MAP_PLAINTEXT,
     MAP_PLAINTEXT_CALLS,
     MAP_PLAINTEXT_SOCKS,
+    MAP_PLAINTEXT_PENDING,
     MAP_PLAINTEXT_CFG,
     MAP_PLAINTEXT_WORKLOADS,
     MAP_PLAINTEXT_SCRATCH,
@@ -91,6 +99,11 @@ pub const PLAINTEXT_CALL_MAX: usize = PLAINTEXT_PIECE * PLAINTEXT_PIECES;
 pub const PLAINTEXT_CALLS_MAX: u32 = 16_384;
 /// `SSL*`s whose socket is remembered.
 pub const PLAINTEXT_SOCKS_MAX: u32 = 65_536;
+/// Threads with a write waiting to be joined (`PLAINTEXT_PENDING`).
+pub const PLAINTEXT_PENDING_MAX: u32 = 16_384;
+/// How soon after the write the thread's socket send must come to join
+/// it: Node sends the records in the same call stack (microseconds).
+pub const PLAINTEXT_PENDING_NS: u64 = 20_000_000;
 /// `PLAINTEXT_WORKLOADS` entries.
 pub const PLAINTEXT_WORKLOADS_MAX: u32 = 4_096;
 
@@ -105,6 +118,10 @@ pub mod plaintext_kind {
     pub const CHUNK: u32 = 1;
     /// A process exec'd in an `exact_tokens` workload (header only).
     pub const EXEC: u32 = 2;
+    /// An `SSL*` joined to its socket after its calls (header only:
+    /// `tgid`, `ssl`, `cookie`): a write that touched no socket, then the
+    /// same thread's next socket send (`PLAINTEXT_PENDING`).
+    pub const LINK: u32 = 3;
 }
 
 /// `PlaintextHeader::direction` values.
@@ -164,7 +181,9 @@ pub mod plaintext_stat {
     /// Not a counter: this CPU's `bpf_ktime_get_ns()` when it last woke
     /// the agent's reader (`PLAINTEXT_WAKE_NS`).
     pub const LAST_WAKE_NS: u32 = 9;
-    pub const LEN: u32 = 10;
+    /// `SSL*`s joined to a socket by the thread's next send (`LINK`).
+    pub const LINKED: u32 = 10;
+    pub const LEN: u32 = 11;
 }
 
 /// `PLAINTEXT_CFG[0]`.
@@ -177,6 +196,23 @@ pub struct PlaintextConfig {
     /// 1: the exec program reports and pauses execs of `exact_tokens`
     /// workloads; 0: it returns at once.
     pub exec_enabled: u32,
+}
+
+/// The least a TLS record adds to its plaintext (`PLAINTEXT_PENDING`):
+/// a 5-byte header and a 16-byte AEAD tag (TLS 1.3 adds a content-type
+/// byte, TLS 1.2 GCM an 8-byte nonce). A send shorter than the write plus
+/// this does not carry all of it, so it is not the write's records.
+pub const TLS_RECORD_OVERHEAD_MIN: u64 = 21;
+
+/// A write waiting to be joined (`PLAINTEXT_PENDING`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslPending {
+    pub ssl: u64,
+    /// Plaintext bytes the write moved.
+    pub len: u64,
+    /// `bpf_ktime_get_ns()` at its return.
+    pub ns: u64,
 }
 
 /// An SSL call in progress (`PLAINTEXT_CALLS`).
@@ -251,6 +287,7 @@ const _: () = {
     assert!(size_of::<PlaintextConfig>() == 8);
     assert!(size_of::<SslCall>() == 40 && align_of::<SslCall>() == 8);
     assert!(size_of::<SslKey>() == 16);
+    assert!(size_of::<SslPending>() == 24);
     assert!(size_of::<PlaintextHeader>() == 64 && align_of::<PlaintextHeader>() == 8);
     assert!(size_of::<PlaintextRecord>() == 64 + PLAINTEXT_PIECE);
     assert!(PLAINTEXT_PIECE.is_power_of_two());
@@ -265,3 +302,6 @@ unsafe impl aya::Pod for SslKey {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for SslCall {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SslPending {}

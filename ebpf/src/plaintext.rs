@@ -20,7 +20,18 @@
 //!   (`sk->__sk_common.skc_cookie`, at the offset the agent found in the
 //!   kernel's BTF) into the call. A cookie is 0 until something asked for
 //!   it; the connect hook asks for every provider connection it tracks,
-//!   so the connections the agent accounts have one.
+//!   so the connections the agent accounts have one. Outside SSL calls,
+//!   the tracepoint joins the thread's pending write (below) to the
+//!   socket it sends on.
+//! - A write that returns with no cookie (OpenSSL over memory BIOs, as in
+//!   Node.js: the caller sends the records itself, right after) is left in
+//!   `PLAINTEXT_PENDING` by thread. The thread's next socket call within
+//!   `PLAINTEXT_PENDING_NS` that moved at least the write's length plus
+//!   `TLS_RECORD_OVERHEAD_MIN` joins the `SSL*` to that socket: its cookie
+//!   goes to `PLAINTEXT_SOCKS` (later calls find it) and a `LINK` record
+//!   to the reader. A guess by thread and size, not a proof: a thread that
+//!   writes on one `SSL*` and sends as much on another socket first would
+//!   join the wrong one (docs/plaintext.md, "Memory BIOs").
 //! - `plaintext_ssl_return`, a uretprobe on the same four functions: the
 //!   length the call moved (the return value, or `*out` of the `_ex` forms
 //!   when they return 1), then the plaintext copied from the caller's
@@ -55,14 +66,15 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use llm_egress_common::{
-    PLAINTEXT_BYTES, PLAINTEXT_HEADER_BYTES, PLAINTEXT_PIECE, PLAINTEXT_PIECES, PLAINTEXT_WAKE_NS,
-    PlaintextHeader, SslCall, SslKey, call_flags, plaintext_dir, plaintext_flags, plaintext_kind,
+    PLAINTEXT_BYTES, PLAINTEXT_HEADER_BYTES, PLAINTEXT_PENDING_NS, PLAINTEXT_PIECE,
+    PLAINTEXT_PIECES, PLAINTEXT_WAKE_NS, PlaintextHeader, SslCall, SslKey, SslPending,
+    TLS_RECORD_OVERHEAD_MIN, call_flags, plaintext_dir, plaintext_flags, plaintext_kind,
     plaintext_stat, workload_key,
 };
 
 use crate::maps::{
-    PLAINTEXT, PLAINTEXT_CALLS, PLAINTEXT_CFG, PLAINTEXT_SCRATCH, PLAINTEXT_SOCKS, PLAINTEXT_STATS,
-    PLAINTEXT_WORKLOADS, add_u64,
+    PLAINTEXT, PLAINTEXT_CALLS, PLAINTEXT_CFG, PLAINTEXT_PENDING, PLAINTEXT_SCRATCH,
+    PLAINTEXT_SOCKS, PLAINTEXT_STATS, PLAINTEXT_WORKLOADS, add_u64,
 };
 
 /// SIGSTOP on every architecture Linux runs eBPF on.
@@ -99,7 +111,9 @@ pub fn plaintext_ssl_entry(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn plaintext_tcp_msg(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        note_socket(sk);
+        // The length a kprobe sees is the buffer's, not what moved: no
+        // write is joined from here.
+        note_socket(sk, -1);
     }
     0
 }
@@ -109,24 +123,32 @@ pub fn plaintext_tcp_msg(ctx: ProbeContext) -> u32 {
 /// emitted by sock_sendmsg_nosec / sock_recvmsg_nosec in the caller's
 /// context, for every socket family).
 const SOCK_TP_SK_OFFSET: usize = 8;
+/// Offset of `int ret` (bytes moved, or an error) in the same records.
+const SOCK_TP_RET_OFFSET: usize = 20;
 
 #[tracepoint]
 pub fn plaintext_sock_msg(ctx: TracePointContext) -> u32 {
     // SAFETY: the record starts with the fixed fields listed above.
     if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_TP_SK_OFFSET) } {
-        note_socket(sk);
+        // SAFETY: as above.
+        let moved = unsafe { ctx.read_at::<i32>(SOCK_TP_RET_OFFSET) }.unwrap_or(-1);
+        note_socket(sk, i64::from(moved));
     }
     0
 }
 
 /// When the thread is inside an SSL call: the cookie of socket `sk` into
-/// the call.
+/// the call. Else, when the thread's last write went to no socket
+/// (`PLAINTEXT_PENDING`): this call, if it moved at least that write's
+/// records (`moved`; -1: unknown, never joins), joins the write's `SSL*`
+/// to `sk`.
 #[inline(always)]
-fn note_socket(sk: u64) {
+fn note_socket(sk: u64, moved: i64) {
     let id = bpf_get_current_pid_tgid();
-    let Some(call) = PLAINTEXT_CALLS.get_ptr_mut(&id) else {
+    let call = PLAINTEXT_CALLS.get_ptr_mut(&id);
+    if call.is_none() && moved < 0 {
         return;
-    };
+    }
     let Some(cfg) = PLAINTEXT_CFG.get(0) else {
         return;
     };
@@ -134,12 +156,63 @@ fn note_socket(sk: u64) {
     if offset == 0 || sk == 0 {
         return;
     }
+    match call {
+        Some(call) => {
+            // SAFETY: a probe read of kernel memory, which faults safely.
+            if let Ok(cookie) = unsafe { bpf_probe_read_kernel((sk + offset) as *const u64) }
+                && cookie != 0
+            {
+                // SAFETY: this thread's live entry; only this thread writes it.
+                unsafe { (*call).cookie = cookie };
+            }
+        }
+        None => join_pending(id, sk + offset, moved as u64),
+    }
+}
+
+/// The thread's pending write (if any, recent, and no longer than `moved`
+/// allows) is joined to the socket whose cookie is at `cookie_at`: later
+/// calls on its `SSL*` find the cookie in `PLAINTEXT_SOCKS`, and a `LINK`
+/// record tells the reader, which holds the calls it delivered without one.
+#[inline(always)]
+fn join_pending(id: u64, cookie_at: u64, moved: u64) {
+    // SAFETY: copied out at once; only this thread writes its entry.
+    let Some(p) = (unsafe { PLAINTEXT_PENDING.get(&id) }).copied() else {
+        return;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(p.ns) > PLAINTEXT_PENDING_NS {
+        let _ = PLAINTEXT_PENDING.remove(&id);
+        return;
+    }
+    if moved < p.len + TLS_RECORD_OVERHEAD_MIN {
+        return;
+    }
     // SAFETY: a probe read of kernel memory, which faults safely.
-    if let Ok(cookie) = unsafe { bpf_probe_read_kernel((sk + offset) as *const u64) }
-        && cookie != 0
-    {
-        // SAFETY: this thread's live entry; only this thread writes it.
-        unsafe { (*call).cookie = cookie };
+    let Ok(cookie) = (unsafe { bpf_probe_read_kernel(cookie_at as *const u64) }) else {
+        return;
+    };
+    if cookie == 0 {
+        return;
+    }
+    let _ = PLAINTEXT_PENDING.remove(&id);
+    let tgid = id >> 32;
+    let _ = PLAINTEXT_SOCKS.insert(&SslKey { tgid, ssl: p.ssl }, &cookie, 0);
+    stat(plaintext_stat::LINKED, 1);
+    let link = PlaintextHeader {
+        kind: plaintext_kind::LINK,
+        call_ns: now,
+        tid: id as u32,
+        tgid: tgid as u32,
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cookie,
+        ssl: p.ssl,
+        ..PlaintextHeader::default()
+    };
+    if PLAINTEXT.output::<PlaintextHeader>(&link, wake_flags()).is_err() {
+        stat(plaintext_stat::LOST, 1);
     }
 }
 
@@ -194,6 +267,15 @@ fn try_ssl_return(ctx: &RetProbeContext) -> Result<(), i64> {
             }
             None => {
                 stat(plaintext_stat::NO_COOKIE, 1);
+                if call.flags & call_flags::READ == 0 {
+                    let pending = SslPending {
+                        ssl: call.ssl,
+                        len: n,
+                        // SAFETY: helper without arguments.
+                        ns: unsafe { bpf_ktime_get_ns() },
+                    };
+                    let _ = PLAINTEXT_PENDING.insert(&id, &pending, 0);
+                }
                 0
             }
         }

@@ -34,8 +34,33 @@ try:
     import httpx
 except ImportError:
     import httpx2 as httpx
-flavor, ip, host, ca, model, stream = sys.argv[1:7]
-stream = stream == "1"
+flavor, ip, host, ca, model, mode = sys.argv[1:7]
+stream = mode == "1"
+msgs = [{"role": "user", "content": "How many tokens is this exactly?"}]
+if mode == "async":
+    # The async clients: httpx over anyio, TLS over memory BIOs.
+    import asyncio
+
+    class AsyncTransport(httpx.AsyncHTTPTransport):
+        async def handle_async_request(self, request):
+            request.extensions["sni_hostname"] = host
+            request.headers["Host"] = host
+            return await super().handle_async_request(request)
+
+    async def main():
+        http = httpx.AsyncClient(transport=AsyncTransport(verify=ssl.create_default_context(cafile=ca)))
+        if flavor == "openai":
+            import openai
+            c = openai.AsyncOpenAI(api_key="sk-proj-" + "x" * 156, base_url=f"https://{ip}/v1", http_client=http, max_retries=0)
+            await c.chat.completions.create(model=model, messages=msgs, max_tokens=7)
+        else:
+            import anthropic
+            c = anthropic.AsyncAnthropic(api_key="sk-ant-api03-" + "x" * 95 + "AA", base_url=f"https://{ip}", http_client=http, max_retries=0)
+            await c.messages.create(model=model, messages=msgs, max_tokens=7)
+        await c.close()
+
+    asyncio.run(main())
+    sys.exit(0)
 
 class Transport(httpx.HTTPTransport):
     def handle_request(self, request):
@@ -44,7 +69,6 @@ class Transport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 http = httpx.Client(transport=Transport(verify=ssl.create_default_context(cafile=ca)))
-msgs = [{"role": "user", "content": "How many tokens is this exactly?"}]
 if flavor == "openai":
     import openai
     c = openai.OpenAI(api_key="sk-proj-" + "x" * 156, base_url=f"https://{ip}/v1", http_client=http, max_retries=0)
@@ -91,7 +115,7 @@ fn sdk(
     script: &Path,
     server: &FakeProvider,
     model: &str,
-    stream: bool,
+    mode: &str,
     cgroup: &Path,
     ns: &NetnsGuard,
 ) {
@@ -109,7 +133,7 @@ fn sdk(
             server.ca_file().to_str().unwrap(),
             model,
         ])
-        .arg(if stream { "1" } else { "0" })
+        .arg(mode)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -194,20 +218,35 @@ fn exact_counts(shape: Shape, tag: &str) {
     if let Some(py) = llm_egress_tests::sdk_python() {
         let script = dir.path().join("sdk_client.py");
         std::fs::write(&script, SDK_CLIENT).unwrap();
-        for stream in [false, true] {
-            sdk(&py, &script, &openai, "gpt-4o-mini", stream, &bot, &ns);
+        // Buffered, streamed, and the async clients (memory BIOs:
+        // docs/plaintext.md, "Memory BIOs").
+        for mode in ["0", "1", "async"] {
+            sdk(&py, &script, &openai, "gpt-4o-mini", mode, &bot, &ns);
             sdk(
                 &py,
                 &script,
                 &anthropic,
                 "claude-3-5-haiku-latest",
-                stream,
+                mode,
                 &bot,
                 &ns,
             );
         }
-        n_openai += 2;
-        n_anthropic += 2;
+        n_openai += 3;
+        n_anthropic += 3;
+        // The async clients' calls went through memory BIOs: joined by
+        // the kernel, not by a socket call inside them.
+        let links = agent.wait_for_metric(
+            "llm_egress_plaintext_links_total",
+            &[],
+            2.0,
+            Duration::from_secs(5),
+        );
+        assert!(
+            links.is_some_and(|n| n >= 2.0),
+            "the async clients were not joined: {links:?}\n{}",
+            agent.metrics()
+        );
     } else {
         eprintln!(
             "SDK part SKIPPED: needs target/pyenv (cargo xtask setup) or LLM_EGRESS_TOKENS_PYTHON"

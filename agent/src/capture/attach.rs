@@ -473,6 +473,7 @@ impl Attacher {
         self.metrics
             .no_cookie
             .inc_by(d(plaintext_stat::NO_COOKIE, &seen));
+        self.metrics.links.inc_by(d(plaintext_stat::LINKED, &seen));
         for (stat, why) in [
             (plaintext_stat::LOST, "ring_full"),
             (plaintext_stat::UNREADABLE, "unreadable"),

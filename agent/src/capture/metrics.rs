@@ -15,6 +15,7 @@ pub struct Metrics {
     pub bytes: IntCounter,
     pub lost: IntCounterVec,
     pub no_cookie: IntCounter,
+    pub links: IntCounter,
     pub chunks: IntCounter,
 }
 
@@ -74,6 +75,10 @@ impl Metrics {
             "llm_egress_plaintext_calls_without_cookie_total",
             "Calls delivered with socket cookie 0 (no TCP call seen under their SSL*)",
         )?;
+        let links = IntCounter::new(
+            "llm_egress_plaintext_links_total",
+            "SSL*s joined to their socket by the thread's next send after a write that touched none (OpenSSL over memory BIOs: Node.js)",
+        )?;
         let chunks = IntCounter::new(
             "llm_egress_plaintext_chunks_total",
             "TLS calls delivered to the plaintext consumer",
@@ -87,6 +92,7 @@ impl Metrics {
         r.register(Box::new(bytes.clone()))?;
         r.register(Box::new(lost.clone()))?;
         r.register(Box::new(no_cookie.clone()))?;
+        r.register(Box::new(links.clone()))?;
         r.register(Box::new(chunks.clone()))?;
         Ok(Self {
             attach,
@@ -98,6 +104,7 @@ impl Metrics {
             bytes,
             lost,
             no_cookie,
+            links,
             chunks,
         })
     }

@@ -5,12 +5,14 @@
 //! found by symbol, `elf`, the kernel's BTF, `btf`, the thread that
 //! closes uprobe links, `detach`, and its series, `metrics`); their
 //! records joined into one chunk per TLS call on the connection's socket
-//! cookie (`reader`). `crate::plaintext` reads the chunks as HTTP.
+//! cookie (`reader`; calls of memory BIOs wait for their socket in
+//! `join`). `crate::plaintext` reads the chunks as HTTP.
 
 pub mod attach;
 pub mod btf;
 pub mod detach;
 pub mod elf;
+pub mod join;
 pub mod metrics;
 pub mod procs;
 pub mod reader;

@@ -15,7 +15,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -25,6 +25,7 @@ use llm_egress_common::{
 };
 use tokio::sync::{Notify, mpsc};
 
+use crate::capture::join::Joiner;
 use crate::kernel::ring::RingReader;
 use tracing::warn;
 
@@ -82,6 +83,7 @@ pub struct ExecReport {
 pub enum Record<'a> {
     Piece(PlaintextHeader, &'a [u8]),
     Exec(PlaintextHeader),
+    Link(PlaintextHeader),
 }
 
 /// Decodes one ring record; None for a record too short or of an unknown
@@ -96,6 +98,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
     let h: PlaintextHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     match h.kind {
         plaintext_kind::EXEC => Some(Record::Exec(h)),
+        plaintext_kind::LINK => Some(Record::Link(h)),
         plaintext_kind::CHUNK => {
             let data =
                 bytes.get(PLAINTEXT_HEADER_BYTES..PLAINTEXT_HEADER_BYTES + h.len as usize)?;
@@ -220,6 +223,7 @@ pub async fn read(
         }
     };
     let mut asm = Assembler::default();
+    let mut joiner = Joiner::default();
     let out = Outputs {
         chunks: &chunks,
         execs: &execs,
@@ -227,20 +231,30 @@ pub async fn read(
         seen: &seen,
     };
     loop {
+        let expiry = joiner.next_expiry();
         tokio::select! {
             polled = reader.wait() => {
                 if let Err(e) = polled {
                     warn!(error = %e, "plaintext ring buffer poll failed");
                     alive.store(false, Ordering::SeqCst);
+                    deliver(joiner.release_all(), &out);
                     return;
                 }
-                drain(reader.ring(), &mut asm, &out);
+                drain(reader.ring(), &mut asm, &mut joiner, &out);
             }
             () = finish.notified() => {
-                drain(reader.ring(), &mut asm, &out);
+                drain(reader.ring(), &mut asm, &mut joiner, &out);
+                deliver(joiner.release_all(), &out);
                 return;
             }
+            () = async {
+                match expiry {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
+        deliver(joiner.expire(Instant::now()), &out);
     }
 }
 
@@ -253,11 +267,17 @@ struct Outputs<'a> {
 }
 
 /// Handles every record the ring holds.
-fn drain(ring: &mut RingBuf<MapData>, asm: &mut Assembler, o: &Outputs<'_>) {
+fn drain(ring: &mut RingBuf<MapData>, asm: &mut Assembler, joiner: &mut Joiner, o: &Outputs<'_>) {
     let mut done = Vec::new();
+    let now = Instant::now();
     while let Some(item) = ring.next() {
         match decode(&item) {
-            Some(Record::Piece(h, data)) => done.extend(asm.piece(&h, data)),
+            Some(Record::Piece(h, data)) => {
+                for c in asm.piece(&h, data) {
+                    done.extend(joiner.chunk(c, now));
+                }
+            }
+            Some(Record::Link(h)) => done.extend(joiner.link(h.tgid, h.ssl, h.cookie)),
             Some(Record::Exec(h)) => {
                 let report = ExecReport {
                     pid: h.tgid,
@@ -276,6 +296,11 @@ fn drain(ring: &mut RingBuf<MapData>, asm: &mut Assembler, o: &Outputs<'_>) {
             }
         }
     }
+    deliver(done, o);
+}
+
+/// Chunks to the consumer (counted; skipped when it cannot take them).
+fn deliver(done: Vec<PlaintextChunk>, o: &Outputs<'_>) {
     if done.is_empty() {
         return;
     }
