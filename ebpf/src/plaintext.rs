@@ -211,7 +211,10 @@ fn join_pending(id: u64, cookie_at: u64, moved: u64) {
         ssl: p.ssl,
         ..PlaintextHeader::default()
     };
-    if PLAINTEXT.output::<PlaintextHeader>(&link, wake_flags()).is_err() {
+    if PLAINTEXT
+        .output::<PlaintextHeader>(&link, wake_flags())
+        .is_err()
+    {
         stat(plaintext_stat::LOST, 1);
     }
 }
