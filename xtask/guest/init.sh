@@ -6,7 +6,9 @@
 # egress-probe that one connect is denied (EPERM) and one allowed, that a
 # NAT64 address of a denied IPv4 address is denied, and that a ping socket
 # is refused to a workload whose `other` is deny and made for one whose
-# `other` is allow (cgroup/sock_create); stops the agent with SIGTERM and
+# `other` is allow (cgroup/sock_create); with all programs, that an
+# `openssl s_client` in an `exact_tokens` workload gets the OpenSSL uprobes
+# and its SSL_write reaches the agent; stops the agent with SIGTERM and
 # checks its exit status. Every result goes to the
 # console on a line holding "@@LLME " (xtask/src/kernels/results.rs parses
 # them), between "@@LLME begin" and "@@LLME end". Then powers off.
@@ -107,7 +109,7 @@ PORT=8080
 mkdir -p /tmp/www && echo ok >/tmp/www/index.html
 httpd -p "$PORT" -h /tmp/www
 CG=/sys/fs/cgroup/matrix
-mkdir -p "$CG/open" "$CG/closed"
+mkdir -p "$CG/open" "$CG/closed" "$CG/traced"
 
 # probe CGROUP ADDR [COMMAND]: prints ok, EPERM or another errno name
 # (COMMAND: connect, or socket with ADDR a socket kind such as ping4)
@@ -119,6 +121,46 @@ probe() {
         *'"error":"'*) echo "$out" | sed 's/.*"error":"\([^"]*\)".*/\1/' ;;
         *) echo "probe-failed: $out" ;;
     esac
+}
+
+# The uprobes on this kernel: `openssl s_client` (the shared libssl) in
+# the exact_tokens workload "traced" is paused at exec, attached and
+# resumed; its SSL_write reaches the agent (llm_egress_plaintext_calls_total).
+check_plaintext() {
+    # -rev: the server echoes each line reversed and never reads its
+    # stdin (a background job's is /dev/null: at its EOF a plain s_server
+    # closes the connection, racing the client's write).
+    openssl s_server -accept 8443 -cert /etc/matrix-cert.pem -key /etc/matrix-key.pem -rev -quiet >/tmp/s_server.out 2>&1 &
+    srv=$!
+    until=$(($(now) + 60))
+    while [ "$(now)" -lt "$until" ] && ! netstat -ltn 2>/dev/null | grep -q ':8443 '; do sleep 0.2; done
+    sh -c 'echo $$ >"$1/cgroup.procs" && echo hello-matrix | timeout 60 openssl s_client -connect 127.0.0.1:8443 -quiet -no_ign_eof' \
+        _ "$CG/traced" >/tmp/s_client.out 2>&1
+    calls=0; until=$(($(now) + 30))
+    while [ "$(now)" -lt "$until" ]; do
+        calls=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n 's/^llm_egress_plaintext_calls_total \([0-9]*\).*/\1/p')
+        [ "${calls:-0}" -ge 1 ] && break
+        sleep 0.5
+    done
+    kill "$srv" 2>/dev/null
+    if grep -q "uprobes attached" "/tmp/agent-$1.log"; then
+        m check "$1" uprobe-attach pass attached
+    else
+        m check "$1" uprobe-attach fail "no uprobes attached"
+        log_lines "$1" "/tmp/agent-$1.log"
+        tail -n 3 /tmp/s_client.out | while IFS= read -r line; do m log "$1" "s_client: $line"; done
+    fi
+    if [ "${calls:-0}" -ge 1 ]; then
+        m check "$1" plaintext pass "calls $calls"
+    else
+        m check "$1" plaintext fail "calls ${calls:-0}"
+        for f in /tmp/s_client.out /tmp/s_server.out; do
+            tail -n 4 "$f" | cut -c1-300 | while IFS= read -r line; do m log "$1" "$f: $line"; done
+        done
+        timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | grep '^llm_egress_plaintext' |
+            while IFS= read -r line; do m log "$1" "$line"; done
+        grep -i plaintext "/tmp/agent-$1.log" | tail -n 6 | cut -c1-300 | while IFS= read -r line; do m log "$1" "$line"; done
+    fi
 }
 
 # check SET NAME WANT GOT
@@ -133,6 +175,15 @@ check none baseline-ping ok "$(probe closed ping4 socket)"
 
 for SET in all connect; do
     m set-begin "$SET"
+    TRACED=""
+    if [ "$SET" = all ]; then
+        TRACED='
+[[workloads]]
+name = "traced"
+cgroup = "traced"
+other = "allow"
+exact_tokens = true'
+    fi
     cat >/tmp/policy-$SET.toml <<POLICY
 mode = "enforce"
 cgroup = "$CG"
@@ -161,6 +212,7 @@ other = "allow"
 name = "closed"
 cgroup = "closed"
 other = "deny"
+$TRACED
 POLICY
     t0=$(cut -d' ' -f1 /proc/uptime)
     start_agent "$SET"
@@ -188,6 +240,7 @@ POLICY
         check "$SET" deny-nat64 EPERM "$(probe open "[64:ff9b::7f00:2]:$PORT")"
         check "$SET" deny-ping EPERM "$(probe closed ping4 socket)"
         check "$SET" allow-ping ok "$(probe open ping4 socket)"
+        [ "$SET" = all ] && check_plaintext "$SET"
         kill -TERM "$AGENT"
         st=$(wait_exit "$STEP")
         if [ "$st" = 0 ]; then

@@ -122,6 +122,11 @@ const PACKAGES: &[Package] = &[
         why: "the guest's shell and tools (/bin/busybox, statically linked)",
         build_only: false,
     },
+    Package {
+        name: "openssl",
+        why: "the guest's TLS client and server (`openssl s_client`/`s_server` over the shared libssl): the uprobe check",
+        build_only: false,
+    },
 ];
 
 pub struct Options {

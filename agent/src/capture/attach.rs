@@ -393,12 +393,6 @@ impl Attacher {
         if report.paused {
             self.metrics.execs.with_label_values(&["paused"]).inc();
         }
-        // A pid traced before ran the image before this exec (a shell
-        // that execs the client): its libraries are gone; it is not
-        // counted as invisible, the new image is what runs.
-        if let Some(t) = self.traced.remove(&report.pid) {
-            self.detacher.detach(t.links);
-        }
         if let Some(w) = self.workload_of(report.pid) {
             self.attach(ebpf, report.pid, w);
         }
@@ -526,22 +520,39 @@ impl Attacher {
         let Some(start_time) = start_time(pid) else {
             return;
         };
-        if self.traced.len() + self.detacher.pending() >= self.max_processes {
-            self.metrics.attach.with_label_values(&["overflow"]).inc();
-            warn!(pid, workload = %workload, max = self.max_processes, "plaintext: too many traced processes; this one is not traced");
-            return;
+        match self.traced.get_mut(&pid) {
+            // The same process after an exec (a shell that execs the
+            // client): the files attached stay attached, since a uprobe on
+            // a file is installed in every mapping the new image makes of
+            // it (closing them would cost ~0.8 s of closing for nothing);
+            // what it maps is the new image's.
+            Some(t) if t.start_time == start_time => {
+                t.mapped = false;
+                t.linked = false;
+                t.workload = workload.clone();
+            }
+            _ => {
+                if let Some(old) = self.traced.remove(&pid) {
+                    self.detacher.detach(old.links);
+                }
+                if self.traced.len() + self.detacher.pending() >= self.max_processes {
+                    self.metrics.attach.with_label_values(&["overflow"]).inc();
+                    warn!(pid, workload = %workload, max = self.max_processes, "plaintext: too many traced processes; this one is not traced");
+                    return;
+                }
+                self.traced.insert(
+                    pid,
+                    Traced {
+                        workload: workload.clone(),
+                        start_time,
+                        libs: BTreeSet::new(),
+                        links: Vec::new(),
+                        mapped: false,
+                        linked: false,
+                    },
+                );
+            }
         }
-        self.traced.insert(
-            pid,
-            Traced {
-                workload: workload.clone(),
-                start_time,
-                libs: BTreeSet::new(),
-                links: Vec::new(),
-                mapped: false,
-                linked: false,
-            },
-        );
         if let Ok(mut g) = self.workload_of_pid.lock() {
             g.insert(pid, workload.clone());
         }

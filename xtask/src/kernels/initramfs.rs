@@ -22,6 +22,8 @@ use crate::cmd::{self, say};
 
 /// The guest's /init.
 pub const INIT_SCRIPT: &str = include_str!("../../guest/init.sh");
+/// The openssl command (Debian package openssl).
+const OPENSSL: &str = "/usr/bin/openssl";
 
 /// Where busybox-static puts its binary.
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -247,6 +249,7 @@ pub fn build(dir: &Path, agent: &Path, probe: &Path) -> Result<PathBuf> {
         ("the agent", agent),
         ("egress-probe", probe),
         ("busybox-static", Path::new(BUSYBOX)),
+        ("openssl", Path::new(OPENSSL)),
     ] {
         if !p.is_file() {
             bail!("kernels: {what} ({}) is missing", p.display());
@@ -260,6 +263,20 @@ pub fn build(dir: &Path, agent: &Path, probe: &Path) -> Result<PathBuf> {
     stripped(probe, &probe_copy)?;
     let mut libs = libs_of(agent)?;
     libs.extend(libs_of(probe)?);
+    // The uprobe check's TLS client and server, over the shared libssl
+    // (it comes with openssl's libraries), and a key and certificate for
+    // the server made here (key generation under TCG is slow).
+    libs.extend(libs_of(Path::new(OPENSSL))?);
+    let (key, cert) = (stage.join("matrix-key.pem"), stage.join("matrix-cert.pem"));
+    cmd::run(
+        Command::new(OPENSSL)
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=matrix", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    )
+    .context("kernels: making the guest's TLS certificate failed (Debian package openssl)")?;
     let busybox_libs = libs_of(Path::new(BUSYBOX))?;
     if !busybox_libs.is_empty() {
         bail!(
@@ -272,6 +289,9 @@ pub fn build(dir: &Path, agent: &Path, probe: &Path) -> Result<PathBuf> {
             ("/bin/busybox", PathBuf::from(BUSYBOX)),
             ("/bin/llm-egress", agent_copy),
             ("/bin/egress-probe", probe_copy),
+            ("/bin/openssl", PathBuf::from(OPENSSL)),
+            ("/etc/matrix-key.pem", key),
+            ("/etc/matrix-cert.pem", cert),
         ],
         &libs,
     );

@@ -29,6 +29,11 @@ pub const SET_CHECKS: &[&str] = &[
     "after-stop",
 ];
 
+/// The checks the guest reports for set `all` only: the OpenSSL uprobes
+/// attached to a client in an `exact_tokens` workload, and its plaintext
+/// seen.
+pub const ALL_ONLY_CHECKS: &[&str] = &["uprobe-attach", "plaintext"];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
     Pass,
@@ -292,7 +297,8 @@ impl GuestReport {
                 .checks
                 .iter()
                 .any(|c| c.set == *set && c.name == "start" && c.status == Status::Pass);
-            for name in SET_CHECKS {
+            let only: &[&str] = if *set == "all" { ALL_ONLY_CHECKS } else { &[] };
+            for name in SET_CHECKS.iter().chain(only) {
                 if let Some(c) = self
                     .checks
                     .iter()
@@ -582,6 +588,11 @@ mod tests {
         assert_eq!(status_of(&checks, "all", "start"), Status::Fail);
         assert_eq!(status_of(&checks, "all", "allow"), Status::Skip);
         assert_eq!(status_of(&checks, "all", "stop"), Status::Skip);
+        assert_eq!(status_of(&checks, "all", "plaintext"), Status::Skip);
+        assert!(
+            !checks.iter().any(|c| c.set == "connect" && c.name == "plaintext"),
+            "the uprobe checks belong to set all only"
+        );
         assert_eq!(status_of(&checks, "connect", "start"), Status::Pass);
         assert_eq!(status_of(&checks, "connect", "deny-other"), Status::Fail);
         let c = checks
