@@ -270,7 +270,14 @@ pub fn build(dir: &Path, agent: &Path, probe: &Path) -> Result<PathBuf> {
     let (key, cert) = (stage.join("matrix-key.pem"), stage.join("matrix-cert.pem"));
     cmd::run(
         Command::new(OPENSSL)
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
             .args(["-nodes", "-days", "2", "-subj", "/CN=matrix", "-keyout"])
             .arg(&key)
             .arg("-out")

@@ -590,7 +590,9 @@ mod tests {
         assert_eq!(status_of(&checks, "all", "stop"), Status::Skip);
         assert_eq!(status_of(&checks, "all", "plaintext"), Status::Skip);
         assert!(
-            !checks.iter().any(|c| c.set == "connect" && c.name == "plaintext"),
+            !checks
+                .iter()
+                .any(|c| c.set == "connect" && c.name == "plaintext"),
             "the uprobe checks belong to set all only"
         );
         assert_eq!(status_of(&checks, "connect", "start"), Status::Pass);
