@@ -28,6 +28,9 @@
 //! - [`run`]: the running agent: start-up and the handlers of what changes.
 //! - [`cli`]: the command line (`run`, `check`, `providers`, `verify`,
 //!   `status`).
+//!
+//! Below the rooms, [`state_file`] writes and reads the agent's own state
+//! under `state_dir`.
 
 pub mod accounting;
 pub mod attribution;
@@ -40,6 +43,7 @@ pub mod names;
 pub mod plaintext;
 pub mod policy;
 pub mod run;
+pub mod state_file;
 pub mod telemetry;
 
 #[cfg(test)]

@@ -90,10 +90,11 @@ pub const PLAINTEXT_BYTES: u32 = 8 << 20;
 /// Bytes of plaintext one record carries (a TLS record's plaintext is at
 /// most 2^14 bytes, so an `SSL_read` fills at most one piece).
 pub const PLAINTEXT_PIECE: usize = 16_384;
-/// Pieces copied of one call: bytes past `PLAINTEXT_CALL_MAX` (64 KiB) of
+/// Pieces copied of one call: bytes past `PLAINTEXT_CALL_MAX` (1 MiB) of
 /// one call are not copied (the record says `TRUNCATED` and the call's full
-/// length).
-pub const PLAINTEXT_PIECES: usize = 4;
+/// length). An SDK sends a request body in one `SSL_write`: 1 MiB holds a
+/// prompt of ~250,000 tokens of English.
+pub const PLAINTEXT_PIECES: usize = 64;
 pub const PLAINTEXT_CALL_MAX: usize = PLAINTEXT_PIECE * PLAINTEXT_PIECES;
 /// Threads inside an SSL call at once.
 pub const PLAINTEXT_CALLS_MAX: u32 = 16_384;

@@ -36,7 +36,8 @@
 //!   length the call moved (the return value, or `*out` of the `_ex` forms
 //!   when they return 1), then the plaintext copied from the caller's
 //!   buffer with `bpf_probe_read_user` in pieces of `PLAINTEXT_PIECE`
-//!   bytes, at most `PLAINTEXT_PIECES` of them, each a record on
+//!   bytes, at most `PLAINTEXT_PIECES` of them (one `bpf_loop` step each:
+//!   the verifier checks one piece, whatever the count), each a record on
 //!   `PLAINTEXT`. Reading at the return serves both directions: a write's
 //!   buffer is unchanged, and a write that returns "retry" (non-blocking
 //!   sockets) copies nothing, so a retried write is not seen twice. The
@@ -54,13 +55,15 @@
 //!
 //! Internal errors lose plaintext, never a verdict: every program returns 0.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{bpf_get_attach_cookie, bpf_probe_read_user, bpf_send_signal},
+        generated::{bpf_get_attach_cookie, bpf_loop, bpf_probe_read_user, bpf_send_signal},
     },
     macros::{kprobe, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
@@ -309,28 +312,69 @@ fn try_ssl_return(ctx: &RetProbeContext) -> Result<(), i64> {
         offset: 0,
         len: 0,
     };
-    let mut i = 0;
-    while i < PLAINTEXT_PIECES {
-        let offset = (i * PLAINTEXT_PIECE) as u64;
-        if offset >= n {
-            break;
-        }
-        let rest = n - offset;
-        let len = if rest > PLAINTEXT_PIECE as u64 {
-            PLAINTEXT_PIECE as u64
-        } else {
-            rest
-        };
-        piece(&header, call.buf + offset, offset as u32, len as usize);
-        i += 1;
+    let Some(rec) = PLAINTEXT_SCRATCH.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: this CPU's scratch (uprobe programs run with preemption
+    // disabled); the pieces below fill in offset, len and flags.
+    unsafe { (*rec).header = header };
+    let pieces = n.div_ceil(PLAINTEXT_PIECE as u64);
+    let mut call = Pieces {
+        buf: call.buf,
+        len: n,
+        flags: u64::from(flags),
+    };
+    // SAFETY: `piece_step` is a bpf_loop callback; its context is `call`,
+    // on this frame's stack for the whole loop.
+    unsafe {
+        bpf_loop(
+            if pieces > PLAINTEXT_PIECES as u64 {
+                PLAINTEXT_PIECES as u32
+            } else {
+                pieces as u32
+            },
+            piece_step as *mut c_void,
+            (&mut call as *mut Pieces).cast(),
+            0,
+        );
     }
     Ok(())
 }
 
-/// Copies `len` (1..=`PLAINTEXT_PIECE`) bytes at `src` into a record and
-/// the record to the ring.
+/// What [`piece_step`] copies: the caller's buffer, the bytes the call
+/// moved, the header's flags.
+#[repr(C)]
+struct Pieces {
+    buf: u64,
+    len: u64,
+    flags: u64,
+}
+
+/// bpf_loop callback: piece `index` of the call (`PLAINTEXT_PIECE` bytes,
+/// the last one shorter) copied into the scratch record, whose header the
+/// caller filled, and output to the ring. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn piece_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: the caller passes its `Pieces` (see `try_ssl_return`).
+    let call = unsafe { &*(ctx as *const Pieces) };
+    let offset = index * PLAINTEXT_PIECE as u64;
+    if offset >= call.len || offset >= llm_egress_common::PLAINTEXT_CALL_MAX as u64 {
+        return 1;
+    }
+    let rest = call.len - offset;
+    let len = if rest > PLAINTEXT_PIECE as u64 {
+        PLAINTEXT_PIECE
+    } else {
+        rest as usize
+    };
+    piece(call.buf + offset, offset as u32, call.flags as u8, len);
+    0
+}
+
+/// Copies `len` (1..=`PLAINTEXT_PIECE`) bytes at `src` into the scratch
+/// record (its header filled by the caller) and the record to the ring.
 #[inline(always)]
-fn piece(header: &PlaintextHeader, src: u64, offset: u32, len: usize) {
+fn piece(src: u64, offset: u32, flags: u8, len: usize) {
     let Some(rec) = PLAINTEXT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -339,8 +383,8 @@ fn piece(header: &PlaintextHeader, src: u64, offset: u32, len: usize) {
     // disabled); `size` is at most the data's length; the source is read
     // with the probe-read helper, which faults safely.
     unsafe {
-        (*rec).header = *header;
         (*rec).header.offset = offset;
+        (*rec).header.flags = flags;
         let used =
             if bpf_probe_read_user((*rec).data.as_mut_ptr().cast(), size, src as *const _) == 0 {
                 size

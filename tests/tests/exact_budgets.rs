@@ -450,12 +450,12 @@ fn redis_killed_under_a_fleet_dollar_budget_follows_fleet_failure() {
             "\n[[workloads]]\nname = \"{name}\"\ncgroup = \"{name}\"\nallow = [\"openai\", \"anthropic\"]\nexact_tokens = true\n[workloads.limits]\nusd_per_day = {BUDGET}\nscope = \"fleet\"\nfleet_failure = \"{failure}\"\n"
         )
     };
+    let prefix = format!("test-{}", unique_suffix());
     let extra = format!(
-        "{}{}\n[fleet]\nservers = [\"{}\"]\nkey_prefix = \"test-{}\"\ntimeout_ms = 300\nlease_fraction = 0.1\nagents = 2\n",
+        "{}{}\n[fleet]\nservers = [\"{}\"]\nkey_prefix = \"{prefix}\"\ntimeout_ms = 300\nlease_fraction = 0.1\nagents = 2\n",
         workload("closed", "closed"),
         workload("share", "host_share"),
         redis.url(),
-        unique_suffix()
     );
     let mut agent = Agent::launch(&exact_tokens_policy(&cg, &extra));
     agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
@@ -538,4 +538,35 @@ fn redis_killed_under_a_fleet_dollar_budget_follows_fleet_failure() {
         agent.metric_value("llm_egress_fleet_degraded", &[]),
         Some(1.0)
     );
+    let last_request = Instant::now();
+
+    // Back, empty, more than a minute after the last request: the day
+    // window is seeded with what each workload spent in the last day (not
+    // in the last minute, which is nothing by now).
+    std::thread::sleep(Duration::from_secs(62).saturating_sub(last_request.elapsed()));
+    redis.restart();
+    agent.wait_readyz(Duration::from_secs(10), |s, _| s == 200);
+    agent.expect_metric(
+        "llm_egress_fleet_ledger_resets_total",
+        &[],
+        |v| v >= 1.0,
+        Duration::from_secs(5),
+    );
+    for (w, spent) in [
+        ("closed", (n_closed + 1) as f64 * c),
+        ("share", share_total),
+    ] {
+        let key = format!("{prefix}:usd:{w}");
+        let left = redis
+            .hget_f64(&key, "m")
+            .unwrap_or_else(|| panic!("no ledger {key}"));
+        eprintln!("after the data loss: {w} spent {spent:.7} $, the day has {left} µ$ left");
+        assert!(
+            left <= (BUDGET - spent) * 1e6 + 1.0,
+            "the restarted ledger forgot what {w} spent today: {left} µ$ left of {} µ$, {} µ$ spent\n{}",
+            BUDGET * 1e6,
+            spent * 1e6,
+            agent.context()
+        );
+    }
 }

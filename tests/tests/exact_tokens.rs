@@ -26,8 +26,9 @@ use llm_egress_tests::{
 use serde_json::Value;
 
 /// A client of the official SDK (argv: flavor, ip, host, ca, model,
-/// stream): one request with `max_tokens` 7; a stream is read to its end
-/// (OpenAI's with `include_usage`).
+/// mode): one request with `max_tokens` 7; mode `1` streams (read to its
+/// end, OpenAI's with `include_usage`), `async` uses the async client,
+/// `large` sends a 300 kB prompt.
 const SDK_CLIENT: &str = r#"
 import ssl, sys
 try:
@@ -37,6 +38,9 @@ except ImportError:
 flavor, ip, host, ca, model, mode = sys.argv[1:7]
 stream = mode == "1"
 msgs = [{"role": "user", "content": "How many tokens is this exactly?"}]
+if mode == "large":
+    # A long prompt (300 kB): the SDK sends the body in one SSL_write.
+    msgs = [{"role": "user", "content": "a long document to summarise " * 10_000}]
 if mode == "async":
     # The async clients: httpx over anyio, TLS over memory BIOs.
     import asyncio
@@ -218,9 +222,10 @@ fn exact_counts(shape: Shape, tag: &str) {
     if let Some(py) = llm_egress_tests::sdk_python() {
         let script = dir.path().join("sdk_client.py");
         std::fs::write(&script, SDK_CLIENT).unwrap();
-        // Buffered, streamed, and the async clients (memory BIOs:
-        // docs/plaintext.md, "Memory BIOs").
-        for mode in ["0", "1", "async"] {
+        // Buffered, streamed, the async clients (memory BIOs:
+        // docs/plaintext.md, "Memory BIOs"), and a 300 kB prompt sent in
+        // one SSL_write (read whole: up to 1 MiB a call).
+        for mode in ["0", "1", "async", "large"] {
             sdk(&py, &script, &openai, "gpt-4o-mini", mode, &bot, &ns);
             sdk(
                 &py,
@@ -232,8 +237,8 @@ fn exact_counts(shape: Shape, tag: &str) {
                 &ns,
             );
         }
-        n_openai += 3;
-        n_anthropic += 3;
+        n_openai += 4;
+        n_anthropic += 4;
         // The async clients' calls went through memory BIOs: joined by
         // the kernel, not by a socket call inside them.
         let links = agent.wait_for_metric(
@@ -508,7 +513,8 @@ fn closed(agent: &Agent, workload: &str, n: f64) {
 /// far off (coalesced events, CDN headers), streams of several lengths
 /// counted exactly in `bot` teach it, and the same kind of streams from
 /// `plain` (no exact_tokens: estimates only) of lengths it did not see are
-/// then estimated within 25 % of the fake's true usage.
+/// then estimated within 25 % of the fake's true usage — also by the agent
+/// restarted after it learned (the lines are saved in `state_dir`).
 #[test]
 fn the_estimator_learns_from_exact_counts_on_realistic_fakes() {
     require_root();
@@ -615,6 +621,53 @@ fn the_estimator_learns_from_exact_counts_on_realistic_fakes() {
         assert!(
             (0.75..=1.25).contains(&ratio),
             "{kind}: the learned estimate {est} against {exact} exact\n{}",
+            agent.metrics()
+        );
+    }
+
+    // Restarted, it estimates as well: the lines are saved in
+    // state_dir/estimates.json (each housekeeping round, ~10 s) and
+    // restored at start, before any new exact count.
+    let file = agent.state_dir().join("estimates.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(file.exists(), "no {}\n{}", file.display(), agent.context());
+    agent.stop();
+    agent.restart_same();
+    agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    assert!(
+        samples(&agent) >= 7.0,
+        "the restarted agent shows no learned line\n{}",
+        agent.metrics()
+    );
+    for (max_tokens, words) in [(45, 3), (95, 9), (155, 13)] {
+        curl(
+            &openai,
+            &plain,
+            &ns,
+            "/v1/chat/completions",
+            &stream(max_tokens, words),
+            &[],
+        );
+    }
+    let again = served(&openai, 15);
+    let truth = (again.0 - after.0, again.1 - after.1);
+    closed(&agent, "plain", 3.0);
+    let restored = estimated(&agent);
+    println!(
+        "after a restart: prompt {} / {}, completion {} / {}",
+        restored.0, truth.0, restored.1, truth.1
+    );
+    for (kind, est, exact) in [
+        ("prompt", restored.0, truth.0),
+        ("completion", restored.1, truth.1),
+    ] {
+        let ratio = est / exact as f64;
+        assert!(
+            (0.75..=1.25).contains(&ratio),
+            "{kind} after a restart: {est} estimated against {exact} exact\n{}",
             agent.metrics()
         );
     }

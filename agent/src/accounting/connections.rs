@@ -87,6 +87,8 @@ pub struct Accounting {
     /// What the exact counts taught the estimator
     /// (`[telemetry] learn_estimates`).
     learning: EstimateLearning,
+    /// Where the learned lines are saved (`state_dir`); None: not saved.
+    state_dir: Option<std::path::PathBuf>,
 }
 
 /// The process label of an attribution: the executable's file name, else
@@ -111,6 +113,52 @@ impl Accounting {
             exact: None,
             pending: Vec::new(),
             learning: EstimateLearning::default(),
+            state_dir: None,
+        }
+    }
+
+    /// Restores the estimator's learned lines from `dir` and saves them
+    /// there from now on ([`Accounting::save_learning`]). A file that
+    /// cannot be read is reported and ignored: it learns again.
+    pub fn with_state_dir(mut self, dir: std::path::PathBuf) -> Self {
+        let name = estimate_learning::STATE_FILE;
+        let restored = crate::state_file::read_optional(&dir, name).and_then(|bytes| {
+            bytes
+                .map(|b| EstimateLearning::from_file(&b))
+                .transpose()
+                .map_err(|e| format!("{}: {e}", dir.join(name).display()))
+        });
+        match restored {
+            Ok(Some((learning, skipped))) => {
+                self.learning = learning;
+                tracing::info!(
+                    lines = self.learning.learned().len(),
+                    skipped,
+                    "the token estimator's learned lines restored"
+                );
+                self.publish_learned();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the estimator's learned lines are unreadable; learning again")
+            }
+        }
+        self.state_dir = Some(dir);
+        self
+    }
+
+    /// Saves the learned lines when they changed (every housekeeping
+    /// round: at most ~10 s of learning is lost with a stop).
+    pub fn save_learning(&mut self) {
+        let Some(dir) = &self.state_dir else { return };
+        if self.learning.take_changed()
+            && let Err(e) = crate::state_file::write_private(
+                dir,
+                estimate_learning::STATE_FILE,
+                &self.learning.to_file(),
+            )
+        {
+            tracing::warn!(error = %e, dir = %dir.display(), "could not save the estimator's learned lines");
         }
     }
 
@@ -122,6 +170,9 @@ impl Accounting {
 
     /// A new policy for the exact-token readers.
     pub fn set_policy(&mut self, policy: &crate::policy::Policy, generation: u64) {
+        if self.state_dir.is_some() {
+            self.state_dir = Some(policy.state_dir.clone());
+        }
         if let Some(x) = &mut self.exact {
             x.reload(policy, generation);
         }
@@ -540,22 +591,27 @@ impl Accounting {
         }
         if let Some(scope) = self.learning_scope(w) {
             self.learning.learn((scope, p), client, e, c.tokens);
-            let g = &self.metrics.token_estimate_learned;
-            for l in self.learning.learned() {
-                let scope = if l.scope == estimate_learning::HOST {
-                    "host"
-                } else {
-                    &l.scope
-                };
-                let (k, s, c) = (l.kind.name(), l.shape.name(), l.client.name());
-                for (term, v) in [
-                    ("offset", l.offset),
-                    ("slope", l.slope),
-                    ("samples", l.samples),
-                ] {
-                    g.with_label_values(&[scope, &l.provider, k, s, c, term])
-                        .set(v);
-                }
+            self.publish_learned();
+        }
+    }
+
+    /// `llm_egress_token_estimate_learned`: every line in use.
+    fn publish_learned(&self) {
+        let g = &self.metrics.token_estimate_learned;
+        for l in self.learning.learned() {
+            let scope = if l.scope == estimate_learning::HOST {
+                "host"
+            } else {
+                &l.scope
+            };
+            let (k, s, c) = (l.kind.name(), l.shape.name(), l.client.name());
+            for (term, v) in [
+                ("offset", l.offset),
+                ("slope", l.slope),
+                ("samples", l.samples),
+            ] {
+                g.with_label_values(&[scope, &l.provider, k, s, c, term])
+                    .set(v);
             }
         }
     }

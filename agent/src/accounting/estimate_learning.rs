@@ -22,11 +22,20 @@
 //! client kind on this host (a workload that pads its requests can make
 //! another's estimates larger or smaller, within the slope range; its own
 //! connections stay counted exactly). `[telemetry] learn_estimates = false`
-//! turns it off. Nothing is kept over a restart: it learns again.
+//! turns it off.
+//!
+//! The sums are saved in `state_dir/estimates.json` ([`STATE_FILE`]) and
+//! restored at start, so a restarted agent estimates as well as the one
+//! before it. The file names the calibration it was learned against
+//! ([`crate::accounting::tokens::calibration_id`]): lines learned against
+//! other constants are dropped whole. Whoever can write `state_dir` (root,
+//! checked at start like the policy file) can set any line.
 
 use std::collections::HashMap;
 
-use crate::accounting::tokens::{Client, Estimate, Shape};
+use serde::{Deserialize, Serialize};
+
+use crate::accounting::tokens::{self, Client, Estimate, Shape};
 
 /// Weight of the samples so far when one more is added: a half-life of
 /// ~23 connections.
@@ -63,10 +72,17 @@ impl Kind {
             Kind::Completion => "completion",
         }
     }
+
+    fn of_name(name: &str) -> Option<Kind> {
+        KINDS.into_iter().find(|k| k.name() == name)
+    }
 }
 
+/// Name of the learned lines' file under `state_dir`.
+pub const STATE_FILE: &str = "estimates.json";
+
 /// Weighted sums of one key's samples.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Fit {
     w: f64,
     z: f64,
@@ -124,6 +140,27 @@ pub struct Learned {
 #[derive(Clone, Debug, Default)]
 pub struct EstimateLearning {
     fits: HashMap<Key, Fit>,
+    /// Learned something since the last [`EstimateLearning::take_changed`].
+    changed: bool,
+}
+
+/// What `estimates.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedLines {
+    /// [`crate::accounting::tokens::calibration_id`] of the agent that learned them.
+    calibration: String,
+    lines: Vec<SavedLine>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedLine {
+    scope: String,
+    provider: String,
+    kind: String,
+    shape: String,
+    client: String,
+    #[serde(flatten)]
+    fit: Fit,
 }
 
 const KINDS: [Kind; 2] = [Kind::Prompt, Kind::Completion];
@@ -165,7 +202,71 @@ impl EstimateLearning {
                 .entry(key)
                 .or_default()
                 .add(z_of(e, kind) / n, y as f64 / n);
+            self.changed = true;
         }
+    }
+
+    /// Whether anything was learned since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The file of [`STATE_FILE`]: every key's sums, and the calibration
+    /// they were learned against.
+    pub fn to_file(&self) -> Vec<u8> {
+        let mut lines: Vec<SavedLine> = (self.fits.iter())
+            .map(|((scope, provider, kind, shape, client), fit)| SavedLine {
+                scope: scope.clone(),
+                provider: provider.clone(),
+                kind: kind.name().into(),
+                shape: shape.name().into(),
+                client: client.name().into(),
+                fit: *fit,
+            })
+            .collect();
+        lines.sort_by(|a, b| {
+            (&a.scope, &a.provider, &a.kind, &a.shape, &a.client)
+                .cmp(&(&b.scope, &b.provider, &b.kind, &b.shape, &b.client))
+        });
+        let saved = SavedLines {
+            calibration: tokens::calibration_id(),
+            lines,
+        };
+        serde_json::to_vec_pretty(&saved).unwrap_or_default()
+    }
+
+    /// The lines of a file [`EstimateLearning::to_file`] wrote, with the
+    /// number of lines skipped: lines learned against another calibration
+    /// (all of them), of names this agent does not know, with sums that
+    /// are not finite or no weight, or beyond [`MAX_KEYS`]. An unreadable
+    /// file is an error (the caller starts with nothing learned).
+    pub fn from_file(bytes: &[u8]) -> Result<(Self, usize), String> {
+        let saved: SavedLines = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if saved.calibration != tokens::calibration_id() {
+            return Ok((Self::default(), saved.lines.len()));
+        }
+        let mut out = Self::default();
+        let mut skipped = 0;
+        for l in saved.lines {
+            let f = l.fit;
+            let key = (|| {
+                Some((
+                    l.scope,
+                    l.provider,
+                    Kind::of_name(&l.kind)?,
+                    Shape::of_name(&l.shape)?,
+                    Client::of_name(&l.client)?,
+                ))
+            })();
+            let sane = [f.w, f.z, f.y, f.zz, f.zy].iter().all(|v| v.is_finite()) && f.w > 0.0;
+            match key {
+                Some(key) if sane && out.fits.len() < MAX_KEYS => {
+                    out.fits.insert(key, f);
+                }
+                _ => skipped += 1,
+            }
+        }
+        Ok((out, skipped))
     }
 
     /// The (prompt, completion) of `e` by the learned lines; a kind without
@@ -414,5 +515,44 @@ mod tests {
             .find(|x| x.provider == "mistral" && x.kind == Kind::Prompt)
             .unwrap();
         assert_eq!(mistral.slope, SLOPE_RANGE.1);
+    }
+
+    #[test]
+    fn learned_lines_are_saved_and_restored_for_the_same_calibration_only() {
+        let mut l = EstimateLearning::default();
+        assert!(!l.take_changed());
+        for i in 0..6 {
+            l.learn(
+                ("bot", "openai"),
+                Client::Sdk,
+                &est(Shape::Streamed, 1, 40 + i, 300 + 10 * i),
+                (20 + i as u64, 60 + 2 * i as u64),
+            );
+        }
+        assert!(l.take_changed() && !l.take_changed());
+        let probe = est(Shape::Streamed, 2, 90, 700);
+        let want = l.correct(("bot", "openai"), Client::Sdk, &probe);
+        assert_ne!(want, (90, 700));
+
+        let (back, skipped) = EstimateLearning::from_file(&l.to_file()).unwrap();
+        assert_eq!(skipped, 0);
+        assert_eq!(back.correct(("bot", "openai"), Client::Sdk, &probe), want);
+        assert_eq!(back.learned(), l.learned());
+
+        // Another calibration: every line dropped.
+        let mut saved: serde_json::Value = serde_json::from_slice(&l.to_file()).unwrap();
+        saved["calibration"] = "0000000000000000".into();
+        let (other, skipped) =
+            EstimateLearning::from_file(&serde_json::to_vec(&saved).unwrap()).unwrap();
+        assert_eq!((other.learned().len(), skipped), (0, 2));
+
+        // Unknown names and sums that are no numbers are skipped, the rest kept.
+        let mut saved: serde_json::Value = serde_json::from_slice(&l.to_file()).unwrap();
+        saved["lines"][0]["shape"] = "telepathic".into();
+        saved["lines"][1]["w"] = (-1.0).into();
+        let (none, skipped) =
+            EstimateLearning::from_file(&serde_json::to_vec(&saved).unwrap()).unwrap();
+        assert_eq!((none.learned().len(), skipped), (0, 2));
+        assert!(EstimateLearning::from_file(b"{not json").is_err());
     }
 }

@@ -196,7 +196,7 @@ impl ExactConns {
         }
         if !chunk.complete || chunk.truncated {
             // The rest of the call is missing: the framing of everything
-            // after it would be wrong. A whole first 64 KiB of a large
+            // after it would be wrong. A whole first 1 MiB of a larger
             // request (one SSL_write of its body) is still read first: a
             // secret there is found (and blocked) before the reader stops.
             if chunk.complete && chunk.direction == reader::Direction::Sent {

@@ -73,6 +73,12 @@ impl Client {
         }
     }
 
+    pub fn of_name(name: &str) -> Option<Client> {
+        [Client::Plain, Client::Sdk]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
+
     pub fn of(process: &str) -> Client {
         let p = process.to_ascii_lowercase();
         if p.starts_with("python") || matches!(p.as_str(), "node" | "nodejs" | "bun" | "deno") {
@@ -134,6 +140,12 @@ impl Shape {
             Shape::Streamed => "streamed",
             Shape::NotGenerated => "not_generated",
         }
+    }
+
+    pub fn of_name(name: &str) -> Option<Shape> {
+        [Shape::Buffered, Shape::Streamed, Shape::NotGenerated]
+            .into_iter()
+            .find(|s| s.name() == name)
     }
 }
 
@@ -262,6 +274,21 @@ const ANTHROPIC: Calibration = Calibration {
     },
     sdk_extra_sent: 382.0,
 };
+
+/// Names the constants the estimate's figures come from (the families'
+/// lines, the handshake's share, the shape thresholds): lines learned from
+/// those figures (`crate::accounting::estimate_learning`) hold for this
+/// id only. The first 16 hex digits of a SHA-256 of the constants.
+pub fn calibration_id() -> String {
+    let constants = format!(
+        "{OPENAI:?}{ANTHROPIC:?}{STREAM_MIN_SEGMENTS}/{STREAM_MAX_BYTES_PER_SEGMENT}/{MAX_GENERATION_TOKENS_PER_SECOND}/{MIN_REQUEST_BYTES}/{HANDSHAKE_SENT}/{HANDSHAKE_RECEIVED}/{HANDSHAKE_SEGMENTS_SENT}/{MIN_FIXED_SHARE}/{HANDSHAKE_APP_RECORDS}"
+    );
+    let digest = ring::digest::digest(&ring::digest::SHA256, constants.as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// A streamed response arrives as at least this many payload segments…
 /// (a buffered one, as 3–4 on loopback and ~1 per 1.4 kB on the internet;

@@ -148,6 +148,7 @@ pub async fn read(
             }
             _ = housekeeping.tick() => {
                 accounting.expire();
+                accounting.save_learning();
                 if let Some(conns) = &conns {
                     // The kernel's list first, then the summaries already
                     // submitted: a connection that closed before the list

@@ -25,7 +25,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{self, Write},
+    io,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -402,24 +402,8 @@ impl Budgets {
                 .collect(),
             usd: self.usd.iter().map(|(w, u)| u.saved(w)).collect(),
         };
-        // Root's alone, whatever the umask (docs/operations.md, "Files and
-        // directories the agent trusts").
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-        let path = dir.join(STATE_FILE);
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&state).map_err(io::Error::other)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)
+        let bytes = serde_json::to_vec_pretty(&state).map_err(io::Error::other)?;
+        crate::state_file::write_private(dir, STATE_FILE, &bytes)
     }
 
     /// Restores what a previous agent saved for the pairs of the current
@@ -428,10 +412,8 @@ impl Budgets {
     /// ignored (every budget starts full).
     pub fn restore(&mut self, dir: &Path) -> Result<bool, String> {
         let path = dir.join(STATE_FILE);
-        let text = match fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+        let Some(text) = crate::state_file::read_optional(dir, STATE_FILE)? else {
+            return Ok(false);
         };
         let saved: StateFile =
             serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -23,8 +23,8 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     fs,
-    io::{self, Write},
-    path::{Path, PathBuf},
+    io,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
+    state_file::{read_optional, write_private},
     kernel::limit_entries::{FleetPair, FleetUsd, Pair, bucket_id},
     limits::budget::{Budgets, Change},
     limits::fleet_ledger::{self, Ledger, Op, Reply, TOKEN_WINDOWS_MS, USD_WINDOWS_MS},
@@ -56,25 +57,37 @@ const MIN_OP_GAP: Duration = Duration::from_millis(900);
 /// Every pair is reported at least this often (remaining, live agents).
 const HEARTBEAT: Duration = Duration::from_secs(60);
 
-/// The agent's recent spending of one pair: per-second slots for the last
-/// minute, 15-minute slots for the last day (the seed of a ledger that
-/// lost its data).
-#[derive(Clone, Debug, Default)]
+/// Slots per window of [`Recent`].
+const RECENT_SLOTS: u64 = 96;
+
+/// The agent's recent spending of one lease in each of its two windows
+/// (the seed of a ledger that lost its data): per window, slots of
+/// window / 96 (a second for a minute, 15 minutes for a day, 7.5 hours for
+/// 30 days), numbered on the wall clock (unix seconds) so that they are
+/// saved in `fleet.json` and survive a restart. A sum covers at least the
+/// whole window (one slot more): it errs on the side of refusing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Recent {
-    /// (slot number, tokens), oldest first.
-    seconds: VecDeque<(u64, u64)>,
-    quarters: VecDeque<(u64, u64)>,
+    /// Per window: (slot number, spent), oldest first.
+    slots: [VecDeque<(u64, u64)>; 2],
+}
+
+/// A window's slot length (s) and the slots a sum covers.
+fn recent_slots(window_ms: u64) -> (u64, u64) {
+    let secs = (window_ms / 1000).max(1);
+    let len = secs.div_ceil(RECENT_SLOTS).max(1);
+    (len, secs.div_ceil(len) + 1)
 }
 
 impl Recent {
-    fn add(&mut self, secs: u64, tokens: u64) {
-        for (q, slot, keep) in [
-            (&mut self.seconds, secs, 60),
-            (&mut self.quarters, secs / 900, 96),
-        ] {
+    fn add(&mut self, windows_ms: [u64; 2], unix: u64, spent: u64) {
+        for (q, window) in self.slots.iter_mut().zip(windows_ms) {
+            let (len, keep) = recent_slots(window);
+            let slot = unix / len;
             match q.back_mut() {
-                Some((s, n)) if *s == slot => *n += tokens,
-                _ => q.push_back((slot, tokens)),
+                // A clock that went back adds to the newest slot.
+                Some((s, n)) if *s >= slot => *n += spent,
+                _ => q.push_back((slot, spent)),
             }
             while q.front().is_some_and(|(s, _)| *s + keep <= slot) {
                 q.pop_front();
@@ -82,18 +95,28 @@ impl Recent {
         }
     }
 
-    fn sums(&self, secs: u64) -> (u64, u64) {
-        let sum = |q: &VecDeque<(u64, u64)>, now: u64, keep: u64| {
+    /// What was spent in each window up to `unix`.
+    fn sums(&self, windows_ms: [u64; 2], unix: u64) -> (u64, u64) {
+        let sum = |q: &VecDeque<(u64, u64)>, window: u64| {
+            let (len, keep) = recent_slots(window);
+            let now = unix / len;
             q.iter()
                 .filter(|(s, _)| *s + keep > now)
                 .map(|(_, n)| n)
                 .sum()
         };
         (
-            sum(&self.seconds, secs, 60),
-            sum(&self.quarters, secs / 900, 96),
+            sum(&self.slots[0], windows_ms[0]),
+            sum(&self.slots[1], windows_ms[1]),
         )
     }
+}
+
+/// Seconds since the epoch (0 for a clock before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Clone, Debug)]
@@ -163,8 +186,17 @@ impl Lease {
         }
     }
 
-    fn op(&self, bucket: u64, secs: u64) -> Op {
-        let (recent_minute, recent_day) = self.recent.sums(secs);
+    /// The lengths of the lease's two windows.
+    fn windows_ms(&self) -> [u64; 2] {
+        if self.usd {
+            USD_WINDOWS_MS
+        } else {
+            TOKEN_WINDOWS_MS
+        }
+    }
+
+    fn op(&self, bucket: u64, unix: u64) -> Op {
+        let (recent_minute, recent_day) = self.recent.sums(self.windows_ms(), unix);
         Op {
             bucket,
             key: self.key.clone(),
@@ -172,11 +204,7 @@ impl Lease {
             target: self.size,
             limit_minute: self.windows[0].unwrap_or(0),
             limit_day: self.windows[1].unwrap_or(0),
-            windows_ms: if self.usd {
-                USD_WINDOWS_MS
-            } else {
-                TOKEN_WINDOWS_MS
-            },
+            windows_ms: self.windows_ms(),
             recent_minute,
             recent_day,
             forfeit: self.forfeit,
@@ -256,11 +284,14 @@ struct StateFile {
     pairs: Vec<SavedLease>,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct SavedLease {
     key: String,
     used: u64,
     granted: u64,
+    /// Absent in files of earlier versions.
+    #[serde(default)]
+    recent: Recent,
 }
 
 pub struct FleetKeeper {
@@ -268,7 +299,7 @@ pub struct FleetKeeper {
     agent: String,
     leases: BTreeMap<u64, Lease>,
     /// Restored usage by ledger key, for pairs the policy sets later.
-    saved: BTreeMap<String, (u64, u64)>,
+    saved: BTreeMap<String, SavedLease>,
     ops: mpsc::Sender<Op>,
     replies: mpsc::Receiver<Reply>,
     /// The agent id came from `fleet.json`: a restart (first ops forfeit
@@ -282,7 +313,6 @@ pub struct FleetKeeper {
     shares: Budgets,
     shares_divisor: u64,
     metrics: FleetMetrics,
-    started: Instant,
     task: tokio::task::JoinHandle<()>,
     /// Notified when replies are waiting.
     answered: std::sync::Arc<tokio::sync::Notify>,
@@ -309,10 +339,7 @@ impl FleetKeeper {
             Some(s) if !s.agent.is_empty() => (
                 s.agent,
                 s.epoch,
-                s.pairs
-                    .into_iter()
-                    .map(|p| (p.key, (p.used, p.granted)))
-                    .collect(),
+                s.pairs.into_iter().map(|p| (p.key.clone(), p)).collect(),
             ),
             _ => {
                 let id = new_agent_id();
@@ -357,7 +384,6 @@ impl FleetKeeper {
             epoch,
             shares: Budgets::default(),
             metrics,
-            started: Instant::now(),
             task,
             answered,
         })
@@ -437,7 +463,10 @@ impl FleetKeeper {
                 if let Some(o) = old.filter(|o| o.told.is_some() && !o.usd) {
                     released.push(change(bucket, &o.fp.pair, None));
                 }
-                let (used, granted) = self.saved.get(&key).copied().unwrap_or((0, 0));
+                let (used, granted, recent) = match self.saved.get(&key) {
+                    Some(p) => (p.used, p.granted, p.recent.clone()),
+                    None => (0, 0, Recent::default()),
+                };
                 info!(
                     workload = %fp.pair.workload,
                     provider = %fp.pair.provider,
@@ -458,7 +487,7 @@ impl FleetKeeper {
                     last_answer: None,
                     last_op: None,
                     in_flight: false,
-                    recent: Recent::default(),
+                    recent,
                     told: None,
                     forfeit: self.restored,
                     last_grant: 0,
@@ -537,13 +566,14 @@ impl FleetKeeper {
     /// micro-dollars (the rest is carried to the next charge).
     pub fn charge_usd(&mut self, workload: &str, usd: f64) {
         let usd = if usd.is_finite() { usd.max(0.0) } else { 0.0 };
-        let secs = self.started.elapsed().as_secs();
+        let unix = unix_now();
         if let Some(l) = self.leases.get_mut(&usd_bucket(workload)) {
             let micro = l.carry + usd * MICRO;
             let whole = micro.floor();
             l.carry = micro - whole;
             l.used += whole as u64;
-            l.recent.add(secs, whole as u64);
+            let windows = l.windows_ms();
+            l.recent.add(windows, unix, whole as u64);
             self.shares.charge_usd(workload, usd);
         }
     }
@@ -592,10 +622,11 @@ impl FleetKeeper {
 
     /// Charges counted tokens to a fleet pair.
     pub fn charge(&mut self, bucket: u64, tokens: u64) {
-        let secs = self.started.elapsed().as_secs();
+        let unix = unix_now();
         if let Some(l) = self.leases.get_mut(&bucket) {
             l.used += tokens;
-            l.recent.add(secs, tokens);
+            let windows = l.windows_ms();
+            l.recent.add(windows, unix, tokens);
             self.shares.charge(bucket, tokens);
         }
     }
@@ -606,7 +637,7 @@ impl FleetKeeper {
     pub fn tick(&mut self, now: Instant) -> Vec<Change> {
         self.read_replies(now);
         self.shares.tick(now);
-        let secs = self.started.elapsed().as_secs();
+        let unix = unix_now();
         for (bucket, l) in &mut self.leases {
             // At most one op a pair about every second (ticks jitter): a
             // spent pair polls, it does not spin on the answers. A lease
@@ -628,7 +659,7 @@ impl FleetKeeper {
             if !due {
                 continue;
             }
-            if self.ops.try_send(l.op(*bucket, secs)).is_ok() {
+            if self.ops.try_send(l.op(*bucket, unix)).is_ok() {
                 l.in_flight = true;
                 l.last_op = Some(now);
                 l.used_at_last_op = l.used;
@@ -669,7 +700,7 @@ impl FleetKeeper {
                     if self.epoch.as_ref().is_some_and(|e| *e != answer.epoch) {
                         self.metrics.resets.inc();
                         warn!(
-                            "the fleet ledger lost its data (a new epoch): budgets are seeded again with each agent's spending of the last minute and day (docs/fleet.md)"
+                            "the fleet ledger lost its data (a new epoch): budgets are seeded again with each agent's spending in their windows (docs/fleet.md)"
                         );
                     }
                     self.epoch = Some(answer.epoch.clone());
@@ -733,7 +764,7 @@ impl FleetKeeper {
     /// A clean stop: gives every unspent lease back to the ledger (waiting
     /// at most the timeout), so that other agents can have it.
     pub async fn stop(&mut self) {
-        let secs = self.started.elapsed().as_secs();
+        let unix = unix_now();
         // Answers still on their way are read (and dropped) first.
         while self.replies.try_recv().is_ok() {}
         let mut waiting = 0;
@@ -741,7 +772,7 @@ impl FleetKeeper {
             if l.last_answer.is_none() || l.allowance() <= 0 {
                 continue;
             }
-            let mut op = l.op(*bucket, secs);
+            let mut op = l.op(*bucket, unix);
             op.target = 0;
             if self.ops.try_send(op).is_ok() {
                 waiting += 1;
@@ -805,17 +836,20 @@ impl FleetKeeper {
 
     /// Saves the agent id and each pair's usage (atomically, 0600).
     pub fn save(&self, dir: &Path) -> io::Result<()> {
-        let mut pairs: BTreeMap<String, (u64, u64)> = self.saved.clone();
+        let mut pairs = self.saved.clone();
         for l in self.leases.values() {
-            pairs.insert(l.key.clone(), (l.used, l.granted));
+            let saved = SavedLease {
+                key: l.key.clone(),
+                used: l.used,
+                granted: l.granted,
+                recent: l.recent.clone(),
+            };
+            pairs.insert(l.key.clone(), saved);
         }
         let state = StateFile {
             agent: self.agent.clone(),
             epoch: self.epoch.clone(),
-            pairs: pairs
-                .into_iter()
-                .map(|(key, (used, granted))| SavedLease { key, used, granted })
-                .collect(),
+            pairs: pairs.into_values().collect(),
         };
         write_private(
             dir,
@@ -879,35 +913,12 @@ fn new_agent_id() -> String {
 }
 
 fn load(dir: &Path) -> Result<Option<StateFile>, String> {
-    let path = dir.join(STATE_FILE);
-    match fs::read(&path) {
-        Ok(t) => serde_json::from_slice(&t)
+    match read_optional(dir, STATE_FILE)? {
+        Some(t) => serde_json::from_slice(&t)
             .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+            .map_err(|e| format!("{}: {e}", dir.join(STATE_FILE).display())),
+        None => Ok(None),
     }
-}
-
-/// Writes `dir/name` through a temporary file renamed over it, 0600 in a
-/// 0700 directory (like the host budgets' state).
-fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let path: PathBuf = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path)
 }
 
 #[cfg(test)]
@@ -1014,17 +1025,56 @@ mod tests {
     }
 
     #[test]
-    fn recent_spending_covers_the_last_minute_and_day() {
+    fn recent_spending_covers_each_window_of_tokens_and_dollars() {
+        let t0 = 1_800_000_000;
         let mut r = Recent::default();
-        r.add(0, 10);
-        r.add(30, 5);
-        r.add(30, 5);
-        assert_eq!(r.sums(30), (20, 20));
-        assert_eq!(r.sums(61), (10, 20));
-        r.add(2_000, 1);
-        assert_eq!(r.sums(2_000), (1, 21));
-        r.add(90_000, 7);
-        assert_eq!(r.sums(90_000), (7, 7));
-        assert!(r.seconds.len() <= 60 && r.quarters.len() <= 96);
+        r.add(TOKEN_WINDOWS_MS, t0, 10);
+        r.add(TOKEN_WINDOWS_MS, t0 + 30, 5);
+        r.add(TOKEN_WINDOWS_MS, t0 + 30, 5);
+        assert_eq!(r.sums(TOKEN_WINDOWS_MS, t0 + 30), (20, 20));
+        // A sum covers the whole window and at most one slot more.
+        assert_eq!(r.sums(TOKEN_WINDOWS_MS, t0 + 60), (20, 20));
+        assert_eq!(r.sums(TOKEN_WINDOWS_MS, t0 + 62), (10, 20));
+        r.add(TOKEN_WINDOWS_MS, t0 + 2_000, 1);
+        assert_eq!(r.sums(TOKEN_WINDOWS_MS, t0 + 2_000), (1, 21));
+        r.add(TOKEN_WINDOWS_MS, t0 + 90_000, 7);
+        assert_eq!(r.sums(TOKEN_WINDOWS_MS, t0 + 90_000), (7, 7));
+        assert!(r.slots.iter().all(|q| q.len() <= 98));
+
+        // Dollars: a day and 30 days. What was spent two hours ago is
+        // still in the day (it was not for the minute-and-day slots of
+        // tokens, the bug this replaces), and in the month after 20 days.
+        let mut u = Recent::default();
+        u.add(USD_WINDOWS_MS, t0, 25);
+        assert_eq!(u.sums(USD_WINDOWS_MS, t0 + 7_200), (25, 25));
+        assert_eq!(u.sums(USD_WINDOWS_MS, t0 + 20 * 86_400), (0, 25));
+        assert_eq!(u.sums(USD_WINDOWS_MS, t0 + 32 * 86_400), (0, 0));
+        // A clock that went back adds to the newest slot.
+        u.add(USD_WINDOWS_MS, t0 - 100_000, 5);
+        assert_eq!(u.sums(USD_WINDOWS_MS, t0), (30, 30));
+    }
+
+    #[test]
+    fn recent_spending_is_saved_and_restored_with_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut recent = Recent::default();
+        recent.add(USD_WINDOWS_MS, unix_now() - 3_600, 40);
+        let state = StateFile {
+            agent: "a1".into(),
+            epoch: None,
+            pairs: vec![SavedLease {
+                key: "k".into(),
+                used: 40,
+                granted: 50,
+                recent: recent.clone(),
+            }],
+        };
+        write_private(dir.path(), STATE_FILE, &serde_json::to_vec(&state).unwrap()).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(state));
+        // A file of an earlier version (no `recent`) still loads.
+        let old = r#"{"agent":"a1","epoch":null,"pairs":[{"key":"k","used":1,"granted":2}]}"#;
+        fs::write(dir.path().join(STATE_FILE), old).unwrap();
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.pairs[0].recent, Recent::default());
     }
 }

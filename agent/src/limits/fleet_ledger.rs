@@ -27,7 +27,7 @@
 //! after spending that was never reported.
 //!
 //! The first op of an agent on a hash (a new pair, or one the server lost)
-//! charges what the agent spent in the last minute and day (`recent_*`):
+//! charges what the agent spent in each of its windows (`recent_*`):
 //! after a Redis restart that lost the data the windows are seeded with the
 //! fleet's recent spending, one agent at a time, instead of starting full.
 //! `{prefix}:epoch` (a random word set once) tells the agents that the

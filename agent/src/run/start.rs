@@ -500,7 +500,9 @@ fn start_event_reader(
         .ebpf
         .take_map(MAP_CONNS)
         .and_then(|m| m.try_into().ok());
-    let mut accounting = Accounting::new(metrics.clone(), telemetry.clone()).with_tally(tally);
+    let mut accounting = Accounting::new(metrics.clone(), telemetry.clone())
+        .with_tally(tally)
+        .with_state_dir(state.policy.state_dir.clone());
     match ExactTokens::new(&state.policy, state.generation) {
         Ok(exact) => {
             let mut exact = ExactConns::new(exact, ctx.audit.clone(), &state.policy);
