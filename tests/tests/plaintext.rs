@@ -762,7 +762,10 @@ fn bench_plaintext_cost() {
     let traced_cg = if aa { &plain } else { &bot };
     let calls_before = metric(&agent, "llm_egress_plaintext_calls_total", &[]);
     let (mut traced, mut base, mut trapped) = (Vec::new(), Vec::new(), Vec::new());
-    let (ns, size) = (n.to_string(), "256".to_string());
+    // BENCH_SIZE: bytes per echo (256; a large one shows the cost of
+    // copying a long call, 16 KiB per piece).
+    let size = std::env::var("BENCH_SIZE").unwrap_or_else(|_| "256".into());
+    let ns = n.to_string();
     // Untraced with perf uprobes of its own and no BPF program: the cost
     // of the traps alone.
     for _ in 0..rounds {
@@ -821,7 +824,7 @@ fn bench_plaintext_cost() {
     // 2 x (n + 1) calls a round: BENCH_DUMP=1).
     let per_call_us = (mt - mb) / 1e3 / (2 * n) as f64;
     println!(
-        "echo: {rounds} rounds of {n} x 256 B: traced median {:.1} µs/iter, untraced {:.1} µs/iter, median ratio {:.3}, overhead {per_call_us:.2} µs per SSL call; calls counted by the agent so far {calls:.0} (expected {})",
+        "echo: {rounds} rounds of {n} x {size} B: traced median {:.1} µs/iter, untraced {:.1} µs/iter, median ratio {:.3}, overhead {per_call_us:.2} µs per SSL call (at 256 B: one write, one read an iteration); calls counted by the agent so far {calls:.0} (expected {} at 256 B)",
         mt / 1e3 / n as f64,
         mb / 1e3 / n as f64,
         median(&mut ratios),
