@@ -52,7 +52,10 @@ mod tests {
         assert_eq!(read_optional(&sub, "x.json").unwrap(), None);
         write_private(&sub, "x.json", b"one").unwrap();
         write_private(&sub, "x.json", b"two").unwrap();
-        assert_eq!(read_optional(&sub, "x.json").unwrap().as_deref(), Some(&b"two"[..]));
+        assert_eq!(
+            read_optional(&sub, "x.json").unwrap().as_deref(),
+            Some(&b"two"[..])
+        );
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&sub), 0o700);
         assert_eq!(mode(&sub.join("x.json")), 0o600);

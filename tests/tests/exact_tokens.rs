@@ -755,3 +755,92 @@ fn http2_is_detected_and_falls_back_to_the_estimate() {
     );
     agent.stop();
 }
+
+/// GnuTLS (docs/plaintext.md, "Which clients are visible"): Debian's wget
+/// links libgnutls.so.30, not libssl. Run the way a script runs it (a
+/// shell in a mount namespace of its own, with its own /etc/hosts, that
+/// execs wget), paused at exec, it gets the `gnutls_record_send` /
+/// `gnutls_record_recv` probes of the libgnutls under its root; a buffered
+/// and a streamed completion are then counted exactly (= the fake's
+/// usage), with a `request` record each, and nothing is estimated.
+#[test]
+fn wget_over_gnutls_is_counted_exactly() {
+    require_root();
+    let Some(wget) = ["/usr/bin/wget", "/bin/wget"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        panic!("wget is missing: cargo xtask setup installs it");
+    };
+    let cg = CgroupGuard::new("ex-wget");
+    let bot = cg.child("bot");
+    let ns = NetnsGuard::new();
+    let openai = fake_provider::start(&ns, "192.0.2.1:443", Flavor::OpenAi);
+    let dir = TempDir::new("ex-wget");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, format!("192.0.2.1 {}\n", openai.host())).unwrap();
+    let mut agent = Agent::launch(&exact_tokens_policy(&cg, ""));
+    agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    let chat = r#"{"model":"gpt-4o-mini","max_tokens":40,"messages":[{"role":"user","content":"count me exactly"}]}"#;
+    let stream = r#"{"model":"gpt-4o-mini","max_tokens":60,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"stream me"}]}"#;
+    for body in [chat, stream] {
+        let script = format!(
+            "mount --bind {} /etc/hosts && exec {wget} -q -O /dev/null --ca-certificate={} --header='Content-Type: application/json' --post-data='{body}' https://{}/v1/chat/completions",
+            hosts.display(),
+            openai.ca_file().display(),
+            openai.host(),
+        );
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        confine(&mut cmd, &bot, &ns);
+        let out = cmd.output().expect("cannot run unshare");
+        assert!(
+            out.status.success(),
+            "wget: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.context()
+        );
+    }
+    let (prompt, completion) = served(&openai, 2);
+    for (kind, want) in [("prompt", prompt), ("completion", completion)] {
+        let labels = [
+            ("workload", "bot"),
+            ("provider", "openai"),
+            ("kind", kind),
+            ("source", "exact"),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.metric_value("llm_egress_tokens_total", &labels) != Some(want as f64)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            agent.metric_value("llm_egress_tokens_total", &labels),
+            Some(want as f64),
+            "{kind}: exact = the fake's usage over GnuTLS\n{}\n{}",
+            agent.metrics(),
+            agent.context()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while requests_of(&agent, "bot", "openai").len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let records = requests_of(&agent, "bot", "openai");
+    assert_eq!(records.len(), 2, "{records:?}");
+    closed(&agent, "bot", 2.0);
+    assert_eq!(
+        tokens(&agent, "bot", "openai", "completion", "estimated"),
+        0.0
+    );
+    assert!(
+        agent.context().contains("libgnutls.so.30"),
+        "the agent did not say it attached libgnutls\n{}",
+        agent.context()
+    );
+    agent.stop();
+}

@@ -74,6 +74,11 @@ pub const PACKAGES: &[Package] = &[
         build_only: false,
     },
     Package {
+        name: "wget",
+        why: "a client over GnuTLS (libgnutls.so.30) for the exact-token tests (tests/tests/exact_tokens.rs)",
+        build_only: false,
+    },
+    Package {
         name: "redis-server",
         why: "the fleet ledger of the fleet-budget and fleet-rate tests (tests/tests/fleet.rs, fleet_rate.rs, and the fleet dollar budgets of tests/tests/exact_budgets.rs), run on free loopback ports by the tests themselves (redis-cli comes with it); where systemd is PID 1 Debian's package also starts its own redis on 127.0.0.1:6379, which the tests never use and setup leaves alone (tests/tests/redis_systemd.rs, docs/fleet.md)",
         build_only: false,

@@ -225,8 +225,13 @@ impl EstimateLearning {
             })
             .collect();
         lines.sort_by(|a, b| {
-            (&a.scope, &a.provider, &a.kind, &a.shape, &a.client)
-                .cmp(&(&b.scope, &b.provider, &b.kind, &b.shape, &b.client))
+            (&a.scope, &a.provider, &a.kind, &a.shape, &a.client).cmp(&(
+                &b.scope,
+                &b.provider,
+                &b.kind,
+                &b.shape,
+                &b.client,
+            ))
         });
         let saved = SavedLines {
             calibration: tokens::calibration_id(),

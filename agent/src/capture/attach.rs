@@ -1,5 +1,5 @@
-//! Which processes get the OpenSSL uprobes (docs/plaintext.md): those of
-//! workloads with `exact_tokens = true`, and no others.
+//! Which processes get the TLS library uprobes (docs/plaintext.md): those
+//! of workloads with `exact_tokens = true`, and no others.
 //!
 //! - At start and on every change of the workloads, the `exact_tokens`
 //!   workloads' (generation, id) pairs go to `PLAINTEXT_WORKLOADS`: the exec
@@ -10,12 +10,17 @@
 //!   or forked without exec) are attached then (without a pause: what they
 //!   sent before is not seen); processes that ended are forgotten (their
 //!   uprobes detached); the libraries each traced process maps are read
-//!   again, and a libssl mapped since is attached too.
-//! - A process is attached to the libssl files it maps (/proc/PID/maps),
-//!   else to the system's libssl.so.3 found under its root: a Python
-//!   process maps libssl only when it imports `ssl`, after its exec, and a
-//!   uprobe attached to the file before the mapping is installed when the
-//!   mapping is made.
+//!   again, and a TLS library mapped since is attached too.
+//! - A process is attached to the TLS libraries it maps (/proc/PID/maps):
+//!   OpenSSL's libssl (`SSL_write`, `SSL_read` and their `_ex` forms) and
+//!   GnuTLS's libgnutls (`gnutls_record_send`, `gnutls_record_recv`, which
+//!   the same programs read). One that maps none yet (paused at exec,
+//!   before its loader ran) is attached to the system's libssl.so.3 found
+//!   under its root (a Python process maps libssl only when it imports
+//!   `ssl`, after its exec, and a uprobe attached to the file before the
+//!   mapping is installed when the mapping is made), and to the system's
+//!   libgnutls.so.30 if its executable names it in its dynamic string
+//!   table (wget).
 //! - At most `max_processes` processes are traced, those that ended and
 //!   whose uprobes are still being closed included (`crate::capture::detach`:
 //!   each close takes ~100 ms); more are counted (`overflow`) and left
@@ -27,13 +32,13 @@
 //!   client built with libssl.a). A file with only some of them is logged
 //!   with their names and not attached. Each file version (device, inode,
 //!   size, mtime) is searched once.
-//! - A traced process that ends having mapped no libssl, no linked-in
+//! - A traced process that ends having mapped no TLS library, no linked-in
 //!   OpenSSL, and sent no plaintext is counted and logged as not visible
-//!   (other TLS: Go's crypto/tls, rustls, BoringSSL; a stripped static
+//!   (other TLS: Go's crypto/tls, rustls, BoringSSL, NSS; a stripped static
 //!   OpenSSL).
 //!
 //! Who can change the inputs: the traced process itself can unmap, replace
-//! or bypass libssl (its own TLS code, a static build, raw syscalls), so
+//! or bypass its TLS library (its own TLS code, a static build, raw syscalls), so
 //! plaintext is evidence of what an OpenSSL client sent, never proof that
 //! nothing else was sent. The symbol offsets come from the library file
 //! the process maps, read by the agent (root).
@@ -65,31 +70,51 @@ use llm_egress_common::{
 };
 use tracing::{info, warn};
 
-use crate::capture::elf::{FileSource, Lookup, find_functions};
+use crate::capture::elf::{FileSource, Lookup, dynamic_strings_hold, find_functions};
 use crate::capture::metrics::Metrics;
 use crate::capture::procs::{
-    cgroup_pids, executable_paths, libssl_paths, maps, process_root, start_time, workload_by_path,
+    TlsLibrary, cgroup_pids, executable_paths, maps, process_root, start_time, tls_library_paths,
+    workload_by_path,
 };
 use crate::capture::{
     detach::Detacher,
     reader::{ExecReport, ReaderStats, resume},
 };
 
-/// The functions probed, with the attach cookie each entry probe gets.
-const FUNCTIONS: [(&str, u64); 4] = [
+/// OpenSSL's functions probed, with the attach cookie each entry probe
+/// gets.
+const OPENSSL_FUNCTIONS: [(&str, u64); 4] = [
     ("SSL_write", 0),
     ("SSL_read", call_flags::READ),
     ("SSL_write_ex", call_flags::EX),
     ("SSL_read_ex", call_flags::READ | call_flags::EX),
 ];
 
-/// The names of [`FUNCTIONS`], as `crate::capture::elf` looks them up.
+/// The names of [`OPENSSL_FUNCTIONS`], as `crate::capture::elf` looks them
+/// up.
 const FUNCTION_NAMES: [&str; 4] = [
-    FUNCTIONS[0].0,
-    FUNCTIONS[1].0,
-    FUNCTIONS[2].0,
-    FUNCTIONS[3].0,
+    OPENSSL_FUNCTIONS[0].0,
+    OPENSSL_FUNCTIONS[1].0,
+    OPENSSL_FUNCTIONS[2].0,
+    OPENSSL_FUNCTIONS[3].0,
 ];
+
+/// GnuTLS's: `gnutls_record_send(session, data, size)` and
+/// `gnutls_record_recv(session, data, size)` return the bytes moved (or a
+/// negative error), as `SSL_write` and `SSL_read` do: the same programs
+/// serve them, the session pointer standing for the `SSL*`.
+const GNUTLS_FUNCTIONS: [(&str, u64); 2] = [
+    ("gnutls_record_send", 0),
+    ("gnutls_record_recv", call_flags::READ),
+];
+
+/// The functions probed in a shared `lib`.
+fn functions(lib: TlsLibrary) -> &'static [(&'static str, u64)] {
+    match lib {
+        TlsLibrary::OpenSsl => &OPENSSL_FUNCTIONS,
+        TlsLibrary::GnuTls => &GNUTLS_FUNCTIONS,
+    }
+}
 
 /// File versions whose search result is kept; the cache is emptied when
 /// it is full.
@@ -98,11 +123,12 @@ const ELF_CACHE: usize = 1024;
 /// (device, inode, size, mtime s, mtime ns) of a file.
 type FileVersion = (u64, u64, u64, i64, i64);
 
-/// Where the four functions are in a file.
+/// Where the functions are in a file.
 enum Location {
-    /// By name, resolved by aya (a shared libssl).
-    Symbols,
-    /// By file offset, in the order of [`FUNCTIONS`] (a linked-in OpenSSL).
+    /// By name, resolved by aya (a shared libssl or libgnutls).
+    Symbols(TlsLibrary),
+    /// By file offset, in the order of [`OPENSSL_FUNCTIONS`] (a linked-in
+    /// OpenSSL).
     Offsets(Vec<u64>),
 }
 
@@ -115,6 +141,20 @@ const SYSTEM_LIBSSL: [&str; 6] = [
     "/usr/lib64/libssl.so.3",
     "/lib64/libssl.so.3",
     "/usr/lib/libssl.so.3",
+];
+
+/// GnuTLS's shared object as an executable names it (`DT_NEEDED`).
+const LIBGNUTLS: &str = "libgnutls.so.30";
+
+/// Where a process's root has its system libgnutls, tried when it maps
+/// none yet and its executable needs it.
+const SYSTEM_LIBGNUTLS: [&str; 6] = [
+    "/usr/lib/x86_64-linux-gnu/libgnutls.so.30",
+    "/lib/x86_64-linux-gnu/libgnutls.so.30",
+    "/usr/lib/aarch64-linux-gnu/libgnutls.so.30",
+    "/usr/lib64/libgnutls.so.30",
+    "/lib64/libgnutls.so.30",
+    "/usr/lib/libgnutls.so.30",
 ];
 
 /// The kernel functions whose first argument is the `struct sock *`
@@ -158,11 +198,11 @@ struct Traced {
     workload: String,
     /// Field 22 of /proc/PID/stat: tells a reused pid apart.
     start_time: u64,
-    /// (device, inode) of each libssl file attached.
+    /// (device, inode) of each TLS library file attached.
     libs: BTreeSet<(u64, u64)>,
     links: Vec<UProbeLink>,
-    /// It mapped a libssl at some point.
-    mapped: bool,
+    /// The shared TLS libraries it mapped at some point.
+    mapped: BTreeSet<TlsLibrary>,
     /// It maps an executable file with OpenSSL linked in.
     linked: bool,
 }
@@ -188,6 +228,8 @@ pub struct Attacher {
     /// (device, inode, size, mtime s, mtime ns) of each executable file
     /// searched → the offsets of the four functions, if it has all.
     elf_cache: HashMap<FileVersion, Option<Vec<u64>>>,
+    /// The same, of executables exec'd → whether they need GnuTLS.
+    gnutls_cache: HashMap<FileVersion, bool>,
     /// pid → workload of traced processes, for the plaintext consumer.
     pub workload_of_pid: Arc<Mutex<HashMap<u32, String>>>,
     /// pids that sent or received plaintext (the reader fills it).
@@ -271,6 +313,7 @@ impl Attacher {
             cookie_hooks: CookieHooks::None,
             exec_link: None,
             elf_cache: HashMap::new(),
+            gnutls_cache: HashMap::new(),
             workload_of_pid: Arc::default(),
             seen: Arc::default(),
             reader,
@@ -424,10 +467,12 @@ impl Attacher {
             }
             self.attach_mapped(ebpf, pid);
         }
-        let (mut with, mut linked, mut without) = (0, 0, 0);
+        let (mut with, mut gnutls, mut linked, mut without) = (0, 0, 0, 0);
         for t in self.traced.values() {
-            if t.mapped {
+            if t.mapped.contains(&TlsLibrary::OpenSsl) {
                 with += 1;
+            } else if t.mapped.contains(&TlsLibrary::GnuTls) {
+                gnutls += 1;
             } else if t.linked {
                 linked += 1;
             } else {
@@ -442,6 +487,10 @@ impl Attacher {
             .processes
             .with_label_values(&["libssl"])
             .set(with);
+        self.metrics
+            .processes
+            .with_label_values(&["libgnutls"])
+            .set(gnutls);
         self.metrics
             .processes
             .with_label_values(&["no_libssl"])
@@ -527,7 +576,7 @@ impl Attacher {
             // it (closing them would cost ~0.8 s of closing for nothing);
             // what it maps is the new image's.
             Some(t) if t.start_time == start_time => {
-                t.mapped = false;
+                t.mapped.clear();
                 t.linked = false;
                 t.workload = workload.clone();
             }
@@ -547,7 +596,7 @@ impl Attacher {
                         start_time,
                         libs: BTreeSet::new(),
                         links: Vec::new(),
-                        mapped: false,
+                        mapped: BTreeSet::new(),
                         linked: false,
                     },
                 );
@@ -558,15 +607,24 @@ impl Attacher {
         }
         let attached = self.attach_mapped(ebpf, pid);
         if !attached {
-            // Nothing mapped yet: the system libssl, where the process
-            // would load it from.
+            // Nothing mapped yet (paused at exec, before its loader ran):
+            // the system libssl, where the process would load it from
+            // (Python loads it later, with `import ssl`), and the system
+            // libgnutls if its executable needs it.
             let root = process_root(pid);
-            if let Some(lib) = SYSTEM_LIBSSL
-                .iter()
-                .map(|p| root.join(p.trim_start_matches('/')))
-                .find(|p| p.exists())
+            let system = |paths: &[&str]| {
+                paths
+                    .iter()
+                    .map(|p| root.join(p.trim_start_matches('/')))
+                    .find(|p| p.exists())
+            };
+            if let Some(lib) = system(&SYSTEM_LIBSSL) {
+                self.attach_lib(ebpf, pid, &lib, &Location::Symbols(TlsLibrary::OpenSsl));
+            }
+            if self.needs_gnutls(pid)
+                && let Some(lib) = system(&SYSTEM_LIBGNUTLS)
             {
-                self.attach_lib(ebpf, pid, &lib, &Location::Symbols);
+                self.attach_lib(ebpf, pid, &lib, &Location::Symbols(TlsLibrary::GnuTls));
             }
         }
         let ok = self.traced.get(&pid).is_some_and(|t| !t.links.is_empty());
@@ -576,25 +634,23 @@ impl Attacher {
             .inc();
     }
 
-    /// Attaches every libssl `pid` maps, and every other executable file
+    /// Attaches every TLS library `pid` maps, and every other executable file
     /// it maps with OpenSSL linked in, that is not attached yet; whether
     /// it maps one of either.
     fn attach_mapped(&mut self, ebpf: &mut Ebpf, pid: u32) -> bool {
         let maps = maps(pid);
-        let libs = libssl_paths(&maps);
+        let libs = tls_library_paths(&maps);
         let root = process_root(pid);
-        if !libs.is_empty() {
+        for (lib, kind) in &libs {
             if let Some(t) = self.traced.get_mut(&pid) {
-                t.mapped = true;
+                t.mapped.insert(*kind);
             }
-            for lib in &libs {
-                self.attach_lib(
-                    ebpf,
-                    pid,
-                    &root.join(lib.trim_start_matches('/')),
-                    &Location::Symbols,
-                );
-            }
+            self.attach_lib(
+                ebpf,
+                pid,
+                &root.join(lib.trim_start_matches('/')),
+                &Location::Symbols(*kind),
+            );
         }
         let mut linked = false;
         for file in executable_paths(&maps) {
@@ -662,8 +718,36 @@ impl Attacher {
         offsets
     }
 
-    /// Attaches the 8 probes of `lib` (a path under /proc/PID/root) for
-    /// `pid` at `location`, once per file.
+    /// Whether `pid`'s executable needs GnuTLS (names `libgnutls.so.30` in
+    /// its dynamic string table), read once per file version.
+    fn needs_gnutls(&mut self, pid: u32) -> bool {
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let Ok(meta) = fs::metadata(&exe) else {
+            return false;
+        };
+        let key = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
+        if let Some(&hit) = self.gnutls_cache.get(&key) {
+            return hit;
+        }
+        let needs = FileSource::open(&exe)
+            .map_err(|e| e.to_string())
+            .and_then(|src| dynamic_strings_hold(&src, &[LIBGNUTLS]).map_err(|e| e.to_string()))
+            .is_ok_and(|held| held == [true]);
+        if self.gnutls_cache.len() >= ELF_CACHE {
+            self.gnutls_cache.clear();
+        }
+        self.gnutls_cache.insert(key, needs);
+        needs
+    }
+
+    /// Attaches the probes of `lib` (a path under /proc/PID/root) for
+    /// `pid` at `location` (8 for OpenSSL, 4 for GnuTLS), once per file.
     fn attach_lib(&mut self, ebpf: &mut Ebpf, pid: u32, lib: &Path, location: &Location) {
         let Ok(meta) = fs::metadata(lib) else {
             return;
@@ -689,9 +773,13 @@ impl Attacher {
                     continue;
                 }
             };
-            for (i, (function, cookie)) in FUNCTIONS.into_iter().enumerate() {
+            let names = match location {
+                Location::Symbols(lib) => functions(*lib),
+                Location::Offsets(_) => &OPENSSL_FUNCTIONS,
+            };
+            for (i, &(function, cookie)) in names.iter().enumerate() {
                 let location = match location {
-                    Location::Symbols => UProbeAttachLocation::Symbol(function),
+                    Location::Symbols(_) => UProbeAttachLocation::Symbol(function),
                     Location::Offsets(o) => match o.get(i) {
                         Some(&off) => UProbeAttachLocation::AbsoluteOffset(off),
                         None => continue,
@@ -725,12 +813,12 @@ impl Attacher {
             .lock()
             .map(|mut s| s.remove(&pid))
             .unwrap_or(false);
-        if !t.mapped && !t.linked && !seen {
+        if t.mapped.is_empty() && !t.linked && !seen {
             self.metrics
                 .invisible
                 .with_label_values(&[&t.workload])
                 .inc();
-            info!(pid, workload = %t.workload, "plaintext: the process ended without a shared libssl, a linked-in OpenSSL found by symbol, or plaintext: its TLS (if any) was not visible (Go, rustls, BoringSSL, a stripped static OpenSSL)");
+            info!(pid, workload = %t.workload, "plaintext: the process ended without a shared libssl or libgnutls, a linked-in OpenSSL found by symbol, or plaintext: its TLS (if any) was not visible (Go, rustls, BoringSSL, NSS, a stripped static OpenSSL)");
         }
         if let Ok(mut g) = self.workload_of_pid.lock() {
             g.remove(&pid);

@@ -19,6 +19,9 @@
 //! a static OpenSSL. A stripped file has no `.symtab`; unless it exports
 //! the functions in `.dynsym` (Node.js does) they are not found.
 //!
+//! [`dynamic_strings_hold`] reads the dynamic string table the same way:
+//! whether an executable names a library (GnuTLS) it will load.
+//!
 //! Who can change the input: whoever can write the file (the workload's
 //! image). A file that lies about its symbols gets uprobes at wrong
 //! offsets in its own process only (the uprobes are per process); the
@@ -145,9 +148,8 @@ struct Section {
 /// An executable segment: (vaddr, file offset, file size).
 type Segment = (u64, u64, u64);
 
-/// The file offsets of the `wanted` functions in `src`, or which of them
-/// it has.
-pub fn find_functions<S: Source + ?Sized>(src: &S, wanted: &[&str]) -> Result<Lookup, ElfError> {
+/// The executable segments and the sections of `src`.
+fn headers<S: Source + ?Sized>(src: &S) -> Result<(Vec<Segment>, Vec<Section>), ElfError> {
     let mut eh = [0u8; 64];
     if src.size() < 64 {
         return Err(ElfError::NotElf);
@@ -186,6 +188,43 @@ pub fn find_functions<S: Source + ?Sized>(src: &S, wanted: &[&str]) -> Result<Lo
             link: u32_at(s, 40),
         })
         .collect();
+    Ok((segments, sections))
+}
+
+/// Whether the dynamic symbols' string table of `src` holds each of
+/// `names` as a whole string: the libraries a dynamically linked
+/// executable needs (`DT_NEEDED`) are named there, as are the symbols it
+/// imports. No `.dynsym` (a static file): none.
+pub fn dynamic_strings_hold<S: Source + ?Sized>(
+    src: &S,
+    names: &[&str],
+) -> Result<Vec<bool>, ElfError> {
+    let (_, sections) = headers(src)?;
+    let mut held = vec![false; names.len()];
+    for table in sections.iter().filter(|s| s.kind == SHT_DYNSYM) {
+        let strtab = sections
+            .get(table.link as usize)
+            .ok_or(ElfError::Malformed("a symbol table links no string table"))?;
+        for (h, places) in held.iter_mut().zip(name_offsets(src, strtab, names)?) {
+            // A whole string: at the table's start or after a NUL.
+            *h |= places
+                .iter()
+                .any(|&at| at == 0 || whole_string_at(src, strtab, at));
+        }
+    }
+    Ok(held)
+}
+
+/// Whether the string at `at` of `strtab` starts there (a NUL before it).
+fn whole_string_at<S: Source + ?Sized>(src: &S, strtab: &Section, at: u64) -> bool {
+    let mut b = [1u8];
+    src.read_exact_at(&mut b, strtab.offset + at - 1).is_ok() && b[0] == 0
+}
+
+/// The file offsets of the `wanted` functions in `src`, or which of them
+/// it has.
+pub fn find_functions<S: Source + ?Sized>(src: &S, wanted: &[&str]) -> Result<Lookup, ElfError> {
+    let (segments, sections) = headers(src)?;
     let mut found: Vec<Option<u64>> = vec![None; wanted.len()];
     // .dynsym first: it is small, and where the functions are exported
     // (Node.js) .symtab need not be read.
@@ -500,5 +539,38 @@ mod tests {
             eprintln!("node: {r:?} in {:?}", t.elapsed());
             assert!(matches!(r, Ok(Lookup::All(v)) if v.len() == 4));
         }
+        // wget needs GnuTLS, curl does not.
+        let gnutls = ["libgnutls.so.30", "gnutls_record_send"];
+        for (file, needs) in [("/usr/bin/wget", true), ("/usr/bin/curl", false)] {
+            let path = std::path::Path::new(file);
+            if path.exists() {
+                let s = FileSource::open(path).unwrap();
+                assert_eq!(
+                    dynamic_strings_hold(&s, &gnutls),
+                    Ok(vec![needs; 2]),
+                    "{file}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dynamic_strings_count_whole_strings_of_the_dynamic_table_only() {
+        let mut f = elf(&[("gnutls_record_send", STT_FUNC, 0, 0)]);
+        let names = ["gnutls_record_send", "SSL_write", "libgnutls.so.30"];
+        // In .symtab: not a dynamic string.
+        assert_eq!(dynamic_strings_hold(&f[..], &names), Ok(vec![false; 3]));
+        // The same table as .dynsym: the import is named; `SSL_write` only
+        // as the tail of `XSSL_write`, not a whole string.
+        let shoff = u64_at(&f, 40) as usize;
+        f[shoff + 64 + 4..shoff + 64 + 8].copy_from_slice(&SHT_DYNSYM.to_le_bytes());
+        assert_eq!(
+            dynamic_strings_hold(&f[..], &names),
+            Ok(vec![true, false, false])
+        );
+        assert_eq!(
+            dynamic_strings_hold(&b"garbage"[..], &names),
+            Err(ElfError::NotElf)
+        );
     }
 }

@@ -31,7 +31,7 @@ impl Metrics {
         let processes = IntGaugeVec::new(
             Opts::new(
                 "llm_egress_plaintext_processes",
-                "Traced processes that map a shared libssl (libssl), that map none but an executable file with OpenSSL linked in, found by symbol (linked), neither (no_libssl: their TLS plaintext is not visible unless they load a libssl later), and processes that ended whose uprobes are still being closed (detaching; they count against max processes)",
+                "Traced processes that map a shared libssl (libssl), a shared libgnutls and no libssl (libgnutls), neither but an executable file with OpenSSL linked in, found by symbol (linked), none of these (no_libssl: their TLS plaintext is not visible unless they load a TLS library later), and processes that ended whose uprobes are still being closed (detaching; they count against max processes)",
             ),
             &["state"],
         )?;

@@ -77,28 +77,57 @@ pub fn maps(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
 }
 
-/// The libssl paths of a /proc/PID/maps text: `libssl.so` and its versions
-/// (`libssl.so.3`), once each.
-pub fn libssl_paths(maps: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
+/// A shared TLS library whose functions are probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsLibrary {
+    /// OpenSSL's `libssl.so` (Python's `ssl`, curl, Debian's Node.js).
+    OpenSsl,
+    /// GnuTLS's `libgnutls.so` (wget, libcurl3-gnutls).
+    GnuTls,
+}
+
+impl TlsLibrary {
+    pub const ALL: [TlsLibrary; 2] = [TlsLibrary::OpenSsl, TlsLibrary::GnuTls];
+
+    /// Its shared object's file name, without a version.
+    pub fn soname(self) -> &'static str {
+        match self {
+            TlsLibrary::OpenSsl => "libssl.so",
+            TlsLibrary::GnuTls => "libgnutls.so",
+        }
+    }
+
+    /// The library a file name (`libssl.so.3`, `libgnutls.so.30`) is.
+    pub fn of_file(base: &str) -> Option<TlsLibrary> {
+        TlsLibrary::ALL.into_iter().find(|l| {
+            base.strip_prefix(l.soname())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+    }
+}
+
+/// The TLS library paths of a /proc/PID/maps text (`libssl.so` and its
+/// versions, `libgnutls.so.30`), once each.
+pub fn tls_library_paths(maps: &str) -> Vec<(String, TlsLibrary)> {
+    let mut out: Vec<(String, TlsLibrary)> = Vec::new();
     for line in maps.lines() {
         let Some(path) = line.split_whitespace().nth(5) else {
             continue;
         };
         let base = path.rsplit('/').next().unwrap_or("");
-        if path.starts_with('/')
-            && (base == "libssl.so" || base.starts_with("libssl.so."))
-            && !out.iter().any(|p| p == path)
+        if let Some(lib) = TlsLibrary::of_file(base)
+            && path.starts_with('/')
+            && !out.iter().any(|(p, _)| p == path)
         {
-            out.push(path.to_string());
+            out.push((path.to_string(), lib));
         }
     }
     out
 }
 
 /// Paths of the other executable files a /proc/PID/maps text maps with
-/// execute permission (the executable itself, its libraries), libssl
-/// excepted, once each: where a linked-in OpenSSL is looked for.
+/// execute permission (the executable itself, its libraries), the TLS
+/// libraries excepted, once each: where a linked-in OpenSSL is looked for.
 pub fn executable_paths(maps: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for line in maps.lines() {
@@ -111,7 +140,7 @@ pub fn executable_paths(maps: &str) -> Vec<String> {
             continue;
         }
         let base = path.rsplit('/').next().unwrap_or("");
-        if base == "libssl.so" || base.starts_with("libssl.so.") || out.iter().any(|p| p == path) {
+        if TlsLibrary::of_file(base).is_some() || out.iter().any(|p| p == path) {
             continue;
         }
         out.push(path.to_string());
@@ -124,7 +153,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn libssl_is_found_in_a_maps_text() {
+    fn tls_libraries_are_found_in_a_maps_text() {
         let maps = "\
 7f00-7f10 r--p 00000000 08:01 1234 /usr/lib/x86_64-linux-gnu/libssl.so.3
 7f10-7f20 r-xp 00010000 08:01 1234 /usr/lib/x86_64-linux-gnu/libssl.so.3
@@ -132,15 +161,24 @@ mod tests {
 7f30-7f40 r--p 00000000 08:01 98 /opt/app/libssl-fake.so
 7f40-7f50 rw-p 00000000 00:00 0 
 7f50-7f60 r--p 00000000 08:01 97 /venv/lib/libssl.so.1.1 (deleted)
+7f60-7f70 r-xp 00000000 08:01 96 /usr/lib/x86_64-linux-gnu/libgnutls.so.30.34.3
+7f70-7f80 r-xp 00000000 08:01 95 /usr/lib/x86_64-linux-gnu/libgnutlsxx.so.30
 ";
         assert_eq!(
-            libssl_paths(maps),
+            tls_library_paths(maps),
             [
-                "/usr/lib/x86_64-linux-gnu/libssl.so.3",
-                "/venv/lib/libssl.so.1.1"
+                (
+                    "/usr/lib/x86_64-linux-gnu/libssl.so.3".to_string(),
+                    TlsLibrary::OpenSsl
+                ),
+                ("/venv/lib/libssl.so.1.1".to_string(), TlsLibrary::OpenSsl),
+                (
+                    "/usr/lib/x86_64-linux-gnu/libgnutls.so.30.34.3".to_string(),
+                    TlsLibrary::GnuTls
+                ),
             ]
         );
-        assert!(libssl_paths("").is_empty());
+        assert!(tls_library_paths("").is_empty());
     }
 
     #[test]

@@ -24,8 +24,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    io,
+    fs, io,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };

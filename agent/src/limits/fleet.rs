@@ -22,8 +22,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    fs,
-    io,
+    fs, io,
     path::Path,
     time::{Duration, Instant},
 };
@@ -35,7 +34,6 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    state_file::{read_optional, write_private},
     kernel::limit_entries::{FleetPair, FleetUsd, Pair, bucket_id},
     limits::budget::{Budgets, Change},
     limits::fleet_ledger::{self, Ledger, Op, Reply, TOKEN_WINDOWS_MS, USD_WINDOWS_MS},
@@ -43,6 +41,7 @@ use crate::{
         Limits, UsdBudget,
         fleet::{FleetConfig, FleetFailure},
     },
+    state_file::{read_optional, write_private},
 };
 
 /// Name of the state file under `state_dir`.
