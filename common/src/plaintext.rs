@@ -15,10 +15,14 @@
 pub const PROG_PLAINTEXT_SSL_ENTRY: &str = "plaintext_ssl_entry";
 /// uretprobe on the same four functions: copies the plaintext.
 pub const PROG_PLAINTEXT_SSL_RETURN: &str = "plaintext_ssl_return";
-/// kprobe on `tcp_sendmsg` and `tcp_recvmsg`: the socket cookie of a TCP
-/// call made inside an SSL call of the same thread. The fallback for
-/// kernels without the `sock` tracepoints below (before 6.4).
+/// kprobe on `tcp_recvmsg`: the socket cookie of a TCP call made inside
+/// an SSL call of the same thread. The fallback for kernels without the
+/// `sock` tracepoints below (before 6.4).
 pub const PROG_PLAINTEXT_TCP: &str = "plaintext_tcp_msg";
+/// kprobe on `tcp_sendmsg`: the same, and outside SSL calls the length
+/// asked (its third argument), which joins a memory-BIO write of the
+/// thread to the socket as the tracepoint's bytes moved do.
+pub const PROG_PLAINTEXT_TCP_SEND: &str = "plaintext_tcp_send";
 /// Tracepoints sock/sock_send_length and sock/sock_recv_length (6.4+):
 /// the same as `PROG_PLAINTEXT_TCP`, for kernels without kprobes.
 pub const PROG_PLAINTEXT_SOCK: &str = "plaintext_sock_msg";
@@ -27,10 +31,11 @@ pub const PROG_PLAINTEXT_SOCK: &str = "plaintext_sock_msg";
 pub const PROG_PLAINTEXT_EXEC: &str = "plaintext_exec";
 /// Every plaintext program; none of them is attached to the cgroup or
 /// pinned (their links live as long as the agent).
-pub const PLAINTEXT_PROGRAMS: [&str; 5] = [
+pub const PLAINTEXT_PROGRAMS: [&str; 6] = [
     PROG_PLAINTEXT_SSL_ENTRY,
     PROG_PLAINTEXT_SSL_RETURN,
     PROG_PLAINTEXT_TCP,
+    PROG_PLAINTEXT_TCP_SEND,
     PROG_PLAINTEXT_SOCK,
     PROG_PLAINTEXT_EXEC,
 ];

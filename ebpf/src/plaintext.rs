@@ -12,17 +12,19 @@
 //!   OpenSSL 3's `SSL_read`/`SSL_write` call an internal function, not
 //!   the `_ex` forms, so one application call is seen once.
 //! - `plaintext_sock_msg`, tracepoints sock/sock_send_length and
-//!   sock/sock_recv_length (6.4+), or where they are missing
-//!   `plaintext_tcp_msg`, a kprobe on `tcp_sendmsg(struct sock *sk, ...)`
-//!   and `tcp_recvmsg(struct sock *sk, ...)` (the first argument since
-//!   4.x; kernels built without CONFIG_KPROBES have none):
+//!   sock/sock_recv_length (6.4+), or where they are missing the kprobes
+//!   `plaintext_tcp_send` on `tcp_sendmsg(struct sock *sk, struct msghdr
+//!   *msg, size_t size)` and `plaintext_tcp_msg` on `tcp_recvmsg(struct
+//!   sock *sk, ...)` (the first argument since 4.x; kernels built without
+//!   CONFIG_KPROBES have none):
 //!   when the thread is inside an SSL call, reads the socket's cookie
 //!   (`sk->__sk_common.skc_cookie`, at the offset the agent found in the
 //!   kernel's BTF) into the call. A cookie is 0 until something asked for
 //!   it; the connect hook asks for every provider connection it tracks,
 //!   so the connections the agent accounts have one. Outside SSL calls,
-//!   the tracepoint joins the thread's pending write (below) to the
-//!   socket it sends on.
+//!   the tracepoint (with the bytes moved) or the `tcp_sendmsg` kprobe
+//!   (with the bytes asked) joins the thread's pending write (below) to
+//!   the socket it sends on.
 //! - A write that returns with no cookie (OpenSSL over memory BIOs, as in
 //!   Node.js: the caller sends the records itself, right after) is left in
 //!   `PLAINTEXT_PENDING` by thread. The thread's next socket call within
@@ -114,9 +116,29 @@ pub fn plaintext_ssl_entry(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn plaintext_tcp_msg(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        // The length a kprobe sees is the buffer's, not what moved: no
-        // write is joined from here.
+        // `tcp_recvmsg`'s length is the reader's buffer, not what moved:
+        // no write is joined from here.
         note_socket(sk, -1);
+    }
+    0
+}
+
+#[kprobe]
+pub fn plaintext_tcp_send(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        // `tcp_sendmsg(sk, msg, size)`: what the caller asks to send, all
+        // of it for a blocking socket, and on a non-blocking one what is
+        // left of the records the write produced: the first send after
+        // the write asks for at least its records.
+        let size = ctx.arg::<u64>(2).unwrap_or(0);
+        note_socket(
+            sk,
+            if size > i64::MAX as u64 {
+                -1
+            } else {
+                size as i64
+            },
+        );
     }
     0
 }

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 /// Every program of the object (common/src/maps.rs: ALL_PROGRAMS and
 /// PROG_EXEC).
-const PROGRAMS: [&str; 14] = [
+const PROGRAMS: [&str; 15] = [
     "account_sock_ops",
     "attribute_exec",
     "names_dns_ingress",
@@ -30,6 +30,7 @@ const PROGRAMS: [&str; 14] = [
     "plaintext_ssl_entry",
     "plaintext_ssl_return",
     "plaintext_tcp_msg",
+    "plaintext_tcp_send",
     "verdict_connect4",
     "verdict_connect6",
     "verdict_sendmsg4",

@@ -8,6 +8,7 @@
 # is refused to a workload whose `other` is deny and made for one whose
 # `other` is allow (cgroup/sock_create); with all programs, that an
 # `openssl s_client` in an `exact_tokens` workload gets the OpenSSL uprobes
+# (and a memory-BIO client, xtask/guest/membio.c, is joined to its socket)
 # and its SSL_write reaches the agent; stops the agent with SIGTERM and
 # checks its exit status. Every result goes to the
 # console on a line holding "@@LLME " (xtask/src/kernels/results.rs parses
@@ -142,7 +143,27 @@ check_plaintext() {
         [ "${calls:-0}" -ge 1 ] && break
         sleep 0.5
     done
+    # Memory BIOs: the client's SSL_write touches no socket; its SSL* is
+    # joined to the socket by its next send (the sock tracepoint on 6.4+,
+    # the tcp_sendmsg kprobe before). 127.0.0.3:8443 is the provider
+    # matrix-llm, so the connection is tracked and has a cookie.
+    sh -c 'echo $$ >"$1/cgroup.procs" && exec timeout 60 membio-client 127.0.0.3 8443 hello-membio' \
+        _ "$CG/traced" >/tmp/membio.out 2>&1
+    links=0; until=$(($(now) + 30))
+    while [ "$(now)" -lt "$until" ]; do
+        links=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n 's/^llm_egress_plaintext_links_total \([0-9]*\).*/\1/p')
+        [ "${links:-0}" -ge 1 ] && break
+        sleep 0.5
+    done
     kill "$srv" 2>/dev/null
+    if [ "${links:-0}" -ge 1 ]; then
+        m check "$1" plaintext-join pass "links $links"
+    else
+        m check "$1" plaintext-join fail "links ${links:-0}"
+        tail -n 4 /tmp/membio.out | cut -c1-300 | while IFS= read -r line; do m log "$1" "membio: $line"; done
+        timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | grep '^llm_egress_plaintext' |
+            while IFS= read -r line; do m log "$1" "$line"; done
+    fi
     if grep -q "uprobes attached" "/tmp/agent-$1.log"; then
         m check "$1" uprobe-attach pass attached
     else
@@ -178,9 +199,15 @@ for SET in all connect; do
     TRACED=""
     if [ "$SET" = all ]; then
         TRACED='
+[[providers]]
+name = "matrix-llm"
+cidrs = ["127.0.0.3/32"]
+ports = [8443]
+
 [[workloads]]
 name = "traced"
 cgroup = "traced"
+allow = ["matrix-llm"]
 other = "allow"
 exact_tokens = true'
     fi

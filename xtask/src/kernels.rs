@@ -127,6 +127,16 @@ const PACKAGES: &[Package] = &[
         why: "the guest's TLS client and server (`openssl s_client`/`s_server` over the shared libssl): the uprobe check",
         build_only: false,
     },
+    Package {
+        name: "gcc",
+        why: "builds the guest's memory-BIO client (xtask/guest/membio.c): the plaintext-join check",
+        build_only: false,
+    },
+    Package {
+        name: "libssl-dev",
+        why: "OpenSSL's headers for the guest's memory-BIO client",
+        build_only: false,
+    },
 ];
 
 pub struct Options {

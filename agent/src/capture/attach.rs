@@ -66,7 +66,7 @@ use aya::{
 use llm_egress_common::{
     MAP_PLAINTEXT_CFG, MAP_PLAINTEXT_STATS, MAP_PLAINTEXT_WORKLOADS, PROG_PLAINTEXT_EXEC,
     PROG_PLAINTEXT_SOCK, PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN, PROG_PLAINTEXT_TCP,
-    PlaintextConfig, call_flags, plaintext_stat, workload_key,
+    PROG_PLAINTEXT_TCP_SEND, PlaintextConfig, call_flags, plaintext_stat, workload_key,
 };
 use tracing::{info, warn};
 
@@ -157,9 +157,12 @@ const SYSTEM_LIBGNUTLS: [&str; 6] = [
     "/usr/lib/libgnutls.so.30",
 ];
 
-/// The kernel functions whose first argument is the `struct sock *`
-/// (the kprobe fallback).
-const TCP_FUNCTIONS: [&str; 2] = ["tcp_sendmsg", "tcp_recvmsg"];
+/// The kernel functions whose first argument is the `struct sock *`, and
+/// the program probing each (the kprobe fallback).
+const TCP_FUNCTIONS: [(&str, &str); 2] = [
+    (PROG_PLAINTEXT_TCP_SEND, "tcp_sendmsg"),
+    (PROG_PLAINTEXT_TCP, "tcp_recvmsg"),
+];
 /// The tracepoints with the `struct sock *` (6.4+), preferred.
 const SOCK_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 
@@ -179,7 +182,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 enum CookieHooks {
     None,
     Tracepoints(Vec<TracePointLinkId>),
-    Kprobes(Vec<KProbeLinkId>),
+    Kprobes(Vec<(&'static str, KProbeLinkId)>),
 }
 
 /// Processes traced at once by default (8 perf events each).
@@ -258,10 +261,12 @@ impl Attacher {
         }
         // The kprobe may be refused where the tracepoints are not (and the
         // other way round): each is tried when the cookie hooks attach.
-        if let Ok(k) = program::<KProbe>(ebpf, PROG_PLAINTEXT_TCP)
-            && let Err(e) = k.load()
-        {
-            warn!(program = PROG_PLAINTEXT_TCP, error = %chain(&e), "plaintext: the kprobe fallback did not load");
+        for (name, _) in TCP_FUNCTIONS {
+            if let Ok(k) = program::<KProbe>(ebpf, name)
+                && let Err(e) = k.load()
+            {
+                warn!(program = name, error = %chain(&e), "plaintext: the kprobe fallback did not load");
+            }
         }
         for name in [PROG_PLAINTEXT_SOCK, PROG_PLAINTEXT_EXEC] {
             let t: &mut TracePoint = program(ebpf, name)?;
@@ -382,12 +387,7 @@ impl Attacher {
                         let _ = t.detach(id);
                     }
                 }
-                CookieHooks::Kprobes(ids) => {
-                    let k: &mut KProbe = program(ebpf, PROG_PLAINTEXT_TCP)?;
-                    for id in ids {
-                        let _ = k.detach(id);
-                    }
-                }
+                CookieHooks::Kprobes(ids) => detach_kprobes(ebpf, ids),
             }
             info!("plaintext: no exact_tokens workload; the exec and socket hooks are detached");
         }
@@ -826,6 +826,15 @@ impl Attacher {
     }
 }
 
+/// Detaches the kprobe fallback's links, each from its program.
+fn detach_kprobes(ebpf: &mut Ebpf, ids: Vec<(&'static str, KProbeLinkId)>) {
+    for (name, id) in ids {
+        if let Ok(k) = program::<KProbe>(ebpf, name) {
+            let _ = k.detach(id);
+        }
+    }
+}
+
 /// The socket tracepoints, else the kprobes; None (cookies stay 0) when
 /// neither attaches.
 fn attach_cookie_hooks(ebpf: &mut Ebpf) -> CookieHooks {
@@ -848,22 +857,19 @@ fn attach_cookie_hooks(ebpf: &mut Ebpf) -> CookieHooks {
             let _ = t.detach(id);
         }
     }
-    if let Ok(k) = program::<KProbe>(ebpf, PROG_PLAINTEXT_TCP) {
-        let mut ids = Vec::new();
-        for f in TCP_FUNCTIONS {
-            match k.attach(f, 0) {
-                Ok(id) => ids.push(id),
-                Err(e) => errors.push(format!("kprobe {f}: {}", chain(&e))),
-            }
-        }
-        if ids.len() == TCP_FUNCTIONS.len() {
-            info!("plaintext: socket cookies from kprobes on tcp_sendmsg/tcp_recvmsg");
-            return CookieHooks::Kprobes(ids);
-        }
-        for id in ids {
-            let _ = k.detach(id);
+    let mut ids = Vec::new();
+    for (name, f) in TCP_FUNCTIONS {
+        match program::<KProbe>(ebpf, name).map(|k| k.attach(f, 0)) {
+            Ok(Ok(id)) => ids.push((name, id)),
+            Ok(Err(e)) => errors.push(format!("kprobe {f}: {}", chain(&e))),
+            Err(e) => errors.push(format!("kprobe {f}: {e}")),
         }
     }
+    if ids.len() == TCP_FUNCTIONS.len() {
+        info!("plaintext: socket cookies from kprobes on tcp_sendmsg/tcp_recvmsg");
+        return CookieHooks::Kprobes(ids);
+    }
+    detach_kprobes(ebpf, ids);
     warn!(errors = ?errors, "plaintext: neither the sock tracepoints nor the tcp kprobes attach: plaintext is delivered with socket cookie 0");
     CookieHooks::None
 }

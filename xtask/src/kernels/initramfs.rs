@@ -24,6 +24,9 @@ use crate::cmd::{self, say};
 pub const INIT_SCRIPT: &str = include_str!("../../guest/init.sh");
 /// The openssl command (Debian package openssl).
 const OPENSSL: &str = "/usr/bin/openssl";
+/// The memory-BIO client's source, built here with `cc` against the shared
+/// libssl (Debian packages gcc, libssl-dev).
+const MEMBIO_C: &str = include_str!("../../guest/membio.c");
 
 /// Where busybox-static puts its binary.
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -267,6 +270,20 @@ pub fn build(dir: &Path, agent: &Path, probe: &Path) -> Result<PathBuf> {
     // (it comes with openssl's libraries), and a key and certificate for
     // the server made here (key generation under TCG is slow).
     libs.extend(libs_of(Path::new(OPENSSL))?);
+    // The memory-BIO client, over the same libssl (its libraries are
+    // openssl's).
+    let membio = stage.join("membio-client");
+    let membio_c = stage.join("membio.c");
+    fs::write(&membio_c, MEMBIO_C).with_context(|| format!("writing {}", membio_c.display()))?;
+    cmd::run(
+        Command::new("cc")
+            .args(["-O2", "-Wall", "-o"])
+            .arg(&membio)
+            .arg(&membio_c)
+            .args(["-lssl", "-lcrypto"]),
+    )
+    .context("kernels: building the memory-BIO client failed (Debian packages gcc, libssl-dev)")?;
+    libs.extend(libs_of(&membio)?);
     let (key, cert) = (stage.join("matrix-key.pem"), stage.join("matrix-cert.pem"));
     cmd::run(
         Command::new(OPENSSL)
@@ -297,6 +314,7 @@ pub fn build(dir: &Path, agent: &Path, probe: &Path) -> Result<PathBuf> {
             ("/bin/llm-egress", agent_copy),
             ("/bin/egress-probe", probe_copy),
             ("/bin/openssl", PathBuf::from(OPENSSL)),
+            ("/bin/membio-client", membio),
             ("/etc/matrix-key.pem", key),
             ("/etc/matrix-cert.pem", cert),
         ],

@@ -30,9 +30,9 @@ pub const SET_CHECKS: &[&str] = &[
 ];
 
 /// The checks the guest reports for set `all` only: the OpenSSL uprobes
-/// attached to a client in an `exact_tokens` workload, and its plaintext
-/// seen.
-pub const ALL_ONLY_CHECKS: &[&str] = &["uprobe-attach", "plaintext"];
+/// attached to a client in an `exact_tokens` workload, its plaintext seen,
+/// and a memory-BIO client's `SSL*` joined to its socket.
+pub const ALL_ONLY_CHECKS: &[&str] = &["uprobe-attach", "plaintext", "plaintext-join"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -589,6 +589,7 @@ mod tests {
         assert_eq!(status_of(&checks, "all", "allow"), Status::Skip);
         assert_eq!(status_of(&checks, "all", "stop"), Status::Skip);
         assert_eq!(status_of(&checks, "all", "plaintext"), Status::Skip);
+        assert_eq!(status_of(&checks, "all", "plaintext-join"), Status::Skip);
         assert!(
             !checks
                 .iter()
