@@ -109,7 +109,7 @@ pub const MAP_PROXY_PORTS: &str = "PROXY_PORTS";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 45] = [
+pub const ALL_MAPS: [&str; 46] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -151,6 +151,7 @@ pub const ALL_MAPS: [&str; 45] = [
     crate::plaintext::MAP_PLAINTEXT_CALLS,
     crate::plaintext::MAP_PLAINTEXT_SOCKS,
     crate::plaintext::MAP_PLAINTEXT_PENDING,
+    crate::plaintext::MAP_PLAINTEXT_GO_CALLS,
     crate::plaintext::MAP_PLAINTEXT_CFG,
     crate::plaintext::MAP_PLAINTEXT_WORKLOADS,
     crate::plaintext::MAP_PLAINTEXT_SCRATCH,

@@ -29,9 +29,17 @@ pub const PROG_PLAINTEXT_SOCK: &str = "plaintext_sock_msg";
 /// Tracepoint sched/sched_process_exec: reports (and pauses) a process
 /// that execs in a workload with `exact_tokens = true`.
 pub const PROG_PLAINTEXT_EXEC: &str = "plaintext_exec";
+/// uprobe on the entry of Go's `crypto/tls.(*Conn).Write` and `Read`
+/// (attach cookie: `call_flags::GO`, `| READ`).
+pub const PROG_PLAINTEXT_GO_ENTRY: &str = "plaintext_go_entry";
+/// uprobe on each `RET` of the same functions (Go moves goroutine stacks:
+/// no uretprobe): copies the plaintext.
+pub const PROG_PLAINTEXT_GO_RETURN: &str = "plaintext_go_return";
 /// Every plaintext program; none of them is attached to the cgroup or
 /// pinned (their links live as long as the agent).
-pub const PLAINTEXT_PROGRAMS: [&str; 6] = [
+pub const PLAINTEXT_PROGRAMS: [&str; 8] = [
+    PROG_PLAINTEXT_GO_ENTRY,
+    PROG_PLAINTEXT_GO_RETURN,
     PROG_PLAINTEXT_SSL_ENTRY,
     PROG_PLAINTEXT_SSL_RETURN,
     PROG_PLAINTEXT_TCP,
@@ -58,6 +66,12 @@ pub const MAP_PLAINTEXT_SOCKS: &str = "PLAINTEXT_SOCKS";
 /// socket send, soon enough and at least as long as the records, joins
 /// the `SSL*` to that socket (`PLAINTEXT_SOCKS`, a `LINK` record).
 pub const MAP_PLAINTEXT_PENDING: &str = "PLAINTEXT_PENDING";
+/// `LruHashMap<SslKey { tgid, ssl: goroutine }, SslCall>`: Go
+/// `crypto/tls` calls in progress, by goroutine (the `g` in R14): a
+/// goroutine may return on another thread than it entered on. The call's
+/// `out` holds the entering thread's pid_tgid, whose `PLAINTEXT_CALLS`
+/// entry gathered the socket cookie.
+pub const MAP_PLAINTEXT_GO_CALLS: &str = "PLAINTEXT_GO_CALLS";
 /// `Array<PlaintextConfig>`, one entry, written by the agent.
 pub const MAP_PLAINTEXT_CFG: &str = "PLAINTEXT_CFG";
 /// `HashMap<u64, u32>`: the workloads with `exact_tokens = true`, keyed by
@@ -71,11 +85,12 @@ pub const MAP_PLAINTEXT_SCRATCH: &str = "PLAINTEXT_SCRATCH";
 pub const MAP_PLAINTEXT_STATS: &str = "PLAINTEXT_STATS";
 
 /// Every plaintext map (part of `ALL_MAPS`).
-pub const PLAINTEXT_MAPS: [&str; 8] = [
+pub const PLAINTEXT_MAPS: [&str; 9] = [
     MAP_PLAINTEXT,
     MAP_PLAINTEXT_CALLS,
     MAP_PLAINTEXT_SOCKS,
     MAP_PLAINTEXT_PENDING,
+    MAP_PLAINTEXT_GO_CALLS,
     MAP_PLAINTEXT_CFG,
     MAP_PLAINTEXT_WORKLOADS,
     MAP_PLAINTEXT_SCRATCH,
@@ -144,6 +159,10 @@ pub mod call_flags {
     pub const READ: u64 = 1;
     /// The `_ex` form: success is 1, the length is in the 4th argument.
     pub const EX: u64 = 2;
+    /// Go's `crypto/tls.(*Conn).Write`/`Read`: arguments and results in
+    /// Go's registers; a write without a cookie is never joined (it has
+    /// sent its records already).
+    pub const GO: u64 = 4;
 }
 
 /// `PlaintextHeader::flags` bits.

@@ -339,6 +339,10 @@ pub static PLAINTEXT_PENDING: LruHashMap<u64, llm_egress_common::SslPending> =
     LruHashMap::with_max_entries(llm_egress_common::PLAINTEXT_PENDING_MAX, 0);
 
 #[map]
+pub static PLAINTEXT_GO_CALLS: LruHashMap<llm_egress_common::SslKey, llm_egress_common::SslCall> =
+    LruHashMap::with_max_entries(llm_egress_common::PLAINTEXT_CALLS_MAX, 0);
+
+#[map]
 pub static PLAINTEXT_CFG: Array<llm_egress_common::PlaintextConfig> = Array::with_max_entries(1, 0);
 
 #[map]

@@ -78,8 +78,8 @@ use llm_egress_common::{
 };
 
 use crate::maps::{
-    PLAINTEXT, PLAINTEXT_CALLS, PLAINTEXT_CFG, PLAINTEXT_PENDING, PLAINTEXT_SCRATCH,
-    PLAINTEXT_SOCKS, PLAINTEXT_STATS, PLAINTEXT_WORKLOADS, add_u64,
+    PLAINTEXT, PLAINTEXT_CALLS, PLAINTEXT_CFG, PLAINTEXT_GO_CALLS, PLAINTEXT_PENDING,
+    PLAINTEXT_SCRATCH, PLAINTEXT_SOCKS, PLAINTEXT_STATS, PLAINTEXT_WORKLOADS, add_u64,
 };
 
 /// SIGSTOP on every architecture Linux runs eBPF on.
@@ -183,11 +183,18 @@ fn note_socket(sk: u64, moved: i64) {
     }
     match call {
         Some(call) => {
+            // The first socket the call touches: an OpenSSL call touches
+            // one; a Go call's goroutine may park after its first socket
+            // call (EAGAIN), and other goroutines then run on this thread.
+            // SAFETY: this thread's live entry; only this thread writes it.
+            if unsafe { (*call).cookie } != 0 {
+                return;
+            }
             // SAFETY: a probe read of kernel memory, which faults safely.
             if let Ok(cookie) = unsafe { bpf_probe_read_kernel((sk + offset) as *const u64) }
                 && cookie != 0
             {
-                // SAFETY: this thread's live entry; only this thread writes it.
+                // SAFETY: as above.
                 unsafe { (*call).cookie = cookie };
             }
         }
@@ -250,6 +257,74 @@ pub fn plaintext_ssl_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// Go's register ABI (ABIInternal, amd64, Go 1.17+): the method's
+/// receiver and the slice's pointer and length in RAX, RBX, RCX at entry,
+/// the first result (`n int`) in RAX at return, and the running
+/// goroutine's `g` in R14 throughout.
+#[inline(always)]
+fn go_regs(ctx: &ProbeContext) -> (u64, u64, u64, u64) {
+    // SAFETY: the context of a uprobe is the user registers (`pt_regs`).
+    unsafe {
+        let r = &*ctx.regs;
+        (r.rax, r.rbx, r.rcx, r.r14)
+    }
+}
+
+#[uprobe]
+pub fn plaintext_go_entry(ctx: ProbeContext) -> u32 {
+    // SAFETY: the context of a uprobe; the cookie is what the agent gave.
+    let flags = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let (conn, buf, _len, g) = go_regs(&ctx);
+    let id = bpf_get_current_pid_tgid();
+    // The thread's entry gathers the socket cookie of the call's socket
+    // writes and reads on this thread (the sock hooks); the goroutine's
+    // entry finds it again at the return, on whatever thread.
+    let call = SslCall {
+        ssl: conn,
+        buf,
+        out: id,
+        cookie: 0,
+        flags,
+    };
+    let _ = PLAINTEXT_CALLS.insert(&id, &call, 0);
+    let key = SslKey {
+        tgid: id >> 32,
+        ssl: g,
+    };
+    let _ = PLAINTEXT_GO_CALLS.insert(&key, &call, 0);
+    0
+}
+
+#[uprobe]
+pub fn plaintext_go_return(ctx: ProbeContext) -> u32 {
+    let (ret, _, _, g) = go_regs(&ctx);
+    let id = bpf_get_current_pid_tgid();
+    let key = SslKey {
+        tgid: id >> 32,
+        ssl: g,
+    };
+    // SAFETY: copied out at once.
+    let Some(mut call) = (unsafe { PLAINTEXT_GO_CALLS.get(&key) }).copied() else {
+        stat(plaintext_stat::NO_ENTRY, 1);
+        return 0;
+    };
+    let _ = PLAINTEXT_GO_CALLS.remove(&key);
+    // The entering thread's entry, if it is still this call's.
+    // SAFETY: copied out at once.
+    if let Some(t) = (unsafe { PLAINTEXT_CALLS.get(&call.out) }).copied()
+        && t.ssl == call.ssl
+        && t.buf == call.buf
+    {
+        call.cookie = t.cookie;
+        let _ = PLAINTEXT_CALLS.remove(&call.out);
+    }
+    let n = ret as i64;
+    if n > 0 {
+        let _ = emit(id, &call, n as u64);
+    }
+    0
+}
+
 fn try_ssl_return(ctx: &RetProbeContext) -> Result<(), i64> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: copied out at once; only this thread writes its entry.
@@ -273,6 +348,13 @@ fn try_ssl_return(ctx: &RetProbeContext) -> Result<(), i64> {
         }
         r as u64
     };
+    emit(id, &call, n)
+}
+
+/// Copies the `n` bytes `call` moved to the ring, with the socket cookie
+/// of the call or the one last seen for its `SSL*`.
+#[inline(always)]
+fn emit(id: u64, call: &SslCall, n: u64) -> Result<(), i64> {
     if n == 0 {
         return Ok(());
     }
@@ -295,7 +377,7 @@ fn try_ssl_return(ctx: &RetProbeContext) -> Result<(), i64> {
             }
             None => {
                 stat(plaintext_stat::NO_COOKIE, 1);
-                if call.flags & call_flags::READ == 0 {
+                if call.flags & (call_flags::READ | call_flags::GO) == 0 {
                     let pending = SslPending {
                         ssl: call.ssl,
                         len: n,

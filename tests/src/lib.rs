@@ -48,6 +48,7 @@ pub mod fake_provider;
 pub mod fake_shape;
 #[cfg(test)]
 mod fake_vectors;
+pub mod go_client;
 pub mod http;
 pub mod netns;
 pub mod nspawn;

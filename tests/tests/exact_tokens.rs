@@ -844,3 +844,94 @@ fn wget_over_gnutls_is_counted_exactly() {
     );
     agent.stop();
 }
+
+/// Go's `crypto/tls` (docs/plaintext.md, "Go"): a `net/http` client built
+/// with Debian's Go is found by symbol, probed at the entry and at every
+/// return of `(*Conn).Write` and `(*Conn).Read` (no uretprobes on Go),
+/// keyed by goroutine; a buffered and a streamed completion are counted
+/// exactly (= the fake's usage), one `request` record each. Its stripped
+/// copy has no symbols: not visible, counted so, no exact count and no
+/// record for its request (its connection keeps the estimate).
+#[test]
+fn go_crypto_tls_is_counted_exactly_and_its_stripped_copy_is_not_visible() {
+    require_root();
+    let cg = CgroupGuard::new("ex-go");
+    let bot = cg.child("bot");
+    let ns = NetnsGuard::new();
+    let openai = fake_provider::start(&ns, "192.0.2.1:443", Flavor::OpenAi);
+    let dir = TempDir::new("ex-go");
+    let (go, stripped) = llm_egress_tests::go_client::build(dir.path());
+    let mut agent = Agent::launch(&exact_tokens_policy(&cg, ""));
+    agent.wait_readyz(Duration::from_secs(30), |s, _| s == 200);
+    let chat = r#"{"model":"gpt-4o-mini","max_tokens":40,"messages":[{"role":"user","content":"count me exactly"}]}"#;
+    let stream = r#"{"model":"gpt-4o-mini","max_tokens":60,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"stream me"}]}"#;
+    let run = |exe: &Path, body: &str, mode: &str| {
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "192.0.2.1",
+            openai.host(),
+            openai.ca_file().to_str().unwrap(),
+            "/v1/chat/completions",
+            body,
+            mode,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        confine(&mut cmd, &bot, &ns);
+        let out = cmd.output().expect("cannot run the Go client");
+        assert!(
+            out.status.success(),
+            "Go client: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.context()
+        );
+    };
+    run(&go, chat, "buffered");
+    run(&go, stream, "stream");
+    let (prompt, completion) = served(&openai, 2);
+    let exact = |a: &Agent, kind: &str| tokens(a, "bot", "openai", kind, "exact");
+    for (kind, want) in [("prompt", prompt), ("completion", completion)] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while exact(&agent, kind) != want as f64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            exact(&agent, kind),
+            want as f64,
+            "{kind}: exact = the fake's usage over Go's crypto/tls; served {:?}\n{}\n{}",
+            openai.served(),
+            agent.metrics(),
+            agent.context()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while requests_of(&agent, "bot", "openai").len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(requests_of(&agent, "bot", "openai").len(), 2);
+    assert!(
+        agent.context().contains("Go's crypto/tls in this file"),
+        "{}",
+        agent.context()
+    );
+
+    // Stripped: no symbols, nothing probed; the request is estimated.
+    run(&stripped, chat, "buffered");
+    served(&openai, 3);
+    closed(&agent, "bot", 3.0);
+    let invisible = agent.wait_for_metric(
+        "llm_egress_plaintext_invisible_total",
+        &[("workload", "bot")],
+        1.0,
+        Duration::from_secs(10),
+    );
+    assert!(
+        invisible.is_some_and(|n| n >= 1.0),
+        "the stripped Go client was not counted as not visible\n{}",
+        agent.metrics()
+    );
+    assert_eq!(exact(&agent, "prompt"), prompt as f64);
+    assert_eq!(requests_of(&agent, "bot", "openai").len(), 2);
+    agent.stop();
+}

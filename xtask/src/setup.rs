@@ -74,6 +74,11 @@ pub const PACKAGES: &[Package] = &[
         build_only: false,
     },
     Package {
+        name: "golang-go",
+        why: "Debian's Go (1.19), which builds the tests' Go HTTPS client (tests/src/go_client.rs): Go's crypto/tls probed by symbol",
+        build_only: false,
+    },
+    Package {
         name: "wget",
         why: "a client over GnuTLS (libgnutls.so.30) for the exact-token tests (tests/tests/exact_tokens.rs)",
         build_only: false,

@@ -65,12 +65,14 @@ use aya::{
 };
 use llm_egress_common::{
     MAP_PLAINTEXT_CFG, MAP_PLAINTEXT_STATS, MAP_PLAINTEXT_WORKLOADS, PROG_PLAINTEXT_EXEC,
-    PROG_PLAINTEXT_SOCK, PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN, PROG_PLAINTEXT_TCP,
+    PROG_PLAINTEXT_GO_ENTRY, PROG_PLAINTEXT_GO_RETURN, PROG_PLAINTEXT_SOCK,
+    PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN, PROG_PLAINTEXT_TCP,
     PROG_PLAINTEXT_TCP_SEND, PlaintextConfig, call_flags, plaintext_stat, workload_key,
 };
 use tracing::{info, warn};
 
 use crate::capture::elf::{FileSource, Lookup, dynamic_strings_hold, find_functions};
+use crate::capture::go_tls::{self, GoTls};
 use crate::capture::metrics::Metrics;
 use crate::capture::procs::{
     TlsLibrary, cgroup_pids, executable_paths, maps, process_root, start_time, tls_library_paths,
@@ -124,12 +126,67 @@ const ELF_CACHE: usize = 1024;
 type FileVersion = (u64, u64, u64, i64, i64);
 
 /// Where the functions are in a file.
+#[derive(Clone)]
 enum Location {
     /// By name, resolved by aya (a shared libssl or libgnutls).
     Symbols(TlsLibrary),
     /// By file offset, in the order of [`OPENSSL_FUNCTIONS`] (a linked-in
     /// OpenSSL).
     Offsets(Vec<u64>),
+    /// Go's `crypto/tls`: entries and returns by file offset.
+    Go(GoTls),
+}
+
+/// Every uprobe of `location`: (program, function, where, attach cookie).
+fn probe_points(
+    location: &Location,
+) -> Vec<(
+    &'static str,
+    &'static str,
+    UProbeAttachLocation<'static>,
+    u64,
+)> {
+    let mut out = Vec::new();
+    match location {
+        Location::Symbols(lib) => {
+            for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
+                for &(function, cookie) in functions(*lib) {
+                    out.push((
+                        name,
+                        function,
+                        UProbeAttachLocation::Symbol(function),
+                        cookie,
+                    ));
+                }
+            }
+        }
+        Location::Offsets(offsets) => {
+            for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
+                for (&(function, cookie), &off) in OPENSSL_FUNCTIONS.iter().zip(offsets) {
+                    out.push((
+                        name,
+                        function,
+                        UProbeAttachLocation::AbsoluteOffset(off),
+                        cookie,
+                    ));
+                }
+            }
+        }
+        Location::Go(go) => {
+            for (probes, (function, read)) in go.functions.iter().zip([
+                (go_tls::FUNCTIONS[0], 0),
+                (go_tls::FUNCTIONS[1], call_flags::READ),
+            ]) {
+                let cookie = call_flags::GO | read;
+                let at = UProbeAttachLocation::AbsoluteOffset;
+                out.push((PROG_PLAINTEXT_GO_ENTRY, function, at(probes.entry), cookie));
+                for &r in &probes.returns {
+                    out.push((PROG_PLAINTEXT_GO_RETURN, function, at(r), cookie));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Where a process's root has its system libssl (Debian/Ubuntu, Fedora/RHEL,
@@ -229,8 +286,8 @@ pub struct Attacher {
     cookie_hooks: CookieHooks,
     exec_link: Option<TracePointLinkId>,
     /// (device, inode, size, mtime s, mtime ns) of each executable file
-    /// searched → the offsets of the four functions, if it has all.
-    elf_cache: HashMap<FileVersion, Option<Vec<u64>>>,
+    /// searched → where its linked-in OpenSSL or Go TLS is, if it has one.
+    elf_cache: HashMap<FileVersion, Option<Location>>,
     /// The same, of executables exec'd → whether they need GnuTLS.
     gnutls_cache: HashMap<FileVersion, bool>,
     /// pid → workload of traced processes, for the plaintext consumer.
@@ -258,6 +315,15 @@ impl Attacher {
             let p: &mut UProbe = program(ebpf, name)?;
             p.load()
                 .map_err(|e| AttachError::Program(name, chain(&e)))?;
+        }
+        // Go's programs read x86-64 registers: elsewhere Go stays
+        // invisible, nothing else is lost.
+        for name in [PROG_PLAINTEXT_GO_ENTRY, PROG_PLAINTEXT_GO_RETURN] {
+            if let Ok(p) = program::<UProbe>(ebpf, name)
+                && let Err(e) = p.load()
+            {
+                warn!(program = name, error = %chain(&e), "plaintext: Go's crypto/tls programs did not load; Go clients stay invisible");
+            }
         }
         // The kprobe may be refused where the tracepoints are not (and the
         // other way round): each is tried when the cookie hooks attach.
@@ -666,9 +732,9 @@ impl Attacher {
                 linked = true;
                 continue;
             }
-            if let Some(offsets) = self.linked_openssl(&path, &meta) {
+            if let Some(location) = self.linked_tls(&path, &meta) {
                 linked = true;
-                self.attach_lib(ebpf, pid, &path, &Location::Offsets(offsets));
+                self.attach_lib(ebpf, pid, &path, &location);
             }
         }
         if linked && let Some(t) = self.traced.get_mut(&pid) {
@@ -677,9 +743,10 @@ impl Attacher {
         !libs.is_empty() || linked
     }
 
-    /// The file offsets of the four functions in `path` if it has OpenSSL
-    /// linked in (all four defined), searched once per file version.
-    fn linked_openssl(&mut self, path: &Path, meta: &fs::Metadata) -> Option<Vec<u64>> {
+    /// Where to probe `path` if it has OpenSSL linked in (the file offsets
+    /// of all four functions) or Go's `crypto/tls` (its Write and Read
+    /// with their returns), searched once per file version.
+    fn linked_tls(&mut self, path: &Path, meta: &fs::Metadata) -> Option<Location> {
         let key = (
             meta.dev(),
             meta.ino(),
@@ -691,20 +758,33 @@ impl Attacher {
             return hit.clone();
         }
         let started = Instant::now();
-        let found = FileSource::open(path)
-            .map_err(|e| e.to_string())
-            .and_then(|src| find_functions(&src, &FUNCTION_NAMES).map_err(|e| e.to_string()));
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        let (result, offsets) = match found {
+        let src = FileSource::open(path).map_err(|e| e.to_string());
+        let found = src
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|src| find_functions(src, &FUNCTION_NAMES).map_err(|e| e.to_string()));
+        let (result, location) = match found {
             Ok(Lookup::All(offsets)) => {
+                let ms = started.elapsed().as_secs_f64() * 1e3;
                 info!(file = %path.display(), ms, "plaintext: OpenSSL linked into this file, found by symbol");
-                ("all", Some(offsets))
+                ("all", Some(Location::Offsets(offsets)))
             }
             Ok(Lookup::Some(names)) => {
                 warn!(file = %path.display(), found = ?names, wanted = ?FUNCTION_NAMES, "plaintext: this file has only some of the OpenSSL functions; not attached");
                 ("some", None)
             }
-            Ok(Lookup::None) => ("none", None),
+            Ok(Lookup::None) => match src.as_ref().map(go_tls::find) {
+                Ok(Ok(Some(go))) => {
+                    let ms = started.elapsed().as_secs_f64() * 1e3;
+                    info!(file = %path.display(), ms, returns = ?go.functions.iter().map(|f| f.returns.len()).collect::<Vec<_>>(), "plaintext: Go's crypto/tls in this file, found by symbol");
+                    ("go", Some(Location::Go(go)))
+                }
+                Ok(Err(e)) => {
+                    warn!(file = %path.display(), error = %e, "plaintext: Go's crypto/tls in this file cannot be probed");
+                    ("error", None)
+                }
+                _ => ("none", None),
+            },
             Err(e) => {
                 info!(file = %path.display(), error = %e, "plaintext: cannot search this file for OpenSSL symbols");
                 ("error", None)
@@ -714,8 +794,8 @@ impl Attacher {
         if self.elf_cache.len() >= ELF_CACHE {
             self.elf_cache.clear();
         }
-        self.elf_cache.insert(key, offsets.clone());
-        offsets
+        self.elf_cache.insert(key, location.clone());
+        location
     }
 
     /// Whether `pid`'s executable needs GnuTLS (names `libgnutls.so.30` in
@@ -765,7 +845,7 @@ impl Attacher {
         };
         let mut links = Vec::new();
         let mut errors = Vec::new();
-        for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
+        for (name, function, location, cookie) in probe_points(location) {
             let p: &mut UProbe = match program(ebpf, name) {
                 Ok(p) => p,
                 Err(e) => {
@@ -773,26 +853,13 @@ impl Attacher {
                     continue;
                 }
             };
-            let names = match location {
-                Location::Symbols(lib) => functions(*lib),
-                Location::Offsets(_) => &OPENSSL_FUNCTIONS,
+            let point = UProbeAttachPoint {
+                location,
+                cookie: Some(cookie),
             };
-            for (i, &(function, cookie)) in names.iter().enumerate() {
-                let location = match location {
-                    Location::Symbols(_) => UProbeAttachLocation::Symbol(function),
-                    Location::Offsets(o) => match o.get(i) {
-                        Some(&off) => UProbeAttachLocation::AbsoluteOffset(off),
-                        None => continue,
-                    },
-                };
-                let point = UProbeAttachPoint {
-                    location,
-                    cookie: Some(cookie),
-                };
-                match p.attach(point, lib, scope).and_then(|id| p.take_link(id)) {
-                    Ok(link) => links.push(link),
-                    Err(e) => errors.push(format!("{name} {function}: {}", chain(&e))),
-                }
+            match p.attach(point, lib, scope).and_then(|id| p.take_link(id)) {
+                Ok(link) => links.push(link),
+                Err(e) => errors.push(format!("{name} {function}: {}", chain(&e))),
             }
         }
         if !errors.is_empty() {
@@ -818,7 +885,7 @@ impl Attacher {
                 .invisible
                 .with_label_values(&[&t.workload])
                 .inc();
-            info!(pid, workload = %t.workload, "plaintext: the process ended without a shared libssl or libgnutls, a linked-in OpenSSL found by symbol, or plaintext: its TLS (if any) was not visible (Go, rustls, BoringSSL, NSS, a stripped static OpenSSL)");
+            info!(pid, workload = %t.workload, "plaintext: the process ended without a shared libssl or libgnutls, a linked-in OpenSSL or Go crypto/tls found by symbol, or plaintext: its TLS (if any) was not visible (rustls, BoringSSL, NSS, a stripped static OpenSSL or Go binary)");
         }
         if let Ok(mut g) = self.workload_of_pid.lock() {
             g.remove(&pid);

@@ -224,8 +224,34 @@ fn whole_string_at<S: Source + ?Sized>(src: &S, strtab: &Section, at: u64) -> bo
 /// The file offsets of the `wanted` functions in `src`, or which of them
 /// it has.
 pub fn find_functions<S: Source + ?Sized>(src: &S, wanted: &[&str]) -> Result<Lookup, ElfError> {
+    let found: Vec<Option<u64>> = find_function_ranges(src, wanted)?
+        .into_iter()
+        .map(|r| r.map(|(offset, _)| offset))
+        .collect();
+    if found.iter().all(Option::is_some) {
+        return Ok(Lookup::All(found.into_iter().flatten().collect()));
+    }
+    let some: Vec<String> = wanted
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| f.is_some())
+        .map(|(n, _)| n.to_string())
+        .collect();
+    Ok(if some.is_empty() {
+        Lookup::None
+    } else {
+        Lookup::Some(some)
+    })
+}
+
+/// The file offset and size (`st_size`) of each of the `wanted` functions
+/// `src` defines.
+pub fn find_function_ranges<S: Source + ?Sized>(
+    src: &S,
+    wanted: &[&str],
+) -> Result<Vec<Option<(u64, u64)>>, ElfError> {
     let (segments, sections) = headers(src)?;
-    let mut found: Vec<Option<u64>> = vec![None; wanted.len()];
+    let mut found: Vec<Option<(u64, u64)>> = vec![None; wanted.len()];
     // .dynsym first: it is small, and where the functions are exported
     // (Node.js) .symtab need not be read.
     for kind in [SHT_DYNSYM, SHT_SYMTAB] {
@@ -243,20 +269,7 @@ pub fn find_functions<S: Source + ?Sized>(src: &S, wanted: &[&str]) -> Result<Lo
             scan_symbols(src, table, &names, &segments, &mut found)?;
         }
     }
-    if found.iter().all(Option::is_some) {
-        return Ok(Lookup::All(found.into_iter().flatten().collect()));
-    }
-    let some: Vec<String> = wanted
-        .iter()
-        .zip(&found)
-        .filter(|(_, f)| f.is_some())
-        .map(|(n, _)| n.to_string())
-        .collect();
-    Ok(if some.is_empty() {
-        Lookup::None
-    } else {
-        Lookup::Some(some)
-    })
+    Ok(found)
 }
 
 fn check_table(s: &Section, src_len: u64, what: &'static str) -> Result<(), ElfError> {
@@ -317,13 +330,13 @@ fn name_offsets<S: Source + ?Sized>(
 }
 
 /// Defined functions of `table` whose name offset is a wanted name's:
-/// their file offsets into `found`.
+/// their file offsets and sizes into `found`.
 fn scan_symbols<S: Source + ?Sized>(
     src: &S,
     table: &Section,
     names: &[Vec<u64>],
     segments: &[Segment],
-    found: &mut [Option<u64>],
+    found: &mut [Option<(u64, u64)>],
 ) -> Result<(), ElfError> {
     check_table(table, src.size(), "a symbol table")?;
     let per = CHUNK / SYM_SIZE * SYM_SIZE;
@@ -334,11 +347,12 @@ fn scan_symbols<S: Source + ?Sized>(
         let n = usize::try_from((whole - pos).min(per as u64)).unwrap_or(per);
         src.read_exact_at(&mut buf[..n], table.offset + pos)?;
         for sym in buf[..n].chunks_exact(SYM_SIZE) {
-            let (name, info, shndx, value) = (
+            let (name, info, shndx, value, size) = (
                 u64::from(u32_at(sym, 0)),
                 sym[4],
                 u16_at(sym, 6),
                 u64_at(sym, 8),
+                u64_at(sym, 16),
             );
             if info & 0xf != STT_FUNC || shndx == 0 || value == 0 {
                 continue;
@@ -348,7 +362,7 @@ fn scan_symbols<S: Source + ?Sized>(
                     && offsets.contains(&name)
                     && let Some(off) = file_offset(segments, value)
                 {
-                    found[k] = Some(off);
+                    found[k] = Some((off, size));
                 }
             }
         }

@@ -38,14 +38,14 @@ impl Metrics {
         let invisible = IntCounterVec::new(
             Opts::new(
                 "llm_egress_plaintext_invisible_total",
-                "Traced processes that ended without mapping a shared libssl or a linked-in OpenSSL found by symbol, and without sending plaintext: other TLS (Go, rustls, BoringSSL), a stripped static OpenSSL, or no TLS at all",
+                "Traced processes that ended without mapping a shared libssl or libgnutls, a linked-in OpenSSL or Go crypto/tls found by symbol, and without sending plaintext: other TLS (rustls, BoringSSL, NSS), a stripped static OpenSSL or Go binary, or no TLS at all",
             ),
             &["workload"],
         )?;
         let linked = IntCounterVec::new(
             Opts::new(
                 "llm_egress_plaintext_elf_files_total",
-                "Executable files (other than libssl) of traced processes searched for a linked-in OpenSSL, once per file version: all four SSL_write/SSL_read(_ex) found and attached (all), some only, not attached (some), none (none), unreadable or malformed ELF (error)",
+                "Executable files (other than the shared TLS libraries) of traced processes searched for a linked-in OpenSSL or Go crypto/tls, once per file version: all four SSL_write/SSL_read(_ex) found and attached (all), some only, not attached (some), Go crypto/tls Write and Read found and attached (go), none (none), unreadable or malformed ELF, or a Go function that cannot be probed (error)",
             ),
             &["result"],
         )?;
