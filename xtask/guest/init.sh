@@ -155,7 +155,26 @@ check_plaintext() {
         [ "${links:-0}" -ge 1 ] && break
         sleep 0.5
     done
+    # Go's crypto/tls: found by symbol in the static go-client, probed at
+    # the entry and the returns of (*Conn).Write and Read.
+    before=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n 's/^llm_egress_plaintext_calls_total \([0-9]*\).*/\1/p')
+    sh -c 'echo $$ >"$1/cgroup.procs" && exec timeout 60 go-client 127.0.0.3:8443 hello-go' \
+        _ "$CG/traced" >/tmp/go-client.out 2>&1
+    gocalls=0; until=$(($(now) + 30))
+    while [ "$(now)" -lt "$until" ]; do
+        after=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n 's/^llm_egress_plaintext_calls_total \([0-9]*\).*/\1/p')
+        gocalls=$((${after:-0} - ${before:-0}))
+        [ "$gocalls" -ge 2 ] && break
+        sleep 0.5
+    done
     kill "$srv" 2>/dev/null
+    if [ "$gocalls" -ge 2 ] && grep -q "Go's crypto/tls in this file" "/tmp/agent-$1.log"; then
+        m check "$1" plaintext-go pass "calls $gocalls"
+    else
+        m check "$1" plaintext-go fail "calls $gocalls"
+        tail -n 4 /tmp/go-client.out | cut -c1-300 | while IFS= read -r line; do m log "$1" "go-client: $line"; done
+        grep -i -E "plaintext|go" "/tmp/agent-$1.log" | tail -n 6 | cut -c1-300 | while IFS= read -r line; do m log "$1" "$line"; done
+    fi
     if [ "${links:-0}" -ge 1 ]; then
         m check "$1" plaintext-join pass "links $links"
     else

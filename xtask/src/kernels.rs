@@ -137,6 +137,11 @@ const PACKAGES: &[Package] = &[
         why: "OpenSSL's headers for the guest's memory-BIO client",
         build_only: false,
     },
+    Package {
+        name: "golang-go",
+        why: "builds the guest's Go TLS client (xtask/guest/goclient.go): the plaintext-go check",
+        build_only: false,
+    },
 ];
 
 pub struct Options {

@@ -27,6 +27,9 @@ const OPENSSL: &str = "/usr/bin/openssl";
 /// The memory-BIO client's source, built here with `cc` against the shared
 /// libssl (Debian packages gcc, libssl-dev).
 const MEMBIO_C: &str = include_str!("../../guest/membio.c");
+/// The Go client's source, built here with Debian's Go (static, with its
+/// symbols).
+const GOCLIENT_GO: &str = include_str!("../../guest/goclient.go");
 
 /// Where busybox-static puts its binary.
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -284,6 +287,22 @@ pub fn build(dir: &Path, agent: &Path, probe: &Path) -> Result<PathBuf> {
     )
     .context("kernels: building the memory-BIO client failed (Debian packages gcc, libssl-dev)")?;
     libs.extend(libs_of(&membio)?);
+    // The Go client: static (no cgo), symbols kept.
+    let goclient = stage.join("go-client");
+    let goclient_go = stage.join("goclient.go");
+    fs::write(&goclient_go, GOCLIENT_GO)
+        .with_context(|| format!("writing {}", goclient_go.display()))?;
+    cmd::run(
+        Command::new("go")
+            .args(["build", "-trimpath", "-o"])
+            .arg(&goclient)
+            .arg(&goclient_go)
+            .env("GOCACHE", stage.join("go-cache"))
+            .env("GOPATH", stage.join("go-path"))
+            .env("GOPROXY", "off")
+            .env("CGO_ENABLED", "0"),
+    )
+    .context("kernels: building the Go client failed (Debian package golang-go)")?;
     let (key, cert) = (stage.join("matrix-key.pem"), stage.join("matrix-cert.pem"));
     cmd::run(
         Command::new(OPENSSL)
@@ -315,6 +334,7 @@ pub fn build(dir: &Path, agent: &Path, probe: &Path) -> Result<PathBuf> {
             ("/bin/egress-probe", probe_copy),
             ("/bin/openssl", PathBuf::from(OPENSSL)),
             ("/bin/membio-client", membio),
+            ("/bin/go-client", goclient),
             ("/etc/matrix-key.pem", key),
             ("/etc/matrix-cert.pem", cert),
         ],

@@ -31,8 +31,9 @@ pub const SET_CHECKS: &[&str] = &[
 
 /// The checks the guest reports for set `all` only: the OpenSSL uprobes
 /// attached to a client in an `exact_tokens` workload, its plaintext seen,
-/// and a memory-BIO client's `SSL*` joined to its socket.
-pub const ALL_ONLY_CHECKS: &[&str] = &["uprobe-attach", "plaintext", "plaintext-join"];
+/// a memory-BIO client's `SSL*` joined to its socket, and a Go client's
+/// `crypto/tls` calls seen.
+pub const ALL_ONLY_CHECKS: &[&str] = &["uprobe-attach", "plaintext", "plaintext-join", "plaintext-go"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -590,6 +591,7 @@ mod tests {
         assert_eq!(status_of(&checks, "all", "stop"), Status::Skip);
         assert_eq!(status_of(&checks, "all", "plaintext"), Status::Skip);
         assert_eq!(status_of(&checks, "all", "plaintext-join"), Status::Skip);
+        assert_eq!(status_of(&checks, "all", "plaintext-go"), Status::Skip);
         assert!(
             !checks
                 .iter()
