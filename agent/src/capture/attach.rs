@@ -30,12 +30,14 @@
 //!   `SSL_write`, `SSL_read`, `SSL_write_ex` and `SSL_read_ex` all defined
 //!   in its `.dynsym` or `.symtab` (`crate::capture::elf`; Node.js, a C
 //!   client built with libssl.a). A file with only some of them is logged
-//!   with their names and not attached. Each file version (device, inode,
-//!   size, mtime) is searched once.
+//!   with their names and not attached. A file without OpenSSL is searched
+//!   for Go's `crypto/tls.(*Conn).Write` and `Read` (`crate::capture::go_tls`):
+//!   uprobes at their entries and at each of their returns. Each file
+//!   version (device, inode, size, mtime) is searched once.
 //! - A traced process that ends having mapped no TLS library, no linked-in
-//!   OpenSSL, and sent no plaintext is counted and logged as not visible
-//!   (other TLS: Go's crypto/tls, rustls, BoringSSL, NSS; a stripped static
-//!   OpenSSL).
+//!   OpenSSL or Go TLS, and sent no plaintext is counted and logged as not
+//!   visible (other TLS: rustls, BoringSSL, NSS; a stripped static OpenSSL
+//!   or Go binary).
 //!
 //! Who can change the inputs: the traced process itself can unmap, replace
 //! or bypass its TLS library (its own TLS code, a static build, raw syscalls), so
@@ -827,7 +829,8 @@ impl Attacher {
     }
 
     /// Attaches the probes of `lib` (a path under /proc/PID/root) for
-    /// `pid` at `location` (8 for OpenSSL, 4 for GnuTLS), once per file.
+    /// `pid` at `location` (8 for OpenSSL, 4 for GnuTLS, 2 + the returns
+    /// for Go), once per file.
     fn attach_lib(&mut self, ebpf: &mut Ebpf, pid: u32, lib: &Path, location: &Location) {
         let Ok(meta) = fs::metadata(lib) else {
             return;

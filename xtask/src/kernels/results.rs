@@ -33,7 +33,12 @@ pub const SET_CHECKS: &[&str] = &[
 /// attached to a client in an `exact_tokens` workload, its plaintext seen,
 /// a memory-BIO client's `SSL*` joined to its socket, and a Go client's
 /// `crypto/tls` calls seen.
-pub const ALL_ONLY_CHECKS: &[&str] = &["uprobe-attach", "plaintext", "plaintext-join", "plaintext-go"];
+pub const ALL_ONLY_CHECKS: &[&str] = &[
+    "uprobe-attach",
+    "plaintext",
+    "plaintext-join",
+    "plaintext-go",
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
