@@ -189,6 +189,49 @@ fn requests_of(agent: &Agent, workload: &str, provider: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Waits up to 10 s until `bot`'s exact tokens of `provider` equal what
+/// `server` served in its first `n` requests, and until there is a
+/// `request` record for each; panics otherwise, saying `how` the client
+/// spoke. Returns the records.
+fn expect_exact_usage(
+    agent: &Agent,
+    server: &FakeProvider,
+    provider: &str,
+    n: usize,
+    how: &str,
+) -> Vec<Value> {
+    let (prompt, completion) = served(server, n);
+    let wait = Duration::from_secs(10);
+    for (kind, want) in [("prompt", prompt), ("completion", completion)] {
+        let deadline = Instant::now() + wait;
+        while tokens(agent, "bot", provider, kind, "exact") != want as f64
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            tokens(agent, "bot", provider, kind, "exact"),
+            want as f64,
+            "{provider}/{kind}: exact = the fake's usage ({how}); served {:?}\n{}\n{}",
+            server.served(),
+            agent.metrics(),
+            agent.context()
+        );
+    }
+    let deadline = Instant::now() + wait;
+    while requests_of(agent, "bot", provider).len() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let records = requests_of(agent, "bot", provider);
+    assert_eq!(
+        records.len(),
+        n,
+        "{provider} ({how}): {records:?}\n{}",
+        agent.context()
+    );
+    records
+}
+
 fn exact_counts(shape: Shape, tag: &str) {
     require_root();
     let cg = CgroupGuard::new(&format!("ex-{tag}"));
@@ -262,44 +305,9 @@ fn exact_counts(shape: Shape, tag: &str) {
         (&openai, "openai", n_openai),
         (&anthropic, "anthropic", n_anthropic),
     ] {
-        let (prompt, completion) = served(server, n);
-        let wait = Duration::from_secs(10);
-        let labels = |kind| {
-            [
-                ("workload", "bot"),
-                ("provider", provider),
-                ("kind", kind),
-                ("source", "exact"),
-            ]
-        };
-        for (kind, want) in [("prompt", prompt), ("completion", completion)] {
-            let deadline = Instant::now() + wait;
-            while agent.metric_value("llm_egress_tokens_total", &labels(kind)) != Some(want as f64)
-                && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            assert_eq!(
-                agent.metric_value("llm_egress_tokens_total", &labels(kind)),
-                Some(want as f64),
-                "{provider}/{kind}: exact = the fake's usage; served {:?}\n{}\n{}",
-                server.served(),
-                agent.metrics(),
-                agent.context()
-            );
-        }
+        let (_, completion) = served(server, n);
         // One `request` record per request, each with the served counts.
-        let deadline = Instant::now() + wait;
-        while requests_of(&agent, "bot", provider).len() < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let records = requests_of(&agent, "bot", provider);
-        assert_eq!(
-            records.len(),
-            n,
-            "{provider}: {records:?}\n{}",
-            agent.context()
-        );
+        let records = expect_exact_usage(&agent, server, provider, n, tag);
         let mut want: Vec<(u64, u64)> = server
             .served()
             .iter()
@@ -593,37 +601,46 @@ fn the_estimator_learns_from_exact_counts_on_realistic_fakes() {
         agent.metrics()
     );
 
-    // Lengths it did not see, from the workload nobody reads.
-    for (max_tokens, words) in [(45, 3), (95, 9), (155, 13)] {
-        curl(
-            &openai,
-            &plain,
-            &ns,
-            "/v1/chat/completions",
-            &stream(max_tokens, words),
-            &[],
+    // Lengths it did not see, from the workload nobody reads: estimated
+    // within 25 % of the fake's usage. `before`: the requests the fake had
+    // served and their usage; `estimated_before` and `closed_before`: the
+    // agent's estimated series and closed connections of `plain` so far.
+    // Returns what the fake served after them.
+    let unseen_lengths_within_a_quarter = |agent: &Agent,
+                                           (n, before): (usize, (u64, u64)),
+                                           estimated_before: (f64, f64),
+                                           closed_before: f64,
+                                           what: &str| {
+        for (max_tokens, words) in [(45, 3), (95, 9), (155, 13)] {
+            curl(
+                &openai,
+                &plain,
+                &ns,
+                "/v1/chat/completions",
+                &stream(max_tokens, words),
+                &[],
+            );
+        }
+        let after = served(&openai, n + 3);
+        let truth = (after.0 - before.0, after.1 - before.1);
+        closed(agent, "plain", closed_before + 3.0);
+        let now = estimated(agent);
+        let est = (now.0 - estimated_before.0, now.1 - estimated_before.1);
+        println!(
+            "{what}: prompt {} / {}, completion {} / {}",
+            est.0, truth.0, est.1, truth.1
         );
-    }
-    let after = served(&openai, 12);
-    let truth = (after.0 - taught.0, after.1 - taught.1);
-    closed(&agent, "plain", 4.0);
-    let now = estimated(&agent);
-    let learned = (now.0 - raw.0, now.1 - raw.1);
-    println!(
-        "learned: prompt {} / {}, completion {} / {}",
-        learned.0, truth.0, learned.1, truth.1
-    );
-    for (kind, est, exact) in [
-        ("prompt", learned.0, truth.0),
-        ("completion", learned.1, truth.1),
-    ] {
-        let ratio = est / exact as f64;
-        assert!(
-            (0.75..=1.25).contains(&ratio),
-            "{kind}: the learned estimate {est} against {exact} exact\n{}",
-            agent.metrics()
-        );
-    }
+        for (kind, est, exact) in [("prompt", est.0, truth.0), ("completion", est.1, truth.1)] {
+            let ratio = est / exact as f64;
+            assert!(
+                (0.75..=1.25).contains(&ratio),
+                "{what}, {kind}: {est} estimated against {exact} exact\n{}",
+                agent.metrics()
+            );
+        }
+        (n + 3, after)
+    };
+    let after = unseen_lengths_within_a_quarter(&agent, (9, taught), raw, 1.0, "learned");
 
     // Restarted, it estimates as well: the lines are saved in
     // state_dir/estimates.json (each housekeeping round, ~10 s) and
@@ -642,35 +659,7 @@ fn the_estimator_learns_from_exact_counts_on_realistic_fakes() {
         "the restarted agent shows no learned line\n{}",
         agent.metrics()
     );
-    for (max_tokens, words) in [(45, 3), (95, 9), (155, 13)] {
-        curl(
-            &openai,
-            &plain,
-            &ns,
-            "/v1/chat/completions",
-            &stream(max_tokens, words),
-            &[],
-        );
-    }
-    let again = served(&openai, 15);
-    let truth = (again.0 - after.0, again.1 - after.1);
-    closed(&agent, "plain", 3.0);
-    let restored = estimated(&agent);
-    println!(
-        "after a restart: prompt {} / {}, completion {} / {}",
-        restored.0, truth.0, restored.1, truth.1
-    );
-    for (kind, est, exact) in [
-        ("prompt", restored.0, truth.0),
-        ("completion", restored.1, truth.1),
-    ] {
-        let ratio = est / exact as f64;
-        assert!(
-            (0.75..=1.25).contains(&ratio),
-            "{kind} after a restart: {est} estimated against {exact} exact\n{}",
-            agent.metrics()
-        );
-    }
+    unseen_lengths_within_a_quarter(&agent, after, (0.0, 0.0), 0.0, "after a restart");
     agent.stop();
 }
 
@@ -804,34 +793,7 @@ fn wget_over_gnutls_is_counted_exactly() {
             agent.context()
         );
     }
-    let (prompt, completion) = served(&openai, 2);
-    for (kind, want) in [("prompt", prompt), ("completion", completion)] {
-        let labels = [
-            ("workload", "bot"),
-            ("provider", "openai"),
-            ("kind", kind),
-            ("source", "exact"),
-        ];
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while agent.metric_value("llm_egress_tokens_total", &labels) != Some(want as f64)
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(
-            agent.metric_value("llm_egress_tokens_total", &labels),
-            Some(want as f64),
-            "{kind}: exact = the fake's usage over GnuTLS\n{}\n{}",
-            agent.metrics(),
-            agent.context()
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while requests_of(&agent, "bot", "openai").len() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let records = requests_of(&agent, "bot", "openai");
-    assert_eq!(records.len(), 2, "{records:?}");
+    expect_exact_usage(&agent, &openai, "openai", 2, "wget over GnuTLS");
     closed(&agent, "bot", 2.0);
     assert_eq!(
         tokens(&agent, "bot", "openai", "completion", "estimated"),
@@ -889,27 +851,8 @@ fn go_crypto_tls_is_counted_exactly_and_its_stripped_copy_is_not_visible() {
     };
     run(&go, chat, "buffered");
     run(&go, stream, "stream");
-    let (prompt, completion) = served(&openai, 2);
-    let exact = |a: &Agent, kind: &str| tokens(a, "bot", "openai", kind, "exact");
-    for (kind, want) in [("prompt", prompt), ("completion", completion)] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while exact(&agent, kind) != want as f64 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(
-            exact(&agent, kind),
-            want as f64,
-            "{kind}: exact = the fake's usage over Go's crypto/tls; served {:?}\n{}\n{}",
-            openai.served(),
-            agent.metrics(),
-            agent.context()
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while requests_of(&agent, "bot", "openai").len() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(requests_of(&agent, "bot", "openai").len(), 2);
+    let (prompt, _) = served(&openai, 2);
+    expect_exact_usage(&agent, &openai, "openai", 2, "Go's crypto/tls");
     assert!(
         agent.context().contains("Go's crypto/tls in this file"),
         "{}",
@@ -931,7 +874,10 @@ fn go_crypto_tls_is_counted_exactly_and_its_stripped_copy_is_not_visible() {
         "the stripped Go client was not counted as not visible\n{}",
         agent.metrics()
     );
-    assert_eq!(exact(&agent, "prompt"), prompt as f64);
+    assert_eq!(
+        tokens(&agent, "bot", "openai", "prompt", "exact"),
+        prompt as f64
+    );
     assert_eq!(requests_of(&agent, "bot", "openai").len(), 2);
     agent.stop();
 }

@@ -20,12 +20,14 @@ use serde_json::Value;
 
 /// Every program of the object (common/src/maps.rs: ALL_PROGRAMS and
 /// PROG_EXEC).
-const PROGRAMS: [&str; 15] = [
+const PROGRAMS: [&str; 17] = [
     "account_sock_ops",
     "attribute_exec",
     "names_dns_ingress",
     "names_sni_egress",
     "plaintext_exec",
+    "plaintext_go_entry",
+    "plaintext_go_return",
     "plaintext_sock_msg",
     "plaintext_ssl_entry",
     "plaintext_ssl_return",

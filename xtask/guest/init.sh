@@ -127,6 +127,25 @@ probe() {
 # The uprobes on this kernel: `openssl s_client` (the shared libssl) in
 # the exact_tokens workload "traced" is paused at exec, attached and
 # resumed; its SSL_write reaches the agent (llm_egress_plaintext_calls_total).
+# metric NAME: the agent's counter NAME (no labels) as an integer, 0
+# when it is not there.
+metric() {
+    v=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n "s/^$1 \([0-9]*\).*/\1/p")
+    echo "${v:-0}"
+}
+
+# wait_metric NAME AT_LEAST: polls NAME for up to 30 s until it is at
+# least AT_LEAST; prints the last value.
+wait_metric() {
+    v=0; until=$(($(now) + 30))
+    while [ "$(now)" -lt "$until" ]; do
+        v=$(metric "$1")
+        [ "$v" -ge "$2" ] && break
+        sleep 0.5
+    done
+    echo "$v"
+}
+
 check_plaintext() {
     # -rev: the server echoes each line reversed and never reads its
     # stdin (a background job's is /dev/null: at its EOF a plain s_server
@@ -137,36 +156,20 @@ check_plaintext() {
     while [ "$(now)" -lt "$until" ] && ! netstat -ltn 2>/dev/null | grep -q ':8443 '; do sleep 0.2; done
     sh -c 'echo $$ >"$1/cgroup.procs" && echo hello-matrix | timeout 60 openssl s_client -connect 127.0.0.1:8443 -quiet -no_ign_eof' \
         _ "$CG/traced" >/tmp/s_client.out 2>&1
-    calls=0; until=$(($(now) + 30))
-    while [ "$(now)" -lt "$until" ]; do
-        calls=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n 's/^llm_egress_plaintext_calls_total \([0-9]*\).*/\1/p')
-        [ "${calls:-0}" -ge 1 ] && break
-        sleep 0.5
-    done
+    calls=$(wait_metric llm_egress_plaintext_calls_total 1)
     # Memory BIOs: the client's SSL_write touches no socket; its SSL* is
     # joined to the socket by its next send (the sock tracepoint on 6.4+,
     # the tcp_sendmsg kprobe before). 127.0.0.3:8443 is the provider
     # matrix-llm, so the connection is tracked and has a cookie.
     sh -c 'echo $$ >"$1/cgroup.procs" && exec timeout 60 membio-client 127.0.0.3 8443 hello-membio' \
         _ "$CG/traced" >/tmp/membio.out 2>&1
-    links=0; until=$(($(now) + 30))
-    while [ "$(now)" -lt "$until" ]; do
-        links=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n 's/^llm_egress_plaintext_links_total \([0-9]*\).*/\1/p')
-        [ "${links:-0}" -ge 1 ] && break
-        sleep 0.5
-    done
+    links=$(wait_metric llm_egress_plaintext_links_total 1)
     # Go's crypto/tls: found by symbol in the static go-client, probed at
     # the entry and the returns of (*Conn).Write and Read.
-    before=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n 's/^llm_egress_plaintext_calls_total \([0-9]*\).*/\1/p')
+    before=$(metric llm_egress_plaintext_calls_total)
     sh -c 'echo $$ >"$1/cgroup.procs" && exec timeout 60 go-client 127.0.0.3:8443 hello-go' \
         _ "$CG/traced" >/tmp/go-client.out 2>&1
-    gocalls=0; until=$(($(now) + 30))
-    while [ "$(now)" -lt "$until" ]; do
-        after=$(timeout 5 wget -q -O - http://127.0.0.1:9469/metrics 2>/dev/null | sed -n 's/^llm_egress_plaintext_calls_total \([0-9]*\).*/\1/p')
-        gocalls=$((${after:-0} - ${before:-0}))
-        [ "$gocalls" -ge 2 ] && break
-        sleep 0.5
-    done
+    gocalls=$(($(wait_metric llm_egress_plaintext_calls_total $((before + 2))) - before))
     kill "$srv" 2>/dev/null
     if [ "$gocalls" -ge 2 ] && grep -q "Go's crypto/tls in this file" "/tmp/agent-$1.log"; then
         m check "$1" plaintext-go pass "calls $gocalls"

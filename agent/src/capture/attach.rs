@@ -191,30 +191,22 @@ fn probe_points(
     out
 }
 
-/// Where a process's root has its system libssl (Debian/Ubuntu, Fedora/RHEL,
-/// Alpine/Arch), tried when it maps none yet.
-const SYSTEM_LIBSSL: [&str; 6] = [
-    "/usr/lib/x86_64-linux-gnu/libssl.so.3",
-    "/lib/x86_64-linux-gnu/libssl.so.3",
-    "/usr/lib/aarch64-linux-gnu/libssl.so.3",
-    "/usr/lib64/libssl.so.3",
-    "/lib64/libssl.so.3",
-    "/usr/lib/libssl.so.3",
+/// Where a process's root has its system libraries (Debian/Ubuntu,
+/// Fedora/RHEL, Alpine/Arch): the system libssl is tried when a process
+/// maps none yet, the system libgnutls when its executable needs it.
+const SYSTEM_LIB_DIRS: [&str; 6] = [
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/lib64",
+    "/usr/lib",
 ];
 
+/// OpenSSL's shared object as the system installs it.
+const LIBSSL: &str = "libssl.so.3";
 /// GnuTLS's shared object as an executable names it (`DT_NEEDED`).
 const LIBGNUTLS: &str = "libgnutls.so.30";
-
-/// Where a process's root has its system libgnutls, tried when it maps
-/// none yet and its executable needs it.
-const SYSTEM_LIBGNUTLS: [&str; 6] = [
-    "/usr/lib/x86_64-linux-gnu/libgnutls.so.30",
-    "/lib/x86_64-linux-gnu/libgnutls.so.30",
-    "/usr/lib/aarch64-linux-gnu/libgnutls.so.30",
-    "/usr/lib64/libgnutls.so.30",
-    "/lib64/libgnutls.so.30",
-    "/usr/lib/libgnutls.so.30",
-];
 
 /// The kernel functions whose first argument is the `struct sock *`, and
 /// the program probing each (the kprobe fallback).
@@ -680,17 +672,17 @@ impl Attacher {
             // (Python loads it later, with `import ssl`), and the system
             // libgnutls if its executable needs it.
             let root = process_root(pid);
-            let system = |paths: &[&str]| {
-                paths
+            let system = |name: &str| {
+                SYSTEM_LIB_DIRS
                     .iter()
-                    .map(|p| root.join(p.trim_start_matches('/')))
+                    .map(|d| root.join(d.trim_start_matches('/')).join(name))
                     .find(|p| p.exists())
             };
-            if let Some(lib) = system(&SYSTEM_LIBSSL) {
+            if let Some(lib) = system(LIBSSL) {
                 self.attach_lib(ebpf, pid, &lib, &Location::Symbols(TlsLibrary::OpenSsl));
             }
             if self.needs_gnutls(pid)
-                && let Some(lib) = system(&SYSTEM_LIBGNUTLS)
+                && let Some(lib) = system(LIBGNUTLS)
             {
                 self.attach_lib(ebpf, pid, &lib, &Location::Symbols(TlsLibrary::GnuTls));
             }
