@@ -729,7 +729,14 @@ fn bench_plaintext_cost() {
         "198.51.100.1:443",
         Flavor::OpenAi,
         fake_provider::Options {
-            token_interval: Duration::ZERO,
+            // BENCH_TOKEN_INTERVAL_US: a paced stream (a provider's pace,
+            // ~5–20 ms a token) instead of as fast as the client reads.
+            token_interval: Duration::from_micros(
+                std::env::var("BENCH_TOKEN_INTERVAL_US")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
         },
     );
     let dir = TempDir::new("pt-bench");
