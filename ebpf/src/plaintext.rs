@@ -1,4 +1,7 @@
-//! Plaintext of TLS calls in OpenSSL's shared libssl (docs/plaintext.md).
+//! Plaintext of TLS calls (docs/plaintext.md): OpenSSL's (shared, or
+//! linked into an executable), GnuTLS's `gnutls_record_send`/`_recv`
+//! (the same programs: the same arguments and results), and Go's
+//! `crypto/tls` (its own programs, below).
 //!
 //! - `plaintext_ssl_entry`, a uprobe on `SSL_write`, `SSL_read`,
 //!   `SSL_write_ex`, `SSL_read_ex` (attach cookie: `call_flags`), attached
@@ -54,6 +57,14 @@
 //!   request before the probes are in place. The record is reserved before
 //!   the signal is sent, so a process is never stopped without the agent
 //!   hearing of it; with the ring full it is not stopped (counted).
+//!
+//! - `plaintext_go_entry`, a uprobe at the entry of Go's
+//!   `crypto/tls.(*Conn).Write` and `Read` (attach cookie `GO`, `| READ`),
+//!   and `plaintext_go_return`, a uprobe at each of their `RET`s (Go moves
+//!   goroutine stacks: no uretprobe): Go's register ABI, the call kept by
+//!   goroutine (`R14`) in `PLAINTEXT_GO_CALLS` and by thread in
+//!   `PLAINTEXT_CALLS` for the socket hooks; the return copies as the
+//!   OpenSSL return does.
 //!
 //! Internal errors lose plaintext, never a verdict: every program returns 0.
 

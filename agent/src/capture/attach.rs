@@ -40,9 +40,9 @@
 //!   or Go binary).
 //!
 //! Who can change the inputs: the traced process itself can unmap, replace
-//! or bypass its TLS library (its own TLS code, a static build, raw syscalls), so
-//! plaintext is evidence of what an OpenSSL client sent, never proof that
-//! nothing else was sent. The symbol offsets come from the library file
+//! or bypass its TLS library (its own TLS code, a static build, raw
+//! syscalls), so plaintext is evidence of what a client of the probed
+//! library sent, never proof that nothing else was sent. The symbol offsets come from the library file
 //! the process maps, read by the agent (root).
 
 use std::{
