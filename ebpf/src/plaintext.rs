@@ -434,12 +434,12 @@ fn emit(id: u64, call: &SslCall, n: u64) -> Result<(), i64> {
     // disabled); the pieces below fill in offset, len and flags.
     unsafe { (*rec).header = header };
     let pieces = n.div_ceil(PLAINTEXT_PIECE as u64);
-    let mut call = Pieces {
+    let mut copy = Pieces {
         buf: call.buf,
         len: n,
         flags: u64::from(flags),
     };
-    // SAFETY: `piece_step` is a bpf_loop callback; its context is `call`,
+    // SAFETY: `piece_step` is a bpf_loop callback; its context is `copy`,
     // on this frame's stack for the whole loop.
     unsafe {
         bpf_loop(
@@ -449,7 +449,7 @@ fn emit(id: u64, call: &SslCall, n: u64) -> Result<(), i64> {
                 pieces as u32
             },
             piece_step as *mut c_void,
-            (&mut call as *mut Pieces).cast(),
+            (&mut copy as *mut Pieces).cast(),
             0,
         );
     }
@@ -470,7 +470,7 @@ struct Pieces {
 /// caller filled, and output to the ring. Returns 1 to stop.
 #[inline(never)]
 extern "C" fn piece_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: the caller passes its `Pieces` (see `try_ssl_return`).
+    // SAFETY: the caller passes its `Pieces` (see `emit`).
     let call = unsafe { &*(ctx as *const Pieces) };
     let offset = index * PLAINTEXT_PIECE as u64;
     if offset >= call.len || offset >= llm_egress_common::PLAINTEXT_CALL_MAX as u64 {

@@ -73,7 +73,7 @@ use llm_egress_common::{
 };
 use tracing::{info, warn};
 
-use crate::capture::elf::{FileSource, Lookup, dynamic_strings_hold, find_functions};
+use crate::capture::elf::{FileSource, Lookup, dynamic_strings_hold, find_function_ranges, lookup};
 use crate::capture::go_tls::{self, GoTls};
 use crate::capture::metrics::Metrics;
 use crate::capture::procs::{
@@ -148,43 +148,35 @@ fn probe_points(
     UProbeAttachLocation<'static>,
     u64,
 )> {
+    // OpenSSL's and GnuTLS's functions, an entry and a return probe each
+    // (the attach locations are made anew for each program).
+    let ssl_places = || -> Vec<(&'static str, u64, UProbeAttachLocation<'static>)> {
+        match location {
+            Location::Symbols(lib) => (functions(*lib).iter())
+                .map(|&(f, cookie)| (f, cookie, UProbeAttachLocation::Symbol(f)))
+                .collect(),
+            Location::Offsets(offsets) => (OPENSSL_FUNCTIONS.iter().zip(offsets))
+                .map(|(&(f, cookie), &off)| (f, cookie, UProbeAttachLocation::AbsoluteOffset(off)))
+                .collect(),
+            Location::Go(_) => Vec::new(),
+        }
+    };
     let mut out = Vec::new();
-    match location {
-        Location::Symbols(lib) => {
-            for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
-                for &(function, cookie) in functions(*lib) {
-                    out.push((
-                        name,
-                        function,
-                        UProbeAttachLocation::Symbol(function),
-                        cookie,
-                    ));
-                }
-            }
+    for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
+        for (f, cookie, at) in ssl_places() {
+            out.push((name, f, at, cookie));
         }
-        Location::Offsets(offsets) => {
-            for name in [PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN] {
-                for (&(function, cookie), &off) in OPENSSL_FUNCTIONS.iter().zip(offsets) {
-                    out.push((
-                        name,
-                        function,
-                        UProbeAttachLocation::AbsoluteOffset(off),
-                        cookie,
-                    ));
-                }
-            }
-        }
-        Location::Go(go) => {
-            for (probes, (function, read)) in go.functions.iter().zip([
-                (go_tls::FUNCTIONS[0], 0),
-                (go_tls::FUNCTIONS[1], call_flags::READ),
-            ]) {
-                let cookie = call_flags::GO | read;
-                let at = UProbeAttachLocation::AbsoluteOffset;
-                out.push((PROG_PLAINTEXT_GO_ENTRY, function, at(probes.entry), cookie));
-                for &r in &probes.returns {
-                    out.push((PROG_PLAINTEXT_GO_RETURN, function, at(r), cookie));
-                }
+    }
+    if let Location::Go(go) = location {
+        for (probes, (function, read)) in go.functions.iter().zip([
+            (go_tls::FUNCTIONS[0], 0),
+            (go_tls::FUNCTIONS[1], call_flags::READ),
+        ]) {
+            let cookie = call_flags::GO | read;
+            let at = UProbeAttachLocation::AbsoluteOffset;
+            out.push((PROG_PLAINTEXT_GO_ENTRY, function, at(probes.entry), cookie));
+            for &r in &probes.returns {
+                out.push((PROG_PLAINTEXT_GO_RETURN, function, at(r), cookie));
             }
         }
     }
@@ -752,35 +744,48 @@ impl Attacher {
             return hit.clone();
         }
         let started = Instant::now();
-        let src = FileSource::open(path).map_err(|e| e.to_string());
-        let found = src
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(|src| find_functions(src, &FUNCTION_NAMES).map_err(|e| e.to_string()));
+        // One read of the symbol tables for both: OpenSSL's four functions
+        // and Go's two.
+        let names: Vec<&str> = FUNCTION_NAMES
+            .iter()
+            .chain(&go_tls::FUNCTIONS)
+            .copied()
+            .collect();
+        let found = FileSource::open(path)
+            .map_err(|e| e.to_string())
+            .and_then(|src| {
+                let ranges = find_function_ranges(&src, &names).map_err(|e| e.to_string())?;
+                Ok((src, ranges))
+            });
+        let ms = started.elapsed().as_secs_f64() * 1e3;
         let (result, location) = match found {
-            Ok(Lookup::All(offsets)) => {
-                let ms = started.elapsed().as_secs_f64() * 1e3;
-                info!(file = %path.display(), ms, "plaintext: OpenSSL linked into this file, found by symbol");
-                ("all", Some(Location::Offsets(offsets)))
-            }
-            Ok(Lookup::Some(names)) => {
-                warn!(file = %path.display(), found = ?names, wanted = ?FUNCTION_NAMES, "plaintext: this file has only some of the OpenSSL functions; not attached");
-                ("some", None)
-            }
-            Ok(Lookup::None) => match src.as_ref().map(go_tls::find) {
-                Ok(Ok(Some(go))) => {
-                    let ms = started.elapsed().as_secs_f64() * 1e3;
-                    info!(file = %path.display(), ms, returns = ?go.functions.iter().map(|f| f.returns.len()).collect::<Vec<_>>(), "plaintext: Go's crypto/tls in this file, found by symbol");
-                    ("go", Some(Location::Go(go)))
+            Ok((src, ranges)) => {
+                match (lookup(&FUNCTION_NAMES, &ranges[..4]), ranges[4], ranges[5]) {
+                    (Lookup::All(offsets), ..) => {
+                        info!(file = %path.display(), ms, "plaintext: OpenSSL linked into this file, found by symbol");
+                        ("all", Some(Location::Offsets(offsets)))
+                    }
+                    (Lookup::Some(names), ..) => {
+                        warn!(file = %path.display(), found = ?names, wanted = ?FUNCTION_NAMES, "plaintext: this file has only some of the OpenSSL functions; not attached");
+                        ("some", None)
+                    }
+                    (Lookup::None, Some(write), Some(read)) => {
+                        match go_tls::at(&src, write, read) {
+                            Ok(go) => {
+                                info!(file = %path.display(), ms, returns = ?go.functions.iter().map(|f| f.returns.len()).collect::<Vec<_>>(), "plaintext: Go's crypto/tls in this file, found by symbol");
+                                ("go", Some(Location::Go(go)))
+                            }
+                            Err(e) => {
+                                warn!(file = %path.display(), error = %e, "plaintext: Go's crypto/tls in this file cannot be probed");
+                                ("error", None)
+                            }
+                        }
+                    }
+                    (Lookup::None, ..) => ("none", None),
                 }
-                Ok(Err(e)) => {
-                    warn!(file = %path.display(), error = %e, "plaintext: Go's crypto/tls in this file cannot be probed");
-                    ("error", None)
-                }
-                _ => ("none", None),
-            },
+            }
             Err(e) => {
-                info!(file = %path.display(), error = %e, "plaintext: cannot search this file for OpenSSL symbols");
+                info!(file = %path.display(), error = %e, "plaintext: cannot search this file for OpenSSL or Go symbols");
                 ("error", None)
             }
         };

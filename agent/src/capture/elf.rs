@@ -224,12 +224,14 @@ fn whole_string_at<S: Source + ?Sized>(src: &S, strtab: &Section, at: u64) -> bo
 /// The file offsets of the `wanted` functions in `src`, or which of them
 /// it has.
 pub fn find_functions<S: Source + ?Sized>(src: &S, wanted: &[&str]) -> Result<Lookup, ElfError> {
-    let found: Vec<Option<u64>> = find_function_ranges(src, wanted)?
-        .into_iter()
-        .map(|r| r.map(|(offset, _)| offset))
-        .collect();
+    Ok(lookup(wanted, &find_function_ranges(src, wanted)?))
+}
+
+/// What `found` (the [`find_function_ranges`] of `wanted`) holds of them.
+pub fn lookup(wanted: &[&str], found: &[Option<(u64, u64)>]) -> Lookup {
+    let found: Vec<Option<u64>> = found.iter().map(|r| r.map(|(offset, _)| offset)).collect();
     if found.iter().all(Option::is_some) {
-        return Ok(Lookup::All(found.into_iter().flatten().collect()));
+        return Lookup::All(found.into_iter().flatten().collect());
     }
     let some: Vec<String> = wanted
         .iter()
@@ -237,11 +239,11 @@ pub fn find_functions<S: Source + ?Sized>(src: &S, wanted: &[&str]) -> Result<Lo
         .filter(|(_, f)| f.is_some())
         .map(|(n, _)| n.to_string())
         .collect();
-    Ok(if some.is_empty() {
+    if some.is_empty() {
         Lookup::None
     } else {
         Lookup::Some(some)
-    })
+    }
 }
 
 /// The file offset and size (`st_size`) of each of the `wanted` functions

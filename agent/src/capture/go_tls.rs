@@ -17,7 +17,7 @@
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 
-use crate::capture::elf::{ElfError, Source, find_function_ranges};
+use crate::capture::elf::{ElfError, Source};
 
 /// The functions, in the order of [`GoTls::functions`]: the write first.
 pub const FUNCTIONS: [&str; 2] = ["crypto/tls.(*Conn).Write", "crypto/tls.(*Conn).Read"];
@@ -40,16 +40,16 @@ pub struct GoTls {
     pub functions: [Probes; 2],
 }
 
-/// `Ok(None)`: the file has not both functions (not Go, no TLS, or
-/// stripped).
-pub fn find<S: Source + ?Sized>(src: &S) -> Result<Option<GoTls>, ElfError> {
-    let ranges = find_function_ranges(src, &FUNCTIONS)?;
-    let (Some(write), Some(read)) = (ranges[0], ranges[1]) else {
-        return Ok(None);
-    };
-    Ok(Some(GoTls {
+/// The probes of the two [`FUNCTIONS`] of `src`, given their (file
+/// offset, size) as `crate::capture::elf::find_function_ranges` found them.
+pub fn at<S: Source + ?Sized>(
+    src: &S,
+    write: (u64, u64),
+    read: (u64, u64),
+) -> Result<GoTls, ElfError> {
+    Ok(GoTls {
         functions: [probes(src, write)?, probes(src, read)?],
-    }))
+    })
 }
 
 fn probes<S: Source + ?Sized>(src: &S, (offset, size): (u64, u64)) -> Result<Probes, ElfError> {
@@ -103,15 +103,38 @@ mod tests {
     }
 
     #[test]
-    fn a_file_without_go_tls_has_none() {
-        let curl = std::path::Path::new("/usr/bin/curl");
-        if curl.exists() {
-            let s = crate::capture::elf::FileSource::open(curl).unwrap();
-            assert_eq!(find(&s), Ok(None));
-        }
+    fn functions_without_code_or_returns_are_refused() {
+        let code = [0x90u8; 64];
         assert_eq!(
-            find(&b"not an elf file at all, not at all"[..]),
-            Err(ElfError::NotElf)
+            at(&code[..], (0, 0), (0, 8)),
+            Err(ElfError::Malformed("a Go TLS function of no or huge size"))
         );
+        // Nops only: no return to probe.
+        assert_eq!(
+            at(&code[..], (0, 8), (8, 8)),
+            Err(ElfError::Malformed(
+                "a Go TLS function with no or too many returns"
+            ))
+        );
+        let mut code = code;
+        code[5] = 0xc3;
+        code[12] = 0xc3;
+        let go = at(&code[..], (0, 8), (8, 8)).unwrap();
+        assert_eq!(
+            go.functions[0],
+            Probes {
+                entry: 0,
+                returns: vec![5]
+            }
+        );
+        assert_eq!(
+            go.functions[1],
+            Probes {
+                entry: 8,
+                returns: vec![12]
+            }
+        );
+        // Code past the end of the file is an error, not a panic.
+        assert!(at(&code[..], (60, 8), (0, 8)).is_err());
     }
 }
