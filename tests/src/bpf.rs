@@ -21,11 +21,18 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 // enum bpf_cmd
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
 // enum bpf_attach_type: the cgroup_sock_addr hooks the agent uses.
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
@@ -48,7 +55,14 @@ pub const SOCK_ADDR_HOOKS: [(u32, &str); 5] = [
 /// (sock_ops).
 pub const OTHER_HOOKS: [(u32, &str); 3] = [(0, "skb_ingress"), (1, "skb_egress"), (3, "sock_ops")];
 
+/// cgroup/sock_release: not one of the agent's hooks; benches attach a
+/// no-op program there ([`attach_noop`]) to measure what entering it costs.
+pub const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
+/// enum bpf_prog_type: cgroup/sock_create and cgroup/sock_release programs.
+pub const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
+
 const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+const BPF_F_ALLOW_MULTI: u32 = 2;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
 /// Mounts bpffs at /sys/fs/bpf unless something of type `bpf` is mounted
@@ -366,6 +380,131 @@ pub fn hook_prog_counts(
             (*name, n)
         })
         .collect()
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct AttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+/// Detaches every link attached directly to `cgroup` at `attach_type`
+/// (the agent attaches with links): for bench experiments that measure a
+/// program set without one of its hooks. How many were detached.
+pub fn detach_links(cgroup: &Path, attach_type: u32) -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    // A cgroup2 directory's inode number is its cgroup id.
+    let cgroup_id = std::fs::metadata(cgroup)?.ino();
+    let mut detached = 0;
+    let mut next = ProgIdAttr::default();
+    while sys_bpf(BPF_LINK_GET_NEXT_ID, &mut next).is_ok() {
+        next.id = next.next_id;
+        let mut by_id = ProgIdAttr {
+            id: next.id,
+            ..Default::default()
+        };
+        // Gone meanwhile: not ours to care about.
+        let Ok(rc) = sys_bpf(BPF_LINK_GET_FD_BY_ID, &mut by_id) else {
+            continue;
+        };
+        let link = owned_fd(rc);
+        // struct bpf_link_info: type at 0; for a cgroup link (type 3) the
+        // cgroup id at 16 and the attach type at 24.
+        let mut info = [0u8; 32];
+        let mut get = InfoAttr {
+            bpf_fd: link.as_raw_fd() as u32,
+            info_len: info.len() as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
+        let word =
+            |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+        let id = u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes"));
+        if word(0) == BPF_LINK_TYPE_CGROUP && id == cgroup_id && word(24) == attach_type {
+            let mut detach = [link.as_raw_fd() as u32, 0];
+            sys_bpf(BPF_LINK_DETACH, &mut detach)?;
+            detached += 1;
+        }
+    }
+    Ok(detached)
+}
+
+/// A program that returns 1 at once, attached to a cgroup hook (beside
+/// whatever else is attached there) until dropped: the kernel's cost of
+/// entering that hook, for bench experiments.
+pub struct NoopAttachment {
+    cgroup: File,
+    prog: OwnedFd,
+    attach_type: u32,
+}
+
+/// Loads a no-op program of `prog_type` for `attach_type` and attaches it
+/// to `cgroup` (BPF_F_ALLOW_MULTI).
+pub fn attach_noop(
+    cgroup: &Path,
+    prog_type: u32,
+    attach_type: u32,
+) -> std::io::Result<NoopAttachment> {
+    // r0 = 1; exit.
+    let insns: [u64; 2] = [0xb7 | 1 << 32, 0x95];
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..4].copy_from_slice(b"noop");
+    let mut load = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        expected_attach_type: attach_type,
+        ..Default::default()
+    };
+    let prog = owned_fd(sys_bpf(BPF_PROG_LOAD, &mut load)?);
+    let cgroup = File::open(cgroup)?;
+    let mut attach = AttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: BPF_F_ALLOW_MULTI,
+    };
+    sys_bpf(BPF_PROG_ATTACH, &mut attach)?;
+    Ok(NoopAttachment {
+        cgroup,
+        prog,
+        attach_type,
+    })
+}
+
+impl Drop for NoopAttachment {
+    fn drop(&mut self) {
+        let mut detach = AttachAttr {
+            target_fd: self.cgroup.as_raw_fd() as u32,
+            attach_bpf_fd: self.prog.as_raw_fd() as u32,
+            attach_type: self.attach_type,
+            attach_flags: 0,
+        };
+        let _ = sys_bpf(BPF_PROG_DETACH, &mut detach);
+    }
 }
 
 /// Creates a small array map and pins it at `path` (for harness self-tests);

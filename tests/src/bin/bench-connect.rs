@@ -34,12 +34,19 @@
 //! path nothing more. `BENCH_AA=1` runs
 //! the "enforced" loop from a cgroup of the same depth outside the attach
 //! cgroup: an A/A run, which shows the bench's own noise.
+//!
+//! Experiments on the hook set (not an agent anyone runs; the report says
+//! so): `BENCH_DETACH=sock_ops,skb_egress,skb_ingress` (any of them)
+//! detaches those hooks' programs from the attach cgroup once the agent
+//! has attached them, and `BENCH_NOOP=sock_release` attaches a program
+//! that returns at once to cgroup/sock_release, a hook the agent does not
+//! use: what entering it would cost (docs/benchmarks.md, "The floor").
 
 use std::{fmt::Write as _, path::PathBuf};
 
 use std::os::fd::AsRawFd;
 
-use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, Probe, require_root, toml_str};
+use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, Probe, bpf, require_root, toml_str};
 
 /// A listener that accepts as fast as it can (blocking accept, deep
 /// backlog), so the loop measures connect() and not a full accept queue.
@@ -495,6 +502,7 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
         fleet,
     } = *b;
     let agent = Agent::start(&policy(enforced, programs, fleet));
+    let (_noops, hooks_changed) = hook_experiment(enforced);
 
     // Warm-up, and proof that the enforced loops really run the programs: a
     // denied destination fails from each workload and not from the
@@ -601,6 +609,7 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
                 "enforced_rounds": r.on.iter().map(|v| v.round()).collect::<Vec<_>>(),
                 "kernel_allow_decisions": decisions,
                 "events_lost_total": lost,
+                "hooks_changed": hooks_changed,
             })
         );
     }
@@ -619,5 +628,46 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
             }
         );
     }
+    if !hooks_changed.is_empty() {
+        println!("(an experiment, not the agent's hook set: {hooks_changed})");
+    }
     Some(agent)
+}
+
+/// Applies `BENCH_DETACH` and `BENCH_NOOP` to the attach cgroup `cgroup`
+/// (module docs): the no-op attachments (detached when dropped) and what
+/// was changed, empty when nothing was.
+fn hook_experiment(cgroup: &std::path::Path) -> (Vec<bpf::NoopAttachment>, String) {
+    let names = |var: &str| -> Vec<String> {
+        std::env::var(var)
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let mut changed = Vec::new();
+    for name in names("BENCH_DETACH") {
+        let Some((attach_type, hook)) = bpf::OTHER_HOOKS.iter().find(|(_, h)| *h == name) else {
+            panic!("BENCH_DETACH: {name} is none of sock_ops, skb_egress, skb_ingress");
+        };
+        let n = bpf::detach_links(cgroup, *attach_type)
+            .unwrap_or_else(|e| panic!("BENCH_DETACH {hook}: {e}"));
+        assert!(n > 0, "BENCH_DETACH {hook}: nothing attached there");
+        changed.push(format!("without {hook}"));
+    }
+    let mut noops = Vec::new();
+    for name in names("BENCH_NOOP") {
+        assert_eq!(name, "sock_release", "BENCH_NOOP: only sock_release");
+        noops.push(
+            bpf::attach_noop(
+                cgroup,
+                bpf::BPF_PROG_TYPE_CGROUP_SOCK,
+                bpf::BPF_CGROUP_INET_SOCK_RELEASE,
+            )
+            .unwrap_or_else(|e| panic!("BENCH_NOOP sock_release: {e}")),
+        );
+        changed.push("with a no-op sock_release".to_owned());
+    }
+    (noops, changed.join(", "))
 }
