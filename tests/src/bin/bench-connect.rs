@@ -41,6 +41,7 @@
 //! has attached them, and `BENCH_NOOP=sock_release` attaches a program
 //! that returns at once to cgroup/sock_release, a hook the agent does not
 //! use: what entering it would cost (docs/benchmarks.md, "The floor").
+//! Both apply to the connect loops; run them with 0 provider rounds.
 
 use std::{fmt::Write as _, path::PathBuf};
 
