@@ -127,6 +127,25 @@ const ELF_CACHE: usize = 1024;
 /// (device, inode, size, mtime s, mtime ns) of a file.
 type FileVersion = (u64, u64, u64, i64, i64);
 
+/// The version of the file `meta` describes (device, inode, size, mtime).
+fn file_version(meta: &fs::Metadata) -> FileVersion {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
+}
+
+/// Keeps what was read of a file version; a full cache starts over.
+fn remember<V>(cache: &mut HashMap<FileVersion, V>, key: FileVersion, value: V) {
+    if cache.len() >= ELF_CACHE {
+        cache.clear();
+    }
+    cache.insert(key, value);
+}
+
 /// Where the functions are in a file.
 #[derive(Clone)]
 enum Location {
@@ -733,13 +752,7 @@ impl Attacher {
     /// of all four functions) or Go's `crypto/tls` (its Write and Read
     /// with their returns), searched once per file version.
     fn linked_tls(&mut self, path: &Path, meta: &fs::Metadata) -> Option<Location> {
-        let key = (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-        );
+        let key = file_version(meta);
         if let Some(hit) = self.elf_cache.get(&key) {
             return hit.clone();
         }
@@ -790,10 +803,7 @@ impl Attacher {
             }
         };
         self.metrics.linked.with_label_values(&[result]).inc();
-        if self.elf_cache.len() >= ELF_CACHE {
-            self.elf_cache.clear();
-        }
-        self.elf_cache.insert(key, location.clone());
+        remember(&mut self.elf_cache, key, location.clone());
         location
     }
 
@@ -804,13 +814,7 @@ impl Attacher {
         let Ok(meta) = fs::metadata(&exe) else {
             return false;
         };
-        let key = (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-        );
+        let key = file_version(&meta);
         if let Some(&hit) = self.gnutls_cache.get(&key) {
             return hit;
         }
@@ -818,10 +822,7 @@ impl Attacher {
             .map_err(|e| e.to_string())
             .and_then(|src| dynamic_strings_hold(&src, &[LIBGNUTLS]).map_err(|e| e.to_string()))
             .is_ok_and(|held| held == [true]);
-        if self.gnutls_cache.len() >= ELF_CACHE {
-            self.gnutls_cache.clear();
-        }
-        self.gnutls_cache.insert(key, needs);
+        remember(&mut self.gnutls_cache, key, needs);
         needs
     }
 
