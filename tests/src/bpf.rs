@@ -408,14 +408,11 @@ struct AttachAttr {
     attach_flags: u32,
 }
 
-/// Detaches every link attached directly to `cgroup` at `attach_type`
-/// (the agent attaches with links): for bench experiments that measure a
-/// program set without one of its hooks. How many were detached.
-pub fn detach_links(cgroup: &Path, attach_type: u32) -> std::io::Result<usize> {
-    use std::os::unix::fs::MetadataExt;
-    // A cgroup2 directory's inode number is its cgroup id.
-    let cgroup_id = std::fs::metadata(cgroup)?.ino();
-    let mut detached = 0;
+/// Every BPF link on the host: an fd of it and the first 32 bytes of its
+/// `struct bpf_link_info` (type at 0, program id at 8; for a cgroup link
+/// (type 3) the cgroup id at 16 and the attach type at 24).
+fn links() -> std::io::Result<Vec<(OwnedFd, [u8; 32])>> {
+    let mut out = Vec::new();
     let mut next = ProgIdAttr::default();
     while sys_bpf(BPF_LINK_GET_NEXT_ID, &mut next).is_ok() {
         next.id = next.next_id;
@@ -428,8 +425,6 @@ pub fn detach_links(cgroup: &Path, attach_type: u32) -> std::io::Result<usize> {
             continue;
         };
         let link = owned_fd(rc);
-        // struct bpf_link_info: type at 0; for a cgroup link (type 3) the
-        // cgroup id at 16 and the attach type at 24.
         let mut info = [0u8; 32];
         let mut get = InfoAttr {
             bpf_fd: link.as_raw_fd() as u32,
@@ -437,10 +432,64 @@ pub fn detach_links(cgroup: &Path, attach_type: u32) -> std::io::Result<usize> {
             info: info.as_mut_ptr() as u64,
         };
         sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
-        let word =
-            |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+        out.push((link, info));
+    }
+    Ok(out)
+}
+
+fn word_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The name of program `id` as the kernel keeps it (15 characters).
+fn prog_name(id: u32) -> std::io::Result<String> {
+    let mut by_id = ProgIdAttr {
+        id,
+        ..Default::default()
+    };
+    let fd = owned_fd(sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id)?);
+    // struct bpf_prog_info: name at 64 (16 bytes).
+    let mut info = [0u8; 80];
+    let mut get = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
+    Ok(info[64..80]
+        .iter()
+        .take_while(|b| **b != 0)
+        .map(|b| *b as char)
+        .collect())
+}
+
+/// How many links on the host (any kind: tracepoint, raw tracepoint,
+/// kprobe, cgroup) run a program whose kernel name starts with `prefix`:
+/// for benches that must know whether an agent's host-wide hooks are on.
+pub fn links_of_programs(prefix: &str) -> std::io::Result<usize> {
+    let mut n = 0;
+    for (_, info) in links()? {
+        if prog_name(word_at(&info, 8)).is_ok_and(|name| name.starts_with(prefix)) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Detaches every link attached directly to `cgroup` at `attach_type`
+/// (the agent attaches with links): for bench experiments that measure a
+/// program set without one of its hooks. How many were detached.
+pub fn detach_links(cgroup: &Path, attach_type: u32) -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    // A cgroup2 directory's inode number is its cgroup id.
+    let cgroup_id = std::fs::metadata(cgroup)?.ino();
+    let mut detached = 0;
+    for (link, info) in links()? {
         let id = u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes"));
-        if word(0) == BPF_LINK_TYPE_CGROUP && id == cgroup_id && word(24) == attach_type {
+        if word_at(&info, 0) == BPF_LINK_TYPE_CGROUP
+            && id == cgroup_id
+            && word_at(&info, 24) == attach_type
+        {
             let mut detach = [link.as_raw_fd() as u32, 0];
             sys_bpf(BPF_LINK_DETACH, &mut detach)?;
             detached += 1;

@@ -61,6 +61,7 @@ pub mod proxy;
 pub mod redis;
 pub mod scenario;
 pub mod servers;
+pub mod stats;
 pub mod test_ca;
 
 pub use agent::{Agent, PinDir, agent_bin};

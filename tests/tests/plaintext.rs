@@ -19,11 +19,13 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, TempDir,
+    Agent, CgroupGuard, NetnsGuard, TempDir, bpf,
     fake_provider::{self, Flavor},
     probe::confine,
     require_root,
     scenario::exact_tokens_policy,
+    stats::{median, median_ci95},
+    wait_until,
 };
 use serde_json::Value;
 
@@ -696,11 +698,6 @@ fn start_echo(netns: &NetnsGuard, addr: &str, host: &str) -> String {
     ca_pem
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// The cost of the uprobes (docs/benchmarks.md, "Plaintext uprobes"): an
 /// echo loop of small SSL calls and a long SSE stream, each from workload
 /// `bot` (traced) and `plain` (no uprobes) in alternating rounds of one
@@ -825,8 +822,8 @@ fn bench_plaintext_cost() {
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
     let calls = metric(&agent, "llm_egress_plaintext_calls_total", &[]) - calls_before;
-    let mut ratios: Vec<f64> = traced.iter().zip(&base).map(|(t, b)| t / b).collect();
-    let (mt, mb) = (median(&mut traced.clone()), median(&mut base.clone()));
+    let ratios: Vec<f64> = traced.iter().zip(&base).map(|(t, b)| t / b).collect();
+    let (mt, mb) = (median(&traced), median(&base));
     // Each iteration: one SSL_write_ex and one SSL_read_ex (the dump shows
     // 2 x (n + 1) calls a round: BENCH_DUMP=1).
     let per_call_us = (mt - mb) / 1e3 / (2 * n) as f64;
@@ -834,10 +831,10 @@ fn bench_plaintext_cost() {
         "echo: {rounds} rounds of {n} x {size} B: traced median {:.1} µs/iter, untraced {:.1} µs/iter, median ratio {:.3}, overhead {per_call_us:.2} µs per SSL call (at 256 B: one write, one read an iteration); calls counted by the agent so far {calls:.0} (expected {} at 256 B)",
         mt / 1e3 / n as f64,
         mb / 1e3 / n as f64,
-        median(&mut ratios),
+        median(&ratios),
         rounds * 2 * (n + 1)
     );
-    let mp = median(&mut trapped.clone());
+    let mp = median(&trapped);
     println!(
         "echo with perf uprobes and no BPF (same workload as untraced, {rounds} rounds before the others): {:.1} µs/iter, {:.2} µs per SSL call over untraced",
         mp / 1e3 / n as f64,
@@ -878,13 +875,13 @@ fn bench_plaintext_cost() {
             }
         }
     }
-    let mut tr: Vec<f64> = t_tp.iter().zip(&b_tp).map(|(t, b)| t / b).collect();
+    let tr: Vec<f64> = t_tp.iter().zip(&b_tp).map(|(t, b)| t / b).collect();
     println!(
         "stream: {} rounds of {tokens} SSE events: traced median {:.2} MB/s, untraced {:.2} MB/s, median ratio {:.3}",
         t_tp.len(),
-        median(&mut t_tp),
-        median(&mut b_tp),
-        median(&mut tr)
+        median(&t_tp),
+        median(&b_tp),
+        median(&tr)
     );
     println!(
         "{}",
@@ -904,6 +901,143 @@ fn bench_plaintext_cost() {
 /// thread of their own (`llm_egress_plaintext_processes{state="detaching"}`
 /// shows the backlog): the next process runs at once, and the backlog
 /// drains to zero.
+/// `n` round trips of a 64-byte datagram over a UNIX socket pair, on this
+/// thread: ns per round trip (one send and one receive, each a run of the
+/// socket hooks while they are attached).
+fn socketpair_round_trips(fds: [i32; 2], n: usize) -> f64 {
+    let msg = [7u8; 64];
+    let mut buf = [0u8; 64];
+    let t = Instant::now();
+    for _ in 0..n {
+        // SAFETY: both fds are the open socket pair; the buffers are ours.
+        unsafe {
+            assert_eq!(libc::send(fds[0], msg.as_ptr().cast(), msg.len(), 0), 64);
+            assert_eq!(
+                libc::recv(fds[1], buf.as_mut_ptr().cast(), buf.len(), 0),
+                64
+            );
+        }
+    }
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// What `exact_tokens` costs every other process on the host
+/// (docs/benchmarks.md, "Plaintext uprobes"): the socket hooks
+/// (`plaintext_sock_msg`) run for every socket send and receive on the
+/// host while an `exact_tokens` workload exists. A process outside every
+/// workload does round trips on a UNIX socket pair, in rounds that
+/// alternate between a policy with an `exact_tokens` workload (hooks on)
+/// and the same policy without (hooks off: the agent detaches them at the
+/// reload); each round's state is checked by counting the hooks' links.
+/// Prints the median of the per-round ratios on/off and its interval.
+/// `cargo test -p llm-egress-tests --test plaintext -- --ignored --nocapture bench_bystander`
+#[test]
+#[ignore = "benchmark"]
+fn bench_bystander_socket_calls() {
+    require_root();
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, n) = (env("BENCH_ROUNDS", 41), env("BENCH_CALLS", 20_000));
+    let cg = CgroupGuard::new("pt-bystander");
+    let on = exact_tokens_policy(&cg, "");
+    let off = on.replace("exact_tokens = true", "exact_tokens = false");
+    assert_ne!(
+        on, off,
+        "the policy has an exact_tokens workload to turn off"
+    );
+    let agent = Agent::start(&on);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= 2 {
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", &agent.pid().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+    // The kernel names of the socket hooks' programs (tracepoint or
+    // kprobe fallback): 15 characters of "plaintext_sock_msg" and
+    // "plaintext_tcp_send"/"plaintext_tcp_msg".
+    let hooks = || {
+        bpf::links_of_programs("plaintext_sock").unwrap()
+            + bpf::links_of_programs("plaintext_tcp").unwrap()
+    };
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair(2) into our array.
+    assert_eq!(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) },
+        0
+    );
+    let (loop_tx, loop_rx) = std::sync::mpsc::channel::<usize>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<f64>();
+    // The loop's own thread, alone on CPU 1 on 2+ CPUs.
+    std::thread::spawn(move || {
+        if cpus >= 2 {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(1, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+        }
+        for n in loop_rx {
+            done_tx.send(socketpair_round_trips(fds, n)).unwrap();
+        }
+    });
+    let measure = |n| {
+        loop_tx.send(n).unwrap();
+        done_rx.recv().unwrap()
+    };
+    measure(n);
+    let mut state = true;
+    let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        // on, off | off, on | …: one reload a round, and each state goes
+        // first in half of the rounds.
+        let order = [state, !state];
+        let mut pair = [0.0; 2];
+        for hooks_on in order {
+            if hooks_on != state {
+                let g = agent.generation();
+                agent.rewrite_policy(if hooks_on { &on } else { &off });
+                agent.sighup();
+                agent.wait_for_generation_after(g);
+                state = hooks_on;
+            }
+            let attached = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+                let h = hooks();
+                ((h > 0) == hooks_on).then_some(h)
+            });
+            assert!(
+                attached.is_some(),
+                "the socket hooks are {} after the reload\n{}",
+                if hooks_on { "still off" } else { "still on" },
+                agent.context()
+            );
+            pair[usize::from(!hooks_on)] = measure(n);
+        }
+        with.push(pair[0]);
+        without.push(pair[1]);
+        ratios.push(pair[0] / pair[1]);
+    }
+    drop(loop_tx);
+    // SAFETY: closing the pair the loop thread no longer uses.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    let (lo, hi) = median_ci95(&ratios);
+    println!(
+        "bystander: {rounds} rounds of {n} round trips (64-byte datagrams, UNIX socket pair, outside every workload): hooks on {:.0} ns, off {:.0} ns per round trip (medians); ratio on/off {:.3} (median of per-round ratios, 95 % CI {lo:.3}-{hi:.3}); {:.0} ns more per socket call",
+        median(&with),
+        median(&without),
+        median(&ratios),
+        (median(&with) - median(&without)) / 2.0
+    );
+}
+
 #[test]
 fn uprobes_of_ended_processes_are_closed_off_the_agents_loop() {
     require_root();

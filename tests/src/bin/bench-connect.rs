@@ -47,7 +47,11 @@ use std::{fmt::Write as _, path::PathBuf};
 
 use std::os::fd::AsRawFd;
 
-use llm_egress_tests::{Agent, CgroupGuard, NetnsGuard, Probe, bpf, require_root, toml_str};
+use llm_egress_tests::{
+    Agent, CgroupGuard, NetnsGuard, Probe, bpf, require_root,
+    stats::{median, median_ci95},
+    toml_str,
+};
 
 /// A listener that accepts as fast as it can (blocking accept, deep
 /// backlog), so the loop measures connect() and not a full accept queue.
@@ -313,35 +317,6 @@ fn pin_to(cpu: usize) -> bool {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// A 95 % confidence interval of the median of `v` (percentile bootstrap,
-/// 2,000 resamples, a fixed xorshift seed so that a run's report is
-/// reproducible from its rounds).
-fn median_ci95(v: &[f64]) -> (f64, f64) {
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut medians: Vec<f64> = (0..2_000)
-        .map(|_| {
-            median(
-                (0..v.len())
-                    .map(|_| v[(next() % v.len() as u64) as usize])
-                    .collect(),
-            )
-        })
-        .collect();
-    medians.sort_by(f64::total_cmp);
-    (medians[50], medians[1_949])
-}
-
 fn main() {
     require_root();
     let mut args = std::env::args().skip(1);
@@ -583,10 +558,10 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
         .unwrap_or(0.0);
     let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
     for (d, r) in dests.iter().zip(&results) {
-        let (m_on, m_off) = (median(r.on.clone()), median(r.off.clone()));
+        let (m_on, m_off) = (median(&r.on), median(&r.off));
         let ratio_of_medians = m_on / m_off;
         let ratios: Vec<f64> = r.on.iter().zip(&r.off).map(|(a, b)| a / b).collect();
-        let ratio = median(ratios.clone());
+        let ratio = median(&ratios);
         let (ci_lo, ci_hi) = median_ci95(&ratios);
         println!(
             "{}",
@@ -616,9 +591,9 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
     }
     for (d, r) in dests.iter().zip(&results) {
         let ratios: Vec<f64> = r.on.iter().zip(&r.off).map(|(a, b)| a / b).collect();
-        let ratio = median(ratios.clone());
+        let ratio = median(&ratios);
         let (ci_lo, ci_hi) = median_ci95(&ratios);
-        let ratio_of_medians = median(r.on.clone()) / median(r.off.clone());
+        let ratio_of_medians = median(&r.on) / median(&r.off);
         println!(
             "ratio enforced/baseline [{programs}] {:<13} = {ratio:.3} (median of per-round ratios, 95 % CI {ci_lo:.3}-{ci_hi:.3}; ratio of medians {ratio_of_medians:.3}){}",
             d.name,
