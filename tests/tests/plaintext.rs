@@ -943,6 +943,8 @@ fn bench_bystander_socket_calls() {
     };
     let (rounds, n) = (env("BENCH_ROUNDS", 41), env("BENCH_CALLS", 20_000));
     let cg = CgroupGuard::new("pt-bystander");
+    // The workload's cgroup exists (empty): the hooks attach for it.
+    let _bot = cg.child("bot");
     let on = exact_tokens_policy(&cg, "");
     let off = on.replace("exact_tokens = true", "exact_tokens = false");
     assert_ne!(
