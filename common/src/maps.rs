@@ -109,7 +109,7 @@ pub const MAP_PROXY_PORTS: &str = "PROXY_PORTS";
 
 /// Every map of the object, for the loader's pin bookkeeping and a test that
 /// checks the object declares exactly these.
-pub const ALL_MAPS: [&str; 46] = [
+pub const ALL_MAPS: [&str; 47] = [
     MAP_ACTIVE,
     MAP_SLOTS,
     MAP_WORKLOADS,
@@ -156,6 +156,7 @@ pub const ALL_MAPS: [&str; 46] = [
     crate::plaintext::MAP_PLAINTEXT_WORKLOADS,
     crate::plaintext::MAP_PLAINTEXT_SCRATCH,
     crate::plaintext::MAP_PLAINTEXT_STATS,
+    crate::plaintext::MAP_PLAINTEXT_TRACED,
 ];
 
 /// Program names: `<job>_<hook>`.

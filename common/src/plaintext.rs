@@ -23,7 +23,7 @@ pub const PROG_PLAINTEXT_TCP: &str = "plaintext_tcp_msg";
 /// asked (its third argument), which joins a memory-BIO write of the
 /// thread to the socket as the tracepoint's bytes moved do.
 pub const PROG_PLAINTEXT_TCP_SEND: &str = "plaintext_tcp_send";
-/// Tracepoints sock/sock_send_length and sock/sock_recv_length (6.4+):
+/// Raw tracepoints sock/sock_send_length and sock/sock_recv_length (6.4+):
 /// the same as `PROG_PLAINTEXT_TCP`, for kernels without kprobes.
 pub const PROG_PLAINTEXT_SOCK: &str = "plaintext_sock_msg";
 /// Tracepoint sched/sched_process_exec: reports (and pauses) a process
@@ -83,9 +83,18 @@ pub const MAP_PLAINTEXT_WORKLOADS: &str = "PLAINTEXT_WORKLOADS";
 pub const MAP_PLAINTEXT_SCRATCH: &str = "PLAINTEXT_SCRATCH";
 /// `PerCpuArray<u64>` of `plaintext_stat::*`.
 pub const MAP_PLAINTEXT_STATS: &str = "PLAINTEXT_STATS";
+/// `Array<u64>` of `PLAINTEXT_TRACED_WORDS` words, written by the agent
+/// alone: bit `tgid % 64` of word `tgid / 64` is set while the agent
+/// traces process `tgid` (from before its uprobes attach until it is
+/// forgotten). The socket hooks run for every socket call on the host and
+/// return at once for a process without its bit.
+pub const MAP_PLAINTEXT_TRACED: &str = "PLAINTEXT_TRACED";
+/// Words of `PLAINTEXT_TRACED`: one bit for each pid Linux can give
+/// (`PID_MAX_LIMIT`, 2^22 on 64-bit), 512 KiB.
+pub const PLAINTEXT_TRACED_WORDS: u32 = (1 << 22) / 64;
 
 /// Every plaintext map (part of `ALL_MAPS`).
-pub const PLAINTEXT_MAPS: [&str; 9] = [
+pub const PLAINTEXT_MAPS: [&str; 10] = [
     MAP_PLAINTEXT,
     MAP_PLAINTEXT_CALLS,
     MAP_PLAINTEXT_SOCKS,
@@ -95,6 +104,7 @@ pub const PLAINTEXT_MAPS: [&str; 9] = [
     MAP_PLAINTEXT_WORKLOADS,
     MAP_PLAINTEXT_SCRATCH,
     MAP_PLAINTEXT_STATS,
+    MAP_PLAINTEXT_TRACED,
 ];
 
 /// Wakeups of the agent's plaintext reader are batched as those of

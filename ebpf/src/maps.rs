@@ -354,5 +354,9 @@ pub static PLAINTEXT_SCRATCH: PerCpuArray<llm_egress_common::PlaintextRecord> =
     PerCpuArray::with_max_entries(1, 0);
 
 #[map]
+pub static PLAINTEXT_TRACED: Array<u64> =
+    Array::with_max_entries(llm_egress_common::PLAINTEXT_TRACED_WORDS, 0);
+
+#[map]
 pub static PLAINTEXT_STATS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(llm_egress_common::plaintext_stat::LEN, 0);

@@ -14,12 +14,14 @@
 //!   `int SSL_read_ex(SSL *s, void *buf, size_t num, size_t *readbytes)`.
 //!   OpenSSL 3's `SSL_read`/`SSL_write` call an internal function, not
 //!   the `_ex` forms, so one application call is seen once.
-//! - `plaintext_sock_msg`, tracepoints sock/sock_send_length and
+//! - `plaintext_sock_msg`, raw tracepoints sock/sock_send_length and
 //!   sock/sock_recv_length (6.4+), or where they are missing the kprobes
 //!   `plaintext_tcp_send` on `tcp_sendmsg(struct sock *sk, struct msghdr
 //!   *msg, size_t size)` and `plaintext_tcp_msg` on `tcp_recvmsg(struct
 //!   sock *sk, ...)` (the first argument since 4.x; kernels built without
-//!   CONFIG_KPROBES have none):
+//!   CONFIG_KPROBES have none). They run for every socket call on the
+//!   host: a process the agent does not trace (no bit in
+//!   `PLAINTEXT_TRACED`) returns after one array read. For a traced one,
 //!   when the thread is inside an SSL call, reads the socket's cookie
 //!   (`sk->__sk_common.skc_cookie`, at the offset the agent found in the
 //!   kernel's BTF) into the call. A cookie is 0 until something asked for
@@ -78,8 +80,8 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_attach_cookie, bpf_loop, bpf_probe_read_user, bpf_send_signal},
     },
-    macros::{kprobe, tracepoint, uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    macros::{kprobe, raw_tracepoint, tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use llm_egress_common::{
     PLAINTEXT_BYTES, PLAINTEXT_HEADER_BYTES, PLAINTEXT_PENDING_NS, PLAINTEXT_PIECE,
@@ -90,7 +92,8 @@ use llm_egress_common::{
 
 use crate::maps::{
     PLAINTEXT, PLAINTEXT_CALLS, PLAINTEXT_CFG, PLAINTEXT_GO_CALLS, PLAINTEXT_PENDING,
-    PLAINTEXT_SCRATCH, PLAINTEXT_SOCKS, PLAINTEXT_STATS, PLAINTEXT_WORKLOADS, add_u64,
+    PLAINTEXT_SCRATCH, PLAINTEXT_SOCKS, PLAINTEXT_STATS, PLAINTEXT_TRACED, PLAINTEXT_WORKLOADS,
+    add_u64,
 };
 
 /// SIGSTOP on every architecture Linux runs eBPF on.
@@ -154,22 +157,17 @@ pub fn plaintext_tcp_send(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Offset of `void *sk` in the records of sock/sock_send_length and
-/// sock/sock_recv_length (/sys/kernel/tracing/events/sock/*/format, 6.4+;
-/// emitted by sock_sendmsg_nosec / sock_recvmsg_nosec in the caller's
-/// context, for every socket family).
-const SOCK_TP_SK_OFFSET: usize = 8;
-/// Offset of `int ret` (bytes moved, or an error) in the same records.
-const SOCK_TP_RET_OFFSET: usize = 20;
-
-#[tracepoint]
-pub fn plaintext_sock_msg(ctx: TracePointContext) -> u32 {
-    // SAFETY: the record starts with the fixed fields listed above.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(SOCK_TP_SK_OFFSET) } {
-        // SAFETY: as above.
-        let moved = unsafe { ctx.read_at::<i32>(SOCK_TP_RET_OFFSET) }.unwrap_or(-1);
-        note_socket(sk, i64::from(moved));
-    }
+/// A raw tracepoint (no trace record is built: the arguments as the
+/// kernel passes them): sock/sock_send_length and sock/sock_recv_length,
+/// `TP_PROTO(struct sock *sk, int ret, int flags)` (6.4+; called by
+/// sock_sendmsg_nosec / sock_recvmsg_nosec in the caller's context, for
+/// every socket family).
+#[raw_tracepoint]
+pub fn plaintext_sock_msg(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    // `ret`: the bytes moved, or an error (an int in a u64 slot).
+    let moved = ctx.arg::<u64>(1) as i32;
+    note_socket(sk, i64::from(moved));
     0
 }
 
@@ -181,6 +179,12 @@ pub fn plaintext_sock_msg(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn note_socket(sk: u64, moved: i64) {
     let id = bpf_get_current_pid_tgid();
+    // Every other process on the host stops here (one array read).
+    let tgid = (id >> 32) as u32;
+    match PLAINTEXT_TRACED.get(tgid / 64) {
+        Some(word) if *word & (1 << (tgid % 64)) != 0 => {}
+        _ => return,
+    }
     let call = PLAINTEXT_CALLS.get_ptr_mut(&id);
     if call.is_none() && moved < 0 {
         return;

@@ -59,15 +59,16 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{
-        KProbe, TracePoint, UProbe,
+        KProbe, RawTracePoint, TracePoint, UProbe,
         kprobe::KProbeLinkId,
+        raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
 use llm_egress_common::{
-    MAP_PLAINTEXT_CFG, MAP_PLAINTEXT_STATS, MAP_PLAINTEXT_WORKLOADS, PROG_PLAINTEXT_EXEC,
-    PROG_PLAINTEXT_GO_ENTRY, PROG_PLAINTEXT_GO_RETURN, PROG_PLAINTEXT_SOCK,
+    MAP_PLAINTEXT_CFG, MAP_PLAINTEXT_STATS, MAP_PLAINTEXT_TRACED, MAP_PLAINTEXT_WORKLOADS,
+    PROG_PLAINTEXT_EXEC, PROG_PLAINTEXT_GO_ENTRY, PROG_PLAINTEXT_GO_RETURN, PROG_PLAINTEXT_SOCK,
     PROG_PLAINTEXT_SSL_ENTRY, PROG_PLAINTEXT_SSL_RETURN, PROG_PLAINTEXT_TCP,
     PROG_PLAINTEXT_TCP_SEND, PlaintextConfig, call_flags, plaintext_stat, workload_key,
 };
@@ -225,7 +226,7 @@ const TCP_FUNCTIONS: [(&str, &str); 2] = [
     (PROG_PLAINTEXT_TCP_SEND, "tcp_sendmsg"),
     (PROG_PLAINTEXT_TCP, "tcp_recvmsg"),
 ];
-/// The tracepoints with the `struct sock *` (6.4+), preferred.
+/// The (raw) tracepoints with the `struct sock *` (6.4+), preferred.
 const SOCK_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 
 /// An error and its sources, one line.
@@ -243,7 +244,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// How the socket cookie reaches the SSL calls.
 enum CookieHooks {
     None,
-    Tracepoints(Vec<TracePointLinkId>),
+    Tracepoints(Vec<RawTracePointLinkId>),
     Kprobes(Vec<(&'static str, KProbeLinkId)>),
 }
 
@@ -279,6 +280,8 @@ pub struct Attacher {
     workloads_map: BpfHashMap<MapData, u64, u32>,
     cfg_map: Array<MapData, PlaintextConfig>,
     stats_map: PerCpuArray<MapData, u64>,
+    /// `PLAINTEXT_TRACED`: the bits of the traced processes.
+    traced_map: Array<MapData, u64>,
     cfg: PlaintextConfig,
     /// (cgroup path relative to the mount, workload name) of each
     /// `exact_tokens` workload cgroup.
@@ -339,11 +342,12 @@ impl Attacher {
                 warn!(program = name, error = %chain(&e), "plaintext: the kprobe fallback did not load");
             }
         }
-        for name in [PROG_PLAINTEXT_SOCK, PROG_PLAINTEXT_EXEC] {
-            let t: &mut TracePoint = program(ebpf, name)?;
-            t.load()
-                .map_err(|e| AttachError::Program(name, chain(&e)))?;
-        }
+        let t: &mut TracePoint = program(ebpf, PROG_PLAINTEXT_EXEC)?;
+        t.load()
+            .map_err(|e| AttachError::Program(PROG_PLAINTEXT_EXEC, chain(&e)))?;
+        let t: &mut RawTracePoint = program(ebpf, PROG_PLAINTEXT_SOCK)?;
+        t.load()
+            .map_err(|e| AttachError::Program(PROG_PLAINTEXT_SOCK, chain(&e)))?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
                 .ok_or_else(|| AttachError::Map(name, "missing".into()))
@@ -363,6 +367,12 @@ impl Attacher {
                 .map_err(|e: aya::maps::MapError| {
                     AttachError::Map(MAP_PLAINTEXT_STATS, e.to_string())
                 })?;
+        let traced_map =
+            take(ebpf, MAP_PLAINTEXT_TRACED)?
+                .try_into()
+                .map_err(|e: aya::maps::MapError| {
+                    AttachError::Map(MAP_PLAINTEXT_TRACED, e.to_string())
+                })?;
         let sk_cookie_offset = match sk_cookie_offset(Path::new("/sys/kernel/btf/vmlinux")) {
             Ok(o) => o,
             Err(e) => {
@@ -377,6 +387,7 @@ impl Attacher {
             workloads_map,
             cfg_map,
             stats_map,
+            traced_map,
             cfg: PlaintextConfig {
                 sk_cookie_offset,
                 exec_enabled: 0,
@@ -453,7 +464,7 @@ impl Attacher {
             match std::mem::replace(&mut self.cookie_hooks, CookieHooks::None) {
                 CookieHooks::None => {}
                 CookieHooks::Tracepoints(ids) => {
-                    let t: &mut TracePoint = program(ebpf, PROG_PLAINTEXT_SOCK)?;
+                    let t: &mut RawTracePoint = program(ebpf, PROG_PLAINTEXT_SOCK)?;
                     for id in ids {
                         let _ = t.detach(id);
                     }
@@ -656,10 +667,13 @@ impl Attacher {
                     self.detacher.detach(old.links);
                 }
                 if self.traced.len() + self.detacher.pending() >= self.max_processes {
+                    self.write_traced_word(pid);
                     self.metrics.attach.with_label_values(&["overflow"]).inc();
                     warn!(pid, workload = %workload, max = self.max_processes, "plaintext: too many traced processes; this one is not traced");
                     return;
                 }
+                // Before any uprobe: the socket hooks skip processes
+                // without their bit.
                 self.traced.insert(
                     pid,
                     Traced {
@@ -671,6 +685,7 @@ impl Attacher {
                         linked: false,
                     },
                 );
+                self.write_traced_word(pid);
             }
         }
         if let Ok(mut g) = self.workload_of_pid.lock() {
@@ -870,11 +885,21 @@ impl Attacher {
         t.links.extend(links);
     }
 
+    /// Writes the `PLAINTEXT_TRACED` word that holds `pid`'s bit (the
+    /// agent is its only writer).
+    fn write_traced_word(&mut self, pid: u32) {
+        let (index, word) = traced_word(&self.traced, pid);
+        if let Err(e) = self.traced_map.set(index, word, 0) {
+            warn!(pid, error = %e, "plaintext: cannot mark the process as traced: its plaintext has no socket cookie");
+        }
+    }
+
     /// Stops tracing `pid` (its uprobes are detached when the links drop).
     fn forget(&mut self, pid: u32) {
         let Some(t) = self.traced.remove(&pid) else {
             return;
         };
+        self.write_traced_word(pid);
         self.detacher.detach(t.links);
         let seen = self
             .seen
@@ -894,6 +919,16 @@ impl Attacher {
     }
 }
 
+/// The index of the `PLAINTEXT_TRACED` word that holds `pid`'s bit, and
+/// its value: the bits of the `traced` pids in it.
+fn traced_word<V>(traced: &BTreeMap<u32, V>, pid: u32) -> (u32, u64) {
+    let first = pid / 64 * 64;
+    let word = traced
+        .range(first..first.saturating_add(64))
+        .fold(0u64, |w, (p, _)| w | 1 << (p - first));
+    (pid / 64, word)
+}
+
 /// Detaches the kprobe fallback's links, each from its program.
 fn detach_kprobes(ebpf: &mut Ebpf, ids: Vec<(&'static str, KProbeLinkId)>) {
     for (name, id) in ids {
@@ -907,10 +942,10 @@ fn detach_kprobes(ebpf: &mut Ebpf, ids: Vec<(&'static str, KProbeLinkId)>) {
 /// neither attaches.
 fn attach_cookie_hooks(ebpf: &mut Ebpf) -> CookieHooks {
     let mut errors = Vec::new();
-    if let Ok(t) = program::<TracePoint>(ebpf, PROG_PLAINTEXT_SOCK) {
+    if let Ok(t) = program::<RawTracePoint>(ebpf, PROG_PLAINTEXT_SOCK) {
         let mut ids = Vec::new();
         for tp in SOCK_TRACEPOINTS {
-            match t.attach("sock", tp) {
+            match t.attach(tp) {
                 Ok(id) => ids.push(id),
                 Err(e) => errors.push(format!("sock/{tp}: {}", chain(&e))),
             }
@@ -980,5 +1015,20 @@ mod tests {
         }
         let off = sk_cookie_offset(path).expect("offset");
         assert!(off > 0 && off < 256 && off.is_multiple_of(8), "{off}");
+    }
+
+    /// A word holds the bits of the traced pids of its 64, and no others.
+    #[test]
+    fn a_traced_word_holds_the_bits_of_its_traced_pids() {
+        let traced: BTreeMap<u32, ()> = [63, 64, 65, 127, 128, 4_194_303]
+            .into_iter()
+            .map(|p| (p, ()))
+            .collect();
+        assert_eq!(traced_word(&traced, 0), (0, 1 << 63));
+        assert_eq!(traced_word(&traced, 100), (1, 1 | 2 | 1 << 63));
+        assert_eq!(traced_word(&traced, 128), (2, 1));
+        assert_eq!(traced_word(&traced, 4_194_303), (65_535, 1 << 63));
+        // A forgotten pid's word no longer has its bit.
+        assert_eq!(traced_word(&BTreeMap::<u32, ()>::new(), 64), (1, 0));
     }
 }

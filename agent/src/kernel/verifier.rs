@@ -211,6 +211,7 @@ fn kind(section: &ProgramSection) -> Option<(bpf_prog_type, Option<bpf_attach_ty
             Some(BPF_CGROUP_SOCK_OPS),
         ),
         ProgramSection::TracePoint => (bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT, None),
+        ProgramSection::RawTracePoint => (bpf_prog_type::BPF_PROG_TYPE_RAW_TRACEPOINT, None),
         // uprobes and kprobes (the plaintext programs) are one program type.
         ProgramSection::KProbe
         | ProgramSection::UProbe { sleepable: false }
