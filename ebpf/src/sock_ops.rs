@@ -46,12 +46,12 @@
 //! - limited connections are paced at their pair's rate
 //!   (`SO_MAX_PACING_RATE`, see `pace`).
 //!
-//! Per connection that makes, besides the three callbacks the kernel makes
-//! whatever the flags (`TIMEOUT_INIT`, `RWND_INIT`, `NEEDS_ECN`): an
-//! untracked socket 2 (`TCP_CONNECT`, `ACTIVE_ESTABLISHED`), plus one per
-//! segment sent until its SNI verdict on port 443; a tracked connection
-//! 2 + 2 state changes (established, closed) + RTT samples and segments
-//! until its verdict (docs/benchmarks.md).
+//! Per connection that makes five runs the kernel makes whatever the flags
+//! (`TIMEOUT_INIT`, `RWND_INIT`, `NEEDS_ECN`, `TCP_CONNECT`,
+//! `ACTIVE_ESTABLISHED`), and from the flags: for an untracked socket one
+//! per segment sent until its SNI verdict on port 443; for a tracked
+//! connection 2 state changes (established, closed) + RTT samples and
+//! segments until its verdict (docs/benchmarks.md).
 //! Apart from that, the program never affects the connection: it always
 //! returns 1.
 
