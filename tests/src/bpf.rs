@@ -324,13 +324,7 @@ pub fn attached_program_costs(cgroup: &Path) -> Vec<(&'static str, String, u32)>
             );
             // struct bpf_prog_info up to attach_btf_id (228 bytes): name at
             // 64 (16 bytes), verified_insns at 216.
-            let mut info = [0u8; 232];
-            let mut get = InfoAttr {
-                bpf_fd: fd.as_raw_fd() as u32,
-                info_len: info.len() as u32,
-                info: info.as_mut_ptr() as u64,
-            };
-            sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)
+            let info: [u8; 232] = obj_info(&fd)
                 .unwrap_or_else(|e| panic!("BPF_OBJ_GET_INFO_BY_FD of program {id}: {e}"));
             let name: String = info[64..80]
                 .iter()
@@ -425,16 +419,22 @@ fn links() -> std::io::Result<Vec<(OwnedFd, [u8; 32])>> {
             continue;
         };
         let link = owned_fd(rc);
-        let mut info = [0u8; 32];
-        let mut get = InfoAttr {
-            bpf_fd: link.as_raw_fd() as u32,
-            info_len: info.len() as u32,
-            info: info.as_mut_ptr() as u64,
-        };
-        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
+        let info = obj_info(&link)?;
         out.push((link, info));
     }
     Ok(out)
+}
+
+/// The first `N` bytes of the `bpf_*_info` of the object `fd` refers to.
+fn obj_info<const N: usize>(fd: &OwnedFd) -> std::io::Result<[u8; N]> {
+    let mut info = [0u8; N];
+    let mut get = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: N as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
+    Ok(info)
 }
 
 fn word_at(b: &[u8], at: usize) -> u32 {
@@ -449,13 +449,7 @@ fn prog_name(id: u32) -> std::io::Result<String> {
     };
     let fd = owned_fd(sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id)?);
     // struct bpf_prog_info: name at 64 (16 bytes).
-    let mut info = [0u8; 80];
-    let mut get = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
+    let info: [u8; 80] = obj_info(&fd)?;
     Ok(info[64..80]
         .iter()
         .take_while(|b| **b != 0)

@@ -348,31 +348,10 @@ impl Attacher {
         let t: &mut RawTracePoint = program(ebpf, PROG_PLAINTEXT_SOCK)?;
         t.load()
             .map_err(|e| AttachError::Program(PROG_PLAINTEXT_SOCK, chain(&e)))?;
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| AttachError::Map(name, "missing".into()))
-        };
-        let workloads_map =
-            take(ebpf, MAP_PLAINTEXT_WORKLOADS)?
-                .try_into()
-                .map_err(|e: aya::maps::MapError| {
-                    AttachError::Map(MAP_PLAINTEXT_WORKLOADS, e.to_string())
-                })?;
-        let cfg_map = take(ebpf, MAP_PLAINTEXT_CFG)?
-            .try_into()
-            .map_err(|e: aya::maps::MapError| AttachError::Map(MAP_PLAINTEXT_CFG, e.to_string()))?;
-        let stats_map =
-            take(ebpf, MAP_PLAINTEXT_STATS)?
-                .try_into()
-                .map_err(|e: aya::maps::MapError| {
-                    AttachError::Map(MAP_PLAINTEXT_STATS, e.to_string())
-                })?;
-        let traced_map =
-            take(ebpf, MAP_PLAINTEXT_TRACED)?
-                .try_into()
-                .map_err(|e: aya::maps::MapError| {
-                    AttachError::Map(MAP_PLAINTEXT_TRACED, e.to_string())
-                })?;
+        let workloads_map = take_map(ebpf, MAP_PLAINTEXT_WORKLOADS)?;
+        let cfg_map = take_map(ebpf, MAP_PLAINTEXT_CFG)?;
+        let stats_map = take_map(ebpf, MAP_PLAINTEXT_STATS)?;
+        let traced_map = take_map(ebpf, MAP_PLAINTEXT_TRACED)?;
         let sk_cookie_offset = match sk_cookie_offset(Path::new("/sys/kernel/btf/vmlinux")) {
             Ok(o) => o,
             Err(e) => {
@@ -975,6 +954,17 @@ fn attach_cookie_hooks(ebpf: &mut Ebpf) -> CookieHooks {
     detach_kprobes(ebpf, ids);
     warn!(errors = ?errors, "plaintext: neither the sock tracepoints nor the tcp kprobes attach: plaintext is delivered with socket cookie 0");
     CookieHooks::None
+}
+
+/// Takes map `name` out of `ebpf` as a `T`.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, AttachError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    ebpf.take_map(name)
+        .ok_or_else(|| AttachError::Map(name, "missing".into()))?
+        .try_into()
+        .map_err(|e: aya::maps::MapError| AttachError::Map(name, e.to_string()))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
