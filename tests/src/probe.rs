@@ -38,6 +38,8 @@ pub enum ProbeCmd {
     UdpConnect(String),
     /// N times TCP connect + close.
     ConnectLoop(String, u64),
+    /// One TCP connection, N round trips of 64 bytes (an echo server).
+    EchoLoop(String, u64),
     /// TCP connect + close in a loop: (address, milliseconds, interval
     /// between connect starts in µs, 0 for back to back).
     ConnectFor(String, u64, u64),
@@ -60,6 +62,7 @@ impl ProbeCmd {
             ProbeCmd::ConnectLoop(a, n) => {
                 args.extend(["connect-loop".into(), a.clone(), n.to_string()])
             }
+            ProbeCmd::EchoLoop(a, n) => args.extend(["echo-loop".into(), a.clone(), n.to_string()]),
             ProbeCmd::ConnectFor(a, ms, interval_us) => args.extend([
                 "connect-for".into(),
                 a.clone(),
@@ -413,7 +416,17 @@ impl Probe {
         addr: &str,
         n: u64,
     ) -> LoopReport {
-        let run = self.run(cgroup, netns, &[ProbeCmd::ConnectLoop(addr.into(), n)]);
+        self.run_loop(cgroup, netns, ProbeCmd::ConnectLoop(addr.into(), n))
+    }
+
+    /// One TCP connection to `addr` (an echo server), `n` round trips of
+    /// 64 bytes.
+    pub fn echo_loop(&self, cgroup: &Path, netns: &NetnsGuard, addr: &str, n: u64) -> LoopReport {
+        self.run_loop(cgroup, netns, ProbeCmd::EchoLoop(addr.into(), n))
+    }
+
+    fn run_loop(&self, cgroup: &Path, netns: &NetnsGuard, cmd: ProbeCmd) -> LoopReport {
+        let run = self.run(cgroup, netns, &[cmd]);
         let raw = &run.results[0].raw;
         LoopReport {
             n: raw["n"].as_u64().unwrap_or(0),

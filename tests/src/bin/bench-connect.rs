@@ -12,7 +12,9 @@
 //! Every round measures each destination of [`DESTINATIONS`] (a plain
 //! allowed address, a provider's, the provider's from a workload with a
 //! connection rate), each against a baseline loop of its own to the same
-//! address. This runs once with `programs = "connect"` (the connect-time
+//! address; `plain_echo` is the other kind of loop: 64-byte round trips on
+//! one open connection, what the per-packet programs cost traffic that
+//! makes no connect. This runs once with `programs = "connect"` (the connect-time
 //! verdict alone) and once with `programs = "all"` (every program), each
 //! with an agent of its own.
 //!
@@ -23,8 +25,8 @@
 //! soak of its memory: the bench exits 1 when the RSS grows after the
 //! first (warm-up) round by more than `RSS_SLACK_KIB` or 10 %.
 //!
-//! Usage: bench-connect [ROUNDS] [CONNECTS_PER_ROUND] [PROVIDER_ROUNDS]
-//! (default 401 × 1000, then 5 provider rounds of 10,000).
+//! Usage: bench-connect [ROUNDS] [OPERATIONS_PER_ROUND] [PROVIDER_ROUNDS]
+//! (default 401 × 1000 connects or round trips, then 5 provider rounds of 10,000).
 //! `BENCH_PROGRAMS=connect` (or `all`) runs that set only;
 //! `BENCH_DESTS=plain,provider` (names of [`DESTINATIONS`]) those
 //! destinations only; `provider_budget` and `provider_fleet` (a token
@@ -52,6 +54,28 @@ use llm_egress_tests::{
     stats::{median, median_ci95},
     toml_str,
 };
+
+/// An echo server: each connection gets back what it sends.
+fn echo_listener(netns: &NetnsGuard, addr: &str) {
+    let listener = netns
+        .in_netns(|| std::net::TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bench echo listener on {addr}: {e}"));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let _ = conn.set_nodelay(true);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
 
 /// A listener that accepts as fast as it can (blocking accept, deep
 /// backlog), so the loop measures connect() and not a full accept queue.
@@ -84,6 +108,8 @@ fn probe_bin() -> PathBuf {
 
 /// The plain destination: allowed by a CIDR of the workload, no provider.
 const PLAIN_ADDR: &str = "192.0.2.1:9000";
+/// An echo server in the same allowed network, for the per-packet loop.
+const ECHO_ADDR: &str = "192.0.2.1:9007";
 /// The provider destination: in the static `cidrs` of provider `bench-llm`,
 /// which both workloads allow by name.
 const PROVIDER_ADDR: &str = "10.20.0.1:9443";
@@ -95,37 +121,59 @@ const FLEET_WORKLOAD_CGROUP: &str = "system.slice/bench-fleet.service";
 /// Destinations measured only when `BENCH_DESTS` names them.
 const ON_REQUEST: [&str; 2] = ["provider_budget", "provider_fleet"];
 
+/// What a loop measures, one operation at a time.
+#[derive(Clone, Copy, PartialEq)]
+enum Loop {
+    /// `connect()` + `close()`.
+    ConnectClose,
+    /// A 64-byte write and its 64-byte echo on one open connection: two
+    /// packets with payload (and the ACKs that ride on them), no connect.
+    Echo,
+}
+
 /// What the loops connect to, each from its workload: (name in the report,
-/// address, workload cgroup, what it shows).
-const DESTINATIONS: [(&str, &str, &str, &str); 5] = [
+/// address, workload cgroup, loop, what it shows).
+const DESTINATIONS: [(&str, &str, &str, Loop, &str); 6] = [
     (
         "plain",
         PLAIN_ADDR,
         WORKLOAD_CGROUP,
+        Loop::ConnectClose,
         "an address allowed by the workload's CIDR rule: no event, no limits",
+    ),
+    (
+        "plain_echo",
+        ECHO_ADDR,
+        WORKLOAD_CGROUP,
+        Loop::Echo,
+        "64-byte round trips on one open connection to an allowed address: the packet hooks (cgroup_skb) per packet, no connect",
     ),
     (
         "provider",
         PROVIDER_ADDR,
         WORKLOAD_CGROUP,
+        Loop::ConnectClose,
         "a provider's static CIDR, allowed by name, no limits: a decision event each",
     ),
     (
         "provider_rate",
         PROVIDER_ADDR,
         RATE_WORKLOAD_CGROUP,
+        Loop::ConnectClose,
         "the same provider from a workload with connections_per_second (never reached): the bucket's spin lock too",
     ),
     (
         "provider_budget",
         PROVIDER_ADDR,
         BUDGET_WORKLOAD_CGROUP,
+        Loop::ConnectClose,
         "the same provider from a workload with a token budget of host scope (never spent): the BUDGET_SPENT check",
     ),
     (
         "provider_fleet",
         PROVIDER_ADDR,
         FLEET_WORKLOAD_CGROUP,
+        Loop::ConnectClose,
         "the same budget of fleet scope, leased from a Redis ledger: the same kernel path",
     ),
 ];
@@ -347,6 +395,7 @@ fn main() {
     let netns = NetnsGuard::new();
     fast_listener(&netns, PLAIN_ADDR);
     fast_listener(&netns, PROVIDER_ADDR);
+    echo_listener(&netns, ECHO_ADDR);
     let probe = Probe::new(probe_bin());
     // BENCH_DESTS=provider,plain: only these destinations (quick runs).
     let only = std::env::var("BENCH_DESTS").ok();
@@ -356,16 +405,17 @@ fn main() {
             Some(o) => o.split(',').any(|x| x.trim() == *name),
             None => !ON_REQUEST.contains(name),
         })
-        .map(|&(name, addr, cgroup, what)| Destination {
+        .map(|&(name, addr, cgroup, kind, what)| Destination {
             name,
             addr,
             workload: workload_root.child(cgroup),
+            kind,
             what,
         })
         .collect();
     assert!(
         !dests.is_empty(),
-        "BENCH_DESTS names none of plain, provider, provider_rate, provider_budget, provider_fleet"
+        "BENCH_DESTS names none of plain, plain_echo, provider, provider_rate, provider_budget, provider_fleet"
     );
     // The budget destinations: a Redis ledger on loopback for the fleet one.
     let redis = dests
@@ -439,7 +489,24 @@ struct Destination {
     name: &'static str,
     addr: &'static str,
     workload: PathBuf,
+    kind: Loop,
     what: &'static str,
+}
+
+impl Destination {
+    /// `n` operations of this destination's loop from `cgroup`.
+    fn run(
+        &self,
+        probe: &Probe,
+        cgroup: &std::path::Path,
+        netns: &NetnsGuard,
+        n: u64,
+    ) -> llm_egress_tests::LoopReport {
+        match self.kind {
+            Loop::ConnectClose => probe.connect_loop(cgroup, netns, self.addr, n),
+            Loop::Echo => probe.echo_loop(cgroup, netns, self.addr, n),
+        }
+    }
 }
 
 /// What the connect loops of every program set share.
@@ -456,7 +523,7 @@ struct Bench<'a> {
     fleet: Option<&'a str>,
 }
 
-/// Per-round loop times (ns per connect) of one destination.
+/// Per-round loop times (ns per operation) of one destination.
 #[derive(Default)]
 struct Rounds {
     on: Vec<f64>,
@@ -497,8 +564,8 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
             d.name,
             d.addr
         );
-        let _ = probe.connect_loop(&d.workload, netns, d.addr, 2_000);
-        let _ = probe.connect_loop(baseline, netns, d.addr, 2_000);
+        let _ = d.run(probe, &d.workload, netns, 2_000);
+        let _ = d.run(probe, baseline, netns, 2_000);
     }
 
     let mut results: Vec<Rounds> = dests.iter().map(|_| Rounds::default()).collect();
@@ -523,13 +590,13 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
                 if pinned {
                     pin_to(1);
                 }
-                let r = probe.connect_loop(cg, netns, d.addr, n);
+                let r = d.run(probe, cg, netns, n);
                 if pinned {
                     pin_to(0);
                 }
                 assert_eq!(
                     r.failures, 0,
-                    "connect loop to {} failed (errno {:?}); with_agent={with_agent}",
+                    "loop to {} failed (errno {:?}); with_agent={with_agent}",
                     d.name, r.errno
                 );
                 let ns_per = r.elapsed_ns as f64 / r.n as f64;
@@ -543,7 +610,7 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
         for (d, r) in dests.iter().zip(&results) {
             let _ = write!(line, " {} {:.0}/{:.0}", d.name, r.off[round], r.on[round]);
         }
-        eprintln!("{line} ns/connect (baseline/enforced)");
+        eprintln!("{line} ns per operation (baseline/enforced)");
         done += 1;
     }
     if done == 0 {
@@ -566,16 +633,16 @@ fn connect_loop(b: &Bench, programs: &str, rounds: usize, n: u64) -> Option<Agen
         println!(
             "{}",
             serde_json::json!({
-                "bench": "connect_close_loop",
+                "bench": if d.kind == Loop::Echo { "echo_loop" } else { "connect_close_loop" },
                 "destination": d.name,
                 "destination_addr": d.addr,
                 "destination_is": d.what,
                 "policy_entries": 1000,
                 "rounds": r.on.len(),
-                "connects_per_round": n,
+                "operations_per_round": n,
                 "loop_pinned_to_cpu1": pinned,
-                "baseline_ns_per_connect_median": m_off.round(),
-                "enforced_ns_per_connect_median": m_on.round(),
+                "baseline_ns_per_op_median": m_off.round(),
+                "enforced_ns_per_op_median": m_on.round(),
                 "ratio": r3(ratio),
                 "ratio_ci95": [r3(ci_lo), r3(ci_hi)],
                 "a_a_run": aa,

@@ -6,6 +6,8 @@
 //!   udp ADDR:PORT              one datagram with sendto() on an unconnected socket
 //!   udp-connect ADDR:PORT      connect() a UDP socket, then send() one datagram
 //!   connect-loop ADDR:PORT N   N times TCP connect + close; reports elapsed ns and failures
+//!   echo-loop ADDR:PORT N      one TCP connection (TCP_NODELAY), N times: write 64 bytes,
+//!                              read 64 bytes back; reports elapsed ns and failures
 //!   connect-for ADDR:PORT MS [INTERVAL_US]
 //!                              TCP connect + close in a loop for MS milliseconds, starting
 //!                              one every INTERVAL_US microseconds (default 0: back to
@@ -70,6 +72,7 @@ enum Cmd {
     Udp(SocketAddr),
     UdpConnect(SocketAddr),
     ConnectLoop(SocketAddr, u64),
+    EchoLoop(SocketAddr, u64),
     ConnectFor(SocketAddr, Duration, Duration),
     Upload(SocketAddr, Duration),
     Download(SocketAddr, Duration),
@@ -151,13 +154,17 @@ fn parse_args() -> Args {
             "connect" => cmds.push(Cmd::Connect(parse_addr(it.next()))),
             "udp" => cmds.push(Cmd::Udp(parse_addr(it.next()))),
             "udp-connect" => cmds.push(Cmd::UdpConnect(parse_addr(it.next()))),
-            "connect-loop" => {
+            name @ ("connect-loop" | "echo-loop") => {
                 let addr = parse_addr(it.next());
                 let n = it
                     .next()
                     .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| fail("connect-loop needs a count N"));
-                cmds.push(Cmd::ConnectLoop(addr, n));
+                    .unwrap_or_else(|| fail(format!("{name} needs a count N")));
+                cmds.push(if name == "connect-loop" {
+                    Cmd::ConnectLoop(addr, n)
+                } else {
+                    Cmd::EchoLoop(addr, n)
+                });
             }
             "connect-for" => {
                 let addr = parse_addr(it.next());
@@ -625,6 +632,46 @@ fn run(cmd: &Cmd, timeout: Duration) -> Value {
     v
 }
 
+/// The line of a loop command: its count, failures, elapsed ns and the
+/// first error.
+fn loop_report(
+    cmd: &str,
+    a: &SocketAddr,
+    pid: u32,
+    n: u64,
+    failures: u64,
+    elapsed_ns: u64,
+    first_err: Option<io::Error>,
+) -> Value {
+    let mut v = json!({
+        "cmd": cmd, "addr": a.to_string(), "pid": pid,
+        "n": n, "failures": failures, "elapsed_ns": elapsed_ns,
+    });
+    v["ok"] = json!(failures == 0);
+    if let Some(e) = first_err {
+        let errno = errno_of(&e);
+        v["errno"] = json!(errno);
+        v["error"] = json!(errno_name(errno));
+        v["message"] = json!(e.to_string());
+    }
+    v
+}
+
+/// One connection, `n` round trips of 64 bytes each way: ns from the first
+/// write to the last read.
+fn echo_loop(a: &SocketAddr, n: u64, timeout: Duration) -> io::Result<u64> {
+    let mut s = TcpStream::connect_timeout(a, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    let (msg, mut buf) = ([7u8; 64], [0u8; 64]);
+    let start = Instant::now();
+    for _ in 0..n {
+        s.write_all(&msg)?;
+        s.read_exact(&mut buf)?;
+    }
+    Ok(start.elapsed().as_nanos() as u64)
+}
+
 fn run_one(cmd: &Cmd, timeout: Duration, pid: u32) -> Value {
     match cmd {
         Cmd::Connect(a) => result(
@@ -649,18 +696,15 @@ fn run_one(cmd: &Cmd, timeout: Duration, pid: u32) -> Value {
                 }
             }
             let elapsed_ns = start.elapsed().as_nanos() as u64;
-            let mut v = json!({
-                "cmd": "connect-loop", "addr": a.to_string(), "pid": pid,
-                "n": n, "failures": failures, "elapsed_ns": elapsed_ns,
-            });
-            v["ok"] = json!(failures == 0);
-            if let Some(e) = first_err {
-                let errno = errno_of(&e);
-                v["errno"] = json!(errno);
-                v["error"] = json!(errno_name(errno));
-                v["message"] = json!(e.to_string());
-            }
-            v
+            loop_report("connect-loop", a, pid, *n, failures, elapsed_ns, first_err)
+        }
+        Cmd::EchoLoop(a, n) => {
+            let (elapsed_ns, err) = match echo_loop(a, *n, timeout) {
+                Ok(ns) => (ns, None),
+                Err(e) => (0, Some(e)),
+            };
+            let failures = u64::from(err.is_some());
+            loop_report("echo-loop", a, pid, *n, failures, elapsed_ns, err)
         }
         Cmd::ConnectFor(a, dur, interval) => connect_for(
             a,
