@@ -21,6 +21,9 @@
 //!   mapping is installed when the mapping is made), and to the system's
 //!   libgnutls.so.30 if its executable names it in its dynamic string
 //!   table (wget).
+//! - A traced process's bit in `PLAINTEXT_TRACED` is set before its
+//!   uprobes attach and cleared when it is forgotten: the socket hooks,
+//!   which run for every socket call on the host, skip every other process.
 //! - At most `max_processes` processes are traced, those that ended and
 //!   whose uprobes are still being closed included (`crate::capture::detach`:
 //!   each close takes ~100 ms); more are counted (`overflow`) and left
