@@ -294,10 +294,34 @@ fn source(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
     }
 }
 
+/// Writes back what it reads until EOF, an error or the stop flag; counts
+/// the bytes read before writing them back (a client may end as soon as it
+/// has read the last echo).
+fn echo(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
+    if handler_timeouts_failed(&conn) || conn.set_nodelay(true).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; CHUNK];
+    while !stop.load(Ordering::SeqCst) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::SeqCst);
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// A TCP server that moves bytes with every client on its own thread,
 /// counting connections and bytes: a **sink** reads and discards
 /// everything its clients send, a **source** writes 64 KiB buffers to each
-/// client until it closes (or the server is dropped).
+/// client until it closes (or the server is dropped), an **echo** writes
+/// back what it reads (and counts it once).
 #[derive(Debug)]
 pub struct ByteServer {
     inner: Counter,
@@ -325,6 +349,16 @@ impl ByteServer {
         }
     }
 
+    /// An echo server listening on `addr` inside `netns`.
+    pub fn echo(netns: &NetnsGuard, addr: &str) -> ByteServer {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let b = bytes.clone();
+        ByteServer {
+            inner: serve_tcp(netns, addr, true, move |conn, stop| echo(conn, stop, &b)),
+            bytes,
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
     }
@@ -340,7 +374,7 @@ impl ByteServer {
         self.inner.wait_for_count(n, timeout)
     }
 
-    /// Bytes received (sink) or written (source) so far, over all
+    /// Bytes received (sink, echo) or written (source) so far, over all
     /// connections. A source counts a write when it returns: a client may
     /// have read a little more, and what was still in the send buffer when
     /// a client closed never reached it.

@@ -180,40 +180,17 @@ fn connect_loop_reports_count_elapsed_and_failures() {
 
 #[test]
 fn echo_loop_reports_round_trips_the_server_echoed() {
-    use std::io::{Read, Write};
-    use std::sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    };
     require_root();
     let cg = CgroupGuard::new("harness-echo");
     let ns = NetnsGuard::new();
-    let listener = ns
-        .in_netns(|| std::net::TcpListener::bind("10.20.0.1:8007"))
-        .expect("bind the echo server");
-    let echoed = Arc::new(AtomicU64::new(0));
-    let count = echoed.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut buf = [0u8; 4096];
-            // Counted before it is written back: the probe may end as
-            // soon as it has read the last echo.
-            while let Ok(n) = conn.read(&mut buf) {
-                count.fetch_add(n as u64, Ordering::SeqCst);
-                if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    });
+    let server = ByteServer::echo(&ns, "10.20.0.1:8007");
     let report = probe().echo_loop(cg.path(), &ns, "10.20.0.1:8007", 20);
     assert_eq!((report.n, report.failures), (20, 0), "{report:?}");
     assert!(report.elapsed_ns > 0, "{report:?}");
     assert_eq!(
-        echoed.load(Ordering::SeqCst),
-        20 * 64,
-        "the server echoed 20 round trips of 64 bytes"
+        (server.bytes(), server.count()),
+        (20 * 64, 1),
+        "the server echoed 20 round trips of 64 bytes on one connection"
     );
     let report = probe().echo_loop(cg.path(), &ns, "10.20.0.1:1", 5);
     assert_eq!(

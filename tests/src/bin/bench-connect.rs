@@ -55,28 +55,6 @@ use llm_egress_tests::{
     toml_str,
 };
 
-/// An echo server: each connection gets back what it sends.
-fn echo_listener(netns: &NetnsGuard, addr: &str) {
-    let listener = netns
-        .in_netns(|| std::net::TcpListener::bind(addr))
-        .unwrap_or_else(|e| panic!("bench echo listener on {addr}: {e}"));
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let _ = conn.set_nodelay(true);
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// A listener that accepts as fast as it can (blocking accept, deep
 /// backlog), so the loop measures connect() and not a full accept queue.
 fn fast_listener(netns: &NetnsGuard, addr: &str) -> std::net::SocketAddr {
@@ -395,7 +373,7 @@ fn main() {
     let netns = NetnsGuard::new();
     fast_listener(&netns, PLAIN_ADDR);
     fast_listener(&netns, PROVIDER_ADDR);
-    echo_listener(&netns, ECHO_ADDR);
+    let _echo = llm_egress_tests::servers::ByteServer::echo(&netns, ECHO_ADDR);
     let probe = Probe::new(probe_bin());
     // BENCH_DESTS=provider,plain: only these destinations (quick runs).
     let only = std::env::var("BENCH_DESTS").ok();
