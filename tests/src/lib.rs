@@ -36,6 +36,7 @@
 //! id and a counter so tests can run in parallel.
 
 pub mod agent;
+pub mod bench;
 pub mod bpf;
 pub mod cgroup;
 pub mod client_process;
@@ -61,7 +62,6 @@ pub mod proxy;
 pub mod redis;
 pub mod scenario;
 pub mod servers;
-pub mod stats;
 pub mod test_ca;
 
 pub use agent::{Agent, PinDir, agent_bin};

@@ -257,9 +257,11 @@ fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
-/// Reads and discards until EOF, an error or the stop flag; counts bytes.
-fn sink(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
-    if handler_timeouts_failed(&conn) {
+/// Reads until EOF, an error or the stop flag, counting bytes; with `echo`
+/// writes back what it read, after counting it (a client may end as soon
+/// as it has read the last echo); else discards it.
+fn receive(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64, echo: bool) {
+    if handler_timeouts_failed(&conn) || (echo && conn.set_nodelay(true).is_err()) {
         return;
     }
     let mut buf = vec![0u8; CHUNK];
@@ -268,6 +270,9 @@ fn sink(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
             Ok(0) => return,
             Ok(n) => {
                 bytes.fetch_add(n as u64, Ordering::SeqCst);
+                if echo && conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
             }
             Err(e) if is_timeout(&e) => {}
             Err(_) => return,
@@ -294,29 +299,6 @@ fn source(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
     }
 }
 
-/// Writes back what it reads until EOF, an error or the stop flag; counts
-/// the bytes read before writing them back (a client may end as soon as it
-/// has read the last echo).
-fn echo(mut conn: TcpStream, stop: &StopFlag, bytes: &AtomicU64) {
-    if handler_timeouts_failed(&conn) || conn.set_nodelay(true).is_err() {
-        return;
-    }
-    let mut buf = vec![0u8; CHUNK];
-    while !stop.load(Ordering::SeqCst) {
-        match conn.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                bytes.fetch_add(n as u64, Ordering::SeqCst);
-                if conn.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if is_timeout(&e) => {}
-            Err(_) => return,
-        }
-    }
-}
-
 /// A TCP server that moves bytes with every client on its own thread,
 /// counting connections and bytes: a **sink** reads and discards
 /// everything its clients send, a **source** writes 64 KiB buffers to each
@@ -331,30 +313,28 @@ pub struct ByteServer {
 impl ByteServer {
     /// A sink listening on `addr` ("192.0.2.1:9000") inside `netns`.
     pub fn sink(netns: &NetnsGuard, addr: &str) -> ByteServer {
-        let bytes = Arc::new(AtomicU64::new(0));
-        let b = bytes.clone();
-        ByteServer {
-            inner: serve_tcp(netns, addr, true, move |conn, stop| sink(conn, stop, &b)),
-            bytes,
-        }
+        Self::serve(netns, addr, |conn, stop, b| receive(conn, stop, b, false))
     }
 
     /// A source listening on `addr` inside `netns`.
     pub fn source(netns: &NetnsGuard, addr: &str) -> ByteServer {
-        let bytes = Arc::new(AtomicU64::new(0));
-        let b = bytes.clone();
-        ByteServer {
-            inner: serve_tcp(netns, addr, true, move |conn, stop| source(conn, stop, &b)),
-            bytes,
-        }
+        Self::serve(netns, addr, source)
     }
 
     /// An echo server listening on `addr` inside `netns`.
     pub fn echo(netns: &NetnsGuard, addr: &str) -> ByteServer {
+        Self::serve(netns, addr, |conn, stop, b| receive(conn, stop, b, true))
+    }
+
+    fn serve(
+        netns: &NetnsGuard,
+        addr: &str,
+        handler: fn(TcpStream, &StopFlag, &AtomicU64),
+    ) -> ByteServer {
         let bytes = Arc::new(AtomicU64::new(0));
         let b = bytes.clone();
         ByteServer {
-            inner: serve_tcp(netns, addr, true, move |conn, stop| echo(conn, stop, &b)),
+            inner: serve_tcp(netns, addr, true, move |conn, stop| handler(conn, stop, &b)),
             bytes,
         }
     }

@@ -12,6 +12,7 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::TcpStream,
+    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Arc,
@@ -19,12 +20,13 @@ use std::{
 };
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, TempDir, bpf,
+    Agent, CgroupGuard, NetnsGuard, TempDir,
+    bench::{median, median_ci95, pin_to},
+    bpf,
     fake_provider::{self, Flavor},
     probe::confine,
     require_root,
     scenario::exact_tokens_policy,
-    stats::{median, median_ci95},
     wait_until,
 };
 use serde_json::Value;
@@ -904,19 +906,13 @@ fn bench_plaintext_cost() {
 /// `n` round trips of a 64-byte datagram over a UNIX socket pair, on this
 /// thread: ns per round trip (one send and one receive, each a run of the
 /// socket hooks while they are attached).
-fn socketpair_round_trips(fds: [i32; 2], n: usize) -> f64 {
+fn socketpair_round_trips(pair: &(UnixDatagram, UnixDatagram), n: usize) -> f64 {
     let msg = [7u8; 64];
     let mut buf = [0u8; 64];
     let t = Instant::now();
     for _ in 0..n {
-        // SAFETY: both fds are the open socket pair; the buffers are ours.
-        unsafe {
-            assert_eq!(libc::send(fds[0], msg.as_ptr().cast(), msg.len(), 0), 64);
-            assert_eq!(
-                libc::recv(fds[1], buf.as_mut_ptr().cast(), buf.len(), 0),
-                64
-            );
-        }
+        assert_eq!(pair.0.send(&msg).unwrap(), 64);
+        assert_eq!(pair.1.recv(&mut buf).unwrap(), 64);
     }
     t.elapsed().as_nanos() as f64 / n as f64
 }
@@ -966,26 +962,14 @@ fn bench_bystander_socket_calls() {
         bpf::links_of_programs("plaintext_sock").unwrap()
             + bpf::links_of_programs("plaintext_tcp").unwrap()
     };
-    let mut fds = [0i32; 2];
-    // SAFETY: socketpair(2) into our array.
-    assert_eq!(
-        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) },
-        0
-    );
+    let pair = UnixDatagram::pair().expect("a UNIX socket pair");
     let (loop_tx, loop_rx) = std::sync::mpsc::channel::<usize>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<f64>();
     // The loop's own thread, alone on CPU 1 on 2+ CPUs.
     std::thread::spawn(move || {
-        if cpus >= 2 {
-            // SAFETY: a zeroed cpu_set_t is a valid empty set.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(1, &mut set);
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            }
-        }
+        pin_to(1);
         for n in loop_rx {
-            done_tx.send(socketpair_round_trips(fds, n)).unwrap();
+            done_tx.send(socketpair_round_trips(&pair, n)).unwrap();
         }
     });
     let measure = |n| {
@@ -1025,11 +1009,6 @@ fn bench_bystander_socket_calls() {
         ratios.push(pair[0] / pair[1]);
     }
     drop(loop_tx);
-    // SAFETY: closing the pair the loop thread no longer uses.
-    unsafe {
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-    }
     let (lo, hi) = median_ci95(&ratios);
     println!(
         "bystander: {rounds} rounds of {n} round trips (64-byte datagrams, UNIX socket pair, outside every workload): hooks on {:.0} ns, off {:.0} ns per round trip (medians); ratio on/off {:.3} (median of per-round ratios, 95 % CI {lo:.3}-{hi:.3}); {:.0} ns more per socket call",

@@ -50,9 +50,9 @@ use std::{fmt::Write as _, path::PathBuf};
 use std::os::fd::AsRawFd;
 
 use llm_egress_tests::{
-    Agent, CgroupGuard, NetnsGuard, Probe, bpf, require_root,
-    stats::{median, median_ci95},
-    toml_str,
+    Agent, CgroupGuard, NetnsGuard, Probe,
+    bench::{median, median_ci95, pin_to},
+    bpf, require_root, toml_str,
 };
 
 /// A listener that accepts as fast as it can (blocking accept, deep
@@ -327,22 +327,6 @@ fn stopped() -> bool {
 }
 
 /// Pins the calling thread (and what it spawns from now on) to `cpu`.
-/// With two or more CPUs the bench keeps the listener threads and the agent
-/// on CPU 0 and runs each measured loop alone on CPU 1, so that neither
-/// side of a round shares its CPU with them; false when there is one CPU.
-fn pin_to(cpu: usize) -> bool {
-    // SAFETY: sysconf has no preconditions.
-    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
-        return false;
-    }
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
-}
-
 fn main() {
     require_root();
     let mut args = std::env::args().skip(1);
@@ -361,6 +345,9 @@ fn main() {
             on_stop_signal as *const () as libc::sighandler_t,
         );
     }
+    // With two or more CPUs the listener threads and the agent stay on
+    // CPU 0 and each measured loop runs alone on CPU 1, so that neither
+    // side of a round shares its CPU with them.
     let pinned = pin_to(0);
     let enforced = CgroupGuard::new("bench-on");
     // BENCH_AA=1: the "enforced" loops run from cgroups of the same depth

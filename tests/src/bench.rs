@@ -1,5 +1,21 @@
-//! Statistics of the benches: medians and their intervals, so that every
-//! bench reports ratios the same way.
+//! What the benches share: medians and their intervals (so that every
+//! bench reports ratios the same way), and pinning a thread to a CPU.
+
+/// Pins the calling thread to `cpu`. False when there are fewer than two
+/// CPUs (the benches then leave everything where it runs) or when it
+/// fails.
+pub fn pin_to(cpu: usize) -> bool {
+    // SAFETY: sysconf has no preconditions.
+    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
+        return false;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
 
 /// The median of `v` (the upper one of an even count).
 pub fn median(v: &[f64]) -> f64 {
